@@ -1,0 +1,186 @@
+/*
+ * Boot code of xenkvm's test guest: the PVH entry note, the switch from 32-bit
+ * protected mode to long mode, and the exception entry stubs.
+ *
+ * PVH entry (hvm/start_info.h): 32-bit protected mode, paging off, flat segments,
+ * EBX = guest-physical address of struct hvm_start_info. We identity-map the first
+ * 4 GiB with 2 MiB pages, enable long mode and call main(start_info_paddr).
+ */
+#include "xen.h"
+
+#define GDT_CODE64 0x08
+#define GDT_DATA   0x10
+
+#define MSR_EFER   0xc0000080
+#define EFER_LME   (1 << 8)
+#define CR0_PE     (1 << 0)
+#define CR0_PG     (1 << 31)
+#define CR4_PAE    (1 << 5)
+#define PTE_P_RW   0x003      /* present, writable */
+#define PDE_2M     0x083      /* present, writable, 2 MiB page */
+
+/* The ELF note that tells a PVH loader where to start us. */
+        .section .note.Xen, "a", @note
+        .p2align 2
+        .long 4                         /* namesz: "Xen\0" */
+        .long 4                         /* descsz: a 32-bit address */
+        .long XEN_ELFNOTE_PHYS32_ENTRY
+        .asciz "Xen"
+        .p2align 2
+        .long entry32
+        .p2align 2
+
+        .section .text.entry, "ax", @progbits
+        .code32
+        .globl entry32
+entry32:
+        cli
+        cld
+        lgdt    gdt_ptr
+
+        /* Zero .bss (page tables, stack, ...); EBX (start_info) is preserved. */
+        mov     $__bss_start, %edi
+        mov     $__bss_end, %ecx
+        sub     %edi, %ecx
+        shr     $2, %ecx
+        xor     %eax, %eax
+        rep stosl
+
+        /* PML4[0] -> PDPT; PDPT[0..3] -> the four page directories. */
+        movl    $(pdpt + PTE_P_RW), pml4
+        mov     $pdpt, %edi
+        mov     $(pd + PTE_P_RW), %eax
+        mov     $4, %ecx
+1:      mov     %eax, (%edi)
+        add     $8, %edi
+        add     $0x1000, %eax
+        loop    1b
+
+        /* 4 x 512 directory entries of 2 MiB each: 0 .. 4 GiB, identity. */
+        mov     $pd, %edi
+        mov     $PDE_2M, %eax
+        mov     $2048, %ecx
+2:      mov     %eax, (%edi)
+        add     $8, %edi
+        add     $0x200000, %eax
+        loop    2b
+
+        /* PAE + EFER.LME, then paging on: that activates long mode. */
+        mov     %cr4, %eax
+        or      $CR4_PAE, %eax
+        mov     %eax, %cr4
+        mov     $pml4, %eax
+        mov     %eax, %cr3
+        mov     $MSR_EFER, %ecx
+        rdmsr
+        or      $EFER_LME, %eax
+        wrmsr
+        mov     %cr0, %eax
+        or      $(CR0_PE | CR0_PG), %eax
+        mov     %eax, %cr0
+        ljmp    $GDT_CODE64, $entry64
+
+        .code64
+entry64:
+        mov     $GDT_DATA, %eax
+        mov     %eax, %ds
+        mov     %eax, %es
+        mov     %eax, %ss
+        mov     %eax, %fs
+        mov     %eax, %gs
+        mov     $stack_top, %rsp
+        mov     %ebx, %edi              /* main(uint32_t start_info_paddr) */
+        call    main
+3:      ud2                             /* main does not return */
+        jmp     3b
+
+/*
+ * Exception and interrupt stubs: each pushes an error code (0 where the CPU pushes
+ * none) and its vector, then exc_common saves the general registers and calls
+ * exception_handler(struct frame *). If that returns, we resume with iretq.
+ */
+#define HAS_ERRCODE(v) ((v) == 8 || (v) == 10 || (v) == 11 || (v) == 12 || \
+                        (v) == 13 || (v) == 14 || (v) == 17 || (v) == 21 || \
+                        (v) == 29 || (v) == 30)
+
+        .macro  STUB vec
+        .p2align 4
+exc_stub_\vec:
+        .if HAS_ERRCODE(\vec)
+        .else
+        pushq   $0                      /* the CPU pushed no error code */
+        .endif
+        pushq   $\vec
+        jmp     exc_common
+        .endm
+
+        .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,128
+        STUB    \v
+        .endr
+
+exc_common:
+        push    %rax
+        push    %rbx
+        push    %rcx
+        push    %rdx
+        push    %rsi
+        push    %rdi
+        push    %rbp
+        push    %r8
+        push    %r9
+        push    %r10
+        push    %r11
+        push    %r12
+        push    %r13
+        push    %r14
+        push    %r15
+        mov     %rsp, %rdi      /* 56 + 120 bytes pushed: RSP stays 16-byte aligned */
+        cld
+        call    exception_handler
+        pop     %r15
+        pop     %r14
+        pop     %r13
+        pop     %r12
+        pop     %r11
+        pop     %r10
+        pop     %r9
+        pop     %r8
+        pop     %rbp
+        pop     %rdi
+        pop     %rsi
+        pop     %rdx
+        pop     %rcx
+        pop     %rbx
+        pop     %rax
+        add     $16, %rsp       /* vector and error code */
+        iretq
+
+        .section .rodata
+        .p2align 3
+        /* exc_stubs[i]: entry of exception i (0..31); exc_stubs[32]: int $0x80. */
+        .globl  exc_stubs
+exc_stubs:
+        .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,128
+        .quad   exc_stub_\v
+        .endr
+
+        /* Flat GDT: 64-bit code at 0x08, data at 0x10. */
+        .p2align 3
+gdt:
+        .quad   0
+        .quad   0x00af9b000000ffff      /* 0x08: code, L=1, DPL 0, accessed */
+        .quad   0x00cf93000000ffff      /* 0x10: data, 4 GiB, DPL 0, accessed */
+gdt_end:
+gdt_ptr:
+        .word   gdt_end - gdt - 1
+        .long   gdt
+
+        .section .bss.boot, "aw", @nobits
+        .p2align 12
+pml4:   .skip   4096
+pdpt:   .skip   4096
+pd:     .skip   4 * 4096
+stack:  .skip   64 * 1024
+stack_top:
+
+        .section .note.GNU-stack, "", @progbits
