@@ -1,1 +1,18 @@
-//! xenkvm
+//! xenkvm: a userspace VMM on Linux KVM that runs unmodified Xen HVM and
+//! PV-on-HVM guests. See ../README.md and the architecture notes.
+
+pub mod boot;
+pub mod clock;
+pub mod cpuid;
+pub mod devices;
+pub mod hcall_page;
+pub mod layout;
+pub mod machine;
+pub mod vcpu;
+pub mod vm;
+pub mod x86;
+pub mod xen;
+
+/// Most vCPUs a guest may have (the 2-level event channel ABI and
+/// shared_info's vcpu_info array cover 32 without relocation).
+pub const MAX_VCPUS: u32 = 32;

@@ -1,1 +1,94 @@
-fn main() {}
+//! The xenkvm command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use xenkvm::machine::GuestExit;
+use xenkvm::vm::{Vm, VmConfig};
+
+#[derive(Parser)]
+#[command(name = "xenkvm", version, about = "Run unmodified Xen HVM and PV-on-HVM guests on Linux KVM, without Xen.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a guest kernel (a PVH ELF such as an XTF test or vmlinux).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Guest kernel: an ELF image with a Xen PVH entry note.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initial ramdisk, passed as module 0 in hvm_start_info.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u32,
+    /// Stop the guest and fail after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XENKVM_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run(a) => {
+            let kernel = match std::fs::read(&a.kernel) {
+                Ok(k) => k,
+                Err(e) => return fail(1, &format!("cannot read --kernel {}: {e}", a.kernel.display())),
+            };
+            let initrd = match a.initrd.as_ref().map(std::fs::read).transpose() {
+                Ok(i) => i,
+                Err(e) => return fail(1, &format!("cannot read --initrd: {e}")),
+            };
+            let cfg = VmConfig {
+                kernel,
+                initrd,
+                cmdline: a.cmdline,
+                mem_mib: a.memory,
+                vcpus: a.vcpus,
+                timeout: a.timeout.map(Duration::from_secs_f64),
+                ..Default::default()
+            };
+            run(cfg)
+        }
+    }
+}
+
+fn run(cfg: VmConfig) -> ExitCode {
+    let vm = match Vm::create(&cfg, xenkvm::devices::ConsoleOut::stdout()) {
+        Ok(vm) => vm,
+        Err(e) => return fail(1, &e.to_string()),
+    };
+    match vm.run(cfg.timeout) {
+        GuestExit::Poweroff => ExitCode::SUCCESS,
+        GuestExit::Crash(why) => fail(2, &format!("guest crashed: {why}")),
+        GuestExit::Reboot(why) => fail(3, &format!("guest rebooted: {why}")),
+        GuestExit::Suspend => fail(3, "guest suspended itself and nothing can resume it"),
+        GuestExit::Timeout(d) => fail(4, &format!("timeout: the guest was still running after {:.1} s", d.as_secs_f64())),
+        GuestExit::Error(e) => fail(1, &e),
+    }
+}
+
+fn fail(code: u8, msg: &str) -> ExitCode {
+    eprintln!("xenkvm: {msg}");
+    ExitCode::from(code)
+}

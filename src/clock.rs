@@ -1,0 +1,127 @@
+//! Xen system time: nanoseconds since the domain started, derived from the
+//! TSC with the pvclock formula the guest itself uses, so that the VMM's
+//! timestamps (runstate, timers) and the guest's reading of
+//! `vcpu_time_info` agree to the nanosecond.
+//!
+//! The guest's TSC equals the host's TSC plus a per-VM offset that the VMM
+//! measures once ([`Clock::new`]); one fixed reference point
+//! (`tsc_timestamp = tsc0`, `system_time = 0`) is published, so the
+//! formula never changes under the guest.
+
+/// pvclock scale: `ns = ((tsc_delta << shift) * mul) >> 32` (a negative
+/// shift shifts right).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TscScale {
+    pub mul: u32,
+    pub shift: i8,
+}
+
+impl TscScale {
+    /// The scale for a TSC of `tsc_khz`.
+    pub fn for_khz(tsc_khz: u32) -> Self {
+        let hz = u128::from(tsc_khz.max(1)) * 1000;
+        let mut mul = (1_000_000_000u128 << 32) / hz;
+        let mut shift = 0i8;
+        while mul >= 1 << 32 {
+            mul >>= 1;
+            shift += 1;
+        }
+        while mul < 1 << 31 {
+            mul <<= 1;
+            shift -= 1;
+        }
+        TscScale { mul: mul as u32, shift }
+    }
+
+    /// Converts TSC ticks to nanoseconds exactly as a Xen guest does.
+    pub fn scale(&self, delta: u64) -> u64 {
+        let d = if self.shift >= 0 { delta << self.shift } else { delta >> (-self.shift) };
+        ((u128::from(d) * u128::from(self.mul)) >> 32) as u64
+    }
+}
+
+/// The domain's clock.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    pub tsc_khz: u32,
+    pub scale: TscScale,
+    /// Guest TSC at system time 0.
+    pub tsc0: u64,
+    /// guest TSC = host TSC + offset (wrapping).
+    pub guest_tsc_offset: u64,
+    /// Wall-clock time (ns since the epoch) at system time 0.
+    pub wall0_ns: u64,
+}
+
+impl Clock {
+    /// A clock starting now. `guest_tsc_offset` is what KVM adds to the host
+    /// TSC for this VM.
+    pub fn new(tsc_khz: u32, guest_tsc_offset: u64) -> Self {
+        let wall0_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let tsc0 = host_tsc().wrapping_add(guest_tsc_offset);
+        Clock {
+            tsc_khz,
+            scale: TscScale::for_khz(tsc_khz),
+            tsc0,
+            guest_tsc_offset,
+            wall0_ns,
+        }
+    }
+
+    /// The guest's TSC now.
+    pub fn guest_tsc(&self) -> u64 {
+        host_tsc().wrapping_add(self.guest_tsc_offset)
+    }
+
+    /// Xen system time at guest TSC `tsc`.
+    pub fn system_time_at(&self, tsc: u64) -> u64 {
+        self.scale.scale(tsc.wrapping_sub(self.tsc0))
+    }
+
+    /// (guest TSC, Xen system time) now.
+    pub fn now(&self) -> (u64, u64) {
+        let t = self.guest_tsc();
+        (t, self.system_time_at(t))
+    }
+
+    /// Xen system time now.
+    pub fn system_time(&self) -> u64 {
+        self.now().1
+    }
+}
+
+/// The host TSC.
+pub fn host_tsc() -> u64 {
+    // SAFETY: RDTSC has no memory effects; it is available on every x86_64
+    // CPU KVM runs on.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tsc_scale_common_frequencies_within_1ppm() {
+        for khz in [1_000_000u32, 2_100_000, 2_999_999, 3_700_000, 100_000] {
+            let s = TscScale::for_khz(khz);
+            let one_s_ticks = u64::from(khz) * 1000;
+            let ns = s.scale(one_s_ticks);
+            assert!((ns as i64 - 1_000_000_000).abs() <= 1000, "{khz}: {ns}");
+        }
+    }
+
+    #[test]
+    fn tsc_scale_monotonic_in_delta() {
+        let s = TscScale::for_khz(2_893_000);
+        let mut last = 0;
+        for d in (0..10_000_000u64).step_by(9973) {
+            let ns = s.scale(d);
+            assert!(ns >= last);
+            last = ns;
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The CPUID a Xen HVM guest sees: the host's supported CPUID with KVM's own
+//! hypervisor leaves replaced by Xen's (base 0x40000000), CX16 hidden (this
+//! host cannot execute `cmpxchg16b`), the hypervisor bit set, and per-vCPU APIC
+//! ids.
+//!
+//! Pure functions over a list of [`CpuidEntry`] so the policy is unit-tested
+//! without KVM; `src/vm.rs` converts to and from `kvm_cpuid_entry2`.
+
+/// Base of the Xen leaves and the hypercall-page MSR index.
+pub const XEN_CPUID_BASE: u32 = 0x4000_0000;
+/// MSR the guest writes the hypercall page address to (leaf 0x40000002 EBX).
+pub const XEN_HYPERCALL_MSR: u32 = 0x4000_0000;
+/// Highest Xen leaf we report (Xen 4.17 reports base + 5).
+pub const XEN_CPUID_MAX: u32 = XEN_CPUID_BASE + 5;
+/// Xen version reported in leaf 0x40000001: 4.17.
+pub const XEN_VERSION: u32 = (4 << 16) | 17;
+
+/// Leaf 0x40000004 EAX bits (arch-x86/cpuid.h).
+pub mod hvm_feat {
+    /// Virtualized x2APIC accesses.
+    pub const X2APIC_VIRT: u32 = 1 << 1;
+    /// EBX holds the vCPU id.
+    pub const VCPU_ID_PRESENT: u32 = 1 << 3;
+    /// `HVMOP_set_evtchn_upcall_vector` is available.
+    pub const UPCALL_VECTOR: u32 = 1 << 6;
+}
+
+/// One CPUID leaf/subleaf, independent of kvm-bindings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuidEntry {
+    pub function: u32,
+    pub index: u32,
+    /// `KVM_CPUID_FLAG_SIGNIFCANT_INDEX` and friends, passed through.
+    pub flags: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+/// What the guest's CPUID depends on besides the host.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuidConfig {
+    pub vcpu_id: u32,
+    pub nr_vcpus: u32,
+    pub tsc_khz: u32,
+    /// Advertise the per-vCPU upcall vector (leaf 4 bit 6).
+    pub upcall_vector: bool,
+}
+
+const SIG_EBX: u32 = u32::from_le_bytes(*b"XenV");
+const SIG_ECX: u32 = u32::from_le_bytes(*b"MMXe");
+const SIG_EDX: u32 = u32::from_le_bytes(*b"nVMM");
+
+/// Leaf 1 ECX bits.
+const CPUID1_ECX_CX16: u32 = 1 << 13;
+const CPUID1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 0x80000001 EDX bit 27: RDTSCP (cannot run on this host; hidden
+/// where KVM lets us, emulated where it does not).
+const CPUID_80000001_EDX_RDTSCP: u32 = 1 << 27;
+
+/// Builds the guest CPUID from the host's supported list.
+pub fn guest_cpuid(supported: &[CpuidEntry], cfg: &CpuidConfig) -> Vec<CpuidEntry> {
+    let mut out: Vec<CpuidEntry> = supported
+        .iter()
+        // KVM's own paravirt leaves (KVMKVMKVM) must not be visible: the guest
+        // picks the hypervisor by signature and would prefer KVM.
+        .filter(|e| !(0x4000_0000..0x4001_0000).contains(&e.function))
+        .copied()
+        .collect();
+    for e in &mut out {
+        match e.function {
+            1 => {
+                e.ecx &= !CPUID1_ECX_CX16;
+                e.ecx |= CPUID1_ECX_HYPERVISOR;
+                // Initial APIC id in EBX[31:24], logical processor count in EBX[23:16].
+                e.ebx = (e.ebx & 0x0000_ffff) | (cfg.vcpu_id << 24) | (cfg.nr_vcpus.min(255) << 16);
+            }
+            0xb | 0x1f => e.edx = cfg.vcpu_id,
+            0x8000_0001 => e.edx &= !CPUID_80000001_EDX_RDTSCP,
+            _ => {}
+        }
+    }
+    out.extend(xen_leaves(cfg));
+    out
+}
+
+/// The Xen leaves at 0x40000000..=0x40000005.
+pub fn xen_leaves(cfg: &CpuidConfig) -> Vec<CpuidEntry> {
+    let leaf = |function: u32, eax, ebx, ecx, edx| CpuidEntry {
+        function,
+        index: 0,
+        flags: 0,
+        eax,
+        ebx,
+        ecx,
+        edx,
+    };
+    let mut hvm = hvm_feat::VCPU_ID_PRESENT;
+    if cfg.upcall_vector {
+        hvm |= hvm_feat::UPCALL_VECTOR;
+    }
+    let mut v = vec![
+        leaf(XEN_CPUID_BASE, XEN_CPUID_MAX, SIG_EBX, SIG_ECX, SIG_EDX),
+        leaf(XEN_CPUID_BASE + 1, XEN_VERSION, 0, 0, 0),
+        // One hypercall page, MSR base, no extra features.
+        leaf(XEN_CPUID_BASE + 2, 1, XEN_HYPERCALL_MSR, 0, 0),
+        leaf(XEN_CPUID_BASE + 4, hvm, cfg.vcpu_id, 0, 0),
+        leaf(XEN_CPUID_BASE + 5, 0, 0, 0, 0),
+    ];
+    // Leaf 3 (time) has subleaves: 0 = {flags, tsc_mode, tsc_khz, incarnation},
+    // 1 = {tsc offset lo/hi, mul, shift} (unused for HVM), 2 = {host tsc khz}.
+    // tsc_mode 1 = native (no TSC emulation).
+    let flag = 1; // KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+    for (index, (eax, ebx, ecx)) in [(0u32, 1u32, cfg.tsc_khz), (0, 0, 0), (cfg.tsc_khz, 0, 0)]
+        .into_iter()
+        .enumerate()
+    {
+        v.push(CpuidEntry {
+            function: XEN_CPUID_BASE + 3,
+            index: index as u32,
+            flags: flag,
+            eax,
+            ebx,
+            ecx,
+            edx: 0,
+        });
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> Vec<CpuidEntry> {
+        vec![
+            CpuidEntry {
+                function: 1,
+                ecx: CPUID1_ECX_CX16 | 1,
+                ebx: 0x0102_0800,
+                ..Default::default()
+            },
+            CpuidEntry {
+                function: 0x4000_0000,
+                eax: 0x4000_0001,
+                ebx: u32::from_le_bytes(*b"KVMK"),
+                ..Default::default()
+            },
+            CpuidEntry {
+                function: 0x4000_0001,
+                eax: 0x1007efb,
+                ..Default::default()
+            },
+        ]
+    }
+
+    fn cfg() -> CpuidConfig {
+        CpuidConfig {
+            vcpu_id: 2,
+            nr_vcpus: 4,
+            tsc_khz: 2_000_000,
+            upcall_vector: true,
+        }
+    }
+
+    #[test]
+    fn guest_cpuid_host_kvm_leaves_replaced_by_xen_signature() {
+        let c = guest_cpuid(&host(), &cfg());
+        let base: Vec<_> = c.iter().filter(|e| e.function == 0x4000_0000).collect();
+        assert_eq!(base.len(), 1);
+        let mut sig = Vec::new();
+        for r in [base[0].ebx, base[0].ecx, base[0].edx] {
+            sig.extend_from_slice(&r.to_le_bytes());
+        }
+        assert_eq!(&sig, b"XenVMMXenVMM");
+        assert!(base[0].eax >= 0x4000_0004);
+        assert!(!c.iter().any(|e| e.eax == 0x1007efb));
+    }
+
+    #[test]
+    fn guest_cpuid_leaf1_cx16_hidden_hypervisor_bit_set() {
+        let c = guest_cpuid(&host(), &cfg());
+        let l1 = c.iter().find(|e| e.function == 1).unwrap();
+        assert_eq!(l1.ecx & CPUID1_ECX_CX16, 0);
+        assert_ne!(l1.ecx & CPUID1_ECX_HYPERVISOR, 0);
+        assert_eq!(l1.ebx >> 24, 2);
+        assert_eq!(l1.ecx & 1, 1, "other bits pass through");
+    }
+
+    #[test]
+    fn xen_leaves_version_msr_and_vcpu_id_reported() {
+        let c = xen_leaves(&cfg());
+        let get = |f: u32| c.iter().find(|e| e.function == f && e.index == 0).unwrap();
+        assert_eq!(get(0x4000_0001).eax, 0x0004_0011);
+        assert_eq!(get(0x4000_0002).ebx, 0x4000_0000);
+        assert_eq!(get(0x4000_0002).eax, 1);
+        let l4 = get(0x4000_0004);
+        assert_ne!(l4.eax & hvm_feat::VCPU_ID_PRESENT, 0);
+        assert_ne!(l4.eax & hvm_feat::UPCALL_VECTOR, 0);
+        assert_eq!(l4.ebx, 2);
+        assert_eq!(get(0x4000_0003).ecx, 2_000_000);
+    }
+}

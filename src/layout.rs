@@ -1,0 +1,133 @@
+//! Guest physical memory layout.
+//!
+//! ```text
+//! 0x0000_0000  RAM (low)            real-mode area, boot structures at 0x6000
+//! 0x000a_0000  reserved             legacy VGA/BIOS hole (e820 reserved, still RAM-backed)
+//! 0x0010_0000  RAM                  kernels load here (XTF at 1 MiB, Linux at 16 MiB)
+//! special_base reserved             SPECIAL_PAGES pages: console ring, xenstore ring, ...
+//! low_end      MMIO hole            up to 4 GiB (LAPIC, IOAPIC, PCI)
+//! 0x1_0000_0000 RAM (high)          the rest of --memory
+//! ```
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::boot::{E820Entry, E820_RAM, E820_RESERVED};
+
+pub const PAGE_SIZE: u64 = 4096;
+/// `hvm_start_info`.
+pub const START_INFO: u64 = 0x6000;
+/// The memory map (24-byte `hvm_memmap_table_entry`s).
+pub const MEMMAP: u64 = 0x6100;
+pub const MEMMAP_MAX: usize = 32;
+/// `hvm_modlist_entry` array.
+pub const MODLIST: u64 = 0x6800;
+/// Kernel command line.
+pub const CMDLINE: u64 = 0x7000;
+pub const CMDLINE_MAX: usize = 4096;
+/// Lowest address an initrd may be placed at.
+pub const INITRD_MIN: u64 = 0x10_0000;
+/// Start of the legacy hole.
+pub const LEGACY_HOLE: u64 = 0xa_0000;
+/// End of the legacy hole.
+pub const HIGH_START: u64 = 0x10_0000;
+/// Where low RAM stops at the latest (the PCI/MMIO hole follows).
+pub const LOW_RAM_MAX: u64 = 0xc000_0000;
+/// 4 GiB: high RAM starts here.
+pub const HIGH_RAM_BASE: u64 = 0x1_0000_0000;
+/// Number of special pages at the top of low RAM.
+pub const SPECIAL_PAGES: u64 = 16;
+
+/// Index of each special page.
+pub mod special {
+    /// The PV console ring (`HVM_PARAM_CONSOLE_PFN`).
+    pub const CONSOLE: u64 = 0;
+    /// The xenstore ring (`HVM_PARAM_STORE_PFN`).
+    pub const XENSTORE: u64 = 1;
+}
+
+/// RAM ranges (guest base, size) for `mem_bytes` of guest memory.
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
+    let low = mem_bytes.min(LOW_RAM_MAX);
+    let mut v = vec![(GuestAddress(0), low as usize)];
+    if mem_bytes > low {
+        v.push((GuestAddress(HIGH_RAM_BASE), (mem_bytes - low) as usize));
+    }
+    v
+}
+
+/// End of the RAM region that starts at 0.
+pub fn low_end(mem: &GuestMemoryMmap) -> u64 {
+    mem.find_region(GuestAddress(0)).map(|r| r.len()).unwrap_or(0)
+}
+
+/// First special page's GPA.
+pub fn special_base(mem: &GuestMemoryMmap) -> u64 {
+    low_end(mem).saturating_sub(SPECIAL_PAGES * PAGE_SIZE)
+}
+
+/// GPA of special page `idx`.
+pub fn special_page(mem: &GuestMemoryMmap, idx: u64) -> u64 {
+    special_base(mem) + idx * PAGE_SIZE
+}
+
+/// The guest's E820 map.
+pub fn e820(mem: &GuestMemoryMmap) -> Vec<E820Entry> {
+    let low = low_end(mem);
+    let sb = special_base(mem);
+    let mut v = vec![
+        E820Entry {
+            addr: 0,
+            size: LEGACY_HOLE,
+            kind: E820_RAM,
+        },
+        E820Entry {
+            addr: LEGACY_HOLE,
+            size: HIGH_START - LEGACY_HOLE,
+            kind: E820_RESERVED,
+        },
+        E820Entry {
+            addr: HIGH_START,
+            size: sb - HIGH_START,
+            kind: E820_RAM,
+        },
+        E820Entry {
+            addr: sb,
+            size: low - sb,
+            kind: E820_RESERVED,
+        },
+    ];
+    if let Some(r) = mem.find_region(GuestAddress(HIGH_RAM_BASE)) {
+        v.push(E820Entry {
+            addr: HIGH_RAM_BASE,
+            size: r.len(),
+            kind: E820_RAM,
+        });
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_ranges_large_memory_split_around_hole() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].1 as u64, LOW_RAM_MAX);
+        assert_eq!(r[1].0, GuestAddress(HIGH_RAM_BASE));
+        assert_eq!(r[0].1 as u64 + r[1].1 as u64, 4 << 30);
+    }
+
+    #[test]
+    fn e820_special_pages_reserved_at_top_of_low_ram() {
+        let m = GuestMemoryMmap::from_ranges(&ram_ranges(64 << 20)).unwrap();
+        let e = e820(&m);
+        let last = e.last().unwrap();
+        assert_eq!(last.kind, E820_RESERVED);
+        assert_eq!(last.addr + last.size, 64 << 20);
+        assert_eq!(special_page(&m, special::XENSTORE), (64 << 20) - 15 * 4096);
+        let ram: u64 = e.iter().filter(|x| x.kind == E820_RAM).map(|x| x.size).sum();
+        assert!(ram < 64 << 20);
+    }
+}

@@ -1,0 +1,169 @@
+//! State shared by the vCPU threads and the main thread: the VM, guest
+//! memory, the clock, devices, the Xen personality, per-vCPU wake-ups, and
+//! how the guest ended.
+//!
+//! Lock order (outer first): `Machine::exit` is a leaf; `Waker::lock` is a
+//! leaf; the Xen domain's own locks are documented in `hypercalls` and are
+//! never held while taking `exit`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VmFd;
+use parking_lot::{Condvar, Mutex};
+use vm_memory::GuestMemoryMmap;
+
+use crate::clock::Clock;
+use crate::devices::{ConsoleOut, PortBus};
+use crate::vm::{VmConfig, VmError};
+use crate::xen::Xen;
+
+/// How a guest run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest powered off (SCHEDOP_shutdown poweroff or ACPI).
+    Poweroff,
+    /// The guest crashed (SHUTDOWN_crash, an unhandled exit, ...).
+    Crash(String),
+    /// The guest asked for a reboot (or triple-faulted, which Xen treats as
+    /// a reboot request).
+    Reboot(String),
+    /// The guest suspended itself (SHUTDOWN_suspend) with nobody to resume it.
+    Suspend,
+    /// --timeout expired.
+    Timeout(Duration),
+    /// The VMM failed.
+    Error(String),
+}
+
+/// Wakes a vCPU that waits in the VMM (SCHEDOP_block/poll).
+#[derive(Default)]
+pub struct Waker {
+    lock: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Waker {
+    /// Marks work pending and wakes the waiter.
+    pub fn wake(&self) {
+        *self.lock.lock() = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until woken or `deadline`. Returns true if woken. Consumes
+    /// the wake-up.
+    pub fn wait(&self, deadline: Option<Instant>) -> bool {
+        let mut g = self.lock.lock();
+        while !*g {
+            match deadline {
+                Some(d) => {
+                    if self.cv.wait_until(&mut g, d).timed_out() {
+                        break;
+                    }
+                }
+                None => self.cv.wait(&mut g),
+            }
+        }
+        std::mem::replace(&mut *g, false)
+    }
+
+    /// Clears a pending wake-up (before re-checking conditions).
+    pub fn clear(&self) {
+        *self.lock.lock() = false;
+    }
+}
+
+pub struct Machine {
+    pub vm: VmFd,
+    pub mem: GuestMemoryMmap,
+    pub clock: Clock,
+    pub ports: PortBus,
+    pub console: Arc<ConsoleOut>,
+    pub nr_vcpus: u32,
+    pub wakers: Vec<Waker>,
+    pub xen: Xen,
+    stopping: AtomicBool,
+    exit: Mutex<Option<GuestExit>>,
+    exit_cv: Condvar,
+}
+
+impl Machine {
+    pub fn new(
+        vm: VmFd,
+        mem: GuestMemoryMmap,
+        clock: Clock,
+        ports: PortBus,
+        console: Arc<ConsoleOut>,
+        cfg: &VmConfig,
+    ) -> Result<Arc<Machine>, VmError> {
+        Ok(Arc::new_cyclic(|weak| Machine {
+            xen: Xen::new(cfg, &mem, clock, console.clone(), weak.clone()),
+            vm,
+            mem,
+            clock,
+            ports,
+            console,
+            nr_vcpus: cfg.vcpus,
+            wakers: (0..cfg.vcpus).map(|_| Waker::default()).collect(),
+            stopping: AtomicBool::new(false),
+            exit: Mutex::new(None),
+            exit_cv: Condvar::new(),
+        }))
+    }
+
+    /// Records how the guest ended (the first reason wins) and stops it.
+    pub fn request_exit(&self, why: GuestExit) {
+        let mut e = self.exit.lock();
+        if e.is_none() {
+            tracing::info!(?why, "guest stopping");
+            *e = Some(why);
+        }
+        self.stopping.store(true, Ordering::Release);
+        self.exit_cv.notify_all();
+        drop(e);
+        for w in &self.wakers {
+            w.wake();
+        }
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Waits for the guest to end or the deadline.
+    pub fn wait_exit(&self, deadline: Option<Instant>) -> GuestExit {
+        let start = Instant::now();
+        let mut e = self.exit.lock();
+        while e.is_none() {
+            match deadline {
+                Some(d) => {
+                    if self.exit_cv.wait_until(&mut e, d).timed_out() && e.is_none() {
+                        *e = Some(GuestExit::Timeout(start.elapsed()));
+                    }
+                }
+                None => self.exit_cv.wait(&mut e),
+            }
+        }
+        let out = e.clone().unwrap_or(GuestExit::Error("no exit reason".into()));
+        self.stopping.store(true, Ordering::Release);
+        out
+    }
+
+    /// Stops every vCPU thread: sets the flag, wakes waiters and signals
+    /// threads inside KVM_RUN until they have all left it.
+    pub fn stop_vcpus(&self, handles: &[JoinHandle<()>]) {
+        self.stopping.store(true, Ordering::Release);
+        for w in &self.wakers {
+            w.wake();
+        }
+        let until = Instant::now() + Duration::from_secs(5);
+        while handles.iter().any(|h| !h.is_finished()) && Instant::now() < until {
+            for h in handles.iter().filter(|h| !h.is_finished()) {
+                crate::vcpu::kick(h);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}

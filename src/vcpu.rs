@@ -1,0 +1,339 @@
+//! One thread per vCPU. The thread is a small state machine
+//! (`Running` -> `Blocked` -> `Running` ... -> `Stopped`); each state is a
+//! method that returns the next. Exits are handled with the registers KVM
+//! syncs into `kvm_run` (no `KVM_GET_REGS` on the hot path: it costs ~7 µs
+//! on this host); the slow paths (emulation-failure fix-ups) use the full
+//! ioctls.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_vcpu_events, KVM_INTERNAL_ERROR_EMULATION};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::PortEvent;
+use crate::hcall_page;
+use crate::machine::{GuestExit, Machine};
+use crate::x86::{self, Fixup};
+use crate::xen::{HypercallResult, VcpuCtx};
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler for the kick signal; KVM_RUN returns EINTR.
+pub fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(kick_signal(), noop_handler) {
+            tracing::error!(%e, "cannot install the vCPU kick signal handler");
+        }
+    });
+}
+
+/// Interrupts a vCPU thread's KVM_RUN.
+pub fn kick<T>(h: &std::thread::JoinHandle<T>) {
+    let _ = h.kill(kick_signal());
+}
+
+/// What the vCPU thread does next.
+#[derive(Debug)]
+enum State {
+    Running,
+    /// Waiting in the VMM: SCHEDOP_block or SCHEDOP_poll.
+    Blocked {
+        deadline: Option<Instant>,
+        ports: Option<Vec<u32>>,
+    },
+    Stopped,
+}
+
+pub struct Vcpu {
+    id: u32,
+    fd: VcpuFd,
+    m: Arc<Machine>,
+}
+
+/// An exit, copied out of `kvm_run` so the fd can be used again.
+enum Exit {
+    IoOut { port: u16, data: [u8; 4], len: usize },
+    Handled,
+    WrmsrHypercallPage { gpa: u64 },
+    Shutdown,
+    InternalError { suberror: u32 },
+    SystemEvent(u32),
+    Fatal(String),
+}
+
+impl Vcpu {
+    pub fn new(id: u32, fd: VcpuFd, m: Arc<Machine>) -> Self {
+        Vcpu { id, fd, m }
+    }
+
+    /// The thread body.
+    pub fn run(mut self) {
+        let span = tracing::info_span!("vcpu", id = self.id);
+        let _e = span.enter();
+        self.fd.set_sync_valid_reg(SyncReg::Register);
+        self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        let mut state = State::Running;
+        loop {
+            state = match state {
+                State::Running => self.run_once(),
+                State::Blocked { deadline, ports } => self.block(deadline, ports),
+                State::Stopped => break,
+            };
+        }
+        tracing::debug!("vCPU thread done");
+    }
+
+    fn run_once(&mut self) -> State {
+        if self.m.stopping() {
+            return State::Stopped;
+        }
+        let m = &self.m;
+        let exit = match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let mut d = [0u8; 4];
+                let len = data.len().min(4);
+                d[..len].copy_from_slice(&data[..len]);
+                Exit::IoOut { port, data: d, len }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !m.xen.bench_io_in(port, data) {
+                    m.ports.io_in(port, data);
+                }
+                Exit::Handled
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                data.fill(0xff);
+                tracing::debug!(addr = format_args!("{addr:#x}"), "read of unbacked MMIO");
+                Exit::Handled
+            }
+            Ok(VcpuExit::MmioWrite(addr, _)) => {
+                tracing::debug!(addr = format_args!("{addr:#x}"), "write to unbacked MMIO");
+                Exit::Handled
+            }
+            Ok(VcpuExit::X86Wrmsr(w)) => {
+                if w.index == crate::cpuid::XEN_HYPERCALL_MSR && m.xen.hypercall_page_ok(w.data) {
+                    *w.error = 0;
+                    Exit::WrmsrHypercallPage { gpa: w.data }
+                } else {
+                    *w.error = 1;
+                    Exit::Handled
+                }
+            }
+            Ok(VcpuExit::X86Rdmsr(r)) => {
+                *r.error = 1;
+                Exit::Handled
+            }
+            Ok(VcpuExit::Hlt) => Exit::Handled,
+            Ok(VcpuExit::Shutdown) => Exit::Shutdown,
+            Ok(VcpuExit::InternalError) => {
+                let run = self.fd.get_kvm_run();
+                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the
+                // `internal` member of the union is the one KVM wrote.
+                let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                Exit::InternalError { suberror }
+            }
+            Ok(VcpuExit::SystemEvent(t, _)) => Exit::SystemEvent(t),
+            Ok(VcpuExit::Intr) | Ok(VcpuExit::Debug(_)) | Ok(VcpuExit::IrqWindowOpen) => Exit::Handled,
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Exit::Fatal(format!("KVM_EXIT_FAIL_ENTRY reason {reason:#x} on cpu {cpu}")),
+            Ok(other) => Exit::Fatal(format!("unexpected KVM exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Handled,
+            Err(e) => Exit::Fatal(format!("KVM_RUN failed: {e}")),
+        };
+        match exit {
+            Exit::Handled => State::Running,
+            Exit::IoOut { port, data, len } => self.io_out(port, &data[..len]),
+            Exit::WrmsrHypercallPage { gpa } => {
+                let long = x86::is_64bit(&self.fd.sync_regs().sregs) || self.fd.sync_regs().sregs.efer & (1 << 10) != 0;
+                self.m.xen.write_hypercall_page(gpa, long);
+                State::Running
+            }
+            Exit::Shutdown => {
+                let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                self.m.request_exit(GuestExit::Reboot(format!("triple fault on vCPU {} at RIP {rip:#x}", self.id)));
+                State::Stopped
+            }
+            Exit::InternalError { suberror } => self.internal_error(suberror),
+            Exit::SystemEvent(t) => {
+                let why = match t {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => GuestExit::Poweroff,
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => GuestExit::Reboot("system reset".into()),
+                    t => GuestExit::Crash(format!("system event {t}")),
+                };
+                self.m.request_exit(why);
+                State::Stopped
+            }
+            Exit::Fatal(msg) => {
+                self.m.request_exit(GuestExit::Error(format!("vCPU {}: {msg}", self.id)));
+                State::Stopped
+            }
+        }
+    }
+
+    fn io_out(&mut self, port: u16, data: &[u8]) -> State {
+        if port == hcall_page::HYPERCALL_PORT {
+            return self.hypercall();
+        }
+        if self.m.xen.bench_io_out(port, data) {
+            return State::Running;
+        }
+        match self.m.ports.io_out(port, data) {
+            PortEvent::None => State::Running,
+            PortEvent::Reset => {
+                self.m.request_exit(GuestExit::Reboot("reset through an I/O port".into()));
+                State::Stopped
+            }
+        }
+    }
+
+    /// A hypercall through the hypercall page: decode from the synced
+    /// registers, dispatch, put the result in RAX.
+    fn hypercall(&mut self) -> State {
+        let sr = self.fd.sync_regs();
+        let ctx = VcpuCtx {
+            id: self.id,
+            regs: sr.regs,
+            sregs: sr.sregs,
+        };
+        let res = self.m.xen.hypercall(&ctx);
+        let ret = |fd: &mut VcpuFd, v: i64| {
+            fd.sync_regs_mut().regs.rax = v as u64;
+            fd.set_sync_dirty_reg(SyncReg::Register);
+        };
+        match res {
+            HypercallResult::Return(v) => {
+                ret(&mut self.fd, v);
+                State::Running
+            }
+            HypercallResult::Block { deadline, ports } => {
+                ret(&mut self.fd, 0);
+                State::Blocked { deadline, ports }
+            }
+            HypercallResult::Yield => {
+                ret(&mut self.fd, 0);
+                std::thread::yield_now();
+                State::Running
+            }
+            HypercallResult::Exit(why) => {
+                ret(&mut self.fd, 0);
+                self.m.request_exit(why);
+                State::Stopped
+            }
+        }
+    }
+
+    /// SCHEDOP_block / SCHEDOP_poll: wait in the VMM until an event for this
+    /// vCPU (or one of `ports`) is pending, or the deadline.
+    fn block(&mut self, deadline: Option<Instant>, ports: Option<Vec<u32>>) -> State {
+        let waker = &self.m.wakers[self.id as usize];
+        loop {
+            if self.m.stopping() {
+                return State::Stopped;
+            }
+            waker.clear();
+            if self.m.xen.wake_condition(self.id, ports.as_deref()) {
+                return State::Running;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return State::Running;
+            }
+            // Bounded waits so a lost wake-up costs at most 100 ms.
+            let d = deadline.unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
+            waker.wait(Some(d.min(Instant::now() + Duration::from_millis(100))));
+        }
+    }
+
+    /// An emulation failure: fix up what this host cannot execute.
+    fn internal_error(&mut self, suberror: u32) -> State {
+        let fail = |m: &Machine, id: u32, msg: String| {
+            m.request_exit(GuestExit::Crash(format!("vCPU {id}: {msg}")));
+            State::Stopped
+        };
+        if suberror != KVM_INTERNAL_ERROR_EMULATION {
+            return fail(&self.m, self.id, format!("KVM internal error, suberror {suberror}"));
+        }
+        let (mut regs, mut sregs) = match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => (r, s),
+            _ => return fail(&self.m, self.id, "cannot read registers after an emulation failure".into()),
+        };
+        let env = EmuHost { fd: &self.fd, m: &self.m };
+        let fix = x86::fixup(&self.m.mem, &env, &mut regs, &mut sregs);
+        tracing::trace!(?fix, rip = format_args!("{:#x}", regs.rip), "emulation-failure fix-up");
+        let inject = |fd: &VcpuFd, f: &dyn Fn(&mut kvm_vcpu_events)| -> Result<(), kvm_ioctls::Error> {
+            let mut ev = fd.get_vcpu_events()?;
+            f(&mut ev);
+            fd.set_vcpu_events(&ev)
+        };
+        let r = match &fix {
+            Fixup::Resume => Ok(()),
+            Fixup::Exception { vector, error_code } => inject(&self.fd, &|ev| {
+                ev.exception.injected = 1;
+                ev.exception.nr = *vector;
+                ev.exception.has_error_code = u8::from(error_code.is_some());
+                ev.exception.error_code = error_code.unwrap_or(0);
+            }),
+            Fixup::SoftInt { vector } => inject(&self.fd, &|ev| {
+                ev.interrupt.injected = 1;
+                ev.interrupt.nr = *vector;
+                ev.interrupt.soft = 1;
+            }),
+            Fixup::PageFault(pf) => {
+                sregs.cr2 = pf.linear;
+                inject(&self.fd, &|ev| {
+                    ev.exception.injected = 1;
+                    ev.exception.nr = x86::PF;
+                    ev.exception.has_error_code = 1;
+                    ev.exception.error_code = pf.error_code;
+                })
+            }
+            Fixup::Unhandled(what) => {
+                return fail(&self.m, self.id, format!("KVM cannot emulate {what}, and neither can xenkvm"));
+            }
+        };
+        let r = r.and_then(|_| self.fd.set_regs(&regs)).and_then(|_| self.fd.set_sregs(&sregs));
+        if let Err(e) = r {
+            return fail(&self.m, self.id, format!("cannot apply a fix-up: {e}"));
+        }
+        // The synced copy in kvm_run is stale now; make sure it is not
+        // written back over what we just set.
+        self.fd.get_kvm_run().kvm_dirty_regs = 0;
+        State::Running
+    }
+}
+
+struct EmuHost<'a> {
+    fd: &'a VcpuFd,
+    m: &'a Machine,
+}
+
+impl x86::EmuEnv for EmuHost<'_> {
+    fn rdtsc(&self) -> u64 {
+        self.m.clock.guest_tsc()
+    }
+    fn tsc_aux(&self) -> u64 {
+        read_msr(self.fd, 0xc000_0103).unwrap_or(0)
+    }
+    fn xcr0(&self) -> u64 {
+        self.fd
+            .get_xcrs()
+            .ok()
+            .and_then(|x| x.xcrs.iter().take(x.nr_xcrs as usize).find(|x| x.xcr == 0).map(|x| x.value))
+            .unwrap_or(1)
+    }
+}
+
+fn read_msr(fd: &VcpuFd, index: u32) -> Option<u64> {
+    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])
+    .ok()?;
+    (fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
+}

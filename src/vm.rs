@@ -1,0 +1,351 @@
+//! The KVM virtual machine: guest RAM, the in-kernel irqchip and PIT, the
+//! user-space MSR filter that brings the hypercall-page MSR write to us,
+//! vCPU creation (CPUID, PVH entry state, TSC), and the lifecycle that runs
+//! the vCPU threads until the guest powers off, crashes or times out.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_pit_config, kvm_segment, kvm_userspace_memory_region, CpuId, KVM_CAP_X86_USER_SPACE_MSR,
+    KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot;
+use crate::clock::Clock;
+use crate::cpuid::{self, CpuidConfig, CpuidEntry};
+use crate::devices::{ConsoleOut, PortBus};
+use crate::layout;
+use crate::machine::{GuestExit, Machine};
+use crate::vcpu::Vcpu;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: Vec<u8>,
+    pub initrd: Option<Vec<u8>>,
+    pub cmdline: String,
+    pub mem_mib: u64,
+    pub vcpus: u32,
+    pub timeout: Option<Duration>,
+    pub domid: u16,
+    pub name: String,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            kernel: Vec::new(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_mib: 256,
+            vcpus: 1,
+            timeout: None,
+            domid: 1,
+            name: "xenkvm-guest".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM lacks {0}, which xenkvm needs")]
+    MissingCap(&'static str),
+    #[error("KVM ioctl {0} failed: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("cannot allocate guest memory: {0}")]
+    Memory(String),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error("--vcpus must be between 1 and {max}, not {0}", max = crate::MAX_VCPUS)]
+    BadVcpus(u32),
+    #[error("--memory must be between 16 MiB and 64 GiB, not {0} MiB")]
+    BadMemory(u64),
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |e| VmError::Kvm(what, e)
+}
+
+/// A created VM, ready to run.
+pub struct Vm {
+    pub machine: Arc<Machine>,
+    vcpus: Vec<VcpuFd>,
+    entry: u32,
+    start_info: u64,
+}
+
+/// Guest RAM. TODO(gpc): memfd-backed regions from `gpc::MemoryMap` so
+/// overlays and multi-region caches work; anonymous memory until then.
+fn create_memory(mem_mib: u64) -> Result<GuestMemoryMmap, VmError> {
+    let ranges = layout::ram_ranges(mem_mib << 20);
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))
+}
+
+impl Vm {
+    /// Creates the VM, loads the kernel and prepares the vCPUs.
+    pub fn create(cfg: &VmConfig, console: Arc<ConsoleOut>) -> Result<Vm, VmError> {
+        if cfg.vcpus == 0 || cfg.vcpus > crate::MAX_VCPUS {
+            return Err(VmError::BadVcpus(cfg.vcpus));
+        }
+        if !(16..=65536).contains(&cfg.mem_mib) {
+            return Err(VmError::BadMemory(cfg.mem_mib));
+        }
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "an in-kernel irqchip"),
+            (Cap::X86UserSpaceMsr, "user-space MSR exits"),
+            (Cap::X86MsrFilter, "MSR filters"),
+            (Cap::SyncRegs, "sync regs"),
+            (Cap::VcpuEvents, "vCPU events"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // Intel-only areas; harmless elsewhere. They sit in the MMIO hole.
+        let _ = vm.set_tss_address(0xfffb_d000);
+        let _ = vm.set_identity_map_address(0xfffb_c000);
+        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        enable_msr_exits(&vm)?;
+
+        let mem = create_memory(cfg.mem_mib)?;
+        for (slot, r) in mem.iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.start_addr().0,
+                memory_size: r.len(),
+                userspace_addr: r.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which the
+            // Machine keeps for the VM's whole life (it outlives `vm`'s use).
+            unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let kernel = boot::load_pvh_elf(&mem, &cfg.kernel)?;
+        let e820 = layout::e820(&mem);
+        let start_info = boot::write_start_info(&mem, &e820, &cfg.cmdline, cfg.initrd.as_deref())?;
+        tracing::info!(entry = format_args!("{:#x}", kernel.entry), start = format_args!("{:#x}", kernel.start), end = format_args!("{:#x}", kernel.end), "kernel loaded");
+
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
+        vm.register_irqfd(&serial_irq, 4).map_err(kvm_err("KVM_IRQFD"))?;
+        let ports = PortBus::new(console.clone(), serial_irq);
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        let mut tsc_khz = 0;
+        for id in 0..cfg.vcpus {
+            let fd = vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            if id == 0 {
+                tsc_khz = fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+            }
+            let entries = cpuid::guest_cpuid(
+                &from_kvm_cpuid(&supported),
+                &CpuidConfig {
+                    vcpu_id: id,
+                    nr_vcpus: cfg.vcpus,
+                    tsc_khz,
+                    upcall_vector: true,
+                },
+            );
+            fd.set_cpuid2(&to_kvm_cpuid(&entries)?).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            vcpus.push(fd);
+        }
+        let offset = measure_tsc_offset(&vcpus[0]);
+        let clock = Clock::new(tsc_khz, offset);
+        tracing::info!(tsc_khz, offset, "guest clock");
+
+        let machine = Machine::new(vm, mem, clock, ports, console, cfg)?;
+        Ok(Vm {
+            machine,
+            vcpus,
+            entry: kernel.entry,
+            start_info,
+        })
+    }
+
+    /// Runs the guest until it stops. Consumes the VM.
+    pub fn run(self, timeout: Option<Duration>) -> GuestExit {
+        let Vm {
+            machine,
+            vcpus,
+            entry,
+            start_info,
+        } = self;
+        crate::vcpu::install_kick_handler();
+        let started = Instant::now();
+        let mut handles = Vec::new();
+        for (id, fd) in vcpus.into_iter().enumerate() {
+            let id = id as u32;
+            if id == 0 {
+                if let Err(e) = set_pvh_entry_state(&fd, entry, start_info) {
+                    return GuestExit::Error(format!("cannot set the boot vCPU's registers: {e}"));
+                }
+            }
+            let vcpu = Vcpu::new(id, fd, machine.clone());
+            match std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || vcpu.run()) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    machine.request_exit(GuestExit::Error(format!("cannot start vCPU thread: {e}")));
+                    break;
+                }
+            }
+        }
+        let exit = machine.wait_exit(timeout.map(|t| started + t));
+        machine.stop_vcpus(&handles);
+        for h in handles {
+            let _ = h.join();
+        }
+        machine.console.flush();
+        exit
+    }
+}
+
+/// Enables user-space exits for writes to the Xen hypercall MSR only.
+fn enable_msr_exits(vm: &VmFd) -> Result<(), VmError> {
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_X86_USER_SPACE_MSR,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_FILTER);
+    vm.enable_cap(&cap).map_err(kvm_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+    // A zero bit denies the access, which the cap turns into an exit.
+    let bitmap = [0u8; 1];
+    let range = MsrFilterRange {
+        flags: MsrFilterRangeFlags::WRITE,
+        base: cpuid::XEN_HYPERCALL_MSR,
+        msr_count: 1,
+        bitmap: &bitmap,
+    };
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
+        .map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))
+}
+
+fn from_kvm_cpuid(c: &CpuId) -> Vec<CpuidEntry> {
+    c.as_slice()
+        .iter()
+        .map(|e| CpuidEntry {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect()
+}
+
+fn to_kvm_cpuid(v: &[CpuidEntry]) -> Result<CpuId, VmError> {
+    let entries: Vec<kvm_bindings::kvm_cpuid_entry2> = v
+        .iter()
+        .map(|e| kvm_bindings::kvm_cpuid_entry2 {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+            ..Default::default()
+        })
+        .collect();
+    CpuId::from_entries(&entries).map_err(|e| VmError::Other(format!("CPUID table: {e:?}")))
+}
+
+/// Estimates guest TSC - host TSC by reading IA32_TSC bracketed by host
+/// reads (the midpoint; error below the ioctl's duration, about a µs).
+fn measure_tsc_offset(fd: &VcpuFd) -> u64 {
+    use kvm_bindings::{kvm_msr_entry, Msrs};
+    let mut best = (u64::MAX, 0u64);
+    for _ in 0..5 {
+        let Ok(mut msrs) = Msrs::from_entries(&[kvm_msr_entry {
+            index: 0x10,
+            ..Default::default()
+        }]) else {
+            return 0;
+        };
+        let t0 = crate::clock::host_tsc();
+        let ok = fd.get_msrs(&mut msrs).is_ok();
+        let t1 = crate::clock::host_tsc();
+        if !ok {
+            return 0;
+        }
+        let span = t1.wrapping_sub(t0);
+        if span < best.0 {
+            let mid = t0.wrapping_add(span / 2);
+            best = (span, msrs.as_slice()[0].data.wrapping_sub(mid));
+        }
+    }
+    best.1
+}
+
+/// The PVH entry state: 32-bit protected mode, paging off, flat segments,
+/// EBX = `hvm_start_info`.
+fn set_pvh_entry_state(fd: &VcpuFd, entry: u32, start_info: u64) -> Result<(), kvm_ioctls::Error> {
+    let mut s = fd.get_sregs()?;
+    let code = kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x10,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    let data = kvm_segment {
+        selector: 0x18,
+        type_: 0x3,
+        ..code
+    };
+    s.cs = code;
+    s.ds = data;
+    s.es = data;
+    s.fs = data;
+    s.gs = data;
+    s.ss = data;
+    s.tr = kvm_segment {
+        selector: 0x20,
+        limit: 0x67,
+        type_: 0xb,
+        s: 0,
+        db: 0,
+        g: 0,
+        ..code
+    };
+    s.cr0 = 0x11; // PE | ET
+    s.cr4 = 0;
+    s.efer = 0;
+    fd.set_sregs(&s)?;
+    let mut r = fd.get_regs()?;
+    r.rip = u64::from(entry);
+    r.rbx = start_info;
+    r.rflags = 2;
+    r.rsp = 0;
+    fd.set_regs(&r)?;
+    Ok(())
+}
