@@ -8,6 +8,8 @@ pub mod devices;
 pub mod hcall_page;
 pub mod layout;
 pub mod machine;
+pub mod probe;
+pub mod test_guest;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;

@@ -19,6 +19,17 @@ struct Cli {
 enum Cmd {
     /// Boot a guest kernel (a PVH ELF such as an XTF test or vmlinux).
     Run(RunArgs),
+    /// Boot the project's own test guest (built by cargo) and print what it
+    /// checked from inside: Xen CPUID, hypercalls, shared_info, xenstore,
+    /// event channels, grant tables, traps, SCHEDOP_poll.
+    Demo {
+        /// Stop and fail after this many seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+        timeout: f64,
+    },
+    /// Probe this host's KVM for what it cannot run (legacy paging, int n
+    /// from user mode, ...) and print what xenkvm fixes up.
+    Probe,
 }
 
 #[derive(clap::Args)]
@@ -69,6 +80,22 @@ fn main() -> ExitCode {
                 ..Default::default()
             };
             run(cfg)
+        }
+        Cmd::Demo { timeout } => {
+            println!("xenkvm demo: booting the built-in test guest ({} bytes)", xenkvm::test_guest::TEST_GUEST_ELF.len());
+            let cfg = VmConfig {
+                kernel: xenkvm::test_guest::TEST_GUEST_ELF.to_vec(),
+                cmdline: "demo".into(),
+                mem_mib: 64,
+                timeout: Some(Duration::from_secs_f64(timeout)),
+                name: "demo".into(),
+                ..Default::default()
+            };
+            run(cfg)
+        }
+        Cmd::Probe => {
+            print!("{}", xenkvm::probe::HostProbe::run());
+            ExitCode::SUCCESS
         }
     }
 }

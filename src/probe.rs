@@ -1,0 +1,358 @@
+//! Host probe: runs a few instructions in throwaway VMs to learn what this
+//! host's KVM cannot do, so that tests and users know exactly which guest
+//! features are missing here (and which xenkvm fixes up).
+//!
+//! Each probe builds a tiny guest (page tables, descriptor tables and code
+//! assembled with iced-x86), runs it, and classifies the exit:
+//! - legacy 32-bit paging (PAE, PSE): enabling CR0.PG outside long mode;
+//! - `int n` at CPL 3 in long mode;
+//! - `int3` at CPL 0 and a 32-bit `iret` (emulation failures xenkvm fixes up).
+
+use std::fmt;
+
+use iced_x86::code_asm::*;
+use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// How the host handles a feature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Support {
+    /// KVM runs it.
+    Native,
+    /// KVM stops with an emulation failure and xenkvm fixes it up.
+    FixedUp,
+    /// Neither KVM nor any VMM can run it here; the string says what happens.
+    Unsupported(String),
+    /// The probe itself failed (no /dev/kvm, ...).
+    Unknown(String),
+}
+
+impl Support {
+    pub fn works(&self) -> bool {
+        matches!(self, Support::Native | Support::FixedUp)
+    }
+}
+
+impl fmt::Display for Support {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Support::Native => write!(f, "native"),
+            Support::FixedUp => write!(f, "fixed up by xenkvm (KVM emulation failure)"),
+            Support::Unsupported(s) => write!(f, "NOT SUPPORTED on this host: {s}"),
+            Support::Unknown(s) => write!(f, "unknown: {s}"),
+        }
+    }
+}
+
+/// What the probe found.
+#[derive(Debug, Clone)]
+pub struct HostProbe {
+    pub legacy_pae_paging: Support,
+    pub legacy_pse_paging: Support,
+    pub user_int_n_long_mode: Support,
+    pub kernel_int3: Support,
+    pub iret32: Support,
+}
+
+impl HostProbe {
+    /// Runs every probe (a few milliseconds).
+    pub fn run() -> HostProbe {
+        HostProbe {
+            legacy_pae_paging: probe_legacy_paging(true),
+            legacy_pse_paging: probe_legacy_paging(false),
+            user_int_n_long_mode: probe_user_int_n(),
+            kernel_int3: probe_kernel_int3(),
+            iret32: probe_iret32(),
+        }
+    }
+
+    /// The probe results, once per process.
+    pub fn get() -> &'static HostProbe {
+        static P: std::sync::OnceLock<HostProbe> = std::sync::OnceLock::new();
+        P.get_or_init(HostProbe::run)
+    }
+
+    pub fn rows(&self) -> [(&'static str, &Support); 5] {
+        [
+            ("legacy 32-bit PAE paging", &self.legacy_pae_paging),
+            ("legacy 32-bit PSE paging", &self.legacy_pse_paging),
+            ("int n at CPL 3 in long mode", &self.user_int_n_long_mode),
+            ("int3 at CPL 0", &self.kernel_int3),
+            ("32-bit iret", &self.iret32),
+        ]
+    }
+}
+
+impl fmt::Display for HostProbe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (name, s) in self.rows() {
+            writeln!(f, "{name:<30} {s}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Ports the probe guests report through.
+const PORT_OK: u16 = 0x99;
+const PORT_VEC: u16 = 0x90; // + vector low bits
+
+/// How a probe guest ended.
+#[derive(Debug)]
+enum End {
+    Out(u16),
+    TripleFault,
+    EmulationFailure,
+    Other(String),
+}
+
+struct ProbeVm {
+    _vm: kvm_ioctls::VmFd,
+    vcpu: VcpuFd,
+    mem: GuestMemoryMmap,
+}
+
+fn new_vm() -> Result<ProbeVm, String> {
+    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    let vm = kvm.create_vm().map_err(|e| e.to_string())?;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).map_err(|e| e.to_string())?;
+    let host = mem.get_host_address(GuestAddress(0)).map_err(|e| e.to_string())?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: 4 << 20,
+        userspace_addr: host as u64,
+    };
+    // SAFETY: `mem` owns the 4 MiB mapping and lives in the returned
+    // ProbeVm next to the VM fd, so the memory outlives the slot's use.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|e| e.to_string())?;
+    let _ = vm.set_tss_address(0xfffb_d000);
+    let vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
+    let cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(|e| e.to_string())?;
+    vcpu.set_cpuid2(&cpuid).map_err(|e| e.to_string())?;
+    Ok(ProbeVm { _vm: vm, vcpu, mem })
+}
+
+fn seg(sel: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: sel,
+        type_,
+        present: 1,
+        dpl,
+        db: u8::from(!long || type_ < 8),
+        s: 1,
+        l: u8::from(long && type_ >= 8),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+fn run_vcpu(p: &mut ProbeVm) -> End {
+    for _ in 0..16 {
+        match p.vcpu.run() {
+            Ok(VcpuExit::IoOut(port, _)) => return End::Out(port),
+            Ok(VcpuExit::Shutdown) => return End::TripleFault,
+            Ok(VcpuExit::InternalError) => return End::EmulationFailure,
+            Ok(VcpuExit::Hlt) => return End::Other("hlt".into()),
+            Ok(e) => return End::Other(format!("{e:?}")),
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return End::Other(e.to_string()),
+        }
+    }
+    End::Other("no exit".into())
+}
+
+fn asm(bits: u32, ip: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Result<Vec<u8>, String> {
+    let mut a = CodeAssembler::new(bits).map_err(|e| e.to_string())?;
+    f(&mut a).map_err(|e| e.to_string())?;
+    a.assemble(ip).map_err(|e| e.to_string())
+}
+
+/// 32-bit protected mode, paging off, flat segments.
+fn prot32(p: &ProbeVm, rip: u64) -> Result<(), String> {
+    let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
+    s.cs = seg(0x8, 0xb, 0, false);
+    for d in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
+        *d = seg(0x10, 0x3, 0, false);
+    }
+    s.tr = kvm_segment {
+        limit: 0x67,
+        type_: 0xb,
+        present: 1,
+        ..Default::default()
+    };
+    s.cr0 = 0x11;
+    s.cr4 = 0;
+    s.efer = 0;
+    p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
+    let mut r = p.vcpu.get_regs().map_err(|e| e.to_string())?;
+    r.rip = rip;
+    r.rsp = 0x8000;
+    r.rflags = 2;
+    p.vcpu.set_regs(&r).map_err(|e| e.to_string())
+}
+
+fn classify(end: End, ok_native: bool) -> Support {
+    match end {
+        End::Out(PORT_OK) if ok_native => Support::Native,
+        End::EmulationFailure => Support::FixedUp,
+        End::TripleFault => Support::Unsupported("the guest triple-faults".into()),
+        End::Out(p) if p == PORT_VEC + 6 => Support::Unsupported("the guest gets #UD, with no exit to the VMM".into()),
+        End::Out(p) => Support::Unsupported(format!("unexpected report on port {p:#x}")),
+        End::Other(s) => Support::Unknown(s),
+    }
+}
+
+fn probe_legacy_paging(pae: bool) -> Support {
+    let r = (|| -> Result<End, String> {
+        let mut p = new_vm()?;
+        if pae {
+            // PDPT at 0x2000 -> PD at 0x3000 -> one 2 MiB identity page.
+            p.mem.write_obj(0x3001u64, GuestAddress(0x2000)).map_err(|e| e.to_string())?;
+            p.mem.write_obj(0x83u64, GuestAddress(0x3000)).map_err(|e| e.to_string())?;
+        } else {
+            // Page directory at 0x2000 with one 4 MiB identity page.
+            p.mem.write_obj(0x83u32, GuestAddress(0x2000)).map_err(|e| e.to_string())?;
+        }
+        let cr4_val = if pae { 0x20u32 } else { 0x10 };
+        let code = asm(32, 0x1000, |a| {
+            a.mov(eax, cr4_val)?;
+            a.mov(cr4, eax)?;
+            a.mov(eax, 0x2000u32)?;
+            a.mov(cr3, eax)?;
+            a.mov(eax, cr0)?;
+            a.or(eax, 0x8000_0000u32 as i32)?;
+            a.mov(cr0, eax)?;
+            a.out(PORT_OK as u32, al)?;
+            a.hlt()
+        })?;
+        p.mem.write_slice(&code, GuestAddress(0x1000)).map_err(|e| e.to_string())?;
+        prot32(&p, 0x1000)?;
+        Ok(run_vcpu(&mut p))
+    })();
+    match r {
+        Ok(e) => classify(e, true),
+        Err(e) => Support::Unknown(e),
+    }
+}
+
+/// Long mode with 2 MiB identity pages, a GDT, an IDT whose handlers
+/// report their vector, and a TSS with RSP0.
+fn long_mode(p: &ProbeVm, user: bool, rip: u64, gate_dpl: u8) -> Result<(), String> {
+    let w = |v: u64, at: u64| p.mem.write_obj(v, GuestAddress(at)).map_err(|e| e.to_string());
+    w(0x3000 | 7, 0x2000)?; // PML4 -> PDPT
+    w(0x4000 | 7, 0x3000)?; // PDPT -> PD
+    w(0x87, 0x4000)?; // 2 MiB page 0, user, writable
+    w(0x20_0000 | 0x87, 0x4008)?;
+    // IDT at 0x6000: every vector -> handler at 0x7400 + vec*16 which does
+    // `out PORT_VEC+vec, al; hlt`.
+    for vec in 0u64..32 {
+        let handler = 0x7400 + vec * 16;
+        let dpl = if vec == 0x10 { u64::from(gate_dpl) } else { 0 };
+        let lo = (handler & 0xffff) | (0x08 << 16) | ((0x8e | (dpl << 5)) << 40) | ((handler >> 16 & 0xffff) << 48);
+        w(lo, 0x6000 + vec * 16)?;
+        w(handler >> 32, 0x6000 + vec * 16 + 8)?;
+        let code = [0xe6, (PORT_VEC as u8).wrapping_add(vec as u8), 0xf4];
+        p.mem.write_slice(&code, GuestAddress(handler)).map_err(|e| e.to_string())?;
+    }
+    // TSS at 0x8000: RSP0 = 0x9000.
+    w(0x9000u64 << 32, 0x8000)?;
+    let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
+    let dpl = if user { 3 } else { 0 };
+    s.cs = seg(0x08 | u16::from(dpl), 0xb, dpl, true);
+    for d in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
+        *d = seg(0x10 | u16::from(dpl), 0x3, dpl, true);
+    }
+    s.tr = kvm_segment {
+        base: 0x8000,
+        limit: 0x67,
+        type_: 0xb,
+        present: 1,
+        selector: 0x28,
+        ..Default::default()
+    };
+    s.idt.base = 0x6000;
+    s.idt.limit = 32 * 16 - 1;
+    s.gdt.base = 0x5000;
+    s.gdt.limit = 0x37;
+    // GDT: 0x08 code64 DPL0, 0x10 data DPL0 (user variants use RPL 3 on
+    // DPL-3 copies at the same indexes is not needed for the probe).
+    w(0x00af_9b00_0000_ffff, 0x5008)?;
+    w(0x00cf_9300_0000_ffff, 0x5010)?;
+    s.cr0 = 0x8000_0011;
+    s.cr3 = 0x2000;
+    s.cr4 = 0x20;
+    s.efer = 0x500;
+    p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
+    let mut r = p.vcpu.get_regs().map_err(|e| e.to_string())?;
+    r.rip = rip;
+    r.rsp = 0xa000;
+    r.rflags = 2;
+    p.vcpu.set_regs(&r).map_err(|e| e.to_string())
+}
+
+fn probe_user_int_n() -> Support {
+    let r = (|| -> Result<End, String> {
+        let mut p = new_vm()?;
+        // int $0x10 from CPL 3 through a DPL-3 gate; the handler reports
+        // vector 0x10 on port 0x90+0x10 = 0xa0.
+        let code = asm(64, 0x1000, |a| {
+            a.int(0x10)?;
+            a.hlt()
+        })?;
+        p.mem.write_slice(&code, GuestAddress(0x1000)).map_err(|e| e.to_string())?;
+        long_mode(&p, true, 0x1000, 3)?;
+        Ok(run_vcpu(&mut p))
+    })();
+    match r {
+        Ok(End::Out(port)) if port == PORT_VEC + 0x10 => Support::Native,
+        Ok(e) => classify(e, false),
+        Err(e) => Support::Unknown(e),
+    }
+}
+
+fn probe_kernel_int3() -> Support {
+    let r = (|| -> Result<End, String> {
+        let mut p = new_vm()?;
+        p.mem.write_slice(&[0xcc, 0xf4], GuestAddress(0x1000)).map_err(|e| e.to_string())?;
+        long_mode(&p, false, 0x1000, 0)?;
+        Ok(run_vcpu(&mut p))
+    })();
+    match r {
+        Ok(End::Out(port)) if port == PORT_VEC + 3 => Support::Native,
+        Ok(e) => classify(e, false),
+        Err(e) => Support::Unknown(e),
+    }
+}
+
+fn probe_iret32() -> Support {
+    let r = (|| -> Result<End, String> {
+        let mut p = new_vm()?;
+        // GDT at 0x5000 with flat code (0x08) and data (0x10).
+        p.mem.write_obj(0x00cf_9b00_0000_ffffu64, GuestAddress(0x5008)).map_err(|e| e.to_string())?;
+        p.mem.write_obj(0x00cf_9300_0000_ffffu64, GuestAddress(0x5010)).map_err(|e| e.to_string())?;
+        let code = asm(32, 0x1000, |a| {
+            a.pushfd()?;
+            a.push(0x08u32 as i32)?;
+            a.push(0x1100u32 as i32)?;
+            a.iretd()
+        })?;
+        p.mem.write_slice(&code, GuestAddress(0x1000)).map_err(|e| e.to_string())?;
+        p.mem.write_slice(&[0xe6, PORT_OK as u8, 0xf4], GuestAddress(0x1100)).map_err(|e| e.to_string())?;
+        prot32(&p, 0x1000)?;
+        let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
+        s.gdt.base = 0x5000;
+        s.gdt.limit = 0x17;
+        p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
+        Ok(run_vcpu(&mut p))
+    })();
+    match r {
+        Ok(e) => classify(e, true),
+        Err(e) => Support::Unknown(e),
+    }
+}
