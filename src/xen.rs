@@ -38,7 +38,6 @@ pub struct Xen {
     mem: GuestMemoryMmap,
     clock: Clock,
     console: Arc<ConsoleOut>,
-    #[allow(dead_code)]
     machine: Weak<Machine>,
     pub bench: BenchPorts,
 }
@@ -105,7 +104,8 @@ impl Xen {
     }
 
     pub fn bench_io_in(&self, port: u16, data: &mut [u8]) -> bool {
-        self.bench.io_in(port, data)
+        let stopping = || self.machine.upgrade().is_none_or(|m| m.stopping());
+        self.bench.io_in(port, data, &stopping)
     }
 
     pub fn bench_io_out(&self, port: u16, data: &[u8]) -> bool {
@@ -150,17 +150,16 @@ impl Default for BenchPorts {
 }
 
 impl BenchPorts {
-    fn io_in(&self, port: u16, data: &mut [u8]) -> bool {
+    fn io_in(&self, port: u16, data: &mut [u8], stopping: &dyn Fn() -> bool) -> bool {
         match port {
             BENCH_CMD => {
                 let mut q = self.requests.lock();
                 // Wait for the benchmark to ask for something (bounded so a
                 // guest in bench mode without a driver still ends).
                 let deadline = Instant::now() + std::time::Duration::from_secs(30);
-                while q.is_empty() {
-                    if self.request_cv.wait_until(&mut q, deadline).timed_out() {
-                        break;
-                    }
+                while q.is_empty() && !stopping() && Instant::now() < deadline {
+                    let slice = Instant::now() + std::time::Duration::from_millis(50);
+                    self.request_cv.wait_until(&mut q, slice.min(deadline));
                 }
                 let (cmd, n) = q.pop_front().unwrap_or((0, 0));
                 self.pending_iters.store(u64::from(n), Ordering::Relaxed);

@@ -1,0 +1,46 @@
+//! Helpers shared by the integration tests that boot guests.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// True if tests that need /dev/kvm can run. Without /dev/kvm they are
+/// skipped with a printed reason, unless REQUIRE_KVM=1 (CI), where they fail.
+pub fn kvm_available(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    if !ok {
+        if std::env::var("REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("{test}: /dev/kvm is not usable and REQUIRE_KVM=1");
+        }
+        eprintln!("SKIPPED {test}: /dev/kvm is not usable (set REQUIRE_KVM=1 to make this a failure)");
+    }
+    ok
+}
+
+/// `../shared` next to the repository (or $XENKVM_SHARED).
+pub fn shared_dir() -> PathBuf {
+    std::env::var_os("XENKVM_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
+}
+
+/// Runs the xenkvm binary; returns its output and wall time.
+pub fn xenkvm(args: &[&str]) -> (Output, Duration) {
+    let t = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_xenkvm"))
+        .args(args)
+        .env("XENKVM_LOG", "warn")
+        .output()
+        .expect("cannot run the xenkvm binary");
+    (out, t.elapsed())
+}
+
+/// The last `Test result: X` line of a guest's output.
+pub fn test_result(stdout: &str) -> Option<String> {
+    stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("Test result: ").map(|(_, r)| r.trim().to_string()))
+}
