@@ -1,1 +1,63 @@
-//! hypercalls
+//! The Xen personality of xenkvm: hypercall decoding, dispatch, and the domain state the
+//! handlers own (shared_info, vcpu_info, event channels, grant table, HVM params, timers).
+//!
+//! There is no KVM in this crate. The VMM decodes a hypercall from the vCPU's registers into a
+//! [`Hypercall`], hands it to [`Domain::dispatch`] together with a [`VcpuAccess`] (identity,
+//! privilege, guest-virtual memory), and acts on the returned [`Outcome`]. Everything the domain
+//! needs from the VMM (console, overlay pages, time, upcall injection, timers) goes through the
+//! [`Platform`] trait. Unit tests drive the whole surface with fakes (see [`testing`]).
+//!
+//! Semantics and error numbers follow Xen 4.17 for an HVM domU (`xen/common/*.c`,
+//! `xen/arch/x86/hvm/*.c`), not Linux's expectations of them; where xenkvm deliberately differs,
+//! the handler's doc says so.
+//!
+//! Guest input never panics, loops unboundedly or allocates unboundedly: every length is
+//! bounded, every pointer goes through [`VcpuAccess`] and faults become `-EFAULT`.
+
+#![forbid(unsafe_code)]
+
+mod abi;
+mod console;
+mod domain;
+mod errno;
+mod evtchn;
+mod gnttab;
+mod guest;
+mod hvm;
+mod memory;
+mod platform;
+mod sched;
+mod shared;
+pub mod testing;
+mod time;
+mod types;
+mod vcpu;
+mod version;
+
+pub use domain::{CallbackVia, Domain, DomainConfig};
+pub use errno::Errno;
+pub use guest::{MemFault, VcpuAccess};
+pub use platform::{E820Entry, GuestTime, OverlayId, Platform};
+pub use shared::{SharedPage, VecPage};
+pub use time::{time_scale, TimeScale};
+pub use types::{EvtchnPort, Gfn, GuestWidth, Hypercall, HypercallNr, Outcome, VcpuId};
+
+/// Errors of this crate's library API (not of guest hypercalls, which return an [`Errno`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The domain configuration cannot describe a Xen HVM domU.
+    #[error("invalid domain configuration: {0}")]
+    InvalidConfig(&'static str),
+    /// The VMM could not provide a page the domain needs (shared_info, a grant frame).
+    #[error("the platform could not allocate a shared page (Xen errno {0})")]
+    PageAllocation(Errno),
+    /// An HVM parameter index outside `0..HVM_NR_PARAMS`.
+    #[error("HVM parameter index {0} is out of range (Xen 4.17 has 39)")]
+    BadParam(u32),
+    /// A vCPU id at or above the configured number of vCPUs.
+    #[error("vCPU {0} does not exist in this domain")]
+    BadVcpu(u32),
+    /// An event channel operation the VMM asked for failed.
+    #[error("event channel operation failed (Xen errno {0})")]
+    Evtchn(Errno),
+}

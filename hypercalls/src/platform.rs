@@ -1,0 +1,97 @@
+//! What the VMM provides to the domain: console, overlay pages, time, memory map, upcall and
+//! timer plumbing, and the dom0-side services' notifications.
+//!
+//! Call discipline: `console_write`, `console_read` and `notify_backend` are called with no
+//! domain lock held, so they may call back into the [`crate::Domain`] (a backend answering at
+//! once with `raise_port`). Every other method may be called with domain locks held and must
+//! not call back into the domain; they should only record or inject (an ioctl, a wake-up).
+
+use std::sync::Arc;
+
+use crate::errno::Errno;
+use crate::shared::SharedPage;
+use crate::types::{Gfn, VcpuId};
+
+/// A page the Xen ABI lets the guest place at a GFN of its choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OverlayId {
+    /// The domain's shared_info page (`XENMAPSPACE_shared_info`, idx 0).
+    SharedInfo,
+    /// Grant table shared frame `n` (`XENMAPSPACE_grant_table`, idx n).
+    GrantFrame(u32),
+}
+
+/// One entry of the guest's E820 memory map (`struct e820entry`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    /// 1 RAM, 2 reserved, 3 ACPI, 4 NVS, 5 unusable.
+    pub kind: u32,
+}
+
+impl E820Entry {
+    pub const RAM: u32 = 1;
+}
+
+/// The guest's TSC and Xen system time sampled at the same instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestTime {
+    /// The guest's TSC value.
+    pub tsc: u64,
+    /// Nanoseconds since the domain started (Xen's `NOW()` as the guest sees it).
+    pub system_time_ns: u64,
+}
+
+/// Services the VMM provides to the domain.
+pub trait Platform: Send + Sync {
+    /// `CONSOLEIO_write`: bytes the guest wrote (already filtered to printable text).
+    fn console_write(&self, data: &[u8]);
+    /// `CONSOLEIO_read`: fill `buf` with pending input; 0 when there is none.
+    fn console_read(&self, buf: &mut [u8]) -> usize;
+
+    /// A zeroed page to share with the guest (shared_info, grant frames).
+    fn new_shared_page(&self) -> Result<Arc<dyn SharedPage>, Errno>;
+    /// Map `page` at `gfn`, over whatever was there. If `id` was placed elsewhere before, the
+    /// old GFN gets its RAM page back; if another overlay occupied `gfn`, that one is now
+    /// unplaced (Xen unhooks it). Errors are returned to the guest.
+    fn place_overlay(
+        &self,
+        id: OverlayId,
+        page: &Arc<dyn SharedPage>,
+        gfn: Gfn,
+    ) -> Result<(), Errno>;
+    /// A view of the guest RAM page at `gfn` (for `VCPUOP_register_vcpu_info`): `-EINVAL` if
+    /// `gfn` is not writable RAM.
+    fn map_guest_page(&self, gfn: Gfn) -> Result<Arc<dyn SharedPage>, Errno>;
+
+    /// The guest's TSC and Xen system time now.
+    fn guest_time(&self) -> GuestTime;
+    /// The guest TSC frequency.
+    fn tsc_khz(&self) -> u32;
+    /// Whether the guest TSC is synchronised across vCPUs and constant
+    /// (sets `XEN_PVCLOCK_TSC_STABLE_BIT`).
+    fn tsc_stable(&self) -> bool;
+    /// Wall-clock time now, in nanoseconds since the Unix epoch.
+    fn wallclock_ns(&self) -> u64;
+    /// The guest's E820 map (`XENMEM_memory_map`; RAM size for the reservation queries).
+    fn memory_map(&self) -> Vec<E820Entry>;
+
+    /// The guest sent on a port bound to a dom0-side service; `remote_port` is the VMM's id for
+    /// the service end, as given to `bind_backend_port`/`backend_bind`.
+    fn notify_backend(&self, remote_port: u32);
+    /// `evtchn_upcall_pending` of `vcpu` went from 0 to 1: inject the upcall (per-vCPU vector,
+    /// callback vector or GSI, see `Domain::upcall_vector`/`callback_via`) and wake the vCPU.
+    fn raise_upcall(&self, vcpu: VcpuId);
+    /// Wake `vcpu` if it waits in `SCHEDOP_poll` (a polled port became pending).
+    fn kick_vcpu(&self, vcpu: VcpuId);
+    /// Arm (or with `None` cancel) the host timer of `vcpu` at an absolute Xen system time;
+    /// when it fires, call `Domain::timer_expired(vcpu)`. A deadline in the past fires at once.
+    fn set_timer(&self, vcpu: VcpuId, deadline_ns: Option<u64>);
+    /// `VCPUOP_down` took `vcpu` offline: stop running it until `vcpu_up`.
+    fn vcpu_down(&self, vcpu: VcpuId);
+    /// `VCPUOP_up` brought a downed, initialised `vcpu` back.
+    fn vcpu_up(&self, vcpu: VcpuId);
+    /// `VCPUOP_send_nmi`: inject an NMI into `vcpu`.
+    fn send_nmi(&self, vcpu: VcpuId);
+}

@@ -1,0 +1,306 @@
+//! Test doubles: a vCPU with a sparse guest-virtual address space ([`FakeVcpu`]) and a VMM
+//! that records what the domain asked of it ([`FakePlatform`]). Used by this crate's tests and
+//! usable by the VMM's own unit tests; nothing here touches KVM.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::errno::Errno;
+use crate::guest::{MemFault, VcpuAccess};
+use crate::platform::{E820Entry, GuestTime, OverlayId, Platform};
+use crate::shared::{SharedPage, VecPage};
+use crate::types::{Gfn, GuestWidth, VcpuId};
+
+const PAGE: u64 = 4096;
+
+/// A vCPU whose guest-virtual memory is a set of mapped 4 KiB pages; everything else faults.
+pub struct FakeVcpu {
+    pub id: u32,
+    pub cpl: u8,
+    pub width: GuestWidth,
+    pages: Mutex<BTreeMap<u64, Box<[u8]>>>,
+}
+
+impl FakeVcpu {
+    pub fn new(id: u32, width: GuestWidth) -> Self {
+        FakeVcpu {
+            id,
+            cpl: 0,
+            width,
+            pages: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Map zeroed pages covering `[gva, gva + len)`.
+    pub fn map(&self, gva: u64, len: u64) {
+        let mut p = self.pages.lock();
+        let first = gva / PAGE;
+        let last = (gva + len.max(1) - 1) / PAGE;
+        for n in first..=last {
+            p.entry(n)
+                .or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice());
+        }
+    }
+
+    /// Remove the page containing `gva`.
+    pub fn unmap(&self, gva: u64) {
+        self.pages.lock().remove(&(gva / PAGE));
+    }
+
+    /// Write directly (test setup); panics if unmapped.
+    pub fn poke(&self, gva: u64, data: &[u8]) {
+        self.write_virt(gva, data)
+            .expect("poke of an unmapped address");
+    }
+
+    /// Read directly (test checks); panics if unmapped.
+    pub fn peek(&self, gva: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        self.read_virt(gva, &mut b)
+            .expect("peek of an unmapped address");
+        b
+    }
+
+    pub fn peek_u32(&self, gva: u64) -> u32 {
+        u32::from_le_bytes(self.peek(gva, 4).try_into().expect("4 bytes"))
+    }
+
+    pub fn peek_u64(&self, gva: u64) -> u64 {
+        u64::from_le_bytes(self.peek(gva, 8).try_into().expect("8 bytes"))
+    }
+
+    fn access(
+        &self,
+        gva: u64,
+        len: usize,
+        mut f: impl FnMut(&mut [u8], usize, usize),
+    ) -> Result<(), MemFault> {
+        let mut p = self.pages.lock();
+        // Check every page first so a faulting access changes nothing.
+        let mut a = gva;
+        let end = gva.checked_add(len as u64).ok_or(MemFault { gva })?;
+        while a < end {
+            if !p.contains_key(&(a / PAGE)) {
+                return Err(MemFault { gva: a });
+            }
+            a = (a / PAGE + 1) * PAGE;
+        }
+        let mut done = 0usize;
+        let mut a = gva;
+        while done < len {
+            let off = (a % PAGE) as usize;
+            let n = (PAGE as usize - off).min(len - done);
+            let page = p.get_mut(&(a / PAGE)).ok_or(MemFault { gva: a })?;
+            f(&mut page[off..off + n], done, n);
+            done += n;
+            a += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl VcpuAccess for FakeVcpu {
+    fn vcpu_id(&self) -> u32 {
+        self.id
+    }
+
+    fn cpl(&self) -> u8 {
+        self.cpl
+    }
+
+    fn width(&self) -> GuestWidth {
+        self.width
+    }
+
+    fn read_virt(&self, gva: u64, buf: &mut [u8]) -> Result<(), MemFault> {
+        self.access(gva, buf.len(), |page, at, n| {
+            buf[at..at + n].copy_from_slice(page)
+        })
+    }
+
+    fn write_virt(&self, gva: u64, data: &[u8]) -> Result<(), MemFault> {
+        self.access(gva, data.len(), |page, at, n| {
+            page.copy_from_slice(&data[at..at + n])
+        })
+    }
+}
+
+/// Everything [`FakePlatform`] was asked to do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    Upcall(u32),
+    Kick(u32),
+    Backend(u32),
+    Timer(u32, Option<u64>),
+    Place(OverlayId, u64),
+    VcpuDown(u32),
+    VcpuUp(u32),
+    Nmi(u32),
+}
+
+/// A VMM stand-in: in-memory pages, a settable clock, an E820 map, and a call log.
+pub struct FakePlatform {
+    pub calls: Mutex<Vec<Call>>,
+    pub console: Mutex<Vec<u8>>,
+    pub input: Mutex<VecDeque<u8>>,
+    pub time: Mutex<GuestTime>,
+    pub tsc_khz: u32,
+    pub wallclock_ns: Mutex<u64>,
+    pub e820: Vec<E820Entry>,
+    /// Guest RAM pages handed out by `map_guest_page`, by GFN.
+    pub ram: Mutex<BTreeMap<u64, Arc<VecPage>>>,
+    /// Refuse every `new_shared_page` once this many were made.
+    pub page_budget: Mutex<usize>,
+}
+
+impl Default for FakePlatform {
+    fn default() -> Self {
+        FakePlatform {
+            calls: Mutex::new(Vec::new()),
+            console: Mutex::new(Vec::new()),
+            input: Mutex::new(VecDeque::new()),
+            time: Mutex::new(GuestTime {
+                tsc: 1_000_000,
+                system_time_ns: 1_000_000_000,
+            }),
+            tsc_khz: 2_000_000,
+            wallclock_ns: Mutex::new(1_700_000_000_123_456_789),
+            // 256 MiB of RAM below a hole, as a small PVH guest has.
+            e820: vec![
+                E820Entry {
+                    addr: 0,
+                    size: 0x9_f000,
+                    kind: 1,
+                },
+                E820Entry {
+                    addr: 0x10_0000,
+                    size: 0x0ff0_0000,
+                    kind: 1,
+                },
+                E820Entry {
+                    addr: 0xfc00_0000,
+                    size: 0x400_0000,
+                    kind: 2,
+                },
+            ],
+            ram: Mutex::new(BTreeMap::new()),
+            page_budget: Mutex::new(usize::MAX),
+        }
+    }
+}
+
+impl FakePlatform {
+    pub fn take_calls(&self) -> Vec<Call> {
+        std::mem::take(&mut *self.calls.lock())
+    }
+
+    pub fn set_now(&self, ns: u64) {
+        self.time.lock().system_time_ns = ns;
+    }
+
+    fn log(&self, c: Call) {
+        self.calls.lock().push(c);
+    }
+}
+
+impl Platform for FakePlatform {
+    fn console_write(&self, data: &[u8]) {
+        self.console.lock().extend_from_slice(data);
+    }
+
+    fn console_read(&self, buf: &mut [u8]) -> usize {
+        let mut q = self.input.lock();
+        let n = buf.len().min(q.len());
+        for (b, c) in buf.iter_mut().zip(q.drain(..n)) {
+            *b = c;
+        }
+        n
+    }
+
+    fn new_shared_page(&self) -> Result<Arc<dyn SharedPage>, Errno> {
+        let mut budget = self.page_budget.lock();
+        if *budget == 0 {
+            return Err(Errno::ENOMEM);
+        }
+        *budget -= 1;
+        Ok(Arc::new(VecPage::new()))
+    }
+
+    fn place_overlay(
+        &self,
+        id: OverlayId,
+        _page: &Arc<dyn SharedPage>,
+        gfn: Gfn,
+    ) -> Result<(), Errno> {
+        self.log(Call::Place(id, gfn.get()));
+        Ok(())
+    }
+
+    fn map_guest_page(&self, gfn: Gfn) -> Result<Arc<dyn SharedPage>, Errno> {
+        let a = gfn.gpa();
+        if !self
+            .e820
+            .iter()
+            .any(|e| e.kind == 1 && a >= e.addr && a - e.addr < e.size)
+        {
+            return Err(Errno::EINVAL);
+        }
+        let page = self
+            .ram
+            .lock()
+            .entry(gfn.get())
+            .or_insert_with(|| Arc::new(VecPage::new()))
+            .clone();
+        Ok(page)
+    }
+
+    fn guest_time(&self) -> GuestTime {
+        *self.time.lock()
+    }
+
+    fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+
+    fn tsc_stable(&self) -> bool {
+        true
+    }
+
+    fn wallclock_ns(&self) -> u64 {
+        *self.wallclock_ns.lock()
+    }
+
+    fn memory_map(&self) -> Vec<E820Entry> {
+        self.e820.clone()
+    }
+
+    fn notify_backend(&self, remote_port: u32) {
+        self.log(Call::Backend(remote_port));
+    }
+
+    fn raise_upcall(&self, vcpu: VcpuId) {
+        self.log(Call::Upcall(vcpu.get()));
+    }
+
+    fn kick_vcpu(&self, vcpu: VcpuId) {
+        self.log(Call::Kick(vcpu.get()));
+    }
+
+    fn set_timer(&self, vcpu: VcpuId, deadline_ns: Option<u64>) {
+        self.log(Call::Timer(vcpu.get(), deadline_ns));
+    }
+
+    fn vcpu_down(&self, vcpu: VcpuId) {
+        self.log(Call::VcpuDown(vcpu.get()));
+    }
+
+    fn vcpu_up(&self, vcpu: VcpuId) {
+        self.log(Call::VcpuUp(vcpu.get()));
+    }
+
+    fn send_nmi(&self, vcpu: VcpuId) {
+        self.log(Call::Nmi(vcpu.get()));
+    }
+}

@@ -1,0 +1,307 @@
+//! `vcpu_op`, the per-vCPU Xen timers (`set_singleshot_timer`, `set_periodic_timer`,
+//! `set_timer_op`), and `VCPUOP_register_vcpu_info`.
+//!
+//! Timers: the domain keeps each vCPU's single-shot deadline and periodic timer and asks the
+//! VMM to arm one host timer per vCPU at the earliest deadline
+//! ([`Platform::set_timer`](crate::Platform::set_timer)); when it fires the VMM calls
+//! [`Domain::timer_expired`], which raises `VIRQ_TIMER` on that vCPU with Xen's rules.
+//!
+//! Not yet here: `VCPUOP_initialise` for HVM (APs start through INIT/SIPI), the runstate area
+//! and `get_runstate_info` (TODO(issue 4): route to the `runstate` crate in
+//! [`Domain::runstate_op`]), and `register_vcpu_time_memory_area`.
+
+use std::sync::atomic::Ordering;
+
+use crate::abi::{self, get_u32, get_u64, shinfo, vcpuop, virq};
+use crate::domain::{Ctx, Domain, VcpuInfoMap};
+use crate::errno::Errno;
+use crate::types::{Gfn, GuestWidth, Outcome, VcpuId};
+
+/// `MILLISECS(1)`: the shortest periodic timer Xen accepts.
+const MIN_PERIOD_NS: u64 = 1_000_000;
+/// `STIME_DELTA_MAX`.
+const MAX_PERIOD_NS: u64 = i64::MAX as u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Periodic {
+    pub period: u64,
+    pub last: u64,
+}
+
+/// One vCPU's Xen timers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct VcpuTimers {
+    pub singleshot: Option<u64>,
+    pub periodic: Option<Periodic>,
+}
+
+impl VcpuTimers {
+    fn earliest(&self) -> Option<u64> {
+        let p = self.periodic.map(|p| p.last.saturating_add(p.period));
+        match (self.singleshot, p) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+impl Domain {
+    /// `do_vcpu_op` + `common_vcpu_op`.
+    pub(crate) fn vcpu_op(
+        &self,
+        ctx: &Ctx,
+        cmd: i32,
+        vcpuid: u32,
+        arg: u64,
+    ) -> Result<Outcome, Errno> {
+        let v = self.vcpu(vcpuid).ok_or(Errno::ENOENT)?;
+        let ret = |r: i64| Ok(Outcome::Return(r));
+        match cmd {
+            vcpuop::SEND_NMI => {
+                if arg != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                self.platform.send_nmi(v);
+                ret(0)
+            }
+            // Only a hardware domain's pinned vCPUs have a physical id.
+            vcpuop::GET_PHYSID => Err(Errno::EINVAL),
+            vcpuop::INITIALISE => {
+                if self.vcpu_info_loc(v).is_none() {
+                    return Err(Errno::EINVAL);
+                }
+                // TODO(issue 5): arch_initialise_vcpu for HVM (vcpu_hvm_context).
+                Err(Errno::ENOSYS)
+            }
+            vcpuop::UP => {
+                let f = &self.vcpus[v.idx()];
+                if !f.initialised.load(Ordering::Acquire) {
+                    return Err(Errno::EINVAL);
+                }
+                if !f.up.swap(true, Ordering::AcqRel) {
+                    self.platform.vcpu_up(v);
+                }
+                ret(0)
+            }
+            vcpuop::DOWN => {
+                let others_up = self
+                    .vcpus
+                    .iter()
+                    .enumerate()
+                    .any(|(i, f)| i != v.idx() && f.up.load(Ordering::Acquire));
+                if !others_up {
+                    // Last vCPU going down: the domain powers off.
+                    return Ok(self.shutdown(abi::shutdown::POWEROFF));
+                }
+                if self.vcpus[v.idx()].up.swap(false, Ordering::AcqRel) {
+                    self.platform.vcpu_down(v);
+                }
+                ret(0)
+            }
+            vcpuop::IS_UP => ret(i64::from(self.vcpu_is_up(v))),
+            vcpuop::GET_RUNSTATE_INFO | vcpuop::REGISTER_RUNSTATE_MEMORY_AREA => {
+                self.runstate_op(ctx, cmd, v, arg)
+            }
+            vcpuop::SET_PERIODIC_TIMER => {
+                let b: [u8; 8] = ctx.g.read_arr(arg)?;
+                let period = get_u64(&b, 0);
+                if !(MIN_PERIOD_NS..=MAX_PERIOD_NS).contains(&period) {
+                    return Err(Errno::EINVAL);
+                }
+                self.set_periodic(v, Some(period));
+                ret(0)
+            }
+            vcpuop::STOP_PERIODIC_TIMER => {
+                self.set_periodic(v, None);
+                ret(0)
+            }
+            vcpuop::SET_SINGLESHOT_TIMER => {
+                if v != ctx.vcpu {
+                    return Err(Errno::EINVAL);
+                }
+                // {uint64_t timeout_abs_ns; uint32_t flags;}: 16 bytes, 12 for compat. Xen
+                // 4.17 ignores the flags (no -ETIME for VCPU_SSHOTTMR_future).
+                let mut b = [0u8; 16];
+                let len = if ctx.g.is_compat() { 12 } else { 16 };
+                ctx.g.read(arg, &mut b[..len])?;
+                let timeout = get_u64(&b, 0);
+                if timeout < self.now_ns() {
+                    // "Simplify the logic if the timeout has already expired and just inject
+                    // the event."
+                    self.set_singleshot(v, None);
+                    self.send_virq(v, virq::TIMER);
+                } else {
+                    self.set_singleshot(v, Some(timeout));
+                }
+                ret(0)
+            }
+            vcpuop::STOP_SINGLESHOT_TIMER => {
+                if v != ctx.vcpu {
+                    return Err(Errno::EINVAL);
+                }
+                self.set_singleshot(v, None);
+                ret(0)
+            }
+            vcpuop::REGISTER_VCPU_INFO => {
+                let b: [u8; 16] = ctx.g.read_arr(arg)?;
+                self.map_vcpu_info(ctx, v, get_u64(&b, 0), get_u32(&b, 8))?;
+                ret(0)
+            }
+            // TODO(issue 5): register_vcpu_time_memory_area (a guest-virtual copy of
+            // vcpu_time_info written at every update).
+            vcpuop::REGISTER_VCPU_TIME_MEMORY_AREA => Err(Errno::ENOSYS),
+            _ => Err(Errno::ENOSYS),
+        }
+    }
+
+    /// The runstate hook: `VCPUOP_register_runstate_memory_area` and `get_runstate_info`.
+    /// TODO(issue 4): delegate to the `runstate` crate (register the guest-virtual area through
+    /// a gpc, publish at registration, copy out `vcpu_runstate_info`).
+    fn runstate_op(&self, _ctx: &Ctx, _cmd: i32, _v: VcpuId, _arg: u64) -> Result<Outcome, Errno> {
+        Err(Errno::ENOSYS)
+    }
+
+    /// `map_vcpu_info`: move `v`'s vcpu_info into guest RAM at `gfn`+`offset`.
+    fn map_vcpu_info(&self, ctx: &Ctx, v: VcpuId, gfn: u64, offset: u32) -> Result<(), Errno> {
+        let len = shinfo::VCPU_INFO_LEN;
+        let w = self.width();
+        let align = if w == GuestWidth::Bits32 { 4 } else { 8 };
+        let off = offset as usize;
+        if off > abi::PAGE_SIZE - len || off % align != 0 {
+            return Err(Errno::ENXIO);
+        }
+        if self.vcpu_info.read()[v.idx()].is_some() {
+            return Err(Errno::EINVAL);
+        }
+        // "Run this command on yourself or on other offline VCPUS."
+        if v != ctx.vcpu && self.vcpu_is_up(v) {
+            return Err(Errno::EINVAL);
+        }
+        let gfn = Gfn::new(gfn).ok_or(Errno::EINVAL)?;
+        let page = self
+            .platform
+            .map_guest_page(gfn)
+            .map_err(|_| Errno::EINVAL)?;
+        let mut body = [0u8; shinfo::VCPU_INFO_LEN];
+        match self.vcpu_info_loc(v) {
+            Some((old, old_off)) => old.read(old_off, &mut body),
+            // From dummy_vcpu_info: a clean area with events masked (XEN_HAVE_PV_UPCALL_MASK).
+            None => body[shinfo::VI_UPCALL_MASK] = 1,
+        }
+        page.write(off, &body);
+        {
+            let mut slots = self.vcpu_info.write();
+            if slots[v.idx()].is_some() {
+                return Err(Errno::EINVAL);
+            }
+            slots[v.idx()] = Some(VcpuInfoMap {
+                page: page.clone(),
+                off,
+            });
+        }
+        // "Mark everything as being pending just to make sure nothing gets lost."
+        match w {
+            GuestWidth::Bits64 => {
+                page.store_u64(off + shinfo::VI_PENDING_SEL_64, u64::MAX, Ordering::SeqCst)
+            }
+            GuestWidth::Bits32 => {
+                page.store_u32(off + shinfo::VI_PENDING_SEL_32, u32::MAX, Ordering::SeqCst)
+            }
+        }
+        self.mark_events_pending(v);
+        self.update_vcpu_time(v);
+        Ok(())
+    }
+
+    // ---- timers --------------------------------------------------------------------------
+
+    fn rearm(&self, v: VcpuId, t: &VcpuTimers) {
+        self.platform.set_timer(v, t.earliest());
+    }
+
+    fn set_singleshot(&self, v: VcpuId, deadline: Option<u64>) {
+        let mut timers = self.timers.lock();
+        let t = &mut timers[v.idx()];
+        t.singleshot = deadline;
+        self.rearm(v, t);
+    }
+
+    /// `vcpu_set_periodic_timer`: a new period fires at once if a period has already passed
+    /// since the last periodic event.
+    fn set_periodic(&self, v: VcpuId, period: Option<u64>) {
+        let fire = {
+            let mut timers = self.timers.lock();
+            let t = &mut timers[v.idx()];
+            let last = t.periodic.map_or(0, |p| p.last);
+            let mut fire = false;
+            t.periodic = period.map(|period| {
+                let now = self.now_ns();
+                if now >= last.saturating_add(period) {
+                    fire = true;
+                    Periodic { period, last: now }
+                } else {
+                    Periodic { period, last }
+                }
+            });
+            self.rearm(v, t);
+            fire
+        };
+        if fire {
+            self.send_virq(v, virq::TIMER);
+        }
+    }
+
+    /// `do_set_timer_op`: 0 stops the single-shot timer; a negative or absurdly far timeout
+    /// (more than 2^50 ns ahead) fires in 100 ms (Xen's "Linux workaround").
+    pub(crate) fn set_timer_op(&self, v: VcpuId, timeout: i64) -> i64 {
+        if timeout == 0 {
+            self.set_singleshot(v, None);
+            return 0;
+        }
+        let now = self.now_ns();
+        let offset = (timeout as i128) - i128::from(now);
+        let deadline = if timeout < 0 || (offset > 0 && (offset >> 50) as u32 != 0) {
+            now.saturating_add(100_000_000)
+        } else {
+            timeout as u64
+        };
+        self.set_singleshot(v, Some(deadline));
+        0
+    }
+
+    /// The VMM's host timer for `vcpu` fired: raise `VIRQ_TIMER` for every Xen timer that is
+    /// due (single-shot: once; periodic: and schedule the next period from now), then re-arm.
+    pub fn timer_expired(&self, vcpu: VcpuId) {
+        let Some(_) = self.vcpus.get(vcpu.idx()) else {
+            return;
+        };
+        let now = self.now_ns();
+        let mut fire = false;
+        {
+            let mut timers = self.timers.lock();
+            let t = &mut timers[vcpu.idx()];
+            if t.singleshot.is_some_and(|d| d <= now) {
+                t.singleshot = None;
+                fire = true;
+            }
+            if let Some(p) = t.periodic.as_mut() {
+                if now >= p.last.saturating_add(p.period) {
+                    p.last = now;
+                    fire = true;
+                }
+            }
+            self.rearm(vcpu, t);
+        }
+        if fire {
+            self.send_virq(vcpu, virq::TIMER);
+        }
+    }
+
+    /// The earliest pending Xen timer deadline of `vcpu` (for the VMM's bookkeeping).
+    pub fn timer_deadline(&self, vcpu: VcpuId) -> Option<u64> {
+        self.timers
+            .lock()
+            .get(vcpu.idx())
+            .and_then(|t| t.earliest())
+    }
+}
