@@ -148,6 +148,15 @@ macro_rules! accessors {
             self.raw().len == 0
         }
 
+        /// Natural alignment of the byte at `offset` (a power of two, at most
+        /// the page size; equal to its guest physical alignment). Lets callers
+        /// pick word or byte accesses for guest structures at any address.
+        #[inline]
+        pub fn alignment(&self, offset: usize) -> usize {
+            let a = (self.raw().ptr as usize).wrapping_add(offset);
+            1usize << a.trailing_zeros().min($crate::PAGE_SHIFT)
+        }
+
         /// Copies bytes from `offset` into `buf` (volatile loads).
         pub fn read(
             &self,
