@@ -83,13 +83,9 @@ impl Domain {
         if space == xenmem::MAPSPACE_DEV_MMIO {
             return Err(Errno::EACCES);
         }
-        // INVALID_GFN, or a frame no p2m can hold.
-        let gfn = if ctx.g.is_compat() && gpfn == u64::from(u32::MAX) {
-            None
-        } else {
-            Gfn::new(gpfn)
-        };
-        let gfn = gfn.ok_or(Errno::EINVAL)?;
+        // INVALID_GFN, or a frame no p2m can hold. (A compat gpfn is zero-extended by the
+        // argument translation, so it is always a candidate frame.)
+        let gfn = Gfn::new(gpfn).ok_or(Errno::EINVAL)?;
         match space {
             xenmem::MAPSPACE_SHARED_INFO => {
                 if idx != 0 {

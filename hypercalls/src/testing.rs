@@ -21,6 +21,9 @@ pub struct FakeVcpu {
     pub cpl: u8,
     pub width: GuestWidth,
     pages: Mutex<BTreeMap<u64, Box<[u8]>>>,
+    /// Read-only ranges that read as zeros without backing store (one zero page mapped many
+    /// times over, as XTF's consoleio-write test builds).
+    zero: Mutex<Vec<(u64, u64)>>,
 }
 
 impl FakeVcpu {
@@ -30,7 +33,18 @@ impl FakeVcpu {
             cpl: 0,
             width,
             pages: Mutex::new(BTreeMap::new()),
+            zero: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Map `[gva, gva + len)` read-only, reading as zeros.
+    pub fn map_zero(&self, gva: u64, len: u64) {
+        self.zero.lock().push((gva, gva + len));
+    }
+
+    fn in_zero(&self, gva: u64, len: usize) -> bool {
+        let end = gva.saturating_add(len as u64);
+        self.zero.lock().iter().any(|&(s, e)| gva >= s && end <= e)
     }
 
     /// Map zeroed pages covering `[gva, gva + len)`.
@@ -115,6 +129,10 @@ impl VcpuAccess for FakeVcpu {
     }
 
     fn read_virt(&self, gva: u64, buf: &mut [u8]) -> Result<(), MemFault> {
+        if self.in_zero(gva, buf.len()) {
+            buf.fill(0);
+            return Ok(());
+        }
         self.access(gva, buf.len(), |page, at, n| {
             buf[at..at + n].copy_from_slice(page)
         })
