@@ -132,7 +132,11 @@ fn xen_version_buffer_subops_unmapped_efault() {
             // Ending in the unmapped page after the window (a compat virt_start is 4 bytes
             // and fits).
             let want = if cmd == 5 && !e.is_64() { 0 } else { EFAULT };
-            assert_eq!(e.ret(nr::XEN_VERSION, &[cmd, WINDOW_END - 4]), want, "cmd {cmd}");
+            assert_eq!(
+                e.ret(nr::XEN_VERSION, &[cmd, WINDOW_END - 4]),
+                want,
+                "cmd {cmd}"
+            );
         }
         e.alive();
     }
