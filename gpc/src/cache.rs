@@ -611,7 +611,12 @@ impl Guard<'_> {
         let start = (self.raw.ptr as usize & (PAGE_SIZE - 1)) + offset;
         let first = start >> PAGE_SHIFT;
         let last = (start + len - 1) >> PAGE_SHIFT;
-        let m = (u64::MAX >> (63 - last)) & (u64::MAX << first);
+        let m = if len <= PAGE_SIZE {
+            // At most two pages: the cheap common case (word stores).
+            (1u64 << first) | (1u64 << last)
+        } else {
+            (u64::MAX >> (63 - last)) & (u64::MAX << first)
+        };
         self.written.set(self.written.get() | m);
     }
 

@@ -67,7 +67,7 @@ mod rcu;
 mod sys;
 
 pub use cache::{Cache, Guard, Segment, MAX_CACHE_PAGES};
-pub use map::{GuestMem, MemoryMap, OverlayPage, RamRegion};
+pub use map::{GuestMem, HostBuffer, MemoryMap, OverlayPage, RamRegion};
 pub use sys::{PAGE_SHIFT, PAGE_SIZE};
 pub use vm_memory::GuestAddress;
 

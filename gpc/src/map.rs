@@ -464,3 +464,51 @@ impl OverlayPage {
 
     accessors!();
 }
+
+/// Plain anonymous host memory (not guest memory) with the same accessors as
+/// a guard: the baseline "plain buffer" for benchmarks and a scratch area for
+/// tests of code written against the accessors.
+pub struct HostBuffer {
+    ptr: usize,
+    len: usize,
+}
+
+impl std::fmt::Debug for HostBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostBuffer")
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl HostBuffer {
+    /// A zeroed, page-aligned buffer of `len` bytes (rounded up to pages).
+    pub fn new(len: usize) -> Result<HostBuffer> {
+        let len = len.max(1).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let p = sys::anon(len).map_err(Error::os("mmap of a host buffer"))?;
+        Ok(HostBuffer {
+            ptr: p as usize,
+            len,
+        })
+    }
+
+    #[inline(always)]
+    fn raw(&self) -> Raw {
+        Raw {
+            ptr: self.ptr as *mut u8,
+            len: self.len,
+        }
+    }
+
+    #[inline(always)]
+    fn wrote(&self, _offset: usize, _len: usize) {}
+
+    accessors!();
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; `&mut self` means no accessor is running.
+        unsafe { sys::unmap(self.ptr as *mut u8, self.len) };
+    }
+}

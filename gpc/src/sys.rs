@@ -51,6 +51,25 @@ pub fn map_shared(file: &File, offset: u64, len: usize) -> io::Result<*mut u8> {
     Ok(p.cast())
 }
 
+/// Maps `len` bytes of zeroed anonymous read-write memory.
+pub fn anon(len: usize) -> io::Result<*mut u8> {
+    // SAFETY: anonymous mapping without MAP_FIXED: replaces nothing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
 /// Reserves `len` bytes of address space with no access (a window to be
 /// filled with [`map_fixed`]).
 pub fn reserve(len: usize) -> io::Result<*mut u8> {

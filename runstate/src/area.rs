@@ -70,6 +70,7 @@ macro_rules! forward_sink {
 
 forward_sink!(Guard<'_>);
 forward_sink!(OverlayPage);
+forward_sink!(gpc::HostBuffer);
 
 /// Stores the word holding the top byte of `state_entry_time` (see module docs).
 #[inline(always)]
@@ -103,6 +104,28 @@ pub fn publish_to<S: Sink>(
 ) -> Result<(), Error> {
     let entry = data.state_entry_time & !XEN_RUNSTATE_UPDATE;
     match layout {
+        Layout::Native64 if s.alignment(base) >= 8 => {
+            // Aligned: word stores only (the same stores as the floor).
+            let e = base + 8;
+            if update_flag {
+                s.store_u64(e, entry | XEN_RUNSTATE_UPDATE, Ordering::Relaxed)?;
+                fence(Ordering::Release);
+                s.store_u64(base, data.state.value().into(), Ordering::Relaxed)?;
+                s.store_u64(e, entry | XEN_RUNSTATE_UPDATE, Ordering::Relaxed)?;
+                for (i, t) in data.time.iter().enumerate() {
+                    s.store_u64(base + 16 + 8 * i, *t, Ordering::Relaxed)?;
+                }
+                fence(Ordering::Release);
+                s.store_u64(e, entry, Ordering::Relaxed)?;
+            } else {
+                for (i, t) in data.time.iter().enumerate() {
+                    s.store_u64(base + 16 + 8 * i, *t, Ordering::Relaxed)?;
+                }
+                s.store_u64(base, data.state.value().into(), Ordering::Relaxed)?;
+                fence(Ordering::Release);
+                s.store_u64(e, entry, Ordering::Relaxed)?;
+            }
+        }
         Layout::Native64 => {
             let body = layout.encode64(
                 data,
@@ -328,11 +351,36 @@ mod tests {
         let r = Rec::new(0x1000);
         let d = data();
         publish_to(&r, 8, Layout::Native64, &d, true).unwrap();
-        let e = d.state_entry_time;
+        let m0 = r.mem.borrow().clone();
+        let r4 = Rec::new(0x1004);
+        publish_to(&r4, 8, Layout::Native64, &d, true).unwrap();
+        let hi = d.state_entry_time >> 32;
         assert_eq!(
-            *r.ops.borrow(),
-            vec![("u64", 16, e | F), ("array", 8, 48), ("u64", 16, e)]
+            *r4.ops.borrow(),
+            vec![
+                ("u32", 20, hi | (F >> 32)),
+                ("array", 8, 48),
+                ("u32", 20, hi)
+            ]
         );
+        assert_eq!(r4.mem.borrow()[8..56], m0[8..56]);
+        let e = d.state_entry_time;
+        let ops = r.ops.borrow();
+        assert_eq!(ops.first(), Some(&("u64", 16, e | F)), "flag set first");
+        assert_eq!(ops.last(), Some(&("u64", 16, e)), "flag cleared last");
+        for op in &ops[1..ops.len() - 1] {
+            assert!(
+                op.1 >= 8 && op.1 + 8 <= 56,
+                "store outside the area: {op:?}"
+            );
+            if op.1 == 16 {
+                assert_eq!(
+                    op.2,
+                    e | F,
+                    "entry time written without the flag mid-update"
+                );
+            }
+        }
         let m = r.mem.borrow();
         assert_eq!(Layout::Native64.decode(&m[8..56]), Some(d));
         assert_eq!(
