@@ -372,8 +372,12 @@ mod tests {
             c.process(&page, &mut out);
             prop_assert!(out.len() <= OUT_SIZE);
             prop_assert_eq!(page.load_u32(OUT_CONS), out_prod);
-            let used = page.load_u32(IN_PROD).wrapping_sub(page.load_u32(IN_CONS));
-            prop_assert!(used as usize <= IN_SIZE);
+            if page.load_u32(IN_PROD) != in_prod {
+                // The backend only produces input into a consistent ring.
+                let used = page.load_u32(IN_PROD).wrapping_sub(page.load_u32(IN_CONS));
+                prop_assert!(used as usize <= IN_SIZE);
+                prop_assert!(!input.is_empty());
+            }
             let expect = out_prod.wrapping_sub(out_cons) as usize;
             if expect <= OUT_SIZE {
                 prop_assert_eq!(out.len(), expect);

@@ -28,6 +28,15 @@
 //!   writes it, and a dom0-side API for the VMM itself (`read`, `write`,
 //!   `watch`, ...), e.g. to see `control/shutdown` or to publish backends.
 //!
+//! Wiring, on the VMM's side: a zeroed page at the store GFN (reserved in
+//! the E820 map) prepared with [`XenstoreServer::init_page`] and published
+//! with its event channel as `HVM_PARAM_STORE_PFN`/`HVM_PARAM_STORE_EVTCHN`;
+//! on every guest signal on that port call `process(page)` and signal the
+//! port back when it returns `true`; after dom0-side changes do the same for
+//! each domain whose [`wants_process`](XenstoreServer::wants_process) is
+//! true, and collect the VMM's own watch events with
+//! [`take_events`](XenstoreServer::take_events).
+//!
 //! Written here rather than taken from a crate: no maintained Rust xenstore
 //! server exists that embeds in a VMM (oxenstored is OCaml, xenstored C).
 

@@ -1281,8 +1281,6 @@ fn run_session(reqs: &[(u32, u32, Vec<u8>)], chunks: &[usize]) -> (Vec<Msg>, Xen
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
-
     #[test]
     fn prop_any_page_contents_never_panic_or_overfill(
         bytes in prop::collection::vec(any::<u8>(), PAGE_SIZE),
