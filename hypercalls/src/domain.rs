@@ -208,6 +208,7 @@ impl Domain {
             self.latch_width(w);
         }
         let call = call.for_width(w);
+        let _span = tracing::trace_span!("hypercall", vcpu = vid.get(), nr = call.nr).entered();
         let ctx = Ctx {
             g: Guest::new(vcpu, w),
             vcpu: vid,
@@ -481,4 +482,73 @@ pub(crate) enum Lookup {
     SelfDom,
     Dom0,
     None,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Domain>();
+    }
+
+    #[test]
+    fn callback_via_decodes_types() {
+        assert_eq!(CallbackVia::decode(0), CallbackVia::None);
+        assert_eq!(CallbackVia::decode(1), CallbackVia::Gsi(1));
+        assert_eq!(
+            CallbackVia::decode((2 << 56) | 0xf3),
+            CallbackVia::Vector(0xf3)
+        );
+        assert_eq!(
+            CallbackVia::decode((1 << 56) | (3 << 16) | (4 << 11) | 1),
+            CallbackVia::PciIntx {
+                bus: 3,
+                device: 4,
+                pin: 1
+            }
+        );
+        assert_eq!(CallbackVia::decode(7 << 56), CallbackVia::Unknown(7 << 56));
+    }
+
+    #[test]
+    fn new_rejects_bad_config() {
+        let p: Arc<dyn Platform> = Arc::new(crate::testing::FakePlatform::default());
+        for cfg in [
+            DomainConfig {
+                domid: 0,
+                ..DomainConfig::default()
+            },
+            DomainConfig {
+                domid: 0x7ff0,
+                ..DomainConfig::default()
+            },
+            DomainConfig {
+                vcpus: 0,
+                ..DomainConfig::default()
+            },
+            DomainConfig {
+                max_grant_frames: 0,
+                ..DomainConfig::default()
+            },
+        ] {
+            assert!(matches!(
+                Domain::new(cfg, p.clone()),
+                Err(Error::InvalidConfig(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn new_page_allocation_failure_reported() {
+        let fp = crate::testing::FakePlatform::default();
+        *fp.page_budget.lock() = 1;
+        let p: Arc<dyn Platform> = Arc::new(fp);
+        assert!(matches!(
+            Domain::new(DomainConfig::default(), p),
+            Err(Error::PageAllocation(_))
+        ));
+    }
 }
