@@ -91,8 +91,26 @@ impl Domain {
         if nr > schedop::POLL_MAX_PORTS {
             return Err(Errno::EINVAL);
         }
+        // Copy the port list in before taking the event lock (no guest access under it);
+        // a fault is reported where Xen's loop would meet it.
+        let mut list = Vec::with_capacity(nr as usize);
+        let mut fault = None;
+        for i in 0..u64::from(nr) {
+            match ctx
+                .g
+                .elem_addr(ports, i, 4)
+                .and_then(|a| ctx.g.read_arr::<4>(a))
+            {
+                Ok(p) => list.push(u32::from_le_bytes(p)),
+                Err(e) => {
+                    fault = Some(e);
+                    break;
+                }
+            }
+        }
         let v = ctx.vcpu;
         let mut t = self.evtchn.lock();
+        // Registered before the checks, so a concurrent event is either seen or kicks us.
         t.pollers[v.idx()] = Some(PollTarget::Any);
         let done = |t: &mut crate::evtchn::EvtchnTable, r: Result<Outcome, Errno>| {
             t.pollers[v.idx()] = None;
@@ -102,16 +120,7 @@ impl Domain {
         if self.upcall_pending(v) {
             return done(&mut t, Ok(Outcome::Return(0)));
         }
-        let mut list = Vec::with_capacity(nr as usize);
-        for i in 0..u64::from(nr) {
-            let port = match ctx
-                .g
-                .elem_addr(ports, i, 4)
-                .and_then(|a| ctx.g.read_arr::<4>(a))
-            {
-                Ok(p) => u32::from_le_bytes(p),
-                Err(e) => return done(&mut t, Err(e)),
-            };
+        for &port in &list {
             // evtchn_port_poll: invalid -> -EINVAL, pending -> return at once.
             if t.get(port).is_none() {
                 return done(&mut t, Err(Errno::EINVAL));
@@ -119,7 +128,9 @@ impl Domain {
             if self.port_pending(port) {
                 return done(&mut t, Ok(Outcome::Return(0)));
             }
-            list.push(port);
+        }
+        if let Some(e) = fault {
+            return done(&mut t, Err(e));
         }
         if nr == 1 {
             t.pollers[v.idx()] = Some(PollTarget::Port(list[0]));

@@ -542,6 +542,22 @@ fn sched_poll_bad_arguments() {
 }
 
 #[test]
+fn sched_poll_pending_port_before_faulting_one_returns_zero() {
+    let e = env(GuestWidth::Bits64);
+    let p = bind_ipi(&e, 1) as u32;
+    port_op(&e, 4, p);
+    e.v.poke(WINDOW_END - 4, &p.to_le_bytes());
+    e.v.poke(BUF, &poll_args(&e, WINDOW_END - 4, 2, 0));
+    assert_eq!(
+        e.ret(nr::SCHED_OP, &[3, BUF]),
+        0,
+        "Xen meets the pending port first"
+    );
+    e.v.poke(WINDOW_END - 4, &5u32.to_le_bytes());
+    assert_eq!(e.ret(nr::SCHED_OP, &[3, BUF]), EFAULT);
+}
+
+#[test]
 fn sched_poll_no_ports_any_event_wakes() {
     let e = env(GuestWidth::Bits64);
     e.v.poke(BUF, &poll_args(&e, 0, 0, 0));
