@@ -151,7 +151,7 @@ impl Vcpu {
             Exit::Handled => State::Running,
             Exit::IoOut { port, data, len } => self.io_out(port, &data[..len]),
             Exit::WrmsrHypercallPage { gpa } => {
-                let long = x86::is_64bit(&self.fd.sync_regs().sregs) || self.fd.sync_regs().sregs.efer & (1 << 10) != 0;
+                let long = x86::is_64bit(&self.fd.sync_regs().sregs);
                 self.m.xen.write_hypercall_page(gpa, long);
                 State::Running
             }
@@ -194,7 +194,7 @@ impl Vcpu {
     }
 
     /// A hypercall through the hypercall page: decode from the synced
-    /// registers, dispatch, put the result in RAX.
+    /// registers, dispatch, then complete the stub (see `hcall_page`).
     fn hypercall(&mut self) -> State {
         let sr = self.fd.sync_regs();
         let ctx = VcpuCtx {
@@ -202,31 +202,23 @@ impl Vcpu {
             regs: sr.regs,
             sregs: sr.sregs,
         };
-        let res = self.m.xen.hypercall(&ctx);
-        let ret = |fd: &mut VcpuFd, v: i64| {
-            fd.sync_regs_mut().regs.rax = v as u64;
-            fd.set_sync_dirty_reg(SyncReg::Register);
-        };
-        match res {
-            HypercallResult::Return(v) => {
-                ret(&mut self.fd, v);
-                State::Running
-            }
-            HypercallResult::Block { deadline, ports } => {
-                ret(&mut self.fd, 0);
-                State::Blocked { deadline, ports }
-            }
+        let (v, next) = match self.m.xen.hypercall(&ctx) {
+            HypercallResult::Return(v) => (v, State::Running),
+            HypercallResult::Block { deadline, ports } => (0, State::Blocked { deadline, ports }),
             HypercallResult::Yield => {
-                ret(&mut self.fd, 0);
                 std::thread::yield_now();
-                State::Running
+                (0, State::Running)
             }
             HypercallResult::Exit(why) => {
-                ret(&mut self.fd, 0);
                 self.m.request_exit(why);
-                State::Stopped
+                (0, State::Stopped)
             }
-        }
+        };
+        let mut regs = ctx.regs;
+        x86::complete_stub_return(&self.m.mem, &mut regs, &ctx.sregs, v);
+        self.fd.sync_regs_mut().regs = regs;
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+        next
     }
 
     /// SCHEDOP_block / SCHEDOP_poll: wait in the VMM until an event for this

@@ -39,12 +39,18 @@ pub const PF: u8 = 14;
 pub trait PhysMem {
     /// Reads `buf.len()` bytes at `gpa`; false if any byte is not RAM.
     fn read(&self, gpa: u64, buf: &mut [u8]) -> bool;
+    /// Writes `data` at `gpa`; false if any byte is not RAM.
+    fn write(&self, gpa: u64, data: &[u8]) -> bool;
 }
 
 impl PhysMem for vm_memory::GuestMemoryMmap {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
         use vm_memory::Bytes;
         self.read_slice(buf, vm_memory::GuestAddress(gpa)).is_ok()
+    }
+    fn write(&self, gpa: u64, data: &[u8]) -> bool {
+        use vm_memory::Bytes;
+        self.write_slice(data, vm_memory::GuestAddress(gpa)).is_ok()
     }
 }
 
@@ -191,6 +197,51 @@ pub fn read_linear(mem: &dyn PhysMem, p: &Paging, linear: u64, buf: &mut [u8], a
         done += n;
     }
     Ok(())
+}
+
+/// Writes `data` at a linear address, page by page (each page translated
+/// for write before any byte is written to it).
+pub fn write_linear(mem: &dyn PhysMem, p: &Paging, linear: u64, data: &[u8], acc: Access) -> Result<(), PageFault> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let la = linear.wrapping_add(done as u64);
+        let gpa = translate(mem, p, la, acc)?;
+        let n = ((4096 - (la & 0xfff)) as usize).min(data.len() - done);
+        if !mem.write(gpa, &data[done..done + n]) {
+            return Err(PageFault {
+                linear: la,
+                error_code: 3,
+            });
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Completes a hypercall-page stub after its `out` exit: RAX = `result`
+/// (sign-extended in 64-bit mode), then the stub's near `ret` (RIP = the
+/// word at SS:RSP, RSP += word size). If the stack cannot be read the `ret`
+/// is left for the guest to execute (it will fault there, as the CPU would).
+pub fn complete_stub_return(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &kvm_sregs, result: i64) {
+    let p = Paging::from_sregs(s);
+    if is_64bit(s) {
+        regs.rax = result as u64;
+        let mut b = [0u8; 8];
+        if read_linear(mem, &p, regs.rsp, &mut b, Access::READ).is_ok() {
+            regs.rip = u64::from_le_bytes(b);
+            regs.rsp = regs.rsp.wrapping_add(8);
+        }
+    } else {
+        regs.rax = u64::from(result as i32 as u32);
+        let stack32 = s.ss.db != 0;
+        let sp = if stack32 { regs.rsp & 0xffff_ffff } else { regs.rsp & 0xffff };
+        let mut b = [0u8; 4];
+        if read_linear(mem, &p, s.ss.base.wrapping_add(sp) & 0xffff_ffff, &mut b, Access::READ).is_ok() {
+            regs.rip = u64::from(u32::from_le_bytes(b));
+            let nsp = sp.wrapping_add(4);
+            regs.rsp = if stack32 { nsp & 0xffff_ffff } else { (regs.rsp & !0xffff) | (nsp & 0xffff) };
+        }
+    }
 }
 
 /// Privilege level of the vCPU.
@@ -613,6 +664,10 @@ mod tests {
             }
             true
         }
+        fn write(&self, gpa: u64, data: &[u8]) -> bool {
+            Mem::write(self, gpa, data);
+            true
+        }
     }
 
     struct Env;
@@ -917,6 +972,38 @@ mod tests {
         let (mut r, mut s) = flat32();
         r.rip = 0x5000;
         assert!(matches!(fixup(&m, &Env, &mut r, &mut s), Fixup::PageFault(_)));
+    }
+
+    #[test]
+    fn complete_stub_return_pops_return_address_and_sets_result() {
+        let m = Mem::default();
+        let (mut r, s) = flat32();
+        r.rsp = 0x7000;
+        r.rip = 0x5007;
+        m.write(0x7000, &0x1234u32.to_le_bytes());
+        complete_stub_return(&m, &mut r, &s, -38);
+        assert_eq!((r.rip, r.rsp, r.rax), (0x1234, 0x7004, 0xffff_ffda));
+        let mut s64 = s;
+        s64.efer = EFER_LMA;
+        s64.cs.l = 1;
+        let mut r = kvm_regs {
+            rsp: 0x7000,
+            rip: 0x5007,
+            ..Default::default()
+        };
+        m.write(0x7000, &0xffff_8000_0000_1234u64.to_le_bytes());
+        complete_stub_return(&m, &mut r, &s64, -38);
+        assert_eq!((r.rip, r.rsp, r.rax as i64), (0xffff_8000_0000_1234, 0x7008, -38));
+    }
+
+    #[test]
+    fn complete_stub_return_unreadable_stack_leaves_ret_to_guest() {
+        let m = Mem::default();
+        let (mut r, s) = flat32();
+        r.rsp = 0x9_0000;
+        r.rip = 0x5007;
+        complete_stub_return(&m, &mut r, &s, 5);
+        assert_eq!((r.rip, r.rsp, r.rax), (0x5007, 0x9_0000, 5));
     }
 
     #[test]
