@@ -221,3 +221,6 @@ pub mod consts {
         assert!(c.in_.len() == XENCONS_IN_RING_SIZE && c.out.len() == XENCONS_OUT_RING_SIZE);
     };
 }
+
+#[cfg(test)]
+mod tests;
