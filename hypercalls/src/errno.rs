@@ -1,4 +1,5 @@
-//! Xen error numbers (`xen/include/public/errno.h`), the values hypercalls return negated.
+//! Xen error numbers (`xen/include/public/errno.h`, via `xen_abi::errno`), the values
+//! hypercalls return negated.
 //!
 //! Internal failures are mapped to an [`Errno`] where they happen; [`Errno::ret`] is the single
 //! place that turns one into the guest's RAX value.
@@ -10,30 +11,30 @@ use std::fmt;
 pub struct Errno(pub i32);
 
 impl Errno {
-    pub const EPERM: Errno = Errno(1);
-    pub const ENOENT: Errno = Errno(2);
-    pub const ESRCH: Errno = Errno(3);
-    pub const EIO: Errno = Errno(5);
-    pub const ENXIO: Errno = Errno(6);
-    pub const E2BIG: Errno = Errno(7);
-    pub const EAGAIN: Errno = Errno(11);
-    pub const ENOMEM: Errno = Errno(12);
-    pub const EACCES: Errno = Errno(13);
-    pub const EFAULT: Errno = Errno(14);
-    pub const EBUSY: Errno = Errno(16);
-    pub const EEXIST: Errno = Errno(17);
-    pub const EXDEV: Errno = Errno(18);
-    pub const ENODEV: Errno = Errno(19);
-    pub const EINVAL: Errno = Errno(22);
-    pub const ENOSPC: Errno = Errno(28);
-    pub const EDOM: Errno = Errno(33);
-    pub const ERANGE: Errno = Errno(34);
-    pub const ENOSYS: Errno = Errno(38);
-    pub const ETIME: Errno = Errno(62);
-    pub const EOVERFLOW: Errno = Errno(75);
-    pub const EILSEQ: Errno = Errno(84);
-    pub const EOPNOTSUPP: Errno = Errno(95);
-    pub const ENOBUFS: Errno = Errno(105);
+    pub const EPERM: Errno = Errno(xen_abi::errno::EPERM as i32);
+    pub const ENOENT: Errno = Errno(xen_abi::errno::ENOENT as i32);
+    pub const ESRCH: Errno = Errno(xen_abi::errno::ESRCH as i32);
+    pub const EIO: Errno = Errno(xen_abi::errno::EIO as i32);
+    pub const ENXIO: Errno = Errno(xen_abi::errno::ENXIO as i32);
+    pub const E2BIG: Errno = Errno(xen_abi::errno::E2BIG as i32);
+    pub const EAGAIN: Errno = Errno(xen_abi::errno::EAGAIN as i32);
+    pub const ENOMEM: Errno = Errno(xen_abi::errno::ENOMEM as i32);
+    pub const EACCES: Errno = Errno(xen_abi::errno::EACCES as i32);
+    pub const EFAULT: Errno = Errno(xen_abi::errno::EFAULT as i32);
+    pub const EBUSY: Errno = Errno(xen_abi::errno::EBUSY as i32);
+    pub const EEXIST: Errno = Errno(xen_abi::errno::EEXIST as i32);
+    pub const EXDEV: Errno = Errno(xen_abi::errno::EXDEV as i32);
+    pub const ENODEV: Errno = Errno(xen_abi::errno::ENODEV as i32);
+    pub const EINVAL: Errno = Errno(xen_abi::errno::EINVAL as i32);
+    pub const ENOSPC: Errno = Errno(xen_abi::errno::ENOSPC as i32);
+    pub const EDOM: Errno = Errno(xen_abi::errno::EDOM as i32);
+    pub const ERANGE: Errno = Errno(xen_abi::errno::ERANGE as i32);
+    pub const ENOSYS: Errno = Errno(xen_abi::errno::ENOSYS as i32);
+    pub const ETIME: Errno = Errno(xen_abi::errno::ETIME as i32);
+    pub const EOVERFLOW: Errno = Errno(xen_abi::errno::EOVERFLOW as i32);
+    pub const EILSEQ: Errno = Errno(xen_abi::errno::EILSEQ as i32);
+    pub const EOPNOTSUPP: Errno = Errno(xen_abi::errno::EOPNOTSUPP as i32);
+    pub const ENOBUFS: Errno = Errno(xen_abi::errno::ENOBUFS as i32);
 
     /// The value a failing hypercall leaves in RAX.
     pub fn ret(self) -> i64 {
