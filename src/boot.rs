@@ -6,7 +6,7 @@
 //! `goblin`, which parses both classes; the copying is a few lines here.
 
 use goblin::elf::{program_header::PT_LOAD, program_header::PT_NOTE, Elf};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout;
 
@@ -48,7 +48,7 @@ pub struct LoadedKernel {
 
 /// Loads the PT_LOAD segments at their physical addresses and returns the
 /// PVH entry point.
-pub fn load_pvh_elf(mem: &GuestMemoryMmap, image: &[u8]) -> Result<LoadedKernel, BootError> {
+pub fn load_pvh_elf(mem: &crate::GuestMem, image: &[u8]) -> Result<LoadedKernel, BootError> {
     let elf = Elf::parse(image)?;
     let mut entry = None;
     if let Some(notes) = elf.iter_note_headers(image) {
@@ -94,7 +94,7 @@ pub fn load_pvh_elf(mem: &GuestMemoryMmap, image: &[u8]) -> Result<LoadedKernel,
     Ok(LoadedKernel { entry, start, end })
 }
 
-fn zero(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Result<(), BootError> {
+fn zero(mem: &crate::GuestMem, addr: u64, len: usize) -> Result<(), BootError> {
     const Z: [u8; 4096] = [0; 4096];
     let mut done = 0;
     while done < len {
@@ -116,7 +116,7 @@ pub struct E820Entry {
 /// Writes `hvm_start_info` (version 1), its memory map, command line and
 /// the initrd module. Returns the GPA of the start info (EBX at entry).
 pub fn write_start_info(
-    mem: &GuestMemoryMmap,
+    mem: &crate::GuestMem,
     e820: &[E820Entry],
     cmdline: &str,
     initrd: Option<&[u8]>,
@@ -176,8 +176,8 @@ pub fn is_elf(image: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    fn mem() -> crate::GuestMem {
+        crate::GuestMem::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
     }
 
     /// A minimal ELF32 with one PT_LOAD and a Xen PHYS32 entry note.

@@ -93,6 +93,19 @@ impl Clock {
     }
 }
 
+/// True if the host TSC is constant-rate and keeps running in deep idle
+/// (`constant_tsc` and `nonstop_tsc` in /proc/cpuinfo), so one offset and
+/// scale hold for every vCPU (the pvclock TSC_STABLE bit).
+pub fn host_tsc_invariant() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        info.lines()
+            .find(|l| l.starts_with("flags"))
+            .is_some_and(|l| l.split_whitespace().any(|f| f == "constant_tsc") && l.split_whitespace().any(|f| f == "nonstop_tsc"))
+    })
+}
+
 /// The host TSC.
 pub fn host_tsc() -> u64 {
     // SAFETY: RDTSC has no memory effects; it is available on every x86_64

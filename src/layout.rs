@@ -9,7 +9,7 @@
 //! 0x1_0000_0000 RAM (high)          the rest of --memory
 //! ```
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::{E820Entry, E820_RAM, E820_RESERVED};
 
@@ -56,22 +56,22 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
 }
 
 /// End of the RAM region that starts at 0.
-pub fn low_end(mem: &GuestMemoryMmap) -> u64 {
+pub fn low_end(mem: &crate::GuestMem) -> u64 {
     mem.find_region(GuestAddress(0)).map(|r| r.len()).unwrap_or(0)
 }
 
 /// First special page's GPA.
-pub fn special_base(mem: &GuestMemoryMmap) -> u64 {
+pub fn special_base(mem: &crate::GuestMem) -> u64 {
     low_end(mem).saturating_sub(SPECIAL_PAGES * PAGE_SIZE)
 }
 
 /// GPA of special page `idx`.
-pub fn special_page(mem: &GuestMemoryMmap, idx: u64) -> u64 {
+pub fn special_page(mem: &crate::GuestMem, idx: u64) -> u64 {
     special_base(mem) + idx * PAGE_SIZE
 }
 
 /// The guest's E820 map.
-pub fn e820(mem: &GuestMemoryMmap) -> Vec<E820Entry> {
+pub fn e820(mem: &crate::GuestMem) -> Vec<E820Entry> {
     let low = low_end(mem);
     let sb = special_base(mem);
     let mut v = vec![
@@ -121,7 +121,7 @@ mod tests {
 
     #[test]
     fn e820_special_pages_reserved_at_top_of_low_ram() {
-        let m = GuestMemoryMmap::from_ranges(&ram_ranges(64 << 20)).unwrap();
+        let m = crate::GuestMem::from_ranges(&ram_ranges(64 << 20)).unwrap();
         let e = e820(&m);
         let last = e.last().unwrap();
         assert_eq!(last.kind, E820_RESERVED);

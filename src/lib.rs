@@ -2,6 +2,7 @@
 //! PV-on-HVM guests. See ../README.md and the architecture notes.
 
 pub mod boot;
+pub mod console;
 pub mod clock;
 pub mod cpuid;
 pub mod devices;
@@ -14,6 +15,11 @@ pub mod vcpu;
 pub mod vm;
 pub mod x86;
 pub mod xen;
+pub mod xenstore;
+
+/// Guest RAM as vm-memory sees it (gpc's memfd-backed regions, with a
+/// dirty bitmap for the VMM's own writes).
+pub type GuestMem = gpc::GuestMem;
 
 /// Most vCPUs a guest may have (the 2-level event channel ABI and
 /// shared_info's vcpu_info array cover 32 without relocation).

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 use parking_lot::{Condvar, Mutex};
-use vm_memory::GuestMemoryMmap;
 
 use crate::clock::Clock;
 use crate::devices::{ConsoleOut, PortBus};
@@ -77,7 +76,8 @@ impl Waker {
 
 pub struct Machine {
     pub vm: VmFd,
-    pub mem: GuestMemoryMmap,
+    pub map: gpc::MemoryMap,
+    pub mem: crate::GuestMem,
     pub clock: Clock,
     pub ports: PortBus,
     pub console: Arc<ConsoleOut>,
@@ -92,16 +92,18 @@ pub struct Machine {
 impl Machine {
     pub fn new(
         vm: VmFd,
-        mem: GuestMemoryMmap,
+        map: gpc::MemoryMap,
         clock: Clock,
         ports: PortBus,
         console: Arc<ConsoleOut>,
         cfg: &VmConfig,
     ) -> Result<Arc<Machine>, VmError> {
-        Ok(Arc::new_cyclic(|weak| Machine {
-            xen: Xen::new(cfg, &mem, clock, console.clone(), weak.clone()),
+        let xen = Xen::new(cfg, &map, clock, console.clone()).map_err(|e| VmError::Other(format!("cannot create the Xen domain: {e}")))?;
+        let m = Arc::new(Machine {
+            xen,
             vm,
-            mem,
+            mem: map.guest_memory().clone(),
+            map,
             clock,
             ports,
             console,
@@ -110,7 +112,9 @@ impl Machine {
             stopping: AtomicBool::new(false),
             exit: Mutex::new(None),
             exit_cv: Condvar::new(),
-        }))
+        });
+        m.xen.start(Arc::downgrade(&m));
+        Ok(m)
     }
 
     /// Records how the guest ended (the first reason wins) and stops it.

@@ -51,6 +51,7 @@ pub struct HostProbe {
     pub legacy_pae_paging: Support,
     pub legacy_pse_paging: Support,
     pub user_int_n_long_mode: Support,
+    pub user_int_n_prot32: Support,
     pub kernel_int3: Support,
     pub iret32: Support,
 }
@@ -62,6 +63,7 @@ impl HostProbe {
             legacy_pae_paging: probe_legacy_paging(true),
             legacy_pse_paging: probe_legacy_paging(false),
             user_int_n_long_mode: probe_user_int_n(),
+            user_int_n_prot32: probe_user_int_n_prot32(),
             kernel_int3: probe_kernel_int3(),
             iret32: probe_iret32(),
         }
@@ -73,11 +75,12 @@ impl HostProbe {
         P.get_or_init(HostProbe::run)
     }
 
-    pub fn rows(&self) -> [(&'static str, &Support); 5] {
+    pub fn rows(&self) -> [(&'static str, &Support); 6] {
         [
             ("legacy 32-bit PAE paging", &self.legacy_pae_paging),
             ("legacy 32-bit PSE paging", &self.legacy_pse_paging),
             ("int n at CPL 3 in long mode", &self.user_int_n_long_mode),
+            ("int n at CPL 3, 32-bit mode", &self.user_int_n_prot32),
             ("int3 at CPL 0", &self.kernel_int3),
             ("32-bit iret", &self.iret32),
         ]
@@ -307,6 +310,58 @@ fn probe_user_int_n() -> Support {
         })?;
         p.mem.write_slice(&code, GuestAddress(0x1000)).map_err(|e| e.to_string())?;
         long_mode(&p, true, 0x1000, 3)?;
+        Ok(run_vcpu(&mut p))
+    })();
+    match r {
+        Ok(End::Out(port)) if port == PORT_VEC + 0x10 => Support::Native,
+        Ok(e) => classify(e, false),
+        Err(e) => Support::Unknown(e),
+    }
+}
+
+/// `int $0x10` at CPL 3 in 32-bit protected mode, paging off, through a
+/// DPL-3 gate; the ring-0 stack comes from a 32-bit TSS.
+fn probe_user_int_n_prot32() -> Support {
+    let r = (|| -> Result<End, String> {
+        let mut p = new_vm()?;
+        let w = |v: u64, at: u64| p.mem.write_obj(v, GuestAddress(at)).map_err(|e| e.to_string());
+        // GDT: 0x08 code DPL0, 0x10 data DPL0, 0x18 code DPL3, 0x20 data DPL3.
+        w(0x00cf_9b00_0000_ffff, 0x5008)?;
+        w(0x00cf_9300_0000_ffff, 0x5010)?;
+        w(0x00cf_fb00_0000_ffff, 0x5018)?;
+        w(0x00cf_f300_0000_ffff, 0x5020)?;
+        // IDT: 8-byte interrupt gates; every vector reports itself.
+        for vec in 0u64..32 {
+            let handler = 0x7400 + vec * 16;
+            let dpl = if vec == 0x10 { 3u64 } else { 0 };
+            w((handler & 0xffff) | (0x08 << 16) | ((0x8e | (dpl << 5)) << 40) | ((handler >> 16) << 48), 0x6000 + vec * 8)?;
+            p.mem
+                .write_slice(&[0xe6, (PORT_VEC as u8).wrapping_add(vec as u8), 0xf4], GuestAddress(handler))
+                .map_err(|e| e.to_string())?;
+        }
+        // 32-bit TSS at 0x8000: ESP0 = 0x9000, SS0 = 0x10.
+        p.mem.write_obj(0x9000u32, GuestAddress(0x8004)).map_err(|e| e.to_string())?;
+        p.mem.write_obj(0x10u32, GuestAddress(0x8008)).map_err(|e| e.to_string())?;
+        p.mem.write_slice(&[0xcd, 0x10, 0xf4], GuestAddress(0x1000)).map_err(|e| e.to_string())?;
+        prot32(&p, 0x1000)?;
+        let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
+        s.cs = seg(0x1b, 0xb, 3, false);
+        for d in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
+            *d = seg(0x23, 0x3, 3, false);
+        }
+        s.tr = kvm_segment {
+            base: 0x8000,
+            limit: 0x67,
+            type_: 0xb,
+            present: 1,
+            selector: 0x28,
+            ..Default::default()
+        };
+        s.gdt.base = 0x5000;
+        s.gdt.limit = 0x2f;
+        s.idt.base = 0x6000;
+        s.idt.limit = 32 * 8 - 1;
+        p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
         Ok(run_vcpu(&mut p))
     })();
     match r {

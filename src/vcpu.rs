@@ -225,15 +225,14 @@ impl Vcpu {
     /// vCPU (or one of `ports`) is pending, or the deadline.
     fn block(&mut self, deadline: Option<Instant>, ports: Option<Vec<u32>>) -> State {
         let waker = &self.m.wakers[self.id as usize];
+        let polled = ports.is_some();
         loop {
             if self.m.stopping() {
                 return State::Stopped;
             }
             waker.clear();
-            if self.m.xen.wake_condition(self.id, ports.as_deref()) {
-                return State::Running;
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if self.m.xen.wake_condition(self.id, ports.as_deref()) || deadline.is_some_and(|d| Instant::now() >= d) {
+                self.m.xen.end_block(self.id, polled);
                 return State::Running;
             }
             // Bounded waits so a lost wake-up costs at most 100 ms.

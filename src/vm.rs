@@ -11,7 +11,6 @@ use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot;
@@ -84,11 +83,11 @@ pub struct Vm {
     start_info: u64,
 }
 
-/// Guest RAM. TODO(gpc): memfd-backed regions from `gpc::MemoryMap` so
-/// overlays and multi-region caches work; anonymous memory until then.
-fn create_memory(mem_mib: u64) -> Result<GuestMemoryMmap, VmError> {
-    let ranges = layout::ram_ranges(mem_mib << 20);
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))
+/// Guest RAM: memfd-backed regions owned by gpc's memory map (overlays and
+/// caches spanning regions depend on the memfds).
+fn create_memory(mem_mib: u64) -> Result<gpc::MemoryMap, VmError> {
+    let ranges: Vec<_> = layout::ram_ranges(mem_mib << 20).into_iter().map(|(a, l)| (a, l as u64)).collect();
+    gpc::MemoryMap::new(&ranges).map_err(|e| VmError::Memory(e.to_string()))
 }
 
 impl Vm {
@@ -124,16 +123,17 @@ impl Vm {
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         enable_msr_exits(&vm)?;
 
-        let mem = create_memory(cfg.mem_mib)?;
-        for (slot, r) in mem.iter().enumerate() {
+        let map = create_memory(cfg.mem_mib)?;
+        let mem = map.guest_memory().clone();
+        for (slot, r) in map.ram_regions().iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
-                guest_phys_addr: r.start_addr().0,
-                memory_size: r.len(),
-                userspace_addr: r.as_ptr() as u64,
+                guest_phys_addr: r.guest_base.0,
+                memory_size: r.size,
+                userspace_addr: r.host_addr as u64,
             };
-            // SAFETY: the region is a live mapping owned by `mem`, which the
+            // SAFETY: the region is a live mapping owned by `map`, which the
             // Machine keeps for the VM's whole life (it outlives `vm`'s use).
             unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
@@ -173,7 +173,7 @@ impl Vm {
         let clock = Clock::new(tsc_khz, offset);
         tracing::info!(tsc_khz, offset, "guest clock");
 
-        let machine = Machine::new(vm, mem, clock, ports, console, cfg)?;
+        let machine = Machine::new(vm, map, clock, ports, console, cfg)?;
         Ok(Vm {
             machine,
             vcpus,

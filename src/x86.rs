@@ -43,7 +43,7 @@ pub trait PhysMem {
     fn write(&self, gpa: u64, data: &[u8]) -> bool;
 }
 
-impl PhysMem for vm_memory::GuestMemoryMmap {
+impl<B: vm_memory::bitmap::Bitmap + 'static> PhysMem for vm_memory::GuestMemoryMmap<B> {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
         use vm_memory::Bytes;
         self.read_slice(buf, vm_memory::GuestAddress(gpa)).is_ok()

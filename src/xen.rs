@@ -1,19 +1,42 @@
 //! Glue between the vCPU threads and the Xen personality (`hypercalls`):
-//! decoding a hypercall from the synced registers, guest-virtual memory
-//! access for handlers, the hypercall page, and the benchmark ports.
+//! the [`Platform`] the domain calls back into (console, overlays through
+//! gpc, time, upcall injection through the in-kernel LAPIC, timers, the
+//! dom0-side xenstore and console backends), guest-virtual memory access
+//! for handlers, the hypercall page, and the benchmark ports.
+//!
+//! Lock order (outer first): `Xen::xenstore`, `Xen::console_backend` (each
+//! taken alone, never while a domain lock is held: the domain calls
+//! `notify_backend` with no lock held); `XenPlatform::overlays` is a leaf;
+//! `Timers::state` is a leaf (the timer thread calls the domain after
+//! dropping it).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_regs, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use hypercalls::{Domain, DomainConfig, E820Entry, Errno, Gfn, GuestTime, GuestWidth, Hypercall, MemFault, OverlayId, Outcome, Platform, SharedPage, VcpuAccess, VcpuId};
+use kvm_bindings::{kvm_msi, kvm_regs, kvm_sregs};
+use parking_lot::{Condvar, Mutex};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::clock::Clock;
+use crate::console::ConsoleBackend;
 use crate::devices::ConsoleOut;
 use crate::machine::{GuestExit, Machine};
 use crate::vm::VmConfig;
-use crate::x86;
+use crate::xenstore::{self, RingPage, XenstoreServer};
+use crate::{layout, x86, GuestMem};
+
+/// The VMM's ids for the dom0 ends of the service channels.
+const REMOTE_STORE: u32 = 1;
+const REMOTE_CONSOLE: u32 = 2;
+
+/// HVM params the VMM sets.
+const HVM_PARAM_STORE_PFN: u32 = 1;
+const HVM_PARAM_STORE_EVTCHN: u32 = 2;
+const HVM_PARAM_CONSOLE_PFN: u32 = 17;
+const HVM_PARAM_CONSOLE_EVTCHN: u32 = 18;
 
 /// The calling vCPU's state at a hypercall.
 pub struct VcpuCtx {
@@ -35,22 +58,96 @@ pub enum HypercallResult {
 }
 
 pub struct Xen {
-    mem: GuestMemoryMmap,
+    pub domain: Arc<Domain>,
+    platform: Arc<XenPlatform>,
+    mem: GuestMem,
     clock: Clock,
-    console: Arc<ConsoleOut>,
-    machine: Weak<Machine>,
+    machine: OnceLock<Weak<Machine>>,
+    store_ring: u64,
+    console_ring: u64,
+    store_port: u32,
+    console_port: u32,
+    xenstore: Mutex<XenstoreServer>,
+    console_backend: Mutex<ConsoleBackend>,
     pub bench: BenchPorts,
 }
 
 impl Xen {
-    pub fn new(_cfg: &VmConfig, mem: &GuestMemoryMmap, clock: Clock, console: Arc<ConsoleOut>, machine: Weak<Machine>) -> Self {
-        Xen {
+    pub fn new(
+        cfg: &VmConfig,
+        map: &gpc::MemoryMap,
+        clock: Clock,
+        console: Arc<ConsoleOut>,
+    ) -> Result<Self, String> {
+        let mem = map.guest_memory().clone();
+        let platform = Arc::new(XenPlatform {
+            map: map.clone(),
             mem: mem.clone(),
             clock,
-            console,
-            machine,
-            bench: BenchPorts::default(),
+            console: console.clone(),
+            machine: OnceLock::new(),
+            overlays: Mutex::new(Overlays::default()),
+            timers: Timers::new(cfg.vcpus),
+        });
+        let dcfg = DomainConfig {
+            domid: cfg.domid,
+            vcpus: cfg.vcpus,
+            handle: uuid_for(cfg),
+            ..Default::default()
+        };
+        let domain = Arc::new(Domain::new(dcfg, platform.clone()).map_err(|e| e.to_string())?);
+        let store_ring = layout::special_page(&mem, layout::special::XENSTORE);
+        let console_ring = layout::special_page(&mem, layout::special::CONSOLE);
+        let store_port = domain.bind_backend_port(REMOTE_STORE).map_err(|e| e.to_string())?.get();
+        let console_port = domain.bind_backend_port(REMOTE_CONSOLE).map_err(|e| e.to_string())?.get();
+        for (p, v) in [
+            (HVM_PARAM_STORE_PFN, store_ring >> 12),
+            (HVM_PARAM_STORE_EVTCHN, u64::from(store_port)),
+            (HVM_PARAM_CONSOLE_PFN, console_ring >> 12),
+            (HVM_PARAM_CONSOLE_EVTCHN, u64::from(console_port)),
+        ] {
+            domain.set_param_internal(p, v).map_err(|e| e.to_string())?;
         }
+        let mut xcfg = xenstore::DomainConfig::new(cfg.domid, &cfg.name, uuid_for(cfg), cfg.mem_mib * 1024);
+        xcfg.vcpus = cfg.vcpus;
+        xcfg.store = Some(xenstore::RingRef {
+            gfn: store_ring >> 12,
+            port: store_port,
+        });
+        xcfg.console = Some(xenstore::RingRef {
+            gfn: console_ring >> 12,
+            port: console_port,
+        });
+        let xs = XenstoreServer::new_domain(&xcfg).map_err(|e| format!("xenstore: {e}"))?;
+        XenstoreServer::init_page(&GuestRing::new(&mem, store_ring));
+        ConsoleBackend::init_page(&GuestRing::new(&mem, console_ring));
+        for v in 0..cfg.vcpus {
+            if let Some(id) = domain.vcpu(v) {
+                domain.update_vcpu_time(id);
+            }
+        }
+        domain.update_wallclock();
+        Ok(Xen {
+            domain,
+            platform,
+            mem,
+            clock,
+            machine: OnceLock::new(),
+            store_ring,
+            console_ring,
+            store_port,
+            console_port,
+            xenstore: Mutex::new(xs),
+            console_backend: Mutex::new(ConsoleBackend::new()),
+            bench: BenchPorts::default(),
+        })
+    }
+
+    /// Links the platform back to this object (called once the Machine exists).
+    pub fn start(&self, me: Weak<Machine>) {
+        let _ = self.machine.set(me.clone());
+        let _ = self.platform.machine.set(me.clone());
+        self.platform.timers.start(me);
     }
 
     /// True if `gpa` (the MSR value) names a RAM page the hypercall page can go to.
@@ -59,52 +156,97 @@ impl Xen {
         gpa & 0xfff == 0 && self.mem.check_range(GuestAddress(gpa), 4096)
     }
 
+    /// The hypercall-page MSR write: fill the page and latch the shared
+    /// structures' layout from the guest's mode (Xen's hvm_latch_shinfo_size).
     pub fn write_hypercall_page(&self, gpa: u64, long: bool) {
         let page = crate::hcall_page::build();
         if let Err(e) = self.mem.write_slice(&page, GuestAddress(gpa)) {
             tracing::warn!(%e, gpa, "cannot write the hypercall page");
         }
+        self.domain.latch_width(if long { GuestWidth::Bits64 } else { GuestWidth::Bits32 });
         tracing::debug!(gpa = format_args!("{gpa:#x}"), long, "hypercall page written");
     }
 
     pub fn hypercall(&self, ctx: &VcpuCtx) -> HypercallResult {
         let long = x86::is_64bit(&ctx.sregs);
-        let (nr, a) = x86::hypercall_args(&ctx.regs, long);
-        if x86::cpl(&ctx.sregs) != 0 {
-            return HypercallResult::Return(-1);
-        }
-        let p = x86::Paging::from_sregs(&ctx.sregs);
-        match nr {
-            18 if a[0] == 0 => {
-                let len = (a[1] as usize).min(1 << 16);
-                let mut buf = vec![0u8; len];
-                if x86::read_linear(&self.mem, &p, a[2], &mut buf, x86::Access::READ).is_err() {
-                    return HypercallResult::Return(-14);
-                }
-                self.console.write(&buf);
-                HypercallResult::Return(0)
-            }
-            29 if a[0] == 2 => {
-                let mut r = [0u8; 4];
-                let _ = x86::read_linear(&self.mem, &p, a[1], &mut r, x86::Access::READ);
-                let why = match u32::from_le_bytes(r) {
-                    0 => GuestExit::Poweroff,
-                    1 => GuestExit::Reboot("guest requested".into()),
-                    2 => GuestExit::Suspend,
-                    _ => GuestExit::Crash("guest crashed".into()),
-                };
-                HypercallResult::Exit(why)
-            }
-            _ => HypercallResult::Return(-38),
+        let r = &ctx.regs;
+        let call = if long {
+            Hypercall::from_regs64(r.rax, r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9)
+        } else {
+            let l = |v: u64| v as u32;
+            Hypercall::from_regs32(l(r.rax), l(r.rbx), l(r.rcx), l(r.rdx), l(r.rsi), l(r.rdi), l(r.rbp))
+        };
+        let access = GuestVcpu {
+            ctx,
+            mem: &self.mem,
+            long,
+        };
+        match self.domain.dispatch(&access, &call) {
+            Outcome::Return(v) => HypercallResult::Return(v),
+            Outcome::Block { deadline_ns } => HypercallResult::Block {
+                deadline: deadline_ns.map(|d| self.instant_at(d)),
+                ports: None,
+            },
+            Outcome::Poll { ports, deadline_ns } => HypercallResult::Block {
+                deadline: deadline_ns.map(|d| self.instant_at(d)),
+                ports: Some(ports),
+            },
+            Outcome::Yield => HypercallResult::Yield,
+            Outcome::Shutdown { reason } => HypercallResult::Exit(match reason {
+                0 => GuestExit::Poweroff,
+                1 => GuestExit::Reboot("the guest asked for a reboot (SHUTDOWN_reboot)".into()),
+                2 => GuestExit::Suspend,
+                4 => GuestExit::Crash("the guest's watchdog fired (SHUTDOWN_watchdog)".into()),
+                3 => GuestExit::Crash("the guest reported a crash (SHUTDOWN_crash)".into()),
+                r => GuestExit::Crash(format!("the guest shut down with reason {r}")),
+            }),
         }
     }
 
-    pub fn wake_condition(&self, _vcpu: u32, _ports: Option<&[u32]>) -> bool {
-        false
+    /// The host instant of Xen system time `ns`.
+    fn instant_at(&self, ns: u64) -> Instant {
+        let now = self.clock.system_time();
+        Instant::now() + Duration::from_nanos(ns.saturating_sub(now))
+    }
+
+    /// True when a vCPU blocked in the VMM must run again.
+    pub fn wake_condition(&self, vcpu: u32, ports: Option<&[u32]>) -> bool {
+        let Some(id) = self.domain.vcpu(vcpu) else { return true };
+        match ports {
+            Some(p) => self.domain.poll_should_wake(id, p),
+            None => self.domain.upcall_pending(id),
+        }
+    }
+
+    /// Called when a vCPU leaves SCHEDOP_poll.
+    pub fn end_block(&self, vcpu: u32, polled: bool) {
+        if let (true, Some(id)) = (polled, self.domain.vcpu(vcpu)) {
+            self.domain.end_poll(id);
+        }
+    }
+
+    /// A dom0-side service was kicked by the guest.
+    fn backend_notified(&self, remote: u32) {
+        let (notify, port) = match remote {
+            REMOTE_STORE => (self.xenstore.lock().process(&GuestRing::new(&self.mem, self.store_ring)), self.store_port),
+            REMOTE_CONSOLE => {
+                let mut out = ConsoleWriter(&self.platform.console);
+                (
+                    self.console_backend.lock().process(&GuestRing::new(&self.mem, self.console_ring), &mut out),
+                    self.console_port,
+                )
+            }
+            _ => (false, 0),
+        };
+        if notify {
+            if let Err(e) = self.domain.raise_port(port) {
+                tracing::warn!(%e, port, "cannot notify the guest");
+            }
+        }
     }
 
     pub fn bench_io_in(&self, port: u16, data: &mut [u8]) -> bool {
-        let stopping = || self.machine.upgrade().is_none_or(|m| m.stopping());
+        let stopping = || self.machine.get().and_then(Weak::upgrade).is_none_or(|m| m.stopping());
         self.bench.io_in(port, data, &stopping)
     }
 
@@ -117,18 +259,413 @@ impl Xen {
     }
 }
 
+/// A stable domain handle derived from the name (a real UUID source is not
+/// needed: the handle only has to be constant for one domain).
+fn uuid_for(cfg: &VmConfig) -> [u8; 16] {
+    let mut h: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    for b in cfg.name.bytes().chain(cfg.domid.to_le_bytes()) {
+        h = (h ^ u128::from(b)).wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013b);
+    }
+    let mut u = h.to_le_bytes();
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
+/// Guest-virtual memory of the calling vCPU.
+struct GuestVcpu<'a> {
+    ctx: &'a VcpuCtx,
+    mem: &'a GuestMem,
+    long: bool,
+}
+
+impl GuestVcpu<'_> {
+    fn linear(&self, gva: u64) -> u64 {
+        if self.long {
+            gva
+        } else {
+            gva & 0xffff_ffff
+        }
+    }
+}
+
+impl VcpuAccess for GuestVcpu<'_> {
+    fn vcpu_id(&self) -> u32 {
+        self.ctx.id
+    }
+    fn cpl(&self) -> u8 {
+        x86::cpl(&self.ctx.sregs)
+    }
+    fn width(&self) -> GuestWidth {
+        if self.long {
+            GuestWidth::Bits64
+        } else {
+            GuestWidth::Bits32
+        }
+    }
+    fn read_virt(&self, gva: u64, buf: &mut [u8]) -> Result<(), MemFault> {
+        let p = x86::Paging::from_sregs(&self.ctx.sregs);
+        x86::read_linear(self.mem, &p, self.linear(gva), buf, x86::Access::READ).map_err(|f| MemFault { gva: f.linear })
+    }
+    fn write_virt(&self, gva: u64, data: &[u8]) -> Result<(), MemFault> {
+        let p = x86::Paging::from_sregs(&self.ctx.sregs);
+        x86::write_linear(self.mem, &p, self.linear(gva), data, x86::Access::WRITE).map_err(|f| MemFault { gva: f.linear })
+    }
+}
+
+/// A ring page in guest RAM (xenstore, console), accessed with atomics for
+/// the indexes.
+pub struct GuestRing<'a> {
+    mem: &'a GuestMem,
+    gpa: u64,
+}
+
+impl<'a> GuestRing<'a> {
+    pub fn new(mem: &'a GuestMem, gpa: u64) -> Self {
+        GuestRing { mem, gpa }
+    }
+}
+
+impl RingPage for GuestRing<'_> {
+    fn load_u32(&self, off: usize) -> u32 {
+        self.mem.load(GuestAddress(self.gpa + off as u64), Ordering::Acquire).unwrap_or(0)
+    }
+    fn store_u32(&self, off: usize, v: u32) {
+        let _ = self.mem.store(v, GuestAddress(self.gpa + off as u64), Ordering::Release);
+    }
+    fn read(&self, off: usize, buf: &mut [u8]) {
+        if self.mem.read_slice(buf, GuestAddress(self.gpa + off as u64)).is_err() {
+            buf.fill(0);
+        }
+    }
+    fn write(&self, off: usize, data: &[u8]) {
+        let _ = self.mem.write_slice(data, GuestAddress(self.gpa + off as u64));
+    }
+}
+
+struct ConsoleWriter<'a>(&'a ConsoleOut);
+
+impl std::io::Write for ConsoleWriter<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.write(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush();
+        Ok(())
+    }
+}
+
+/// An overlay page (shared_info, grant frame) as the domain sees it.
+struct OverlayShared(gpc::OverlayPage);
+
+impl SharedPage for OverlayShared {
+    fn load_u64(&self, off: usize, o: Ordering) -> u64 {
+        self.0.load_u64(off, o).unwrap_or(0)
+    }
+    fn store_u64(&self, off: usize, v: u64, o: Ordering) {
+        let _ = self.0.store_u64(off, v, o);
+    }
+    fn fetch_or_u64(&self, off: usize, v: u64, o: Ordering) -> u64 {
+        self.0.fetch_or_u64(off, v, o).unwrap_or(0)
+    }
+    fn fetch_and_u64(&self, off: usize, v: u64, o: Ordering) -> u64 {
+        self.0.fetch_and_u64(off, v, o).unwrap_or(0)
+    }
+    fn load_u32(&self, off: usize, o: Ordering) -> u32 {
+        self.0.load_u32(off, o).unwrap_or(0)
+    }
+    fn store_u32(&self, off: usize, v: u32, o: Ordering) {
+        let _ = self.0.store_u32(off, v, o);
+    }
+    fn read(&self, off: usize, buf: &mut [u8]) {
+        let _ = self.0.read(off, buf);
+    }
+    fn write(&self, off: usize, data: &[u8]) {
+        let _ = self.0.write(off, data);
+    }
+}
+
+/// A guest RAM page (a relocated vcpu_info) through a gpc cache, so it
+/// follows memory-map changes and marks what it writes dirty.
+struct RamShared(gpc::Cache);
+
+impl RamShared {
+    fn with<T: Default>(&self, f: impl FnOnce(&gpc::Guard) -> gpc::Result<T>) -> T {
+        match self.0.access() {
+            Ok(g) => f(&g).unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(%e, "guest page cache unusable");
+                T::default()
+            }
+        }
+    }
+}
+
+impl SharedPage for RamShared {
+    fn load_u64(&self, off: usize, o: Ordering) -> u64 {
+        self.with(|g| g.load_u64(off, o))
+    }
+    fn store_u64(&self, off: usize, v: u64, o: Ordering) {
+        self.with(|g| g.store_u64(off, v, o))
+    }
+    fn fetch_or_u64(&self, off: usize, v: u64, o: Ordering) -> u64 {
+        self.with(|g| g.fetch_or_u64(off, v, o))
+    }
+    fn fetch_and_u64(&self, off: usize, v: u64, o: Ordering) -> u64 {
+        self.with(|g| g.fetch_and_u64(off, v, o))
+    }
+    fn load_u32(&self, off: usize, o: Ordering) -> u32 {
+        self.with(|g| g.load_u32(off, o))
+    }
+    fn store_u32(&self, off: usize, v: u32, o: Ordering) {
+        self.with(|g| g.store_u32(off, v, o))
+    }
+    fn read(&self, off: usize, buf: &mut [u8]) {
+        self.with(|g| g.read(off, buf))
+    }
+    fn write(&self, off: usize, data: &[u8]) {
+        self.with(|g| g.write(off, data))
+    }
+}
+
+#[derive(Default)]
+struct Overlays {
+    pages: Vec<Arc<OverlayShared>>,
+    placed: HashMap<OverlayId, gpc::Gfn>,
+}
+
+/// The [`Platform`] the domain calls.
+pub struct XenPlatform {
+    map: gpc::MemoryMap,
+    mem: GuestMem,
+    clock: Clock,
+    console: Arc<ConsoleOut>,
+    machine: OnceLock<Weak<Machine>>,
+    overlays: Mutex<Overlays>,
+    timers: Arc<Timers>,
+}
+
+impl XenPlatform {
+    fn upgrade(&self) -> Option<Arc<Machine>> {
+        self.machine.get().and_then(Weak::upgrade)
+    }
+
+    fn with_machine(&self, f: impl FnOnce(&Machine)) {
+        if let Some(m) = self.upgrade() {
+            f(&m)
+        }
+    }
+
+    /// Sends the event-channel upcall `vector` to `vcpu` through the LAPIC
+    /// (fixed delivery, physical destination = APIC id = vCPU id).
+    fn inject_vector(&self, vcpu: u32, vector: u8, nmi: bool) {
+        self.with_machine(|m| {
+            let msi = kvm_msi {
+                address_lo: 0xfee0_0000 | (vcpu << 12),
+                address_hi: 0,
+                data: if nmi { 0x400 } else { u32::from(vector) },
+                ..Default::default()
+            };
+            if let Err(e) = m.vm.signal_msi(msi) {
+                tracing::warn!(%e, vcpu, vector, "KVM_SIGNAL_MSI failed");
+            }
+        });
+    }
+}
+
+impl Platform for XenPlatform {
+    fn console_write(&self, data: &[u8]) {
+        self.console.write(data);
+    }
+    fn console_read(&self, _buf: &mut [u8]) -> usize {
+        0
+    }
+    fn new_shared_page(&self) -> Result<Arc<dyn SharedPage>, Errno> {
+        let p = gpc::OverlayPage::new().map_err(|e| {
+            tracing::error!(%e, "cannot allocate an overlay page");
+            Errno::ENOMEM
+        })?;
+        let s = Arc::new(OverlayShared(p));
+        self.overlays.lock().pages.push(s.clone());
+        Ok(s)
+    }
+    fn place_overlay(&self, id: OverlayId, page: &Arc<dyn SharedPage>, gfn: Gfn) -> Result<(), Errno> {
+        let mut o = self.overlays.lock();
+        let want = Arc::as_ptr(page).cast::<u8>();
+        let Some(ov) = o.pages.iter().find(|p| Arc::as_ptr(p).cast::<u8>() == want).cloned() else {
+            return Err(Errno::EINVAL);
+        };
+        let g = gpc::Gfn(gfn.get());
+        if !self.mem.check_range(GuestAddress(gfn.gpa()), 4096) {
+            return Err(Errno::EINVAL);
+        }
+        if let Some(old) = o.placed.remove(&id) {
+            if let Err(e) = self.map.remove_overlay(old) {
+                tracing::warn!(%e, "cannot remove an overlay");
+            }
+        }
+        if let Ok(Some(_)) = self.map.overlay_at(g) {
+            let _ = self.map.remove_overlay(g);
+            o.placed.retain(|_, v| *v != g);
+        }
+        self.map.place_overlay(g, &ov.0).map_err(|e| {
+            tracing::warn!(%e, gfn = gfn.get(), "cannot place an overlay");
+            Errno::EINVAL
+        })?;
+        o.placed.insert(id, g);
+        Ok(())
+    }
+    fn map_guest_page(&self, gfn: Gfn) -> Result<Arc<dyn SharedPage>, Errno> {
+        let c = gpc::Cache::new(&self.map);
+        c.activate_range(GuestAddress(gfn.gpa()), 4096).map_err(|_| Errno::EINVAL)?;
+        Ok(Arc::new(RamShared(c)))
+    }
+    fn guest_time(&self) -> GuestTime {
+        let (tsc, system_time_ns) = self.clock.now();
+        GuestTime { tsc, system_time_ns }
+    }
+    fn tsc_khz(&self) -> u32 {
+        self.clock.tsc_khz
+    }
+    fn tsc_stable(&self) -> bool {
+        crate::clock::host_tsc_invariant()
+    }
+    fn wallclock_ns(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    }
+    fn memory_map(&self) -> Vec<E820Entry> {
+        layout::e820(&self.mem)
+            .into_iter()
+            .map(|e| E820Entry {
+                addr: e.addr,
+                size: e.size,
+                kind: e.kind,
+            })
+            .collect()
+    }
+    fn notify_backend(&self, remote_port: u32) {
+        self.with_machine(|m| m.xen.backend_notified(remote_port));
+    }
+    fn raise_upcall(&self, vcpu: VcpuId) {
+        let Some(m) = self.upgrade() else { return };
+        let v = vcpu.get();
+        let d = &m.xen.domain;
+        if let Some(vec) = d.upcall_vector(vcpu) {
+            self.inject_vector(v, vec, false);
+        } else {
+            match d.callback_via() {
+                hypercalls::CallbackVia::Vector(vec) => self.inject_vector(v, vec, false),
+                hypercalls::CallbackVia::Gsi(gsi) => {
+                    let _ = m.vm.set_irq_line(gsi, true);
+                    let _ = m.vm.set_irq_line(gsi, false);
+                }
+                _ => {}
+            }
+        }
+        if let Some(w) = m.wakers.get(v as usize) {
+            w.wake();
+        }
+    }
+    fn kick_vcpu(&self, vcpu: VcpuId) {
+        self.with_machine(|m| {
+            if let Some(w) = m.wakers.get(vcpu.get() as usize) {
+                w.wake();
+            }
+        });
+    }
+    fn set_timer(&self, vcpu: VcpuId, deadline_ns: Option<u64>) {
+        let at = deadline_ns.map(|d| {
+            let now = self.clock.system_time();
+            Instant::now() + Duration::from_nanos(d.saturating_sub(now))
+        });
+        self.timers.set(vcpu.get(), at);
+    }
+    fn vcpu_down(&self, vcpu: VcpuId) {
+        tracing::info!(vcpu = vcpu.get(), "VCPUOP_down");
+    }
+    fn vcpu_up(&self, vcpu: VcpuId) {
+        self.kick_vcpu(vcpu);
+    }
+    fn send_nmi(&self, vcpu: VcpuId) {
+        self.inject_vector(vcpu.get(), 2, true);
+    }
+}
+
+/// One timer per vCPU on one thread.
+struct Timers {
+    state: Mutex<Vec<Option<Instant>>>,
+    cv: Condvar,
+}
+
+impl Timers {
+    fn new(vcpus: u32) -> Arc<Self> {
+        Arc::new(Timers {
+            state: Mutex::new(vec![None; vcpus as usize]),
+            cv: Condvar::new(),
+        })
+    }
+
+    fn set(&self, vcpu: u32, at: Option<Instant>) {
+        if let Some(s) = self.state.lock().get_mut(vcpu as usize) {
+            *s = at;
+        }
+        self.cv.notify_all();
+    }
+
+    fn start(self: &Arc<Self>, machine: Weak<Machine>) {
+        let t = self.clone();
+        let r = std::thread::Builder::new().name("xen-timers".into()).spawn(move || loop {
+            let fired: Vec<u32> = {
+                let mut s = t.state.lock();
+                let now = Instant::now();
+                let due: Vec<u32> = s
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, d)| d.is_some_and(|d| d <= now))
+                    .map(|(i, _)| i as u32)
+                    .collect();
+                for &i in &due {
+                    s[i as usize] = None;
+                }
+                if due.is_empty() {
+                    let next = s.iter().flatten().min().copied();
+                    let limit = now + Duration::from_millis(100);
+                    t.cv.wait_until(&mut s, next.unwrap_or(limit).min(limit));
+                }
+                due
+            };
+            let Some(m) = machine.upgrade() else { return };
+            if m.stopping() {
+                return;
+            }
+            for v in fired {
+                if let Some(id) = m.xen.domain.vcpu(v) {
+                    m.xen.domain.timer_expired(id);
+                }
+            }
+        });
+        if let Err(e) = r {
+            tracing::error!(%e, "cannot start the timer thread");
+        }
+    }
+}
+
 /// The ports the test guest's bench mode talks to (see tests/guest):
 /// IN 0x511 = command, IN 0x512 = iterations, OUT 0x513 = cycles (low, then
 /// high), OUT 0x514 = a bare exit that does nothing.
 pub struct BenchPorts {
     /// Requests from the benchmark: (command, iterations); taken by the guest.
-    pub requests: parking_lot::Mutex<std::collections::VecDeque<(u32, u32)>>,
-    pub request_cv: parking_lot::Condvar,
+    pub requests: Mutex<std::collections::VecDeque<(u32, u32)>>,
+    pub request_cv: Condvar,
     pending_iters: AtomicU64,
     low: AtomicU64,
     /// Results: elapsed guest TSC cycles per request.
-    pub results: parking_lot::Mutex<Vec<u64>>,
-    pub results_cv: parking_lot::Condvar,
+    pub results: Mutex<Vec<u64>>,
+    pub results_cv: Condvar,
 }
 
 pub const BENCH_CMD: u16 = 0x511;
@@ -156,9 +693,9 @@ impl BenchPorts {
                 let mut q = self.requests.lock();
                 // Wait for the benchmark to ask for something (bounded so a
                 // guest in bench mode without a driver still ends).
-                let deadline = Instant::now() + std::time::Duration::from_secs(30);
+                let deadline = Instant::now() + Duration::from_secs(30);
                 while q.is_empty() && !stopping() && Instant::now() < deadline {
-                    let slice = Instant::now() + std::time::Duration::from_millis(50);
+                    let slice = Instant::now() + Duration::from_millis(50);
                     self.request_cv.wait_until(&mut q, slice.min(deadline));
                 }
                 let (cmd, n) = q.pop_front().unwrap_or((0, 0));
@@ -201,4 +738,3 @@ fn put(data: &mut [u8], v: u32) {
     let n = data.len().min(4);
     data[..n].copy_from_slice(&b[..n]);
 }
-

@@ -18,6 +18,9 @@ fn host_requirement(name: &str, p: &HostProbe) -> Option<(&'static str, Support)
         Some(("legacy 32-bit PSE paging", p.legacy_pse_paging.clone()))
     } else if name == "test-hvm64-selftest" || name == "test-hvm64-lm-ts" {
         Some(("int n at CPL 3 in long mode", p.user_int_n_long_mode.clone()))
+    } else if name == "test-hvm32-selftest" {
+        // "Userspace execution" returns to the kernel with `int $0x20` at CPL 3.
+        Some(("int n at CPL 3 in 32-bit protected mode", p.user_int_n_prot32.clone()))
     } else {
         None
     }
