@@ -402,6 +402,7 @@ const _: () = {
     size!(gnttab_query_size, 16, 16);
     size!(gnttab_set_version, 4, 4);
     size!(gnttab_get_version, 8, 8);
+    size!(xen_vnuma_topology_info, 40, 40);
     assert!(size_of::<n::xen_compile_info>() == 144);
     assert!(offset_of!(n::xen_add_to_physmap, space) == 4);
     assert!(offset_of!(n::xen_add_to_physmap, idx) == 8);

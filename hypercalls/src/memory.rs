@@ -3,8 +3,9 @@
 //!
 //! The command word carries a continuation extent in its upper bits (`MEMOP_EXTENT_SHIFT`);
 //! the queries here reject a non-zero extent as Xen does. Balloon operations
-//! (`increase/decrease_reservation`, `populate_physmap`), `remove_from_physmap` and
-//! `get_vnumainfo` are issue 5's; until then they, like every other command, are `-ENOSYS`.
+//! (`increase/decrease_reservation`, `populate_physmap`) and `remove_from_physmap` are
+//! issue 5's; until then they, like every other command, are `-ENOSYS`. `get_vnumainfo` is
+//! `-EOPNOTSUPP` (no vNUMA topology), as Xen answers a domain without one.
 //!
 //! Deliberate difference: `XENMEM_maximum_ram_page` returns the guest's highest RAM frame + 1
 //! instead of the host's `max_page`, so no host detail leaks.
@@ -58,8 +59,21 @@ impl Domain {
             // hvm_memory_op refuses these outright.
             xenmem::MACHINE_MEMORY_MAP | xenmem::MACHPHYS_MAPPING => Err(Errno::ENOSYS),
             xenmem::SET_MEMORY_MAP => Err(Errno::EPERM),
+            xenmem::GET_VNUMAINFO => {
+                // xen_vnuma_topology_info (40 bytes both widths): this domain has no vNUMA
+                // topology, which Xen reports as -EOPNOTSUPP after the argument checks.
+                if start_extent != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                let b: [u8; 40] = ctx.g.read_arr(arg)?;
+                if get_u16(&b, 2) != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                self.target_self(get_u16(&b, 0))?;
+                Err(Errno::EOPNOTSUPP)
+            }
             // TODO(issue 5): balloon (increase/decrease_reservation, populate_physmap),
-            // remove_from_physmap, get_vnumainfo.
+            // remove_from_physmap.
             _ => Err(Errno::ENOSYS),
         }
     }

@@ -432,7 +432,14 @@ fn memory_reservation_queries() {
 #[test]
 fn memory_other_ops_enosys() {
     let e = env(GuestWidth::Bits64);
-    for op in [0u64, 1, 5, 6, 8, 10, 11, 12, 15, 23, 26, 63] {
+    e.v.poke(BUF, &st(40, &[(0, &le16(0x7ff0))]));
+    assert_eq!(e.ret(nr::MEMORY_OP, &[26, BUF]), EOPNOTSUPP, "no vNUMA");
+    e.v.poke(BUF, &st(40, &[(0, &le16(0x7ff0)), (2, &le16(1))]));
+    assert_eq!(e.ret(nr::MEMORY_OP, &[26, BUF]), EINVAL, "pad");
+    e.v.poke(BUF, &st(40, &[(0, &le16(4))]));
+    assert_eq!(e.ret(nr::MEMORY_OP, &[26, BUF]), ESRCH);
+    assert_eq!(e.ret(nr::MEMORY_OP, &[26, WINDOW_END - 32]), EFAULT);
+    for op in [0u64, 1, 5, 6, 8, 10, 11, 12, 15, 23, 63] {
         assert_eq!(e.ret(nr::MEMORY_OP, &[op, BUF]), ENOSYS, "op {op}");
     }
     assert_eq!(e.ret(nr::MEMORY_OP, &[13, BUF]), EPERM);
