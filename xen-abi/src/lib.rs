@@ -194,6 +194,17 @@ pub mod consts {
         (idx & (crate::raw64::XENSTORE_RING_SIZE - 1)) as usize
     }
 
+    /// `XENMEMF_get_address_bits(flags)`: address-width limit of a memory reservation.
+    pub const fn xenmemf_get_address_bits(mem_flags: u32) -> u32 {
+        mem_flags & 0xff
+    }
+
+    /// `XENMEMF_get_node(flags)`: NUMA node of a memory reservation (meaningful
+    /// only when bits 15:8 are non-zero).
+    pub const fn xenmemf_get_node(mem_flags: u32) -> u32 {
+        ((mem_flags >> 8).wrapping_sub(1)) & 0xff
+    }
+
     /// Size of the PV console input ring (`xencons_interface::in`).
     pub const XENCONS_IN_RING_SIZE: usize = 1024;
     /// Size of the PV console output ring (`xencons_interface::out`).

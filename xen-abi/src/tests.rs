@@ -153,3 +153,11 @@ fn guest_handle_is_a_guest_address_not_a_host_pointer() {
     mm32.buffer.p = 0xc000_1000;
     assert_eq!(u32_at(mm32.as_bytes(), 4), 0xc000_1000);
 }
+
+#[test]
+fn xenmemf_helpers_invert_the_c_encoding() {
+    // XENMEMF_node(3) | XENMEMF_address_bits(32) as a guest encodes it.
+    let flags = ((3 + 1) << 8) | 32;
+    assert_eq!(crate::consts::xenmemf_get_node(flags), 3);
+    assert_eq!(crate::consts::xenmemf_get_address_bits(flags), 32);
+}
