@@ -82,7 +82,8 @@ pub fn load_pvh_elf(mem: &crate::GuestMem, image: &[u8]) -> Result<LoadedKernel,
             .and_then(|e| image.get(off..e))
             .ok_or(BootError::SegmentOutsideFile)?;
         mem.write_slice(data, GuestAddress(addr))?;
-        let zero_len = usize::try_from(ph.p_memsz - ph.p_filesz).map_err(|_| BootError::SegmentOutsideFile)?;
+        let zero_len =
+            usize::try_from(ph.p_memsz - ph.p_filesz).map_err(|_| BootError::SegmentOutsideFile)?;
         if zero_len > 0 {
             zero(mem, addr + ph.p_filesz, zero_len)?;
         }
@@ -158,11 +159,17 @@ pub fn write_start_info(
     mem.write_obj(1u32, GuestAddress(s + 4))?; // version
     mem.write_obj(0u32, GuestAddress(s + 8))?; // flags
     mem.write_obj(nr_modules, GuestAddress(s + 12))?;
-    mem.write_obj(if nr_modules > 0 { layout::MODLIST } else { 0 }, GuestAddress(s + 16))?;
+    mem.write_obj(
+        if nr_modules > 0 { layout::MODLIST } else { 0 },
+        GuestAddress(s + 16),
+    )?;
     mem.write_obj(layout::CMDLINE, GuestAddress(s + 24))?;
     mem.write_obj(0u64, GuestAddress(s + 32))?; // rsdp
     mem.write_obj(layout::MEMMAP, GuestAddress(s + 40))?;
-    mem.write_obj(e820.len().min(layout::MEMMAP_MAX) as u32, GuestAddress(s + 48))?;
+    mem.write_obj(
+        e820.len().min(layout::MEMMAP_MAX) as u32,
+        GuestAddress(s + 48),
+    )?;
     mem.write_obj(0u32, GuestAddress(s + 52))?;
     Ok(s)
 }
@@ -197,12 +204,24 @@ mod tests {
         f[44..46].copy_from_slice(&2u16.to_le_bytes()); // phnum
         let note_off = 0xc0u32;
         let data_off = 0x100u32;
-        let ph = |f: &mut Vec<u8>, at: usize, ty: u32, off: u32, addr: u32, filesz: u32, memsz: u32| {
-            for (i, v) in [ty, off, addr, addr, filesz, memsz, 7, 4].iter().enumerate() {
-                f[at + i * 4..at + i * 4 + 4].copy_from_slice(&v.to_le_bytes());
-            }
-        };
-        ph(&mut f, 52, PT_LOAD, data_off, load_at, payload.len() as u32, payload.len() as u32 + bss);
+        let ph =
+            |f: &mut Vec<u8>, at: usize, ty: u32, off: u32, addr: u32, filesz: u32, memsz: u32| {
+                for (i, v) in [ty, off, addr, addr, filesz, memsz, 7, 4]
+                    .iter()
+                    .enumerate()
+                {
+                    f[at + i * 4..at + i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+                }
+            };
+        ph(
+            &mut f,
+            52,
+            PT_LOAD,
+            data_off,
+            load_at,
+            payload.len() as u32,
+            payload.len() as u32 + bss,
+        );
         ph(&mut f, 84, PT_NOTE, note_off, 0, 20, 20);
         let n = note_off as usize;
         f[n..n + 4].copy_from_slice(&4u32.to_le_bytes());
@@ -217,7 +236,8 @@ mod tests {
     #[test]
     fn load_pvh_elf_elf32_segments_loaded_and_bss_zeroed() {
         let m = mem();
-        m.write_slice(&[0xaa; 64], GuestAddress(0x100000 + 4)).unwrap();
+        m.write_slice(&[0xaa; 64], GuestAddress(0x100000 + 4))
+            .unwrap();
         let k = load_pvh_elf(&m, &elf32(0x100010, 0x100000, &[1, 2, 3, 4], 64)).unwrap();
         assert_eq!(k.entry, 0x100010);
         let mut b = [0u8; 8];

@@ -30,12 +30,19 @@ impl TscScale {
             mul <<= 1;
             shift -= 1;
         }
-        TscScale { mul: mul as u32, shift }
+        TscScale {
+            mul: mul as u32,
+            shift,
+        }
     }
 
     /// Converts TSC ticks to nanoseconds exactly as a Xen guest does.
     pub fn scale(&self, delta: u64) -> u64 {
-        let d = if self.shift >= 0 { delta << self.shift } else { delta >> (-self.shift) };
+        let d = if self.shift >= 0 {
+            delta << self.shift
+        } else {
+            delta >> (-self.shift)
+        };
         ((u128::from(d) * u128::from(self.mul)) >> 32) as u64
     }
 }
@@ -102,7 +109,10 @@ pub fn host_tsc_invariant() -> bool {
         let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         info.lines()
             .find(|l| l.starts_with("flags"))
-            .is_some_and(|l| l.split_whitespace().any(|f| f == "constant_tsc") && l.split_whitespace().any(|f| f == "nonstop_tsc"))
+            .is_some_and(|l| {
+                l.split_whitespace().any(|f| f == "constant_tsc")
+                    && l.split_whitespace().any(|f| f == "nonstop_tsc")
+            })
     })
 }
 

@@ -23,7 +23,9 @@ pub struct ConsoleOut {
 
 impl ConsoleOut {
     pub fn new(out: Box<dyn Write + Send>) -> Arc<Self> {
-        Arc::new(ConsoleOut { out: Mutex::new(out) })
+        Arc::new(ConsoleOut {
+            out: Mutex::new(out),
+        })
     }
 
     pub fn stdout() -> Arc<Self> {
@@ -120,7 +122,9 @@ impl PortBus {
             CMOS_DATA => {}
             KBD_STATUS if data[0] == 0xfe => return PortEvent::Reset,
             RESET_CF9 if data[0] & 0x04 != 0 => return PortEvent::Reset,
-            PCI_CONFIG_ADDR if data.len() == 4 => *self.pci_addr.lock() = u32::from_le_bytes([data[0], data[1], data[2], data[3]]),
+            PCI_CONFIG_ADDR if data.len() == 4 => {
+                *self.pci_addr.lock() = u32::from_le_bytes([data[0], data[1], data[2], data[3]])
+            }
             // POST codes and I/O delay ports.
             0x80 | 0xed => {}
             _ => self.log_unknown(port, "write"),
@@ -138,7 +142,9 @@ impl PortBus {
             CMOS_DATA => data[0] = cmos_read(*self.cmos_index.lock()),
             CMOS_INDEX => data[0] = *self.cmos_index.lock(),
             KBD_STATUS => data[0] = 0x1c,
-            PCI_CONFIG_ADDR if data.len() == 4 => data.copy_from_slice(&self.pci_addr.lock().to_le_bytes()),
+            PCI_CONFIG_ADDR if data.len() == 4 => {
+                data.copy_from_slice(&self.pci_addr.lock().to_le_bytes())
+            }
             // No PCI device: all ones (vendor 0xffff).
             PCI_CONFIG_DATA..=0xcff => {}
             0x80 | 0xed | 0x61 => data.fill(0),
@@ -148,7 +154,10 @@ impl PortBus {
 
     fn log_unknown(&self, port: u16, what: &str) {
         if self.unknown_logged.lock().insert(port) {
-            tracing::debug!(port = format_args!("{port:#x}"), "guest {what} of an unemulated I/O port (logged once)");
+            tracing::debug!(
+                port = format_args!("{port:#x}"),
+                "guest {what} of an unemulated I/O port (logged once)"
+            );
         }
     }
 }

@@ -57,7 +57,9 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
 
 /// End of the RAM region that starts at 0.
 pub fn low_end(mem: &crate::GuestMem) -> u64 {
-    mem.find_region(GuestAddress(0)).map(|r| r.len()).unwrap_or(0)
+    mem.find_region(GuestAddress(0))
+        .map(|r| r.len())
+        .unwrap_or(0)
 }
 
 /// First special page's GPA.
@@ -127,7 +129,11 @@ mod tests {
         assert_eq!(last.kind, E820_RESERVED);
         assert_eq!(last.addr + last.size, 64 << 20);
         assert_eq!(special_page(&m, special::XENSTORE), (64 << 20) - 15 * 4096);
-        let ram: u64 = e.iter().filter(|x| x.kind == E820_RAM).map(|x| x.size).sum();
+        let ram: u64 = e
+            .iter()
+            .filter(|x| x.kind == E820_RAM)
+            .map(|x| x.size)
+            .sum();
         assert!(ram < 64 << 20);
     }
 }

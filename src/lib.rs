@@ -2,8 +2,8 @@
 //! PV-on-HVM guests. See ../README.md and the architecture notes.
 
 pub mod boot;
-pub mod console;
 pub mod clock;
+pub mod console;
 pub mod cpuid;
 pub mod devices;
 pub mod hcall_page;

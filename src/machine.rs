@@ -98,7 +98,8 @@ impl Machine {
         console: Arc<ConsoleOut>,
         cfg: &VmConfig,
     ) -> Result<Arc<Machine>, VmError> {
-        let xen = Xen::new(cfg, &map, clock, console.clone()).map_err(|e| VmError::Other(format!("cannot create the Xen domain: {e}")))?;
+        let xen = Xen::new(cfg, &map, clock, console.clone())
+            .map_err(|e| VmError::Other(format!("cannot create the Xen domain: {e}")))?;
         let m = Arc::new(Machine {
             xen,
             vm,
@@ -150,7 +151,9 @@ impl Machine {
                 None => self.exit_cv.wait(&mut e),
             }
         }
-        let out = e.clone().unwrap_or(GuestExit::Error("no exit reason".into()));
+        let out = e
+            .clone()
+            .unwrap_or(GuestExit::Error("no exit reason".into()));
         self.stopping.store(true, Ordering::Release);
         out
     }

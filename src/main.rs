@@ -9,7 +9,11 @@ use xenkvm::machine::GuestExit;
 use xenkvm::vm::{Vm, VmConfig};
 
 #[derive(Parser)]
-#[command(name = "xenkvm", version, about = "Run unmodified Xen HVM and PV-on-HVM guests on Linux KVM, without Xen.")]
+#[command(
+    name = "xenkvm",
+    version,
+    about = "Run unmodified Xen HVM and PV-on-HVM guests on Linux KVM, without Xen."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -56,7 +60,10 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XENKVM_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("XENKVM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -64,7 +71,12 @@ fn main() -> ExitCode {
         Cmd::Run(a) => {
             let kernel = match std::fs::read(&a.kernel) {
                 Ok(k) => k,
-                Err(e) => return fail(1, &format!("cannot read --kernel {}: {e}", a.kernel.display())),
+                Err(e) => {
+                    return fail(
+                        1,
+                        &format!("cannot read --kernel {}: {e}", a.kernel.display()),
+                    )
+                }
             };
             let initrd = match a.initrd.as_ref().map(std::fs::read).transpose() {
                 Ok(i) => i,
@@ -82,7 +94,10 @@ fn main() -> ExitCode {
             run(cfg)
         }
         Cmd::Demo { timeout } => {
-            println!("xenkvm demo: booting the built-in test guest ({} bytes)", xenkvm::test_guest::TEST_GUEST_ELF.len());
+            println!(
+                "xenkvm demo: booting the built-in test guest ({} bytes)",
+                xenkvm::test_guest::TEST_GUEST_ELF.len()
+            );
             let cfg = VmConfig {
                 kernel: xenkvm::test_guest::TEST_GUEST_ELF.to_vec(),
                 cmdline: "demo".into(),
@@ -110,7 +125,13 @@ fn run(cfg: VmConfig) -> ExitCode {
         GuestExit::Crash(why) => fail(2, &format!("guest crashed: {why}")),
         GuestExit::Reboot(why) => fail(3, &format!("guest rebooted: {why}")),
         GuestExit::Suspend => fail(3, "guest suspended itself and nothing can resume it"),
-        GuestExit::Timeout(d) => fail(4, &format!("timeout: the guest was still running after {:.1} s", d.as_secs_f64())),
+        GuestExit::Timeout(d) => fail(
+            4,
+            &format!(
+                "timeout: the guest was still running after {:.1} s",
+                d.as_secs_f64()
+            ),
+        ),
         GuestExit::Error(e) => fail(1, &e),
     }
 }

@@ -118,8 +118,11 @@ struct ProbeVm {
 fn new_vm() -> Result<ProbeVm, String> {
     let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
     let vm = kvm.create_vm().map_err(|e| e.to_string())?;
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).map_err(|e| e.to_string())?;
-    let host = mem.get_host_address(GuestAddress(0)).map_err(|e| e.to_string())?;
+    let mem =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).map_err(|e| e.to_string())?;
+    let host = mem
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| e.to_string())?;
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
@@ -132,7 +135,9 @@ fn new_vm() -> Result<ProbeVm, String> {
     unsafe { vm.set_user_memory_region(region) }.map_err(|e| e.to_string())?;
     let _ = vm.set_tss_address(0xfffb_d000);
     let vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
-    let cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(|e| e.to_string())?;
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| e.to_string())?;
     vcpu.set_cpuid2(&cpuid).map_err(|e| e.to_string())?;
     Ok(ProbeVm { _vm: vm, vcpu, mem })
 }
@@ -170,7 +175,11 @@ fn run_vcpu(p: &mut ProbeVm) -> End {
     End::Other("no exit".into())
 }
 
-fn asm(bits: u32, ip: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Result<Vec<u8>, String> {
+fn asm(
+    bits: u32,
+    ip: u64,
+    f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<Vec<u8>, String> {
     let mut a = CodeAssembler::new(bits).map_err(|e| e.to_string())?;
     f(&mut a).map_err(|e| e.to_string())?;
     a.assemble(ip).map_err(|e| e.to_string())
@@ -205,7 +214,9 @@ fn classify(end: End, ok_native: bool) -> Support {
         End::Out(PORT_OK) if ok_native => Support::Native,
         End::EmulationFailure => Support::FixedUp,
         End::TripleFault => Support::Unsupported("the guest triple-faults".into()),
-        End::Out(p) if p == PORT_VEC + 6 => Support::Unsupported("the guest gets #UD, with no exit to the VMM".into()),
+        End::Out(p) if p == PORT_VEC + 6 => {
+            Support::Unsupported("the guest gets #UD, with no exit to the VMM".into())
+        }
         End::Out(p) => Support::Unsupported(format!("unexpected report on port {p:#x}")),
         End::Other(s) => Support::Unknown(s),
     }
@@ -216,11 +227,17 @@ fn probe_legacy_paging(pae: bool) -> Support {
         let mut p = new_vm()?;
         if pae {
             // PDPT at 0x2000 -> PD at 0x3000 -> one 2 MiB identity page.
-            p.mem.write_obj(0x3001u64, GuestAddress(0x2000)).map_err(|e| e.to_string())?;
-            p.mem.write_obj(0x83u64, GuestAddress(0x3000)).map_err(|e| e.to_string())?;
+            p.mem
+                .write_obj(0x3001u64, GuestAddress(0x2000))
+                .map_err(|e| e.to_string())?;
+            p.mem
+                .write_obj(0x83u64, GuestAddress(0x3000))
+                .map_err(|e| e.to_string())?;
         } else {
             // Page directory at 0x2000 with one 4 MiB identity page.
-            p.mem.write_obj(0x83u32, GuestAddress(0x2000)).map_err(|e| e.to_string())?;
+            p.mem
+                .write_obj(0x83u32, GuestAddress(0x2000))
+                .map_err(|e| e.to_string())?;
         }
         let cr4_val = if pae { 0x20u32 } else { 0x10 };
         let code = asm(32, 0x1000, |a| {
@@ -234,7 +251,9 @@ fn probe_legacy_paging(pae: bool) -> Support {
             a.out(PORT_OK as u32, al)?;
             a.hlt()
         })?;
-        p.mem.write_slice(&code, GuestAddress(0x1000)).map_err(|e| e.to_string())?;
+        p.mem
+            .write_slice(&code, GuestAddress(0x1000))
+            .map_err(|e| e.to_string())?;
         prot32(&p, 0x1000)?;
         Ok(run_vcpu(&mut p))
     })();
@@ -247,7 +266,11 @@ fn probe_legacy_paging(pae: bool) -> Support {
 /// Long mode with 2 MiB identity pages, a GDT, an IDT whose handlers
 /// report their vector, and a TSS with RSP0.
 fn long_mode(p: &ProbeVm, user: bool, rip: u64, gate_dpl: u8) -> Result<(), String> {
-    let w = |v: u64, at: u64| p.mem.write_obj(v, GuestAddress(at)).map_err(|e| e.to_string());
+    let w = |v: u64, at: u64| {
+        p.mem
+            .write_obj(v, GuestAddress(at))
+            .map_err(|e| e.to_string())
+    };
     w(0x3000 | 7, 0x2000)?; // PML4 -> PDPT
     w(0x4000 | 7, 0x3000)?; // PDPT -> PD
     w(0x87, 0x4000)?; // 2 MiB page 0, user, writable
@@ -257,11 +280,16 @@ fn long_mode(p: &ProbeVm, user: bool, rip: u64, gate_dpl: u8) -> Result<(), Stri
     for vec in 0u64..32 {
         let handler = 0x7400 + vec * 16;
         let dpl = if vec == 0x10 { u64::from(gate_dpl) } else { 0 };
-        let lo = (handler & 0xffff) | (0x08 << 16) | ((0x8e | (dpl << 5)) << 40) | ((handler >> 16 & 0xffff) << 48);
+        let lo = (handler & 0xffff)
+            | (0x08 << 16)
+            | ((0x8e | (dpl << 5)) << 40)
+            | ((handler >> 16 & 0xffff) << 48);
         w(lo, 0x6000 + vec * 16)?;
         w(handler >> 32, 0x6000 + vec * 16 + 8)?;
         let code = [0xe6, (PORT_VEC as u8).wrapping_add(vec as u8), 0xf4];
-        p.mem.write_slice(&code, GuestAddress(handler)).map_err(|e| e.to_string())?;
+        p.mem
+            .write_slice(&code, GuestAddress(handler))
+            .map_err(|e| e.to_string())?;
     }
     // TSS at 0x8000: RSP0 = 0x9000.
     w(0x9000u64 << 32, 0x8000)?;
@@ -308,7 +336,9 @@ fn probe_user_int_n() -> Support {
             a.int(0x10)?;
             a.hlt()
         })?;
-        p.mem.write_slice(&code, GuestAddress(0x1000)).map_err(|e| e.to_string())?;
+        p.mem
+            .write_slice(&code, GuestAddress(0x1000))
+            .map_err(|e| e.to_string())?;
         long_mode(&p, true, 0x1000, 3)?;
         Ok(run_vcpu(&mut p))
     })();
@@ -324,7 +354,11 @@ fn probe_user_int_n() -> Support {
 fn probe_user_int_n_prot32() -> Support {
     let r = (|| -> Result<End, String> {
         let mut p = new_vm()?;
-        let w = |v: u64, at: u64| p.mem.write_obj(v, GuestAddress(at)).map_err(|e| e.to_string());
+        let w = |v: u64, at: u64| {
+            p.mem
+                .write_obj(v, GuestAddress(at))
+                .map_err(|e| e.to_string())
+        };
         // GDT: 0x08 code DPL0, 0x10 data DPL0, 0x18 code DPL3, 0x20 data DPL3.
         w(0x00cf_9b00_0000_ffff, 0x5008)?;
         w(0x00cf_9300_0000_ffff, 0x5010)?;
@@ -334,15 +368,30 @@ fn probe_user_int_n_prot32() -> Support {
         for vec in 0u64..32 {
             let handler = 0x7400 + vec * 16;
             let dpl = if vec == 0x10 { 3u64 } else { 0 };
-            w((handler & 0xffff) | (0x08 << 16) | ((0x8e | (dpl << 5)) << 40) | ((handler >> 16) << 48), 0x6000 + vec * 8)?;
+            w(
+                (handler & 0xffff)
+                    | (0x08 << 16)
+                    | ((0x8e | (dpl << 5)) << 40)
+                    | ((handler >> 16) << 48),
+                0x6000 + vec * 8,
+            )?;
             p.mem
-                .write_slice(&[0xe6, (PORT_VEC as u8).wrapping_add(vec as u8), 0xf4], GuestAddress(handler))
+                .write_slice(
+                    &[0xe6, (PORT_VEC as u8).wrapping_add(vec as u8), 0xf4],
+                    GuestAddress(handler),
+                )
                 .map_err(|e| e.to_string())?;
         }
         // 32-bit TSS at 0x8000: ESP0 = 0x9000, SS0 = 0x10.
-        p.mem.write_obj(0x9000u32, GuestAddress(0x8004)).map_err(|e| e.to_string())?;
-        p.mem.write_obj(0x10u32, GuestAddress(0x8008)).map_err(|e| e.to_string())?;
-        p.mem.write_slice(&[0xcd, 0x10, 0xf4], GuestAddress(0x1000)).map_err(|e| e.to_string())?;
+        p.mem
+            .write_obj(0x9000u32, GuestAddress(0x8004))
+            .map_err(|e| e.to_string())?;
+        p.mem
+            .write_obj(0x10u32, GuestAddress(0x8008))
+            .map_err(|e| e.to_string())?;
+        p.mem
+            .write_slice(&[0xcd, 0x10, 0xf4], GuestAddress(0x1000))
+            .map_err(|e| e.to_string())?;
         prot32(&p, 0x1000)?;
         let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
         s.cs = seg(0x1b, 0xb, 3, false);
@@ -374,7 +423,9 @@ fn probe_user_int_n_prot32() -> Support {
 fn probe_kernel_int3() -> Support {
     let r = (|| -> Result<End, String> {
         let mut p = new_vm()?;
-        p.mem.write_slice(&[0xcc, 0xf4], GuestAddress(0x1000)).map_err(|e| e.to_string())?;
+        p.mem
+            .write_slice(&[0xcc, 0xf4], GuestAddress(0x1000))
+            .map_err(|e| e.to_string())?;
         long_mode(&p, false, 0x1000, 0)?;
         Ok(run_vcpu(&mut p))
     })();
@@ -389,16 +440,24 @@ fn probe_iret32() -> Support {
     let r = (|| -> Result<End, String> {
         let mut p = new_vm()?;
         // GDT at 0x5000 with flat code (0x08) and data (0x10).
-        p.mem.write_obj(0x00cf_9b00_0000_ffffu64, GuestAddress(0x5008)).map_err(|e| e.to_string())?;
-        p.mem.write_obj(0x00cf_9300_0000_ffffu64, GuestAddress(0x5010)).map_err(|e| e.to_string())?;
+        p.mem
+            .write_obj(0x00cf_9b00_0000_ffffu64, GuestAddress(0x5008))
+            .map_err(|e| e.to_string())?;
+        p.mem
+            .write_obj(0x00cf_9300_0000_ffffu64, GuestAddress(0x5010))
+            .map_err(|e| e.to_string())?;
         let code = asm(32, 0x1000, |a| {
             a.pushfd()?;
             a.push(0x08u32 as i32)?;
             a.push(0x1100u32 as i32)?;
             a.iretd()
         })?;
-        p.mem.write_slice(&code, GuestAddress(0x1000)).map_err(|e| e.to_string())?;
-        p.mem.write_slice(&[0xe6, PORT_OK as u8, 0xf4], GuestAddress(0x1100)).map_err(|e| e.to_string())?;
+        p.mem
+            .write_slice(&code, GuestAddress(0x1000))
+            .map_err(|e| e.to_string())?;
+        p.mem
+            .write_slice(&[0xe6, PORT_OK as u8, 0xf4], GuestAddress(0x1100))
+            .map_err(|e| e.to_string())?;
         prot32(&p, 0x1000)?;
         let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
         s.gdt.base = 0x5000;

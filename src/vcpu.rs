@@ -60,11 +60,19 @@ pub struct Vcpu {
 
 /// An exit, copied out of `kvm_run` so the fd can be used again.
 enum Exit {
-    IoOut { port: u16, data: [u8; 4], len: usize },
+    IoOut {
+        port: u16,
+        data: [u8; 4],
+        len: usize,
+    },
     Handled,
-    WrmsrHypercallPage { gpa: u64 },
+    WrmsrHypercallPage {
+        gpa: u64,
+    },
     Shutdown,
-    InternalError { suberror: u32 },
+    InternalError {
+        suberror: u32,
+    },
     SystemEvent(u32),
     Fatal(String),
 }
@@ -141,8 +149,12 @@ impl Vcpu {
                 Exit::InternalError { suberror }
             }
             Ok(VcpuExit::SystemEvent(t, _)) => Exit::SystemEvent(t),
-            Ok(VcpuExit::Intr) | Ok(VcpuExit::Debug(_)) | Ok(VcpuExit::IrqWindowOpen) => Exit::Handled,
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Exit::Fatal(format!("KVM_EXIT_FAIL_ENTRY reason {reason:#x} on cpu {cpu}")),
+            Ok(VcpuExit::Intr) | Ok(VcpuExit::Debug(_)) | Ok(VcpuExit::IrqWindowOpen) => {
+                Exit::Handled
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Exit::Fatal(format!(
+                "KVM_EXIT_FAIL_ENTRY reason {reason:#x} on cpu {cpu}"
+            )),
             Ok(other) => Exit::Fatal(format!("unexpected KVM exit {other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Handled,
             Err(e) => Exit::Fatal(format!("KVM_RUN failed: {e}")),
@@ -157,21 +169,27 @@ impl Vcpu {
             }
             Exit::Shutdown => {
                 let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                self.m.request_exit(GuestExit::Reboot(format!("triple fault on vCPU {} at RIP {rip:#x}", self.id)));
+                self.m.request_exit(GuestExit::Reboot(format!(
+                    "triple fault on vCPU {} at RIP {rip:#x}",
+                    self.id
+                )));
                 State::Stopped
             }
             Exit::InternalError { suberror } => self.internal_error(suberror),
             Exit::SystemEvent(t) => {
                 let why = match t {
                     kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => GuestExit::Poweroff,
-                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => GuestExit::Reboot("system reset".into()),
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                        GuestExit::Reboot("system reset".into())
+                    }
                     t => GuestExit::Crash(format!("system event {t}")),
                 };
                 self.m.request_exit(why);
                 State::Stopped
             }
             Exit::Fatal(msg) => {
-                self.m.request_exit(GuestExit::Error(format!("vCPU {}: {msg}", self.id)));
+                self.m
+                    .request_exit(GuestExit::Error(format!("vCPU {}: {msg}", self.id)));
                 State::Stopped
             }
         }
@@ -187,7 +205,8 @@ impl Vcpu {
         match self.m.ports.io_out(port, data) {
             PortEvent::None => State::Running,
             PortEvent::Reset => {
-                self.m.request_exit(GuestExit::Reboot("reset through an I/O port".into()));
+                self.m
+                    .request_exit(GuestExit::Reboot("reset through an I/O port".into()));
                 State::Stopped
             }
         }
@@ -231,7 +250,9 @@ impl Vcpu {
                 return State::Stopped;
             }
             waker.clear();
-            if self.m.xen.wake_condition(self.id, ports.as_deref()) || deadline.is_some_and(|d| Instant::now() >= d) {
+            if self.m.xen.wake_condition(self.id, ports.as_deref())
+                || deadline.is_some_and(|d| Instant::now() >= d)
+            {
                 self.m.xen.end_block(self.id, polled);
                 return State::Running;
             }
@@ -248,20 +269,38 @@ impl Vcpu {
             State::Stopped
         };
         if suberror != KVM_INTERNAL_ERROR_EMULATION {
-            return fail(&self.m, self.id, format!("KVM internal error, suberror {suberror}"));
+            return fail(
+                &self.m,
+                self.id,
+                format!("KVM internal error, suberror {suberror}"),
+            );
         }
         let (mut regs, mut sregs) = match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(r), Ok(s)) => (r, s),
-            _ => return fail(&self.m, self.id, "cannot read registers after an emulation failure".into()),
+            _ => {
+                return fail(
+                    &self.m,
+                    self.id,
+                    "cannot read registers after an emulation failure".into(),
+                )
+            }
         };
-        let env = EmuHost { fd: &self.fd, m: &self.m };
+        let env = EmuHost {
+            fd: &self.fd,
+            m: &self.m,
+        };
         let fix = x86::fixup(&self.m.mem, &env, &mut regs, &mut sregs);
-        tracing::trace!(?fix, rip = format_args!("{:#x}", regs.rip), "emulation-failure fix-up");
-        let inject = |fd: &VcpuFd, f: &dyn Fn(&mut kvm_vcpu_events)| -> Result<(), kvm_ioctls::Error> {
-            let mut ev = fd.get_vcpu_events()?;
-            f(&mut ev);
-            fd.set_vcpu_events(&ev)
-        };
+        tracing::trace!(
+            ?fix,
+            rip = format_args!("{:#x}", regs.rip),
+            "emulation-failure fix-up"
+        );
+        let inject =
+            |fd: &VcpuFd, f: &dyn Fn(&mut kvm_vcpu_events)| -> Result<(), kvm_ioctls::Error> {
+                let mut ev = fd.get_vcpu_events()?;
+                f(&mut ev);
+                fd.set_vcpu_events(&ev)
+            };
         let r = match &fix {
             Fixup::Resume => Ok(()),
             Fixup::Exception { vector, error_code } => inject(&self.fd, &|ev| {
@@ -285,10 +324,16 @@ impl Vcpu {
                 })
             }
             Fixup::Unhandled(what) => {
-                return fail(&self.m, self.id, format!("KVM cannot emulate {what}, and neither can xenkvm"));
+                return fail(
+                    &self.m,
+                    self.id,
+                    format!("KVM cannot emulate {what}, and neither can xenkvm"),
+                );
             }
         };
-        let r = r.and_then(|_| self.fd.set_regs(&regs)).and_then(|_| self.fd.set_sregs(&sregs));
+        let r = r
+            .and_then(|_| self.fd.set_regs(&regs))
+            .and_then(|_| self.fd.set_sregs(&sregs));
         if let Err(e) = r {
             return fail(&self.m, self.id, format!("cannot apply a fix-up: {e}"));
         }
@@ -315,7 +360,13 @@ impl x86::EmuEnv for EmuHost<'_> {
         self.fd
             .get_xcrs()
             .ok()
-            .and_then(|x| x.xcrs.iter().take(x.nr_xcrs as usize).find(|x| x.xcr == 0).map(|x| x.value))
+            .and_then(|x| {
+                x.xcrs
+                    .iter()
+                    .take(x.nr_xcrs as usize)
+                    .find(|x| x.xcr == 0)
+                    .map(|x| x.value)
+            })
             .unwrap_or(1)
     }
 }

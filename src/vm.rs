@@ -7,10 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_pit_config, kvm_segment, kvm_userspace_memory_region, CpuId, KVM_CAP_X86_USER_SPACE_MSR,
-    KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER, KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_pit_config, kvm_segment, kvm_userspace_memory_region, CpuId,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER,
+    KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd};
+use kvm_ioctls::{
+    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot;
@@ -86,7 +89,10 @@ pub struct Vm {
 /// Guest RAM: memfd-backed regions owned by gpc's memory map (overlays and
 /// caches spanning regions depend on the memfds).
 fn create_memory(mem_mib: u64) -> Result<gpc::MemoryMap, VmError> {
-    let ranges: Vec<_> = layout::ram_ranges(mem_mib << 20).into_iter().map(|(a, l)| (a, l as u64)).collect();
+    let ranges: Vec<_> = layout::ram_ranges(mem_mib << 20)
+        .into_iter()
+        .map(|(a, l)| (a, l as u64))
+        .collect();
     gpc::MemoryMap::new(&ranges).map_err(|e| VmError::Memory(e.to_string()))
 }
 
@@ -115,7 +121,8 @@ impl Vm {
         // Intel-only areas; harmless elsewhere. They sit in the MMIO hole.
         let _ = vm.set_tss_address(0xfffb_d000);
         let _ = vm.set_identity_map_address(0xfffb_c000);
-        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -131,20 +138,28 @@ impl Vm {
                 flags: 0,
                 guest_phys_addr: r.guest_base.0,
                 memory_size: r.size,
-                userspace_addr: r.host_addr as u64,
+                userspace_addr: r.host_addr,
             };
             // SAFETY: the region is a live mapping owned by `map`, which the
             // Machine keeps for the VM's whole life (it outlives `vm`'s use).
-            unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
         let kernel = boot::load_pvh_elf(&mem, &cfg.kernel)?;
         let e820 = layout::e820(&mem);
         let start_info = boot::write_start_info(&mem, &e820, &cfg.cmdline, cfg.initrd.as_deref())?;
-        tracing::info!(entry = format_args!("{:#x}", kernel.entry), start = format_args!("{:#x}", kernel.start), end = format_args!("{:#x}", kernel.end), "kernel loaded");
+        tracing::info!(
+            entry = format_args!("{:#x}", kernel.entry),
+            start = format_args!("{:#x}", kernel.start),
+            end = format_args!("{:#x}", kernel.end),
+            "kernel loaded"
+        );
 
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
-        vm.register_irqfd(&serial_irq, 4).map_err(kvm_err("KVM_IRQFD"))?;
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
+        vm.register_irqfd(&serial_irq, 4)
+            .map_err(kvm_err("KVM_IRQFD"))?;
         let ports = PortBus::new(console.clone(), serial_irq);
 
         let supported = kvm
@@ -153,7 +168,9 @@ impl Vm {
         let mut vcpus = Vec::new();
         let mut tsc_khz = 0;
         for id in 0..cfg.vcpus {
-            let fd = vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             if id == 0 {
                 tsc_khz = fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
             }
@@ -166,7 +183,8 @@ impl Vm {
                     upcall_vector: true,
                 },
             );
-            fd.set_cpuid2(&to_kvm_cpuid(&entries)?).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            fd.set_cpuid2(&to_kvm_cpuid(&entries)?)
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
             vcpus.push(fd);
         }
         let offset = measure_tsc_offset(&vcpus[0]);
@@ -201,10 +219,14 @@ impl Vm {
                 }
             }
             let vcpu = Vcpu::new(id, fd, machine.clone());
-            match std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || vcpu.run()) {
+            match std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu.run())
+            {
                 Ok(h) => handles.push(h),
                 Err(e) => {
-                    machine.request_exit(GuestExit::Error(format!("cannot start vCPU thread: {e}")));
+                    machine
+                        .request_exit(GuestExit::Error(format!("cannot start vCPU thread: {e}")));
                     break;
                 }
             }
@@ -226,7 +248,8 @@ fn enable_msr_exits(vm: &VmFd) -> Result<(), VmError> {
         ..Default::default()
     };
     cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_FILTER);
-    vm.enable_cap(&cap).map_err(kvm_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+    vm.enable_cap(&cap)
+        .map_err(kvm_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
     // A zero bit denies the access, which the cap turns into an exit.
     let bitmap = [0u8; 1];
     let range = MsrFilterRange {

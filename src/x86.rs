@@ -8,7 +8,7 @@
 //!   32-bit `iret` is emulated (stack pops and descriptor loads), `rdtscp`
 //!   and `xgetbv` are emulated. Instructions are decoded with iced-x86.
 
-use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Register};
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 const CR0_PE: u64 = 1;
@@ -110,10 +110,19 @@ fn read_u32(mem: &dyn PhysMem, gpa: u64) -> Option<u32> {
 }
 
 /// Translates a linear address. Bounded: at most five table reads.
-pub fn translate(mem: &dyn PhysMem, p: &Paging, linear: u64, acc: Access) -> Result<u64, PageFault> {
+pub fn translate(
+    mem: &dyn PhysMem,
+    p: &Paging,
+    linear: u64,
+    acc: Access,
+) -> Result<u64, PageFault> {
     if p.cr0 & CR0_PG == 0 {
         // Paging off: linear == physical (32-bit in protected mode).
-        return Ok(if p.efer & EFER_LMA != 0 { linear } else { linear & 0xffff_ffff });
+        return Ok(if p.efer & EFER_LMA != 0 {
+            linear
+        } else {
+            linear & 0xffff_ffff
+        });
     }
     let fault = |present: bool| PageFault {
         linear,
@@ -138,7 +147,8 @@ pub fn translate(mem: &dyn PhysMem, p: &Paging, linear: u64, acc: Access) -> Res
             (if p.cr4 & CR4_LA57 != 0 { 5 } else { 4 }, p.cr3 & ADDR_MASK)
         } else {
             // PAE: the 4 PDPTEs at CR3 (32-byte aligned).
-            let pdpte = read_u64(mem, (p.cr3 & 0xffff_ffe0) + ((linear >> 30) & 3) * 8).ok_or(fault(false))?;
+            let pdpte = read_u64(mem, (p.cr3 & 0xffff_ffe0) + ((linear >> 30) & 3) * 8)
+                .ok_or(fault(false))?;
             if pdpte & PTE_P == 0 {
                 return Err(fault(false));
             }
@@ -172,7 +182,8 @@ pub fn translate(mem: &dyn PhysMem, p: &Paging, linear: u64, acc: Access) -> Res
             let base = (pde & 0xffc0_0000) | ((pde >> 13) & 0xff) << 32;
             return finish(base | (l & 0x3f_ffff), w_ok, u_ok);
         }
-        let pte = read_u32(mem, (pde & 0xffff_f000) + ((l >> 12) & 0x3ff) * 4).ok_or(fault(false))? as u64;
+        let pte = read_u32(mem, (pde & 0xffff_f000) + ((l >> 12) & 0x3ff) * 4)
+            .ok_or(fault(false))? as u64;
         if pte & PTE_P == 0 {
             return Err(fault(false));
         }
@@ -182,7 +193,13 @@ pub fn translate(mem: &dyn PhysMem, p: &Paging, linear: u64, acc: Access) -> Res
 }
 
 /// Reads `buf.len()` bytes at a linear address, page by page.
-pub fn read_linear(mem: &dyn PhysMem, p: &Paging, linear: u64, buf: &mut [u8], acc: Access) -> Result<(), PageFault> {
+pub fn read_linear(
+    mem: &dyn PhysMem,
+    p: &Paging,
+    linear: u64,
+    buf: &mut [u8],
+    acc: Access,
+) -> Result<(), PageFault> {
     let mut done = 0usize;
     while done < buf.len() {
         let la = linear.wrapping_add(done as u64);
@@ -201,7 +218,13 @@ pub fn read_linear(mem: &dyn PhysMem, p: &Paging, linear: u64, buf: &mut [u8], a
 
 /// Writes `data` at a linear address, page by page (each page translated
 /// for write before any byte is written to it).
-pub fn write_linear(mem: &dyn PhysMem, p: &Paging, linear: u64, data: &[u8], acc: Access) -> Result<(), PageFault> {
+pub fn write_linear(
+    mem: &dyn PhysMem,
+    p: &Paging,
+    linear: u64,
+    data: &[u8],
+    acc: Access,
+) -> Result<(), PageFault> {
     let mut done = 0usize;
     while done < data.len() {
         let la = linear.wrapping_add(done as u64);
@@ -234,12 +257,28 @@ pub fn complete_stub_return(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &kvm_sreg
     } else {
         regs.rax = u64::from(result as i32 as u32);
         let stack32 = s.ss.db != 0;
-        let sp = if stack32 { regs.rsp & 0xffff_ffff } else { regs.rsp & 0xffff };
+        let sp = if stack32 {
+            regs.rsp & 0xffff_ffff
+        } else {
+            regs.rsp & 0xffff
+        };
         let mut b = [0u8; 4];
-        if read_linear(mem, &p, s.ss.base.wrapping_add(sp) & 0xffff_ffff, &mut b, Access::READ).is_ok() {
+        if read_linear(
+            mem,
+            &p,
+            s.ss.base.wrapping_add(sp) & 0xffff_ffff,
+            &mut b,
+            Access::READ,
+        )
+        .is_ok()
+        {
             regs.rip = u64::from(u32::from_le_bytes(b));
             let nsp = sp.wrapping_add(4);
-            regs.rsp = if stack32 { nsp & 0xffff_ffff } else { (regs.rsp & !0xffff) | (nsp & 0xffff) };
+            regs.rsp = if stack32 {
+                nsp & 0xffff_ffff
+            } else {
+                (regs.rsp & !0xffff) | (nsp & 0xffff)
+            };
         }
     }
 }
@@ -299,7 +338,11 @@ pub trait EmuEnv {
 pub fn fetch(mem: &dyn PhysMem, regs: &kvm_regs, s: &kvm_sregs) -> Result<Instruction, Fixup> {
     let p = Paging::from_sregs(s);
     let bits = code_bits(s);
-    let linear = if bits == 64 { regs.rip } else { s.cs.base.wrapping_add(regs.rip) & 0xffff_ffff };
+    let linear = if bits == 64 {
+        regs.rip
+    } else {
+        s.cs.base.wrapping_add(regs.rip) & 0xffff_ffff
+    };
     // Fetch up to 15 bytes, stopping early at an unmapped page.
     let mut buf = [0u8; 15];
     let mut n = 15;
@@ -328,7 +371,11 @@ pub fn fixup(mem: &dyn PhysMem, env: &dyn EmuEnv, regs: &mut kvm_regs, s: &mut k
     };
     let next = regs.rip.wrapping_add(insn.len() as u64);
     let advance = |regs: &mut kvm_regs| {
-        regs.rip = if code_bits(s) == 64 { next } else { next & 0xffff_ffff };
+        regs.rip = if code_bits(s) == 64 {
+            next
+        } else {
+            next & 0xffff_ffff
+        };
     };
     match insn.code() {
         Code::Int3 => {
@@ -406,8 +453,14 @@ fn check_soft_int_gate(mem: &dyn PhysMem, s: &kvm_sregs, vector: u8) -> Result<(
         return Err(gp(GP));
     }
     let mut g = [0u8; 8];
-    read_linear(mem, &Paging::from_sregs(s), s.idt.base.wrapping_add(off), &mut g, Access::READ)
-        .map_err(Fixup::PageFault)?;
+    read_linear(
+        mem,
+        &Paging::from_sregs(s),
+        s.idt.base.wrapping_add(off),
+        &mut g,
+        Access::READ,
+    )
+    .map_err(Fixup::PageFault)?;
     let attr = g[5];
     let dpl = (attr >> 5) & 3;
     if dpl < cpl(s) {
@@ -438,7 +491,14 @@ fn load_descriptor(mem: &dyn PhysMem, s: &kvm_sregs, sel: u16) -> Result<kvm_seg
         return Err(gp);
     }
     let mut d = [0u8; 8];
-    read_linear(mem, &Paging::from_sregs(s), base.wrapping_add(idx), &mut d, Access::READ).map_err(Fixup::PageFault)?;
+    read_linear(
+        mem,
+        &Paging::from_sregs(s),
+        base.wrapping_add(idx),
+        &mut d,
+        Access::READ,
+    )
+    .map_err(Fixup::PageFault)?;
     Ok(descriptor_to_segment(sel, u64::from_le_bytes(d)))
 }
 
@@ -446,7 +506,11 @@ fn load_descriptor(mem: &dyn PhysMem, s: &kvm_sregs, sel: u16) -> Result<kvm_seg
 pub fn descriptor_to_segment(sel: u16, d: u64) -> kvm_segment {
     let limit_raw = ((d & 0xffff) | ((d >> 32) & 0xf_0000)) as u32;
     let g = ((d >> 55) & 1) as u8;
-    let limit = if g != 0 { (limit_raw << 12) | 0xfff } else { limit_raw };
+    let limit = if g != 0 {
+        (limit_raw << 12) | 0xfff
+    } else {
+        limit_raw
+    };
     let base = ((d >> 16) & 0xff_ffff) | (((d >> 56) & 0xff) << 24);
     kvm_segment {
         base,
@@ -473,6 +537,9 @@ fn null_segment(sel: u16) -> kvm_segment {
     }
 }
 
+/// What `iret` pops: IP, CS, FLAGS and, on a return to an outer level, SP and SS.
+type IretFrame = (u64, u16, u64, Option<(u64, u16)>);
+
 /// Emulates `iret` in protected mode (and `iretq`, should it ever fail):
 /// same-privilege and outer-privilege returns. Task returns (NT) and
 /// returns to virtual-8086 mode are refused.
@@ -496,7 +563,11 @@ fn iret(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &mut kvm_sregs, code: Code) -
         let lin = if long {
             sp
         } else {
-            let off = if stack32 { sp & 0xffff_ffff } else { sp & 0xffff };
+            let off = if stack32 {
+                sp & 0xffff_ffff
+            } else {
+                sp & 0xffff
+            };
             s.ss.base.wrapping_add(off) & 0xffff_ffff
         };
         let mut b = [0u8; 8];
@@ -504,13 +575,17 @@ fn iret(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &mut kvm_sregs, code: Code) -
         sp = sp.wrapping_add(n);
         Ok(u64::from_le_bytes(b))
     };
-    let res = (|| -> Result<(u64, u16, u64, Option<(u64, u16)>), Fixup> {
+    let res = (|| -> Result<IretFrame, Fixup> {
         let ip = pop(opsize)?;
         let cs = pop(opsize)? as u16;
         let fl = pop(opsize)?;
         let cpl = cpl(s);
         let outer = (cs & 3) as u8 > cpl || long;
-        let stack = if outer { Some((pop(opsize)?, pop(opsize)? as u16)) } else { None };
+        let stack = if outer {
+            Some((pop(opsize)?, pop(opsize)? as u16))
+        } else {
+            None
+        };
         Ok((ip, cs, fl, stack))
     })();
     let (ip, cs_sel, flags, stack) = match res {
@@ -535,7 +610,11 @@ fn iret(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &mut kvm_sregs, code: Code) -
     };
     // Must be a code segment; non-conforming: DPL == RPL; conforming: DPL <= RPL.
     let conforming = cs.type_ & 4 != 0;
-    if cs.s == 0 || cs.type_ & 8 == 0 || (!conforming && cs.dpl != rpl) || (conforming && cs.dpl > rpl) {
+    if cs.s == 0
+        || cs.type_ & 8 == 0
+        || (!conforming && cs.dpl != rpl)
+        || (conforming && cs.dpl > rpl)
+    {
         return gp_sel(cs_sel);
     }
     if cs.present == 0 {
@@ -560,7 +639,12 @@ fn iret(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &mut kvm_sregs, code: Code) -
                 Ok(d) => d,
                 Err(f) => return f,
             };
-            if (ss_sel & 3) as u8 != rpl || ss.dpl != rpl || ss.s == 0 || ss.type_ & 8 != 0 || ss.type_ & 2 == 0 {
+            if (ss_sel & 3) as u8 != rpl
+                || ss.dpl != rpl
+                || ss.s == 0
+                || ss.type_ & 8 != 0
+                || ss.type_ & 2 == 0
+            {
                 return gp_sel(ss_sel);
             }
             if ss.present == 0 {
@@ -586,11 +670,21 @@ fn iret(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &mut kvm_sregs, code: Code) -
         mask &= 0xffff;
     }
     regs.rflags = (regs.rflags & !mask) | (flags & mask) | 2;
-    regs.rip = if long { ip } else if opsize == 2 { ip & 0xffff } else { ip & 0xffff_ffff };
+    regs.rip = if long {
+        ip
+    } else if opsize == 2 {
+        ip & 0xffff
+    } else {
+        ip & 0xffff_ffff
+    };
     s.cs = cs;
     match new_ss {
         Some((new_sp, ss)) => {
-            regs.rsp = if long || ss.db != 0 { new_sp } else { (regs.rsp & !0xffff) | (new_sp & 0xffff) };
+            regs.rsp = if long || ss.db != 0 {
+                new_sp
+            } else {
+                (regs.rsp & !0xffff) | (new_sp & 0xffff)
+            };
             s.ss = ss;
             if rpl > old_cpl {
                 // Data segments the new privilege may not use become null.
@@ -603,7 +697,11 @@ fn iret(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &mut kvm_sregs, code: Code) -
             }
         }
         None => {
-            regs.rsp = if stack32 { (regs.rsp & !0xffff_ffff) | (sp & 0xffff_ffff) } else { (regs.rsp & !0xffff) | (sp & 0xffff) };
+            regs.rsp = if stack32 {
+                (regs.rsp & !0xffff_ffff) | (sp & 0xffff_ffff)
+            } else {
+                (regs.rsp & !0xffff) | (sp & 0xffff)
+            };
         }
     }
     Fixup::Resume
@@ -612,19 +710,25 @@ fn iret(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &mut kvm_sregs, code: Code) -
 /// Registers a hypercall is decoded from.
 pub fn hypercall_args(regs: &kvm_regs, long: bool) -> (u64, [u64; 6]) {
     if long {
-        (regs.rax, [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9])
+        (
+            regs.rax,
+            [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9],
+        )
     } else {
         let l = |v: u64| v & 0xffff_ffff;
         (
             l(regs.rax),
-            [l(regs.rbx), l(regs.rcx), l(regs.rdx), l(regs.rsi), l(regs.rdi), l(regs.rbp)],
+            [
+                l(regs.rbx),
+                l(regs.rcx),
+                l(regs.rdx),
+                l(regs.rsi),
+                l(regs.rdi),
+                l(regs.rbp),
+            ],
         )
     }
 }
-
-/// Unused-register guard for iced's Register import.
-#[allow(dead_code)]
-fn _reg(_: Register) {}
 
 /// NX bit check helper (for completeness of the walk's documentation).
 pub fn nx_enabled(p: &Paging) -> bool {
@@ -644,7 +748,10 @@ mod tests {
         fn write(&self, gpa: u64, data: &[u8]) {
             for (i, b) in data.iter().enumerate() {
                 let a = gpa + i as u64;
-                self.0.borrow_mut().entry(a >> 12).or_insert_with(|| vec![0; 4096])[(a & 0xfff) as usize] = *b;
+                self.0
+                    .borrow_mut()
+                    .entry(a >> 12)
+                    .or_insert_with(|| vec![0; 4096])[(a & 0xfff) as usize] = *b;
             }
         }
         fn w64(&self, gpa: u64, v: u64) {
@@ -709,7 +816,10 @@ mod tests {
         let m = Mem::default();
         long_mode_map(&m, 0x100000, 0xffff_8000_0000_1000, 0x5000, PTE_P | PTE_W);
         let p = long_paging(0x100000);
-        assert_eq!(translate(&m, &p, 0xffff_8000_0000_1234, Access::READ), Ok(0x5234));
+        assert_eq!(
+            translate(&m, &p, 0xffff_8000_0000_1234, Access::READ),
+            Ok(0x5234)
+        );
     }
 
     #[test]
@@ -731,7 +841,10 @@ mod tests {
             cr0: CR0_PE,
             ..Default::default()
         };
-        assert_eq!(translate(&m, &p, 0x1_2345_6789, Access::READ), Ok(0x2345_6789));
+        assert_eq!(
+            translate(&m, &p, 0x1_2345_6789, Access::READ),
+            Ok(0x2345_6789)
+        );
     }
 
     #[test]
@@ -834,7 +947,10 @@ mod tests {
         s.idt.limit = 0x7ff;
         // Present interrupt gate, DPL 0.
         m.w64(0x8000 + 0x80 * 8, 0x0000_8e00_0000_0000);
-        assert_eq!(fixup(&m, &Env, &mut r, &mut s), Fixup::SoftInt { vector: 0x80 });
+        assert_eq!(
+            fixup(&m, &Env, &mut r, &mut s),
+            Fixup::SoftInt { vector: 0x80 }
+        );
         assert_eq!(r.rip, 0x1003);
     }
 
@@ -867,7 +983,10 @@ mod tests {
         r.rip = 0x1000;
         s.idt.base = 0x8000;
         s.idt.limit = 0xff;
-        assert!(matches!(fixup(&m, &Env, &mut r, &mut s), Fixup::Exception { vector: GP, .. }));
+        assert!(matches!(
+            fixup(&m, &Env, &mut r, &mut s),
+            Fixup::Exception { vector: GP, .. }
+        ));
     }
 
     /// GDT: 0x08 ring-0 code, 0x10 ring-0 data, 0x1b ring-3 code, 0x23 ring-3 data.
@@ -911,7 +1030,10 @@ mod tests {
         assert_eq!((r.rip, r.rsp), (0x4000, 0x6000));
         assert_eq!((s.cs.dpl, s.ss.dpl, s.ss.selector), (3, 3, 0x23));
         assert_eq!(cpl(&s), 3);
-        assert_eq!(s.ds.unusable, 1, "ring-0 DS must not survive a return to ring 3");
+        assert_eq!(
+            s.ds.unusable, 1,
+            "ring-0 DS must not survive a return to ring 3"
+        );
     }
 
     #[test]
@@ -927,7 +1049,10 @@ mod tests {
         for (i, v) in [0x4000u32, 0x08, 0x202].iter().enumerate() {
             m.write(0x7000 + 4 * i as u64, &v.to_le_bytes());
         }
-        assert!(matches!(fixup(&m, &Env, &mut r, &mut s), Fixup::Exception { vector: GP, .. }));
+        assert!(matches!(
+            fixup(&m, &Env, &mut r, &mut s),
+            Fixup::Exception { vector: GP, .. }
+        ));
         assert_eq!(r.rip, 0x1000);
     }
 
@@ -944,7 +1069,10 @@ mod tests {
         m.w64(0x3000, PTE_P | PTE_PS | PTE_W);
         r.rip = 0x1000;
         r.rsp = 0x40_0000;
-        assert!(matches!(fixup(&m, &Env, &mut r, &mut s), Fixup::PageFault(_)));
+        assert!(matches!(
+            fixup(&m, &Env, &mut r, &mut s),
+            Fixup::PageFault(_)
+        ));
     }
 
     #[test]
@@ -963,7 +1091,10 @@ mod tests {
         m.write(0x1000, &[0x90]);
         let (mut r, mut s) = flat32();
         r.rip = 0x1000;
-        assert!(matches!(fixup(&m, &Env, &mut r, &mut s), Fixup::Unhandled(_)));
+        assert!(matches!(
+            fixup(&m, &Env, &mut r, &mut s),
+            Fixup::Unhandled(_)
+        ));
     }
 
     #[test]
@@ -971,7 +1102,10 @@ mod tests {
         let m = Mem::default();
         let (mut r, mut s) = flat32();
         r.rip = 0x5000;
-        assert!(matches!(fixup(&m, &Env, &mut r, &mut s), Fixup::PageFault(_)));
+        assert!(matches!(
+            fixup(&m, &Env, &mut r, &mut s),
+            Fixup::PageFault(_)
+        ));
     }
 
     #[test]
@@ -993,7 +1127,10 @@ mod tests {
         };
         m.write(0x7000, &0xffff_8000_0000_1234u64.to_le_bytes());
         complete_stub_return(&m, &mut r, &s64, -38);
-        assert_eq!((r.rip, r.rsp, r.rax as i64), (0xffff_8000_0000_1234, 0x7008, -38));
+        assert_eq!(
+            (r.rip, r.rsp, r.rax as i64),
+            (0xffff_8000_0000_1234, 0x7008, -38)
+        );
     }
 
     #[test]

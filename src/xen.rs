@@ -15,7 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use hypercalls::{Domain, DomainConfig, E820Entry, Errno, Gfn, GuestTime, GuestWidth, Hypercall, MemFault, OverlayId, Outcome, Platform, SharedPage, VcpuAccess, VcpuId};
+use hypercalls::{
+    Domain, DomainConfig, E820Entry, Errno, Gfn, GuestTime, GuestWidth, Hypercall, MemFault,
+    Outcome, OverlayId, Platform, SharedPage, VcpuAccess, VcpuId,
+};
 use kvm_bindings::{kvm_msi, kvm_regs, kvm_sregs};
 use parking_lot::{Condvar, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -98,8 +101,14 @@ impl Xen {
         let domain = Arc::new(Domain::new(dcfg, platform.clone()).map_err(|e| e.to_string())?);
         let store_ring = layout::special_page(&mem, layout::special::XENSTORE);
         let console_ring = layout::special_page(&mem, layout::special::CONSOLE);
-        let store_port = domain.bind_backend_port(REMOTE_STORE).map_err(|e| e.to_string())?.get();
-        let console_port = domain.bind_backend_port(REMOTE_CONSOLE).map_err(|e| e.to_string())?.get();
+        let store_port = domain
+            .bind_backend_port(REMOTE_STORE)
+            .map_err(|e| e.to_string())?
+            .get();
+        let console_port = domain
+            .bind_backend_port(REMOTE_CONSOLE)
+            .map_err(|e| e.to_string())?
+            .get();
         for (p, v) in [
             (HVM_PARAM_STORE_PFN, store_ring >> 12),
             (HVM_PARAM_STORE_EVTCHN, u64::from(store_port)),
@@ -108,7 +117,8 @@ impl Xen {
         ] {
             domain.set_param_internal(p, v).map_err(|e| e.to_string())?;
         }
-        let mut xcfg = xenstore::DomainConfig::new(cfg.domid, &cfg.name, uuid_for(cfg), cfg.mem_mib * 1024);
+        let mut xcfg =
+            xenstore::DomainConfig::new(cfg.domid, &cfg.name, uuid_for(cfg), cfg.mem_mib * 1024);
         xcfg.vcpus = cfg.vcpus;
         xcfg.store = Some(xenstore::RingRef {
             gfn: store_ring >> 12,
@@ -163,8 +173,16 @@ impl Xen {
         if let Err(e) = self.mem.write_slice(&page, GuestAddress(gpa)) {
             tracing::warn!(%e, gpa, "cannot write the hypercall page");
         }
-        self.domain.latch_width(if long { GuestWidth::Bits64 } else { GuestWidth::Bits32 });
-        tracing::debug!(gpa = format_args!("{gpa:#x}"), long, "hypercall page written");
+        self.domain.latch_width(if long {
+            GuestWidth::Bits64
+        } else {
+            GuestWidth::Bits32
+        });
+        tracing::debug!(
+            gpa = format_args!("{gpa:#x}"),
+            long,
+            "hypercall page written"
+        );
     }
 
     pub fn hypercall(&self, ctx: &VcpuCtx) -> HypercallResult {
@@ -174,7 +192,15 @@ impl Xen {
             Hypercall::from_regs64(r.rax, r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9)
         } else {
             let l = |v: u64| v as u32;
-            Hypercall::from_regs32(l(r.rax), l(r.rbx), l(r.rcx), l(r.rdx), l(r.rsi), l(r.rdi), l(r.rbp))
+            Hypercall::from_regs32(
+                l(r.rax),
+                l(r.rbx),
+                l(r.rcx),
+                l(r.rdx),
+                l(r.rsi),
+                l(r.rdi),
+                l(r.rbp),
+            )
         };
         let access = GuestVcpu {
             ctx,
@@ -211,7 +237,9 @@ impl Xen {
 
     /// True when a vCPU blocked in the VMM must run again.
     pub fn wake_condition(&self, vcpu: u32, ports: Option<&[u32]>) -> bool {
-        let Some(id) = self.domain.vcpu(vcpu) else { return true };
+        let Some(id) = self.domain.vcpu(vcpu) else {
+            return true;
+        };
         match ports {
             Some(p) => self.domain.poll_should_wake(id, p),
             None => self.domain.upcall_pending(id),
@@ -228,11 +256,18 @@ impl Xen {
     /// A dom0-side service was kicked by the guest.
     fn backend_notified(&self, remote: u32) {
         let (notify, port) = match remote {
-            REMOTE_STORE => (self.xenstore.lock().process(&GuestRing::new(&self.mem, self.store_ring)), self.store_port),
+            REMOTE_STORE => (
+                self.xenstore
+                    .lock()
+                    .process(&GuestRing::new(&self.mem, self.store_ring)),
+                self.store_port,
+            ),
             REMOTE_CONSOLE => {
                 let mut out = ConsoleWriter(&self.platform.console);
                 (
-                    self.console_backend.lock().process(&GuestRing::new(&self.mem, self.console_ring), &mut out),
+                    self.console_backend
+                        .lock()
+                        .process(&GuestRing::new(&self.mem, self.console_ring), &mut out),
                     self.console_port,
                 )
             }
@@ -246,7 +281,12 @@ impl Xen {
     }
 
     pub fn bench_io_in(&self, port: u16, data: &mut [u8]) -> bool {
-        let stopping = || self.machine.get().and_then(Weak::upgrade).is_none_or(|m| m.stopping());
+        let stopping = || {
+            self.machine
+                .get()
+                .and_then(Weak::upgrade)
+                .is_none_or(|m| m.stopping())
+        };
         self.bench.io_in(port, data, &stopping)
     }
 
@@ -305,11 +345,13 @@ impl VcpuAccess for GuestVcpu<'_> {
     }
     fn read_virt(&self, gva: u64, buf: &mut [u8]) -> Result<(), MemFault> {
         let p = x86::Paging::from_sregs(&self.ctx.sregs);
-        x86::read_linear(self.mem, &p, self.linear(gva), buf, x86::Access::READ).map_err(|f| MemFault { gva: f.linear })
+        x86::read_linear(self.mem, &p, self.linear(gva), buf, x86::Access::READ)
+            .map_err(|f| MemFault { gva: f.linear })
     }
     fn write_virt(&self, gva: u64, data: &[u8]) -> Result<(), MemFault> {
         let p = x86::Paging::from_sregs(&self.ctx.sregs);
-        x86::write_linear(self.mem, &p, self.linear(gva), data, x86::Access::WRITE).map_err(|f| MemFault { gva: f.linear })
+        x86::write_linear(self.mem, &p, self.linear(gva), data, x86::Access::WRITE)
+            .map_err(|f| MemFault { gva: f.linear })
     }
 }
 
@@ -328,18 +370,28 @@ impl<'a> GuestRing<'a> {
 
 impl RingPage for GuestRing<'_> {
     fn load_u32(&self, off: usize) -> u32 {
-        self.mem.load(GuestAddress(self.gpa + off as u64), Ordering::Acquire).unwrap_or(0)
+        self.mem
+            .load(GuestAddress(self.gpa + off as u64), Ordering::Acquire)
+            .unwrap_or(0)
     }
     fn store_u32(&self, off: usize, v: u32) {
-        let _ = self.mem.store(v, GuestAddress(self.gpa + off as u64), Ordering::Release);
+        let _ = self
+            .mem
+            .store(v, GuestAddress(self.gpa + off as u64), Ordering::Release);
     }
     fn read(&self, off: usize, buf: &mut [u8]) {
-        if self.mem.read_slice(buf, GuestAddress(self.gpa + off as u64)).is_err() {
+        if self
+            .mem
+            .read_slice(buf, GuestAddress(self.gpa + off as u64))
+            .is_err()
+        {
             buf.fill(0);
         }
     }
     fn write(&self, off: usize, data: &[u8]) {
-        let _ = self.mem.write_slice(data, GuestAddress(self.gpa + off as u64));
+        let _ = self
+            .mem
+            .write_slice(data, GuestAddress(self.gpa + off as u64));
     }
 }
 
@@ -490,10 +542,20 @@ impl Platform for XenPlatform {
         self.overlays.lock().pages.push(s.clone());
         Ok(s)
     }
-    fn place_overlay(&self, id: OverlayId, page: &Arc<dyn SharedPage>, gfn: Gfn) -> Result<(), Errno> {
+    fn place_overlay(
+        &self,
+        id: OverlayId,
+        page: &Arc<dyn SharedPage>,
+        gfn: Gfn,
+    ) -> Result<(), Errno> {
         let mut o = self.overlays.lock();
         let want = Arc::as_ptr(page).cast::<u8>();
-        let Some(ov) = o.pages.iter().find(|p| Arc::as_ptr(p).cast::<u8>() == want).cloned() else {
+        let Some(ov) = o
+            .pages
+            .iter()
+            .find(|p| Arc::as_ptr(p).cast::<u8>() == want)
+            .cloned()
+        else {
             return Err(Errno::EINVAL);
         };
         let g = gpc::Gfn(gfn.get());
@@ -518,12 +580,16 @@ impl Platform for XenPlatform {
     }
     fn map_guest_page(&self, gfn: Gfn) -> Result<Arc<dyn SharedPage>, Errno> {
         let c = gpc::Cache::new(&self.map);
-        c.activate_range(GuestAddress(gfn.gpa()), 4096).map_err(|_| Errno::EINVAL)?;
+        c.activate_range(GuestAddress(gfn.gpa()), 4096)
+            .map_err(|_| Errno::EINVAL)?;
         Ok(Arc::new(RamShared(c)))
     }
     fn guest_time(&self) -> GuestTime {
         let (tsc, system_time_ns) = self.clock.now();
-        GuestTime { tsc, system_time_ns }
+        GuestTime {
+            tsc,
+            system_time_ns,
+        }
     }
     fn tsc_khz(&self) -> u32 {
         self.clock.tsc_khz
@@ -618,36 +684,38 @@ impl Timers {
 
     fn start(self: &Arc<Self>, machine: Weak<Machine>) {
         let t = self.clone();
-        let r = std::thread::Builder::new().name("xen-timers".into()).spawn(move || loop {
-            let fired: Vec<u32> = {
-                let mut s = t.state.lock();
-                let now = Instant::now();
-                let due: Vec<u32> = s
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, d)| d.is_some_and(|d| d <= now))
-                    .map(|(i, _)| i as u32)
-                    .collect();
-                for &i in &due {
-                    s[i as usize] = None;
+        let r = std::thread::Builder::new()
+            .name("xen-timers".into())
+            .spawn(move || loop {
+                let fired: Vec<u32> = {
+                    let mut s = t.state.lock();
+                    let now = Instant::now();
+                    let due: Vec<u32> = s
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, d)| d.is_some_and(|d| d <= now))
+                        .map(|(i, _)| i as u32)
+                        .collect();
+                    for &i in &due {
+                        s[i as usize] = None;
+                    }
+                    if due.is_empty() {
+                        let next = s.iter().flatten().min().copied();
+                        let limit = now + Duration::from_millis(100);
+                        t.cv.wait_until(&mut s, next.unwrap_or(limit).min(limit));
+                    }
+                    due
+                };
+                let Some(m) = machine.upgrade() else { return };
+                if m.stopping() {
+                    return;
                 }
-                if due.is_empty() {
-                    let next = s.iter().flatten().min().copied();
-                    let limit = now + Duration::from_millis(100);
-                    t.cv.wait_until(&mut s, next.unwrap_or(limit).min(limit));
+                for v in fired {
+                    if let Some(id) = m.xen.domain.vcpu(v) {
+                        m.xen.domain.timer_expired(id);
+                    }
                 }
-                due
-            };
-            let Some(m) = machine.upgrade() else { return };
-            if m.stopping() {
-                return;
-            }
-            for v in fired {
-                if let Some(id) = m.xen.domain.vcpu(v) {
-                    m.xen.domain.timer_expired(id);
-                }
-            }
-        });
+            });
         if let Err(e) = r {
             tracing::error!(%e, "cannot start the timer thread");
         }

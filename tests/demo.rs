@@ -11,10 +11,21 @@ fn demo_builtin_guest_all_checks_pass() {
     let (out, took) = common::xenkvm(&["demo", "--timeout", "60"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}\n(took {:.2} s)", took.as_secs_f64());
-    let checks: Vec<_> = stdout.lines().filter(|l| l.starts_with("xenkvm-guest: check ")).collect();
-    assert!(checks.len() >= 11, "expected at least 11 checks, got {}", checks.len());
+    let checks: Vec<_> = stdout
+        .lines()
+        .filter(|l| l.starts_with("xenkvm-guest: check "))
+        .collect();
+    assert!(
+        checks.len() >= 11,
+        "expected at least 11 checks, got {}",
+        checks.len()
+    );
     let failed: Vec<_> = checks.iter().filter(|l| !l.contains(" ... ok")).collect();
-    assert!(failed.is_empty(), "failed checks: {failed:#?}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        failed.is_empty(),
+        "failed checks: {failed:#?}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(common::test_result(&stdout).as_deref(), Some("SUCCESS"));
     assert!(out.status.success(), "exit status {:?}", out.status);
 }
@@ -37,9 +48,22 @@ fn run_timeout_expires_with_nonzero_exit() {
     // only 30 s; a 1 s timeout must end it first.
     let guest = std::env::temp_dir().join(format!("xenkvm-test-guest-{}.elf", std::process::id()));
     std::fs::write(&guest, xenkvm::test_guest::TEST_GUEST_ELF).unwrap();
-    let (out, took) = common::xenkvm(&["run", "--kernel", guest.to_str().unwrap(), "--cmdline", "bench", "--timeout", "1"]);
+    let (out, took) = common::xenkvm(&[
+        "run",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        "bench",
+        "--timeout",
+        "1",
+    ]);
     let _ = std::fs::remove_file(&guest);
-    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("timeout"));
     assert!(took.as_secs_f64() < 10.0);
 }

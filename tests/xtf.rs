@@ -17,10 +17,16 @@ fn host_requirement(name: &str, p: &HostProbe) -> Option<(&'static str, Support)
     } else if name.contains("hvm32pse") {
         Some(("legacy 32-bit PSE paging", p.legacy_pse_paging.clone()))
     } else if name == "test-hvm64-selftest" || name == "test-hvm64-lm-ts" {
-        Some(("int n at CPL 3 in long mode", p.user_int_n_long_mode.clone()))
+        Some((
+            "int n at CPL 3 in long mode",
+            p.user_int_n_long_mode.clone(),
+        ))
     } else if name == "test-hvm32-selftest" {
         // "Userspace execution" returns to the kernel with `int $0x20` at CPL 3.
-        Some(("int n at CPL 3 in 32-bit protected mode", p.user_int_n_prot32.clone()))
+        Some((
+            "int n at CPL 3 in 32-bit protected mode",
+            p.user_int_n_prot32.clone(),
+        ))
     } else {
         None
     }
@@ -36,16 +42,29 @@ fn xtf_every_kernel_passes_or_is_excused_by_the_probe() {
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("test-")))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("test-"))
+        })
         .collect();
     kernels.sort();
     assert!(!kernels.is_empty(), "no XTF kernels in {}", dir.display());
     let probe = HostProbe::get();
     let start = Instant::now();
-    let (mut passed, mut skipped, mut excused, mut failed) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut passed, mut skipped, mut excused, mut failed) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for k in &kernels {
         let name = k.file_name().unwrap().to_string_lossy().to_string();
-        let (out, took) = common::xenkvm(&["run", "--kernel", k.to_str().unwrap(), "--memory", "128", "--timeout", "60"]);
+        let (out, took) = common::xenkvm(&[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "128",
+            "--timeout",
+            "60",
+        ]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         let result = common::test_result(&stdout);
@@ -59,7 +78,10 @@ fn xtf_every_kernel_passes_or_is_excused_by_the_probe() {
         println!(
             "{name:<36} {verdict:<8} result={:<8} exit={:<4} {:>6.2}s",
             result.as_deref().unwrap_or("none"),
-            out.status.code().map(|c| c.to_string()).unwrap_or("sig".into()),
+            out.status
+                .code()
+                .map(|c| c.to_string())
+                .unwrap_or("sig".into()),
             took.as_secs_f64()
         );
         match (verdict, req) {
@@ -71,7 +93,14 @@ fn xtf_every_kernel_passes_or_is_excused_by_the_probe() {
             }
             _ => {
                 println!("    --- stdout (tail) ---");
-                for l in stdout.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev() {
+                for l in stdout
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                {
                     println!("    {l}");
                 }
                 println!("    --- stderr ---\n    {}", stderr.trim());

@@ -22,7 +22,12 @@ struct Guest {
 
 impl Guest {
     fn start() -> Option<Guest> {
-        if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
             eprintln!("SKIPPED hypercall bench: /dev/kvm is not usable");
             return None;
         }
@@ -49,7 +54,10 @@ impl Guest {
         b.request_cv.notify_all();
         let mut r = b.results.lock();
         while r.len() == before {
-            if b.results_cv.wait_for(&mut r, Duration::from_secs(60)).timed_out() {
+            if b.results_cv
+                .wait_for(&mut r, Duration::from_secs(60))
+                .timed_out()
+            {
                 panic!("the bench guest did not answer");
             }
         }
@@ -73,9 +81,12 @@ fn bench(c: &mut Criterion) {
     let Some(g) = Guest::start() else { return };
     let samples: [Mutex<Vec<f64>>; 2] = Default::default();
     let mut group = c.benchmark_group("guest_round_trip");
-    for (i, (name, cmd)) in [("bare_io_exit", bench_cmd::IO_EXIT), ("xen_version_hypercall", bench_cmd::XEN_VERSION)]
-        .into_iter()
-        .enumerate()
+    for (i, (name, cmd)) in [
+        ("bare_io_exit", bench_cmd::IO_EXIT),
+        ("xen_version_hypercall", bench_cmd::XEN_VERSION),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let s = &samples[i];
         let g = &g;
@@ -94,7 +105,10 @@ fn bench(c: &mut Criterion) {
     println!("\nguest-measured round trip (median of per-sample means, same run):");
     println!("  bare I/O-port exit      {bare:>9.0} ns");
     println!("  xen_version hypercall   {hc:>9.0} ns");
-    println!("  ratio hypercall / bare  {:>9.3}   (target <= 1.15)", hc / bare);
+    println!(
+        "  ratio hypercall / bare  {:>9.3}   (target <= 1.15)",
+        hc / bare
+    );
 }
 
 criterion_group! {

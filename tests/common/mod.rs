@@ -9,12 +9,18 @@ use std::time::{Duration, Instant};
 /// True if tests that need /dev/kvm can run. Without /dev/kvm they are
 /// skipped with a printed reason, unless REQUIRE_KVM=1 (CI), where they fail.
 pub fn kvm_available(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
     if !ok {
         if std::env::var("REQUIRE_KVM").as_deref() == Ok("1") {
             panic!("{test}: /dev/kvm is not usable and REQUIRE_KVM=1");
         }
-        eprintln!("SKIPPED {test}: /dev/kvm is not usable (set REQUIRE_KVM=1 to make this a failure)");
+        eprintln!(
+            "SKIPPED {test}: /dev/kvm is not usable (set REQUIRE_KVM=1 to make this a failure)"
+        );
     }
     ok
 }
@@ -39,8 +45,8 @@ pub fn xenkvm(args: &[&str]) -> (Output, Duration) {
 
 /// The last `Test result: X` line of a guest's output.
 pub fn test_result(stdout: &str) -> Option<String> {
-    stdout
-        .lines()
-        .rev()
-        .find_map(|l| l.split_once("Test result: ").map(|(_, r)| r.trim().to_string()))
+    stdout.lines().rev().find_map(|l| {
+        l.split_once("Test result: ")
+            .map(|(_, r)| r.trim().to_string())
+    })
 }
