@@ -52,10 +52,15 @@ enum State {
     Stopped,
 }
 
+/// How often the running vCPU samples its thread's run_delay for steal time.
+const STEAL_SAMPLE_MS: u64 = 10;
+
 pub struct Vcpu {
     id: u32,
     fd: VcpuFd,
     m: Arc<Machine>,
+    run_delay: Option<runstate::RunDelay>,
+    next_steal_sample: u64,
 }
 
 /// An exit, copied out of `kvm_run` so the fd can be used again.
@@ -79,7 +84,13 @@ enum Exit {
 
 impl Vcpu {
     pub fn new(id: u32, fd: VcpuFd, m: Arc<Machine>) -> Self {
-        Vcpu { id, fd, m }
+        Vcpu {
+            id,
+            fd,
+            m,
+            run_delay: None,
+            next_steal_sample: 0,
+        }
     }
 
     /// The thread body.
@@ -88,6 +99,11 @@ impl Vcpu {
         let _e = span.enter();
         self.fd.set_sync_valid_reg(SyncReg::Register);
         self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        // Steal time: run_delay of this thread, sampled every STEAL_SAMPLE_MS.
+        self.run_delay = runstate::RunDelay::open().ok();
+        self.m
+            .xen
+            .runstate_transition(self.id, runstate::State::Running, self.sample_run_delay());
         let mut state = State::Running;
         loop {
             state = match state {
@@ -99,9 +115,23 @@ impl Vcpu {
         tracing::debug!("vCPU thread done");
     }
 
+    fn sample_run_delay(&self) -> Option<u64> {
+        self.run_delay.as_ref().and_then(|r| r.sample().ok())
+    }
+
     fn run_once(&mut self) -> State {
         if self.m.stopping() {
             return State::Stopped;
+        }
+        // Cheap on the exit path: one TSC read and a compare.
+        let t = crate::clock::host_tsc();
+        if t >= self.next_steal_sample {
+            self.next_steal_sample = t + u64::from(self.m.clock.tsc_khz) * STEAL_SAMPLE_MS;
+            self.m.xen.runstate_transition(
+                self.id,
+                runstate::State::Running,
+                self.sample_run_delay(),
+            );
         }
         let m = &self.m;
         let exit = match self.fd.run() {
@@ -245,6 +275,9 @@ impl Vcpu {
     fn block(&mut self, deadline: Option<Instant>, ports: Option<Vec<u32>>) -> State {
         let waker = &self.m.wakers[self.id as usize];
         let polled = ports.is_some();
+        self.m
+            .xen
+            .runstate_transition(self.id, runstate::State::Blocked, self.sample_run_delay());
         loop {
             if self.m.stopping() {
                 return State::Stopped;
@@ -254,6 +287,11 @@ impl Vcpu {
                 || deadline.is_some_and(|d| Instant::now() >= d)
             {
                 self.m.xen.end_block(self.id, polled);
+                self.m.xen.runstate_transition(
+                    self.id,
+                    runstate::State::Running,
+                    self.sample_run_delay(),
+                );
                 return State::Running;
             }
             // Bounded waits so a lost wake-up costs at most 100 ms.

@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 
 use hypercalls::{
     Domain, DomainConfig, E820Entry, Errno, Gfn, GuestTime, GuestWidth, Hypercall, MemFault,
-    Outcome, OverlayId, Platform, SharedPage, VcpuAccess, VcpuId,
+    Outcome, OverlayId, Platform, RunstateAreaSpec, RunstateInfo, SharedPage, VcpuAccess, VcpuId,
 };
 use kvm_bindings::{kvm_msi, kvm_regs, kvm_sregs};
 use parking_lot::{Condvar, Mutex};
+use runstate::{Accounting, Layout, RunstateArea, State};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::clock::Clock;
@@ -91,6 +92,15 @@ impl Xen {
             machine: OnceLock::new(),
             overlays: Mutex::new(Overlays::default()),
             timers: Timers::new(cfg.vcpus),
+            runstates: (0..cfg.vcpus)
+                .map(|_| {
+                    Mutex::new(VcpuRunstate {
+                        acct: Accounting::new(State::Running, clock.system_time()),
+                        area: None,
+                    })
+                })
+                .collect(),
+            update_flag: OnceLock::new(),
         });
         let dcfg = DomainConfig {
             domid: cfg.domid,
@@ -99,6 +109,7 @@ impl Xen {
             ..Default::default()
         };
         let domain = Arc::new(Domain::new(dcfg, platform.clone()).map_err(|e| e.to_string())?);
+        let _ = platform.update_flag.set(Arc::downgrade(&domain));
         let store_ring = layout::special_page(&mem, layout::special::XENSTORE);
         let console_ring = layout::special_page(&mem, layout::special::CONSOLE);
         let store_port = domain
@@ -229,6 +240,11 @@ impl Xen {
         }
     }
 
+    /// Schedule in/out of `vcpu` (see [`XenPlatform::runstate_transition`]).
+    pub fn runstate_transition(&self, vcpu: u32, state: State, run_delay: Option<u64>) {
+        self.platform.runstate_transition(vcpu, state, run_delay);
+    }
+
     /// The host instant of Xen system time `ns`.
     fn instant_at(&self, ns: u64) -> Instant {
         let now = self.clock.system_time();
@@ -351,6 +367,11 @@ impl VcpuAccess for GuestVcpu<'_> {
     fn write_virt(&self, gva: u64, data: &[u8]) -> Result<(), MemFault> {
         let p = x86::Paging::from_sregs(&self.ctx.sregs);
         x86::write_linear(self.mem, &p, self.linear(gva), data, x86::Access::WRITE)
+            .map_err(|f| MemFault { gva: f.linear })
+    }
+    fn translate(&self, gva: u64) -> Result<u64, MemFault> {
+        let p = x86::Paging::from_sregs(&self.ctx.sregs);
+        x86::translate(self.mem, &p, self.linear(gva), x86::Access::WRITE)
             .map_err(|f| MemFault { gva: f.linear })
     }
 }
@@ -496,6 +517,51 @@ pub struct XenPlatform {
     machine: OnceLock<Weak<Machine>>,
     overlays: Mutex<Overlays>,
     timers: Arc<Timers>,
+    /// One per vCPU. Leaf locks: taken by the vCPU thread at schedule in/out
+    /// and by the runstate hypercalls, never while taking another lock.
+    runstates: Vec<Mutex<VcpuRunstate>>,
+    /// The domain, for its `vm_assist` state when publishing.
+    update_flag: OnceLock<Weak<Domain>>,
+}
+
+/// A vCPU's runstate: the accounting (pure arithmetic) and where it is
+/// published in the guest (one gpc cache, even when the area straddles a
+/// page or a region).
+struct VcpuRunstate {
+    acct: Accounting,
+    area: Option<RunstateArea>,
+}
+
+impl XenPlatform {
+    fn update_flag(&self) -> bool {
+        self.update_flag
+            .get()
+            .and_then(Weak::upgrade)
+            .is_some_and(|d| d.runstate_update_flag())
+    }
+
+    fn publish(&self, r: &VcpuRunstate) {
+        if let Some(a) = &r.area {
+            if let Err(e) = a.publish(r.acct.data(), self.update_flag()) {
+                tracing::warn!(%e, "cannot publish the runstate area");
+            }
+        }
+    }
+
+    /// Schedule in/out of `vcpu`: account the time since the last change
+    /// (with steal time from `run_delay` when given) and publish.
+    pub fn runstate_transition(&self, vcpu: u32, state: State, run_delay: Option<u64>) {
+        let Some(m) = self.runstates.get(vcpu as usize) else {
+            return;
+        };
+        let now = self.clock.system_time();
+        let mut r = m.lock();
+        match run_delay {
+            Some(d) => r.acct.transition_with_steal(state, now, d),
+            None => r.acct.transition(state, now),
+        }
+        self.publish(&r);
+    }
 }
 
 impl XenPlatform {
@@ -658,6 +724,56 @@ impl Platform for XenPlatform {
     }
     fn send_nmi(&self, vcpu: VcpuId) {
         self.inject_vector(vcpu.get(), 2, true);
+    }
+    fn set_runstate_area(&self, vcpu: VcpuId, spec: Option<RunstateAreaSpec>) -> Result<(), Errno> {
+        let Some(m) = self.runstates.get(vcpu.get() as usize) else {
+            return Err(Errno::EINVAL);
+        };
+        let area = match spec {
+            None => None,
+            Some(s) => {
+                let layout = if s.width == GuestWidth::Bits32 {
+                    Layout::Compat32
+                } else {
+                    Layout::Native64
+                };
+                let segs: Vec<gpc::Segment> = s
+                    .pieces
+                    .iter()
+                    .map(|&(gpa, len)| gpc::Segment {
+                        gpa: GuestAddress(gpa),
+                        len: len as usize,
+                    })
+                    .collect();
+                let a = RunstateArea::new(&self.map);
+                a.register(&segs, layout).map_err(|e| {
+                    tracing::warn!(%e, vcpu = vcpu.get(), "runstate area refused");
+                    Errno::EINVAL
+                })?;
+                Some(a)
+            }
+        };
+        let mut r = m.lock();
+        // The old area (if any) is dropped here and never written again.
+        r.area = area;
+        self.publish(&r);
+        Ok(())
+    }
+    fn runstate(&self, vcpu: VcpuId) -> RunstateInfo {
+        let Some(m) = self.runstates.get(vcpu.get() as usize) else {
+            return RunstateInfo::default();
+        };
+        let d = *m.lock().acct.data();
+        // As Xen's vcpu_runstate_get: the current state's time runs up to now.
+        let mut time = d.time;
+        let now = self.clock.system_time();
+        let cur = d.state as usize;
+        time[cur] = time[cur].wrapping_add(now.saturating_sub(d.state_entry_time));
+        RunstateInfo {
+            state: d.state.value(),
+            state_entry_time: d.state_entry_time,
+            time,
+        }
     }
 }
 

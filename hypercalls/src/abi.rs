@@ -190,6 +190,8 @@ pub mod vcpuop {
     pub const GET_PHYSID: i32 = xen_abi::VCPUOP_get_physid as i32;
     pub const REGISTER_VCPU_TIME_MEMORY_AREA: i32 =
         xen_abi::VCPUOP_register_vcpu_time_memory_area as i32;
+    /// Xen 4.18's `VCPUOP_register_runstate_phys_area` (not in the 4.17 headers).
+    pub const REGISTER_RUNSTATE_PHYS_AREA: i32 = 14;
 }
 
 pub mod schedop {

@@ -5,6 +5,7 @@
 //! [`MemFault`], which every handler turns into `-EFAULT`. Handlers copy a structure in, work
 //! on the copy, and copy results out: guest memory is never borrowed.
 
+use crate::abi;
 use crate::errno::Errno;
 use crate::types::GuestWidth;
 
@@ -28,6 +29,9 @@ pub trait VcpuAccess {
     fn read_virt(&self, gva: u64, buf: &mut [u8]) -> Result<(), MemFault>;
     /// Write `data` at `gva`, walking the guest page tables page by page.
     fn write_virt(&self, gva: u64, data: &[u8]) -> Result<(), MemFault>;
+    /// The guest-physical address `gva` translates to now (for areas the VMM keeps writing
+    /// after the hypercall, such as the runstate area), checked for write access.
+    fn translate(&self, gva: u64) -> Result<u64, MemFault>;
 }
 
 /// The calling vCPU's memory as a handler uses it: bounds-checked, errno-returning.
@@ -73,6 +77,25 @@ impl<'a> Guest<'a> {
     pub fn write(&self, gva: u64, data: &[u8]) -> Result<(), Errno> {
         self.check_range(gva, data.len())?;
         self.v.write_virt(gva, data).map_err(|_| Errno::EFAULT)
+    }
+
+    /// The guest-physical pieces of the `len`-byte area at `gva`: one piece, or one per page
+    /// when the area straddles pages (adjacent physical pieces are merged).
+    pub fn phys_pieces(&self, gva: u64, len: usize) -> Result<Vec<(u64, u64)>, Errno> {
+        self.check_range(gva, len)?;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut done = 0u64;
+        while done < len as u64 {
+            let a = gva + done;
+            let n = (abi::PAGE_SIZE as u64 - (a % abi::PAGE_SIZE as u64)).min(len as u64 - done);
+            let gpa = self.v.translate(a).map_err(|_| Errno::EFAULT)?;
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == gpa => last.1 += n,
+                _ => out.push((gpa, n)),
+            }
+            done += n;
+        }
+        Ok(out)
     }
 
     /// Element `i` of a guest array of `elem`-byte elements at `base`, with overflow checks.

@@ -37,7 +37,7 @@ mod version;
 pub use domain::{CallbackVia, Domain, DomainConfig};
 pub use errno::Errno;
 pub use guest::{MemFault, VcpuAccess};
-pub use platform::{E820Entry, GuestTime, OverlayId, Platform};
+pub use platform::{E820Entry, GuestTime, OverlayId, Platform, RunstateAreaSpec, RunstateInfo};
 pub use shared::{SharedPage, VecPage};
 pub use time::{time_scale, TimeScale};
 pub use types::{EvtchnPort, Gfn, GuestWidth, Hypercall, HypercallNr, Outcome, VcpuId};

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::errno::Errno;
 use crate::shared::SharedPage;
-use crate::types::{Gfn, VcpuId};
+use crate::types::{Gfn, GuestWidth, VcpuId};
 
 /// A page the Xen ABI lets the guest place at a GFN of its choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -41,6 +41,27 @@ pub struct GuestTime {
     pub tsc: u64,
     /// Nanoseconds since the domain started (Xen's `NOW()` as the guest sees it).
     pub system_time_ns: u64,
+}
+
+/// A vCPU's runstate as `vcpu_runstate_info` carries it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunstateInfo {
+    /// `RUNSTATE_running` (0), `runnable` (1), `blocked` (2), `offline` (3).
+    pub state: u32,
+    /// Xen system time of the last state change.
+    pub state_entry_time: u64,
+    /// Time spent in each state, ns.
+    pub time: [u64; 4],
+}
+
+/// Where a guest registered a vCPU's runstate area.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunstateAreaSpec {
+    /// Guest-physical pieces (address, length) in order: one, or two when the area straddles
+    /// a page whose neighbour is not physically adjacent.
+    pub pieces: Vec<(u64, u64)>,
+    /// 64-bit (48 bytes) or compat (44 bytes, packed) layout.
+    pub width: GuestWidth,
 }
 
 /// Services the VMM provides to the domain.
@@ -94,4 +115,11 @@ pub trait Platform: Send + Sync {
     fn vcpu_up(&self, vcpu: VcpuId);
     /// `VCPUOP_send_nmi`: inject an NMI into `vcpu`.
     fn send_nmi(&self, vcpu: VcpuId);
+
+    /// Register (`Some`) or drop (`None`) `vcpu`'s runstate area. The VMM writes the area at
+    /// once and at every schedule in and out of that vCPU; a new area replaces the old one,
+    /// which is no longer written. An area the VMM cannot map is refused (`-EINVAL`).
+    fn set_runstate_area(&self, vcpu: VcpuId, area: Option<RunstateAreaSpec>) -> Result<(), Errno>;
+    /// `vcpu`'s runstate now (`VCPUOP_get_runstate_info`).
+    fn runstate(&self, vcpu: VcpuId) -> RunstateInfo;
 }

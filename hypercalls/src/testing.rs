@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 
 use crate::errno::Errno;
 use crate::guest::{MemFault, VcpuAccess};
-use crate::platform::{E820Entry, GuestTime, OverlayId, Platform};
+use crate::platform::{E820Entry, GuestTime, OverlayId, Platform, RunstateAreaSpec, RunstateInfo};
 use crate::shared::{SharedPage, VecPage};
 use crate::types::{Gfn, GuestWidth, VcpuId};
 
@@ -128,6 +128,15 @@ impl VcpuAccess for FakeVcpu {
         self.width
     }
 
+    /// Identity: a mapped fake page's physical address is its virtual address.
+    fn translate(&self, gva: u64) -> Result<u64, MemFault> {
+        if self.pages.lock().contains_key(&(gva / PAGE)) {
+            Ok(gva)
+        } else {
+            Err(MemFault { gva })
+        }
+    }
+
     fn read_virt(&self, gva: u64, buf: &mut [u8]) -> Result<(), MemFault> {
         if self.in_zero(gva, buf.len()) {
             buf.fill(0);
@@ -156,6 +165,7 @@ pub enum Call {
     VcpuDown(u32),
     VcpuUp(u32),
     Nmi(u32),
+    Runstate(u32, Option<RunstateAreaSpec>),
 }
 
 /// A VMM stand-in: in-memory pages, a settable clock, an E820 map, and a call log.
@@ -171,6 +181,8 @@ pub struct FakePlatform {
     pub ram: Mutex<BTreeMap<u64, Arc<VecPage>>>,
     /// Refuse every `new_shared_page` once this many were made.
     pub page_budget: Mutex<usize>,
+    /// What `runstate` reports.
+    pub runstate: Mutex<RunstateInfo>,
 }
 
 impl Default for FakePlatform {
@@ -205,6 +217,7 @@ impl Default for FakePlatform {
             ],
             ram: Mutex::new(BTreeMap::new()),
             page_budget: Mutex::new(usize::MAX),
+            runstate: Mutex::new(RunstateInfo::default()),
         }
     }
 }
@@ -320,5 +333,12 @@ impl Platform for FakePlatform {
 
     fn send_nmi(&self, vcpu: VcpuId) {
         self.log(Call::Nmi(vcpu.get()));
+    }
+    fn set_runstate_area(&self, vcpu: VcpuId, area: Option<RunstateAreaSpec>) -> Result<(), Errno> {
+        self.log(Call::Runstate(vcpu.get(), area));
+        Ok(())
+    }
+    fn runstate(&self, _vcpu: VcpuId) -> RunstateInfo {
+        *self.runstate.lock()
     }
 }

@@ -6,15 +6,16 @@
 //! ([`Platform::set_timer`](crate::Platform::set_timer)); when it fires the VMM calls
 //! [`Domain::timer_expired`], which raises `VIRQ_TIMER` on that vCPU with Xen's rules.
 //!
-//! Not yet here: `VCPUOP_initialise` for HVM (APs start through INIT/SIPI), the runstate area
-//! and `get_runstate_info` (TODO(issue 4): route to the `runstate` crate in
-//! [`Domain::runstate_op`]), and `register_vcpu_time_memory_area`.
+//! Not yet here: `VCPUOP_initialise` for HVM (APs start through INIT/SIPI) and
+//! `register_vcpu_time_memory_area`. The runstate area is published by the VMM (see
+//! [`crate::Platform::set_runstate_area`]).
 
 use std::sync::atomic::Ordering;
 
 use crate::abi::{self, get_u32, get_u64, shinfo, vcpuop, virq};
 use crate::domain::{Ctx, Domain, VcpuInfoMap};
 use crate::errno::Errno;
+use crate::platform::RunstateAreaSpec;
 use crate::types::{Gfn, GuestWidth, Outcome, VcpuId};
 
 /// `MILLISECS(1)`: the shortest periodic timer Xen accepts.
@@ -99,9 +100,9 @@ impl Domain {
                 ret(0)
             }
             vcpuop::IS_UP => ret(i64::from(self.vcpu_is_up(v))),
-            vcpuop::GET_RUNSTATE_INFO | vcpuop::REGISTER_RUNSTATE_MEMORY_AREA => {
-                self.runstate_op(ctx, cmd, v, arg)
-            }
+            vcpuop::GET_RUNSTATE_INFO
+            | vcpuop::REGISTER_RUNSTATE_MEMORY_AREA
+            | vcpuop::REGISTER_RUNSTATE_PHYS_AREA => self.runstate_op(ctx, cmd, v, arg),
             vcpuop::SET_PERIODIC_TIMER => {
                 let b: [u8; 8] = ctx.g.read_arr(arg)?;
                 let period = get_u64(&b, 0);
@@ -154,11 +155,65 @@ impl Domain {
         }
     }
 
-    /// The runstate hook: `VCPUOP_register_runstate_memory_area` and `get_runstate_info`.
-    /// TODO(issue 4): delegate to the `runstate` crate (register the guest-virtual area through
-    /// a gpc, publish at registration, copy out `vcpu_runstate_info`).
-    fn runstate_op(&self, _ctx: &Ctx, _cmd: i32, _v: VcpuId, _arg: u64) -> Result<Outcome, Errno> {
-        Err(Errno::ENOSYS)
+    /// The runstate operations. The area is translated once, at registration (as KVM does),
+    /// into guest-physical pieces; the VMM keeps it exact from then on (the `runstate` crate,
+    /// through one gpc cache even when it straddles a page).
+    /// - `register_runstate_memory_area` `{addr}` (a guest-virtual address; 32-bit handle for
+    ///   compat guests): 0 unregisters; an unmapped area is `-EFAULT`.
+    /// - `register_runstate_phys_area` `{addr}` (Xen 4.18, a guest-physical address): as Xen,
+    ///   the area must not cross a page (`-ENXIO`) and must be RAM (`-EINVAL`).
+    /// - `get_runstate_info`: the current `vcpu_runstate_info` copied to the guest.
+    fn runstate_op(&self, ctx: &Ctx, cmd: i32, v: VcpuId, arg: u64) -> Result<Outcome, Errno> {
+        let width = self.width();
+        let size: usize = if width == GuestWidth::Bits32 { 44 } else { 48 };
+        match cmd {
+            vcpuop::GET_RUNSTATE_INFO => {
+                let r = self.platform.runstate(v);
+                let mut b = [0u8; 48];
+                b[0..4].copy_from_slice(&r.state.to_le_bytes());
+                let (entry, time) = if size == 44 { (4, 12) } else { (8, 16) };
+                b[entry..entry + 8].copy_from_slice(&r.state_entry_time.to_le_bytes());
+                for (i, t) in r.time.iter().enumerate() {
+                    b[time + 8 * i..time + 8 * i + 8].copy_from_slice(&t.to_le_bytes());
+                }
+                ctx.g.write(arg, &b[..size])?;
+                Ok(Outcome::Return(0))
+            }
+            vcpuop::REGISTER_RUNSTATE_MEMORY_AREA => {
+                let b: [u8; 8] = ctx.g.read_arr(arg)?;
+                let mut addr = get_u64(&b, 0);
+                if ctx.g.is_compat() {
+                    addr &= 0xffff_ffff;
+                }
+                if addr == 0 {
+                    self.platform.set_runstate_area(v, None)?;
+                    return Ok(Outcome::Return(0));
+                }
+                let pieces = ctx.g.phys_pieces(addr, size)?;
+                self.platform
+                    .set_runstate_area(v, Some(RunstateAreaSpec { pieces, width }))?;
+                Ok(Outcome::Return(0))
+            }
+            vcpuop::REGISTER_RUNSTATE_PHYS_AREA => {
+                let b: [u8; 8] = ctx.g.read_arr(arg)?;
+                let gpa = get_u64(&b, 0);
+                if gpa == 0 {
+                    self.platform.set_runstate_area(v, None)?;
+                    return Ok(Outcome::Return(0));
+                }
+                let end = gpa.checked_add(size as u64 - 1).ok_or(Errno::EINVAL)?;
+                if (gpa ^ end) >> 12 != 0 {
+                    return Err(Errno::ENXIO);
+                }
+                let spec = RunstateAreaSpec {
+                    pieces: vec![(gpa, size as u64)],
+                    width,
+                };
+                self.platform.set_runstate_area(v, Some(spec))?;
+                Ok(Outcome::Return(0))
+            }
+            _ => Err(Errno::ENOSYS),
+        }
     }
 
     /// `map_vcpu_info`: move `v`'s vcpu_info into guest RAM at `gfn`+`offset`.
