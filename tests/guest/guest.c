@@ -150,6 +150,7 @@ static long hypercall5(unsigned nr, u64 a1, u64 a2, u64 a3, u64 a4, u64 a5)
 #define HYPERVISOR_grant_table_op(cmd, arg, count) hypercall3(__HYPERVISOR_grant_table_op, cmd, arg, count)
 #define HYPERVISOR_vcpu_op(cmd, vcpu, arg) hypercall3(__HYPERVISOR_vcpu_op, cmd, vcpu, arg)
 #define HYPERVISOR_sched_op(cmd, arg) hypercall2(__HYPERVISOR_sched_op, cmd, arg)
+#define HYPERVISOR_vm_assist(cmd, type) hypercall2(__HYPERVISOR_vm_assist, cmd, type)
 
 /* What the guest learnt about its hypervisor. */
 static struct {
@@ -852,6 +853,145 @@ static int check_poll_timeout(void)
     return PASS("SCHEDOP_poll(port %u, timeout +1 ms) returned 0 after %lu us", a.port, (t1 - t0) / 1000);
 }
 
+/* --- the runstate area */
+
+/* Two pages: the area straddles their boundary (24 bytes in each) with RS_CANARY bytes
+ * of 0xA5 either side; later it moves to the start of the first page. */
+static u8 runstate_pages[2 * PAGE_SIZE] __attribute__((aligned(PAGE_SIZE)));
+#define RS_OFF    (PAGE_SIZE - 24)
+#define RS_CANARY 16
+
+/* Copy an area as Linux's xen_get_runstate_snapshot() does: retry while
+ * XEN_RUNSTATE_UPDATE is set or state_entry_time changed under the copy. */
+static int runstate_read(const volatile struct vcpu_runstate_info *a, struct vcpu_runstate_info *r)
+{
+    for (int tries = 0; tries < 1000000; tries++) {
+        u64 e1 = a->state_entry_time;
+        if (e1 & XEN_RUNSTATE_UPDATE) {
+            cpu_relax();
+            continue;
+        }
+        mb();
+        r->state = a->state;
+        for (int i = 0; i < 4; i++)
+            r->time[i] = a->time[i];
+        mb();
+        r->state_entry_time = a->state_entry_time;
+        if (r->state_entry_time == e1)
+            return 1;
+    }
+    return 0;
+}
+
+/* state_entry_time - sum(time[]): constant for the whole life of the vCPU. */
+static u64 rs_offset(const struct vcpu_runstate_info *r)
+{
+    return r->state_entry_time - r->time[0] - r->time[1] - r->time[2] - r->time[3];
+}
+
+static long register_runstate(void *area)
+{
+    struct vcpu_register_runstate_memory_area arg = { .addr = (u64)area };
+    return HYPERVISOR_vcpu_op(VCPUOP_register_runstate_memory_area, 0, &arg);
+}
+
+/* SCHEDOP_poll `port` (never signalled) until `ns` from now. */
+static long poll_ns(u32 port, u64 ns)
+{
+    u64 now = 0;
+    xen_time(&now);
+    evtchn_clear(port);
+    struct sched_poll poll = { .ports = &port, .nr_ports = 1, .timeout = now + ns };
+    return HYPERVISOR_sched_op(SCHEDOP_poll, &poll);
+}
+
+static int runstate_checks(u32 port)
+{
+    u8 *canary = runstate_pages + RS_OFF - RS_CANARY, saved[48 + 2 * RS_CANARY];
+    const volatile struct vcpu_runstate_info *area = (void *)(runstate_pages + RS_OFF);
+    const volatile struct vcpu_runstate_info *moved = (void *)runstate_pages;
+    struct vcpu_runstate_info a, b, g, c, d;
+    u64 now, t1;
+    memset(canary, 0xa5, sizeof(saved));
+    memset(runstate_pages + RS_OFF, 0xff, 48); /* so that state 0 and the times mean "written" */
+    long rc = register_runstate((void *)area);
+    if (rc)
+        return FAIL("register_runstate_memory_area(0x%lx) rc %ld", (u64)area, rc);
+    if (!runstate_read(area, &a) || a.state != RUNSTATE_running || !a.state_entry_time)
+        return FAIL("area at 0x%lx not filled at registration: state %d, entry 0x%lx", (u64)area, a.state,
+                    a.state_entry_time);
+
+    rc = poll_ns(port, 5000000);
+    int ok = runstate_read(area, &b);
+    xen_time(&now);
+    u64 blocked = b.time[2] - a.time[2], inv = rs_offset(&a);
+    if (rc || !ok)
+        return FAIL("SCHEDOP_poll(5 ms) rc %ld; area settled: %d", rc, ok);
+    if (b.state != RUNSTATE_running || blocked < 4500000 || blocked > 50000000)
+        return FAIL("after a 5 ms poll: state %d (want 0), blocked +%lu ns (want 4.5..50 ms)", b.state,
+                    blocked);
+    if (rs_offset(&b) != inv)
+        return FAIL("invariant entry - sum(time): %lu ns before, %lu ns after the poll", inv, rs_offset(&b));
+    for (int i = 0; i < 4; i++)
+        if (b.time[i] < a.time[i])
+            return FAIL("time[%d] went back: %lu -> %lu", i, a.time[i], b.time[i]);
+    if (b.state_entry_time > now || now - b.state_entry_time > 50000000)
+        return FAIL("state_entry_time %lu, pvclock now %lu", b.state_entry_time, now);
+    for (int i = 0; i < RS_CANARY; i++)
+        if (canary[i] != 0xa5 || canary[RS_CANARY + 48 + i] != 0xa5)
+            return FAIL("canary byte %d before / after the area: 0x%x / 0x%x", i, canary[i],
+                        canary[RS_CANARY + 48 + i]);
+
+    /* Xen's get_runstate_info runs the current state's time up to the call: sum(time)
+     * + invariant lies between state_entry_time and now. */
+    rc = HYPERVISOR_vcpu_op(VCPUOP_get_runstate_info, 0, &g);
+    xen_time(&t1);
+    u64 run = g.time[0] + g.time[1] + g.time[2] + g.time[3] + inv - g.state_entry_time;
+    if (rc || g.state != RUNSTATE_running || g.state_entry_time < b.state_entry_time ||
+        g.state_entry_time > t1 || run > t1 - g.state_entry_time)
+        return FAIL("get_runstate_info rc %ld: state %d, entry %lu (area %lu, now %lu), "
+                    "sum + invariant - entry %ld ns",
+                    rc, g.state, g.state_entry_time, b.state_entry_time, t1, (long)run);
+    for (int i = 0; i < 4; i++)
+        if (g.time[i] < b.time[i])
+            return FAIL("get_runstate_info time[%d] %lu < the area's %lu", i, g.time[i], b.time[i]);
+
+    memcpy(saved, canary, sizeof(saved));
+    memset(runstate_pages, 0xff, 48);
+    rc = register_runstate((void *)moved);
+    if (rc || !runstate_read(moved, &c) || c.state != RUNSTATE_running || rs_offset(&c) != inv)
+        return FAIL("moved to 0x%lx: rc %ld, state %d, invariant %lu (want %lu)", (u64)moved, rc, c.state,
+                    rs_offset(&c), inv);
+    rc = poll_ns(port, 1000000);
+    if (rc || !runstate_read(moved, &d) || d.time[2] - c.time[2] < 900000)
+        return FAIL("moved area: poll(1 ms) rc %ld, blocked +%lu ns", rc, d.time[2] - c.time[2]);
+    if (memcmp(saved, canary, sizeof(saved)))
+        return FAIL("old area at 0x%lx written after the move", (u64)area);
+    if ((rc = register_runstate(NULL)))
+        return FAIL("unregister (addr 0) rc %ld", rc);
+    return PASS("area at 0x%lx straddles 0x%lx, blocked +%lu ns, invariant %lu ns, get_runstate_info agrees "
+                "(+%lu ns running), moved area: blocked +%lu ns, old untouched",
+                (u64)area, (u64)runstate_pages + PAGE_SIZE, blocked, inv, run, d.time[2] - c.time[2]);
+}
+
+static int check_runstate(void)
+{
+    u64 now;
+    if (!xen_time(&now))
+        return FAIL("needs shared_info time (check shared_info)");
+    long rc = HYPERVISOR_vm_assist(VMASST_CMD_enable, VMASST_TYPE_runstate_update_flag);
+    if (rc)
+        return FAIL("vm_assist(enable, runstate_update_flag) rc %ld", rc);
+    struct evtchn_alloc_unbound ch = { .dom = DOMID_SELF, .remote_dom = DOMID_SELF };
+    rc = HYPERVISOR_event_channel_op(EVTCHNOP_alloc_unbound, &ch);
+    if (rc)
+        return FAIL("EVTCHNOP_alloc_unbound rc %ld", rc);
+    int ok = runstate_checks(ch.port);
+    struct evtchn_port_op c = { .port = ch.port };
+    HYPERVISOR_event_channel_op(EVTCHNOP_close, &c);
+    return ok;
+}
+
 static const struct check {
     const char *name;
     int (*run)(void); /* returns PASS(...) or FAIL(...) */
@@ -867,6 +1007,7 @@ static const struct check {
     { "vcpu_op", check_vcpu_op },
     { "traps", check_traps },
     { "poll_timeout", check_poll_timeout },
+    { "runstate", check_runstate },
 };
 
 static void __attribute__((noreturn)) demo(void)

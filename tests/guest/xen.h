@@ -24,6 +24,7 @@
 #define __HYPERVISOR_xen_version      17
 #define __HYPERVISOR_console_io       18
 #define __HYPERVISOR_grant_table_op   20
+#define __HYPERVISOR_vm_assist        21
 #define __HYPERVISOR_vcpu_op          24
 #define __HYPERVISOR_sched_op         29
 #define __HYPERVISOR_event_channel_op 32
@@ -136,8 +137,30 @@ struct gnttab_setup_table {
 _Static_assert(sizeof(struct gnttab_query_size) == 16, "gnttab_query_size");
 _Static_assert(sizeof(struct gnttab_setup_table) == 24, "gnttab_setup_table");
 
+/* xen.h: vm_assist(cmd, type) */
+#define VMASST_CMD_enable                0
+#define VMASST_TYPE_runstate_update_flag 5 /* XEN_RUNSTATE_UPDATE in state_entry_time */
+
 /* vcpu.h: vcpu_op(cmd, vcpuid, arg) */
-#define VCPUOP_is_up 3
+#define VCPUOP_is_up                         3
+#define VCPUOP_get_runstate_info             4 /* arg: struct vcpu_runstate_info */
+#define VCPUOP_register_runstate_memory_area 5 /* arg: struct vcpu_register_runstate_memory_area */
+#define RUNSTATE_running  0
+#define RUNSTATE_runnable 1
+#define RUNSTATE_blocked  2
+#define RUNSTATE_offline  3
+#define XEN_RUNSTATE_UPDATE (1ull << 63) /* in state_entry_time while Xen writes the area */
+struct vcpu_runstate_info {
+    int state;                 /* RUNSTATE_* */
+    uint64_t state_entry_time; /* Xen system time (ns) of entering `state` */
+    uint64_t time[4];          /* ns spent in each RUNSTATE_* */
+};
+struct vcpu_register_runstate_memory_area {
+    uint64_t addr; /* guest virtual address of a struct vcpu_runstate_info; 0: none */
+};
+_Static_assert(sizeof(struct vcpu_runstate_info) == 48, "vcpu_runstate_info");
+_Static_assert(__builtin_offsetof(struct vcpu_runstate_info, state_entry_time) == 8, "state_entry_time");
+_Static_assert(__builtin_offsetof(struct vcpu_runstate_info, time) == 16, "time");
 
 /* xen.h: shared_info and the per-vCPU time record (pvclock). */
 struct vcpu_time_info {
