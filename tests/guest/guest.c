@@ -3,7 +3,7 @@
  * the hypercall page and checks, from inside a guest, what xenkvm promises: the Xen
  * CPUID leaves, xen_version, shared_info and pvclock time, HVM params, the PV console
  * ring, xenstore, event channels, grant tables, vcpu_op, the int3/int n fix-ups and
- * SCHEDOP_poll. `xenkvm demo` boots it and shows its output.
+ * SCHEDOP_poll and the runstate area. `xenkvm demo` boots it and shows its output.
  *
  * Modes (chosen by the start_info command line):
  *  - demo (default): run the checks in `checks[]`, print one line each, then
