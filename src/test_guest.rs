@@ -37,7 +37,13 @@ pub mod bench_cmd {
     pub const IO_EXIT: u32 = 1;
     /// N `xen_version(XENVER_version)` hypercalls through the hypercall page.
     pub const XEN_VERSION: u32 = 2;
+    /// N calls into a stub on its own page (shaped like a hypercall stub) that exits to
+    /// [`super::BENCH_STUB_PORT`] and returns: a hypercall's footprint without the Xen work.
+    pub const STUB_EXIT: u32 = 3;
 }
+
+/// The bench stub's `out` port; the VMM completes the stub's `ret` and does nothing else.
+pub const BENCH_STUB_PORT: u16 = 0xe2;
 
 #[cfg(test)]
 mod tests {

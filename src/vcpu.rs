@@ -229,6 +229,15 @@ impl Vcpu {
         if port == hcall_page::HYPERCALL_PORT {
             return self.hypercall();
         }
+        if port == crate::test_guest::BENCH_STUB_PORT {
+            // The test guest's bench stub: complete its `ret` as for a hypercall.
+            let mut regs = self.fd.sync_regs().regs;
+            let sregs = self.fd.sync_regs().sregs;
+            x86::complete_stub_return(&self.m.mem, &mut regs, &sregs, 0);
+            self.fd.sync_regs_mut().regs = regs;
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+            return State::Running;
+        }
         if self.m.xen.bench_io_out(port, data) {
             return State::Running;
         }

@@ -1034,16 +1034,27 @@ static void __attribute__((noreturn)) demo(void)
 #define BENCH_STOP        0     /* shut down (poweroff) */
 #define BENCH_IO_EXIT     1     /* N x outl(BENCH_PORT_NOP, 0) */
 #define BENCH_XEN_VERSION 2     /* N x xen_version(XENVER_version) */
+#define BENCH_STUB_EXIT   3     /* N x call into a stub page that exits and returns, no Xen */
+#define BENCH_PORT_STUB   0xe2  /* the stub's port: the VMM completes the stub's ret, nothing else */
+
+/* A page shaped like the hypercall page (its own page, called with `call`), whose stub
+ * `mov $0, %eax; out %eax, $0xe2; ret` exits to a port the VMM answers by completing the
+ * `ret` only. Timing it next to xen_version separates what the host charges for the
+ * call's footprint (stack and stub pages) from what xenkvm's Xen handling costs. */
+static u8 bench_stub_page[PAGE_SIZE] __attribute__((aligned(PAGE_SIZE)));
 
 static void __attribute__((noreturn)) bench(void)
 {
     say("bench mode: command on port 0x%x, count on 0x%x, TSC cycles out on 0x%x", BENCH_PORT_CMD,
         BENCH_PORT_COUNT, BENCH_PORT_RESULT);
+    static const u8 stub[] = {0xb8, 0, 0, 0, 0, 0xe7, BENCH_PORT_STUB, 0xc3};
+    for (unsigned i = 0; i < sizeof(stub); i++)
+        bench_stub_page[i] = stub[i];
     for (;;) {
         u32 cmd = inl(BENCH_PORT_CMD);
         if (cmd == BENCH_STOP)
             shutdown(SHUTDOWN_poweroff);
-        if (cmd != BENCH_IO_EXIT && cmd != BENCH_XEN_VERSION) {
+        if (cmd != BENCH_IO_EXIT && cmd != BENCH_XEN_VERSION && cmd != BENCH_STUB_EXIT) {
             say("bench: unknown command %u", cmd);
             shutdown(SHUTDOWN_crash);
         }
@@ -1052,6 +1063,13 @@ static void __attribute__((noreturn)) bench(void)
         if (cmd == BENCH_IO_EXIT)
             for (u32 i = 0; i < n; i++)
                 outl(BENCH_PORT_NOP, 0);
+        else if (cmd == BENCH_STUB_EXIT)
+            for (u32 i = 0; i < n; i++) {
+                register u64 rax asm("rax");
+                asm volatile("call *%[stub]" : "=a"(rax) : [stub] "r"(bench_stub_page)
+                             : "memory", "cc", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11");
+                (void)rax;
+            }
         else
             for (u32 i = 0; i < n; i++)
                 HYPERVISOR_xen_version(XENVER_version, NULL);
