@@ -40,6 +40,9 @@ pub mod bench_cmd {
     /// N calls into a stub on its own page (shaped like a hypercall stub) that exits to
     /// [`super::BENCH_STUB_PORT`] and returns: a hypercall's footprint without the Xen work.
     pub const STUB_EXIT: u32 = 3;
+    /// N `xen_version` calls through a copy of the hypercall stub on the stub page, which
+    /// the guest places next to its stack (the hypercall page sits elsewhere).
+    pub const STUB_XEN_VERSION: u32 = 4;
 }
 
 /// The bench stub's `out` port; the VMM completes the stub's `ret` and does nothing else.

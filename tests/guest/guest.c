@@ -1034,27 +1034,34 @@ static void __attribute__((noreturn)) demo(void)
 #define BENCH_STOP        0     /* shut down (poweroff) */
 #define BENCH_IO_EXIT     1     /* N x outl(BENCH_PORT_NOP, 0) */
 #define BENCH_XEN_VERSION 2     /* N x xen_version(XENVER_version) */
-#define BENCH_STUB_EXIT   3     /* N x call into a stub page that exits and returns, no Xen */
-#define BENCH_PORT_STUB   0xe2  /* the stub's port: the VMM completes the stub's ret, nothing else */
+#define BENCH_STUB_EXIT   3     /* N x call stub page +32: exits to BENCH_PORT_STUB, no Xen */
+#define BENCH_STUB_XENVER 4     /* N x call stub page +0: a copy of the xen_version stub */
+#define BENCH_PORT_STUB   0xe2  /* the VMM completes the stub's ret, nothing else */
 
-/* A page shaped like the hypercall page (its own page, called with `call`), whose stub
- * `mov $0, %eax; out %eax, $0xe2; ret` exits to a port the VMM answers by completing the
- * `ret` only. Timing it next to xen_version separates what the host charges for the
- * call's footprint (stack and stub pages) from what xenkvm's Xen handling costs. */
-static u8 bench_stub_page[PAGE_SIZE] __attribute__((aligned(PAGE_SIZE)));
+/* A page laid out like the hypercall page but placed next to the stack (head.S):
+ *   +0:  mov $17, %eax; out %eax, $0xe1; ret   -- xen_version, the full xenkvm path
+ *   +32: mov $0, %eax;  out %eax, $0xe2; ret   -- the same exit without any Xen work
+ * On a shadow-paging host each page block the guest touches after an exit costs a
+ * refill; the hypercall page lives in its own block, this page shares the stack's. The
+ * bench times all of them so the VMM's share and the host's share can be told apart. */
+extern u8 bench_stub_page[PAGE_SIZE];
 
 static void __attribute__((noreturn)) bench(void)
 {
     say("bench mode: command on port 0x%x, count on 0x%x, TSC cycles out on 0x%x", BENCH_PORT_CMD,
         BENCH_PORT_COUNT, BENCH_PORT_RESULT);
-    static const u8 stub[] = {0xb8, 0, 0, 0, 0, 0xe7, BENCH_PORT_STUB, 0xc3};
-    for (unsigned i = 0; i < sizeof(stub); i++)
+    static const u8 stub[] = {0xb8, 17, 0, 0, 0, 0xe7, 0xe1, 0xc3};
+    static const u8 nop_stub[] = {0xb8, 0, 0, 0, 0, 0xe7, BENCH_PORT_STUB, 0xc3};
+    for (unsigned i = 0; i < sizeof(stub); i++) {
         bench_stub_page[i] = stub[i];
+        bench_stub_page[32 + i] = nop_stub[i];
+    }
     for (;;) {
         u32 cmd = inl(BENCH_PORT_CMD);
         if (cmd == BENCH_STOP)
             shutdown(SHUTDOWN_poweroff);
-        if (cmd != BENCH_IO_EXIT && cmd != BENCH_XEN_VERSION && cmd != BENCH_STUB_EXIT) {
+        if (cmd != BENCH_IO_EXIT && cmd != BENCH_XEN_VERSION && cmd != BENCH_STUB_EXIT &&
+            cmd != BENCH_STUB_XENVER) {
             say("bench: unknown command %u", cmd);
             shutdown(SHUTDOWN_crash);
         }
@@ -1063,11 +1070,15 @@ static void __attribute__((noreturn)) bench(void)
         if (cmd == BENCH_IO_EXIT)
             for (u32 i = 0; i < n; i++)
                 outl(BENCH_PORT_NOP, 0);
-        else if (cmd == BENCH_STUB_EXIT)
+        else if (cmd == BENCH_STUB_EXIT || cmd == BENCH_STUB_XENVER)
             for (u32 i = 0; i < n; i++) {
                 register u64 rax asm("rax");
-                asm volatile("call *%[stub]" : "=a"(rax) : [stub] "r"(bench_stub_page)
-                             : "memory", "cc", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11");
+                register u64 rdi asm("rdi") = 0; /* XENVER_version, NULL */
+                register u64 rsi asm("rsi") = 0;
+                asm volatile("call *%[stub]"
+                             : "=a"(rax), "+r"(rdi), "+r"(rsi)
+                             : [stub] "r"(bench_stub_page + (cmd == BENCH_STUB_EXIT ? 32 : 0))
+                             : "memory", "cc", "rcx", "rdx", "r8", "r9", "r10", "r11");
                 (void)rax;
             }
         else

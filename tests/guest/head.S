@@ -182,5 +182,12 @@ pdpt:   .skip   4096
 pd:     .skip   4 * 4096
 stack:  .skip   64 * 1024
 stack_top:
+/* The bench's stub page, placed right after the stack on purpose: on a
+ * shadow-paging host one refill after an exit maps an aligned block of
+ * neighbouring pages, so this page shares the stack's refill (see bench()). */
+        .balign 4096
+        .globl  bench_stub_page
+bench_stub_page:
+        .skip   4096
 
         .section .note.GNU-stack, "", @progbits
