@@ -61,6 +61,8 @@ pub struct Vcpu {
     m: Arc<Machine>,
     run_delay: Option<runstate::RunDelay>,
     next_steal_sample: u64,
+    /// Set at the vCPU's first exit (for APs: after INIT/SIPI).
+    started: bool,
 }
 
 /// An exit, copied out of `kvm_run` so the fd can be used again.
@@ -90,6 +92,7 @@ impl Vcpu {
             m,
             run_delay: None,
             next_steal_sample: 0,
+            started: false,
         }
     }
 
@@ -101,9 +104,11 @@ impl Vcpu {
         self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
         // Steal time: run_delay of this thread, sampled every STEAL_SAMPLE_MS.
         self.run_delay = runstate::RunDelay::open().ok();
-        self.m
-            .xen
-            .runstate_transition(self.id, runstate::State::Running, self.sample_run_delay());
+        if self.id == 0 {
+            self.m
+                .xen
+                .runstate_transition(0, runstate::State::Running, self.sample_run_delay());
+        }
         let mut state = State::Running;
         loop {
             state = match state {
@@ -123,6 +128,7 @@ impl Vcpu {
         if self.m.stopping() {
             return State::Stopped;
         }
+        let first_exit = !self.started;
         // Cheap on the exit path: one TSC read and a compare.
         let t = crate::clock::host_tsc();
         if t >= self.next_steal_sample {
@@ -189,6 +195,19 @@ impl Vcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Handled,
             Err(e) => Exit::Fatal(format!("KVM_RUN failed: {e}")),
         };
+        if first_exit && !matches!(exit, Exit::Fatal(_)) && !self.m.stopping() {
+            // An AP leaves KVM_RUN only once INIT/SIPI started it (the in-kernel
+            // LAPIC holds it until then): from here on it is up and running.
+            self.started = true;
+            if self.id != 0 {
+                self.m.xen.vcpu_started(self.id);
+                self.m.xen.runstate_transition(
+                    self.id,
+                    runstate::State::Running,
+                    self.sample_run_delay(),
+                );
+            }
+        }
         match exit {
             Exit::Handled => State::Running,
             Exit::IoOut { port, data, len } => self.io_out(port, &data[..len]),

@@ -35,6 +35,8 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     pub domid: u16,
     pub name: String,
+    /// Feed the VMM's stdin into the PV console ring (hvc0 input).
+    pub stdin_console: bool,
 }
 
 impl Default for VmConfig {
@@ -48,6 +50,7 @@ impl Default for VmConfig {
             timeout: None,
             domid: 1,
             name: "xenkvm-guest".into(),
+            stdin_console: true,
         }
     }
 }
@@ -84,6 +87,7 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     entry: u32,
     start_info: u64,
+    stdin_console: bool,
 }
 
 /// Guest RAM: memfd-backed regions owned by gpc's memory map (overlays and
@@ -197,6 +201,7 @@ impl Vm {
             vcpus,
             entry: kernel.entry,
             start_info,
+            stdin_console: cfg.stdin_console,
         })
     }
 
@@ -207,6 +212,7 @@ impl Vm {
             vcpus,
             entry,
             start_info,
+            stdin_console,
         } = self;
         crate::vcpu::install_kick_handler();
         let started = Instant::now();
@@ -231,6 +237,9 @@ impl Vm {
                 }
             }
         }
+        if stdin_console {
+            spawn_console_input(&machine);
+        }
         let exit = machine.wait_exit(timeout.map(|t| started + t));
         machine.stop_vcpus(&handles);
         for h in handles {
@@ -238,6 +247,41 @@ impl Vm {
         }
         machine.console.flush();
         exit
+    }
+}
+
+/// Reads the VMM's stdin and hands it to the guest's PV console. The thread
+/// ends at EOF or when the guest is gone; it is detached because a read on a
+/// terminal cannot be interrupted portably.
+fn spawn_console_input(machine: &Arc<Machine>) {
+    use std::io::Read;
+    let weak = Arc::downgrade(machine);
+    let r = std::thread::Builder::new()
+        .name("console-input".into())
+        .spawn(move || {
+            let mut buf = [0u8; 512];
+            let mut stdin = std::io::stdin();
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let Some(m) = weak.upgrade() else { return };
+                if m.stopping() {
+                    return;
+                }
+                let mut off = 0;
+                // The backend queues a bounded amount; wait for the guest to drain it.
+                while off < n && !m.stopping() {
+                    off += m.xen.console_input(&buf[off..n]);
+                    if off < n {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        });
+    if let Err(e) = r {
+        tracing::warn!(%e, "cannot start the console input thread");
     }
 }
 

@@ -92,10 +92,16 @@ impl Xen {
             machine: OnceLock::new(),
             overlays: Mutex::new(Overlays::default()),
             timers: Timers::new(cfg.vcpus),
+            // vCPU 0 runs from the start; APs are offline until INIT/SIPI.
             runstates: (0..cfg.vcpus)
-                .map(|_| {
+                .map(|id| {
+                    let st = if id == 0 {
+                        State::Running
+                    } else {
+                        State::Offline
+                    };
                     Mutex::new(VcpuRunstate {
-                        acct: Accounting::new(State::Running, clock.system_time()),
+                        acct: Accounting::new(st, clock.system_time()),
                         area: None,
                     })
                 })
@@ -238,6 +244,21 @@ impl Xen {
                 r => GuestExit::Crash(format!("the guest shut down with reason {r}")),
             }),
         }
+    }
+
+    /// An AP was started by INIT/SIPI.
+    pub fn vcpu_started(&self, vcpu: u32) {
+        if let Some(id) = self.domain.vcpu(vcpu) {
+            self.domain.vcpu_started(id);
+        }
+    }
+
+    /// Console input for the guest: queued in the PV console backend, which
+    /// moves it into the ring's `in[]` and notifies the guest.
+    pub fn console_input(&self, data: &[u8]) -> usize {
+        let n = self.console_backend.lock().push_input(data);
+        self.backend_notified(REMOTE_CONSOLE);
+        n
     }
 
     /// Schedule in/out of `vcpu` (see [`XenPlatform::runstate_transition`]).

@@ -34,6 +34,7 @@ impl Guest {
             kernel: TEST_GUEST_ELF.to_vec(),
             cmdline: BENCH_CMDLINE.into(),
             mem_mib: 64,
+            stdin_console: false,
             ..Default::default()
         };
         let sink = xenkvm::devices::ConsoleOut::new(Box::new(std::io::sink()));
