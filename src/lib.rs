@@ -6,6 +6,7 @@ pub mod clock;
 pub mod console;
 pub mod cpuid;
 pub mod devices;
+pub mod exit;
 pub mod hcall_page;
 pub mod layout;
 pub mod machine;

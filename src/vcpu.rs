@@ -8,12 +8,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_vcpu_events, KVM_INTERNAL_ERROR_EMULATION};
+use kvm_bindings::kvm_vcpu_events;
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::PortEvent;
-use crate::hcall_page;
+use crate::exit::{decide, Action, Exit, ExitEnv};
 use crate::machine::{GuestExit, Machine};
 use crate::x86::{self, Fixup};
 use crate::xen::{HypercallResult, VcpuCtx};
@@ -65,23 +65,13 @@ pub struct Vcpu {
     started: bool,
 }
 
-/// An exit, copied out of `kvm_run` so the fd can be used again.
-enum Exit {
-    IoOut {
-        port: u16,
-        data: [u8; 4],
-        len: usize,
-    },
-    Handled,
-    WrmsrHypercallPage {
-        gpa: u64,
-    },
-    Shutdown,
-    InternalError {
-        suberror: u32,
-    },
-    SystemEvent(u32),
-    Fatal(String),
+/// The VM facts [`decide`] needs.
+struct ExitCtx<'a>(&'a Machine);
+
+impl ExitEnv for ExitCtx<'_> {
+    fn hypercall_page_ok(&self, gpa: u64) -> bool {
+        self.0.xen.hypercall_page_ok(gpa)
+    }
 }
 
 impl Vcpu {
@@ -140,62 +130,88 @@ impl Vcpu {
             );
         }
         let m = &self.m;
-        let exit = match self.fd.run() {
+        let env = ExitCtx(m);
+        // Copy the exit out of kvm_run, decide, and give KVM the answers it
+        // expects inside kvm_run before the borrow ends.
+        let action = match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 let mut d = [0u8; 4];
                 let len = data.len().min(4);
                 d[..len].copy_from_slice(&data[..len]);
-                Exit::IoOut { port, data: d, len }
+                decide(&Exit::IoOut { port, data: d, len }, self.id, &env)
             }
             Ok(VcpuExit::IoIn(port, data)) => {
+                let a = decide(
+                    &Exit::IoIn {
+                        port,
+                        len: data.len(),
+                    },
+                    self.id,
+                    &env,
+                );
                 if !m.xen.bench_io_in(port, data) {
                     m.ports.io_in(port, data);
                 }
-                Exit::Handled
+                a
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 data.fill(0xff);
-                tracing::debug!(addr = format_args!("{addr:#x}"), "read of unbacked MMIO");
-                Exit::Handled
+                decide(
+                    &Exit::MmioRead {
+                        addr,
+                        len: data.len(),
+                    },
+                    self.id,
+                    &env,
+                )
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                tracing::debug!(addr = format_args!("{addr:#x}"), "write to unbacked MMIO");
-                Exit::Handled
-            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => decide(
+                &Exit::MmioWrite {
+                    addr,
+                    len: data.len(),
+                },
+                self.id,
+                &env,
+            ),
             Ok(VcpuExit::X86Wrmsr(w)) => {
-                if w.index == crate::cpuid::XEN_HYPERCALL_MSR && m.xen.hypercall_page_ok(w.data) {
-                    *w.error = 0;
-                    Exit::WrmsrHypercallPage { gpa: w.data }
-                } else {
-                    *w.error = 1;
-                    Exit::Handled
-                }
+                let a = decide(
+                    &Exit::WrMsr {
+                        index: w.index,
+                        data: w.data,
+                    },
+                    self.id,
+                    &env,
+                );
+                *w.error = u8::from(a == Action::MsrFault);
+                a
             }
             Ok(VcpuExit::X86Rdmsr(r)) => {
-                *r.error = 1;
-                Exit::Handled
+                let a = decide(&Exit::RdMsr { index: r.index }, self.id, &env);
+                *r.error = u8::from(a == Action::MsrFault);
+                a
             }
-            Ok(VcpuExit::Hlt) => Exit::Handled,
-            Ok(VcpuExit::Shutdown) => Exit::Shutdown,
+            Ok(VcpuExit::Hlt) => decide(&Exit::Hlt, self.id, &env),
+            Ok(VcpuExit::Shutdown) => decide(&Exit::Shutdown, self.id, &env),
             Ok(VcpuExit::InternalError) => {
                 let run = self.fd.get_kvm_run();
                 // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the
                 // `internal` member of the union is the one KVM wrote.
                 let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-                Exit::InternalError { suberror }
+                decide(&Exit::InternalError { suberror }, self.id, &env)
             }
-            Ok(VcpuExit::SystemEvent(t, _)) => Exit::SystemEvent(t),
-            Ok(VcpuExit::Intr) | Ok(VcpuExit::Debug(_)) | Ok(VcpuExit::IrqWindowOpen) => {
-                Exit::Handled
+            Ok(VcpuExit::SystemEvent(t, _)) => decide(&Exit::SystemEvent(t), self.id, &env),
+            Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {
+                decide(&Exit::Interrupted, self.id, &env)
             }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Exit::Fatal(format!(
-                "KVM_EXIT_FAIL_ENTRY reason {reason:#x} on cpu {cpu}"
-            )),
-            Ok(other) => Exit::Fatal(format!("unexpected KVM exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Handled,
-            Err(e) => Exit::Fatal(format!("KVM_RUN failed: {e}")),
+            Ok(VcpuExit::Debug(_)) => decide(&Exit::Debug, self.id, &env),
+            Ok(VcpuExit::FailEntry(reason, _cpu)) => {
+                decide(&Exit::FailEntry { reason }, self.id, &env)
+            }
+            Ok(other) => decide(&Exit::Unexpected(format!("{other:?}")), self.id, &env),
+            Err(e) => decide(&Exit::RunError(e.errno()), self.id, &env),
         };
-        if first_exit && !matches!(exit, Exit::Fatal(_)) && !self.m.stopping() {
+        let stopping = matches!(action, Action::Stop(_));
+        if first_exit && !stopping && !self.m.stopping() {
             // An AP leaves KVM_RUN only once INIT/SIPI started it (the in-kernel
             // LAPIC holds it until then): from here on it is up and running.
             self.started = true;
@@ -208,55 +224,48 @@ impl Vcpu {
                 );
             }
         }
-        match exit {
-            Exit::Handled => State::Running,
-            Exit::IoOut { port, data, len } => self.io_out(port, &data[..len]),
-            Exit::WrmsrHypercallPage { gpa } => {
+        match action {
+            Action::Resume | Action::PortIn { .. } | Action::MsrFault => State::Running,
+            Action::MmioUnbacked { addr, write } => {
+                tracing::debug!(
+                    addr = format_args!("{addr:#x}"),
+                    write,
+                    "access to unbacked MMIO"
+                );
+                State::Running
+            }
+            Action::Hypercall => self.hypercall(),
+            Action::BenchStubReturn => {
+                // The test guest's bench stub: complete its `ret` as for a hypercall.
+                let mut regs = self.fd.sync_regs().regs;
+                let sregs = self.fd.sync_regs().sregs;
+                x86::complete_stub_return(&self.m.mem, &mut regs, &sregs, 0);
+                self.fd.sync_regs_mut().regs = regs;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+                State::Running
+            }
+            Action::PortOut { port, data, len } => self.io_out(port, &data[..len]),
+            Action::HypercallPage { gpa } => {
                 let long = x86::is_64bit(&self.fd.sync_regs().sregs);
                 self.m.xen.write_hypercall_page(gpa, long);
                 State::Running
             }
-            Exit::Shutdown => {
-                let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                self.m.request_exit(GuestExit::Reboot(format!(
-                    "triple fault on vCPU {} at RIP {rip:#x}",
-                    self.id
-                )));
-                State::Stopped
-            }
-            Exit::InternalError { suberror } => self.internal_error(suberror),
-            Exit::SystemEvent(t) => {
-                let why = match t {
-                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => GuestExit::Poweroff,
-                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
-                        GuestExit::Reboot("system reset".into())
+            Action::Fixup => self.internal_error(),
+            Action::Stop(why) => {
+                let why = match why {
+                    GuestExit::Reboot(r) if r.starts_with("triple fault") => {
+                        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                        GuestExit::Reboot(format!("{r} at RIP {rip:#x}"))
                     }
-                    t => GuestExit::Crash(format!("system event {t}")),
+                    w => w,
                 };
                 self.m.request_exit(why);
-                State::Stopped
-            }
-            Exit::Fatal(msg) => {
-                self.m
-                    .request_exit(GuestExit::Error(format!("vCPU {}: {msg}", self.id)));
                 State::Stopped
             }
         }
     }
 
     fn io_out(&mut self, port: u16, data: &[u8]) -> State {
-        if port == hcall_page::HYPERCALL_PORT {
-            return self.hypercall();
-        }
-        if port == crate::test_guest::BENCH_STUB_PORT {
-            // The test guest's bench stub: complete its `ret` as for a hypercall.
-            let mut regs = self.fd.sync_regs().regs;
-            let sregs = self.fd.sync_regs().sregs;
-            x86::complete_stub_return(&self.m.mem, &mut regs, &sregs, 0);
-            self.fd.sync_regs_mut().regs = regs;
-            self.fd.set_sync_dirty_reg(SyncReg::Register);
-            return State::Running;
-        }
         if self.m.xen.bench_io_out(port, data) {
             return State::Running;
         }
@@ -329,18 +338,11 @@ impl Vcpu {
     }
 
     /// An emulation failure: fix up what this host cannot execute.
-    fn internal_error(&mut self, suberror: u32) -> State {
+    fn internal_error(&mut self) -> State {
         let fail = |m: &Machine, id: u32, msg: String| {
             m.request_exit(GuestExit::Crash(format!("vCPU {id}: {msg}")));
             State::Stopped
         };
-        if suberror != KVM_INTERNAL_ERROR_EMULATION {
-            return fail(
-                &self.m,
-                self.id,
-                format!("KVM internal error, suberror {suberror}"),
-            );
-        }
         let (mut regs, mut sregs) = match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(r), Ok(s)) => (r, s),
             _ => {
