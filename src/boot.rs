@@ -90,8 +90,6 @@ pub fn load_pvh_elf(mem: &crate::GuestMem, image: &[u8]) -> Result<LoadedKernel,
         start = start.min(addr);
         end = end.max(seg_end);
     }
-    // Silence the unused import on builds where PT_NOTE is not needed.
-    let _ = PT_NOTE;
     Ok(LoadedKernel { entry, start, end })
 }
 
@@ -174,6 +172,47 @@ pub fn write_start_info(
     Ok(s)
 }
 
+/// Builds a minimal ELF32 with one PT_LOAD segment (`payload` at `load_at`,
+/// followed by `bss` zero bytes) and a Xen PVH entry note. For tests and
+/// tools that need a tiny guest.
+pub fn build_pvh_elf32(entry: u32, load_at: u32, payload: &[u8], bss: u32) -> Vec<u8> {
+    let mut f = vec![0u8; 0x100];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 1; // ELFCLASS32
+    f[5] = 1; // little endian
+    f[6] = 1;
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // EXEC
+    f[18..20].copy_from_slice(&3u16.to_le_bytes()); // 386
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..28].copy_from_slice(&entry.to_le_bytes());
+    f[28..32].copy_from_slice(&52u32.to_le_bytes()); // phoff
+    f[40..42].copy_from_slice(&52u16.to_le_bytes()); // ehsize
+    f[42..44].copy_from_slice(&32u16.to_le_bytes()); // phentsize
+    f[44..46].copy_from_slice(&2u16.to_le_bytes()); // phnum
+    let note_off = 0xc0u32;
+    let data_off = 0x100u32;
+    let ph = |f: &mut Vec<u8>, at: usize, v: [u32; 8]| {
+        for (i, x) in v.iter().enumerate() {
+            f[at + i * 4..at + i * 4 + 4].copy_from_slice(&x.to_le_bytes());
+        }
+    };
+    let len = payload.len() as u32;
+    ph(
+        &mut f,
+        52,
+        [PT_LOAD, data_off, load_at, load_at, len, len + bss, 7, 4],
+    );
+    ph(&mut f, 84, [PT_NOTE, note_off, 0, 0, 20, 20, 4, 4]);
+    let n = note_off as usize;
+    f[n..n + 4].copy_from_slice(&4u32.to_le_bytes());
+    f[n + 4..n + 8].copy_from_slice(&4u32.to_le_bytes());
+    f[n + 8..n + 12].copy_from_slice(&XEN_ELFNOTE_PHYS32_ENTRY.to_le_bytes());
+    f[n + 12..n + 16].copy_from_slice(b"Xen\0");
+    f[n + 16..n + 20].copy_from_slice(&entry.to_le_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
 /// True if the first bytes look like an ELF image.
 pub fn is_elf(image: &[u8]) -> bool {
     image.starts_with(b"\x7fELF")
@@ -187,50 +226,8 @@ mod tests {
         crate::GuestMem::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
     }
 
-    /// A minimal ELF32 with one PT_LOAD and a Xen PHYS32 entry note.
     fn elf32(entry: u32, load_at: u32, payload: &[u8], bss: u32) -> Vec<u8> {
-        let mut f = vec![0u8; 0x100];
-        f[..4].copy_from_slice(b"\x7fELF");
-        f[4] = 1; // ELFCLASS32
-        f[5] = 1; // little endian
-        f[6] = 1;
-        f[16..18].copy_from_slice(&2u16.to_le_bytes()); // EXEC
-        f[18..20].copy_from_slice(&3u16.to_le_bytes()); // 386
-        f[20..24].copy_from_slice(&1u32.to_le_bytes());
-        f[24..28].copy_from_slice(&entry.to_le_bytes());
-        f[28..32].copy_from_slice(&52u32.to_le_bytes()); // phoff
-        f[40..42].copy_from_slice(&52u16.to_le_bytes()); // ehsize
-        f[42..44].copy_from_slice(&32u16.to_le_bytes()); // phentsize
-        f[44..46].copy_from_slice(&2u16.to_le_bytes()); // phnum
-        let note_off = 0xc0u32;
-        let data_off = 0x100u32;
-        let ph =
-            |f: &mut Vec<u8>, at: usize, ty: u32, off: u32, addr: u32, filesz: u32, memsz: u32| {
-                for (i, v) in [ty, off, addr, addr, filesz, memsz, 7, 4]
-                    .iter()
-                    .enumerate()
-                {
-                    f[at + i * 4..at + i * 4 + 4].copy_from_slice(&v.to_le_bytes());
-                }
-            };
-        ph(
-            &mut f,
-            52,
-            PT_LOAD,
-            data_off,
-            load_at,
-            payload.len() as u32,
-            payload.len() as u32 + bss,
-        );
-        ph(&mut f, 84, PT_NOTE, note_off, 0, 20, 20);
-        let n = note_off as usize;
-        f[n..n + 4].copy_from_slice(&4u32.to_le_bytes());
-        f[n + 4..n + 8].copy_from_slice(&4u32.to_le_bytes());
-        f[n + 8..n + 12].copy_from_slice(&18u32.to_le_bytes());
-        f[n + 12..n + 16].copy_from_slice(b"Xen\0");
-        f[n + 16..n + 20].copy_from_slice(&entry.to_le_bytes());
-        f.extend_from_slice(payload);
-        f
+        build_pvh_elf32(entry, load_at, payload, bss)
     }
 
     #[test]

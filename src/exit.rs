@@ -52,8 +52,11 @@ pub enum Exit {
     SystemEvent(u32),
     /// KVM_RUN returned because of a signal (EINTR/EAGAIN) or `KVM_EXIT_INTR`.
     Interrupted,
-    /// A debug exit (guest debug is not used yet: resume).
-    Debug,
+    /// A debug exit: a hardware breakpoint xenkvm armed at a `vmcall`
+    /// site fired, at linear address `pc`.
+    Debug {
+        pc: u64,
+    },
     FailEntry {
         reason: u64,
     },
@@ -87,6 +90,12 @@ pub enum Action {
     MsrFault,
     /// KVM could not emulate an instruction: decode and fix it up.
     Fixup,
+    /// KVM_RUN was interrupted by a signal: if the vCPU monitor kicked it
+    /// because it stayed inside KVM_RUN too long, look for a `vmcall` at RIP.
+    Interrupted,
+    /// A breakpoint at linear address `pc` fired: a `vmcall`/`vmmcall`
+    /// site that was armed before.
+    HypercallTrap { pc: u64 },
     /// Stop the guest with this reason.
     Stop(GuestExit),
 }
@@ -121,7 +130,9 @@ pub fn decide(exit: &Exit, vcpu: u32, env: &dyn ExitEnv) -> Action {
         // guest gets #GP for, as on Xen.
         Exit::WrMsr { .. } | Exit::RdMsr { .. } => Action::MsrFault,
         // With the in-kernel irqchip HLT does not exit; if it does, resume.
-        Exit::Hlt | Exit::Interrupted | Exit::Debug => Action::Resume,
+        Exit::Hlt => Action::Resume,
+        Exit::Interrupted => Action::Interrupted,
+        Exit::Debug { pc } => Action::HypercallTrap { pc },
         Exit::Shutdown => Action::Stop(GuestExit::Reboot(format!("triple fault on vCPU {vcpu}"))),
         Exit::InternalError {
             suberror: INTERNAL_ERROR_EMULATION,
@@ -142,7 +153,7 @@ pub fn decide(exit: &Exit, vcpu: u32, env: &dyn ExitEnv) -> Action {
         Exit::FailEntry { reason } => Action::Stop(GuestExit::Error(format!(
             "vCPU {vcpu}: KVM_EXIT_FAIL_ENTRY, hardware entry failure reason {reason:#x}"
         ))),
-        Exit::RunError(e) if e == libc::EINTR || e == libc::EAGAIN => Action::Resume,
+        Exit::RunError(e) if e == libc::EINTR || e == libc::EAGAIN => Action::Interrupted,
         Exit::RunError(e) => Action::Stop(GuestExit::Error(format!(
             "vCPU {vcpu}: KVM_RUN failed: {}",
             std::io::Error::from_raw_os_error(e)
@@ -260,8 +271,8 @@ mod tests {
 
     #[test]
     fn decide_signals_resume_real_errors_stop() {
-        assert_eq!(d(Exit::RunError(libc::EINTR)), Action::Resume);
-        assert_eq!(d(Exit::RunError(libc::EAGAIN)), Action::Resume);
+        assert_eq!(d(Exit::RunError(libc::EINTR)), Action::Interrupted);
+        assert_eq!(d(Exit::RunError(libc::EAGAIN)), Action::Interrupted);
         assert!(matches!(
             d(Exit::RunError(libc::EFAULT)),
             Action::Stop(GuestExit::Error(_))
@@ -270,6 +281,18 @@ mod tests {
             d(Exit::FailEntry { reason: 0x21 }),
             Action::Stop(GuestExit::Error(_))
         ));
-        assert_eq!(d(Exit::Interrupted), Action::Resume);
+        assert_eq!(d(Exit::Interrupted), Action::Interrupted);
+    }
+
+    #[test]
+    fn decide_debug_exit_is_a_hypercall_trap_at_pc() {
+        assert_eq!(
+            d(Exit::Debug {
+                pc: 0xffff_8000_0000_1000
+            }),
+            Action::HypercallTrap {
+                pc: 0xffff_8000_0000_1000
+            }
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! leaf; the Xen domain's own locks are documented in `hypercalls` and are
 //! never held while taking `exit`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -83,6 +83,12 @@ pub struct Machine {
     pub console: Arc<ConsoleOut>,
     pub nr_vcpus: u32,
     pub wakers: Vec<Waker>,
+    /// Per vCPU: host TSC when its thread entered KVM_RUN (0 outside).
+    pub run_since: Vec<AtomicU64>,
+    /// Per vCPU: the monitor kicked it for staying in KVM_RUN too long.
+    pub stall_kicked: Vec<AtomicBool>,
+    /// Per vCPU: its thread (`pthread_t`), for kicks; 0 until it starts.
+    pub threads: Vec<AtomicU64>,
     pub xen: Xen,
     stopping: AtomicBool,
     exit: Mutex<Option<GuestExit>>,
@@ -110,6 +116,9 @@ impl Machine {
             console,
             nr_vcpus: cfg.vcpus,
             wakers: (0..cfg.vcpus).map(|_| Waker::default()).collect(),
+            run_since: (0..cfg.vcpus).map(|_| AtomicU64::new(0)).collect(),
+            stall_kicked: (0..cfg.vcpus).map(|_| AtomicBool::new(false)).collect(),
+            threads: (0..cfg.vcpus).map(|_| AtomicU64::new(0)).collect(),
             stopping: AtomicBool::new(false),
             exit: Mutex::new(None),
             exit_cv: Condvar::new(),
@@ -156,6 +165,45 @@ impl Machine {
             .unwrap_or(GuestExit::Error("no exit reason".into()));
         self.stopping.store(true, Ordering::Release);
         out
+    }
+
+    /// Starts the monitor that finds vCPUs stuck inside KVM_RUN: a guest
+    /// `vmcall`/`vmmcall` on a KVM without Xen support never exits, it spins
+    /// until a signal. A vCPU that stays in KVM_RUN longer than `STALL` is
+    /// kicked; its thread then looks at the instruction at RIP.
+    pub fn start_monitor(self: &Arc<Self>) {
+        const STALL: Duration = Duration::from_millis(20);
+        let weak = Arc::downgrade(self);
+        let r = std::thread::Builder::new()
+            .name("vcpu-monitor".into())
+            .spawn(move || loop {
+                std::thread::sleep(STALL / 2);
+                let Some(m) = weak.upgrade() else { return };
+                if m.stopping() {
+                    return;
+                }
+                let now = crate::clock::host_tsc();
+                let stall = u64::from(m.clock.tsc_khz) * STALL.as_millis() as u64;
+                for (i, since) in m.run_since.iter().enumerate() {
+                    let s = since.load(Ordering::Relaxed);
+                    let t = m.threads[i].load(Ordering::Relaxed);
+                    // Kick on every tick while it stays stuck: a kick that lands
+                    // just before the thread enters KVM_RUN is otherwise lost.
+                    if s != 0 && t != 0 && now.saturating_sub(s) > stall {
+                        m.stall_kicked[i].store(true, Ordering::Release);
+                        // SAFETY: `t` is the pthread_t of a vCPU thread of this
+                        // machine; the threads are joined only after the monitor
+                        // sees `stopping`, and signalling a finished-but-unjoined
+                        // thread is harmless. The signal's handler does nothing.
+                        unsafe {
+                            libc::pthread_kill(t as libc::pthread_t, crate::vcpu::kick_signal())
+                        };
+                    }
+                }
+            });
+        if let Err(e) = r {
+            tracing::warn!(%e, "cannot start the vCPU monitor: vmcall guests will hang");
+        }
     }
 
     /// Stops every vCPU thread: sets the flag, wakes waiters and signals

@@ -5,6 +5,7 @@
 //! on this host); the slow paths (emulation-failure fix-ups) use the full
 //! ioctls.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,7 @@ use crate::x86::{self, Fixup};
 use crate::xen::{HypercallResult, VcpuCtx};
 
 /// The signal that kicks a vCPU out of KVM_RUN.
-fn kick_signal() -> i32 {
+pub fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
@@ -63,6 +64,8 @@ pub struct Vcpu {
     next_steal_sample: u64,
     /// Set at the vCPU's first exit (for APs: after INIT/SIPI).
     started: bool,
+    /// Linear addresses of `vmcall` sites with a hardware breakpoint armed.
+    bp_sites: Vec<u64>,
 }
 
 /// The VM facts [`decide`] needs.
@@ -83,6 +86,7 @@ impl Vcpu {
             run_delay: None,
             next_steal_sample: 0,
             started: false,
+            bp_sites: Vec::new(),
         }
     }
 
@@ -92,6 +96,9 @@ impl Vcpu {
         let _e = span.enter();
         self.fd.set_sync_valid_reg(SyncReg::Register);
         self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.m.threads[self.id as usize].store(me as u64, Ordering::Relaxed);
         // Steal time: run_delay of this thread, sampled every STEAL_SAMPLE_MS.
         self.run_delay = runstate::RunDelay::open().ok();
         if self.id == 0 {
@@ -133,7 +140,11 @@ impl Vcpu {
         let env = ExitCtx(m);
         // Copy the exit out of kvm_run, decide, and give KVM the answers it
         // expects inside kvm_run before the borrow ends.
-        let action = match self.fd.run() {
+        let since = &self.m.run_since[self.id as usize];
+        since.store(crate::clock::host_tsc(), Ordering::Relaxed);
+        let result = self.fd.run();
+        since.store(0, Ordering::Relaxed);
+        let action = match result {
             Ok(VcpuExit::IoOut(port, data)) => {
                 let mut d = [0u8; 4];
                 let len = data.len().min(4);
@@ -203,7 +214,7 @@ impl Vcpu {
             Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {
                 decide(&Exit::Interrupted, self.id, &env)
             }
-            Ok(VcpuExit::Debug(_)) => decide(&Exit::Debug, self.id, &env),
+            Ok(VcpuExit::Debug(d)) => decide(&Exit::Debug { pc: d.pc }, self.id, &env),
             Ok(VcpuExit::FailEntry(reason, _cpu)) => {
                 decide(&Exit::FailEntry { reason }, self.id, &env)
             }
@@ -226,6 +237,29 @@ impl Vcpu {
         }
         match action {
             Action::Resume | Action::PortIn { .. } | Action::MsrFault => State::Running,
+            Action::Interrupted => {
+                if self.m.stall_kicked[self.id as usize].swap(false, Ordering::AcqRel) {
+                    self.stalled()
+                } else {
+                    State::Running
+                }
+            }
+            Action::HypercallTrap { pc } => {
+                if self.bp_sites.contains(&pc) {
+                    let sr = self.fd.sync_regs();
+                    let (regs, sregs) = (sr.regs, sr.sregs);
+                    let (regs, next) = self.trapped_hypercall(regs, sregs);
+                    self.fd.sync_regs_mut().regs = regs;
+                    self.fd.set_sync_dirty_reg(SyncReg::Register);
+                    next
+                } else {
+                    tracing::debug!(
+                        pc = format_args!("{pc:#x}"),
+                        "debug exit at an unknown site"
+                    );
+                    State::Running
+                }
+            }
             Action::MmioUnbacked { addr, write } => {
                 tracing::debug!(
                     addr = format_args!("{addr:#x}"),
@@ -288,7 +322,17 @@ impl Vcpu {
             regs: sr.regs,
             sregs: sr.sregs,
         };
-        let (v, next) = match self.m.xen.hypercall(&ctx) {
+        let (v, next) = self.outcome(self.m.xen.hypercall(&ctx));
+        let mut regs = ctx.regs;
+        x86::complete_stub_return(&self.m.mem, &mut regs, &ctx.sregs, v);
+        self.fd.sync_regs_mut().regs = regs;
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+        next
+    }
+
+    /// The RAX value and next state for a hypercall's result.
+    fn outcome(&self, r: HypercallResult) -> (i64, State) {
+        match r {
             HypercallResult::Return(v) => (v, State::Running),
             HypercallResult::Block { deadline, ports } => (0, State::Blocked { deadline, ports }),
             HypercallResult::Yield => {
@@ -299,12 +343,90 @@ impl Vcpu {
                 self.m.request_exit(why);
                 (0, State::Stopped)
             }
+        }
+    }
+
+    /// The monitor kicked this vCPU out of a long KVM_RUN: if it sits on a
+    /// `vmcall`/`vmmcall` (which this KVM never completes), handle the
+    /// hypercall and arm a hardware breakpoint there so later calls at the
+    /// same site exit at once.
+    fn stalled(&mut self) -> State {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return State::Running;
         };
-        let mut regs = ctx.regs;
-        x86::complete_stub_return(&self.m.mem, &mut regs, &ctx.sregs, v);
-        self.fd.sync_regs_mut().regs = regs;
-        self.fd.set_sync_dirty_reg(SyncReg::Register);
+        match x86::fetch(&self.m.mem, &regs, &sregs).map(|i| i.code()) {
+            Ok(iced_x86::Code::Vmcall) | Ok(iced_x86::Code::Vmmcall) => {}
+            _ => return State::Running,
+        }
+        let pc = x86::linear_rip(&regs, &sregs);
+        let (regs, next) = self.trapped_hypercall(regs, sregs);
+        if let Err(e) = self.fd.set_regs(&regs) {
+            self.m.request_exit(GuestExit::Error(format!(
+                "vCPU {}: cannot complete a vmcall: {e}",
+                self.id
+            )));
+            return State::Stopped;
+        }
+        self.fd.get_kvm_run().kvm_dirty_regs = 0;
+        self.arm_breakpoint(pc);
         next
+    }
+
+    /// A `vmcall`/`vmmcall` hypercall (3 bytes): dispatch, put the result
+    /// in RAX, step over the instruction.
+    fn trapped_hypercall(
+        &mut self,
+        mut regs: kvm_bindings::kvm_regs,
+        sregs: kvm_bindings::kvm_sregs,
+    ) -> (kvm_bindings::kvm_regs, State) {
+        let ctx = VcpuCtx {
+            id: self.id,
+            regs,
+            sregs,
+        };
+        let (v, next) = self.outcome(self.m.xen.hypercall(&ctx));
+        let long = x86::is_64bit(&sregs);
+        regs.rax = if long {
+            v as u64
+        } else {
+            u64::from(v as i32 as u32)
+        };
+        regs.rip = if long {
+            regs.rip.wrapping_add(3)
+        } else {
+            regs.rip.wrapping_add(3) & 0xffff_ffff
+        };
+        (regs, next)
+    }
+
+    /// Arms an instruction breakpoint at linear address `pc` (up to four
+    /// sites; the oldest is replaced).
+    fn arm_breakpoint(&mut self, pc: u64) {
+        if self.bp_sites.contains(&pc) {
+            return;
+        }
+        if self.bp_sites.len() == 4 {
+            self.bp_sites.remove(0);
+        }
+        self.bp_sites.push(pc);
+        let mut dbg = kvm_bindings::kvm_guest_debug {
+            control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP,
+            ..Default::default()
+        };
+        let mut dr7 = 0u64;
+        for (i, &site) in self.bp_sites.iter().enumerate() {
+            dbg.arch.debugreg[i] = site;
+            dr7 |= 1 << (2 * i); // local enable, execute, length 1
+        }
+        dbg.arch.debugreg[7] = dr7;
+        match self.fd.set_guest_debug(&dbg) {
+            Ok(()) => tracing::debug!(
+                pc = format_args!("{pc:#x}"),
+                sites = self.bp_sites.len(),
+                "hypercall breakpoint armed"
+            ),
+            Err(e) => tracing::warn!(%e, "cannot arm a hypercall breakpoint; vmcalls stay slow"),
+        }
     }
 
     /// SCHEDOP_block / SCHEDOP_poll: wait in the VMM until an event for this

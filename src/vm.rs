@@ -237,6 +237,7 @@ impl Vm {
                 }
             }
         }
+        machine.start_monitor();
         if stdin_console {
             spawn_console_input(&machine);
         }

@@ -283,6 +283,15 @@ pub fn complete_stub_return(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &kvm_sreg
     }
 }
 
+/// The linear address of the instruction at CS:RIP.
+pub fn linear_rip(regs: &kvm_regs, s: &kvm_sregs) -> u64 {
+    if is_64bit(s) {
+        regs.rip
+    } else {
+        s.cs.base.wrapping_add(regs.rip) & 0xffff_ffff
+    }
+}
+
 /// Privilege level of the vCPU.
 pub fn cpl(s: &kvm_sregs) -> u8 {
     if s.cr0 & CR0_PE == 0 {
