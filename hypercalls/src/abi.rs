@@ -241,8 +241,9 @@ pub mod evtchnop {
     pub const STAT_VIRQ: u32 = xen_abi::EVTCHNSTAT_virq as u32;
     pub const STAT_IPI: u32 = xen_abi::EVTCHNSTAT_ipi as u32;
 
-    /// `sizeof(evtchn_fifo_control_block_t)`.
-    pub const FIFO_CONTROL_BLOCK_LEN: u32 = 64;
+    /// `sizeof(evtchn_fifo_control_block_t)`: ready, _rsvd, head[16].
+    pub const FIFO_CONTROL_BLOCK_LEN: usize =
+        core::mem::size_of::<xen_abi::evtchn_fifo_control_block>();
     pub const FIFO_LINK_BITS: u8 = xen_abi::EVTCHN_FIFO_LINK_BITS as u8;
 }
 
@@ -400,6 +401,9 @@ const _: () = {
     size!(evtchn_bind_vcpu, 8, 8);
     size!(evtchn_status, 24, 24);
     size!(evtchn_init_control, 24, 24);
+    size!(evtchn_expand_array, 8, 8);
+    size!(evtchn_set_priority, 8, 8);
+    size!(evtchn_fifo_control_block, 72, 72);
     size!(gnttab_setup_table, 24, 16);
     size!(gnttab_query_size, 16, 16);
     size!(gnttab_set_version, 4, 4);
@@ -429,6 +433,9 @@ const _: () = {
     assert!(offset_of!(n::evtchn_bind_virq, port) == 8);
     assert!(offset_of!(n::evtchn_init_control, offset) == 8);
     assert!(offset_of!(n::evtchn_init_control, vcpu) == 12);
+    assert!(offset_of!(n::evtchn_init_control, link_bits) == 16);
+    assert!(offset_of!(n::evtchn_set_priority, priority) == 4);
+    assert!(offset_of!(n::evtchn_fifo_control_block, head) == 8);
     assert!(offset_of!(n::gnttab_setup_table, nr_frames) == 4);
     assert!(offset_of!(n::gnttab_setup_table, status) == 8);
     assert!(offset_of!(n::gnttab_setup_table, frame_list) == 16);

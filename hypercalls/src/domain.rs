@@ -32,8 +32,8 @@ pub struct DomainConfig {
     pub vcpus: u32,
     /// Grant table size limit in frames (Xen's default `gnttab_max_frames` is 64).
     pub max_grant_frames: u32,
-    /// Highest event channel port the guest may allocate (`max_evtchn_port`); the 2-level ABI
-    /// caps it further at 4095 (64-bit) or 1023 (32-bit).
+    /// Highest event channel port the guest may allocate (`max_evtchn_port`); the ABI caps it
+    /// further: 2-level at 4095 (64-bit) or 1023 (32-bit), FIFO at 2^17 - 1.
     pub max_evtchn_port: u32,
     /// The domain handle (UUID) returned by `XENVER_guest_handle`.
     pub handle: [u8; 16],
@@ -161,7 +161,10 @@ impl Domain {
             })
             .collect();
         let d = Domain {
-            evtchn: Mutex::new(EvtchnTable::new(cfg.vcpus, cfg.max_evtchn_port.min(4095))),
+            evtchn: Mutex::new(EvtchnTable::new(
+                cfg.vcpus,
+                cfg.max_evtchn_port.min(crate::evtchn_fifo::NR_CHANNELS - 1),
+            )),
             cfg,
             platform,
             shared_info,

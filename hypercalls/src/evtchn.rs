@@ -1,9 +1,11 @@
-//! Event channels with the 2-level ABI: the port table, `EVTCHNOP_*`, and delivery.
+//! Event channels: the port table, `EVTCHNOP_*`, and delivery under the 2-level ABI (the
+//! FIFO ABI is in `evtchn_fifo`; every delivery primitive here dispatches on the active ABI).
 //!
 //! Ports are allocated in buckets of 64 as Xen does (`EVTCHNS_PER_BUCKET`); a port is *valid*
 //! once its bucket exists, whatever its state, and only valid ports may be polled, closed,
 //! unmasked or queried (`-EINVAL` otherwise). The table holds at most `max_evtchn_port + 1`
-//! ports and never more than the ABI addresses: 4096 for a 64-bit layout, 1024 for 32-bit.
+//! ports and never more than the ABI addresses: 4096 for a 64-bit 2-level layout, 1024 for
+//! 32-bit, 2^17 under FIFO.
 //!
 //! Delivery (`evtchn_2l_set_pending`): set the pending bit; if it was clear and the port is
 //! unmasked, set the selector bit of the port's word in the bound vCPU's `evtchn_pending_sel`;
@@ -14,14 +16,11 @@
 //! The dom0 side (xenstore, console, block and net backends in the VMM) appears as domain 0:
 //! a port bound to it is `Interdomain` with a remote port id the VMM chose; a send on it calls
 //! [`Platform::notify_backend`](crate::Platform::notify_backend).
-//!
-//! FIFO (`init_control`, `expand_array`, `set_priority`) is not provided yet: `init_control`
-//! validates its arguments as Xen does (so a bad GFN is `-EINVAL`, XSA-188) and then fails with
-//! `-ENOSYS`, which makes guests fall back to 2-level. TODO(issue 5): FIFO.
 
 use crate::abi::{self, evtchnop, get_u16, get_u32, get_u64, put_u16, put_u32, shinfo, virq};
 use crate::domain::{Ctx, Domain, Lookup};
 use crate::errno::Errno;
+use crate::evtchn_fifo::Fifo;
 use crate::shared::{test_and_clear_bit, test_and_set_bit, test_bit};
 use crate::types::{EvtchnPort, Gfn, GuestWidth, VcpuId};
 use crate::Error;
@@ -53,6 +52,32 @@ pub(crate) struct Channel {
     pub state: State,
     /// `notify_vcpu_id`.
     pub vcpu: u32,
+    /// FIFO priority (0 highest, 15 lowest; `EVTCHN_FIFO_PRIORITY_DEFAULT` when bound).
+    pub priority: u8,
+    /// FIFO: raised while the port had no event word yet (`evtchn->pending`); re-raised when
+    /// `expand_array` adds the word.
+    pub fifo_pending: bool,
+    /// FIFO: the queue (vCPU, priority) the port was last linked on (`fifo_lastq`). Kept
+    /// across close and re-bind: that queue's tail may still name this port.
+    pub last_q: (u32, u8),
+}
+
+impl Channel {
+    const FREE: Channel = Channel {
+        state: State::Free,
+        vcpu: 0,
+        priority: crate::evtchn_fifo::PRIORITY_DEFAULT,
+        fifo_pending: false,
+        last_q: (0, 0),
+    };
+
+    /// Bind the port (`evtchn_port_init`: default priority, nothing saved pending).
+    pub fn bind(&mut self, state: State, vcpu: u32) {
+        self.state = state;
+        self.vcpu = vcpu;
+        self.priority = crate::evtchn_fifo::PRIORITY_DEFAULT;
+        self.fifo_pending = false;
+    }
 }
 
 /// Which port a polling vCPU waits for (`poll_evtchn`).
@@ -71,6 +96,8 @@ pub(crate) struct EvtchnTable {
     virq: Vec<[u32; virq::NR_VIRQS as usize]>,
     /// vCPUs inside `SCHEDOP_poll` (`poll_mask` + `poll_evtchn`).
     pub(crate) pollers: Vec<Option<PollTarget>>,
+    /// The FIFO ABI's state once `init_control` succeeded; `None` under 2-level.
+    pub(crate) fifo: Option<Fifo>,
 }
 
 impl EvtchnTable {
@@ -80,6 +107,7 @@ impl EvtchnTable {
             max_port,
             virq: vec![[0; virq::NR_VIRQS as usize]; vcpus as usize],
             pollers: vec![None; vcpus as usize],
+            fifo: None,
         };
         t.grow_to(0);
         // evtchn_init: port 0 is reserved.
@@ -91,13 +119,7 @@ impl EvtchnTable {
     fn grow_to(&mut self, port: u32) {
         while self.chans.len() as u32 <= port {
             let n = self.chans.len() + BUCKET as usize;
-            self.chans.resize(
-                n,
-                Channel {
-                    state: State::Free,
-                    vcpu: 0,
-                },
-            );
+            self.chans.resize(n, Channel::FREE);
         }
     }
 
@@ -106,8 +128,24 @@ impl EvtchnTable {
         self.chans.get(port as usize)
     }
 
-    fn get_mut(&mut self, port: u32) -> Option<&mut Channel> {
+    pub(crate) fn get_mut(&mut self, port: u32) -> Option<&mut Channel> {
         self.chans.get_mut(port as usize)
+    }
+
+    /// `max_evtchns`: the ports the current ABI addresses (`width` selects the 2-level size).
+    pub fn limit(&self, width: GuestWidth) -> u32 {
+        match (&self.fifo, width) {
+            (Some(_), _) => crate::evtchn_fifo::NR_CHANNELS,
+            (None, GuestWidth::Bits64) => 4096,
+            (None, GuestWidth::Bits32) => 1024,
+        }
+    }
+
+    /// `evtchn_is_busy`: a FIFO port whose event word is still LINKED.
+    fn is_busy(&self, port: u32) -> bool {
+        self.fifo
+            .as_ref()
+            .is_some_and(|f| f.word_bit(port, crate::evtchn_fifo::LINKED))
     }
 
     /// `evtchn_allocate_port`.
@@ -116,7 +154,7 @@ impl EvtchnTable {
             return Err(Errno::ENOSPC);
         }
         match self.get(port) {
-            Some(c) if c.state != State::Free => Err(Errno::EBUSY),
+            Some(c) if c.state != State::Free || self.is_busy(port) => Err(Errno::EBUSY),
             Some(_) => Ok(()),
             None => {
                 self.grow_to(port);
@@ -125,7 +163,7 @@ impl EvtchnTable {
         }
     }
 
-    /// `get_free_port`: the lowest free port (bounded by `max_port` <= 4095).
+    /// `get_free_port`: the lowest free port (bounded by `max_port` < 2^17).
     fn get_free_port(&mut self, max_evtchns: u32) -> Result<u32, Errno> {
         for port in 0..=self.max_port {
             match self.allocate_port(port, max_evtchns) {
@@ -140,10 +178,7 @@ impl EvtchnTable {
     /// Mark a port free (`evtchn_free`; the caller clears its pending bit).
     fn free(&mut self, port: u32) {
         if let Some(c) = self.get_mut(port) {
-            *c = Channel {
-                state: State::Free,
-                vcpu: 0,
-            };
+            c.bind(State::Free, 0);
         }
     }
 
@@ -183,10 +218,19 @@ fn virq_is_global(v: u32) -> bool {
 }
 
 impl Domain {
+    /// `get_free_port` under the current ABI's limit.
+    fn free_port(&self, t: &mut EvtchnTable) -> Result<u32, Errno> {
+        let limit = t.limit(self.width());
+        t.get_free_port(limit)
+    }
+
     // ---- delivery ------------------------------------------------------------------------
 
-    /// `evtchn_2l_set_pending` for `port` bound to `vcpu`, with the table locked.
+    /// `evtchn_port_set_pending` for `port` bound to `vcpu`, with the table locked.
     pub(crate) fn set_pending_locked(&self, t: &mut EvtchnTable, port: u32, vcpu: u32) {
+        if t.fifo.is_some() {
+            return self.fifo_set_pending(t, port, vcpu);
+        }
         let w = self.width();
         if port >= self.max_evtchns() {
             return;
@@ -225,7 +269,7 @@ impl Domain {
     }
 
     /// `evtchn_check_pollers`: wake vCPUs polling this port (or any port).
-    fn check_pollers(&self, t: &mut EvtchnTable, port: u32) {
+    pub(crate) fn check_pollers(&self, t: &mut EvtchnTable, port: u32) {
         for (i, p) in t.pollers.iter_mut().enumerate() {
             let hit = match *p {
                 Some(PollTarget::Any) => true,
@@ -241,19 +285,34 @@ impl Domain {
         }
     }
 
-    fn clear_pending(&self, port: u32) {
-        if port < self.max_evtchns() {
+    /// `evtchn_port_clear_pending`.
+    fn clear_pending(&self, t: &EvtchnTable, port: u32) {
+        if let Some(f) = &t.fifo {
+            f.clear_word_bit(port, crate::evtchn_fifo::PENDING);
+        } else if port < self.max_evtchns() {
             test_and_clear_bit(&*self.shared_info, shinfo::EVTCHN_PENDING, port as usize);
         }
     }
 
-    pub(crate) fn port_pending(&self, port: u32) -> bool {
+    /// `evtchn_port_is_pending`.
+    pub(crate) fn port_pending(&self, t: &EvtchnTable, port: u32) -> bool {
+        match &t.fifo {
+            Some(f) => f.word_bit(port, crate::evtchn_fifo::PENDING),
+            None => self.l2_pending(port),
+        }
+    }
+
+    /// The 2-level pending bit of `port` in shared_info.
+    pub(crate) fn l2_pending(&self, port: u32) -> bool {
         port < self.max_evtchns()
             && test_bit(&*self.shared_info, shinfo::EVTCHN_PENDING, port as usize)
     }
 
-    /// `evtchn_2l_unmask`.
-    fn unmask_locked(&self, t: &EvtchnTable, port: u32) {
+    /// `evtchn_port_unmask`.
+    fn unmask_locked(&self, t: &mut EvtchnTable, port: u32) {
+        if t.fifo.is_some() {
+            return self.fifo_unmask(t, port);
+        }
         let w = self.width();
         if port >= self.max_evtchns() {
             return;
@@ -296,12 +355,9 @@ impl Domain {
     /// publishes in `HVM_PARAM_STORE_EVTCHN`/`CONSOLE_EVTCHN`.
     pub fn bind_backend_port(&self, remote_port: u32) -> Result<EvtchnPort, Error> {
         let mut t = self.evtchn.lock();
-        let port = t.get_free_port(self.max_evtchns()).map_err(Error::Evtchn)?;
+        let port = self.free_port(&mut t).map_err(Error::Evtchn)?;
         let c = t.get_mut(port).ok_or(Error::Evtchn(Errno::EINVAL))?;
-        *c = Channel {
-            state: State::Interdomain(Remote::Dom0(remote_port)),
-            vcpu: 0,
-        };
+        c.bind(State::Interdomain(Remote::Dom0(remote_port)), 0);
         Ok(EvtchnPort::new(port, u32::MAX).expect("u32::MAX bounds every port"))
     }
 
@@ -331,9 +387,10 @@ impl Domain {
         Ok(())
     }
 
-    /// Whether `port` is pending in shared_info.
+    /// Whether `port` is pending (in shared_info, or in its FIFO event word).
     pub fn is_port_pending(&self, port: u32) -> bool {
-        self.port_pending(port)
+        let t = self.evtchn.lock();
+        self.port_pending(&t, port)
     }
 
     // ---- EVTCHNOP_* ----------------------------------------------------------------------
@@ -400,25 +457,32 @@ impl Domain {
             evtchnop::RESET | evtchnop::RESET_CONT => {
                 let b: [u8; 2] = g.read_arr(arg)?;
                 self.target_self(get_u16(&b, 0))?;
+                // A reset never stops half-way here, so there is nothing to continue: Xen
+                // answers reset_cont without a preempted reset with -EBUSY.
+                if cmd == evtchnop::RESET_CONT {
+                    return Err(Errno::EBUSY);
+                }
                 self.reset();
                 Ok(0)
             }
             evtchnop::INIT_CONTROL => {
-                let b: [u8; 24] = g.read_arr(arg)?;
-                self.init_control(get_u64(&b, 0), get_u32(&b, 8), get_u32(&b, 12))?;
+                // {control_gfn u64, offset u32, vcpu u32, link_bits u8 @16 (out), pad}; the
+                // structure is copied back only on success.
+                let mut b: [u8; 24] = g.read_arr(arg)?;
+                let bits = self.init_control(get_u64(&b, 0), get_u32(&b, 8), get_u32(&b, 12))?;
+                b[16] = bits;
+                g.write(arg, &b)?;
                 Ok(0)
             }
-            // Without an active FIFO ABI (evtchn_fifo_expand_array).
             evtchnop::EXPAND_ARRAY => {
-                let _: [u8; 8] = g.read_arr(arg)?;
-                Err(Errno::EOPNOTSUPP)
+                let b: [u8; 8] = g.read_arr(arg)?;
+                self.expand_array(get_u64(&b, 0)).map(|()| 0)
             }
-            // 2-level ports have no priority (evtchn_port_set_priority without the op).
+            // Under 2-level: -EINVAL for an invalid port, else -ENOSYS (no set_priority op).
             evtchnop::SET_PRIORITY => {
                 let b: [u8; 8] = g.read_arr(arg)?;
-                let t = self.evtchn.lock();
-                t.get(get_u32(&b, 0)).ok_or(Errno::EINVAL)?;
-                Err(Errno::ENOSYS)
+                self.set_priority(get_u32(&b, 0), get_u32(&b, 4))
+                    .map(|()| 0)
             }
             _ => Err(Errno::ENOSYS),
         }
@@ -428,17 +492,14 @@ impl Domain {
     fn alloc_unbound(&self, dom: u16, remote: u16) -> Result<u32, Errno> {
         self.target_self(dom)?;
         let mut t = self.evtchn.lock();
-        let port = t.get_free_port(self.max_evtchns())?;
+        let port = self.free_port(&mut t)?;
         let remote_dom = if remote == abi::domid::SELF {
             self.cfg.domid
         } else {
             remote
         };
         if let Some(c) = t.get_mut(port) {
-            *c = Channel {
-                state: State::Unbound { remote_dom },
-                vcpu: 0,
-            };
+            c.bind(State::Unbound { remote_dom }, 0);
         }
         Ok(port)
     }
@@ -451,7 +512,7 @@ impl Domain {
             return Err(Errno::ESRCH);
         }
         let mut t = self.evtchn.lock();
-        let lport = t.get_free_port(self.max_evtchns())?;
+        let lport = self.free_port(&mut t)?;
         let ok = lookup == Lookup::SelfDom
             && lport != rport
             && matches!(t.get(rport), Some(c) if c.state == State::Unbound { remote_dom: self.cfg.domid });
@@ -460,10 +521,7 @@ impl Domain {
             return Err(Errno::EINVAL);
         }
         if let Some(c) = t.get_mut(lport) {
-            *c = Channel {
-                state: State::Interdomain(Remote::Local(rport)),
-                vcpu: 0,
-            };
+            c.bind(State::Interdomain(Remote::Local(rport)), 0);
         }
         if let Some(c) = t.get_mut(rport) {
             c.state = State::Interdomain(Remote::Local(lport));
@@ -486,12 +544,9 @@ impl Domain {
         if t.virq[vid.idx()][v as usize] != 0 {
             return Err(Errno::EEXIST);
         }
-        let port = t.get_free_port(self.max_evtchns())?;
+        let port = self.free_port(&mut t)?;
         if let Some(c) = t.get_mut(port) {
-            *c = Channel {
-                state: State::Virq(v),
-                vcpu,
-            };
+            c.bind(State::Virq(v), vcpu);
         }
         t.virq[vid.idx()][v as usize] = port;
         Ok(port)
@@ -501,12 +556,9 @@ impl Domain {
     fn bind_ipi(&self, vcpu: u32) -> Result<u32, Errno> {
         self.vcpu(vcpu).ok_or(Errno::ENOENT)?;
         let mut t = self.evtchn.lock();
-        let port = t.get_free_port(self.max_evtchns())?;
+        let port = self.free_port(&mut t)?;
         if let Some(c) = t.get_mut(port) {
-            *c = Channel {
-                state: State::Ipi,
-                vcpu,
-            };
+            c.bind(State::Ipi, vcpu);
         }
         Ok(port)
     }
@@ -543,7 +595,7 @@ impl Domain {
             // The dom0 end is the VMM's; it sees no more notifications.
             State::Interdomain(Remote::Dom0(_)) => {}
         }
-        self.clear_pending(port);
+        self.clear_pending(t, port);
         t.free(port);
         Ok(())
     }
@@ -616,32 +668,25 @@ impl Domain {
 
     /// `evtchn_unmask`.
     fn unmask(&self, port: u32) -> Result<(), Errno> {
-        let t = self.evtchn.lock();
+        let mut t = self.evtchn.lock();
         t.get(port).ok_or(Errno::EINVAL)?;
-        self.unmask_locked(&t, port);
+        self.unmask_locked(&mut t, port);
         Ok(())
     }
 
     /// `evtchn_reset` of this domain: close every port.
+    ///
+    /// Afterwards no port is bound (this domain has no Xen-consumed ports, which Xen keeps), so
+    /// a FIFO domain switches back to 2-level (`evtchn_fifo_destroy` + `evtchn_2l_init`).
     fn reset(&self) {
         let mut t = self.evtchn.lock();
         for port in 1..t.valid_ports() {
             let _ = self.close_locked(&mut t, port);
         }
-    }
-
-    /// `evtchn_fifo_init_control`'s argument checks, then `-ENOSYS` (no FIFO yet).
-    fn init_control(&self, gfn: u64, offset: u32, vcpu: u32) -> Result<(), Errno> {
-        self.vcpu(vcpu).ok_or(Errno::ENOENT)?;
-        if offset > abi::PAGE_SIZE as u32 - evtchnop::FIFO_CONTROL_BLOCK_LEN || offset & 7 != 0 {
-            return Err(Errno::EINVAL);
+        let bound = (1..t.valid_ports()).any(|p| t.get(p).is_some_and(|c| c.state != State::Free));
+        if !bound {
+            t.fifo = None;
         }
-        // map_guest_page(): the control block must be in writable guest RAM.
-        let gfn = Gfn::new(gfn).ok_or(Errno::EINVAL)?;
-        if !self.is_ram(gfn) {
-            return Err(Errno::EINVAL);
-        }
-        Err(Errno::ENOSYS)
     }
 
     /// Whether `gfn` is RAM in the guest's memory map.

@@ -21,6 +21,7 @@ mod console;
 mod domain;
 mod errno;
 mod evtchn;
+mod evtchn_fifo;
 mod gnttab;
 mod guest;
 mod hvm;

@@ -125,7 +125,7 @@ impl Domain {
             if t.get(port).is_none() {
                 return done(&mut t, Err(Errno::EINVAL));
             }
-            if self.port_pending(port) {
+            if self.port_pending(&t, port) {
                 return done(&mut t, Ok(Outcome::Return(0)));
             }
         }
@@ -150,8 +150,7 @@ impl Domain {
         if t.pollers.get(vcpu.idx()).is_some_and(|p| p.is_none()) {
             return true;
         }
-        drop(t);
-        self.upcall_pending(vcpu) || ports.iter().any(|&p| self.port_pending(p))
+        self.upcall_pending(vcpu) || ports.iter().any(|&p| self.port_pending(&t, p))
     }
 
     /// The vCPU left `SCHEDOP_poll` (woken or timed out): it is no longer a poller.

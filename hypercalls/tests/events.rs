@@ -254,7 +254,7 @@ fn evtchn_reset_closes_everything() {
 }
 
 #[test]
-fn evtchn_fifo_ops_fall_back() {
+fn evtchn_fifo_ops_under_2level_errnos() {
     let e = env(GuestWidth::Bits64);
     let ic = |gfn: u64, off: u32, vcpu: u32| {
         e.v.poke(
@@ -270,19 +270,26 @@ fn evtchn_fifo_ops_fall_back() {
         );
         e.ret(nr::EVENT_CHANNEL_OP, &[11, BUF])
     };
-    assert_eq!(
-        ic(0x200, 0, 0),
-        ENOSYS,
-        "valid arguments: no FIFO, use 2-level"
-    );
     assert_eq!(ic(0x200, 0, 5), ENOENT);
     assert_eq!(ic(0x200, 4, 0), EINVAL);
     assert_eq!(ic(0x200, 4096 - 56, 0), EINVAL);
+    assert_eq!(ic(0x200, 4096 - 64, 0), EINVAL, "the block is 72 bytes");
     assert_eq!(ic(0xa0, 0, 0), EINVAL, "gfn in the VGA hole");
     e.v.poke(BUF, &0x200u64.to_le_bytes());
     assert_eq!(e.ret(nr::EVENT_CHANNEL_OP, &[12, BUF]), EOPNOTSUPP);
     e.v.poke(BUF, &st(8, &[(0, &1u32.to_le_bytes())]));
-    assert_eq!(e.ret(nr::EVENT_CHANNEL_OP, &[13, BUF]), ENOSYS);
+    assert_eq!(
+        e.ret(nr::EVENT_CHANNEL_OP, &[13, BUF]),
+        ENOSYS,
+        "2-level has no priorities"
+    );
+    e.v.poke(BUF, &st(8, &[(0, &64u32.to_le_bytes())]));
+    assert_eq!(
+        e.ret(nr::EVENT_CHANNEL_OP, &[13, BUF]),
+        EINVAL,
+        "invalid port first"
+    );
+    assert!(!e.d.evtchn_fifo_active(), "every failure leaves 2-level");
     for cmd in [2u64, 15, 100, u64::from(u32::MAX)] {
         assert_eq!(
             e.ret(nr::EVENT_CHANNEL_OP, &[cmd, BUF]),

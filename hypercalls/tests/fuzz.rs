@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use hypercalls::{GuestWidth, Outcome};
+use hypercalls::{GuestWidth, Outcome, SharedPage};
 use proptest::prelude::*;
 
 fn arg() -> impl Strategy<Value = u64> {
@@ -77,6 +77,48 @@ proptest! {
             if let Outcome::Poll { .. } = o {
                 e.d.end_poll(e.d.vcpu(0).expect("vcpu 0"));
             }
+        }
+        e.alive();
+    }
+
+    /// The same over a FIFO domain whose control blocks and event array the guest scribbles
+    /// on between calls (event words with arbitrary LINK/flag bits).
+    #[test]
+    fn dispatch_fifo_sequences_with_garbage_event_words_bounded(
+        wide in any::<bool>(),
+        steps in prop::collection::vec((step(), prop::sample::select(vec![0x200u64, 0x300, 0x301]), 0usize..4088, any::<u64>()), 1..16),
+    ) {
+        let w = if wide { GuestWidth::Bits64 } else { GuestWidth::Bits32 };
+        let e = env(w);
+        let _ = e.d.bind_backend_port(7);
+        e.v.poke(BUF, &{
+            let mut b = [0u8; 24];
+            b[..8].copy_from_slice(&0x200u64.to_le_bytes());
+            b
+        });
+        prop_assert_eq!(e.call(32, &[11, BUF]), Outcome::Return(0));
+        for g in [0x300u64, 0x301] {
+            e.v.poke(BUF, &g.to_le_bytes());
+            prop_assert_eq!(e.call(32, &[12, BUF]), Outcome::Return(0));
+        }
+        // IPI ports on both vCPUs (ports 2..=9) for the sends to hit.
+        for i in 0u32..8 {
+            e.v.poke(BUF, &(i % 2).to_le_bytes());
+            prop_assert_eq!(e.call(32, &[7, BUF]), Outcome::Return(0));
+        }
+        for (s, gfn, off, val) in &steps {
+            e.v.poke(s.poke_at, &s.bytes);
+            if let Some(pg) = e.p.ram.lock().get(gfn) {
+                pg.store_u64(off & !7, *val, std::sync::atomic::Ordering::SeqCst);
+            }
+            // Mostly event channel ops, on small port numbers.
+            let nr = if s.nr % 2 == 0 { 32 } else { s.nr };
+            let o = e.call(nr, &[s.args[0] % 16, s.args[1], s.args[2]]);
+            check(&o)?;
+            if let Outcome::Poll { .. } = o {
+                e.d.end_poll(e.d.vcpu(0).expect("vcpu 0"));
+            }
+            let _ = e.d.raise_port(1);
         }
         e.alive();
     }
