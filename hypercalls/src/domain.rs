@@ -112,7 +112,7 @@ pub(crate) struct Ctx<'a> {
 ///
 /// Lock order (outer first; a thread holding one may take only those after it):
 /// `gnttab`, then `physmap`, then `evtchn`, then `vcpu_info` (read on delivery), then `timers`.
-/// `timers` is never held while sending an event. Platform methods other than
+/// `timers` is never held while sending an event. `watchdogs` is a leaf. Platform methods other than
 /// `console_*`/`notify_backend` may be called under these locks (see [`Platform`]).
 pub struct Domain {
     pub(crate) cfg: DomainConfig,
@@ -127,6 +127,8 @@ pub struct Domain {
     pub(crate) evtchn: Mutex<EvtchnTable>,
     pub(crate) vcpu_info: RwLock<Vec<Option<VcpuInfoMap>>>,
     pub(crate) timers: Mutex<Vec<VcpuTimers>>,
+    /// `SCHEDOP_watchdog` timers: the deadline of each one in use (`watchdog_inuse_map`).
+    pub(crate) watchdogs: Mutex<[Option<u64>; crate::sched::NR_WATCHDOGS]>,
     pub(crate) vcpus: Vec<VcpuFlags>,
     pub(crate) params: Vec<AtomicU64>,
     pub(crate) vm_assist: AtomicU64,
@@ -174,6 +176,7 @@ impl Domain {
             physmap: Mutex::new(BTreeMap::new()),
             vcpu_info: RwLock::new(vec![None; n]),
             timers: Mutex::new(vec![VcpuTimers::default(); n]),
+            watchdogs: Mutex::new([None; crate::sched::NR_WATCHDOGS]),
             vcpus,
             params: (0..abi::param::NR_PARAMS)
                 .map(|_| AtomicU64::new(0))

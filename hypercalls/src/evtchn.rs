@@ -80,6 +80,16 @@ impl Channel {
     }
 }
 
+/// A dom0 port the VMM's services hold (dom0's side of an interdomain channel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dom0Port {
+    /// Opened with [`Domain::backend_alloc_unbound`] (or left by a guest close): the guest may
+    /// bind to it with `EVTCHNOP_bind_interdomain`.
+    Unbound,
+    /// Connected to the guest's port.
+    Bound(u32),
+}
+
 /// Which port a polling vCPU waits for (`poll_evtchn`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PollTarget {
@@ -98,7 +108,12 @@ pub(crate) struct EvtchnTable {
     pub(crate) pollers: Vec<Option<PollTarget>>,
     /// The FIFO ABI's state once `init_control` succeeded; `None` under 2-level.
     pub(crate) fifo: Option<Fifo>,
+    /// dom0's ports toward this domain, by the VMM's port id (at most [`MAX_DOM0_PORTS`]).
+    dom0: std::collections::BTreeMap<u32, Dom0Port>,
 }
+
+/// dom0 ports a VMM may hold toward one guest (a bound on the dom0 table).
+pub(crate) const MAX_DOM0_PORTS: usize = 4096;
 
 impl EvtchnTable {
     pub fn new(vcpus: u32, max_port: u32) -> Self {
@@ -108,6 +123,7 @@ impl EvtchnTable {
             virq: vec![[0; virq::NR_VIRQS as usize]; vcpus as usize],
             pollers: vec![None; vcpus as usize],
             fifo: None,
+            dom0: std::collections::BTreeMap::new(),
         };
         t.grow_to(0);
         // evtchn_init: port 0 is reserved.
@@ -358,7 +374,55 @@ impl Domain {
         let port = self.free_port(&mut t).map_err(Error::Evtchn)?;
         let c = t.get_mut(port).ok_or(Error::Evtchn(Errno::EINVAL))?;
         c.bind(State::Interdomain(Remote::Dom0(remote_port)), 0);
+        t.dom0.insert(remote_port, Dom0Port::Bound(port));
         Ok(EvtchnPort::new(port, u32::MAX).expect("u32::MAX bounds every port"))
+    }
+
+    /// dom0's `EVTCHNOP_alloc_unbound` toward this domain: a new dom0 port (the lowest id not
+    /// in use, from 1) that the guest can bind with `EVTCHNOP_bind_interdomain {remote_dom 0,
+    /// remote_port}`. The VMM publishes the id (in xenstore) and is told of sends on it through
+    /// [`Platform::notify_backend`](crate::Platform::notify_backend). `remote_domid` must be
+    /// this domain (`-ESRCH` otherwise); `-ENOSPC` past 4096 dom0 ports.
+    pub fn backend_alloc_unbound(&self, remote_domid: u16) -> Result<u32, Error> {
+        if remote_domid != self.cfg.domid {
+            return Err(Error::Evtchn(Errno::ESRCH));
+        }
+        let mut t = self.evtchn.lock();
+        if t.dom0.len() >= MAX_DOM0_PORTS {
+            return Err(Error::Evtchn(Errno::ENOSPC));
+        }
+        // The map holds fewer than MAX_DOM0_PORTS ids, so one of 1..=MAX_DOM0_PORTS is free.
+        let id = (1..=MAX_DOM0_PORTS as u32)
+            .find(|id| !t.dom0.contains_key(id))
+            .ok_or(Error::Evtchn(Errno::ENOSPC))?;
+        t.dom0.insert(id, Dom0Port::Unbound);
+        Ok(id)
+    }
+
+    /// The guest port bound to dom0's port `dom0_port`, if the guest has bound it.
+    pub fn backend_peer(&self, dom0_port: u32) -> Option<EvtchnPort> {
+        match self.evtchn.lock().dom0.get(&dom0_port) {
+            Some(Dom0Port::Bound(p)) => EvtchnPort::new(*p, u32::MAX),
+            _ => None,
+        }
+    }
+
+    /// dom0 closes its port (`evtchn_close` from dom0's side): a guest port bound to it goes
+    /// back to `Unbound` for dom0, as Xen leaves the surviving end. `-EINVAL` for an unknown id.
+    pub fn backend_close(&self, dom0_port: u32) -> Result<(), Error> {
+        let mut t = self.evtchn.lock();
+        match t.dom0.remove(&dom0_port) {
+            None => Err(Error::Evtchn(Errno::EINVAL)),
+            Some(Dom0Port::Unbound) => Ok(()),
+            Some(Dom0Port::Bound(gp)) => {
+                if let Some(c) = t.get_mut(gp) {
+                    if c.state == State::Interdomain(Remote::Dom0(dom0_port)) {
+                        c.state = State::Unbound { remote_dom: 0 };
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     /// A backend binds to a port the guest allocated with `alloc_unbound` for dom0
@@ -371,6 +435,7 @@ impl Domain {
         }
         c.state = State::Interdomain(Remote::Dom0(remote_port));
         let vcpu = c.vcpu;
+        t.dom0.insert(remote_port, Dom0Port::Bound(guest_port));
         self.set_pending_locked(&mut t, guest_port, vcpu);
         Ok(())
     }
@@ -504,8 +569,9 @@ impl Domain {
         Ok(port)
     }
 
-    /// `evtchn_bind_interdomain` to this domain's own unbound port (loopback). Binding to dom0
-    /// ports is not offered: dom0's services bind to the guest instead (`backend_bind`).
+    /// `evtchn_bind_interdomain` to this domain's own unbound port (loopback) or to a dom0
+    /// port the VMM opened for this domain with [`Domain::backend_alloc_unbound`]. Anything
+    /// else that exists is `-EINVAL` (not unbound for us), as in Xen.
     fn bind_interdomain(&self, rdom: u16, rport: u32) -> Result<u32, Errno> {
         let lookup = self.lookup(rdom);
         if lookup == Lookup::None {
@@ -513,6 +579,17 @@ impl Domain {
         }
         let mut t = self.evtchn.lock();
         let lport = self.free_port(&mut t)?;
+        if lookup == Lookup::Dom0 {
+            if t.dom0.get(&rport) != Some(&Dom0Port::Unbound) {
+                return Err(Errno::EINVAL);
+            }
+            if let Some(c) = t.get_mut(lport) {
+                c.bind(State::Interdomain(Remote::Dom0(rport)), 0);
+            }
+            t.dom0.insert(rport, Dom0Port::Bound(lport));
+            self.set_pending_locked(&mut t, lport, 0);
+            return Ok(lport);
+        }
         let ok = lookup == Lookup::SelfDom
             && lport != rport
             && matches!(t.get(rport), Some(c) if c.state == State::Unbound { remote_dom: self.cfg.domid });
@@ -592,8 +669,14 @@ impl Domain {
                     };
                 }
             }
-            // The dom0 end is the VMM's; it sees no more notifications.
-            State::Interdomain(Remote::Dom0(_)) => {}
+            // dom0's end survives, unbound for us again (the VMM sees no more notifications).
+            State::Interdomain(Remote::Dom0(r)) => {
+                if let Some(d) = t.dom0.get_mut(&r) {
+                    if *d == Dom0Port::Bound(port) {
+                        *d = Dom0Port::Unbound;
+                    }
+                }
+            }
         }
         self.clear_pending(t, port);
         t.free(port);

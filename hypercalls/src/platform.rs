@@ -122,4 +122,12 @@ pub trait Platform: Send + Sync {
     fn set_runstate_area(&self, vcpu: VcpuId, area: Option<RunstateAreaSpec>) -> Result<(), Errno>;
     /// `vcpu`'s runstate now (`VCPUOP_get_runstate_info`).
     fn runstate(&self, vcpu: VcpuId) -> RunstateInfo;
+
+    /// `SCHEDOP_watchdog`: arm (`Some`, an absolute Xen system time) or cancel (`None`) the
+    /// domain watchdog timer `id` (0 or 1); re-arming replaces the deadline. When it fires,
+    /// call [`crate::Domain::watchdog_expired`] and shut the domain down if it says so.
+    /// The default does nothing, so watchdogs never fire: the VMM overrides it.
+    fn set_watchdog(&self, id: u32, deadline_ns: Option<u64>) {
+        let _ = (id, deadline_ns);
+    }
 }

@@ -1,4 +1,8 @@
-//! `sched_op`: yield, block, poll, and shutdown.
+//! `sched_op`: yield, block, poll, shutdown, and the domain watchdogs.
+//!
+//! Watchdogs (`SCHEDOP_watchdog`, two per domain as in Xen) are deadlines the domain keeps and
+//! the VMM times ([`Platform::set_watchdog`](crate::Platform::set_watchdog)); when one fires
+//! the VMM calls [`Domain::watchdog_expired`] and shuts the domain down with the reason given.
 //!
 //! Blocking is the VMM's: a handler records what the vCPU waits for and returns an
 //! [`Outcome`]. For `SCHEDOP_poll` the vCPU is registered as a poller *before* its ports are
@@ -14,6 +18,9 @@ use crate::domain::{Ctx, Domain};
 use crate::errno::Errno;
 use crate::evtchn::PollTarget;
 use crate::types::{Outcome, VcpuId};
+
+/// `NR_DOMAIN_WATCHDOG_TIMERS`.
+pub(crate) const NR_WATCHDOGS: usize = 2;
 
 impl Domain {
     /// `do_sched_op`.
@@ -55,12 +62,66 @@ impl Domain {
                 }
             }
             schedop::WATCHDOG => {
-                // TODO(issue 5): domain watchdogs (SCHEDOP_watchdog timers).
-                let _: [u8; 8] = ctx.g.read_arr(arg)?;
-                Err(Errno::ENOSYS)
+                // {id u32, timeout u32 (seconds)}
+                let b: [u8; 8] = ctx.g.read_arr(arg)?;
+                self.watchdog(get_u32(&b, 0), get_u32(&b, 4))
+                    .map(Outcome::Return)
             }
             schedop::PIN_OVERRIDE => Err(Errno::EPERM),
             _ => Err(Errno::ENOSYS),
+        }
+    }
+
+    /// `domain_watchdog`: id 0 takes the first free timer and returns its id + 1 (`-ENOSPC`
+    /// when both are in use); id 1 or 2 re-arms that timer, or with a 0 timeout stops and
+    /// frees it (`-EINVAL` if it is not in use); a larger id is `-EINVAL`.
+    fn watchdog(&self, id: u32, timeout_s: u32) -> Result<i64, Errno> {
+        if id > NR_WATCHDOGS as u32 {
+            return Err(Errno::EINVAL);
+        }
+        let deadline = self
+            .now_ns()
+            .saturating_add(u64::from(timeout_s) * 1_000_000_000);
+        let mut w = self.watchdogs.lock();
+        if id == 0 {
+            let Some(i) = w.iter().position(|d| d.is_none()) else {
+                return Err(Errno::ENOSPC);
+            };
+            w[i] = Some(deadline);
+            self.platform.set_watchdog(i as u32, Some(deadline));
+            return Ok(i as i64 + 1);
+        }
+        let i = (id - 1) as usize;
+        if w[i].is_none() {
+            return Err(Errno::EINVAL);
+        }
+        if timeout_s == 0 {
+            w[i] = None;
+            self.platform.set_watchdog(i as u32, None);
+        } else {
+            w[i] = Some(deadline);
+            self.platform.set_watchdog(i as u32, Some(deadline));
+        }
+        Ok(0)
+    }
+
+    /// The VMM's timer for watchdog `id` (0-based, as given to
+    /// [`Platform::set_watchdog`](crate::Platform::set_watchdog)) fired. If that watchdog is
+    /// still in use and due, the domain shuts down (`domain_watchdog_timeout`): the returned
+    /// reason (`SHUTDOWN_watchdog`, or an earlier `shutdown_code`) is what the VMM acts on, as
+    /// for [`Outcome::Shutdown`]. `None` for a stale or cancelled timer.
+    pub fn watchdog_expired(&self, id: u32) -> Option<u8> {
+        let due = {
+            let w = self.watchdogs.lock();
+            let d = (*w.get(id as usize)?)?;
+            d <= self.now_ns()
+        };
+        if !due {
+            return None;
+        }
+        match self.shutdown(crate::abi::shutdown::WATCHDOG) {
+            Outcome::Shutdown { reason } => Some(reason),
+            _ => None,
         }
     }
 

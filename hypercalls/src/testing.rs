@@ -166,6 +166,7 @@ pub enum Call {
     VcpuUp(u32),
     Nmi(u32),
     Runstate(u32, Option<RunstateAreaSpec>),
+    Watchdog(u32, Option<u64>),
 }
 
 /// A VMM stand-in: in-memory pages, a settable clock, an E820 map, and a call log.
@@ -340,5 +341,8 @@ impl Platform for FakePlatform {
     }
     fn runstate(&self, _vcpu: VcpuId) -> RunstateInfo {
         *self.runstate.lock()
+    }
+    fn set_watchdog(&self, id: u32, deadline_ns: Option<u64>) {
+        self.log(Call::Watchdog(id, deadline_ns));
     }
 }

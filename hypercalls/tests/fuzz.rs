@@ -70,6 +70,8 @@ proptest! {
         let e = env(w);
         // Some state to act on: ports of every kind.
         let _ = e.d.bind_backend_port(7);
+        // A dom0 port (id 1) the guest may bind with bind_interdomain.
+        let _ = e.d.backend_alloc_unbound(1);
         for s in &steps {
             e.v.poke(s.poke_at, &s.bytes);
             let o = e.call(s.nr, &s.args);
@@ -91,6 +93,8 @@ proptest! {
         let w = if wide { GuestWidth::Bits64 } else { GuestWidth::Bits32 };
         let e = env(w);
         let _ = e.d.bind_backend_port(7);
+        // A dom0 port (id 1) the guest may bind with bind_interdomain.
+        let _ = e.d.backend_alloc_unbound(1);
         e.v.poke(BUF, &{
             let mut b = [0u8; 24];
             b[..8].copy_from_slice(&0x200u64.to_le_bytes());
