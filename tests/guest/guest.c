@@ -310,13 +310,25 @@ struct idt_gate {
 };
 _Static_assert(sizeof(struct idt_gate) == 16, "idt_gate");
 
-extern const u64 exc_stubs[33]; /* head.S: vectors 0..31, then 0x80 */
+extern const u64 exc_stubs[36]; /* head.S: vectors 0..31, then 0x80, 0xf2, 0xf3, 0xff */
 static struct idt_gate idt[256] __attribute__((aligned(16)));
 
 /* Traps a check expects (int3, int $0x80): counted, and the return RIP recorded. */
 static volatile u32 trap_count[256];
 static volatile u64 trap_rip[256];
 static volatile int traps_expected;
+
+/* LAPIC vectors (head.S has their stubs): a kick that only wakes a halted vCPU,
+ * the event channel upcall, and the spurious vector. */
+#define VEC_KICK     0xf2
+#define VEC_UPCALL   0xf3
+#define VEC_SPURIOUS 0xff
+
+static void idt_load(void)
+{
+    struct __attribute__((packed)) { u16 limit; u64 base; } idtr = { sizeof(idt) - 1, (u64)idt };
+    asm volatile("lidt %0" ::"m"(idtr));
+}
 
 static void set_gate(unsigned vec, u64 handler, unsigned dpl)
 {
@@ -334,13 +346,28 @@ static void idt_init(void)
     for (unsigned v = 0; v < 32; v++)
         set_gate(v, exc_stubs[v], 0);
     set_gate(0x80, exc_stubs[32], 0); /* DPL 0: reachable from kernel mode only */
-    struct __attribute__((packed)) { u16 limit; u64 base; } idtr = { sizeof(idt) - 1, (u64)idt };
-    asm volatile("lidt %0" ::"m"(idtr));
+    set_gate(VEC_KICK, exc_stubs[33], 0);
+    set_gate(VEC_UPCALL, exc_stubs[34], 0);
+    set_gate(VEC_SPURIOUS, exc_stubs[35], 0);
+    idt_load();
 }
+
+static void evtchn_upcall(void);
+static void lapic_eoi(void);
 
 void exception_handler(struct frame *f);
 void exception_handler(struct frame *f)
 {
+    if (f->vector == VEC_UPCALL) {
+        evtchn_upcall();
+        return;
+    }
+    if (f->vector == VEC_KICK) {
+        lapic_eoi();
+        return;
+    }
+    if (f->vector == VEC_SPURIOUS)
+        return; /* no EOI for a spurious interrupt */
     if (traps_expected && (f->vector == 3 || f->vector == 0x80)) {
         trap_count[f->vector]++;
         trap_rip[f->vector] = f->rip;
@@ -517,18 +544,27 @@ static int check_xen_version(void)
                 version & 0xffff, fi.submap);
 }
 
-static int check_shared_info(void)
+/* Map shared_info at shared_info_page (XENMEM_add_to_physmap); 0 on error. */
+static long map_shared_info(struct xen_add_to_physmap *xatp)
 {
-    struct xen_add_to_physmap xatp = {
+    *xatp = (struct xen_add_to_physmap){
         .domid = DOMID_SELF,
         .space = XENMAPSPACE_shared_info,
         .idx = 0,
         .gpfn = (u64)shared_info_page >> 12,
     };
-    long rc = HYPERVISOR_memory_op(XENMEM_add_to_physmap, &xatp);
+    long rc = HYPERVISOR_memory_op(XENMEM_add_to_physmap, xatp);
+    if (!rc)
+        xen.shinfo = (struct shared_info *)shared_info_page;
+    return rc;
+}
+
+static int check_shared_info(void)
+{
+    struct xen_add_to_physmap xatp;
+    long rc = map_shared_info(&xatp);
     if (rc)
         return FAIL("XENMEM_add_to_physmap(shared_info, gpfn 0x%lx) returned %ld", xatp.gpfn, rc);
-    xen.shinfo = (struct shared_info *)shared_info_page;
 
     volatile struct vcpu_time_info *t = &xen.shinfo->vcpu_info[0].time;
     u64 ns0, ns1, tsc0, tsc1;
@@ -619,6 +655,7 @@ static int check_console_ring(void)
 static struct {
     volatile struct xenstore_domain_interface *ring;
     u32 port, req_id;
+    u32 tx;                  /* transaction id for the next requests, 0: none */
     int watch_events;        /* WATCH_EVENTs received so far */
     char event[64];          /* the last one: "path\0token\0" */
 } xs;
@@ -675,7 +712,7 @@ static int xs_recv(struct xsd_sockmsg *r, char *buf, u32 cap)
  * or -1 on a ring timeout. */
 static long xs_request(u32 type, const char *a, u32 alen, const char *b, u32 blen, char *reply, u32 cap)
 {
-    struct xsd_sockmsg h = { .type = type, .req_id = ++xs.req_id, .tx_id = 0, .len = alen + blen };
+    struct xsd_sockmsg h = { .type = type, .req_id = ++xs.req_id, .tx_id = xs.tx, .len = alen + blen };
     u32 total = sizeof(h) + alen + blen, prod = xs.ring->req_prod;
     for (u64 end = deadline_ms(1000); XENSTORE_RING_SIZE - (prod - xs.ring->req_cons) < total;) {
         if (rdtsc_ordered() > end)
@@ -706,16 +743,24 @@ static long xs_path_op(u32 type, const char *path, char *reply, u32 cap)
     return xs_request(type, path, strlen(path) + 1, NULL, 0, reply, cap);
 }
 
-static int check_xenstore(void)
+/* Find the xenstore ring and port (HVM params); 0 with a FAIL detail if not there. */
+static int xs_init(void)
 {
     u64 pfn, port;
-    char domid[16], name[64], val[64], home[32], dir[256], ok[8];
     if (get_param(HVM_PARAM_STORE_PFN, &pfn) || get_param(HVM_PARAM_STORE_EVTCHN, &port))
         return FAIL("no store params");
     xs.ring = pfn_ptr(pfn);
     xs.port = (u32)port;
     if (!xs.ring)
         return FAIL("store pfn 0x%lx is not below 4 GiB", pfn);
+    return 1;
+}
+
+static int check_xenstore(void)
+{
+    char domid[16], name[64], val[64], home[32], dir[256], ok[8];
+    if (!xs_init())
+        return 0;
 
     long t = xs_path_op(XS_READ, "domid", domid, sizeof(domid));
     if (t != XS_READ)
@@ -992,6 +1037,992 @@ static int check_runstate(void)
     return ok;
 }
 
+/* ====================================================== SMP, upcalls, timers */
+
+/*
+ * Issue 5's checks for 2 vCPUs. vCPU 1 is started with INIT/SIPI through the local
+ * APIC (xAPIC MMIO; the VMM uses KVM's in-kernel LAPIC) into AP_TRAMPOLINE (head.S),
+ * then runs ap_main(): a command loop that halts with interrupts on, woken by a LAPIC
+ * kick (VEC_KICK) or an event channel upcall. Each vCPU takes event channel upcalls
+ * on VEC_UPCALL (HVMOP_set_evtchn_upcall_vector); the handler scans the 2-level
+ * bitmaps (or the FIFO queues once check_fifo switched ABI) of its own vCPU, clears
+ * and counts the ports this file owns (ev.owned) and leaves all others pending for the
+ * polling code above (xenstore, console). Waiting vCPUs enable interrupts.
+ */
+#define LAPIC_BASE   0xfee00000ul
+#define LAPIC_ID     0x020
+#define LAPIC_TPR    0x080
+#define LAPIC_EOI    0x0b0
+#define LAPIC_SVR    0x0f0
+#define LAPIC_ICR_LO 0x300
+#define LAPIC_ICR_HI 0x310
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_TIMER_INIT 0x380
+#define LAPIC_TIMER_DIV 0x3e0
+#define LVT_PERIODIC (1u << 17)
+#define TICK_COUNT   1000000 /* 1 ms at KVM's 1 GHz APIC bus, divide by 1 */
+#define ICR_INIT     0x4500 /* INIT, level assert */
+#define ICR_SIPI     0x4600 /* start-up, vector = page number of the trampoline */
+#define ICR_BUSY     (1u << 12)
+#define MSR_GS_BASE  0xc0000101
+#define AP_TRAMPOLINE 0x8000 /* head.S's AP_TRAMPOLINE; 0x6000-0x7fff hold start_info */
+#define NR_CPUS      2
+#define MAX_PORTS    1024 /* ports this guest tracks; one FIFO array page */
+
+static inline u32 lapic_read(u32 reg) { return *(volatile u32 *)(LAPIC_BASE + reg); }
+static inline void lapic_write(u32 reg, u32 v) { *(volatile u32 *)(LAPIC_BASE + reg) = v; }
+static void lapic_eoi(void) { lapic_write(LAPIC_EOI, 0); }
+
+/* Software-enable this vCPU's LAPIC (spurious vector 0xff) and accept all priorities. */
+static void lapic_enable(void)
+{
+    lapic_write(LAPIC_SVR, 0x100 | VEC_SPURIOUS);
+    lapic_write(LAPIC_TPR, 0);
+    lapic_write(LAPIC_TIMER_DIV, 0xb); /* divide by 1 */
+    lapic_write(LAPIC_TIMER_INIT, 0);  /* stopped until a wait arms it */
+    lapic_write(LAPIC_LVT_TIMER, LVT_PERIODIC | VEC_KICK);
+}
+
+static void lapic_ipi(u32 apic_id, u32 icr)
+{
+    lapic_write(LAPIC_ICR_HI, apic_id << 24);
+    lapic_write(LAPIC_ICR_LO, icr);
+    for (u64 end = deadline_ms(10); (lapic_read(LAPIC_ICR_LO) & ICR_BUSY) && rdtsc_ordered() < end;)
+        cpu_relax();
+}
+
+/* Per-vCPU data, reached through GS (GS base = &percpu[id]). */
+static struct percpu {
+    u32 id; /* first: this_cpu() reads %gs:0 */
+    volatile u32 upcalls;
+    int tick;                              /* the LAPIC timer ticks (a waiter's wake-up) */
+    u32 fifo_head[EVTCHN_FIFO_MAX_QUEUES]; /* the next event of each queue, 0: read HEAD */
+} percpu[NR_CPUS];
+
+static inline u32 this_cpu(void)
+{
+    u32 id;
+    asm volatile("movl %%gs:0, %0" : "=r"(id));
+    return id;
+}
+
+static void percpu_init(u32 id)
+{
+    percpu[id].id = id;
+    wrmsr(MSR_GS_BASE, (u64)&percpu[id]);
+}
+
+static u64 cyc_ns(u64 cycles) { return cycles * 1000000 / (xen.tsc_khz ? xen.tsc_khz : 3000000); }
+
+/* Xen system time at a TSC value (from vCPU 0's pvclock record); 0 if unreadable. */
+static u64 tsc_to_xen_ns(u64 tsc)
+{
+    volatile struct vcpu_time_info *t = &xen.shinfo->vcpu_info[0].time;
+    for (int tries = 0; tries < 1000; tries++) {
+        u32 version = t->version;
+        mb();
+        u64 ts = t->tsc_timestamp, st = t->system_time;
+        u32 mul = t->tsc_to_system_mul;
+        int8_t shift = t->tsc_shift;
+        mb();
+        if ((version & 1) || t->version != version)
+            continue;
+        return tsc >= ts ? st + pvclock_scale(tsc - ts, mul, shift) : st - pvclock_scale(ts - tsc, mul, shift);
+    }
+    return 0;
+}
+
+/* What the upcall handler saw, per port. */
+static struct {
+    volatile int fifo;            /* the FIFO ABI is active (check_fifo) */
+    volatile u8 owned[MAX_PORTS]; /* 1 + the vCPU the port is bound to; 0: not ours */
+    volatile u32 hits[MAX_PORTS]; /* events handled */
+    volatile u32 reply[MAX_PORTS];/* if set: the handler sends on this port */
+    volatile u8 cpu[MAX_PORTS];   /* the vCPU that handled the last event */
+    volatile u64 tsc[MAX_PORTS];  /* TSC of the last event */
+    volatile u32 log_port, log_n; /* TSCs of the first 64 events on log_port */
+    volatile u64 log_tsc[64];
+    volatile u32 foreign;         /* pending ports seen that are not ours */
+    volatile u32 *fifo_words;     /* the FIFO event array (ports 0..1023) */
+    volatile struct evtchn_fifo_control_block *fifo_cb[NR_CPUS];
+} ev;
+
+static void own_port(u32 port, u32 cpu)
+{
+    if (port < MAX_PORTS)
+        ev.owned[port] = (u8)(cpu + 1);
+}
+
+static void handle_port(u32 cpu, u32 port)
+{
+    u64 t = rdtsc_ordered();
+    ev.tsc[port] = t;
+    ev.cpu[port] = (u8)cpu;
+    if (port == ev.log_port && ev.log_n < 64)
+        ev.log_tsc[ev.log_n++] = t;
+    ev.hits[port]++;
+    if (ev.reply[port])
+        evtchn_send(ev.reply[port]);
+}
+
+static int ours(u32 cpu, u32 port) { return port < MAX_PORTS && ev.owned[port] == cpu + 1; }
+
+/* The 2-level ABI: selector word of this vCPU, then pending & ~mask per word. */
+static void upcall_2l(u32 cpu)
+{
+    struct shared_info *s = xen.shinfo;
+    u64 sel = __atomic_exchange_n(&s->vcpu_info[cpu].evtchn_pending_sel, 0, __ATOMIC_SEQ_CST);
+    while (sel) {
+        unsigned w = (unsigned)__builtin_ctzll(sel);
+        sel &= sel - 1;
+        u64 bits = __atomic_load_n(&s->evtchn_pending[w], __ATOMIC_SEQ_CST) &
+                   ~__atomic_load_n(&s->evtchn_mask[w], __ATOMIC_SEQ_CST);
+        while (bits) {
+            unsigned b = (unsigned)__builtin_ctzll(bits);
+            bits &= bits - 1;
+            u32 port = w * 64 + b;
+            if (!ours(cpu, port)) {
+                ev.foreign++;
+                continue;
+            }
+            __atomic_fetch_and(&s->evtchn_pending[w], ~(1ull << b), __ATOMIC_SEQ_CST);
+            handle_port(cpu, port);
+        }
+    }
+}
+
+/* The FIFO ABI, as Linux consumes it: take the queue's head, unlink it (clear LINKED
+ * and LINK in one cmpxchg), handle it if pending and unmasked, remember the next. */
+static void fifo_consume(u32 cpu, unsigned q, u32 *ready)
+{
+    volatile struct evtchn_fifo_control_block *cb = ev.fifo_cb[cpu];
+    u32 head = percpu[cpu].fifo_head[q];
+    if (!head) {
+        mb();
+        head = cb->head[q];
+    }
+    u32 port = head;
+    if (port == 0 || port >= MAX_PORTS) { /* empty (or beyond our one array page) */
+        *ready &= ~(1u << q);
+        percpu[cpu].fifo_head[q] = 0;
+        return;
+    }
+    volatile u32 *word = &ev.fifo_words[port];
+    u32 old = *word;
+    while (!__atomic_compare_exchange_n(word, &old, old & ~((1u << EVTCHN_FIFO_LINKED) | EVTCHN_FIFO_LINK_MASK),
+                                        0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        ;
+    head = old & EVTCHN_FIFO_LINK_MASK;
+    if (!head)
+        *ready &= ~(1u << q);
+    if ((old & (1u << EVTCHN_FIFO_PENDING)) && !(old & (1u << EVTCHN_FIFO_MASKED)) && ours(cpu, port)) {
+        __atomic_fetch_and(word, ~(1u << EVTCHN_FIFO_PENDING), __ATOMIC_SEQ_CST);
+        handle_port(cpu, port);
+    } else {
+        ev.foreign++;
+    }
+    percpu[cpu].fifo_head[q] = head;
+}
+
+static void upcall_fifo(u32 cpu)
+{
+    volatile struct evtchn_fifo_control_block *cb = ev.fifo_cb[cpu];
+    if (!cb)
+        return;
+    u32 ready = __atomic_exchange_n(&cb->ready, 0, __ATOMIC_SEQ_CST);
+    for (int guard = 0; ready && guard < 100000; guard++) {
+        fifo_consume(cpu, (unsigned)__builtin_ctz(ready), &ready);
+        ready |= __atomic_exchange_n(&cb->ready, 0, __ATOMIC_SEQ_CST);
+    }
+}
+
+static void evtchn_upcall(void)
+{
+    u32 cpu = this_cpu();
+    if (cpu < NR_CPUS && xen.shinfo) {
+        volatile struct vcpu_info *vi = &xen.shinfo->vcpu_info[cpu];
+        percpu[cpu].upcalls++;
+        for (int guard = 0; vi->evtchn_upcall_pending && guard < 1000; guard++) {
+            vi->evtchn_upcall_pending = 0;
+            mb();
+            if (ev.fifo)
+                upcall_fifo(cpu);
+            else
+                upcall_2l(cpu);
+        }
+    }
+    lapic_eoi();
+}
+
+static void irq_on(void) { asm volatile("sti" ::: "memory"); }
+static void irq_off(void) { asm volatile("cli" ::: "memory"); }
+static int irq_enabled(void)
+{
+    u64 rflags;
+    asm volatile("pushfq; popq %0" : "=r"(rflags));
+    return (rflags >> 9) & 1;
+}
+
+/* The LAPIC timer ticking every ~1 ms on VEC_KICK, so that a halted waiter wakes up
+ * to see its deadline. Returns whether this call started it. */
+static int tick_start(void)
+{
+    struct percpu *pc = &percpu[this_cpu()];
+    if (pc->tick)
+        return 0;
+    lapic_write(LAPIC_TIMER_INIT, TICK_COUNT);
+    return pc->tick = 1;
+}
+
+static void tick_stop(void)
+{
+    lapic_write(LAPIC_TIMER_INIT, 0);
+    percpu[this_cpu()].tick = 0;
+}
+
+/*
+ * Wait until *p reaches `want` (wrapping compare), at most `ms`, halted with interrupts
+ * enabled (`sti; hlt`: no interrupt is lost between the test and the halt). The halt is
+ * also an exit: an upcall that became pending while interrupts were off is injected
+ * there; on this project's nested hosts KVM does not exit at an interrupt window opened
+ * by `sti` alone (measured: milliseconds late), so a spin would not see it. Leaves the
+ * interrupt flag as it was.
+ */
+static int wait_count(volatile u32 *p, u32 want, u32 ms)
+{
+    int was_on = irq_enabled(), ok = 0;
+    irq_off();
+    int started = tick_start();
+    for (u64 end = deadline_ms(ms);;) {
+        if ((int32_t)(*p - want) >= 0) {
+            ok = 1;
+            break;
+        }
+        if (rdtsc_ordered() > end)
+            break;
+        asm volatile("sti; hlt; cli" ::: "memory");
+    }
+    if (started)
+        tick_stop();
+    if (was_on)
+        irq_on();
+    return ok;
+}
+
+/* Busy-wait `us` microseconds with interrupts enabled. */
+static void spin_us(u32 us)
+{
+    u64 end = rdtsc_ordered() + (u64)(xen.tsc_khz ? xen.tsc_khz : 3000000) * us / 1000;
+    int was_on = irq_enabled();
+    irq_on();
+    while (rdtsc_ordered() < end)
+        cpu_relax();
+    if (!was_on)
+        irq_off();
+}
+
+static long bind_ipi(u32 vcpu, u32 *port)
+{
+    struct evtchn_bind_ipi b = { .vcpu = vcpu };
+    long rc = HYPERVISOR_event_channel_op(EVTCHNOP_bind_ipi, &b);
+    *port = b.port;
+    return rc;
+}
+
+static long set_upcall_vector(u32 vcpu)
+{
+    struct xen_hvm_evtchn_upcall_vector u = { .vcpu = vcpu, .vector = VEC_UPCALL };
+    return HYPERVISOR_hvm_op(HVMOP_set_evtchn_upcall_vector, &u);
+}
+
+static long evtchn_close(u32 port)
+{
+    struct evtchn_port_op c = { .port = port };
+    return HYPERVISOR_event_channel_op(EVTCHNOP_close, &c);
+}
+
+/* Clear a port's pending state in whichever ABI is active. */
+static void port_clear(u32 port)
+{
+    if (ev.fifo && port < MAX_PORTS)
+        __atomic_fetch_and(&ev.fifo_words[port], ~(1u << EVTCHN_FIFO_PENDING), __ATOMIC_SEQ_CST);
+    else
+        __atomic_fetch_and(&xen.shinfo->evtchn_pending[port / 64 % 64], ~(1ull << (port % 64)), __ATOMIC_SEQ_CST);
+}
+
+static int port_pending(u32 port)
+{
+    if (ev.fifo && port < MAX_PORTS)
+        return (ev.fifo_words[port] >> EVTCHN_FIFO_PENDING) & 1;
+    return (xen.shinfo->evtchn_pending[port / 64 % 64] >> (port % 64)) & 1;
+}
+
+/* ------------------------------------------------------------ the AP */
+
+enum { AP_NONE, AP_COUNT, AP_UPCALL_VECTOR, AP_BIND_IPI, AP_POLL };
+
+static volatile struct {
+    u32 started;   /* ap_main ran */
+    u32 seq, done; /* commands posted / finished */
+    u32 cmd;
+    u64 arg;
+    long rc;
+    u64 out;
+    u32 poll_ready;     /* AP_POLL: about to block */
+    u64 poll_ret_tsc;   /* AP_POLL: TSC when SCHEDOP_poll returned */
+    u64 counter;        /* AP_COUNT */
+} ap;
+static u8 ap_stack[16384] __attribute__((aligned(16)));
+
+static enum { SMP_UNTRIED, SMP_UP, SMP_ONE_VCPU, SMP_FAILED } smp;
+static u32 ipi_port[NR_CPUS]; /* bound by check_upcall, owned, delivered to vCPU i */
+
+static void ap_run(void)
+{
+    switch (ap.cmd) {
+    case AP_COUNT: { /* the AP runs: sum 1..arg into a shared counter */
+        for (u64 i = 1; i <= ap.arg; i++)
+            ap.counter += i;
+        u32 r[4];
+        cpuid(1, 0, r);
+        ap.out = (u64)(lapic_read(LAPIC_ID) >> 24) << 32 | r[1] >> 24;
+        ap.rc = 0;
+        break;
+    }
+    case AP_UPCALL_VECTOR:
+        ap.rc = set_upcall_vector(this_cpu());
+        break;
+    case AP_BIND_IPI: {
+        u32 port = 0;
+        ap.rc = bind_ipi(this_cpu(), &port);
+        ap.out = port;
+        break;
+    }
+    case AP_POLL: { /* block in SCHEDOP_poll on port arg (masked: no upcall) for up to 1 s */
+        u32 port = (u32)ap.arg;
+        u64 now = 0;
+        port_clear(port);
+        xen_time(&now);
+        struct sched_poll poll = { .ports = &port, .nr_ports = 1, .timeout = now + 1000000000 };
+        mb();
+        ap.poll_ready = 1;
+        ap.rc = HYPERVISOR_sched_op(SCHEDOP_poll, &poll);
+        ap.poll_ret_tsc = rdtsc_ordered();
+        ap.out = port_pending(port);
+        port_clear(port);
+        break;
+    }
+    default:
+        ap.rc = -1;
+    }
+}
+
+void __attribute__((noreturn)) ap_main(void);
+void __attribute__((noreturn)) ap_main(void)
+{
+    idt_load();
+    percpu_init(1);
+    lapic_enable();
+    HYPERVISOR_xen_version(XENVER_version, NULL); /* an exit: the VMM now marks us up */
+    ap.started = 1;
+    for (;;) {
+        asm volatile("cli");
+        while (ap.done == ap.seq)
+            asm volatile("sti; hlt; cli" ::: "memory"); /* woken by VEC_KICK or an upcall */
+        u32 seq = ap.seq;
+        ap_run();
+        mb();
+        ap.done = seq;
+    }
+}
+
+static void ap_post(u32 cmd, u64 arg)
+{
+    ap.cmd = cmd;
+    ap.arg = arg;
+    ap.poll_ready = 0;
+    mb();
+    ap.seq++;
+    lapic_ipi(1, VEC_KICK);
+}
+
+static int ap_wait(u32 ms) { return wait_count(&ap.done, ap.seq, ms); }
+
+static int ap_call(u32 cmd, u64 arg, long *rc)
+{
+    ap_post(cmd, arg);
+    int ok = ap_wait(1000);
+    *rc = ok ? ap.rc : -1000;
+    return ok;
+}
+
+extern const u8 ap_trampoline[], ap_trampoline_end[], ap_tramp_params[]; /* head.S */
+
+static int check_smp(void)
+{
+    if (smp == SMP_UP)
+        return PASS("vCPU 1 already up");
+    long before = HYPERVISOR_vcpu_op(VCPUOP_is_up, 1, NULL);
+    if (before == -XEN_ENOENT || before == -XEN_EINVAL) {
+        smp = SMP_ONE_VCPU;
+        return PASS("skipped (1 vCPU: VCPUOP_is_up(1) = %ld)", before);
+    }
+    smp = SMP_FAILED;
+    u64 apic_base = 0;
+    {
+        u32 lo, hi;
+        asm volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(0x1b));
+        apic_base = (u64)hi << 32 | lo;
+    }
+    if ((apic_base & ~0xfffull) != LAPIC_BASE || !(apic_base & (1 << 11)))
+        return FAIL("IA32_APIC_BASE 0x%lx: xAPIC not enabled at 0x%lx", apic_base, LAPIC_BASE);
+
+    /* The trampoline below 1 MiB, with our CR3, a stack and the entry. */
+    u64 len = (u64)(ap_trampoline_end - ap_trampoline), cr3;
+    memcpy((void *)AP_TRAMPOLINE, ap_trampoline, len);
+    asm volatile("mov %%cr3, %0" : "=r"(cr3));
+    u64 *params = (u64 *)(AP_TRAMPOLINE + (ap_tramp_params - ap_trampoline));
+    params[0] = cr3;
+    params[1] = (u64)ap_stack + sizeof(ap_stack);
+    params[2] = (u64)ap_main;
+    mb();
+
+    u64 t0 = rdtsc_ordered();
+    lapic_ipi(1, ICR_INIT);
+    spin_us(10000);
+    int sipis = 0;
+    for (; sipis < 2 && !ap.started; sipis++) {
+        lapic_ipi(1, ICR_SIPI | AP_TRAMPOLINE >> 12);
+        for (u64 end = deadline_ms(sipis ? 1000 : 10); !ap.started && rdtsc_ordered() < end;)
+            cpu_relax();
+    }
+    u64 start_ns = cyc_ns(rdtsc_ordered() - t0);
+    if (!ap.started)
+        return FAIL("VCPUOP_is_up(1) = %ld before; vCPU 1 did not reach ap_main 1 s after INIT + %d SIPIs", before,
+                    sipis);
+    long after = HYPERVISOR_vcpu_op(VCPUOP_is_up, 1, NULL);
+    long rc;
+    if (!ap_call(AP_COUNT, 1000, &rc) || ap.counter != 500500)
+        return FAIL("vCPU 1 started but its command loop did not run (counter %lu, want 500500)", ap.counter);
+    smp = SMP_UP; /* vCPU 1 runs: the other checks can use it even if is_up is wrong */
+    if (before != 0 || after != 1)
+        return FAIL("VCPUOP_is_up(1): %ld before INIT/SIPI, %ld after it ran (want 0 and 1); vCPU 1 runs "
+                    "(counter %lu)", before, after, ap.counter);
+    return PASS("VCPUOP_is_up(1) %ld -> %ld; INIT + %d SIPI(s) to 0x%x, in ap_main after %lu us; "
+                "LAPIC id %lu, CPUID APIC id %lu; shared counter 1+..+1000 = %lu",
+                before, after, sipis, AP_TRAMPOLINE, start_ns / 1000, ap.out >> 32, ap.out & 0xffffffff,
+                ap.counter);
+}
+
+/* Needs vCPU 1: PASS "skipped" with one vCPU, FAIL if bring-up failed. -1: go on. */
+static int need_ap(void)
+{
+    if (smp == SMP_UNTRIED)
+        check_smp();
+    if (smp == SMP_ONE_VCPU)
+        return PASS("skipped (1 vCPU)");
+    if (smp != SMP_UP)
+        return FAIL("needs vCPU 1 (see check smp)");
+    return -1;
+}
+
+static int upcalls_ready;
+
+static int check_upcall(void)
+{
+    if (!xen.shinfo)
+        return FAIL("needs shared_info");
+    long rc0 = set_upcall_vector(0), rc1 = 0;
+    if (rc0)
+        return FAIL("HVMOP_set_evtchn_upcall_vector(vcpu 0, 0x%x) rc %ld", VEC_UPCALL, rc0);
+    long rc = bind_ipi(0, &ipi_port[0]);
+    if (rc)
+        return FAIL("EVTCHNOP_bind_ipi(vcpu 0) rc %ld", rc);
+    own_port(ipi_port[0], 0);
+    u32 h = ev.hits[ipi_port[0]];
+    irq_on(); /* sends and waits with interrupts on, as a kernel would */
+    u64 t0 = rdtsc_ordered();
+    evtchn_send(ipi_port[0]);
+    int got = wait_count(&ev.hits[ipi_port[0]], h + 1, 100);
+    irq_off();
+    if (!got)
+        return FAIL("self IPI on port %u (vcpu 0): no upcall in 100 ms (%u upcalls, pending %d)", ipi_port[0],
+                    percpu[0].upcalls, port_pending(ipi_port[0]));
+    u64 self_ns = cyc_ns(ev.tsc[ipi_port[0]] - t0);
+    upcalls_ready = 1;
+    if (need_ap() >= 0) {
+        char why[64];
+        snfmt(why, sizeof(why), "%s", detail);
+        return PASS("vector 0x%x on vcpu 0; self IPI port %u delivered after %lu ns; vCPU 1 part: %s", VEC_UPCALL,
+                    ipi_port[0], self_ns, why);
+    }
+    if (!ap_call(AP_UPCALL_VECTOR, 0, &rc1) || rc1)
+        return FAIL("HVMOP_set_evtchn_upcall_vector(vcpu 1) on vCPU 1 rc %ld", rc1);
+    if (!ap_call(AP_BIND_IPI, 0, &rc) || rc)
+        return FAIL("EVTCHNOP_bind_ipi(vcpu 1) on vCPU 1 rc %ld", rc);
+    ipi_port[1] = (u32)ap.out;
+    own_port(ipi_port[1], 1);
+    h = ev.hits[ipi_port[1]];
+    irq_on();
+    t0 = rdtsc_ordered();
+    evtchn_send(ipi_port[1]);
+    got = wait_count(&ev.hits[ipi_port[1]], h + 1, 100);
+    irq_off();
+    if (!got)
+        return FAIL("send to vCPU 1's port %u: no upcall on vCPU 1 in 100 ms (%u upcalls there)", ipi_port[1],
+                    percpu[1].upcalls);
+    if (ev.cpu[ipi_port[1]] != 1)
+        return FAIL("port %u bound to vCPU 1 was handled on vCPU %u", ipi_port[1], ev.cpu[ipi_port[1]]);
+    upcalls_ready = 2;
+    return PASS("vector 0x%x on vcpus 0 and 1; self IPI port %u after %lu ns; port %u -> upcall on vCPU 1 "
+                "(halted) after %lu ns",
+                VEC_UPCALL, ipi_port[0], self_ns, ipi_port[1], cyc_ns(ev.tsc[ipi_port[1]] - t0));
+}
+
+/* N round trips: vCPU 0 sends on vCPU 1's IPI port, vCPU 1's upcall handler replies
+ * on vCPU 0's. Returns the round trips completed; total/min/max cycles out. */
+static u32 pingpong(u32 n, u64 *total, u64 *min, u64 *max)
+{
+    u32 p0 = ipi_port[0], p1 = ipi_port[1], i;
+    u32 base = ev.hits[p0];
+    *min = ~0ull, *max = 0;
+    ev.reply[p1] = p0;
+    mb();
+    irq_on(); /* the reply may come while we are in the send hypercall */
+    int started = tick_start();
+    u64 start = rdtsc_ordered(), t = start;
+    for (i = 0; i < n; i++) {
+        evtchn_send(p1);
+        if (!wait_count(&ev.hits[p0], base + i + 1, 100))
+            break;
+        u64 now = rdtsc_ordered(), d = now - t;
+        t = now;
+        *min = d < *min ? d : *min;
+        *max = d > *max ? d : *max;
+    }
+    if (started)
+        tick_stop();
+    irq_off();
+    *total = t - start;
+    ev.reply[p1] = 0;
+    return i;
+}
+
+#define PINGPONG_N 1000
+
+static int pingpong_check(const char *abi)
+{
+    u64 total, min, max;
+    u32 h1 = ev.hits[ipi_port[1]];
+    u32 done = pingpong(PINGPONG_N, &total, &min, &max);
+    if (done != PINGPONG_N)
+        return FAIL("%s: round trip %u of %u timed out (vCPU 1 handled %u)", abi, done + 1, PINGPONG_N,
+                    ev.hits[ipi_port[1]] - h1);
+    if (ev.hits[ipi_port[1]] - h1 != PINGPONG_N || ev.cpu[ipi_port[0]] != 0 || ev.cpu[ipi_port[1]] != 1)
+        return FAIL("%s: vCPU 1 handled %u events; last on vCPUs %u/%u", abi, ev.hits[ipi_port[1]] - h1,
+                    ev.cpu[ipi_port[0]], ev.cpu[ipi_port[1]]);
+    return PASS("%s: %u round trips vCPU 0 -> port %u (vCPU 1 upcall) -> port %u (vCPU 0 upcall): "
+                "mean %lu ns (%lu cycles), min %lu ns, max %lu ns",
+                abi, done, ipi_port[1], ipi_port[0], cyc_ns(total) / done, total / done, cyc_ns(min), cyc_ns(max));
+}
+
+static int check_ipi_pingpong(void)
+{
+    int r = need_ap();
+    if (r >= 0)
+        return r;
+    if (upcalls_ready != 2)
+        return FAIL("needs upcalls on both vCPUs (see check upcall)");
+    return pingpong_check("2-level");
+}
+
+static long singleshot(u64 deadline)
+{
+    struct vcpu_set_singleshot_timer t = { .timeout_abs_ns = deadline, .flags = 0 };
+    return HYPERVISOR_vcpu_op(VCPUOP_set_singleshot_timer, 0, &t);
+}
+
+static int timer_checks(u32 pt)
+{
+    u64 now;
+    long rc;
+    /* One-shot at now + 2 ms. */
+    u32 h = ev.hits[pt];
+    xen_time(&now);
+    u64 dl = now + 2000000;
+    if ((rc = singleshot(dl)))
+        return FAIL("VCPUOP_set_singleshot_timer(+2 ms) rc %ld", rc);
+    if (!wait_count(&ev.hits[pt], h + 1, 200))
+        return FAIL("one-shot +2 ms: no VIRQ_TIMER on port %u in 200 ms", pt);
+    long late = (long)(tsc_to_xen_ns(ev.tsc[pt]) - dl);
+    if (late < -100000 || late > 50000000)
+        return FAIL("one-shot +2 ms fired %ld ns after the deadline (want -100 us .. 50 ms)", late);
+
+    /* A deadline 1 ms in the past fires at once. */
+    h = ev.hits[pt];
+    xen_time(&now);
+    u64 t0 = rdtsc_ordered();
+    if ((rc = singleshot(now - 1000000)))
+        return FAIL("VCPUOP_set_singleshot_timer(-1 ms) rc %ld", rc);
+    if (!wait_count(&ev.hits[pt], h + 1, 200))
+        return FAIL("one-shot in the past: no VIRQ_TIMER in 200 ms");
+    u64 past_ns = cyc_ns(ev.tsc[pt] - t0);
+
+    /* Periodic 1 ms: 21 events, 20 intervals. */
+    struct vcpu_set_periodic_timer per = { .period_ns = 1000000 };
+    ev.log_n = 0;
+    ev.log_port = pt;
+    if ((rc = HYPERVISOR_vcpu_op(VCPUOP_set_periodic_timer, 0, &per)))
+        return FAIL("VCPUOP_set_periodic_timer(1 ms) rc %ld", rc);
+    int got = wait_count(&ev.log_n, 21, 500);
+    rc = HYPERVISOR_vcpu_op(VCPUOP_stop_periodic_timer, 0, NULL);
+    ev.log_port = 0;
+    if (!got)
+        return FAIL("periodic 1 ms: %u events in 500 ms (want 21)", ev.log_n);
+    if (rc)
+        return FAIL("VCPUOP_stop_periodic_timer rc %ld", rc);
+    u64 sum = 0, sum_err = 0, max_err = 0;
+    for (int i = 1; i < 21; i++) {
+        u64 d = cyc_ns(ev.log_tsc[i] - ev.log_tsc[i - 1]);
+        u64 err = d > 1000000 ? d - 1000000 : 1000000 - d;
+        sum += d, sum_err += err;
+        max_err = err > max_err ? err : max_err;
+    }
+    spin_us(1000); /* an event already on its way may still land */
+    h = ev.hits[pt];
+    spin_us(5000);
+    u32 after_stop = ev.hits[pt] - h;
+    if (sum / 20 < 750000 || sum / 20 > 1250000 || after_stop)
+        return FAIL("periodic 1 ms: mean interval %lu ns, max error %lu ns; %u events in 5 ms after stop",
+                    sum / 20, max_err, after_stop);
+    return PASS("port %u; one-shot +2 ms: %ld ns late; past deadline: fired after %lu ns; periodic 1 ms x 20: "
+                "mean interval %lu ns, mean |error| %lu ns, max |error| %lu ns; stopped: 0 events in 5 ms",
+                pt, late, past_ns, sum / 20, sum_err / 20, max_err);
+}
+
+static int check_virq_timer(void)
+{
+    if (!upcalls_ready)
+        return FAIL("needs upcalls on vCPU 0 (see check upcall)");
+    struct evtchn_bind_virq b = { .virq = VIRQ_TIMER, .vcpu = 0 };
+    long rc = HYPERVISOR_event_channel_op(EVTCHNOP_bind_virq, &b);
+    if (rc)
+        return FAIL("EVTCHNOP_bind_virq(VIRQ_TIMER, vcpu 0) rc %ld", rc);
+    own_port(b.port, 0);
+    HYPERVISOR_vcpu_op(VCPUOP_stop_periodic_timer, 0, NULL);
+    HYPERVISOR_vcpu_op(VCPUOP_stop_singleshot_timer, 0, NULL);
+    int ok = timer_checks(b.port);
+    HYPERVISOR_vcpu_op(VCPUOP_stop_periodic_timer, 0, NULL);
+    HYPERVISOR_vcpu_op(VCPUOP_stop_singleshot_timer, 0, NULL);
+    evtchn_close(b.port);
+    ev.owned[b.port] = 0;
+    return ok;
+}
+
+/* N SCHEDOP_poll wake-ups: vCPU 1 blocks on `port` (masked, bound to it), vCPU 0 sends
+ * `gap_us` after vCPU 1 said it is about to block. Latency: send TSC to return TSC. */
+static u32 poll_wakeups(u32 port, u32 n, u32 gap_us, u64 *total, u64 *min, u64 *max, long *bad_rc)
+{
+    u32 i;
+    *total = 0, *min = ~0ull, *max = 0, *bad_rc = 0;
+    for (i = 0; i < n; i++) {
+        ap_post(AP_POLL, port);
+        if (!wait_count(&ap.poll_ready, 1, 1000))
+            break;
+        spin_us(gap_us);
+        u64 t = rdtsc_ordered();
+        evtchn_send(port);
+        if (!ap_wait(2000))
+            break;
+        if (ap.rc || !ap.out) {
+            *bad_rc = ap.rc ? ap.rc : -9999; /* -9999: returned without the port pending */
+            break;
+        }
+        u64 d = ap.poll_ret_tsc - t;
+        *total += d;
+        *min = d < *min ? d : *min;
+        *max = d > *max ? d : *max;
+    }
+    return i;
+}
+
+static long mask_port(u32 port)
+{
+    if (port >= 64 * 64)
+        return -1;
+    __atomic_fetch_or(&xen.shinfo->evtchn_mask[port / 64], 1ull << (port % 64), __ATOMIC_SEQ_CST);
+    return 0;
+}
+
+#define POLL_N 20
+
+static int check_poll_wakeup(void)
+{
+    int r = need_ap();
+    if (r >= 0)
+        return r;
+    long rc;
+    if (!ap_call(AP_BIND_IPI, 0, &rc) || rc)
+        return FAIL("EVTCHNOP_bind_ipi(vcpu 1) rc %ld", rc);
+    u32 port = (u32)ap.out;
+    mask_port(port);
+    u64 total, min, max;
+    u32 done = poll_wakeups(port, POLL_N, 1000, &total, &min, &max, &rc);
+    if (done == POLL_N)
+        evtchn_close(port); /* else vCPU 1 may still be polling it */
+    if (done != POLL_N)
+        return FAIL("poll %u of %u on port %u: %s (rc %ld)", done + 1, POLL_N, port,
+                    ap.poll_ready ? "did not return after the send" : "vCPU 1 did not start polling", rc);
+    return PASS("vCPU 1 in SCHEDOP_poll(port %u, masked), vCPU 0 sends 1 ms later, x%u: wake-up latency "
+                "mean %lu ns, min %lu ns, max %lu ns",
+                port, done, cyc_ns(total) / done, cyc_ns(min), cyc_ns(max));
+}
+
+/* ------------------------------------------------------------ FIFO */
+
+static u8 fifo_pages[3][PAGE_SIZE] __attribute__((aligned(PAGE_SIZE))); /* array, cb vCPU 0, cb vCPU 1 */
+
+static long fifo_init_control(u32 vcpu, u8 *link_bits)
+{
+    struct evtchn_init_control c = { .control_gfn = (u64)fifo_pages[1 + vcpu] >> 12, .offset = 0, .vcpu = vcpu };
+    long rc = HYPERVISOR_event_channel_op(EVTCHNOP_init_control, &c);
+    *link_bits = c.link_bits;
+    return rc;
+}
+
+static int check_fifo(void)
+{
+    if (!upcalls_ready)
+        return FAIL("needs upcalls (see check upcall)");
+    u8 link_bits = 0, lb1 = 0;
+    ev.fifo_words = (volatile u32 *)fifo_pages[0];
+    ev.fifo_cb[0] = (void *)fifo_pages[1];
+    ev.fifo_cb[1] = (void *)fifo_pages[2];
+    u32 saved = ev.foreign;
+    asm volatile("" ::: "memory");
+    long rc = fifo_init_control(0, &link_bits);
+    if (rc == -XEN_ENOSYS) {
+        say("FIFO event channels unavailable: EVTCHNOP_init_control returned -ENOSYS");
+        return PASS("skipped (FIFO not offered: init_control -ENOSYS); 2-level only");
+    }
+    if (rc)
+        return FAIL("EVTCHNOP_init_control(vcpu 0, gfn 0x%lx) rc %ld", (u64)fifo_pages[1] >> 12, rc);
+    struct evtchn_expand_array ea = { .array_gfn = (u64)fifo_pages[0] >> 12 };
+    ev.fifo = 1; /* interrupts are off here; the AP only takes upcalls for events we send */
+    if ((rc = HYPERVISOR_event_channel_op(EVTCHNOP_expand_array, &ea)))
+        return FAIL("EVTCHNOP_expand_array(gfn 0x%lx) rc %ld", ea.array_gfn, rc);
+    if (upcalls_ready == 2 && (rc = fifo_init_control(1, &lb1)))
+        return FAIL("EVTCHNOP_init_control(vcpu 1) rc %ld", rc);
+    u32 p0 = ipi_port[0], h = ev.hits[p0];
+    irq_on();
+    u64 t0 = rdtsc_ordered();
+    evtchn_send(p0);
+    int got = wait_count(&ev.hits[p0], h + 1, 100);
+    irq_off();
+    if (!got)
+        return FAIL("FIFO: self IPI on port %u not delivered (word 0x%x, ready 0x%x, head[7] %u)", p0,
+                    ev.fifo_words[p0], ev.fifo_cb[0]->ready, ev.fifo_cb[0]->head[7]);
+    u64 self_ns = cyc_ns(ev.tsc[p0] - t0);
+    if (upcalls_ready != 2)
+        return PASS("FIFO: link_bits %u, self IPI port %u after %lu ns (1 vCPU: no ping-pong)", link_bits, p0,
+                    self_ns);
+    if (!pingpong_check("FIFO"))
+        return 0;
+    char pp[300];
+    snfmt(pp, sizeof(pp), "%s", detail);
+    return PASS("init_control link_bits %u, array gfn 0x%lx, self IPI %lu ns, %u foreign events unlinked; %s",
+                link_bits, ea.array_gfn, self_ns, ev.foreign - saved, pp);
+}
+
+/* ------------------------------------------------------- grant tables */
+
+static u8 grant_pages[2][PAGE_SIZE] __attribute__((aligned(PAGE_SIZE))); /* shared frame 0, status frame 0 */
+
+static long gnt_get_version(void)
+{
+    struct gnttab_get_version g = { .dom = DOMID_SELF };
+    long rc = HYPERVISOR_grant_table_op(GNTTABOP_get_version, &g, 1);
+    return rc ? rc : (long)g.version;
+}
+
+static long gnt_set_version(u32 v)
+{
+    struct gnttab_set_version s = { .version = v };
+    return HYPERVISOR_grant_table_op(GNTTABOP_set_version, &s, 1);
+}
+
+static long map_grant_frame(u64 idx, void *page)
+{
+    struct xen_add_to_physmap x = {
+        .domid = DOMID_SELF, .space = XENMAPSPACE_grant_table, .idx = idx, .gpfn = (u64)page >> 12 };
+    return HYPERVISOR_memory_op(XENMEM_add_to_physmap, &x);
+}
+
+#define GREF 8 /* the first entry after the reserved ones */
+
+static int check_grant_v2(void)
+{
+    long v = gnt_get_version(), rc;
+    if (v != 1)
+        return FAIL("GNTTABOP_get_version: %ld, want 1", v);
+    if ((rc = map_grant_frame(0, grant_pages[0])))
+        return FAIL("XENMEM_add_to_physmap(grant_table, idx 0, gpfn 0x%lx) rc %ld", (u64)grant_pages[0] >> 12, rc);
+    volatile struct grant_entry_v1 *g1 = (void *)grant_pages[0];
+    struct grant_entry_v1 r1 = g1[1]; /* GNTTAB_RESERVED_XENSTORE, as the toolstack seeded it */
+    g1[GREF] = (struct grant_entry_v1){ .flags = GTF_permit_access, .domid = 0, .frame = 0x12345 };
+    mb();
+    if (g1[GREF].flags != GTF_permit_access || g1[GREF].frame != 0x12345)
+        return FAIL("v1 entry %u did not read back", GREF);
+    u64 frame = 0;
+    struct gnttab_setup_table st = { .dom = DOMID_SELF, .nr_frames = 1, .frame_list = &frame };
+    rc = HYPERVISOR_grant_table_op(GNTTABOP_setup_table, &st, 1);
+    char v1[160], v2[240];
+    snfmt(v1, sizeof(v1), "v1: frame 0 at gpfn 0x%lx (setup_table says 0x%lx), entry %u written, reserved entry 1 "
+          "= {flags 0x%x dom %u frame 0x%x}", (u64)grant_pages[0] >> 12, frame, GREF, r1.flags, r1.domid, r1.frame);
+    g1[GREF].flags = 0;
+
+    rc = gnt_set_version(2);
+    if (rc == -XEN_ENOSYS) {
+        snfmt(v2, sizeof(v2), "v2 skipped (set_version(2) -ENOSYS)");
+    } else if (rc) {
+        return FAIL("%s; GNTTABOP_set_version(2) rc %ld", v1, rc);
+    } else {
+        if ((v = gnt_get_version()) != 2)
+            return FAIL("%s; after set_version(2), get_version %ld", v1, v);
+        volatile struct grant_entry_v2_full *g2 = (void *)grant_pages[0];
+        struct grant_entry_v2_full r2 = g2[1];
+        u64 sframe = 0;
+        struct gnttab_get_status_frames gs = { .nr_frames = 1, .dom = DOMID_SELF, .frame_list = &sframe };
+        rc = HYPERVISOR_grant_table_op(GNTTABOP_get_status_frames, &gs, 1);
+        long mrc = map_grant_frame(0 | XENMAPIDX_grant_table_status, grant_pages[1]);
+        if (rc || gs.status || mrc)
+            return FAIL("%s; v2: get_status_frames rc %ld status %d, map status frame rc %ld", v1, rc, gs.status, mrc);
+        g2[GREF] = (struct grant_entry_v2_full){ .flags = GTF_permit_access, .domid = 0, .frame = 0x12345 };
+        u16 status = ((volatile u16 *)grant_pages[1])[GREF];
+        g2[GREF].flags = 0;
+        mb();
+        rc = gnt_set_version(1);
+        v = gnt_get_version();
+        if (rc || v != 1)
+            return FAIL("%s; back to v1: set_version rc %ld, get_version %ld", v1, rc, v);
+        snfmt(v2, sizeof(v2), "v2: get_version 2, reserved entry 1 = {flags 0x%x dom %u frame 0x%lx}, status "
+              "frame 0x%lx mapped at gpfn 0x%lx, entry %u status 0x%x; back to v1", r2.flags, r2.domid, r2.frame,
+              sframe, (u64)grant_pages[1] >> 12, GREF, status);
+    }
+    return PASS("%s; %s", v1, v2);
+}
+
+/* ------------------------------------------------- xenstore transactions */
+
+static u32 parse_u32(const char *s)
+{
+    u32 v = 0;
+    for (; *s >= '0' && *s <= '9'; s++)
+        v = v * 10 + (u32)(*s - '0');
+    return v;
+}
+
+static long xs_write(u32 tx, const char *path, const char *val, char *reply, u32 cap)
+{
+    xs.tx = tx;
+    long t = xs_request(XS_WRITE, path, strlen(path) + 1, val, strlen(val), reply, cap);
+    xs.tx = 0;
+    return t;
+}
+
+static long xs_tx_start(u32 *tx)
+{
+    char id[16];
+    long t = xs_request(XS_TRANSACTION_START, "", 1, NULL, 0, id, sizeof(id));
+    *tx = t == XS_TRANSACTION_START ? parse_u32(id) : 0;
+    return t;
+}
+
+static long xs_tx_end(u32 tx, int commit, char *reply, u32 cap)
+{
+    xs.tx = tx;
+    long t = xs_request(XS_TRANSACTION_END, commit ? "T" : "F", 2, NULL, 0, reply, cap);
+    xs.tx = 0;
+    return t;
+}
+
+static int check_xs_transaction(void)
+{
+    if (!xs.ring && !xs_init())
+        return 0;
+    char r[64], a[16], b[16], outside[16];
+    u32 tx, t1;
+    long t = xs_tx_start(&tx);
+    if (t != XS_TRANSACTION_START || !tx)
+        return FAIL("TRANSACTION_START: type %ld, id %u", t, tx);
+    if ((t = xs_write(tx, "data/tx/a", "1", r, sizeof(r))) != XS_WRITE ||
+        (t = xs_write(tx, "data/tx/b", "2", r, sizeof(r))) != XS_WRITE)
+        return FAIL("WRITE in transaction %u: type %ld \"%s\"", tx, t, r);
+    long to = xs_path_op(XS_READ, "data/tx/a", outside, sizeof(outside));
+    if (to != XS_ERROR)
+        return FAIL("data/tx/a visible outside the open transaction: type %ld \"%s\"", to, outside);
+    if ((t = xs_tx_end(tx, 1, r, sizeof(r))) != XS_TRANSACTION_END || !streq(r, "OK"))
+        return FAIL("TRANSACTION_END(%u, commit): type %ld \"%s\"", tx, t, r);
+    long ta = xs_path_op(XS_READ, "data/tx/a", a, sizeof(a)), tb = xs_path_op(XS_READ, "data/tx/b", b, sizeof(b));
+    if (ta != XS_READ || tb != XS_READ || !streq(a, "1") || !streq(b, "2"))
+        return FAIL("after commit: data/tx/a type %ld \"%s\", data/tx/b type %ld \"%s\"", ta, a, tb, b);
+
+    t = xs_tx_start(&t1);
+    if (t != XS_TRANSACTION_START || !t1)
+        return FAIL("second TRANSACTION_START: type %ld", t);
+    if ((t = xs_write(0, "data/tx/x", "outside", r, sizeof(r))) != XS_WRITE)
+        return FAIL("WRITE data/tx/x outside: type %ld \"%s\"", t, r);
+    if ((t = xs_write(t1, "data/tx/x", "inside", r, sizeof(r))) != XS_WRITE)
+        return FAIL("WRITE data/tx/x in %u: type %ld \"%s\"", t1, t, r);
+    char e[16];
+    t = xs_tx_end(t1, 1, e, sizeof(e));
+    long tx_ = xs_path_op(XS_READ, "data/tx/x", r, sizeof(r));
+    if (t != XS_ERROR || !streq(e, "EAGAIN") || tx_ != XS_READ || !streq(r, "outside"))
+        return FAIL("conflicting commit of %u: type %ld \"%s\" (want ERROR EAGAIN); data/tx/x = \"%s\"", t1, t, e, r);
+    return PASS("tx %u: a=1, b=2 invisible outside (%s), committed, read back %s/%s; tx %u conflicting on "
+                "data/tx/x: END -> %s, value stays \"%s\"",
+                tx, outside, a, b, t1, e, r);
+}
+
+/* ------------------------------------------------------- console input */
+
+static int check_console_input(void)
+{
+    u64 pfn, port;
+    if (get_param(HVM_PARAM_CONSOLE_PFN, &pfn) || get_param(HVM_PARAM_CONSOLE_EVTCHN, &port))
+        return FAIL("no console params");
+    volatile struct xencons_interface *ring = pfn_ptr(pfn);
+    if (!ring)
+        return FAIL("console pfn 0x%lx is not below 4 GiB", pfn);
+    char got[96];
+    u32 n = 0, cons = ring->in_cons, start = cons;
+    int newline = 0;
+    for (u64 end = deadline_ms(1000); !newline && n < sizeof(got) - 1;) {
+        u32 prod = ring->in_prod;
+        mb(); /* the index before the bytes */
+        if (prod - cons > sizeof(ring->in))
+            return FAIL("console in ring: in_cons %u in_prod %u", cons, prod);
+        while (cons != prod && !newline && n < sizeof(got) - 1) {
+            char c = ring->in[cons++ % sizeof(ring->in)];
+            if (c == '\n')
+                newline = 1;
+            else
+                got[n++] = c >= 0x20 && c < 0x7f ? c : '?';
+        }
+        if (newline || rdtsc_ordered() > end)
+            break;
+        wait_event((u32)port);
+    }
+    got[n] = 0;
+    mb();
+    ring->in_cons = cons;
+    evtchn_send((u32)port);
+    if (cons == start)
+        return PASS("no console input (skipped)");
+    return PASS("read %u bytes from in[] (in_cons %u): \"%s\"%s", cons - start, cons, got,
+                newline ? " + newline" : " (no newline within 1 s)");
+}
+
 static const struct check {
     const char *name;
     int (*run)(void); /* returns PASS(...) or FAIL(...) */
@@ -1008,6 +2039,15 @@ static const struct check {
     { "traps", check_traps },
     { "poll_timeout", check_poll_timeout },
     { "runstate", check_runstate },
+    { "smp", check_smp },
+    { "upcall", check_upcall },
+    { "ipi_pingpong", check_ipi_pingpong },
+    { "virq_timer", check_virq_timer },
+    { "poll_wakeup", check_poll_wakeup },
+    { "grant_v2", check_grant_v2 },
+    { "xs_transaction", check_xs_transaction },
+    { "console_input", check_console_input },
+    { "fifo", check_fifo }, /* last: after it the domain uses the FIFO ABI */
 };
 
 static void __attribute__((noreturn)) demo(void)
@@ -1099,6 +2139,8 @@ void __attribute__((noreturn)) main(u32 start_info_paddr)
     const char *cmdline = "";
 
     idt_init();
+    percpu_init(0);
+    lapic_enable();
     xen_init();
     if (!si || si->magic != XEN_HVM_START_MAGIC_VALUE) {
         say("start_info at 0x%x: bad magic 0x%x, expected 0x%x", start_info_paddr, si ? si->magic : 0,

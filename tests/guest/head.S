@@ -95,7 +95,8 @@ entry64:
         jmp     3b
 
 /*
- * Exception and interrupt stubs: each pushes an error code (0 where the CPU pushes
+ * Exception and interrupt stubs (also the LAPIC vectors the SMP and event checks
+ * use): each pushes an error code (0 where the CPU pushes
  * none) and its vector, then exc_common saves the general registers and calls
  * exception_handler(struct frame *). If that returns, we resume with iretq.
  */
@@ -114,7 +115,7 @@ exc_stub_\vec:
         jmp     exc_common
         .endm
 
-        .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,128
+        .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,128,242,243,255
         STUB    \v
         .endr
 
@@ -157,10 +158,11 @@ exc_common:
 
         .section .rodata
         .p2align 3
-        /* exc_stubs[i]: entry of exception i (0..31); exc_stubs[32]: int $0x80. */
+        /* exc_stubs[i]: entry of exception i (0..31); exc_stubs[32]: int $0x80;
+         * [33..35]: the LAPIC vectors 0xf2 (kick), 0xf3 (upcall), 0xff (spurious). */
         .globl  exc_stubs
 exc_stubs:
-        .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,128
+        .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,128,242,243,255
         .quad   exc_stub_\v
         .endr
 
@@ -174,6 +176,83 @@ gdt_end:
 gdt_ptr:
         .word   gdt_end - gdt - 1
         .long   gdt
+
+
+/*
+ * The AP trampoline: real-mode code that guest.c copies to AP_TRAMPOLINE (0x8000,
+ * page-aligned, below 1 MiB) before it sends INIT/SIPI; the SIPI vector 0x08 starts
+ * the AP at 0x0800:0000. It goes 16-bit -> 32-bit protected mode -> long mode with
+ * the CR3 in ap_tramp_params, switches to the stack there and calls the entry
+ * (ap_main). Everything is addressed through T(), the address in the copy.
+ */
+#define AP_TRAMPOLINE 0x8000
+#define T(x) ((x) - ap_trampoline + AP_TRAMPOLINE)
+#define CR0_CD_NW  0x60000000
+
+        .section .rodata
+        .p2align 4
+        .globl  ap_trampoline, ap_trampoline_end, ap_tramp_params
+        .code16
+ap_trampoline:
+        cli
+        cld
+        xor     %ax, %ax
+        mov     %ax, %ds
+        lgdtl   T(tgdt_ptr)
+        mov     %cr0, %eax
+        and     $~CR0_CD_NW, %eax       /* INIT leaves caching disabled */
+        or      $CR0_PE, %eax
+        mov     %eax, %cr0
+        ljmpl   $0x18, $T(ap_tramp32)
+
+        .code32
+ap_tramp32:
+        mov     $GDT_DATA, %eax
+        mov     %eax, %ds
+        mov     %eax, %es
+        mov     %eax, %ss
+        mov     %cr4, %eax
+        or      $CR4_PAE, %eax
+        mov     %eax, %cr4
+        mov     T(ap_tramp_params), %eax        /* cr3: the BSP's page tables */
+        mov     %eax, %cr3
+        mov     $MSR_EFER, %ecx
+        rdmsr
+        or      $EFER_LME, %eax
+        wrmsr
+        mov     %cr0, %eax
+        or      $(CR0_PE | CR0_PG), %eax
+        mov     %eax, %cr0
+        ljmp    $GDT_CODE64, $T(ap_tramp64)
+
+        .code64
+ap_tramp64:
+        mov     $GDT_DATA, %eax
+        mov     %eax, %ds
+        mov     %eax, %es
+        mov     %eax, %ss
+        mov     %eax, %fs
+        mov     %eax, %gs
+        mov     T(ap_tramp_params) + 8, %rsp    /* stack top */
+        mov     T(ap_tramp_params) + 16, %rax   /* entry: void ap_main(void) */
+        call    *%rax
+1:      cli
+        hlt
+        jmp     1b
+
+        .p2align 3
+tgdt:   .quad   0
+        .quad   0x00af9b000000ffff      /* 0x08: 64-bit code */
+        .quad   0x00cf93000000ffff      /* 0x10: data, 4 GiB */
+        .quad   0x00cf9b000000ffff      /* 0x18: 32-bit code, 4 GiB */
+tgdt_end:
+tgdt_ptr:
+        .word   tgdt_end - tgdt - 1
+        .long   T(tgdt)
+        .p2align 3
+ap_tramp_params:                        /* filled in the copy: cr3, stack top, entry */
+        .quad   0, 0, 0
+ap_trampoline_end:
 
         .section .bss.boot, "aw", @nobits
         .p2align 12

@@ -245,5 +245,120 @@ struct xsd_sockmsg {
 _Static_assert(__builtin_offsetof(struct xenstore_domain_interface, req_cons) == 0x800, "req_cons");
 _Static_assert(__builtin_offsetof(struct xenstore_domain_interface, rsp_prod) == 0x80c, "rsp_prod");
 
+
+/* ------------------------------------------------------------------------
+ * Event delivery, timers, SMP, FIFO, grant v2, xenstore transactions and
+ * console input: the parts the issue-5 checks use.
+ */
+
+/* errno.h */
+#define XEN_ENOSYS 38
+#define XEN_EAGAIN 11
+#define XEN_ETIME  62
+
+/* hvm/hvm_op.h: a per-vCPU upcall vector (CPUID 0x40000004 EAX bit 6). */
+#define HVMOP_set_evtchn_upcall_vector 23
+struct xen_hvm_evtchn_upcall_vector {
+    uint32_t vcpu;
+    uint8_t vector;
+};
+_Static_assert(sizeof(struct xen_hvm_evtchn_upcall_vector) == 8, "xen_hvm_evtchn_upcall_vector");
+
+/* event_channel.h */
+#define EVTCHNOP_bind_virq     1
+#define EVTCHNOP_bind_ipi      7
+#define EVTCHNOP_init_control  11
+#define EVTCHNOP_expand_array  12
+#define VIRQ_TIMER 0
+struct evtchn_bind_virq {
+    uint32_t virq; /* IN */
+    uint32_t vcpu; /* IN */
+    uint32_t port; /* OUT */
+};
+struct evtchn_bind_ipi {
+    uint32_t vcpu; /* IN */
+    uint32_t port; /* OUT */
+};
+struct evtchn_init_control {
+    uint64_t control_gfn; /* IN */
+    uint32_t offset;      /* IN: of the control block in the frame, 8-byte aligned */
+    uint32_t vcpu;        /* IN */
+    uint8_t link_bits;    /* OUT */
+    uint8_t _pad[7];
+};
+struct evtchn_expand_array {
+    uint64_t array_gfn; /* IN: one more page of event words */
+};
+/* FIFO ABI: 32-bit event words in array pages, a control block per vCPU. */
+#define EVTCHN_FIFO_PENDING   31
+#define EVTCHN_FIFO_MASKED    30
+#define EVTCHN_FIFO_LINKED    29
+#define EVTCHN_FIFO_BUSY      28
+#define EVTCHN_FIFO_LINK_MASK ((1u << 17) - 1)
+#define EVTCHN_FIFO_MAX_QUEUES 16
+struct evtchn_fifo_control_block {
+    uint32_t ready; /* bit q: queue q is not empty */
+    uint32_t _rsvd;
+    uint32_t head[EVTCHN_FIFO_MAX_QUEUES];
+};
+_Static_assert(sizeof(struct evtchn_bind_virq) == 12, "evtchn_bind_virq");
+_Static_assert(sizeof(struct evtchn_bind_ipi) == 8, "evtchn_bind_ipi");
+_Static_assert(sizeof(struct evtchn_init_control) == 24, "evtchn_init_control");
+_Static_assert(sizeof(struct evtchn_fifo_control_block) == 72, "evtchn_fifo_control_block");
+
+/* vcpu.h: timers (VIRQ_TIMER on the calling vCPU). */
+#define VCPUOP_set_periodic_timer   6 /* struct vcpu_set_periodic_timer */
+#define VCPUOP_stop_periodic_timer  7
+#define VCPUOP_set_singleshot_timer 8 /* struct vcpu_set_singleshot_timer */
+#define VCPUOP_stop_singleshot_timer 9
+struct vcpu_set_periodic_timer {
+    uint64_t period_ns;
+};
+struct vcpu_set_singleshot_timer {
+    uint64_t timeout_abs_ns; /* Xen system time */
+    uint32_t flags;          /* VCPU_SSHOTTMR_* */
+};
+_Static_assert(sizeof(struct vcpu_set_singleshot_timer) == 16, "vcpu_set_singleshot_timer");
+
+/* grant_table.h: versions, v2 status frames; memory.h: the grant map space. */
+#define GNTTABOP_set_version       8
+#define GNTTABOP_get_status_frames 9
+#define GNTTABOP_get_version       10
+#define XENMAPSPACE_grant_table      1
+#define XENMAPIDX_grant_table_status (1ull << 31)
+#define GTF_permit_access 1
+struct gnttab_set_version {
+    uint32_t version; /* IN/OUT */
+};
+struct gnttab_get_version {
+    uint16_t dom;
+    uint16_t pad;
+    uint32_t version; /* OUT */
+};
+struct gnttab_get_status_frames {
+    uint32_t nr_frames;   /* IN */
+    uint16_t dom;         /* IN */
+    int16_t status;       /* OUT */
+    uint64_t *frame_list; /* guest handle, OUT */
+};
+struct grant_entry_v1 {
+    uint16_t flags;
+    uint16_t domid;
+    uint32_t frame;
+};
+struct grant_entry_v2_full { /* union grant_entry_v2, the full_page form */
+    uint16_t flags;
+    uint16_t domid;
+    uint32_t pad0;
+    uint64_t frame;
+};
+_Static_assert(sizeof(struct gnttab_get_status_frames) == 16, "gnttab_get_status_frames");
+_Static_assert(sizeof(struct grant_entry_v1) == 8, "grant_entry_v1");
+_Static_assert(sizeof(struct grant_entry_v2_full) == 16, "grant_entry_v2");
+
+/* io/xs_wire.h: transactions. */
+#define XS_TRANSACTION_START 6
+#define XS_TRANSACTION_END   7
+
 #endif /* !__ASSEMBLER__ */
 #endif /* XENKVM_GUEST_XEN_H */
