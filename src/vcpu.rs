@@ -546,6 +546,21 @@ impl x86::EmuEnv for EmuHost<'_> {
     fn tsc_aux(&self) -> u64 {
         read_msr(self.fd, 0xc000_0103).unwrap_or(0)
     }
+    fn fpu_status(&self) -> u16 {
+        self.fd.get_fpu().map(|f| f.fsw).unwrap_or(0)
+    }
+    fn mxcsr(&self) -> u32 {
+        self.fd.get_fpu().map(|f| f.mxcsr).unwrap_or(0x1f80)
+    }
+    fn set_mxcsr(&self, v: u32) -> bool {
+        match self.fd.get_fpu() {
+            Ok(mut f) => {
+                f.mxcsr = v;
+                self.fd.set_fpu(&f).is_ok()
+            }
+            Err(_) => false,
+        }
+    }
     fn xcr0(&self) -> u64 {
         self.fd
             .get_xcrs()

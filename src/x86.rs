@@ -8,7 +8,7 @@
 //!   32-bit `iret` is emulated (stack pops and descriptor loads), `rdtscp`
 //!   and `xgetbv` are emulated. Instructions are decoded with iced-x86.
 
-use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 const CR0_PE: u64 = 1;
@@ -20,6 +20,8 @@ const CR4_LA57: u64 = 1 << 12;
 const EFER_LMA: u64 = 1 << 10;
 const EFER_NXE: u64 = 1 << 11;
 
+const RFLAGS_AC: u64 = 1 << 18;
+
 const PTE_P: u64 = 1;
 const PTE_W: u64 = 1 << 1;
 const PTE_U: u64 = 1 << 2;
@@ -30,6 +32,8 @@ const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 pub const DE: u8 = 0;
 pub const BP: u8 = 3;
 pub const UD: u8 = 6;
+pub const NM: u8 = 7;
+pub const MF: u8 = 16;
 pub const NP: u8 = 11;
 pub const SS: u8 = 12;
 pub const GP: u8 = 13;
@@ -341,6 +345,12 @@ pub trait EmuEnv {
     fn rdtsc(&self) -> u64;
     fn tsc_aux(&self) -> u64;
     fn xcr0(&self) -> u64;
+    /// The x87 status word (FSW).
+    fn fpu_status(&self) -> u16;
+    /// MXCSR.
+    fn mxcsr(&self) -> u32;
+    /// Sets MXCSR; false if the host refused.
+    fn set_mxcsr(&self, v: u32) -> bool;
 }
 
 /// Decodes the instruction at CS:RIP.
@@ -413,6 +423,23 @@ pub fn fixup(mem: &dyn PhysMem, env: &dyn EmuEnv, regs: &mut kvm_regs, s: &mut k
             }
         }
         Code::Iretd | Code::Iretw | Code::Iretq => iret(mem, regs, s, insn.code()),
+        // SMAP's clac/stac (leaf 7 shows SMAP whatever the VMM sets): they
+        // only flip EFLAGS.AC, and are #UD outside ring 0.
+        Code::Clac | Code::Stac => {
+            if cpl(s) != 0 {
+                return Fixup::Exception {
+                    vector: UD,
+                    error_code: None,
+                };
+            }
+            if insn.code() == Code::Stac {
+                regs.rflags |= RFLAGS_AC;
+            } else {
+                regs.rflags &= !RFLAGS_AC;
+            }
+            advance(regs);
+            Fixup::Resume
+        }
         Code::Rdtscp => {
             let t = env.rdtsc();
             regs.rax = t & 0xffff_ffff;
@@ -441,8 +468,252 @@ pub fn fixup(mem: &dyn PhysMem, env: &dyn EmuEnv, regs: &mut kvm_regs, s: &mut k
             advance(regs);
             Fixup::Resume
         }
+        // fwait: #NM if CR0.TS and CR0.MP, #MF if an unmasked x87 exception
+        // is pending (FSW.ES), otherwise nothing.
+        Code::Wait => {
+            if s.cr0 & 0xa == 0xa {
+                return Fixup::Exception {
+                    vector: NM,
+                    error_code: None,
+                };
+            }
+            if env.fpu_status() & 0x80 != 0 {
+                return Fixup::Exception {
+                    vector: MF,
+                    error_code: None,
+                };
+            }
+            advance(regs);
+            Fixup::Resume
+        }
+        // SSE control/status register loads and stores.
+        Code::Ldmxcsr_m32 | Code::VEX_Vldmxcsr_m32 => {
+            let v = match read_operand(mem, regs, s, &insn, 0, 4) {
+                Ok(v) => v as u32,
+                Err(f) => return f,
+            };
+            // Bits 31:16 are reserved (MXCSR_MASK is 0xffff here).
+            if v >> 16 != 0 || !env.set_mxcsr(v) {
+                return Fixup::Exception {
+                    vector: GP,
+                    error_code: Some(0),
+                };
+            }
+            advance(regs);
+            Fixup::Resume
+        }
+        Code::Stmxcsr_m32 | Code::VEX_Vstmxcsr_m32 => {
+            match write_operand(mem, regs, s, &insn, 0, &env.mxcsr().to_le_bytes()) {
+                Ok(()) => {
+                    advance(regs);
+                    Fixup::Resume
+                }
+                Err(f) => f,
+            }
+        }
+        Code::Popcnt_r16_rm16
+        | Code::Popcnt_r32_rm32
+        | Code::Popcnt_r64_rm64
+        | Code::Lzcnt_r16_rm16
+        | Code::Lzcnt_r32_rm32
+        | Code::Lzcnt_r64_rm64
+        | Code::Tzcnt_r16_rm16
+        | Code::Tzcnt_r32_rm32
+        | Code::Tzcnt_r64_rm64 => match bit_count(mem, regs, s, &insn) {
+            Ok(()) => {
+                advance(regs);
+                Fixup::Resume
+            }
+            Err(f) => f,
+        },
         c => Fixup::Unhandled(format!("{c:?} at {:#x} ({:?})", regs.rip, insn.mnemonic())),
     }
+}
+
+/// Reads general-purpose register `r` (any width, including AH..BH).
+pub fn gpr_read(regs: &kvm_regs, r: Register) -> Option<u64> {
+    let full = r.full_register();
+    let v = match full {
+        Register::RAX => regs.rax,
+        Register::RCX => regs.rcx,
+        Register::RDX => regs.rdx,
+        Register::RBX => regs.rbx,
+        Register::RSP => regs.rsp,
+        Register::RBP => regs.rbp,
+        Register::RSI => regs.rsi,
+        Register::RDI => regs.rdi,
+        Register::R8 => regs.r8,
+        Register::R9 => regs.r9,
+        Register::R10 => regs.r10,
+        Register::R11 => regs.r11,
+        Register::R12 => regs.r12,
+        Register::R13 => regs.r13,
+        Register::R14 => regs.r14,
+        Register::R15 => regs.r15,
+        Register::RIP => regs.rip,
+        _ => return None,
+    };
+    Some(match r {
+        Register::AH | Register::CH | Register::DH | Register::BH => (v >> 8) & 0xff,
+        _ => match r.size() {
+            1 => v & 0xff,
+            2 => v & 0xffff,
+            4 => v & 0xffff_ffff,
+            _ => v,
+        },
+    })
+}
+
+/// Writes general-purpose register `r` with the CPU's rules: a 32-bit write
+/// zero-extends, 8- and 16-bit writes merge.
+pub fn gpr_write(regs: &mut kvm_regs, r: Register, val: u64) -> bool {
+    let slot = match r.full_register() {
+        Register::RAX => &mut regs.rax,
+        Register::RCX => &mut regs.rcx,
+        Register::RDX => &mut regs.rdx,
+        Register::RBX => &mut regs.rbx,
+        Register::RSP => &mut regs.rsp,
+        Register::RBP => &mut regs.rbp,
+        Register::RSI => &mut regs.rsi,
+        Register::RDI => &mut regs.rdi,
+        Register::R8 => &mut regs.r8,
+        Register::R9 => &mut regs.r9,
+        Register::R10 => &mut regs.r10,
+        Register::R11 => &mut regs.r11,
+        Register::R12 => &mut regs.r12,
+        Register::R13 => &mut regs.r13,
+        Register::R14 => &mut regs.r14,
+        Register::R15 => &mut regs.r15,
+        _ => return false,
+    };
+    *slot = match r {
+        Register::AH | Register::CH | Register::DH | Register::BH => {
+            (*slot & !0xff00) | ((val & 0xff) << 8)
+        }
+        _ => match r.size() {
+            1 => (*slot & !0xff) | (val & 0xff),
+            2 => (*slot & !0xffff) | (val & 0xffff),
+            4 => val & 0xffff_ffff,
+            _ => val,
+        },
+    };
+    true
+}
+
+/// The linear address of memory operand `op`.
+fn operand_address(
+    regs: &kvm_regs,
+    s: &kvm_sregs,
+    insn: &Instruction,
+    op: u32,
+) -> Result<u64, Fixup> {
+    let seg_base = |seg: Register| match seg {
+        Register::FS => s.fs.base,
+        Register::GS => s.gs.base,
+        Register::ES if !is_64bit(s) => s.es.base,
+        Register::CS if !is_64bit(s) => s.cs.base,
+        Register::SS if !is_64bit(s) => s.ss.base,
+        Register::DS if !is_64bit(s) => s.ds.base,
+        _ => 0,
+    };
+    let ea = insn
+        .virtual_address(op, 0, |reg, _, _| match reg {
+            Register::ES
+            | Register::CS
+            | Register::SS
+            | Register::DS
+            | Register::FS
+            | Register::GS => Some(seg_base(reg)),
+            r => gpr_read(regs, r),
+        })
+        .ok_or_else(|| Fixup::Unhandled("memory operand".into()))?;
+    Ok(if is_64bit(s) { ea } else { ea & 0xffff_ffff })
+}
+
+/// Writes `data` to memory operand `op`.
+fn write_operand(
+    mem: &dyn PhysMem,
+    regs: &kvm_regs,
+    s: &kvm_sregs,
+    insn: &Instruction,
+    op: u32,
+    data: &[u8],
+) -> Result<(), Fixup> {
+    if insn.op_kind(op) != OpKind::Memory {
+        return Err(Fixup::Unhandled("non-memory destination".into()));
+    }
+    let linear = operand_address(regs, s, insn, op)?;
+    let acc = Access {
+        write: true,
+        user: cpl(s) == 3,
+    };
+    write_linear(mem, &Paging::from_sregs(s), linear, data, acc).map_err(Fixup::PageFault)
+}
+
+/// The value of source operand `op` (a register or memory) of `size` bytes.
+fn read_operand(
+    mem: &dyn PhysMem,
+    regs: &kvm_regs,
+    s: &kvm_sregs,
+    insn: &Instruction,
+    op: u32,
+    size: usize,
+) -> Result<u64, Fixup> {
+    match insn.op_kind(op) {
+        OpKind::Register => gpr_read(regs, insn.op_register(op)).ok_or_else(|| {
+            Fixup::Unhandled(format!("register operand {:?}", insn.op_register(op)))
+        }),
+        OpKind::Memory => {
+            let linear = operand_address(regs, s, insn, op)?;
+            let mut b = [0u8; 8];
+            let user = cpl(s) == 3;
+            read_linear(
+                mem,
+                &Paging::from_sregs(s),
+                linear,
+                &mut b[..size],
+                Access { write: false, user },
+            )
+            .map_err(Fixup::PageFault)?;
+            Ok(u64::from_le_bytes(b))
+        }
+        k => Err(Fixup::Unhandled(format!("operand kind {k:?}"))),
+    }
+}
+
+/// popcnt, lzcnt, tzcnt: count bits of the source into the destination
+/// register and set ZF/CF as the CPU does.
+fn bit_count(
+    mem: &dyn PhysMem,
+    regs: &mut kvm_regs,
+    s: &kvm_sregs,
+    insn: &Instruction,
+) -> Result<(), Fixup> {
+    let dst = insn.op0_register();
+    let size = dst.size();
+    let bits = (size * 8) as u32;
+    let src = read_operand(mem, regs, s, insn, 1, size)?;
+    let (val, cf, zf) = match insn.mnemonic() {
+        Mnemonic::Popcnt => (u64::from(src.count_ones()), false, src == 0),
+        Mnemonic::Lzcnt => {
+            let n = if src == 0 {
+                bits
+            } else {
+                src.leading_zeros() - (64 - bits)
+            };
+            (u64::from(n), src == 0, n == 0)
+        }
+        _ => {
+            let n = if src == 0 { bits } else { src.trailing_zeros() };
+            (u64::from(n), src == 0, n == 0)
+        }
+    };
+    gpr_write(regs, dst, val);
+    // CF (0), PF (2), AF (4), ZF (6), SF (7), OF (11): popcnt clears all but
+    // ZF; lzcnt/tzcnt define CF and ZF and leave the others undefined (we clear).
+    regs.rflags &= !((1 << 0) | (1 << 2) | (1 << 4) | (1 << 6) | (1 << 7) | (1 << 11));
+    regs.rflags |= u64::from(cf) | (u64::from(zf) << 6);
+    Ok(())
 }
 
 /// The checks the CPU makes before delivering `int n`: the vector within
@@ -797,6 +1068,15 @@ mod tests {
         fn xcr0(&self) -> u64 {
             3
         }
+        fn fpu_status(&self) -> u16 {
+            0
+        }
+        fn mxcsr(&self) -> u32 {
+            0x1f80
+        }
+        fn set_mxcsr(&self, v: u32) -> bool {
+            v == 0x1f80
+        }
     }
 
     /// 4-level tables mapping `va` -> `pa` with 4 KiB pages.
@@ -1092,6 +1372,123 @@ mod tests {
         r.rip = 0x1000;
         assert_eq!(fixup(&m, &Env, &mut r, &mut s), Fixup::Resume);
         assert_eq!((r.rax, r.rdx, r.rcx, r.rip), (0x2345_6789, 1, 7, 0x1003));
+    }
+
+    #[test]
+    fn fixup_clac_stac_flip_ac_in_ring0_ud_in_ring3() {
+        let m = Mem::default();
+        m.write(0x1000, &[0x0f, 0x01, 0xcb, 0x0f, 0x01, 0xca]); // stac; clac
+        let (mut r, mut s) = flat32();
+        r.rip = 0x1000;
+        assert_eq!(fixup(&m, &Env, &mut r, &mut s), Fixup::Resume);
+        assert_ne!(r.rflags & RFLAGS_AC, 0);
+        assert_eq!(fixup(&m, &Env, &mut r, &mut s), Fixup::Resume);
+        assert_eq!(r.rflags & RFLAGS_AC, 0);
+        assert_eq!(r.rip, 0x1006);
+        s.ss.dpl = 3;
+        r.rip = 0x1000;
+        assert_eq!(
+            fixup(&m, &Env, &mut r, &mut s),
+            Fixup::Exception {
+                vector: UD,
+                error_code: None
+            }
+        );
+    }
+
+    #[test]
+    fn fixup_popcnt_register_and_memory_operands() {
+        let m = Mem::default();
+        // popcnt %rdi,%rax (f3 48 0f b8 c7); popcnt (%rbx),%ecx (f3 0f b8 0b) in 64-bit mode.
+        m.write(
+            0x1000,
+            &[0xf3, 0x48, 0x0f, 0xb8, 0xc7, 0xf3, 0x0f, 0xb8, 0x0b],
+        );
+        m.write(0x2000, &0x0f0fu32.to_le_bytes());
+        let (mut r, mut s) = flat32();
+        s.efer = EFER_LMA;
+        s.cs.l = 1;
+        r.rip = 0x1000;
+        r.rdi = 0xff00_0000_0000_0001;
+        r.rax = u64::MAX;
+        r.rbx = 0x2000;
+        r.rcx = u64::MAX;
+        assert_eq!(fixup(&m, &Env, &mut r, &mut s), Fixup::Resume);
+        assert_eq!((r.rax, r.rip), (9, 0x1005));
+        assert_eq!(fixup(&m, &Env, &mut r, &mut s), Fixup::Resume);
+        assert_eq!(r.rcx, 8, "32-bit destination zero-extends");
+        assert_eq!(r.rflags & (1 << 6), 0);
+    }
+
+    #[test]
+    fn fixup_tzcnt_zero_source_sets_cf_and_width() {
+        let m = Mem::default();
+        m.write(0x1000, &[0xf3, 0x0f, 0xbc, 0xc3]); // tzcnt %ebx,%eax
+        let (mut r, mut s) = flat32();
+        r.rip = 0x1000;
+        r.rbx = 0;
+        assert_eq!(fixup(&m, &Env, &mut r, &mut s), Fixup::Resume);
+        assert_eq!(r.rax, 32);
+        assert_eq!(r.rflags & 1, 1);
+    }
+
+    #[test]
+    fn gpr_write_width_rules() {
+        let mut r = kvm_regs {
+            rax: u64::MAX,
+            ..Default::default()
+        };
+        gpr_write(&mut r, Register::AH, 0x12);
+        assert_eq!(r.rax, 0xffff_ffff_ffff_12ff);
+        gpr_write(&mut r, Register::AX, 0x3456);
+        assert_eq!(r.rax, 0xffff_ffff_ffff_3456);
+        gpr_write(&mut r, Register::EAX, 7);
+        assert_eq!(r.rax, 7);
+        assert_eq!(gpr_read(&r, Register::AL), Some(7));
+    }
+
+    #[test]
+    fn fixup_fwait_nop_unless_ts_and_mp() {
+        let m = Mem::default();
+        m.write(0x1000, &[0x9b]);
+        let (mut r, mut s) = flat32();
+        r.rip = 0x1000;
+        assert_eq!(fixup(&m, &Env, &mut r, &mut s), Fixup::Resume);
+        assert_eq!(r.rip, 0x1001);
+        r.rip = 0x1000;
+        s.cr0 |= 0xa;
+        assert_eq!(
+            fixup(&m, &Env, &mut r, &mut s),
+            Fixup::Exception {
+                vector: NM,
+                error_code: None
+            }
+        );
+    }
+
+    #[test]
+    fn fixup_ldmxcsr_loads_and_rejects_reserved_bits_stmxcsr_stores() {
+        let m = Mem::default();
+        // ldmxcsr (%rax); stmxcsr 8(%rax) in 32-bit mode.
+        m.write(0x1000, &[0x0f, 0xae, 0x10, 0x0f, 0xae, 0x58, 0x08]);
+        m.write(0x3000, &0x1f80u32.to_le_bytes());
+        let (mut r, mut s) = flat32();
+        r.rip = 0x1000;
+        r.rax = 0x3000;
+        assert_eq!(fixup(&m, &Env, &mut r, &mut s), Fixup::Resume);
+        assert_eq!(fixup(&m, &Env, &mut r, &mut s), Fixup::Resume);
+        let mut b = [0u8; 4];
+        assert!(m.read(0x3008, &mut b));
+        assert_eq!(u32::from_le_bytes(b), 0x1f80);
+        m.write(0x3000, &0x1_0000u32.to_le_bytes());
+        r.rip = 0x1000;
+        assert_eq!(
+            fixup(&m, &Env, &mut r, &mut s),
+            Fixup::Exception {
+                vector: GP,
+                error_code: Some(0)
+            }
+        );
     }
 
     #[test]
