@@ -271,6 +271,24 @@ pub mod gnttabop {
     pub const GNTST_BAD_DOMAIN: i16 = xen_abi::GNTST_bad_domain as i16;
     pub const GNTST_BAD_VIRT_ADDR: i16 = xen_abi::GNTST_bad_virt_addr as i16;
     pub const GNTST_PERMISSION_DENIED: i16 = xen_abi::GNTST_permission_denied as i16;
+    pub const GNTST_BAD_GNTREF: i16 = xen_abi::GNTST_bad_gntref as i16;
+    pub const GNTST_BAD_HANDLE: i16 = xen_abi::GNTST_bad_handle as i16;
+    pub const GNTST_NO_DEVICE_SPACE: i16 = xen_abi::GNTST_no_device_space as i16;
+    pub const GNTST_BAD_PAGE: i16 = xen_abi::GNTST_bad_page as i16;
+    pub const GNTST_BAD_COPY_ARG: i16 = xen_abi::GNTST_bad_copy_arg as i16;
+    pub const GET_STATUS_FRAMES: u32 = xen_abi::GNTTABOP_get_status_frames as u32;
+
+    pub const GTF_PERMIT_ACCESS: u16 = xen_abi::GTF_permit_access as u16;
+    pub const GTF_TRANSITIVE: u16 = xen_abi::GTF_transitive as u16;
+    pub const GTF_TYPE_MASK: u16 = xen_abi::GTF_type_mask as u16;
+    pub const GTF_READONLY: u16 = xen_abi::GTF_readonly as u16;
+    pub const GTF_READING: u16 = xen_abi::GTF_reading as u16;
+    pub const GTF_WRITING: u16 = xen_abi::GTF_writing as u16;
+    pub const GTF_SUB_PAGE: u16 = xen_abi::GTF_sub_page as u16;
+    pub const GNTCOPY_SOURCE_GREF: u16 = xen_abi::GNTCOPY_source_gref as u16;
+    pub const GNTCOPY_DEST_GREF: u16 = xen_abi::GNTCOPY_dest_gref as u16;
+    /// `GNTTAB_NR_RESERVED_ENTRIES`.
+    pub const NR_RESERVED_ENTRIES: u32 = 8;
 
     /// `INITIAL_NR_GRANT_FRAMES`.
     pub const INITIAL_FRAMES: u32 = 1;
@@ -408,6 +426,13 @@ const _: () = {
     size!(gnttab_query_size, 16, 16);
     size!(gnttab_set_version, 4, 4);
     size!(gnttab_get_version, 8, 8);
+    size!(gnttab_get_status_frames, 16, 12);
+    size!(gnttab_copy, 40, 24);
+    size!(grant_entry_v1, 8, 8);
+    size!(grant_entry_v2, 16, 16);
+    size!(xen_memory_reservation, 32, 20);
+    size!(xen_remove_from_physmap, 16, 8);
+    size!(sched_watchdog, 8, 8);
     size!(xen_vnuma_topology_info, 40, 40);
     assert!(size_of::<n::xen_compile_info>() == 144);
     assert!(offset_of!(n::xen_add_to_physmap, space) == 4);
@@ -444,6 +469,33 @@ const _: () = {
     assert!(offset_of!(n::gnttab_query_size, max_nr_frames) == 8);
     assert!(offset_of!(n::gnttab_query_size, status) == 12);
     assert!(offset_of!(n::gnttab_get_version, version) == 4);
+    assert!(offset_of!(n::gnttab_get_status_frames, dom) == 4);
+    assert!(offset_of!(n::gnttab_get_status_frames, status) == 6);
+    assert!(offset_of!(n::gnttab_get_status_frames, frame_list) == 8);
+    assert!(offset_of!(c::gnttab_get_status_frames, frame_list) == 8);
+    assert!(offset_of!(n::gnttab_copy, dest) == 16);
+    assert!(offset_of!(n::gnttab_copy, len) == 32);
+    assert!(offset_of!(n::gnttab_copy, flags) == 34);
+    assert!(offset_of!(n::gnttab_copy, status) == 36);
+    assert!(offset_of!(c::gnttab_copy, dest) == 8);
+    assert!(offset_of!(c::gnttab_copy, len) == 16);
+    assert!(offset_of!(c::gnttab_copy, status) == 20);
+    assert!(offset_of!(n::gnttab_copy_gnttab_copy_ptr, domid) == 8);
+    assert!(offset_of!(n::gnttab_copy_gnttab_copy_ptr, offset) == 10);
+    assert!(offset_of!(c::gnttab_copy_gnttab_copy_ptr, domid) == 4);
+    assert!(offset_of!(c::gnttab_copy_gnttab_copy_ptr, offset) == 6);
+    assert!(offset_of!(n::grant_entry_v1, domid) == 2);
+    assert!(offset_of!(n::grant_entry_v1, frame) == 4);
+    assert!(offset_of!(n::xen_memory_reservation, nr_extents) == 8);
+    assert!(offset_of!(n::xen_memory_reservation, extent_order) == 16);
+    assert!(offset_of!(n::xen_memory_reservation, mem_flags) == 20);
+    assert!(offset_of!(n::xen_memory_reservation, domid) == 24);
+    assert!(offset_of!(c::xen_memory_reservation, nr_extents) == 4);
+    assert!(offset_of!(c::xen_memory_reservation, extent_order) == 8);
+    assert!(offset_of!(c::xen_memory_reservation, mem_flags) == 12);
+    assert!(offset_of!(c::xen_memory_reservation, domid) == 16);
+    assert!(offset_of!(n::xen_remove_from_physmap, gpfn) == 8);
+    assert!(offset_of!(c::xen_remove_from_physmap, gpfn) == 4);
     assert!(offset_of!(n::vcpu_register_vcpu_info, offset) == 8);
     assert!(offset_of!(n::vcpu_time_info, flags) == shinfo::T_SHIFT_FLAGS + 1);
     assert!(size_of::<c::vcpu_info>() == shinfo::VCPU_INFO_LEN);

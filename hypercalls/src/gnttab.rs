@@ -1,27 +1,68 @@
-//! The grant table (version 1): shared frames owned by the domain, placed by the guest with
-//! `XENMEM_add_to_physmap(XENMAPSPACE_grant_table)`, and the `GNTTABOP_*` an HVM guest may use.
+//! The grant table: shared frames (and, in version 2, status frames) owned by the domain,
+//! placed by the guest with `XENMEM_add_to_physmap(XENMAPSPACE_grant_table)`, and the
+//! `GNTTABOP_*` an HVM guest may use. Entry access, pins and the dom0-side API are in
+//! `grant_access`.
 //!
 //! Frames are pages from [`Platform::new_shared_page`](crate::Platform::new_shared_page); the
 //! table starts with one frame (`INITIAL_NR_GRANT_FRAMES`) and grows on demand up to
-//! `max_grant_frames`, as Xen's `gnttab_grow_table`. `setup_table` reports each frame's
-//! current GFN (`INVALID_GFN` while unplaced), as Xen's `gnttab_shared_gfn` does for HVM.
+//! `max_grant_frames`, as Xen's `gnttab_grow_table`. `setup_table` and `get_status_frames`
+//! report each frame's current GFN (`INVALID_GFN` while unplaced), as Xen's
+//! `gnttab_shared_gfn`/`gnttab_status_gfn` do for HVM.
 //!
-//! Version 2 is refused the way a Xen with `max_grant_version = 1` refuses it (`-ENOSYS`).
-//! TODO(issue 5): v2 and status frames, `GNTTABOP_copy`, and the dom0-side map/copy API.
+//! Versions (`gnttab_set_version`, Xen's default `max_grant_version` 2): v1 entries are
+//! 8 bytes `{flags, domid, frame u32}` (512 per frame) with GTF_reading/GTF_writing in `flags`;
+//! v2 entries are 16 bytes `{flags, domid, union}` (256 per frame) with a separate `u16` status
+//! per entry in status frames (2048 per frame, `ceil(frames / 8)` of them). Switching is
+//! refused (`-EBUSY`) while a grant other than the 8 reserved ones is pinned; the reserved
+//! entries are carried over in the new format, every other entry is cleared; going back to v1
+//! refuses (`-ERANGE`) a reserved v2 entry v1 cannot express, and unplaces the status frames.
+//!
+//! `GNTTABOP_copy` works as Xen's for a domU: its own frames (`DOMID_SELF`, by GFN) and grants
+//! its own table gives to itself; any other grant domain has no entries it could use
+//! (`GNTST_bad_gntref` for dom0, `GNTST_bad_domain` for others). At most
+//! [`COPY_BATCH`] operations run per call; when more remain the call returns how many (Xen's
+//! value before it sets up a continuation; xenkvm has no continuations).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::abi::{get_u16, get_u32, gnttabop, put_u16, put_u32};
+use crate::abi::{get_u16, get_u32, gnttabop, put_u16, put_u32, xenmem};
 use crate::domain::{Ctx, Domain, Lookup};
 use crate::errno::Errno;
 use crate::platform::{OverlayId, Platform};
 use crate::shared::SharedPage;
 use crate::Error;
 
+/// `GNTTABOP_copy` operations handled per hypercall.
+pub(crate) const COPY_BATCH: u32 = 512;
+
+/// Pins of one grant (`struct active_grant_entry`): the grant is in use while either count
+/// is non-zero, and its frame and range are the ones seen at the first pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Active {
+    pub readers: u32,
+    pub writers: u32,
+    pub gfn: u64,
+    pub start: u16,
+    pub len: u16,
+}
+
+/// A mapping the dom0 side holds (`maptrack` entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MapEntry {
+    pub gref: u32,
+    pub readonly: bool,
+}
+
 pub(crate) struct GrantTable {
     pub version: u32,
     pub max_frames: u32,
     pub frames: Vec<Arc<dyn SharedPage>>,
+    /// Status frames (version 2 only; empty under v1).
+    pub status: Vec<Arc<dyn SharedPage>>,
+    pub active: BTreeMap<u32, Active>,
+    pub maps: BTreeMap<u32, MapEntry>,
+    pub next_handle: u32,
 }
 
 impl GrantTable {
@@ -30,17 +71,35 @@ impl GrantTable {
             version: 1,
             max_frames,
             frames: Vec::new(),
+            status: Vec::new(),
+            active: BTreeMap::new(),
+            maps: BTreeMap::new(),
+            next_handle: 0,
         };
         gt.grow(p, gnttabop::INITIAL_FRAMES)
             .map_err(Error::PageAllocation)?;
         Ok(gt)
     }
 
-    /// `gnttab_grow_table`: allocate frames up to `n` (the caller checked `n <= max_frames`).
+    /// `gnttab_grow_table`: allocate frames up to `n` (the caller checked `n <= max_frames`),
+    /// and under v2 the status frames they need.
     pub fn grow(&mut self, p: &dyn Platform, n: u32) -> Result<(), Errno> {
         while (self.frames.len() as u32) < n {
             let page = p.new_shared_page().map_err(|_| Errno::ENOMEM)?;
             self.frames.push(page);
+        }
+        if self.version == 2 {
+            self.populate_status(p)?;
+        }
+        Ok(())
+    }
+
+    /// `gnttab_populate_status_frames` for the current number of shared frames.
+    pub fn populate_status(&mut self, p: &dyn Platform) -> Result<(), Errno> {
+        let want = status_frames_for(self.nr_frames());
+        while (self.status.len() as u32) < want {
+            let page = p.new_shared_page().map_err(|_| Errno::ENOMEM)?;
+            self.status.push(page);
         }
         Ok(())
     }
@@ -48,6 +107,15 @@ impl GrantTable {
     pub fn nr_frames(&self) -> u32 {
         self.frames.len() as u32
     }
+
+    pub fn nr_status_frames(&self) -> u32 {
+        self.status.len() as u32
+    }
+}
+
+/// `grant_to_status_frames`: 256 v2 entries per shared frame, 2048 statuses per status frame.
+pub(crate) fn status_frames_for(grant_frames: u32) -> u32 {
+    grant_frames.div_ceil(8)
 }
 
 const INVALID_GFN_64: u64 = u64::MAX;
@@ -81,7 +149,10 @@ impl Domain {
             gnttabop::SETUP_TABLE => self.gnttab_setup_table(ctx, uop, count),
             gnttabop::SET_VERSION => self.gnttab_set_version(ctx, uop),
             gnttabop::GET_VERSION => self.gnttab_get_version(ctx, uop),
-            // TODO(issue 5): copy (for dom0-side services), map/unmap/swap of own grants.
+            gnttabop::COPY => self.gnttab_copy(ctx, uop, count),
+            // map/unmap/swap of other domains' grants: not offered to a domU here.
+            // (GNTTABOP_get_status_frames is not in hvm_grant_table_op's list either: an HVM
+            // guest maps status frames with XENMAPIDX_grant_table_status.)
             _ => Err(Errno::ENOSYS),
         }
     }
@@ -177,19 +248,87 @@ impl Domain {
         status
     }
 
-    /// `gnttab_set_version`: v1 only; the current version is written back in every case.
+    /// `gnttab_set_version`; the current version is written back in every case.
     fn gnttab_set_version(&self, ctx: &Ctx, uop: u64) -> Result<i64, Errno> {
         let b: [u8; 4] = ctx.g.read_arr(uop)?;
         let want = get_u32(&b, 0);
         let res = match want {
-            1 => Ok(0),
-            // max_grant_version == 1: "Behave as before set_version was introduced."
-            2 => Err(Errno::ENOSYS),
+            1 | 2 => self.set_version(want),
             _ => Err(Errno::EINVAL),
         };
         let cur = self.gnttab.lock().version;
         ctx.g.write(uop, &cur.to_le_bytes())?;
-        res
+        res.map(|()| 0)
+    }
+
+    /// Switch the table to version `want` (1 or 2) as Xen does; see the module doc.
+    pub(crate) fn set_version(&self, want: u32) -> Result<(), Errno> {
+        let mut gt = self.gnttab.lock();
+        if gt.version == want {
+            return Ok(());
+        }
+        let reserved = gnttabop::NR_RESERVED_ENTRIES;
+        if gt
+            .active
+            .iter()
+            .any(|(&r, a)| r >= reserved && a.readers + a.writers != 0)
+        {
+            return Err(Errno::EBUSY);
+        }
+        if gt.version == 1 {
+            // Allocated before anything changes, so a failure leaves v1 intact.
+            let mut staged = Vec::new();
+            for _ in gt.nr_status_frames()..status_frames_for(gt.nr_frames()) {
+                staged.push(self.platform.new_shared_page().map_err(|_| Errno::ENOMEM)?);
+            }
+            gt.status.extend(staged);
+        } else {
+            for r in 0..reserved {
+                let e = crate::grant_access::read_entry(&gt, r);
+                let ty = e.flags & gnttabop::GTF_TYPE_MASK;
+                if ty == gnttabop::GTF_TRANSITIVE
+                    || (ty == gnttabop::GTF_PERMIT_ACCESS && e.frame >> 32 != 0)
+                {
+                    return Err(Errno::ERANGE);
+                }
+            }
+        }
+        // The reserved entries in v1 form (flags with the status bits folded in).
+        let saved: Vec<crate::grant_access::Entry> = (0..reserved)
+            .map(|r| {
+                let mut e = crate::grant_access::read_entry(&gt, r);
+                if gt.version == 2 {
+                    if e.flags & gnttabop::GTF_TYPE_MASK == gnttabop::GTF_PERMIT_ACCESS {
+                        e.flags |= crate::grant_access::status_bits(&gt, r);
+                    } else {
+                        e = crate::grant_access::Entry::default();
+                    }
+                }
+                e
+            })
+            .collect();
+        if gt.version == 2 {
+            // gnttab_unpopulate_status_frames: out of the guest's physmap, then freed.
+            let n = gt.nr_status_frames();
+            let mut map = self.physmap.lock();
+            for i in 0..n {
+                let id = OverlayId::GrantStatus(i);
+                if map.remove(&id).is_some() {
+                    if let Err(e) = self.platform.unplace_overlay(id) {
+                        tracing::warn!(%e, i, "cannot unplace a grant status frame");
+                    }
+                }
+            }
+            gt.status.clear();
+        }
+        for f in &gt.frames {
+            f.write(0, &[0u8; crate::abi::PAGE_SIZE]);
+        }
+        gt.version = want;
+        for (r, e) in (0..reserved).zip(saved) {
+            crate::grant_access::write_entry(&gt, r, &e);
+        }
+        Ok(())
     }
 
     /// `gnttab_get_version` `{dom u16, pad u16, version u32}`.
@@ -201,11 +340,27 @@ impl Domain {
         Ok(0)
     }
 
-    /// `gnttab_map_frame_begin` + placement, for `XENMAPSPACE_grant_table`.
+    /// `gnttab_map_frame` + placement, for `XENMAPSPACE_grant_table`: a shared frame, or under
+    /// v2 with `XENMAPIDX_grant_table_status` a status frame. Either grows the table on demand.
     pub(crate) fn map_grant_frame(&self, idx: u64, gfn: crate::types::Gfn) -> Result<(), Errno> {
         let mut gt = self.gnttab.lock();
-        // v1 has no status frames: the index is a shared frame index (truncated to unsigned
-        // int as in gnttab_get_shared_frame_mfn).
+        if gt.version == 2 && idx & xenmem::MAPIDX_GRANT_TABLE_STATUS != 0 {
+            let idx = idx & !xenmem::MAPIDX_GRANT_TABLE_STATUS;
+            if idx >= u64::from(gt.nr_status_frames()) {
+                // gnttab_get_status_frame_mfn: enough grant frames to make idx valid.
+                let nr_status = u32::try_from(idx + 1).map_err(|_| Errno::EINVAL)?;
+                let nr_grant = nr_status.checked_mul(8).ok_or(Errno::EINVAL)?;
+                if nr_grant <= gt.max_frames {
+                    let _ = gt.grow(&*self.platform, nr_grant);
+                }
+                if idx >= u64::from(gt.nr_status_frames()) {
+                    return Err(Errno::EINVAL);
+                }
+            }
+            let page = gt.status[idx as usize].clone();
+            return self.place(OverlayId::GrantStatus(idx as u32), &page, gfn);
+        }
+        // A shared frame index (truncated to unsigned int as in gnttab_get_shared_frame_mfn).
         let idx = idx as u32;
         if idx >= gt.nr_frames() {
             let want = idx.checked_add(1).ok_or(Errno::EINVAL)?;

@@ -23,6 +23,7 @@ mod errno;
 mod evtchn;
 mod evtchn_fifo;
 mod gnttab;
+mod grant_access;
 mod guest;
 mod hvm;
 mod memory;
@@ -37,6 +38,7 @@ mod version;
 
 pub use domain::{CallbackVia, Domain, DomainConfig};
 pub use errno::Errno;
+pub use grant_access::GrantMapping;
 pub use guest::{MemFault, VcpuAccess};
 pub use platform::{E820Entry, GuestTime, OverlayId, Platform, RunstateAreaSpec, RunstateInfo};
 pub use shared::{SharedPage, VecPage};
@@ -61,4 +63,9 @@ pub enum Error {
     /// An event channel operation the VMM asked for failed.
     #[error("event channel operation failed (Xen errno {0})")]
     Evtchn(Errno),
+    /// A dom0-side grant operation failed with this `GNTST_*` status (-1 general error, -2 bad
+    /// domain, -3 bad grant reference, -4 bad handle, -7 no space, -9 bad page, -10 bad copy
+    /// argument).
+    #[error("grant operation failed (GNTST {0})")]
+    Grant(i16),
 }

@@ -19,6 +19,9 @@ pub enum OverlayId {
     SharedInfo,
     /// Grant table shared frame `n` (`XENMAPSPACE_grant_table`, idx n).
     GrantFrame(u32),
+    /// Grant table v2 status frame `n` (`XENMAPSPACE_grant_table`,
+    /// idx `n | XENMAPIDX_grant_table_status`).
+    GrantStatus(u32),
 }
 
 /// One entry of the guest's E820 memory map (`struct e820entry`).
@@ -129,5 +132,14 @@ pub trait Platform: Send + Sync {
     /// The default does nothing, so watchdogs never fire: the VMM overrides it.
     fn set_watchdog(&self, id: u32, deadline_ns: Option<u64>) {
         let _ = (id, deadline_ns);
+    }
+
+    /// Take overlay `id` out of the guest-physical space: the GFN it occupied gets its RAM
+    /// page back (`XENMEM_remove_from_physmap` of an overlay; status frames dropped when the
+    /// grant table goes back to v1). The domain has already forgotten where it was.
+    /// The default refuses (`-EOPNOTSUPP`): the VMM overrides it.
+    fn unplace_overlay(&self, id: OverlayId) -> Result<(), Errno> {
+        let _ = id;
+        Err(Errno::EOPNOTSUPP)
     }
 }

@@ -167,6 +167,9 @@ pub enum Call {
     Nmi(u32),
     Runstate(u32, Option<RunstateAreaSpec>),
     Watchdog(u32, Option<u64>),
+    Unplace(OverlayId),
+    Release(Vec<u64>),
+    Populate(Vec<u64>),
 }
 
 /// A VMM stand-in: in-memory pages, a settable clock, an E820 map, and a call log.
@@ -344,5 +347,9 @@ impl Platform for FakePlatform {
     }
     fn set_watchdog(&self, id: u32, deadline_ns: Option<u64>) {
         self.log(Call::Watchdog(id, deadline_ns));
+    }
+    fn unplace_overlay(&self, id: OverlayId) -> Result<(), Errno> {
+        self.log(Call::Unplace(id));
+        Ok(())
     }
 }
