@@ -87,6 +87,9 @@ pub struct Machine {
     pub run_since: Vec<AtomicU64>,
     /// Per vCPU: the monitor kicked it for staying in KVM_RUN too long.
     pub stall_kicked: Vec<AtomicBool>,
+    /// Per vCPU: it has run guest code (vCPU 0 from the start, APs after
+    /// INIT/SIPI). The monitor leaves APs that wait for SIPI alone.
+    pub started: Vec<AtomicBool>,
     /// Per vCPU: its thread (`pthread_t`), for kicks; 0 until it starts.
     pub threads: Vec<AtomicU64>,
     pub xen: Xen,
@@ -119,6 +122,7 @@ impl Machine {
             run_since: (0..cfg.vcpus).map(|_| AtomicU64::new(0)).collect(),
             stall_kicked: (0..cfg.vcpus).map(|_| AtomicBool::new(false)).collect(),
             threads: (0..cfg.vcpus).map(|_| AtomicU64::new(0)).collect(),
+            started: (0..cfg.vcpus).map(|i| AtomicBool::new(i == 0)).collect(),
             stopping: AtomicBool::new(false),
             exit: Mutex::new(None),
             exit_cv: Condvar::new(),
@@ -189,7 +193,8 @@ impl Machine {
                     let t = m.threads[i].load(Ordering::Relaxed);
                     // Kick on every tick while it stays stuck: a kick that lands
                     // just before the thread enters KVM_RUN is otherwise lost.
-                    if s != 0 && t != 0 && now.saturating_sub(s) > stall {
+                    let up = m.started[i].load(Ordering::Acquire);
+                    if up && s != 0 && t != 0 && now.saturating_sub(s) > stall {
                         m.stall_kicked[i].store(true, Ordering::Release);
                         // SAFETY: `t` is the pthread_t of a vCPU thread of this
                         // machine; the threads are joined only after the monitor

@@ -102,6 +102,7 @@ fn main() -> ExitCode {
                 kernel: xenkvm::test_guest::TEST_GUEST_ELF.to_vec(),
                 cmdline: "demo".into(),
                 mem_mib: 64,
+                vcpus: 2,
                 timeout: Some(Duration::from_secs_f64(timeout)),
                 name: "demo".into(),
                 ..Default::default()

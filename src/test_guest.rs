@@ -43,6 +43,12 @@ pub mod bench_cmd {
     /// N `xen_version` calls through a copy of the hypercall stub on the stub page, which
     /// the guest places next to its stack (the hypercall page sits elsewhere).
     pub const STUB_XEN_VERSION: u32 = 4;
+    /// N event-channel round trips: vCPU 0 sends to a port bound to vCPU 1, whose
+    /// upcall handler sends back to vCPU 0 (needs 2 vCPUs).
+    pub const EVTCHN_ROUND_TRIP: u32 = 5;
+    /// N SCHEDOP_poll wake-ups: vCPU 1 polls, vCPU 0 sends; the result sums the
+    /// times from each send to the poll's return (needs 2 vCPUs).
+    pub const POLL_WAKEUP: u32 = 6;
 }
 
 /// The bench stub's `out` port; the VMM completes the stub's `ret` and does nothing else.

@@ -221,11 +221,14 @@ impl Vcpu {
             Ok(other) => decide(&Exit::Unexpected(format!("{other:?}")), self.id, &env),
             Err(e) => decide(&Exit::RunError(e.errno()), self.id, &env),
         };
-        let stopping = matches!(action, Action::Stop(_));
-        if first_exit && !stopping && !self.m.stopping() {
+        // Only a real exit proves the AP runs: a signal (a stop request, a
+        // kick) also interrupts an AP still waiting for INIT/SIPI.
+        let real_exit = !matches!(action, Action::Stop(_) | Action::Interrupted);
+        if first_exit && real_exit && !self.m.stopping() {
             // An AP leaves KVM_RUN only once INIT/SIPI started it (the in-kernel
             // LAPIC holds it until then): from here on it is up and running.
             self.started = true;
+            self.m.started[self.id as usize].store(true, Ordering::Release);
             if self.id != 0 {
                 self.m.xen.vcpu_started(self.id);
                 self.m.xen.runstate_transition(

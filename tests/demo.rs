@@ -8,23 +8,56 @@ fn demo_builtin_guest_all_checks_pass() {
     if !common::kvm_available("demo_builtin_guest_all_checks_pass") {
         return;
     }
-    let (out, took) = common::xenkvm(&["demo", "--timeout", "60"]);
+    let (out, took) = common::xenkvm_with_stdin(&["demo", "--timeout", "60"], b"typed line\n");
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}\n(took {:.2} s)", took.as_secs_f64());
     let checks: Vec<_> = stdout
         .lines()
         .filter(|l| l.starts_with("xenkvm-guest: check "))
         .collect();
-    assert!(
-        checks.len() >= 11,
-        "expected at least 11 checks, got {}",
-        checks.len()
-    );
+    for name in [
+        "cpuid",
+        "xen_version",
+        "shared_info",
+        "hvm_params",
+        "console_ring",
+        "xenstore",
+        "evtchn",
+        "grant_table",
+        "vcpu_op",
+        "traps",
+        "poll_timeout",
+        "runstate",
+        "smp",
+        "upcall",
+        "ipi_pingpong",
+        "virq_timer",
+        "poll_wakeup",
+        "grant_v2",
+        "xs_transaction",
+        "console_input",
+        "fifo",
+    ] {
+        assert!(
+            checks
+                .iter()
+                .any(|l| l.starts_with(&format!("xenkvm-guest: check {name} "))),
+            "the guest did not run the {name} check"
+        );
+    }
     let failed: Vec<_> = checks.iter().filter(|l| !l.contains(" ... ok")).collect();
     assert!(
         failed.is_empty(),
         "failed checks: {failed:#?}\nstderr: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("typed line"),
+        "the line typed on stdin did not reach the guest's PV console"
+    );
+    assert!(
+        !stdout.contains("skipped (1 vCPU)"),
+        "demo must run with 2 vCPUs"
     );
     assert_eq!(common::test_result(&stdout).as_deref(), Some("SUCCESS"));
     assert!(out.status.success(), "exit status {:?}", out.status);

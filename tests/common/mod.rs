@@ -43,6 +43,30 @@ pub fn xenkvm(args: &[&str]) -> (Output, Duration) {
     (out, t.elapsed())
 }
 
+/// Runs the xenkvm binary with `input` on its stdin (written after a short
+/// delay, as a person would type it).
+pub fn xenkvm_with_stdin(args: &[&str], input: &[u8]) -> (Output, Duration) {
+    use std::io::Write;
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xenkvm"))
+        .args(args)
+        .env("XENKVM_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot run the xenkvm binary");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().expect("xenkvm did not finish");
+    let _ = writer.join();
+    (out, t.elapsed())
+}
+
 /// The last `Test result: X` line of a guest's output.
 pub fn test_result(stdout: &str) -> Option<String> {
     stdout.lines().rev().find_map(|l| {
