@@ -111,7 +111,8 @@ pub(crate) struct Ctx<'a> {
 /// All domain state, shared by the vCPU threads and the VMM's event thread.
 ///
 /// Lock order (outer first; a thread holding one may take only those after it):
-/// `gnttab`, then `physmap`, then `evtchn`, then `vcpu_info` (read on delivery), then `timers`.
+/// `gnttab`, then `physmap`, then `balloon`, then `evtchn`, then `vcpu_info` (read on
+/// delivery), then `timers`.
 /// `timers` is never held while sending an event. `watchdogs` is a leaf. Platform methods other than
 /// `console_*`/`notify_backend` may be called under these locks (see [`Platform`]).
 pub struct Domain {
@@ -124,6 +125,8 @@ pub struct Domain {
     pub(crate) gnttab: Mutex<GrantTable>,
     /// Where each overlay currently sits in the guest-physical space.
     pub(crate) physmap: Mutex<BTreeMap<OverlayId, Gfn>>,
+    /// RAM the guest gave back (balloon), see `memory`.
+    pub(crate) balloon: Mutex<crate::memory::Balloon>,
     pub(crate) evtchn: Mutex<EvtchnTable>,
     pub(crate) vcpu_info: RwLock<Vec<Option<VcpuInfoMap>>>,
     pub(crate) timers: Mutex<Vec<VcpuTimers>>,
@@ -174,6 +177,7 @@ impl Domain {
             width_latched: AtomicBool::new(false),
             gnttab: Mutex::new(gnttab),
             physmap: Mutex::new(BTreeMap::new()),
+            balloon: Mutex::new(crate::memory::Balloon::default()),
             vcpu_info: RwLock::new(vec![None; n]),
             timers: Mutex::new(vec![VcpuTimers::default(); n]),
             watchdogs: Mutex::new([None; crate::sched::NR_WATCHDOGS]),

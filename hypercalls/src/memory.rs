@@ -1,15 +1,31 @@
 //! `memory_op` for an HVM domU: placing shared_info and grant frames
-//! (`XENMEM_add_to_physmap`), the memory map, and the reservation queries.
+//! (`XENMEM_add_to_physmap`), removing them (`remove_from_physmap`), the memory map, the
+//! reservation queries, and the balloon (`decrease_reservation`, `populate_physmap`,
+//! `increase_reservation`).
 //!
 //! The command word carries a continuation extent in its upper bits (`MEMOP_EXTENT_SHIFT`);
-//! the queries here reject a non-zero extent as Xen does. Balloon operations
-//! (`increase/decrease_reservation`, `populate_physmap`) and `remove_from_physmap` are
-//! issue 5's; until then they, like every other command, are `-ENOSYS`. `get_vnumainfo` is
-//! `-EOPNOTSUPP` (no vNUMA topology), as Xen answers a domain without one.
+//! the queries reject a non-zero extent as Xen does, the reservation operations start there.
+//! `get_vnumainfo` is `-EOPNOTSUPP` (no vNUMA topology), as Xen answers a domain without one.
+//!
+//! Balloon: RAM is the memory map's; a RAM frame the guest gives back (`decrease_reservation`,
+//! or `remove_from_physmap` of RAM) is released to the host ([`Platform::release_pages`]) and
+//! remembered as ballooned; `populate_physmap` brings frames back
+//! ([`Platform::populate_pages`]: fresh, zeroed RAM, even for a frame that was present, as
+//! Xen's new page is) within `max_pages`. As in Xen the reservation operations return the
+//! number of extents done and stop at the first they cannot do (a hole, a frame already given
+//! back, a fault); malformed arguments (too many extents, an order above 9, a domain other
+//! than itself) return the starting extent. Xen preempts long calls and continues them;
+//! xenkvm does at most [`MAX_EXTENTS_PER_CALL`] extents per call and returns the count done,
+//! which a guest sees as a short count (Linux's balloon asks for at most 512 at a time).
+//! An overlay at a frame being given back or populated is unplaced first.
+//!
+//! [`Platform::release_pages`]: crate::Platform::release_pages
+//! [`Platform::populate_pages`]: crate::Platform::populate_pages
 //!
 //! Deliberate difference: `XENMEM_maximum_ram_page` returns the guest's highest RAM frame + 1
 //! instead of the host's `max_page`, so no host detail leaks.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::abi::{self, get_u16, get_u32, get_u64, put_u32, xenmem};
@@ -21,6 +37,23 @@ use crate::types::Gfn;
 
 /// More entries than any real memory map has; bounds the copy-out loop.
 const MAX_E820_ENTRIES: usize = 128;
+
+/// Extents one reservation call handles (see the module doc).
+pub(crate) const MAX_EXTENTS_PER_CALL: u64 = 512;
+/// `max_order()` of a domU (`CONFIG_DOMU_MAX_ORDER`).
+const DOMU_MAX_ORDER: u32 = 9;
+/// `XENMEMF_populate_on_demand`, `XENMEMF_exact_node_request`, `XENMEMF_vnode`.
+const MEMF_POD: u32 = xen_abi::XENMEMF_populate_on_demand;
+const MEMF_EXACT_NODE: u32 = 1 << 17;
+const MEMF_VNODE: u32 = 1 << 18;
+
+/// The balloon's state: RAM frames given back, and pages `increase_reservation` added without
+/// a place in the physmap (an HVM guest's pages from that call are never mapped, as in Xen).
+#[derive(Debug, Default)]
+pub(crate) struct Balloon {
+    pub out: BTreeSet<u64>,
+    pub unmapped: u64,
+}
 
 impl Domain {
     /// `hvm_memory_op` + `do_memory_op`/`compat_memory_op` + `arch_memory_op`.
@@ -41,10 +74,8 @@ impl Domain {
                 let b: [u8; 2] = ctx.g.read_arr(arg)?;
                 self.target_self(get_u16(&b, 0))?;
                 Ok(match op {
-                    xenmem::CURRENT_RESERVATION => self.ram_pages(),
-                    xenmem::MAXIMUM_RESERVATION => {
-                        self.cfg.max_pages.unwrap_or_else(|| self.ram_pages())
-                    }
+                    xenmem::CURRENT_RESERVATION => self.tot_pages(),
+                    xenmem::MAXIMUM_RESERVATION => self.max_pages(),
                     _ => self.max_gpfn(),
                 } as i64)
             }
@@ -72,8 +103,15 @@ impl Domain {
                 self.target_self(get_u16(&b, 0))?;
                 Err(Errno::EOPNOTSUPP)
             }
-            // TODO(issue 5): balloon (increase/decrease_reservation, populate_physmap),
-            // remove_from_physmap.
+            xenmem::INCREASE_RESERVATION
+            | xenmem::DECREASE_RESERVATION
+            | xenmem::POPULATE_PHYSMAP => Ok(self.reservation(ctx, op, start_extent, arg) as i64),
+            xenmem::REMOVE_FROM_PHYSMAP => {
+                if start_extent != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                self.remove_from_physmap(ctx, arg).map(|()| 0)
+            }
             _ => Err(Errno::ENOSYS),
         }
     }
@@ -171,7 +209,18 @@ impl Domain {
             .filter(|e| e.kind == E820Entry::RAM)
     }
 
-    /// Pages of RAM in the memory map (`domain_tot_pages`).
+    /// `domain_tot_pages`: RAM in the memory map, less what the balloon gave back, plus pages
+    /// `increase_reservation` added.
+    fn tot_pages(&self) -> u64 {
+        let b = self.balloon.lock();
+        (self.ram_pages() - (b.out.len() as u64).min(self.ram_pages())).saturating_add(b.unmapped)
+    }
+
+    fn max_pages(&self) -> u64 {
+        self.cfg.max_pages.unwrap_or_else(|| self.ram_pages())
+    }
+
+    /// Pages of RAM in the memory map.
     fn ram_pages(&self) -> u64 {
         self.ram_entries()
             .map(|e| e.size >> abi::PAGE_SHIFT)
@@ -201,5 +250,199 @@ impl Domain {
             .max()
             .unwrap_or(0);
         ram.max(ov)
+    }
+}
+
+impl Domain {
+    /// `increase_reservation` / `decrease_reservation` / `populate_physmap`.
+    /// `xen_memory_reservation`: native `{extent_start u64, nr_extents u64 @8, extent_order
+    /// u32 @16, mem_flags u32 @20, domid u16 @24}`; compat `{u32, u32 @4, @8, @12, @16}`.
+    /// Returns the extent reached (the start for malformed arguments).
+    fn reservation(&self, ctx: &Ctx, op: u32, start: u64, arg: u64) -> u64 {
+        let compat = ctx.g.is_compat();
+        let mut b = [0u8; 32];
+        let len = if compat { 20 } else { 32 };
+        if ctx.g.read(arg, &mut b[..len]).is_err() {
+            return start;
+        }
+        let (list, nr, order, flags, dom) = if compat {
+            (
+                u64::from(get_u32(&b, 0)),
+                u64::from(get_u32(&b, 4)),
+                get_u32(&b, 8),
+                get_u32(&b, 12),
+                get_u16(&b, 16),
+            )
+        } else {
+            (
+                get_u64(&b, 0),
+                get_u64(&b, 8),
+                get_u32(&b, 16),
+                get_u32(&b, 20),
+                get_u16(&b, 24),
+            )
+        };
+        // "Is size too large for us to encode a continuation?"
+        if nr > u64::from(u32::MAX >> xenmem::MEMOP_EXTENT_SHIFT) || start >= nr {
+            return start;
+        }
+        // rcu_lock_domain_by_any_id + xsm_memory_adjust_reservation (XSM_TARGET).
+        if self.target_self(dom).is_err() {
+            return start;
+        }
+        // construct_memop_from_reservation: address bits within a page, or an exact node.
+        let bits = xen_abi::consts::xenmemf_get_address_bits(flags);
+        if bits != 0 && bits <= abi::PAGE_SHIFT {
+            return start;
+        }
+        let node = xen_abi::consts::xenmemf_get_node(flags);
+        if flags & MEMF_VNODE == 0 && node != 0xff && flags & MEMF_EXACT_NODE != 0 {
+            return start;
+        }
+        if order > DOMU_MAX_ORDER {
+            return start;
+        }
+        // Disallow populating PoD pages on oneself.
+        if op == xenmem::POPULATE_PHYSMAP && flags & MEMF_POD != 0 {
+            return start;
+        }
+        let end = nr.min(start.saturating_add(MAX_EXTENTS_PER_CALL));
+        let pages = 1u64 << order;
+        let mut i = start;
+        while i < end {
+            if op == xenmem::INCREASE_RESERVATION {
+                // Pages for an HVM guest that nothing maps: only accounted.
+                if self.tot_pages().saturating_add(pages) > self.max_pages() {
+                    break;
+                }
+                self.balloon.lock().unmapped += pages;
+                i += 1;
+                continue;
+            }
+            let elem = if compat { 4 } else { 8 };
+            let Ok(gfn) = ctx
+                .g
+                .elem_addr(list, i, elem)
+                .and_then(|a| ctx.g.read(a, &mut b[..elem as usize]))
+                .map(|()| {
+                    if compat {
+                        u64::from(get_u32(&b, 0))
+                    } else {
+                        get_u64(&b, 0)
+                    }
+                })
+            else {
+                break;
+            };
+            let ok = if op == xenmem::DECREASE_RESERVATION {
+                self.give_back(gfn, pages)
+            } else {
+                self.populate(gfn, pages)
+            };
+            if !ok {
+                break;
+            }
+            i += 1;
+        }
+        i
+    }
+
+    /// The frames of an extent, if it is aligned, inside the p2m, and all RAM.
+    fn extent(&self, gfn: u64, pages: u64) -> Option<Vec<Gfn>> {
+        if gfn % pages != 0 {
+            return None;
+        }
+        let last = gfn.checked_add(pages - 1)?;
+        Gfn::new(last)?;
+        // One RAM entry of the memory map holds the whole extent.
+        let (start, end) = (gfn << abi::PAGE_SHIFT, (last + 1) << abi::PAGE_SHIFT);
+        self.ram_entries()
+            .any(|e| start >= e.addr && end <= e.addr.saturating_add(e.size))
+            .then(|| (gfn..=last).filter_map(Gfn::new).collect())
+    }
+
+    /// Unplace any overlay sitting on one of `gfns` (the domain forgets it, the VMM unmaps it).
+    fn unplace_overlays_at(
+        &self,
+        map: &mut std::collections::BTreeMap<OverlayId, Gfn>,
+        gfns: &[Gfn],
+    ) {
+        let hit: Vec<OverlayId> = map
+            .iter()
+            .filter(|(_, g)| gfns.binary_search(g).is_ok())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in hit {
+            map.remove(&id);
+            if let Err(e) = self.platform.unplace_overlay(id) {
+                tracing::warn!(%e, ?id, "cannot unplace an overlay");
+            }
+        }
+    }
+
+    /// `guest_remove_page` for each frame of an extent: all must be present RAM.
+    fn give_back(&self, gfn: u64, pages: u64) -> bool {
+        let Some(frames) = self.extent(gfn, pages) else {
+            return false;
+        };
+        let mut map = self.physmap.lock();
+        let mut bal = self.balloon.lock();
+        if frames.iter().any(|g| bal.out.contains(&g.get())) {
+            return false;
+        }
+        self.unplace_overlays_at(&mut map, &frames);
+        bal.out.extend(frames.iter().map(|g| g.get()));
+        self.platform.release_pages(&frames);
+        true
+    }
+
+    /// `populate_physmap` of one extent: fresh RAM at every frame, within `max_pages`.
+    fn populate(&self, gfn: u64, pages: u64) -> bool {
+        let Some(frames) = self.extent(gfn, pages) else {
+            return false;
+        };
+        let mut map = self.physmap.lock();
+        // The new pages are allocated (within max_pages) before any old ones at these frames
+        // are freed, as alloc_domheap_pages runs before guest_physmap_add_page.
+        if self.tot_pages().saturating_add(pages) > self.max_pages() {
+            return false;
+        }
+        if self.platform.populate_pages(&frames).is_err() {
+            return false;
+        }
+        self.unplace_overlays_at(&mut map, &frames);
+        let mut bal = self.balloon.lock();
+        for g in &frames {
+            bal.out.remove(&g.get());
+        }
+        true
+    }
+
+    /// `XENMEM_remove_from_physmap` `{domid u16, gpfn xen_pfn_t @8 (compat: u32 @4)}`: an
+    /// overlay there is unplaced (the RAM under it comes back); a present RAM frame is given
+    /// back as by `decrease_reservation`; anything else is `-ENOENT`.
+    fn remove_from_physmap(&self, ctx: &Ctx, arg: u64) -> Result<(), Errno> {
+        let mut b = [0u8; 16];
+        let gpfn = if ctx.g.is_compat() {
+            ctx.g.read(arg, &mut b[..8])?;
+            u64::from(get_u32(&b, 4))
+        } else {
+            ctx.g.read(arg, &mut b)?;
+            get_u64(&b, 8)
+        };
+        self.target_self(get_u16(&b, 0))?;
+        let gfn = Gfn::new(gpfn).ok_or(Errno::ENOENT)?;
+        {
+            let mut map = self.physmap.lock();
+            if map.values().any(|g| *g == gfn) {
+                self.unplace_overlays_at(&mut map, &[gfn]);
+                return Ok(());
+            }
+        }
+        if self.give_back(gpfn, 1) {
+            Ok(())
+        } else {
+            Err(Errno::ENOENT)
+        }
     }
 }

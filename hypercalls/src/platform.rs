@@ -142,4 +142,21 @@ pub trait Platform: Send + Sync {
         let _ = id;
         Err(Errno::EOPNOTSUPP)
     }
+
+    /// The guest gave these RAM pages back (`XENMEM_decrease_reservation`,
+    /// `remove_from_physmap` of RAM): release their host memory (madvise) and tell the gpc.
+    /// Until they are populated again the guest must not use them; if it does, it may read
+    /// zeros. The default keeps the memory (nothing is freed): the VMM overrides it.
+    fn release_pages(&self, gfns: &[Gfn]) {
+        let _ = gfns;
+    }
+
+    /// The guest asks for RAM back at these frames (`XENMEM_populate_physmap`): they must be
+    /// usable, zeroed RAM afterwards. An error stops the operation at that extent (the guest
+    /// sees a short count). The default succeeds without touching the pages (matching the
+    /// default `release_pages`, which never freed them): the VMM overrides it.
+    fn populate_pages(&self, gfns: &[Gfn]) -> Result<(), Errno> {
+        let _ = gfns;
+        Ok(())
+    }
 }

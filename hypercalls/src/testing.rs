@@ -187,6 +187,8 @@ pub struct FakePlatform {
     pub page_budget: Mutex<usize>,
     /// What `runstate` reports.
     pub runstate: Mutex<RunstateInfo>,
+    /// `populate_pages` fails for a list containing this GFN.
+    pub populate_fails_at: Mutex<u64>,
 }
 
 impl Default for FakePlatform {
@@ -222,6 +224,7 @@ impl Default for FakePlatform {
             ram: Mutex::new(BTreeMap::new()),
             page_budget: Mutex::new(usize::MAX),
             runstate: Mutex::new(RunstateInfo::default()),
+            populate_fails_at: Mutex::new(u64::MAX),
         }
     }
 }
@@ -350,6 +353,26 @@ impl Platform for FakePlatform {
     }
     fn unplace_overlay(&self, id: OverlayId) -> Result<(), Errno> {
         self.log(Call::Unplace(id));
+        Ok(())
+    }
+    fn release_pages(&self, gfns: &[Gfn]) {
+        for g in gfns {
+            if let Some(p) = self.ram.lock().get(&g.get()) {
+                p.write(0, &[0u8; PAGE as usize]);
+            }
+        }
+        self.log(Call::Release(gfns.iter().map(|g| g.get()).collect()));
+    }
+    fn populate_pages(&self, gfns: &[Gfn]) -> Result<(), Errno> {
+        if let Some(bad) = gfns
+            .iter()
+            .find(|g| g.get() == *self.populate_fails_at.lock())
+        {
+            return Err(Errno::ENOMEM).inspect_err(|_| {
+                tracing::debug!(gfn = bad.get(), "fake populate failure");
+            });
+        }
+        self.log(Call::Populate(gfns.iter().map(|g| g.get()).collect()));
         Ok(())
     }
 }

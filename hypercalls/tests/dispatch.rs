@@ -439,8 +439,12 @@ fn memory_other_ops_enosys() {
     e.v.poke(BUF, &st(40, &[(0, &le16(4))]));
     assert_eq!(e.ret(nr::MEMORY_OP, &[26, BUF]), ESRCH);
     assert_eq!(e.ret(nr::MEMORY_OP, &[26, WINDOW_END - 32]), EFAULT);
-    for op in [0u64, 1, 5, 6, 8, 10, 11, 12, 15, 23, 63] {
+    for op in [5u64, 8, 10, 11, 12, 23, 63] {
         assert_eq!(e.ret(nr::MEMORY_OP, &[op, BUF]), ENOSYS, "op {op}");
+    }
+    // The reservation ops return a count (0 here: domid 4 does not exist), see balloon.rs.
+    for op in [0u64, 1, 6] {
+        assert_eq!(e.ret(nr::MEMORY_OP, &[op, BUF]), 0, "op {op}");
     }
     assert_eq!(e.ret(nr::MEMORY_OP, &[13, BUF]), EPERM);
 }
