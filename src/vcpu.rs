@@ -66,6 +66,9 @@ pub struct Vcpu {
     started: bool,
     /// Linear addresses of `vmcall` sites with a hardware breakpoint armed.
     bp_sites: Vec<u64>,
+    /// RIP of the last emulation failure retried unchanged, and how many.
+    retry_rip: Option<u64>,
+    retried: u64,
 }
 
 /// The VM facts [`decide`] needs.
@@ -87,6 +90,8 @@ impl Vcpu {
             next_steal_sample: 0,
             started: false,
             bp_sites: Vec::new(),
+            retry_rip: None,
+            retried: 0,
         }
     }
 
@@ -223,6 +228,9 @@ impl Vcpu {
         };
         // Only a real exit proves the AP runs: a signal (a stop request, a
         // kick) also interrupts an AP still waiting for INIT/SIPI.
+        if action != Action::Fixup {
+            self.retry_rip = None;
+        }
         let real_exit = !matches!(action, Action::Stop(_) | Action::Interrupted);
         if first_exit && real_exit && !self.m.stopping() {
             // An AP leaves KVM_RUN only once INIT/SIPI started it (the in-kernel
@@ -517,6 +525,15 @@ impl Vcpu {
                 })
             }
             Fixup::Unhandled(what) => {
+                // KVM sometimes emulates an instruction it could run natively
+                // (after a shadow-paging refill, say). Retry it once as is;
+                // fail only if the same instruction stops KVM again at once.
+                if self.retry_rip != Some(regs.rip) {
+                    self.retry_rip = Some(regs.rip);
+                    self.retried += 1;
+                    tracing::debug!(rip = format_args!("{:#x}", regs.rip), %what, "emulation failure retried");
+                    return State::Running;
+                }
                 return fail(
                     &self.m,
                     self.id,

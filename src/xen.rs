@@ -235,14 +235,7 @@ impl Xen {
                 ports: Some(ports),
             },
             Outcome::Yield => HypercallResult::Yield,
-            Outcome::Shutdown { reason } => HypercallResult::Exit(match reason {
-                0 => GuestExit::Poweroff,
-                1 => GuestExit::Reboot("the guest asked for a reboot (SHUTDOWN_reboot)".into()),
-                2 => GuestExit::Suspend,
-                4 => GuestExit::Crash("the guest's watchdog fired (SHUTDOWN_watchdog)".into()),
-                3 => GuestExit::Crash("the guest reported a crash (SHUTDOWN_crash)".into()),
-                r => GuestExit::Crash(format!("the guest shut down with reason {r}")),
-            }),
+            Outcome::Shutdown { reason } => HypercallResult::Exit(exit_for_shutdown(reason)),
         }
     }
 
@@ -780,6 +773,41 @@ impl Platform for XenPlatform {
         self.publish(&r);
         Ok(())
     }
+    fn set_watchdog(&self, id: u32, deadline_ns: Option<u64>) {
+        let at = deadline_ns.map(|d| {
+            let now = self.clock.system_time();
+            Instant::now() + Duration::from_nanos(d.saturating_sub(now))
+        });
+        self.timers.set_watchdog(id, at);
+    }
+    fn unplace_overlay(&self, id: OverlayId) -> Result<(), Errno> {
+        let mut o = self.overlays.lock();
+        let Some(gfn) = o.placed.remove(&id) else {
+            return Err(Errno::ENOENT);
+        };
+        self.map.remove_overlay(gfn).map(|_| ()).map_err(|e| {
+            tracing::warn!(%e, "cannot remove an overlay");
+            Errno::EINVAL
+        })
+    }
+    fn release_pages(&self, gfns: &[Gfn]) {
+        for (first, count) in runs(gfns) {
+            if let Err(e) = self.map.balloon_out(gpc::Gfn(first), count) {
+                tracing::warn!(%e, first, count, "cannot release ballooned pages");
+            }
+        }
+    }
+    fn populate_pages(&self, gfns: &[Gfn]) -> Result<(), Errno> {
+        // Punching the hole again makes the pages zeroed RAM that is
+        // allocated on first write (and tells the caches over them).
+        for (first, count) in runs(gfns) {
+            self.map.balloon_out(gpc::Gfn(first), count).map_err(|e| {
+                tracing::warn!(%e, first, count, "cannot populate pages");
+                Errno::EINVAL
+            })?;
+        }
+        Ok(())
+    }
     fn runstate(&self, vcpu: VcpuId) -> RunstateInfo {
         let Some(m) = self.runstates.get(vcpu.get() as usize) else {
             return RunstateInfo::default();
@@ -798,23 +826,66 @@ impl Platform for XenPlatform {
     }
 }
 
+/// How the guest ended, from a Xen `SHUTDOWN_*` reason.
+pub fn exit_for_shutdown(reason: u8) -> GuestExit {
+    match reason {
+        0 => GuestExit::Poweroff,
+        1 => GuestExit::Reboot("the guest asked for a reboot (SHUTDOWN_reboot)".into()),
+        2 => GuestExit::Suspend,
+        3 => GuestExit::Crash("the guest reported a crash (SHUTDOWN_crash)".into()),
+        4 => GuestExit::Crash("the guest's watchdog fired (SHUTDOWN_watchdog)".into()),
+        r => GuestExit::Crash(format!("the guest shut down with reason {r}")),
+    }
+}
+
+/// Contiguous runs (first, count) of guest frames, in the given order.
+fn runs(gfns: &[Gfn]) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = Vec::new();
+    for g in gfns {
+        match v.last_mut() {
+            Some((f, c)) if *f + *c == g.get() => *c += 1,
+            _ => v.push((g.get(), 1)),
+        }
+    }
+    v
+}
+
 /// One timer per vCPU on one thread.
+/// Slots 0..vcpus are the vCPUs' Xen timers, the next two the domain's
+/// `SCHEDOP_watchdog` timers.
 struct Timers {
     state: Mutex<Vec<Option<Instant>>>,
+    vcpus: usize,
     cv: Condvar,
 }
+
+/// Watchdog timers a domain may have (Xen's NR_DOMAIN_WATCHDOG_TIMERS).
+const WATCHDOGS: usize = 2;
 
 impl Timers {
     fn new(vcpus: u32) -> Arc<Self> {
         Arc::new(Timers {
-            state: Mutex::new(vec![None; vcpus as usize]),
+            state: Mutex::new(vec![None; vcpus as usize + WATCHDOGS]),
+            vcpus: vcpus as usize,
             cv: Condvar::new(),
         })
     }
 
     fn set(&self, vcpu: u32, at: Option<Instant>) {
-        if let Some(s) = self.state.lock().get_mut(vcpu as usize) {
-            *s = at;
+        if (vcpu as usize) < self.vcpus {
+            if let Some(s) = self.state.lock().get_mut(vcpu as usize) {
+                *s = at;
+            }
+        }
+        self.cv.notify_all();
+    }
+
+    /// Watchdog `id` (0 or 1, as the domain numbers them).
+    fn set_watchdog(&self, id: u32, at: Option<Instant>) {
+        if (id as usize) < WATCHDOGS {
+            if let Some(s) = self.state.lock().get_mut(self.vcpus + id as usize) {
+                *s = at;
+            }
         }
         self.cv.notify_all();
     }
@@ -847,8 +918,15 @@ impl Timers {
                 if m.stopping() {
                     return;
                 }
-                for v in fired {
-                    if let Some(id) = m.xen.domain.vcpu(v) {
+                for i in fired {
+                    let i = i as usize;
+                    if i >= t.vcpus {
+                        let wd = (i - t.vcpus) as u32;
+                        if let Some(reason) = m.xen.domain.watchdog_expired(wd) {
+                            tracing::warn!(watchdog = wd, "the guest's watchdog expired");
+                            m.request_exit(exit_for_shutdown(reason));
+                        }
+                    } else if let Some(id) = m.xen.domain.vcpu(i as u32) {
                         m.xen.domain.timer_expired(id);
                     }
                 }

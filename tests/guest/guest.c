@@ -1901,9 +1901,11 @@ static int check_grant_v2(void)
         struct grant_entry_v2_full r2 = g2[1];
         u64 sframe = 0;
         struct gnttab_get_status_frames gs = { .nr_frames = 1, .dom = DOMID_SELF, .frame_list = &sframe };
+        /* Xen refuses GNTTABOP_get_status_frames for HVM guests (-ENOSYS from
+         * hvm_grant_table_op): they map status frames with add_to_physmap. */
         rc = HYPERVISOR_grant_table_op(GNTTABOP_get_status_frames, &gs, 1);
         long mrc = map_grant_frame(0 | XENMAPIDX_grant_table_status, grant_pages[1]);
-        if (rc || gs.status || mrc)
+        if ((rc && rc != -XEN_ENOSYS) || (!rc && gs.status) || mrc)
             return FAIL("%s; v2: get_status_frames rc %ld status %d, map status frame rc %ld", v1, rc, gs.status, mrc);
         g2[GREF] = (struct grant_entry_v2_full){ .flags = GTF_permit_access, .domid = 0, .frame = 0x12345 };
         u16 status = ((volatile u16 *)grant_pages[1])[GREF];
