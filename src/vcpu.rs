@@ -572,6 +572,18 @@ impl x86::EmuEnv for EmuHost<'_> {
     fn mxcsr(&self) -> u32 {
         self.fd.get_fpu().map(|f| f.mxcsr).unwrap_or(0x1f80)
     }
+    fn xmm(&self, n: usize) -> Option<[u8; 16]> {
+        self.fd.get_fpu().ok().and_then(|f| f.xmm.get(n).copied())
+    }
+    fn set_xmm(&self, n: usize, v: [u8; 16]) -> bool {
+        match self.fd.get_fpu() {
+            Ok(mut f) if n < f.xmm.len() => {
+                f.xmm[n] = v;
+                self.fd.set_fpu(&f).is_ok()
+            }
+            _ => false,
+        }
+    }
     fn set_mxcsr(&self, v: u32) -> bool {
         match self.fd.get_fpu() {
             Ok(mut f) => {

@@ -351,6 +351,10 @@ pub trait EmuEnv {
     fn mxcsr(&self) -> u32;
     /// Sets MXCSR; false if the host refused.
     fn set_mxcsr(&self, v: u32) -> bool;
+    /// XMM register `n` (0..16) as 16 bytes.
+    fn xmm(&self, n: usize) -> Option<[u8; 16]>;
+    /// Sets XMM register `n`; false if the host refused.
+    fn set_xmm(&self, n: usize, v: [u8; 16]) -> bool;
 }
 
 /// Decodes the instruction at CS:RIP.
@@ -504,6 +508,16 @@ pub fn fixup(mem: &dyn PhysMem, env: &dyn EmuEnv, regs: &mut kvm_regs, s: &mut k
         }
         Code::Stmxcsr_m32 | Code::VEX_Vstmxcsr_m32 => {
             match write_operand(mem, regs, s, &insn, 0, &env.mxcsr().to_le_bytes()) {
+                Ok(()) => {
+                    advance(regs);
+                    Fixup::Resume
+                }
+                Err(f) => f,
+            }
+        }
+        // movd/movq between a GPR or memory and an XMM register.
+        Code::Movd_xmm_rm32 | Code::Movq_xmm_rm64 | Code::Movd_rm32_xmm | Code::Movq_rm64_xmm => {
+            match movd_xmm(mem, env, regs, s, &insn) {
                 Ok(()) => {
                     advance(regs);
                     Fixup::Resume
@@ -679,6 +693,51 @@ fn read_operand(
         }
         k => Err(Fixup::Unhandled(format!("operand kind {k:?}"))),
     }
+}
+
+/// movd/movq xmm <-> r/m32/64: to XMM zero-extends to 128 bits.
+fn movd_xmm(
+    mem: &dyn PhysMem,
+    env: &dyn EmuEnv,
+    regs: &mut kvm_regs,
+    s: &kvm_sregs,
+    insn: &Instruction,
+) -> Result<(), Fixup> {
+    let size = if matches!(insn.code(), Code::Movq_xmm_rm64 | Code::Movq_rm64_xmm) {
+        8
+    } else {
+        4
+    };
+    let xmm_index = |r: Register| (r as usize).wrapping_sub(Register::XMM0 as usize);
+    if matches!(insn.code(), Code::Movd_xmm_rm32 | Code::Movq_xmm_rm64) {
+        let n = xmm_index(insn.op0_register());
+        let v = read_operand(mem, regs, s, insn, 1, size)?;
+        let mut x = [0u8; 16];
+        x[..8].copy_from_slice(&v.to_le_bytes());
+        if n >= 16 || !env.set_xmm(n, x) {
+            return Err(Fixup::Unhandled(
+                "movd to an XMM register the host refused".into(),
+            ));
+        }
+    } else {
+        let n = xmm_index(insn.op1_register());
+        let x = (n < 16)
+            .then(|| env.xmm(n))
+            .flatten()
+            .ok_or_else(|| Fixup::Unhandled("movd from XMM".into()))?;
+        let v = u64::from_le_bytes(x[..8].try_into().unwrap_or([0; 8]));
+        match insn.op0_kind() {
+            OpKind::Register => {
+                gpr_write(
+                    regs,
+                    insn.op0_register(),
+                    if size == 4 { v & 0xffff_ffff } else { v },
+                );
+            }
+            _ => write_operand(mem, regs, s, insn, 0, &v.to_le_bytes()[..size])?,
+        }
+    }
+    Ok(())
 }
 
 /// popcnt, lzcnt, tzcnt: count bits of the source into the destination
@@ -1076,6 +1135,12 @@ mod tests {
         }
         fn set_mxcsr(&self, v: u32) -> bool {
             v == 0x1f80
+        }
+        fn xmm(&self, n: usize) -> Option<[u8; 16]> {
+            Some([n as u8; 16])
+        }
+        fn set_xmm(&self, n: usize, v: [u8; 16]) -> bool {
+            n == 15 && v[..8] == 0x1234_5678u64.to_le_bytes() && v[8..] == [0; 8]
         }
     }
 
@@ -1489,6 +1554,29 @@ mod tests {
                 error_code: Some(0)
             }
         );
+    }
+
+    #[test]
+    fn fixup_movd_to_and_from_xmm() {
+        let m = Mem::default();
+        // movd %ecx,%xmm15 (66 44 0f 6e f9); movd %xmm3,%eax (66 0f 7e d8), 64-bit mode.
+        m.write(
+            0x1000,
+            &[0x66, 0x44, 0x0f, 0x6e, 0xf9, 0x66, 0x0f, 0x7e, 0xd8],
+        );
+        let (mut r, mut s) = flat32();
+        s.efer = EFER_LMA;
+        s.cs.l = 1;
+        r.rip = 0x1000;
+        r.rcx = 0xffff_ffff_1234_5678;
+        r.rax = u64::MAX;
+        assert_eq!(
+            fixup(&m, &Env, &mut r, &mut s),
+            Fixup::Resume,
+            "env checks the zero-extended value"
+        );
+        assert_eq!(fixup(&m, &Env, &mut r, &mut s), Fixup::Resume);
+        assert_eq!((r.rax, r.rip), (0x0303_0303, 0x1009));
     }
 
     #[test]

@@ -8,6 +8,14 @@ use common::*;
 use hypercalls::{GuestWidth, Outcome, SharedPage};
 use proptest::prelude::*;
 
+/// The case count: `default`, or PROPTEST_CASES for long fuzzing runs.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn arg() -> impl Strategy<Value = u64> {
     prop_oneof![
         3 => (0..BUF_LEN).prop_map(|o| BUF + o),
@@ -64,7 +72,7 @@ fn check(o: &Outcome) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(1000), ..ProptestConfig::default() })]
 
     #[test]
     fn dispatch_arbitrary_sequences_bounded(wide in any::<bool>(), steps in prop::collection::vec(step(), 1..12)) {
@@ -171,7 +179,7 @@ fn grant_step() -> impl Strategy<Value = GrantStep> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(500), ..ProptestConfig::default() })]
 
     /// The dom0 grant API and grant hypercalls over entries the guest fills with garbage, in
     /// either version: no panic, errors are GNTST values, and once every mapping is gone and
@@ -234,7 +242,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(300), ..ProptestConfig::default() })]
 
     /// Balloon sequences (decrease, populate, increase, remove_from_physmap) with frames near
     /// RAM edges and holes, arbitrary orders, counts and flags: no panic, every result is a
