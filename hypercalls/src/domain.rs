@@ -129,6 +129,10 @@ pub struct Domain {
     pub(crate) balloon: Mutex<crate::memory::Balloon>,
     pub(crate) evtchn: Mutex<EvtchnTable>,
     pub(crate) vcpu_info: RwLock<Vec<Option<VcpuInfoMap>>>,
+    /// `VCPUOP_register_vcpu_time_memory_area`: a second copy of each vCPU's
+    /// `vcpu_time_info`, written at every time update (same lock level as
+    /// `vcpu_info`).
+    pub(crate) time_areas: RwLock<Vec<Option<VcpuInfoMap>>>,
     pub(crate) timers: Mutex<Vec<VcpuTimers>>,
     /// `SCHEDOP_watchdog` timers: the deadline of each one in use (`watchdog_inuse_map`).
     pub(crate) watchdogs: Mutex<[Option<u64>; crate::sched::NR_WATCHDOGS]>,
@@ -179,6 +183,7 @@ impl Domain {
             physmap: Mutex::new(BTreeMap::new()),
             balloon: Mutex::new(crate::memory::Balloon::default()),
             vcpu_info: RwLock::new(vec![None; n]),
+            time_areas: RwLock::new(vec![None; n]),
             timers: Mutex::new(vec![VcpuTimers::default(); n]),
             watchdogs: Mutex::new([None; crate::sched::NR_WATCHDOGS]),
             vcpus,
@@ -367,6 +372,9 @@ impl Domain {
             flags: time::pvclock_flags(self.platform.tsc_stable()),
         };
         time::write_time_info(&*page, off + shinfo::VI_TIME, &info);
+        if let Some(Some(m)) = self.time_areas.read().get(vcpu.idx()) {
+            time::write_time_info(&*m.page, m.off, &info);
+        }
     }
 
     /// Rewrite the wallclock (wall time at system time 0) in shared_info.

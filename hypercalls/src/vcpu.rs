@@ -148,9 +148,33 @@ impl Domain {
                 self.map_vcpu_info(ctx, v, get_u64(&b, 0), get_u32(&b, 8))?;
                 ret(0)
             }
-            // TODO(issue 5): register_vcpu_time_memory_area (a guest-virtual copy of
-            // vcpu_time_info written at every update).
-            vcpuop::REGISTER_VCPU_TIME_MEMORY_AREA => Err(Errno::ENOSYS),
+            // A guest-virtual copy of vcpu_time_info written at every update, translated
+            // once at registration. Unlike Xen, the 32-byte area must be 8-aligned (so it
+            // never straddles a page): -EINVAL otherwise. Address 0 unregisters.
+            vcpuop::REGISTER_VCPU_TIME_MEMORY_AREA => {
+                let b: [u8; 8] = ctx.g.read_arr(arg)?;
+                let mut gva = get_u64(&b, 0);
+                if ctx.g.is_compat() {
+                    gva &= 0xffff_ffff;
+                }
+                if gva == 0 {
+                    self.time_areas.write()[v.idx()] = None;
+                    return ret(0);
+                }
+                if gva % 8 != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                let pieces = ctx.g.phys_pieces(gva, 32)?;
+                let gpa = pieces.first().map(|p| p.0).ok_or(Errno::EFAULT)?;
+                let gfn = Gfn::new(gpa >> 12).ok_or(Errno::EINVAL)?;
+                let page = self.platform.map_guest_page(gfn)?;
+                self.time_areas.write()[v.idx()] = Some(VcpuInfoMap {
+                    page,
+                    off: (gpa & 0xfff) as usize,
+                });
+                self.update_vcpu_time(v);
+                ret(0)
+            }
             _ => Err(Errno::ENOSYS),
         }
     }

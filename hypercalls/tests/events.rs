@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 
 use common::*;
 use hypercalls::testing::{Call, FakeVcpu};
+use hypercalls::SharedPage as _;
 use hypercalls::{DomainConfig, GuestWidth, Outcome, OverlayId, VcpuAccess};
 
 fn alloc_unbound(e: &Env, dom: u16, remote: u16) -> i64 {
@@ -752,11 +753,60 @@ fn vcpu_register_vcpu_info_moves_and_marks_pending() {
 }
 
 #[test]
-fn vcpu_time_memory_area_not_yet_enosys() {
-    // register_vcpu_time_memory_area (13) is not implemented; the runstate ops are tested in
-    // tests/runstate.rs.
+fn vcpu_time_memory_area_copy_written_at_registration_and_updates() {
     let e = env(GuestWidth::Bits64);
-    assert_eq!(e.ret(nr::VCPU_OP, &[13, 0, BUF]), ENOSYS);
+    let area = BUF + 0x1000 + 0x40;
+    e.v.write_virt(BUF, &area.to_le_bytes()).unwrap();
+    *e.p.time.lock() = hypercalls::GuestTime {
+        tsc: 1_000_000,
+        system_time_ns: 42_000,
+    };
+    assert_eq!(e.ret(nr::VCPU_OP, &[13, 0, BUF]), 0);
+    let page =
+        e.p.ram
+            .lock()
+            .get(&(area >> 12))
+            .cloned()
+            .expect("page mapped");
+    let off = (area & 0xfff) as usize;
+    assert_eq!(page.load_u32(off, Ordering::SeqCst) % 2, 0, "version even");
+    assert_eq!(page.load_u64(off + 8, Ordering::SeqCst), 1_000_000);
+    assert_eq!(page.load_u64(off + 16, Ordering::SeqCst), 42_000);
+    *e.p.time.lock() = hypercalls::GuestTime {
+        tsc: 2_000_000,
+        system_time_ns: 43_000,
+    };
+    e.d.update_vcpu_time(e.d.vcpu(0).unwrap());
+    assert_eq!(
+        page.load_u64(off + 16, Ordering::SeqCst),
+        43_000,
+        "updates reach the copy"
+    );
+    // Unregister: later updates leave it alone.
+    e.v.write_virt(BUF, &0u64.to_le_bytes()).unwrap();
+    assert_eq!(e.ret(nr::VCPU_OP, &[13, 0, BUF]), 0);
+    *e.p.time.lock() = hypercalls::GuestTime {
+        tsc: 3_000_000,
+        system_time_ns: 44_000,
+    };
+    e.d.update_vcpu_time(e.d.vcpu(0).unwrap());
+    assert_eq!(page.load_u64(off + 16, Ordering::SeqCst), 43_000);
+    e.alive();
+}
+
+#[test]
+fn vcpu_time_memory_area_bad_input_errnos() {
+    let e = env(GuestWidth::Bits64);
+    e.v.write_virt(BUF, &(BUF + 0x104).to_le_bytes()).unwrap();
+    assert_eq!(e.ret(nr::VCPU_OP, &[13, 0, BUF]), EINVAL, "misaligned");
+    e.v.write_virt(BUF, &HOLE.to_le_bytes()).unwrap();
+    assert_eq!(e.ret(nr::VCPU_OP, &[13, 0, BUF]), EFAULT, "unmapped");
+    assert_eq!(
+        e.ret(nr::VCPU_OP, &[13, 0, HOLE]),
+        EFAULT,
+        "argument unmapped"
+    );
+    e.alive();
 }
 
 // ---- time --------------------------------------------------------------------------------------
