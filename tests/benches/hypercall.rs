@@ -6,76 +6,14 @@
 //! iteration count from I/O ports, runs the loop between two fenced
 //! `rdtsc`s and reports the cycles. Criterion drives it with `iter_custom`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, Criterion};
-use xenkvm::machine::Machine;
-use xenkvm::test_guest::{bench_cmd, BENCH_CMDLINE, TEST_GUEST_ELF};
-use xenkvm::vm::{Vm, VmConfig};
+use xenkvm::test_guest::bench_cmd;
 
-struct Guest {
-    machine: Arc<Machine>,
-    tsc_khz: u64,
-}
-
-impl Guest {
-    fn start() -> Option<Guest> {
-        if std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_err()
-        {
-            eprintln!("SKIPPED hypercall bench: /dev/kvm is not usable");
-            return None;
-        }
-        let cfg = VmConfig {
-            kernel: TEST_GUEST_ELF.to_vec(),
-            cmdline: BENCH_CMDLINE.into(),
-            mem_mib: 64,
-            stdin_console: false,
-            ..Default::default()
-        };
-        let sink = xenkvm::devices::ConsoleOut::new(Box::new(std::io::sink()));
-        let vm = Vm::create(&cfg, sink).expect("cannot create the bench VM");
-        let machine = vm.machine.clone();
-        let tsc_khz = u64::from(machine.clock.tsc_khz);
-        std::thread::spawn(move || vm.run(None));
-        Some(Guest { machine, tsc_khz })
-    }
-
-    /// Runs `iters` iterations of `cmd` in the guest; returns guest time.
-    fn measure(&self, cmd: u32, iters: u64) -> Duration {
-        let b = &self.machine.xen.bench;
-        let iters = iters.clamp(1, u64::from(u32::MAX)) as u32;
-        let before = b.results.lock().len();
-        b.requests.lock().push_back((cmd, iters));
-        b.request_cv.notify_all();
-        let mut r = b.results.lock();
-        while r.len() == before {
-            if b.results_cv
-                .wait_for(&mut r, Duration::from_secs(60))
-                .timed_out()
-            {
-                panic!("the bench guest did not answer");
-            }
-        }
-        let cycles = r[before];
-        Duration::from_nanos((u128::from(cycles) * 1_000_000 / u128::from(self.tsc_khz)) as u64)
-    }
-
-    fn stop(&self) {
-        let b = &self.machine.xen.bench;
-        b.requests.lock().push_back((bench_cmd::STOP, 0));
-        b.request_cv.notify_all();
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+#[path = "bench_guest.rs"]
+mod bench_guest;
+use bench_guest::{median, BenchGuest};
 
 /// The variants, in the order they are measured.
 const VARIANTS: [(&str, u32, &str); 4] = [
@@ -102,7 +40,9 @@ const VARIANTS: [(&str, u32, &str); 4] = [
 ];
 
 fn bench(c: &mut Criterion) {
-    let Some(g) = Guest::start() else { return };
+    let Some(g) = BenchGuest::start(1) else {
+        return;
+    };
     let mut group = c.benchmark_group("guest_round_trip");
     for (name, cmd, _) in VARIANTS {
         let g = &g;
@@ -120,7 +60,7 @@ fn bench(c: &mut Criterion) {
     for _ in 0..ROUNDS {
         let t: Vec<f64> = VARIANTS
             .iter()
-            .map(|&(_, cmd, _)| g.measure(cmd, N).as_nanos() as f64 / N as f64)
+            .map(|&(_, cmd, _)| g.ns_per_iter(cmd, N))
             .collect();
         for i in 0..VARIANTS.len() {
             per[i].push(t[i]);

@@ -1,0 +1,84 @@
+//! The test guest in bench mode, driven from a criterion benchmark: the
+//! guest reads a command and an iteration count from I/O ports, runs the
+//! loop between two fenced `rdtsc`s and reports the elapsed cycles (see
+//! tests/guest and `xenkvm::test_guest::bench_cmd`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use xenkvm::machine::Machine;
+use xenkvm::test_guest::{bench_cmd, BENCH_CMDLINE, TEST_GUEST_ELF};
+use xenkvm::vm::{Vm, VmConfig};
+
+pub struct BenchGuest {
+    machine: Arc<Machine>,
+    tsc_khz: u64,
+}
+
+impl BenchGuest {
+    /// Boots the guest with `vcpus` vCPUs; `None` (with a printed reason)
+    /// when /dev/kvm is not usable.
+    pub fn start(vcpus: u32) -> Option<BenchGuest> {
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            eprintln!("SKIPPED benchmark: /dev/kvm is not usable");
+            return None;
+        }
+        let cfg = VmConfig {
+            kernel: TEST_GUEST_ELF.to_vec(),
+            cmdline: BENCH_CMDLINE.into(),
+            mem_mib: 64,
+            vcpus,
+            stdin_console: false,
+            ..Default::default()
+        };
+        let sink = xenkvm::devices::ConsoleOut::new(Box::new(std::io::sink()));
+        let vm = Vm::create(&cfg, sink).expect("cannot create the bench VM");
+        let machine = vm.machine.clone();
+        let tsc_khz = u64::from(machine.clock.tsc_khz);
+        std::thread::spawn(move || vm.run(None));
+        Some(BenchGuest { machine, tsc_khz })
+    }
+
+    /// Guest time for `iters` iterations of `cmd`.
+    pub fn measure(&self, cmd: u32, iters: u64) -> Duration {
+        let b = &self.machine.xen.bench;
+        let iters = iters.clamp(1, u64::from(u32::MAX)) as u32;
+        let before = b.results.lock().len();
+        b.requests.lock().push_back((cmd, iters));
+        b.request_cv.notify_all();
+        let mut r = b.results.lock();
+        while r.len() == before {
+            if b.results_cv
+                .wait_for(&mut r, Duration::from_secs(120))
+                .timed_out()
+            {
+                panic!("the bench guest did not answer command {cmd}");
+            }
+        }
+        let cycles = r[before];
+        assert!(cycles > 0, "the guest could not run command {cmd}");
+        Duration::from_nanos((u128::from(cycles) * 1_000_000 / u128::from(self.tsc_khz)) as u64)
+    }
+
+    /// Guest nanoseconds per iteration of `cmd`.
+    pub fn ns_per_iter(&self, cmd: u32, iters: u64) -> f64 {
+        self.measure(cmd, iters).as_nanos() as f64 / iters as f64
+    }
+
+    /// Powers the guest off.
+    pub fn stop(&self) {
+        let b = &self.machine.xen.bench;
+        b.requests.lock().push_back((bench_cmd::STOP, 0));
+        b.request_cv.notify_all();
+    }
+}
+
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
