@@ -209,9 +209,18 @@ fn prot32(p: &ProbeVm, rip: u64) -> Result<(), String> {
     p.vcpu.set_regs(&r).map_err(|e| e.to_string())
 }
 
-fn classify(end: End, ok_native: bool) -> Support {
+/// The probe's result: `native_port` is the port the guest reports on when
+/// the instruction ran natively.
+fn verdict(r: Result<End, String>, native_port: u16) -> Support {
+    match r {
+        Ok(End::Out(port)) if port == native_port => Support::Native,
+        Ok(e) => classify(e),
+        Err(e) => Support::Unknown(e),
+    }
+}
+
+fn classify(end: End) -> Support {
     match end {
-        End::Out(PORT_OK) if ok_native => Support::Native,
         End::EmulationFailure => Support::FixedUp,
         End::TripleFault => Support::Unsupported("the guest triple-faults".into()),
         End::Out(p) if p == PORT_VEC + 6 => {
@@ -257,10 +266,7 @@ fn probe_legacy_paging(pae: bool) -> Support {
         prot32(&p, 0x1000)?;
         Ok(run_vcpu(&mut p))
     })();
-    match r {
-        Ok(e) => classify(e, true),
-        Err(e) => Support::Unknown(e),
-    }
+    verdict(r, PORT_OK)
 }
 
 /// Long mode with 2 MiB identity pages, a GDT, an IDT whose handlers
@@ -342,11 +348,7 @@ fn probe_user_int_n() -> Support {
         long_mode(&p, true, 0x1000, 3)?;
         Ok(run_vcpu(&mut p))
     })();
-    match r {
-        Ok(End::Out(port)) if port == PORT_VEC + 0x10 => Support::Native,
-        Ok(e) => classify(e, false),
-        Err(e) => Support::Unknown(e),
-    }
+    verdict(r, PORT_VEC + 0x10)
 }
 
 /// `int $0x10` at CPL 3 in 32-bit protected mode, paging off, through a
@@ -413,11 +415,7 @@ fn probe_user_int_n_prot32() -> Support {
         p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
         Ok(run_vcpu(&mut p))
     })();
-    match r {
-        Ok(End::Out(port)) if port == PORT_VEC + 0x10 => Support::Native,
-        Ok(e) => classify(e, false),
-        Err(e) => Support::Unknown(e),
-    }
+    verdict(r, PORT_VEC + 0x10)
 }
 
 fn probe_kernel_int3() -> Support {
@@ -429,11 +427,7 @@ fn probe_kernel_int3() -> Support {
         long_mode(&p, false, 0x1000, 0)?;
         Ok(run_vcpu(&mut p))
     })();
-    match r {
-        Ok(End::Out(port)) if port == PORT_VEC + 3 => Support::Native,
-        Ok(e) => classify(e, false),
-        Err(e) => Support::Unknown(e),
-    }
+    verdict(r, PORT_VEC + 3)
 }
 
 fn probe_iret32() -> Support {
@@ -465,8 +459,5 @@ fn probe_iret32() -> Support {
         p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
         Ok(run_vcpu(&mut p))
     })();
-    match r {
-        Ok(e) => classify(e, true),
-        Err(e) => Support::Unknown(e),
-    }
+    verdict(r, PORT_OK)
 }
