@@ -2,6 +2,7 @@
 //! PV-on-HVM guests. See ../README.md and the architecture notes.
 
 pub mod boot;
+pub mod bzimage;
 pub mod clock;
 pub mod console;
 pub mod cpuid;

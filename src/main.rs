@@ -38,7 +38,9 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Guest kernel: an ELF image with a Xen PVH entry note.
+    /// Guest kernel: an ELF image with a Xen PVH entry note, or a Linux
+    /// bzImage whose (LZ4-compressed) kernel ELF has one: it is extracted and
+    /// booted by PVH.
     #[arg(long, value_name = "PATH")]
     kernel: PathBuf,
     /// Initial ramdisk, passed as module 0 in hvm_start_info.
@@ -77,6 +79,20 @@ fn main() -> ExitCode {
                         &format!("cannot read --kernel {}: {e}", a.kernel.display()),
                     )
                 }
+            };
+            // A bzImage is booted by PVH entry of the ELF inside it (the
+            // Linux boot protocol itself is not implemented yet).
+            let kernel = if xenkvm::bzimage::is_bzimage(&kernel) {
+                eprintln!(
+                    "xenkvm: {} is a bzImage: extracting its kernel ELF to boot it by PVH",
+                    a.kernel.display()
+                );
+                match xenkvm::bzimage::extract_elf(&kernel) {
+                    Ok(elf) => elf,
+                    Err(e) => return fail(1, &format!("{}: {e}", a.kernel.display())),
+                }
+            } else {
+                kernel
             };
             let initrd = match a.initrd.as_ref().map(std::fs::read).transpose() {
                 Ok(i) => i,
