@@ -119,6 +119,7 @@ pub fn write_start_info(
     e820: &[E820Entry],
     cmdline: &str,
     initrd: Option<&[u8]>,
+    rsdp: u64,
 ) -> Result<u64, BootError> {
     if cmdline.len() >= layout::CMDLINE_MAX {
         return Err(BootError::CmdlineTooLong(cmdline.len()));
@@ -162,7 +163,7 @@ pub fn write_start_info(
         GuestAddress(s + 16),
     )?;
     mem.write_obj(layout::CMDLINE, GuestAddress(s + 24))?;
-    mem.write_obj(0u64, GuestAddress(s + 32))?; // rsdp
+    mem.write_obj(rsdp, GuestAddress(s + 32))?;
     mem.write_obj(layout::MEMMAP, GuestAddress(s + 40))?;
     mem.write_obj(
         e820.len().min(layout::MEMMAP_MAX) as u32,
@@ -278,7 +279,7 @@ mod tests {
             size: 16 << 20,
             kind: E820_RAM,
         }];
-        let s = write_start_info(&m, &e820, "console=hvc0", Some(&[9u8; 100])).unwrap();
+        let s = write_start_info(&m, &e820, "console=hvc0", Some(&[9u8; 100]), 0xe0000).unwrap();
         assert_eq!(m.read_obj::<u32>(GuestAddress(s)).unwrap(), HVM_START_MAGIC);
         assert_eq!(m.read_obj::<u32>(GuestAddress(s + 12)).unwrap(), 1);
         let cmd = m.read_obj::<u64>(GuestAddress(s + 24)).unwrap();
@@ -286,6 +287,11 @@ mod tests {
         m.read_slice(&mut c, GuestAddress(cmd)).unwrap();
         assert_eq!(&c, b"console=hvc0\0");
         assert_eq!(m.read_obj::<u32>(GuestAddress(s + 48)).unwrap(), 1);
+        assert_eq!(
+            m.read_obj::<u64>(GuestAddress(s + 32)).unwrap(),
+            0xe0000,
+            "rsdp"
+        );
         let modl = m.read_obj::<u64>(GuestAddress(s + 16)).unwrap();
         let rd = m.read_obj::<u64>(GuestAddress(modl)).unwrap();
         assert_eq!(rd & 0xfff, 0);

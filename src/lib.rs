@@ -1,6 +1,7 @@
 //! xenkvm: a userspace VMM on Linux KVM that runs unmodified Xen HVM and
 //! PV-on-HVM guests. See ../README.md and the architecture notes.
 
+pub mod acpi;
 pub mod boot;
 pub mod bzimage;
 pub mod clock;

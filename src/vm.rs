@@ -152,7 +152,10 @@ impl Vm {
 
         let kernel = boot::load_pvh_elf(&mem, &cfg.kernel)?;
         let e820 = layout::e820(&mem);
-        let start_info = boot::write_start_info(&mem, &e820, &cfg.cmdline, cfg.initrd.as_deref())?;
+        let rsdp = crate::acpi::write_tables(&mem, cfg.vcpus)
+            .map_err(|e| VmError::Other(e.to_string()))?;
+        let start_info =
+            boot::write_start_info(&mem, &e820, &cfg.cmdline, cfg.initrd.as_deref(), rsdp)?;
         tracing::info!(
             entry = format_args!("{:#x}", kernel.entry),
             start = format_args!("{:#x}", kernel.start),
