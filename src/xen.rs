@@ -699,6 +699,7 @@ impl Platform for XenPlatform {
     fn raise_upcall(&self, vcpu: VcpuId) {
         let Some(m) = self.upgrade() else { return };
         let v = vcpu.get();
+        tracing::trace!(vcpu = v, vector = ?m.xen.domain.upcall_vector(vcpu), via = ?m.xen.domain.callback_via(), "raise_upcall");
         let d = &m.xen.domain;
         if let Some(vec) = d.upcall_vector(vcpu) {
             self.inject_vector(v, vec, false);
@@ -724,6 +725,12 @@ impl Platform for XenPlatform {
         });
     }
     fn set_timer(&self, vcpu: VcpuId, deadline_ns: Option<u64>) {
+        tracing::trace!(
+            vcpu = vcpu.get(),
+            ?deadline_ns,
+            now = self.clock.system_time(),
+            "set_timer"
+        );
         let at = deadline_ns.map(|d| {
             let now = self.clock.system_time();
             Instant::now() + Duration::from_nanos(d.saturating_sub(now))
@@ -927,6 +934,7 @@ impl Timers {
                             m.request_exit(exit_for_shutdown(reason));
                         }
                     } else if let Some(id) = m.xen.domain.vcpu(i as u32) {
+                        tracing::trace!(vcpu = i, "timer fired");
                         m.xen.domain.timer_expired(id);
                     }
                 }
@@ -1020,4 +1028,38 @@ fn put(data: &mut [u8], v: u32) {
     let b = v.to_le_bytes();
     let n = data.len().min(4);
     data[..n].copy_from_slice(&b[..n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A relocated vcpu_info lives in guest RAM behind a gpc cache: what the
+    /// domain stores through it must be what the guest reads at that GPA.
+    #[test]
+    fn ram_shared_page_writes_reach_guest_memory() {
+        let map = gpc::MemoryMap::new(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let c = gpc::Cache::new(&map);
+        c.activate_range(GuestAddress(0x5000), 4096).unwrap();
+        let p = RamShared(c);
+        p.store_u32(64 + 32, 3, Ordering::SeqCst);
+        p.store_u64(64 + 40, 0x1122_3344_5566_7788, Ordering::SeqCst);
+        p.write(64, &[1, 0]);
+        let mem = map.guest_memory();
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x5000 + 64 + 32)).unwrap(),
+            3
+        );
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(0x5000 + 64 + 40)).unwrap(),
+            0x1122_3344_5566_7788
+        );
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x5000 + 64)).unwrap(), 1);
+        assert_eq!(p.load_u64(64 + 40, Ordering::SeqCst), 0x1122_3344_5566_7788);
+        assert_eq!(p.fetch_or_u64(64 + 8, 1 << 5, Ordering::SeqCst), 0);
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(0x5000 + 64 + 8)).unwrap(),
+            1 << 5
+        );
+    }
 }
