@@ -186,6 +186,7 @@ impl Machine {
                 if m.stopping() {
                     return;
                 }
+                m.xen.reassert_upcalls(&m.started);
                 let now = crate::clock::host_tsc();
                 let stall = u64::from(m.clock.tsc_khz) * STALL.as_millis() as u64;
                 for (i, since) in m.run_since.iter().enumerate() {

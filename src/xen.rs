@@ -239,6 +239,26 @@ impl Xen {
         }
     }
 
+    /// Re-sends the upcall to every started vCPU whose `upcall_pending` is
+    /// still set. Delivery happens on the 0->1 transition of that flag; if
+    /// that interrupt was lost (sent before the guest set up its vector, or
+    /// while its local APIC was disabled) the flag stays set and no later
+    /// event would be delivered. Xen and KVM's Xen support treat the callback
+    /// as level-triggered in effect; the vCPU monitor calls this every 10 ms.
+    /// A duplicate is harmless: the guest finds nothing (more) to do.
+    pub fn reassert_upcalls(&self, started: &[std::sync::atomic::AtomicBool]) {
+        for (i, s) in started.iter().enumerate() {
+            if !s.load(Ordering::Acquire) {
+                continue;
+            }
+            if let Some(id) = self.domain.vcpu(i as u32) {
+                if self.domain.upcall_pending(id) {
+                    self.platform.raise_upcall(id);
+                }
+            }
+        }
+    }
+
     /// An AP was started by INIT/SIPI.
     pub fn vcpu_started(&self, vcpu: u32) {
         if let Some(id) = self.domain.vcpu(vcpu) {
