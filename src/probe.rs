@@ -160,6 +160,23 @@ fn seg(sel: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
     }
 }
 
+/// Flat code and data segments at privilege `dpl`, and a TSS at 0x8000
+/// (its ring-0 stack pointer is set by the caller).
+fn load_segments(s: &mut kvm_bindings::kvm_sregs, code: u16, data: u16, dpl: u8, long: bool) {
+    s.cs = seg(code, 0xb, dpl, long);
+    for d in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
+        *d = seg(data, 0x3, dpl, long);
+    }
+    s.tr = kvm_segment {
+        base: 0x8000,
+        limit: 0x67,
+        type_: 0xb,
+        present: 1,
+        selector: 0x28,
+        ..Default::default()
+    };
+}
+
 fn run_vcpu(p: &mut ProbeVm) -> End {
     for _ in 0..16 {
         match p.vcpu.run() {
@@ -301,18 +318,13 @@ fn long_mode(p: &ProbeVm, user: bool, rip: u64, gate_dpl: u8) -> Result<(), Stri
     w(0x9000u64 << 32, 0x8000)?;
     let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
     let dpl = if user { 3 } else { 0 };
-    s.cs = seg(0x08 | u16::from(dpl), 0xb, dpl, true);
-    for d in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
-        *d = seg(0x10 | u16::from(dpl), 0x3, dpl, true);
-    }
-    s.tr = kvm_segment {
-        base: 0x8000,
-        limit: 0x67,
-        type_: 0xb,
-        present: 1,
-        selector: 0x28,
-        ..Default::default()
-    };
+    load_segments(
+        &mut s,
+        0x08 | u16::from(dpl),
+        0x10 | u16::from(dpl),
+        dpl,
+        true,
+    );
     s.idt.base = 0x6000;
     s.idt.limit = 32 * 16 - 1;
     s.gdt.base = 0x5000;
@@ -396,18 +408,7 @@ fn probe_user_int_n_prot32() -> Support {
             .map_err(|e| e.to_string())?;
         prot32(&p, 0x1000)?;
         let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
-        s.cs = seg(0x1b, 0xb, 3, false);
-        for d in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
-            *d = seg(0x23, 0x3, 3, false);
-        }
-        s.tr = kvm_segment {
-            base: 0x8000,
-            limit: 0x67,
-            type_: 0xb,
-            present: 1,
-            selector: 0x28,
-            ..Default::default()
-        };
+        load_segments(&mut s, 0x1b, 0x23, 3, false);
         s.gdt.base = 0x5000;
         s.gdt.limit = 0x2f;
         s.idt.base = 0x6000;
