@@ -127,46 +127,26 @@ pub fn publish_to<S: Sink>(
             }
         }
         Layout::Native64 => {
-            let body = layout.encode64(
-                data,
-                entry | if update_flag { XEN_RUNSTATE_UPDATE } else { 0 },
-            );
-            if update_flag {
-                store_entry_top(
-                    s,
-                    base,
-                    layout,
-                    entry | XEN_RUNSTATE_UPDATE,
-                    Ordering::Relaxed,
-                )?;
-                fence(Ordering::Release);
-                s.write_array(base, &body)?;
-                fence(Ordering::Release);
-                store_entry_top(s, base, layout, entry, Ordering::Relaxed)?;
-            } else {
-                write_body_then_entry(s, base, layout, &body, entry)?;
-            }
+            let flag = if update_flag { XEN_RUNSTATE_UPDATE } else { 0 };
+            publish_encoded(
+                s,
+                base,
+                layout,
+                &layout.encode64(data, entry | flag),
+                entry,
+                update_flag,
+            )?;
         }
         Layout::Compat32 => {
-            let body = layout.encode32(
-                data,
-                entry | if update_flag { XEN_RUNSTATE_UPDATE } else { 0 },
-            );
-            if update_flag {
-                store_entry_top(
-                    s,
-                    base,
-                    layout,
-                    entry | XEN_RUNSTATE_UPDATE,
-                    Ordering::Relaxed,
-                )?;
-                fence(Ordering::Release);
-                s.write_array(base, &body)?;
-                fence(Ordering::Release);
-                store_entry_top(s, base, layout, entry, Ordering::Relaxed)?;
-            } else {
-                write_body_then_entry(s, base, layout, &body, entry)?;
-            }
+            let flag = if update_flag { XEN_RUNSTATE_UPDATE } else { 0 };
+            publish_encoded(
+                s,
+                base,
+                layout,
+                &layout.encode32(data, entry | flag),
+                entry,
+                update_flag,
+            )?;
         }
     }
     Ok(())
@@ -174,6 +154,35 @@ pub fn publish_to<S: Sink>(
 
 /// No update flag: state and times first, `state_entry_time` last.
 #[inline(always)]
+/// Publishes an encoded area body (either layout). With the update flag:
+/// entry time with XEN_RUNSTATE_UPDATE, release, body, release, entry time
+/// without it; otherwise body first, then the entry time.
+fn publish_encoded<S: Sink, const N: usize>(
+    s: &S,
+    base: usize,
+    layout: Layout,
+    body: &[u8; N],
+    entry: u64,
+    update_flag: bool,
+) -> Result<(), Error> {
+    if update_flag {
+        store_entry_top(
+            s,
+            base,
+            layout,
+            entry | XEN_RUNSTATE_UPDATE,
+            Ordering::Relaxed,
+        )?;
+        fence(Ordering::Release);
+        s.write_array(base, body)?;
+        fence(Ordering::Release);
+        store_entry_top(s, base, layout, entry, Ordering::Relaxed)?;
+        Ok(())
+    } else {
+        Ok(write_body_then_entry(s, base, layout, body, entry)?)
+    }
+}
+
 fn write_body_then_entry<S: Sink, const N: usize>(
     s: &S,
     base: usize,
