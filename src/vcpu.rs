@@ -119,7 +119,18 @@ impl Vcpu {
                 State::Stopped => break,
             };
         }
-        tracing::debug!("vCPU thread done");
+        // Steal time is checkable from outside: runnable should track the
+        // thread's run_delay (it is built from it).
+        let [running, runnable, blocked, offline] = self.m.xen.runstate_times(self.id);
+        let ms = |ns: u64| ns / 1_000_000;
+        tracing::info!(
+            running_ms = ms(running),
+            runnable_ms = ms(runnable),
+            blocked_ms = ms(blocked),
+            offline_ms = ms(offline),
+            thread_run_delay_ms = self.sample_run_delay().map(ms),
+            "vCPU runstate at exit"
+        );
     }
 
     fn sample_run_delay(&self) -> Option<u64> {

@@ -19,7 +19,7 @@ use hypercalls::{
     Domain, DomainConfig, E820Entry, Errno, Gfn, GuestTime, GuestWidth, Hypercall, MemFault,
     Outcome, OverlayId, Platform, RunstateAreaSpec, RunstateInfo, SharedPage, VcpuAccess, VcpuId,
 };
-use kvm_bindings::{kvm_msi, kvm_regs, kvm_sregs};
+use kvm_bindings::{kvm_msi, kvm_regs, kvm_sregs, kvm_userspace_memory_region};
 use parking_lot::{Condvar, Mutex};
 use runstate::{Accounting, Layout, RunstateArea, State};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -277,6 +277,15 @@ impl Xen {
     /// Schedule in/out of `vcpu` (see [`XenPlatform::runstate_transition`]).
     pub fn runstate_transition(&self, vcpu: u32, state: State, run_delay: Option<u64>) {
         self.platform.runstate_transition(vcpu, state, run_delay);
+    }
+
+    /// `vcpu`'s time in each runstate so far (running, runnable, blocked,
+    /// offline; ns), the current state's time counted up to now.
+    pub fn runstate_times(&self, vcpu: u32) -> [u64; 4] {
+        match VcpuId::new(vcpu, self.platform.runstates.len() as u32) {
+            Some(v) => self.platform.runstate(v).time,
+            None => [0; 4],
+        }
     }
 
     /// The host instant of Xen system time `ns`.
@@ -540,6 +549,25 @@ impl SharedPage for RamShared {
 struct Overlays {
     pages: Vec<Arc<OverlayShared>>,
     placed: HashMap<OverlayId, gpc::Gfn>,
+    /// Overlays placed at frames that are not RAM (grant frames in the
+    /// platform device's BAR or in a hole the guest picked): each is its own
+    /// KVM memslot. gfn -> (slot, page).
+    holes: HashMap<u64, (u32, gpc::OverlayPage)>,
+}
+
+/// First KVM memslot used for overlays outside RAM (RAM uses the first few).
+const HOLE_SLOT_BASE: u32 = 32;
+/// At most this many overlays outside RAM (KVM offers 509 user slots; the
+/// largest user is the grant table, 64 frames by default, and its status frames).
+const MAX_HOLE_OVERLAYS: u32 = 256;
+/// Guest frames an overlay outside RAM may not take: the IOAPIC and LAPIC
+/// pages, and anything at or above 2^40 (beyond what the guest's CPUID says
+/// it can address on every host).
+fn hole_frame_usable(gfn: u64) -> bool {
+    let gpa = gfn << 12;
+    gfn < (1u64 << 28)
+        && !(0xfec0_0000..0xfed0_0000).contains(&gpa)
+        && !(0xfee0_0000..0xfef0_0000).contains(&gpa)
 }
 
 /// The [`Platform`] the domain calls.
@@ -599,6 +627,64 @@ impl XenPlatform {
 }
 
 impl XenPlatform {
+    /// Removes the overlay at `g`, in RAM (the RAM page comes back) or in a
+    /// hole (its memslot goes).
+    fn take_off(&self, o: &mut Overlays, g: gpc::Gfn) {
+        if let Some((slot, _page)) = o.holes.remove(&g.0) {
+            let region = kvm_userspace_memory_region {
+                slot,
+                guest_phys_addr: g.0 << 12,
+                memory_size: 0,
+                ..Default::default()
+            };
+            self.with_machine(|m| {
+                // SAFETY: deleting a slot (size 0) maps nothing new.
+                if let Err(e) = unsafe { m.vm.set_user_memory_region(region) } {
+                    tracing::warn!(%e, slot, gfn = g.0, "cannot delete an overlay memslot");
+                }
+            });
+        } else if let Err(e) = self.map.remove_overlay(g) {
+            tracing::warn!(%e, gfn = g.0, "cannot remove an overlay");
+        }
+    }
+
+    /// Shows `page` at `g`, a frame that is not RAM, through a memslot of its own.
+    fn place_in_hole(
+        &self,
+        o: &mut Overlays,
+        g: gpc::Gfn,
+        page: &gpc::OverlayPage,
+    ) -> Result<(), Errno> {
+        let used: std::collections::HashSet<u32> = o.holes.values().map(|(s, _)| *s).collect();
+        let slot = (HOLE_SLOT_BASE..HOLE_SLOT_BASE + MAX_HOLE_OVERLAYS)
+            .find(|s| !used.contains(s))
+            .ok_or_else(|| {
+                tracing::warn!(gfn = g.0, "too many overlays outside RAM");
+                Errno::ENOMEM
+            })?;
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: g.0 << 12,
+            memory_size: 4096,
+            userspace_addr: page.host_addr(),
+        };
+        let m = self.upgrade().ok_or(Errno::EINVAL)?;
+        // SAFETY: the page's mapping lives as long as the clone kept in
+        // `holes`, and the slot is deleted (take_off) before that clone goes.
+        unsafe { m.vm.set_user_memory_region(region) }.map_err(|e| {
+            tracing::warn!(%e, slot, gfn = g.0, "cannot add an overlay memslot");
+            Errno::EINVAL
+        })?;
+        tracing::debug!(
+            slot,
+            gfn = format_args!("{:#x}", g.0),
+            "overlay placed outside RAM"
+        );
+        o.holes.insert(g.0, (slot, page.clone()));
+        Ok(())
+    }
+
     fn upgrade(&self) -> Option<Arc<Machine>> {
         self.machine.get().and_then(Weak::upgrade)
     }
@@ -659,22 +745,31 @@ impl Platform for XenPlatform {
             return Err(Errno::EINVAL);
         };
         let g = gpc::Gfn(gfn.get());
-        if !self.mem.check_range(GuestAddress(gfn.gpa()), 4096) {
+        let in_ram = self.mem.check_range(GuestAddress(gfn.gpa()), 4096);
+        if !in_ram && !hole_frame_usable(g.0) {
             return Err(Errno::EINVAL);
         }
         if let Some(old) = o.placed.remove(&id) {
-            if let Err(e) = self.map.remove_overlay(old) {
-                tracing::warn!(%e, "cannot remove an overlay");
-            }
+            self.take_off(&mut o, old);
         }
-        if let Ok(Some(_)) = self.map.overlay_at(g) {
-            let _ = self.map.remove_overlay(g);
+        // Whatever sat at this frame is displaced.
+        let displaced = if in_ram {
+            matches!(self.map.overlay_at(g), Ok(Some(_)))
+        } else {
+            o.holes.contains_key(&g.0)
+        };
+        if displaced {
+            self.take_off(&mut o, g);
             o.placed.retain(|_, v| *v != g);
         }
-        self.map.place_overlay(g, &ov.0).map_err(|e| {
-            tracing::warn!(%e, gfn = gfn.get(), "cannot place an overlay");
-            Errno::EINVAL
-        })?;
+        if in_ram {
+            self.map.place_overlay(g, &ov.0).map_err(|e| {
+                tracing::warn!(%e, gfn = gfn.get(), "cannot place an overlay");
+                Errno::EINVAL
+            })?;
+        } else {
+            self.place_in_hole(&mut o, g, &ov.0)?;
+        }
         o.placed.insert(id, g);
         Ok(())
     }
@@ -812,6 +907,10 @@ impl Platform for XenPlatform {
         let Some(gfn) = o.placed.remove(&id) else {
             return Err(Errno::ENOENT);
         };
+        if o.holes.contains_key(&gfn.0) {
+            self.take_off(&mut o, gfn);
+            return Ok(());
+        }
         self.map.remove_overlay(gfn).map(|_| ()).map_err(|e| {
             tracing::warn!(%e, "cannot remove an overlay");
             Errno::EINVAL

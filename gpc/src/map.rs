@@ -451,6 +451,13 @@ impl OverlayPage {
         &self.inner.file
     }
 
+    /// Host address of the VMM's own mapping of the page (valid while any
+    /// clone lives): what a KVM memslot needs to show the page to the guest
+    /// at a frame that is not RAM.
+    pub fn host_addr(&self) -> u64 {
+        self.inner.host as u64
+    }
+
     #[inline(always)]
     fn raw(&self) -> Raw {
         Raw {
