@@ -1,7 +1,9 @@
 //! Legacy port-I/O devices a Xen HVM guest touches: the Xen debug ports
 //! (0xE9 and the platform device's log port 0x12), the 16550 serial port
 //! (vm-superio), the CMOS/RTC (enough for a clock read), reset through the
-//! keyboard controller and 0xCF9, and an empty PCI configuration space.
+//! keyboard controller and 0xCF9, PCI configuration space and the Xen
+//! platform device's fixed ports 0x10/0x12 ([`crate::pci`]), and the ACPI
+//! sleep control/status registers through which the guest powers off.
 //!
 //! `PortBus::io_in`/`io_out` are plain functions over (port, data) so they
 //! are tested without KVM. Console output goes to one shared [`ConsoleOut`].
@@ -13,6 +15,8 @@ use parking_lot::Mutex;
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::pci::PciBus;
 
 /// Where guest text goes: one writer shared by every console source
 /// (console_io, debug ports, serial, PV console). Lines are flushed as they
@@ -77,6 +81,9 @@ pub enum PortEvent {
     None,
     /// The guest asked for a reset (0xCF9 or the keyboard controller).
     Reset,
+    /// The guest entered ACPI S5 (soft off) through the sleep control
+    /// register: power the VM off (exit status 0).
+    PowerOff,
 }
 
 pub const COM1: u16 = 0x3f8;
@@ -86,15 +93,22 @@ const CMOS_INDEX: u16 = 0x70;
 const CMOS_DATA: u16 = 0x71;
 const KBD_STATUS: u16 = 0x64;
 const RESET_CF9: u16 = 0xcf9;
-const PCI_CONFIG_ADDR: u16 = 0xcf8;
-const PCI_CONFIG_DATA: u16 = 0xcfc;
+/// ACPI sleep control register (the FADT's SLEEP_CONTROL_REG, 8 bits).
+pub const ACPI_SLEEP_CONTROL: u16 = 0x600;
+/// ACPI sleep status register (the FADT's SLEEP_STATUS_REG, 8 bits).
+pub const ACPI_SLEEP_STATUS: u16 = 0x601;
+/// The SLP_TYP value of S5 (the DSDT's `_S5_` package carries it).
+pub const S5_SLP_TYP: u8 = 5;
+/// Sleep control register: SLP_EN (bit 5) and SLP_TYP (bits 4:2).
+const SLP_EN: u8 = 1 << 5;
+const SLP_TYP_SHIFT: u8 = 2;
 
 /// The port-I/O devices.
 pub struct PortBus {
     console: Arc<ConsoleOut>,
     serial: Mutex<Serial<IrqFd, NoEvents, SerialOut>>,
     cmos_index: Mutex<u8>,
-    pci_addr: Mutex<u32>,
+    pci: PciBus,
     unknown_logged: Mutex<std::collections::HashSet<u16>>,
 }
 
@@ -104,15 +118,30 @@ impl PortBus {
             serial: Mutex::new(Serial::new(IrqFd(serial_irq), SerialOut(console.clone()))),
             console,
             cmos_index: Mutex::new(0),
-            pci_addr: Mutex::new(0),
+            pci: PciBus::new(),
             unknown_logged: Mutex::new(Default::default()),
         }
     }
 
+    /// PCI bus 0 and the Xen platform device.
+    pub fn pci(&self) -> &PciBus {
+        &self.pci
+    }
+
+    /// The Xen platform device's memory BAR (BAR1) as `(base, size)`, where
+    /// the guest places grant-table frames; see [`PciBus::platform_mmio`].
+    pub fn platform_mmio(&self) -> (u64, u64) {
+        self.pci.platform_mmio()
+    }
+
     /// Handles a guest `out`. Returns what the VMM must do next.
     pub fn io_out(&self, port: u16, data: &[u8]) -> PortEvent {
+        if data.is_empty() {
+            return PortEvent::None;
+        }
         match port {
             DEBUG_PORT_E9 | XEN_PLATFORM_LOG if data.len() == 1 => self.console.write(data),
+            p if PciBus::is_platform_port(p) => self.pci.platform_out(p, data),
             COM1..=0x3ff => {
                 if let Err(e) = self.serial.lock().write((port - COM1) as u8, data[0]) {
                     tracing::warn!(?e, "serial write failed");
@@ -121,12 +150,18 @@ impl PortBus {
             CMOS_INDEX => *self.cmos_index.lock() = data[0] & 0x7f,
             CMOS_DATA => {}
             KBD_STATUS if data[0] == 0xfe => return PortEvent::Reset,
-            RESET_CF9 if data[0] & 0x04 != 0 => return PortEvent::Reset,
-            PCI_CONFIG_ADDR if data.len() == 4 => {
-                *self.pci_addr.lock() = u32::from_le_bytes([data[0], data[1], data[2], data[3]])
+            RESET_CF9 if data.len() == 1 => {
+                if data[0] & 0x04 != 0 {
+                    return PortEvent::Reset;
+                }
             }
+            p if PciBus::is_config_port(p) => self.pci.config_out(p, data),
+            ACPI_SLEEP_CONTROL if data.len() == 1 => return sleep_control(data[0]),
+            // Writing WAK_STS clears it; it is never set.
+            ACPI_SLEEP_STATUS if data.len() == 1 => {}
             // POST codes and I/O delay ports.
             0x80 | 0xed => {}
+            p if self.pci.platform_io_decodes(p) => {}
             _ => self.log_unknown(port, "write"),
         }
         PortEvent::None
@@ -135,6 +170,9 @@ impl PortBus {
     /// Handles a guest `in`, filling `data`.
     pub fn io_in(&self, port: u16, data: &mut [u8]) {
         data.fill(0xff);
+        if data.is_empty() {
+            return;
+        }
         match port {
             // Reading 0xE9 returns 0xE9 (Bochs/Xen convention: port present).
             DEBUG_PORT_E9 => data[0] = 0xe9,
@@ -142,12 +180,14 @@ impl PortBus {
             CMOS_DATA => data[0] = cmos_read(*self.cmos_index.lock()),
             CMOS_INDEX => data[0] = *self.cmos_index.lock(),
             KBD_STATUS => data[0] = 0x1c,
-            PCI_CONFIG_ADDR if data.len() == 4 => {
-                data.copy_from_slice(&self.pci_addr.lock().to_le_bytes())
-            }
-            // No PCI device: all ones (vendor 0xffff).
-            PCI_CONFIG_DATA..=0xcff => {}
+            p if PciBus::is_platform_port(p) => self.pci.platform_in(p, data),
+            // The reset control register: no bits set.
+            RESET_CF9 if data.len() == 1 => data[0] = 0,
+            p if PciBus::is_config_port(p) => self.pci.config_in(p, data),
+            // Not sleeping, never woken: no WAK_STS.
+            ACPI_SLEEP_CONTROL | ACPI_SLEEP_STATUS if data.len() == 1 => data[0] = 0,
             0x80 | 0xed | 0x61 => data.fill(0),
+            p if self.pci.platform_io_decodes(p) => data.fill(0),
             _ => self.log_unknown(port, "read"),
         }
     }
@@ -160,6 +200,23 @@ impl PortBus {
             );
         }
     }
+}
+
+/// A write to the ACPI sleep control register: SLP_EN with SLP_TYP = S5
+/// powers off; other sleep states are not offered (no `_S3_` etc.).
+fn sleep_control(v: u8) -> PortEvent {
+    if v & SLP_EN == 0 {
+        return PortEvent::None;
+    }
+    let typ = (v >> SLP_TYP_SHIFT) & 7;
+    if typ == S5_SLP_TYP {
+        return PortEvent::PowerOff;
+    }
+    tracing::warn!(
+        typ,
+        "guest asked for an ACPI sleep state that is not offered; ignored"
+    );
+    PortEvent::None
 }
 
 /// CMOS registers: the RTC from the host clock (binary mode, 24 h), status
@@ -240,13 +297,89 @@ mod tests {
         assert_eq!(bus.io_out(0xcf9, &[0x02]), PortEvent::None);
     }
 
+    fn inl(bus: &PortBus, port: u16) -> u32 {
+        let mut d = [0u8; 4];
+        bus.io_in(port, &mut d);
+        u32::from_le_bytes(d)
+    }
+
     #[test]
-    fn io_in_pci_without_devices_reads_all_ones() {
+    fn io_pci_config_reaches_devices_and_absent_read_all_ones() {
         let (bus, _) = bus();
         bus.io_out(0xcf8, &0x8000_0000u32.to_le_bytes());
-        let mut d = [0u8; 4];
-        bus.io_in(0xcfc, &mut d);
-        assert_eq!(d, [0xff; 4]);
+        assert_eq!(inl(&bus, 0xcf8), 0x8000_0000);
+        assert_eq!(inl(&bus, 0xcfc), 0x1237_8086);
+        bus.io_out(0xcf8, &0x8000_1000u32.to_le_bytes());
+        assert_eq!(inl(&bus, 0xcfc), 0x0001_5853);
+        bus.io_out(0xcf8, &0x8000_0800u32.to_le_bytes());
+        assert_eq!(inl(&bus, 0xcfc), 0xffff_ffff);
+        // Type-1 probe byte writes leave the address register alone and
+        // reset nothing.
+        assert_eq!(bus.io_out(0xcfb, &[0x01]), PortEvent::None);
+        assert_eq!(inl(&bus, 0xcf8), 0x8000_0800);
+    }
+
+    #[test]
+    fn io_platform_unplug_handshake_and_log_byte() {
+        let (bus, out) = bus();
+        let (mut w, mut b) = ([0u8; 2], [0u8; 1]);
+        bus.io_in(0x10, &mut w);
+        bus.io_in(0x12, &mut b);
+        assert_eq!((u16::from_le_bytes(w), b[0]), (0x49d2, 1));
+        bus.io_out(0x12, &3u16.to_le_bytes());
+        bus.io_out(0x10, &1u32.to_le_bytes());
+        bus.io_in(0x10, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x49d2);
+        bus.io_out(0x10, &3u16.to_le_bytes());
+        let u = bus.pci().unplug_state();
+        assert_eq!(
+            (u.mask, u.product, u.driver_version),
+            (Some(3), Some(3), Some(1))
+        );
+        bus.io_out(0x12, b"x");
+        assert_eq!(&*out.0.lock(), b"x", "8-bit writes to 0x12 are the log");
+    }
+
+    #[test]
+    fn io_platform_bar0_reads_zero_ignores_writes() {
+        let (bus, _) = bus();
+        let base = crate::layout::PLATFORM_IO_BASE;
+        bus.io_out(base + 4, &[0xff; 4]);
+        assert_eq!(inl(&bus, base + 4), 0);
+        assert_eq!(inl(&bus, base + 0x100), 0xffff_ffff, "past the BAR");
+        assert_eq!(bus.platform_mmio().1, 16 << 20);
+    }
+
+    #[test]
+    fn io_out_sleep_control_s5_powers_off() {
+        let (bus, _) = bus();
+        // What ACPICA writes for S5: SLP_TYP << 2 | SLP_EN.
+        let s5 = (S5_SLP_TYP << 2) | 0x20;
+        assert_eq!(bus.io_out(ACPI_SLEEP_STATUS, &[0x80]), PortEvent::None);
+        assert_eq!(
+            bus.io_out(ACPI_SLEEP_CONTROL, &[s5 & !0x20]),
+            PortEvent::None
+        );
+        assert_eq!(
+            bus.io_out(ACPI_SLEEP_CONTROL, &[(3 << 2) | 0x20]),
+            PortEvent::None
+        );
+        assert_eq!(bus.io_out(ACPI_SLEEP_CONTROL, &[s5]), PortEvent::PowerOff);
+        let mut b = [0xffu8];
+        bus.io_in(ACPI_SLEEP_STATUS, &mut b);
+        assert_eq!(b, [0]);
+    }
+
+    #[test]
+    fn io_odd_sizes_never_panic() {
+        let (bus, _) = bus();
+        for port in (0..0x20).chain(0xcf0..0xd08).chain(0x5f8..0x608) {
+            for len in [0usize, 1, 2, 3, 4] {
+                let mut d = vec![0u8; len];
+                bus.io_in(port, &mut d);
+                bus.io_out(port, &vec![0u8; len]);
+            }
+        }
     }
 
     #[test]

@@ -34,6 +34,16 @@ pub const HIGH_START: u64 = 0x10_0000;
 pub const LOW_RAM_MAX: u64 = 0xc000_0000;
 /// 4 GiB: high RAM starts here.
 pub const HIGH_RAM_BASE: u64 = 0x1_0000_0000;
+/// Initial I/O address of the Xen platform PCI device's BAR0 (0x100 ports);
+/// the guest may move it.
+pub const PLATFORM_IO_BASE: u16 = 0xc000;
+/// Initial address of the Xen platform PCI device's BAR1 (16 MiB, in the MMIO
+/// hole below the IOAPIC at 0xfec0_0000 and LAPIC at 0xfee0_0000); the guest
+/// may move it and places its grant-table frames there.
+pub const PLATFORM_MMIO_BASE: u32 = 0xf000_0000;
+/// Last address of the PCI memory window the DSDT gives the root bridge
+/// (from [`LOW_RAM_MAX`] to just below the IOAPIC).
+pub const PCI_MMIO_END: u32 = 0xfebf_ffff;
 /// Number of special pages at the top of low RAM.
 pub const SPECIAL_PAGES: u64 = 16;
 

@@ -12,6 +12,7 @@ pub mod exit;
 pub mod hcall_page;
 pub mod layout;
 pub mod machine;
+pub mod pci;
 pub mod probe;
 pub mod test_guest;
 pub mod vcpu;

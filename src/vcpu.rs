@@ -332,6 +332,10 @@ impl Vcpu {
                     .request_exit(GuestExit::Reboot("reset through an I/O port".into()));
                 State::Stopped
             }
+            PortEvent::PowerOff => {
+                self.m.request_exit(GuestExit::Poweroff);
+                State::Stopped
+            }
         }
     }
 

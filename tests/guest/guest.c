@@ -6,7 +6,8 @@
  * SCHEDOP_poll and the runstate area; and with 2 vCPUs (issue 5): INIT/SIPI bring-up
  * of vCPU 1, per-vCPU upcall vectors, event channel IPI ping-pong (2-level and FIFO),
  * VIRQ_TIMER one-shot and periodic, SCHEDOP_poll wake-up, grant tables v1/v2,
- * xenstore transactions and console input. Checks that need vCPU 1 say "skipped
+ * xenstore transactions and console input; and PCI bus 0 with the Xen platform device
+ * and its unplug handshake. Checks that need vCPU 1 say "skipped
  * (1 vCPU)" when the domain has one. `xenkvm demo` boots it and shows its output.
  *
  * Modes (chosen by the start_info command line):
@@ -55,6 +56,19 @@ static inline u64 rdtsc_ordered(void)
 
 static inline void outb(u16 port, u8 v) { asm volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
 static inline void outl(u16 port, u32 v) { asm volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void outw(u16 port, u16 v) { asm volatile("outw %0, %1" ::"a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port)
+{
+    u8 v;
+    asm volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+static inline u16 inw(u16 port)
+{
+    u16 v;
+    asm volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
 static inline u32 inl(u16 port)
 {
     u32 v;
@@ -2033,6 +2047,68 @@ static int check_console_input(void)
                 newline ? " + newline" : " (no newline within 1 s)");
 }
 
+/* ------------------------------------------------------------------ PCI */
+
+/* Configuration mechanism #1: address at 0xCF8, dword data at 0xCFC. */
+static u32 pci_read(u32 slot, u32 reg)
+{
+    outl(0xcf8, 0x80000000u | slot << 11 | (reg & 0xfc));
+    return inl(0xcfc);
+}
+
+static void pci_write(u32 slot, u32 reg, u32 v)
+{
+    outl(0xcf8, 0x80000000u | slot << 11 | (reg & 0xfc));
+    outl(0xcfc, v);
+}
+
+/* Scan bus 0 for the Xen platform device (5853:0001) as Linux's platform-pci
+ * driver needs it: an I/O BAR0, a memory BAR1 of at least 16 MiB (grant frames
+ * go there), sizing leaves the BAR as it was; then the unplug handshake of
+ * Linux's platform-pci-unplug.c on ports 0x10/0x12. */
+static int check_pci(void)
+{
+    u32 slot = 32, devices = 0, host = pci_read(0, 0), host_class = pci_read(0, 8) >> 8;
+    for (u32 d = 0; d < 32; d++) {
+        u32 id = pci_read(d, 0);
+        if (id == 0xffffffffu)
+            continue;
+        devices++;
+        if (id == 0x00015853u)
+            slot = d;
+    }
+    if (host_class != 0x060000)
+        return FAIL("00:00.0 is %04x:%04x class 0x%06x, expected a host bridge (0x060000)", host & 0xffff,
+                    host >> 16, host_class);
+    if (slot == 32)
+        return FAIL("no 5853:0001 among %u devices on bus 0", devices);
+    u32 class = pci_read(slot, 8) >> 8, bar0 = pci_read(slot, 0x10), bar1 = pci_read(slot, 0x14);
+    pci_write(slot, 0x14, 0xffffffffu);
+    u32 mask = pci_read(slot, 0x14);
+    pci_write(slot, 0x14, bar1);
+    u32 size = ~(mask & ~0xfu) + 1, restored = pci_read(slot, 0x14);
+    if (!(bar0 & 1) || !(bar0 & ~3u))
+        return FAIL("BAR0 0x%x is not a non-zero I/O BAR", bar0);
+    if ((bar1 & 1) || !(bar1 & ~0xfu) || (mask & 0xf) != (bar1 & 0xf) || size < (16u << 20))
+        return FAIL("BAR1 0x%x sizes to mask 0x%x (%u bytes); want memory >= 16 MiB", bar1, mask, size);
+    if (restored != bar1)
+        return FAIL("BAR1 reads 0x%x after restoring 0x%x", restored, bar1);
+    u16 magic = inw(0x10);
+    u8 version = inb(0x12);
+    if (magic != 0x49d2 || version < 1)
+        return FAIL("unplug magic 0x%x (want 0x49d2), protocol %u (want >= 1)", magic, version);
+    outw(0x12, 3);          /* product number: Linux */
+    outl(0x10, 0x00060100); /* driver version */
+    u16 again = inw(0x10);
+    if (again != 0x49d2)
+        return FAIL("magic 0x%x after the product/version writes (blacklisted)", again);
+    outw(0x10, 3); /* unplug IDE disks and NICs */
+    return PASS("%u devices on bus 0 (00:00.0 %04x:%04x), 5853:0001 at 00:%02x.0 class 0x%06x, BAR0 I/O 0x%x, "
+                "BAR1 0x%x (%u MiB, type 0x%x); unplug: magic 0x%x, protocol %u, unplugged",
+                devices, host & 0xffff, host >> 16, slot, class, bar0 & ~3u, bar1 & ~0xfu, size >> 20,
+                bar1 & 0xf, magic, version);
+}
+
 static const struct check {
     const char *name;
     int (*run)(void); /* returns PASS(...) or FAIL(...) */
@@ -2057,6 +2133,7 @@ static const struct check {
     { "grant_v2", check_grant_v2 },
     { "xs_transaction", check_xs_transaction },
     { "console_input", check_console_input },
+    { "pci", check_pci },
     { "fifo", check_fifo }, /* last: after it the domain uses the FIFO ABI */
 };
 
