@@ -86,6 +86,9 @@ pub enum Action {
     MmioUnbacked { addr: u64, write: bool },
     /// Accept the hypercall-page MSR write and fill the page at `gpa`.
     HypercallPage { gpa: u64 },
+    /// The guest wrote LSTAR (only filtered on hosts that need the
+    /// [`crate::syscall_fix`]): write it and arm the #PF-handler breakpoint.
+    LstarWrite { data: u64 },
     /// Refuse the MSR access: the guest gets #GP.
     MsrFault,
     /// KVM could not emulate an instruction: decode and fix it up.
@@ -126,6 +129,10 @@ pub fn decide(exit: &Exit, vcpu: u32, env: &dyn ExitEnv) -> Action {
             index: XEN_HYPERCALL_MSR,
             data,
         } if env.hypercall_page_ok(data) => Action::HypercallPage { gpa: data },
+        Exit::WrMsr {
+            index: crate::syscall_fix::MSR_LSTAR,
+            data,
+        } => Action::LstarWrite { data },
         // The filter only sends the hypercall MSR here; anything else the
         // guest gets #GP for, as on Xen.
         Exit::WrMsr { .. } | Exit::RdMsr { .. } => Action::MsrFault,

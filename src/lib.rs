@@ -14,6 +14,7 @@ pub mod layout;
 pub mod machine;
 pub mod pci;
 pub mod probe;
+pub mod syscall_fix;
 pub mod test_guest;
 pub mod vcpu;
 pub mod vm;

@@ -20,7 +20,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 pub enum Support {
     /// KVM runs it.
     Native,
-    /// KVM stops with an emulation failure and xenkvm fixes it up.
+    /// KVM gets it wrong (an emulation failure, a missed privilege switch)
+    /// and xenkvm fixes it up.
     FixedUp,
     /// Neither KVM nor any VMM can run it here; the string says what happens.
     Unsupported(String),
@@ -38,7 +39,7 @@ impl fmt::Display for Support {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Support::Native => write!(f, "native"),
-            Support::FixedUp => write!(f, "fixed up by xenkvm (KVM emulation failure)"),
+            Support::FixedUp => write!(f, "fixed up by xenkvm"),
             Support::Unsupported(s) => write!(f, "NOT SUPPORTED on this host: {s}"),
             Support::Unknown(s) => write!(f, "unknown: {s}"),
         }
@@ -54,6 +55,7 @@ pub struct HostProbe {
     pub user_int_n_prot32: Support,
     pub kernel_int3: Support,
     pub iret32: Support,
+    pub user_syscall: Support,
 }
 
 impl HostProbe {
@@ -66,6 +68,7 @@ impl HostProbe {
             user_int_n_prot32: probe_user_int_n_prot32(),
             kernel_int3: probe_kernel_int3(),
             iret32: probe_iret32(),
+            user_syscall: probe_user_syscall(),
         }
     }
 
@@ -75,7 +78,7 @@ impl HostProbe {
         P.get_or_init(HostProbe::run)
     }
 
-    pub fn rows(&self) -> [(&'static str, &Support); 6] {
+    pub fn rows(&self) -> [(&'static str, &Support); 7] {
         [
             ("legacy 32-bit PAE paging", &self.legacy_pae_paging),
             ("legacy 32-bit PSE paging", &self.legacy_pse_paging),
@@ -83,6 +86,7 @@ impl HostProbe {
             ("int n at CPL 3, 32-bit mode", &self.user_int_n_prot32),
             ("int3 at CPL 0", &self.kernel_int3),
             ("32-bit iret", &self.iret32),
+            ("syscall at CPL 3", &self.user_syscall),
         ]
     }
 }
@@ -461,4 +465,94 @@ fn probe_iret32() -> Support {
         Ok(run_vcpu(&mut p))
     })();
     verdict(r, PORT_OK)
+}
+
+/// `syscall` at CPL 3 in long mode (EFER.SCE, STAR, LSTAR, SFMASK set)
+/// into a kernel entry on a supervisor-only page that does `out PORT_OK`.
+/// Where the host leaves the vCPU at CPL 3 the entry page-faults; then the
+/// probe runs again with xenkvm's fix-up ([`crate::syscall_fix`]: a
+/// breakpoint on the #PF handler that completes the `syscall`).
+fn probe_user_syscall() -> Support {
+    match run_user_syscall(false) {
+        Ok(End::Out(PORT_OK)) => Support::Native,
+        Ok(End::Out(p)) if p == PORT_VEC + 14 => match run_user_syscall(true) {
+            Ok(End::Out(PORT_OK)) => Support::FixedUp,
+            Ok(e) => Support::Unsupported(format!(
+                "the kernel entry runs at CPL 3 and the fix-up fails ({e:?})"
+            )),
+            Err(e) => Support::Unknown(e),
+        },
+        r => verdict(r, PORT_OK),
+    }
+}
+
+fn run_user_syscall(fixup: bool) -> Result<End, String> {
+    use crate::syscall_fix::*;
+    const LSTAR: u64 = 0x20_0000;
+    const PF_HANDLER: u64 = 0x7400 + 14 * 16;
+    let mut p = new_vm()?;
+    let code = asm(64, 0x1000, |a| {
+        a.syscall()?;
+        a.hlt()
+    })?;
+    let w = |bytes: &[u8], at: u64| {
+        p.mem
+            .write_slice(bytes, GuestAddress(at))
+            .map_err(|e| e.to_string())
+    };
+    w(&code, 0x1000)?;
+    w(&[0xe6, PORT_OK as u8, 0xf4], LSTAR)?;
+    long_mode(&p, true, 0x1000, 0)?;
+    // The second 2 MiB page, where LSTAR points, is supervisor-only.
+    w(&(LSTAR | 0x83).to_le_bytes(), 0x4008)?;
+    let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
+    s.efer |= 1; // SCE
+    p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
+    let star = 0x08u64 << 32;
+    let msr = |index, data| kvm_bindings::kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    let msrs = kvm_bindings::Msrs::from_entries(&[
+        msr(MSR_STAR, star),
+        msr(MSR_LSTAR, LSTAR),
+        msr(0xc000_0084, 0x200),
+    ])
+    .map_err(|e| format!("{e:?}"))?;
+    p.vcpu.set_msrs(&msrs).map_err(|e| e.to_string())?;
+    if !fixup {
+        return Ok(run_vcpu(&mut p));
+    }
+    let mut dbg = kvm_bindings::kvm_guest_debug {
+        control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP,
+        ..Default::default()
+    };
+    dbg.arch.debugreg[0] = PF_HANDLER;
+    dbg.arch.debugreg[7] = 1;
+    p.vcpu.set_guest_debug(&dbg).map_err(|e| e.to_string())?;
+    match p.vcpu.run() {
+        Ok(VcpuExit::Debug(d)) if d.pc == PF_HANDLER => {}
+        Ok(e) => return Ok(End::Other(format!("{e:?}"))),
+        Err(e) => return Ok(End::Other(e.to_string())),
+    }
+    let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
+    let mut r = p.vcpu.get_regs().map_err(|e| e.to_string())?;
+    let mut raw = [0u8; 48];
+    p.mem
+        .read_slice(&mut raw, GuestAddress(r.rsp))
+        .map_err(|e| e.to_string())?;
+    let f = Frame::parse(&raw);
+    let setup = SyscallSetup {
+        lstar: LSTAR,
+        star,
+        pf_handler: PF_HANDLER,
+    };
+    if !f.is_broken_syscall(&setup, s.cr2) {
+        return Ok(End::Other(format!("unexpected #PF frame {f:?}")));
+    }
+    complete_syscall(&mut r, &mut s, &f, star);
+    p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
+    p.vcpu.set_regs(&r).map_err(|e| e.to_string())?;
+    Ok(run_vcpu(&mut p))
 }

@@ -66,6 +66,9 @@ pub struct Vcpu {
     started: bool,
     /// Linear addresses of `vmcall` sites with a hardware breakpoint armed.
     bp_sites: Vec<u64>,
+    /// The guest's syscall entry and #PF handler, on hosts that need the
+    /// [`crate::syscall_fix`] (set when the guest writes LSTAR).
+    syscall: Option<crate::syscall_fix::SyscallSetup>,
     /// RIP of the last emulation failure retried unchanged, and how many.
     retry_rip: Option<u64>,
     retried: u64,
@@ -90,6 +93,7 @@ impl Vcpu {
             next_steal_sample: 0,
             started: false,
             bp_sites: Vec::new(),
+            syscall: None,
             retry_rip: None,
             retried: 0,
         }
@@ -266,6 +270,10 @@ impl Vcpu {
                     State::Running
                 }
             }
+            Action::LstarWrite { data } => self.lstar_written(data),
+            Action::HypercallTrap { pc } if self.syscall.is_some_and(|s| s.pf_handler == pc) => {
+                self.pf_trap()
+            }
             Action::HypercallTrap { pc } => {
                 if self.bp_sites.contains(&pc) {
                     let sr = self.fd.sync_regs();
@@ -426,26 +434,17 @@ impl Vcpu {
     }
 
     /// Arms an instruction breakpoint at linear address `pc` (up to four
-    /// sites; the oldest is replaced).
+    /// sites, three when the syscall fix-up holds one; the oldest is replaced).
     fn arm_breakpoint(&mut self, pc: u64) {
         if self.bp_sites.contains(&pc) {
             return;
         }
-        if self.bp_sites.len() == 4 {
+        let max = if self.syscall.is_some() { 3 } else { 4 };
+        while self.bp_sites.len() >= max {
             self.bp_sites.remove(0);
         }
         self.bp_sites.push(pc);
-        let mut dbg = kvm_bindings::kvm_guest_debug {
-            control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP,
-            ..Default::default()
-        };
-        let mut dr7 = 0u64;
-        for (i, &site) in self.bp_sites.iter().enumerate() {
-            dbg.arch.debugreg[i] = site;
-            dr7 |= 1 << (2 * i); // local enable, execute, length 1
-        }
-        dbg.arch.debugreg[7] = dr7;
-        match self.fd.set_guest_debug(&dbg) {
+        match self.program_breakpoints() {
             Ok(()) => tracing::debug!(
                 pc = format_args!("{pc:#x}"),
                 sites = self.bp_sites.len(),
@@ -453,6 +452,122 @@ impl Vcpu {
             ),
             Err(e) => tracing::warn!(%e, "cannot arm a hypercall breakpoint; vmcalls stay slow"),
         }
+    }
+
+    /// Loads DR0-DR3/DR7 with the hypercall sites and the #PF handler.
+    fn program_breakpoints(&mut self) -> Result<(), kvm_ioctls::Error> {
+        let mut dbg = kvm_bindings::kvm_guest_debug {
+            control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP,
+            ..Default::default()
+        };
+        let sites = self
+            .bp_sites
+            .iter()
+            .copied()
+            .chain(self.syscall.map(|s| s.pf_handler));
+        let mut dr7 = 0u64;
+        for (i, site) in sites.take(4).enumerate() {
+            dbg.arch.debugreg[i] = site;
+            dr7 |= 1 << (2 * i); // local enable, execute, length 1
+        }
+        dbg.arch.debugreg[7] = dr7;
+        self.fd.set_guest_debug(&dbg)
+    }
+
+    /// The guest wrote LSTAR on a host whose `syscall` stays at CPL 3:
+    /// write it, and trap the guest's #PF handler (see [`crate::syscall_fix`]).
+    fn lstar_written(&mut self, lstar: u64) -> State {
+        use crate::syscall_fix::*;
+        let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: MSR_LSTAR,
+            data: lstar,
+            ..Default::default()
+        }]);
+        if !matches!(msrs.map(|m| self.fd.set_msrs(&m)), Ok(Ok(1))) {
+            self.m.request_exit(GuestExit::Error(format!(
+                "vCPU {}: cannot write LSTAR",
+                self.id
+            )));
+            return State::Stopped;
+        }
+        let sregs = self.fd.sync_regs().sregs;
+        let star = read_msr(&self.fd, MSR_STAR).unwrap_or(0);
+        let mut gate = [0u8; 16];
+        let paging = x86::Paging::from_sregs(&sregs);
+        let handler = x86::read_linear(
+            &self.m.mem,
+            &paging,
+            sregs.idt.base.wrapping_add(14 * 16),
+            &mut gate,
+            x86::Access::READ,
+        )
+        .ok()
+        .and_then(|()| gate_target(&gate));
+        let Some(pf_handler) = handler else {
+            tracing::warn!(
+                "LSTAR written before a #PF handler is in the IDT: system calls will fault"
+            );
+            return State::Running;
+        };
+        self.syscall = Some(SyscallSetup {
+            lstar,
+            star,
+            pf_handler,
+        });
+        while self.bp_sites.len() > 3 {
+            self.bp_sites.remove(0);
+        }
+        if let Err(e) = self.program_breakpoints() {
+            tracing::warn!(%e, "cannot trap the #PF handler: system calls will fault");
+            self.syscall = None;
+        } else {
+            tracing::info!(
+                lstar = format_args!("{lstar:#x}"),
+                pf_handler = format_args!("{pf_handler:#x}"),
+                "syscall fix-up armed (this host runs syscall without the switch to CPL 0)"
+            );
+        }
+        State::Running
+    }
+
+    /// The breakpoint on the guest's #PF handler fired: complete a broken
+    /// `syscall`, or step over the handler's first instruction.
+    fn pf_trap(&mut self) -> State {
+        use crate::syscall_fix::*;
+        let Some(setup) = self.syscall else {
+            return State::Running;
+        };
+        let sr = self.fd.sync_regs();
+        let (mut regs, mut sregs) = (sr.regs, sr.sregs);
+        let paging = x86::Paging::from_sregs(&sregs);
+        let mut raw = [0u8; 48];
+        let frame = x86::read_linear(&self.m.mem, &paging, regs.rsp, &mut raw, x86::Access::READ)
+            .ok()
+            .map(|()| Frame::parse(&raw));
+        if let Some(f) = frame.filter(|f| f.is_broken_syscall(&setup, sregs.cr2)) {
+            complete_syscall(&mut regs, &mut sregs, &f, setup.star);
+            let sr = self.fd.sync_regs_mut();
+            sr.regs = regs;
+            sr.sregs = sregs;
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+            self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+            return State::Running;
+        }
+        match x86::fetch(&self.m.mem, &regs, &sregs) {
+            Ok(insn) if step_over(&insn, &mut regs) => {
+                self.fd.sync_regs_mut().regs = regs;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+            }
+            other => {
+                tracing::warn!(
+                    insn = ?other.map(|i| i.code()),
+                    "cannot step over the #PF handler's first instruction: syscall fix-up off"
+                );
+                self.syscall = None;
+                let _ = self.program_breakpoints();
+            }
+        }
+        State::Running
     }
 
     /// SCHEDOP_block / SCHEDOP_poll: wait in the VMM until an event for this

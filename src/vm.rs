@@ -300,13 +300,25 @@ fn enable_msr_exits(vm: &VmFd) -> Result<(), VmError> {
         .map_err(kvm_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
     // A zero bit denies the access, which the cap turns into an exit.
     let bitmap = [0u8; 1];
-    let range = MsrFilterRange {
+    let mut ranges = vec![MsrFilterRange {
         flags: MsrFilterRangeFlags::WRITE,
         base: cpuid::XEN_HYPERCALL_MSR,
         msr_count: 1,
         bitmap: &bitmap,
-    };
-    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
+    }];
+    // Where `syscall` from CPL 3 does not reach CPL 0, LSTAR writes arm the
+    // fix-up (crate::syscall_fix).
+    let syscall = &crate::probe::HostProbe::get().user_syscall;
+    if *syscall != crate::probe::Support::Native {
+        tracing::info!(%syscall, "syscall at CPL 3 on this host");
+        ranges.push(MsrFilterRange {
+            flags: MsrFilterRangeFlags::WRITE,
+            base: crate::syscall_fix::MSR_LSTAR,
+            msr_count: 1,
+            bitmap: &bitmap,
+        });
+    }
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
         .map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))
 }
 
