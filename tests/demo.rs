@@ -37,6 +37,7 @@ fn demo_builtin_guest_all_checks_pass() {
         "xs_transaction",
         "console_input",
         "fifo",
+        "pci",
     ] {
         assert!(
             checks
