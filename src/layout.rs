@@ -1,7 +1,7 @@
 //! Guest physical memory layout.
 //!
 //! ```text
-//! 0x0000_0000  RAM (low)            real-mode area, boot structures at 0x6000
+//! 0x0000_0000  RAM (low)            real-mode area, boot structures at 0x4000-0xefff
 //! 0x000a_0000  reserved             legacy VGA/BIOS hole (e820 reserved, still RAM-backed)
 //! 0x0010_0000  RAM                  kernels load here (XTF at 1 MiB, Linux at 16 MiB)
 //! special_base reserved             SPECIAL_PAGES pages: console ring, xenstore ring, ...
@@ -14,6 +14,10 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::boot::{E820Entry, E820_RAM, E820_RESERVED};
 
 pub const PAGE_SIZE: u64 = 4096;
+/// The boot GDT of the Linux 64-bit entry (32 bytes).
+pub const BOOT_GDT: u64 = 0x4000;
+/// The Linux zero page (`boot_params`, 4 KiB).
+pub const ZERO_PAGE: u64 = 0x5000;
 /// `hvm_start_info`.
 pub const START_INFO: u64 = 0x6000;
 /// The memory map (24-byte `hvm_memmap_table_entry`s).
@@ -24,6 +28,10 @@ pub const MODLIST: u64 = 0x6800;
 /// Kernel command line.
 pub const CMDLINE: u64 = 0x7000;
 pub const CMDLINE_MAX: usize = 4096;
+/// Top of the stack the Linux 64-bit entry starts with (0x8000-0x8fff).
+pub const BOOT_STACK_TOP: u64 = 0x9000;
+/// Identity-map page tables of the Linux 64-bit entry (6 pages, to 0xefff).
+pub const BOOT_PAGE_TABLES: u64 = 0x9000;
 /// Lowest address an initrd may be placed at.
 pub const INITRD_MIN: u64 = 0x10_0000;
 /// Start of the legacy hole.

@@ -11,6 +11,7 @@ pub mod devices;
 pub mod exit;
 pub mod hcall_page;
 pub mod layout;
+pub mod linux_boot;
 pub mod machine;
 pub mod pci;
 pub mod probe;

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use xenkvm::machine::GuestExit;
-use xenkvm::vm::{Vm, VmConfig};
+use xenkvm::vm::{BootProtocol, Vm, VmConfig};
 
 #[derive(Parser)]
 #[command(
@@ -21,7 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Boot a guest kernel (a PVH ELF such as an XTF test or vmlinux).
+    /// Boot a guest kernel: a PVH ELF (an XTF test, vmlinux) or a Linux
+    /// bzImage (see --boot).
     Run(RunArgs),
     /// Boot the project's own test guest (built by cargo) and print what it
     /// checked from inside: Xen CPUID, hypercalls, shared_info, xenstore,
@@ -36,14 +37,31 @@ enum Cmd {
     Probe,
 }
 
+/// How `run` enters the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BootArg {
+    /// An ELF by PVH; a bzImage by PVH of the kernel ELF extracted from it
+    /// (skips the in-guest decompressor).
+    Auto,
+    /// PVH entry (32-bit, hvm_start_info); a bzImage's ELF is extracted.
+    Pvh,
+    /// The Linux x86 boot protocol's 64-bit entry of a bzImage (zero page,
+    /// E820, initrd; the kernel decompresses itself and runs as a Xen
+    /// PV-on-HVM guest).
+    Linux,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// Guest kernel: an ELF image with a Xen PVH entry note, or a Linux
-    /// bzImage whose (LZ4-compressed) kernel ELF has one: it is extracted and
-    /// booted by PVH.
+    /// bzImage (booted as --boot says).
     #[arg(long, value_name = "PATH")]
     kernel: PathBuf,
-    /// Initial ramdisk, passed as module 0 in hvm_start_info.
+    /// How to boot the kernel.
+    #[arg(long, value_enum, default_value_t = BootArg::Auto)]
+    boot: BootArg,
+    /// Initial ramdisk (PVH: module 0 of hvm_start_info; Linux boot
+    /// protocol: ramdisk_image in the zero page).
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
     /// Kernel command line.
@@ -80,19 +98,30 @@ fn main() -> ExitCode {
                     )
                 }
             };
-            // A bzImage is booted by PVH entry of the ELF inside it (the
-            // Linux boot protocol itself is not implemented yet).
-            let kernel = if xenkvm::bzimage::is_bzimage(&kernel) {
-                eprintln!(
-                    "xenkvm: {} is a bzImage: extracting its kernel ELF to boot it by PVH",
-                    a.kernel.display()
-                );
-                match xenkvm::bzimage::extract_elf(&kernel) {
-                    Ok(elf) => elf,
-                    Err(e) => return fail(1, &format!("{}: {e}", a.kernel.display())),
+            let is_bz = xenkvm::bzimage::is_bzimage(&kernel);
+            let (kernel, boot) = match a.boot {
+                BootArg::Linux if !is_bz => {
+                    return fail(
+                        1,
+                        &format!(
+                            "--boot linux needs a Linux bzImage, and {} is not one (no \"HdrS\" setup header); use --boot pvh for an ELF",
+                            a.kernel.display()
+                        ),
+                    )
                 }
-            } else {
-                kernel
+                BootArg::Linux => (kernel, BootProtocol::Linux),
+                // PVH entry of the ELF inside a bzImage.
+                BootArg::Auto | BootArg::Pvh if is_bz => {
+                    eprintln!(
+                        "xenkvm: {} is a bzImage: extracting its kernel ELF to boot it by PVH (--boot linux runs its own decompressor instead)",
+                        a.kernel.display()
+                    );
+                    match xenkvm::bzimage::extract_elf(&kernel) {
+                        Ok(elf) => (elf, BootProtocol::Pvh),
+                        Err(e) => return fail(1, &format!("{}: {e}", a.kernel.display())),
+                    }
+                }
+                BootArg::Auto | BootArg::Pvh => (kernel, BootProtocol::Pvh),
             };
             let initrd = match a.initrd.as_ref().map(std::fs::read).transpose() {
                 Ok(i) => i,
@@ -100,6 +129,7 @@ fn main() -> ExitCode {
             };
             let cfg = VmConfig {
                 kernel,
+                boot,
                 initrd,
                 cmdline: a.cmdline,
                 mem_mib: a.memory,

@@ -1,7 +1,9 @@
 //! The KVM virtual machine: guest RAM, the in-kernel irqchip and PIT, the
 //! user-space MSR filter that brings the hypercall-page MSR write to us,
-//! vCPU creation (CPUID, PVH entry state, TSC), and the lifecycle that runs
-//! the vCPU threads until the guest powers off, crashes or times out.
+//! vCPU creation (CPUID, TSC), the boot (PVH entry of an ELF, or the Linux
+//! boot protocol's 64-bit entry of a bzImage, see `linux_boot`), and the
+//! lifecycle that runs the vCPU threads until the guest powers off, crashes
+//! or times out.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,13 +23,27 @@ use crate::clock::Clock;
 use crate::cpuid::{self, CpuidConfig, CpuidEntry};
 use crate::devices::{ConsoleOut, PortBus};
 use crate::layout;
+use crate::linux_boot::{self, LinuxKernel};
 use crate::machine::{GuestExit, Machine};
 use crate::vcpu::Vcpu;
+
+/// How the kernel is entered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BootProtocol {
+    /// `kernel` is an ELF with a Xen PVH entry note: 32-bit protected mode,
+    /// EBX = `hvm_start_info`.
+    #[default]
+    Pvh,
+    /// `kernel` is a Linux bzImage: the x86 boot protocol's 64-bit entry
+    /// with a zero page, as an HVM guest (`hardware_subarch` 0).
+    Linux,
+}
 
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub kernel: Vec<u8>,
+    pub boot: BootProtocol,
     pub initrd: Option<Vec<u8>>,
     pub cmdline: String,
     pub mem_mib: u64,
@@ -43,6 +59,7 @@ impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
             kernel: Vec::new(),
+            boot: BootProtocol::Pvh,
             initrd: None,
             cmdline: String::new(),
             mem_mib: 256,
@@ -67,6 +84,8 @@ pub enum VmError {
     Memory(String),
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    LinuxBoot(#[from] linux_boot::LinuxBootError),
     #[error("--vcpus must be between 1 and {max}, not {0}", max = crate::MAX_VCPUS)]
     BadVcpus(u32),
     #[error("--memory must be between 16 MiB and 64 GiB, not {0} MiB")]
@@ -81,12 +100,18 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
     move |e| VmError::Kvm(what, e)
 }
 
+/// The boot vCPU's initial state.
+#[derive(Debug, Clone, Copy)]
+enum EntryState {
+    Pvh { entry: u32, start_info: u64 },
+    Linux64(LinuxKernel),
+}
+
 /// A created VM, ready to run.
 pub struct Vm {
     pub machine: Arc<Machine>,
     vcpus: Vec<VcpuFd>,
-    entry: u32,
-    start_info: u64,
+    entry: EntryState,
     stdin_console: bool,
 }
 
@@ -150,18 +175,43 @@ impl Vm {
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
-        let kernel = boot::load_pvh_elf(&mem, &cfg.kernel)?;
         let e820 = layout::e820(&mem);
         let rsdp = crate::acpi::write_tables(&mem, cfg.vcpus)
             .map_err(|e| VmError::Other(e.to_string()))?;
-        let start_info =
-            boot::write_start_info(&mem, &e820, &cfg.cmdline, cfg.initrd.as_deref(), rsdp)?;
-        tracing::info!(
-            entry = format_args!("{:#x}", kernel.entry),
-            start = format_args!("{:#x}", kernel.start),
-            end = format_args!("{:#x}", kernel.end),
-            "kernel loaded"
-        );
+        let entry = match cfg.boot {
+            BootProtocol::Pvh => {
+                let kernel = boot::load_pvh_elf(&mem, &cfg.kernel)?;
+                let start_info =
+                    boot::write_start_info(&mem, &e820, &cfg.cmdline, cfg.initrd.as_deref(), rsdp)?;
+                tracing::info!(
+                    entry = format_args!("{:#x}", kernel.entry),
+                    start = format_args!("{:#x}", kernel.start),
+                    end = format_args!("{:#x}", kernel.end),
+                    "PVH kernel loaded"
+                );
+                EntryState::Pvh {
+                    entry: kernel.entry,
+                    start_info,
+                }
+            }
+            BootProtocol::Linux => {
+                let k = linux_boot::load_bzimage(
+                    &mem,
+                    &cfg.kernel,
+                    &cfg.cmdline,
+                    cfg.initrd.as_deref(),
+                    &e820,
+                    rsdp,
+                )?;
+                tracing::info!(
+                    entry = format_args!("{:#x}", k.entry),
+                    init_end = format_args!("{:#x}", k.init_end),
+                    initrd = ?k.initrd,
+                    "bzImage loaded for the 64-bit boot protocol"
+                );
+                EntryState::Linux64(k)
+            }
+        };
 
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
@@ -202,8 +252,7 @@ impl Vm {
         Ok(Vm {
             machine,
             vcpus,
-            entry: kernel.entry,
-            start_info,
+            entry,
             stdin_console: cfg.stdin_console,
         })
     }
@@ -214,7 +263,6 @@ impl Vm {
             machine,
             vcpus,
             entry,
-            start_info,
             stdin_console,
         } = self;
         crate::vcpu::install_kick_handler();
@@ -223,7 +271,13 @@ impl Vm {
         for (id, fd) in vcpus.into_iter().enumerate() {
             let id = id as u32;
             if id == 0 {
-                if let Err(e) = set_pvh_entry_state(&fd, entry, start_info) {
+                let r = match entry {
+                    EntryState::Pvh { entry, start_info } => {
+                        set_pvh_entry_state(&fd, entry, start_info)
+                    }
+                    EntryState::Linux64(k) => set_linux64_entry_state(&fd, &k),
+                };
+                if let Err(e) = r {
                     return GuestExit::Error(format!("cannot set the boot vCPU's registers: {e}"));
                 }
             }
@@ -429,6 +483,67 @@ fn set_pvh_entry_state(fd: &VcpuFd, entry: u32, start_info: u64) -> Result<(), k
     r.rbx = start_info;
     r.rflags = 2;
     r.rsp = 0;
+    fd.set_regs(&r)?;
+    Ok(())
+}
+
+/// The Linux boot protocol's 64-bit entry state: long mode with the
+/// identity map `k.cr3`, the boot GDT with flat `__BOOT_CS` (64-bit code)
+/// and `__BOOT_DS`, interrupts off, RSI = zero page, RIP = `startup_64`.
+fn set_linux64_entry_state(fd: &VcpuFd, k: &LinuxKernel) -> Result<(), kvm_ioctls::Error> {
+    let mut s = fd.get_sregs()?;
+    let code = kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: linux_boot::BOOT_CS,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 1,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    let data = kvm_segment {
+        selector: linux_boot::BOOT_DS,
+        type_: 0x3,
+        db: 1,
+        l: 0,
+        ..code
+    };
+    s.cs = code;
+    s.ds = data;
+    s.es = data;
+    s.fs = data;
+    s.gs = data;
+    s.ss = data;
+    s.tr = kvm_segment {
+        selector: 0x20,
+        limit: 0x67,
+        type_: 0xb,
+        s: 0,
+        db: 0,
+        l: 0,
+        g: 0,
+        ..code
+    };
+    s.gdt.base = k.gdt_base;
+    s.gdt.limit = k.gdt_limit;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    s.cr3 = k.cr3;
+    s.cr4 = 0x20; // PAE
+    s.cr0 = 0x8000_0031; // PG | NE | ET | PE
+    s.efer = 0x500; // LMA | LME
+    fd.set_sregs(&s)?;
+    let mut r = fd.get_regs()?;
+    r.rip = k.entry;
+    r.rsi = k.zero_page;
+    r.rsp = layout::BOOT_STACK_TOP;
+    r.rflags = 2;
     fd.set_regs(&r)?;
     Ok(())
 }
