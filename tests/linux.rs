@@ -1,0 +1,385 @@
+//! Boots the unmodified Debian 12 cloud kernel (`../shared/guests/linux/`) as
+//! a Xen guest and checks what its `/init` reports, as a user would read it.
+//!
+//! A boot takes minutes on a host whose KVM emulates guest kernel code (this
+//! project's CI machine), so these tests run only with `XENKVM_LINUX=1`;
+//! `.ci/run` sets it once. Without it they print why they are skipped.
+//!
+//! The guest's init drops to a shell (`bb.shell=1`); the test types a few
+//! commands into it through xenkvm's stdin (the PV console) and then `exit`,
+//! after which init powers the guest off.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Kernel command line for this host: `noxsave` and `clearcpuid=137` (SSSE3)
+/// because this host's KVM cannot run XSAVE or some SSE instructions the
+/// kernel would pick; `cryptomgr.notests` because crypto self-tests take
+/// minutes when guest kernel code is emulated.
+const CMDLINE: &str = "console=hvc0 noxsave clearcpuid=137 xen.fifo_events=0 no_timer_check cryptomgr.notests bb.shell=1";
+
+/// What the shell is asked once init reaches it.
+const SHELL_COMMANDS: &str =
+    "echo SHELL-BEGIN; cat /proc/interrupts; grep '^cpu' /proc/stat; echo SHELL-END; exit\n";
+
+fn enabled(test: &str) -> bool {
+    if std::env::var("XENKVM_LINUX").as_deref() != Ok("1") {
+        eprintln!("SKIPPED {test}: set XENKVM_LINUX=1 to boot Linux (takes minutes here)");
+        return false;
+    }
+    common::kvm_available(test)
+}
+
+struct Boot {
+    stdout: String,
+    stderr: String,
+    success: bool,
+    wall: Duration,
+    /// Wall time from starting xenkvm to the `GUEST-UP` line.
+    wall_to_up: Option<Duration>,
+}
+
+/// What a line handler can do while the guest runs.
+struct Session<'a> {
+    stdin: &'a mut std::process::ChildStdin,
+    /// xenkvm's pid.
+    pid: u32,
+}
+
+impl Session<'_> {
+    fn type_line(&mut self, line: &str) {
+        let _ = self.stdin.write_all(line.as_bytes());
+        let _ = self.stdin.write_all(b"\n");
+        let _ = self.stdin.flush();
+    }
+}
+
+/// Boots the Linux guest with `extra` xenkvm arguments, answers the shell
+/// prompt with [`SHELL_COMMANDS`], and collects everything.
+fn boot(extra: &[&str]) -> Boot {
+    boot_with(CMDLINE, extra, |line, s| {
+        if line.contains("GUEST-SHELL") {
+            s.type_line(SHELL_COMMANDS.trim_end());
+        }
+    })
+}
+
+/// Boots the Linux guest; `on_line` sees each console line as it arrives.
+fn boot_with(cmdline: &str, extra: &[&str], mut on_line: impl FnMut(&str, &mut Session)) -> Boot {
+    let linux = common::shared_dir().join("guests/linux");
+    let kernel = linux.join("vmlinuz");
+    let initrd = linux.join("initrd.gz");
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xenkvm"))
+        .arg("run")
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--memory", "512", "--timeout", "1500"])
+        .args(["--cmdline", cmdline])
+        .args(extra)
+        .env("XENKVM_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run the xenkvm binary");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s);
+        s
+    });
+    let mut session = Session {
+        stdin: &mut stdin,
+        pid: child.id(),
+    };
+    let mut out = String::new();
+    let mut wall_to_up = None;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        println!("{line}");
+        if wall_to_up.is_none() && line.contains("GUEST-UP ") {
+            wall_to_up = Some(t.elapsed());
+        }
+        on_line(&line, &mut session);
+        out.push_str(&line);
+        out.push('\n');
+    }
+    drop(stdin);
+    let status = child.wait().expect("xenkvm did not finish");
+    let stderr = err_reader.join().unwrap_or_default();
+    eprintln!("{stderr}");
+    Boot {
+        stdout: out,
+        stderr,
+        success: status.success(),
+        wall: t.elapsed(),
+        wall_to_up,
+    }
+}
+
+fn line_with<'a>(out: &'a str, prefix: &str) -> Option<&'a str> {
+    out.lines().find(|l| l.contains(prefix))
+}
+
+/// Checks acceptance 1 of the Linux issue on one boot's output.
+fn check_xen_guest(b: &Boot) {
+    let out = &b.stdout;
+    let ctx = || format!("\n--- stderr ---\n{}", b.stderr);
+    assert!(out.contains("GUEST-UP "), "never reached GUEST-UP{}", ctx());
+    assert!(
+        line_with(out, "GUEST-SYS-HYPERVISOR").is_some_and(|l| l.ends_with(" xen")),
+        "/sys/hypervisor/type is not xen{}",
+        ctx()
+    );
+    assert!(
+        line_with(out, "GUEST-CLOCKSOURCE").is_some_and(|l| l.contains("GUEST-CLOCKSOURCE xen ")),
+        "the clocksource is not xen{}",
+        ctx()
+    );
+    assert!(
+        line_with(out, "GUEST-CPUS").is_some_and(|l| l.ends_with(" 2")),
+        "not both CPUs are online{}",
+        ctx()
+    );
+    let interrupts: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.contains("SHELL-BEGIN"))
+        .take_while(|l| !l.contains("SHELL-END"))
+        .collect();
+    for kind in ["xen-percpu", "xen-dyn"] {
+        assert!(
+            interrupts.iter().any(|l| l.contains(kind)),
+            "no {kind} interrupts (Xen event channels) in /proc/interrupts{}",
+            ctx()
+        );
+    }
+    for module in ["xen-blkfront", "xen-netfront"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("GUEST-INSMOD ok") && l.contains(module)),
+            "{module} did not load{}",
+            ctx()
+        );
+    }
+    assert!(
+        out.contains("GUEST-POWEROFF "),
+        "never reached GUEST-POWEROFF{}",
+        ctx()
+    );
+    assert!(b.success, "xenkvm did not exit with success{}", ctx());
+}
+
+#[test]
+fn linux_pvh_entry_boots_to_poweroff_as_xen_guest() {
+    if !enabled("linux_pvh_entry_boots_to_poweroff_as_xen_guest") {
+        return;
+    }
+    let b = boot(&["--vcpus", "2", "--boot", "pvh"]);
+    println!("(took {:.1} s)", b.wall.as_secs_f64());
+    check_xen_guest(&b);
+}
+
+#[test]
+fn linux_bzimage_boot_protocol_boots_to_poweroff_as_xen_guest() {
+    if !enabled("linux_bzimage_boot_protocol_boots_to_poweroff_as_xen_guest") {
+        return;
+    }
+    let b = boot(&["--vcpus", "2", "--boot", "linux"]);
+    println!("(took {:.1} s)", b.wall.as_secs_f64());
+    check_xen_guest(&b);
+    assert!(
+        b.stdout.contains("unplug") || b.stdout.contains("Xen Platform PCI"),
+        "the kernel did not find the Xen platform PCI device"
+    );
+}
+
+/// The guest's own uptime at `GUEST-UP` (seconds).
+fn guest_uptime_at_up(out: &str) -> Option<f64> {
+    line_with(out, "GUEST-UP ")?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn stats(mut v: Vec<f64>) -> String {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let med = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    format!(
+        "median {med:.1} s, min {:.1} s, max {:.1} s over {} runs",
+        v[0],
+        v[v.len() - 1],
+        v.len()
+    )
+}
+
+/// Boot time to `GUEST-UP`, over `XENKVM_LINUX_BOOT_RUNS` runs (default: not
+/// run). Prints the guest's uptime and the wall time at `GUEST-UP`.
+#[test]
+fn linux_boot_time_to_guest_up() {
+    let runs: usize = match std::env::var("XENKVM_LINUX_BOOT_RUNS").map(|v| v.parse()) {
+        Ok(Ok(n)) if n > 0 => n,
+        _ => {
+            eprintln!("SKIPPED linux_boot_time_to_guest_up: set XENKVM_LINUX_BOOT_RUNS=N");
+            return;
+        }
+    };
+    if !common::kvm_available("linux_boot_time_to_guest_up") {
+        return;
+    }
+    let boot_mode = std::env::var("XENKVM_LINUX_BOOT").unwrap_or_else(|_| "pvh".into());
+    let cmdline = CMDLINE.replace("bb.shell=1", "bb.quiet=1");
+    let (mut guest, mut wall) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let b = boot_with(&cmdline, &["--vcpus", "2", "--boot", &boot_mode], |_, _| {});
+        let up = guest_uptime_at_up(&b.stdout);
+        assert!(
+            up.is_some() && b.wall_to_up.is_some(),
+            "run {i} never reached GUEST-UP\n--- stderr ---\n{}",
+            b.stderr
+        );
+        guest.push(up.unwrap_or_default());
+        wall.push(b.wall_to_up.unwrap_or_default().as_secs_f64());
+    }
+    println!(
+        "boot {boot_mode}: guest uptime at GUEST-UP: {}",
+        stats(guest)
+    );
+    println!("boot {boot_mode}: wall time to GUEST-UP: {}", stats(wall));
+}
+
+/// The `steal` column (USER_HZ ticks) of a `grep '^cpu ' /proc/stat` line.
+fn steal_ticks(line: &str) -> Option<u64> {
+    let mut f = line.split_whitespace().skip_while(|w| *w != "cpu");
+    f.nth(8)?.parse().ok()
+}
+
+/// The host's `run_delay` (ns) of xenkvm's thread named `name`.
+fn thread_run_delay(pid: u32, name: &str) -> Option<(i32, u64)> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let p = t.ok()?.path();
+        if std::fs::read_to_string(p.join("comm")).ok()?.trim() == name {
+            let tid: i32 = p.file_name()?.to_str()?.parse().ok()?;
+            let st = std::fs::read_to_string(p.join("schedstat")).ok()?;
+            return Some((tid, st.split_whitespace().nth(1)?.parse().ok()?));
+        }
+    }
+    None
+}
+
+fn pin(tid: i32, cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "sched_setaffinity({tid}) failed");
+    }
+}
+
+/// A field `name=N` of the "vCPU runstate at exit" log line for vCPU 0.
+fn exit_runstate_ms(stderr: &str, name: &str) -> Option<u64> {
+    // Drop ANSI colour sequences (ESC [ ... m), should the log have them.
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for c in stderr.chars() {
+        match (in_escape, c) {
+            (false, '\x1b') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    let plain = plain
+        .lines()
+        .find(|l| l.contains("vCPU runstate at exit") && l.contains("id=0"))?;
+    let at = plain.find(&format!("{name}="))? + name.len() + 1;
+    plain[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|w| !w.is_empty())?
+        .parse()
+        .ok()
+}
+
+/// Acceptance 4: a CPU hog pinned to the vCPU thread's CPU makes the guest's
+/// steal time grow by the time the host kept the thread waiting.
+#[test]
+fn linux_steal_time_tracks_host_run_delay() {
+    if !enabled("linux_steal_time_tracks_host_run_delay") {
+        return;
+    }
+    const BUSY_SECS: u32 = 20;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut hog = None;
+    let mut before: Option<(u64, u64)> = None;
+    let mut after: Option<(u64, u64)> = None;
+    let b = boot_with(CMDLINE, &["--vcpus", "1", "--boot", "pvh"], |line, s| {
+        if line.contains("GUEST-SHELL") {
+            s.type_line("echo STEAL-A $(grep '^cpu ' /proc/stat)");
+        } else if line.starts_with("STEAL-A") && hog.is_none() {
+            let (tid, rd) = thread_run_delay(s.pid, "vcpu0").expect("no vcpu0 thread");
+            before = steal_ticks(line).map(|st| (st, rd));
+            pin(tid, 1);
+            let stop = stop.clone();
+            hog = Some(std::thread::spawn(move || {
+                pin(0, 1);
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }));
+            s.type_line(&format!(
+                "end=$(($(cut -d. -f1 /proc/uptime)+{BUSY_SECS})); \
+                 while [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do :; done; \
+                 echo STEAL-B $(grep '^cpu ' /proc/stat)"
+            ));
+        } else if line.starts_with("STEAL-B") && after.is_none() {
+            let (_, rd) = thread_run_delay(s.pid, "vcpu0").expect("no vcpu0 thread");
+            after = steal_ticks(line).map(|st| (st, rd));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            s.type_line("exit");
+        }
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(h) = hog {
+        let _ = h.join();
+    }
+    let ctx = format!("\n--- stderr ---\n{}", b.stderr);
+    let (Some((st_a, rd_a)), Some((st_b, rd_b))) = (before, after) else {
+        panic!("the guest did not report /proc/stat twice{ctx}");
+    };
+    let guest_steal_ms = (st_b - st_a) * 10;
+    let host_delay_ms = (rd_b - rd_a) / 1_000_000;
+    println!("guest steal +{guest_steal_ms} ms, host run_delay +{host_delay_ms} ms over {BUSY_SECS} s busy");
+    assert!(
+        host_delay_ms > 1000,
+        "the hog did not delay the vCPU thread (+{host_delay_ms} ms){ctx}"
+    );
+    assert!(
+        guest_steal_ms.abs_diff(host_delay_ms) <= 500 + host_delay_ms / 5,
+        "guest steal +{guest_steal_ms} ms does not match run_delay +{host_delay_ms} ms{ctx}"
+    );
+    let runnable = exit_runstate_ms(&b.stderr, "runnable_ms");
+    let run_delay = exit_runstate_ms(&b.stderr, "thread_run_delay_ms");
+    let (Some(runnable), Some(run_delay)) = (runnable, run_delay) else {
+        panic!("no runstate summary for vCPU 0 at exit{ctx}");
+    };
+    println!("vCPU 0 at exit: time[runnable] {runnable} ms, thread run_delay {run_delay} ms");
+    assert!(
+        runnable.abs_diff(run_delay) <= 100 + run_delay / 20,
+        "time[runnable] {runnable} ms does not match run_delay {run_delay} ms"
+    );
+    assert!(b.success, "xenkvm did not exit with success{ctx}");
+}
