@@ -435,45 +435,54 @@ fn measure_tsc_offset(fd: &VcpuFd) -> u64 {
     best.1
 }
 
-/// The PVH entry state: 32-bit protected mode, paging off, flat segments,
-/// EBX = `hvm_start_info`.
-fn set_pvh_entry_state(fd: &VcpuFd, entry: u32, start_info: u64) -> Result<(), kvm_ioctls::Error> {
-    let mut s = fd.get_sregs()?;
-    let code = kvm_segment {
+/// Flat 4 GiB ring-0 code (`code`, 64-bit if `long`) and data (`data`)
+/// segments in every segment register, and a busy 32-bit TSS at 0x20.
+fn load_flat_segments(s: &mut kvm_bindings::kvm_sregs, code: u16, data: u16, long: bool) {
+    let cs = kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
-        selector: 0x10,
+        selector: code,
         type_: 0xb,
         present: 1,
         dpl: 0,
-        db: 1,
+        db: u8::from(!long),
         s: 1,
-        l: 0,
+        l: u8::from(long),
         g: 1,
         avl: 0,
         unusable: 0,
         padding: 0,
     };
-    let data = kvm_segment {
-        selector: 0x18,
+    let ds = kvm_segment {
+        selector: data,
         type_: 0x3,
-        ..code
+        db: 1,
+        l: 0,
+        ..cs
     };
-    s.cs = code;
-    s.ds = data;
-    s.es = data;
-    s.fs = data;
-    s.gs = data;
-    s.ss = data;
+    s.cs = cs;
+    s.ds = ds;
+    s.es = ds;
+    s.fs = ds;
+    s.gs = ds;
+    s.ss = ds;
     s.tr = kvm_segment {
         selector: 0x20,
         limit: 0x67,
         type_: 0xb,
         s: 0,
         db: 0,
+        l: 0,
         g: 0,
-        ..code
+        ..cs
     };
+}
+
+/// The PVH entry state: 32-bit protected mode, paging off, flat segments,
+/// EBX = `hvm_start_info`.
+fn set_pvh_entry_state(fd: &VcpuFd, entry: u32, start_info: u64) -> Result<(), kvm_ioctls::Error> {
+    let mut s = fd.get_sregs()?;
+    load_flat_segments(&mut s, 0x10, 0x18, false);
     s.cr0 = 0x11; // PE | ET
     s.cr4 = 0;
     s.efer = 0;
@@ -492,44 +501,7 @@ fn set_pvh_entry_state(fd: &VcpuFd, entry: u32, start_info: u64) -> Result<(), k
 /// and `__BOOT_DS`, interrupts off, RSI = zero page, RIP = `startup_64`.
 fn set_linux64_entry_state(fd: &VcpuFd, k: &LinuxKernel) -> Result<(), kvm_ioctls::Error> {
     let mut s = fd.get_sregs()?;
-    let code = kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: linux_boot::BOOT_CS,
-        type_: 0xb,
-        present: 1,
-        dpl: 0,
-        db: 0,
-        s: 1,
-        l: 1,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    let data = kvm_segment {
-        selector: linux_boot::BOOT_DS,
-        type_: 0x3,
-        db: 1,
-        l: 0,
-        ..code
-    };
-    s.cs = code;
-    s.ds = data;
-    s.es = data;
-    s.fs = data;
-    s.gs = data;
-    s.ss = data;
-    s.tr = kvm_segment {
-        selector: 0x20,
-        limit: 0x67,
-        type_: 0xb,
-        s: 0,
-        db: 0,
-        l: 0,
-        g: 0,
-        ..code
-    };
+    load_flat_segments(&mut s, linux_boot::BOOT_CS, linux_boot::BOOT_DS, true);
     s.gdt.base = k.gdt_base;
     s.gdt.limit = k.gdt_limit;
     s.idt.base = 0;
