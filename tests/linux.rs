@@ -151,8 +151,11 @@ fn check_xen_guest(b: &Boot) {
     );
     let interrupts: Vec<&str> = out
         .lines()
-        .skip_while(|l| !l.contains("SHELL-BEGIN"))
-        .take_while(|l| !l.contains("SHELL-END"))
+        // The terminal echoes the typed command line too: the markers
+        // printed by `echo` start their lines.
+        .skip_while(|l| !l.starts_with("SHELL-BEGIN"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("SHELL-END"))
         .collect();
     for kind in ["xen-percpu", "xen-dyn"] {
         assert!(
