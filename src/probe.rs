@@ -146,23 +146,7 @@ fn new_vm() -> Result<ProbeVm, String> {
     Ok(ProbeVm { _vm: vm, vcpu, mem })
 }
 
-fn seg(sel: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: sel,
-        type_,
-        present: 1,
-        dpl,
-        db: u8::from(!long || type_ < 8),
-        s: 1,
-        l: u8::from(long && type_ >= 8),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
+use crate::x86::flat_segment as seg;
 
 /// Flat code and data segments at privilege `dpl`, and a TSS at 0x8000
 /// (its ring-0 stack pointer is set by the caller).

@@ -20,7 +20,7 @@
 //! Each user system call costs one exit to the VMM on such a host.
 
 use iced_x86::Code;
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_regs, kvm_sregs};
 
 pub const MSR_STAR: u32 = 0xc000_0081;
 pub const MSR_LSTAR: u32 = 0xc000_0082;
@@ -85,30 +85,14 @@ impl Frame {
     }
 }
 
-fn flat(selector: u16, type_: u8) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: u8::from(type_ < 8),
-        s: 1,
-        l: u8::from(type_ >= 8),
-        g: 1,
-        ..Default::default()
-    }
-}
-
 /// The state a real `syscall` would have left, from the broken one's frame.
 pub fn complete_syscall(regs: &mut kvm_regs, sregs: &mut kvm_sregs, f: &Frame, star: u64) {
     let cs = ((star >> 32) & 0xfffc) as u16;
     regs.rip = f.rip;
     regs.rsp = f.rsp;
     regs.rflags = (f.rflags & !RFLAGS_RF) | 2;
-    sregs.cs = flat(cs, 0xb);
-    sregs.ss = flat(cs.wrapping_add(8), 0x3);
+    sregs.cs = crate::x86::flat_segment(cs, 0xb, 0, true);
+    sregs.ss = crate::x86::flat_segment(cs.wrapping_add(8), 0x3, 0, true);
 }
 
 /// Steps over the #PF handler's first instruction when it has no effect

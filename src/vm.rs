@@ -438,28 +438,8 @@ fn measure_tsc_offset(fd: &VcpuFd) -> u64 {
 /// Flat 4 GiB ring-0 code (`code`, 64-bit if `long`) and data (`data`)
 /// segments in every segment register, and a busy 32-bit TSS at 0x20.
 fn load_flat_segments(s: &mut kvm_bindings::kvm_sregs, code: u16, data: u16, long: bool) {
-    let cs = kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: code,
-        type_: 0xb,
-        present: 1,
-        dpl: 0,
-        db: u8::from(!long),
-        s: 1,
-        l: u8::from(long),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    let ds = kvm_segment {
-        selector: data,
-        type_: 0x3,
-        db: 1,
-        l: 0,
-        ..cs
-    };
+    let cs = crate::x86::flat_segment(code, 0xb, 0, long);
+    let ds = crate::x86::flat_segment(data, 0x3, 0, long);
     s.cs = cs;
     s.ds = ds;
     s.es = ds;

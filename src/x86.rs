@@ -196,6 +196,26 @@ pub fn translate(
     }
 }
 
+/// A flat 4 GiB segment: code (`type_` >= 8, 64-bit if `long`) or data,
+/// at privilege `dpl`.
+pub fn flat_segment(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_bindings::kvm_segment {
+    kvm_bindings::kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl,
+        db: u8::from(!long || type_ < 8),
+        s: 1,
+        l: u8::from(long && type_ >= 8),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
 /// Reads `buf.len()` bytes at a linear address, page by page.
 pub fn read_linear(
     mem: &dyn PhysMem,
