@@ -1,27 +1,27 @@
 //! xenkvm: a userspace VMM on Linux KVM that runs unmodified Xen HVM and
 //! PV-on-HVM guests. See ../README.md and the architecture notes.
+//!
+//! The modules, in reading order (each folder's `mod.rs` says what it owns
+//! and what it may import; `tests/layers.rs` checks the rules):
 
-pub mod acpi;
+/// Pure x86: registers and modes, the page walk, instruction fix-ups, CPUID policy (no ioctls).
+pub mod arch;
+/// dom0-side services with no KVM in them: xenstore and the PV console.
+pub mod backends;
+/// Loading a guest: PVH, the Linux boot protocol, bzImage, ACPI, the guest-physical layout.
 pub mod boot;
-pub mod bzimage;
-pub mod clock;
-pub mod console;
-pub mod cpuid;
+/// Emulated platform devices on the port/MMIO bus: serial, CMOS, debug ports, ACPI PM, PCI.
 pub mod devices;
-pub mod exit;
-pub mod hcall_page;
-pub mod layout;
-pub mod linux_boot;
-pub mod machine;
-pub mod pci;
-pub mod probe;
-pub mod syscall_fix;
-pub mod test_guest;
+/// The only user of `kvm_ioctls`: VM and vCPU file descriptors, memslots, interrupts, the host probe.
+pub mod kvm;
+/// The built-in test guest and its benchmark ports.
+pub mod testing;
+/// The vCPU thread: its state machine, exit decoding and what each exit does.
 pub mod vcpu;
-pub mod vm;
-pub mod x86;
+/// Composition and lifecycle: builds the VM, owns the vCPU handles, the event loop and the one thread spawner.
+pub mod vmm;
+/// The KVM side of the Xen personality: hypercall transport, the `Platform`, overlays, timers, clock.
 pub mod xen;
-pub mod xenstore;
 
 /// Guest RAM as vm-memory sees it (gpc's memfd-backed regions, with a
 /// dirty bitmap for the VMM's own writes).

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use xenkvm::machine::GuestExit;
-use xenkvm::vm::{BootProtocol, Vm, VmConfig};
+use xenkvm::vmm::machine::GuestExit;
+use xenkvm::vmm::{BootProtocol, Vm, VmConfig};
 
 #[derive(Parser)]
 #[command(
@@ -100,7 +100,7 @@ fn main() -> ExitCode {
                     )
                 }
             };
-            let is_bz = xenkvm::bzimage::is_bzimage(&kernel);
+            let is_bz = xenkvm::boot::bzimage::is_bzimage(&kernel);
             let (kernel, boot) = match a.boot {
                 BootArg::Linux if !is_bz => {
                     return fail(
@@ -118,7 +118,7 @@ fn main() -> ExitCode {
                         "xenkvm: {} is a bzImage: extracting its kernel ELF to boot it by PVH (--boot linux runs its own decompressor instead)",
                         a.kernel.display()
                     );
-                    match xenkvm::bzimage::extract_elf(&kernel) {
+                    match xenkvm::boot::bzimage::extract_elf(&kernel) {
                         Ok(elf) => (elf, BootProtocol::Pvh),
                         Err(e) => return fail(1, &format!("{}: {e}", a.kernel.display())),
                     }
@@ -144,10 +144,10 @@ fn main() -> ExitCode {
         Cmd::Demo { timeout } => {
             println!(
                 "xenkvm demo: booting the built-in test guest ({} bytes)",
-                xenkvm::test_guest::TEST_GUEST_ELF.len()
+                xenkvm::testing::TEST_GUEST_ELF.len()
             );
             let cfg = VmConfig {
-                kernel: xenkvm::test_guest::TEST_GUEST_ELF.to_vec(),
+                kernel: xenkvm::testing::TEST_GUEST_ELF.to_vec(),
                 cmdline: "demo".into(),
                 mem_mib: 64,
                 vcpus: 2,
@@ -158,7 +158,7 @@ fn main() -> ExitCode {
             run(cfg)
         }
         Cmd::Probe => {
-            print!("{}", xenkvm::probe::HostProbe::run());
+            print!("{}", xenkvm::kvm::probe::HostProbe::run());
             ExitCode::SUCCESS
         }
     }

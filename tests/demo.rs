@@ -81,7 +81,7 @@ fn run_timeout_expires_with_nonzero_exit() {
     // The test guest in bench mode waits for commands that never come... but
     // only 30 s; a 1 s timeout must end it first.
     let guest = std::env::temp_dir().join(format!("xenkvm-test-guest-{}.elf", std::process::id()));
-    std::fs::write(&guest, xenkvm::test_guest::TEST_GUEST_ELF).unwrap();
+    std::fs::write(&guest, xenkvm::testing::TEST_GUEST_ELF).unwrap();
     let (out, took) = common::xenkvm(&[
         "run",
         "--kernel",

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Instant;
 
-use xenkvm::probe::{HostProbe, Support};
+use xenkvm::kvm::probe::{HostProbe, Support};
 
 /// What a kernel needs from the host beyond what xenkvm provides.
 fn host_requirement(name: &str, p: &HostProbe) -> Option<(&'static str, Support)> {

@@ -1,14 +1,14 @@
 //! The test guest in bench mode, driven from a criterion benchmark: the
 //! guest reads a command and an iteration count from I/O ports, runs the
 //! loop between two fenced `rdtsc`s and reports the elapsed cycles (see
-//! tests/guest and `xenkvm::test_guest::bench_cmd`).
+//! tests/guest and `xenkvm::testing::bench_cmd`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use xenkvm::machine::Machine;
-use xenkvm::test_guest::{bench_cmd, BENCH_CMDLINE, TEST_GUEST_ELF};
-use xenkvm::vm::{Vm, VmConfig};
+use xenkvm::testing::{bench_cmd, BENCH_CMDLINE, TEST_GUEST_ELF};
+use xenkvm::vmm::machine::Machine;
+use xenkvm::vmm::{Vm, VmConfig};
 
 pub struct BenchGuest {
     machine: Arc<Machine>,

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, Criterion};
-use xenkvm::test_guest::bench_cmd;
+use xenkvm::testing::bench_cmd;
 
 #[path = "bench_guest.rs"]
 mod bench_guest;

@@ -5,6 +5,8 @@
 //! lifecycle that runs the vCPU threads until the guest powers off, crashes
 //! or times out.
 
+pub mod machine;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,14 +20,14 @@ use kvm_ioctls::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86::cpuid::{self, CpuidConfig, CpuidEntry};
 use crate::boot;
-use crate::clock::Clock;
-use crate::cpuid::{self, CpuidConfig, CpuidEntry};
+use crate::boot::layout;
+use crate::boot::linux::{self, LinuxKernel};
 use crate::devices::{ConsoleOut, PortBus};
-use crate::layout;
-use crate::linux_boot::{self, LinuxKernel};
-use crate::machine::{GuestExit, Machine};
 use crate::vcpu::Vcpu;
+use crate::vmm::machine::{GuestExit, Machine};
+use crate::xen::clock::Clock;
 
 /// How the kernel is entered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,7 +87,7 @@ pub enum VmError {
     #[error(transparent)]
     Boot(#[from] boot::BootError),
     #[error(transparent)]
-    LinuxBoot(#[from] linux_boot::LinuxBootError),
+    LinuxBoot(#[from] linux::LinuxBootError),
     #[error("--vcpus must be between 1 and {max}, not {0}", max = crate::MAX_VCPUS)]
     BadVcpus(u32),
     #[error("--memory must be between 16 MiB and 64 GiB, not {0} MiB")]
@@ -176,7 +178,7 @@ impl Vm {
         }
 
         let e820 = layout::e820(&mem);
-        let rsdp = crate::acpi::write_tables(&mem, cfg.vcpus)
+        let rsdp = crate::boot::acpi::write_tables(&mem, cfg.vcpus)
             .map_err(|e| VmError::Other(e.to_string()))?;
         let entry = match cfg.boot {
             BootProtocol::Pvh => {
@@ -195,7 +197,7 @@ impl Vm {
                 }
             }
             BootProtocol::Linux => {
-                let k = linux_boot::load_bzimage(
+                let k = linux::load_bzimage(
                     &mem,
                     &cfg.kernel,
                     &cfg.cmdline,
@@ -361,13 +363,13 @@ fn enable_msr_exits(vm: &VmFd) -> Result<(), VmError> {
         bitmap: &bitmap,
     }];
     // Where `syscall` from CPL 3 does not reach CPL 0, LSTAR writes arm the
-    // fix-up (crate::syscall_fix).
-    let syscall = &crate::probe::HostProbe::get().user_syscall;
-    if *syscall != crate::probe::Support::Native {
+    // fix-up (crate::arch::x86::syscall_fix).
+    let syscall = &crate::kvm::probe::HostProbe::get().user_syscall;
+    if *syscall != crate::kvm::probe::Support::Native {
         tracing::info!(%syscall, "syscall at CPL 3 on this host");
         ranges.push(MsrFilterRange {
             flags: MsrFilterRangeFlags::WRITE,
-            base: crate::syscall_fix::MSR_LSTAR,
+            base: crate::arch::x86::syscall_fix::MSR_LSTAR,
             msr_count: 1,
             bitmap: &bitmap,
         });
@@ -420,9 +422,9 @@ fn measure_tsc_offset(fd: &VcpuFd) -> u64 {
         }]) else {
             return 0;
         };
-        let t0 = crate::clock::host_tsc();
+        let t0 = crate::xen::clock::host_tsc();
         let ok = fd.get_msrs(&mut msrs).is_ok();
-        let t1 = crate::clock::host_tsc();
+        let t1 = crate::xen::clock::host_tsc();
         if !ok {
             return 0;
         }
@@ -438,8 +440,8 @@ fn measure_tsc_offset(fd: &VcpuFd) -> u64 {
 /// Flat 4 GiB ring-0 code (`code`, 64-bit if `long`) and data (`data`)
 /// segments in every segment register, and a busy 32-bit TSS at 0x20.
 fn load_flat_segments(s: &mut kvm_bindings::kvm_sregs, code: u16, data: u16, long: bool) {
-    let cs = crate::x86::flat_segment(code, 0xb, 0, long);
-    let ds = crate::x86::flat_segment(data, 0x3, 0, long);
+    let cs = crate::arch::x86::flat_segment(code, 0xb, 0, long);
+    let ds = crate::arch::x86::flat_segment(data, 0x3, 0, long);
     s.cs = cs;
     s.ds = ds;
     s.es = ds;
@@ -481,7 +483,7 @@ fn set_pvh_entry_state(fd: &VcpuFd, entry: u32, start_info: u64) -> Result<(), k
 /// and `__BOOT_DS`, interrupts off, RSI = zero page, RIP = `startup_64`.
 fn set_linux64_entry_state(fd: &VcpuFd, k: &LinuxKernel) -> Result<(), kvm_ioctls::Error> {
     let mut s = fd.get_sregs()?;
-    load_flat_segments(&mut s, linux_boot::BOOT_CS, linux_boot::BOOT_DS, true);
+    load_flat_segments(&mut s, linux::BOOT_CS, linux::BOOT_DS, true);
     s.gdt.base = k.gdt_base;
     s.gdt.limit = k.gdt_limit;
     s.idt.base = 0;

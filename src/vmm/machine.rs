@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VmFd;
 use parking_lot::{Condvar, Mutex};
 
-use crate::clock::Clock;
 use crate::devices::{ConsoleOut, PortBus};
-use crate::vm::{VmConfig, VmError};
+use crate::vmm::{VmConfig, VmError};
+use crate::xen::clock::Clock;
 use crate::xen::Xen;
 
 /// How a guest run ended.
@@ -187,7 +187,7 @@ impl Machine {
                     return;
                 }
                 m.xen.reassert_upcalls(&m.started);
-                let now = crate::clock::host_tsc();
+                let now = crate::xen::clock::host_tsc();
                 let stall = u64::from(m.clock.tsc_khz) * STALL.as_millis() as u64;
                 for (i, since) in m.run_since.iter().enumerate() {
                     let s = since.load(Ordering::Relaxed);

@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 use std::io::Write;
 
-use crate::xenstore::{ring_read, ring_write, RateLimiter, RingPage};
+use crate::backends::xenstore::{ring_read, ring_write, RateLimiter, RingPage};
 
 /// Layout of `struct xencons_interface`.
 pub mod layout {
@@ -211,7 +211,7 @@ impl ConsoleBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::xenstore::{MemRingPage, PAGE_SIZE};
+    use crate::backends::xenstore::{MemRingPage, PAGE_SIZE};
     use proptest::prelude::*;
 
     /// The guest's side: writes output, reads input.

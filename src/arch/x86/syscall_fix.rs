@@ -91,8 +91,8 @@ pub fn complete_syscall(regs: &mut kvm_regs, sregs: &mut kvm_sregs, f: &Frame, s
     regs.rip = f.rip;
     regs.rsp = f.rsp;
     regs.rflags = (f.rflags & !RFLAGS_RF) | 2;
-    sregs.cs = crate::x86::flat_segment(cs, 0xb, 0, true);
-    sregs.ss = crate::x86::flat_segment(cs.wrapping_add(8), 0x3, 0, true);
+    sregs.cs = crate::arch::x86::flat_segment(cs, 0xb, 0, true);
+    sregs.ss = crate::arch::x86::flat_segment(cs.wrapping_add(8), 0x3, 0, true);
 }
 
 /// Steps over the #PF handler's first instruction when it has no effect

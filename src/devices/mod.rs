@@ -2,11 +2,13 @@
 //! (0xE9 and the platform device's log port 0x12), the 16550 serial port
 //! (vm-superio), the CMOS/RTC (enough for a clock read), reset through the
 //! keyboard controller and 0xCF9, PCI configuration space and the Xen
-//! platform device's fixed ports 0x10/0x12 ([`crate::pci`]), and the ACPI
+//! platform device's fixed ports 0x10/0x12 ([`crate::devices::pci`]), and the ACPI
 //! sleep control/status registers through which the guest powers off.
 //!
 //! `PortBus::io_in`/`io_out` are plain functions over (port, data) so they
 //! are tested without KVM. Console output goes to one shared [`ConsoleOut`].
+
+pub mod pci;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::pci::PciBus;
+use crate::devices::pci::PciBus;
 
 /// Where guest text goes: one writer shared by every console source
 /// (console_io, debug ports, serial, PV console). Lines are flushed as they
@@ -343,7 +345,7 @@ mod tests {
     #[test]
     fn io_platform_bar0_reads_zero_ignores_writes() {
         let (bus, _) = bus();
-        let base = crate::layout::PLATFORM_IO_BASE;
+        let base = crate::boot::layout::PLATFORM_IO_BASE;
         bus.io_out(base + 4, &[0xff; 4]);
         assert_eq!(inl(&bus, base + 4), 0);
         assert_eq!(inl(&bus, base + 0x100), 0xffff_ffff, "past the BAR");

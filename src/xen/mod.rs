@@ -10,6 +10,9 @@
 //! `Timers::state` is a leaf (the timer thread calls the domain after
 //! dropping it).
 
+pub mod clock;
+pub mod hcall_page;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -24,13 +27,15 @@ use parking_lot::{Condvar, Mutex};
 use runstate::{Accounting, Layout, RunstateArea, State};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::clock::Clock;
-use crate::console::ConsoleBackend;
+use crate::arch::x86;
+use crate::backends::console::ConsoleBackend;
+use crate::backends::xenstore::{self, RingPage, XenstoreServer};
+use crate::boot::layout;
 use crate::devices::ConsoleOut;
-use crate::machine::{GuestExit, Machine};
-use crate::vm::VmConfig;
-use crate::xenstore::{self, RingPage, XenstoreServer};
-use crate::{layout, x86, GuestMem};
+use crate::vmm::machine::{GuestExit, Machine};
+use crate::vmm::VmConfig;
+use crate::xen::clock::Clock;
+use crate::GuestMem;
 
 /// The VMM's ids for the dom0 ends of the service channels.
 const REMOTE_STORE: u32 = 1;
@@ -186,7 +191,7 @@ impl Xen {
     /// The hypercall-page MSR write: fill the page and latch the shared
     /// structures' layout from the guest's mode (Xen's hvm_latch_shinfo_size).
     pub fn write_hypercall_page(&self, gpa: u64, long: bool) {
-        let page = crate::hcall_page::build();
+        let page = crate::xen::hcall_page::build();
         if let Err(e) = self.mem.write_slice(&page, GuestAddress(gpa)) {
             tracing::warn!(%e, gpa, "cannot write the hypercall page");
         }
@@ -790,7 +795,7 @@ impl Platform for XenPlatform {
         self.clock.tsc_khz
     }
     fn tsc_stable(&self) -> bool {
-        crate::clock::host_tsc_invariant()
+        crate::xen::clock::host_tsc_invariant()
     }
     fn wallclock_ns(&self) -> u64 {
         std::time::SystemTime::now()

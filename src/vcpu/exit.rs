@@ -4,10 +4,10 @@
 //! the exit, applies the answers KVM expects inside `kvm_run` (port-read
 //! data, MSR error flags, MMIO read data) and carries out the [`Action`].
 
-use crate::cpuid::XEN_HYPERCALL_MSR;
-use crate::hcall_page::HYPERCALL_PORT;
-use crate::machine::GuestExit;
-use crate::test_guest::BENCH_STUB_PORT;
+use crate::arch::x86::cpuid::XEN_HYPERCALL_MSR;
+use crate::testing::BENCH_STUB_PORT;
+use crate::vmm::machine::GuestExit;
+use crate::xen::hcall_page::HYPERCALL_PORT;
 
 /// `KVM_INTERNAL_ERROR_EMULATION`.
 const INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -87,7 +87,7 @@ pub enum Action {
     /// Accept the hypercall-page MSR write and fill the page at `gpa`.
     HypercallPage { gpa: u64 },
     /// The guest wrote LSTAR (only filtered on hosts that need the
-    /// [`crate::syscall_fix`]): write it and arm the #PF-handler breakpoint.
+    /// [`crate::arch::x86::syscall_fix`]): write it and arm the #PF-handler breakpoint.
     LstarWrite { data: u64 },
     /// Refuse the MSR access: the guest gets #GP.
     MsrFault,
@@ -130,7 +130,7 @@ pub fn decide(exit: &Exit, vcpu: u32, env: &dyn ExitEnv) -> Action {
             data,
         } if env.hypercall_page_ok(data) => Action::HypercallPage { gpa: data },
         Exit::WrMsr {
-            index: crate::syscall_fix::MSR_LSTAR,
+            index: crate::arch::x86::syscall_fix::MSR_LSTAR,
             data,
         } => Action::LstarWrite { data },
         // The filter only sends the hypercall MSR here; anything else the

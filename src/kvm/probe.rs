@@ -146,7 +146,7 @@ fn new_vm() -> Result<ProbeVm, String> {
     Ok(ProbeVm { _vm: vm, vcpu, mem })
 }
 
-use crate::x86::flat_segment as seg;
+use crate::arch::x86::flat_segment as seg;
 
 /// Flat code and data segments at privilege `dpl`, and a TSS at 0x8000
 /// (its ring-0 stack pointer is set by the caller).
@@ -454,7 +454,7 @@ fn probe_iret32() -> Support {
 /// `syscall` at CPL 3 in long mode (EFER.SCE, STAR, LSTAR, SFMASK set)
 /// into a kernel entry on a supervisor-only page that does `out PORT_OK`.
 /// Where the host leaves the vCPU at CPL 3 the entry page-faults; then the
-/// probe runs again with xenkvm's fix-up ([`crate::syscall_fix`]: a
+/// probe runs again with xenkvm's fix-up ([`crate::arch::x86::syscall_fix`]: a
 /// breakpoint on the #PF handler that completes the `syscall`).
 fn probe_user_syscall() -> Support {
     match run_user_syscall(false) {
@@ -471,7 +471,7 @@ fn probe_user_syscall() -> Support {
 }
 
 fn run_user_syscall(fixup: bool) -> Result<End, String> {
-    use crate::syscall_fix::*;
+    use crate::arch::x86::syscall_fix::*;
     const LSTAR: u64 = 0x20_0000;
     const PF_HANDLER: u64 = 0x7400 + 14 * 16;
     let mut p = new_vm()?;

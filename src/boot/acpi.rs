@@ -25,9 +25,9 @@ use acpi_tables::{Aml, AmlSink};
 use vm_memory::{Bytes, GuestAddress};
 use zerocopy::{Immutable, IntoBytes};
 
+use crate::boot::layout::{LOW_RAM_MAX, PCI_MMIO_END};
+use crate::devices::pci::{CONFIG_ADDRESS, CONFIG_DATA};
 use crate::devices::{ACPI_SLEEP_CONTROL, ACPI_SLEEP_STATUS, S5_SLP_TYP};
-use crate::layout::{LOW_RAM_MAX, PCI_MMIO_END};
-use crate::pci::{CONFIG_ADDRESS, CONFIG_DATA};
 use crate::GuestMem;
 
 /// Where the tables go (in the e820-reserved 0xA0000-0xFFFFF hole).

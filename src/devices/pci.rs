@@ -12,7 +12,7 @@
 //! - 00:00.0 Intel 440FX host bridge 8086:1237, class 0x060000;
 //! - 00:02.0 Xen platform device 5853:0001 (subsystem 5853:0001, revision 1,
 //!   class 0xff8000, INTA), BAR0 I/O 0x100 ports, BAR1 32-bit prefetchable
-//!   memory of 16 MiB, both at [`crate::layout`]'s initial addresses.
+//!   memory of 16 MiB, both at [`crate::boot::layout`]'s initial addresses.
 //!
 //! Each function is 256 bytes of configuration space plus a write mask: a
 //! guest write changes only the masked bits, which gives BAR sizing (write all
@@ -28,7 +28,7 @@
 
 use parking_lot::Mutex;
 
-use crate::layout::{PLATFORM_IO_BASE, PLATFORM_MMIO_BASE};
+use crate::boot::layout::{PLATFORM_IO_BASE, PLATFORM_MMIO_BASE};
 
 /// The configuration address register (32-bit accesses only).
 pub const CONFIG_ADDRESS: u16 = 0xcf8;

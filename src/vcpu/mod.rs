@@ -5,6 +5,8 @@
 //! on this host); the slow paths (emulation-failure fix-ups) use the full
 //! ioctls.
 
+pub mod exit;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,10 +15,10 @@ use kvm_bindings::kvm_vcpu_events;
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::arch::x86::{self, Fixup};
 use crate::devices::PortEvent;
-use crate::exit::{decide, Action, Exit, ExitEnv};
-use crate::machine::{GuestExit, Machine};
-use crate::x86::{self, Fixup};
+use crate::vcpu::exit::{decide, Action, Exit, ExitEnv};
+use crate::vmm::machine::{GuestExit, Machine};
 use crate::xen::{HypercallResult, VcpuCtx};
 
 /// The signal that kicks a vCPU out of KVM_RUN.
@@ -67,8 +69,8 @@ pub struct Vcpu {
     /// Linear addresses of `vmcall` sites with a hardware breakpoint armed.
     bp_sites: Vec<u64>,
     /// The guest's syscall entry and #PF handler, on hosts that need the
-    /// [`crate::syscall_fix`] (set when the guest writes LSTAR).
-    syscall: Option<crate::syscall_fix::SyscallSetup>,
+    /// [`crate::arch::x86::syscall_fix`] (set when the guest writes LSTAR).
+    syscall: Option<crate::arch::x86::syscall_fix::SyscallSetup>,
     /// RIP of the last emulation failure retried unchanged, and how many.
     retry_rip: Option<u64>,
     retried: u64,
@@ -147,7 +149,7 @@ impl Vcpu {
         }
         let first_exit = !self.started;
         // Cheap on the exit path: one TSC read and a compare.
-        let t = crate::clock::host_tsc();
+        let t = crate::xen::clock::host_tsc();
         if t >= self.next_steal_sample {
             self.next_steal_sample = t + u64::from(self.m.clock.tsc_khz) * STEAL_SAMPLE_MS;
             self.m.xen.runstate_transition(
@@ -161,7 +163,7 @@ impl Vcpu {
         // Copy the exit out of kvm_run, decide, and give KVM the answers it
         // expects inside kvm_run before the borrow ends.
         let since = &self.m.run_since[self.id as usize];
-        since.store(crate::clock::host_tsc(), Ordering::Relaxed);
+        since.store(crate::xen::clock::host_tsc(), Ordering::Relaxed);
         let result = self.fd.run();
         since.store(0, Ordering::Relaxed);
         let action = match result {
@@ -475,9 +477,9 @@ impl Vcpu {
     }
 
     /// The guest wrote LSTAR on a host whose `syscall` stays at CPL 3:
-    /// write it, and trap the guest's #PF handler (see [`crate::syscall_fix`]).
+    /// write it, and trap the guest's #PF handler (see [`crate::arch::x86::syscall_fix`]).
     fn lstar_written(&mut self, lstar: u64) -> State {
-        use crate::syscall_fix::*;
+        use crate::arch::x86::syscall_fix::*;
         let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
             index: MSR_LSTAR,
             data: lstar,
@@ -533,7 +535,7 @@ impl Vcpu {
     /// The breakpoint on the guest's #PF handler fired: complete a broken
     /// `syscall`, or step over the handler's first instruction.
     fn pf_trap(&mut self) -> State {
-        use crate::syscall_fix::*;
+        use crate::arch::x86::syscall_fix::*;
         let Some(setup) = self.syscall else {
             return State::Running;
         };

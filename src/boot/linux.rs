@@ -22,8 +22,8 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use linux_loader::loader::{bzimage::BzImage, KernelLoader};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
+use crate::boot::layout;
 use crate::boot::E820Entry;
-use crate::layout;
 
 /// Where the setup header starts in the image and in the zero page.
 const SETUP_HEADER_OFFSET: usize = 0x1f1;

@@ -5,10 +5,13 @@
 //! (`elf32-x86-64` and `elf32-i386`), so the program headers are read with
 //! `goblin`, which parses both classes; the copying is a few lines here.
 
+pub mod acpi;
+pub mod bzimage;
+pub mod layout;
+pub mod linux;
+
 use goblin::elf::{program_header::PT_LOAD, program_header::PT_NOTE, Elf};
 use vm_memory::{Bytes, GuestAddress};
-
-use crate::layout;
 
 /// `XEN_ELFNOTE_PHYS32_ENTRY`.
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;

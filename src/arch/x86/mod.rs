@@ -8,6 +8,9 @@
 //!   32-bit `iret` is emulated (stack pops and descriptor loads), `rdtscp`
 //!   and `xgetbv` are emulated. Instructions are decoded with iced-x86.
 
+pub mod cpuid;
+pub mod syscall_fix;
+
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
