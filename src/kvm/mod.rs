@@ -1,5 +1,12 @@
 //! The KVM boundary: the only module that imports `kvm_ioctls`, and the home
 //! of every `unsafe` block that talks to KVM. Above it, the VMM sees KVM
-//! through the types defined here.
+//! through the types defined here: [`KvmVm`] (the VM, memslots, interrupts),
+//! [`KvmVcpu`] (`KVM_RUN` returning a copied-out [`Exit`], registers,
+//! events, breakpoints) and [`Kicker`] (`immediate_exit` plus a signal).
 
 pub mod probe;
+pub mod vcpu;
+pub mod vm;
+
+pub use vcpu::{install_kick_handler, kick_signal, CpuTimeKick, Exit, Kicker, KvmError, KvmVcpu};
+pub use vm::{Interrupts, KvmVm, KvmVmError, MemSlots};

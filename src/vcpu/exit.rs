@@ -9,61 +9,13 @@ use crate::testing::BENCH_STUB_PORT;
 use crate::vmm::machine::GuestExit;
 use crate::xen::hcall_page::HYPERCALL_PORT;
 
-/// `KVM_INTERNAL_ERROR_EMULATION`.
-const INTERNAL_ERROR_EMULATION: u32 = 1;
-/// `KVM_SYSTEM_EVENT_SHUTDOWN` / `_RESET` / `_CRASH`.
-const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
-const SYSTEM_EVENT_RESET: u32 = 2;
-const SYSTEM_EVENT_CRASH: u32 = 3;
+use kvm_bindings::{
+    KVM_INTERNAL_ERROR_EMULATION as INTERNAL_ERROR_EMULATION,
+    KVM_SYSTEM_EVENT_CRASH as SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET as SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN as SYSTEM_EVENT_SHUTDOWN,
+};
 
-/// A KVM exit, copied out of `kvm_run`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Exit {
-    IoOut {
-        port: u16,
-        data: [u8; 4],
-        len: usize,
-    },
-    IoIn {
-        port: u16,
-        len: usize,
-    },
-    MmioRead {
-        addr: u64,
-        len: usize,
-    },
-    MmioWrite {
-        addr: u64,
-        len: usize,
-    },
-    WrMsr {
-        index: u32,
-        data: u64,
-    },
-    RdMsr {
-        index: u32,
-    },
-    Hlt,
-    /// Triple fault.
-    Shutdown,
-    InternalError {
-        suberror: u32,
-    },
-    SystemEvent(u32),
-    /// KVM_RUN returned because of a signal (EINTR/EAGAIN) or `KVM_EXIT_INTR`.
-    Interrupted,
-    /// A debug exit: a hardware breakpoint xenkvm armed at a `vmcall`
-    /// site fired, at linear address `pc`.
-    Debug {
-        pc: u64,
-    },
-    FailEntry {
-        reason: u64,
-    },
-    /// KVM_RUN failed with this errno.
-    RunError(i32),
-    Unexpected(String),
-}
+pub use crate::kvm::Exit;
 
 /// What the vCPU thread does next.
 #[derive(Debug, Clone, PartialEq, Eq)]

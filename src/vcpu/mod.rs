@@ -1,47 +1,24 @@
 //! One thread per vCPU. The thread is a small state machine
-//! (`Running` -> `Blocked` -> `Running` ... -> `Stopped`); each state is a
-//! method that returns the next. Exits are handled with the registers KVM
+//! (`Running`, `Blocked`, `Paused`, `Stopped`); each state is a method that
+//! returns the next, and the VMM steers it through its [`VcpuHandle`]. Exits are handled with the registers KVM
 //! syncs into `kvm_run` (no `KVM_GET_REGS` on the hot path: it costs ~7 µs
 //! on this host); the slow paths (emulation-failure fix-ups) use the full
 //! ioctls.
 
 pub mod exit;
+mod handle;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_vcpu_events;
-use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
-
 use crate::arch::x86::{self, Fixup};
 use crate::devices::PortEvent;
-use crate::vcpu::exit::{decide, Action, Exit, ExitEnv};
+use crate::kvm::{CpuTimeKick, Exit, KvmError, KvmVcpu};
+use crate::vcpu::exit::{decide, Action, ExitEnv};
 use crate::vmm::machine::{GuestExit, Machine};
 use crate::xen::{HypercallResult, VcpuCtx};
 
-/// The signal that kicks a vCPU out of KVM_RUN.
-pub fn kick_signal() -> i32 {
-    SIGRTMIN()
-}
-
-extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Installs the (empty) handler for the kick signal; KVM_RUN returns EINTR.
-pub fn install_kick_handler() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if let Err(e) = register_signal_handler(kick_signal(), noop_handler) {
-            tracing::error!(%e, "cannot install the vCPU kick signal handler");
-        }
-    });
-}
-
-/// Interrupts a vCPU thread's KVM_RUN.
-pub fn kick<T>(h: &std::thread::JoinHandle<T>) {
-    let _ = h.kill(kick_signal());
-}
+pub use handle::{Reported, Request, VcpuHandle};
 
 /// What the vCPU thread does next.
 #[derive(Debug)]
@@ -52,20 +29,31 @@ enum State {
         deadline: Option<Instant>,
         ports: Option<Vec<u32>>,
     },
+    /// Paused by the VMM; `then` is the state to return to.
+    Paused {
+        then: Box<State>,
+    },
     Stopped,
 }
 
 /// How often the running vCPU samples its thread's run_delay for steal time.
 const STEAL_SAMPLE_MS: u64 = 10;
 
+/// CPU time a vCPU may spend inside one KVM_RUN before its thread looks for
+/// a `vmcall` at RIP (which this host's KVM never completes).
+const STALL: Duration = Duration::from_millis(20);
+
 pub struct Vcpu {
     id: u32,
-    fd: VcpuFd,
+    kvm: KvmVcpu,
     m: Arc<Machine>,
+    handle: Arc<VcpuHandle>,
     run_delay: Option<runstate::RunDelay>,
     next_steal_sample: u64,
     /// Set at the vCPU's first exit (for APs: after INIT/SIPI).
     started: bool,
+    /// Host TSC when the current KVM_RUN started.
+    run_start: u64,
     /// Linear addresses of `vmcall` sites with a hardware breakpoint armed.
     bp_sites: Vec<u64>,
     /// The guest's syscall entry and #PF handler, on hosts that need the
@@ -86,14 +74,16 @@ impl ExitEnv for ExitCtx<'_> {
 }
 
 impl Vcpu {
-    pub fn new(id: u32, fd: VcpuFd, m: Arc<Machine>) -> Self {
+    pub fn new(kvm: KvmVcpu, m: Arc<Machine>, handle: Arc<VcpuHandle>) -> Self {
         Vcpu {
-            id,
-            fd,
+            id: handle.id,
+            kvm,
             m,
+            handle,
             run_delay: None,
             next_steal_sample: 0,
             started: false,
+            run_start: 0,
             bp_sites: Vec::new(),
             syscall: None,
             retry_rip: None,
@@ -105,11 +95,13 @@ impl Vcpu {
     pub fn run(mut self) {
         let span = tracing::info_span!("vcpu", id = self.id);
         let _e = span.enter();
-        self.fd.set_sync_valid_reg(SyncReg::Register);
-        self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
-        self.m.threads[self.id as usize].store(me as u64, Ordering::Relaxed);
+        self.kvm.enable_sync_regs();
+        self.handle.kicker().bind_current_thread();
+        // A vCPU spinning in KVM_RUN (a vmcall this KVM never completes) is
+        // interrupted after STALL of CPU time; a halted one is never woken.
+        let _stall_timer = CpuTimeKick::start(STALL)
+            .map_err(|e| tracing::warn!(%e, "no CPU-time timer: vmcall guests will hang"))
+            .ok();
         // Steal time: run_delay of this thread, sampled every STEAL_SAMPLE_MS.
         self.run_delay = runstate::RunDelay::open().ok();
         if self.id == 0 {
@@ -117,14 +109,18 @@ impl Vcpu {
                 .xen
                 .runstate_transition(0, runstate::State::Running, self.sample_run_delay());
         }
+        self.handle.report(Reported::Running);
         let mut state = State::Running;
         loop {
             state = match state {
                 State::Running => self.run_once(),
                 State::Blocked { deadline, ports } => self.block(deadline, ports),
+                State::Paused { then } => self.paused(*then),
                 State::Stopped => break,
             };
         }
+        self.handle.kicker().unbind();
+        self.handle.report(Reported::Stopped);
         // Steal time is checkable from outside: runnable should track the
         // thread's run_delay (it is built from it).
         let [running, runnable, blocked, offline] = self.m.xen.runstate_times(self.id);
@@ -139,14 +135,52 @@ impl Vcpu {
         );
     }
 
+    /// The VMM's request, looked at before every entry: `Some` state to go
+    /// to instead of running.
+    fn requested(&self, current: State) -> Result<State, State> {
+        match self.handle.request() {
+            Request::Run => Err(current),
+            Request::Stop => Ok(State::Stopped),
+            Request::Pause => Ok(State::Paused {
+                then: Box::new(current),
+            }),
+        }
+    }
+
+    /// Paused: complete a pending I/O or MMIO exit (one KVM_RUN with
+    /// `immediate_exit` set, as the KVM API requires before state is read),
+    /// report, and wait for the VMM.
+    fn paused(&mut self, then: State) -> State {
+        if matches!(then, State::Running) {
+            self.handle.kicker().kick();
+            let _ = self.kvm.run();
+        }
+        self.handle.report(Reported::Paused);
+        tracing::debug!("paused");
+        let r = self.handle.wait_unpaused();
+        tracing::debug!(?r, "unpaused");
+        match r {
+            Request::Stop => State::Stopped,
+            _ => {
+                self.handle.report(match then {
+                    State::Blocked { .. } => Reported::Blocked,
+                    _ => Reported::Running,
+                });
+                then
+            }
+        }
+    }
+
     fn sample_run_delay(&self) -> Option<u64> {
         self.run_delay.as_ref().and_then(|r| r.sample().ok())
     }
 
     fn run_once(&mut self) -> State {
-        if self.m.stopping() {
-            return State::Stopped;
-        }
+        let current = match self.requested(State::Running) {
+            Ok(next) => return next,
+            Err(current) => current,
+        };
+        let _ = current;
         let first_exit = !self.started;
         // Cheap on the exit path: one TSC read and a compare.
         let t = crate::xen::clock::host_tsc();
@@ -158,91 +192,26 @@ impl Vcpu {
                 self.sample_run_delay(),
             );
         }
+        self.run_start = t;
+        let exit = self.kvm.run();
         let m = &self.m;
         let env = ExitCtx(m);
-        // Copy the exit out of kvm_run, decide, and give KVM the answers it
-        // expects inside kvm_run before the borrow ends.
-        let since = &self.m.run_since[self.id as usize];
-        since.store(crate::xen::clock::host_tsc(), Ordering::Relaxed);
-        let result = self.fd.run();
-        since.store(0, Ordering::Relaxed);
-        let action = match result {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                let mut d = [0u8; 4];
-                let len = data.len().min(4);
-                d[..len].copy_from_slice(&data[..len]);
-                decide(&Exit::IoOut { port, data: d, len }, self.id, &env)
-            }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                let a = decide(
-                    &Exit::IoIn {
-                        port,
-                        len: data.len(),
-                    },
-                    self.id,
-                    &env,
-                );
-                if !m.xen.bench_io_in(port, data) {
-                    m.ports.io_in(port, data);
+        let action = decide(&exit, self.id, &env);
+        // Answers KVM expects inside kvm_run before the next entry.
+        match (&exit, &action) {
+            (Exit::IoIn { port, len }, _) => {
+                let mut data = [0xffu8; 4];
+                let data = &mut data[..(*len).min(4)];
+                if !m.xen.bench_io_in(*port, data) {
+                    m.ports.io_in(*port, data);
                 }
-                a
+                self.kvm.complete_pio_in(data);
             }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                data.fill(0xff);
-                decide(
-                    &Exit::MmioRead {
-                        addr,
-                        len: data.len(),
-                    },
-                    self.id,
-                    &env,
-                )
+            (Exit::WrMsr { .. } | Exit::RdMsr { .. }, a) => {
+                self.kvm.complete_msr(*a == Action::MsrFault, 0);
             }
-            Ok(VcpuExit::MmioWrite(addr, data)) => decide(
-                &Exit::MmioWrite {
-                    addr,
-                    len: data.len(),
-                },
-                self.id,
-                &env,
-            ),
-            Ok(VcpuExit::X86Wrmsr(w)) => {
-                let a = decide(
-                    &Exit::WrMsr {
-                        index: w.index,
-                        data: w.data,
-                    },
-                    self.id,
-                    &env,
-                );
-                *w.error = u8::from(a == Action::MsrFault);
-                a
-            }
-            Ok(VcpuExit::X86Rdmsr(r)) => {
-                let a = decide(&Exit::RdMsr { index: r.index }, self.id, &env);
-                *r.error = u8::from(a == Action::MsrFault);
-                a
-            }
-            Ok(VcpuExit::Hlt) => decide(&Exit::Hlt, self.id, &env),
-            Ok(VcpuExit::Shutdown) => decide(&Exit::Shutdown, self.id, &env),
-            Ok(VcpuExit::InternalError) => {
-                let run = self.fd.get_kvm_run();
-                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the
-                // `internal` member of the union is the one KVM wrote.
-                let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-                decide(&Exit::InternalError { suberror }, self.id, &env)
-            }
-            Ok(VcpuExit::SystemEvent(t, _)) => decide(&Exit::SystemEvent(t), self.id, &env),
-            Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {
-                decide(&Exit::Interrupted, self.id, &env)
-            }
-            Ok(VcpuExit::Debug(d)) => decide(&Exit::Debug { pc: d.pc }, self.id, &env),
-            Ok(VcpuExit::FailEntry(reason, _cpu)) => {
-                decide(&Exit::FailEntry { reason }, self.id, &env)
-            }
-            Ok(other) => decide(&Exit::Unexpected(format!("{other:?}")), self.id, &env),
-            Err(e) => decide(&Exit::RunError(e.errno()), self.id, &env),
-        };
+            _ => {}
+        }
         // Only a real exit proves the AP runs: a signal (a stop request, a
         // kick) also interrupts an AP still waiting for INIT/SIPI.
         if action != Action::Fixup {
@@ -253,7 +222,7 @@ impl Vcpu {
             // An AP leaves KVM_RUN only once INIT/SIPI started it (the in-kernel
             // LAPIC holds it until then): from here on it is up and running.
             self.started = true;
-            self.m.started[self.id as usize].store(true, Ordering::Release);
+            self.handle.set_started();
             if self.id != 0 {
                 self.m.xen.vcpu_started(self.id);
                 self.m.xen.runstate_transition(
@@ -266,7 +235,11 @@ impl Vcpu {
         match action {
             Action::Resume | Action::PortIn { .. } | Action::MsrFault => State::Running,
             Action::Interrupted => {
-                if self.m.stall_kicked[self.id as usize].swap(false, Ordering::AcqRel) {
+                // The CPU-time timer (or a kick) interrupted a long KVM_RUN.
+                let stall = u64::from(self.m.clock.tsc_khz) * STALL.as_millis() as u64;
+                if self.started
+                    && crate::xen::clock::host_tsc().saturating_sub(self.run_start) >= stall
+                {
                     self.stalled()
                 } else {
                     State::Running
@@ -278,11 +251,9 @@ impl Vcpu {
             }
             Action::HypercallTrap { pc } => {
                 if self.bp_sites.contains(&pc) {
-                    let sr = self.fd.sync_regs();
-                    let (regs, sregs) = (sr.regs, sr.sregs);
+                    let (regs, sregs) = (self.kvm.synced_regs(), self.kvm.synced_sregs());
                     let (regs, next) = self.trapped_hypercall(regs, sregs);
-                    self.fd.sync_regs_mut().regs = regs;
-                    self.fd.set_sync_dirty_reg(SyncReg::Register);
+                    self.kvm.put_synced_regs(&regs);
                     next
                 } else {
                     tracing::debug!(
@@ -303,16 +274,15 @@ impl Vcpu {
             Action::Hypercall => self.hypercall(),
             Action::BenchStubReturn => {
                 // The test guest's bench stub: complete its `ret` as for a hypercall.
-                let mut regs = self.fd.sync_regs().regs;
-                let sregs = self.fd.sync_regs().sregs;
+                let mut regs = self.kvm.synced_regs();
+                let sregs = self.kvm.synced_sregs();
                 x86::complete_stub_return(&self.m.mem, &mut regs, &sregs, 0);
-                self.fd.sync_regs_mut().regs = regs;
-                self.fd.set_sync_dirty_reg(SyncReg::Register);
+                self.kvm.put_synced_regs(&regs);
                 State::Running
             }
             Action::PortOut { port, data, len } => self.io_out(port, &data[..len]),
             Action::HypercallPage { gpa } => {
-                let long = x86::is_64bit(&self.fd.sync_regs().sregs);
+                let long = x86::is_64bit(&self.kvm.synced_sregs());
                 self.m.xen.write_hypercall_page(gpa, long);
                 State::Running
             }
@@ -320,7 +290,7 @@ impl Vcpu {
             Action::Stop(why) => {
                 let why = match why {
                     GuestExit::Reboot(r) if r.starts_with("triple fault") => {
-                        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                        let rip = self.kvm.regs().map(|r| r.rip).unwrap_or(0);
                         GuestExit::Reboot(format!("{r} at RIP {rip:#x}"))
                     }
                     w => w,
@@ -352,17 +322,15 @@ impl Vcpu {
     /// A hypercall through the hypercall page: decode from the synced
     /// registers, dispatch, then complete the stub (see `hcall_page`).
     fn hypercall(&mut self) -> State {
-        let sr = self.fd.sync_regs();
         let ctx = VcpuCtx {
             id: self.id,
-            regs: sr.regs,
-            sregs: sr.sregs,
+            regs: self.kvm.synced_regs(),
+            sregs: self.kvm.synced_sregs(),
         };
         let (v, next) = self.outcome(self.m.xen.hypercall(&ctx));
         let mut regs = ctx.regs;
         x86::complete_stub_return(&self.m.mem, &mut regs, &ctx.sregs, v);
-        self.fd.sync_regs_mut().regs = regs;
-        self.fd.set_sync_dirty_reg(SyncReg::Register);
+        self.kvm.put_synced_regs(&regs);
         next
     }
 
@@ -387,7 +355,7 @@ impl Vcpu {
     /// hypercall and arm a hardware breakpoint there so later calls at the
     /// same site exit at once.
     fn stalled(&mut self) -> State {
-        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+        let (Ok(regs), Ok(sregs)) = (self.kvm.regs(), self.kvm.sregs()) else {
             return State::Running;
         };
         match x86::fetch(&self.m.mem, &regs, &sregs).map(|i| i.code()) {
@@ -396,14 +364,14 @@ impl Vcpu {
         }
         let pc = x86::linear_rip(&regs, &sregs);
         let (regs, next) = self.trapped_hypercall(regs, sregs);
-        if let Err(e) = self.fd.set_regs(&regs) {
+        if let Err(e) = self.kvm.set_regs(&regs) {
             self.m.request_exit(GuestExit::Error(format!(
                 "vCPU {}: cannot complete a vmcall: {e}",
                 self.id
             )));
             return State::Stopped;
         }
-        self.fd.get_kvm_run().kvm_dirty_regs = 0;
+        self.kvm.discard_synced_changes();
         self.arm_breakpoint(pc);
         next
     }
@@ -457,43 +425,29 @@ impl Vcpu {
     }
 
     /// Loads DR0-DR3/DR7 with the hypercall sites and the #PF handler.
-    fn program_breakpoints(&mut self) -> Result<(), kvm_ioctls::Error> {
-        let mut dbg = kvm_bindings::kvm_guest_debug {
-            control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP,
-            ..Default::default()
-        };
-        let sites = self
+    fn program_breakpoints(&mut self) -> Result<(), KvmError> {
+        let sites: Vec<u64> = self
             .bp_sites
             .iter()
             .copied()
-            .chain(self.syscall.map(|s| s.pf_handler));
-        let mut dr7 = 0u64;
-        for (i, site) in sites.take(4).enumerate() {
-            dbg.arch.debugreg[i] = site;
-            dr7 |= 1 << (2 * i); // local enable, execute, length 1
-        }
-        dbg.arch.debugreg[7] = dr7;
-        self.fd.set_guest_debug(&dbg)
+            .chain(self.syscall.map(|s| s.pf_handler))
+            .collect();
+        self.kvm.set_hw_breakpoints(&sites)
     }
 
     /// The guest wrote LSTAR on a host whose `syscall` stays at CPL 3:
     /// write it, and trap the guest's #PF handler (see [`crate::arch::x86::syscall_fix`]).
     fn lstar_written(&mut self, lstar: u64) -> State {
         use crate::arch::x86::syscall_fix::*;
-        let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-            index: MSR_LSTAR,
-            data: lstar,
-            ..Default::default()
-        }]);
-        if !matches!(msrs.map(|m| self.fd.set_msrs(&m)), Ok(Ok(1))) {
+        if !self.kvm.write_msr(MSR_LSTAR, lstar) {
             self.m.request_exit(GuestExit::Error(format!(
                 "vCPU {}: cannot write LSTAR",
                 self.id
             )));
             return State::Stopped;
         }
-        let sregs = self.fd.sync_regs().sregs;
-        let star = read_msr(&self.fd, MSR_STAR).unwrap_or(0);
+        let sregs = self.kvm.synced_sregs();
+        let star = self.kvm.read_msr(MSR_STAR).unwrap_or(0);
         let mut gate = [0u8; 16];
         let paging = x86::Paging::from_sregs(&sregs);
         let handler = x86::read_linear(
@@ -539,8 +493,7 @@ impl Vcpu {
         let Some(setup) = self.syscall else {
             return State::Running;
         };
-        let sr = self.fd.sync_regs();
-        let (mut regs, mut sregs) = (sr.regs, sr.sregs);
+        let (mut regs, mut sregs) = (self.kvm.synced_regs(), self.kvm.synced_sregs());
         let paging = x86::Paging::from_sregs(&sregs);
         let mut raw = [0u8; 48];
         let frame = x86::read_linear(&self.m.mem, &paging, regs.rsp, &mut raw, x86::Access::READ)
@@ -548,17 +501,13 @@ impl Vcpu {
             .map(|()| Frame::parse(&raw));
         if let Some(f) = frame.filter(|f| f.is_broken_syscall(&setup, sregs.cr2)) {
             complete_syscall(&mut regs, &mut sregs, &f, setup.star);
-            let sr = self.fd.sync_regs_mut();
-            sr.regs = regs;
-            sr.sregs = sregs;
-            self.fd.set_sync_dirty_reg(SyncReg::Register);
-            self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+            self.kvm.put_synced_regs(&regs);
+            self.kvm.put_synced_sregs(&sregs);
             return State::Running;
         }
         match x86::fetch(&self.m.mem, &regs, &sregs) {
             Ok(insn) if step_over(&insn, &mut regs) => {
-                self.fd.sync_regs_mut().regs = regs;
-                self.fd.set_sync_dirty_reg(SyncReg::Register);
+                self.kvm.put_synced_regs(&regs);
             }
             other => {
                 tracing::warn!(
@@ -575,16 +524,22 @@ impl Vcpu {
     /// SCHEDOP_block / SCHEDOP_poll: wait in the VMM until an event for this
     /// vCPU (or one of `ports`) is pending, or the deadline.
     fn block(&mut self, deadline: Option<Instant>, ports: Option<Vec<u32>>) -> State {
-        let waker = &self.m.wakers[self.id as usize];
         let polled = ports.is_some();
         self.m
             .xen
             .runstate_transition(self.id, runstate::State::Blocked, self.sample_run_delay());
+        self.handle.report(Reported::Blocked);
         loop {
-            if self.m.stopping() {
-                return State::Stopped;
+            match self.handle.request() {
+                Request::Run => {}
+                Request::Stop => return State::Stopped,
+                Request::Pause => {
+                    return State::Paused {
+                        then: Box::new(State::Blocked { deadline, ports }),
+                    }
+                }
             }
-            waker.clear();
+            self.handle.clear_wake();
             if self.m.xen.wake_condition(self.id, ports.as_deref())
                 || deadline.is_some_and(|d| Instant::now() >= d)
             {
@@ -594,11 +549,12 @@ impl Vcpu {
                     runstate::State::Running,
                     self.sample_run_delay(),
                 );
+                self.handle.report(Reported::Running);
                 return State::Running;
             }
-            // Bounded waits so a lost wake-up costs at most 100 ms.
-            let d = deadline.unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
-            waker.wait(Some(d.min(Instant::now() + Duration::from_millis(100))));
+            // Every event that can satisfy the wake condition wakes the
+            // handle (raise_upcall, kick_vcpu), so the wait needs no poll.
+            self.handle.wait_event(deadline);
         }
     }
 
@@ -608,7 +564,7 @@ impl Vcpu {
             m.request_exit(GuestExit::Crash(format!("vCPU {id}: {msg}")));
             State::Stopped
         };
-        let (mut regs, mut sregs) = match (self.fd.get_regs(), self.fd.get_sregs()) {
+        let (mut regs, mut sregs) = match (self.kvm.regs(), self.kvm.sregs()) {
             (Ok(r), Ok(s)) => (r, s),
             _ => {
                 return fail(
@@ -619,7 +575,7 @@ impl Vcpu {
             }
         };
         let env = EmuHost {
-            fd: &self.fd,
+            kvm: &self.kvm,
             m: &self.m,
         };
         let fix = x86::fixup(&self.m.mem, &env, &mut regs, &mut sregs);
@@ -628,28 +584,24 @@ impl Vcpu {
             rip = format_args!("{:#x}", regs.rip),
             "emulation-failure fix-up"
         );
-        let inject =
-            |fd: &VcpuFd, f: &dyn Fn(&mut kvm_vcpu_events)| -> Result<(), kvm_ioctls::Error> {
-                let mut ev = fd.get_vcpu_events()?;
-                f(&mut ev);
-                fd.set_vcpu_events(&ev)
-            };
+        let kvm = &self.kvm;
+        let inject = |f: &dyn Fn(&mut kvm_bindings::kvm_vcpu_events)| kvm.edit_events(f);
         let r = match &fix {
             Fixup::Resume => Ok(()),
-            Fixup::Exception { vector, error_code } => inject(&self.fd, &|ev| {
+            Fixup::Exception { vector, error_code } => inject(&|ev| {
                 ev.exception.injected = 1;
                 ev.exception.nr = *vector;
                 ev.exception.has_error_code = u8::from(error_code.is_some());
                 ev.exception.error_code = error_code.unwrap_or(0);
             }),
-            Fixup::SoftInt { vector } => inject(&self.fd, &|ev| {
+            Fixup::SoftInt { vector } => inject(&|ev| {
                 ev.interrupt.injected = 1;
                 ev.interrupt.nr = *vector;
                 ev.interrupt.soft = 1;
             }),
             Fixup::PageFault(pf) => {
                 sregs.cr2 = pf.linear;
-                inject(&self.fd, &|ev| {
+                inject(&|ev| {
                     ev.exception.injected = 1;
                     ev.exception.nr = x86::PF;
                     ev.exception.has_error_code = 1;
@@ -674,20 +626,20 @@ impl Vcpu {
             }
         };
         let r = r
-            .and_then(|_| self.fd.set_regs(&regs))
-            .and_then(|_| self.fd.set_sregs(&sregs));
+            .and_then(|_| self.kvm.set_regs(&regs))
+            .and_then(|_| self.kvm.set_sregs(&sregs));
         if let Err(e) = r {
             return fail(&self.m, self.id, format!("cannot apply a fix-up: {e}"));
         }
         // The synced copy in kvm_run is stale now; make sure it is not
         // written back over what we just set.
-        self.fd.get_kvm_run().kvm_dirty_regs = 0;
+        self.kvm.discard_synced_changes();
         State::Running
     }
 }
 
 struct EmuHost<'a> {
-    fd: &'a VcpuFd,
+    kvm: &'a KvmVcpu,
     m: &'a Machine,
 }
 
@@ -696,55 +648,36 @@ impl x86::EmuEnv for EmuHost<'_> {
         self.m.clock.guest_tsc()
     }
     fn tsc_aux(&self) -> u64 {
-        read_msr(self.fd, 0xc000_0103).unwrap_or(0)
+        self.kvm.read_msr(0xc000_0103).unwrap_or(0)
     }
     fn fpu_status(&self) -> u16 {
-        self.fd.get_fpu().map(|f| f.fsw).unwrap_or(0)
+        self.kvm.fpu().map(|f| f.fsw).unwrap_or(0)
     }
     fn mxcsr(&self) -> u32 {
-        self.fd.get_fpu().map(|f| f.mxcsr).unwrap_or(0x1f80)
+        self.kvm.fpu().map(|f| f.mxcsr).unwrap_or(0x1f80)
     }
     fn xmm(&self, n: usize) -> Option<[u8; 16]> {
-        self.fd.get_fpu().ok().and_then(|f| f.xmm.get(n).copied())
+        self.kvm.fpu().ok().and_then(|f| f.xmm.get(n).copied())
     }
     fn set_xmm(&self, n: usize, v: [u8; 16]) -> bool {
-        match self.fd.get_fpu() {
+        match self.kvm.fpu() {
             Ok(mut f) if n < f.xmm.len() => {
                 f.xmm[n] = v;
-                self.fd.set_fpu(&f).is_ok()
+                self.kvm.set_fpu(&f).is_ok()
             }
             _ => false,
         }
     }
     fn set_mxcsr(&self, v: u32) -> bool {
-        match self.fd.get_fpu() {
+        match self.kvm.fpu() {
             Ok(mut f) => {
                 f.mxcsr = v;
-                self.fd.set_fpu(&f).is_ok()
+                self.kvm.set_fpu(&f).is_ok()
             }
             Err(_) => false,
         }
     }
     fn xcr0(&self) -> u64 {
-        self.fd
-            .get_xcrs()
-            .ok()
-            .and_then(|x| {
-                x.xcrs
-                    .iter()
-                    .take(x.nr_xcrs as usize)
-                    .find(|x| x.xcr == 0)
-                    .map(|x| x.value)
-            })
-            .unwrap_or(1)
+        self.kvm.xcr0()
     }
-}
-
-fn read_msr(fd: &VcpuFd, index: u32) -> Option<u64> {
-    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-        index,
-        ..Default::default()
-    }])
-    .ok()?;
-    (fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
 }

@@ -1,23 +1,23 @@
-//! State shared by the vCPU threads and the main thread: the VM, guest
-//! memory, the clock, devices, the Xen personality, per-vCPU wake-ups, and
-//! how the guest ended.
+//! State shared by the vCPU threads, the event loop and the main thread:
+//! guest memory, the clock, devices, the Xen personality, the vCPU handles,
+//! and how the guest ended.
 //!
-//! Lock order (outer first): `Machine::exit` is a leaf; `Waker::lock` is a
-//! leaf; the Xen domain's own locks are documented in `hypercalls` and are
-//! never held while taking `exit`.
+//! Lock order (outer first): `Machine::exit` is a leaf; `VcpuHandle`'s
+//! lock is a leaf; the Xen domain's own locks are documented in
+//! `hypercalls` and are never held while taking `exit`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::VmFd;
 use parking_lot::{Condvar, Mutex};
 
 use crate::devices::{ConsoleOut, PortBus};
+use crate::kvm::{Interrupts, MemSlots};
+use crate::vcpu::{Reported, Request, VcpuHandle};
 use crate::vmm::{VmConfig, VmError};
 use crate::xen::clock::Clock;
-use crate::xen::Xen;
+use crate::xen::{VcpuWake, Xen, XenCaps};
 
 /// How a guest run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,98 +37,65 @@ pub enum GuestExit {
     Error(String),
 }
 
-/// Wakes a vCPU that waits in the VMM (SCHEDOP_block/poll).
-#[derive(Default)]
-pub struct Waker {
-    lock: Mutex<bool>,
-    cv: Condvar,
-}
+/// The vCPU handles as the Xen glue's wake-up capability.
+struct VcpuSet(Vec<Arc<VcpuHandle>>);
 
-impl Waker {
-    /// Marks work pending and wakes the waiter.
-    pub fn wake(&self) {
-        *self.lock.lock() = true;
-        self.cv.notify_all();
-    }
-
-    /// Waits until woken or `deadline`. Returns true if woken. Consumes
-    /// the wake-up.
-    pub fn wait(&self, deadline: Option<Instant>) -> bool {
-        let mut g = self.lock.lock();
-        while !*g {
-            match deadline {
-                Some(d) => {
-                    if self.cv.wait_until(&mut g, d).timed_out() {
-                        break;
-                    }
-                }
-                None => self.cv.wait(&mut g),
-            }
+impl VcpuWake for VcpuSet {
+    fn wake(&self, vcpu: u32) {
+        if let Some(h) = self.0.get(vcpu as usize) {
+            h.wake();
         }
-        std::mem::replace(&mut *g, false)
-    }
-
-    /// Clears a pending wake-up (before re-checking conditions).
-    pub fn clear(&self) {
-        *self.lock.lock() = false;
     }
 }
 
 pub struct Machine {
-    pub vm: VmFd,
     pub map: gpc::MemoryMap,
     pub mem: crate::GuestMem,
     pub clock: Clock,
     pub ports: PortBus,
     pub console: Arc<ConsoleOut>,
     pub nr_vcpus: u32,
-    pub wakers: Vec<Waker>,
-    /// Per vCPU: host TSC when its thread entered KVM_RUN (0 outside).
-    pub run_since: Vec<AtomicU64>,
-    /// Per vCPU: the monitor kicked it for staying in KVM_RUN too long.
-    pub stall_kicked: Vec<AtomicBool>,
-    /// Per vCPU: it has run guest code (vCPU 0 from the start, APs after
-    /// INIT/SIPI). The monitor leaves APs that wait for SIPI alone.
-    pub started: Vec<AtomicBool>,
-    /// Per vCPU: its thread (`pthread_t`), for kicks; 0 until it starts.
-    pub threads: Vec<AtomicU64>,
+    /// One handle per vCPU (control, wake-up, kick, counters).
+    pub vcpus: Vec<Arc<VcpuHandle>>,
     pub xen: Xen,
-    stopping: AtomicBool,
+    stopping: Arc<AtomicBool>,
     exit: Mutex<Option<GuestExit>>,
     exit_cv: Condvar,
 }
 
 impl Machine {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        vm: VmFd,
         map: gpc::MemoryMap,
         clock: Clock,
         ports: PortBus,
         console: Arc<ConsoleOut>,
         cfg: &VmConfig,
+        vcpus: Vec<Arc<VcpuHandle>>,
+        irq: Interrupts,
+        slots: Arc<MemSlots>,
     ) -> Result<Arc<Machine>, VmError> {
-        let xen = Xen::new(cfg, &map, clock, console.clone())
-            .map_err(|e| VmError::Other(format!("cannot create the Xen domain: {e}")))?;
-        let m = Arc::new(Machine {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let caps = XenCaps {
+            irq,
+            slots,
+            vcpus: Arc::new(VcpuSet(vcpus.clone())),
+            stopping: stopping.clone(),
+        };
+        let xen = Xen::new(cfg, &map, clock, console.clone(), caps).map_err(VmError::XenDomain)?;
+        Ok(Arc::new(Machine {
             xen,
-            vm,
             mem: map.guest_memory().clone(),
             map,
             clock,
             ports,
             console,
             nr_vcpus: cfg.vcpus,
-            wakers: (0..cfg.vcpus).map(|_| Waker::default()).collect(),
-            run_since: (0..cfg.vcpus).map(|_| AtomicU64::new(0)).collect(),
-            stall_kicked: (0..cfg.vcpus).map(|_| AtomicBool::new(false)).collect(),
-            threads: (0..cfg.vcpus).map(|_| AtomicU64::new(0)).collect(),
-            started: (0..cfg.vcpus).map(|i| AtomicBool::new(i == 0)).collect(),
-            stopping: AtomicBool::new(false),
+            vcpus,
+            stopping,
             exit: Mutex::new(None),
             exit_cv: Condvar::new(),
-        });
-        m.xen.start(Arc::downgrade(&m));
-        Ok(m)
+        }))
     }
 
     /// Records how the guest ended (the first reason wins) and stops it.
@@ -141,8 +108,8 @@ impl Machine {
         self.stopping.store(true, Ordering::Release);
         self.exit_cv.notify_all();
         drop(e);
-        for w in &self.wakers {
-            w.wake();
+        for h in &self.vcpus {
+            h.send(Request::Stop);
         }
     }
 
@@ -167,64 +134,39 @@ impl Machine {
         let out = e
             .clone()
             .unwrap_or(GuestExit::Error("no exit reason".into()));
+        drop(e);
         self.stopping.store(true, Ordering::Release);
+        for h in &self.vcpus {
+            h.send(Request::Stop);
+        }
         out
     }
 
-    /// Starts the monitor that finds vCPUs stuck inside KVM_RUN: a guest
-    /// `vmcall`/`vmmcall` on a KVM without Xen support never exits, it spins
-    /// until a signal. A vCPU that stays in KVM_RUN longer than `STALL` is
-    /// kicked; its thread then looks at the instruction at RIP.
-    pub fn start_monitor(self: &Arc<Self>) {
-        const STALL: Duration = Duration::from_millis(20);
-        let weak = Arc::downgrade(self);
-        let r = std::thread::Builder::new()
-            .name("vcpu-monitor".into())
-            .spawn(move || loop {
-                std::thread::sleep(STALL / 2);
-                let Some(m) = weak.upgrade() else { return };
-                if m.stopping() {
-                    return;
-                }
-                m.xen.reassert_upcalls(&m.started);
-                let now = crate::xen::clock::host_tsc();
-                let stall = u64::from(m.clock.tsc_khz) * STALL.as_millis() as u64;
-                for (i, since) in m.run_since.iter().enumerate() {
-                    let s = since.load(Ordering::Relaxed);
-                    let t = m.threads[i].load(Ordering::Relaxed);
-                    // Kick on every tick while it stays stuck: a kick that lands
-                    // just before the thread enters KVM_RUN is otherwise lost.
-                    let up = m.started[i].load(Ordering::Acquire);
-                    if up && s != 0 && t != 0 && now.saturating_sub(s) > stall {
-                        m.stall_kicked[i].store(true, Ordering::Release);
-                        // SAFETY: `t` is the pthread_t of a vCPU thread of this
-                        // machine; the threads are joined only after the monitor
-                        // sees `stopping`, and signalling a finished-but-unjoined
-                        // thread is harmless. The signal's handler does nothing.
-                        unsafe {
-                            libc::pthread_kill(t as libc::pthread_t, crate::vcpu::kick_signal())
-                        };
-                    }
-                }
-            });
-        if let Err(e) = r {
-            tracing::warn!(%e, "cannot start the vCPU monitor: vmcall guests will hang");
+    /// Pauses every vCPU: none runs guest code until [`resume`](Self::resume).
+    /// Each completes a pending I/O or MMIO exit first. Fails if a vCPU does
+    /// not confirm within `timeout`.
+    pub fn pause(&self, timeout: Duration) -> Result<(), VmError> {
+        for h in &self.vcpus {
+            h.send(Request::Pause);
         }
+        let until = Instant::now() + timeout;
+        for h in &self.vcpus {
+            if !h.wait_reported(&[Reported::Paused, Reported::Stopped], until) {
+                return Err(VmError::PauseTimeout {
+                    vcpu: h.id,
+                    state: h.reported(),
+                });
+            }
+        }
+        tracing::info!("VM paused");
+        Ok(())
     }
 
-    /// Stops every vCPU thread: sets the flag, wakes waiters and signals
-    /// threads inside KVM_RUN until they have all left it.
-    pub fn stop_vcpus(&self, handles: &[JoinHandle<()>]) {
-        self.stopping.store(true, Ordering::Release);
-        for w in &self.wakers {
-            w.wake();
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        for h in &self.vcpus {
+            h.send(Request::Run);
         }
-        let until = Instant::now() + Duration::from_secs(5);
-        while handles.iter().any(|h| !h.is_finished()) && Instant::now() < until {
-            for h in handles.iter().filter(|h| !h.is_finished()) {
-                crate::vcpu::kick(h);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        tracing::info!("VM resumed");
     }
 }

@@ -1,32 +1,30 @@
-//! The KVM virtual machine: guest RAM, the in-kernel irqchip and PIT, the
-//! user-space MSR filter that brings the hypercall-page MSR write to us,
-//! vCPU creation (CPUID, TSC), the boot (PVH entry of an ELF, or the Linux
-//! boot protocol's 64-bit entry of a bzImage, see `linux_boot`), and the
-//! lifecycle that runs the vCPU threads until the guest powers off, crashes
-//! or times out.
+//! Composition and lifecycle: builds the VM in named steps (memory and
+//! memslots, firmware tables and the kernel, devices, vCPUs, the Xen
+//! personality), owns the vCPU handles and the event loop, and runs the
+//! guest until it powers off, crashes or times out. The only module that
+//! starts threads (through [`threads::spawn`]).
 
+pub mod event_loop;
 pub mod machine;
+pub mod threads;
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{
-    kvm_enable_cap, kvm_pit_config, kvm_segment, kvm_userspace_memory_region, CpuId,
-    KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER,
-    KVM_PIT_SPEAKER_DUMMY,
-};
-use kvm_ioctls::{
-    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
-};
+use kvm_bindings::kvm_segment;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86::cpuid::{self, CpuidConfig, CpuidEntry};
+use crate::arch::x86::cpuid::{self, CpuidConfig};
 use crate::boot;
 use crate::boot::layout;
 use crate::boot::linux::{self, LinuxKernel};
 use crate::devices::{ConsoleOut, PortBus};
-use crate::vcpu::Vcpu;
+use crate::kvm::{KvmError, KvmVcpu, KvmVm, KvmVmError};
+use crate::vcpu::{Vcpu, VcpuHandle};
+use crate::vmm::event_loop::{EventLoop, Next};
 use crate::vmm::machine::{GuestExit, Machine};
+use crate::vmm::threads::{OnPanic, ThreadKind};
 use crate::xen::clock::Clock;
 
 /// How the kernel is entered.
@@ -76,30 +74,34 @@ impl Default for VmConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
-    OpenKvm(kvm_ioctls::Error),
-    #[error("KVM lacks {0}, which xenkvm needs")]
-    MissingCap(&'static str),
-    #[error("KVM ioctl {0} failed: {1}")]
-    Kvm(&'static str, kvm_ioctls::Error),
+    #[error(transparent)]
+    Kvm(#[from] KvmVmError),
     #[error("cannot allocate guest memory: {0}")]
     Memory(String),
     #[error(transparent)]
     Boot(#[from] boot::BootError),
     #[error(transparent)]
     LinuxBoot(#[from] linux::LinuxBootError),
+    #[error("cannot write the ACPI tables: {0}")]
+    Acpi(String),
     #[error("--vcpus must be between 1 and {max}, not {0}", max = crate::MAX_VCPUS)]
     BadVcpus(u32),
     #[error("--memory must be between 16 MiB and 64 GiB, not {0} MiB")]
     BadMemory(u64),
-    #[error("cannot start a vCPU thread: {0}")]
-    Thread(std::io::Error),
-    #[error("{0}")]
-    Other(String),
-}
-
-fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
-    move |e| VmError::Kvm(what, e)
+    #[error("cannot create the Xen domain: {0}")]
+    XenDomain(String),
+    #[error("cannot set vCPU {vcpu}'s registers: {err}")]
+    VcpuSetup {
+        vcpu: u32,
+        err: crate::kvm::KvmError,
+    },
+    #[error("cannot create the {0}: {1}")]
+    Os(&'static str, std::io::Error),
+    #[error("vCPU {vcpu} did not pause (it reports {state:?})")]
+    PauseTimeout {
+        vcpu: u32,
+        state: crate::vcpu::Reported,
+    },
 }
 
 /// The boot vCPU's initial state.
@@ -112,9 +114,12 @@ enum EntryState {
 /// A created VM, ready to run.
 pub struct Vm {
     pub machine: Arc<Machine>,
-    vcpus: Vec<VcpuFd>,
+    /// Owns the VM fd and memslots; dropped after the vCPU threads end.
+    _kvm: KvmVm,
+    vcpus: Vec<KvmVcpu>,
     entry: EntryState,
     stdin_console: bool,
+    events: Arc<EventLoop>,
 }
 
 /// Guest RAM: memfd-backed regions owned by gpc's memory map (overlays and
@@ -127,6 +132,19 @@ fn create_memory(mem_mib: u64) -> Result<gpc::MemoryMap, VmError> {
     gpc::MemoryMap::new(&ranges).map_err(|e| VmError::Memory(e.to_string()))
 }
 
+/// The MSR writes that exit to the VMM: the Xen hypercall-page MSR, and
+/// LSTAR where `syscall` from CPL 3 does not reach CPL 0 (the fix-up in
+/// `arch::x86::syscall_fix`).
+fn trapped_msr_writes() -> Vec<u32> {
+    let mut v = vec![cpuid::XEN_HYPERCALL_MSR];
+    let syscall = &crate::kvm::probe::HostProbe::get().user_syscall;
+    if *syscall != crate::kvm::probe::Support::Native {
+        tracing::info!(%syscall, "syscall at CPL 3 on this host");
+        v.push(crate::arch::x86::syscall_fix::MSR_LSTAR);
+    }
+    v
+}
+
 impl Vm {
     /// Creates the VM, loads the kernel and prepares the vCPUs.
     pub fn create(cfg: &VmConfig, console: Arc<ConsoleOut>) -> Result<Vm, VmError> {
@@ -136,50 +154,22 @@ impl Vm {
         if !(16..=65536).contains(&cfg.mem_mib) {
             return Err(VmError::BadMemory(cfg.mem_mib));
         }
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        for (cap, name) in [
-            (Cap::Irqchip, "an in-kernel irqchip"),
-            (Cap::X86UserSpaceMsr, "user-space MSR exits"),
-            (Cap::X86MsrFilter, "MSR filters"),
-            (Cap::SyncRegs, "sync regs"),
-            (Cap::VcpuEvents, "vCPU events"),
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(VmError::MissingCap(name));
-            }
-        }
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        // Intel-only areas; harmless elsewhere. They sit in the MMIO hole.
-        let _ = vm.set_tss_address(0xfffb_d000);
-        let _ = vm.set_identity_map_address(0xfffb_c000);
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        enable_msr_exits(&vm)?;
+        let kvm = KvmVm::create(&trapped_msr_writes())?;
 
+        // Step 1: guest RAM and its memslots.
         let map = create_memory(cfg.mem_mib)?;
         let mem = map.guest_memory().clone();
-        for (slot, r) in map.ram_regions().iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: r.guest_base.0,
-                memory_size: r.size,
-                userspace_addr: r.host_addr,
-            };
+        let slots = kvm.slots();
+        for r in map.ram_regions() {
             // SAFETY: the region is a live mapping owned by `map`, which the
-            // Machine keeps for the VM's whole life (it outlives `vm`'s use).
-            unsafe { vm.set_user_memory_region(region) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            // Machine keeps for the VM's whole life (it outlives the VM fd).
+            unsafe { slots.insert(r.guest_base.0, r.size, r.host_addr) }?;
         }
 
+        // Step 2: firmware tables and the kernel.
         let e820 = layout::e820(&mem);
         let rsdp = crate::boot::acpi::write_tables(&mem, cfg.vcpus)
-            .map_err(|e| VmError::Other(e.to_string()))?;
+            .map_err(|e| VmError::Acpi(e.to_string()))?;
         let entry = match cfg.boot {
             BootProtocol::Pvh => {
                 let kernel = boot::load_pvh_elf(&mem, &cfg.kernel)?;
@@ -215,26 +205,26 @@ impl Vm {
             }
         };
 
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| VmError::Other(format!("eventfd: {e}")))?;
-        vm.register_irqfd(&serial_irq, 4)
-            .map_err(kvm_err("KVM_IRQFD"))?;
+        // Step 3: devices.
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Os("serial eventfd", e))?;
+        kvm.register_irqfd(&serial_irq, 4)?;
         let ports = PortBus::new(console.clone(), serial_irq);
 
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut vcpus = Vec::new();
+        // Step 4: vCPUs and their handles.
+        let supported = kvm.supported_cpuid()?;
+        let mut vcpus: Vec<KvmVcpu> = Vec::new();
+        let mut handles = Vec::new();
         let mut tsc_khz = 0;
         for id in 0..cfg.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let v = kvm.create_vcpu(id)?;
             if id == 0 {
-                tsc_khz = fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+                tsc_khz = v
+                    .tsc_khz()
+                    .map_err(|e| KvmVmError::Ioctl("KVM_GET_TSC_KHZ", e))?;
             }
             let entries = cpuid::guest_cpuid(
-                &from_kvm_cpuid(&supported),
+                &supported,
                 &CpuidConfig {
                     vcpu_id: id,
                     nr_vcpus: cfg.vcpus,
@@ -242,67 +232,177 @@ impl Vm {
                     upcall_vector: true,
                 },
             );
-            fd.set_cpuid2(&to_kvm_cpuid(&entries)?)
-                .map_err(kvm_err("KVM_SET_CPUID2"))?;
-            vcpus.push(fd);
+            v.set_cpuid(&entries)
+                .map_err(|e| KvmVmError::Ioctl("KVM_SET_CPUID2", e))?;
+            let kicker = v
+                .kicker(kvm.vcpu_mmap_size())
+                .map_err(|e| VmError::Os("kick mapping", e))?;
+            handles.push(Arc::new(VcpuHandle::new(id, kicker, v.entries())));
+            vcpus.push(v);
         }
         let offset = measure_tsc_offset(&vcpus[0]);
         let clock = Clock::new(tsc_khz, offset);
         tracing::info!(tsc_khz, offset, "guest clock");
 
-        let machine = Machine::new(vm, map, clock, ports, console, cfg)?;
+        // Step 5: the Xen personality, with the capabilities it may use.
+        let machine = Machine::new(
+            map,
+            clock,
+            ports,
+            console,
+            cfg,
+            handles,
+            kvm.interrupts(),
+            kvm.slots(),
+        )?;
+        let events = Arc::new(EventLoop::new().map_err(|e| VmError::Os("event loop", e))?);
         Ok(Vm {
             machine,
+            _kvm: kvm,
             vcpus,
             entry,
             stdin_console: cfg.stdin_console,
+            events,
         })
     }
 
-    /// Runs the guest until it stops. Consumes the VM.
+    /// Registers the event sources: the backends' eventfds, the Xen
+    /// timers and (optionally) the console's input.
+    fn register_events(&self) -> std::io::Result<()> {
+        let l = &self.events;
+        for (remote, fd) in self.machine.xen.backend_fds() {
+            let m = self.machine.clone();
+            l.add(
+                fd,
+                Box::new(move || {
+                    m.xen.backend_event(remote);
+                    Next::Keep
+                }),
+            )?;
+        }
+        for (kind, fd) in self.machine.xen.timer_fds() {
+            let m = self.machine.clone();
+            l.add(
+                fd,
+                Box::new(move || {
+                    let started = |v: u32| m.vcpus.get(v as usize).is_some_and(|h| h.started());
+                    if let Some(why) = m.xen.timer_event(kind, &started) {
+                        m.request_exit(why);
+                    }
+                    Next::Keep
+                }),
+            )?;
+        }
+        if self.stdin_console {
+            let m = self.machine.clone();
+            let stdin = std::io::stdin();
+            let fd = stdin.as_raw_fd();
+            let r = l.add(
+                fd,
+                Box::new(move || {
+                    let mut buf = [0u8; 512];
+                    // SAFETY: reading into a local buffer of the given size.
+                    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                    if n <= 0 {
+                        return Next::Remove;
+                    }
+                    let n = n as usize;
+                    let taken = m.xen.console_input(&buf[..n]);
+                    if taken < n {
+                        tracing::warn!(
+                            dropped = n - taken,
+                            "console input dropped: the guest is not reading its console"
+                        );
+                    }
+                    Next::Keep
+                }),
+            );
+            if let Err(e) = r {
+                // A regular file on stdin cannot be polled: no console input.
+                tracing::debug!(%e, "stdin cannot be polled: no console input");
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the guest until it ends or `timeout`.
     pub fn run(self, timeout: Option<Duration>) -> GuestExit {
+        self.run_with(timeout, |_| {})
+    }
+
+    /// Runs the guest; `with` is called with the running machine on the
+    /// caller's thread (to pause it, say) before waiting for the end.
+    pub fn run_with(
+        self,
+        timeout: Option<Duration>,
+        with: impl FnOnce(&Arc<Machine>),
+    ) -> GuestExit {
+        crate::kvm::install_kick_handler();
+        if let Err(e) = self.register_events() {
+            return GuestExit::Error(format!("cannot set up the event loop: {e}"));
+        }
         let Vm {
             machine,
+            _kvm,
             vcpus,
             entry,
-            stdin_console,
+            events,
+            ..
         } = self;
-        crate::vcpu::install_kick_handler();
         let started = Instant::now();
-        let mut handles = Vec::new();
-        for (id, fd) in vcpus.into_iter().enumerate() {
+        let m2 = machine.clone();
+        let on_panic: OnPanic = Arc::new(move |msg| m2.request_exit(GuestExit::Error(msg)));
+        let mut threads = Vec::new();
+        let ev = events.clone();
+        match threads::spawn(
+            ThreadKind::EventLoop,
+            "xen-events".into(),
+            on_panic.clone(),
+            move || ev.run(),
+        ) {
+            Ok(h) => threads.push(h),
+            Err(e) => return GuestExit::Error(format!("cannot start the event loop: {e}")),
+        }
+        for (id, kvm_vcpu) in vcpus.into_iter().enumerate() {
             let id = id as u32;
             if id == 0 {
                 let r = match entry {
                     EntryState::Pvh { entry, start_info } => {
-                        set_pvh_entry_state(&fd, entry, start_info)
+                        set_pvh_entry_state(&kvm_vcpu, entry, start_info)
                     }
-                    EntryState::Linux64(k) => set_linux64_entry_state(&fd, &k),
+                    EntryState::Linux64(k) => set_linux64_entry_state(&kvm_vcpu, &k),
                 };
-                if let Err(e) = r {
-                    return GuestExit::Error(format!("cannot set the boot vCPU's registers: {e}"));
+                if let Err(err) = r {
+                    machine.request_exit(GuestExit::Error(
+                        VmError::VcpuSetup { vcpu: 0, err }.to_string(),
+                    ));
+                    break;
                 }
             }
-            let vcpu = Vcpu::new(id, fd, machine.clone());
-            match std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || vcpu.run())
-            {
-                Ok(h) => handles.push(h),
+            let vcpu = Vcpu::new(
+                kvm_vcpu,
+                machine.clone(),
+                machine.vcpus[id as usize].clone(),
+            );
+            match threads::spawn(
+                ThreadKind::Vcpu,
+                format!("vcpu{id}"),
+                on_panic.clone(),
+                move || vcpu.run(),
+            ) {
+                Ok(h) => threads.push(h),
                 Err(e) => {
-                    machine
-                        .request_exit(GuestExit::Error(format!("cannot start vCPU thread: {e}")));
+                    machine.request_exit(GuestExit::Error(format!(
+                        "cannot start vCPU thread {id}: {e}"
+                    )));
                     break;
                 }
             }
         }
-        machine.start_monitor();
-        if stdin_console {
-            spawn_console_input(&machine);
-        }
+        with(&machine);
         let exit = machine.wait_exit(timeout.map(|t| started + t));
-        machine.stop_vcpus(&handles);
-        for h in handles {
+        events.stop();
+        for h in threads {
             let _ = h.join();
         }
         machine.console.flush();
@@ -310,128 +410,19 @@ impl Vm {
     }
 }
 
-/// Reads the VMM's stdin and hands it to the guest's PV console. The thread
-/// ends at EOF or when the guest is gone; it is detached because a read on a
-/// terminal cannot be interrupted portably.
-fn spawn_console_input(machine: &Arc<Machine>) {
-    use std::io::Read;
-    let weak = Arc::downgrade(machine);
-    let r = std::thread::Builder::new()
-        .name("console-input".into())
-        .spawn(move || {
-            let mut buf = [0u8; 512];
-            let mut stdin = std::io::stdin();
-            loop {
-                let n = match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let Some(m) = weak.upgrade() else { return };
-                if m.stopping() {
-                    return;
-                }
-                let mut off = 0;
-                // The backend queues a bounded amount; wait for the guest to drain it.
-                while off < n && !m.stopping() {
-                    off += m.xen.console_input(&buf[off..n]);
-                    if off < n {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                }
-            }
-        });
-    if let Err(e) = r {
-        tracing::warn!(%e, "cannot start the console input thread");
-    }
-}
-
-/// Enables user-space exits for writes to the Xen hypercall MSR only.
-fn enable_msr_exits(vm: &VmFd) -> Result<(), VmError> {
-    let mut cap = kvm_enable_cap {
-        cap: KVM_CAP_X86_USER_SPACE_MSR,
-        ..Default::default()
-    };
-    cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_FILTER);
-    vm.enable_cap(&cap)
-        .map_err(kvm_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
-    // A zero bit denies the access, which the cap turns into an exit.
-    let bitmap = [0u8; 1];
-    let mut ranges = vec![MsrFilterRange {
-        flags: MsrFilterRangeFlags::WRITE,
-        base: cpuid::XEN_HYPERCALL_MSR,
-        msr_count: 1,
-        bitmap: &bitmap,
-    }];
-    // Where `syscall` from CPL 3 does not reach CPL 0, LSTAR writes arm the
-    // fix-up (crate::arch::x86::syscall_fix).
-    let syscall = &crate::kvm::probe::HostProbe::get().user_syscall;
-    if *syscall != crate::kvm::probe::Support::Native {
-        tracing::info!(%syscall, "syscall at CPL 3 on this host");
-        ranges.push(MsrFilterRange {
-            flags: MsrFilterRangeFlags::WRITE,
-            base: crate::arch::x86::syscall_fix::MSR_LSTAR,
-            msr_count: 1,
-            bitmap: &bitmap,
-        });
-    }
-    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
-        .map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))
-}
-
-fn from_kvm_cpuid(c: &CpuId) -> Vec<CpuidEntry> {
-    c.as_slice()
-        .iter()
-        .map(|e| CpuidEntry {
-            function: e.function,
-            index: e.index,
-            flags: e.flags,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        })
-        .collect()
-}
-
-fn to_kvm_cpuid(v: &[CpuidEntry]) -> Result<CpuId, VmError> {
-    let entries: Vec<kvm_bindings::kvm_cpuid_entry2> = v
-        .iter()
-        .map(|e| kvm_bindings::kvm_cpuid_entry2 {
-            function: e.function,
-            index: e.index,
-            flags: e.flags,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-            ..Default::default()
-        })
-        .collect();
-    CpuId::from_entries(&entries).map_err(|e| VmError::Other(format!("CPUID table: {e:?}")))
-}
-
 /// Estimates guest TSC - host TSC by reading IA32_TSC bracketed by host
 /// reads (the midpoint; error below the ioctl's duration, about a µs).
-fn measure_tsc_offset(fd: &VcpuFd) -> u64 {
-    use kvm_bindings::{kvm_msr_entry, Msrs};
+fn measure_tsc_offset(fd: &KvmVcpu) -> u64 {
     let mut best = (u64::MAX, 0u64);
     for _ in 0..5 {
-        let Ok(mut msrs) = Msrs::from_entries(&[kvm_msr_entry {
-            index: 0x10,
-            ..Default::default()
-        }]) else {
-            return 0;
-        };
         let t0 = crate::xen::clock::host_tsc();
-        let ok = fd.get_msrs(&mut msrs).is_ok();
+        let tsc = fd.read_msr(0x10);
         let t1 = crate::xen::clock::host_tsc();
-        if !ok {
-            return 0;
-        }
+        let Some(tsc) = tsc else { return 0 };
         let span = t1.wrapping_sub(t0);
         if span < best.0 {
             let mid = t0.wrapping_add(span / 2);
-            best = (span, msrs.as_slice()[0].data.wrapping_sub(mid));
+            best = (span, tsc.wrapping_sub(mid));
         }
     }
     best.1
@@ -462,14 +453,14 @@ fn load_flat_segments(s: &mut kvm_bindings::kvm_sregs, code: u16, data: u16, lon
 
 /// The PVH entry state: 32-bit protected mode, paging off, flat segments,
 /// EBX = `hvm_start_info`.
-fn set_pvh_entry_state(fd: &VcpuFd, entry: u32, start_info: u64) -> Result<(), kvm_ioctls::Error> {
-    let mut s = fd.get_sregs()?;
+fn set_pvh_entry_state(fd: &KvmVcpu, entry: u32, start_info: u64) -> Result<(), KvmError> {
+    let mut s = fd.sregs()?;
     load_flat_segments(&mut s, 0x10, 0x18, false);
     s.cr0 = 0x11; // PE | ET
     s.cr4 = 0;
     s.efer = 0;
     fd.set_sregs(&s)?;
-    let mut r = fd.get_regs()?;
+    let mut r = fd.regs()?;
     r.rip = u64::from(entry);
     r.rbx = start_info;
     r.rflags = 2;
@@ -481,8 +472,8 @@ fn set_pvh_entry_state(fd: &VcpuFd, entry: u32, start_info: u64) -> Result<(), k
 /// The Linux boot protocol's 64-bit entry state: long mode with the
 /// identity map `k.cr3`, the boot GDT with flat `__BOOT_CS` (64-bit code)
 /// and `__BOOT_DS`, interrupts off, RSI = zero page, RIP = `startup_64`.
-fn set_linux64_entry_state(fd: &VcpuFd, k: &LinuxKernel) -> Result<(), kvm_ioctls::Error> {
-    let mut s = fd.get_sregs()?;
+fn set_linux64_entry_state(fd: &KvmVcpu, k: &LinuxKernel) -> Result<(), KvmError> {
+    let mut s = fd.sregs()?;
     load_flat_segments(&mut s, linux::BOOT_CS, linux::BOOT_DS, true);
     s.gdt.base = k.gdt_base;
     s.gdt.limit = k.gdt_limit;
@@ -493,7 +484,7 @@ fn set_linux64_entry_state(fd: &VcpuFd, k: &LinuxKernel) -> Result<(), kvm_ioctl
     s.cr0 = 0x8000_0031; // PG | NE | ET | PE
     s.efer = 0x500; // LMA | LME
     fd.set_sregs(&s)?;
-    let mut r = fd.get_regs()?;
+    let mut r = fd.regs()?;
     r.rip = k.entry;
     r.rsi = k.zero_page;
     r.rsp = layout::BOOT_STACK_TOP;

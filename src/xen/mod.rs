@@ -4,17 +4,23 @@
 //! dom0-side xenstore and console backends), guest-virtual memory access
 //! for handlers, the hypercall page, and the benchmark ports.
 //!
+//! The glue is handed narrow capabilities when it is built ([`XenCaps`]):
+//! interrupt injection, the memslot allocator, a way to wake a vCPU and
+//! the VM's stop flag; it never reaches back into the VMM. Backend work is
+//! not done on the notifying vCPU: `notify_backend` writes the backend's
+//! eventfd and the VMM's event loop calls [`Xen::backend_notified`].
+//!
 //! Lock order (outer first): `Xen::xenstore`, `Xen::console_backend` (each
 //! taken alone, never while a domain lock is held: the domain calls
 //! `notify_backend` with no lock held); `XenPlatform::overlays` is a leaf;
-//! `Timers::state` is a leaf (the timer thread calls the domain after
-//! dropping it).
+//! the timers' lock is a leaf.
 
 pub mod clock;
 pub mod hcall_page;
+pub mod timers;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -22,24 +28,49 @@ use hypercalls::{
     Domain, DomainConfig, E820Entry, Errno, Gfn, GuestTime, GuestWidth, Hypercall, MemFault,
     Outcome, OverlayId, Platform, RunstateAreaSpec, RunstateInfo, SharedPage, VcpuAccess, VcpuId,
 };
-use kvm_bindings::{kvm_msi, kvm_regs, kvm_sregs, kvm_userspace_memory_region};
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use parking_lot::{Condvar, Mutex};
 use runstate::{Accounting, Layout, RunstateArea, State};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86;
 use crate::backends::console::ConsoleBackend;
 use crate::backends::xenstore::{self, RingPage, XenstoreServer};
 use crate::boot::layout;
 use crate::devices::ConsoleOut;
-use crate::vmm::machine::{GuestExit, Machine};
+use crate::kvm::{Interrupts, MemSlots};
+use crate::vmm::machine::GuestExit;
 use crate::vmm::VmConfig;
 use crate::xen::clock::Clock;
 use crate::GuestMem;
+use timers::{TimerKind, XenTimers};
 
 /// The VMM's ids for the dom0 ends of the service channels.
-const REMOTE_STORE: u32 = 1;
-const REMOTE_CONSOLE: u32 = 2;
+pub const REMOTE_STORE: u32 = 1;
+pub const REMOTE_CONSOLE: u32 = 2;
+
+/// Wakes a vCPU that waits in the VMM (`SCHEDOP_block`/`poll`).
+pub trait VcpuWake: Send + Sync {
+    fn wake(&self, vcpu: u32);
+}
+
+/// What the Xen glue may do to the VM, handed to it when it is built.
+#[derive(Clone)]
+pub struct XenCaps {
+    /// Upcall and NMI injection into the in-kernel irqchip.
+    pub irq: Interrupts,
+    /// Memslots for overlays outside RAM.
+    pub slots: Arc<MemSlots>,
+    /// Wake-ups for vCPUs waiting in the VMM.
+    pub vcpus: Arc<dyn VcpuWake>,
+    /// Set when the VM is stopping.
+    pub stopping: Arc<AtomicBool>,
+}
+
+/// How long an upcall may stay pending before it is sent again (an upcall
+/// sent before the guest's LAPIC or vector was ready is otherwise lost).
+const UPCALL_RECHECK: Duration = Duration::from_millis(10);
 
 /// HVM params the VMM sets.
 const HVM_PARAM_STORE_PFN: u32 = 1;
@@ -71,7 +102,12 @@ pub struct Xen {
     platform: Arc<XenPlatform>,
     mem: GuestMem,
     clock: Clock,
-    machine: OnceLock<Weak<Machine>>,
+    stopping: Arc<AtomicBool>,
+    /// Written by `notify_backend`; the event loop serves the backend.
+    store_event: EventFd,
+    console_event: EventFd,
+    /// Upcalls re-sent by the re-check (a count for the logs and tests).
+    pub reasserted: AtomicU64,
     store_ring: u64,
     console_ring: u64,
     store_port: u32,
@@ -87,16 +123,27 @@ impl Xen {
         map: &gpc::MemoryMap,
         clock: Clock,
         console: Arc<ConsoleOut>,
+        caps: XenCaps,
     ) -> Result<Self, String> {
         let mem = map.guest_memory().clone();
+        let ev = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"));
+        let (store_event, console_event) = (ev()?, ev()?);
         let platform = Arc::new(XenPlatform {
             map: map.clone(),
             mem: mem.clone(),
             clock,
             console: console.clone(),
-            machine: OnceLock::new(),
             overlays: Mutex::new(Overlays::default()),
-            timers: Timers::new(cfg.vcpus),
+            timers: XenTimers::new(cfg.vcpus, clock).map_err(|e| format!("timerfd: {e}"))?,
+            backend_events: [
+                store_event
+                    .try_clone()
+                    .map_err(|e| format!("eventfd: {e}"))?,
+                console_event
+                    .try_clone()
+                    .map_err(|e| format!("eventfd: {e}"))?,
+            ],
+            caps: caps.clone(),
             // vCPU 0 runs from the start; APs are offline until INIT/SIPI.
             runstates: (0..cfg.vcpus)
                 .map(|id| {
@@ -164,7 +211,10 @@ impl Xen {
             platform,
             mem,
             clock,
-            machine: OnceLock::new(),
+            stopping: caps.stopping,
+            store_event,
+            console_event,
+            reasserted: AtomicU64::new(0),
             store_ring,
             console_ring,
             store_port,
@@ -175,11 +225,54 @@ impl Xen {
         })
     }
 
-    /// Links the platform back to this object (called once the Machine exists).
-    pub fn start(&self, me: Weak<Machine>) {
-        let _ = self.machine.set(me.clone());
-        let _ = self.platform.machine.set(me.clone());
-        self.platform.timers.start(me);
+    /// The backends' eventfds (remote id, fd), for the event loop.
+    pub fn backend_fds(&self) -> [(u32, std::os::fd::RawFd); 2] {
+        use std::os::fd::AsRawFd;
+        [
+            (REMOTE_STORE, self.store_event.as_raw_fd()),
+            (REMOTE_CONSOLE, self.console_event.as_raw_fd()),
+        ]
+    }
+
+    /// The event loop saw backend `remote`'s eventfd: consume it and serve.
+    pub fn backend_event(&self, remote: u32) {
+        let fd = match remote {
+            REMOTE_STORE => &self.store_event,
+            REMOTE_CONSOLE => &self.console_event,
+            _ => return,
+        };
+        let _ = fd.read();
+        self.backend_notified(remote);
+    }
+
+    /// The Xen timers' fds, for the event loop.
+    pub fn timer_fds(&self) -> Vec<(TimerKind, std::os::fd::RawFd)> {
+        self.platform.timers.fds()
+    }
+
+    /// The event loop saw timer `k` fire: what the guest sees of it. A
+    /// watchdog that expired returns the shutdown the guest asked for.
+    pub fn timer_event(&self, k: TimerKind, started: &dyn Fn(u32) -> bool) -> Option<GuestExit> {
+        if !self.platform.timers.expired(k) {
+            return None;
+        }
+        match k {
+            TimerKind::Vcpu(v) => {
+                if let Some(id) = self.domain.vcpu(v) {
+                    tracing::trace!(vcpu = v, "timer fired");
+                    self.domain.timer_expired(id);
+                }
+                None
+            }
+            TimerKind::Watchdog(wd) => self.domain.watchdog_expired(wd).map(|reason| {
+                tracing::warn!(watchdog = wd, "the guest's watchdog expired");
+                exit_for_shutdown(reason)
+            }),
+            TimerKind::UpcallCheck => {
+                self.reassert_upcalls(started);
+                None
+            }
+        }
     }
 
     /// True if `gpa` (the MSR value) names a RAM page the hypercall page can go to.
@@ -249,15 +342,17 @@ impl Xen {
     /// that interrupt was lost (sent before the guest set up its vector, or
     /// while its local APIC was disabled) the flag stays set and no later
     /// event would be delivered. Xen and KVM's Xen support treat the callback
-    /// as level-triggered in effect; the vCPU monitor calls this every 10 ms.
-    /// A duplicate is harmless: the guest finds nothing (more) to do.
-    pub fn reassert_upcalls(&self, started: &[std::sync::atomic::AtomicBool]) {
-        for (i, s) in started.iter().enumerate() {
-            if !s.load(Ordering::Acquire) {
+    /// as level-triggered in effect. Runs [`UPCALL_RECHECK`] after an upcall
+    /// was raised (never while nothing is pending, so an idle guest costs no
+    /// wake-ups); a duplicate is harmless: the guest finds nothing to do.
+    pub fn reassert_upcalls(&self, started: &dyn Fn(u32) -> bool) {
+        for i in 0..self.platform.caps_vcpus() {
+            if !started(i) {
                 continue;
             }
-            if let Some(id) = self.domain.vcpu(i as u32) {
+            if let Some(id) = self.domain.vcpu(i) {
                 if self.domain.upcall_pending(id) {
+                    self.reasserted.fetch_add(1, Ordering::Relaxed);
                     self.platform.raise_upcall(id);
                 }
             }
@@ -319,6 +414,15 @@ impl Xen {
 
     /// A dom0-side service was kicked by the guest.
     fn backend_notified(&self, remote: u32) {
+        tracing::debug!(
+            thread = std::thread::current().name().unwrap_or("?"),
+            backend = if remote == REMOTE_STORE {
+                "xenstore"
+            } else {
+                "console"
+            },
+            "backend request served"
+        );
         let (notify, port) = match remote {
             REMOTE_STORE => (
                 self.xenstore
@@ -345,12 +449,7 @@ impl Xen {
     }
 
     pub fn bench_io_in(&self, port: u16, data: &mut [u8]) -> bool {
-        let stopping = || {
-            self.machine
-                .get()
-                .and_then(Weak::upgrade)
-                .is_none_or(|m| m.stopping())
-        };
+        let stopping = || self.stopping.load(Ordering::Acquire);
         self.bench.io_in(port, data, &stopping)
     }
 
@@ -560,8 +659,6 @@ struct Overlays {
     holes: HashMap<u64, (u32, gpc::OverlayPage)>,
 }
 
-/// First KVM memslot used for overlays outside RAM (RAM uses the first few).
-const HOLE_SLOT_BASE: u32 = 32;
 /// At most this many overlays outside RAM (KVM offers 509 user slots; the
 /// largest user is the grant table, 64 frames by default, and its status frames).
 const MAX_HOLE_OVERLAYS: u32 = 256;
@@ -581,9 +678,11 @@ pub struct XenPlatform {
     mem: GuestMem,
     clock: Clock,
     console: Arc<ConsoleOut>,
-    machine: OnceLock<Weak<Machine>>,
     overlays: Mutex<Overlays>,
-    timers: Arc<Timers>,
+    timers: XenTimers,
+    /// Eventfds of the backends (store, console): `notify_backend` writes.
+    backend_events: [EventFd; 2],
+    caps: XenCaps,
     /// One per vCPU. Leaf locks: taken by the vCPU thread at schedule in/out
     /// and by the runstate hypercalls, never while taking another lock.
     runstates: Vec<Mutex<VcpuRunstate>>,
@@ -636,18 +735,9 @@ impl XenPlatform {
     /// hole (its memslot goes).
     fn take_off(&self, o: &mut Overlays, g: gpc::Gfn) {
         if let Some((slot, _page)) = o.holes.remove(&g.0) {
-            let region = kvm_userspace_memory_region {
-                slot,
-                guest_phys_addr: g.0 << 12,
-                memory_size: 0,
-                ..Default::default()
-            };
-            self.with_machine(|m| {
-                // SAFETY: deleting a slot (size 0) maps nothing new.
-                if let Err(e) = unsafe { m.vm.set_user_memory_region(region) } {
-                    tracing::warn!(%e, slot, gfn = g.0, "cannot delete an overlay memslot");
-                }
-            });
+            if let Err(e) = self.caps.slots.remove(slot) {
+                tracing::warn!(%e, slot, gfn = g.0, "cannot delete an overlay memslot");
+            }
         } else if let Err(e) = self.map.remove_overlay(g) {
             tracing::warn!(%e, gfn = g.0, "cannot remove an overlay");
         }
@@ -660,27 +750,17 @@ impl XenPlatform {
         g: gpc::Gfn,
         page: &gpc::OverlayPage,
     ) -> Result<(), Errno> {
-        let used: std::collections::HashSet<u32> = o.holes.values().map(|(s, _)| *s).collect();
-        let slot = (HOLE_SLOT_BASE..HOLE_SLOT_BASE + MAX_HOLE_OVERLAYS)
-            .find(|s| !used.contains(s))
-            .ok_or_else(|| {
-                tracing::warn!(gfn = g.0, "too many overlays outside RAM");
-                Errno::ENOMEM
-            })?;
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: g.0 << 12,
-            memory_size: 4096,
-            userspace_addr: page.host_addr(),
-        };
-        let m = self.upgrade().ok_or(Errno::EINVAL)?;
+        if o.holes.len() >= MAX_HOLE_OVERLAYS as usize {
+            tracing::warn!(gfn = g.0, "too many overlays outside RAM");
+            return Err(Errno::ENOMEM);
+        }
         // SAFETY: the page's mapping lives as long as the clone kept in
         // `holes`, and the slot is deleted (take_off) before that clone goes.
-        unsafe { m.vm.set_user_memory_region(region) }.map_err(|e| {
-            tracing::warn!(%e, slot, gfn = g.0, "cannot add an overlay memslot");
-            Errno::EINVAL
-        })?;
+        let slot =
+            unsafe { self.caps.slots.insert(g.0 << 12, 4096, page.host_addr()) }.map_err(|e| {
+                tracing::warn!(%e, gfn = g.0, "cannot add an overlay memslot");
+                Errno::ENOMEM
+            })?;
         tracing::debug!(
             slot,
             gfn = format_args!("{:#x}", g.0),
@@ -690,30 +770,20 @@ impl XenPlatform {
         Ok(())
     }
 
-    fn upgrade(&self) -> Option<Arc<Machine>> {
-        self.machine.get().and_then(Weak::upgrade)
+    fn domain(&self) -> Option<Arc<Domain>> {
+        self.update_flag.get().and_then(Weak::upgrade)
     }
 
-    fn with_machine(&self, f: impl FnOnce(&Machine)) {
-        if let Some(m) = self.upgrade() {
-            f(&m)
-        }
+    fn caps_vcpus(&self) -> u32 {
+        self.runstates.len() as u32
     }
 
     /// Sends the event-channel upcall `vector` to `vcpu` through the LAPIC
     /// (fixed delivery, physical destination = APIC id = vCPU id).
     fn inject_vector(&self, vcpu: u32, vector: u8, nmi: bool) {
-        self.with_machine(|m| {
-            let msi = kvm_msi {
-                address_lo: 0xfee0_0000 | (vcpu << 12),
-                address_hi: 0,
-                data: if nmi { 0x400 } else { u32::from(vector) },
-                ..Default::default()
-            };
-            if let Err(e) = m.vm.signal_msi(msi) {
-                tracing::warn!(%e, vcpu, vector, "KVM_SIGNAL_MSI failed");
-            }
-        });
+        if let Err(e) = self.caps.irq.msi(vcpu, vector, nmi) {
+            tracing::warn!(%e, vcpu, vector, "KVM_SIGNAL_MSI failed");
+        }
     }
 }
 
@@ -814,35 +884,38 @@ impl Platform for XenPlatform {
             .collect()
     }
     fn notify_backend(&self, remote_port: u32) {
-        self.with_machine(|m| m.xen.backend_notified(remote_port));
+        let i = match remote_port {
+            REMOTE_STORE => 0,
+            REMOTE_CONSOLE => 1,
+            _ => return,
+        };
+        if let Err(e) = self.backend_events[i].write(1) {
+            tracing::warn!(%e, remote_port, "cannot notify a backend");
+        }
     }
     fn raise_upcall(&self, vcpu: VcpuId) {
-        let Some(m) = self.upgrade() else { return };
+        let Some(d) = self.domain() else { return };
         let v = vcpu.get();
-        tracing::trace!(vcpu = v, vector = ?m.xen.domain.upcall_vector(vcpu), via = ?m.xen.domain.callback_via(), "raise_upcall");
-        let d = &m.xen.domain;
+        tracing::trace!(vcpu = v, vector = ?d.upcall_vector(vcpu), via = ?d.callback_via(), "raise_upcall");
         if let Some(vec) = d.upcall_vector(vcpu) {
             self.inject_vector(v, vec, false);
         } else {
             match d.callback_via() {
                 hypercalls::CallbackVia::Vector(vec) => self.inject_vector(v, vec, false),
                 hypercalls::CallbackVia::Gsi(gsi) => {
-                    let _ = m.vm.set_irq_line(gsi, true);
-                    let _ = m.vm.set_irq_line(gsi, false);
+                    if let Err(e) = self.caps.irq.pulse_gsi(gsi) {
+                        tracing::warn!(%e, gsi, "cannot raise the callback GSI");
+                    }
                 }
                 _ => {}
             }
         }
-        if let Some(w) = m.wakers.get(v as usize) {
-            w.wake();
-        }
+        self.caps.vcpus.wake(v);
+        self.timers
+            .set_if_idle(TimerKind::UpcallCheck, UPCALL_RECHECK);
     }
     fn kick_vcpu(&self, vcpu: VcpuId) {
-        self.with_machine(|m| {
-            if let Some(w) = m.wakers.get(vcpu.get() as usize) {
-                w.wake();
-            }
-        });
+        self.caps.vcpus.wake(vcpu.get());
     }
     fn set_timer(&self, vcpu: VcpuId, deadline_ns: Option<u64>) {
         tracing::trace!(
@@ -851,11 +924,7 @@ impl Platform for XenPlatform {
             now = self.clock.system_time(),
             "set_timer"
         );
-        let at = deadline_ns.map(|d| {
-            let now = self.clock.system_time();
-            Instant::now() + Duration::from_nanos(d.saturating_sub(now))
-        });
-        self.timers.set(vcpu.get(), at);
+        self.timers.set(TimerKind::Vcpu(vcpu.get()), deadline_ns);
     }
     fn vcpu_down(&self, vcpu: VcpuId) {
         tracing::info!(vcpu = vcpu.get(), "VCPUOP_down");
@@ -901,11 +970,7 @@ impl Platform for XenPlatform {
         Ok(())
     }
     fn set_watchdog(&self, id: u32, deadline_ns: Option<u64>) {
-        let at = deadline_ns.map(|d| {
-            let now = self.clock.system_time();
-            Instant::now() + Duration::from_nanos(d.saturating_sub(now))
-        });
-        self.timers.set_watchdog(id, at);
+        self.timers.set(TimerKind::Watchdog(id), deadline_ns);
     }
     fn unplace_overlay(&self, id: OverlayId) -> Result<(), Errno> {
         let mut o = self.overlays.lock();
@@ -979,94 +1044,6 @@ fn runs(gfns: &[Gfn]) -> Vec<(u64, u64)> {
         }
     }
     v
-}
-
-/// One timer per vCPU on one thread.
-/// Slots 0..vcpus are the vCPUs' Xen timers, the next two the domain's
-/// `SCHEDOP_watchdog` timers.
-struct Timers {
-    state: Mutex<Vec<Option<Instant>>>,
-    vcpus: usize,
-    cv: Condvar,
-}
-
-/// Watchdog timers a domain may have (Xen's NR_DOMAIN_WATCHDOG_TIMERS).
-const WATCHDOGS: usize = 2;
-
-impl Timers {
-    fn new(vcpus: u32) -> Arc<Self> {
-        Arc::new(Timers {
-            state: Mutex::new(vec![None; vcpus as usize + WATCHDOGS]),
-            vcpus: vcpus as usize,
-            cv: Condvar::new(),
-        })
-    }
-
-    fn set(&self, vcpu: u32, at: Option<Instant>) {
-        if (vcpu as usize) < self.vcpus {
-            if let Some(s) = self.state.lock().get_mut(vcpu as usize) {
-                *s = at;
-            }
-        }
-        self.cv.notify_all();
-    }
-
-    /// Watchdog `id` (0 or 1, as the domain numbers them).
-    fn set_watchdog(&self, id: u32, at: Option<Instant>) {
-        if (id as usize) < WATCHDOGS {
-            if let Some(s) = self.state.lock().get_mut(self.vcpus + id as usize) {
-                *s = at;
-            }
-        }
-        self.cv.notify_all();
-    }
-
-    fn start(self: &Arc<Self>, machine: Weak<Machine>) {
-        let t = self.clone();
-        let r = std::thread::Builder::new()
-            .name("xen-timers".into())
-            .spawn(move || loop {
-                let fired: Vec<u32> = {
-                    let mut s = t.state.lock();
-                    let now = Instant::now();
-                    let due: Vec<u32> = s
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, d)| d.is_some_and(|d| d <= now))
-                        .map(|(i, _)| i as u32)
-                        .collect();
-                    for &i in &due {
-                        s[i as usize] = None;
-                    }
-                    if due.is_empty() {
-                        let next = s.iter().flatten().min().copied();
-                        let limit = now + Duration::from_millis(100);
-                        t.cv.wait_until(&mut s, next.unwrap_or(limit).min(limit));
-                    }
-                    due
-                };
-                let Some(m) = machine.upgrade() else { return };
-                if m.stopping() {
-                    return;
-                }
-                for i in fired {
-                    let i = i as usize;
-                    if i >= t.vcpus {
-                        let wd = (i - t.vcpus) as u32;
-                        if let Some(reason) = m.xen.domain.watchdog_expired(wd) {
-                            tracing::warn!(watchdog = wd, "the guest's watchdog expired");
-                            m.request_exit(exit_for_shutdown(reason));
-                        }
-                    } else if let Some(id) = m.xen.domain.vcpu(i as u32) {
-                        tracing::trace!(vcpu = i, "timer fired");
-                        m.xen.domain.timer_expired(id);
-                    }
-                }
-            });
-        if let Err(e) = r {
-            tracing::error!(%e, "cannot start the timer thread");
-        }
-    }
 }
 
 /// The ports the test guest's bench mode talks to (see tests/guest):

@@ -1,0 +1,467 @@
+//! A vCPU file descriptor as the rest of the VMM sees it: `KVM_RUN` that
+//! returns a made-up [`Exit`] copied out of `kvm_run`, the answers KVM
+//! expects inside `kvm_run` before the next entry (port and MMIO read data,
+//! MSR results), register access through the synced copy or the ioctls,
+//! event injection, hardware breakpoints, and the [`Kicker`] that gets a
+//! vCPU out of `KVM_RUN` without ever losing the kick.
+
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_fpu, kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events, Msrs,
+    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP,
+};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::arch::x86::cpuid::CpuidEntry;
+
+/// An error from a KVM ioctl.
+pub type KvmError = kvm_ioctls::Error;
+
+/// A KVM exit, copied out of `kvm_run`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    IoOut {
+        port: u16,
+        data: [u8; 4],
+        len: usize,
+    },
+    IoIn {
+        port: u16,
+        len: usize,
+    },
+    MmioRead {
+        addr: u64,
+        len: usize,
+    },
+    MmioWrite {
+        addr: u64,
+        data: [u8; 8],
+        len: usize,
+    },
+    WrMsr {
+        index: u32,
+        data: u64,
+    },
+    RdMsr {
+        index: u32,
+    },
+    Hlt,
+    /// Triple fault.
+    Shutdown,
+    InternalError {
+        suberror: u32,
+    },
+    SystemEvent(u32),
+    /// KVM_RUN returned because of a signal (EINTR/EAGAIN), `immediate_exit`
+    /// or `KVM_EXIT_INTR`.
+    Interrupted,
+    /// A debug exit: a hardware breakpoint xenkvm armed fired at linear
+    /// address `pc`.
+    Debug {
+        pc: u64,
+    },
+    FailEntry {
+        reason: u64,
+    },
+    /// KVM_RUN failed with this errno.
+    RunError(i32),
+    Unexpected(String),
+}
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler for the kick signal; KVM_RUN returns EINTR.
+pub fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(kick_signal(), noop_handler) {
+            tracing::error!(%e, "cannot install the vCPU kick signal handler");
+        }
+    });
+}
+
+/// One vCPU's file descriptor. Owned by its thread.
+pub struct KvmVcpu {
+    fd: VcpuFd,
+    /// `KVM_RUN` entries so far (read by the VMM and tests).
+    entries: Arc<AtomicU64>,
+}
+
+impl KvmVcpu {
+    pub(super) fn new(fd: VcpuFd) -> Self {
+        KvmVcpu {
+            fd,
+            entries: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The counter of `KVM_RUN` entries of this vCPU.
+    pub fn entries(&self) -> Arc<AtomicU64> {
+        self.entries.clone()
+    }
+
+    /// Asks KVM to sync the general and system registers into `kvm_run` at
+    /// every exit (no `KVM_GET_REGS` on the hot path).
+    pub fn enable_sync_regs(&mut self) {
+        self.fd.set_sync_valid_reg(SyncReg::Register);
+        self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
+    }
+
+    /// A second mapping of this vCPU's `kvm_run` for kicking it from other
+    /// threads (it stays valid however long the [`Kicker`] lives).
+    pub fn kicker(&self, mmap_size: usize) -> Result<Kicker, std::io::Error> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: mapping a vCPU fd's kvm_run area shared, at offset 0, with
+        // the size KVM reported; the result is checked, and owned by the Kicker
+        // which unmaps it on drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mmap_size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Kicker {
+            run: p.cast(),
+            size: mmap_size,
+            thread: AtomicU64::new(0),
+        })
+    }
+
+    /// Runs the guest until the next exit and copies it out.
+    pub fn run(&mut self) -> Exit {
+        self.entries.fetch_add(1, Ordering::Relaxed);
+        let exit = match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let mut d = [0u8; 4];
+                let len = data.len().min(4);
+                d[..len].copy_from_slice(&data[..len]);
+                Exit::IoOut { port, data: d, len }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                data.fill(0xff);
+                Exit::IoIn {
+                    port,
+                    len: data.len(),
+                }
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                data.fill(0xff);
+                Exit::MmioRead {
+                    addr,
+                    len: data.len(),
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                let mut d = [0u8; 8];
+                let len = data.len().min(8);
+                d[..len].copy_from_slice(&data[..len]);
+                Exit::MmioWrite { addr, data: d, len }
+            }
+            Ok(VcpuExit::X86Wrmsr(w)) => Exit::WrMsr {
+                index: w.index,
+                data: w.data,
+            },
+            Ok(VcpuExit::X86Rdmsr(r)) => Exit::RdMsr { index: r.index },
+            Ok(VcpuExit::Hlt) => Exit::Hlt,
+            Ok(VcpuExit::Shutdown) => Exit::Shutdown,
+            Ok(VcpuExit::InternalError) => {
+                let run = self.fd.get_kvm_run();
+                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the
+                // `internal` member of the union is the one KVM wrote.
+                let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                Exit::InternalError { suberror }
+            }
+            Ok(VcpuExit::SystemEvent(t, _)) => Exit::SystemEvent(t),
+            Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => Exit::Interrupted,
+            Ok(VcpuExit::Debug(d)) => Exit::Debug { pc: d.pc },
+            Ok(VcpuExit::FailEntry(reason, _cpu)) => Exit::FailEntry { reason },
+            Ok(other) => Exit::Unexpected(format!("{other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Interrupted,
+            Err(e) => Exit::RunError(e.errno()),
+        };
+        // KVM leaves immediate_exit as userspace set it: clear it before
+        // the VMM looks at its control state, so a kick sent after that look
+        // sets it again and the next entry returns at once.
+        self.fd.set_kvm_immediate_exit(0);
+        fence(Ordering::SeqCst);
+        exit
+    }
+
+    /// The answer to the last [`Exit::IoIn`]: KVM copies it into the guest's
+    /// register at the next entry.
+    pub fn complete_pio_in(&mut self, data: &[u8]) {
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_IO (the caller only calls this
+        // after Exit::IoIn), so `io` is the union member KVM wrote; its data
+        // lies at data_offset inside the kvm_run mapping, size*count bytes,
+        // and we write at most that many.
+        unsafe {
+            let io = (*run).__bindgen_anon_1.io;
+            let cap = usize::from(io.size) * io.count as usize;
+            let dst = run.cast::<u8>().add(io.data_offset as usize);
+            std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len().min(cap));
+        }
+    }
+
+    /// The answer to the last [`Exit::MmioRead`].
+    pub fn complete_mmio_read(&mut self, data: &[u8]) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_MMIO (the caller only calls this
+        // after Exit::MmioRead), so `mmio` is the member KVM wrote.
+        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+        let n = data.len().min(mmio.data.len()).min(mmio.len as usize);
+        mmio.data[..n].copy_from_slice(&data[..n]);
+    }
+
+    /// The answer to the last [`Exit::WrMsr`] or [`Exit::RdMsr`]: `error`
+    /// makes the guest take #GP; `data` is what RDMSR returns.
+    pub fn complete_msr(&mut self, error: bool, data: u64) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_X86_RDMSR/WRMSR (the caller
+        // only calls this after Exit::RdMsr/WrMsr), so `msr` is the member
+        // KVM wrote.
+        let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+        msr.error = u8::from(error);
+        msr.data = data;
+    }
+
+    /// The registers KVM synced into `kvm_run` at this exit.
+    pub fn synced_regs(&self) -> kvm_regs {
+        self.fd.sync_regs().regs
+    }
+
+    pub fn synced_sregs(&self) -> kvm_sregs {
+        self.fd.sync_regs().sregs
+    }
+
+    /// Changes the general registers through the synced copy (applied at
+    /// the next entry).
+    pub fn put_synced_regs(&mut self, regs: &kvm_regs) {
+        self.fd.sync_regs_mut().regs = *regs;
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+    }
+
+    pub fn put_synced_sregs(&mut self, sregs: &kvm_sregs) {
+        self.fd.sync_regs_mut().sregs = *sregs;
+        self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+    }
+
+    /// After registers were set with the ioctls, the synced copy is stale:
+    /// make sure it is not written back over them.
+    pub fn discard_synced_changes(&mut self) {
+        self.fd.get_kvm_run().kvm_dirty_regs = 0;
+    }
+
+    pub fn regs(&self) -> Result<kvm_regs, KvmError> {
+        self.fd.get_regs()
+    }
+    pub fn set_regs(&self, r: &kvm_regs) -> Result<(), KvmError> {
+        self.fd.set_regs(r)
+    }
+    pub fn sregs(&self) -> Result<kvm_sregs, KvmError> {
+        self.fd.get_sregs()
+    }
+    pub fn set_sregs(&self, s: &kvm_sregs) -> Result<(), KvmError> {
+        self.fd.set_sregs(s)
+    }
+    pub fn fpu(&self) -> Result<kvm_fpu, KvmError> {
+        self.fd.get_fpu()
+    }
+    pub fn set_fpu(&self, f: &kvm_fpu) -> Result<(), KvmError> {
+        self.fd.set_fpu(f)
+    }
+
+    /// XCR0, or 1 (x87 only) when it cannot be read.
+    pub fn xcr0(&self) -> u64 {
+        self.fd
+            .get_xcrs()
+            .ok()
+            .and_then(|x| {
+                x.xcrs
+                    .iter()
+                    .take(x.nr_xcrs as usize)
+                    .find(|x| x.xcr == 0)
+                    .map(|x| x.value)
+            })
+            .unwrap_or(1)
+    }
+
+    /// Changes the pending-event state (`KVM_GET/SET_VCPU_EVENTS`).
+    pub fn edit_events(&self, f: &dyn Fn(&mut kvm_vcpu_events)) -> Result<(), KvmError> {
+        let mut ev = self.fd.get_vcpu_events()?;
+        f(&mut ev);
+        self.fd.set_vcpu_events(&ev)
+    }
+
+    /// Loads DR0-DR3/DR7 with instruction breakpoints at `sites` (at most
+    /// four; extra sites are ignored).
+    pub fn set_hw_breakpoints(&self, sites: &[u64]) -> Result<(), KvmError> {
+        let mut dbg = kvm_guest_debug {
+            control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
+            ..Default::default()
+        };
+        let mut dr7 = 0u64;
+        for (i, site) in sites.iter().take(4).enumerate() {
+            dbg.arch.debugreg[i] = *site;
+            dr7 |= 1 << (2 * i); // local enable, execute, length 1
+        }
+        dbg.arch.debugreg[7] = dr7;
+        self.fd.set_guest_debug(&dbg)
+    }
+
+    pub fn read_msr(&self, index: u32) -> Option<u64> {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .ok()?;
+        (self.fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
+    }
+
+    pub fn write_msr(&self, index: u32, data: u64) -> bool {
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }]);
+        matches!(msrs.map(|m| self.fd.set_msrs(&m)), Ok(Ok(1)))
+    }
+
+    /// Sets the CPUID table the guest sees.
+    pub fn set_cpuid(&self, cpuid: &[CpuidEntry]) -> Result<(), KvmError> {
+        let entries: Vec<kvm_bindings::kvm_cpuid_entry2> = cpuid
+            .iter()
+            .map(|e| kvm_bindings::kvm_cpuid_entry2 {
+                function: e.function,
+                index: e.index,
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+                ..Default::default()
+            })
+            .collect();
+        let table =
+            kvm_bindings::CpuId::from_entries(&entries).map_err(|_| KvmError::new(libc::E2BIG))?;
+        self.fd.set_cpuid2(&table)
+    }
+
+    /// The TSC frequency KVM gives this vCPU, in kHz.
+    pub fn tsc_khz(&self) -> Result<u32, KvmError> {
+        self.fd.get_tsc_khz()
+    }
+}
+
+/// Gets a vCPU out of `KVM_RUN` from another thread: sets `immediate_exit`
+/// in the vCPU's `kvm_run` and then signals its thread. A kick that lands
+/// before the thread enters `KVM_RUN` makes that entry return at once, so
+/// no kick is ever lost and none has to be repeated.
+pub struct Kicker {
+    run: *mut kvm_run,
+    size: usize,
+    /// The vCPU thread's `pthread_t` (0 before it starts).
+    thread: AtomicU64,
+}
+
+// SAFETY: `run` points to a shared mapping owned by this Kicker (unmapped
+// only on drop); the only access is a single-byte volatile write, which is
+// what KVM's own API expects from other threads.
+unsafe impl Send for Kicker {}
+// SAFETY: as above; `thread` is atomic.
+unsafe impl Sync for Kicker {}
+
+impl Kicker {
+    /// Records the calling thread as the vCPU's (call on the vCPU thread).
+    pub fn bind_current_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.thread.store(me as u64, Ordering::Release);
+    }
+
+    /// Forgets the thread (call on the vCPU thread before it ends).
+    pub fn unbind(&self) {
+        self.thread.store(0, Ordering::Release);
+    }
+
+    pub fn kick(&self) {
+        // SAFETY: `run` is our own live mapping of kvm_run (see the type).
+        unsafe { std::ptr::addr_of_mut!((*self.run).immediate_exit).write_volatile(1) };
+        fence(Ordering::SeqCst);
+        let t = self.thread.load(Ordering::Acquire);
+        if t != 0 {
+            // SAFETY: `t` is the pthread_t of a live vCPU thread: it unbinds
+            // itself before it ends, and the handle joins it only after that.
+            unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+        }
+    }
+}
+
+impl Drop for Kicker {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping of `size` bytes, once.
+        unsafe { libc::munmap(self.run.cast(), self.size) };
+    }
+}
+
+/// A timer on the calling thread's CPU time that sends it the kick signal
+/// each time the thread has used `period` of CPU. A vCPU halted in the
+/// in-kernel irqchip uses no CPU and is never woken by it; one spinning
+/// inside `KVM_RUN` (a `vmcall` on a KVM without Xen support never exits)
+/// is interrupted within `period` of CPU time.
+pub struct CpuTimeKick(libc::timer_t);
+
+impl CpuTimeKick {
+    pub fn start(period: std::time::Duration) -> Result<Self, std::io::Error> {
+        // SAFETY: an all-zero sigevent is a valid starting value; the fields
+        // set below are the ones SIGEV_THREAD_ID reads.
+        let mut ev: libc::sigevent = unsafe { std::mem::zeroed() };
+        ev.sigev_notify = libc::SIGEV_THREAD_ID;
+        ev.sigev_signo = kick_signal();
+        // SAFETY: gettid has no preconditions.
+        ev.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: valid pointers to initialised values; the result is checked.
+        if unsafe { libc::timer_create(libc::CLOCK_THREAD_CPUTIME_ID, &mut ev, &mut timer) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ts = libc::timespec {
+            tv_sec: period.as_secs() as libc::time_t,
+            tv_nsec: period.subsec_nanos() as libc::c_long,
+        };
+        let spec = libc::itimerspec {
+            it_interval: ts,
+            it_value: ts,
+        };
+        // SAFETY: `timer` was created above; `spec` is initialised.
+        if unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: deleting the timer we created.
+            unsafe { libc::timer_delete(timer) };
+            return Err(e);
+        }
+        Ok(CpuTimeKick(timer))
+    }
+}
+
+impl Drop for CpuTimeKick {
+    fn drop(&mut self) {
+        // SAFETY: deleting the timer this value owns, once.
+        unsafe { libc::timer_delete(self.0) };
+    }
+}
