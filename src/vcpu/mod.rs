@@ -237,7 +237,7 @@ impl Vcpu {
             Action::Interrupted => {
                 // The CPU-time timer (or a kick) interrupted a long KVM_RUN.
                 let stall = u64::from(self.m.clock.tsc_khz) * STALL.as_millis() as u64;
-                if self.started
+                if self.handle.started()
                     && crate::xen::clock::host_tsc().saturating_sub(self.run_start) >= stall
                 {
                     self.stalled()

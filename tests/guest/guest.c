@@ -16,6 +16,8 @@
  *    The fifo check runs last: after it the domain uses the FIFO ABI.
  *  - bench: serve timing requests from the host over I/O ports (see bench());
  *    commands 5 and 6 (event channel round trip, SCHEDOP_poll wake-up) need 2 vCPUs.
+ *  - idle: bring vCPU 1 up (it halts in its command loop), print "idle: halted",
+ *    and halt vCPU 0 with interrupts on, for ever: what an idle guest costs the VMM.
  *
  * Add a check: write `static int check_foo(void)` returning PASS(...) or FAIL(...)
  * and add it to checks[]. Add a mode: test the command line in main().
@@ -2291,6 +2293,16 @@ static void __attribute__((noreturn)) bench(void)
     }
 }
 
+/* -------------------------------------------------------------------- idle */
+
+static void __attribute__((noreturn)) idle(void)
+{
+    int up = check_smp();
+    say("idle: halted (vCPU 1 %s: %s)", up && smp == SMP_UP ? "up" : "not up", detail);
+    for (;;)
+        asm volatile("sti; hlt" ::: "memory");
+}
+
 /* -------------------------------------------------------------------- main */
 
 void __attribute__((noreturn)) main(u32 start_info_paddr);
@@ -2319,5 +2331,7 @@ void __attribute__((noreturn)) main(u32 start_info_paddr)
     }
     if (strstr_(cmdline, "bench"))
         bench();
+    if (strstr_(cmdline, "idle"))
+        idle();
     demo();
 }
