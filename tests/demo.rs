@@ -78,8 +78,7 @@ fn run_timeout_expires_with_nonzero_exit() {
     if !common::kvm_available("run_timeout_expires_with_nonzero_exit") {
         return;
     }
-    // The test guest in bench mode waits for commands that never come... but
-    // only 30 s; a 1 s timeout must end it first.
+    // The test guest in idle mode halts for ever: a 1 s timeout must end it.
     let guest = std::env::temp_dir().join(format!("xenkvm-test-guest-{}.elf", std::process::id()));
     std::fs::write(&guest, xenkvm::testing::TEST_GUEST_ELF).unwrap();
     let (out, took) = common::xenkvm(&[
@@ -87,7 +86,7 @@ fn run_timeout_expires_with_nonzero_exit() {
         "--kernel",
         guest.to_str().unwrap(),
         "--cmdline",
-        "bench",
+        "idle",
         "--timeout",
         "1",
     ]);
@@ -100,4 +99,40 @@ fn run_timeout_expires_with_nonzero_exit() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("timeout"));
     assert!(took.as_secs_f64() < 10.0);
+}
+
+#[test]
+fn demo_backend_requests_are_served_on_the_event_loop_thread() {
+    if !common::kvm_available("demo_backend_requests_are_served_on_the_event_loop_thread") {
+        return;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xenkvm"))
+        .args(["demo", "--timeout", "60"])
+        .env("XENKVM_LOG", "xenkvm::xen=debug")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let served: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("backend request served"))
+        .collect();
+    for backend in ["xenstore", "console"] {
+        assert!(
+            served
+                .iter()
+                .any(|l| l.contains(&format!("backend=\"{backend}\""))),
+            "no {backend} request was served:\n{err}"
+        );
+    }
+    let elsewhere: Vec<_> = served
+        .iter()
+        .filter(|l| !(l.contains(" xen-events ") && l.contains("thread=\"xen-events\"")))
+        .collect();
+    assert!(
+        elsewhere.is_empty(),
+        "backend work ran off the event loop: {elsewhere:#?}"
+    );
+    println!("{} backend requests, all on xen-events", served.len());
 }

@@ -112,7 +112,13 @@ fn idle_two_vcpu_guest_wakes_the_vmm_less_than_once_a_second() {
     let path = std::env::temp_dir().join(format!("xenkvm-idle-{}.elf", std::process::id()));
     std::fs::write(&path, xenkvm::testing::TEST_GUEST_ELF).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_xenkvm"))
-        .args(["run", "--kernel", path.to_str().unwrap(), "--cmdline", "idle"])
+        .args([
+            "run",
+            "--kernel",
+            path.to_str().unwrap(),
+            "--cmdline",
+            "idle",
+        ])
         .args(["--vcpus", "2", "--memory", "64", "--timeout", "30"])
         .env("XENKVM_LOG", "warn")
         .stdin(std::process::Stdio::null())

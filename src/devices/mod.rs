@@ -5,10 +5,16 @@
 //! platform device's fixed ports 0x10/0x12 ([`crate::devices::pci`]), and the ACPI
 //! sleep control/status registers through which the guest powers off.
 //!
-//! `PortBus::io_in`/`io_out` are plain functions over (port, data) so they
-//! are tested without KVM. Console output goes to one shared [`ConsoleOut`].
+//! Each device is registered on the port [`Bus`] for its own range
+//! ([`PlatformDevices::register`]); accesses are plain functions over
+//! (port, data), tested without KVM. Console output goes to one shared
+//! [`ConsoleOut`]. This layer never uses the KVM layer: interrupts leave
+//! through eventfds (the serial IRQ is an irqfd the VMM registered).
 
+pub mod bus;
 pub mod pci;
+
+pub use bus::{Bus, BusDevice, BusError, BusEvent};
 
 use std::io::Write;
 use std::sync::Arc;
@@ -77,17 +83,6 @@ impl Trigger for IrqFd {
     }
 }
 
-/// What a port access asks of the VMM beyond its data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PortEvent {
-    None,
-    /// The guest asked for a reset (0xCF9 or the keyboard controller).
-    Reset,
-    /// The guest entered ACPI S5 (soft off) through the sleep control
-    /// register: power the VM off (exit status 0).
-    PowerOff,
-}
-
 pub const COM1: u16 = 0x3f8;
 pub const DEBUG_PORT_E9: u16 = 0xe9;
 pub const XEN_PLATFORM_LOG: u16 = 0x12;
@@ -105,29 +100,56 @@ pub const S5_SLP_TYP: u8 = 5;
 const SLP_EN: u8 = 1 << 5;
 const SLP_TYP_SHIFT: u8 = 2;
 
-/// The port-I/O devices.
-pub struct PortBus {
-    console: Arc<ConsoleOut>,
-    serial: Mutex<Serial<IrqFd, NoEvents, SerialOut>>,
-    cmos_index: Mutex<u8>,
-    pci: PciBus,
-    unknown_logged: Mutex<std::collections::HashSet<u16>>,
+/// The platform's port-I/O devices, each registered on the port bus for
+/// its own range.
+pub struct PlatformDevices {
+    pub pci: Arc<PciBus>,
 }
 
-impl PortBus {
-    pub fn new(console: Arc<ConsoleOut>, serial_irq: EventFd) -> Self {
-        PortBus {
-            serial: Mutex::new(Serial::new(IrqFd(serial_irq), SerialOut(console.clone()))),
-            console,
-            cmos_index: Mutex::new(0),
-            pci: PciBus::new(),
-            unknown_logged: Mutex::new(Default::default()),
+impl PlatformDevices {
+    /// Builds the devices and registers them on `pio`.
+    pub fn register(
+        pio: &Arc<Bus>,
+        console: Arc<ConsoleOut>,
+        serial_irq: EventFd,
+    ) -> Result<Self, BusError> {
+        let pci = Arc::new(PciBus::new());
+        pio.insert(
+            u64::from(DEBUG_PORT_E9),
+            1,
+            Arc::new(DebugPort(console.clone())),
+        )?;
+        pio.insert(
+            u64::from(pci::PLATFORM_PORT_MAGIC),
+            4,
+            Arc::new(PlatformPorts {
+                pci: pci.clone(),
+                console: console.clone(),
+            }),
+        )?;
+        pio.insert(
+            u64::from(COM1),
+            8,
+            Arc::new(SerialPort(Mutex::new(Serial::new(
+                IrqFd(serial_irq),
+                SerialOut(console),
+            )))),
+        )?;
+        pio.insert(u64::from(CMOS_INDEX), 2, Arc::new(Cmos(Mutex::new(0))))?;
+        pio.insert(u64::from(KBD_STATUS), 1, Arc::new(Keyboard))?;
+        let cfg = Arc::new(PciConfig {
+            pci: pci.clone(),
+            pio: Arc::downgrade(pio),
+            bar0: Mutex::new(None),
+        });
+        pio.insert(u64::from(pci::CONFIG_ADDRESS), 8, cfg.clone())?;
+        cfg.rehome_bar0();
+        pio.insert(u64::from(ACPI_SLEEP_CONTROL), 2, Arc::new(AcpiSleep))?;
+        // POST codes, I/O delay and the PC speaker port: read as zero.
+        for port in [0x61u16, 0x80, 0xed] {
+            pio.insert(u64::from(port), 1, Arc::new(Quiet))?;
         }
-    }
-
-    /// PCI bus 0 and the Xen platform device.
-    pub fn pci(&self) -> &PciBus {
-        &self.pci
+        Ok(PlatformDevices { pci })
     }
 
     /// The Xen platform device's memory BAR (BAR1) as `(base, size)`, where
@@ -135,90 +157,204 @@ impl PortBus {
     pub fn platform_mmio(&self) -> (u64, u64) {
         self.pci.platform_mmio()
     }
+}
 
-    /// Handles a guest `out`. Returns what the VMM must do next.
-    pub fn io_out(&self, port: u16, data: &[u8]) -> PortEvent {
-        if data.is_empty() {
-            return PortEvent::None;
-        }
-        match port {
-            DEBUG_PORT_E9 | XEN_PLATFORM_LOG if data.len() == 1 => self.console.write(data),
-            p if PciBus::is_platform_port(p) => self.pci.platform_out(p, data),
-            COM1..=0x3ff => {
-                if let Err(e) = self.serial.lock().write((port - COM1) as u8, data[0]) {
-                    tracing::warn!(?e, "serial write failed");
-                }
-            }
-            CMOS_INDEX => *self.cmos_index.lock() = data[0] & 0x7f,
-            CMOS_DATA => {}
-            KBD_STATUS if data[0] == 0xfe => return PortEvent::Reset,
-            RESET_CF9 if data.len() == 1 => {
-                if data[0] & 0x04 != 0 {
-                    return PortEvent::Reset;
-                }
-            }
-            p if PciBus::is_config_port(p) => self.pci.config_out(p, data),
-            ACPI_SLEEP_CONTROL if data.len() == 1 => return sleep_control(data[0]),
-            // Writing WAK_STS clears it; it is never set.
-            ACPI_SLEEP_STATUS if data.len() == 1 => {}
-            // POST codes and I/O delay ports.
-            0x80 | 0xed => {}
-            p if self.pci.platform_io_decodes(p) => {}
-            _ => self.log_unknown(port, "write"),
-        }
-        PortEvent::None
+/// Port 0xE9: the Bochs/Xen debug console (reads 0xE9: present).
+struct DebugPort(Arc<ConsoleOut>);
+
+impl BusDevice for DebugPort {
+    fn read(&self, _: u64, data: &mut [u8]) {
+        data[0] = 0xe9;
     }
+    fn write(&self, _: u64, data: &[u8]) -> BusEvent {
+        if data.len() == 1 {
+            self.0.write(data);
+        }
+        BusEvent::None
+    }
+}
 
-    /// Handles a guest `in`, filling `data`.
-    pub fn io_in(&self, port: u16, data: &mut [u8]) {
-        data.fill(0xff);
-        if data.is_empty() {
+/// The Xen platform device's fixed ports 0x10-0x13 (unplug protocol);
+/// byte writes to 0x12 are its log.
+struct PlatformPorts {
+    pci: Arc<PciBus>,
+    console: Arc<ConsoleOut>,
+}
+
+impl BusDevice for PlatformPorts {
+    fn read(&self, addr: u64, data: &mut [u8]) {
+        self.pci.platform_in(addr as u16, data);
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> BusEvent {
+        let port = addr as u16;
+        if port == XEN_PLATFORM_LOG && data.len() == 1 {
+            self.console.write(data);
+        } else {
+            self.pci.platform_out(port, data);
+        }
+        BusEvent::None
+    }
+}
+
+/// COM1, a 16550 (vm-superio).
+struct SerialPort(Mutex<Serial<IrqFd, NoEvents, SerialOut>>);
+
+impl BusDevice for SerialPort {
+    fn read(&self, addr: u64, data: &mut [u8]) {
+        data[0] = self.0.lock().read((addr - u64::from(COM1)) as u8);
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> BusEvent {
+        if let Err(e) = self.0.lock().write((addr - u64::from(COM1)) as u8, data[0]) {
+            tracing::warn!(?e, "serial write failed");
+        }
+        BusEvent::None
+    }
+}
+
+/// The CMOS/RTC index and data ports (enough for a clock read).
+struct Cmos(Mutex<u8>);
+
+impl BusDevice for Cmos {
+    fn read(&self, addr: u64, data: &mut [u8]) {
+        let i = *self.0.lock();
+        data[0] = if addr == u64::from(CMOS_DATA) {
+            cmos_read(i)
+        } else {
+            i
+        };
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> BusEvent {
+        if addr == u64::from(CMOS_INDEX) {
+            *self.0.lock() = data[0] & 0x7f;
+        }
+        BusEvent::None
+    }
+}
+
+/// The keyboard controller's status port: 0xFE written is a reset.
+struct Keyboard;
+
+impl BusDevice for Keyboard {
+    fn read(&self, _: u64, data: &mut [u8]) {
+        data[0] = 0x1c;
+    }
+    fn write(&self, _: u64, data: &[u8]) -> BusEvent {
+        if data[0] == 0xfe {
+            BusEvent::Reset
+        } else {
+            BusEvent::None
+        }
+    }
+}
+
+/// PCI configuration mechanism #1 (0xCF8-0xCFF) with the reset control
+/// register at 0xCF9 (byte accesses). After each configuration write the
+/// platform device's I/O BAR is registered where the guest put it (and only
+/// while I/O decoding is on).
+struct PciConfig {
+    pci: Arc<PciBus>,
+    pio: std::sync::Weak<Bus>,
+    /// Where BAR0 is registered on the port bus now.
+    bar0: Mutex<Option<u64>>,
+}
+
+impl PciConfig {
+    fn rehome_bar0(&self) {
+        let (base, size) = self.pci.platform_io();
+        let want =
+            (base != 0 && base + size <= 0x1_0000 && self.pci.platform_io_decodes(base as u16))
+                .then_some(base);
+        let mut cur = self.bar0.lock();
+        if *cur == want {
             return;
         }
-        match port {
-            // Reading 0xE9 returns 0xE9 (Bochs/Xen convention: port present).
-            DEBUG_PORT_E9 => data[0] = 0xe9,
-            COM1..=0x3ff => data[0] = self.serial.lock().read((port - COM1) as u8),
-            CMOS_DATA => data[0] = cmos_read(*self.cmos_index.lock()),
-            CMOS_INDEX => data[0] = *self.cmos_index.lock(),
-            KBD_STATUS => data[0] = 0x1c,
-            p if PciBus::is_platform_port(p) => self.pci.platform_in(p, data),
-            // The reset control register: no bits set.
-            RESET_CF9 if data.len() == 1 => data[0] = 0,
-            p if PciBus::is_config_port(p) => self.pci.config_in(p, data),
-            // Not sleeping, never woken: no WAK_STS.
-            ACPI_SLEEP_CONTROL | ACPI_SLEEP_STATUS if data.len() == 1 => data[0] = 0,
-            0x80 | 0xed | 0x61 => data.fill(0),
-            p if self.pci.platform_io_decodes(p) => data.fill(0),
-            _ => self.log_unknown(port, "read"),
+        let Some(pio) = self.pio.upgrade() else {
+            return;
+        };
+        if let Some(old) = cur.take() {
+            pio.remove(old);
+        }
+        if let Some(b) = want {
+            match pio.insert(b, size, Arc::new(Quiet)) {
+                Ok(()) => *cur = Some(b),
+                Err(e) => tracing::warn!(%e, "the platform device's I/O BAR is not decoded"),
+            }
         }
     }
+}
 
-    fn log_unknown(&self, port: u16, what: &str) {
-        if self.unknown_logged.lock().insert(port) {
-            tracing::debug!(
-                port = format_args!("{port:#x}"),
-                "guest {what} of an unemulated I/O port (logged once)"
-            );
+impl BusDevice for PciConfig {
+    fn read(&self, addr: u64, data: &mut [u8]) {
+        let port = addr as u16;
+        if port == RESET_CF9 && data.len() == 1 {
+            // The reset control register: no bits set.
+            data[0] = 0;
+        } else {
+            self.pci.config_in(port, data);
         }
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> BusEvent {
+        let port = addr as u16;
+        if port == RESET_CF9 && data.len() == 1 {
+            return if data[0] & 0x04 != 0 {
+                BusEvent::Reset
+            } else {
+                BusEvent::None
+            };
+        }
+        self.pci.config_out(port, data);
+        self.rehome_bar0();
+        BusEvent::None
+    }
+}
+
+/// The ACPI sleep control and status registers.
+struct AcpiSleep;
+
+impl BusDevice for AcpiSleep {
+    fn read(&self, _: u64, data: &mut [u8]) {
+        // Not sleeping, never woken: no WAK_STS.
+        if data.len() == 1 {
+            data[0] = 0;
+        }
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> BusEvent {
+        // Writing WAK_STS (the status register) clears it; it is never set.
+        if addr == u64::from(ACPI_SLEEP_CONTROL) && data.len() == 1 {
+            sleep_control(data[0])
+        } else {
+            BusEvent::None
+        }
+    }
+}
+
+/// Ports that read as zero and ignore writes.
+struct Quiet;
+
+impl BusDevice for Quiet {
+    fn read(&self, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&self, _: u64, _: &[u8]) -> BusEvent {
+        BusEvent::None
     }
 }
 
 /// A write to the ACPI sleep control register: SLP_EN with SLP_TYP = S5
 /// powers off; other sleep states are not offered (no `_S3_` etc.).
-fn sleep_control(v: u8) -> PortEvent {
+fn sleep_control(v: u8) -> BusEvent {
     if v & SLP_EN == 0 {
-        return PortEvent::None;
+        return BusEvent::None;
     }
     let typ = (v >> SLP_TYP_SHIFT) & 7;
     if typ == S5_SLP_TYP {
-        return PortEvent::PowerOff;
+        return BusEvent::PowerOff;
     }
     tracing::warn!(
         typ,
         "guest asked for an ACPI sleep state that is not offered; ignored"
     );
-    PortEvent::None
+    BusEvent::None
 }
 
 /// CMOS registers: the RTC from the host clock (binary mode, 24 h), status
@@ -276,10 +412,38 @@ mod tests {
         }
     }
 
+    /// The platform devices on a port bus, accessed as the vCPU does
+    /// (unclaimed reads give all ones, unclaimed writes nothing).
+    struct PortBus {
+        bus: Arc<Bus>,
+        dev: PlatformDevices,
+    }
+
+    impl PortBus {
+        fn io_out(&self, port: u16, data: &[u8]) -> BusEvent {
+            self.bus
+                .write(u64::from(port), data)
+                .unwrap_or(BusEvent::None)
+        }
+        fn io_in(&self, port: u16, data: &mut [u8]) {
+            if !self.bus.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+        }
+        fn pci(&self) -> &PciBus {
+            &self.dev.pci
+        }
+        fn platform_mmio(&self) -> (u64, u64) {
+            self.dev.platform_mmio()
+        }
+    }
+
     fn bus() -> (PortBus, Buf) {
         let b = Buf::default();
         let c = ConsoleOut::new(Box::new(b.clone()));
-        (PortBus::new(c, EventFd::new(0).unwrap()), b)
+        let bus = Arc::new(Bus::new());
+        let dev = PlatformDevices::register(&bus, c, EventFd::new(0).unwrap()).unwrap();
+        (PortBus { bus, dev }, b)
     }
 
     #[test]
@@ -294,9 +458,9 @@ mod tests {
     #[test]
     fn io_out_reset_ports_request_reset() {
         let (bus, _) = bus();
-        assert_eq!(bus.io_out(0x64, &[0xfe]), PortEvent::Reset);
-        assert_eq!(bus.io_out(0xcf9, &[0x06]), PortEvent::Reset);
-        assert_eq!(bus.io_out(0xcf9, &[0x02]), PortEvent::None);
+        assert_eq!(bus.io_out(0x64, &[0xfe]), BusEvent::Reset);
+        assert_eq!(bus.io_out(0xcf9, &[0x06]), BusEvent::Reset);
+        assert_eq!(bus.io_out(0xcf9, &[0x02]), BusEvent::None);
     }
 
     fn inl(bus: &PortBus, port: u16) -> u32 {
@@ -317,7 +481,7 @@ mod tests {
         assert_eq!(inl(&bus, 0xcfc), 0xffff_ffff);
         // Type-1 probe byte writes leave the address register alone and
         // reset nothing.
-        assert_eq!(bus.io_out(0xcfb, &[0x01]), PortEvent::None);
+        assert_eq!(bus.io_out(0xcfb, &[0x01]), BusEvent::None);
         assert_eq!(inl(&bus, 0xcf8), 0x8000_0800);
     }
 
@@ -357,16 +521,16 @@ mod tests {
         let (bus, _) = bus();
         // What ACPICA writes for S5: SLP_TYP << 2 | SLP_EN.
         let s5 = (S5_SLP_TYP << 2) | 0x20;
-        assert_eq!(bus.io_out(ACPI_SLEEP_STATUS, &[0x80]), PortEvent::None);
+        assert_eq!(bus.io_out(ACPI_SLEEP_STATUS, &[0x80]), BusEvent::None);
         assert_eq!(
             bus.io_out(ACPI_SLEEP_CONTROL, &[s5 & !0x20]),
-            PortEvent::None
+            BusEvent::None
         );
         assert_eq!(
             bus.io_out(ACPI_SLEEP_CONTROL, &[(3 << 2) | 0x20]),
-            PortEvent::None
+            BusEvent::None
         );
-        assert_eq!(bus.io_out(ACPI_SLEEP_CONTROL, &[s5]), PortEvent::PowerOff);
+        assert_eq!(bus.io_out(ACPI_SLEEP_CONTROL, &[s5]), BusEvent::PowerOff);
         let mut b = [0xffu8];
         bus.io_in(ACPI_SLEEP_STATUS, &mut b);
         assert_eq!(b, [0]);

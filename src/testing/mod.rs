@@ -19,6 +19,14 @@
 //! `rdtsc`s and writes the elapsed TSC cycles to 0x513 (`outl` low 32 bits, then high
 //! 32 bits). [`bench_cmd::STOP`] powers the guest off.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::devices::{Bus, BusDevice, BusError, BusEvent};
+
 /// The test guest's ELF image (PVH entry note, loaded at its physical addresses).
 pub static TEST_GUEST_ELF: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/xenkvm-test-guest.elf"));
@@ -53,6 +61,111 @@ pub mod bench_cmd {
 
 /// The bench stub's `out` port; the VMM completes the stub's `ret` and does nothing else.
 pub const BENCH_STUB_PORT: u16 = 0xe2;
+
+/// The ports the test guest's bench mode talks to (see tests/guest):
+/// IN 0x511 = command, IN 0x512 = iterations, OUT 0x513 = cycles (low, then
+/// high), OUT 0x514 = a bare exit that does nothing.
+pub struct BenchPorts {
+    /// Set when the VM stops (a guest waiting for a command gives up).
+    stopping: Arc<AtomicBool>,
+    /// Requests from the benchmark: (command, iterations); taken by the guest.
+    pub requests: Mutex<std::collections::VecDeque<(u32, u32)>>,
+    pub request_cv: Condvar,
+    pending_iters: AtomicU64,
+    low: AtomicU64,
+    /// Results: elapsed guest TSC cycles per request.
+    pub results: Mutex<Vec<u64>>,
+    pub results_cv: Condvar,
+}
+
+pub const BENCH_CMD: u16 = 0x511;
+pub const BENCH_ITERS: u16 = 0x512;
+pub const BENCH_RESULT: u16 = 0x513;
+pub const BENCH_BARE: u16 = 0x514;
+
+impl BenchPorts {
+    pub fn new(stopping: Arc<AtomicBool>) -> Self {
+        BenchPorts {
+            stopping,
+            requests: Default::default(),
+            request_cv: Default::default(),
+            pending_iters: AtomicU64::new(0),
+            low: AtomicU64::new(u64::MAX),
+            results: Default::default(),
+            results_cv: Default::default(),
+        }
+    }
+}
+
+impl BusDevice for BenchPorts {
+    fn read(&self, addr: u64, data: &mut [u8]) {
+        let stopping = || self.stopping.load(Ordering::Acquire);
+        let port = addr as u16;
+        match port {
+            BENCH_CMD => {
+                let mut q = self.requests.lock();
+                // Wait for the benchmark to ask for something (bounded so a
+                // guest in bench mode without a driver still ends).
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while q.is_empty() && !stopping() && Instant::now() < deadline {
+                    let slice = Instant::now() + Duration::from_millis(50);
+                    self.request_cv.wait_until(&mut q, slice.min(deadline));
+                }
+                let (cmd, n) = q.pop_front().unwrap_or((0, 0));
+                self.pending_iters.store(u64::from(n), Ordering::Relaxed);
+                put(data, cmd);
+            }
+            BENCH_ITERS => put(data, self.pending_iters.load(Ordering::Relaxed) as u32),
+            _ => {}
+        }
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) -> BusEvent {
+        match addr as u16 {
+            BENCH_BARE => {}
+            BENCH_RESULT => {
+                let mut b = [0u8; 4];
+                let n = data.len().min(4);
+                b[..n].copy_from_slice(&data[..n]);
+                let v = u64::from(u32::from_le_bytes(b));
+                let low = self.low.swap(u64::MAX, Ordering::Relaxed);
+                if low == u64::MAX {
+                    self.low.store(v, Ordering::Relaxed);
+                } else {
+                    self.results.lock().push(low | (v << 32));
+                    self.results_cv.notify_all();
+                }
+            }
+            _ => {}
+        }
+        BusEvent::None
+    }
+}
+
+/// The bench stub's port: the VMM completes the stub's `ret` (see
+/// [`BusEvent::StubReturn`]) and does nothing else.
+pub struct BenchStub;
+
+impl BusDevice for BenchStub {
+    fn read(&self, _: u64, _: &mut [u8]) {}
+    fn write(&self, _: u64, _: &[u8]) -> BusEvent {
+        BusEvent::StubReturn
+    }
+}
+
+impl BenchPorts {
+    /// Registers the bench ports and the stub port on `pio`.
+    pub fn register(self: &Arc<Self>, pio: &Bus) -> Result<(), BusError> {
+        pio.insert(u64::from(BENCH_CMD), 4, self.clone())?;
+        pio.insert(u64::from(BENCH_STUB_PORT), 1, Arc::new(BenchStub))
+    }
+}
+
+fn put(data: &mut [u8], v: u32) {
+    let b = v.to_le_bytes();
+    let n = data.len().min(4);
+    data[..n].copy_from_slice(&b[..n]);
+}
 
 #[cfg(test)]
 mod tests {

@@ -5,9 +5,8 @@
 //! data, MSR error flags, MMIO read data) and carries out the [`Action`].
 
 use crate::arch::x86::cpuid::XEN_HYPERCALL_MSR;
-use crate::testing::BENCH_STUB_PORT;
-use crate::vmm::machine::GuestExit;
-use crate::xen::hcall_page::HYPERCALL_PORT;
+use crate::devices::BusEvent;
+use crate::vmm::machine::{CrashCause, GuestExit, RebootCause};
 
 use kvm_bindings::{
     KVM_INTERNAL_ERROR_EMULATION as INTERNAL_ERROR_EMULATION,
@@ -22,20 +21,14 @@ pub use crate::kvm::Exit;
 pub enum Action {
     /// Nothing more to do: re-enter the guest.
     Resume,
-    /// A hypercall through the hypercall page (`out` to [`HYPERCALL_PORT`]).
+    /// A hypercall through the hypercall page (the port device at
+    /// `HYPERCALL_PORT` asked for it).
     Hypercall,
     /// The test guest's bench stub: complete the stub's `ret`, nothing else.
     BenchStubReturn,
-    /// A port write for the devices or the bench ports.
-    PortOut {
-        port: u16,
-        data: [u8; 4],
-        len: usize,
-    },
-    /// A port read: the thread fills the data in `kvm_run` from the devices.
-    PortIn { port: u16 },
-    /// An MMIO read with nothing behind it: reads as all ones.
-    MmioUnbacked { addr: u64, write: bool },
+    /// An I/O-port or MMIO access no device claimed: reads give all ones,
+    /// writes are dropped (logged once per address).
+    Unclaimed { mmio: bool, addr: u64, write: bool },
     /// Accept the hypercall-page MSR write and fill the page at `gpa`.
     HypercallPage { gpa: u64 },
     /// The guest wrote LSTAR (only filtered on hosts that need the
@@ -61,21 +54,26 @@ pub trait ExitEnv {
     fn hypercall_page_ok(&self, gpa: u64) -> bool;
 }
 
-/// Decides what to do about an exit of vCPU `vcpu`.
+/// What a device's answer to an access asks of the vCPU thread.
+pub fn device_action(ev: BusEvent) -> Action {
+    match ev {
+        BusEvent::None => Action::Resume,
+        BusEvent::Reset => Action::Stop(GuestExit::Reboot(RebootCause::PortReset)),
+        BusEvent::PowerOff => Action::Stop(GuestExit::Poweroff),
+        BusEvent::Hypercall => Action::Hypercall,
+        BusEvent::StubReturn => Action::BenchStubReturn,
+    }
+}
+
+/// Decides what to do about an exit of vCPU `vcpu` that no device claimed
+/// (port and MMIO accesses go to the buses first).
 pub fn decide(exit: &Exit, vcpu: u32, env: &dyn ExitEnv) -> Action {
+    let unclaimed = |mmio, addr, write| Action::Unclaimed { mmio, addr, write };
     match *exit {
-        Exit::IoOut {
-            port: HYPERCALL_PORT,
-            ..
-        } => Action::Hypercall,
-        Exit::IoOut {
-            port: BENCH_STUB_PORT,
-            ..
-        } => Action::BenchStubReturn,
-        Exit::IoOut { port, data, len } => Action::PortOut { port, data, len },
-        Exit::IoIn { port, .. } => Action::PortIn { port },
-        Exit::MmioRead { addr, .. } => Action::MmioUnbacked { addr, write: false },
-        Exit::MmioWrite { addr, .. } => Action::MmioUnbacked { addr, write: true },
+        Exit::IoOut { port, .. } => unclaimed(false, u64::from(port), true),
+        Exit::IoIn { port, .. } => unclaimed(false, u64::from(port), false),
+        Exit::MmioRead { addr, .. } => unclaimed(true, addr, false),
+        Exit::MmioWrite { addr, .. } => unclaimed(true, addr, true),
         // Bits 11:0 of the value select the page index; there is one page.
         Exit::WrMsr {
             index: XEN_HYPERCALL_MSR,
@@ -92,23 +90,24 @@ pub fn decide(exit: &Exit, vcpu: u32, env: &dyn ExitEnv) -> Action {
         Exit::Hlt => Action::Resume,
         Exit::Interrupted => Action::Interrupted,
         Exit::Debug { pc } => Action::HypercallTrap { pc },
-        Exit::Shutdown => Action::Stop(GuestExit::Reboot(format!("triple fault on vCPU {vcpu}"))),
+        Exit::Shutdown => Action::Stop(GuestExit::Reboot(RebootCause::TripleFault {
+            vcpu,
+            rip: None,
+        })),
         Exit::InternalError {
             suberror: INTERNAL_ERROR_EMULATION,
         } => Action::Fixup,
-        Exit::InternalError { suberror } => Action::Stop(GuestExit::Crash(format!(
-            "vCPU {vcpu}: KVM internal error, suberror {suberror}"
-        ))),
+        Exit::InternalError { suberror } => {
+            Action::Stop(GuestExit::Crash(CrashCause::KvmInternal { vcpu, suberror }))
+        }
         Exit::SystemEvent(SYSTEM_EVENT_SHUTDOWN) => Action::Stop(GuestExit::Poweroff),
         Exit::SystemEvent(SYSTEM_EVENT_RESET) => {
-            Action::Stop(GuestExit::Reboot("system reset".into()))
+            Action::Stop(GuestExit::Reboot(RebootCause::SystemReset))
         }
         Exit::SystemEvent(SYSTEM_EVENT_CRASH) => {
-            Action::Stop(GuestExit::Crash("KVM reported a guest crash".into()))
+            Action::Stop(GuestExit::Crash(CrashCause::KvmCrashEvent))
         }
-        Exit::SystemEvent(t) => {
-            Action::Stop(GuestExit::Crash(format!("unknown KVM system event {t}")))
-        }
+        Exit::SystemEvent(t) => Action::Stop(GuestExit::Crash(CrashCause::UnknownSystemEvent(t))),
         Exit::FailEntry { reason } => Action::Stop(GuestExit::Error(format!(
             "vCPU {vcpu}: KVM_EXIT_FAIL_ENTRY, hardware entry failure reason {reason:#x}"
         ))),
@@ -139,33 +138,53 @@ mod tests {
     }
 
     #[test]
-    fn decide_hypercall_port_write_is_hypercall() {
-        let e = Exit::IoOut {
-            port: HYPERCALL_PORT,
-            data: [17, 0, 0, 0],
-            len: 4,
-        };
-        assert_eq!(d(e), Action::Hypercall);
+    fn device_action_events_map_to_actions() {
+        assert_eq!(device_action(BusEvent::Hypercall), Action::Hypercall);
+        assert_eq!(device_action(BusEvent::StubReturn), Action::BenchStubReturn);
+        assert_eq!(device_action(BusEvent::None), Action::Resume);
+        assert_eq!(
+            device_action(BusEvent::PowerOff),
+            Action::Stop(GuestExit::Poweroff)
+        );
+        assert_eq!(
+            device_action(BusEvent::Reset),
+            Action::Stop(GuestExit::Reboot(RebootCause::PortReset))
+        );
     }
 
     #[test]
-    fn decide_other_port_writes_go_to_devices() {
+    fn decide_unclaimed_accesses_are_reported_as_such() {
         let e = Exit::IoOut {
-            port: 0xe9,
+            port: 0x1234,
             data: [b'x', 0, 0, 0],
             len: 1,
         };
-        assert!(matches!(
+        assert_eq!(
             d(e),
-            Action::PortOut {
-                port: 0xe9,
-                len: 1,
-                ..
+            Action::Unclaimed {
+                mmio: false,
+                addr: 0x1234,
+                write: true
             }
-        ));
+        );
         assert_eq!(
             d(Exit::IoIn { port: 0x71, len: 1 }),
-            Action::PortIn { port: 0x71 }
+            Action::Unclaimed {
+                mmio: false,
+                addr: 0x71,
+                write: false
+            }
+        );
+        assert_eq!(
+            d(Exit::MmioRead {
+                addr: 0xfed0_0000,
+                len: 4
+            }),
+            Action::Unclaimed {
+                mmio: true,
+                addr: 0xfed0_0000,
+                write: false
+            }
         );
     }
 
@@ -207,7 +226,9 @@ mod tests {
     #[test]
     fn decide_triple_fault_is_a_reboot_naming_the_vcpu() {
         match d(Exit::Shutdown) {
-            Action::Stop(GuestExit::Reboot(why)) => assert!(why.contains("vCPU 1"), "{why}"),
+            Action::Stop(GuestExit::Reboot(RebootCause::TripleFault { vcpu, .. })) => {
+                assert_eq!(vcpu, 1)
+            }
             a => panic!("{a:?}"),
         }
     }

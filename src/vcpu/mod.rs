@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::arch::x86::{self, Fixup};
-use crate::devices::PortEvent;
+use crate::devices::BusEvent;
 use crate::kvm::{CpuTimeKick, Exit, KvmError, KvmVcpu};
-use crate::vcpu::exit::{decide, Action, ExitEnv};
-use crate::vmm::machine::{GuestExit, Machine};
+use crate::vcpu::exit::{decide, device_action, Action, ExitEnv};
+use crate::vmm::machine::{CrashCause, GuestExit, Machine, RebootCause};
 use crate::xen::{HypercallResult, VcpuCtx};
 
 pub use handle::{Reported, Request, VcpuHandle};
@@ -62,6 +62,8 @@ pub struct Vcpu {
     /// RIP of the last emulation failure retried unchanged, and how many.
     retry_rip: Option<u64>,
     retried: u64,
+    /// Unclaimed port/MMIO addresses already logged.
+    unclaimed_logged: std::collections::HashSet<(bool, u64)>,
 }
 
 /// The VM facts [`decide`] needs.
@@ -88,6 +90,7 @@ impl Vcpu {
             syscall: None,
             retry_rip: None,
             retried: 0,
+            unclaimed_logged: Default::default(),
         }
     }
 
@@ -195,22 +198,32 @@ impl Vcpu {
         self.run_start = t;
         let exit = self.kvm.run();
         let m = &self.m;
-        let env = ExitCtx(m);
-        let action = decide(&exit, self.id, &env);
-        // Answers KVM expects inside kvm_run before the next entry.
-        match (&exit, &action) {
-            (Exit::IoIn { port, len }, _) => {
-                let mut data = [0xffu8; 4];
-                let data = &mut data[..(*len).min(4)];
-                if !m.xen.bench_io_in(*port, data) {
-                    m.ports.io_in(*port, data);
-                }
-                self.kvm.complete_pio_in(data);
+        // Devices first: decide() sees only what no device claimed.
+        let claimed = match &exit {
+            Exit::IoOut { port, data, len } => m.pio.write(u64::from(*port), &data[..*len]),
+            Exit::IoIn { port, len } => {
+                let mut d = [0xffu8; 4];
+                let d = &mut d[..(*len).min(4)];
+                let c = m.pio.read(u64::from(*port), d);
+                self.kvm.complete_pio_in(d);
+                c.then_some(BusEvent::None)
             }
-            (Exit::WrMsr { .. } | Exit::RdMsr { .. }, a) => {
-                self.kvm.complete_msr(*a == Action::MsrFault, 0);
+            Exit::MmioRead { addr, len } => {
+                let mut d = [0xffu8; 8];
+                let d = &mut d[..(*len).min(8)];
+                let c = m.mmio.read(*addr, d);
+                self.kvm.complete_mmio_read(d);
+                c.then_some(BusEvent::None)
             }
-            _ => {}
+            Exit::MmioWrite { addr, data, len } => m.mmio.write(*addr, &data[..*len]),
+            _ => None,
+        };
+        let action = match claimed {
+            Some(ev) => device_action(ev),
+            None => decide(&exit, self.id, &ExitCtx(m)),
+        };
+        if let (Exit::WrMsr { .. } | Exit::RdMsr { .. }, a) = (&exit, &action) {
+            self.kvm.complete_msr(*a == Action::MsrFault, 0);
         }
         // Only a real exit proves the AP runs: a signal (a stop request, a
         // kick) also interrupts an AP still waiting for INIT/SIPI.
@@ -233,7 +246,7 @@ impl Vcpu {
             }
         }
         match action {
-            Action::Resume | Action::PortIn { .. } | Action::MsrFault => State::Running,
+            Action::Resume | Action::MsrFault => State::Running,
             Action::Interrupted => {
                 // The CPU-time timer (or a kick) interrupted a long KVM_RUN.
                 let stall = u64::from(self.m.clock.tsc_khz) * STALL.as_millis() as u64;
@@ -263,12 +276,15 @@ impl Vcpu {
                     State::Running
                 }
             }
-            Action::MmioUnbacked { addr, write } => {
-                tracing::debug!(
-                    addr = format_args!("{addr:#x}"),
-                    write,
-                    "access to unbacked MMIO"
-                );
+            Action::Unclaimed { mmio, addr, write } => {
+                if self.unclaimed_logged.insert((mmio, addr)) {
+                    tracing::debug!(
+                        mmio,
+                        addr = format_args!("{addr:#x}"),
+                        write,
+                        "access nothing emulates (logged once)"
+                    );
+                }
                 State::Running
             }
             Action::Hypercall => self.hypercall(),
@@ -280,7 +296,6 @@ impl Vcpu {
                 self.kvm.put_synced_regs(&regs);
                 State::Running
             }
-            Action::PortOut { port, data, len } => self.io_out(port, &data[..len]),
             Action::HypercallPage { gpa } => {
                 let long = x86::is_64bit(&self.kvm.synced_sregs());
                 self.m.xen.write_hypercall_page(gpa, long);
@@ -289,31 +304,13 @@ impl Vcpu {
             Action::Fixup => self.internal_error(),
             Action::Stop(why) => {
                 let why = match why {
-                    GuestExit::Reboot(r) if r.starts_with("triple fault") => {
-                        let rip = self.kvm.regs().map(|r| r.rip).unwrap_or(0);
-                        GuestExit::Reboot(format!("{r} at RIP {rip:#x}"))
+                    GuestExit::Reboot(RebootCause::TripleFault { vcpu, rip: None }) => {
+                        let rip = self.kvm.regs().map(|r| r.rip).ok();
+                        GuestExit::Reboot(RebootCause::TripleFault { vcpu, rip })
                     }
                     w => w,
                 };
                 self.m.request_exit(why);
-                State::Stopped
-            }
-        }
-    }
-
-    fn io_out(&mut self, port: u16, data: &[u8]) -> State {
-        if self.m.xen.bench_io_out(port, data) {
-            return State::Running;
-        }
-        match self.m.ports.io_out(port, data) {
-            PortEvent::None => State::Running,
-            PortEvent::Reset => {
-                self.m
-                    .request_exit(GuestExit::Reboot("reset through an I/O port".into()));
-                State::Stopped
-            }
-            PortEvent::PowerOff => {
-                self.m.request_exit(GuestExit::Poweroff);
                 State::Stopped
             }
         }
@@ -561,7 +558,10 @@ impl Vcpu {
     /// An emulation failure: fix up what this host cannot execute.
     fn internal_error(&mut self) -> State {
         let fail = |m: &Machine, id: u32, msg: String| {
-            m.request_exit(GuestExit::Crash(format!("vCPU {id}: {msg}")));
+            m.request_exit(GuestExit::Crash(CrashCause::Unemulated {
+                vcpu: id,
+                what: msg,
+            }));
             State::Stopped
         };
         let (mut regs, mut sregs) = match (self.kvm.regs(), self.kvm.sregs()) {

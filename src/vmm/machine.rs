@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::devices::{ConsoleOut, PortBus};
+use crate::devices::{Bus, ConsoleOut, PlatformDevices};
 use crate::kvm::{Interrupts, MemSlots};
+use crate::testing::BenchPorts;
 use crate::vcpu::{Reported, Request, VcpuHandle};
 use crate::vmm::{VmConfig, VmError};
 use crate::xen::clock::Clock;
@@ -25,16 +26,56 @@ pub enum GuestExit {
     /// The guest powered off (SCHEDOP_shutdown poweroff or ACPI).
     Poweroff,
     /// The guest crashed (SHUTDOWN_crash, an unhandled exit, ...).
-    Crash(String),
+    Crash(CrashCause),
     /// The guest asked for a reboot (or triple-faulted, which Xen treats as
     /// a reboot request).
-    Reboot(String),
+    Reboot(RebootCause),
     /// The guest suspended itself (SHUTDOWN_suspend) with nobody to resume it.
     Suspend,
     /// --timeout expired.
     Timeout(Duration),
-    /// The VMM failed.
+    /// The VMM failed (the message says how and what to do).
     Error(String),
+}
+
+/// Why the guest rebooted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RebootCause {
+    #[error("the guest asked for a reboot (SHUTDOWN_reboot)")]
+    GuestRequest,
+    #[error("triple fault on vCPU {vcpu}{}", rip.map(|r| format!(" at RIP {r:#x}")).unwrap_or_default())]
+    TripleFault { vcpu: u32, rip: Option<u64> },
+    #[error("system reset")]
+    SystemReset,
+    #[error("reset through an I/O port")]
+    PortReset,
+}
+
+/// Why the guest crashed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CrashCause {
+    #[error("the guest reported a crash (SHUTDOWN_crash)")]
+    GuestReported,
+    #[error("the guest's watchdog fired (SHUTDOWN_watchdog)")]
+    Watchdog,
+    #[error("the guest shut down with reason {0}")]
+    ShutdownReason(u8),
+    #[error("vCPU {vcpu}: KVM internal error, suberror {suberror}")]
+    KvmInternal { vcpu: u32, suberror: u32 },
+    #[error("KVM reported a guest crash")]
+    KvmCrashEvent,
+    #[error("unknown KVM system event {0}")]
+    UnknownSystemEvent(u32),
+    #[error("vCPU {vcpu}: {what}")]
+    Unemulated { vcpu: u32, what: String },
+}
+
+/// The buses and what is registered on them.
+pub struct Buses {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub devices: PlatformDevices,
+    pub bench: Option<Arc<BenchPorts>>,
 }
 
 /// The vCPU handles as the Xen glue's wake-up capability.
@@ -52,7 +93,12 @@ pub struct Machine {
     pub map: gpc::MemoryMap,
     pub mem: crate::GuestMem,
     pub clock: Clock,
-    pub ports: PortBus,
+    /// The port-I/O and MMIO buses.
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub devices: PlatformDevices,
+    /// The test guest's bench ports, when the VM was built with them.
+    pub bench: Option<Arc<BenchPorts>>,
     pub console: Arc<ConsoleOut>,
     pub nr_vcpus: u32,
     /// One handle per vCPU (control, wake-up, kick, counters).
@@ -68,19 +114,18 @@ impl Machine {
     pub fn new(
         map: gpc::MemoryMap,
         clock: Clock,
-        ports: PortBus,
+        buses: Buses,
+        stopping: Arc<AtomicBool>,
         console: Arc<ConsoleOut>,
         cfg: &VmConfig,
         vcpus: Vec<Arc<VcpuHandle>>,
         irq: Interrupts,
         slots: Arc<MemSlots>,
     ) -> Result<Arc<Machine>, VmError> {
-        let stopping = Arc::new(AtomicBool::new(false));
         let caps = XenCaps {
             irq,
             slots,
             vcpus: Arc::new(VcpuSet(vcpus.clone())),
-            stopping: stopping.clone(),
         };
         let xen = Xen::new(cfg, &map, clock, console.clone(), caps).map_err(VmError::XenDomain)?;
         Ok(Arc::new(Machine {
@@ -88,7 +133,10 @@ impl Machine {
             mem: map.guest_memory().clone(),
             map,
             clock,
-            ports,
+            pio: buses.pio,
+            mmio: buses.mmio,
+            devices: buses.devices,
+            bench: buses.bench,
             console,
             nr_vcpus: cfg.vcpus,
             vcpus,

@@ -19,11 +19,11 @@ use crate::arch::x86::cpuid::{self, CpuidConfig};
 use crate::boot;
 use crate::boot::layout;
 use crate::boot::linux::{self, LinuxKernel};
-use crate::devices::{ConsoleOut, PortBus};
+use crate::devices::{Bus, ConsoleOut, PlatformDevices};
 use crate::kvm::{KvmError, KvmVcpu, KvmVm, KvmVmError};
 use crate::vcpu::{Vcpu, VcpuHandle};
 use crate::vmm::event_loop::{EventLoop, Next};
-use crate::vmm::machine::{GuestExit, Machine};
+use crate::vmm::machine::{Buses, GuestExit, Machine};
 use crate::vmm::threads::{OnPanic, ThreadKind};
 use crate::xen::clock::Clock;
 
@@ -53,6 +53,8 @@ pub struct VmConfig {
     pub name: String,
     /// Feed the VMM's stdin into the PV console ring (hvc0 input).
     pub stdin_console: bool,
+    /// Register the test guest's bench ports (`testing::BenchPorts`).
+    pub bench_ports: bool,
 }
 
 impl Default for VmConfig {
@@ -68,6 +70,7 @@ impl Default for VmConfig {
             domid: 1,
             name: "xenkvm-guest".into(),
             stdin_console: true,
+            bench_ports: false,
         }
     }
 }
@@ -97,6 +100,8 @@ pub enum VmError {
     },
     #[error("cannot create the {0}: {1}")]
     Os(&'static str, std::io::Error),
+    #[error("device layout: {0}")]
+    Bus(#[from] crate::devices::BusError),
     #[error("vCPU {vcpu} did not pause (it reports {state:?})")]
     PauseTimeout {
         vcpu: u32,
@@ -155,6 +160,7 @@ impl Vm {
             return Err(VmError::BadMemory(cfg.mem_mib));
         }
         let kvm = KvmVm::create(&trapped_msr_writes())?;
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
         // Step 1: guest RAM and its memslots.
         let map = create_memory(cfg.mem_mib)?;
@@ -205,11 +211,30 @@ impl Vm {
             }
         };
 
-        // Step 3: devices.
+        // Step 3: devices on the buses.
         let serial_irq =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Os("serial eventfd", e))?;
         kvm.register_irqfd(&serial_irq, 4)?;
-        let ports = PortBus::new(console.clone(), serial_irq);
+        let pio = Arc::new(Bus::new());
+        let devices = PlatformDevices::register(&pio, console.clone(), serial_irq)?;
+        pio.insert(
+            u64::from(crate::xen::hcall_page::HYPERCALL_PORT),
+            4,
+            Arc::new(crate::xen::hcall_page::HypercallPort),
+        )?;
+        let bench = if cfg.bench_ports {
+            let b = Arc::new(crate::testing::BenchPorts::new(stopping.clone()));
+            b.register(&pio)?;
+            Some(b)
+        } else {
+            None
+        };
+        let buses = Buses {
+            pio,
+            mmio: Arc::new(Bus::new()),
+            devices,
+            bench,
+        };
 
         // Step 4: vCPUs and their handles.
         let supported = kvm.supported_cpuid()?;
@@ -248,7 +273,8 @@ impl Vm {
         let machine = Machine::new(
             map,
             clock,
-            ports,
+            buses,
+            stopping,
             console,
             cfg,
             handles,

@@ -29,6 +29,16 @@
 
 /// The I/O port the stubs write.
 pub const HYPERCALL_PORT: u16 = 0xe1;
+
+/// The hypercall stubs' port on the bus: a write is a hypercall.
+pub struct HypercallPort;
+
+impl crate::devices::BusDevice for HypercallPort {
+    fn read(&self, _: u64, _: &mut [u8]) {}
+    fn write(&self, _: u64, _: &[u8]) -> crate::devices::BusEvent {
+        crate::devices::BusEvent::Hypercall
+    }
+}
 /// Stub size (Xen ABI: hypercall N is at page offset N * 32).
 pub const STUB_SIZE: usize = 32;
 /// Offset of the `ret` in each stub (where RIP is after the `out` exit).

@@ -2,7 +2,7 @@
 //! the [`Platform`] the domain calls back into (console, overlays through
 //! gpc, time, upcall injection through the in-kernel LAPIC, timers, the
 //! dom0-side xenstore and console backends), guest-virtual memory access
-//! for handlers, the hypercall page, and the benchmark ports.
+//! for handlers, and the hypercall page (its port is a device on the bus).
 //!
 //! The glue is handed narrow capabilities when it is built ([`XenCaps`]):
 //! interrupt injection, the memslot allocator, a way to wake a vCPU and
@@ -20,7 +20,7 @@ pub mod hcall_page;
 pub mod timers;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,7 @@ use hypercalls::{
     Outcome, OverlayId, Platform, RunstateAreaSpec, RunstateInfo, SharedPage, VcpuAccess, VcpuId,
 };
 use kvm_bindings::{kvm_regs, kvm_sregs};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use runstate::{Accounting, Layout, RunstateArea, State};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
@@ -40,7 +40,7 @@ use crate::backends::xenstore::{self, RingPage, XenstoreServer};
 use crate::boot::layout;
 use crate::devices::ConsoleOut;
 use crate::kvm::{Interrupts, MemSlots};
-use crate::vmm::machine::GuestExit;
+use crate::vmm::machine::{CrashCause, GuestExit, RebootCause};
 use crate::vmm::VmConfig;
 use crate::xen::clock::Clock;
 use crate::GuestMem;
@@ -64,8 +64,6 @@ pub struct XenCaps {
     pub slots: Arc<MemSlots>,
     /// Wake-ups for vCPUs waiting in the VMM.
     pub vcpus: Arc<dyn VcpuWake>,
-    /// Set when the VM is stopping.
-    pub stopping: Arc<AtomicBool>,
 }
 
 /// How long an upcall may stay pending before it is sent again (an upcall
@@ -102,7 +100,6 @@ pub struct Xen {
     platform: Arc<XenPlatform>,
     mem: GuestMem,
     clock: Clock,
-    stopping: Arc<AtomicBool>,
     /// Written by `notify_backend`; the event loop serves the backend.
     store_event: EventFd,
     console_event: EventFd,
@@ -114,7 +111,6 @@ pub struct Xen {
     console_port: u32,
     xenstore: Mutex<XenstoreServer>,
     console_backend: Mutex<ConsoleBackend>,
-    pub bench: BenchPorts,
 }
 
 impl Xen {
@@ -211,7 +207,6 @@ impl Xen {
             platform,
             mem,
             clock,
-            stopping: caps.stopping,
             store_event,
             console_event,
             reasserted: AtomicU64::new(0),
@@ -221,7 +216,6 @@ impl Xen {
             console_port,
             xenstore: Mutex::new(xs),
             console_backend: Mutex::new(ConsoleBackend::new()),
-            bench: BenchPorts::default(),
         })
     }
 
@@ -446,15 +440,6 @@ impl Xen {
                 tracing::warn!(%e, port, "cannot notify the guest");
             }
         }
-    }
-
-    pub fn bench_io_in(&self, port: u16, data: &mut [u8]) -> bool {
-        let stopping = || self.stopping.load(Ordering::Acquire);
-        self.bench.io_in(port, data, &stopping)
-    }
-
-    pub fn bench_io_out(&self, port: u16, data: &[u8]) -> bool {
-        self.bench.io_out(port, data)
     }
 
     pub fn system_time(&self) -> u64 {
@@ -1026,11 +1011,11 @@ impl Platform for XenPlatform {
 pub fn exit_for_shutdown(reason: u8) -> GuestExit {
     match reason {
         0 => GuestExit::Poweroff,
-        1 => GuestExit::Reboot("the guest asked for a reboot (SHUTDOWN_reboot)".into()),
+        1 => GuestExit::Reboot(RebootCause::GuestRequest),
         2 => GuestExit::Suspend,
-        3 => GuestExit::Crash("the guest reported a crash (SHUTDOWN_crash)".into()),
-        4 => GuestExit::Crash("the guest's watchdog fired (SHUTDOWN_watchdog)".into()),
-        r => GuestExit::Crash(format!("the guest shut down with reason {r}")),
+        3 => GuestExit::Crash(CrashCause::GuestReported),
+        4 => GuestExit::Crash(CrashCause::Watchdog),
+        r => GuestExit::Crash(CrashCause::ShutdownReason(r)),
     }
 }
 
@@ -1044,91 +1029,6 @@ fn runs(gfns: &[Gfn]) -> Vec<(u64, u64)> {
         }
     }
     v
-}
-
-/// The ports the test guest's bench mode talks to (see tests/guest):
-/// IN 0x511 = command, IN 0x512 = iterations, OUT 0x513 = cycles (low, then
-/// high), OUT 0x514 = a bare exit that does nothing.
-pub struct BenchPorts {
-    /// Requests from the benchmark: (command, iterations); taken by the guest.
-    pub requests: Mutex<std::collections::VecDeque<(u32, u32)>>,
-    pub request_cv: Condvar,
-    pending_iters: AtomicU64,
-    low: AtomicU64,
-    /// Results: elapsed guest TSC cycles per request.
-    pub results: Mutex<Vec<u64>>,
-    pub results_cv: Condvar,
-}
-
-pub const BENCH_CMD: u16 = 0x511;
-pub const BENCH_ITERS: u16 = 0x512;
-pub const BENCH_RESULT: u16 = 0x513;
-pub const BENCH_BARE: u16 = 0x514;
-
-impl Default for BenchPorts {
-    fn default() -> Self {
-        BenchPorts {
-            requests: Default::default(),
-            request_cv: Default::default(),
-            pending_iters: AtomicU64::new(0),
-            low: AtomicU64::new(u64::MAX),
-            results: Default::default(),
-            results_cv: Default::default(),
-        }
-    }
-}
-
-impl BenchPorts {
-    fn io_in(&self, port: u16, data: &mut [u8], stopping: &dyn Fn() -> bool) -> bool {
-        match port {
-            BENCH_CMD => {
-                let mut q = self.requests.lock();
-                // Wait for the benchmark to ask for something (bounded so a
-                // guest in bench mode without a driver still ends).
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while q.is_empty() && !stopping() && Instant::now() < deadline {
-                    let slice = Instant::now() + Duration::from_millis(50);
-                    self.request_cv.wait_until(&mut q, slice.min(deadline));
-                }
-                let (cmd, n) = q.pop_front().unwrap_or((0, 0));
-                self.pending_iters.store(u64::from(n), Ordering::Relaxed);
-                put(data, cmd);
-                true
-            }
-            BENCH_ITERS => {
-                put(data, self.pending_iters.load(Ordering::Relaxed) as u32);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    fn io_out(&self, port: u16, data: &[u8]) -> bool {
-        match port {
-            BENCH_BARE => true,
-            BENCH_RESULT => {
-                let mut b = [0u8; 4];
-                let n = data.len().min(4);
-                b[..n].copy_from_slice(&data[..n]);
-                let v = u64::from(u32::from_le_bytes(b));
-                let low = self.low.swap(u64::MAX, Ordering::Relaxed);
-                if low == u64::MAX {
-                    self.low.store(v, Ordering::Relaxed);
-                } else {
-                    self.results.lock().push(low | (v << 32));
-                    self.results_cv.notify_all();
-                }
-                true
-            }
-            _ => false,
-        }
-    }
-}
-
-fn put(data: &mut [u8], v: u32) {
-    let b = v.to_le_bytes();
-    let n = data.len().min(4);
-    data[..n].copy_from_slice(&b[..n]);
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ impl BenchGuest {
             mem_mib: 64,
             vcpus,
             stdin_console: false,
+            bench_ports: true,
             ..Default::default()
         };
         let sink = xenkvm::devices::ConsoleOut::new(Box::new(std::io::sink()));
@@ -46,7 +47,7 @@ impl BenchGuest {
 
     /// Guest time for `iters` iterations of `cmd`.
     pub fn measure(&self, cmd: u32, iters: u64) -> Duration {
-        let b = &self.machine.xen.bench;
+        let b = self.machine.bench.as_ref().expect("bench ports registered");
         let iters = iters.clamp(1, u64::from(u32::MAX)) as u32;
         let before = b.results.lock().len();
         b.requests.lock().push_back((cmd, iters));
@@ -72,7 +73,7 @@ impl BenchGuest {
 
     /// Powers the guest off.
     pub fn stop(&self) {
-        let b = &self.machine.xen.bench;
+        let b = self.machine.bench.as_ref().expect("bench ports registered");
         b.requests.lock().push_back((bench_cmd::STOP, 0));
         b.request_cv.notify_all();
     }
