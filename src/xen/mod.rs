@@ -70,11 +70,11 @@ pub struct XenCaps {
 /// sent before the guest's LAPIC or vector was ready is otherwise lost).
 const UPCALL_RECHECK: Duration = Duration::from_millis(10);
 
-/// HVM params the VMM sets.
-const HVM_PARAM_STORE_PFN: u32 = 1;
-const HVM_PARAM_STORE_EVTCHN: u32 = 2;
-const HVM_PARAM_CONSOLE_PFN: u32 = 17;
-const HVM_PARAM_CONSOLE_EVTCHN: u32 = 18;
+/// HVM params the VMM sets (hvm/params.h, from xen-abi).
+const HVM_PARAM_STORE_PFN: u32 = xen_abi::HVM_PARAM_STORE_PFN as u32;
+const HVM_PARAM_STORE_EVTCHN: u32 = xen_abi::HVM_PARAM_STORE_EVTCHN as u32;
+const HVM_PARAM_CONSOLE_PFN: u32 = xen_abi::HVM_PARAM_CONSOLE_PFN as u32;
+const HVM_PARAM_CONSOLE_EVTCHN: u32 = xen_abi::HVM_PARAM_CONSOLE_EVTCHN as u32;
 
 /// The calling vCPU's state at a hypercall.
 pub struct VcpuCtx {
