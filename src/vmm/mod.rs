@@ -432,6 +432,13 @@ impl Vm {
             let _ = h.join();
         }
         machine.console.flush();
+        tracing::info!(
+            reasserted = machine
+                .xen
+                .reasserted
+                .load(std::sync::atomic::Ordering::Relaxed),
+            "upcalls sent again by the 10 ms re-check"
+        );
         exit
     }
 }
