@@ -18,6 +18,7 @@ pub mod probe;
 pub mod syscall_fix;
 pub mod test_guest;
 pub mod vcpu;
+pub mod vcpu_updown;
 pub mod vm;
 pub mod x86;
 pub mod xen;

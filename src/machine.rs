@@ -195,6 +195,11 @@ impl Machine {
                     // Kick on every tick while it stays stuck: a kick that lands
                     // just before the thread enters KVM_RUN is otherwise lost.
                     let up = m.started[i].load(Ordering::Acquire);
+                    // VCPUOP_up of a vCPU waiting for INIT/SIPI: kick until its thread
+                    // has loaded the VCPUOP_initialise state (crate::vcpu_updown).
+                    if !up && t != 0 && m.xen.start_pending(i as u32) {
+                        crate::vcpu_updown::kick(&m, i as u32);
+                    }
                     if up && s != 0 && t != 0 && now.saturating_sub(s) > stall {
                         m.stall_kicked[i].store(true, Ordering::Release);
                         // SAFETY: `t` is the pthread_t of a vCPU thread of this

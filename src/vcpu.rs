@@ -50,6 +50,8 @@ enum State {
         deadline: Option<Instant>,
         ports: Option<Vec<u32>>,
     },
+    /// Down by `VCPUOP_down`: parked in the VMM until `VCPUOP_up` (see [`crate::vcpu_updown`]).
+    Offline,
     Stopped,
 }
 
@@ -120,6 +122,7 @@ impl Vcpu {
             state = match state {
                 State::Running => self.run_once(),
                 State::Blocked { deadline, ports } => self.block(deadline, ports),
+                State::Offline => self.offline(),
                 State::Stopped => break,
             };
         }
@@ -144,6 +147,9 @@ impl Vcpu {
     fn run_once(&mut self) -> State {
         if self.m.stopping() {
             return State::Stopped;
+        }
+        if let Some(next) = self.vcpu_op_up_down() {
+            return next;
         }
         let first_exit = !self.started;
         // Cheap on the exit path: one TSC read and a compare.
@@ -587,6 +593,9 @@ impl Vcpu {
                 || deadline.is_some_and(|d| Instant::now() >= d)
             {
                 self.m.xen.end_block(self.id, polled);
+                if !self.m.xen.vcpu_is_up(self.id) {
+                    return State::Offline; // VCPUOP_down while blocked
+                }
                 self.m.xen.runstate_transition(
                     self.id,
                     runstate::State::Running,
@@ -597,6 +606,66 @@ impl Vcpu {
             // Bounded waits so a lost wake-up costs at most 100 ms.
             let d = deadline.unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
             waker.wait(Some(d.min(Instant::now() + Duration::from_millis(100))));
+        }
+    }
+
+    /// `VCPUOP_initialise` + `VCPUOP_up` and `VCPUOP_down` (see [`crate::vcpu_updown`]):
+    /// load a staged start state, or park a started vCPU that is down. `None`: run the guest.
+    fn vcpu_op_up_down(&mut self) -> Option<State> {
+        // The hot path: a running vCPU (it cannot have a staged state: it is initialised).
+        if self.m.started[self.id as usize].load(Ordering::Acquire) {
+            return (!self.m.xen.vcpu_is_up(self.id)).then_some(State::Offline);
+        }
+        if let Some(st) = self.m.xen.take_start(self.id) {
+            if let Err(e) = crate::vcpu_updown::apply(&self.fd, &st) {
+                self.m.request_exit(GuestExit::Crash(format!(
+                    "vCPU {}: KVM refused the state from VCPUOP_initialise: {e}",
+                    self.id
+                )));
+                return Some(State::Stopped);
+            }
+            // The synced copy in kvm_run is stale now.
+            self.fd.get_kvm_run().kvm_dirty_regs = 0;
+            tracing::info!(
+                rip = format_args!("{:#x}", st.rip),
+                "started by VCPUOP_initialise + VCPUOP_up"
+            );
+            self.started = true;
+            self.m.started[self.id as usize].store(true, Ordering::Release);
+            self.m.xen.vcpu_started(self.id);
+            self.m.xen.runstate_transition(
+                self.id,
+                runstate::State::Running,
+                self.sample_run_delay(),
+            );
+        }
+        // An AP still waiting for INIT/SIPI is down too, but stays in KVM_RUN for them.
+        None
+    }
+
+    /// Down (`VCPUOP_down`): runstate offline, wait in the VMM until up again.
+    fn offline(&mut self) -> State {
+        let waker = &self.m.wakers[self.id as usize];
+        self.m
+            .xen
+            .runstate_transition(self.id, runstate::State::Offline, self.sample_run_delay());
+        tracing::debug!("offline (VCPUOP_down)");
+        loop {
+            if self.m.stopping() {
+                return State::Stopped;
+            }
+            waker.clear();
+            if self.m.xen.vcpu_is_up(self.id) {
+                self.m.xen.runstate_transition(
+                    self.id,
+                    runstate::State::Running,
+                    self.sample_run_delay(),
+                );
+                tracing::debug!("up again (VCPUOP_up)");
+                return State::Running;
+            }
+            // VCPUOP_up wakes the waker; the bound only limits a lost wake-up.
+            waker.wait(Some(Instant::now() + Duration::from_millis(100)));
         }
     }
 

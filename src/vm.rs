@@ -224,6 +224,7 @@ impl Vm {
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
         let mut tsc_khz = 0;
+        let mut cr_policy = None;
         for id in 0..cfg.vcpus {
             let fd = vm
                 .create_vcpu(u64::from(id))
@@ -242,6 +243,7 @@ impl Vm {
             );
             fd.set_cpuid2(&to_kvm_cpuid(&entries)?)
                 .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            cr_policy.get_or_insert_with(|| cpuid::cr_policy(&entries));
             vcpus.push(fd);
         }
         let offset = measure_tsc_offset(&vcpus[0]);
@@ -249,6 +251,9 @@ impl Vm {
         tracing::info!(tsc_khz, offset, "guest clock");
 
         let machine = Machine::new(vm, map, clock, ports, console, cfg)?;
+        if let Some(p) = cr_policy {
+            machine.xen.domain.set_cr_policy(p);
+        }
         Ok(Vm {
             machine,
             vcpus,

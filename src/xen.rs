@@ -107,6 +107,7 @@ impl Xen {
                 })
                 .collect(),
             update_flag: OnceLock::new(),
+            starts: crate::vcpu_updown::StartSlots::new(cfg.vcpus),
         });
         let dcfg = DomainConfig {
             domid: cfg.domid,
@@ -259,11 +260,34 @@ impl Xen {
         }
     }
 
-    /// An AP was started by INIT/SIPI.
+    /// An AP was started by INIT/SIPI (a state staged by `VCPUOP_initialise` is dropped).
     pub fn vcpu_started(&self, vcpu: u32) {
         if let Some(id) = self.domain.vcpu(vcpu) {
             self.domain.vcpu_started(id);
         }
+        let _ = self.platform.starts.take(vcpu);
+    }
+
+    /// Whether the domain has `vcpu` up (not down by `VCPUOP_down`, or never started).
+    pub fn vcpu_is_up(&self, vcpu: u32) -> bool {
+        self.domain
+            .vcpu(vcpu)
+            .is_some_and(|id| self.domain.vcpu_is_up(id))
+    }
+
+    /// The state `VCPUOP_initialise` gave `vcpu`, once `VCPUOP_up` brought it up (taken: the
+    /// vCPU thread loads it, see [`crate::vcpu_updown`]).
+    pub fn take_start(&self, vcpu: u32) -> Option<hypercalls::HvmVcpuState> {
+        if !self.vcpu_is_up(vcpu) {
+            return None;
+        }
+        self.platform.starts.take(vcpu)
+    }
+
+    /// Whether `vcpu` is up with a staged state its thread has not loaded yet (the monitor
+    /// kicks it until it has).
+    pub fn start_pending(&self, vcpu: u32) -> bool {
+        self.platform.starts.is_staged(vcpu) && self.vcpu_is_up(vcpu)
     }
 
     /// Console input for the guest: queued in the PV console backend, which
@@ -584,6 +608,9 @@ pub struct XenPlatform {
     runstates: Vec<Mutex<VcpuRunstate>>,
     /// The domain, for its `vm_assist` state when publishing.
     update_flag: OnceLock<Weak<Domain>>,
+    /// Register states from `VCPUOP_initialise` waiting for `VCPUOP_up`
+    /// (see [`crate::vcpu_updown`]).
+    starts: crate::vcpu_updown::StartSlots,
 }
 
 /// A vCPU's runstate: the accounting (pure arithmetic) and where it is
@@ -854,9 +881,22 @@ impl Platform for XenPlatform {
     }
     fn vcpu_down(&self, vcpu: VcpuId) {
         tracing::info!(vcpu = vcpu.get(), "VCPUOP_down");
+        // Out of KVM_RUN: the thread parks at its next pass (crate::vcpu_updown).
+        self.with_machine(|m| crate::vcpu_updown::kick(m, vcpu.get()));
     }
     fn vcpu_up(&self, vcpu: VcpuId) {
+        tracing::info!(
+            vcpu = vcpu.get(),
+            initialised_by_vcpu_op = self.starts.is_staged(vcpu.get()),
+            "VCPUOP_up"
+        );
         self.kick_vcpu(vcpu);
+        self.with_machine(|m| crate::vcpu_updown::kick(m, vcpu.get()));
+    }
+    fn vcpu_initialise(&self, vcpu: VcpuId, state: &hypercalls::HvmVcpuState) -> Result<(), Errno> {
+        tracing::debug!(vcpu = vcpu.get(), ?state, "VCPUOP_initialise");
+        self.starts.stage(vcpu.get(), *state);
+        Ok(())
     }
     fn send_nmi(&self, vcpu: VcpuId) {
         self.inject_vector(vcpu.get(), 2, true);
