@@ -62,6 +62,9 @@ fn ctx32(eip: u32, esp: u32) -> Vec<u8> {
     b
 }
 
+/// A named change to a valid context.
+type Case = (&'static str, Box<dyn Fn(&mut Vec<u8>)>);
+
 fn set32(b: &mut [u8], o: usize, v: u32) {
     b[R + o..R + o + 4].copy_from_slice(&v.to_le_bytes());
 }
@@ -255,7 +258,7 @@ fn vcpu_initialise_from_user_mode_eperm() {
 #[test]
 fn vcpu_initialise_64bit_checks_einval() {
     let policy = CrPolicy::default();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    let cases: Vec<Case> = vec![
         ("pad", Box::new(|b| b[4] = 1)),
         ("mode 2", Box::new(|b| b[0] = 2)),
         ("mode 0x100", Box::new(|b| b[1] = 1)),
@@ -336,7 +339,7 @@ fn vcpu_initialise_cr_policy_from_the_vmm_applies() {
 
 #[test]
 fn vcpu_initialise_32bit_segment_and_register_checks_einval() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    let cases: Vec<Case> = vec![
         ("pad1", Box::new(|b| set32(b, 52, 1))),
         ("pad2[0]", Box::new(|b| set16(b, 114, 1))),
         ("pad2[2]", Box::new(|b| set16(b, 118, 0x8000))),
@@ -405,7 +408,7 @@ fn vcpu_initialise_32bit_segment_and_register_checks_einval() {
 
 #[test]
 fn vcpu_initialise_32bit_accepted_variants() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    let cases: Vec<Case> = vec![
         ("readable code in DS", Box::new(|b| ar(b, 1, 0xc9b))),
         ("null ES", Box::new(|b| ar(b, 3, 0))),
         (
