@@ -4,24 +4,32 @@
 //! The modules, in reading order (each folder's `mod.rs` says what it owns
 //! and what it may import; `tests/layers.rs` checks the rules):
 
-/// Pure x86: registers and modes, the page walk, instruction fix-ups, CPUID policy (no ioctls).
-pub mod arch;
-/// dom0-side services with no KVM in them: xenstore and the PV console.
-pub mod backends;
-/// Loading a guest: PVH, the Linux boot protocol, bzImage, ACPI, the guest-physical layout.
-pub mod boot;
-/// Emulated platform devices on the port/MMIO bus: serial, CMOS, debug ports, ACPI PM, PCI.
-pub mod devices;
-/// The only user of `kvm_ioctls`: VM and vCPU file descriptors, memslots, interrupts, the host probe.
-pub mod kvm;
-/// The built-in test guest and its benchmark ports.
-pub mod testing;
-/// The vCPU thread: its state machine, exit decoding and what each exit does.
-pub mod vcpu;
 /// Composition and lifecycle: builds the VM, owns the vCPU handles, the event loop and the one thread spawner.
 pub mod vmm;
+
+/// The only user of `kvm_ioctls`: VM and vCPU file descriptors, memslots, interrupts, the host probe.
+pub mod kvm;
+
+/// The vCPU thread: its state machine, its handle, exit decisions, VCPUOP_initialise/up/down.
+pub mod vcpu;
+
+/// Pure x86: registers and modes, the page walk, instruction fix-ups, CPUID policy (no ioctls).
+pub mod arch;
+
+/// Loading a guest: PVH, the Linux boot protocol, bzImage, ACPI, the guest-physical layout.
+pub mod boot;
+
+/// Emulated platform devices on the port/MMIO bus: serial, CMOS, debug ports, ACPI PM, PCI.
+pub mod devices;
+
 /// The KVM side of the Xen personality: hypercall transport, the `Platform`, overlays, timers, clock.
 pub mod xen;
+
+/// dom0-side services with no KVM in them: xenstore and the PV console.
+pub mod backends;
+
+/// The built-in test guest and its benchmark ports.
+pub mod testing;
 
 /// Guest RAM as vm-memory sees it (gpc's memfd-backed regions, with a
 /// dirty bitmap for the VMM's own writes).

@@ -151,7 +151,8 @@ fn main() -> ExitCode {
                 kernel: xenkvm::testing::TEST_GUEST_ELF.to_vec(),
                 cmdline: "demo".into(),
                 mem_mib: 64,
-                vcpus: 2,
+                // vCPU 1 starts by INIT/SIPI, vCPU 2 by VCPUOP_initialise (check vcpu_init).
+                vcpus: 3,
                 timeout: Some(Duration::from_secs_f64(timeout)),
                 name: "demo".into(),
                 ..Default::default()

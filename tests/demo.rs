@@ -38,6 +38,7 @@ fn demo_builtin_guest_all_checks_pass() {
         "console_input",
         "fifo",
         "pci",
+        "vcpu_init",
     ] {
         assert!(
             checks
@@ -59,6 +60,10 @@ fn demo_builtin_guest_all_checks_pass() {
     assert!(
         !stdout.contains("skipped (1 vCPU)"),
         "demo must run with 2 vCPUs"
+    );
+    assert!(
+        !stdout.contains("skipped (no vCPU 2"),
+        "demo must run with a third vCPU for VCPUOP_initialise"
     );
     assert_eq!(common::test_result(&stdout).as_deref(), Some("SUCCESS"));
     assert!(out.status.success(), "exit status {:?}", out.status);

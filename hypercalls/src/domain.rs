@@ -113,7 +113,9 @@ pub(crate) struct Ctx<'a> {
 /// Lock order (outer first; a thread holding one may take only those after it):
 /// `gnttab`, then `physmap`, then `balloon`, then `evtchn`, then `vcpu_info` (read on
 /// delivery), then `timers`.
-/// `timers` is never held while sending an event. `watchdogs` is a leaf. Platform methods other than
+/// `timers` is never held while sending an event. `watchdogs` is a leaf. `vcpu_ctl` (Xen's
+/// `domain_lock` around `VCPUOP_initialise`/`VCPUOP_up`) is taken alone, with no other domain
+/// lock held or taken under it; `cr_policy` is a leaf. Platform methods other than
 /// `console_*`/`notify_backend` may be called under these locks (see [`Platform`]).
 pub struct Domain {
     pub(crate) cfg: DomainConfig,
@@ -137,6 +139,11 @@ pub struct Domain {
     /// `SCHEDOP_watchdog` timers: the deadline of each one in use (`watchdog_inuse_map`).
     pub(crate) watchdogs: Mutex<[Option<u64>; crate::sched::NR_WATCHDOGS]>,
     pub(crate) vcpus: Vec<VcpuFlags>,
+    /// Serialises `VCPUOP_initialise` and `VCPUOP_up` (the `is_initialised` check and what
+    /// follows it), as Xen's `domain_lock` does.
+    pub(crate) vcpu_ctl: Mutex<()>,
+    /// The CR4/EFER bits `VCPUOP_initialise` accepts (from the guest's CPUID).
+    pub(crate) cr_policy: Mutex<crate::vcpu_init::CrPolicy>,
     pub(crate) params: Vec<AtomicU64>,
     pub(crate) vm_assist: AtomicU64,
     /// `shutdown_code`: `u32::MAX` while unset (`SHUTDOWN_CODE_INVALID`).
@@ -187,6 +194,8 @@ impl Domain {
             timers: Mutex::new(vec![VcpuTimers::default(); n]),
             watchdogs: Mutex::new([None; crate::sched::NR_WATCHDOGS]),
             vcpus,
+            vcpu_ctl: Mutex::new(()),
+            cr_policy: Mutex::new(crate::vcpu_init::CrPolicy::default()),
             params: (0..abi::param::NR_PARAMS)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -448,6 +457,12 @@ impl Domain {
             f.initialised.store(true, Ordering::Release);
             f.up.store(true, Ordering::Release);
         }
+    }
+
+    /// Set the CR4 and EFER bits `VCPUOP_initialise` accepts, from the guest's CPUID (Xen's
+    /// `hvm_cr4_guest_valid_bits` and `hvm_efer_valid`). The default is a baseline x86-64 CPU.
+    pub fn set_cr_policy(&self, policy: crate::vcpu_init::CrPolicy) {
+        *self.cr_policy.lock() = policy;
     }
 
     /// Whether `vcpu` is up (`VCPUOP_is_up`).

@@ -34,6 +34,7 @@ pub mod testing;
 mod time;
 mod types;
 mod vcpu;
+mod vcpu_init;
 mod version;
 
 pub use domain::{CallbackVia, Domain, DomainConfig};
@@ -44,6 +45,7 @@ pub use platform::{E820Entry, GuestTime, OverlayId, Platform, RunstateAreaSpec, 
 pub use shared::{SharedPage, VecPage};
 pub use time::{time_scale, TimeScale};
 pub use types::{EvtchnPort, Gfn, GuestWidth, Hypercall, HypercallNr, Outcome, VcpuId};
+pub use vcpu_init::{CrPolicy, HvmSegment, HvmVcpuState};
 
 /// Errors of this crate's library API (not of guest hypercalls, which return an [`Errno`]).
 #[derive(Debug, thiserror::Error)]

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::errno::Errno;
 use crate::shared::SharedPage;
 use crate::types::{Gfn, GuestWidth, VcpuId};
+use crate::vcpu_init::HvmVcpuState;
 
 /// A page the Xen ABI lets the guest place at a GFN of its choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -114,8 +115,18 @@ pub trait Platform: Send + Sync {
     fn set_timer(&self, vcpu: VcpuId, deadline_ns: Option<u64>);
     /// `VCPUOP_down` took `vcpu` offline: stop running it until `vcpu_up`.
     fn vcpu_down(&self, vcpu: VcpuId);
-    /// `VCPUOP_up` brought a downed, initialised `vcpu` back.
+    /// `VCPUOP_up` brought a downed, initialised `vcpu` back. If `vcpu_initialise` gave it a
+    /// register state and it has not run since, it starts with that state now.
     fn vcpu_up(&self, vcpu: VcpuId);
+    /// `VCPUOP_initialise` accepted `state` for `vcpu`, a vCPU that never ran (or was reset):
+    /// keep it and load it when the vCPU next comes up (`vcpu_up`); until then the vCPU stays
+    /// down. An error is returned to the guest and the vCPU stays uninitialised. The default
+    /// refuses (`-ENOSYS`, as a Xen without `arch_initialise_vcpu` support would): the VMM
+    /// overrides it.
+    fn vcpu_initialise(&self, vcpu: VcpuId, state: &HvmVcpuState) -> Result<(), Errno> {
+        let _ = (vcpu, state);
+        Err(Errno::ENOSYS)
+    }
     /// `VCPUOP_send_nmi`: inject an NMI into `vcpu`.
     fn send_nmi(&self, vcpu: VcpuId);
 

@@ -12,6 +12,7 @@ use crate::guest::{MemFault, VcpuAccess};
 use crate::platform::{E820Entry, GuestTime, OverlayId, Platform, RunstateAreaSpec, RunstateInfo};
 use crate::shared::{SharedPage, VecPage};
 use crate::types::{Gfn, GuestWidth, VcpuId};
+use crate::vcpu_init::HvmVcpuState;
 
 const PAGE: u64 = 4096;
 
@@ -164,6 +165,8 @@ pub enum Call {
     Place(OverlayId, u64),
     VcpuDown(u32),
     VcpuUp(u32),
+    /// `vcpu_initialise`: the vCPU and the state it is to start with.
+    VcpuInit(u32, Box<HvmVcpuState>),
     Nmi(u32),
     Runstate(u32, Option<RunstateAreaSpec>),
     Watchdog(u32, Option<u64>),
@@ -189,6 +192,8 @@ pub struct FakePlatform {
     pub runstate: Mutex<RunstateInfo>,
     /// `populate_pages` fails for a list containing this GFN.
     pub populate_fails_at: Mutex<u64>,
+    /// What `vcpu_initialise` returns instead of accepting the state, if set.
+    pub vcpu_init_error: Mutex<Option<Errno>>,
 }
 
 impl Default for FakePlatform {
@@ -225,6 +230,7 @@ impl Default for FakePlatform {
             page_budget: Mutex::new(usize::MAX),
             runstate: Mutex::new(RunstateInfo::default()),
             populate_fails_at: Mutex::new(u64::MAX),
+            vcpu_init_error: Mutex::new(None),
         }
     }
 }
@@ -336,6 +342,14 @@ impl Platform for FakePlatform {
 
     fn vcpu_up(&self, vcpu: VcpuId) {
         self.log(Call::VcpuUp(vcpu.get()));
+    }
+
+    fn vcpu_initialise(&self, vcpu: VcpuId, state: &HvmVcpuState) -> Result<(), Errno> {
+        if let Some(e) = *self.vcpu_init_error.lock() {
+            return Err(e);
+        }
+        self.log(Call::VcpuInit(vcpu.get(), Box::new(*state)));
+        Ok(())
     }
 
     fn send_nmi(&self, vcpu: VcpuId) {

@@ -6,8 +6,9 @@
 //! ([`Platform::set_timer`](crate::Platform::set_timer)); when it fires the VMM calls
 //! [`Domain::timer_expired`], which raises `VIRQ_TIMER` on that vCPU with Xen's rules.
 //!
-//! Not yet here: `VCPUOP_initialise` for HVM (APs start through INIT/SIPI) and
-//! `register_vcpu_time_memory_area`. The runstate area is published by the VMM (see
+//! `VCPUOP_initialise` takes an HVM context (`vcpu_init`); the VMM loads it at `VCPUOP_up`.
+//! `VCPUOP_down` takes a vCPU offline until `VCPUOP_up` (the VMM parks its thread); the last
+//! vCPU going down powers the domain off. The runstate area is published by the VMM (see
 //! [`crate::Platform::set_runstate_area`]).
 
 use std::sync::atomic::Ordering;
@@ -17,6 +18,7 @@ use crate::domain::{Ctx, Domain, VcpuInfoMap};
 use crate::errno::Errno;
 use crate::platform::RunstateAreaSpec;
 use crate::types::{Gfn, GuestWidth, Outcome, VcpuId};
+use crate::vcpu_init;
 
 /// `MILLISECS(1)`: the shortest periodic timer Xen accepts.
 const MIN_PERIOD_NS: u64 = 1_000_000;
@@ -67,14 +69,29 @@ impl Domain {
             }
             // Only a hardware domain's pinned vCPUs have a physical id.
             vcpuop::GET_PHYSID => Err(Errno::EINVAL),
+            // arch_initialise_vcpu for HVM: a vCPU with a vcpu_info (the dummy one: -EINVAL),
+            // the whole context copied (-EFAULT), not yet initialised (-EEXIST), then the
+            // checks of arch_set_info_hvm_guest (-EINVAL, see `vcpu_init`). It stays down
+            // until VCPUOP_up.
             vcpuop::INITIALISE => {
                 if self.vcpu_info_loc(v).is_none() {
                     return Err(Errno::EINVAL);
                 }
-                // TODO(issue 5): arch_initialise_vcpu for HVM (vcpu_hvm_context).
-                Err(Errno::ENOSYS)
+                let mut b = [0u8; vcpu_init::CONTEXT_LEN];
+                ctx.g.read(arg, &mut b)?;
+                let _l = self.vcpu_ctl.lock();
+                let f = &self.vcpus[v.idx()];
+                if f.initialised.load(Ordering::Acquire) {
+                    return Err(Errno::EEXIST);
+                }
+                let policy = *self.cr_policy.lock();
+                let state = vcpu_init::decode(&b, &policy)?;
+                self.platform.vcpu_initialise(v, &state)?;
+                f.initialised.store(true, Ordering::Release);
+                ret(0)
             }
             vcpuop::UP => {
+                let _l = self.vcpu_ctl.lock();
                 let f = &self.vcpus[v.idx()];
                 if !f.initialised.load(Ordering::Acquire) {
                     return Err(Errno::EINVAL);

@@ -342,6 +342,13 @@ impl KvmVcpu {
         matches!(msrs.map(|m| self.fd.set_msrs(&m)), Ok(Ok(1)))
     }
 
+    /// Makes the vCPU runnable (out of the wait for INIT/SIPI).
+    pub fn set_runnable(&self) -> Result<(), KvmError> {
+        self.fd.set_mp_state(kvm_bindings::kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+        })
+    }
+
     /// Sets the CPUID table the guest sees.
     pub fn set_cpuid(&self, cpuid: &[CpuidEntry]) -> Result<(), KvmError> {
         let entries: Vec<kvm_bindings::kvm_cpuid_entry2> = cpuid

@@ -7,6 +7,7 @@
 
 pub mod exit;
 mod handle;
+pub mod updown;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +34,8 @@ enum State {
     Paused {
         then: Box<State>,
     },
+    /// Down by `VCPUOP_down`: parked in the VMM until `VCPUOP_up` (see [`updown`]).
+    Offline,
     Stopped,
 }
 
@@ -119,6 +122,7 @@ impl Vcpu {
                 State::Running => self.run_once(),
                 State::Blocked { deadline, ports } => self.block(deadline, ports),
                 State::Paused { then } => self.paused(*then),
+                State::Offline => self.offline(),
                 State::Stopped => break,
             };
         }
@@ -179,11 +183,12 @@ impl Vcpu {
     }
 
     fn run_once(&mut self) -> State {
-        let current = match self.requested(State::Running) {
-            Ok(next) => return next,
-            Err(current) => current,
-        };
-        let _ = current;
+        if let Ok(next) = self.requested(State::Running) {
+            return next;
+        }
+        if let Some(next) = self.vcpu_op_up_down() {
+            return next;
+        }
         let first_exit = !self.started;
         // Cheap on the exit path: one TSC read and a compare.
         let t = crate::xen::clock::host_tsc();
@@ -541,6 +546,9 @@ impl Vcpu {
                 || deadline.is_some_and(|d| Instant::now() >= d)
             {
                 self.m.xen.end_block(self.id, polled);
+                if !self.m.xen.vcpu_is_up(self.id) {
+                    return State::Offline; // VCPUOP_down while blocked
+                }
                 self.m.xen.runstate_transition(
                     self.id,
                     runstate::State::Running,
@@ -552,6 +560,72 @@ impl Vcpu {
             // Every event that can satisfy the wake condition wakes the
             // handle (raise_upcall, kick_vcpu), so the wait needs no poll.
             self.handle.wait_event(deadline);
+        }
+    }
+
+    /// `VCPUOP_initialise` + `VCPUOP_up` and `VCPUOP_down` (see [`crate::vcpu_updown`]):
+    /// load a staged start state, or park a started vCPU that is down. `None`: run the guest.
+    fn vcpu_op_up_down(&mut self) -> Option<State> {
+        // The hot path: a running vCPU (it cannot have a staged state: it is initialised).
+        if self.handle.started() {
+            return (!self.m.xen.vcpu_is_up(self.id)).then_some(State::Offline);
+        }
+        if let Some(st) = self.m.xen.take_start(self.id) {
+            if let Err(e) = updown::apply(&self.kvm, &st) {
+                self.m
+                    .request_exit(GuestExit::Crash(CrashCause::Unemulated {
+                        vcpu: self.id,
+                        what: format!("KVM refused the state from VCPUOP_initialise: {e}"),
+                    }));
+                return Some(State::Stopped);
+            }
+            // The synced copy in kvm_run is stale now.
+            self.kvm.discard_synced_changes();
+            tracing::info!(
+                rip = format_args!("{:#x}", st.rip),
+                "started by VCPUOP_initialise + VCPUOP_up"
+            );
+            self.started = true;
+            self.handle.set_started();
+            self.m.xen.vcpu_started(self.id);
+            self.m.xen.runstate_transition(
+                self.id,
+                runstate::State::Running,
+                self.sample_run_delay(),
+            );
+        }
+        // An AP still waiting for INIT/SIPI is down too, but stays in KVM_RUN for them.
+        None
+    }
+
+    /// Down (`VCPUOP_down`): runstate offline, wait in the VMM until up again.
+    fn offline(&mut self) -> State {
+        self.m
+            .xen
+            .runstate_transition(self.id, runstate::State::Offline, self.sample_run_delay());
+        tracing::debug!("offline (VCPUOP_down)");
+        loop {
+            match self.handle.request() {
+                Request::Run => {}
+                Request::Stop => return State::Stopped,
+                Request::Pause => {
+                    return State::Paused {
+                        then: Box::new(State::Offline),
+                    }
+                }
+            }
+            self.handle.clear_wake();
+            if self.m.xen.vcpu_is_up(self.id) {
+                self.m.xen.runstate_transition(
+                    self.id,
+                    runstate::State::Running,
+                    self.sample_run_delay(),
+                );
+                tracing::debug!("up again (VCPUOP_up)");
+                return State::Running;
+            }
+            // VCPUOP_up wakes the handle.
+            self.handle.wait_event(None);
         }
     }
 

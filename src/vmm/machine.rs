@@ -87,6 +87,11 @@ impl VcpuWake for VcpuSet {
             h.wake();
         }
     }
+    fn kick(&self, vcpu: u32) {
+        if let Some(h) = self.0.get(vcpu as usize) {
+            h.kicker().kick();
+        }
+    }
 }
 
 pub struct Machine {

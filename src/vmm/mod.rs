@@ -241,6 +241,7 @@ impl Vm {
         let mut vcpus: Vec<KvmVcpu> = Vec::new();
         let mut handles = Vec::new();
         let mut tsc_khz = 0;
+        let mut cr_policy = None;
         for id in 0..cfg.vcpus {
             let v = kvm.create_vcpu(id)?;
             if id == 0 {
@@ -259,6 +260,8 @@ impl Vm {
             );
             v.set_cpuid(&entries)
                 .map_err(|e| KvmVmError::Ioctl("KVM_SET_CPUID2", e))?;
+            // VCPUOP_initialise checks CR4/EFER against what CPUID offers.
+            cr_policy.get_or_insert_with(|| cpuid::cr_policy(&entries));
             let kicker = v
                 .kicker(kvm.vcpu_mmap_size())
                 .map_err(|e| VmError::Os("kick mapping", e))?;
@@ -281,6 +284,9 @@ impl Vm {
             kvm.interrupts(),
             kvm.slots(),
         )?;
+        if let Some(p) = cr_policy {
+            machine.xen.domain.set_cr_policy(p);
+        }
         let events = Arc::new(EventLoop::new().map_err(|e| VmError::Os("event loop", e))?);
         Ok(Vm {
             machine,

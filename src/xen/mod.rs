@@ -53,6 +53,8 @@ pub const REMOTE_CONSOLE: u32 = 2;
 /// Wakes a vCPU that waits in the VMM (`SCHEDOP_block`/`poll`).
 pub trait VcpuWake: Send + Sync {
     fn wake(&self, vcpu: u32);
+    /// Gets `vcpu` out of `KVM_RUN` (or makes its next entry return at once).
+    fn kick(&self, vcpu: u32);
 }
 
 /// What the Xen glue may do to the VM, handed to it when it is built.
@@ -71,10 +73,10 @@ pub struct XenCaps {
 const UPCALL_RECHECK: Duration = Duration::from_millis(10);
 
 /// HVM params the VMM sets (hvm/params.h, from xen-abi).
-const HVM_PARAM_STORE_PFN: u32 = xen_abi::HVM_PARAM_STORE_PFN as u32;
-const HVM_PARAM_STORE_EVTCHN: u32 = xen_abi::HVM_PARAM_STORE_EVTCHN as u32;
-const HVM_PARAM_CONSOLE_PFN: u32 = xen_abi::HVM_PARAM_CONSOLE_PFN as u32;
-const HVM_PARAM_CONSOLE_EVTCHN: u32 = xen_abi::HVM_PARAM_CONSOLE_EVTCHN as u32;
+const HVM_PARAM_STORE_PFN: u32 = xen_abi::HVM_PARAM_STORE_PFN;
+const HVM_PARAM_STORE_EVTCHN: u32 = xen_abi::HVM_PARAM_STORE_EVTCHN;
+const HVM_PARAM_CONSOLE_PFN: u32 = xen_abi::HVM_PARAM_CONSOLE_PFN;
+const HVM_PARAM_CONSOLE_EVTCHN: u32 = xen_abi::HVM_PARAM_CONSOLE_EVTCHN;
 
 /// The calling vCPU's state at a hypercall.
 pub struct VcpuCtx {
@@ -155,6 +157,7 @@ impl Xen {
                 })
                 .collect(),
             update_flag: OnceLock::new(),
+            starts: crate::vcpu::updown::StartSlots::new(cfg.vcpus),
         });
         let dcfg = DomainConfig {
             domid: cfg.domid,
@@ -353,11 +356,28 @@ impl Xen {
         }
     }
 
-    /// An AP was started by INIT/SIPI.
+    /// An AP was started by INIT/SIPI (a state staged by `VCPUOP_initialise` is dropped).
     pub fn vcpu_started(&self, vcpu: u32) {
         if let Some(id) = self.domain.vcpu(vcpu) {
             self.domain.vcpu_started(id);
         }
+        let _ = self.platform.starts.take(vcpu);
+    }
+
+    /// Whether the domain has `vcpu` up (not down by `VCPUOP_down`, or never started).
+    pub fn vcpu_is_up(&self, vcpu: u32) -> bool {
+        self.domain
+            .vcpu(vcpu)
+            .is_some_and(|id| self.domain.vcpu_is_up(id))
+    }
+
+    /// The state `VCPUOP_initialise` gave `vcpu`, once `VCPUOP_up` brought it up (taken: the
+    /// vCPU thread loads it, see [`crate::vcpu::updown`]).
+    pub fn take_start(&self, vcpu: u32) -> Option<hypercalls::HvmVcpuState> {
+        if !self.vcpu_is_up(vcpu) {
+            return None;
+        }
+        self.platform.starts.take(vcpu)
     }
 
     /// Console input for the guest: queued in the PV console backend, which
@@ -673,6 +693,9 @@ pub struct XenPlatform {
     runstates: Vec<Mutex<VcpuRunstate>>,
     /// The domain, for its `vm_assist` state when publishing.
     update_flag: OnceLock<Weak<Domain>>,
+    /// Register states from `VCPUOP_initialise` waiting for `VCPUOP_up`
+    /// (see [`crate::vcpu::updown`]).
+    starts: crate::vcpu::updown::StartSlots,
 }
 
 /// A vCPU's runstate: the accounting (pure arithmetic) and where it is
@@ -913,9 +936,22 @@ impl Platform for XenPlatform {
     }
     fn vcpu_down(&self, vcpu: VcpuId) {
         tracing::info!(vcpu = vcpu.get(), "VCPUOP_down");
+        // Out of KVM_RUN: the thread parks at its next pass (crate::vcpu::updown).
+        self.caps.vcpus.kick(vcpu.get());
     }
     fn vcpu_up(&self, vcpu: VcpuId) {
+        tracing::info!(
+            vcpu = vcpu.get(),
+            initialised_by_vcpu_op = self.starts.is_staged(vcpu.get()),
+            "VCPUOP_up"
+        );
         self.kick_vcpu(vcpu);
+        self.caps.vcpus.kick(vcpu.get());
+    }
+    fn vcpu_initialise(&self, vcpu: VcpuId, state: &hypercalls::HvmVcpuState) -> Result<(), Errno> {
+        tracing::debug!(vcpu = vcpu.get(), ?state, "VCPUOP_initialise");
+        self.starts.stage(vcpu.get(), *state);
+        Ok(())
     }
     fn send_nmi(&self, vcpu: VcpuId) {
         self.inject_vector(vcpu.get(), 2, true);

@@ -2111,6 +2111,198 @@ static int check_pci(void)
                 bar1 & 0xf, magic, version);
 }
 
+/* ---------------------------------------------- VCPUOP_initialise, up and down */
+
+/*
+ * vCPU 2 (demo runs 3 vCPUs) is never sent INIT/SIPI: the vcpu_init check starts it with
+ * VCPUOP_initialise in VCPU_HVM_MODE_64B (our CR3, a stack, head.S's ap_vcpuop_entry, which
+ * loads the GDT and jumps to ap2_main) and VCPUOP_up. It reports what it found, then spins
+ * counting; the check takes it down from outside (VCPUOP_down: the counter stops, runstate
+ * offline), brings it back, lets it take itself down and brings it back again (its
+ * VCPUOP_down returns 0 after the VCPUOP_up), and finally leaves it down.
+ */
+static volatile struct {
+    u32 entered;
+    u64 rdi, rsi, efer, cs;
+    u32 apic_id;
+    u64 counter;
+    u32 down_self; /* set by vCPU 0: call VCPUOP_down on yourself */
+    long down_rc;  /* what that VCPUOP_down returned, once up again */
+    u32 resumed;   /* times it came back from its own VCPUOP_down */
+} ap2;
+static u8 ap2_stack[8192] __attribute__((aligned(16)));
+static struct percpu ap2_percpu;
+extern const u8 ap_vcpuop_entry[]; /* head.S */
+
+static inline u64 rdmsr(u32 msr)
+{
+    u32 lo, hi;
+    asm volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+    return (u64)hi << 32 | lo;
+}
+
+void __attribute__((noreturn)) ap2_main(u64 rdi, u64 rsi);
+void __attribute__((noreturn)) ap2_main(u64 rdi, u64 rsi)
+{
+    idt_load();
+    ap2_percpu.id = 2;
+    wrmsr(MSR_GS_BASE, (u64)&ap2_percpu);
+    u64 cs;
+    asm volatile("mov %%cs, %0" : "=r"(cs));
+    u32 r[4];
+    cpuid(1, 0, r);
+    ap2.rdi = rdi;
+    ap2.rsi = rsi;
+    ap2.efer = rdmsr(0xc0000080);
+    ap2.cs = cs;
+    ap2.apic_id = r[1] >> 24;
+    mb();
+    ap2.entered = 1;
+    for (;;) {
+        ap2.counter++;
+        if (ap2.down_self) {
+            ap2.down_self = 0;
+            long rc = HYPERVISOR_vcpu_op(VCPUOP_down, 2, NULL);
+            ap2.down_rc = rc;
+            mb();
+            ap2.resumed++;
+        }
+        cpu_relax();
+    }
+}
+
+static int ap2_runstate(void)
+{
+    struct vcpu_runstate_info ri;
+    long rc = HYPERVISOR_vcpu_op(VCPUOP_get_runstate_info, 2, &ri);
+    return rc ? (int)rc - 100 : ri.state;
+}
+
+/*
+ * VCPUOP_down of another vCPU does not wait for it to stop (Xen's vcpu_sleep_nosync): wait
+ * up to `ms` for vCPU 2's runstate to say offline, then require its counter to stand still
+ * for 5 ms. 1 if both held.
+ */
+static int ap2_stopped(u32 ms)
+{
+    for (u64 end = deadline_ms(ms); ap2_runstate() != RUNSTATE_offline && rdtsc_ordered() < end;)
+        spin_us(100);
+    u64 c = ap2.counter;
+    spin_us(5000);
+    return ap2_runstate() == RUNSTATE_offline && ap2.counter == c;
+}
+
+/* Wait up to `ms` for vCPU 2's counter to move; 1 if it did. */
+static int ap2_runs(u32 ms)
+{
+    u64 c = ap2.counter;
+    for (u64 end = deadline_ms(ms); rdtsc_ordered() < end;)
+        if (ap2.counter != c)
+            return 1;
+    return 0;
+}
+
+static int check_vcpu_init(void)
+{
+    long rc = HYPERVISOR_vcpu_op(VCPUOP_is_up, 2, NULL);
+    if (rc == -XEN_ENOENT)
+        return PASS("skipped (no vCPU 2: VCPUOP_is_up(2) = %ld)", rc);
+    if (rc != 0)
+        return FAIL("VCPUOP_is_up(2) = %ld before anything started it (want 0)", rc);
+    if ((rc = HYPERVISOR_vcpu_op(VCPUOP_up, 2, NULL)) != -XEN_EINVAL)
+        return FAIL("VCPUOP_up(2) before VCPUOP_initialise: rc %ld (want -EINVAL)", rc);
+
+    struct vcpu_hvm_context c;
+    memset(&c, 0, sizeof(c));
+    struct vcpu_hvm_x86_64 *x = &c.cpu_regs.x86_64;
+    c.mode = VCPU_HVM_MODE_64B;
+    asm volatile("mov %%cr0, %0" : "=r"(x->cr0));
+    asm volatile("mov %%cr3, %0" : "=r"(x->cr3));
+    asm volatile("mov %%cr4, %0" : "=r"(x->cr4));
+    x->efer = rdmsr(0xc0000080);
+    x->rflags = 2;
+    x->rsp = (u64)ap2_stack + sizeof(ap2_stack) - 8; /* as after a call */
+    x->rbx = (u64)ap2_main;
+    x->rdi = 0x1122334455667788ull;
+    x->rsi = 0xcafe;
+    /* Xen's checks first: a non-canonical RIP, an unknown mode, CR4 without PAE. */
+    x->rip = 0x0000800000000000ull;
+    long bad_rip = HYPERVISOR_vcpu_op(VCPUOP_initialise, 2, &c);
+    x->rip = (u64)ap_vcpuop_entry;
+    c.mode = 7;
+    long bad_mode = HYPERVISOR_vcpu_op(VCPUOP_initialise, 2, &c);
+    c.mode = VCPU_HVM_MODE_64B;
+    x->cr4 &= ~0x20ull;
+    long bad_cr4 = HYPERVISOR_vcpu_op(VCPUOP_initialise, 2, &c);
+    asm volatile("mov %%cr4, %0" : "=r"(x->cr4));
+    if (bad_rip != -XEN_EINVAL || bad_mode != -XEN_EINVAL || bad_cr4 != -XEN_EINVAL)
+        return FAIL("VCPUOP_initialise with a non-canonical RIP / mode 7 / CR4.PAE clear: rc %ld / %ld / %ld "
+                    "(want -EINVAL)", bad_rip, bad_mode, bad_cr4);
+
+    if ((rc = HYPERVISOR_vcpu_op(VCPUOP_initialise, 2, &c)))
+        return FAIL("VCPUOP_initialise(2, 64-bit, RIP 0x%lx) rc %ld", x->rip, rc);
+    long up_after_init = HYPERVISOR_vcpu_op(VCPUOP_is_up, 2, NULL);
+    long again = HYPERVISOR_vcpu_op(VCPUOP_initialise, 2, &c);
+    if (up_after_init != 0 || again != -XEN_EEXIST)
+        return FAIL("after VCPUOP_initialise: is_up(2) %ld (want 0), a second initialise rc %ld (want -EEXIST)",
+                    up_after_init, again);
+    u64 t0 = rdtsc_ordered();
+    if ((rc = HYPERVISOR_vcpu_op(VCPUOP_up, 2, NULL)))
+        return FAIL("VCPUOP_up(2) rc %ld", rc);
+    for (u64 end = deadline_ms(1000); !ap2.entered && rdtsc_ordered() < end;)
+        cpu_relax();
+    if (!ap2.entered)
+        return FAIL("vCPU 2 did not reach ap2_main 1 s after VCPUOP_initialise + VCPUOP_up");
+    u64 start_us = cyc_ns(rdtsc_ordered() - t0) / 1000;
+    long up = HYPERVISOR_vcpu_op(VCPUOP_is_up, 2, NULL);
+    if (up != 1 || ap2.rdi != 0x1122334455667788ull || ap2.rsi != 0xcafe || !(ap2.efer & (1 << 10)) ||
+        ap2.cs != 0x08 || ap2.apic_id != 2)
+        return FAIL("vCPU 2 runs: is_up %ld (want 1), RDI 0x%lx, RSI 0x%lx, EFER 0x%lx (want LMA), CS 0x%lx, "
+                    "APIC id %u (want 2)", up, ap2.rdi, ap2.rsi, ap2.efer, ap2.cs, ap2.apic_id);
+    if (!ap2_runs(1000))
+        return FAIL("vCPU 2 entered but its counter does not move");
+
+    /* Down from outside: it stops, runstate offline; up: it goes on. */
+    if ((rc = HYPERVISOR_vcpu_op(VCPUOP_down, 2, NULL)))
+        return FAIL("VCPUOP_down(2) rc %ld", rc);
+    long up_down = HYPERVISOR_vcpu_op(VCPUOP_is_up, 2, NULL);
+    int stopped = ap2_stopped(1000);
+    int rs_down = ap2_runstate();
+    if (up_down != 0 || !stopped || rs_down != RUNSTATE_offline)
+        return FAIL("after VCPUOP_down(2): is_up %ld (want 0), counter stopped %d, runstate %d (want %d)", up_down,
+                    stopped, rs_down, RUNSTATE_offline);
+    u64 parked_at = ap2.counter;
+    if ((rc = HYPERVISOR_vcpu_op(VCPUOP_up, 2, NULL)) || !ap2_runs(1000))
+        return FAIL("VCPUOP_up(2) after down: rc %ld, counter %lu -> %lu", rc, parked_at, ap2.counter);
+    int rs_up = ap2_runstate();
+
+    /* Down by itself: its VCPUOP_down returns 0 once it is up again. */
+    ap2.down_self = 1;
+    for (u64 end = deadline_ms(1000); HYPERVISOR_vcpu_op(VCPUOP_is_up, 2, NULL) && rdtsc_ordered() < end;)
+        spin_us(100);
+    long up_self = HYPERVISOR_vcpu_op(VCPUOP_is_up, 2, NULL);
+    stopped = ap2_stopped(1000);
+    int rs_self = ap2_runstate();
+    if (up_self != 0 || !stopped || rs_self != RUNSTATE_offline || ap2.resumed)
+        return FAIL("vCPU 2's own VCPUOP_down: is_up %ld (want 0), stopped %d, runstate %d, resumed %u", up_self,
+                    stopped, rs_self, ap2.resumed);
+    rc = HYPERVISOR_vcpu_op(VCPUOP_up, 2, NULL);
+    wait_count(&ap2.resumed, 1, 1000);
+    if (rc || ap2.resumed != 1 || ap2.down_rc != 0)
+        return FAIL("VCPUOP_up(2) after its own down: rc %ld, resumed %u, its VCPUOP_down rc %ld", rc, ap2.resumed,
+                    ap2.down_rc);
+
+    /* Leave it down (it would only spin). */
+    ap2.down_self = 1;
+    for (u64 end = deadline_ms(1000); HYPERVISOR_vcpu_op(VCPUOP_is_up, 2, NULL) && rdtsc_ordered() < end;)
+        spin_us(100);
+    return PASS("64-bit VCPUOP_initialise(2) -> is_up 0, again -EEXIST; VCPUOP_up -> vCPU 2 in ap2_main after "
+                "%lu us (RDI 0x%lx, CS 0x%lx, EFER.LMA, APIC id %u); bad RIP/mode/CR4 -EINVAL; down from vCPU 0: "
+                "stopped, runstate %d, up: runs (runstate %d); down by itself: runstate %d, its VCPUOP_down "
+                "returned %ld after up",
+                start_us, ap2.rdi, ap2.cs, ap2.apic_id, rs_down, rs_up, rs_self, ap2.down_rc);
+}
+
 static const struct check {
     const char *name;
     int (*run)(void); /* returns PASS(...) or FAIL(...) */
@@ -2136,6 +2328,7 @@ static const struct check {
     { "xs_transaction", check_xs_transaction },
     { "console_input", check_console_input },
     { "pci", check_pci },
+    { "vcpu_init", check_vcpu_init },
     { "fifo", check_fifo }, /* last: after it the domain uses the FIFO ABI */
 };
 

@@ -156,6 +156,27 @@ exc_common:
         add     $16, %rsp       /* vector and error code */
         iretq
 
+/*
+ * Entry of a vCPU started by VCPUOP_initialise in VCPU_HVM_MODE_64B (the vcpu_init
+ * check): Xen loads flat long-mode segments with selector 0 and leaves GDTR as it was,
+ * so load this GDT and real selectors first (an interrupt frame with CS 0 could not be
+ * returned from). RSP, RDI and RSI come from the context; RBX holds the C entry.
+ */
+        .globl  ap_vcpuop_entry
+ap_vcpuop_entry:
+        lgdt    gdt_ptr64(%rip)
+        pushq   $GDT_CODE64
+        leaq    1f(%rip), %rax
+        pushq   %rax
+        lretq
+1:      mov     $GDT_DATA, %eax
+        mov     %eax, %ds
+        mov     %eax, %es
+        mov     %eax, %ss
+        mov     %eax, %fs
+        mov     %eax, %gs
+        jmp     *%rbx
+
         .section .rodata
         .p2align 3
         /* exc_stubs[i]: entry of exception i (0..31); exc_stubs[32]: int $0x80;
@@ -176,6 +197,9 @@ gdt_end:
 gdt_ptr:
         .word   gdt_end - gdt - 1
         .long   gdt
+gdt_ptr64:                              /* lgdt in long mode: a 64-bit base */
+        .word   gdt_end - gdt - 1
+        .quad   gdt
 
 
 /*

@@ -36,6 +36,7 @@
 /* errno.h: hypercalls return -errno. */
 #define XEN_ENOENT 2
 #define XEN_EINVAL 22
+#define XEN_EEXIST 17
 
 /* version.h */
 #define XENVER_version      0 /* returns (major << 16) | minor */
@@ -142,6 +143,9 @@ _Static_assert(sizeof(struct gnttab_setup_table) == 24, "gnttab_setup_table");
 #define VMASST_TYPE_runstate_update_flag 5 /* XEN_RUNSTATE_UPDATE in state_entry_time */
 
 /* vcpu.h: vcpu_op(cmd, vcpuid, arg) */
+#define VCPUOP_initialise                    0 /* arg: struct vcpu_hvm_context (HVM) */
+#define VCPUOP_up                            1
+#define VCPUOP_down                          2
 #define VCPUOP_is_up                         3
 #define VCPUOP_get_runstate_info             4 /* arg: struct vcpu_runstate_info */
 #define VCPUOP_register_runstate_memory_area 5 /* arg: struct vcpu_register_runstate_memory_area */
@@ -155,6 +159,22 @@ struct vcpu_runstate_info {
     uint64_t state_entry_time; /* Xen system time (ns) of entering `state` */
     uint64_t time[4];          /* ns spent in each RUNSTATE_* */
 };
+/* hvm/hvm_vcpu.h: the 64-bit half of the union; the 32-bit half is 120 bytes. */
+#define VCPU_HVM_MODE_32B 0
+#define VCPU_HVM_MODE_64B 1
+struct vcpu_hvm_x86_64 {
+    uint64_t rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, rip, rflags;
+    uint64_t cr0, cr3, cr4, efer;
+};
+struct vcpu_hvm_context {
+    uint32_t mode; /* VCPU_HVM_MODE_* */
+    uint32_t pad;
+    union {
+        struct vcpu_hvm_x86_64 x86_64;
+        uint8_t x86_32[120];
+    } cpu_regs;
+};
+_Static_assert(sizeof(struct vcpu_hvm_context) == 128, "vcpu_hvm_context");
 struct vcpu_register_runstate_memory_area {
     uint64_t addr; /* guest virtual address of a struct vcpu_runstate_info; 0: none */
 };

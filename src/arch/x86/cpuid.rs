@@ -129,6 +129,60 @@ pub fn xen_leaves(cfg: &CpuidConfig) -> Vec<CpuidEntry> {
     v
 }
 
+/// The CR4 and EFER bits a guest with CPUID `entries` may set (Xen's
+/// `hvm_cr4_guest_valid_bits` and `hvm_efer_valid`; nested virtualisation is off, so
+/// never VMXE or SVME), for `VCPUOP_initialise`.
+pub fn cr_policy(entries: &[CpuidEntry]) -> hypercalls::CrPolicy {
+    let leaf = |f: u32| {
+        entries
+            .iter()
+            .find(|e| e.function == f && e.index == 0)
+            .copied()
+            .unwrap_or_default()
+    };
+    let (l1, l7, e1) = (leaf(1), leaf(7), leaf(0x8000_0001));
+    let bit = |r: u32, b: u32| r & (1 << b) != 0;
+    let mut cr4: u64 = 1 << 8; // PCE
+    for (have, mask) in [
+        (bit(l1.edx, 1), 0b11),                       // VME: VME | PVI
+        (bit(l1.edx, 4), 1 << 2),                     // TSC: TSD
+        (bit(l1.edx, 2), 1 << 3),                     // DE
+        (bit(l1.edx, 3), 1 << 4),                     // PSE
+        (bit(l1.edx, 6), 1 << 5),                     // PAE
+        (bit(l1.edx, 7) || bit(l1.edx, 14), 1 << 6),  // MCE or MCA: MCE
+        (bit(l1.edx, 13), 1 << 7),                    // PGE
+        (bit(l1.edx, 24), 1 << 9),                    // FXSR: OSFXSR
+        (bit(l1.edx, 25), 1 << 10),                   // SSE: OSXMMEXCPT
+        (bit(l7.ecx, 2), 1 << 11),                    // UMIP
+        (bit(l7.ebx, 0), 1 << 16),                    // FSGSBASE
+        (bit(l1.ecx, 17), 1 << 17),                   // PCID: PCIDE
+        (bit(l1.ecx, 26), 1 << 18),                   // XSAVE: OSXSAVE
+        (bit(l7.ebx, 7), 1 << 20),                    // SMEP
+        (bit(l7.ebx, 20), 1 << 21),                   // SMAP
+        (bit(l7.ecx, 3), 1 << 22),                    // PKU: PKE
+        (bit(l7.ecx, 7) || bit(l7.edx, 20), 1 << 23), // CET_SS or CET_IBT: CET
+    ] {
+        if have {
+            cr4 |= mask;
+        }
+    }
+    let mut efer = 0u64;
+    for (have, mask) in [
+        (bit(e1.edx, 11), 1),                    // SYSCALL: SCE
+        (bit(e1.edx, 29), (1 << 8) | (1 << 10)), // LM: LME | LMA
+        (bit(e1.edx, 20), 1 << 11),              // NX: NXE
+        (bit(e1.edx, 25), 1 << 14),              // FFXSR: FFXSE
+    ] {
+        if have {
+            efer |= mask;
+        }
+    }
+    hypercalls::CrPolicy {
+        cr4_valid: cr4,
+        efer_valid: efer,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +254,28 @@ mod tests {
         assert_ne!(l4.eax & hvm_feat::UPCALL_VECTOR, 0);
         assert_eq!(l4.ebx, 2);
         assert_eq!(get(0x4000_0003).ecx, 2_000_000);
+    }
+
+    #[test]
+    fn cr_policy_follows_cpuid_features() {
+        let e = |function, ebx, ecx, edx| CpuidEntry {
+            function,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        };
+        // PAE, PGE, FXSR, SSE; FSGSBASE, SMEP; LM, NX, SYSCALL.
+        let p = cr_policy(&[
+            e(1, 0, 0, (1 << 6) | (1 << 13) | (1 << 24) | (1 << 25)),
+            e(7, 1 | (1 << 7), 0, 0),
+            e(0x8000_0001, 0, 0, (1 << 29) | (1 << 20) | (1 << 11)),
+        ]);
+        let cr4 = (1 << 5) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 16) | (1 << 20);
+        assert_eq!(p.cr4_valid, cr4);
+        assert_eq!(p.efer_valid, 1 | (1 << 8) | (1 << 10) | (1 << 11));
+        // No leaves: only CR4.PCE, no EFER bits (not even long mode).
+        let p = cr_policy(&[]);
+        assert_eq!((p.cr4_valid, p.efer_valid), (1 << 8, 0));
     }
 }
