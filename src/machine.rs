@@ -35,6 +35,9 @@ pub enum GuestExit {
     Timeout(Duration),
     /// The VMM failed.
     Error(String),
+    /// Stopped from outside the guest (a signal, a closed stdout): the
+    /// string says why.
+    Stopped(String),
 }
 
 /// Wakes a vCPU that waits in the VMM (SCHEDOP_block/poll).
@@ -93,6 +96,10 @@ pub struct Machine {
     /// Per vCPU: its thread (`pthread_t`), for kicks; 0 until it starts.
     pub threads: Vec<AtomicU64>,
     pub xen: Xen,
+    /// VM exits (KVM_RUN returns) of all vCPUs, for the status line.
+    pub exits: AtomicU64,
+    /// Hypercalls of all vCPUs, for the status line.
+    pub hypercalls: AtomicU64,
     stopping: AtomicBool,
     exit: Mutex<Option<GuestExit>>,
     exit_cv: Condvar,
@@ -123,6 +130,8 @@ impl Machine {
             stall_kicked: (0..cfg.vcpus).map(|_| AtomicBool::new(false)).collect(),
             threads: (0..cfg.vcpus).map(|_| AtomicU64::new(0)).collect(),
             started: (0..cfg.vcpus).map(|i| AtomicBool::new(i == 0)).collect(),
+            exits: AtomicU64::new(0),
+            hypercalls: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             exit: Mutex::new(None),
             exit_cv: Condvar::new(),

@@ -164,6 +164,8 @@ impl Vcpu {
         since.store(crate::clock::host_tsc(), Ordering::Relaxed);
         let result = self.fd.run();
         since.store(0, Ordering::Relaxed);
+        self.m.exits.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(vcpu = self.id, exit = ?result, "vCPU exit");
         let action = match result {
             Ok(VcpuExit::IoOut(port, data)) => {
                 let mut d = [0u8; 4];
@@ -366,6 +368,7 @@ impl Vcpu {
 
     /// The RAX value and next state for a hypercall's result.
     fn outcome(&self, r: HypercallResult) -> (i64, State) {
+        self.m.hypercalls.fetch_add(1, Ordering::Relaxed);
         match r {
             HypercallResult::Return(v) => (v, State::Running),
             HypercallResult::Block { deadline, ports } => (0, State::Blocked { deadline, ports }),

@@ -74,8 +74,10 @@ impl Default for VmConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
-    OpenKvm(kvm_ioctls::Error),
+    #[error("cannot open {0}: {1} (is KVM available and are you allowed to use it?)")]
+    OpenKvm(String, kvm_ioctls::Error),
+    #[error("{0} is not a KVM device (KVM_GET_API_VERSION gave {1}, not 12)")]
+    NotKvm(String, i32),
     #[error("KVM lacks {0}, which xenkvm needs")]
     MissingCap(&'static str),
     #[error("KVM ioctl {0} failed: {1}")]
@@ -94,6 +96,24 @@ pub enum VmError {
     Thread(std::io::Error),
     #[error("{0}")]
     Other(String),
+}
+
+/// Opens `path` (normally `/dev/kvm`) and checks that it is KVM: a device
+/// that answers no KVM ioctl would otherwise look like a KVM lacking every
+/// capability.
+pub fn open_kvm_at(path: &std::ffi::CStr) -> Result<Kvm, VmError> {
+    let kvm = Kvm::new_with_path(path).map_err(|e| {
+        VmError::OpenKvm(path.to_string_lossy().into_owned(), e)
+    })?;
+    match kvm.get_api_version() {
+        12 => Ok(kvm),
+        v => Err(VmError::NotKvm(path.to_string_lossy().into_owned(), v)),
+    }
+}
+
+/// [`open_kvm_at`] `/dev/kvm`.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    open_kvm_at(c"/dev/kvm")
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
@@ -134,7 +154,7 @@ impl Vm {
         if !(16..=65536).contains(&cfg.mem_mib) {
             return Err(VmError::BadMemory(cfg.mem_mib));
         }
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let kvm = open_kvm()?;
         for (cap, name) in [
             (Cap::Irqchip, "an in-kernel irqchip"),
             (Cap::X86UserSpaceMsr, "user-space MSR exits"),
@@ -296,7 +316,7 @@ impl Vm {
         }
         machine.start_monitor();
         if stdin_console {
-            spawn_console_input(&machine);
+            crate::console_input::spawn(&machine);
         }
         let exit = machine.wait_exit(timeout.map(|t| started + t));
         machine.stop_vcpus(&handles);
@@ -305,41 +325,6 @@ impl Vm {
         }
         machine.console.flush();
         exit
-    }
-}
-
-/// Reads the VMM's stdin and hands it to the guest's PV console. The thread
-/// ends at EOF or when the guest is gone; it is detached because a read on a
-/// terminal cannot be interrupted portably.
-fn spawn_console_input(machine: &Arc<Machine>) {
-    use std::io::Read;
-    let weak = Arc::downgrade(machine);
-    let r = std::thread::Builder::new()
-        .name("console-input".into())
-        .spawn(move || {
-            let mut buf = [0u8; 512];
-            let mut stdin = std::io::stdin();
-            loop {
-                let n = match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let Some(m) = weak.upgrade() else { return };
-                if m.stopping() {
-                    return;
-                }
-                let mut off = 0;
-                // The backend queues a bounded amount; wait for the guest to drain it.
-                while off < n && !m.stopping() {
-                    off += m.xen.console_input(&buf[off..n]);
-                    if off < n {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                }
-            }
-        });
-    if let Err(e) = r {
-        tracing::warn!(%e, "cannot start the console input thread");
     }
 }
 
