@@ -43,7 +43,7 @@ enum Cmd {
     Demo {
         /// Stop and fail after this many seconds (more than 0, at most one
         /// year).
-        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_timeout)]
+        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_timeout, allow_negative_numbers = true)]
         timeout: Duration,
         #[command(flatten)]
         ui: UiArgs,
@@ -110,7 +110,7 @@ struct UiArgs {
     #[arg(long, conflicts_with = "quiet")]
     status: bool,
     /// Seconds of console silence before the status line appears.
-    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_timeout)]
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_timeout, allow_negative_numbers = true)]
     status_after: Duration,
     /// No status line and no notes on stderr; failures still print one line.
     #[arg(long, short)]
@@ -145,7 +145,7 @@ struct RunArgs {
     vcpus: u32,
     /// Stop the guest and fail (status 4) after this many seconds in all,
     /// restarts included (more than 0, at most one year). Default: no limit.
-    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout, allow_negative_numbers = true)]
     timeout: Option<Duration>,
     /// When the guest powers off.
     #[arg(long, value_enum, default_value_t = ActionArg::Destroy, value_name = "ACTION")]
