@@ -345,6 +345,34 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
 
+    struct ClosedPipe;
+    impl Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+    }
+
+    #[test]
+    fn console_out_broken_pipe_is_reported_closed() {
+        let c = ConsoleOut::new(Box::new(ClosedPipe));
+        assert!(!c.closed());
+        c.write(b"hello\n");
+        assert!(c.closed());
+    }
+
+    #[test]
+    fn console_out_status_shown_only_at_line_start() {
+        let c = ConsoleOut::new(Box::new(std::io::sink()));
+        c.write(b"login: ");
+        assert!(!c.show_status("status"), "mid-line: the guest waits for input");
+        c.write(b"\n");
+        assert!(c.show_status("status"));
+        c.clear_status();
+    }
+
     #[derive(Clone, Default)]
     struct Buf(Arc<Mutex<Vec<u8>>>);
     impl Write for Buf {

@@ -481,7 +481,7 @@ mod tests {
         );
     }
 
-    mod prop {
+    mod fuzz {
         use super::*;
         use proptest::prelude::*;
 
@@ -533,7 +533,18 @@ mod tests {
                     argv.push(f.to_string());
                     argv.push(v);
                 }
-                if let Ok(cli) = Cli::try_parse_from(&argv) {
+                // One Command for all cases (building it is most of the
+                // cost); the same definition `Cli::try_parse` uses.
+                thread_local! {
+                    static CMD: std::cell::RefCell<clap::Command> =
+                        std::cell::RefCell::new(<Cli as clap::CommandFactory>::command());
+                }
+                let parsed = CMD.with(|c| {
+                    c.borrow_mut()
+                        .try_get_matches_from_mut(&argv)
+                        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m))
+                });
+                if let Ok(cli) = parsed {
                     match cli.cmd {
                         Cmd::Run(a) => {
                             let o = a.ui.options();

@@ -138,7 +138,10 @@ fn run_in_background_of_interactive_shell_is_not_stopped() {
         return;
     }
     if Command::new("script").arg("--version").output().is_err() {
-        eprintln!("SKIPPED run_in_background_of_interactive_shell_is_not_stopped: no `script` (util-linux) to give it a terminal");
+        common::skip(
+            "run_in_background_of_interactive_shell_is_not_stopped",
+            "no `script` (util-linux) to give it a terminal",
+        );
         return;
     }
     let guest = GuestFile::new("bg");
@@ -361,7 +364,7 @@ fn without_kvm(what: &str, args: &str) -> Option<std::process::Output> {
         .ok()?;
     let err = String::from_utf8_lossy(&out.stderr);
     if err.contains("unshare failed") || err.contains("mount:") || err.contains("Operation not permitted") {
-        eprintln!("SKIPPED: cannot make a mount namespace here: {err}");
+        common::skip(what, &format!("cannot make a mount namespace here: {err}"));
         return None;
     }
     Some(out)

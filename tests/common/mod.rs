@@ -18,11 +18,19 @@ pub fn kvm_available(test: &str) -> bool {
         if std::env::var("REQUIRE_KVM").as_deref() == Ok("1") {
             panic!("{test}: /dev/kvm is not usable and REQUIRE_KVM=1");
         }
-        eprintln!(
-            "SKIPPED {test}: /dev/kvm is not usable (set REQUIRE_KVM=1 to make this a failure)"
+        skip(
+            test,
+            "/dev/kvm is not usable (set REQUIRE_KVM=1 to make this a failure)",
         );
     }
     ok
+}
+
+/// Prints why `test` is skipped where the test runner shows it even for a
+/// passing test (straight to stderr: libtest captures only `eprintln!`).
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
 
 /// `../shared` next to the repository (or $XENKVM_SHARED).
