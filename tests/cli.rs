@@ -424,3 +424,42 @@ fn probe_names_linux_cmdline_options_when_needed() {
         );
     }
 }
+
+#[test]
+fn demo_in_terminal_prompts_and_waits_for_typed_line() {
+    if !common::kvm_available("demo_in_terminal_prompts_and_waits_for_typed_line") {
+        return;
+    }
+    if Command::new("script").arg("--version").output().is_err() {
+        common::skip(
+            "demo_in_terminal_prompts_and_waits_for_typed_line",
+            "no `script` (util-linux) to give it a terminal",
+        );
+        return;
+    }
+    use std::io::Write;
+    let bin = common::xenkvm_bin();
+    let mut child = Command::new("script")
+        .args(["-qec", &format!("'{}' demo", bin.display()), "/dev/null"])
+        .env("XENKVM_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut out = wait_for_line(&mut child, "console_input: type a line for the guest");
+    // Typed only after the prompt, as a person would.
+    stdin.write_all(b"typed after the prompt\r").expect("type");
+    let mut rest = String::new();
+    let _ = out.read_to_string(&mut rest);
+    drop(stdin);
+    let (status, err) = finish(child);
+    assert!(status.success(), "{status:?} {err}\n{rest}");
+    assert!(
+        rest.contains("check console_input ... ok (read 23 bytes")
+            && rest.contains("\"typed after the prompt\" + newline"),
+        "{rest}"
+    );
+    assert!(rest.contains("Test result: SUCCESS"), "{rest}");
+}
