@@ -120,7 +120,7 @@ struct UiArgs {
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Guest kernel: an ELF image with a Xen PVH entry note, or a Linux
-    /// bzImage (booted as --boot says). At most --memory bytes.
+    /// bzImage (booted as --boot says).
     #[arg(long, value_name = "PATH")]
     kernel: PathBuf,
     /// How to boot the kernel.
@@ -221,27 +221,38 @@ impl UiArgs {
     }
 }
 
-/// Reads `path` (for `flag`) up to `limit` bytes: a kernel or initrd larger
-/// than guest RAM cannot boot, and `/dev/zero` must not eat the host's.
-fn read_limited(flag: &str, path: &Path, limit: u64, mem_mib: u64) -> Result<Vec<u8>, String> {
+/// Reads `path` (for `flag`): a regular file up to `max` bytes (the loader
+/// then says how much `--memory` it needs), anything else (a pipe, a
+/// device) up to the guest's RAM, so that `/dev/zero` cannot eat the
+/// host's memory.
+fn read_limited(flag: &str, path: &Path, max: u64, mem_mib: u64) -> Result<Vec<u8>, String> {
     let err = |e: std::io::Error| format!("cannot read {flag} {}: {e}", path.display());
     let f = std::fs::File::open(path).map_err(err)?;
+    let regular = f.metadata().map(|m| m.is_file()).unwrap_or(false);
+    let limit = if regular { max } else { max.min(mem_mib << 20) };
     let mut v = Vec::new();
     f.take(limit + 1).read_to_end(&mut v).map_err(err)?;
     if v.len() as u64 > limit {
-        return Err(format!(
-            "{flag} {} is larger than {} MiB, more than fits in the guest's RAM (--memory {mem_mib})",
-            path.display(),
-            limit >> 20
-        ));
+        return Err(if regular {
+            format!(
+                "{flag} {} is larger than {} MiB, more than xenkvm can load",
+                path.display(),
+                limit >> 20
+            )
+        } else {
+            format!(
+                "{flag} {} gave more than {} MiB, more than fits in the guest's RAM (--memory {mem_mib})",
+                path.display(),
+                limit >> 20
+            )
+        });
     }
     Ok(v)
 }
 
 /// The config and run options of `run`, or the line saying why not.
 fn run_config(a: &RunArgs) -> Result<(VmConfig, RunOptions), String> {
-    let mem = a.memory << 20;
-    let kernel = read_limited("--kernel", &a.kernel, mem.min(1 << 30), a.memory)?;
+    let kernel = read_limited("--kernel", &a.kernel, 1 << 30, a.memory)?;
     let is_bz = xenkvm::bzimage::is_bzimage(&kernel);
     let (kernel, boot) = match a.boot {
         BootArg::Linux if !is_bz => {
@@ -270,7 +281,7 @@ fn run_config(a: &RunArgs) -> Result<(VmConfig, RunOptions), String> {
         Some(p) => Some(read_limited(
             "--initrd",
             p,
-            mem.min(xenkvm::layout::LOW_RAM_MAX),
+            xenkvm::layout::LOW_RAM_MAX,
             a.memory,
         )?),
         None => None,
@@ -464,7 +475,7 @@ mod tests {
             .expect("refused");
         assert_eq!(
             e,
-            "--kernel /dev/zero is larger than 16 MiB, more than fits in the guest's RAM (--memory 16)"
+            "--kernel /dev/zero gave more than 16 MiB, more than fits in the guest's RAM (--memory 16)"
         );
     }
 

@@ -463,3 +463,32 @@ fn demo_in_terminal_prompts_and_waits_for_typed_line() {
     );
     assert!(rest.contains("Test result: SUCCESS"), "{rest}");
 }
+
+#[test]
+fn run_initrd_too_big_says_which_memory_fits() {
+    if !common::kvm_available("run_initrd_too_big_says_which_memory_fits") {
+        return;
+    }
+    let guest = GuestFile::new("bigrd");
+    let rd = std::env::temp_dir().join(format!("xenkvm-test-initrd-{}", std::process::id()));
+    std::fs::write(&rd, vec![0u8; 20 << 20]).unwrap();
+    let (out, _) = common::xenkvm(&[
+        "run",
+        "--kernel",
+        guest.path(),
+        "--initrd",
+        rd.to_str().unwrap(),
+        "--memory",
+        "16",
+    ]);
+    let _ = std::fs::remove_file(&rd);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let want = format!(
+        "xenkvm: --initrd {} ({} bytes) does not fit in --memory 16 MiB; it fits with --memory 22",
+        rd.display(),
+        20 << 20
+    );
+    assert!(err.starts_with(&want), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
