@@ -188,11 +188,7 @@ mod tests {
 
     #[test]
     fn reads_stdin_none_never_reads() {
-        for k in [
-            StdinKind::Terminal,
-            StdinKind::PipeOrFile,
-            StdinKind::Other,
-        ] {
+        for k in [StdinKind::Terminal, StdinKind::PipeOrFile, StdinKind::Other] {
             assert!(!reads_stdin(InputMode::None, k));
             assert!(reads_stdin(InputMode::Stdin, k));
         }

@@ -367,7 +367,10 @@ mod tests {
     fn console_out_status_shown_only_at_line_start() {
         let c = ConsoleOut::new(Box::new(std::io::sink()));
         c.write(b"login: ");
-        assert!(!c.show_status("status"), "mid-line: the guest waits for input");
+        assert!(
+            !c.show_status("status"),
+            "mid-line: the guest waits for input"
+        );
         c.write(b"\n");
         assert!(c.show_status("status"));
         c.clear_status();

@@ -44,9 +44,7 @@ pub fn filter_directives(spec: &str) -> Result<String, String> {
             _ => d,
         };
         if !is_level(level) {
-            return Err(format!(
-                "unknown log level \"{level}\" in \"{d}\" ({help})"
-            ));
+            return Err(format!("unknown log level \"{level}\" in \"{d}\" ({help})"));
         }
     }
     tracing_subscriber::EnvFilter::builder()
@@ -60,7 +58,10 @@ pub fn filter_directives(spec: &str) -> Result<String, String> {
 pub fn init(level: Option<&str>, file: Option<&Path>) -> Result<(), String> {
     let (source, spec) = match level {
         Some(l) => ("--log-level", l.to_string()),
-        None => ("XENKVM_LOG", std::env::var("XENKVM_LOG").unwrap_or_default()),
+        None => (
+            "XENKVM_LOG",
+            std::env::var("XENKVM_LOG").unwrap_or_default(),
+        ),
     };
     let directives = filter_directives(&spec).map_err(|e| format!("{source}={spec}: {e}"))?;
     let filter = tracing_subscriber::EnvFilter::builder()
@@ -104,7 +105,10 @@ mod tests {
     fn filter_directives_plain_level_keeps_other_crates_at_warn() {
         let d = filter_directives("debug").unwrap();
         assert!(d.starts_with("warn,"), "{d}");
-        assert!(d.contains("xenkvm=debug") && d.contains("hypercalls=debug"), "{d}");
+        assert!(
+            d.contains("xenkvm=debug") && d.contains("hypercalls=debug"),
+            "{d}"
+        );
         assert!(!d.contains("goblin"), "{d}");
         assert_eq!(filter_directives("WARN").unwrap(), "warn");
         assert_eq!(filter_directives("").unwrap(), "warn");

@@ -112,7 +112,8 @@ struct UiArgs {
     /// Seconds of console silence before the status line appears.
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_timeout, allow_negative_numbers = true)]
     status_after: Duration,
-    /// No status line and no notes on stderr; failures still print one line.
+    /// No status line and no notes on stderr; failures and restarts still
+    /// print one line each.
     #[arg(long, short)]
     quiet: bool,
 }
@@ -192,7 +193,10 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 fn parse_cmdline(s: &str) -> Result<String, String> {
     let max = xenkvm::layout::CMDLINE_MAX - 1;
     if s.len() > max {
-        return Err(format!("the command line is {} bytes; at most {max} fit", s.len()));
+        return Err(format!(
+            "the command line is {} bytes; at most {max} fit",
+            s.len()
+        ));
     }
     if s.contains('\0') {
         return Err("the command line contains a NUL byte".into());
@@ -470,9 +474,9 @@ mod tests {
 
     #[test]
     fn run_config_kernel_dev_zero_stops_at_memory_size() {
-        let e = run_config(&args_for(Path::new("/dev/zero"), &["--memory", "16"]))
-            .err()
-            .expect("refused");
+        let Err(e) = run_config(&args_for(Path::new("/dev/zero"), &["--memory", "16"])) else {
+            panic!("refused")
+        };
         assert_eq!(
             e,
             "--kernel /dev/zero gave more than 16 MiB, more than fits in the guest's RAM (--memory 16)"
@@ -485,7 +489,7 @@ mod tests {
         std::fs::write(&k, xenkvm::test_guest::TEST_GUEST_ELF).unwrap();
         let r = run_config(&args_for(&k, &["--initrd", "/nonexistent/initrd.gz"]));
         let _ = std::fs::remove_file(&k);
-        let e = r.err().expect("refused");
+        let Err(e) = r else { panic!("refused") };
         assert!(
             e.starts_with("cannot read --initrd /nonexistent/initrd.gz: "),
             "{e}"

@@ -152,7 +152,12 @@ pub fn run(mut cfg: VmConfig, console: Arc<ConsoleOut>, opts: &RunOptions) -> En
     ended
 }
 
-fn run_loop(cfg: &VmConfig, console: &Arc<ConsoleOut>, opts: &RunOptions, sup: &Supervisor) -> Ended {
+fn run_loop(
+    cfg: &VmConfig,
+    console: &Arc<ConsoleOut>,
+    opts: &RunOptions,
+    sup: &Supervisor,
+) -> Ended {
     let start = Instant::now();
     let mut restarts: VecDeque<Instant> = VecDeque::new();
     let mut nr_restarts = 0u64;
@@ -388,8 +393,7 @@ impl Supervisor {
             .name("supervisor".into())
             .spawn(move || {
                 for sig in [libc::SIGINT, libc::SIGTERM] {
-                    if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_signal)
-                    {
+                    if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_signal) {
                         tracing::warn!(%e, "cannot handle {}", signal_name(sig));
                     }
                     let _ = vmm_sys_util::signal::unblock_signal(sig);
@@ -601,7 +605,9 @@ mod tests {
 
     #[test]
     fn open_kvm_at_dev_null_is_not_kvm() {
-        let e = crate::vm::open_kvm_at(c"/dev/null").err().expect("/dev/null is not KVM");
+        let Err(e) = crate::vm::open_kvm_at(c"/dev/null") else {
+            panic!("/dev/null is not KVM")
+        };
         assert_eq!(
             e.to_string(),
             "/dev/null is not a KVM device (KVM_GET_API_VERSION gave -1, not 12)"
@@ -610,8 +616,13 @@ mod tests {
 
     #[test]
     fn open_kvm_at_missing_path_names_it() {
-        let e = crate::vm::open_kvm_at(c"/nonexistent/kvm").err().expect("no such file");
-        assert!(e.to_string().starts_with("cannot open /nonexistent/kvm: "), "{e}");
+        let Err(e) = crate::vm::open_kvm_at(c"/nonexistent/kvm") else {
+            panic!("no such file")
+        };
+        assert!(
+            e.to_string().starts_with("cannot open /nonexistent/kvm: "),
+            "{e}"
+        );
     }
 
     #[test]

@@ -102,9 +102,8 @@ pub enum VmError {
 /// that answers no KVM ioctl would otherwise look like a KVM lacking every
 /// capability.
 pub fn open_kvm_at(path: &std::ffi::CStr) -> Result<Kvm, VmError> {
-    let kvm = Kvm::new_with_path(path).map_err(|e| {
-        VmError::OpenKvm(path.to_string_lossy().into_owned(), e)
-    })?;
+    let kvm = Kvm::new_with_path(path)
+        .map_err(|e| VmError::OpenKvm(path.to_string_lossy().into_owned(), e))?;
     match kvm.get_api_version() {
         12 => Ok(kvm),
         v => Err(VmError::NotKvm(path.to_string_lossy().into_owned(), v)),

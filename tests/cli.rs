@@ -82,7 +82,11 @@ fn signal_stops_guest(sig: &str, code: i32, name: &str) {
         .expect("kill");
     assert!(killed.success());
     let (status, err) = finish(child);
-    assert_eq!(status.code(), Some(code), "status {status:?}, stderr: {err}");
+    assert_eq!(
+        status.code(),
+        Some(code),
+        "status {status:?}, stderr: {err}"
+    );
     assert_eq!(
         err.trim(),
         format!("xenkvm: {name}: stopping the guest"),
@@ -209,9 +213,17 @@ fn run_rebooting_guest_restarts_until_restart_loop_limit() {
         .read_to_string(&mut stdout)
         .unwrap();
     let (status, err) = finish(child);
-    let boots = stdout.matches("reboot mode: SCHEDOP_shutdown(reboot)").count();
-    let restarts = err.lines().filter(|l| l.contains("restarting it (restart ")).count();
-    assert_eq!(boots, 6, "the guest boots once and is restarted 5 times:\n{stdout}");
+    let boots = stdout
+        .matches("reboot mode: SCHEDOP_shutdown(reboot)")
+        .count();
+    let restarts = err
+        .lines()
+        .filter(|l| l.contains("restarting it (restart "))
+        .count();
+    assert_eq!(
+        boots, 6,
+        "the guest boots once and is restarted 5 times:\n{stdout}"
+    );
     assert_eq!(restarts, 5, "one line per restart:\n{err}");
     assert!(err.contains("a restart loop, stopping"), "{err}");
     assert_eq!(status.code(), Some(3), "{err}");
@@ -266,7 +278,10 @@ fn run_silent_guest_shows_status_line() {
         .lines()
         .find(|l| l.contains("guest console silent for"))
         .unwrap_or_else(|| panic!("no status line:\n{err}"));
-    assert!(line.contains("1 vCPU(s)") && line.contains("exits"), "{line}");
+    assert!(
+        line.contains("1 vCPU(s)") && line.contains("exits"),
+        "{line}"
+    );
     // --quiet: none.
     let (out, _) = common::xenkvm(&[
         "run",
@@ -363,7 +378,10 @@ fn without_kvm(what: &str, args: &str) -> Option<std::process::Output> {
         .output()
         .ok()?;
     let err = String::from_utf8_lossy(&out.stderr);
-    if err.contains("unshare failed") || err.contains("mount:") || err.contains("Operation not permitted") {
+    if err.contains("unshare failed")
+        || err.contains("mount:")
+        || err.contains("Operation not permitted")
+    {
         common::skip(what, &format!("cannot make a mount namespace here: {err}"));
         return None;
     }

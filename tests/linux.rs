@@ -27,7 +27,10 @@ const SHELL_COMMANDS: &str =
 
 fn enabled(test: &str) -> bool {
     if std::env::var("XENKVM_LINUX").as_deref() != Ok("1") {
-        common::skip(test, "set XENKVM_LINUX=1 to boot Linux (takes minutes here)");
+        common::skip(
+            test,
+            "set XENKVM_LINUX=1 to boot Linux (takes minutes here)",
+        );
         return false;
     }
     common::kvm_available(test)

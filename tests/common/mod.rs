@@ -58,7 +58,8 @@ impl GuestFile {
             "xenkvm-test-guest-{tag}-{}.elf",
             std::process::id()
         ));
-        std::fs::write(&p, xenkvm::test_guest::TEST_GUEST_ELF).expect("cannot write the test guest");
+        std::fs::write(&p, xenkvm::test_guest::TEST_GUEST_ELF)
+            .expect("cannot write the test guest");
         GuestFile(p)
     }
 
