@@ -143,6 +143,10 @@ fn feed(weak: Weak<Machine>) {
                 return;
             }
         }
+        // A reader whose guest is gone leaves the input to the next one.
+        let Some(m) = weak.upgrade().filter(|m| !m.stopping()) else {
+            return;
+        };
         // The fd itself, not std's buffered Stdin: bytes left in a buffer
         // would not wake `poll`.
         let n = match rustix::io::read(stdin.as_fd(), &mut buf) {
@@ -159,7 +163,6 @@ fn feed(weak: Weak<Machine>) {
                 return;
             }
         };
-        let Some(m) = weak.upgrade() else { return };
         let mut off = 0;
         // The backend queues a bounded amount; wait for the guest to drain it.
         while off < n && !m.stopping() {

@@ -510,3 +510,33 @@ fn run_initrd_too_big_says_which_memory_fits() {
     assert!(err.starts_with(&want), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn run_log_file_gets_the_logs_not_stderr() {
+    if !common::kvm_available("run_log_file_gets_the_logs_not_stderr") {
+        return;
+    }
+    let guest = GuestFile::new("logfile");
+    let log = std::env::temp_dir().join(format!("xenkvm-test-log-{}", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let (out, _) = common::xenkvm(&[
+        "run",
+        "--kernel",
+        guest.path(),
+        "--cmdline",
+        "reboot",
+        "--on-reboot",
+        "destroy",
+        "--log-level",
+        "info",
+        "--log-file",
+        log.to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(text.contains("PVH kernel loaded"), "log file: {text}");
+    assert!(!text.contains("\x1b["), "no colours in a file");
+    assert!(!err.contains("PVH kernel loaded"), "stderr: {err}");
+}
