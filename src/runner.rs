@@ -351,6 +351,19 @@ fn signal_code(sig: i32) -> u8 {
     }
 }
 
+/// The signals this process ignores (bit `n - 1` for signal `n`), from
+/// `/proc/self/status`; 0 if unknown.
+fn ignored_signals() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigIgn:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
 // ------------------------------------------------------------- supervisor
 
 struct Shared {
@@ -389,10 +402,16 @@ impl Supervisor {
             status_after: opts.status_after,
         });
         let s = shared.clone();
+        // A signal ignored when xenkvm started (SIGINT for `cmd &` in a
+        // script) stays ignored, as shells expect.
+        let ignored = ignored_signals();
         let thread = std::thread::Builder::new()
             .name("supervisor".into())
             .spawn(move || {
                 for sig in [libc::SIGINT, libc::SIGTERM] {
+                    if ignored & (1u64 << (sig - 1)) != 0 {
+                        continue;
+                    }
                     if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_signal) {
                         tracing::warn!(%e, "cannot handle {}", signal_name(sig));
                     }
@@ -579,6 +598,12 @@ fn fit_terminal(line: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ignored_signals_reads_this_process_mask() {
+        // Rust ignores SIGPIPE in every Rust program.
+        assert_ne!(ignored_signals() & (1 << (libc::SIGPIPE - 1)), 0);
+    }
 
     #[test]
     fn fmt_secs_small_timeouts_keep_their_digits() {
