@@ -314,15 +314,12 @@ fn run_config(a: &RunArgs) -> Result<(VmConfig, RunOptions), String> {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
+        // --help and --version succeed; a usage error is one line and a
+        // failure (1: 2 means the guest crashed).
+        Err(e) if e.use_stderr() => return fail(exit_status::ERROR, &usage_error_line(&e)),
         Err(e) => {
             let _ = e.print();
-            // --help and --version succeed; a usage error is a failure (1:
-            // 2 means the guest crashed).
-            return if e.use_stderr() {
-                ExitCode::from(exit_status::ERROR)
-            } else {
-                ExitCode::SUCCESS
-            };
+            return ExitCode::SUCCESS;
         }
     };
     if let Err(e) = xenkvm::logging::init(cli.log_level.as_deref(), cli.log_file.as_deref()) {
@@ -364,6 +361,22 @@ fn main() -> ExitCode {
         }
         Cmd::Probe => probe(),
     }
+}
+
+/// A clap usage error as one line: its message without the usage and tips.
+fn usage_error_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let mut parts = Vec::new();
+    for l in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if l.starts_with("Usage:") || l.starts_with("For more information") {
+            break;
+        }
+        if l.starts_with("tip:") {
+            continue;
+        }
+        parts.push(l.strip_prefix("error: ").unwrap_or(l));
+    }
+    format!("{} (see --help)", parts.join(" "))
 }
 
 fn probe() -> ExitCode {
@@ -410,6 +423,20 @@ mod tests {
             let e = parse(&["demo", "--timeout", bad]).unwrap_err().to_string();
             assert!(e.contains("--timeout"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn cli_usage_errors_are_one_line() {
+        let e = parse(&["run", "--kernel", "/k", "--timeout", "nan"]).unwrap_err();
+        assert_eq!(
+            usage_error_line(&e),
+            "invalid value 'nan' for '--timeout <SECS>': \"nan\" is not a finite number of seconds (see --help)"
+        );
+        let e = parse(&["run"]).unwrap_err();
+        assert_eq!(
+            usage_error_line(&e),
+            "the following required arguments were not provided: --kernel <PATH> (see --help)"
+        );
     }
 
     #[test]

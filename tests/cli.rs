@@ -358,6 +358,7 @@ fn run_bad_timeout_values_fail_without_panic() {
             assert_eq!(out.status.code(), Some(1), "{sub:?}: {err}");
             assert!(!err.contains("panicked"), "{sub:?}: {err}");
             assert!(err.contains("--timeout"), "{sub:?}: {err}");
+            assert_eq!(err.trim().lines().count(), 1, "{sub:?}: {err}");
         }
     }
 }
