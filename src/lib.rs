@@ -31,6 +31,9 @@ pub mod backends;
 /// The built-in test guest and its benchmark ports.
 pub mod testing;
 
+/// Log set-up for the command line (`XENKVM_LOG`, `--log-level`, `--log-file`).
+pub mod logging;
+
 /// Guest RAM as vm-memory sees it (gpc's memfd-backed regions, with a
 /// dirty bitmap for the VMM's own writes).
 pub type GuestMem = gpc::GuestMem;

@@ -1,39 +1,57 @@
 //! The xenkvm command line.
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use xenkvm::vmm::machine::GuestExit;
-use xenkvm::vmm::{BootProtocol, Vm, VmConfig};
+use xenkvm::vmm::console_input::InputMode;
+use xenkvm::vmm::runner::{exit_status, Action, RunOptions, StatusMode};
+use xenkvm::vmm::{BootProtocol, VmConfig};
 
-#[derive(Parser)]
+#[derive(Parser, Debug)]
 #[command(
     name = "xenkvm",
     version,
-    about = "Run unmodified Xen HVM and PV-on-HVM guests on Linux KVM, without Xen."
+    about = "Run unmodified Xen HVM and PV-on-HVM guests on Linux KVM, without Xen.",
+    after_help = exit_status::HELP
 )]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log level: off, error, warn (default), info, debug, trace (every
+    /// hypercall and vCPU exit), or directives such as xenkvm=debug.
+    /// Overrides XENKVM_LOG.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Append logs to this file instead of stderr.
+    #[arg(long, global = true, value_name = "PATH")]
+    log_file: Option<PathBuf>,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 enum Cmd {
     /// Boot a guest kernel: a PVH ELF (an XTF test, vmlinux) or a Linux
     /// bzImage (see --boot).
+    #[command(after_help = exit_status::HELP)]
     Run(RunArgs),
     /// Boot the project's own test guest (built by cargo) and print what it
     /// checked from inside: Xen CPUID, hypercalls, shared_info, xenstore,
     /// event channels, grant tables, traps, SCHEDOP_poll.
+    #[command(after_help = exit_status::HELP)]
     Demo {
-        /// Stop and fail after this many seconds.
-        #[arg(long, value_name = "SECS", default_value_t = 60.0)]
-        timeout: f64,
+        /// Stop and fail after this many seconds (more than 0, at most one
+        /// year).
+        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_timeout, allow_negative_numbers = true)]
+        timeout: Duration,
+        #[command(flatten)]
+        ui: UiArgs,
     },
     /// Probe this host's KVM for what it cannot run (legacy paging, int n
-    /// from user mode, ...) and print what xenkvm fixes up.
+    /// from user mode, ...), print what xenkvm fixes up and the guest
+    /// command-line options this host needs. Exits 1 without a usable
+    /// /dev/kvm.
     Probe,
 }
 
@@ -51,7 +69,56 @@ enum BootArg {
     Linux,
 }
 
-#[derive(clap::Args)]
+/// What to do when the guest stops (xl.cfg's on_poweroff/on_reboot/on_crash).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ActionArg {
+    /// End xenkvm with the guest.
+    Destroy,
+    /// Boot the guest again in a fresh VM with the same options.
+    Restart,
+}
+
+impl From<ActionArg> for Action {
+    fn from(a: ActionArg) -> Action {
+        match a {
+            ActionArg::Destroy => Action::Destroy,
+            ActionArg::Restart => Action::Restart,
+        }
+    }
+}
+
+/// Where the guest's console input comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum InputArg {
+    /// Stdin when it is a terminal (read only while xenkvm is in the
+    /// foreground), a pipe or a file; not /dev/null.
+    Auto,
+    /// Stdin, whatever it is.
+    Stdin,
+    /// No console input; stdin is not read.
+    None,
+}
+
+/// Options of the terminal interface shared by `run` and `demo`.
+#[derive(clap::Args, Debug)]
+struct UiArgs {
+    /// Where the guest's console (hvc0) input comes from.
+    #[arg(long, value_enum, default_value_t = InputArg::Auto, value_name = "FROM")]
+    console_input: InputArg,
+    /// Show the status line while the guest is silent even when stderr is
+    /// not a terminal (as a full line every --status-after seconds).
+    #[arg(long, conflicts_with = "quiet")]
+    status: bool,
+    /// Seconds of console silence before the status line appears.
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_timeout, allow_negative_numbers = true)]
+    status_after: Duration,
+    /// No status line and no notes on stderr; failures and restarts still
+    /// print one line each.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Guest kernel: an ELF image with a Xen PVH entry note, or a Linux
     /// bzImage (booted as --boot says).
@@ -61,133 +128,485 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = BootArg::Auto)]
     boot: BootArg,
     /// Initial ramdisk (PVH: module 0 of hvm_start_info; Linux boot
-    /// protocol: ramdisk_image in the zero page).
+    /// protocol: ramdisk_image in the zero page). It must fit in guest RAM
+    /// below 3 GiB.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, value_name = "STR", default_value = "")]
+    /// Kernel command line (at most 4095 bytes). Linux on a host whose
+    /// `xenkvm probe` says so needs `noxsave clearcpuid=137`.
+    #[arg(long, value_name = "STR", default_value = "", value_parser = parse_cmdline)]
     cmdline: String,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    /// Guest memory in MiB, 16 to 65536.
+    #[arg(long, value_name = "MIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(16..=65536))]
     memory: u64,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Number of vCPUs, 1 to 32.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(xenkvm::MAX_VCPUS)))]
     vcpus: u32,
-    /// Stop the guest and fail after this many seconds.
-    #[arg(long, value_name = "SECS")]
-    timeout: Option<f64>,
+    /// Stop the guest and fail (status 4) after this many seconds in all,
+    /// restarts included (more than 0, at most one year). Default: no limit.
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout, allow_negative_numbers = true)]
+    timeout: Option<Duration>,
+    /// When the guest powers off.
+    #[arg(long, value_enum, default_value_t = ActionArg::Destroy, value_name = "ACTION")]
+    on_poweroff: ActionArg,
+    /// When the guest reboots (or triple-faults). Xen's default: restart,
+    /// up to 5 times within 60 s.
+    #[arg(long, value_enum, default_value_t = ActionArg::Restart, value_name = "ACTION")]
+    on_reboot: ActionArg,
+    /// When the guest crashes.
+    #[arg(long, value_enum, default_value_t = ActionArg::Destroy, value_name = "ACTION")]
+    on_crash: ActionArg,
+    #[command(flatten)]
+    ui: UiArgs,
+}
+
+/// The longest `--timeout`: one year.
+const MAX_TIMEOUT_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// `--timeout`/`--status-after`: a finite number of seconds, more than 0
+/// (at least 1 ms) and at most a year.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("\"{s}\" is not a number of seconds"))?;
+    if !v.is_finite() {
+        return Err(format!("\"{s}\" is not a finite number of seconds"));
+    }
+    if v <= 0.0 {
+        return Err(format!(
+            "{s} is not more than 0 (leave --timeout out to run without a limit)"
+        ));
+    }
+    if v < 0.001 {
+        return Err(format!("{s} is below the resolution of 0.001 s"));
+    }
+    if v > MAX_TIMEOUT_SECS {
+        return Err(format!("{s} is more than a year ({MAX_TIMEOUT_SECS} s)"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// The command line as the guest gets it: NUL-terminated in one 4 KiB page.
+fn parse_cmdline(s: &str) -> Result<String, String> {
+    let max = xenkvm::boot::layout::CMDLINE_MAX - 1;
+    if s.len() > max {
+        return Err(format!(
+            "the command line is {} bytes; at most {max} fit",
+            s.len()
+        ));
+    }
+    if s.contains('\0') {
+        return Err("the command line contains a NUL byte".into());
+    }
+    Ok(s.to_string())
+}
+
+impl UiArgs {
+    fn options(&self) -> RunOptions {
+        RunOptions {
+            console_input: match self.console_input {
+                InputArg::Auto => InputMode::Auto,
+                InputArg::Stdin => InputMode::Stdin,
+                InputArg::None => InputMode::None,
+            },
+            status: if self.quiet {
+                StatusMode::Never
+            } else if self.status {
+                StatusMode::Always
+            } else {
+                StatusMode::Auto
+            },
+            status_after: self.status_after,
+            ..Default::default()
+        }
+    }
+}
+
+/// Reads `path` (for `flag`): a regular file up to `max` bytes (the loader
+/// then says how much `--memory` it needs), anything else (a pipe, a
+/// device) up to the guest's RAM, so that `/dev/zero` cannot eat the
+/// host's memory.
+fn read_limited(flag: &str, path: &Path, max: u64, mem_mib: u64) -> Result<Vec<u8>, String> {
+    let err = |e: std::io::Error| format!("cannot read {flag} {}: {e}", path.display());
+    let f = std::fs::File::open(path).map_err(err)?;
+    let regular = f.metadata().map(|m| m.is_file()).unwrap_or(false);
+    let limit = if regular { max } else { max.min(mem_mib << 20) };
+    let mut v = Vec::new();
+    f.take(limit + 1).read_to_end(&mut v).map_err(err)?;
+    if v.len() as u64 > limit {
+        return Err(if regular {
+            format!(
+                "{flag} {} is larger than {} MiB, more than xenkvm can load",
+                path.display(),
+                limit >> 20
+            )
+        } else {
+            format!(
+                "{flag} {} gave more than {} MiB, more than fits in the guest's RAM (--memory {mem_mib})",
+                path.display(),
+                limit >> 20
+            )
+        });
+    }
+    Ok(v)
+}
+
+/// The config and run options of `run`, or the line saying why not.
+fn run_config(a: &RunArgs) -> Result<(VmConfig, RunOptions), String> {
+    let kernel = read_limited("--kernel", &a.kernel, 1 << 30, a.memory)?;
+    let is_bz = xenkvm::boot::bzimage::is_bzimage(&kernel);
+    let (kernel, boot) = match a.boot {
+        BootArg::Linux if !is_bz => {
+            return Err(format!(
+                "--boot linux needs a Linux bzImage, and {} is not one (no \"HdrS\" setup header); use --boot pvh for an ELF",
+                a.kernel.display()
+            ))
+        }
+        BootArg::Linux => (kernel, BootProtocol::Linux),
+        // PVH entry of the ELF inside a bzImage.
+        BootArg::Auto | BootArg::Pvh if is_bz => {
+            if !a.ui.quiet {
+                eprintln!(
+                    "xenkvm: {} is a bzImage: extracting its kernel ELF to boot it by PVH (--boot linux runs its own decompressor instead)",
+                    a.kernel.display()
+                );
+            }
+            match xenkvm::boot::bzimage::extract_elf(&kernel) {
+                Ok(elf) => (elf, BootProtocol::Pvh),
+                Err(e) => return Err(format!("{}: {e}", a.kernel.display())),
+            }
+        }
+        BootArg::Auto | BootArg::Pvh => (kernel, BootProtocol::Pvh),
+    };
+    let initrd = match &a.initrd {
+        Some(p) => Some(read_limited(
+            "--initrd",
+            p,
+            xenkvm::boot::layout::LOW_RAM_MAX,
+            a.memory,
+        )?),
+        None => None,
+    };
+    let cfg = VmConfig {
+        kernel,
+        boot,
+        initrd,
+        cmdline: a.cmdline.clone(),
+        mem_mib: a.memory,
+        vcpus: a.vcpus,
+        timeout: a.timeout,
+        ..Default::default()
+    };
+    let opts = RunOptions {
+        timeout: a.timeout,
+        on_poweroff: a.on_poweroff.into(),
+        on_reboot: a.on_reboot.into(),
+        on_crash: a.on_crash.into(),
+        initrd_name: a.initrd.as_ref().map(|p| p.display().to_string()),
+        ..a.ui.options()
+    };
+    Ok((cfg, opts))
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("XENKVM_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_thread_names(true)
-        // Colour only on a terminal: logs kept in files stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = Cli::parse();
-    match cli.cmd {
-        Cmd::Run(a) => {
-            let kernel = match std::fs::read(&a.kernel) {
-                Ok(k) => k,
-                Err(e) => {
-                    return fail(
-                        1,
-                        &format!("cannot read --kernel {}: {e}", a.kernel.display()),
-                    )
-                }
-            };
-            let is_bz = xenkvm::boot::bzimage::is_bzimage(&kernel);
-            let (kernel, boot) = match a.boot {
-                BootArg::Linux if !is_bz => {
-                    return fail(
-                        1,
-                        &format!(
-                            "--boot linux needs a Linux bzImage, and {} is not one (no \"HdrS\" setup header); use --boot pvh for an ELF",
-                            a.kernel.display()
-                        ),
-                    )
-                }
-                BootArg::Linux => (kernel, BootProtocol::Linux),
-                // PVH entry of the ELF inside a bzImage.
-                BootArg::Auto | BootArg::Pvh if is_bz => {
-                    eprintln!(
-                        "xenkvm: {} is a bzImage: extracting its kernel ELF to boot it by PVH (--boot linux runs its own decompressor instead)",
-                        a.kernel.display()
-                    );
-                    match xenkvm::boot::bzimage::extract_elf(&kernel) {
-                        Ok(elf) => (elf, BootProtocol::Pvh),
-                        Err(e) => return fail(1, &format!("{}: {e}", a.kernel.display())),
-                    }
-                }
-                BootArg::Auto | BootArg::Pvh => (kernel, BootProtocol::Pvh),
-            };
-            let initrd = match a.initrd.as_ref().map(std::fs::read).transpose() {
-                Ok(i) => i,
-                Err(e) => return fail(1, &format!("cannot read --initrd: {e}")),
-            };
-            let cfg = VmConfig {
-                kernel,
-                boot,
-                initrd,
-                cmdline: a.cmdline,
-                mem_mib: a.memory,
-                vcpus: a.vcpus,
-                timeout: a.timeout.map(Duration::from_secs_f64),
-                ..Default::default()
-            };
-            run(cfg)
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // --help and --version succeed; a usage error is one line and a
+        // failure (1: 2 means the guest crashed).
+        Err(e) if e.use_stderr() => return fail(exit_status::ERROR, &usage_error_line(&e)),
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
         }
-        Cmd::Demo { timeout } => {
+    };
+    if let Err(e) = xenkvm::logging::init(cli.log_level.as_deref(), cli.log_file.as_deref()) {
+        return fail(exit_status::ERROR, &e);
+    }
+    match cli.cmd {
+        Cmd::Run(a) => match run_config(&a) {
+            Ok((cfg, opts)) => run(cfg, &opts),
+            Err(e) => fail(exit_status::ERROR, &e),
+        },
+        Cmd::Demo { timeout, ui } => {
+            let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin())
+                && ui.console_input != InputArg::None;
             println!(
                 "xenkvm demo: booting the built-in test guest ({} bytes)",
                 xenkvm::testing::TEST_GUEST_ELF.len()
             );
+            // On a terminal the console_input check waits longer for a typed
+            // line, and the guest says so when it starts waiting.
+            let cmdline = if interactive {
+                "demo console_wait=15"
+            } else {
+                "demo"
+            };
             let cfg = VmConfig {
                 kernel: xenkvm::testing::TEST_GUEST_ELF.to_vec(),
-                cmdline: "demo".into(),
+                cmdline: cmdline.into(),
                 mem_mib: 64,
                 // vCPU 1 starts by INIT/SIPI, vCPU 2 by VCPUOP_initialise (check vcpu_init).
                 vcpus: 3,
-                timeout: Some(Duration::from_secs_f64(timeout)),
+                timeout: Some(timeout),
                 name: "demo".into(),
                 ..Default::default()
             };
-            run(cfg)
+            let opts = RunOptions {
+                timeout: Some(timeout),
+                ..ui.options()
+            };
+            run(cfg, &opts)
         }
-        Cmd::Probe => {
-            print!("{}", xenkvm::kvm::probe::HostProbe::run());
-            ExitCode::SUCCESS
-        }
+        Cmd::Probe => probe(),
     }
 }
 
-fn run(cfg: VmConfig) -> ExitCode {
-    let vm = match Vm::create(&cfg, xenkvm::devices::ConsoleOut::stdout()) {
-        Ok(vm) => vm,
-        Err(e) => return fail(1, &e.to_string()),
-    };
-    match vm.run(cfg.timeout) {
-        GuestExit::Poweroff => ExitCode::SUCCESS,
-        GuestExit::Crash(why) => fail(2, &format!("guest crashed: {why}")),
-        GuestExit::Reboot(why) => fail(3, &format!("guest rebooted: {why}")),
-        GuestExit::Suspend => fail(3, "guest suspended itself and nothing can resume it"),
-        GuestExit::Timeout(d) => fail(
-            4,
-            &format!(
-                "timeout: the guest was still running after {:.1} s",
-                d.as_secs_f64()
-            ),
-        ),
-        GuestExit::Error(e) => fail(1, &e),
+/// A clap usage error as one line: its message without the usage and tips.
+fn usage_error_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let mut parts = Vec::new();
+    for l in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if l.starts_with("Usage:") || l.starts_with("For more information") {
+            break;
+        }
+        if l.starts_with("tip:") {
+            continue;
+        }
+        parts.push(l.strip_prefix("error: ").unwrap_or(l));
     }
+    format!("{} (see --help)", parts.join(" "))
+}
+
+fn probe() -> ExitCode {
+    if let Err(e) = xenkvm::kvm::open_kvm() {
+        return fail(exit_status::ERROR, &e.to_string());
+    }
+    let p = xenkvm::kvm::probe::HostProbe::run();
+    print!("{p}");
+    ExitCode::SUCCESS
+}
+
+fn run(cfg: VmConfig, opts: &RunOptions) -> ExitCode {
+    let ended = xenkvm::vmm::runner::run(cfg, xenkvm::devices::ConsoleOut::stdout(), opts);
+    if let Some(m) = &ended.message {
+        eprintln!("xenkvm: {m}");
+    }
+    ExitCode::from(ended.code)
 }
 
 fn fail(code: u8, msg: &str) -> ExitCode {
     eprintln!("xenkvm: {msg}");
     ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("xenkvm").chain(args.iter().copied()))
+    }
+
+    fn run_err(args: &[&str]) -> String {
+        let mut v = vec!["run", "--kernel", "/k"];
+        v.extend_from_slice(args);
+        parse(&v).expect_err("must be refused").to_string()
+    }
+
+    #[test]
+    fn cli_timeout_nan_inf_negative_huge_are_refused_not_panics() {
+        for bad in ["nan", "inf", "-1", "1e20", "0", "0.0001", "x"] {
+            let e = run_err(&["--timeout", bad]);
+            assert!(e.contains("--timeout"), "{bad}: {e}");
+            let e = parse(&["demo", "--timeout", bad]).unwrap_err().to_string();
+            assert!(e.contains("--timeout"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn cli_usage_errors_are_one_line() {
+        let e = parse(&["run", "--kernel", "/k", "--timeout", "nan"]).unwrap_err();
+        assert_eq!(
+            usage_error_line(&e),
+            "invalid value 'nan' for '--timeout <SECS>': \"nan\" is not a finite number of seconds (see --help)"
+        );
+        let e = parse(&["run"]).unwrap_err();
+        assert_eq!(
+            usage_error_line(&e),
+            "the following required arguments were not provided: --kernel <PATH> (see --help)"
+        );
+    }
+
+    #[test]
+    fn cli_timeout_small_value_is_kept_exactly() {
+        let Cmd::Run(a) = parse(&["run", "--kernel", "/k", "--timeout", "0.001"])
+            .unwrap()
+            .cmd
+        else {
+            panic!("not run")
+        };
+        assert_eq!(a.timeout, Some(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn cli_memory_vcpus_cmdline_limits_are_enforced() {
+        assert!(run_err(&["--memory", "15"]).contains("16..=65536"));
+        assert!(run_err(&["--memory", "65537"]).contains("16..=65536"));
+        assert!(run_err(&["--vcpus", "0"]).contains("1..=32"));
+        assert!(run_err(&["--vcpus", "33"]).contains("1..=32"));
+        let long = "x".repeat(4096);
+        assert!(run_err(&["--cmdline", &long]).contains("at most 4095 fit"));
+        assert!(parse(&["run", "--kernel", "/k", "--cmdline", &"x".repeat(4095)]).is_ok());
+    }
+
+    #[test]
+    fn cli_help_names_limits_and_exit_statuses() {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        let run = cmd.find_subcommand_mut("run").unwrap();
+        let help = run.render_long_help().to_string();
+        for s in [
+            "16 to 65536",
+            "1 to 32",
+            "4095 bytes",
+            "130 SIGINT",
+            "143 SIGTERM",
+            "141 stdout was closed",
+            "--on-reboot",
+        ] {
+            assert!(help.contains(s), "help lacks {s:?}:\n{help}");
+        }
+    }
+
+    #[test]
+    fn cli_on_reboot_defaults_to_restart() {
+        let Cmd::Run(a) = parse(&["run", "--kernel", "/k"]).unwrap().cmd else {
+            panic!("not run")
+        };
+        assert_eq!(a.on_reboot, ActionArg::Restart);
+        assert_eq!(a.on_crash, ActionArg::Destroy);
+        assert!(parse(&["run", "--kernel", "/k", "--on-reboot", "destroy"]).is_ok());
+        assert!(parse(&["run", "--kernel", "/k", "--on-reboot", "preserve"]).is_err());
+    }
+
+    fn args_for(kernel: &Path, extra: &[&str]) -> RunArgs {
+        let mut v = vec!["run", "--kernel", kernel.to_str().unwrap()];
+        v.extend_from_slice(extra);
+        match parse(&v).unwrap().cmd {
+            Cmd::Run(a) => a,
+            _ => panic!("not run"),
+        }
+    }
+
+    #[test]
+    fn run_config_kernel_dev_zero_stops_at_memory_size() {
+        let Err(e) = run_config(&args_for(Path::new("/dev/zero"), &["--memory", "16"])) else {
+            panic!("refused")
+        };
+        assert_eq!(
+            e,
+            "--kernel /dev/zero gave more than 16 MiB, more than fits in the guest's RAM (--memory 16)"
+        );
+    }
+
+    #[test]
+    fn run_config_missing_initrd_is_named() {
+        let k = std::env::temp_dir().join(format!("xenkvm-cli-k-{}", std::process::id()));
+        std::fs::write(&k, xenkvm::testing::TEST_GUEST_ELF).unwrap();
+        let r = run_config(&args_for(&k, &["--initrd", "/nonexistent/initrd.gz"]));
+        let _ = std::fs::remove_file(&k);
+        let Err(e) = r else { panic!("refused") };
+        assert!(
+            e.starts_with("cannot read --initrd /nonexistent/initrd.gz: "),
+            "{e}"
+        );
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                any::<f64>().prop_map(|f| f.to_string()),
+                any::<i64>().prop_map(|i| i.to_string()),
+                any::<u64>().prop_map(|i| i.to_string()),
+                Just("nan".to_string()),
+                Just("-inf".to_string()),
+                Just("1e309".to_string()),
+                "[a-z]{0,8}",
+            ]
+        }
+
+        fn flag() -> impl Strategy<Value = &'static str> {
+            prop::sample::select(vec![
+                "--kernel",
+                "--initrd",
+                "--cmdline",
+                "--memory",
+                "--vcpus",
+                "--timeout",
+                "--boot",
+                "--on-reboot",
+                "--on-poweroff",
+                "--on-crash",
+                "--console-input",
+                "--status-after",
+                "--log-level",
+                "--status",
+                "--quiet",
+                "--bogus",
+            ])
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 100_000, ..ProptestConfig::default() })]
+            /// Random flag values never panic the parser or the options
+            /// built from what it accepts.
+            #[test]
+            fn cli_random_flag_values_never_panic(
+                sub in prop::sample::select(vec!["run", "demo"]),
+                pairs in prop::collection::vec((flag(), value()), 0..6),
+            ) {
+                let mut argv = vec!["xenkvm".to_string(), sub.to_string()];
+                for (f, v) in pairs {
+                    argv.push(f.to_string());
+                    argv.push(v);
+                }
+                // One Command for all cases (building it is most of the
+                // cost); the same definition `Cli::try_parse` uses.
+                thread_local! {
+                    static CMD: std::cell::RefCell<clap::Command> =
+                        std::cell::RefCell::new(<Cli as clap::CommandFactory>::command());
+                }
+                let parsed = CMD.with(|c| {
+                    c.borrow_mut()
+                        .try_get_matches_from_mut(&argv)
+                        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m))
+                });
+                if let Ok(cli) = parsed {
+                    match cli.cmd {
+                        Cmd::Run(a) => {
+                            let o = a.ui.options();
+                            prop_assert!(o.status_after > Duration::ZERO);
+                            if let Some(t) = a.timeout {
+                                prop_assert!(t > Duration::ZERO);
+                            }
+                        }
+                        Cmd::Demo { timeout, ui } => {
+                            prop_assert!(timeout > Duration::ZERO);
+                            let _ = ui.options();
+                        }
+                        Cmd::Probe => {}
+                    }
+                    if let Some(l) = cli.log_level.as_deref() {
+                        let _ = xenkvm::logging::filter_directives(l);
+                    }
+                }
+            }
+        }
+    }
 }

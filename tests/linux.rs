@@ -27,7 +27,10 @@ const SHELL_COMMANDS: &str =
 
 fn enabled(test: &str) -> bool {
     if std::env::var("XENKVM_LINUX").as_deref() != Ok("1") {
-        eprintln!("SKIPPED {test}: set XENKVM_LINUX=1 to boot Linux (takes minutes here)");
+        common::skip(
+            test,
+            "set XENKVM_LINUX=1 to boot Linux (takes minutes here)",
+        );
         return false;
     }
     common::kvm_available(test)
@@ -181,6 +184,10 @@ fn check_xen_guest(b: &Boot) {
 }
 
 #[test]
+#[cfg_attr(
+    not(xenkvm_linux),
+    ignore = "boots Linux for minutes: run with XENKVM_LINUX=1 cargo test --test linux"
+)]
 fn linux_pvh_entry_boots_to_poweroff_as_xen_guest() {
     if !enabled("linux_pvh_entry_boots_to_poweroff_as_xen_guest") {
         return;
@@ -191,6 +198,10 @@ fn linux_pvh_entry_boots_to_poweroff_as_xen_guest() {
 }
 
 #[test]
+#[cfg_attr(
+    not(xenkvm_linux),
+    ignore = "boots Linux for minutes: run with XENKVM_LINUX=1 cargo test --test linux"
+)]
 fn linux_bzimage_boot_protocol_boots_to_poweroff_as_xen_guest() {
     if !enabled("linux_bzimage_boot_protocol_boots_to_poweroff_as_xen_guest") {
         return;
@@ -231,11 +242,18 @@ fn stats(mut v: Vec<f64>) -> String {
 /// Boot time to `GUEST-UP`, over `XENKVM_LINUX_BOOT_RUNS` runs (default: not
 /// run). Prints the guest's uptime and the wall time at `GUEST-UP`.
 #[test]
+#[cfg_attr(
+    not(xenkvm_linux),
+    ignore = "boots Linux for minutes: run with XENKVM_LINUX=1 cargo test --test linux"
+)]
 fn linux_boot_time_to_guest_up() {
     let runs: usize = match std::env::var("XENKVM_LINUX_BOOT_RUNS").map(|v| v.parse()) {
         Ok(Ok(n)) if n > 0 => n,
         _ => {
-            eprintln!("SKIPPED linux_boot_time_to_guest_up: set XENKVM_LINUX_BOOT_RUNS=N");
+            common::skip(
+                "linux_boot_time_to_guest_up",
+                "set XENKVM_LINUX_BOOT_RUNS=N for N timed boots",
+            );
             return;
         }
     };
@@ -319,6 +337,10 @@ fn exit_runstate_ms(stderr: &str, name: &str) -> Option<u64> {
 /// Acceptance 4: a CPU hog pinned to the vCPU thread's CPU makes the guest's
 /// steal time grow by the time the host kept the thread waiting.
 #[test]
+#[cfg_attr(
+    not(xenkvm_linux),
+    ignore = "boots Linux for minutes: run with XENKVM_LINUX=1 cargo test --test linux"
+)]
 fn linux_steal_time_tracks_host_run_delay() {
     if !enabled("linux_steal_time_tracks_host_run_delay") {
         return;

@@ -39,7 +39,14 @@ fn xtf_every_kernel_passes_or_is_excused_by_the_probe() {
     }
     let dir = common::shared_dir().join("guests/xtf");
     let mut kernels: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot read {}: {e}. The XTF kernels are the project's shared test data \
+                 (../shared beside the clone, /work/shared on the project's machines; \
+                 set XENKVM_SHARED to use another place): see README, \"On a new machine\"",
+                dir.display()
+            )
+        })
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| {
@@ -64,6 +71,9 @@ fn xtf_every_kernel_passes_or_is_excused_by_the_probe() {
             "128",
             "--timeout",
             "60",
+            // One boot per kernel: a triple fault (a reboot to Xen) fails it.
+            "--on-reboot",
+            "destroy",
         ]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);

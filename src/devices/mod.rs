@@ -17,7 +17,9 @@ pub mod pci;
 pub use bus::{Bus, BusDevice, BusError, BusEvent};
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use vm_superio::serial::NoEvents;
@@ -29,14 +31,42 @@ use crate::devices::pci::PciBus;
 /// Where guest text goes: one writer shared by every console source
 /// (console_io, debug ports, serial, PV console). Lines are flushed as they
 /// complete so tests and users see output promptly.
+///
+/// It also tells the run loop (`crate::vmm::runner`) what a person would see:
+/// whether the reader went away (EPIPE: stdout was a pipe whose reader
+/// closed it), how long the guest has been silent, and it owns the one-line
+/// status shown on a terminal while the guest is silent (erased before the
+/// guest's next output).
 pub struct ConsoleOut {
-    out: Mutex<Box<dyn Write + Send>>,
+    out: Mutex<ConsoleState>,
+    closed: AtomicBool,
+    /// Called once when `closed` becomes true.
+    on_closed: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// When the guest last wrote, in ms since `epoch`.
+    last_write_ms: AtomicU64,
+    epoch: Instant,
+}
+
+struct ConsoleState {
+    out: Box<dyn Write + Send>,
+    /// The last byte written was a newline (or nothing was written).
+    at_line_start: bool,
+    /// A status line is on the terminal (stderr) and must be erased first.
+    status_shown: bool,
 }
 
 impl ConsoleOut {
     pub fn new(out: Box<dyn Write + Send>) -> Arc<Self> {
         Arc::new(ConsoleOut {
-            out: Mutex::new(out),
+            out: Mutex::new(ConsoleState {
+                out,
+                at_line_start: true,
+                status_shown: false,
+            }),
+            closed: AtomicBool::new(false),
+            on_closed: Mutex::new(None),
+            last_write_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
         })
     }
 
@@ -44,20 +74,94 @@ impl ConsoleOut {
         Self::new(Box::new(std::io::stdout()))
     }
 
-    /// Writes guest bytes; write errors (a closed stdout) are ignored on
-    /// purpose: the guest must not fail because nobody reads its console.
+    /// Writes guest bytes. Write errors do not fail the guest; a broken
+    /// pipe (nobody reads the output any more) is remembered in
+    /// [`ConsoleOut::closed`], and the run loop stops the guest.
     pub fn write(&self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        self.last_write_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         let mut o = self.out.lock();
-        let _ = o.write_all(data);
+        if std::mem::take(&mut o.status_shown) {
+            let _ = std::io::stderr().write_all(STATUS_ERASE.as_bytes());
+        }
+        let mut r = o.out.write_all(data);
+        o.at_line_start = data.last() == Some(&b'\n');
         if data.contains(&b'\n') {
-            let _ = o.flush();
+            r = r.and_then(|()| o.out.flush());
+        }
+        if let Err(e) = r {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                drop(o);
+                self.mark_closed();
+            }
         }
     }
 
     pub fn flush(&self) {
-        let _ = self.out.lock().flush();
+        let mut o = self.out.lock();
+        if let Err(e) = o.out.flush() {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                drop(o);
+                self.mark_closed();
+            }
+        }
+    }
+
+    /// Calls `f` when the output's reader goes away (at once if it has).
+    pub fn on_closed(&self, f: Box<dyn Fn() + Send + Sync>) {
+        if self.closed() {
+            f();
+        }
+        *self.on_closed.lock() = Some(f);
+    }
+
+    fn mark_closed(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            if let Some(f) = self.on_closed.lock().as_ref() {
+                f();
+            }
+        }
+    }
+
+    /// The output's reader went away (a write failed with EPIPE).
+    pub fn closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// How long since the guest last wrote (since creation if it never did).
+    pub fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_write_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+
+    /// Shows `line` as the terminal's status line on stderr (replacing the
+    /// previous one) when the guest's output ends with a complete line; the
+    /// guest's next output erases it. Returns false if not shown.
+    pub fn show_status(&self, line: &str) -> bool {
+        let mut o = self.out.lock();
+        if !o.at_line_start {
+            return false;
+        }
+        let _ = o.out.flush();
+        let _ = write!(std::io::stderr(), "{STATUS_ERASE}{line}");
+        o.status_shown = true;
+        true
+    }
+
+    /// Erases the status line, if one is shown.
+    pub fn clear_status(&self) {
+        let mut o = self.out.lock();
+        if std::mem::take(&mut o.status_shown) {
+            let _ = std::io::stderr().write_all(STATUS_ERASE.as_bytes());
+        }
     }
 }
+
+/// Carriage return and "erase to end of line".
+const STATUS_ERASE: &str = "\r\x1b[K";
 
 /// A `Write` adapter for vm-superio's serial output.
 struct SerialOut(Arc<ConsoleOut>);
@@ -399,6 +503,37 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct ClosedPipe;
+    impl Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+    }
+
+    #[test]
+    fn console_out_broken_pipe_is_reported_closed() {
+        let c = ConsoleOut::new(Box::new(ClosedPipe));
+        assert!(!c.closed());
+        c.write(b"hello\n");
+        assert!(c.closed());
+    }
+
+    #[test]
+    fn console_out_status_shown_only_at_line_start() {
+        let c = ConsoleOut::new(Box::new(std::io::sink()));
+        c.write(b"login: ");
+        assert!(
+            !c.show_status("status"),
+            "mid-line: the guest waits for input"
+        );
+        c.write(b"\n");
+        assert!(c.show_status("status"));
+        c.clear_status();
+    }
 
     #[derive(Clone, Default)]
     struct Buf(Arc<Mutex<Vec<u8>>>);

@@ -56,6 +56,11 @@ pub struct HostProbe {
     pub kernel_int3: Support,
     pub iret32: Support,
     pub user_syscall: Support,
+    /// SSSE3 (`pshufb`) in kernel mode: Linux needs `clearcpuid=137` where
+    /// it fails.
+    pub kernel_ssse3: Support,
+    /// `xsave` in kernel mode: Linux needs `noxsave` where it fails.
+    pub kernel_xsave: Support,
 }
 
 impl HostProbe {
@@ -69,6 +74,8 @@ impl HostProbe {
             kernel_int3: probe_kernel_int3(),
             iret32: probe_iret32(),
             user_syscall: probe_user_syscall(),
+            kernel_ssse3: probe_kernel_insn(false),
+            kernel_xsave: probe_kernel_insn(true),
         }
     }
 
@@ -78,7 +85,7 @@ impl HostProbe {
         P.get_or_init(HostProbe::run)
     }
 
-    pub fn rows(&self) -> [(&'static str, &Support); 7] {
+    pub fn rows(&self) -> [(&'static str, &Support); 9] {
         [
             ("legacy 32-bit PAE paging", &self.legacy_pae_paging),
             ("legacy 32-bit PSE paging", &self.legacy_pse_paging),
@@ -87,7 +94,23 @@ impl HostProbe {
             ("int3 at CPL 0", &self.kernel_int3),
             ("32-bit iret", &self.iret32),
             ("syscall at CPL 3", &self.user_syscall),
+            ("SSSE3 (pshufb) at CPL 0", &self.kernel_ssse3),
+            ("xsave at CPL 0", &self.kernel_xsave),
         ]
+    }
+
+    /// Options a Linux guest's command line needs on this host (empty if
+    /// none): what keeps the kernel off instructions the host cannot run.
+    pub fn linux_cmdline_options(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if matches!(self.kernel_xsave, Support::Unsupported(_)) {
+            v.push("noxsave");
+        }
+        if matches!(self.kernel_ssse3, Support::Unsupported(_)) {
+            // X86_FEATURE_SSSE3: word 4 (CPUID 1 ECX), bit 9.
+            v.push("clearcpuid=137");
+        }
+        v
     }
 }
 
@@ -95,6 +118,14 @@ impl fmt::Display for HostProbe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (name, s) in self.rows() {
             writeln!(f, "{name:<30} {s}")?;
+        }
+        let opts = self.linux_cmdline_options();
+        if !opts.is_empty() {
+            writeln!(
+                f,
+                "Linux guests need on their command line here: {}",
+                opts.join(" ")
+            )?;
         }
         Ok(())
     }
@@ -451,6 +482,44 @@ fn probe_iret32() -> Support {
     verdict(r, PORT_OK)
 }
 
+/// SSSE3 `pshufb` (`xsave`: an `xsave` of the x87 state) at CPL 0 in long
+/// mode. Both show in CPUID; where KVM's emulator runs the guest kernel's
+/// code they may fail.
+fn probe_kernel_insn(xsave: bool) -> Support {
+    let r = (|| -> Result<End, String> {
+        let mut p = new_vm()?;
+        let code = asm(64, 0x1000, |a| {
+            if xsave {
+                a.xor(edx, edx)?;
+                a.mov(eax, 1u32)?;
+                a.xsave(ptr(0x10000u64))?;
+            } else {
+                a.pshufb(xmm0, xmm1)?;
+            }
+            a.out(PORT_OK as u32, al)?;
+            a.hlt()
+        })?;
+        p.mem
+            .write_slice(&code, GuestAddress(0x1000))
+            .map_err(|e| e.to_string())?;
+        long_mode(&p, false, 0x1000, 0)?;
+        let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
+        // OSFXSR | OSXMMEXCPT, and OSXSAVE for xsave.
+        s.cr4 |= (1 << 9) | (1 << 10) | if xsave { 1 << 18 } else { 0 };
+        p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
+        Ok(run_vcpu(&mut p))
+    })();
+    match r {
+        Ok(End::Out(PORT_OK)) => Support::Native,
+        Ok(End::EmulationFailure) => Support::Unsupported(
+            "KVM's instruction emulator fails on it (the guest kernel must not use it)".into(),
+        ),
+        Ok(End::Out(v)) if v == PORT_VEC + 6 => Support::Unsupported("the guest gets #UD".into()),
+        Ok(e) => classify(e),
+        Err(e) => Support::Unknown(e),
+    }
+}
+
 /// `syscall` at CPL 3 in long mode (EFER.SCE, STAR, LSTAR, SFMASK set)
 /// into a kernel entry on a supervisor-only page that does `out PORT_OK`.
 /// Where the host leaves the vCPU at CPL 3 the entry page-faults; then the
@@ -539,4 +608,39 @@ fn run_user_syscall(fixup: bool) -> Result<End, String> {
     p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
     p.vcpu.set_regs(&r).map_err(|e| e.to_string())?;
     Ok(run_vcpu(&mut p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(s: Support) -> HostProbe {
+        HostProbe {
+            legacy_pae_paging: s.clone(),
+            legacy_pse_paging: s.clone(),
+            user_int_n_long_mode: s.clone(),
+            user_int_n_prot32: s.clone(),
+            kernel_int3: s.clone(),
+            iret32: s.clone(),
+            user_syscall: s.clone(),
+            kernel_ssse3: s.clone(),
+            kernel_xsave: s,
+        }
+    }
+
+    #[test]
+    fn probe_report_failing_ssse3_xsave_names_linux_options() {
+        let p = all(Support::Unsupported("emulator".into()));
+        assert_eq!(p.linux_cmdline_options(), ["noxsave", "clearcpuid=137"]);
+        assert!(p
+            .to_string()
+            .ends_with("Linux guests need on their command line here: noxsave clearcpuid=137\n"));
+    }
+
+    #[test]
+    fn probe_report_native_host_needs_no_options() {
+        let p = all(Support::Native);
+        assert!(p.linux_cmdline_options().is_empty());
+        assert!(!p.to_string().contains("need on their command line"));
+    }
 }

@@ -20,10 +20,10 @@ use crate::arch::x86::cpuid::CpuidEntry;
 /// Why the VM could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum KvmVmError {
-    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
-    Open(KvmError),
-    #[error("/dev/kvm does not answer as KVM ({0}); is it a KVM device?")]
-    NotKvm(KvmError),
+    #[error("cannot open {0}: {1} (is KVM available and are you allowed to use it?)")]
+    Open(String, KvmError),
+    #[error("{0} is not a KVM device (KVM_GET_API_VERSION gave {1}, not 12)")]
+    NotKvm(String, i32),
     #[error("KVM lacks {0}, which xenkvm needs")]
     MissingCap(&'static str),
     #[error("KVM ioctl {0} failed: {1}")]
@@ -34,6 +34,23 @@ pub enum KvmVmError {
 
 fn ioctl(what: &'static str) -> impl Fn(KvmError) -> KvmVmError {
     move |e| KvmVmError::Ioctl(what, e)
+}
+
+/// Opens `path` (normally `/dev/kvm`) and checks that it is KVM: a device
+/// that answers no KVM ioctl would otherwise look like a KVM lacking every
+/// capability.
+pub fn open_kvm_at(path: &std::ffi::CStr) -> Result<Kvm, KvmVmError> {
+    let name = || path.to_string_lossy().into_owned();
+    let kvm = Kvm::new_with_path(path).map_err(|e| KvmVmError::Open(name(), e))?;
+    match kvm.get_api_version() {
+        12 => Ok(kvm),
+        v => Err(KvmVmError::NotKvm(name(), v)),
+    }
+}
+
+/// [`open_kvm_at`] `/dev/kvm`.
+pub fn open_kvm() -> Result<Kvm, KvmVmError> {
+    open_kvm_at(c"/dev/kvm")
 }
 
 /// A created VM.
@@ -48,11 +65,7 @@ impl KvmVm {
     /// with the in-kernel irqchip and PIT, and user-space exits for writes
     /// to the MSRs in `trapped_msr_writes` (all other MSRs stay in KVM).
     pub fn create(trapped_msr_writes: &[u32]) -> Result<KvmVm, KvmVmError> {
-        let kvm = Kvm::new().map_err(KvmVmError::Open)?;
-        kvm.get_api_version();
-        if kvm.get_vcpu_mmap_size().is_err() {
-            return Err(KvmVmError::NotKvm(KvmError::new(libc::ENOTTY)));
-        }
+        let kvm = open_kvm()?;
         for (cap, name) in [
             (Cap::Irqchip, "an in-kernel irqchip"),
             (Cap::X86UserSpaceMsr, "user-space MSR exits"),

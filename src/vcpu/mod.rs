@@ -203,6 +203,8 @@ impl Vcpu {
         self.run_start = t;
         let exit = self.kvm.run();
         let m = &self.m;
+        m.exits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::trace!(vcpu = self.id, ?exit, "vCPU exit");
         // Devices first: decide() sees only what no device claimed.
         let claimed = match &exit {
             Exit::IoOut { port, data, len } => m.pio.write(u64::from(*port), &data[..*len]),
@@ -338,6 +340,9 @@ impl Vcpu {
 
     /// The RAX value and next state for a hypercall's result.
     fn outcome(&self, r: HypercallResult) -> (i64, State) {
+        self.m
+            .hypercalls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match r {
             HypercallResult::Return(v) => (v, State::Running),
             HypercallResult::Block { deadline, ports } => (0, State::Blocked { deadline, ports }),

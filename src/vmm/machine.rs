@@ -6,7 +6,7 @@
 //! lock is a leaf; the Xen domain's own locks are documented in
 //! `hypercalls` and are never held while taking `exit`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,9 @@ pub enum GuestExit {
     Timeout(Duration),
     /// The VMM failed (the message says how and what to do).
     Error(String),
+    /// Stopped from outside the guest (a signal, a closed stdout): the
+    /// string says why.
+    Stopped(String),
 }
 
 /// Why the guest rebooted.
@@ -109,6 +112,10 @@ pub struct Machine {
     /// One handle per vCPU (control, wake-up, kick, counters).
     pub vcpus: Vec<Arc<VcpuHandle>>,
     pub xen: Xen,
+    /// VM exits (KVM_RUN returns) of all vCPUs, for the status line.
+    pub exits: AtomicU64,
+    /// Hypercalls of all vCPUs, for the status line.
+    pub hypercalls: AtomicU64,
     stopping: Arc<AtomicBool>,
     exit: Mutex<Option<GuestExit>>,
     exit_cv: Condvar,
@@ -145,6 +152,8 @@ impl Machine {
             console,
             nr_vcpus: cfg.vcpus,
             vcpus,
+            exits: AtomicU64::new(0),
+            hypercalls: AtomicU64::new(0),
             stopping,
             exit: Mutex::new(None),
             exit_cv: Condvar::new(),

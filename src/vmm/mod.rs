@@ -4,11 +4,12 @@
 //! guest until it powers off, crashes or times out. The only module that
 //! starts threads (through [`threads::spawn`]).
 
+pub mod console_input;
 pub mod event_loop;
 pub mod machine;
+pub mod runner;
 pub mod threads;
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -298,8 +299,8 @@ impl Vm {
         })
     }
 
-    /// Registers the event sources: the backends' eventfds, the Xen
-    /// timers and (optionally) the console's input.
+    /// Registers the event sources: the backends' eventfds and the Xen
+    /// timers.
     fn register_events(&self) -> std::io::Result<()> {
         let l = &self.events;
         for (remote, fd) in self.machine.xen.backend_fds() {
@@ -324,35 +325,6 @@ impl Vm {
                     Next::Keep
                 }),
             )?;
-        }
-        if self.stdin_console {
-            let m = self.machine.clone();
-            let stdin = std::io::stdin();
-            let fd = stdin.as_raw_fd();
-            let r = l.add(
-                fd,
-                Box::new(move || {
-                    let mut buf = [0u8; 512];
-                    // SAFETY: reading into a local buffer of the given size.
-                    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-                    if n <= 0 {
-                        return Next::Remove;
-                    }
-                    let n = n as usize;
-                    let taken = m.xen.console_input(&buf[..n]);
-                    if taken < n {
-                        tracing::warn!(
-                            dropped = n - taken,
-                            "console input dropped: the guest is not reading its console"
-                        );
-                    }
-                    Next::Keep
-                }),
-            );
-            if let Err(e) = r {
-                // A regular file on stdin cannot be polled: no console input.
-                tracing::debug!(%e, "stdin cannot be polled: no console input");
-            }
         }
         Ok(())
     }
@@ -379,7 +351,7 @@ impl Vm {
             vcpus,
             entry,
             events,
-            ..
+            stdin_console,
         } = self;
         let started = Instant::now();
         let m2 = machine.clone();
@@ -431,8 +403,36 @@ impl Vm {
                 }
             }
         }
+        // Console input: a thread of its own (a terminal read must not stop
+        // the process in the background; see `console_input`), ended
+        // through `input_stop` with the VM.
+        let input_stop = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC,
+        );
+        if let (true, Ok(stop)) = (stdin_console, input_stop.as_ref()) {
+            let (weak, stop) = (Arc::downgrade(&machine), stop.try_clone());
+            match stop.map(|stop| {
+                threads::spawn(
+                    ThreadKind::ConsoleInput,
+                    "console-input".into(),
+                    on_panic.clone(),
+                    move || console_input::feed(weak, &stop),
+                )
+            }) {
+                // Not joined: a read on a terminal cannot be interrupted
+                // portably; the thread ends at its next wake-up.
+                Ok(Ok(_detached)) => {}
+                Ok(Err(e)) | Err(e) => {
+                    tracing::warn!(%e, "cannot start the console input thread: no console input")
+                }
+            }
+        }
         with(&machine);
         let exit = machine.wait_exit(timeout.map(|t| started + t));
+        if let Ok(stop) = input_stop.as_ref() {
+            let _ = rustix::io::write(stop, &1u64.to_ne_bytes());
+        }
         events.stop();
         for h in threads {
             let _ = h.join();

@@ -10,8 +10,12 @@ use std::thread::JoinHandle;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadKind {
     Vcpu,
-    /// The event loop (backends, timers, console input).
+    /// The event loop (backends, timers).
     EventLoop,
+    /// The VMM's stdin fed to the guest's PV console.
+    ConsoleInput,
+    /// Signals, a closed stdout and the status line, across VM restarts.
+    Supervisor,
 }
 
 /// Called with a message when a thread panics.

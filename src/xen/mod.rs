@@ -319,7 +319,9 @@ impl Xen {
             mem: &self.mem,
             long,
         };
-        match self.domain.dispatch(&access, &call) {
+        let outcome = self.domain.dispatch(&access, &call);
+        tracing::trace!(vcpu = ctx.id, ?call, ?outcome, "hypercall");
+        match outcome {
             Outcome::Return(v) => HypercallResult::Return(v),
             Outcome::Block { deadline_ns } => HypercallResult::Block {
                 deadline: deadline_ns.map(|d| self.instant_at(d)),

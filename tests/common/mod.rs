@@ -18,11 +18,19 @@ pub fn kvm_available(test: &str) -> bool {
         if std::env::var("REQUIRE_KVM").as_deref() == Ok("1") {
             panic!("{test}: /dev/kvm is not usable and REQUIRE_KVM=1");
         }
-        eprintln!(
-            "SKIPPED {test}: /dev/kvm is not usable (set REQUIRE_KVM=1 to make this a failure)"
+        skip(
+            test,
+            "/dev/kvm is not usable (set REQUIRE_KVM=1 to make this a failure)",
         );
     }
     ok
+}
+
+/// Prints why `test` is skipped where the test runner shows it even for a
+/// passing test (straight to stderr: libtest captures only `eprintln!`).
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
 
 /// `../shared` next to the repository (or $XENKVM_SHARED).
@@ -32,10 +40,43 @@ pub fn shared_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
 }
 
+/// The xenkvm binary under test: cargo's, or `$XENKVM_TEST_BIN` (to check
+/// that a test fails on another build, e.g. an older commit's).
+pub fn xenkvm_bin() -> PathBuf {
+    std::env::var_os("XENKVM_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_xenkvm")))
+}
+
+/// The built-in test guest written to a file of its own (removed on drop),
+/// for `xenkvm run --kernel`.
+pub struct GuestFile(pub PathBuf);
+
+impl GuestFile {
+    pub fn new(tag: &str) -> GuestFile {
+        let p = std::env::temp_dir().join(format!(
+            "xenkvm-test-guest-{tag}-{}.elf",
+            std::process::id()
+        ));
+        std::fs::write(&p, xenkvm::testing::TEST_GUEST_ELF).expect("cannot write the test guest");
+        GuestFile(p)
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().expect("temp paths are UTF-8 here")
+    }
+}
+
+impl Drop for GuestFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Runs the xenkvm binary; returns its output and wall time.
 pub fn xenkvm(args: &[&str]) -> (Output, Duration) {
     let t = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_xenkvm"))
+    let out = Command::new(xenkvm_bin())
         .args(args)
         .env("XENKVM_LOG", "warn")
         .output()
@@ -48,7 +89,7 @@ pub fn xenkvm(args: &[&str]) -> (Output, Duration) {
 pub fn xenkvm_with_stdin(args: &[&str], input: &[u8]) -> (Output, Duration) {
     use std::io::Write;
     let t = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xenkvm"))
+    let mut child = Command::new(xenkvm_bin())
         .args(args)
         .env("XENKVM_LOG", "warn")
         .stdin(std::process::Stdio::piped())

@@ -18,6 +18,9 @@
  *    commands 5 and 6 (event channel round trip, SCHEDOP_poll wake-up) need 2 vCPUs.
  *  - idle: bring vCPU 1 up (it halts in its command loop), print "idle: halted",
  *    and halt vCPU 0 with interrupts on, for ever: what an idle guest costs the VMM.
+ *  - reboot: print one line and shut down with SHUTDOWN_reboot.
+ *  - chatter: print numbered lines forever.
+ *  - demo console_wait=N: the console_input check prompts and waits N s for a line.
  *
  * Add a check: write `static int check_foo(void)` returning PASS(...) or FAIL(...)
  * and add it to checks[]. Add a mode: test the command line in main().
@@ -2012,6 +2015,10 @@ static int check_xs_transaction(void)
 
 /* ------------------------------------------------------- console input */
 
+/* console_wait=N on the command line: wait N s for a typed line (and say so);
+ * 0: wait 1 s without a prompt (input piped in before the check runs). */
+static u32 console_wait_s;
+
 static int check_console_input(void)
 {
     u64 pfn, port;
@@ -2023,7 +2030,10 @@ static int check_console_input(void)
     char got[96];
     u32 n = 0, cons = ring->in_cons, start = cons;
     int newline = 0;
-    for (u64 end = deadline_ms(1000); !newline && n < sizeof(got) - 1;) {
+    u32 wait_s = console_wait_s ? console_wait_s : 1;
+    if (console_wait_s)
+        say("console_input: type a line for the guest and press Enter (waiting up to %u s)", wait_s);
+    for (u64 end = deadline_ms(wait_s * 1000); !newline && n < sizeof(got) - 1;) {
         u32 prod = ring->in_prod;
         mb(); /* the index before the bytes */
         if (prod - cons > sizeof(ring->in))
@@ -2046,7 +2056,7 @@ static int check_console_input(void)
     if (cons == start)
         return PASS("no console input (skipped)");
     return PASS("read %u bytes from in[] (in_cons %u): \"%s\"%s", cons - start, cons, got,
-                newline ? " + newline" : " (no newline within 1 s)");
+                newline ? " + newline" : " (no newline in time)");
 }
 
 /* ------------------------------------------------------------------ PCI */
@@ -2496,6 +2506,22 @@ static void __attribute__((noreturn)) idle(void)
         asm volatile("sti; hlt" ::: "memory");
 }
 
+/* ------------------------------------------------------ reboot, chatter */
+
+/* reboot: ask for a reboot at once (the VMM's on_reboot decides what follows). */
+static void __attribute__((noreturn)) reboot_mode(void)
+{
+    say("reboot mode: SCHEDOP_shutdown(reboot)");
+    shutdown(SHUTDOWN_reboot);
+}
+
+/* chatter: print numbered lines forever (until the VMM stops the guest). */
+static void __attribute__((noreturn)) chatter(void)
+{
+    for (u64 i = 0;; i++)
+        say("chatter %lu", i);
+}
+
 /* -------------------------------------------------------------------- main */
 
 void __attribute__((noreturn)) main(u32 start_info_paddr);
@@ -2526,5 +2552,12 @@ void __attribute__((noreturn)) main(u32 start_info_paddr)
         bench();
     if (strstr_(cmdline, "idle"))
         idle();
+    if (strstr_(cmdline, "reboot"))
+        reboot_mode();
+    if (strstr_(cmdline, "chatter"))
+        chatter();
+    const char *w = strstr_(cmdline, "console_wait=");
+    if (w)
+        console_wait_s = parse_u32(w + 13);
     demo();
 }
