@@ -20,6 +20,7 @@ pub mod test_guest;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;
+pub mod x86_cpl3;
 pub mod xen;
 pub mod xenstore;
 

@@ -78,6 +78,13 @@ impl HostProbe {
         P.get_or_init(HostProbe::run)
     }
 
+    /// True where `int n` at CPL 3 raises #UD on this host and xenkvm's
+    /// #UD-handler trap delivers it ([`crate::x86_cpl3`]); the VMM arms the
+    /// trap only then.
+    pub fn user_int_n_needs_fixup(&self) -> bool {
+        self.user_int_n_long_mode == Support::FixedUp || self.user_int_n_prot32 == Support::FixedUp
+    }
+
     pub fn rows(&self) -> [(&'static str, &Support); 7] {
         [
             ("legacy 32-bit PAE paging", &self.legacy_pae_paging),
@@ -333,8 +340,60 @@ fn long_mode(p: &ProbeVm, user: bool, rip: u64, gate_dpl: u8) -> Result<(), Stri
     p.vcpu.set_regs(&r).map_err(|e| e.to_string())
 }
 
+/// Runs a probe guest that does `int $0x10` at CPL 3: natively, and where
+/// that raises #UD, again with xenkvm's fix-up (a breakpoint on the #UD
+/// handler at `ud_handler` that delivers the interrupt, [`crate::x86_cpl3`]).
+fn user_int_n_verdict(run: impl Fn(bool) -> Result<End, String>) -> Support {
+    match run(false) {
+        Ok(End::Out(p)) if p == PORT_VEC + 0x10 => Support::Native,
+        Ok(End::Out(p)) if p == PORT_VEC + 6 => match run(true) {
+            Ok(End::Out(p)) if p == PORT_VEC + 0x10 => Support::FixedUp,
+            Ok(e) => Support::Unsupported(format!(
+                "the guest gets #UD, with no exit to the VMM, and the fix-up fails ({e:?})"
+            )),
+            Err(e) => Support::Unknown(e),
+        },
+        r => verdict(r, PORT_VEC + 0x10),
+    }
+}
+
+/// Runs the probe vCPU with a breakpoint on the #UD handler at `handler`;
+/// at the breakpoint applies xenkvm's user software-interrupt delivery.
+fn run_with_ud_fix(p: &mut ProbeVm, handler: u64) -> End {
+    let mut dbg = kvm_bindings::kvm_guest_debug {
+        control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP,
+        ..Default::default()
+    };
+    dbg.arch.debugreg[0] = handler;
+    dbg.arch.debugreg[7] = 1;
+    if let Err(e) = p.vcpu.set_guest_debug(&dbg) {
+        return End::Other(e.to_string());
+    }
+    match p.vcpu.run() {
+        Ok(VcpuExit::Debug(d)) if d.pc == handler => {}
+        Ok(VcpuExit::IoOut(port, _)) => return End::Out(port),
+        Ok(e) => return End::Other(format!("{e:?}")),
+        Err(e) => return End::Other(e.to_string()),
+    }
+    let (Ok(mut r), Ok(mut s)) = (p.vcpu.get_regs(), p.vcpu.get_sregs()) else {
+        return End::Other("cannot read registers".into());
+    };
+    match crate::x86_cpl3::handle_ud(&p.mem, &mut r, &mut s) {
+        crate::x86_cpl3::UdOutcome::Delivered { .. } => {}
+        o => return End::Other(format!("#UD fix-up: {o:?}")),
+    }
+    if p.vcpu.set_sregs(&s).is_err() || p.vcpu.set_regs(&r).is_err() {
+        return End::Other("cannot write registers".into());
+    }
+    run_vcpu(p)
+}
+
 fn probe_user_int_n() -> Support {
-    let r = (|| -> Result<End, String> {
+    user_int_n_verdict(run_user_int_n)
+}
+
+fn run_user_int_n(fixup: bool) -> Result<End, String> {
+    {
         let mut p = new_vm()?;
         // int $0x10 from CPL 3 through a DPL-3 gate; the handler reports
         // vector 0x10 on port 0x90+0x10 = 0xa0.
@@ -346,15 +405,22 @@ fn probe_user_int_n() -> Support {
             .write_slice(&code, GuestAddress(0x1000))
             .map_err(|e| e.to_string())?;
         long_mode(&p, true, 0x1000, 3)?;
-        Ok(run_vcpu(&mut p))
-    })();
-    verdict(r, PORT_VEC + 0x10)
+        Ok(if fixup {
+            run_with_ud_fix(&mut p, 0x7400 + 6 * 16)
+        } else {
+            run_vcpu(&mut p)
+        })
+    }
 }
 
 /// `int $0x10` at CPL 3 in 32-bit protected mode, paging off, through a
 /// DPL-3 gate; the ring-0 stack comes from a 32-bit TSS.
 fn probe_user_int_n_prot32() -> Support {
-    let r = (|| -> Result<End, String> {
+    user_int_n_verdict(run_user_int_n_prot32)
+}
+
+fn run_user_int_n_prot32(fixup: bool) -> Result<End, String> {
+    {
         let mut p = new_vm()?;
         let w = |v: u64, at: u64| {
             p.mem
@@ -402,9 +468,12 @@ fn probe_user_int_n_prot32() -> Support {
         s.idt.base = 0x6000;
         s.idt.limit = 32 * 8 - 1;
         p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
-        Ok(run_vcpu(&mut p))
-    })();
-    verdict(r, PORT_VEC + 0x10)
+        Ok(if fixup {
+            run_with_ud_fix(&mut p, 0x7400 + 6 * 16)
+        } else {
+            run_vcpu(&mut p)
+        })
+    }
 }
 
 fn probe_kernel_int3() -> Support {

@@ -69,6 +69,11 @@ pub struct Vcpu {
     /// The guest's syscall entry and #PF handler, on hosts that need the
     /// [`crate::syscall_fix`] (set when the guest writes LSTAR).
     syscall: Option<crate::syscall_fix::SyscallSetup>,
+    /// The #UD-handler trap for `int n` at CPL 3 ([`crate::x86_cpl3`]), on
+    /// hosts whose probe shows that bug; `ud_next_check` is the TSC of the
+    /// next re-read of IDT gate 6.
+    ud_trap: Option<crate::x86_cpl3::UdTrap>,
+    ud_next_check: u64,
     /// RIP of the last emulation failure retried unchanged, and how many.
     retry_rip: Option<u64>,
     retried: u64,
@@ -94,6 +99,10 @@ impl Vcpu {
             started: false,
             bp_sites: Vec::new(),
             syscall: None,
+            ud_trap: crate::probe::HostProbe::get()
+                .user_int_n_needs_fixup()
+                .then(Default::default),
+            ud_next_check: 0,
             retry_rip: None,
             retried: 0,
         }
@@ -155,6 +164,9 @@ impl Vcpu {
                 runstate::State::Running,
                 self.sample_run_delay(),
             );
+        }
+        if self.ud_trap.is_some() {
+            self.check_ud_trap();
         }
         let m = &self.m;
         let env = ExitCtx(m);
@@ -273,6 +285,11 @@ impl Vcpu {
             Action::LstarWrite { data } => self.lstar_written(data),
             Action::HypercallTrap { pc } if self.syscall.is_some_and(|s| s.pf_handler == pc) => {
                 self.pf_trap()
+            }
+            Action::HypercallTrap { pc }
+                if self.ud_trap.is_some_and(|t| t.handler == pc && pc != 0) =>
+            {
+                self.ud_trap_hit()
             }
             Action::HypercallTrap { pc } => {
                 if self.bp_sites.contains(&pc) {
@@ -433,13 +450,25 @@ impl Vcpu {
         (regs, next)
     }
 
-    /// Arms an instruction breakpoint at linear address `pc` (up to four
-    /// sites, three when the syscall fix-up holds one; the oldest is replaced).
+    /// The handler breakpoints that hold a debug register for good: the
+    /// #PF handler (syscall fix-up) and the #UD handler (`int n` at CPL 3).
+    ///
+    /// How DR0-DR3 are allotted: these fixed traps first (at most two), and
+    /// the remaining two to four slots to `vmcall` sites, oldest replaced.
+    fn fixed_traps(&self) -> impl Iterator<Item = u64> {
+        self.syscall
+            .map(|s| s.pf_handler)
+            .into_iter()
+            .chain(self.ud_trap.map(|t| t.handler).filter(|&h| h != 0))
+    }
+
+    /// Arms an instruction breakpoint at linear address `pc` (the slots the
+    /// fixed traps leave; the oldest site is replaced).
     fn arm_breakpoint(&mut self, pc: u64) {
         if self.bp_sites.contains(&pc) {
             return;
         }
-        let max = if self.syscall.is_some() { 3 } else { 4 };
+        let max = 4 - self.fixed_traps().count();
         while self.bp_sites.len() >= max {
             self.bp_sites.remove(0);
         }
@@ -460,11 +489,11 @@ impl Vcpu {
             control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP,
             ..Default::default()
         };
-        let sites = self
-            .bp_sites
-            .iter()
-            .copied()
-            .chain(self.syscall.map(|s| s.pf_handler));
+        let fixed: Vec<u64> = self.fixed_traps().collect();
+        let keep = 4usize.saturating_sub(fixed.len());
+        let sites = fixed
+            .into_iter()
+            .chain(self.bp_sites.iter().rev().take(keep).copied());
         let mut dr7 = 0u64;
         for (i, site) in sites.take(4).enumerate() {
             dbg.arch.debugreg[i] = site;
@@ -514,7 +543,8 @@ impl Vcpu {
             star,
             pf_handler,
         });
-        while self.bp_sites.len() > 3 {
+        let keep = 4 - self.fixed_traps().count();
+        while self.bp_sites.len() > keep {
             self.bp_sites.remove(0);
         }
         if let Err(e) = self.program_breakpoints() {
@@ -564,6 +594,86 @@ impl Vcpu {
                     "cannot step over the #PF handler's first instruction: syscall fix-up off"
                 );
                 self.syscall = None;
+                let _ = self.program_breakpoints();
+            }
+        }
+        State::Running
+    }
+
+    /// Keeps the #UD-handler breakpoint on the guest's current #UD handler:
+    /// IDTR is compared at every exit (KVM syncs it into `kvm_run`), gate 6
+    /// re-read when it changed and at most every 10 ms otherwise.
+    fn check_ud_trap(&mut self) {
+        let Some(trap) = self.ud_trap else { return };
+        let idt = self.fd.sync_regs().sregs.idt;
+        let now = crate::clock::host_tsc();
+        let changed = idt.base != trap.idt_base || idt.limit != trap.idt_limit;
+        if !changed && now < self.ud_next_check {
+            return;
+        }
+        self.ud_next_check = now + u64::from(self.m.clock.tsc_khz) * STEAL_SAMPLE_MS;
+        let sregs = self.fd.sync_regs().sregs;
+        let handler = crate::x86_cpl3::ud_handler(&self.m.mem, &sregs).unwrap_or(0);
+        let new = crate::x86_cpl3::UdTrap {
+            idt_base: idt.base,
+            idt_limit: idt.limit,
+            handler,
+        };
+        if new == trap {
+            return;
+        }
+        self.ud_trap = Some(new);
+        if handler != trap.handler {
+            let keep = 4 - self.fixed_traps().count();
+            while self.bp_sites.len() > keep {
+                self.bp_sites.remove(0);
+            }
+            match self.program_breakpoints() {
+                Ok(()) => tracing::debug!(
+                    handler = format_args!("{handler:#x}"),
+                    "#UD handler trapped (int n at CPL 3 raises #UD on this host)"
+                ),
+                Err(e) => {
+                    tracing::warn!(%e, "cannot trap the #UD handler: int n from user mode will fault");
+                    self.ud_trap = None;
+                }
+            }
+        }
+    }
+
+    /// The breakpoint on the guest's #UD handler fired: deliver a user
+    /// software interrupt, or let the handler run (see [`crate::x86_cpl3`]).
+    fn ud_trap_hit(&mut self) -> State {
+        use crate::x86_cpl3::*;
+        let sr = self.fd.sync_regs();
+        let (mut regs, mut sregs) = (sr.regs, sr.sregs);
+        match handle_ud(&self.m.mem, &mut regs, &mut sregs) {
+            UdOutcome::Delivered { .. } | UdOutcome::Resumed => {
+                let sr = self.fd.sync_regs_mut();
+                sr.regs = regs;
+                sr.sregs = sregs;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+                self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+                return State::Running;
+            }
+            UdOutcome::NotOurs => {}
+            UdOutcome::Refused(why) => {
+                tracing::warn!(%why, "cannot deliver a software interrupt from user mode; the guest gets #UD");
+            }
+        }
+        let sr = self.fd.sync_regs();
+        let (mut regs, sregs) = (sr.regs, sr.sregs);
+        match x86::fetch(&self.m.mem, &regs, &sregs) {
+            Ok(insn) if step_over_entry(&self.m.mem, &insn, &mut regs, &sregs) => {
+                self.fd.sync_regs_mut().regs = regs;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+            }
+            other => {
+                tracing::warn!(
+                    insn = ?other.map(|i| i.code()),
+                    "cannot step over the #UD handler's first instruction: int n fix-up off"
+                );
+                self.ud_trap = None;
                 let _ = self.program_breakpoints();
             }
         }

@@ -1,0 +1,605 @@
+//! Software interrupts from CPL 3 on hosts whose KVM raises #UD for them.
+//!
+//! On `kvm_pvm` an `int n` executed at CPL 3 never reaches the guest's gate:
+//! the guest gets #UD at the instruction, with no exit to the VMM (`xenkvm
+//! probe`, rows "int n at CPL 3"). XTF returns from user mode with
+//! `int $0x20`, and 32-bit Linux user space makes system calls with
+//! `int $0x80`, so both break.
+//!
+//! xenkvm sees those #UDs the way it sees the broken `syscall`
+//! ([`crate::syscall_fix`]): an instruction breakpoint on the guest's #UD
+//! handler. At the breakpoint the vCPU is at the handler's first instruction,
+//! at CPL 0, with the #UD frame on its stack. If the frame says CPL 3 and the
+//! bytes at the saved RIP are a software interrupt (`int imm8`, `int3`,
+//! `into` outside 64-bit mode, `icebp`), xenkvm delivers that interrupt
+//! through the guest's IDT as the CPU would ([`deliver_user_swint`]):
+//! - gate checks in the CPU's order: the vector inside the IDT limit, an
+//!   interrupt or trap gate, gate DPL >= CPL for `int n`/`int3`/`into` (not
+//!   for `icebp`), present; a failed check delivers #GP or #NP with error code
+//!   `vector*8+2` (+1, EXT, for `icebp`) instead, from the user's RIP;
+//! - the stack switch: in long mode to the gate's IST stack or RSP0 of the
+//!   TSS (aligned to 16, SS = NULL), in 32-bit protected mode to SS0:ESP0 of
+//!   the 32-bit TSS;
+//! - the frame (SS, RSP, RFLAGS, CS, RIP after the instruction; 8-byte slots
+//!   in long mode, 4-byte in 32-bit mode), RFLAGS with TF, NT, RF and VM
+//!   cleared and IF cleared for an interrupt gate.
+//!
+//! Anything else (a real #UD, a #UD from CPL 0) runs the guest's handler:
+//! its first instruction is completed here ([`step_over_entry`]) because
+//! this host ignores RFLAGS.RF and resuming at the breakpoint would trap
+//! again. Each user-mode software interrupt and each #UD costs one exit.
+//!
+//! Which #UD handler: the vCPU thread compares IDTR (free: KVM syncs the
+//! system registers into `kvm_run` at every exit) with the one it last saw,
+//! and re-reads gate 6 when IDTR changes and at most every 10 ms otherwise
+//! (the steal-time tick), so a gate rewritten in place is picked up too.
+
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+
+use crate::x86::{self, Access, Paging, PhysMem};
+
+const EFER_LMA: u64 = 1 << 10;
+const RFLAGS_TF: u64 = 1 << 8;
+const RFLAGS_IF: u64 = 1 << 9;
+const RFLAGS_NT: u64 = 1 << 14;
+const RFLAGS_RF: u64 = 1 << 16;
+const RFLAGS_VM: u64 = 1 << 17;
+const RFLAGS_OF: u64 = 1 << 11;
+
+/// The user state a #UD frame saved (no error code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserFrame {
+    pub rip: u64,
+    pub cs: u16,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u16,
+}
+
+/// True if the vCPU runs in long mode (IA-32e).
+fn long_mode(s: &kvm_sregs) -> bool {
+    s.efer & EFER_LMA != 0
+}
+
+/// Reads the #UD frame at the handler's first instruction (SS:RSP points at
+/// the saved RIP). None if it cannot be read or does not come from CPL 3.
+pub fn user_frame(mem: &dyn PhysMem, regs: &kvm_regs, s: &kvm_sregs) -> Option<UserFrame> {
+    let p = Paging::from_sregs(s);
+    if long_mode(s) {
+        let mut b = [0u8; 40];
+        x86::read_linear(mem, &p, regs.rsp, &mut b, Access::READ).ok()?;
+        let q = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        let f = UserFrame {
+            rip: q(0),
+            cs: q(1) as u16,
+            rflags: q(2),
+            rsp: q(3),
+            ss: q(4) as u16,
+        };
+        (f.cs & 3 == 3).then_some(f)
+    } else {
+        let mut b = [0u8; 20];
+        let lin = s.ss.base.wrapping_add(regs.rsp & 0xffff_ffff) & 0xffff_ffff;
+        x86::read_linear(mem, &p, lin, &mut b, Access::READ).ok()?;
+        let d = |i: usize| {
+            u64::from(u32::from_le_bytes(
+                b[i * 4..i * 4 + 4].try_into().unwrap_or([0; 4]),
+            ))
+        };
+        let f = UserFrame {
+            rip: d(0),
+            cs: d(1) as u16,
+            rflags: d(2),
+            rsp: d(3),
+            ss: d(4) as u16,
+        };
+        // Virtual-8086 frames are longer and not ours.
+        (f.cs & 3 == 3 && f.rflags & RFLAGS_VM == 0).then_some(f)
+    }
+}
+
+/// A software interrupt instruction found at a user #UD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwInt {
+    pub vector: u8,
+    /// Instruction length: the frame's RIP is after it.
+    pub len: u8,
+    /// `icebp` (INT1): no gate DPL check, and a failed gate sets EXT.
+    pub icebp: bool,
+}
+
+/// Decodes the instruction bytes at a user #UD: the software interrupt the
+/// CPU should have delivered, if any. `into` with OF clear is a no-op
+/// (`Some` with vector 4 and the caller checks OF), and is #UD in 64-bit mode.
+pub fn decode_swint(bytes: &[u8], bits: u32, ip: u64) -> Option<SwInt> {
+    if !matches!(bits, 16 | 32 | 64) {
+        return None;
+    }
+    let i: Instruction = Decoder::with_ip(bits, bytes, ip, DecoderOptions::NONE).decode();
+    if i.is_invalid() {
+        return None;
+    }
+    let len = i.len() as u8;
+    match i.code() {
+        Code::Int_imm8 => Some(SwInt {
+            vector: i.immediate8(),
+            len,
+            icebp: false,
+        }),
+        Code::Int3 => Some(SwInt {
+            vector: 3,
+            len,
+            icebp: false,
+        }),
+        Code::Into if bits != 64 => Some(SwInt {
+            vector: 4,
+            len,
+            icebp: false,
+        }),
+        Code::Int1 => Some(SwInt {
+            vector: 1,
+            len,
+            icebp: true,
+        }),
+        _ => None,
+    }
+}
+
+/// What happened at a #UD breakpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UdOutcome {
+    /// A user software interrupt was delivered: load these registers.
+    Delivered { vector: u8 },
+    /// `into` with OF clear: the user resumes after it.
+    Resumed,
+    /// Not a user software interrupt: let the guest's #UD handler run.
+    NotOurs,
+    /// A user software interrupt xenkvm cannot deliver (the string says
+    /// why); the guest's #UD handler runs.
+    Refused(String),
+}
+
+/// The whole decision at a #UD breakpoint, over guest memory and the
+/// registers at the handler's first instruction. On `Delivered`/`Resumed`
+/// `regs`/`sregs` hold the new state.
+pub fn handle_ud(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &mut kvm_sregs) -> UdOutcome {
+    let Some(f) = user_frame(mem, regs, s) else {
+        return UdOutcome::NotOurs;
+    };
+    // The user's code size: a 64-bit code segment in long mode, else 32-bit
+    // (XTF and Linux use flat 32-bit user segments; a 16-bit one is refused).
+    let user_cs = match read_descriptor(mem, s, f.cs) {
+        Ok(d) => d,
+        Err(_) => return UdOutcome::NotOurs,
+    };
+    let bits = if long_mode(s) && user_cs.l != 0 {
+        64
+    } else if user_cs.db != 0 {
+        32
+    } else {
+        16
+    };
+    let lin = if bits == 64 {
+        f.rip
+    } else {
+        user_cs.base.wrapping_add(f.rip) & 0xffff_ffff
+    };
+    let p = Paging::from_sregs(s);
+    let mut buf = [0u8; 15];
+    let user = Access {
+        write: false,
+        user: true,
+    };
+    let n = if x86::read_linear(mem, &p, lin, &mut buf, user).is_ok() {
+        15
+    } else {
+        let first = ((4096 - (lin & 0xfff)) as usize).min(15);
+        if x86::read_linear(mem, &p, lin, &mut buf[..first], user).is_err() {
+            return UdOutcome::NotOurs;
+        }
+        first
+    };
+    let Some(sw) = decode_swint(&buf[..n], bits, f.rip) else {
+        return UdOutcome::NotOurs;
+    };
+    let next = f.rip.wrapping_add(u64::from(sw.len));
+    let next = if bits == 64 { next } else { next & 0xffff_ffff };
+    if sw.vector == 4 && !sw.icebp && f.rflags & RFLAGS_OF == 0 {
+        // `into` without overflow: nothing happens but the user's RIP moves.
+        return match resume_user(mem, regs, s, &f, user_cs, next) {
+            Ok(()) => UdOutcome::Resumed,
+            Err(e) => UdOutcome::Refused(e),
+        };
+    }
+    match deliver_user_swint(mem, regs, s, &f, sw, next) {
+        Ok(v) => UdOutcome::Delivered { vector: v },
+        Err(e) => UdOutcome::Refused(e),
+    }
+}
+
+/// Returns to the user state of `f` with RIP = `rip` (the CPU never left it).
+fn resume_user(
+    mem: &dyn PhysMem,
+    regs: &mut kvm_regs,
+    s: &mut kvm_sregs,
+    f: &UserFrame,
+    cs: kvm_segment,
+    rip: u64,
+) -> Result<(), String> {
+    let ss = read_descriptor(mem, s, f.ss).map_err(|e| format!("user SS: {e}"))?;
+    regs.rip = rip;
+    regs.rsp = f.rsp;
+    regs.rflags = (f.rflags & !RFLAGS_RF) | 2;
+    s.cs = cs;
+    s.ss = ss;
+    Ok(())
+}
+
+/// An event to deliver through the IDT from CPL 3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Event {
+    vector: u8,
+    error_code: Option<u32>,
+    /// The RIP the frame saves (after the instruction for a trap).
+    rip: u64,
+    /// Software interrupt: the gate's DPL must be >= CPL.
+    check_dpl: bool,
+    /// External to the instruction (EXT in gate error codes): `icebp`.
+    ext: bool,
+}
+
+/// Delivers software interrupt `sw` from the user state `f`, or the #GP/#NP
+/// its gate checks raise. Returns the vector delivered.
+pub fn deliver_user_swint(
+    mem: &dyn PhysMem,
+    regs: &mut kvm_regs,
+    s: &mut kvm_sregs,
+    f: &UserFrame,
+    sw: SwInt,
+    next_rip: u64,
+) -> Result<u8, String> {
+    let ev = Event {
+        vector: sw.vector,
+        error_code: None,
+        rip: next_rip,
+        check_dpl: !sw.icebp,
+        ext: sw.icebp,
+    };
+    match deliver(mem, regs, s, f, ev) {
+        Ok(()) => Ok(sw.vector),
+        Err(Fault::Gate { vector, code }) => {
+            // The fault is delivered as a hardware exception from the
+            // instruction itself; its own gate must be good.
+            let ev = Event {
+                vector,
+                error_code: Some(code),
+                rip: f.rip,
+                check_dpl: false,
+                ext: true,
+            };
+            match deliver(mem, regs, s, f, ev) {
+                Ok(()) => Ok(vector),
+                Err(e) => Err(format!(
+                    "vector {} faulted ({vector}, error {code:#x}) and that fault could not be delivered: {e:?}",
+                    sw.vector
+                )),
+            }
+        }
+        Err(e) => Err(format!("vector {}: {e:?}", sw.vector)),
+    }
+}
+
+/// Why a delivery did not happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fault {
+    /// The gate checks raise `vector` (#GP or #NP) with `code`.
+    Gate { vector: u8, code: u32 },
+    /// Something xenkvm does not emulate (task gates, a bad target CS or
+    /// stack, an unwritable stack, ...).
+    Unsupported(String),
+}
+
+fn unsupported<T>(why: impl Into<String>) -> Result<T, Fault> {
+    Err(Fault::Unsupported(why.into()))
+}
+
+/// Reads the descriptor for `sel` from the GDT or LDT.
+fn read_descriptor(mem: &dyn PhysMem, s: &kvm_sregs, sel: u16) -> Result<kvm_segment, String> {
+    let (base, limit) = if sel & 4 != 0 {
+        if s.ldt.unusable != 0 || s.ldt.present == 0 {
+            return Err(format!("selector {sel:#x} in a missing LDT"));
+        }
+        (s.ldt.base, s.ldt.limit)
+    } else {
+        (s.gdt.base, u32::from(s.gdt.limit))
+    };
+    let off = u64::from(sel >> 3) * 8;
+    if sel & 0xfffc == 0 || off + 7 > u64::from(limit) {
+        return Err(format!("selector {sel:#x} outside its table"));
+    }
+    let mut d = [0u8; 8];
+    x86::read_linear(
+        mem,
+        &Paging::from_sregs(s),
+        base.wrapping_add(off),
+        &mut d,
+        Access::READ,
+    )
+    .map_err(|e| format!("descriptor {sel:#x} unreadable: {e:?}"))?;
+    Ok(x86::descriptor_to_segment(sel, u64::from_le_bytes(d)))
+}
+
+/// A decoded IDT gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Gate {
+    offset: u64,
+    selector: u16,
+    kind: u8,
+    dpl: u8,
+    present: bool,
+    ist: u8,
+}
+
+fn read_gate(mem: &dyn PhysMem, s: &kvm_sregs, vector: u8, ext: bool) -> Result<Gate, Fault> {
+    let long = long_mode(s);
+    let size: u64 = if long { 16 } else { 8 };
+    let code = u32::from(vector) * 8 + 2 + u32::from(ext);
+    let off = u64::from(vector) * size;
+    if off + size - 1 > u64::from(s.idt.limit) {
+        return Err(Fault::Gate { vector: 13, code });
+    }
+    let mut g = [0u8; 16];
+    x86::read_linear(
+        mem,
+        &Paging::from_sregs(s),
+        s.idt.base.wrapping_add(off),
+        &mut g[..size as usize],
+        Access::READ,
+    )
+    .map_err(|e| Fault::Unsupported(format!("IDT unreadable: {e:?}")))?;
+    let lo = u64::from(u16::from_le_bytes([g[0], g[1]]));
+    let mid = u64::from(u16::from_le_bytes([g[6], g[7]]));
+    let hi = if long {
+        u64::from(u32::from_le_bytes([g[8], g[9], g[10], g[11]]))
+    } else {
+        0
+    };
+    Ok(Gate {
+        offset: lo | (mid << 16) | (hi << 32),
+        selector: u16::from_le_bytes([g[2], g[3]]),
+        kind: g[5] & 0xf,
+        dpl: (g[5] >> 5) & 3,
+        present: g[5] & 0x80 != 0,
+        ist: if long { g[4] & 7 } else { 0 },
+    })
+}
+
+/// Delivers `ev` from the user state `f` through the IDT (protected mode
+/// or long mode, privilege change to the handler's CS DPL).
+fn deliver(
+    mem: &dyn PhysMem,
+    regs: &mut kvm_regs,
+    s: &mut kvm_sregs,
+    f: &UserFrame,
+    ev: Event,
+) -> Result<(), Fault> {
+    let long = long_mode(s);
+    let cpl = (f.cs & 3) as u8;
+    let gate = read_gate(mem, s, ev.vector, ev.ext)?;
+    let code = u32::from(ev.vector) * 8 + 2 + u32::from(ev.ext);
+    let gp = Fault::Gate { vector: 13, code };
+    // Interrupt (0xe) or trap (0xf) gates; in 32-bit mode task gates (5)
+    // and 16-bit gates (6, 7) are valid too (xenkvm does not emulate them).
+    let valid = matches!((long, gate.kind), (_, 0xe | 0xf) | (false, 5 | 6 | 7));
+    if !valid {
+        return Err(gp);
+    }
+    if ev.check_dpl && gate.dpl < cpl {
+        return Err(gp);
+    }
+    if !gate.present {
+        return Err(Fault::Gate { vector: 11, code });
+    }
+    let interrupt_gate = match gate.kind {
+        0xe => true,
+        0xf => false,
+        5 => return unsupported("task gate"),
+        _ => return unsupported("16-bit gate"),
+    };
+    let cs_sel = gate.selector;
+    let mut cs = read_descriptor(mem, s, cs_sel).map_err(Fault::Unsupported)?;
+    if cs.s == 0 || cs.type_ & 8 == 0 || cs.present == 0 || cs.dpl > cpl {
+        return unsupported(format!("gate {} has a bad code selector {cs_sel:#x}", ev.vector));
+    }
+    if long && cs.l == 0 {
+        return unsupported("long-mode gate to a non-64-bit code segment");
+    }
+    let conforming = cs.type_ & 4 != 0;
+    let new_cpl = if conforming { cpl } else { cs.dpl };
+    let p = Paging::from_sregs(s);
+    let tss = |off: u64, buf: &mut [u8]| {
+        if off + buf.len() as u64 > u64::from(s.tr.limit) + 1 {
+            return Err(Fault::Unsupported("TSS too short".into()));
+        }
+        x86::read_linear(mem, &p, s.tr.base.wrapping_add(off), buf, Access::READ)
+            .map_err(|e| Fault::Unsupported(format!("TSS unreadable: {e:?}")))
+    };
+    let mut flags = f.rflags & !RFLAGS_RF;
+    let frame_flags = flags | 2;
+    flags &= !(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM);
+    if interrupt_gate {
+        flags &= !RFLAGS_IF;
+    }
+    let supervisor_write = Access {
+        write: true,
+        user: new_cpl == 3,
+    };
+    if long {
+        let mut rsp = if gate.ist != 0 {
+            let mut b = [0u8; 8];
+            tss(0x24 + 8 * u64::from(gate.ist - 1), &mut b)?;
+            u64::from_le_bytes(b)
+        } else if new_cpl < cpl {
+            let mut b = [0u8; 8];
+            tss(4 + 8 * u64::from(new_cpl), &mut b)?;
+            u64::from_le_bytes(b)
+        } else {
+            f.rsp
+        };
+        rsp &= !0xf;
+        let mut words = vec![
+            u64::from(f.ss),
+            f.rsp,
+            frame_flags,
+            u64::from(f.cs),
+            ev.rip,
+        ];
+        if let Some(e) = ev.error_code {
+            words.push(u64::from(e));
+        }
+        let bytes: Vec<u8> = words.iter().rev().flat_map(|w| w.to_le_bytes()).collect();
+        let top = rsp.wrapping_sub(bytes.len() as u64);
+        x86::write_linear(mem, &p, top, &bytes, supervisor_write)
+            .map_err(|e| Fault::Unsupported(format!("handler stack not writable: {e:?}")))?;
+        let ss = if new_cpl < cpl {
+            kvm_segment {
+                selector: u16::from(new_cpl),
+                unusable: 1,
+                dpl: new_cpl,
+                ..Default::default()
+            }
+        } else {
+            read_descriptor(mem, s, f.ss).map_err(Fault::Unsupported)?
+        };
+        cs.selector = (cs_sel & !3) | u16::from(new_cpl);
+        cs.type_ |= 1;
+        regs.rip = gate.offset;
+        regs.rsp = top;
+        regs.rflags = flags | 2;
+        s.cs = cs;
+        s.ss = ss;
+    } else {
+        let (ss, esp) = if new_cpl < cpl {
+            let mut b = [0u8; 8];
+            tss(4 + 8 * u64::from(new_cpl), &mut b)?;
+            let esp = u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            let ss_sel = u16::from_le_bytes([b[4], b[5]]);
+            let ss = read_descriptor(mem, s, ss_sel).map_err(Fault::Unsupported)?;
+            // A writable data segment at the new privilege.
+            if ss.s == 0 || ss.type_ & 0xa != 2 || ss.present == 0 || ss.dpl != new_cpl {
+                return unsupported(format!("bad ring-{new_cpl} stack segment {ss_sel:#x}"));
+            }
+            (ss, esp)
+        } else {
+            let ss = read_descriptor(mem, s, f.ss).map_err(Fault::Unsupported)?;
+            (ss, f.rsp & 0xffff_ffff)
+        };
+        let mut words: Vec<u32> = Vec::with_capacity(6);
+        if new_cpl < cpl {
+            words.push(u32::from(f.ss));
+            words.push(f.rsp as u32);
+        }
+        words.push(frame_flags as u32);
+        words.push(u32::from(f.cs));
+        words.push(ev.rip as u32);
+        if let Some(e) = ev.error_code {
+            words.push(e);
+        }
+        let bytes: Vec<u8> = words.iter().rev().flat_map(|w| w.to_le_bytes()).collect();
+        let top = esp.wrapping_sub(bytes.len() as u64) & 0xffff_ffff;
+        let lin = ss.base.wrapping_add(top) & 0xffff_ffff;
+        x86::write_linear(mem, &p, lin, &bytes, supervisor_write)
+            .map_err(|e| Fault::Unsupported(format!("handler stack not writable: {e:?}")))?;
+        cs.selector = (cs_sel & !3) | u16::from(new_cpl);
+        cs.type_ |= 1;
+        regs.rip = gate.offset & 0xffff_ffff;
+        regs.rsp = top;
+        regs.rflags = flags | 2;
+        s.cs = cs;
+        s.ss = ss;
+    }
+    Ok(())
+}
+
+/// Completes the #UD handler's first instruction when the guest's handler
+/// must run (this host ignores RFLAGS.RF: resuming at the breakpoint would
+/// trap again). Handles what handlers start with: `endbr`, `nop`, `clac`
+/// (via [`crate::syscall_fix::step_over`]) and `push imm` (XTF pushes a
+/// dummy error code). False for anything else.
+pub fn step_over_entry(
+    mem: &dyn PhysMem,
+    insn: &Instruction,
+    regs: &mut kvm_regs,
+    s: &kvm_sregs,
+) -> bool {
+    match insn.code() {
+        Code::Pushq_imm8 | Code::Pushq_imm32 | Code::Pushd_imm8 | Code::Pushd_imm32 => {
+            let long = x86::is_64bit(s);
+            let v = insn.immediate(0);
+            let p = Paging::from_sregs(s);
+            let (size, sp) = if long {
+                (8u64, regs.rsp.wrapping_sub(8))
+            } else {
+                (4, regs.rsp.wrapping_sub(4) & 0xffff_ffff)
+            };
+            let lin = if long {
+                sp
+            } else {
+                s.ss.base.wrapping_add(sp) & 0xffff_ffff
+            };
+            let bytes = v.to_le_bytes();
+            if x86::write_linear(mem, &p, lin, &bytes[..size as usize], Access::WRITE).is_err() {
+                return false;
+            }
+            regs.rsp = if long {
+                sp
+            } else {
+                (regs.rsp & !0xffff_ffff) | sp
+            };
+            let next = regs.rip.wrapping_add(insn.len() as u64);
+            regs.rip = if long { next } else { next & 0xffff_ffff };
+            true
+        }
+        Code::Endbr32 => {
+            regs.rip = regs.rip.wrapping_add(insn.len() as u64);
+            true
+        }
+        _ => {
+            let ok = crate::syscall_fix::step_over(insn, regs);
+            if ok && !x86::is_64bit(s) {
+                regs.rip &= 0xffff_ffff;
+            }
+            ok
+        }
+    }
+}
+
+/// The #UD handler the trap is armed on, and the IDTR it was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UdTrap {
+    pub idt_base: u64,
+    pub idt_limit: u16,
+    /// Linear address of the handler's first instruction; 0: none.
+    pub handler: u64,
+}
+
+/// The #UD handler's linear address from the guest's IDT (vector 6), if the
+/// gate is a present interrupt or trap gate.
+pub fn ud_handler(mem: &dyn PhysMem, s: &kvm_sregs) -> Option<u64> {
+    if s.cr0 & 1 == 0 {
+        return None;
+    }
+    let g = read_gate(mem, s, 6, false).ok()?;
+    if !g.present || !(g.kind == 0xe || g.kind == 0xf) {
+        return None;
+    }
+    if long_mode(s) {
+        return Some(g.offset);
+    }
+    let cs = read_descriptor(mem, s, g.selector).ok()?;
+    Some(cs.base.wrapping_add(g.offset) & 0xffff_ffff)
+}
+
+#[cfg(test)]
+mod tests;
