@@ -56,6 +56,9 @@ pub struct HostProbe {
     pub kernel_int3: Support,
     pub iret32: Support,
     pub user_syscall: Support,
+    /// Virtual-8086 mode (EFLAGS.VM in protected mode): what a hardware
+    /// task switch to a vm86 task (XTF `xsa-192`) needs.
+    pub vm86: Support,
 }
 
 impl HostProbe {
@@ -69,6 +72,7 @@ impl HostProbe {
             kernel_int3: probe_kernel_int3(),
             iret32: probe_iret32(),
             user_syscall: probe_user_syscall(),
+            vm86: probe_vm86(),
         }
     }
 
@@ -85,7 +89,7 @@ impl HostProbe {
         self.user_int_n_long_mode == Support::FixedUp || self.user_int_n_prot32 == Support::FixedUp
     }
 
-    pub fn rows(&self) -> [(&'static str, &Support); 7] {
+    pub fn rows(&self) -> [(&'static str, &Support); 8] {
         [
             ("legacy 32-bit PAE paging", &self.legacy_pae_paging),
             ("legacy 32-bit PSE paging", &self.legacy_pse_paging),
@@ -94,6 +98,7 @@ impl HostProbe {
             ("int3 at CPL 0", &self.kernel_int3),
             ("32-bit iret", &self.iret32),
             ("syscall at CPL 3", &self.user_syscall),
+            ("virtual-8086 mode", &self.vm86),
         ]
     }
 }
@@ -608,4 +613,48 @@ fn run_user_syscall(fixup: bool) -> Result<End, String> {
     p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
     p.vcpu.set_regs(&r).map_err(|e| e.to_string())?;
     Ok(run_vcpu(&mut p))
+}
+
+/// Virtual-8086 mode: protected mode with EFLAGS.VM (and IOPL 3), real-mode
+/// style segments; the code does `out PORT_OK`.
+fn probe_vm86() -> Support {
+    let r = (|| -> Result<End, String> {
+        let mut p = new_vm()?;
+        p.mem
+            .write_slice(&[0xe6, PORT_OK as u8, 0xf4], GuestAddress(0x1000))
+            .map_err(|e| e.to_string())?;
+        prot32(&p, 0)?;
+        let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
+        let v86 = |sel: u16, type_: u8| kvm_segment {
+            base: u64::from(sel) << 4,
+            limit: 0xffff,
+            selector: sel,
+            type_,
+            present: 1,
+            dpl: 3,
+            s: 1,
+            ..Default::default()
+        };
+        s.cs = v86(0x100, 0xb);
+        for d in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
+            *d = v86(0x200, 0x3);
+        }
+        s.tr.base = 0x8000;
+        p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
+        let mut r = p.vcpu.get_regs().map_err(|e| e.to_string())?;
+        r.rip = 0;
+        r.rsp = 0x1000;
+        r.rflags = 0x2_3002; // VM, IOPL 3
+        p.vcpu.set_regs(&r).map_err(|e| e.to_string())?;
+        Ok(run_vcpu(&mut p))
+    })();
+    match r {
+        Ok(End::Out(PORT_OK)) => Support::Native,
+        Ok(End::EmulationFailure) => {
+            Support::Unsupported("the first instruction stops KVM (emulation failure)".into())
+        }
+        Ok(End::TripleFault) => Support::Unsupported("the guest triple-faults".into()),
+        Ok(e) => Support::Unsupported(format!("the guest does not run ({e:?})")),
+        Err(e) => Support::Unknown(e),
+    }
 }

@@ -422,6 +422,10 @@ pub fn fixup(mem: &dyn PhysMem, env: &dyn EmuEnv, regs: &mut kvm_regs, s: &mut k
     };
     match insn.code() {
         Code::Int3 => {
+            // The gate checks as for `int $3` (limit, DPL, present).
+            if let Err(f) = check_soft_int_gate(mem, s, BP) {
+                return f;
+            }
             advance(regs);
             Fixup::Exception {
                 vector: BP,
@@ -439,6 +443,11 @@ pub fn fixup(mem: &dyn PhysMem, env: &dyn EmuEnv, regs: &mut kvm_regs, s: &mut k
             }
         }
         Code::Into if code_bits(s) != 64 => {
+            if regs.rflags & (1 << 11) != 0 {
+                if let Err(f) = check_soft_int_gate(mem, s, 4) {
+                    return f;
+                }
+            }
             advance(regs);
             if regs.rflags & (1 << 11) != 0 {
                 Fixup::SoftInt { vector: 4 }
@@ -560,7 +569,10 @@ pub fn fixup(mem: &dyn PhysMem, env: &dyn EmuEnv, regs: &mut kvm_regs, s: &mut k
             }
             Err(f) => f,
         },
-        c => Fixup::Unhandled(format!("{c:?} at {:#x} ({:?})", regs.rip, insn.mnemonic())),
+        // icebp, x87/SIMD under CR0.TS/EM, VMX/SVM, task switches.
+        c => crate::x86_traps::fixup(mem, env, regs, s, &insn).unwrap_or_else(|| {
+            Fixup::Unhandled(format!("{c:?} at {:#x} ({:?})", regs.rip, insn.mnemonic()))
+        }),
     }
 }
 

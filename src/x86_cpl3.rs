@@ -268,8 +268,8 @@ pub fn deliver_user_swint(
     };
     match deliver(mem, regs, s, f, ev) {
         Ok(()) => Ok(sw.vector),
-        Err(Fault::Gate { vector, code }) => {
-            // The fault is delivered as a hardware exception from the
+        Err(Fault::Raise { vector, code }) => {
+                // The fault is delivered as a hardware exception from the
             // instruction itself; its own gate must be good.
             let ev = Event {
                 vector,
@@ -293,8 +293,9 @@ pub fn deliver_user_swint(
 /// Why a delivery did not happen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Fault {
-    /// The gate checks raise `vector` (#GP or #NP) with `code`.
-    Gate { vector: u8, code: u32 },
+    /// The checks raise exception `vector` (#GP, #NP from the gate, #TS from
+    /// the TSS) with error code `code`.
+    Raise { vector: u8, code: u32 },
     /// Something xenkvm does not emulate (task gates, a bad target CS or
     /// stack, an unwritable stack, ...).
     Unsupported(String),
@@ -347,7 +348,7 @@ fn read_gate(mem: &dyn PhysMem, s: &kvm_sregs, vector: u8, ext: bool) -> Result<
     let code = u32::from(vector) * 8 + 2 + u32::from(ext);
     let off = u64::from(vector) * size;
     if off + size - 1 > u64::from(s.idt.limit) {
-        return Err(Fault::Gate { vector: 13, code });
+        return Err(Fault::Raise { vector: 13, code });
     }
     let mut g = [0u8; 16];
     x86::read_linear(
@@ -388,7 +389,7 @@ fn deliver(
     let cpl = (f.cs & 3) as u8;
     let gate = read_gate(mem, s, ev.vector, ev.ext)?;
     let code = u32::from(ev.vector) * 8 + 2 + u32::from(ev.ext);
-    let gp = Fault::Gate { vector: 13, code };
+    let gp = Fault::Raise { vector: 13, code };
     // Interrupt (0xe) or trap (0xf) gates; in 32-bit mode task gates (5)
     // and 16-bit gates (6, 7) are valid too (xenkvm does not emulate them).
     let valid = matches!((long, gate.kind), (_, 0xe | 0xf) | (false, 5 | 6 | 7));
@@ -399,7 +400,7 @@ fn deliver(
         return Err(gp);
     }
     if !gate.present {
-        return Err(Fault::Gate { vector: 11, code });
+        return Err(Fault::Raise { vector: 11, code });
     }
     let interrupt_gate = match gate.kind {
         0xe => true,
@@ -420,7 +421,11 @@ fn deliver(
     let p = Paging::from_sregs(s);
     let tss = |off: u64, buf: &mut [u8]| {
         if off + buf.len() as u64 > u64::from(s.tr.limit) + 1 {
-            return Err(Fault::Unsupported("TSS too short".into()));
+            // The stack pointer lies beyond the TSS limit: #TS(TSS selector).
+            return Err(Fault::Raise {
+                vector: 10,
+                code: u32::from(s.tr.selector & 0xfffc) | u32::from(ev.ext),
+            });
         }
         x86::read_linear(mem, &p, s.tr.base.wrapping_add(off), buf, Access::READ)
             .map_err(|e| Fault::Unsupported(format!("TSS unreadable: {e:?}")))

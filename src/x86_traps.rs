@@ -1,0 +1,283 @@
+//! Instructions this host's KVM stops on (emulation failure) whose outcome
+//! is an exception the CPU would raise, decided as the CPU does. Hooked into
+//! [`crate::x86::fixup`] for instructions it does not handle itself.
+//!
+//! - `icebp` (F1, INT1) at CPL 0: a #DB trap that ignores the gate's DPL
+//!   (unlike `int $1`); a gate beyond the IDT limit or not present raises
+//!   #GP/#NP with error code `1*8+2+EXT` (EXT set: the event counts as
+//!   external). The same at CPL 3 is delivered by [`crate::x86_cpl3`].
+//! - x87 instructions: #NM when CR0.EM or CR0.TS is set; `fnop` runs
+//!   otherwise. MMX: #UD with CR0.EM, #NM with CR0.TS. SSE: #UD without
+//!   CR4.OSFXSR or with CR0.EM, #NM with CR0.TS; register-to-register
+//!   `movups`/`movaps` run. AVX (VEX): #UD without CR4.OSXSAVE or with XCR0
+//!   lacking SSE/YMM state, #NM with CR0.TS (CR0.EM does not apply).
+//! - VMX instructions raise #UD while CR4.VMXE is clear, SVM instructions
+//!   while EFER.SVME is clear: exactly what a CPU without VMX/SVM (the guest
+//!   CPUID on a host without them) or with them disabled does. xenkvm offers
+//!   no nested virtualisation, so the guest can never set either bit.
+//! - A far `jmp`/`call` to a TSS or task gate (a hardware task switch) is
+//!   recognised; a switch into a virtual-8086 task on a host that cannot run
+//!   virtual-8086 mode ([`crate::probe`]) stops the guest with that reason
+//!   ([`Fixup::Unhandled`] with the words "needs virtual-8086 mode").
+
+use iced_x86::{Code, CpuidFeature, Instruction, Mnemonic, OpKind, Register};
+use kvm_bindings::{kvm_regs, kvm_sregs};
+
+use crate::x86::{self, Access, EmuEnv, Fixup, Paging, PhysMem};
+
+const CR0_EM: u64 = 1 << 2;
+const CR0_TS: u64 = 1 << 3;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_VMXE: u64 = 1 << 13;
+const CR4_OSXSAVE: u64 = 1 << 18;
+const EFER_SVME: u64 = 1 << 12;
+const EFER_LMA: u64 = 1 << 10;
+
+/// Exception vectors used here.
+const DB: u8 = 1;
+
+fn exception(vector: u8) -> Fixup {
+    Fixup::Exception {
+        vector,
+        error_code: None,
+    }
+}
+
+/// The instruction class that decides its device-not-available and
+/// invalid-opcode rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FpClass {
+    X87,
+    Mmx,
+    Sse,
+    Avx,
+    Other,
+}
+
+/// Classifies `insn` by the CPUID features it needs (iced-x86's tables).
+pub fn fp_class(insn: &Instruction) -> FpClass {
+    use CpuidFeature as F;
+    let feats = insn.cpuid_features();
+    let vex = insn.encoding() != iced_x86::EncodingKind::Legacy;
+    if vex && feats.iter().any(|f| matches!(f, F::AVX | F::AVX2 | F::FMA | F::F16C)) {
+        return FpClass::Avx;
+    }
+    if feats
+        .iter()
+        .any(|f| matches!(f, F::FPU | F::FPU287 | F::FPU387 | F::FPU287XL_ONLY))
+        && insn.mnemonic() != Mnemonic::Wait
+    {
+        return FpClass::X87;
+    }
+    // MMX forms: an MMX register operand.
+    let mm = (0..insn.op_count())
+        .any(|i| insn.op_kind(i) == OpKind::Register && insn.op_register(i).is_mm());
+    if mm {
+        return FpClass::Mmx;
+    }
+    let sse = feats.iter().any(|f| {
+        matches!(
+            f,
+            F::SSE | F::SSE2 | F::SSE3 | F::SSSE3 | F::SSE4_1 | F::SSE4_2 | F::PCLMULQDQ | F::AES
+        )
+    });
+    if sse && !vex {
+        return FpClass::Sse;
+    }
+    FpClass::Other
+}
+
+/// The exception an x87/MMX/SSE/AVX instruction raises from CR0/CR4/XCR0,
+/// if any (the CPU's order: #UD conditions before #NM).
+pub fn fp_exception(class: FpClass, cr0: u64, cr4: u64, xcr0: u64) -> Option<u8> {
+    match class {
+        FpClass::X87 => (cr0 & (CR0_EM | CR0_TS) != 0).then_some(x86::NM),
+        FpClass::Mmx => {
+            if cr0 & CR0_EM != 0 {
+                Some(x86::UD)
+            } else if cr0 & CR0_TS != 0 {
+                Some(x86::NM)
+            } else {
+                None
+            }
+        }
+        FpClass::Sse => {
+            if cr4 & CR4_OSFXSR == 0 || cr0 & CR0_EM != 0 {
+                Some(x86::UD)
+            } else if cr0 & CR0_TS != 0 {
+                Some(x86::NM)
+            } else {
+                None
+            }
+        }
+        FpClass::Avx => {
+            if cr4 & CR4_OSXSAVE == 0 || xcr0 & 6 != 6 {
+                Some(x86::UD)
+            } else if cr0 & CR0_TS != 0 {
+                Some(x86::NM)
+            } else {
+                None
+            }
+        }
+        FpClass::Other => None,
+    }
+}
+
+/// True for VMX instructions other than `vmcall` (the hypercall path).
+fn is_vmx(insn: &Instruction) -> bool {
+    insn.cpuid_features().contains(&CpuidFeature::VMX)
+        && !matches!(insn.code(), Code::Vmcall | Code::Vmfunc)
+}
+
+/// True for SVM instructions other than `vmmcall` (the hypercall path).
+fn is_svm(insn: &Instruction) -> bool {
+    insn.cpuid_features().contains(&CpuidFeature::SVM) && insn.code() != Code::Vmmcall
+}
+
+/// The hook: the outcome for `insn` at CS:RIP, or None when this module
+/// does not know the instruction either.
+pub fn fixup(
+    mem: &dyn PhysMem,
+    env: &dyn EmuEnv,
+    regs: &mut kvm_regs,
+    s: &mut kvm_sregs,
+    insn: &Instruction,
+) -> Option<Fixup> {
+    let next = {
+        let n = regs.rip.wrapping_add(insn.len() as u64);
+        if x86::code_bits(s) == 64 {
+            n
+        } else {
+            n & 0xffff_ffff
+        }
+    };
+    if insn.code() == Code::Int1 {
+        return Some(match icebp_gate_fault(mem, s) {
+            Some(f) => f,
+            None => {
+                regs.rip = next;
+                exception(DB)
+            }
+        });
+    }
+    if is_vmx(insn) {
+        return (s.cr4 & CR4_VMXE == 0).then(|| exception(x86::UD));
+    }
+    if is_svm(insn) {
+        return (s.efer & EFER_SVME == 0).then(|| exception(x86::UD));
+    }
+    if let Some(f) = task_switch(mem, s, insn) {
+        return Some(f);
+    }
+    let class = fp_class(insn);
+    if class == FpClass::Other {
+        return None;
+    }
+    let xcr0 = if class == FpClass::Avx { env.xcr0() } else { 0 };
+    if let Some(v) = fp_exception(class, s.cr0, s.cr4, xcr0) {
+        return Some(exception(v));
+    }
+    // Neither EM nor TS: the few forms that need no FPU state change.
+    match insn.code() {
+        Code::Fnop => {
+            regs.rip = next;
+            Some(Fixup::Resume)
+        }
+        Code::Movups_xmm_xmmm128 | Code::Movaps_xmm_xmmm128
+            if insn.op1_kind() == OpKind::Register =>
+        {
+            let idx = |r: Register| (r as usize).wrapping_sub(Register::XMM0 as usize);
+            let (d, src) = (idx(insn.op0_register()), idx(insn.op1_register()));
+            let v = env.xmm(src)?;
+            if !env.set_xmm(d, v) {
+                return None;
+            }
+            regs.rip = next;
+            Some(Fixup::Resume)
+        }
+        _ => None,
+    }
+}
+
+/// The fault `icebp` raises from its own gate (vector 1), if any: beyond
+/// the IDT limit #GP, not present #NP, with error code 1*8+2+EXT. No DPL
+/// check (that is what makes `icebp` differ from `int $1`).
+fn icebp_gate_fault(mem: &dyn PhysMem, s: &kvm_sregs) -> Option<Fixup> {
+    if s.cr0 & 1 == 0 {
+        return None;
+    }
+    let code = Some(u32::from(DB) * 8 + 3);
+    let size: u64 = if s.efer & EFER_LMA != 0 { 16 } else { 8 };
+    if u64::from(DB) * size + size - 1 > u64::from(s.idt.limit) {
+        return Some(Fixup::Exception {
+            vector: x86::GP,
+            error_code: code,
+        });
+    }
+    let mut g = [0u8; 8];
+    if let Err(pf) = x86::read_linear(
+        mem,
+        &Paging::from_sregs(s),
+        s.idt.base.wrapping_add(u64::from(DB) * size),
+        &mut g,
+        Access::READ,
+    ) {
+        return Some(Fixup::PageFault(pf));
+    }
+    (g[5] & 0x80 == 0).then_some(Fixup::Exception {
+        vector: x86::NP,
+        error_code: code,
+    })
+}
+
+/// A far `jmp`/`call` whose selector names a TSS or a task gate: a hardware
+/// task switch. xenkvm does not emulate task switches; when the target task
+/// runs in virtual-8086 mode and this host cannot run that mode, the guest
+/// is stopped with that reason. None: not a task switch.
+fn task_switch(mem: &dyn PhysMem, s: &kvm_sregs, insn: &Instruction) -> Option<Fixup> {
+    let sel = match insn.code() {
+        Code::Jmp_ptr1616 | Code::Jmp_ptr1632 | Code::Call_ptr1616 | Code::Call_ptr1632 => {
+            insn.far_branch_selector()
+        }
+        _ => return None,
+    };
+    if s.cr0 & 1 == 0 || sel & 4 != 0 {
+        return None;
+    }
+    let off = u64::from(sel >> 3) * 8;
+    if sel & 0xfffc == 0 || off + 7 > u64::from(s.gdt.limit) {
+        return None;
+    }
+    let p = Paging::from_sregs(s);
+    let mut d = [0u8; 8];
+    x86::read_linear(mem, &p, s.gdt.base.wrapping_add(off), &mut d, Access::READ).ok()?;
+    let seg = x86::descriptor_to_segment(sel, u64::from_le_bytes(d));
+    // System descriptors: 32-bit TSS available (9) or busy (0xb), task gate (5).
+    if seg.s != 0 || !matches!(seg.type_, 5 | 9 | 0xb) {
+        return None;
+    }
+    let tss_base = if seg.type_ == 5 {
+        let tss_sel = u16::from_le_bytes([d[2], d[3]]);
+        let off = u64::from(tss_sel >> 3) * 8;
+        let mut t = [0u8; 8];
+        x86::read_linear(mem, &p, s.gdt.base.wrapping_add(off), &mut t, Access::READ).ok()?;
+        x86::descriptor_to_segment(tss_sel, u64::from_le_bytes(t)).base
+    } else {
+        seg.base
+    };
+    // EFLAGS of a 32-bit TSS at offset 0x24.
+    let mut fl = [0u8; 4];
+    x86::read_linear(mem, &p, tss_base.wrapping_add(0x24), &mut fl, Access::READ).ok()?;
+    let vm86 = u32::from_le_bytes(fl) & (1 << 17) != 0;
+    let host = &crate::probe::HostProbe::get().vm86;
+    Some(Fixup::Unhandled(if vm86 && !host.works() {
+        format!(
+            "a hardware task switch to selector {sel:#x}: the guest needs virtual-8086 mode, which this host cannot run (xenkvm probe: {host})"
+        )
+    } else {
+        format!("a hardware task switch to selector {sel:#x} (xenkvm does not emulate task switches)")
+    }))
+}
+
+#[cfg(test)]
+mod tests;
