@@ -159,6 +159,7 @@ fn main() -> ExitCode {
         }
         Cmd::Probe => {
             print!("{}", xenkvm::probe::HostProbe::run());
+            print!("{}", xenkvm::probe::HostMeasures::run());
             ExitCode::SUCCESS
         }
     }

@@ -658,3 +658,140 @@ fn probe_vm86() -> Support {
         Err(e) => Support::Unknown(e),
     }
 }
+
+/// Measurements that take longer than the fix-up probes (up to about a
+/// second); the VMM does not need them, `xenkvm probe` and the tests do.
+#[derive(Debug, Clone)]
+pub struct HostMeasures {
+    /// Kernel-mode (CPL 0) loop iterations per second (`dec ecx; jnz`):
+    /// on a host that emulates guest kernel code this is millions, not
+    /// billions.
+    pub kernel_loop_rate: Result<f64, String>,
+    /// The in-kernel LAPIC's ESR after a fixed IPI to itself with the
+    /// illegal vector 15 (real APICs: Send and Receive Illegal Vector, 0x60;
+    /// XTF `xsa-462` checks it).
+    pub lapic_illegal_vector_esr: Support,
+}
+
+impl HostMeasures {
+    pub fn run() -> HostMeasures {
+        HostMeasures {
+            kernel_loop_rate: kernel_loop_rate(),
+            lapic_illegal_vector_esr: probe_lapic_esr(),
+        }
+    }
+
+    /// The measurements, once per process.
+    pub fn get() -> &'static HostMeasures {
+        static M: std::sync::OnceLock<HostMeasures> = std::sync::OnceLock::new();
+        M.get_or_init(HostMeasures::run)
+    }
+}
+
+impl fmt::Display for HostMeasures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kernel_loop_rate {
+            Ok(r) => writeln!(f, "{:<30} {:.3e} iterations/s", "kernel-mode loop rate", r)?,
+            Err(e) => writeln!(f, "{:<30} unknown: {e}", "kernel-mode loop rate")?,
+        }
+        writeln!(
+            f,
+            "{:<30} {}",
+            "LAPIC ESR, illegal vector", self.lapic_illegal_vector_esr
+        )
+    }
+}
+
+/// Iterations of the kernel-mode loop [`kernel_loop_rate`] times.
+const LOOP_ITERATIONS: u32 = 1 << 20;
+
+/// Times `LOOP_ITERATIONS` iterations of `dec ecx; jnz` at CPL 0 in 32-bit
+/// protected mode (the VM is built first, only the run is timed).
+fn kernel_loop_rate() -> Result<f64, String> {
+    let mut p = new_vm()?;
+    let code = asm(32, 0x1000, |a| {
+        let mut top = a.create_label();
+        a.mov(ecx, LOOP_ITERATIONS)?;
+        a.set_label(&mut top)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.out(PORT_OK as u32, al)?;
+        a.hlt()
+    })?;
+    p.mem
+        .write_slice(&code, GuestAddress(0x1000))
+        .map_err(|e| e.to_string())?;
+    prot32(&p, 0x1000)?;
+    let t = std::time::Instant::now();
+    match run_vcpu(&mut p) {
+        End::Out(PORT_OK) => Ok(f64::from(LOOP_ITERATIONS) / t.elapsed().as_secs_f64().max(1e-9)),
+        e => Err(format!("the loop did not finish: {e:?}")),
+    }
+}
+
+/// XTF `xsa-462`'s sequence on the in-kernel LAPIC: software-enable it,
+/// clear ESR, LVTERR = 15, a fixed IPI with vector 15 to APIC 0 (itself),
+/// clear ESR, read ESR.
+fn probe_lapic_esr() -> Support {
+    let r = (|| -> Result<u32, String> {
+        let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+        let vm = kvm.create_vm().map_err(|e| e.to_string())?;
+        vm.create_irq_chip().map_err(|e| e.to_string())?;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)])
+            .map_err(|e| e.to_string())?;
+        let host = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| e.to_string())?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 4 << 20,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `mem` owns the 4 MiB mapping; it moves into the ProbeVm
+        // below next to the VM fd, whose fields drop in order (the VM
+        // first), so the memory outlives the slot's use.
+        unsafe { vm.set_user_memory_region(region) }.map_err(|e| e.to_string())?;
+        let _ = vm.set_tss_address(0xfffb_d000);
+        let vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
+        let mut p = ProbeVm { _vm: vm, vcpu, mem };
+        const APIC: u32 = 0xfee0_0000;
+        let code = asm(32, 0x1000, |a| {
+            a.mov(dword_ptr(APIC + 0xf0), 0x1ffu32)?;
+            a.mov(dword_ptr(APIC + 0x280), 0u32)?;
+            a.mov(dword_ptr(APIC + 0x370), 0xfu32)?;
+            a.mov(dword_ptr(APIC + 0x310), 0u32)?;
+            a.mov(dword_ptr(APIC + 0x300), 0xfu32)?;
+            a.mov(dword_ptr(APIC + 0x280), 0u32)?;
+            a.mov(eax, dword_ptr(APIC + 0x280))?;
+            a.out(PORT_OK as u32, eax)?;
+            a.hlt()
+        })?;
+        p.mem
+            .write_slice(&code, GuestAddress(0x1000))
+            .map_err(|e| e.to_string())?;
+        prot32(&p, 0x1000)?;
+        for _ in 0..16 {
+            match p.vcpu.run() {
+                Ok(VcpuExit::IoOut(PORT_OK, data)) => {
+                    let mut b = [0u8; 4];
+                    let n = data.len().min(4);
+                    b[..n].copy_from_slice(&data[..n]);
+                    return Ok(u32::from_le_bytes(b));
+                }
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Ok(e) => return Err(format!("{e:?}")),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err("no exit".into())
+    })();
+    match r {
+        Ok(0x60) => Support::Native,
+        Ok(v) => Support::Unsupported(format!(
+            "ESR reads {v:#x}, not 0x60: this KVM's in-kernel LAPIC does not report illegal vectors"
+        )),
+        Err(e) => Support::Unknown(e),
+    }
+}

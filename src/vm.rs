@@ -360,6 +360,15 @@ fn enable_msr_exits(vm: &VmFd) -> Result<(), VmError> {
         msr_count: 1,
         bitmap: &bitmap,
     }];
+    // The Viridian (Hyper-V) MSRs, which xenkvm does not offer: refused
+    // with #GP as by KVM, but the VMM names what the guest wanted.
+    let viridian = [0u8; (crate::exit::VIRIDIAN_MSR_COUNT as usize).div_ceil(8)];
+    ranges.push(MsrFilterRange {
+        flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+        base: crate::exit::VIRIDIAN_MSR_FIRST,
+        msr_count: crate::exit::VIRIDIAN_MSR_COUNT,
+        bitmap: &viridian,
+    });
     // Where `syscall` from CPL 3 does not reach CPL 0, LSTAR writes arm the
     // fix-up (crate::syscall_fix).
     let syscall = &crate::probe::HostProbe::get().user_syscall;
