@@ -269,7 +269,7 @@ pub fn deliver_user_swint(
     match deliver(mem, regs, s, f, ev) {
         Ok(()) => Ok(sw.vector),
         Err(Fault::Raise { vector, code }) => {
-                // The fault is delivered as a hardware exception from the
+            // The fault is delivered as a hardware exception from the
             // instruction itself; its own gate must be good.
             let ev = Event {
                 vector,
@@ -411,7 +411,10 @@ fn deliver(
     let cs_sel = gate.selector;
     let mut cs = read_descriptor(mem, s, cs_sel).map_err(Fault::Unsupported)?;
     if cs.s == 0 || cs.type_ & 8 == 0 || cs.present == 0 || cs.dpl > cpl {
-        return unsupported(format!("gate {} has a bad code selector {cs_sel:#x}", ev.vector));
+        return unsupported(format!(
+            "gate {} has a bad code selector {cs_sel:#x}",
+            ev.vector
+        ));
     }
     if long && cs.l == 0 {
         return unsupported("long-mode gate to a non-64-bit code segment");
@@ -453,13 +456,7 @@ fn deliver(
             f.rsp
         };
         rsp &= !0xf;
-        let mut words = vec![
-            u64::from(f.ss),
-            f.rsp,
-            frame_flags,
-            u64::from(f.cs),
-            ev.rip,
-        ];
+        let mut words = vec![u64::from(f.ss), f.rsp, frame_flags, u64::from(f.cs), ev.rip];
         if let Some(e) = ev.error_code {
             words.push(u64::from(e));
         }

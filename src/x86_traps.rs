@@ -59,7 +59,11 @@ pub fn fp_class(insn: &Instruction) -> FpClass {
     use CpuidFeature as F;
     let feats = insn.cpuid_features();
     let vex = insn.encoding() != iced_x86::EncodingKind::Legacy;
-    if vex && feats.iter().any(|f| matches!(f, F::AVX | F::AVX2 | F::FMA | F::F16C)) {
+    if vex
+        && feats
+            .iter()
+            .any(|f| matches!(f, F::AVX | F::AVX2 | F::FMA | F::F16C))
+    {
         return FpClass::Avx;
     }
     if feats
@@ -275,7 +279,9 @@ fn task_switch(mem: &dyn PhysMem, s: &kvm_sregs, insn: &Instruction) -> Option<F
             "a hardware task switch to selector {sel:#x}: the guest needs virtual-8086 mode, which this host cannot run (xenkvm probe: {host})"
         )
     } else {
-        format!("a hardware task switch to selector {sel:#x} (xenkvm does not emulate task switches)")
+        format!(
+            "a hardware task switch to selector {sel:#x} (xenkvm does not emulate task switches)"
+        )
     }))
 }
 
