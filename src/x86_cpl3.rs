@@ -392,7 +392,7 @@ fn deliver(
     let gp = Fault::Raise { vector: 13, code };
     // Interrupt (0xe) or trap (0xf) gates; in 32-bit mode task gates (5)
     // and 16-bit gates (6, 7) are valid too (xenkvm does not emulate them).
-    let valid = matches!((long, gate.kind), (_, 0xe | 0xf) | (false, 5 | 6 | 7));
+    let valid = matches!((long, gate.kind), (_, 0xe | 0xf) | (false, 5..=7));
     if !valid {
         return Err(gp);
     }
