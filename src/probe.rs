@@ -398,24 +398,22 @@ fn probe_user_int_n() -> Support {
 }
 
 fn run_user_int_n(fixup: bool) -> Result<End, String> {
-    {
-        let mut p = new_vm()?;
-        // int $0x10 from CPL 3 through a DPL-3 gate; the handler reports
-        // vector 0x10 on port 0x90+0x10 = 0xa0.
-        let code = asm(64, 0x1000, |a| {
-            a.int(0x10)?;
-            a.hlt()
-        })?;
-        p.mem
-            .write_slice(&code, GuestAddress(0x1000))
-            .map_err(|e| e.to_string())?;
-        long_mode(&p, true, 0x1000, 3)?;
-        Ok(if fixup {
-            run_with_ud_fix(&mut p, 0x7400 + 6 * 16)
-        } else {
-            run_vcpu(&mut p)
-        })
-    }
+    let mut p = new_vm()?;
+    // int $0x10 from CPL 3 through a DPL-3 gate; the handler reports
+    // vector 0x10 on port 0x90+0x10 = 0xa0.
+    let code = asm(64, 0x1000, |a| {
+        a.int(0x10)?;
+        a.hlt()
+    })?;
+    p.mem
+        .write_slice(&code, GuestAddress(0x1000))
+        .map_err(|e| e.to_string())?;
+    long_mode(&p, true, 0x1000, 3)?;
+    Ok(if fixup {
+        run_with_ud_fix(&mut p, 0x7400 + 6 * 16)
+    } else {
+        run_vcpu(&mut p)
+    })
 }
 
 /// `int $0x10` at CPL 3 in 32-bit protected mode, paging off, through a
@@ -425,60 +423,58 @@ fn probe_user_int_n_prot32() -> Support {
 }
 
 fn run_user_int_n_prot32(fixup: bool) -> Result<End, String> {
-    {
-        let mut p = new_vm()?;
-        let w = |v: u64, at: u64| {
-            p.mem
-                .write_obj(v, GuestAddress(at))
-                .map_err(|e| e.to_string())
-        };
-        // GDT: 0x08 code DPL0, 0x10 data DPL0, 0x18 code DPL3, 0x20 data DPL3.
-        w(0x00cf_9b00_0000_ffff, 0x5008)?;
-        w(0x00cf_9300_0000_ffff, 0x5010)?;
-        w(0x00cf_fb00_0000_ffff, 0x5018)?;
-        w(0x00cf_f300_0000_ffff, 0x5020)?;
-        // IDT: 8-byte interrupt gates; every vector reports itself.
-        for vec in 0u64..32 {
-            let handler = 0x7400 + vec * 16;
-            let dpl = if vec == 0x10 { 3u64 } else { 0 };
-            w(
-                (handler & 0xffff)
-                    | (0x08 << 16)
-                    | ((0x8e | (dpl << 5)) << 40)
-                    | ((handler >> 16) << 48),
-                0x6000 + vec * 8,
-            )?;
-            p.mem
-                .write_slice(
-                    &[0xe6, (PORT_VEC as u8).wrapping_add(vec as u8), 0xf4],
-                    GuestAddress(handler),
-                )
-                .map_err(|e| e.to_string())?;
-        }
-        // 32-bit TSS at 0x8000: ESP0 = 0x9000, SS0 = 0x10.
+    let mut p = new_vm()?;
+    let w = |v: u64, at: u64| {
         p.mem
-            .write_obj(0x9000u32, GuestAddress(0x8004))
-            .map_err(|e| e.to_string())?;
+            .write_obj(v, GuestAddress(at))
+            .map_err(|e| e.to_string())
+    };
+    // GDT: 0x08 code DPL0, 0x10 data DPL0, 0x18 code DPL3, 0x20 data DPL3.
+    w(0x00cf_9b00_0000_ffff, 0x5008)?;
+    w(0x00cf_9300_0000_ffff, 0x5010)?;
+    w(0x00cf_fb00_0000_ffff, 0x5018)?;
+    w(0x00cf_f300_0000_ffff, 0x5020)?;
+    // IDT: 8-byte interrupt gates; every vector reports itself.
+    for vec in 0u64..32 {
+        let handler = 0x7400 + vec * 16;
+        let dpl = if vec == 0x10 { 3u64 } else { 0 };
+        w(
+            (handler & 0xffff)
+                | (0x08 << 16)
+                | ((0x8e | (dpl << 5)) << 40)
+                | ((handler >> 16) << 48),
+            0x6000 + vec * 8,
+        )?;
         p.mem
-            .write_obj(0x10u32, GuestAddress(0x8008))
+            .write_slice(
+                &[0xe6, (PORT_VEC as u8).wrapping_add(vec as u8), 0xf4],
+                GuestAddress(handler),
+            )
             .map_err(|e| e.to_string())?;
-        p.mem
-            .write_slice(&[0xcd, 0x10, 0xf4], GuestAddress(0x1000))
-            .map_err(|e| e.to_string())?;
-        prot32(&p, 0x1000)?;
-        let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
-        load_segments(&mut s, 0x1b, 0x23, 3, false);
-        s.gdt.base = 0x5000;
-        s.gdt.limit = 0x2f;
-        s.idt.base = 0x6000;
-        s.idt.limit = 32 * 8 - 1;
-        p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
-        Ok(if fixup {
-            run_with_ud_fix(&mut p, 0x7400 + 6 * 16)
-        } else {
-            run_vcpu(&mut p)
-        })
     }
+    // 32-bit TSS at 0x8000: ESP0 = 0x9000, SS0 = 0x10.
+    p.mem
+        .write_obj(0x9000u32, GuestAddress(0x8004))
+        .map_err(|e| e.to_string())?;
+    p.mem
+        .write_obj(0x10u32, GuestAddress(0x8008))
+        .map_err(|e| e.to_string())?;
+    p.mem
+        .write_slice(&[0xcd, 0x10, 0xf4], GuestAddress(0x1000))
+        .map_err(|e| e.to_string())?;
+    prot32(&p, 0x1000)?;
+    let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
+    load_segments(&mut s, 0x1b, 0x23, 3, false);
+    s.gdt.base = 0x5000;
+    s.gdt.limit = 0x2f;
+    s.idt.base = 0x6000;
+    s.idt.limit = 32 * 8 - 1;
+    p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
+    Ok(if fixup {
+        run_with_ud_fix(&mut p, 0x7400 + 6 * 16)
+    } else {
+        run_vcpu(&mut p)
+    })
 }
 
 fn probe_kernel_int3() -> Support {
