@@ -1312,6 +1312,10 @@ mod tests {
         m.write(0x1000, &[0xcc]);
         let (mut r, mut s) = flat32();
         r.rip = 0x1000;
+        // A present DPL-0 interrupt gate for vector 3.
+        s.idt.base = 0x8000;
+        s.idt.limit = 0x7ff;
+        m.w64(0x8000 + 3 * 8, 0x0000_8e00_0000_0000);
         assert_eq!(
             fixup(&m, &Env, &mut r, &mut s),
             Fixup::Exception {
