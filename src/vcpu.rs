@@ -824,6 +824,27 @@ impl x86::EmuEnv for EmuHost<'_> {
             _ => false,
         }
     }
+    fn vex128_move(&self, dst: usize, src: usize) -> bool {
+        // The standard (non-compacted) XSAVE layout KVM uses: XMM registers
+        // at byte 160, the upper halves of the YMM registers at 576.
+        if dst >= 16 || src >= 16 {
+            return false;
+        }
+        let Ok(mut x) = self.fd.get_xsave() else {
+            return false;
+        };
+        let mut bytes: Vec<u8> = x.region.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let (xd, xs, yd) = (160 + 16 * dst, 160 + 16 * src, 576 + 16 * dst);
+        bytes.copy_within(xs..xs + 16, xd);
+        bytes[yd..yd + 16].fill(0);
+        for (w, c) in x.region.iter_mut().zip(bytes.chunks_exact(4)) {
+            *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        // SAFETY: `x` is the full kvm_xsave this vCPU's KVM_GET_XSAVE just
+        // filled (xenkvm enables no dynamically sized XSTATE features, so
+        // 4096 bytes hold all of it); only register bytes inside it changed.
+        unsafe { self.fd.set_xsave(&x) }.is_ok()
+    }
     fn set_mxcsr(&self, v: u32) -> bool {
         match self.fd.get_fpu() {
             Ok(mut f) => {

@@ -375,6 +375,11 @@ pub trait EmuEnv {
     fn xmm(&self, n: usize) -> Option<[u8; 16]>;
     /// Sets XMM register `n`; false if the host refused.
     fn set_xmm(&self, n: usize, v: [u8; 16]) -> bool;
+    /// A VEX.128 register move: XMM `src` to XMM `dst`, and the upper half
+    /// of YMM `dst` zeroed; false if the host refused or cannot.
+    fn vex128_move(&self, _dst: usize, _src: usize) -> bool {
+        false
+    }
 }
 
 /// Decodes the instruction at CS:RIP.

@@ -199,6 +199,19 @@ pub fn fixup(
             regs.rip = next;
             Some(Fixup::Resume)
         }
+        Code::VEX_Vmovups_xmm_xmmm128
+        | Code::VEX_Vmovaps_xmm_xmmm128
+        | Code::VEX_Vmovdqu_xmm_xmmm128
+        | Code::VEX_Vmovdqa_xmm_xmmm128
+            if insn.op1_kind() == OpKind::Register =>
+        {
+            let idx = |r: Register| (r as usize).wrapping_sub(Register::XMM0 as usize);
+            if !env.vex128_move(idx(insn.op0_register()), idx(insn.op1_register())) {
+                return None;
+            }
+            regs.rip = next;
+            Some(Fixup::Resume)
+        }
         _ => None,
     }
 }
