@@ -59,6 +59,10 @@ pub struct HostProbe {
     /// Virtual-8086 mode (EFLAGS.VM in protected mode): what a hardware
     /// task switch to a vm86 task (XTF `xsa-192`) needs.
     pub vm86: Support,
+    /// A non-canonical memory access through an explicit `%ss:` override
+    /// (base register not RSP/RBP) at CPL 3 in 64-bit mode: the override is
+    /// ignored there, so the CPU raises #GP, not #SS (XTF `memop-seg`).
+    pub user_ss_override_noncanonical: Support,
 }
 
 impl HostProbe {
@@ -73,6 +77,7 @@ impl HostProbe {
             iret32: probe_iret32(),
             user_syscall: probe_user_syscall(),
             vm86: probe_vm86(),
+            user_ss_override_noncanonical: probe_ss_override(),
         }
     }
 
@@ -89,7 +94,7 @@ impl HostProbe {
         self.user_int_n_long_mode == Support::FixedUp || self.user_int_n_prot32 == Support::FixedUp
     }
 
-    pub fn rows(&self) -> [(&'static str, &Support); 8] {
+    pub fn rows(&self) -> [(&'static str, &Support); 9] {
         [
             ("legacy 32-bit PAE paging", &self.legacy_pae_paging),
             ("legacy 32-bit PSE paging", &self.legacy_pse_paging),
@@ -99,6 +104,10 @@ impl HostProbe {
             ("32-bit iret", &self.iret32),
             ("syscall at CPL 3", &self.user_syscall),
             ("virtual-8086 mode", &self.vm86),
+            (
+                "%ss: non-canonical at CPL 3",
+                &self.user_ss_override_noncanonical,
+            ),
         ]
     }
 }
@@ -788,6 +797,30 @@ fn probe_lapic_esr() -> Support {
         Ok(v) => Support::Unsupported(format!(
             "ESR reads {v:#x}, not 0x60: this KVM's in-kernel LAPIC does not report illegal vectors"
         )),
+        Err(e) => Support::Unknown(e),
+    }
+}
+
+/// `mov %ss:(%rax), %rax` with a non-canonical RAX at CPL 3 in 64-bit mode:
+/// the handler of the exception that arrives reports its vector.
+fn probe_ss_override() -> Support {
+    let r = (|| -> Result<End, String> {
+        let mut p = new_vm()?;
+        let mut code = vec![0x48, 0xb8];
+        code.extend_from_slice(&0x8000_0000_4000_0000u64.to_le_bytes());
+        code.extend_from_slice(&[0x36, 0x48, 0x8b, 0x00, 0xf4]);
+        p.mem
+            .write_slice(&code, GuestAddress(0x1000))
+            .map_err(|e| e.to_string())?;
+        long_mode(&p, true, 0x1000, 0)?;
+        Ok(run_vcpu(&mut p))
+    })();
+    match r {
+        Ok(End::Out(p)) if p == PORT_VEC + 13 => Support::Native,
+        Ok(End::Out(p)) if p == PORT_VEC + 12 => Support::Unsupported(
+            "the guest gets #SS, not #GP (the ignored override is honoured), with no exit to the VMM".into(),
+        ),
+        Ok(e) => Support::Unsupported(format!("unexpected outcome {e:?}")),
         Err(e) => Support::Unknown(e),
     }
 }
