@@ -620,13 +620,47 @@ fn run_user_syscall(fixup: bool) -> Result<End, String> {
     Ok(run_vcpu(&mut p))
 }
 
-/// Virtual-8086 mode: protected mode with EFLAGS.VM (and IOPL 3), real-mode
-/// style segments; the code does `out PORT_OK`.
+/// Virtual-8086 mode: protected mode with EFLAGS.VM (IOPL 3), real-mode
+/// style segments, an IDT whose DPL-3 interrupt gates lead to ring-0
+/// handlers that report their vector, and a 32-bit TSS (SS0:ESP0). The
+/// code does `out PORT_OK` (the mode runs at all), then `int $0x10`; the
+/// frame the handler finds must be the virtual-8086 one (nine dwords with
+/// EFLAGS.VM and ES, DS, FS, GS), or the guest's handler cannot return.
 fn probe_vm86() -> Support {
-    let r = (|| -> Result<End, String> {
+    const ESP0: u64 = 0x9000;
+    let r = (|| -> Result<Support, String> {
         let mut p = new_vm()?;
+        let w = |v: u64, at: u64| {
+            p.mem
+                .write_obj(v, GuestAddress(at))
+                .map_err(|e| e.to_string())
+        };
+        w(0x00cf_9b00_0000_ffff, 0x5008)?;
+        w(0x00cf_9300_0000_ffff, 0x5010)?;
+        for vec in 0u64..32 {
+            let handler = 0x7400 + vec * 16;
+            w(
+                (handler & 0xffff) | (0x08 << 16) | (0xee << 40) | ((handler >> 16) << 48),
+                0x6000 + vec * 8,
+            )?;
+            p.mem
+                .write_slice(
+                    &[0xe6, (PORT_VEC as u8).wrapping_add(vec as u8), 0xf4],
+                    GuestAddress(handler),
+                )
+                .map_err(|e| e.to_string())?;
+        }
         p.mem
-            .write_slice(&[0xe6, PORT_OK as u8, 0xf4], GuestAddress(0x1000))
+            .write_obj(ESP0 as u32, GuestAddress(0x8004))
+            .map_err(|e| e.to_string())?;
+        p.mem
+            .write_obj(0x10u32, GuestAddress(0x8008))
+            .map_err(|e| e.to_string())?;
+        p.mem
+            .write_slice(
+                &[0xe6, PORT_OK as u8, 0xcd, 0x10, 0xf4],
+                GuestAddress(0x1000),
+            )
             .map_err(|e| e.to_string())?;
         prot32(&p, 0)?;
         let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
@@ -645,23 +679,63 @@ fn probe_vm86() -> Support {
             *d = v86(0x200, 0x3);
         }
         s.tr.base = 0x8000;
+        s.gdt.base = 0x5000;
+        s.gdt.limit = 0x17;
+        s.idt.base = 0x6000;
+        s.idt.limit = 32 * 8 - 1;
         p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
         let mut r = p.vcpu.get_regs().map_err(|e| e.to_string())?;
         r.rip = 0;
         r.rsp = 0x1000;
         r.rflags = 0x2_3002; // VM, IOPL 3
         p.vcpu.set_regs(&r).map_err(|e| e.to_string())?;
-        Ok(run_vcpu(&mut p))
-    })();
-    match r {
-        Ok(End::Out(PORT_OK)) => Support::Native,
-        Ok(End::EmulationFailure) => {
-            Support::Unsupported("the first instruction stops KVM (emulation failure)".into())
+        match run_vcpu(&mut p) {
+            End::Out(PORT_OK) => {}
+            End::EmulationFailure => {
+                return Ok(Support::Unsupported(
+                    "the first instruction stops KVM (emulation failure)".into(),
+                ))
+            }
+            End::TripleFault => return Ok(Support::Unsupported("the guest triple-faults".into())),
+            e => {
+                return Ok(Support::Unsupported(format!(
+                    "the guest does not run ({e:?})"
+                )))
+            }
         }
-        Ok(End::TripleFault) => Support::Unsupported("the guest triple-faults".into()),
-        Ok(e) => Support::Unsupported(format!("the guest does not run ({e:?})")),
-        Err(e) => Support::Unknown(e),
-    }
+        let port = match run_vcpu(&mut p) {
+            End::Out(port) if (PORT_VEC..PORT_VEC + 32).contains(&port) => port,
+            e => {
+                return Ok(Support::Unsupported(format!(
+                    "int $0x10 in virtual-8086 mode reaches no handler ({e:?})"
+                )))
+            }
+        };
+        let r = p.vcpu.get_regs().map_err(|e| e.to_string())?;
+        let eflags: u32 = p
+            .mem
+            .read_obj(GuestAddress((r.rsp & 0xffff_ffff) + 8))
+            .map_err(|e| e.to_string())?;
+        let frame = ESP0.wrapping_sub(r.rsp & 0xffff_ffff);
+        let vector = port - PORT_VEC;
+        Ok(if frame == 36 && eflags & (1 << 17) != 0 {
+            if vector == 0x10 {
+                Support::Native
+            } else {
+                Support::Unsupported(format!(
+                    "int $0x10 in virtual-8086 mode raises vector {vector}"
+                ))
+            }
+        } else {
+            Support::Unsupported(format!(
+                "code runs, but an event out of virtual-8086 mode (vector {vector}) arrives with a \
+                 {frame}-byte frame{} instead of the 36-byte one with EFLAGS.VM and the data segments, \
+                 so the guest's handler cannot return",
+                if eflags & (1 << 17) == 0 { " without EFLAGS.VM" } else { "" }
+            ))
+        })
+    })();
+    r.unwrap_or_else(Support::Unknown)
 }
 
 /// Measurements that take longer than the fix-up probes (up to about a

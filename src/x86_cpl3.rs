@@ -55,6 +55,8 @@ pub struct UserFrame {
     pub rflags: u64,
     pub rsp: u64,
     pub ss: u16,
+    /// From virtual-8086 mode: ES, DS, FS, GS, which the CPU saves too.
+    pub vm86_segs: Option<[u16; 4]>,
 }
 
 /// True if the vCPU runs in long mode (IA-32e).
@@ -76,10 +78,11 @@ pub fn user_frame(mem: &dyn PhysMem, regs: &kvm_regs, s: &kvm_sregs) -> Option<U
             rflags: q(2),
             rsp: q(3),
             ss: q(4) as u16,
+            vm86_segs: None,
         };
         (f.cs & 3 == 3).then_some(f)
     } else {
-        let mut b = [0u8; 20];
+        let mut b = [0u8; 36];
         let lin = s.ss.base.wrapping_add(regs.rsp & 0xffff_ffff) & 0xffff_ffff;
         x86::read_linear(mem, &p, lin, &mut b, Access::READ).ok()?;
         let d = |i: usize| {
@@ -87,15 +90,16 @@ pub fn user_frame(mem: &dyn PhysMem, regs: &kvm_regs, s: &kvm_sregs) -> Option<U
                 b[i * 4..i * 4 + 4].try_into().unwrap_or([0; 4]),
             ))
         };
+        let vm86 = d(2) & RFLAGS_VM != 0;
         let f = UserFrame {
             rip: d(0),
             cs: d(1) as u16,
             rflags: d(2),
             rsp: d(3),
             ss: d(4) as u16,
+            vm86_segs: vm86.then(|| [d(5) as u16, d(6) as u16, d(7) as u16, d(8) as u16]),
         };
-        // Virtual-8086 frames are longer and not ours.
-        (f.cs & 3 == 3 && f.rflags & RFLAGS_VM == 0).then_some(f)
+        (vm86 || f.cs & 3 == 3).then_some(f)
     }
 }
 
@@ -169,9 +173,18 @@ pub fn handle_ud(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &mut kvm_sregs) -> U
     };
     // The user's code size: a 64-bit code segment in long mode, else 32-bit
     // (XTF and Linux use flat 32-bit user segments; a 16-bit one is refused).
-    let user_cs = match read_descriptor(mem, s, f.cs) {
-        Ok(d) => d,
-        Err(_) => return UdOutcome::NotOurs,
+    let user_cs = if f.vm86_segs.is_some() {
+        kvm_segment {
+            base: u64::from(f.cs) << 4,
+            limit: 0xffff,
+            selector: f.cs,
+            ..Default::default()
+        }
+    } else {
+        match read_descriptor(mem, s, f.cs) {
+            Ok(d) => d,
+            Err(_) => return UdOutcome::NotOurs,
+        }
     };
     let bits = if long_mode(s) && user_cs.l != 0 {
         64
@@ -204,7 +217,21 @@ pub fn handle_ud(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &mut kvm_sregs) -> U
         return UdOutcome::NotOurs;
     };
     let next = f.rip.wrapping_add(u64::from(sw.len));
-    let next = if bits == 64 { next } else { next & 0xffff_ffff };
+    let next = match bits {
+        64 => next,
+        32 => next & 0xffff_ffff,
+        _ => next & 0xffff,
+    };
+    if f.vm86_segs.is_some() && (f.rflags >> 12) & 3 != 3 && !sw.icebp {
+        // IOPL < 3 in virtual-8086 mode: `int n` is #GP(0) (no VME here).
+        return match deliver_fault(mem, regs, s, &f, 13, 0) {
+            Ok(v) => UdOutcome::Delivered { vector: v },
+            Err(e) => UdOutcome::Refused(e),
+        };
+    }
+    if f.vm86_segs.is_some() && sw.vector == 4 && f.rflags & RFLAGS_OF == 0 {
+        return UdOutcome::Refused("into without overflow in virtual-8086 mode".into());
+    }
     if sw.vector == 4 && !sw.icebp && f.rflags & RFLAGS_OF == 0 {
         // `into` without overflow: nothing happens but the user's RIP moves.
         return match resume_user(mem, regs, s, &f, user_cs, next) {
@@ -234,6 +261,28 @@ fn resume_user(
     s.cs = cs;
     s.ss = ss;
     Ok(())
+}
+
+/// Delivers exception `vector` with error code `code` from the user state
+/// `f` at its RIP (a fault).
+fn deliver_fault(
+    mem: &dyn PhysMem,
+    regs: &mut kvm_regs,
+    s: &mut kvm_sregs,
+    f: &UserFrame,
+    vector: u8,
+    code: u32,
+) -> Result<u8, String> {
+    let ev = Event {
+        vector,
+        error_code: Some(code),
+        rip: f.rip,
+        check_dpl: false,
+        ext: false,
+    };
+    deliver(mem, regs, s, f, ev)
+        .map(|()| vector)
+        .map_err(|e| format!("exception {vector} could not be delivered: {e:?}"))
 }
 
 /// An event to deliver through the IDT from CPL 3.
@@ -386,7 +435,11 @@ fn deliver(
     ev: Event,
 ) -> Result<(), Fault> {
     let long = long_mode(s);
-    let cpl = (f.cs & 3) as u8;
+    let cpl = if f.vm86_segs.is_some() {
+        3
+    } else {
+        (f.cs & 3) as u8
+    };
     let gate = read_gate(mem, s, ev.vector, ev.ext)?;
     let code = u32::from(ev.vector) * 8 + 2 + u32::from(ev.ext);
     let gp = Fault::Raise { vector: 13, code };
@@ -421,6 +474,13 @@ fn deliver(
     }
     let conforming = cs.type_ & 4 != 0;
     let new_cpl = if conforming { cpl } else { cs.dpl };
+    if f.vm86_segs.is_some() && new_cpl != 0 {
+        // From virtual-8086 mode the handler must run at CPL 0 (#GP(sel)).
+        return Err(Fault::Raise {
+            vector: 13,
+            code: u32::from(cs_sel & 0xfffc),
+        });
+    }
     let p = Paging::from_sregs(s);
     let tss = |off: u64, buf: &mut [u8]| {
         if off + buf.len() as u64 > u64::from(s.tr.limit) + 1 {
@@ -497,7 +557,10 @@ fn deliver(
             let ss = read_descriptor(mem, s, f.ss).map_err(Fault::Unsupported)?;
             (ss, f.rsp & 0xffff_ffff)
         };
-        let mut words: Vec<u32> = Vec::with_capacity(6);
+        let mut words: Vec<u32> = Vec::with_capacity(10);
+        if let Some([es, ds, fs, gs]) = f.vm86_segs {
+            words.extend([gs, fs, ds, es].map(u32::from));
+        }
         if new_cpl < cpl {
             words.push(u32::from(f.ss));
             words.push(f.rsp as u32);
@@ -520,6 +583,15 @@ fn deliver(
         regs.rflags = flags | 2;
         s.cs = cs;
         s.ss = ss;
+        if f.vm86_segs.is_some() {
+            // Leaving virtual-8086 mode loads null data segments.
+            for d in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs] {
+                *d = kvm_segment {
+                    unusable: 1,
+                    ..Default::default()
+                };
+            }
+        }
     }
     Ok(())
 }

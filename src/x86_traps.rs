@@ -15,10 +15,8 @@
 //!   while EFER.SVME is clear: exactly what a CPU without VMX/SVM (the guest
 //!   CPUID on a host without them) or with them disabled does. xenkvm offers
 //!   no nested virtualisation, so the guest can never set either bit.
-//! - A far `jmp`/`call` to a TSS or task gate (a hardware task switch) is
-//!   recognised; a switch into a virtual-8086 task on a host that cannot run
-//!   virtual-8086 mode ([`crate::probe`]) stops the guest with that reason
-//!   ([`Fixup::Unhandled`] with the words "needs virtual-8086 mode").
+//! - A far `jmp`/`call` to a TSS or task gate: a hardware task switch,
+//!   emulated by [`crate::x86_task`].
 
 use iced_x86::{Code, CpuidFeature, Instruction, Mnemonic, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_sregs};
@@ -170,7 +168,8 @@ pub fn fixup(
     if is_svm(insn) {
         return (s.efer & EFER_SVME == 0).then(|| exception(x86::UD));
     }
-    if let Some(f) = task_switch(mem, s, insn) {
+    let vm86_ok = || crate::probe::HostProbe::get().vm86.works();
+    if let Some(f) = crate::x86_task::far_task_switch(mem, regs, s, insn, next, &vm86_ok) {
         return Some(f);
     }
     let class = fp_class(insn);
@@ -245,57 +244,6 @@ fn icebp_gate_fault(mem: &dyn PhysMem, s: &kvm_sregs) -> Option<Fixup> {
         vector: x86::NP,
         error_code: code,
     })
-}
-
-/// A far `jmp`/`call` whose selector names a TSS or a task gate: a hardware
-/// task switch. xenkvm does not emulate task switches; when the target task
-/// runs in virtual-8086 mode and this host cannot run that mode, the guest
-/// is stopped with that reason. None: not a task switch.
-fn task_switch(mem: &dyn PhysMem, s: &kvm_sregs, insn: &Instruction) -> Option<Fixup> {
-    let sel = match insn.code() {
-        Code::Jmp_ptr1616 | Code::Jmp_ptr1632 | Code::Call_ptr1616 | Code::Call_ptr1632 => {
-            insn.far_branch_selector()
-        }
-        _ => return None,
-    };
-    if s.cr0 & 1 == 0 || sel & 4 != 0 {
-        return None;
-    }
-    let off = u64::from(sel >> 3) * 8;
-    if sel & 0xfffc == 0 || off + 7 > u64::from(s.gdt.limit) {
-        return None;
-    }
-    let p = Paging::from_sregs(s);
-    let mut d = [0u8; 8];
-    x86::read_linear(mem, &p, s.gdt.base.wrapping_add(off), &mut d, Access::READ).ok()?;
-    let seg = x86::descriptor_to_segment(sel, u64::from_le_bytes(d));
-    // System descriptors: 32-bit TSS available (9) or busy (0xb), task gate (5).
-    if seg.s != 0 || !matches!(seg.type_, 5 | 9 | 0xb) {
-        return None;
-    }
-    let tss_base = if seg.type_ == 5 {
-        let tss_sel = u16::from_le_bytes([d[2], d[3]]);
-        let off = u64::from(tss_sel >> 3) * 8;
-        let mut t = [0u8; 8];
-        x86::read_linear(mem, &p, s.gdt.base.wrapping_add(off), &mut t, Access::READ).ok()?;
-        x86::descriptor_to_segment(tss_sel, u64::from_le_bytes(t)).base
-    } else {
-        seg.base
-    };
-    // EFLAGS of a 32-bit TSS at offset 0x24.
-    let mut fl = [0u8; 4];
-    x86::read_linear(mem, &p, tss_base.wrapping_add(0x24), &mut fl, Access::READ).ok()?;
-    let vm86 = u32::from_le_bytes(fl) & (1 << 17) != 0;
-    let host = &crate::probe::HostProbe::get().vm86;
-    Some(Fixup::Unhandled(if vm86 && !host.works() {
-        format!(
-            "a hardware task switch to selector {sel:#x}: the guest needs virtual-8086 mode, which this host cannot run (xenkvm probe: {host})"
-        )
-    } else {
-        format!(
-            "a hardware task switch to selector {sel:#x} (xenkvm does not emulate task switches)"
-        )
-    }))
 }
 
 #[cfg(test)]
