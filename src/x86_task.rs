@@ -148,23 +148,48 @@ pub fn far_task_switch(
         return None;
     }
     Some(
-        match switch(mem, regs, s, sel, d, call, next_rip, vm86_ok) {
+        match switch(
+            mem,
+            regs,
+            s,
+            Transfer {
+                sel,
+                desc: d,
+                call,
+                next_rip,
+            },
+            vm86_ok,
+        ) {
             Ok(()) => Fixup::Resume,
             Err(f) => f,
         },
     )
 }
 
+/// The far transfer that switches tasks.
+#[derive(Clone, Copy)]
+struct Transfer {
+    /// The selector in the instruction and its GDT descriptor.
+    sel: u16,
+    desc: [u8; 8],
+    call: bool,
+    /// EIP after the instruction (saved in the old TSS).
+    next_rip: u64,
+}
+
 fn switch(
     mem: &dyn PhysMem,
     regs: &mut kvm_regs,
     s: &mut kvm_sregs,
-    sel: u16,
-    d: [u8; 8],
-    call: bool,
-    next_rip: u64,
+    t: Transfer,
     vm86_ok: &dyn Fn() -> bool,
 ) -> Result<(), Fixup> {
+    let Transfer {
+        sel,
+        desc: d,
+        call,
+        next_rip,
+    } = t;
     if s.efer & EFER_LMA != 0 {
         return Err(fault(x86::GP, sel));
     }
