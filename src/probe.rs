@@ -63,6 +63,12 @@ pub struct HostProbe {
     /// (base register not RSP/RBP) at CPL 3 in 64-bit mode: the override is
     /// ignored there, so the CPU raises #GP, not #SS (XTF `memop-seg`).
     pub user_ss_override_noncanonical: Support,
+    /// `int3` at CPL 3 through a DPL-0 gate: #GP(3*8+2) on a CPU (XTF
+    /// `swint-emulation`).
+    pub user_int3_gate_dpl: Support,
+    /// `icebp` at CPL 3 through a not-present gate: #NP(1*8+2+EXT) on a CPU
+    /// (XTF `swint-emulation`).
+    pub not_present_gate: Support,
 }
 
 impl HostProbe {
@@ -78,6 +84,8 @@ impl HostProbe {
             user_syscall: probe_user_syscall(),
             vm86: probe_vm86(),
             user_ss_override_noncanonical: probe_ss_override(),
+            user_int3_gate_dpl: probe_user_swint(&[0xcc, 0xf4], 3, false, 13),
+            not_present_gate: probe_user_swint(&[0xf1, 0xf4], 1, true, 11),
         }
     }
 
@@ -94,7 +102,7 @@ impl HostProbe {
         self.user_int_n_long_mode == Support::FixedUp || self.user_int_n_prot32 == Support::FixedUp
     }
 
-    pub fn rows(&self) -> [(&'static str, &Support); 9] {
+    pub fn rows(&self) -> [(&'static str, &Support); 11] {
         [
             ("legacy 32-bit PAE paging", &self.legacy_pae_paging),
             ("legacy 32-bit PSE paging", &self.legacy_pse_paging),
@@ -108,6 +116,8 @@ impl HostProbe {
                 "%ss: non-canonical at CPL 3",
                 &self.user_ss_override_noncanonical,
             ),
+            ("int3 at CPL 3, DPL-0 gate", &self.user_int3_gate_dpl),
+            ("icebp at CPL 3, gate absent", &self.not_present_gate),
         ]
     }
 }
@@ -871,6 +881,36 @@ fn probe_lapic_esr() -> Support {
         Ok(v) => Support::Unsupported(format!(
             "ESR reads {v:#x}, not 0x60: this KVM's in-kernel LAPIC does not report illegal vectors"
         )),
+        Err(e) => Support::Unknown(e),
+    }
+}
+
+/// Runs `code` at CPL 3 in long mode with gate `vector` DPL 0 (and not
+/// present if `not_present`); a CPU delivers exception `expect` instead.
+fn probe_user_swint(code: &[u8], vector: u64, not_present: bool, expect: u16) -> Support {
+    let r = (|| -> Result<End, String> {
+        let mut p = new_vm()?;
+        p.mem
+            .write_slice(code, GuestAddress(0x1000))
+            .map_err(|e| e.to_string())?;
+        long_mode(&p, true, 0x1000, 0)?;
+        if not_present {
+            let at = GuestAddress(0x6000 + vector * 16 + 5);
+            let attr: u8 = p.mem.read_obj(at).map_err(|e| e.to_string())?;
+            p.mem
+                .write_obj(attr & 0x7f, at)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(run_vcpu(&mut p))
+    })();
+    match r {
+        Ok(End::Out(p)) if p == PORT_VEC + expect => Support::Native,
+        Ok(End::Out(p)) if (PORT_VEC..PORT_VEC + 32).contains(&p) => Support::Unsupported(format!(
+            "the guest gets vector {} instead of {expect}, with no exit to the VMM",
+            p - PORT_VEC
+        )),
+        Ok(End::EmulationFailure) => Support::FixedUp,
+        Ok(e) => Support::Unsupported(format!("unexpected outcome {e:?}")),
         Err(e) => Support::Unknown(e),
     }
 }
