@@ -332,3 +332,53 @@ proptest! {
         let _ = handle_ud(&m, &mut r, &mut s);
     }
 }
+
+#[test]
+fn handle_ud_vm86_int_n_pushes_the_vm86_frame_and_nulls_data_segments() {
+    let m = Mem::new();
+    m.w64(GDT + 0x08, 0x00cf_9b00_0000_ffff);
+    m.w64(GDT + 0x10, 0x00cf_9300_0000_ffff);
+    let h = HANDLER + 0x40;
+    m.w64(
+        IDT + 0x40 * 8,
+        (h & 0xffff) | (0x08 << 16) | (0xee << 40) | ((h >> 16) << 48),
+    );
+    m.write(TSS + 4, &(RSP0 as u32).to_le_bytes());
+    m.write(TSS + 8, &0x10u32.to_le_bytes());
+    // vm86 CS 0x100: int $0x40 at linear 0x1000 + 0x10.
+    m.write(0x1010, &[0xcd, 0x40]);
+    let sp = RSP0 - 36;
+    let eflags = 0x2_3202u32; // VM, IOPL 3, IF
+    for (i, v) in [0x10u32, 0x100, eflags, 0x800, 0x200, 1, 2, 3, 4]
+        .iter()
+        .enumerate()
+    {
+        m.write(sp + 4 * i as u64, &v.to_le_bytes());
+    }
+    let mut s = kvm_sregs {
+        cr0: 1,
+        ..Default::default()
+    };
+    s.gdt.base = GDT;
+    s.gdt.limit = 0x17;
+    s.idt.base = IDT;
+    s.idt.limit = 0x7ff;
+    s.tr.base = TSS;
+    s.tr.limit = 0x67;
+    s.cs = x86::flat_segment(0x08, 0xb, 0, false);
+    s.ss = x86::flat_segment(0x10, 0x3, 0, false);
+    let mut r = kvm_regs {
+        rsp: sp,
+        rflags: 2,
+        ..Default::default()
+    };
+    assert_eq!(
+        handle_ud(&m, &mut r, &mut s),
+        UdOutcome::Delivered { vector: 0x40 }
+    );
+    assert_eq!((r.rip, r.rsp), (h, RSP0 - 36));
+    let f: Vec<u32> = (0..9).map(|i| m.r32(r.rsp + 4 * i)).collect();
+    assert_eq!(f, vec![0x12, 0x100, eflags, 0x800, 0x200, 1, 2, 3, 4]);
+    assert_eq!(r.rflags & (RFLAGS_VM | RFLAGS_IF), 0);
+    assert_eq!(s.ds.unusable, 1);
+}

@@ -209,3 +209,17 @@ proptest! {
         let _ = fixup(&m, &Env, &mut r, &mut s, &insn);
     }
 }
+
+#[test]
+fn fixup_vex128_move_uses_env_and_raises_nm_under_ts() {
+    // vmovups %xmm1,%xmm0 (c5 f8 10 c1): the fake env refuses VEX moves.
+    assert_eq!(run(&[0xc5, 0xf8, 0x10, 0xc1], |_, _| {}).0, None);
+    assert_eq!(
+        run(&[0xc5, 0xf8, 0x10, 0xc1], |_, s| s.cr0 |= CR0_TS).0,
+        Some(exception(x86::NM))
+    );
+    assert_eq!(
+        run(&[0xc5, 0xf8, 0x10, 0xc1], |_, s| s.cr4 &= !CR4_OSXSAVE).0,
+        Some(exception(x86::UD))
+    );
+}
