@@ -147,10 +147,17 @@ pub fn decide(exit: &Exit, vcpu: u32, env: &dyn ExitEnv) -> Action {
         // option `viridian`; xenkvm never does. #GP, as on Xen without it,
         // and say what the guest wanted.
         Exit::WrMsr { index, .. } | Exit::RdMsr { index } if is_viridian_msr(index) => {
-            tracing::warn!(
-                msr = format_args!("{index:#x}"),
-                "guest needs viridian (Hyper-V enlightenments, Xen's `viridian` domain option), which xenkvm does not offer"
-            );
+            // Once per process (one VM), then quietly: guests that scan MSR
+            // ranges (XTF `msr`) touch hundreds of them.
+            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !ONCE.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    msr = format_args!("{index:#x}"),
+                    "guest needs viridian (Hyper-V enlightenments, Xen's `viridian` domain option), which xenkvm does not offer"
+                );
+            } else {
+                tracing::debug!(msr = format_args!("{index:#x}"), "Viridian MSR refused");
+            }
             Action::MsrFault
         }
         // The filter only sends the hypercall MSR here; anything else the
