@@ -21,6 +21,7 @@ pub mod vcpu;
 pub mod vm;
 pub mod x86;
 pub mod x86_cpl3;
+pub mod x86_gates;
 pub mod x86_task;
 pub mod x86_traps;
 pub mod xen;

@@ -384,6 +384,20 @@ fn user_int_n_verdict(run: impl Fn(bool) -> Result<End, String>) -> Support {
 /// Runs the probe vCPU with a breakpoint on the #UD handler at `handler`;
 /// at the breakpoint applies xenkvm's user software-interrupt delivery.
 fn run_with_ud_fix(p: &mut ProbeVm, handler: u64) -> End {
+    run_with_trap(p, handler, crate::x86_cpl3::handle_ud)
+}
+
+/// Runs the probe vCPU with a breakpoint on the handler at `handler`; at
+/// the breakpoint applies `handle` (xenkvm's decision for that handler).
+fn run_with_trap(
+    p: &mut ProbeVm,
+    handler: u64,
+    handle: fn(
+        &dyn crate::x86::PhysMem,
+        &mut kvm_bindings::kvm_regs,
+        &mut kvm_bindings::kvm_sregs,
+    ) -> crate::x86_cpl3::UdOutcome,
+) -> End {
     let mut dbg = kvm_bindings::kvm_guest_debug {
         control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP,
         ..Default::default()
@@ -402,9 +416,9 @@ fn run_with_ud_fix(p: &mut ProbeVm, handler: u64) -> End {
     let (Ok(mut r), Ok(mut s)) = (p.vcpu.get_regs(), p.vcpu.get_sregs()) else {
         return End::Other("cannot read registers".into());
     };
-    match crate::x86_cpl3::handle_ud(&p.mem, &mut r, &mut s) {
+    match handle(&p.mem, &mut r, &mut s) {
         crate::x86_cpl3::UdOutcome::Delivered { .. } => {}
-        o => return End::Other(format!("#UD fix-up: {o:?}")),
+        o => return End::Other(format!("fix-up at the handler: {o:?}")),
     }
     if p.vcpu.set_sregs(&s).is_err() || p.vcpu.set_regs(&r).is_err() {
         return End::Other("cannot write registers".into());
@@ -887,8 +901,11 @@ fn probe_lapic_esr() -> Support {
 
 /// Runs `code` at CPL 3 in long mode with gate `vector` DPL 0 (and not
 /// present if `not_present`); a CPU delivers exception `expect` instead.
+/// Where the host delivers the wrong vector (#BP for the DPL check, #DF
+/// for the absent gate), the probe runs again with xenkvm's handler trap
+/// ([`crate::x86_gates`]).
 fn probe_user_swint(code: &[u8], vector: u64, not_present: bool, expect: u16) -> Support {
-    let r = (|| -> Result<End, String> {
+    let run = |fix: Option<u16>| -> Result<End, String> {
         let mut p = new_vm()?;
         p.mem
             .write_slice(code, GuestAddress(0x1000))
@@ -901,10 +918,28 @@ fn probe_user_swint(code: &[u8], vector: u64, not_present: bool, expect: u16) ->
                 .write_obj(attr & 0x7f, at)
                 .map_err(|e| e.to_string())?;
         }
-        Ok(run_vcpu(&mut p))
-    })();
-    match r {
+        Ok(match fix {
+            None => run_vcpu(&mut p),
+            Some(3) => run_with_trap(&mut p, 0x7400 + 3 * 16, crate::x86_gates::handle_bp),
+            Some(v) => run_with_trap(
+                &mut p,
+                0x7400 + u64::from(v) * 16,
+                crate::x86_gates::handle_df,
+            ),
+        })
+    };
+    match run(None) {
         Ok(End::Out(p)) if p == PORT_VEC + expect => Support::Native,
+        Ok(End::Out(p)) if p == PORT_VEC + 3 || p == PORT_VEC + 8 => {
+            match run(Some(p - PORT_VEC)) {
+                Ok(End::Out(q)) if q == PORT_VEC + expect => Support::FixedUp,
+                r => Support::Unsupported(format!(
+                    "the guest gets vector {} instead of {expect}, with no exit to the VMM, \
+                     and the fix-up fails ({r:?})",
+                    p - PORT_VEC
+                )),
+            }
+        }
         Ok(End::Out(p)) if (PORT_VEC..PORT_VEC + 32).contains(&p) => Support::Unsupported(format!(
             "the guest gets vector {} instead of {expect}, with no exit to the VMM",
             p - PORT_VEC

@@ -289,7 +289,17 @@ impl Vcpu {
             Action::HypercallTrap { pc }
                 if self.ud_trap.is_some_and(|t| t.handler == pc && pc != 0) =>
             {
-                self.ud_trap_hit()
+                self.ud_trap_hit(crate::x86_cpl3::handle_ud)
+            }
+            Action::HypercallTrap { pc }
+                if self.ud_trap.is_some_and(|t| t.bp_handler == pc && pc != 0) =>
+            {
+                self.ud_trap_hit(crate::x86_gates::handle_bp)
+            }
+            Action::HypercallTrap { pc }
+                if self.ud_trap.is_some_and(|t| t.df_handler == pc && pc != 0) =>
+            {
+                self.ud_trap_hit(crate::x86_gates::handle_df)
             }
             Action::HypercallTrap { pc } => {
                 if self.bp_sites.contains(&pc) {
@@ -453,13 +463,17 @@ impl Vcpu {
     /// The handler breakpoints that hold a debug register for good: the
     /// #PF handler (syscall fix-up) and the #UD handler (`int n` at CPL 3).
     ///
-    /// How DR0-DR3 are allotted: these fixed traps first (at most two), and
-    /// the remaining two to four slots to `vmcall` sites, oldest replaced.
+    /// How DR0-DR3 are allotted: these fixed traps first (the #PF and #UD
+    /// handlers; the #BP and #DF handlers only while the guest's IDT has a
+    /// DPL-0 `int3` gate or an absent gate 1/3, which Linux never has), and
+    /// the remaining slots to `vmcall` sites, oldest replaced.
     fn fixed_traps(&self) -> impl Iterator<Item = u64> {
+        let t = self.ud_trap.unwrap_or_default();
         self.syscall
             .map(|s| s.pf_handler)
             .into_iter()
-            .chain(self.ud_trap.map(|t| t.handler).filter(|&h| h != 0))
+            .chain([t.handler, t.bp_handler, t.df_handler])
+            .filter(|&h| h != 0)
     }
 
     /// Arms an instruction breakpoint at linear address `pc` (the slots the
@@ -468,7 +482,10 @@ impl Vcpu {
         if self.bp_sites.contains(&pc) {
             return;
         }
-        let max = 4 - self.fixed_traps().count();
+        let max = 4usize.saturating_sub(self.fixed_traps().count());
+        if max == 0 {
+            return;
+        }
         while self.bp_sites.len() >= max {
             self.bp_sites.remove(0);
         }
@@ -543,7 +560,7 @@ impl Vcpu {
             star,
             pf_handler,
         });
-        let keep = 4 - self.fixed_traps().count();
+        let keep = 4usize.saturating_sub(self.fixed_traps().count());
         while self.bp_sites.len() > keep {
             self.bp_sites.remove(0);
         }
@@ -602,36 +619,61 @@ impl Vcpu {
 
     /// Keeps the #UD-handler breakpoint on the guest's current #UD handler:
     /// IDTR is compared at every exit (KVM syncs it into `kvm_run`), gate 6
-    /// re-read when it changed and at most every 10 ms otherwise.
+    /// re-read when it changed and at most every 10 ms otherwise. Gates 1
+    /// and 3 of a long-mode IDT are read at every exit (one 48-byte read at
+    /// a cached guest-physical address) for the #BP/#DF traps of
+    /// [`crate::x86_gates`].
     fn check_ud_trap(&mut self) {
+        use crate::x86_cpl3::{handler, ud_handler};
         let Some(trap) = self.ud_trap else { return };
-        let idt = self.fd.sync_regs().sregs.idt;
+        let sregs = self.fd.sync_regs().sregs;
+        let idt = sregs.idt;
         let now = crate::clock::host_tsc();
         let changed = idt.base != trap.idt_base || idt.limit != trap.idt_limit;
-        if !changed && now < self.ud_next_check {
-            return;
+        let mut new = trap;
+        if changed || now >= self.ud_next_check {
+            self.ud_next_check = now + u64::from(self.m.clock.tsc_khz) * STEAL_SAMPLE_MS;
+            new.idt_base = idt.base;
+            new.idt_limit = idt.limit;
+            new.handler = ud_handler(&self.m.mem, &sregs).unwrap_or(0);
+            new.idt_gpa = crate::x86_gates::idt_gpa(&self.m.mem, &sregs);
         }
-        self.ud_next_check = now + u64::from(self.m.clock.tsc_khz) * STEAL_SAMPLE_MS;
-        let sregs = self.fd.sync_regs().sregs;
-        let handler = crate::x86_cpl3::ud_handler(&self.m.mem, &sregs).unwrap_or(0);
-        let new = crate::x86_cpl3::UdTrap {
-            idt_base: idt.base,
-            idt_limit: idt.limit,
-            handler,
+        let (bp, df) = new
+            .idt_gpa
+            .map(|gpa| crate::x86_gates::traps_wanted_at(&self.m.mem, gpa))
+            .unwrap_or((false, false));
+        // Only where the probe shows the host skips those gate checks.
+        let probe = crate::probe::HostProbe::get();
+        let fixed = crate::probe::Support::FixedUp;
+        let bp = bp && probe.user_int3_gate_dpl == fixed;
+        let df = df && probe.not_present_gate == fixed;
+        // A handler address is looked up when the trap is wanted anew or the
+        // IDT was just re-read.
+        let reread = new.idt_gpa != trap.idt_gpa || new.handler != trap.handler || changed;
+        let resolve = |want: bool, old: u64, v: u8| match (want, old) {
+            (false, _) => 0,
+            (true, h) if h != 0 && !reread => h,
+            (true, _) => handler(&self.m.mem, &sregs, v).unwrap_or(0),
         };
+        new.bp_handler = resolve(bp, trap.bp_handler, 3);
+        new.df_handler = resolve(df, trap.df_handler, 8);
         if new == trap {
             return;
         }
         self.ud_trap = Some(new);
-        if handler != trap.handler {
-            let keep = 4 - self.fixed_traps().count();
+        let moved = (new.handler, new.bp_handler, new.df_handler)
+            != (trap.handler, trap.bp_handler, trap.df_handler);
+        if moved {
+            let keep = 4usize.saturating_sub(self.fixed_traps().count());
             while self.bp_sites.len() > keep {
                 self.bp_sites.remove(0);
             }
             match self.program_breakpoints() {
                 Ok(()) => tracing::debug!(
-                    handler = format_args!("{handler:#x}"),
-                    "#UD handler trapped (int n at CPL 3 raises #UD on this host)"
+                    ud = format_args!("{:#x}", new.handler),
+                    bp = format_args!("{:#x}", new.bp_handler),
+                    df = format_args!("{:#x}", new.df_handler),
+                    "exception handlers trapped (this host mis-delivers user software interrupts)"
                 ),
                 Err(e) => {
                     tracing::warn!(%e, "cannot trap the #UD handler: int n from user mode will fault");
@@ -643,11 +685,26 @@ impl Vcpu {
 
     /// The breakpoint on the guest's #UD handler fired: deliver a user
     /// software interrupt, or let the handler run (see [`crate::x86_cpl3`]).
-    fn ud_trap_hit(&mut self) -> State {
+    /// `handle` is the decision for the trapped handler: #UD
+    /// ([`crate::x86_cpl3::handle_ud`]), #BP or #DF ([`crate::x86_gates`]).
+    fn ud_trap_hit(
+        &mut self,
+        handle: fn(
+            &dyn x86::PhysMem,
+            &mut kvm_bindings::kvm_regs,
+            &mut kvm_bindings::kvm_sregs,
+        ) -> crate::x86_cpl3::UdOutcome,
+    ) -> State {
         use crate::x86_cpl3::*;
         let sr = self.fd.sync_regs();
         let (mut regs, mut sregs) = (sr.regs, sr.sregs);
-        match handle_ud(&self.m.mem, &mut regs, &mut sregs) {
+        let outcome = handle(&self.m.mem, &mut regs, &mut sregs);
+        tracing::trace!(
+            ?outcome,
+            rip = format_args!("{:#x}", regs.rip),
+            "exception-handler trap"
+        );
+        match outcome {
             UdOutcome::Delivered { .. } | UdOutcome::Resumed => {
                 let sr = self.fd.sync_regs_mut();
                 sr.regs = regs;

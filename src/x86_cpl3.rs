@@ -224,7 +224,7 @@ pub fn handle_ud(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &mut kvm_sregs) -> U
     };
     if f.vm86_segs.is_some() && (f.rflags >> 12) & 3 != 3 && !sw.icebp {
         // IOPL < 3 in virtual-8086 mode: `int n` is #GP(0) (no VME here).
-        return match deliver_fault(mem, regs, s, &f, 13, 0) {
+        return match deliver_exception(mem, regs, s, &f, 13, 0) {
             Ok(v) => UdOutcome::Delivered { vector: v },
             Err(e) => UdOutcome::Refused(e),
         };
@@ -263,9 +263,9 @@ fn resume_user(
     Ok(())
 }
 
-/// Delivers exception `vector` with error code `code` from the user state
-/// `f` at its RIP (a fault).
-fn deliver_fault(
+/// Delivers exception `vector` with error code `code` from the state `f`
+/// (CPL 3, or CPL 0 in long mode) at its RIP (a fault).
+pub fn deliver_exception(
     mem: &dyn PhysMem,
     regs: &mut kvm_regs,
     s: &mut kvm_sregs,
@@ -635,6 +635,31 @@ pub fn step_over_entry(
             regs.rip = if long { next } else { next & 0xffff_ffff };
             true
         }
+        // `movl $imm, disp(%rsp)` (XTF's error-code-carrying entries).
+        Code::Mov_rm32_imm32 if insn.op0_kind() == iced_x86::OpKind::Memory => {
+            let Some(ea) = insn.virtual_address(0, 0, |r, _, _| match r {
+                iced_x86::Register::ES
+                | iced_x86::Register::CS
+                | iced_x86::Register::SS
+                | iced_x86::Register::DS => Some(0),
+                r => x86::gpr_read(regs, r),
+            }) else {
+                return false;
+            };
+            let long = x86::is_64bit(s);
+            let lin = if long {
+                ea
+            } else {
+                s.ss.base.wrapping_add(ea) & 0xffff_ffff
+            };
+            let v = (insn.immediate(1) as u32).to_le_bytes();
+            if x86::write_linear(mem, &Paging::from_sregs(s), lin, &v, Access::WRITE).is_err() {
+                return false;
+            }
+            let next = regs.rip.wrapping_add(insn.len() as u64);
+            regs.rip = if long { next } else { next & 0xffff_ffff };
+            true
+        }
         Code::Endbr32 => {
             regs.rip = regs.rip.wrapping_add(insn.len() as u64);
             true
@@ -649,22 +674,35 @@ pub fn step_over_entry(
     }
 }
 
-/// The #UD handler the trap is armed on, and the IDTR it was read from.
+/// The #UD handler the trap is armed on, and the IDTR it was read from;
+/// also the #BP and #DF handler traps of [`crate::x86_gates`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct UdTrap {
     pub idt_base: u64,
     pub idt_limit: u16,
     /// Linear address of the handler's first instruction; 0: none.
     pub handler: u64,
+    /// Guest-physical address of a long-mode IDT's gates 0..15 (all in one
+    /// page), for the per-exit look at gates 1 and 3.
+    pub idt_gpa: Option<u64>,
+    /// The #BP and #DF handlers while [`crate::x86_gates`] traps them; 0: not.
+    pub bp_handler: u64,
+    pub df_handler: u64,
 }
 
 /// The #UD handler's linear address from the guest's IDT (vector 6), if the
 /// gate is a present interrupt or trap gate.
 pub fn ud_handler(mem: &dyn PhysMem, s: &kvm_sregs) -> Option<u64> {
+    handler(mem, s, 6)
+}
+
+/// The linear address of the handler of `vector`, if its gate is a present
+/// interrupt or trap gate.
+pub fn handler(mem: &dyn PhysMem, s: &kvm_sregs, vector: u8) -> Option<u64> {
     if s.cr0 & 1 == 0 {
         return None;
     }
-    let g = read_gate(mem, s, 6, false).ok()?;
+    let g = read_gate(mem, s, vector, false).ok()?;
     if !g.present || !(g.kind == 0xe || g.kind == 0xf) {
         return None;
     }

@@ -17,8 +17,7 @@
 //!   measures it on this host (ESR after an illegal vector, `xsa-462`);
 //! - failures the kernel itself reports, each of which is a host behaviour
 //!   the probe measures: a non-canonical `%ss:` access at CPL 3 getting #SS
-//!   (`memop-seg`), events delivered without the gate's present or DPL
-//!   check (`swint-emulation`);
+//!   (`memop-seg`);
 //! - a known loop count in the limits table that the probe's measured
 //!   kernel-mode loop rate cannot finish within the kernel's time limit.
 //!
@@ -150,15 +149,6 @@ fn excuse(run: &Run, path: &std::path::Path, p: &HostProbe, m: &HostMeasures) ->
             "every failure is a non-canonical %ss: access at CPL 3 getting #SS for #GP; host probe: {ss}"
         ));
     }
-    let (dpl, np) = (&p.user_int3_gate_dpl, &p.not_present_gate);
-    if run.result.as_deref() == Some("FAILURE")
-        && only_swint_delivery_failures(&run.stdout, !dpl.works(), !np.works())
-    {
-        return Some(format!(
-            "every failure is an event this host delivers without the gate checks; host probe: \
-             int3 at CPL 3, DPL-0 gate: {dpl}; icebp at CPL 3, gate absent: {np}"
-        ));
-    }
     let esr = &m.lapic_illegal_vector_esr;
     if run.result.as_deref() == Some("ERROR") && run.stdout.contains("ESR expected") && !esr.works()
     {
@@ -190,30 +180,6 @@ fn only_ss_override_failures(stdout: &str) -> bool {
         if let Some(op) = l.strip_prefix("Fail: Testing '") {
             let next = lines.get(i + 1).map(|n| n.trim()).unwrap_or("");
             if !(op.starts_with("%ss:") && next == "expected #GP[0000], got #SS[0000]") {
-                return false;
-            }
-            seen += 1;
-        } else if l.starts_with("Fail") || l.contains("Error") {
-            return false;
-        }
-    }
-    seen > 0
-}
-
-/// True if the kernel reported failures and each is a software interrupt
-/// the host delivered without a gate check the probe shows it skips (XTF
-/// `swint-emulation`'s format: `Fail (...): expected <exc> fault, got <exc>
-/// trap`): a not-present gate giving #DF instead of #NP, or a DPL-0 gate
-/// giving #BP instead of #GP for `int3`.
-fn only_swint_delivery_failures(stdout: &str, dpl_unchecked: bool, np_df: bool) -> bool {
-    let mut seen = 0;
-    for l in stdout.lines().map(str::trim) {
-        if let Some((_, what)) = l.strip_prefix("Fail (").and_then(|r| r.split_once("): ")) {
-            let ok = (np_df
-                && what.starts_with("expected #NP[")
-                && what.ends_with("fault, got #DF[0000] trap"))
-                || (dpl_unchecked && what == "expected #GP[IDT[3]] fault, got #BP trap");
-            if !ok {
                 return false;
             }
             seen += 1;

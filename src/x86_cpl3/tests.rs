@@ -382,3 +382,96 @@ fn handle_ud_vm86_int_n_pushes_the_vm86_frame_and_nulls_data_segments() {
     assert_eq!(r.rflags & (RFLAGS_VM | RFLAGS_IF), 0);
     assert_eq!(s.ds.unusable, 1);
 }
+
+/// A trap-style frame (RIP after the instruction) at RSP0 - 40 (+8 with an
+/// error code) for code at USER_RIP with CS `cs`.
+fn trap_frame(m: &Mem, r: &mut kvm_regs, len: u64, cs: u64, error: bool) {
+    let mut sp = RSP0 - 40;
+    if error {
+        sp -= 8;
+        m.w64(sp, 0);
+    }
+    let base = if error { sp + 8 } else { sp };
+    for (i, v) in [USER_RIP + len, cs, 0x202, 0x7000, 0x23].iter().enumerate() {
+        m.w64(base + 8 * i as u64, *v);
+    }
+    r.rsp = sp;
+}
+
+#[test]
+fn x86_gates_handle_bp_user_int3_through_dpl0_gate_becomes_gp_at_the_int3() {
+    let m = Mem::new();
+    let (mut r, mut s) = long_setup(&m, &[0x67, 0xcc]);
+    gate64(&m, 3, 0x8e, 0);
+    trap_frame(&m, &mut r, 2, 0x1b, false);
+    assert_eq!(
+        crate::x86_gates::handle_bp(&m, &mut r, &mut s),
+        UdOutcome::Delivered { vector: 13 }
+    );
+    assert_eq!(m.r64(r.rsp), 3 * 8 + 2);
+    assert_eq!(m.r64(r.rsp + 8), USER_RIP, "RIP at the prefix");
+    // A DPL-3 gate: the #BP was right, the handler runs.
+    let (mut r, mut s) = long_setup(&m, &[0xcc]);
+    trap_frame(&m, &mut r, 1, 0x1b, false);
+    assert_eq!(
+        crate::x86_gates::handle_bp(&m, &mut r, &mut s),
+        UdOutcome::NotOurs
+    );
+}
+
+#[test]
+fn x86_gates_handle_df_absent_gate_becomes_np_with_ext_for_icebp() {
+    let m = Mem::new();
+    let (mut r, mut s) = long_setup(&m, &[0xf1]);
+    gate64(&m, 1, 0x6e, 0);
+    trap_frame(&m, &mut r, 1, 0x1b, true);
+    assert_eq!(
+        crate::x86_gates::handle_df(&m, &mut r, &mut s),
+        UdOutcome::Delivered { vector: 11 }
+    );
+    assert_eq!(m.r64(r.rsp), 8 + 3, "#NP(IDT[1], EXT)");
+    assert_eq!(m.r64(r.rsp + 8), USER_RIP);
+    // int $0x21 through an absent gate.
+    let (mut r, mut s) = long_setup(&m, &[0xcd, 0x21]);
+    gate64(&m, 1, 0xee, 0);
+    gate64(&m, 0x21, 0x6e, 0);
+    trap_frame(&m, &mut r, 2, 0x1b, true);
+    assert_eq!(
+        crate::x86_gates::handle_df(&m, &mut r, &mut s),
+        UdOutcome::Delivered { vector: 11 }
+    );
+    assert_eq!(m.r64(r.rsp), 0x21 * 8 + 2);
+    // All gates present: a real #DF.
+    let (mut r, mut s) = long_setup(&m, &[0xcc]);
+    gate64(&m, 0x21, 0xee, 0);
+    trap_frame(&m, &mut r, 1, 0x1b, true);
+    assert_eq!(
+        crate::x86_gates::handle_df(&m, &mut r, &mut s),
+        UdOutcome::NotOurs
+    );
+}
+
+proptest! {
+    #[test]
+    fn x86_gates_random_frames_and_gates_never_panic(
+        bytes in swint_bytes(),
+        attrs in prop::collection::vec(any::<u8>(), 4),
+        frame in prop::collection::vec(any::<u64>(), 6),
+        long in any::<bool>(),
+    ) {
+        let m = Mem::new();
+        let (mut r, mut s) = long_setup(&m, &bytes);
+        if !long {
+            s.efer = 0;
+        }
+        for (v, a) in [1u8, 3, 8, 11].iter().zip(&attrs) {
+            gate64(&m, *v, *a, 0);
+        }
+        for (i, w) in frame.iter().enumerate() {
+            m.w64(r.rsp + 8 * i as u64, *w);
+        }
+        let (mut r2, mut s2) = (r, s);
+        let _ = crate::x86_gates::handle_bp(&m, &mut r, &mut s);
+        let _ = crate::x86_gates::handle_df(&m, &mut r2, &mut s2);
+    }
+}
