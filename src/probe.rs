@@ -953,7 +953,7 @@ fn probe_user_swint(code: &[u8], vector: u64, not_present: bool, expect: u16) ->
 /// `mov %ss:(%rax), %rax` with a non-canonical RAX at CPL 3 in 64-bit mode:
 /// the handler of the exception that arrives reports its vector.
 fn probe_ss_override() -> Support {
-    let r = (|| -> Result<End, String> {
+    let run = |fix: bool| -> Result<End, String> {
         let mut p = new_vm()?;
         let mut code = vec![0x48, 0xb8];
         code.extend_from_slice(&0x8000_0000_4000_0000u64.to_le_bytes());
@@ -962,13 +962,21 @@ fn probe_ss_override() -> Support {
             .write_slice(&code, GuestAddress(0x1000))
             .map_err(|e| e.to_string())?;
         long_mode(&p, true, 0x1000, 0)?;
-        Ok(run_vcpu(&mut p))
-    })();
-    match r {
+        Ok(if fix {
+            run_with_trap(&mut p, 0x7400 + 12 * 16, crate::x86_gates::handle_ss)
+        } else {
+            run_vcpu(&mut p)
+        })
+    };
+    match run(false) {
         Ok(End::Out(p)) if p == PORT_VEC + 13 => Support::Native,
-        Ok(End::Out(p)) if p == PORT_VEC + 12 => Support::Unsupported(
-            "the guest gets #SS, not #GP (the ignored override is honoured), with no exit to the VMM".into(),
-        ),
+        Ok(End::Out(p)) if p == PORT_VEC + 12 => match run(true) {
+            Ok(End::Out(p)) if p == PORT_VEC + 13 => Support::FixedUp,
+            r => Support::Unsupported(format!(
+                "the guest gets #SS, not #GP (the ignored override is honoured), with no exit \
+                 to the VMM, and the fix-up fails ({r:?})"
+            )),
+        },
         Ok(e) => Support::Unsupported(format!("unexpected outcome {e:?}")),
         Err(e) => Support::Unknown(e),
     }

@@ -301,6 +301,11 @@ impl Vcpu {
             {
                 self.ud_trap_hit(crate::x86_gates::handle_df)
             }
+            Action::HypercallTrap { pc }
+                if self.ud_trap.is_some_and(|t| t.ss_handler == pc && pc != 0) =>
+            {
+                self.ud_trap_hit(crate::x86_gates::handle_ss)
+            }
             Action::HypercallTrap { pc } => {
                 if self.bp_sites.contains(&pc) {
                     let sr = self.fd.sync_regs();
@@ -465,14 +470,15 @@ impl Vcpu {
     ///
     /// How DR0-DR3 are allotted: these fixed traps first (the #PF and #UD
     /// handlers; the #BP and #DF handlers only while the guest's IDT has a
-    /// DPL-0 `int3` gate or an absent gate 1/3, which Linux never has), and
-    /// the remaining slots to `vmcall` sites, oldest replaced.
+    /// DPL-0 `int3` gate or an absent gate 1/3, which Linux never has; the
+    /// #SS handler only while that leaves a slot free), and the remaining
+    /// slots to `vmcall` sites, oldest replaced.
     fn fixed_traps(&self) -> impl Iterator<Item = u64> {
         let t = self.ud_trap.unwrap_or_default();
         self.syscall
             .map(|s| s.pf_handler)
             .into_iter()
-            .chain([t.handler, t.bp_handler, t.df_handler])
+            .chain([t.handler, t.bp_handler, t.df_handler, t.ss_handler])
             .filter(|&h| h != 0)
     }
 
@@ -657,12 +663,27 @@ impl Vcpu {
         };
         new.bp_handler = resolve(bp, trap.bp_handler, 3);
         new.df_handler = resolve(df, trap.df_handler, 8);
+        // The #SS trap has the lowest priority: held only while a debug
+        // register stays free for a `vmcall` site after the others.
+        let others = usize::from(self.syscall.is_some())
+            + [new.handler, new.bp_handler, new.df_handler]
+                .iter()
+                .filter(|&&h| h != 0)
+                .count();
+        let ss =
+            probe.user_ss_override_noncanonical == fixed && others <= 2 && new.idt_gpa.is_some();
+        new.ss_handler = resolve(ss, trap.ss_handler, 12);
         if new == trap {
             return;
         }
         self.ud_trap = Some(new);
-        let moved = (new.handler, new.bp_handler, new.df_handler)
-            != (trap.handler, trap.bp_handler, trap.df_handler);
+        let moved = (new.handler, new.bp_handler, new.df_handler, new.ss_handler)
+            != (
+                trap.handler,
+                trap.bp_handler,
+                trap.df_handler,
+                trap.ss_handler,
+            );
         if moved {
             let keep = 4usize.saturating_sub(self.fixed_traps().count());
             while self.bp_sites.len() > keep {

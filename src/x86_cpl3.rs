@@ -688,6 +688,8 @@ pub struct UdTrap {
     /// The #BP and #DF handlers while [`crate::x86_gates`] traps them; 0: not.
     pub bp_handler: u64,
     pub df_handler: u64,
+    /// The #SS handler while [`crate::x86_gates::handle_ss`] traps it.
+    pub ss_handler: u64,
 }
 
 /// The #UD handler's linear address from the guest's IDT (vector 6), if the

@@ -7,6 +7,10 @@
 //!   #DF; the CPU raises #NP(vector*8+2, +1 EXT for `icebp`) at the
 //!   instruction.
 //!
+//! - a non-canonical access through an explicit `%ss:` override whose base
+//!   register is not RSP/RBP (in 64-bit mode the override is ignored, so it
+//!   is not a stack access) arrives as #SS; the CPU raises #GP(0).
+//!
 //! Like the #UD trap ([`crate::x86_cpl3`]), xenkvm watches for that with
 //! instruction breakpoints, on the guest's #BP handler while gate 3 has
 //! DPL < 3 and on its #DF handler while gate 1 or 3 is not present; both
@@ -202,6 +206,59 @@ pub fn handle_df(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &mut kvm_sregs) -> U
     };
     f.rip = at;
     match deliver_exception(mem, regs, s, &f, x86::NP, code) {
+        Ok(v) => UdOutcome::Delivered { vector: v },
+        Err(e) => UdOutcome::Refused(e),
+    }
+}
+
+/// At the #SS handler: a CPL-3 access through an explicit `%ss:` override
+/// with a base other than RSP/RBP to a non-canonical address becomes #GP(0)
+/// at the instruction.
+pub fn handle_ss(mem: &dyn PhysMem, regs: &mut kvm_regs, s: &mut kvm_sregs) -> UdOutcome {
+    use iced_x86::{Decoder, DecoderOptions, OpKind, Register};
+    let Some(f) = frame(mem, regs, s, true) else {
+        return UdOutcome::NotOurs;
+    };
+    if f.cs & 3 != 3 {
+        return UdOutcome::NotOurs;
+    }
+    let mut code = [0u8; 15];
+    let p = Paging::from_sregs(s);
+    let user = Access {
+        write: false,
+        user: true,
+    };
+    let n = (15u64).min(4096 - (f.rip & 0xfff)) as usize;
+    if x86::read_linear(mem, &p, f.rip, &mut code[..n], user).is_err() {
+        return UdOutcome::NotOurs;
+    }
+    let insn = Decoder::with_ip(64, &code[..n], f.rip, DecoderOptions::NONE).decode();
+    if insn.is_invalid() || insn.segment_prefix() != Register::SS {
+        return UdOutcome::NotOurs;
+    }
+    // The user's registers are the vCPU's (exception delivery leaves them).
+    let noncanonical_ss = (0..insn.op_count()).any(|i| {
+        insn.op_kind(i) == OpKind::Memory
+            && !matches!(
+                insn.memory_base(),
+                Register::RSP | Register::RBP | Register::ESP | Register::EBP
+            )
+            && insn
+                .virtual_address(i, 0, |r, _, _| match r {
+                    Register::ES | Register::CS | Register::SS | Register::DS => Some(0),
+                    Register::FS => Some(s.fs.base),
+                    Register::GS => Some(s.gs.base),
+                    r => x86::gpr_read(regs, r),
+                })
+                .is_some_and(|a| {
+                    let top = a >> 47;
+                    top != 0 && top != 0x1_ffff
+                })
+    });
+    if !noncanonical_ss {
+        return UdOutcome::NotOurs;
+    }
+    match deliver_exception(mem, regs, s, &f, x86::GP, 0) {
         Ok(v) => UdOutcome::Delivered { vector: v },
         Err(e) => UdOutcome::Refused(e),
     }

@@ -15,9 +15,6 @@
 //!   read from its ELF symbols, says it tests for it);
 //! - an in-kernel LAPIC behaviour a VMM cannot change, when the probe
 //!   measures it on this host (ESR after an illegal vector, `xsa-462`);
-//! - failures the kernel itself reports, each of which is a host behaviour
-//!   the probe measures: a non-canonical `%ss:` access at CPL 3 getting #SS
-//!   (`memop-seg`);
 //! - a known loop count in the limits table that the probe's measured
 //!   kernel-mode loop rate cannot finish within the kernel's time limit.
 //!
@@ -140,15 +137,6 @@ fn excuse(run: &Run, path: &std::path::Path, p: &HostProbe, m: &HostMeasures) ->
                 .into(),
         );
     }
-    let ss = &p.user_ss_override_noncanonical;
-    if run.result.as_deref() == Some("FAILURE")
-        && !ss.works()
-        && only_ss_override_failures(&run.stdout)
-    {
-        return Some(format!(
-            "every failure is a non-canonical %ss: access at CPL 3 getting #SS for #GP; host probe: {ss}"
-        ));
-    }
     let esr = &m.lapic_illegal_vector_esr;
     if run.result.as_deref() == Some("ERROR") && run.stdout.contains("ESR expected") && !esr.works()
     {
@@ -168,26 +156,6 @@ fn excuse(run: &Run, path: &std::path::Path, p: &HostProbe, m: &HostMeasures) ->
         }
     }
     None
-}
-
-/// True if the kernel reported failures and each is an `%ss:`-override
-/// operand that got #SS where #GP was expected (XTF `memop-seg`'s format:
-/// `Fail: Testing '<operand>'` then `  expected <exc>, got <exc>`).
-fn only_ss_override_failures(stdout: &str) -> bool {
-    let lines: Vec<&str> = stdout.lines().collect();
-    let mut seen = 0;
-    for (i, l) in lines.iter().enumerate() {
-        if let Some(op) = l.strip_prefix("Fail: Testing '") {
-            let next = lines.get(i + 1).map(|n| n.trim()).unwrap_or("");
-            if !(op.starts_with("%ss:") && next == "expected #GP[0000], got #SS[0000]") {
-                return false;
-            }
-            seen += 1;
-        } else if l.starts_with("Fail") || l.contains("Error") {
-            return false;
-        }
-    }
-    seen > 0
 }
 
 fn run_kernel(path: &std::path::Path) -> Run {

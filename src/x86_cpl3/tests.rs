@@ -475,3 +475,24 @@ proptest! {
         let _ = crate::x86_gates::handle_df(&m, &mut r2, &mut s2);
     }
 }
+
+#[test]
+fn x86_gates_handle_ss_explicit_ss_override_noncanonical_becomes_gp() {
+    let m = Mem::new();
+    // mov %ss:(%rax), %rax with RAX non-canonical.
+    let (mut r, mut s) = long_setup(&m, &[0x36, 0x48, 0x8b, 0x00]);
+    r.rax = 0x8000_0000_4000_0000;
+    trap_frame(&m, &mut r, 0, 0x1b, true);
+    assert_eq!(
+        crate::x86_gates::handle_ss(&m, &mut r, &mut s),
+        UdOutcome::Delivered { vector: 13 }
+    );
+    assert_eq!((m.r64(r.rsp), m.r64(r.rsp + 8)), (0, USER_RIP));
+    // Through RSP the access is a stack access: #SS is right.
+    let (mut r, mut s) = long_setup(&m, &[0x36, 0x48, 0x8b, 0x04, 0x24]);
+    trap_frame(&m, &mut r, 0, 0x1b, true);
+    assert_eq!(
+        crate::x86_gates::handle_ss(&m, &mut r, &mut s),
+        UdOutcome::NotOurs
+    );
+}
