@@ -473,6 +473,7 @@ proptest! {
         let (mut r2, mut s2) = (r, s);
         let _ = crate::x86_gates::handle_bp(&m, &mut r, &mut s);
         let _ = crate::x86_gates::handle_df(&m, &mut r2, &mut s2);
+        let _ = crate::x86_gates::handle_ss(&m, &mut r, &mut s);
     }
 }
 
