@@ -386,6 +386,7 @@ fn probe() -> ExitCode {
     }
     let p = xenkvm::kvm::probe::HostProbe::run();
     print!("{p}");
+    print!("{}", xenkvm::kvm::probe::HostMeasures::run());
     ExitCode::SUCCESS
 }
 

@@ -9,4 +9,4 @@ pub mod vcpu;
 pub mod vm;
 
 pub use vcpu::{install_kick_handler, kick_signal, CpuTimeKick, Exit, Kicker, KvmError, KvmVcpu};
-pub use vm::{open_kvm, open_kvm_at, Interrupts, KvmVm, KvmVmError, MemSlots};
+pub use vm::{open_kvm, open_kvm_at, Interrupts, KvmVm, KvmVmError, MemSlots, MsrTrap};

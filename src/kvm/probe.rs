@@ -61,6 +61,19 @@ pub struct HostProbe {
     pub kernel_ssse3: Support,
     /// `xsave` in kernel mode: Linux needs `noxsave` where it fails.
     pub kernel_xsave: Support,
+    /// Virtual-8086 mode (EFLAGS.VM in protected mode): what a hardware
+    /// task switch to a vm86 task (XTF `xsa-192`) needs.
+    pub vm86: Support,
+    /// A non-canonical memory access through an explicit `%ss:` override
+    /// (base register not RSP/RBP) at CPL 3 in 64-bit mode: the override is
+    /// ignored there, so the CPU raises #GP, not #SS (XTF `memop-seg`).
+    pub user_ss_override_noncanonical: Support,
+    /// `int3` at CPL 3 through a DPL-0 gate: #GP(3*8+2) on a CPU (XTF
+    /// `swint-emulation`).
+    pub user_int3_gate_dpl: Support,
+    /// `icebp` at CPL 3 through a not-present gate: #NP(1*8+2+EXT) on a CPU
+    /// (XTF `swint-emulation`).
+    pub not_present_gate: Support,
 }
 
 impl HostProbe {
@@ -76,6 +89,10 @@ impl HostProbe {
             user_syscall: probe_user_syscall(),
             kernel_ssse3: probe_kernel_insn(false),
             kernel_xsave: probe_kernel_insn(true),
+            vm86: probe_vm86(),
+            user_ss_override_noncanonical: probe_ss_override(),
+            user_int3_gate_dpl: probe_user_swint(&[0xcc, 0xf4], 3, false, 13),
+            not_present_gate: probe_user_swint(&[0xf1, 0xf4], 1, true, 11),
         }
     }
 
@@ -85,7 +102,14 @@ impl HostProbe {
         P.get_or_init(HostProbe::run)
     }
 
-    pub fn rows(&self) -> [(&'static str, &Support); 9] {
+    /// True where `int n` at CPL 3 raises #UD on this host and xenkvm's
+    /// #UD-handler trap delivers it ([`crate::arch::x86::cpl3`]); the VMM arms the
+    /// trap only then.
+    pub fn user_int_n_needs_fixup(&self) -> bool {
+        self.user_int_n_long_mode == Support::FixedUp || self.user_int_n_prot32 == Support::FixedUp
+    }
+
+    pub fn rows(&self) -> [(&'static str, &Support); 13] {
         [
             ("legacy 32-bit PAE paging", &self.legacy_pae_paging),
             ("legacy 32-bit PSE paging", &self.legacy_pse_paging),
@@ -96,6 +120,13 @@ impl HostProbe {
             ("syscall at CPL 3", &self.user_syscall),
             ("SSSE3 (pshufb) at CPL 0", &self.kernel_ssse3),
             ("xsave at CPL 0", &self.kernel_xsave),
+            ("virtual-8086 mode", &self.vm86),
+            (
+                "%ss: non-canonical at CPL 3",
+                &self.user_ss_override_noncanonical,
+            ),
+            ("int3 at CPL 3, DPL-0 gate", &self.user_int3_gate_dpl),
+            ("icebp at CPL 3, gate absent", &self.not_present_gate),
         ]
     }
 
@@ -364,78 +395,150 @@ fn long_mode(p: &ProbeVm, user: bool, rip: u64, gate_dpl: u8) -> Result<(), Stri
     p.vcpu.set_regs(&r).map_err(|e| e.to_string())
 }
 
+/// Runs a probe guest that does `int $0x10` at CPL 3: natively, and where
+/// that raises #UD, again with xenkvm's fix-up (a breakpoint on the #UD
+/// handler at `ud_handler` that delivers the interrupt, [`crate::arch::x86::cpl3`]).
+fn user_int_n_verdict(run: impl Fn(bool) -> Result<End, String>) -> Support {
+    match run(false) {
+        Ok(End::Out(p)) if p == PORT_VEC + 0x10 => Support::Native,
+        Ok(End::Out(p)) if p == PORT_VEC + 6 => match run(true) {
+            Ok(End::Out(p)) if p == PORT_VEC + 0x10 => Support::FixedUp,
+            Ok(e) => Support::Unsupported(format!(
+                "the guest gets #UD, with no exit to the VMM, and the fix-up fails ({e:?})"
+            )),
+            Err(e) => Support::Unknown(e),
+        },
+        r => verdict(r, PORT_VEC + 0x10),
+    }
+}
+
+/// Runs the probe vCPU with a breakpoint on the #UD handler at `handler`;
+/// at the breakpoint applies xenkvm's user software-interrupt delivery.
+fn run_with_ud_fix(p: &mut ProbeVm, handler: u64) -> End {
+    run_with_trap(p, handler, crate::arch::x86::cpl3::handle_ud)
+}
+
+/// Runs the probe vCPU with a breakpoint on the handler at `handler`; at
+/// the breakpoint applies `handle` (xenkvm's decision for that handler).
+fn run_with_trap(
+    p: &mut ProbeVm,
+    handler: u64,
+    handle: fn(
+        &dyn crate::arch::x86::PhysMem,
+        &mut kvm_bindings::kvm_regs,
+        &mut kvm_bindings::kvm_sregs,
+    ) -> crate::arch::x86::cpl3::UdOutcome,
+) -> End {
+    let mut dbg = kvm_bindings::kvm_guest_debug {
+        control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP,
+        ..Default::default()
+    };
+    dbg.arch.debugreg[0] = handler;
+    dbg.arch.debugreg[7] = 1;
+    if let Err(e) = p.vcpu.set_guest_debug(&dbg) {
+        return End::Other(e.to_string());
+    }
+    match p.vcpu.run() {
+        Ok(VcpuExit::Debug(d)) if d.pc == handler => {}
+        Ok(VcpuExit::IoOut(port, _)) => return End::Out(port),
+        Ok(e) => return End::Other(format!("{e:?}")),
+        Err(e) => return End::Other(e.to_string()),
+    }
+    let (Ok(mut r), Ok(mut s)) = (p.vcpu.get_regs(), p.vcpu.get_sregs()) else {
+        return End::Other("cannot read registers".into());
+    };
+    match handle(&p.mem, &mut r, &mut s) {
+        crate::arch::x86::cpl3::UdOutcome::Delivered { .. } => {}
+        o => return End::Other(format!("fix-up at the handler: {o:?}")),
+    }
+    if p.vcpu.set_sregs(&s).is_err() || p.vcpu.set_regs(&r).is_err() {
+        return End::Other("cannot write registers".into());
+    }
+    run_vcpu(p)
+}
+
 fn probe_user_int_n() -> Support {
-    let r = (|| -> Result<End, String> {
-        let mut p = new_vm()?;
-        // int $0x10 from CPL 3 through a DPL-3 gate; the handler reports
-        // vector 0x10 on port 0x90+0x10 = 0xa0.
-        let code = asm(64, 0x1000, |a| {
-            a.int(0x10)?;
-            a.hlt()
-        })?;
-        p.mem
-            .write_slice(&code, GuestAddress(0x1000))
-            .map_err(|e| e.to_string())?;
-        long_mode(&p, true, 0x1000, 3)?;
-        Ok(run_vcpu(&mut p))
-    })();
-    verdict(r, PORT_VEC + 0x10)
+    user_int_n_verdict(run_user_int_n)
+}
+
+fn run_user_int_n(fixup: bool) -> Result<End, String> {
+    let mut p = new_vm()?;
+    // int $0x10 from CPL 3 through a DPL-3 gate; the handler reports
+    // vector 0x10 on port 0x90+0x10 = 0xa0.
+    let code = asm(64, 0x1000, |a| {
+        a.int(0x10)?;
+        a.hlt()
+    })?;
+    p.mem
+        .write_slice(&code, GuestAddress(0x1000))
+        .map_err(|e| e.to_string())?;
+    long_mode(&p, true, 0x1000, 3)?;
+    Ok(if fixup {
+        run_with_ud_fix(&mut p, 0x7400 + 6 * 16)
+    } else {
+        run_vcpu(&mut p)
+    })
 }
 
 /// `int $0x10` at CPL 3 in 32-bit protected mode, paging off, through a
 /// DPL-3 gate; the ring-0 stack comes from a 32-bit TSS.
 fn probe_user_int_n_prot32() -> Support {
-    let r = (|| -> Result<End, String> {
-        let mut p = new_vm()?;
-        let w = |v: u64, at: u64| {
-            p.mem
-                .write_obj(v, GuestAddress(at))
-                .map_err(|e| e.to_string())
-        };
-        // GDT: 0x08 code DPL0, 0x10 data DPL0, 0x18 code DPL3, 0x20 data DPL3.
-        w(0x00cf_9b00_0000_ffff, 0x5008)?;
-        w(0x00cf_9300_0000_ffff, 0x5010)?;
-        w(0x00cf_fb00_0000_ffff, 0x5018)?;
-        w(0x00cf_f300_0000_ffff, 0x5020)?;
-        // IDT: 8-byte interrupt gates; every vector reports itself.
-        for vec in 0u64..32 {
-            let handler = 0x7400 + vec * 16;
-            let dpl = if vec == 0x10 { 3u64 } else { 0 };
-            w(
-                (handler & 0xffff)
-                    | (0x08 << 16)
-                    | ((0x8e | (dpl << 5)) << 40)
-                    | ((handler >> 16) << 48),
-                0x6000 + vec * 8,
-            )?;
-            p.mem
-                .write_slice(
-                    &[0xe6, (PORT_VEC as u8).wrapping_add(vec as u8), 0xf4],
-                    GuestAddress(handler),
-                )
-                .map_err(|e| e.to_string())?;
-        }
-        // 32-bit TSS at 0x8000: ESP0 = 0x9000, SS0 = 0x10.
+    user_int_n_verdict(run_user_int_n_prot32)
+}
+
+fn run_user_int_n_prot32(fixup: bool) -> Result<End, String> {
+    let mut p = new_vm()?;
+    let w = |v: u64, at: u64| {
         p.mem
-            .write_obj(0x9000u32, GuestAddress(0x8004))
-            .map_err(|e| e.to_string())?;
+            .write_obj(v, GuestAddress(at))
+            .map_err(|e| e.to_string())
+    };
+    // GDT: 0x08 code DPL0, 0x10 data DPL0, 0x18 code DPL3, 0x20 data DPL3.
+    w(0x00cf_9b00_0000_ffff, 0x5008)?;
+    w(0x00cf_9300_0000_ffff, 0x5010)?;
+    w(0x00cf_fb00_0000_ffff, 0x5018)?;
+    w(0x00cf_f300_0000_ffff, 0x5020)?;
+    // IDT: 8-byte interrupt gates; every vector reports itself.
+    for vec in 0u64..32 {
+        let handler = 0x7400 + vec * 16;
+        let dpl = if vec == 0x10 { 3u64 } else { 0 };
+        w(
+            (handler & 0xffff)
+                | (0x08 << 16)
+                | ((0x8e | (dpl << 5)) << 40)
+                | ((handler >> 16) << 48),
+            0x6000 + vec * 8,
+        )?;
         p.mem
-            .write_obj(0x10u32, GuestAddress(0x8008))
+            .write_slice(
+                &[0xe6, (PORT_VEC as u8).wrapping_add(vec as u8), 0xf4],
+                GuestAddress(handler),
+            )
             .map_err(|e| e.to_string())?;
-        p.mem
-            .write_slice(&[0xcd, 0x10, 0xf4], GuestAddress(0x1000))
-            .map_err(|e| e.to_string())?;
-        prot32(&p, 0x1000)?;
-        let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
-        load_segments(&mut s, 0x1b, 0x23, 3, false);
-        s.gdt.base = 0x5000;
-        s.gdt.limit = 0x2f;
-        s.idt.base = 0x6000;
-        s.idt.limit = 32 * 8 - 1;
-        p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
-        Ok(run_vcpu(&mut p))
-    })();
-    verdict(r, PORT_VEC + 0x10)
+    }
+    // 32-bit TSS at 0x8000: ESP0 = 0x9000, SS0 = 0x10.
+    p.mem
+        .write_obj(0x9000u32, GuestAddress(0x8004))
+        .map_err(|e| e.to_string())?;
+    p.mem
+        .write_obj(0x10u32, GuestAddress(0x8008))
+        .map_err(|e| e.to_string())?;
+    p.mem
+        .write_slice(&[0xcd, 0x10, 0xf4], GuestAddress(0x1000))
+        .map_err(|e| e.to_string())?;
+    prot32(&p, 0x1000)?;
+    let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
+    load_segments(&mut s, 0x1b, 0x23, 3, false);
+    s.gdt.base = 0x5000;
+    s.gdt.limit = 0x2f;
+    s.idt.base = 0x6000;
+    s.idt.limit = 32 * 8 - 1;
+    p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
+    Ok(if fixup {
+        run_with_ud_fix(&mut p, 0x7400 + 6 * 16)
+    } else {
+        run_vcpu(&mut p)
+    })
 }
 
 fn probe_kernel_int3() -> Support {
@@ -610,6 +713,344 @@ fn run_user_syscall(fixup: bool) -> Result<End, String> {
     Ok(run_vcpu(&mut p))
 }
 
+/// Virtual-8086 mode: protected mode with EFLAGS.VM (IOPL 3), real-mode
+/// style segments, an IDT whose DPL-3 interrupt gates lead to ring-0
+/// handlers that report their vector, and a 32-bit TSS (SS0:ESP0). The
+/// code does `out PORT_OK` (the mode runs at all), then `int $0x10`; the
+/// frame the handler finds must be the virtual-8086 one (nine dwords with
+/// EFLAGS.VM and ES, DS, FS, GS), or the guest's handler cannot return.
+fn probe_vm86() -> Support {
+    const ESP0: u64 = 0x9000;
+    let r = (|| -> Result<Support, String> {
+        let mut p = new_vm()?;
+        let w = |v: u64, at: u64| {
+            p.mem
+                .write_obj(v, GuestAddress(at))
+                .map_err(|e| e.to_string())
+        };
+        w(0x00cf_9b00_0000_ffff, 0x5008)?;
+        w(0x00cf_9300_0000_ffff, 0x5010)?;
+        for vec in 0u64..32 {
+            let handler = 0x7400 + vec * 16;
+            w(
+                (handler & 0xffff) | (0x08 << 16) | (0xee << 40) | ((handler >> 16) << 48),
+                0x6000 + vec * 8,
+            )?;
+            p.mem
+                .write_slice(
+                    &[0xe6, (PORT_VEC as u8).wrapping_add(vec as u8), 0xf4],
+                    GuestAddress(handler),
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        p.mem
+            .write_obj(ESP0 as u32, GuestAddress(0x8004))
+            .map_err(|e| e.to_string())?;
+        p.mem
+            .write_obj(0x10u32, GuestAddress(0x8008))
+            .map_err(|e| e.to_string())?;
+        p.mem
+            .write_slice(
+                &[0xe6, PORT_OK as u8, 0xcd, 0x10, 0xf4],
+                GuestAddress(0x1000),
+            )
+            .map_err(|e| e.to_string())?;
+        prot32(&p, 0)?;
+        let mut s = p.vcpu.get_sregs().map_err(|e| e.to_string())?;
+        let v86 = |sel: u16, type_: u8| kvm_segment {
+            base: u64::from(sel) << 4,
+            limit: 0xffff,
+            selector: sel,
+            type_,
+            present: 1,
+            dpl: 3,
+            s: 1,
+            ..Default::default()
+        };
+        s.cs = v86(0x100, 0xb);
+        for d in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
+            *d = v86(0x200, 0x3);
+        }
+        s.tr.base = 0x8000;
+        s.gdt.base = 0x5000;
+        s.gdt.limit = 0x17;
+        s.idt.base = 0x6000;
+        s.idt.limit = 32 * 8 - 1;
+        p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
+        let mut r = p.vcpu.get_regs().map_err(|e| e.to_string())?;
+        r.rip = 0;
+        r.rsp = 0x1000;
+        r.rflags = 0x2_3002; // VM, IOPL 3
+        p.vcpu.set_regs(&r).map_err(|e| e.to_string())?;
+        match run_vcpu(&mut p) {
+            End::Out(PORT_OK) => {}
+            End::EmulationFailure => {
+                return Ok(Support::Unsupported(
+                    "the first instruction stops KVM (emulation failure)".into(),
+                ))
+            }
+            End::TripleFault => return Ok(Support::Unsupported("the guest triple-faults".into())),
+            e => {
+                return Ok(Support::Unsupported(format!(
+                    "the guest does not run ({e:?})"
+                )))
+            }
+        }
+        let port = match run_vcpu(&mut p) {
+            End::Out(port) if (PORT_VEC..PORT_VEC + 32).contains(&port) => port,
+            e => {
+                return Ok(Support::Unsupported(format!(
+                    "int $0x10 in virtual-8086 mode reaches no handler ({e:?})"
+                )))
+            }
+        };
+        let r = p.vcpu.get_regs().map_err(|e| e.to_string())?;
+        let eflags: u32 = p
+            .mem
+            .read_obj(GuestAddress((r.rsp & 0xffff_ffff) + 8))
+            .map_err(|e| e.to_string())?;
+        let frame = ESP0.wrapping_sub(r.rsp & 0xffff_ffff);
+        let vector = port - PORT_VEC;
+        Ok(if frame == 36 && eflags & (1 << 17) != 0 {
+            if vector == 0x10 {
+                Support::Native
+            } else {
+                Support::Unsupported(format!(
+                    "int $0x10 in virtual-8086 mode raises vector {vector}"
+                ))
+            }
+        } else {
+            Support::Unsupported(format!(
+                "code runs, but an event out of virtual-8086 mode (vector {vector}) arrives with a \
+                 {frame}-byte frame{} instead of the 36-byte one with EFLAGS.VM and the data segments, \
+                 so the guest's handler cannot return",
+                if eflags & (1 << 17) == 0 { " without EFLAGS.VM" } else { "" }
+            ))
+        })
+    })();
+    r.unwrap_or_else(Support::Unknown)
+}
+
+/// Measurements that take longer than the fix-up probes (up to about a
+/// second); the VMM does not need them, `xenkvm probe` and the tests do.
+#[derive(Debug, Clone)]
+pub struct HostMeasures {
+    /// Kernel-mode (CPL 0) loop iterations per second (`dec ecx; jnz`):
+    /// on a host that emulates guest kernel code this is millions, not
+    /// billions.
+    pub kernel_loop_rate: Result<f64, String>,
+    /// The in-kernel LAPIC's ESR after a fixed IPI to itself with the
+    /// illegal vector 15 (real APICs: Send and Receive Illegal Vector, 0x60;
+    /// XTF `xsa-462` checks it).
+    pub lapic_illegal_vector_esr: Support,
+}
+
+impl HostMeasures {
+    pub fn run() -> HostMeasures {
+        HostMeasures {
+            kernel_loop_rate: kernel_loop_rate(),
+            lapic_illegal_vector_esr: probe_lapic_esr(),
+        }
+    }
+
+    /// The measurements, once per process.
+    pub fn get() -> &'static HostMeasures {
+        static M: std::sync::OnceLock<HostMeasures> = std::sync::OnceLock::new();
+        M.get_or_init(HostMeasures::run)
+    }
+}
+
+impl fmt::Display for HostMeasures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kernel_loop_rate {
+            Ok(r) => writeln!(f, "{:<30} {:.3e} iterations/s", "kernel-mode loop rate", r)?,
+            Err(e) => writeln!(f, "{:<30} unknown: {e}", "kernel-mode loop rate")?,
+        }
+        writeln!(
+            f,
+            "{:<30} {}",
+            "LAPIC ESR, illegal vector", self.lapic_illegal_vector_esr
+        )
+    }
+}
+
+/// Iterations of the kernel-mode loop [`kernel_loop_rate`] times.
+const LOOP_ITERATIONS: u32 = 1 << 20;
+
+/// Times `LOOP_ITERATIONS` iterations of `dec ecx; jnz` at CPL 0 in 32-bit
+/// protected mode (the VM is built first, only the run is timed).
+fn kernel_loop_rate() -> Result<f64, String> {
+    let mut p = new_vm()?;
+    let code = asm(32, 0x1000, |a| {
+        let mut top = a.create_label();
+        a.mov(ecx, LOOP_ITERATIONS)?;
+        a.set_label(&mut top)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.out(PORT_OK as u32, al)?;
+        a.hlt()
+    })?;
+    p.mem
+        .write_slice(&code, GuestAddress(0x1000))
+        .map_err(|e| e.to_string())?;
+    prot32(&p, 0x1000)?;
+    let t = std::time::Instant::now();
+    match run_vcpu(&mut p) {
+        End::Out(PORT_OK) => Ok(f64::from(LOOP_ITERATIONS) / t.elapsed().as_secs_f64().max(1e-9)),
+        e => Err(format!("the loop did not finish: {e:?}")),
+    }
+}
+
+/// XTF `xsa-462`'s sequence on the in-kernel LAPIC: software-enable it,
+/// clear ESR, LVTERR = 15, a fixed IPI with vector 15 to APIC 0 (itself),
+/// clear ESR, read ESR.
+fn probe_lapic_esr() -> Support {
+    let r = (|| -> Result<u32, String> {
+        let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+        let vm = kvm.create_vm().map_err(|e| e.to_string())?;
+        vm.create_irq_chip().map_err(|e| e.to_string())?;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)])
+            .map_err(|e| e.to_string())?;
+        let host = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| e.to_string())?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 4 << 20,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `mem` owns the 4 MiB mapping; it moves into the ProbeVm
+        // below next to the VM fd, whose fields drop in order (the VM
+        // first), so the memory outlives the slot's use.
+        unsafe { vm.set_user_memory_region(region) }.map_err(|e| e.to_string())?;
+        let _ = vm.set_tss_address(0xfffb_d000);
+        let vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
+        let mut p = ProbeVm { _vm: vm, vcpu, mem };
+        const APIC: u32 = 0xfee0_0000;
+        let code = asm(32, 0x1000, |a| {
+            a.mov(dword_ptr(APIC + 0xf0), 0x1ffu32)?;
+            a.mov(dword_ptr(APIC + 0x280), 0u32)?;
+            a.mov(dword_ptr(APIC + 0x370), 0xfu32)?;
+            a.mov(dword_ptr(APIC + 0x310), 0u32)?;
+            a.mov(dword_ptr(APIC + 0x300), 0xfu32)?;
+            a.mov(dword_ptr(APIC + 0x280), 0u32)?;
+            a.mov(eax, dword_ptr(APIC + 0x280))?;
+            a.out(PORT_OK as u32, eax)?;
+            a.hlt()
+        })?;
+        p.mem
+            .write_slice(&code, GuestAddress(0x1000))
+            .map_err(|e| e.to_string())?;
+        prot32(&p, 0x1000)?;
+        for _ in 0..16 {
+            match p.vcpu.run() {
+                Ok(VcpuExit::IoOut(PORT_OK, data)) => {
+                    let mut b = [0u8; 4];
+                    let n = data.len().min(4);
+                    b[..n].copy_from_slice(&data[..n]);
+                    return Ok(u32::from_le_bytes(b));
+                }
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Ok(e) => return Err(format!("{e:?}")),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err("no exit".into())
+    })();
+    match r {
+        Ok(0x60) => Support::Native,
+        Ok(v) => Support::Unsupported(format!(
+            "ESR reads {v:#x}, not 0x60: this KVM's in-kernel LAPIC does not report illegal vectors"
+        )),
+        Err(e) => Support::Unknown(e),
+    }
+}
+
+/// Runs `code` at CPL 3 in long mode with gate `vector` DPL 0 (and not
+/// present if `not_present`); a CPU delivers exception `expect` instead.
+/// Where the host delivers the wrong vector (#BP for the DPL check, #DF
+/// for the absent gate), the probe runs again with xenkvm's handler trap
+/// ([`crate::arch::x86::gates`]).
+fn probe_user_swint(code: &[u8], vector: u64, not_present: bool, expect: u16) -> Support {
+    let run = |fix: Option<u16>| -> Result<End, String> {
+        let mut p = new_vm()?;
+        p.mem
+            .write_slice(code, GuestAddress(0x1000))
+            .map_err(|e| e.to_string())?;
+        long_mode(&p, true, 0x1000, 0)?;
+        if not_present {
+            let at = GuestAddress(0x6000 + vector * 16 + 5);
+            let attr: u8 = p.mem.read_obj(at).map_err(|e| e.to_string())?;
+            p.mem
+                .write_obj(attr & 0x7f, at)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(match fix {
+            None => run_vcpu(&mut p),
+            Some(3) => run_with_trap(&mut p, 0x7400 + 3 * 16, crate::arch::x86::gates::handle_bp),
+            Some(v) => run_with_trap(
+                &mut p,
+                0x7400 + u64::from(v) * 16,
+                crate::arch::x86::gates::handle_df,
+            ),
+        })
+    };
+    match run(None) {
+        Ok(End::Out(p)) if p == PORT_VEC + expect => Support::Native,
+        Ok(End::Out(p)) if p == PORT_VEC + 3 || p == PORT_VEC + 8 => {
+            match run(Some(p - PORT_VEC)) {
+                Ok(End::Out(q)) if q == PORT_VEC + expect => Support::FixedUp,
+                r => Support::Unsupported(format!(
+                    "the guest gets vector {} instead of {expect}, with no exit to the VMM, \
+                     and the fix-up fails ({r:?})",
+                    p - PORT_VEC
+                )),
+            }
+        }
+        Ok(End::Out(p)) if (PORT_VEC..PORT_VEC + 32).contains(&p) => Support::Unsupported(format!(
+            "the guest gets vector {} instead of {expect}, with no exit to the VMM",
+            p - PORT_VEC
+        )),
+        Ok(End::EmulationFailure) => Support::FixedUp,
+        Ok(e) => Support::Unsupported(format!("unexpected outcome {e:?}")),
+        Err(e) => Support::Unknown(e),
+    }
+}
+
+/// `mov %ss:(%rax), %rax` with a non-canonical RAX at CPL 3 in 64-bit mode:
+/// the handler of the exception that arrives reports its vector.
+fn probe_ss_override() -> Support {
+    let run = |fix: bool| -> Result<End, String> {
+        let mut p = new_vm()?;
+        let mut code = vec![0x48, 0xb8];
+        code.extend_from_slice(&0x8000_0000_4000_0000u64.to_le_bytes());
+        code.extend_from_slice(&[0x36, 0x48, 0x8b, 0x00, 0xf4]);
+        p.mem
+            .write_slice(&code, GuestAddress(0x1000))
+            .map_err(|e| e.to_string())?;
+        long_mode(&p, true, 0x1000, 0)?;
+        Ok(if fix {
+            run_with_trap(&mut p, 0x7400 + 12 * 16, crate::arch::x86::gates::handle_ss)
+        } else {
+            run_vcpu(&mut p)
+        })
+    };
+    match run(false) {
+        Ok(End::Out(p)) if p == PORT_VEC + 13 => Support::Native,
+        Ok(End::Out(p)) if p == PORT_VEC + 12 => match run(true) {
+            Ok(End::Out(p)) if p == PORT_VEC + 13 => Support::FixedUp,
+            r => Support::Unsupported(format!(
+                "the guest gets #SS, not #GP (the ignored override is honoured), with no exit \
+                 to the VMM, and the fix-up fails ({r:?})"
+            )),
+        },
+        Ok(e) => Support::Unsupported(format!("unexpected outcome {e:?}")),
+        Err(e) => Support::Unknown(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -624,7 +1065,11 @@ mod tests {
             iret32: s.clone(),
             user_syscall: s.clone(),
             kernel_ssse3: s.clone(),
-            kernel_xsave: s,
+            kernel_xsave: s.clone(),
+            vm86: s.clone(),
+            user_ss_override_noncanonical: s.clone(),
+            user_int3_gate_dpl: s.clone(),
+            not_present_gate: s,
         }
     }
 

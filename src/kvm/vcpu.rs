@@ -342,6 +342,26 @@ impl KvmVcpu {
         matches!(msrs.map(|m| self.fd.set_msrs(&m)), Ok(Ok(1)))
     }
 
+    /// Changes the legacy (4 KiB) XSAVE area: `f` edits its bytes, which
+    /// are written back. False if either ioctl fails.
+    pub fn edit_xsave(&self, f: &mut dyn FnMut(&mut [u8; 4096])) -> bool {
+        let Ok(mut x) = self.fd.get_xsave() else {
+            return false;
+        };
+        let mut bytes = [0u8; 4096];
+        for (c, w) in bytes.chunks_exact_mut(4).zip(x.region.iter()) {
+            c.copy_from_slice(&w.to_le_bytes());
+        }
+        f(&mut bytes);
+        for (w, c) in x.region.iter_mut().zip(bytes.chunks_exact(4)) {
+            *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        // SAFETY: `x` is the full kvm_xsave this vCPU's KVM_GET_XSAVE just
+        // filled (xenkvm enables no dynamically sized XSTATE features, so
+        // 4096 bytes hold all of it); `f` changed bytes inside it only.
+        unsafe { self.fd.set_xsave(&x) }.is_ok()
+    }
+
     /// Makes the vCPU runnable (out of the wait for INIT/SIPI).
     pub fn set_runnable(&self) -> Result<(), KvmError> {
         self.fd.set_mp_state(kvm_bindings::kvm_mp_state {

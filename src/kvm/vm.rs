@@ -62,9 +62,9 @@ pub struct KvmVm {
 
 impl KvmVm {
     /// Opens KVM, checks the capabilities xenkvm needs and creates a VM
-    /// with the in-kernel irqchip and PIT, and user-space exits for writes
-    /// to the MSRs in `trapped_msr_writes` (all other MSRs stay in KVM).
-    pub fn create(trapped_msr_writes: &[u32]) -> Result<KvmVm, KvmVmError> {
+    /// with the in-kernel irqchip and PIT, and user-space exits for the MSR
+    /// accesses in `traps` (all other MSRs stay in KVM).
+    pub fn create(traps: &[MsrTrap]) -> Result<KvmVm, KvmVmError> {
         let kvm = open_kvm()?;
         for (cap, name) in [
             (Cap::Irqchip, "an in-kernel irqchip"),
@@ -87,7 +87,7 @@ impl KvmVm {
             ..Default::default()
         };
         vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
-        enable_msr_exits(&vm, trapped_msr_writes)?;
+        enable_msr_exits(&vm, traps)?;
         let limit = kvm.get_nr_memslots();
         let vm = Arc::new(vm);
         Ok(KvmVm {
@@ -153,8 +153,17 @@ impl KvmVm {
     }
 }
 
-/// Enables user-space exits for writes to the MSRs in `msrs` only.
-fn enable_msr_exits(vm: &VmFd, msrs: &[u32]) -> Result<(), KvmVmError> {
+/// MSR accesses that exit to the VMM: `count` MSRs from `base`, writes, and
+/// reads too if `reads`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsrTrap {
+    pub base: u32,
+    pub count: u32,
+    pub reads: bool,
+}
+
+/// Enables user-space exits for the accesses in `traps` only.
+fn enable_msr_exits(vm: &VmFd, traps: &[MsrTrap]) -> Result<(), KvmVmError> {
     let mut cap = kvm_enable_cap {
         cap: KVM_CAP_X86_USER_SPACE_MSR,
         ..Default::default()
@@ -163,14 +172,22 @@ fn enable_msr_exits(vm: &VmFd, msrs: &[u32]) -> Result<(), KvmVmError> {
     vm.enable_cap(&cap)
         .map_err(ioctl("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
     // A zero bit denies the access, which the cap turns into an exit.
-    let bitmap = [0u8; 1];
-    let ranges: Vec<MsrFilterRange> = msrs
+    let bitmaps: Vec<Vec<u8>> = traps
         .iter()
-        .map(|&base| MsrFilterRange {
-            flags: MsrFilterRangeFlags::WRITE,
-            base,
-            msr_count: 1,
-            bitmap: &bitmap,
+        .map(|t| vec![0u8; (t.count as usize).div_ceil(8)])
+        .collect();
+    let ranges: Vec<MsrFilterRange> = traps
+        .iter()
+        .zip(&bitmaps)
+        .map(|(t, bitmap)| MsrFilterRange {
+            flags: if t.reads {
+                MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE
+            } else {
+                MsrFilterRangeFlags::WRITE
+            },
+            base: t.base,
+            msr_count: t.count,
+            bitmap,
         })
         .collect();
     vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)

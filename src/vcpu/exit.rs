@@ -48,6 +48,16 @@ pub enum Action {
     Stop(GuestExit),
 }
 
+/// The first Viridian (Hyper-V) MSR; the range ends at 0x400000ff. Xen's
+/// own hypercall MSR is 0x40000000 when viridian is off.
+pub const VIRIDIAN_MSR_FIRST: u32 = 0x4000_0001;
+pub const VIRIDIAN_MSR_COUNT: u32 = 0xff;
+
+/// True for an MSR of the Viridian (Hyper-V) range.
+pub fn is_viridian_msr(index: u32) -> bool {
+    (VIRIDIAN_MSR_FIRST..VIRIDIAN_MSR_FIRST + VIRIDIAN_MSR_COUNT).contains(&index)
+}
+
 /// What `decide` needs to know about the VM.
 pub trait ExitEnv {
     /// True if `gpa` is a page of guest RAM the hypercall page can go to.
@@ -83,6 +93,23 @@ pub fn decide(exit: &Exit, vcpu: u32, env: &dyn ExitEnv) -> Action {
             index: crate::arch::x86::syscall_fix::MSR_LSTAR,
             data,
         } => Action::LstarWrite { data },
+        // Viridian (Hyper-V) MSRs: Xen offers them only with the domain
+        // option `viridian`; xenkvm never does. #GP, as on Xen without it,
+        // and say what the guest wanted.
+        Exit::WrMsr { index, .. } | Exit::RdMsr { index } if is_viridian_msr(index) => {
+            // Once per process (one VM), then quietly: guests that scan MSR
+            // ranges (XTF `msr`) touch hundreds of them.
+            static ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !ONCE.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    msr = format_args!("{index:#x}"),
+                    "guest needs viridian (Hyper-V enlightenments, Xen's `viridian` domain option), which xenkvm does not offer"
+                );
+            } else {
+                tracing::debug!(msr = format_args!("{index:#x}"), "Viridian MSR refused");
+            }
+            Action::MsrFault
+        }
         // The filter only sends the hypercall MSR here; anything else the
         // guest gets #GP for, as on Xen.
         Exit::WrMsr { .. } | Exit::RdMsr { .. } => Action::MsrFault,

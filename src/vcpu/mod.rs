@@ -62,6 +62,11 @@ pub struct Vcpu {
     /// The guest's syscall entry and #PF handler, on hosts that need the
     /// [`crate::arch::x86::syscall_fix`] (set when the guest writes LSTAR).
     syscall: Option<crate::arch::x86::syscall_fix::SyscallSetup>,
+    /// The #UD-handler trap for `int n` at CPL 3 ([`crate::arch::x86::cpl3`]), on
+    /// hosts whose probe shows that bug; `ud_next_check` is the TSC of the
+    /// next re-read of IDT gate 6.
+    ud_trap: Option<crate::arch::x86::cpl3::UdTrap>,
+    ud_next_check: u64,
     /// RIP of the last emulation failure retried unchanged, and how many.
     retry_rip: Option<u64>,
     retried: u64,
@@ -91,6 +96,10 @@ impl Vcpu {
             run_start: 0,
             bp_sites: Vec::new(),
             syscall: None,
+            ud_trap: crate::kvm::probe::HostProbe::get()
+                .user_int_n_needs_fixup()
+                .then(Default::default),
+            ud_next_check: 0,
             retry_rip: None,
             retried: 0,
             unclaimed_logged: Default::default(),
@@ -200,6 +209,9 @@ impl Vcpu {
                 self.sample_run_delay(),
             );
         }
+        if self.ud_trap.is_some() {
+            self.check_ud_trap();
+        }
         self.run_start = t;
         let exit = self.kvm.run();
         let m = &self.m;
@@ -268,6 +280,26 @@ impl Vcpu {
             Action::LstarWrite { data } => self.lstar_written(data),
             Action::HypercallTrap { pc } if self.syscall.is_some_and(|s| s.pf_handler == pc) => {
                 self.pf_trap()
+            }
+            Action::HypercallTrap { pc }
+                if self.ud_trap.is_some_and(|t| t.handler == pc && pc != 0) =>
+            {
+                self.ud_trap_hit(crate::arch::x86::cpl3::handle_ud)
+            }
+            Action::HypercallTrap { pc }
+                if self.ud_trap.is_some_and(|t| t.bp_handler == pc && pc != 0) =>
+            {
+                self.ud_trap_hit(crate::arch::x86::gates::handle_bp)
+            }
+            Action::HypercallTrap { pc }
+                if self.ud_trap.is_some_and(|t| t.df_handler == pc && pc != 0) =>
+            {
+                self.ud_trap_hit(crate::arch::x86::gates::handle_df)
+            }
+            Action::HypercallTrap { pc }
+                if self.ud_trap.is_some_and(|t| t.ss_handler == pc && pc != 0) =>
+            {
+                self.ud_trap_hit(crate::arch::x86::gates::handle_ss)
             }
             Action::HypercallTrap { pc } => {
                 if self.bp_sites.contains(&pc) {
@@ -410,13 +442,33 @@ impl Vcpu {
         (regs, next)
     }
 
-    /// Arms an instruction breakpoint at linear address `pc` (up to four
-    /// sites, three when the syscall fix-up holds one; the oldest is replaced).
+    /// The handler breakpoints that hold a debug register for good: the
+    /// #PF handler (syscall fix-up) and the #UD handler (`int n` at CPL 3).
+    ///
+    /// How DR0-DR3 are allotted: these fixed traps first (the #PF and #UD
+    /// handlers; the #BP and #DF handlers only while the guest's IDT has a
+    /// DPL-0 `int3` gate or an absent gate 1/3, which Linux never has; the
+    /// #SS handler only while that leaves a slot free), and the remaining
+    /// slots to `vmcall` sites, oldest replaced.
+    fn fixed_traps(&self) -> impl Iterator<Item = u64> {
+        let t = self.ud_trap.unwrap_or_default();
+        self.syscall
+            .map(|s| s.pf_handler)
+            .into_iter()
+            .chain([t.handler, t.bp_handler, t.df_handler, t.ss_handler])
+            .filter(|&h| h != 0)
+    }
+
+    /// Arms an instruction breakpoint at linear address `pc` (the slots the
+    /// fixed traps leave; the oldest site is replaced).
     fn arm_breakpoint(&mut self, pc: u64) {
         if self.bp_sites.contains(&pc) {
             return;
         }
-        let max = if self.syscall.is_some() { 3 } else { 4 };
+        let max = 4usize.saturating_sub(self.fixed_traps().count());
+        if max == 0 {
+            return;
+        }
         while self.bp_sites.len() >= max {
             self.bp_sites.remove(0);
         }
@@ -433,11 +485,11 @@ impl Vcpu {
 
     /// Loads DR0-DR3/DR7 with the hypercall sites and the #PF handler.
     fn program_breakpoints(&mut self) -> Result<(), KvmError> {
-        let sites: Vec<u64> = self
-            .bp_sites
-            .iter()
-            .copied()
-            .chain(self.syscall.map(|s| s.pf_handler))
+        let fixed: Vec<u64> = self.fixed_traps().collect();
+        let keep = 4usize.saturating_sub(fixed.len());
+        let sites: Vec<u64> = fixed
+            .into_iter()
+            .chain(self.bp_sites.iter().rev().take(keep).copied())
             .collect();
         self.kvm.set_hw_breakpoints(&sites)
     }
@@ -477,7 +529,8 @@ impl Vcpu {
             star,
             pf_handler,
         });
-        while self.bp_sites.len() > 3 {
+        let keep = 4usize.saturating_sub(self.fixed_traps().count());
+        while self.bp_sites.len() > keep {
             self.bp_sites.remove(0);
         }
         if let Err(e) = self.program_breakpoints() {
@@ -522,6 +575,135 @@ impl Vcpu {
                     "cannot step over the #PF handler's first instruction: syscall fix-up off"
                 );
                 self.syscall = None;
+                let _ = self.program_breakpoints();
+            }
+        }
+        State::Running
+    }
+
+    /// Keeps the #UD-handler breakpoint on the guest's current #UD handler:
+    /// IDTR is compared at every exit (KVM syncs it into `kvm_run`), gate 6
+    /// re-read when it changed and at most every 10 ms otherwise. Gates 1
+    /// and 3 of a long-mode IDT are read at every exit (one 48-byte read at
+    /// a cached guest-physical address) for the #BP/#DF traps of
+    /// [`crate::arch::x86::gates`].
+    fn check_ud_trap(&mut self) {
+        use crate::arch::x86::cpl3::{handler, ud_handler};
+        let Some(trap) = self.ud_trap else { return };
+        let sregs = self.kvm.synced_sregs();
+        let idt = sregs.idt;
+        let now = crate::xen::clock::host_tsc();
+        let changed = idt.base != trap.idt_base || idt.limit != trap.idt_limit;
+        let mut new = trap;
+        if changed || now >= self.ud_next_check {
+            self.ud_next_check = now + u64::from(self.m.clock.tsc_khz) * STEAL_SAMPLE_MS;
+            new.idt_base = idt.base;
+            new.idt_limit = idt.limit;
+            new.handler = ud_handler(&self.m.mem, &sregs).unwrap_or(0);
+            new.idt_gpa = crate::arch::x86::gates::idt_gpa(&self.m.mem, &sregs);
+        }
+        let (bp, df) = new
+            .idt_gpa
+            .map(|gpa| crate::arch::x86::gates::traps_wanted_at(&self.m.mem, gpa))
+            .unwrap_or((false, false));
+        // Only where the probe shows the host skips those gate checks.
+        let probe = crate::kvm::probe::HostProbe::get();
+        let fixed = crate::kvm::probe::Support::FixedUp;
+        let bp = bp && probe.user_int3_gate_dpl == fixed;
+        let df = df && probe.not_present_gate == fixed;
+        // A handler address is looked up when the trap is wanted anew or the
+        // IDT was just re-read.
+        let reread = new.idt_gpa != trap.idt_gpa || new.handler != trap.handler || changed;
+        let resolve = |want: bool, old: u64, v: u8| match (want, old) {
+            (false, _) => 0,
+            (true, h) if h != 0 && !reread => h,
+            (true, _) => handler(&self.m.mem, &sregs, v).unwrap_or(0),
+        };
+        new.bp_handler = resolve(bp, trap.bp_handler, 3);
+        new.df_handler = resolve(df, trap.df_handler, 8);
+        // The #SS trap has the lowest priority: held only while a debug
+        // register stays free for a `vmcall` site after the others.
+        let others = usize::from(self.syscall.is_some())
+            + [new.handler, new.bp_handler, new.df_handler]
+                .iter()
+                .filter(|&&h| h != 0)
+                .count();
+        let ss =
+            probe.user_ss_override_noncanonical == fixed && others <= 2 && new.idt_gpa.is_some();
+        new.ss_handler = resolve(ss, trap.ss_handler, 12);
+        if new == trap {
+            return;
+        }
+        self.ud_trap = Some(new);
+        let moved = (new.handler, new.bp_handler, new.df_handler, new.ss_handler)
+            != (
+                trap.handler,
+                trap.bp_handler,
+                trap.df_handler,
+                trap.ss_handler,
+            );
+        if moved {
+            let keep = 4usize.saturating_sub(self.fixed_traps().count());
+            while self.bp_sites.len() > keep {
+                self.bp_sites.remove(0);
+            }
+            match self.program_breakpoints() {
+                Ok(()) => tracing::debug!(
+                    ud = format_args!("{:#x}", new.handler),
+                    bp = format_args!("{:#x}", new.bp_handler),
+                    df = format_args!("{:#x}", new.df_handler),
+                    "exception handlers trapped (this host mis-delivers user software interrupts)"
+                ),
+                Err(e) => {
+                    tracing::warn!(%e, "cannot trap the #UD handler: int n from user mode will fault");
+                    self.ud_trap = None;
+                }
+            }
+        }
+    }
+
+    /// The breakpoint on the guest's #UD handler fired: deliver a user
+    /// software interrupt, or let the handler run (see [`crate::arch::x86::cpl3`]).
+    /// `handle` is the decision for the trapped handler: #UD
+    /// ([`crate::arch::x86::cpl3::handle_ud`]), #BP or #DF ([`crate::arch::x86::gates`]).
+    fn ud_trap_hit(
+        &mut self,
+        handle: fn(
+            &dyn x86::PhysMem,
+            &mut kvm_bindings::kvm_regs,
+            &mut kvm_bindings::kvm_sregs,
+        ) -> crate::arch::x86::cpl3::UdOutcome,
+    ) -> State {
+        use crate::arch::x86::cpl3::*;
+        let (mut regs, mut sregs) = (self.kvm.synced_regs(), self.kvm.synced_sregs());
+        let outcome = handle(&self.m.mem, &mut regs, &mut sregs);
+        tracing::trace!(
+            ?outcome,
+            rip = format_args!("{:#x}", regs.rip),
+            "exception-handler trap"
+        );
+        match outcome {
+            UdOutcome::Delivered { .. } | UdOutcome::Resumed => {
+                self.kvm.put_synced_regs(&regs);
+                self.kvm.put_synced_sregs(&sregs);
+                return State::Running;
+            }
+            UdOutcome::NotOurs => {}
+            UdOutcome::Refused(why) => {
+                tracing::warn!(%why, "cannot deliver a software interrupt from user mode; the guest gets #UD");
+            }
+        }
+        let (mut regs, sregs) = (self.kvm.synced_regs(), self.kvm.synced_sregs());
+        match x86::fetch(&self.m.mem, &regs, &sregs) {
+            Ok(insn) if step_over_entry(&self.m.mem, &insn, &mut regs, &sregs) => {
+                self.kvm.put_synced_regs(&regs);
+            }
+            other => {
+                tracing::warn!(
+                    insn = ?other.map(|i| i.code()),
+                    "cannot step over the #UD handler's first instruction: int n fix-up off"
+                );
+                self.ud_trap = None;
                 let _ = self.program_breakpoints();
             }
         }
@@ -746,6 +928,18 @@ impl x86::EmuEnv for EmuHost<'_> {
             }
             _ => false,
         }
+    }
+    fn vex128_move(&self, dst: usize, src: usize) -> bool {
+        // The standard (non-compacted) XSAVE layout KVM uses: XMM registers
+        // at byte 160, the upper halves of the YMM registers at 576.
+        if dst >= 16 || src >= 16 {
+            return false;
+        }
+        self.kvm.edit_xsave(&mut |bytes| {
+            let (xd, xs, yd) = (160 + 16 * dst, 160 + 16 * src, 576 + 16 * dst);
+            bytes.copy_within(xs..xs + 16, xd);
+            bytes[yd..yd + 16].fill(0);
+        })
     }
     fn set_mxcsr(&self, v: u32) -> bool {
         match self.kvm.fpu() {

@@ -21,7 +21,7 @@ use crate::boot;
 use crate::boot::layout;
 use crate::boot::linux::{self, LinuxKernel};
 use crate::devices::{Bus, ConsoleOut, PlatformDevices};
-use crate::kvm::{KvmError, KvmVcpu, KvmVm, KvmVmError};
+use crate::kvm::{KvmError, KvmVcpu, KvmVm, KvmVmError, MsrTrap};
 use crate::vcpu::{Vcpu, VcpuHandle};
 use crate::vmm::event_loop::{EventLoop, Next};
 use crate::vmm::machine::{Buses, GuestExit, Machine};
@@ -138,15 +138,29 @@ fn create_memory(mem_mib: u64) -> Result<gpc::MemoryMap, VmError> {
     gpc::MemoryMap::new(&ranges).map_err(|e| VmError::Memory(e.to_string()))
 }
 
-/// The MSR writes that exit to the VMM: the Xen hypercall-page MSR, and
-/// LSTAR where `syscall` from CPL 3 does not reach CPL 0 (the fix-up in
-/// `arch::x86::syscall_fix`).
-fn trapped_msr_writes() -> Vec<u32> {
-    let mut v = vec![cpuid::XEN_HYPERCALL_MSR];
+/// The MSR accesses that exit to the VMM: writes of the Xen hypercall-page
+/// MSR; the Viridian (Hyper-V) range, which xenkvm does not offer, refused
+/// with #GP as KVM would but with the VMM naming what the guest wanted; and
+/// writes of LSTAR where `syscall` from CPL 3 does not reach CPL 0 (the
+/// fix-up in `arch::x86::syscall_fix`).
+fn trapped_msrs() -> Vec<MsrTrap> {
+    let write = |base| MsrTrap {
+        base,
+        count: 1,
+        reads: false,
+    };
+    let mut v = vec![
+        write(cpuid::XEN_HYPERCALL_MSR),
+        MsrTrap {
+            base: crate::vcpu::exit::VIRIDIAN_MSR_FIRST,
+            count: crate::vcpu::exit::VIRIDIAN_MSR_COUNT,
+            reads: true,
+        },
+    ];
     let syscall = &crate::kvm::probe::HostProbe::get().user_syscall;
     if *syscall != crate::kvm::probe::Support::Native {
         tracing::info!(%syscall, "syscall at CPL 3 on this host");
-        v.push(crate::arch::x86::syscall_fix::MSR_LSTAR);
+        v.push(write(crate::arch::x86::syscall_fix::MSR_LSTAR));
     }
     v
 }
@@ -160,7 +174,7 @@ impl Vm {
         if !(16..=65536).contains(&cfg.mem_mib) {
             return Err(VmError::BadMemory(cfg.mem_mib));
         }
-        let kvm = KvmVm::create(&trapped_msr_writes())?;
+        let kvm = KvmVm::create(&trapped_msrs())?;
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
         // Step 1: guest RAM and its memslots.

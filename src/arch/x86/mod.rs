@@ -8,8 +8,12 @@
 //!   32-bit `iret` is emulated (stack pops and descriptor loads), `rdtscp`
 //!   and `xgetbv` are emulated. Instructions are decoded with iced-x86.
 
+pub mod cpl3;
 pub mod cpuid;
+pub mod gates;
 pub mod syscall_fix;
+pub mod task;
+pub mod traps;
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
@@ -378,6 +382,11 @@ pub trait EmuEnv {
     fn xmm(&self, n: usize) -> Option<[u8; 16]>;
     /// Sets XMM register `n`; false if the host refused.
     fn set_xmm(&self, n: usize, v: [u8; 16]) -> bool;
+    /// A VEX.128 register move: XMM `src` to XMM `dst`, and the upper half
+    /// of YMM `dst` zeroed; false if the host refused or cannot.
+    fn vex128_move(&self, _dst: usize, _src: usize) -> bool {
+        false
+    }
 }
 
 /// Decodes the instruction at CS:RIP.
@@ -425,6 +434,10 @@ pub fn fixup(mem: &dyn PhysMem, env: &dyn EmuEnv, regs: &mut kvm_regs, s: &mut k
     };
     match insn.code() {
         Code::Int3 => {
+            // The gate checks as for `int $3` (limit, DPL, present).
+            if let Err(f) = check_soft_int_gate(mem, s, BP) {
+                return f;
+            }
             advance(regs);
             Fixup::Exception {
                 vector: BP,
@@ -442,6 +455,11 @@ pub fn fixup(mem: &dyn PhysMem, env: &dyn EmuEnv, regs: &mut kvm_regs, s: &mut k
             }
         }
         Code::Into if code_bits(s) != 64 => {
+            if regs.rflags & (1 << 11) != 0 {
+                if let Err(f) = check_soft_int_gate(mem, s, 4) {
+                    return f;
+                }
+            }
             advance(regs);
             if regs.rflags & (1 << 11) != 0 {
                 Fixup::SoftInt { vector: 4 }
@@ -563,7 +581,10 @@ pub fn fixup(mem: &dyn PhysMem, env: &dyn EmuEnv, regs: &mut kvm_regs, s: &mut k
             }
             Err(f) => f,
         },
-        c => Fixup::Unhandled(format!("{c:?} at {:#x} ({:?})", regs.rip, insn.mnemonic())),
+        // icebp, x87/SIMD under CR0.TS/EM, VMX/SVM, task switches.
+        c => crate::arch::x86::traps::fixup(mem, env, regs, s, &insn).unwrap_or_else(|| {
+            Fixup::Unhandled(format!("{c:?} at {:#x} ({:?})", regs.rip, insn.mnemonic()))
+        }),
     }
 }
 
@@ -1303,6 +1324,10 @@ mod tests {
         m.write(0x1000, &[0xcc]);
         let (mut r, mut s) = flat32();
         r.rip = 0x1000;
+        // A present DPL-0 interrupt gate for vector 3.
+        s.idt.base = 0x8000;
+        s.idt.limit = 0x7ff;
+        m.w64(0x8000 + 3 * 8, 0x0000_8e00_0000_0000);
         assert_eq!(
             fixup(&m, &Env, &mut r, &mut s),
             Fixup::Exception {
