@@ -6,6 +6,7 @@ pub mod boot;
 pub mod bzimage;
 pub mod clock;
 pub mod console;
+pub mod coverage;
 pub mod cpuid;
 pub mod devices;
 pub mod exit;
@@ -20,6 +21,7 @@ pub mod test_guest;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;
+pub mod x86_more;
 pub mod xen;
 pub mod xenstore;
 

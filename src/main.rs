@@ -34,7 +34,20 @@ enum Cmd {
     },
     /// Probe this host's KVM for what it cannot run (legacy paging, int n
     /// from user mode, ...) and print what xenkvm fixes up.
-    Probe,
+    Probe {
+        /// Instead: decode the kernels' executable sections, run each
+        /// distinct instruction form at CPL 0 in a throwaway VM, and print
+        /// how many this host's KVM fails to emulate and xenkvm handles.
+        #[arg(long)]
+        coverage: bool,
+        /// With --coverage: write the forms KVM fails on here, one a line.
+        #[arg(long, value_name = "PATH", requires = "coverage")]
+        write_list: Option<PathBuf>,
+        /// With --coverage: kernels (ELF, bzImage, or directories of them);
+        /// default ../shared/guests/linux/vmlinuz and ../shared/guests/xtf.
+        #[arg(value_name = "KERNEL", requires = "coverage")]
+        kernels: Vec<PathBuf>,
+    },
 }
 
 /// How `run` enters the kernel.
@@ -157,9 +170,43 @@ fn main() -> ExitCode {
             };
             run(cfg)
         }
-        Cmd::Probe => {
+        Cmd::Probe {
+            coverage: false, ..
+        } => {
             print!("{}", xenkvm::probe::HostProbe::run());
             ExitCode::SUCCESS
+        }
+        Cmd::Probe {
+            coverage: true,
+            write_list,
+            kernels,
+        } => {
+            let inputs = if kernels.is_empty() {
+                xenkvm::coverage::default_inputs()
+            } else {
+                kernels
+            };
+            let r = match xenkvm::coverage::report(&inputs) {
+                Ok(r) => r,
+                Err(e) => return fail(1, &e),
+            };
+            print!("{r}");
+            if let Some(path) = write_list {
+                let list: String = r
+                    .results
+                    .iter()
+                    .filter(|x| x.outcome.host_failed())
+                    .map(|x| xenkvm::coverage::list_line(x) + "\n")
+                    .collect();
+                if let Err(e) = std::fs::write(&path, list) {
+                    return fail(1, &format!("{}: {e}", path.display()));
+                }
+            }
+            if r.tally.xenkvm_handled == r.tally.host_failures {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            }
         }
     }
 }

@@ -375,6 +375,14 @@ pub trait EmuEnv {
     fn xmm(&self, n: usize) -> Option<[u8; 16]>;
     /// Sets XMM register `n`; false if the host refused.
     fn set_xmm(&self, n: usize, v: [u8; 16]) -> bool;
+    /// The x87/SSE state (x87 registers, FSW, tags, XMM, MXCSR).
+    fn fpu(&self) -> Option<kvm_bindings::kvm_fpu> {
+        None
+    }
+    /// Sets the x87/SSE state; false if the host refused.
+    fn set_fpu(&self, _f: &kvm_bindings::kvm_fpu) -> bool {
+        false
+    }
 }
 
 /// Decodes the instruction at CS:RIP.
@@ -560,7 +568,8 @@ pub fn fixup(mem: &dyn PhysMem, env: &dyn EmuEnv, regs: &mut kvm_regs, s: &mut k
             }
             Err(f) => f,
         },
-        c => Fixup::Unhandled(format!("{c:?} at {:#x} ({:?})", regs.rip, insn.mnemonic())),
+        // More forms (descriptor queries, SSE, ...): see x86_more.rs.
+        _ => crate::x86_more::fixup(mem, env, regs, s, &insn),
     }
 }
 
@@ -635,7 +644,7 @@ pub fn gpr_write(regs: &mut kvm_regs, r: Register, val: u64) -> bool {
 }
 
 /// The linear address of memory operand `op`.
-fn operand_address(
+pub(crate) fn operand_address(
     regs: &kvm_regs,
     s: &kvm_sregs,
     insn: &Instruction,
@@ -665,7 +674,7 @@ fn operand_address(
 }
 
 /// Writes `data` to memory operand `op`.
-fn write_operand(
+pub(crate) fn write_operand(
     mem: &dyn PhysMem,
     regs: &kvm_regs,
     s: &kvm_sregs,
@@ -685,7 +694,7 @@ fn write_operand(
 }
 
 /// The value of source operand `op` (a register or memory) of `size` bytes.
-fn read_operand(
+pub(crate) fn read_operand(
     mem: &dyn PhysMem,
     regs: &kvm_regs,
     s: &kvm_sregs,

@@ -1,0 +1,617 @@
+//! More fix-ups for instructions this host's KVM fails to emulate, found by
+//! decoding the guest kernels (`xenkvm probe --coverage`, see coverage.rs).
+//! [`crate::x86::fixup`] hands every form it does not know to [`fixup`].
+//!
+//! Each form follows the SDM, exceptions included:
+//! - descriptor queries `lsl`, `lar`, `verr`, `verw` (Linux's paranoid NMI,
+//!   #DB and #MC entry reads the CPU number with `lsl`; `verw` clears CPU
+//!   buffers on return to user mode);
+//! - SSE integer and logic forms on XMM registers (`pxor`, `paddd`,
+//!   `pshufd`, ...), with the CR0.EM/TS and CR4.OSFXSR checks and the
+//!   alignment #GP of 128-bit memory operands;
+//! - `cmpxchg16b` (not atomic against other vCPUs: the VMM stops only this
+//!   one; guests see CX16 hidden in CPUID), BMI2 `shlx`/`shrx`/`sarx`;
+//! - `fnop`, `fnclex`, `emms`; `monitor`/`mwait` (and the AMD `x` forms) as
+//!   no-ops after their operand checks, as KVM itself runs them; `clwb`;
+//! - forms that raise #UD on this virtual CPU: `ud0`/`ud1`, `xend` (no
+//!   RTM), `encls` (no SGX), `pvalidate`/`rmpadjust` (not an SEV-SNP
+//!   guest), `tilerelease` without AMX state in XCR0, `rdpkru`/`wrpkru`
+//!   without CR4.PKE, and VEX/EVEX forms when CR4.OSXSAVE or the XCR0 state
+//!   they need is off (a guest booted with `noxsave`).
+//!
+//! Everything else is [`Fixup::Unhandled`]: the VMM stops the guest with
+//! the form's name rather than guess.
+
+use iced_x86::{Code, EncodingKind, Instruction, Mnemonic, OpKind, Register};
+use kvm_bindings::{kvm_regs, kvm_sregs};
+
+use crate::x86::{
+    code_bits, cpl, gpr_read, gpr_write, is_64bit, operand_address, read_linear, read_operand,
+    write_linear, Access, EmuEnv, Fixup, Paging, PhysMem, GP, MF, NM, UD,
+};
+
+const CR0_EM: u64 = 1 << 2;
+const CR0_TS: u64 = 1 << 3;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXSAVE: u64 = 1 << 18;
+const CR4_PKE: u64 = 1 << 22;
+const RFLAGS_ZF: u64 = 1 << 6;
+
+fn exc(vector: u8) -> Fixup {
+    Fixup::Exception {
+        vector,
+        error_code: None,
+    }
+}
+
+fn gp0() -> Fixup {
+    Fixup::Exception {
+        vector: GP,
+        error_code: Some(0),
+    }
+}
+
+/// Emulates `insn` (at `regs.rip`), or says why not.
+pub fn fixup(
+    mem: &dyn PhysMem,
+    env: &dyn EmuEnv,
+    regs: &mut kvm_regs,
+    s: &mut kvm_sregs,
+    insn: &Instruction,
+) -> Fixup {
+    match emulate(mem, env, regs, s, insn) {
+        Ok(()) => {
+            let next = regs.rip.wrapping_add(insn.len() as u64);
+            regs.rip = if code_bits(s) == 64 {
+                next
+            } else {
+                next & 0xffff_ffff
+            };
+            Fixup::Resume
+        }
+        Err(f) => f,
+    }
+}
+
+fn unhandled(regs: &kvm_regs, insn: &Instruction) -> Fixup {
+    Fixup::Unhandled(format!(
+        "{:?} at {:#x} ({:?})",
+        insn.code(),
+        regs.rip,
+        insn.mnemonic()
+    ))
+}
+
+fn emulate(
+    mem: &dyn PhysMem,
+    env: &dyn EmuEnv,
+    regs: &mut kvm_regs,
+    s: &kvm_sregs,
+    insn: &Instruction,
+) -> Result<(), Fixup> {
+    // VEX/EVEX forms need CR4.OSXSAVE and their state enabled in XCR0.
+    match insn.encoding() {
+        EncodingKind::VEX | EncodingKind::EVEX if !is_bmi(insn) => {
+            let need: u64 = if insn.encoding() == EncodingKind::EVEX {
+                0xe6
+            } else {
+                0x6
+            };
+            if s.cr4 & CR4_OSXSAVE == 0 || env.xcr0() & need != need {
+                return Err(exc(UD));
+            }
+        }
+        _ => {}
+    }
+    match insn.mnemonic() {
+        Mnemonic::Lsl | Mnemonic::Lar => lsl_lar(mem, regs, s, insn),
+        Mnemonic::Verr | Mnemonic::Verw => verr_verw(mem, regs, s, insn),
+        Mnemonic::Ud0 | Mnemonic::Ud1 | Mnemonic::Ud2 => Err(exc(UD)),
+        // Features this virtual CPU does not have: RTM, SGX, SEV-SNP.
+        Mnemonic::Xend | Mnemonic::Xabort | Mnemonic::Xtest => Err(exc(UD)),
+        Mnemonic::Encls | Mnemonic::Enclu => Err(exc(UD)),
+        Mnemonic::Pvalidate | Mnemonic::Rmpadjust => Err(exc(UD)),
+        Mnemonic::Tilerelease => {
+            if env.xcr0() & (3 << 17) != 3 << 17 || !is_64bit(s) {
+                Err(exc(UD))
+            } else {
+                Err(unhandled(regs, insn))
+            }
+        }
+        Mnemonic::Rdpkru | Mnemonic::Wrpkru => {
+            if s.cr4 & CR4_PKE == 0 {
+                Err(exc(UD))
+            } else {
+                Err(unhandled(regs, insn))
+            }
+        }
+        Mnemonic::Monitor | Mnemonic::Monitorx => {
+            // No extensions are supported: ECX must be 0. The address is
+            // only a hint; nothing is armed, so mwait returns at once.
+            if cpl(s) != 0 {
+                return Err(exc(UD));
+            }
+            if regs.rcx & 0xffff_ffff != 0 {
+                return Err(gp0());
+            }
+            Ok(())
+        }
+        Mnemonic::Mwait | Mnemonic::Mwaitx => {
+            // mwait may return at any time; ECX may only ask for
+            // interrupts as break events (and, for mwaitx, the timer).
+            if cpl(s) != 0 {
+                return Err(exc(UD));
+            }
+            let allowed = if insn.mnemonic() == Mnemonic::Mwait {
+                1
+            } else {
+                3
+            };
+            if regs.rcx & 0xffff_ffff & !allowed != 0 {
+                return Err(gp0());
+            }
+            Ok(())
+        }
+        Mnemonic::Clwb | Mnemonic::Clflush | Mnemonic::Clflushopt => {
+            // Write-back or flush of one line: nothing to do for guest
+            // RAM, but the address must translate (#PF as a read).
+            let lin = operand_address(regs, s, insn, 0)?;
+            let mut b = [0u8; 1];
+            let acc = Access {
+                write: false,
+                user: cpl(s) == 3,
+            };
+            read_linear(mem, &Paging::from_sregs(s), lin, &mut b, acc).map_err(Fixup::PageFault)
+        }
+        Mnemonic::Fnop | Mnemonic::Fnclex | Mnemonic::Emms => x87_control(env, s, insn),
+        Mnemonic::Cmpxchg16b => cmpxchg16b(mem, regs, s, insn),
+        Mnemonic::Shlx | Mnemonic::Shrx | Mnemonic::Sarx => shift_x(mem, regs, s, insn),
+        _ => match sse_op(insn.code()) {
+            Some(op) => sse(mem, env, regs, s, insn, op),
+            None => Err(unhandled(regs, insn)),
+        },
+    }
+}
+
+/// VEX-encoded general-purpose forms (BMI1/2) need no XSAVE state.
+fn is_bmi(insn: &Instruction) -> bool {
+    matches!(
+        insn.mnemonic(),
+        Mnemonic::Shlx
+            | Mnemonic::Shrx
+            | Mnemonic::Sarx
+            | Mnemonic::Rorx
+            | Mnemonic::Andn
+            | Mnemonic::Bextr
+            | Mnemonic::Blsi
+            | Mnemonic::Blsmsk
+            | Mnemonic::Blsr
+            | Mnemonic::Bzhi
+            | Mnemonic::Mulx
+            | Mnemonic::Pdep
+            | Mnemonic::Pext
+    )
+}
+
+/// The 8 bytes of descriptor `sel` in the GDT or LDT, `None` if the
+/// selector is null or the descriptor (`len` bytes) lies beyond the limit.
+fn descriptor(
+    mem: &dyn PhysMem,
+    s: &kvm_sregs,
+    sel: u16,
+    len: u64,
+) -> Result<Option<u64>, Fixup> {
+    if sel & 0xfffc == 0 {
+        return Ok(None);
+    }
+    let (base, limit) = if sel & 4 != 0 {
+        if s.ldt.unusable != 0 || s.ldt.present == 0 {
+            return Ok(None);
+        }
+        (s.ldt.base, u64::from(s.ldt.limit))
+    } else {
+        (s.gdt.base, u64::from(s.gdt.limit))
+    };
+    let off = u64::from(sel & 0xfff8);
+    if off + len - 1 > limit {
+        return Ok(None);
+    }
+    let mut d = [0u8; 8];
+    read_linear(
+        mem,
+        &Paging::from_sregs(s),
+        base.wrapping_add(off),
+        &mut d,
+        Access::READ,
+    )
+    .map_err(Fixup::PageFault)?;
+    Ok(Some(u64::from_le_bytes(d)))
+}
+
+/// The selector operand (register or 16-bit memory) of lsl/lar/verr/verw.
+fn selector_operand(
+    mem: &dyn PhysMem,
+    regs: &kvm_regs,
+    s: &kvm_sregs,
+    insn: &Instruction,
+    op: u32,
+) -> Result<u16, Fixup> {
+    Ok(read_operand(mem, regs, s, insn, op, 2)? as u16)
+}
+
+/// Whether descriptor `d` (selector `sel`) is visible at the current
+/// privilege for lsl/lar/verr/verw: conforming code always, else
+/// DPL >= CPL and DPL >= RPL.
+fn visible(s: &kvm_sregs, sel: u16, d: u64) -> bool {
+    let dpl = ((d >> 45) & 3) as u8;
+    let code_conforming = (d >> 44) & 1 == 1 && (d >> 43) & 1 == 1 && (d >> 42) & 1 == 1;
+    code_conforming || (dpl >= cpl(s) && dpl >= (sel & 3) as u8)
+}
+
+fn set_zf(regs: &mut kvm_regs, zf: bool) {
+    if zf {
+        regs.rflags |= RFLAGS_ZF;
+    } else {
+        regs.rflags &= !RFLAGS_ZF;
+    }
+}
+
+/// lsl/lar: the segment limit (scaled by G) or the access rights of a
+/// descriptor the current privilege may see; ZF says whether it was loaded.
+fn lsl_lar(
+    mem: &dyn PhysMem,
+    regs: &mut kvm_regs,
+    s: &kvm_sregs,
+    insn: &Instruction,
+) -> Result<(), Fixup> {
+    if s.cr0 & 1 == 0 || regs.rflags & (1 << 17) != 0 {
+        return Err(exc(UD));
+    }
+    let long = s.efer & (1 << 10) != 0;
+    let sel = selector_operand(mem, regs, s, insn, 1)?;
+    let lar = insn.mnemonic() == Mnemonic::Lar;
+    let Some(d) = descriptor(mem, s, sel, 8)? else {
+        set_zf(regs, false);
+        return Ok(());
+    };
+    let system = (d >> 44) & 1 == 0;
+    let ty = (d >> 40) & 0xf;
+    let valid_type = if !system {
+        true
+    } else if long {
+        // LDT, available/busy 64-bit TSS; lar also 64-bit call gates.
+        matches!(ty, 2 | 9 | 0xb) || (lar && ty == 0xc)
+    } else {
+        matches!(ty, 1 | 2 | 3 | 9 | 0xb) || (lar && matches!(ty, 4 | 5 | 0xc))
+    };
+    // 16-byte system descriptors in long mode must fit in the table.
+    let fits = !(long && system) || descriptor(mem, s, sel, 16)?.is_some();
+    if !valid_type || !fits || !visible(s, sel, d) {
+        set_zf(regs, false);
+        return Ok(());
+    }
+    let dst = insn.op0_register();
+    let val = if lar {
+        let ar = (d >> 32) & 0x00f0_ff00;
+        if dst.size() == 2 {
+            ar & 0xff00
+        } else {
+            ar
+        }
+    } else {
+        let raw = (d & 0xffff) | ((d >> 32) & 0xf_0000);
+        if (d >> 55) & 1 == 1 {
+            (raw << 12) | 0xfff
+        } else {
+            raw
+        }
+    };
+    gpr_write(regs, dst, val);
+    set_zf(regs, true);
+    Ok(())
+}
+
+/// verr/verw: ZF=1 if the segment is readable/writable at the current
+/// privilege.
+fn verr_verw(
+    mem: &dyn PhysMem,
+    regs: &mut kvm_regs,
+    s: &kvm_sregs,
+    insn: &Instruction,
+) -> Result<(), Fixup> {
+    if s.cr0 & 1 == 0 || regs.rflags & (1 << 17) != 0 {
+        return Err(exc(UD));
+    }
+    let sel = selector_operand(mem, regs, s, insn, 0)?;
+    let ok = match descriptor(mem, s, sel, 8)? {
+        None => false,
+        Some(d) => {
+            let code_or_data = (d >> 44) & 1 == 1;
+            let code = (d >> 43) & 1 == 1;
+            let rw = (d >> 41) & 1 == 1; // readable code / writable data
+            let conforming_code = code && (d >> 42) & 1 == 1;
+            let access = if insn.mnemonic() == Mnemonic::Verr {
+                !code || rw
+            } else {
+                !code && rw
+            };
+            // Conforming code is readable at any privilege.
+            code_or_data && access && (conforming_code || visible(s, sel, d))
+        }
+    };
+    set_zf(regs, ok);
+    Ok(())
+}
+
+/// fnop, fnclex, emms: #UD (emms) / #NM on CR0.EM and CR0.TS, #MF for a
+/// pending x87 exception (not fnclex, a no-wait form).
+fn x87_control(env: &dyn EmuEnv, s: &kvm_sregs, insn: &Instruction) -> Result<(), Fixup> {
+    let m = insn.mnemonic();
+    if m == Mnemonic::Emms && s.cr0 & CR0_EM != 0 {
+        return Err(exc(UD));
+    }
+    if s.cr0 & (CR0_EM | CR0_TS) != 0 {
+        return Err(exc(NM));
+    }
+    let mut f = env
+        .fpu()
+        .ok_or_else(|| Fixup::Unhandled("x87 state unavailable".into()))?;
+    if m != Mnemonic::Fnclex && f.fsw & 0x80 != 0 {
+        return Err(exc(MF));
+    }
+    match m {
+        Mnemonic::Fnclex => f.fsw &= !0x80ff, // PE..SF, ES, B
+        Mnemonic::Emms => f.ftwx = 0,         // every register empty
+        _ => return Ok(()),
+    }
+    if env.set_fpu(&f) {
+        Ok(())
+    } else {
+        Err(Fixup::Unhandled("the host refused the x87 state".into()))
+    }
+}
+
+/// cmpxchg16b m128: compare RDX:RAX with the 16-byte operand; equal: store
+/// RCX:RBX and set ZF; else load it into RDX:RAX and clear ZF. The operand
+/// must be 16-byte aligned (#GP(0)); it is written back either way.
+fn cmpxchg16b(
+    mem: &dyn PhysMem,
+    regs: &mut kvm_regs,
+    s: &kvm_sregs,
+    insn: &Instruction,
+) -> Result<(), Fixup> {
+    let lin = operand_address(regs, s, insn, 0)?;
+    if lin & 15 != 0 {
+        return Err(gp0());
+    }
+    let p = Paging::from_sregs(s);
+    let acc = Access {
+        write: true,
+        user: cpl(s) == 3,
+    };
+    let mut cur = [0u8; 16];
+    // Check writability first, as the locked read-modify-write does.
+    read_linear(mem, &p, lin, &mut cur, acc).map_err(Fixup::PageFault)?;
+    let lo = u64::from_le_bytes(cur[..8].try_into().unwrap_or([0; 8]));
+    let hi = u64::from_le_bytes(cur[8..].try_into().unwrap_or([0; 8]));
+    let equal = lo == regs.rax && hi == regs.rdx;
+    let mut new = cur;
+    if equal {
+        new[..8].copy_from_slice(&regs.rbx.to_le_bytes());
+        new[8..].copy_from_slice(&regs.rcx.to_le_bytes());
+    } else {
+        regs.rax = lo;
+        regs.rdx = hi;
+    }
+    write_linear(mem, &p, lin, &new, acc).map_err(Fixup::PageFault)?;
+    set_zf(regs, equal);
+    Ok(())
+}
+
+/// shlx/shrx/sarx: shift by the count register masked to the operand
+/// width; no flags change.
+fn shift_x(
+    mem: &dyn PhysMem,
+    regs: &mut kvm_regs,
+    s: &kvm_sregs,
+    insn: &Instruction,
+) -> Result<(), Fixup> {
+    let dst = insn.op0_register();
+    let wide = dst.size() == 8;
+    let size = if wide { 8 } else { 4 };
+    let src = read_operand(mem, regs, s, insn, 1, size)?;
+    let count = gpr_read(regs, insn.op2_register())
+        .ok_or_else(|| Fixup::Unhandled("shift count register".into()))?
+        & if wide { 63 } else { 31 };
+    let val = match insn.mnemonic() {
+        Mnemonic::Shlx => src << count,
+        Mnemonic::Shrx => src >> count,
+        _ if wide => ((src as i64) >> count) as u64,
+        _ => (((src as u32) as i32) >> count) as u32 as u64,
+    };
+    gpr_write(regs, dst, val);
+    Ok(())
+}
+
+/// The SSE integer and logic operations handled here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SseOp {
+    Xor,
+    Or,
+    And,
+    AndNot,
+    AddD,
+    AddQ,
+    SubD,
+    SubQ,
+    UnpackLowD,
+    UnpackLowQ,
+    UnpackHighD,
+    UnpackHighQ,
+    ShuffleD,
+    ShuffleB,
+    ShiftLeftD,
+    ShiftRightD,
+    ShiftLeftQ,
+    ShiftRightQ,
+}
+
+fn sse_op(code: Code) -> Option<SseOp> {
+    use SseOp::*;
+    Some(match code {
+        Code::Pxor_xmm_xmmm128 | Code::Xorps_xmm_xmmm128 | Code::Xorpd_xmm_xmmm128 => Xor,
+        Code::Por_xmm_xmmm128 | Code::Orps_xmm_xmmm128 | Code::Orpd_xmm_xmmm128 => Or,
+        Code::Pand_xmm_xmmm128 | Code::Andps_xmm_xmmm128 | Code::Andpd_xmm_xmmm128 => And,
+        Code::Pandn_xmm_xmmm128 | Code::Andnps_xmm_xmmm128 | Code::Andnpd_xmm_xmmm128 => AndNot,
+        Code::Paddd_xmm_xmmm128 => AddD,
+        Code::Paddq_xmm_xmmm128 => AddQ,
+        Code::Psubd_xmm_xmmm128 => SubD,
+        Code::Psubq_xmm_xmmm128 => SubQ,
+        Code::Punpckldq_xmm_xmmm128 => UnpackLowD,
+        Code::Punpcklqdq_xmm_xmmm128 => UnpackLowQ,
+        Code::Punpckhdq_xmm_xmmm128 => UnpackHighD,
+        Code::Punpckhqdq_xmm_xmmm128 => UnpackHighQ,
+        Code::Pshufd_xmm_xmmm128_imm8 => ShuffleD,
+        Code::Pshufb_xmm_xmmm128 => ShuffleB,
+        Code::Pslld_xmm_imm8 => ShiftLeftD,
+        Code::Psrld_xmm_imm8 => ShiftRightD,
+        Code::Psllq_xmm_imm8 => ShiftLeftQ,
+        Code::Psrlq_xmm_imm8 => ShiftRightQ,
+        _ => return None,
+    })
+}
+
+fn xmm_index(r: Register) -> Option<usize> {
+    r.is_xmm()
+        .then(|| (r as usize).wrapping_sub(Register::XMM0 as usize))
+        .filter(|&n| n < 16)
+}
+
+fn dwords(v: &[u8; 16]) -> [u32; 4] {
+    let mut d = [0u32; 4];
+    for (i, x) in d.iter_mut().enumerate() {
+        *x = u32::from_le_bytes([v[i * 4], v[i * 4 + 1], v[i * 4 + 2], v[i * 4 + 3]]);
+    }
+    d
+}
+
+fn from_dwords(d: [u32; 4]) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    for (i, x) in d.iter().enumerate() {
+        v[i * 4..i * 4 + 4].copy_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
+fn qwords(v: &[u8; 16]) -> [u64; 2] {
+    let d = dwords(v);
+    [
+        u64::from(d[0]) | (u64::from(d[1]) << 32),
+        u64::from(d[2]) | (u64::from(d[3]) << 32),
+    ]
+}
+
+fn from_qwords(q: [u64; 2]) -> [u8; 16] {
+    from_dwords([q[0] as u32, (q[0] >> 32) as u32, q[1] as u32, (q[1] >> 32) as u32])
+}
+
+/// Computes `op` on destination `a` and source `b` (or immediate `imm`).
+fn sse_compute(op: SseOp, a: [u8; 16], b: [u8; 16], imm: u8) -> [u8; 16] {
+    use SseOp::*;
+    let zip = |f: fn(u8, u8) -> u8| {
+        let mut r = [0u8; 16];
+        for i in 0..16 {
+            r[i] = f(a[i], b[i]);
+        }
+        r
+    };
+    let (da, db) = (dwords(&a), dwords(&b));
+    let (qa, qb) = (qwords(&a), qwords(&b));
+    match op {
+        Xor => zip(|x, y| x ^ y),
+        Or => zip(|x, y| x | y),
+        And => zip(|x, y| x & y),
+        AndNot => zip(|x, y| !x & y),
+        AddD => from_dwords(std::array::from_fn(|i| da[i].wrapping_add(db[i]))),
+        SubD => from_dwords(std::array::from_fn(|i| da[i].wrapping_sub(db[i]))),
+        AddQ => from_qwords([qa[0].wrapping_add(qb[0]), qa[1].wrapping_add(qb[1])]),
+        SubQ => from_qwords([qa[0].wrapping_sub(qb[0]), qa[1].wrapping_sub(qb[1])]),
+        UnpackLowD => from_dwords([da[0], db[0], da[1], db[1]]),
+        UnpackHighD => from_dwords([da[2], db[2], da[3], db[3]]),
+        UnpackLowQ => from_qwords([qa[0], qb[0]]),
+        UnpackHighQ => from_qwords([qa[1], qb[1]]),
+        ShuffleD => from_dwords(std::array::from_fn(|i| {
+            db[usize::from((imm >> (2 * i)) & 3)]
+        })),
+        ShuffleB => std::array::from_fn(|i| {
+            if b[i] & 0x80 != 0 {
+                0
+            } else {
+                a[usize::from(b[i] & 0xf)]
+            }
+        }),
+        ShiftLeftD | ShiftRightD => from_dwords(std::array::from_fn(|i| match imm {
+            32.. => 0,
+            n if op == ShiftLeftD => da[i] << n,
+            n => da[i] >> n,
+        })),
+        ShiftLeftQ | ShiftRightQ => from_qwords(std::array::from_fn(|i| match imm {
+            64.. => 0,
+            n if op == ShiftLeftQ => qa[i] << n,
+            n => qa[i] >> n,
+        })),
+    }
+}
+
+/// A legacy-SSE form on XMM registers: #UD without CR4.OSFXSR or with
+/// CR0.EM, #NM with CR0.TS, #GP(0) for a misaligned 128-bit memory operand.
+fn sse(
+    mem: &dyn PhysMem,
+    env: &dyn EmuEnv,
+    regs: &mut kvm_regs,
+    s: &kvm_sregs,
+    insn: &Instruction,
+    op: SseOp,
+) -> Result<(), Fixup> {
+    if s.cr0 & CR0_EM != 0 || s.cr4 & CR4_OSFXSR == 0 {
+        return Err(exc(UD));
+    }
+    if s.cr0 & CR0_TS != 0 {
+        return Err(exc(NM));
+    }
+    let mut f = env
+        .fpu()
+        .ok_or_else(|| Fixup::Unhandled("SSE state unavailable".into()))?;
+    let dst = xmm_index(insn.op0_register())
+        .ok_or_else(|| Fixup::Unhandled("SSE destination".into()))?;
+    let a = f.xmm[dst];
+    let (b, imm) = match insn.op1_kind() {
+        OpKind::Register => {
+            let n = xmm_index(insn.op1_register())
+                .ok_or_else(|| Fixup::Unhandled("SSE source".into()))?;
+            (f.xmm[n], insn.immediate8())
+        }
+        OpKind::Memory => {
+            let lin = operand_address(regs, s, insn, 1)?;
+            if lin & 15 != 0 {
+                return Err(gp0());
+            }
+            let mut b = [0u8; 16];
+            let acc = Access {
+                write: false,
+                user: cpl(s) == 3,
+            };
+            read_linear(mem, &Paging::from_sregs(s), lin, &mut b, acc)
+                .map_err(Fixup::PageFault)?;
+            (b, insn.immediate8())
+        }
+        OpKind::Immediate8 => ([0; 16], insn.immediate8()),
+        k => return Err(Fixup::Unhandled(format!("SSE operand kind {k:?}"))),
+    };
+    f.xmm[dst] = sse_compute(op, a, b, imm);
+    if env.set_fpu(&f) {
+        Ok(())
+    } else {
+        Err(Fixup::Unhandled("the host refused the SSE state".into()))
+    }
+}
