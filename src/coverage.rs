@@ -151,7 +151,10 @@ pub enum Outcome {
     EmulationFailure { xenkvm: Box<Outcome> },
     /// xenkvm's fix-up refused it.
     Unhandled(String),
-    /// The probe itself went wrong (encode failure, ioctl error, hang).
+    /// The vCPU never exited (it was kicked out): `vmcall` and `vmmcall`
+    /// never exit on this host; xenkvm's stall monitor handles them.
+    NoExit,
+    /// The probe itself went wrong (encode failure, ioctl error).
     ProbeError(String),
 }
 
@@ -181,6 +184,7 @@ impl fmt::Display for Outcome {
                 write!(f, "KVM emulation failure; xenkvm: {xenkvm}")
             }
             Outcome::Unhandled(s) => write!(f, "not handled: {s}"),
+            Outcome::NoExit => write!(f, "never exited (kicked out)"),
             Outcome::ProbeError(s) => write!(f, "probe error: {s}"),
         }
     }
@@ -498,8 +502,11 @@ impl CovVm {
         let fill: Vec<u8> = std::iter::repeat_n(CODE_END.to_le_bytes(), 0x4000)
             .flatten()
             .collect();
-        mem.write_slice(&fill[..(STACK_HI - STACK_LO) as usize], GuestAddress(STACK_LO))
-            .map_err(e)?;
+        mem.write_slice(
+            &fill[..(STACK_HI - STACK_LO) as usize],
+            GuestAddress(STACK_LO),
+        )
+        .map_err(e)?;
         mem.write_slice(&fill, GuestAddress(SCRATCH - SCRATCH_FILL))
             .map_err(e)?;
         Ok(())
@@ -567,12 +574,12 @@ fn run_once(fd: &mut VcpuFd) -> Result<Option<Outcome>, Outcome> {
         Ok(VcpuExit::Hlt) => Err("hlt".to_string()),
         Ok(VcpuExit::Shutdown) => Err("triple fault".to_string()),
         Ok(x) => Err(format!("{x:?}")),
-        Err(er) if er.errno() == libc::EINTR => {
-            return Err(Outcome::ProbeError("no exit within the watchdog".into()))
-        }
+        Err(er) if er.errno() == libc::EINTR => return Err(Outcome::NoExit),
         Err(er) => return Err(Outcome::ProbeError(er.to_string())),
     };
-    let r = fd.get_regs().map_err(|er| Outcome::ProbeError(er.to_string()))?;
+    let r = fd
+        .get_regs()
+        .map_err(|er| Outcome::ProbeError(er.to_string()))?;
     Ok(Some(match exit {
         Ok(PORT_OK) if r.rip == CODE_END + 2 => Outcome::Ok,
         Ok(PORT_VEC) if (HANDLERS..HANDLERS + 0x800).contains(&r.rip) => {
@@ -711,6 +718,7 @@ pub struct Tally {
     pub ok: usize,
     pub exceptions: usize,
     pub exits: usize,
+    pub no_exit: usize,
     pub host_failures: usize,
     pub xenkvm_handled: usize,
     pub probe_errors: usize,
@@ -726,6 +734,7 @@ pub fn tally(results: &[FormResult]) -> Tally {
             Outcome::Ok => t.ok += 1,
             Outcome::Exception(_) => t.exceptions += 1,
             Outcome::Exit(_) => t.exits += 1,
+            Outcome::NoExit => t.no_exit += 1,
             Outcome::EmulationFailure { .. } => {
                 t.host_failures += 1;
                 if r.outcome.xenkvm_handled() {
@@ -866,8 +875,8 @@ impl fmt::Display for Report {
         writeln!(f, "  all inputs: {} distinct forms", t.forms)?;
         writeln!(
             f,
-            "run at CPL 0 in throwaway VMs: {} ran, {} raised an exception, {} exited to the VMM, {} probe errors",
-            t.ok, t.exceptions, t.exits, t.probe_errors
+            "run at CPL 0 in throwaway VMs: {} ran, {} raised an exception, {} exited to the VMM, {} never exited, {} probe errors",
+            t.ok, t.exceptions, t.exits, t.no_exit, t.probe_errors
         )?;
         writeln!(
             f,
@@ -877,13 +886,176 @@ impl fmt::Display for Report {
         for r in self.results.iter().filter(|r| r.outcome.host_failed()) {
             writeln!(f, "  {:<40} {}", r.key.to_string(), r.outcome)?;
         }
-        for r in self
-            .results
-            .iter()
-            .filter(|r| matches!(r.outcome, Outcome::Unhandled(_) | Outcome::ProbeError(_)))
-        {
+        for r in self.results.iter().filter(|r| {
+            matches!(
+                r.outcome,
+                Outcome::Unhandled(_) | Outcome::NoExit | Outcome::ProbeError(_)
+            )
+        }) {
             writeln!(f, "  {:<40} {}", r.key.to_string(), r.outcome)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kvm_available(test: &str) -> bool {
+        let ok = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        if !ok {
+            assert_ne!(
+                std::env::var("REQUIRE_KVM").as_deref(),
+                Ok("1"),
+                "{test}: /dev/kvm is not usable and REQUIRE_KVM=1"
+            );
+            eprintln!("SKIPPED {test}: /dev/kvm is not usable");
+        }
+        ok
+    }
+
+    #[test]
+    fn instance_memory_operand_rewritten_to_rbx_and_branch_to_next() {
+        let mut forms = BTreeMap::new();
+        // mov rax, [rip+0x1000]; jne +0x20; lsl eax, [r12+r13*8+4] (as decoded).
+        let bytes = [
+            0x48, 0x8b, 0x05, 0x00, 0x10, 0x00, 0x00, 0x75, 0x20, 0x43, 0x0f, 0x03, 0x44, 0xec,
+            0x04,
+        ];
+        let mut d = Decoder::with_ip(64, &bytes, 0xffff_ffff_8100_0000, DecoderOptions::NONE);
+        for i in &mut d {
+            let key = FormKey {
+                bits: 64,
+                code: i.code(),
+                mem: has_memory_operand(&i),
+            };
+            forms.insert(key, Form { key, example: i });
+        }
+        let run_at = |b: &[u8]| {
+            let mut d = Decoder::with_ip(64, b, CODE_END - b.len() as u64, DecoderOptions::NONE);
+            d.decode()
+        };
+        for f in forms.values() {
+            let b = instance(f);
+            let i = run_at(&b);
+            assert_eq!(i.code(), f.key.code);
+            if f.key.mem {
+                assert_eq!(i.memory_base(), Register::RBX);
+                assert_eq!(i.memory_index(), Register::None);
+                assert_eq!(i.memory_displacement64(), 0);
+            } else {
+                assert_eq!(i.near_branch_target(), CODE_END);
+            }
+        }
+    }
+
+    #[test]
+    fn parse_list_line_round_trip_and_garbage_refused() {
+        let r = FormResult {
+            key: FormKey {
+                bits: 64,
+                code: Code::Lsl_r64_r64m16,
+                mem: false,
+            },
+            bytes: vec![0x48, 0x0f, 0x03, 0xc0],
+            outcome: Outcome::Ok,
+        };
+        let (bits, code, mem, bytes) = parse_list_line(&list_line(&r)).unwrap();
+        assert_eq!((bits, code.as_str(), mem), (64, "Lsl_r64_r64m16", false));
+        assert_eq!(bytes, r.bytes);
+        for bad in [
+            "",
+            "64",
+            "64 X mem",
+            "64 X foo 00",
+            "64 X reg 0",
+            "64 X reg zz",
+        ] {
+            assert!(parse_list_line(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    /// KVM_NMI delivered to a vCPU running a kernel-mode loop: the NMI
+    /// handler reads the CPU number with `lsl` as Linux's paranoid entry
+    /// does (an emulation failure on this host, fixed up as the VMM does),
+    /// returns with iretq, and the loop keeps running.
+    #[test]
+    fn nmi_during_kernel_loop_handler_lsl_fixed_up_guest_keeps_running() {
+        if !kvm_available("nmi_during_kernel_loop_handler_lsl_fixed_up_guest_keeps_running") {
+            return;
+        }
+        const MAIN: u64 = 0xa000;
+        const NMI_HANDLER: u64 = 0xb000;
+        let mut vm = CovVm::new().unwrap();
+        vm.prepare(64, &[0x90]).unwrap();
+        vm.set_state(64, 1).unwrap();
+        let mem = &vm.p.mem;
+        // The loop: inc r12; out 0x98, al; jmp back.
+        mem.write_slice(
+            &[0x49, 0xff, 0xc4, 0xe6, 0x98, 0xeb, 0xf9],
+            GuestAddress(MAIN),
+        )
+        .unwrap();
+        // NMI handler: mov eax, 0x7b; lsl eax, eax; mov r13, rax;
+        // out 0x97, al; iretq.
+        mem.write_slice(
+            &[
+                0xb8, 0x7b, 0, 0, 0, 0x0f, 0x03, 0xc0, 0x49, 0x89, 0xc5, 0xe6, 0x97, 0x48, 0xcf,
+            ],
+            GuestAddress(NMI_HANDLER),
+        )
+        .unwrap();
+        let gate = (NMI_HANDLER & 0xffff) | (0x08 << 16) | (0x8eu64 << 40);
+        mem.write_obj(gate, GuestAddress(IDT + 2 * 16)).unwrap();
+        mem.write_obj(0u64, GuestAddress(IDT + 2 * 16 + 8)).unwrap();
+        // GDT entry 15: Linux's CPUNODE segment, limit = node << 12 | cpu.
+        mem.write_obj(0x0040_f500_0000_1003u64, GuestAddress(GDT + 15 * 8))
+            .unwrap();
+        let fd = &mut vm.p.vcpu;
+        let mut s = fd.get_sregs().unwrap();
+        s.gdt.limit = 16 * 8 - 1;
+        fd.set_sregs(&s).unwrap();
+        let mut r = fd.get_regs().unwrap();
+        r.rip = MAIN;
+        r.r12 = 0;
+        fd.set_regs(&r).unwrap();
+        let (mut loops, mut nmi_seen, mut fixups) = (0u32, false, 0u32);
+        while loops < 50 {
+            let port = match fd.run() {
+                Ok(VcpuExit::IoOut(port, _)) => port,
+                Ok(VcpuExit::InternalError) => {
+                    let (mut r, mut s) = (fd.get_regs().unwrap(), fd.get_sregs().unwrap());
+                    let fix = x86::fixup(&vm.p.mem, &ProbeEnv(&*fd), &mut r, &mut s);
+                    assert!(!matches!(fix, Fixup::Unhandled(_)), "{fix:?}");
+                    apply_fixup(fd, &fix, &r, &mut s).unwrap();
+                    fixups += 1;
+                    continue;
+                }
+                Ok(e) => panic!("unexpected exit {e:?}"),
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) => panic!("KVM_RUN: {e}"),
+            };
+            match port {
+                0x98 => {
+                    loops += 1;
+                    if loops == 5 {
+                        fd.nmi().unwrap();
+                    }
+                }
+                0x97 => nmi_seen = true,
+                p => panic!("the guest reported on port {p:#x} (an exception)"),
+            }
+        }
+        let r = fd.get_regs().unwrap();
+        assert!(nmi_seen, "the NMI handler did not run");
+        assert_eq!(r.r13, 0x1003, "lsl in the NMI handler read the wrong limit");
+        assert_eq!(r.r12, 50, "the loop did not go on after the NMI");
+        assert!((MAIN..MAIN + 7).contains(&r.rip));
+        eprintln!("NMI handled; {fixups} emulation-failure fix-ups");
     }
 }

@@ -399,7 +399,9 @@ fn linux_nmi_backtrace_leaves_guest_running() {
     let cmdline = CMDLINE.replace("bb.shell=1", "bb.shell=1 loglevel=7");
     let b = boot_with(&cmdline, &["--vcpus", "2", "--boot", "pvh"], |line, s| {
         if line.contains("GUEST-SHELL") {
-            s.type_line("echo l > /proc/sysrq-trigger; sleep 1; echo NMI-AFTER $(cat /proc/uptime)");
+            s.type_line(
+                "echo l > /proc/sysrq-trigger; sleep 1; echo NMI-AFTER $(cat /proc/uptime)",
+            );
         } else if line.starts_with("NMI-AFTER") {
             s.type_line("grep NMI /proc/interrupts; exit");
         }
