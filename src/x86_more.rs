@@ -166,6 +166,11 @@ fn emulate(
         Mnemonic::Fnop | Mnemonic::Fnclex | Mnemonic::Emms => x87_control(env, s, insn),
         Mnemonic::Cmpxchg16b => cmpxchg16b(mem, regs, s, insn),
         Mnemonic::Shlx | Mnemonic::Shrx | Mnemonic::Sarx => shift_x(mem, regs, s, insn),
+        Mnemonic::Ucomiss | Mnemonic::Comiss | Mnemonic::Ucomisd | Mnemonic::Comisd
+            if insn.encoding() == EncodingKind::Legacy =>
+        {
+            compare_scalar(mem, env, regs, s, insn)
+        }
         _ => match sse_op(insn.code()) {
             Some(op) => sse(mem, env, regs, s, insn, op),
             None => Err(unhandled(regs, insn)),
@@ -210,7 +215,6 @@ pub fn not_emulated_yet(insn: &Instruction) -> bool {
             | Xsavec64
             | Xsaves64
             | Xrstors64
-            | Ucomiss
             | Divss
     )
 }
@@ -467,6 +471,127 @@ fn shift_x(
         _ => (((src as u32) as i32) >> count) as u32 as u64,
     };
     gpr_write(regs, dst, val);
+    Ok(())
+}
+
+/// SSE prelude: #UD without CR4.OSFXSR or with CR0.EM, #NM with CR0.TS.
+fn sse_available(s: &kvm_sregs) -> Result<(), Fixup> {
+    if s.cr0 & CR0_EM != 0 || s.cr4 & CR4_OSFXSR == 0 {
+        return Err(exc(UD));
+    }
+    if s.cr0 & CR0_TS != 0 {
+        return Err(exc(NM));
+    }
+    Ok(())
+}
+
+/// A scalar float as the compare sees it: NaN, signalling NaN, denormal.
+#[derive(Clone, Copy, Debug)]
+struct Scalar {
+    value: f64,
+    nan: bool,
+    snan: bool,
+    denormal: bool,
+}
+
+fn scalar(bits: u64, double: bool) -> Scalar {
+    if double {
+        let v = f64::from_bits(bits);
+        Scalar {
+            value: v,
+            nan: v.is_nan(),
+            snan: v.is_nan() && bits & (1 << 51) == 0,
+            denormal: v.is_subnormal(),
+        }
+    } else {
+        let b = bits as u32;
+        let v = f32::from_bits(b);
+        Scalar {
+            value: f64::from(v),
+            nan: v.is_nan(),
+            snan: v.is_nan() && b & (1 << 22) == 0,
+            denormal: v.is_subnormal(),
+        }
+    }
+}
+
+/// (u)comiss/(u)comisd: ZF, PF, CF from an ordered compare (111 unordered,
+/// 000 greater, 001 less, 100 equal; OF, SF, AF cleared). Invalid for a
+/// signalling NaN (comis*: any NaN), denormal for a denormal operand unless
+/// MXCSR.DAZ; a flagged exception sets its MXCSR bit and, when unmasked,
+/// raises #XM (#UD without CR4.OSXMMEXCPT) instead of the compare.
+fn compare_scalar(
+    mem: &dyn PhysMem,
+    env: &dyn EmuEnv,
+    regs: &mut kvm_regs,
+    s: &kvm_sregs,
+    insn: &Instruction,
+) -> Result<(), Fixup> {
+    sse_available(s)?;
+    let double = matches!(insn.mnemonic(), Mnemonic::Ucomisd | Mnemonic::Comisd);
+    let size = if double { 8 } else { 4 };
+    let mut f = env
+        .fpu()
+        .ok_or_else(|| Fixup::Unhandled("SSE state unavailable".into()))?;
+    let low = |x: &[u8; 16]| u64::from_le_bytes(x[..8].try_into().unwrap_or([0; 8]));
+    let a_bits = xmm_index(insn.op0_register())
+        .map(|n| low(&f.xmm[n]))
+        .ok_or_else(|| Fixup::Unhandled("compare destination".into()))?;
+    let b_bits = match insn.op1_kind() {
+        OpKind::Register => xmm_index(insn.op1_register())
+            .map(|n| low(&f.xmm[n]))
+            .ok_or_else(|| Fixup::Unhandled("compare source".into()))?,
+        _ => read_operand(mem, regs, s, insn, 1, size)?,
+    };
+    let daz = f.mxcsr & (1 << 6) != 0;
+    let load = |bits| {
+        let mut x = scalar(bits, double);
+        if daz && x.denormal {
+            x.value = 0.0;
+            x.denormal = false;
+        }
+        x
+    };
+    let (a, b) = (load(a_bits), load(b_bits));
+    let quiet = matches!(insn.mnemonic(), Mnemonic::Ucomiss | Mnemonic::Ucomisd);
+    let invalid = if quiet {
+        a.snan || b.snan
+    } else {
+        a.nan || b.nan
+    };
+    let denormal = !invalid && (a.denormal || b.denormal);
+    let (flag, mask) = if invalid {
+        (1u32, 1u32 << 7)
+    } else if denormal {
+        (1 << 1, 1 << 8)
+    } else {
+        (0, 0)
+    };
+    if flag != 0 {
+        f.mxcsr |= flag;
+        if !env.set_fpu(&f) {
+            return Err(Fixup::Unhandled("the host refused the SSE state".into()));
+        }
+        if f.mxcsr & mask == 0 {
+            return Err(if s.cr4 & (1 << 10) != 0 {
+                exc(19)
+            } else {
+                exc(UD)
+            });
+        }
+    }
+    let (zf, pf, cf) = if a.nan || b.nan {
+        (1, 1, 1)
+    } else if a.value > b.value {
+        (0, 0, 0)
+    } else if a.value < b.value {
+        (0, 0, 1)
+    } else {
+        (1, 0, 0)
+    };
+    // CF (0), PF (2), AF (4), ZF (6), SF (7), OF (11).
+    regs.rflags &= !((1 << 0) | (1 << 2) | (1 << 4) | (1 << 6) | (1 << 7) | (1 << 11));
+    regs.rflags |= cf | (pf << 2) | (zf << 6);
     Ok(())
 }
 
@@ -974,6 +1099,40 @@ mod tests {
         let r = sse_compute(SseOp::ShuffleB, a, sel, 0);
         assert_eq!(r[0], 2);
         assert!(r[1..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn ucomiss_orders_and_flags_nan_comiss_invalid_unmasked_raises_xm() {
+        let (m, mut r, mut s) = machine(64);
+        s.cr4 |= 1 << 10;
+        let env = Env::new();
+        let set = |n: usize, v: u32| {
+            let mut x = [0u8; 16];
+            x[..4].copy_from_slice(&v.to_le_bytes());
+            env.set_xmm(n, x);
+        };
+        let flags = |r: &kvm_regs| r.rflags & 0x45;
+        // ucomiss xmm0, xmm1
+        let code = [0x0f, 0x2e, 0xc1];
+        for (a, b, want) in [
+            (1.0f32, 2.0f32, 0x01),
+            (2.0, 1.0, 0x00),
+            (-0.0, 0.0, 0x40),
+            (f32::NAN, 1.0, 0x45),
+        ] {
+            set(0, a.to_bits());
+            set(1, b.to_bits());
+            r.rip = CODE;
+            assert_eq!(run(&m, &env, &mut r, &mut s, &code), Fixup::Resume);
+            assert_eq!(flags(&r), want, "{a} vs {b}");
+        }
+        assert_eq!(env.mxcsr() & 1, 0, "a quiet NaN is not invalid for ucomiss");
+        // comiss with a QNaN and IE unmasked: #XM, MXCSR.IE set.
+        env.set_mxcsr(0x1f80 & !(1 << 7));
+        r.rip = CODE;
+        assert_eq!(run(&m, &env, &mut r, &mut s, &[0x0f, 0x2f, 0xc1]), exc(19));
+        assert_eq!(env.mxcsr() & 1, 1);
+        assert_eq!(r.rip, CODE);
     }
 
     #[test]
