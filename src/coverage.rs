@@ -980,6 +980,61 @@ mod tests {
         }
     }
 
+    /// An SSE fix-up's result reaches the real XMM register: the guest
+    /// loads xmm0/xmm1 (KVM emulates movdqu), `paddd` fails and is fixed
+    /// up through KVM_SET_FPU, and the guest's next `movdqu` stores the sum.
+    #[test]
+    fn sse_fixup_result_visible_to_following_guest_instructions() {
+        if !kvm_available("sse_fixup_result_visible_to_following_guest_instructions") {
+            return;
+        }
+        let code = [
+            0xf3, 0x0f, 0x6f, 0x03, // movdqu xmm0, [rbx]
+            0xf3, 0x0f, 0x6f, 0x4b, 0x10, // movdqu xmm1, [rbx+16]
+            0x66, 0x0f, 0xfe, 0xc1, // paddd xmm0, xmm1
+            0xf3, 0x0f, 0x7f, 0x43, 0x20, // movdqu [rbx+32], xmm0
+        ];
+        let mut vm = CovVm::new().unwrap();
+        vm.prepare(64, &code).unwrap();
+        vm.set_state(64, code.len()).unwrap();
+        let words: Vec<u8> = [1u32, 2, 3, 4, 10, 20, 30, 40]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        vm.p.mem.write_slice(&words, GuestAddress(SCRATCH)).unwrap();
+        let fd = &mut vm.p.vcpu;
+        let mut fixups = 0;
+        loop {
+            match fd.run() {
+                Ok(VcpuExit::IoOut(port, _)) => {
+                    assert_eq!(port, PORT_OK, "the guest took an exception");
+                    break;
+                }
+                Ok(VcpuExit::InternalError) => {
+                    let (mut r, mut s) = (fd.get_regs().unwrap(), fd.get_sregs().unwrap());
+                    let fix = x86::fixup(&vm.p.mem, &ProbeEnv(&*fd), &mut r, &mut s);
+                    assert!(!matches!(fix, Fixup::Unhandled(_)), "{fix:?}");
+                    apply_fixup(fd, &fix, &r, &mut s).unwrap();
+                    fixups += 1;
+                    assert!(fixups < 10, "fix-ups do not make progress");
+                }
+                Ok(e) => panic!("unexpected exit {e:?}"),
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) => panic!("KVM_RUN: {e}"),
+            }
+        }
+        let mut sum = [0u8; 16];
+        vm.p.mem
+            .read_slice(&mut sum, GuestAddress(SCRATCH + 32))
+            .unwrap();
+        let got: Vec<u32> = sum
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(got, [11, 22, 33, 44]);
+        assert!(fixups >= 1, "paddd did not go through the fix-up");
+    }
+
     /// KVM_NMI delivered to a vCPU running a kernel-mode loop: the NMI
     /// handler reads the CPU number with `lsl` as Linux's paranoid entry
     /// does (an emulation failure on this host, fixed up as the VMM does),
