@@ -52,7 +52,20 @@ enum Cmd {
     /// from user mode, ...), print what xenkvm fixes up and the guest
     /// command-line options this host needs. Exits 1 without a usable
     /// /dev/kvm.
-    Probe,
+    Probe {
+        /// Instead: decode the kernels' executable sections, run each
+        /// distinct instruction form at CPL 0 in a throwaway VM, and print
+        /// how many this host's KVM fails to emulate and xenkvm handles.
+        #[arg(long)]
+        coverage: bool,
+        /// With --coverage: write the forms KVM fails on here, one a line.
+        #[arg(long, value_name = "PATH", requires = "coverage")]
+        write_list: Option<PathBuf>,
+        /// With --coverage: kernels (ELF, bzImage, or directories of them);
+        /// default ../shared/guests/linux/vmlinuz and ../shared/guests/xtf.
+        #[arg(value_name = "KERNEL", requires = "coverage")]
+        kernels: Vec<PathBuf>,
+    },
 }
 
 /// How `run` enters the kernel.
@@ -360,7 +373,41 @@ fn main() -> ExitCode {
             };
             run(cfg, &opts)
         }
-        Cmd::Probe => probe(),
+        Cmd::Probe {
+            coverage: false, ..
+        } => probe(),
+        Cmd::Probe {
+            coverage: true,
+            write_list,
+            kernels,
+        } => {
+            let inputs = if kernels.is_empty() {
+                xenkvm::kvm::coverage::default_inputs()
+            } else {
+                kernels
+            };
+            let r = match xenkvm::kvm::coverage::report(&inputs) {
+                Ok(r) => r,
+                Err(e) => return fail(exit_status::ERROR, &e),
+            };
+            print!("{r}");
+            if let Some(path) = write_list {
+                let list: String = r
+                    .results
+                    .iter()
+                    .filter(|x| x.outcome.host_failed())
+                    .map(|x| xenkvm::kvm::coverage::list_line(x) + "\n")
+                    .collect();
+                if let Err(e) = std::fs::write(&path, list) {
+                    return fail(exit_status::ERROR, &format!("{}: {e}", path.display()));
+                }
+            }
+            if r.tally.xenkvm_handled == r.tally.host_failures {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            }
+        }
     }
 }
 
@@ -601,7 +648,7 @@ mod tests {
                             prop_assert!(timeout > Duration::ZERO);
                             let _ = ui.options();
                         }
-                        Cmd::Probe => {}
+                        Cmd::Probe { .. } => {}
                     }
                     if let Some(l) = cli.log_level.as_deref() {
                         let _ = xenkvm::logging::filter_directives(l);

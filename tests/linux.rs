@@ -408,3 +408,38 @@ fn linux_steal_time_tracks_host_run_delay() {
     );
     assert!(b.success, "xenkvm did not exit with success{ctx}");
 }
+
+/// The guest's own NMI backtrace (`echo l > /proc/sysrq-trigger` sends an
+/// NMI to the other CPU) enters Linux's paranoid entry, which reads the CPU
+/// number with `lsl` (this host's KVM cannot emulate it; xenkvm does). The
+/// guest keeps running, answers the next command and powers off.
+#[test]
+fn linux_nmi_backtrace_leaves_guest_running() {
+    if !enabled("linux_nmi_backtrace_leaves_guest_running") {
+        return;
+    }
+    let cmdline = CMDLINE.replace("bb.shell=1", "bb.shell=1 loglevel=7");
+    let b = boot_with(&cmdline, &["--vcpus", "2", "--boot", "pvh"], |line, s| {
+        if line.contains("GUEST-SHELL") {
+            s.type_line(
+                "echo l > /proc/sysrq-trigger; sleep 1; echo NMI-AFTER $(cat /proc/uptime)",
+            );
+        } else if line.starts_with("NMI-AFTER") {
+            s.type_line("grep NMI /proc/interrupts; exit");
+        }
+    });
+    let ctx = format!("\n--- stderr ---\n{}", b.stderr);
+    assert!(
+        b.stdout.contains("NMI backtrace for cpu 1"),
+        "the guest did not take its NMI backtrace on CPU 1{ctx}"
+    );
+    assert!(
+        b.stdout.lines().any(|l| l.starts_with("NMI-AFTER")),
+        "the guest stopped after the NMI{ctx}"
+    );
+    assert!(
+        b.stdout.contains("GUEST-POWEROFF "),
+        "never reached GUEST-POWEROFF{ctx}"
+    );
+    assert!(b.success, "xenkvm did not exit with success{ctx}");
+}

@@ -4,9 +4,12 @@
 //! [`KvmVcpu`] (`KVM_RUN` returning a copied-out [`Exit`], registers,
 //! events, breakpoints) and [`Kicker`] (`immediate_exit` plus a signal).
 
+pub mod coverage;
 pub mod probe;
 pub mod vcpu;
 pub mod vm;
 
-pub use vcpu::{install_kick_handler, kick_signal, CpuTimeKick, Exit, Kicker, KvmError, KvmVcpu};
+pub use vcpu::{
+    install_kick_handler, kick_signal, CpuTimeKick, Exit, Kicker, KvmError, KvmVcpu, ThreadKick,
+};
 pub use vm::{open_kvm, open_kvm_at, Interrupts, KvmVm, KvmVmError, MemSlots, MsrTrap};

@@ -175,13 +175,14 @@ enum End {
     Other(String),
 }
 
-struct ProbeVm {
-    _vm: kvm_ioctls::VmFd,
-    vcpu: VcpuFd,
-    mem: GuestMemoryMmap,
+pub(crate) struct ProbeVm {
+    pub(crate) _vm: kvm_ioctls::VmFd,
+    pub(crate) vcpu: VcpuFd,
+    pub(crate) mem: GuestMemoryMmap,
 }
 
-fn new_vm() -> Result<ProbeVm, String> {
+/// A throwaway VM: 4 MiB of RAM at 0, one vCPU with the supported CPUID.
+pub(crate) fn new_vm() -> Result<ProbeVm, String> {
     let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
     let vm = kvm.create_vm().map_err(|e| e.to_string())?;
     let mem =

@@ -446,15 +446,21 @@ impl Drop for Kicker {
     }
 }
 
-/// A timer on the calling thread's CPU time that sends it the kick signal
-/// each time the thread has used `period` of CPU. A vCPU halted in the
-/// in-kernel irqchip uses no CPU and is never woken by it; one spinning
-/// inside `KVM_RUN` (a `vmcall` on a KVM without Xen support never exits)
-/// is interrupted within `period` of CPU time.
-pub struct CpuTimeKick(libc::timer_t);
+/// A timer that sends the calling thread the kick signal: on its CPU time
+/// ([`ThreadKick::cpu_time`], periodic) or on the monotonic clock
+/// ([`ThreadKick::monotonic`], armed per use).
+///
+/// The CPU-time form finds a vCPU spinning inside `KVM_RUN` (a `vmcall` on
+/// a KVM without Xen support never exits): a vCPU halted in the in-kernel
+/// irqchip uses no CPU and is never woken by it, one that spins is
+/// interrupted within `period` of CPU time.
+pub struct ThreadKick(libc::timer_t);
 
-impl CpuTimeKick {
-    pub fn start(period: std::time::Duration) -> Result<Self, std::io::Error> {
+/// The CPU-time kick of the vCPU threads.
+pub type CpuTimeKick = ThreadKick;
+
+impl ThreadKick {
+    fn create(clock: libc::clockid_t) -> Result<Self, std::io::Error> {
         // SAFETY: an all-zero sigevent is a valid starting value; the fields
         // set below are the ones SIGEV_THREAD_ID reads.
         let mut ev: libc::sigevent = unsafe { std::mem::zeroed() };
@@ -464,29 +470,65 @@ impl CpuTimeKick {
         ev.sigev_notify_thread_id = unsafe { libc::gettid() };
         let mut timer: libc::timer_t = std::ptr::null_mut();
         // SAFETY: valid pointers to initialised values; the result is checked.
-        if unsafe { libc::timer_create(libc::CLOCK_THREAD_CPUTIME_ID, &mut ev, &mut timer) } != 0 {
+        if unsafe { libc::timer_create(clock, &mut ev, &mut timer) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let ts = libc::timespec {
-            tv_sec: period.as_secs() as libc::time_t,
-            tv_nsec: period.subsec_nanos() as libc::c_long,
+        Ok(ThreadKick(timer))
+    }
+
+    fn set(
+        &self,
+        value: std::time::Duration,
+        interval: std::time::Duration,
+    ) -> std::io::Result<()> {
+        let ts = |d: std::time::Duration| libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
         };
         let spec = libc::itimerspec {
-            it_interval: ts,
-            it_value: ts,
+            it_interval: ts(interval),
+            it_value: ts(value),
         };
-        // SAFETY: `timer` was created above; `spec` is initialised.
-        if unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) } != 0 {
-            let e = std::io::Error::last_os_error();
-            // SAFETY: deleting the timer we created.
-            unsafe { libc::timer_delete(timer) };
-            return Err(e);
+        // SAFETY: `self.0` is a live timer (deleted only on drop); `spec` is
+        // initialised.
+        if unsafe { libc::timer_settime(self.0, 0, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
         }
-        Ok(CpuTimeKick(timer))
+        Ok(())
+    }
+
+    /// Kicks the calling thread each time it has used `period` of CPU.
+    pub fn start(period: std::time::Duration) -> Result<Self, std::io::Error> {
+        Self::cpu_time(period)
+    }
+
+    /// See [`ThreadKick::start`].
+    pub fn cpu_time(period: std::time::Duration) -> Result<Self, std::io::Error> {
+        let t = Self::create(libc::CLOCK_THREAD_CPUTIME_ID)?;
+        t.set(period, period)?;
+        Ok(t)
+    }
+
+    /// A disarmed monotonic-clock kick of the calling thread.
+    pub fn monotonic() -> Result<Self, std::io::Error> {
+        Self::create(libc::CLOCK_MONOTONIC)
+    }
+
+    /// Kicks once after `after` (replacing an earlier arming).
+    pub fn arm(&self, after: std::time::Duration) -> std::io::Result<()> {
+        self.set(
+            after.max(std::time::Duration::from_nanos(1)),
+            std::time::Duration::ZERO,
+        )
+    }
+
+    /// Cancels a pending kick.
+    pub fn disarm(&self) -> std::io::Result<()> {
+        self.set(std::time::Duration::ZERO, std::time::Duration::ZERO)
     }
 }
 
-impl Drop for CpuTimeKick {
+impl Drop for ThreadKick {
     fn drop(&mut self) {
         // SAFETY: deleting the timer this value owns, once.
         unsafe { libc::timer_delete(self.0) };

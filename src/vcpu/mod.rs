@@ -905,6 +905,12 @@ struct EmuHost<'a> {
 }
 
 impl x86::EmuEnv for EmuHost<'_> {
+    fn fpu(&self) -> Option<kvm_bindings::kvm_fpu> {
+        self.kvm.fpu().ok()
+    }
+    fn set_fpu(&self, f: &kvm_bindings::kvm_fpu) -> bool {
+        self.kvm.set_fpu(f).is_ok()
+    }
     fn rdtsc(&self) -> u64 {
         self.m.clock.guest_tsc()
     }

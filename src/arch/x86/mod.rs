@@ -11,6 +11,7 @@
 pub mod cpl3;
 pub mod cpuid;
 pub mod gates;
+pub mod more;
 pub mod syscall_fix;
 pub mod task;
 pub mod traps;
@@ -387,6 +388,14 @@ pub trait EmuEnv {
     fn vex128_move(&self, _dst: usize, _src: usize) -> bool {
         false
     }
+    /// The x87/SSE state (x87 registers, FSW, tags, XMM, MXCSR).
+    fn fpu(&self) -> Option<kvm_bindings::kvm_fpu> {
+        None
+    }
+    /// Sets the x87/SSE state; false if the host refused.
+    fn set_fpu(&self, _f: &kvm_bindings::kvm_fpu) -> bool {
+        false
+    }
 }
 
 /// Decodes the instruction at CS:RIP.
@@ -581,10 +590,10 @@ pub fn fixup(mem: &dyn PhysMem, env: &dyn EmuEnv, regs: &mut kvm_regs, s: &mut k
             }
             Err(f) => f,
         },
-        // icebp, x87/SIMD under CR0.TS/EM, VMX/SVM, task switches.
-        c => crate::arch::x86::traps::fixup(mem, env, regs, s, &insn).unwrap_or_else(|| {
-            Fixup::Unhandled(format!("{c:?} at {:#x} ({:?})", regs.rip, insn.mnemonic()))
-        }),
+        // icebp, x87/SIMD under CR0.TS/EM, VMX/SVM, task switches; then more
+        // forms (descriptor queries, SSE, ...): see traps.rs and more.rs.
+        _ => crate::arch::x86::traps::fixup(mem, env, regs, s, &insn)
+            .unwrap_or_else(|| crate::arch::x86::more::fixup(mem, env, regs, s, &insn)),
     }
 }
 
@@ -659,7 +668,7 @@ pub fn gpr_write(regs: &mut kvm_regs, r: Register, val: u64) -> bool {
 }
 
 /// The linear address of memory operand `op`.
-fn operand_address(
+pub(crate) fn operand_address(
     regs: &kvm_regs,
     s: &kvm_sregs,
     insn: &Instruction,
@@ -689,7 +698,7 @@ fn operand_address(
 }
 
 /// Writes `data` to memory operand `op`.
-fn write_operand(
+pub(crate) fn write_operand(
     mem: &dyn PhysMem,
     regs: &kvm_regs,
     s: &kvm_sregs,
@@ -709,7 +718,7 @@ fn write_operand(
 }
 
 /// The value of source operand `op` (a register or memory) of `size` bytes.
-fn read_operand(
+pub(crate) fn read_operand(
     mem: &dyn PhysMem,
     regs: &kvm_regs,
     s: &kvm_sregs,
