@@ -26,6 +26,7 @@ fn demo_builtin_guest_all_checks_pass() {
         "grant_table",
         "vcpu_op",
         "traps",
+        "user_int80",
         "poll_timeout",
         "runstate",
         "smp",

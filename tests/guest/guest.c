@@ -377,6 +377,91 @@ static void idt_init(void)
     idt_load();
 }
 
+/* ------------------------------------------- user mode (the user_int80 check) */
+
+/* GDT with user segments and a TSS (head.S's has kernel code 0x08 and data 0x10 only);
+ * check_user_int80 loads it on vCPU 0 for good. */
+#define USER_CS    0x1b /* 0x18 | RPL 3 */
+#define USER_SS    0x23 /* 0x20 | RPL 3 */
+#define TSS_SEL    0x28
+#define USER_MAGIC 0x80c0ffee1234abcdull /* RAX at the first int $0x80 */
+#define USER_EXIT  0x455849              /* RAX at the last: back to the kernel */
+
+static u64 user_gdt[7] __attribute__((aligned(16))) = {
+    0,
+    0x00af9b000000ffff, /* 0x08: kernel code, as head.S */
+    0x00cf93000000ffff, /* 0x10: kernel data, as head.S */
+    0x00affb000000ffff, /* 0x18: user code, L=1, DPL 3 */
+    0x00cff3000000ffff, /* 0x20: user data, DPL 3 */
+    0,                  /* 0x28: the TSS (16 bytes), filled in by the check */
+    0,
+};
+static struct __attribute__((packed)) {
+    u32 reserved0;
+    u64 rsp[3], reserved1, ist[7], reserved2;
+    u16 reserved3, iopb;
+} tss;
+static u8 ring0_stack[8192] __attribute__((aligned(16))); /* TSS.RSP0 */
+static u8 user_stack[4096] __attribute__((aligned(16)));
+
+/* What the handlers saw from CPL 3. */
+static volatile struct {
+    int active;                /* the check runs: exception_handler calls user_trap() */
+    u32 n80, n_gp, other;      /* int $0x80 with USER_MAGIC, #GP at the int $0x81, anything else */
+    u64 cs80, rip80, rsp80, ss80, frame80;
+    u64 gp_code, gp_rip, other_vec, other_rip;
+} ut;
+
+/* enter_user(rip, rsp): iretq to CPL 3 at rip (RFLAGS 2: interrupts off); returns when
+ * user_trap() sends the user back to user_return. user_prog is the user code. */
+void enter_user(u64 rip, u64 rsp);
+extern const char user_return[], user_prog[], user_after80[], user_int81[];
+u64 user_kernel_rsp;
+asm(".text\n"
+    ".globl enter_user, user_return, user_prog, user_after80, user_int81\n"
+    "enter_user:\n"
+    "  pushfq; push %rbx; push %rbp; push %r12; push %r13; push %r14; push %r15\n"
+    "  mov %rsp, user_kernel_rsp(%rip)\n"
+    "  pushq $0x23; pushq %rsi; pushq $2; pushq $0x1b; pushq %rdi\n"
+    "  iretq\n"
+    "user_return:\n" /* CPL 0 again, on the stack enter_user saved */
+    "  mov $0x10, %eax; mov %eax, %ds; mov %eax, %es; mov %eax, %fs; mov %eax, %gs\n"
+    "  pop %r15; pop %r14; pop %r13; pop %r12; pop %rbp; pop %rbx; popfq\n"
+    "  ret\n"
+    "user_prog:\n" /* CPL 3 */
+    "  movabs $0x80c0ffee1234abcd, %rax\n"
+    "  int $0x80\n"
+    "user_after80:\n"
+    "user_int81:\n"
+    "  int $0x81\n" /* DPL 0 gate: #GP(0x81*8+2), user_trap() skips it */
+    "  mov $0x455849, %eax\n"
+    "  int $0x80\n"
+    "  ud2\n");
+
+/* An exception or interrupt from CPL 3 during the check; returns 1 if handled. */
+static int user_trap(struct frame *f)
+{
+    if (!ut.active)
+        return 0;
+    if (f->vector == 0x80 && f->rax == USER_MAGIC) {
+        ut.n80++;
+        ut.cs80 = f->cs, ut.rip80 = f->rip, ut.rsp80 = f->rsp, ut.ss80 = f->ss, ut.frame80 = (u64)f;
+        return 1;
+    }
+    if (f->vector == 13 && f->rip == (u64)user_int81) {
+        ut.n_gp++;
+        ut.gp_code = f->error_code, ut.gp_rip = f->rip;
+        f->rip += 2; /* past the int $0x81 */
+        return 1;
+    }
+    if (!(f->vector == 0x80 && f->rax == USER_EXIT)) {
+        ut.other++; /* unexpected: record it and leave user mode */
+        ut.other_vec = f->vector, ut.other_rip = f->rip;
+    }
+    f->rip = (u64)user_return, f->cs = 0x08, f->rsp = user_kernel_rsp, f->ss = 0x10, f->rflags = 2;
+    return 1;
+}
+
 static void evtchn_upcall(void);
 static void lapic_eoi(void);
 
@@ -393,6 +478,8 @@ void exception_handler(struct frame *f)
     }
     if (f->vector == VEC_SPURIOUS)
         return; /* no EOI for a spurious interrupt */
+    if ((f->cs & 3) == 3 && user_trap(f))
+        return;
     if (traps_expected && (f->vector == 3 || f->vector == 0x80)) {
         trap_count[f->vector]++;
         trap_rip[f->vector] = f->rip;
@@ -900,6 +987,72 @@ static int check_traps(void)
                     trap_rip[0x80], after80);
     return PASS("int3 trapped once, resumed at 0x%lx; int $0x80 (DPL 0 gate) trapped once, resumed at 0x%lx",
                 after3, after80);
+}
+
+/* int $0x80 from CPL 3 through a DPL-3 gate (a 32-bit Linux system call, XTF's return
+ * from user mode): the handler must see CS RPL 3, the RIP after the instruction and
+ * the user stack, on TSS.RSP0's stack. This host's KVM raises #UD instead, which the
+ * VMM turns into the delivery (src/arch/x86/cpl3.rs). int $0x81 through a DPL-0 gate
+ * must be #GP with error code 0x81*8+2. */
+static void percpu_init(u32 id);
+static int check_user_int80(void)
+{
+    /* The user code and stack pages get the U bit at every level (identity map,
+     * 2 MiB pages: PML4E, PDPTE, PDE); restored afterwards. */
+    u64 cr3, *ent[2][3], saved[2][3];
+    asm volatile("mov %%cr3, %0" : "=r"(cr3));
+    const u64 user_va[2] = { (u64)user_prog, (u64)user_stack };
+    for (int i = 0; i < 2; i++) {
+        u64 *t = (u64 *)(cr3 & ~0xfffull);
+        for (int l = 0; l < 3; l++) {
+            ent[i][l] = &t[(user_va[i] >> (39 - 9 * l)) & 511];
+            saved[i][l] = *ent[i][l];
+            *ent[i][l] |= 4; /* U */
+            t = (u64 *)(*ent[i][l] & 0xffffffffff000ull);
+        }
+    }
+    asm volatile("mov %0, %%cr3" ::"r"(cr3) : "memory");
+
+    /* This GDT (kernel selectors unchanged) and a TSS whose RSP0 is ring0_stack. */
+    u64 base = (u64)&tss, limit = sizeof(tss) - 1;
+    memset(&tss, 0, sizeof(tss));
+    tss.rsp[0] = (u64)ring0_stack + sizeof(ring0_stack);
+    tss.iopb = sizeof(tss);
+    user_gdt[5] = (limit & 0xffff) | (base & 0xffffff) << 16 | 0x89ull << 40 | (base >> 24 & 0xff) << 56;
+    user_gdt[6] = base >> 32;
+    struct __attribute__((packed)) { u16 limit; u64 base; } gdtr = { sizeof(user_gdt) - 1, (u64)user_gdt };
+    asm volatile("lgdt %0; ltr %w1" ::"m"(gdtr), "r"(TSS_SEL) : "memory");
+
+    set_gate(0x80, exc_stubs[32], 3);
+    set_gate(0x81, exc_stubs[32], 0);
+    memset((void *)&ut, 0, sizeof(ut));
+    ut.active = 1;
+    enter_user((u64)user_prog, (u64)user_stack + sizeof(user_stack));
+    ut.active = 0;
+    percpu_init(0); /* GS was nulled on the way to CPL 3 */
+    set_gate(0x80, exc_stubs[32], 0);
+    idt[0x81] = (struct idt_gate){ 0 };
+    for (int i = 1; i >= 0; i--)
+        for (int l = 2; l >= 0; l--)
+            *ent[i][l] = saved[i][l];
+    asm volatile("mov %0, %%cr3" ::"r"(cr3) : "memory");
+
+    u64 r0 = (u64)ring0_stack, ustack = (u64)user_stack + sizeof(user_stack);
+    if (ut.other)
+        return FAIL("vector %lu at rip 0x%lx from CPL 3 (int $0x80 seen %u times, #GP %u)", ut.other_vec,
+                    ut.other_rip, ut.n80, ut.n_gp);
+    if (ut.n80 != 1 || (ut.cs80 & 3) != 3 || ut.rip80 != (u64)user_after80 || ut.rsp80 != ustack ||
+        ut.ss80 != USER_SS || ut.frame80 < r0 || ut.frame80 >= r0 + sizeof(ring0_stack))
+        return FAIL("int $0x80: %u calls, CS 0x%lx, RIP 0x%lx (want 0x%lx), RSP 0x%lx SS 0x%lx (want 0x%lx 0x%x), "
+                    "frame at 0x%lx (RSP0 stack 0x%lx)",
+                    ut.n80, ut.cs80, ut.rip80, (u64)user_after80, ut.rsp80, ut.ss80, ustack, USER_SS, ut.frame80, r0);
+    if (ut.n_gp != 1 || ut.gp_code != 0x81 * 8 + 2)
+        return FAIL("int $0x81 (DPL 0 gate) from CPL 3: %u #GP, error code 0x%lx (want 1, 0x%x)", ut.n_gp,
+                    ut.gp_code, 0x81 * 8 + 2);
+    return PASS("int $0x80 from CPL 3 (DPL 3 gate): RAX seen, CS 0x%lx (RPL 3), return RIP 0x%lx = after the int, "
+                "user SS:RSP 0x%lx:0x%lx, on the TSS.RSP0 stack; int $0x81 (DPL 0 gate): #GP, error code 0x%lx; "
+                "back at CPL 0 via int $0x80",
+                ut.cs80, ut.rip80, ut.ss80, ut.rsp80, ut.gp_code);
 }
 
 static int check_poll_timeout(void)
@@ -2327,6 +2480,7 @@ static const struct check {
     { "grant_table", check_grant_table },
     { "vcpu_op", check_vcpu_op },
     { "traps", check_traps },
+    { "user_int80", check_user_int80 },
     { "poll_timeout", check_poll_timeout },
     { "runstate", check_runstate },
     { "smp", check_smp },
