@@ -2,7 +2,8 @@
  * xenkvm's test guest: a tiny long-mode kernel that finds Xen through CPUID, sets up
  * the hypercall page and checks, from inside a guest, what xenkvm promises: the Xen
  * CPUID leaves, xen_version, shared_info and pvclock time, HVM params, the PV console
- * ring, xenstore, event channels, grant tables, vcpu_op, the int3/int n fix-ups and
+ * ring, xenstore, event channels, grant tables, vcpu_op, the int3/int n fix-ups (also
+ * int $0x80 from CPL 3) and
  * SCHEDOP_poll and the runstate area; and with 2 vCPUs (issue 5): INIT/SIPI bring-up
  * of vCPU 1, per-vCPU upcall vectors, event channel IPI ping-pong (2-level and FIFO),
  * VIRQ_TIMER one-shot and periodic, SCHEDOP_poll wake-up, grant tables v1/v2,
@@ -431,7 +432,7 @@ asm(".text\n"
     "user_prog:\n" /* CPL 3 */
     "  movabs $0x80c0ffee1234abcd, %rax\n"
     "  int $0x80\n"
-    "user_after80:\n"
+    "user_after80:\n" /* the return RIP the int $0x80 frame must hold */
     "user_int81:\n"
     "  int $0x81\n" /* DPL 0 gate: #GP(0x81*8+2), user_trap() skips it */
     "  mov $0x455849, %eax\n"
