@@ -691,10 +691,10 @@ struct EmuHost<'a> {
 
 impl x86::EmuEnv for EmuHost<'_> {
     fn fpu(&self) -> Option<kvm_bindings::kvm_fpu> {
-        self.fd.get_fpu().ok()
+        fpu_state(self.fd)
     }
     fn set_fpu(&self, f: &kvm_bindings::kvm_fpu) -> bool {
-        self.fd.set_fpu(f).is_ok()
+        set_fpu_state(self.fd, f)
     }
     fn rdtsc(&self) -> u64 {
         self.m.clock.guest_tsc()
@@ -703,30 +703,30 @@ impl x86::EmuEnv for EmuHost<'_> {
         read_msr(self.fd, 0xc000_0103).unwrap_or(0)
     }
     fn fpu_status(&self) -> u16 {
-        self.fd.get_fpu().map(|f| f.fsw).unwrap_or(0)
+        fpu_state(self.fd).map(|f| f.fsw).unwrap_or(0)
     }
     fn mxcsr(&self) -> u32 {
-        self.fd.get_fpu().map(|f| f.mxcsr).unwrap_or(0x1f80)
+        fpu_state(self.fd).map(|f| f.mxcsr).unwrap_or(0x1f80)
     }
     fn xmm(&self, n: usize) -> Option<[u8; 16]> {
-        self.fd.get_fpu().ok().and_then(|f| f.xmm.get(n).copied())
+        fpu_state(self.fd).and_then(|f| f.xmm.get(n).copied())
     }
     fn set_xmm(&self, n: usize, v: [u8; 16]) -> bool {
-        match self.fd.get_fpu() {
-            Ok(mut f) if n < f.xmm.len() => {
+        match fpu_state(self.fd) {
+            Some(mut f) if n < f.xmm.len() => {
                 f.xmm[n] = v;
-                self.fd.set_fpu(&f).is_ok()
+                set_fpu_state(self.fd, &f)
             }
             _ => false,
         }
     }
     fn set_mxcsr(&self, v: u32) -> bool {
-        match self.fd.get_fpu() {
-            Ok(mut f) => {
+        match fpu_state(self.fd) {
+            Some(mut f) => {
                 f.mxcsr = v;
-                self.fd.set_fpu(&f).is_ok()
+                set_fpu_state(self.fd, &f)
             }
-            Err(_) => false,
+            None => false,
         }
     }
     fn xcr0(&self) -> u64 {
@@ -742,6 +742,76 @@ impl x86::EmuEnv for EmuHost<'_> {
             })
             .unwrap_or(1)
     }
+}
+
+/// Byte offsets in the legacy (FXSAVE) region of KVM's XSAVE layout.
+const XSAVE_FCW: usize = 0;
+const XSAVE_MXCSR: usize = 24;
+const XSAVE_ST0: usize = 32;
+const XSAVE_XMM0: usize = 160;
+/// XSTATE_BV in the XSAVE header.
+const XSAVE_XSTATE_BV: usize = 512;
+
+/// The vCPU's x87/SSE state as the guest sees it. Read through KVM_GET_XSAVE
+/// when the host has it: a component in its initial state (XSTATE_BV bit
+/// clear) reads as its initial values there, while KVM_GET_FPU would return
+/// stale bytes.
+pub fn fpu_state(fd: &VcpuFd) -> Option<kvm_bindings::kvm_fpu> {
+    let Ok(x) = fd.get_xsave() else {
+        return fd.get_fpu().ok();
+    };
+    let b: Vec<u8> = x.region.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let mut f = kvm_bindings::kvm_fpu {
+        fcw: u16_at(XSAVE_FCW),
+        fsw: u16_at(XSAVE_FCW + 2),
+        ftwx: b[4],
+        last_opcode: u16_at(6),
+        last_ip: u64::from_le_bytes(b[8..16].try_into().ok()?),
+        last_dp: u64::from_le_bytes(b[16..24].try_into().ok()?),
+        mxcsr: u32::from_le_bytes(b[XSAVE_MXCSR..XSAVE_MXCSR + 4].try_into().ok()?),
+        ..Default::default()
+    };
+    for (i, r) in f.fpr.iter_mut().enumerate() {
+        r.copy_from_slice(&b[XSAVE_ST0 + 16 * i..XSAVE_ST0 + 16 * i + 16]);
+    }
+    for (i, r) in f.xmm.iter_mut().enumerate() {
+        r.copy_from_slice(&b[XSAVE_XMM0 + 16 * i..XSAVE_XMM0 + 16 * i + 16]);
+    }
+    Some(f)
+}
+
+/// Sets the vCPU's x87/SSE state. Through KVM_SET_XSAVE when the host has
+/// it, marking x87 and SSE in use (XSTATE_BV bits 0 and 1): KVM_SET_FPU
+/// writes the legacy area only, and a component whose XSTATE_BV bit is
+/// clear is loaded as its initial state, losing what was written.
+pub fn set_fpu_state(fd: &VcpuFd, f: &kvm_bindings::kvm_fpu) -> bool {
+    let Ok(mut x) = fd.get_xsave() else {
+        return fd.set_fpu(f).is_ok();
+    };
+    let mut b: Vec<u8> = x.region.iter().flat_map(|w| w.to_le_bytes()).collect();
+    b[0..2].copy_from_slice(&f.fcw.to_le_bytes());
+    b[2..4].copy_from_slice(&f.fsw.to_le_bytes());
+    b[4] = f.ftwx;
+    b[6..8].copy_from_slice(&f.last_opcode.to_le_bytes());
+    b[8..16].copy_from_slice(&f.last_ip.to_le_bytes());
+    b[16..24].copy_from_slice(&f.last_dp.to_le_bytes());
+    b[XSAVE_MXCSR..XSAVE_MXCSR + 4].copy_from_slice(&f.mxcsr.to_le_bytes());
+    for (i, r) in f.fpr.iter().enumerate() {
+        b[XSAVE_ST0 + 16 * i..XSAVE_ST0 + 16 * i + 16].copy_from_slice(r);
+    }
+    for (i, r) in f.xmm.iter().enumerate() {
+        b[XSAVE_XMM0 + 16 * i..XSAVE_XMM0 + 16 * i + 16].copy_from_slice(r);
+    }
+    b[XSAVE_XSTATE_BV] |= 3;
+    for (w, c) in x.region.iter_mut().zip(b.chunks(4)) {
+        *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    // SAFETY: `x` is the kvm_xsave KVM_GET_XSAVE just returned for this
+    // vCPU (4096 bytes; no dynamically enabled state such as AMX, which
+    // xenkvm never enables), with only the legacy region and XSTATE_BV's
+    // x87/SSE bits changed, so KVM reads nothing past the struct.
+    unsafe { fd.set_xsave(&x) }.is_ok()
 }
 
 fn read_msr(fd: &VcpuFd, index: u32) -> Option<u64> {
