@@ -248,10 +248,10 @@ struct ProbeEnv<'a>(&'a VcpuFd);
 
 impl EmuEnv for ProbeEnv<'_> {
     fn fpu(&self) -> Option<kvm_bindings::kvm_fpu> {
-        self.0.get_fpu().ok()
+        super::vcpu::fpu_state(self.0)
     }
     fn set_fpu(&self, f: &kvm_bindings::kvm_fpu) -> bool {
-        self.0.set_fpu(f).is_ok()
+        super::vcpu::set_fpu_state(self.0, f)
     }
     fn rdtsc(&self) -> u64 {
         crate::xen::clock::host_tsc()
@@ -273,28 +273,28 @@ impl EmuEnv for ProbeEnv<'_> {
             .unwrap_or(1)
     }
     fn fpu_status(&self) -> u16 {
-        self.0.get_fpu().map(|f| f.fsw).unwrap_or(0)
+        self.fpu().map(|f| f.fsw).unwrap_or(0)
     }
     fn mxcsr(&self) -> u32 {
-        self.0.get_fpu().map(|f| f.mxcsr).unwrap_or(0x1f80)
+        self.fpu().map(|f| f.mxcsr).unwrap_or(0x1f80)
     }
     fn set_mxcsr(&self, v: u32) -> bool {
-        match self.0.get_fpu() {
-            Ok(mut f) => {
+        match self.fpu() {
+            Some(mut f) => {
                 f.mxcsr = v;
-                self.0.set_fpu(&f).is_ok()
+                self.set_fpu(&f)
             }
-            Err(_) => false,
+            None => false,
         }
     }
     fn xmm(&self, n: usize) -> Option<[u8; 16]> {
-        self.0.get_fpu().ok().and_then(|f| f.xmm.get(n).copied())
+        self.fpu().and_then(|f| f.xmm.get(n).copied())
     }
     fn set_xmm(&self, n: usize, v: [u8; 16]) -> bool {
-        match self.0.get_fpu() {
-            Ok(mut f) if n < f.xmm.len() => {
+        match self.fpu() {
+            Some(mut f) if n < f.xmm.len() => {
                 f.xmm[n] = v;
-                self.0.set_fpu(&f).is_ok()
+                self.set_fpu(&f)
             }
             _ => false,
         }
@@ -953,27 +953,14 @@ mod tests {
         }
     }
 
-    /// An SSE fix-up's result reaches the real XMM register: the guest
-    /// loads xmm0/xmm1 (KVM emulates movdqu), `paddd` fails and is fixed
-    /// up through KVM_SET_FPU, and the guest's next `movdqu` stores the sum.
-    #[test]
-    fn sse_fixup_result_visible_to_following_guest_instructions() {
-        if !kvm_available("sse_fixup_result_visible_to_following_guest_instructions") {
-            return;
-        }
-        let code = [
-            0xf3, 0x0f, 0x6f, 0x03, // movdqu xmm0, [rbx]
-            0xf3, 0x0f, 0x6f, 0x4b, 0x10, // movdqu xmm1, [rbx+16]
-            0x66, 0x0f, 0xfe, 0xc1, // paddd xmm0, xmm1
-            0xf3, 0x0f, 0x7f, 0x43, 0x20, // movdqu [rbx+32], xmm0
-        ];
+    /// Runs `code` (ending at CODE_END) with `data` at SCRATCH, fixing up
+    /// emulation failures as the VMM does; returns the 16 bytes the guest
+    /// left at SCRATCH + 32 and how many fix-ups ran.
+    fn run_with_fixups(code: &[u8], data: &[u32]) -> ([u32; 4], u32) {
         let mut vm = CovVm::new().unwrap();
-        vm.prepare(64, &code).unwrap();
+        vm.prepare(64, code).unwrap();
         vm.set_state(64, code.len()).unwrap();
-        let words: Vec<u8> = [1u32, 2, 3, 4, 10, 20, 30, 40]
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .collect();
+        let words: Vec<u8> = data.iter().flat_map(|w| w.to_le_bytes()).collect();
         vm.p.mem.write_slice(&words, GuestAddress(SCRATCH)).unwrap();
         let fd = &mut vm.p.vcpu;
         let mut fixups = 0;
@@ -996,15 +983,51 @@ mod tests {
                 Err(e) => panic!("KVM_RUN: {e}"),
             }
         }
-        let mut sum = [0u8; 16];
+        let mut out = [0u8; 16];
         vm.p.mem
-            .read_slice(&mut sum, GuestAddress(SCRATCH + 32))
+            .read_slice(&mut out, GuestAddress(SCRATCH + 32))
             .unwrap();
-        let got: Vec<u32> = sum
-            .chunks(4)
-            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let mut w = [0u32; 4];
+        for (i, c) in out.chunks(4).enumerate() {
+            w[i] = u32::from_le_bytes(c.try_into().unwrap());
+        }
+        (w, fixups)
+    }
+
+    /// An SSE fix-up's result reaches the real XMM register: the guest
+    /// loads xmm0/xmm1 (KVM emulates movdqu), `paddd` fails and is fixed
+    /// up through the vCPU's FPU state, and the guest's next `movdqu` stores
+    /// the sum.
+    #[test]
+    fn sse_fixup_result_visible_to_following_guest_instructions() {
+        if !kvm_available("sse_fixup_result_visible_to_following_guest_instructions") {
+            return;
+        }
+        let code = [
+            0xf3, 0x0f, 0x6f, 0x03, // movdqu xmm0, [rbx]
+            0xf3, 0x0f, 0x6f, 0x4b, 0x10, // movdqu xmm1, [rbx+16]
+            0x66, 0x0f, 0xfe, 0xc1, // paddd xmm0, xmm1
+            0xf3, 0x0f, 0x7f, 0x43, 0x20, // movdqu [rbx+32], xmm0
+        ];
+        let (got, fixups) = run_with_fixups(&code, &[1, 2, 3, 4, 10, 20, 30, 40]);
         assert_eq!(got, [11, 22, 33, 44]);
+        assert!(fixups >= 1, "paddd did not go through the fix-up");
+    }
+
+    /// The same from SSE's initial state (every XMM register zero, as after
+    /// a fresh vCPU): the fix-up's write must not be lost to the XSAVE
+    /// init optimisation.
+    #[test]
+    fn sse_fixup_from_initial_state_visible_to_guest() {
+        if !kvm_available("sse_fixup_from_initial_state_visible_to_guest") {
+            return;
+        }
+        let code = [
+            0x66, 0x0f, 0xfe, 0x03, // paddd xmm0, [rbx]
+            0xf3, 0x0f, 0x7f, 0x43, 0x20, // movdqu [rbx+32], xmm0
+        ];
+        let (got, fixups) = run_with_fixups(&code, &[5, 6, 7, 8]);
+        assert_eq!(got, [5, 6, 7, 8]);
         assert!(fixups >= 1, "paddd did not go through the fix-up");
     }
 

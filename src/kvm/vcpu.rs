@@ -279,11 +279,17 @@ impl KvmVcpu {
     pub fn set_sregs(&self, s: &kvm_sregs) -> Result<(), KvmError> {
         self.fd.set_sregs(s)
     }
+    /// The x87/SSE state as the guest sees it (see [`fpu_state`]).
     pub fn fpu(&self) -> Result<kvm_fpu, KvmError> {
-        self.fd.get_fpu()
+        fpu_state(&self.fd).ok_or_else(|| KvmError::new(libc::EIO))
     }
+    /// Sets the x87/SSE state (see [`set_fpu_state`]).
     pub fn set_fpu(&self, f: &kvm_fpu) -> Result<(), KvmError> {
-        self.fd.set_fpu(f)
+        if set_fpu_state(&self.fd, f) {
+            Ok(())
+        } else {
+            Err(KvmError::new(libc::EIO))
+        }
     }
 
     /// XCR0, or 1 (x87 only) when it cannot be read.
@@ -533,4 +539,74 @@ impl Drop for ThreadKick {
         // SAFETY: deleting the timer this value owns, once.
         unsafe { libc::timer_delete(self.0) };
     }
+}
+
+/// Byte offsets in the legacy (FXSAVE) region of KVM's XSAVE layout.
+const XSAVE_FCW: usize = 0;
+const XSAVE_MXCSR: usize = 24;
+const XSAVE_ST0: usize = 32;
+const XSAVE_XMM0: usize = 160;
+/// XSTATE_BV in the XSAVE header.
+const XSAVE_XSTATE_BV: usize = 512;
+
+/// A vCPU's x87/SSE state as the guest sees it. Read through KVM_GET_XSAVE
+/// when the host has it: a component in its initial state (XSTATE_BV bit
+/// clear) reads as its initial values there, while KVM_GET_FPU would return
+/// stale bytes.
+pub fn fpu_state(fd: &VcpuFd) -> Option<kvm_fpu> {
+    let Ok(x) = fd.get_xsave() else {
+        return fd.get_fpu().ok();
+    };
+    let b: Vec<u8> = x.region.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let mut f = kvm_fpu {
+        fcw: u16_at(XSAVE_FCW),
+        fsw: u16_at(XSAVE_FCW + 2),
+        ftwx: b[4],
+        last_opcode: u16_at(6),
+        last_ip: u64::from_le_bytes(b[8..16].try_into().ok()?),
+        last_dp: u64::from_le_bytes(b[16..24].try_into().ok()?),
+        mxcsr: u32::from_le_bytes(b[XSAVE_MXCSR..XSAVE_MXCSR + 4].try_into().ok()?),
+        ..Default::default()
+    };
+    for (i, r) in f.fpr.iter_mut().enumerate() {
+        r.copy_from_slice(&b[XSAVE_ST0 + 16 * i..XSAVE_ST0 + 16 * i + 16]);
+    }
+    for (i, r) in f.xmm.iter_mut().enumerate() {
+        r.copy_from_slice(&b[XSAVE_XMM0 + 16 * i..XSAVE_XMM0 + 16 * i + 16]);
+    }
+    Some(f)
+}
+
+/// Sets a vCPU's x87/SSE state. Through KVM_SET_XSAVE when the host has
+/// it, marking x87 and SSE in use (XSTATE_BV bits 0 and 1): KVM_SET_FPU
+/// writes the legacy area only, and a component whose XSTATE_BV bit is
+/// clear is loaded as its initial state, losing what was written.
+pub fn set_fpu_state(fd: &VcpuFd, f: &kvm_fpu) -> bool {
+    let Ok(mut x) = fd.get_xsave() else {
+        return fd.set_fpu(f).is_ok();
+    };
+    let mut b: Vec<u8> = x.region.iter().flat_map(|w| w.to_le_bytes()).collect();
+    b[0..2].copy_from_slice(&f.fcw.to_le_bytes());
+    b[2..4].copy_from_slice(&f.fsw.to_le_bytes());
+    b[4] = f.ftwx;
+    b[6..8].copy_from_slice(&f.last_opcode.to_le_bytes());
+    b[8..16].copy_from_slice(&f.last_ip.to_le_bytes());
+    b[16..24].copy_from_slice(&f.last_dp.to_le_bytes());
+    b[XSAVE_MXCSR..XSAVE_MXCSR + 4].copy_from_slice(&f.mxcsr.to_le_bytes());
+    for (i, r) in f.fpr.iter().enumerate() {
+        b[XSAVE_ST0 + 16 * i..XSAVE_ST0 + 16 * i + 16].copy_from_slice(r);
+    }
+    for (i, r) in f.xmm.iter().enumerate() {
+        b[XSAVE_XMM0 + 16 * i..XSAVE_XMM0 + 16 * i + 16].copy_from_slice(r);
+    }
+    b[XSAVE_XSTATE_BV] |= 3;
+    for (w, c) in x.region.iter_mut().zip(b.chunks(4)) {
+        *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    // SAFETY: `x` is the kvm_xsave KVM_GET_XSAVE just returned for this
+    // vCPU (4096 bytes; no dynamically enabled state such as AMX, which
+    // xenkvm never enables), with only the legacy region and XSTATE_BV's
+    // x87/SSE bits changed, so KVM reads nothing past the struct.
+    unsafe { fd.set_xsave(&x) }.is_ok()
 }

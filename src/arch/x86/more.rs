@@ -171,6 +171,9 @@ fn emulate(
         {
             compare_scalar(mem, env, regs, s, insn)
         }
+        Mnemonic::Divss if insn.encoding() == EncodingKind::Legacy => {
+            divss(mem, env, regs, s, insn)
+        }
         _ => match sse_op(insn.code()) {
             Some(op) => sse(mem, env, regs, s, insn, op),
             None => Err(unhandled(regs, insn)),
@@ -180,8 +183,8 @@ fn emulate(
 
 /// Forms this host's KVM fails on that xenkvm does not emulate yet: VMX
 /// instructions and `int1` (their #UD and #DB delivery are separate
-/// fix-ups), `invpcid`, x87 arithmetic, the XSAVE family, SSE floating
-/// point, and AVX/AVX-512 forms when their state is enabled (without it
+/// fix-ups), `invpcid`, x87 arithmetic, the XSAVE family, and AVX/AVX-512
+/// forms when their state is enabled (without it
 /// they raise #UD here, as the CPU would). The probe marks them.
 pub fn not_emulated_yet(insn: &Instruction) -> bool {
     use Mnemonic::*;
@@ -215,7 +218,6 @@ pub fn not_emulated_yet(insn: &Instruction) -> bool {
             | Xsavec64
             | Xsaves64
             | Xrstors64
-            | Divss
     )
 }
 
@@ -593,6 +595,81 @@ fn compare_scalar(
     regs.rflags &= !((1 << 0) | (1 << 2) | (1 << 4) | (1 << 6) | (1 << 7) | (1 << 11));
     regs.rflags |= cf | (pf << 2) | (zf << 6);
     Ok(())
+}
+
+/// divss: the low single of the destination divided by the source, upper
+/// bits kept. Emulated for MXCSR's usual setting (every exception masked,
+/// round to nearest, no FTZ/DAZ), where Rust's division is the CPU's; the
+/// exception flags (IE, DE, ZE, OE, UE, PE) are set as the SDM says.
+/// Other settings are refused rather than computed wrongly.
+fn divss(
+    mem: &dyn PhysMem,
+    env: &dyn EmuEnv,
+    regs: &mut kvm_regs,
+    s: &kvm_sregs,
+    insn: &Instruction,
+) -> Result<(), Fixup> {
+    sse_available(s)?;
+    let mut f = env
+        .fpu()
+        .ok_or_else(|| Fixup::Unhandled("SSE state unavailable".into()))?;
+    if f.mxcsr & 0xffc0 != 0x1f80 {
+        return Err(Fixup::Unhandled(format!(
+            "divss with MXCSR {:#x} (unmasked exceptions, rounding or FTZ/DAZ)",
+            f.mxcsr
+        )));
+    }
+    let dst = xmm_index(insn.op0_register())
+        .ok_or_else(|| Fixup::Unhandled("divss destination".into()))?;
+    let low = |x: &[u8; 16]| u32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+    let a_bits = low(&f.xmm[dst]);
+    let b_bits = match insn.op1_kind() {
+        OpKind::Register => xmm_index(insn.op1_register())
+            .map(|n| low(&f.xmm[n]))
+            .ok_or_else(|| Fixup::Unhandled("divss source".into()))?,
+        _ => read_operand(mem, regs, s, insn, 1, 4)? as u32,
+    };
+    let (a, b) = (f32::from_bits(a_bits), f32::from_bits(b_bits));
+    let snan = |x: f32, bits: u32| x.is_nan() && bits & (1 << 22) == 0;
+    let mut flags = 0u32;
+    let q_bits = if a.is_nan() || b.is_nan() {
+        if snan(a, a_bits) || snan(b, b_bits) {
+            flags |= 1; // IE
+        }
+        // The first NaN operand, quieted.
+        (if a.is_nan() { a_bits } else { b_bits }) | (1 << 22)
+    } else if (a == 0.0 && b == 0.0) || (a.is_infinite() && b.is_infinite()) {
+        flags |= 1;
+        0xffc0_0000 // the default NaN
+    } else {
+        if a.is_subnormal() || b.is_subnormal() {
+            flags |= 1 << 1; // DE
+        }
+        if b == 0.0 && a.is_finite() {
+            flags |= 1 << 2; // ZE
+        }
+        let q = a / b;
+        if a.is_finite() && b.is_finite() && b != 0.0 {
+            // The product of two singles is exact in a double.
+            let exact = q.is_finite() && f64::from(q) * f64::from(b) == f64::from(a);
+            if !exact {
+                flags |= 1 << 5; // PE
+                if q.is_infinite() {
+                    flags |= 1 << 3; // OE
+                } else if q == 0.0 || q.is_subnormal() {
+                    flags |= 1 << 4; // UE
+                }
+            }
+        }
+        q.to_bits()
+    };
+    f.xmm[dst][..4].copy_from_slice(&q_bits.to_le_bytes());
+    f.mxcsr |= flags;
+    if env.set_fpu(&f) {
+        Ok(())
+    } else {
+        Err(Fixup::Unhandled("the host refused the SSE state".into()))
+    }
 }
 
 /// The SSE integer and logic operations handled here.
@@ -1133,6 +1210,56 @@ mod tests {
         assert_eq!(run(&m, &env, &mut r, &mut s, &[0x0f, 0x2f, 0xc1]), exc(19));
         assert_eq!(env.mxcsr() & 1, 1);
         assert_eq!(r.rip, CODE);
+    }
+
+    #[test]
+    fn divss_quotient_and_mxcsr_flags() {
+        let (m, mut r, mut s) = machine(64);
+        let env = Env::new();
+        let set = |n: usize, v: f32| {
+            let mut x = env.xmm(n).unwrap();
+            x[..4].copy_from_slice(&v.to_bits().to_le_bytes());
+            env.set_xmm(n, x);
+        };
+        let get = || {
+            f32::from_bits(u32::from_le_bytes(
+                env.xmm(0).unwrap()[..4].try_into().unwrap(),
+            ))
+        };
+        // divss xmm0, xmm1
+        let code = [0xf3, 0x0f, 0x5e, 0xc1];
+        let mut upper = [0u8; 16];
+        upper[4..].fill(0xab);
+        env.set_xmm(0, upper);
+        set(0, 6.0);
+        set(1, 4.0);
+        assert_eq!(run(&m, &env, &mut r, &mut s, &code), Fixup::Resume);
+        assert_eq!(get(), 1.5);
+        assert_eq!(&env.xmm(0).unwrap()[4..], &[0xab; 12]);
+        assert_eq!(env.mxcsr(), 0x1f80);
+        set(1, 3.0);
+        r.rip = CODE;
+        run(&m, &env, &mut r, &mut s, &code);
+        assert_eq!((get(), env.mxcsr()), (0.5, 0x1f80), "exact: no PE");
+        set(0, 1.0);
+        r.rip = CODE;
+        run(&m, &env, &mut r, &mut s, &code);
+        assert_eq!(
+            (get(), env.mxcsr()),
+            (1.0f32 / 3.0, 0x1f80 | 0x20),
+            "inexact: PE"
+        );
+        set(1, 0.0);
+        r.rip = CODE;
+        run(&m, &env, &mut r, &mut s, &code);
+        assert_eq!((get(), env.mxcsr() & 4), (f32::INFINITY, 4), "x/0: ZE");
+        // Unmasked exceptions: refused, not guessed.
+        env.set_mxcsr(0x1f00);
+        r.rip = CODE;
+        assert!(matches!(
+            run(&m, &env, &mut r, &mut s, &code),
+            Fixup::Unhandled(_)
+        ));
     }
 
     #[test]
