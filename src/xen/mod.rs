@@ -395,7 +395,7 @@ impl Xen {
         };
         match ports {
             Some(p) => self.domain.poll_should_wake(id, p),
-            None => self.domain.upcall_pending(id),
+            None => self.domain.block_should_wake(id),
         }
     }
 
@@ -505,6 +505,10 @@ impl VcpuAccess for GuestVcpu<'_> {
         let p = x86::Paging::from_sregs(&self.ctx.sregs);
         x86::translate(self.mem, &p, self.linear(gva), x86::Access::WRITE)
             .map_err(|f| MemFault { gva: f.linear })
+    }
+    fn interrupts_enabled(&self) -> bool {
+        // RFLAGS.IF at the hypercall (a `sti` shadow is not visible here).
+        self.ctx.regs.rflags & (1 << 9) != 0
     }
 }
 
