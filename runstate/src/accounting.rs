@@ -126,6 +126,47 @@ impl Accounting {
         self.data.state = new;
     }
 
+    /// Like [`transition_with_steal`](Self::transition_with_steal) for a
+    /// vCPU whose preemptions are also tracked from host context-switch
+    /// records: `excluded_ns` is the runnable time those records charged
+    /// since the last sample (part of the `run_delay` growth, so not charged
+    /// twice). The rest of the growth (the wait after a wake-up, which the
+    /// records do not see) is charged from the running time since the last
+    /// transition; what does not fit is carried to the next sample instead
+    /// of being dropped, so runnable keeps tracking `run_delay`.
+    pub fn transition_with_steal_excluding(
+        &mut self,
+        new: State,
+        now_ns: u64,
+        run_delay_ns: u64,
+        excluded_ns: u64,
+    ) {
+        let delta = now_ns.saturating_sub(self.data.state_entry_time);
+        let (steal, base) = match self.last_run_delay {
+            Some(prev) => {
+                let grown = run_delay_ns.saturating_sub(prev);
+                let residual = grown.saturating_sub(excluded_ns);
+                let steal = if self.data.state == State::Running {
+                    residual.min(delta)
+                } else {
+                    0
+                };
+                // Carry what was not charged (only while running: run_delay
+                // growth while blocked or runnable is not steal).
+                let carried = if self.data.state == State::Running {
+                    residual - steal
+                } else {
+                    0
+                };
+                (steal, run_delay_ns - carried)
+            }
+            None => (0, run_delay_ns),
+        };
+        self.last_run_delay = Some(base);
+        self.charge(delta, steal);
+        self.data.state = new;
+    }
+
     fn charge(&mut self, delta: u64, steal: u64) {
         let d = &mut self.data;
         let cur = d.state as usize;
@@ -224,6 +265,19 @@ mod tests {
         // Steal larger than the elapsed time is clamped.
         a.transition_with_steal(State::Running, 410, 9_000);
         assert_eq!(a.data().time, [270, 40, 100, 0]);
+        assert_eq!(a.data().offset(), 0);
+    }
+
+    #[test]
+    fn steal_excluding_records_charges_residual_and_carries_rest() {
+        let mut a = Accounting::new(State::Running, 0);
+        a.transition_with_steal_excluding(State::Running, 100, 1_000, 0);
+        // run_delay grew 500, records already charged 300: residual 200, but
+        // only 50 ns ran since the last transition; 150 carried.
+        a.transition_with_steal_excluding(State::Running, 150, 1_500, 300);
+        assert_eq!(a.data().time, [100, 50, 0, 0]);
+        a.transition_with_steal_excluding(State::Running, 1_150, 1_500, 0);
+        assert_eq!(a.data().time, [950, 200, 0, 0]);
         assert_eq!(a.data().offset(), 0);
     }
 
