@@ -12,6 +12,8 @@ pub mod backends;
 pub mod boot;
 /// Emulated platform devices on the port/MMIO bus: serial, CMOS, debug ports, ACPI PM, PCI.
 pub mod devices;
+/// Host OS facilities other than KVM: the host scheduler's context switches of our threads (perf).
+pub mod host;
 /// The only user of `kvm_ioctls`: VM and vCPU file descriptors, memslots, interrupts, the host probe.
 pub mod kvm;
 /// The built-in test guest and its benchmark ports.

@@ -130,10 +130,13 @@ impl Accounting {
     /// vCPU whose preemptions are also tracked from host context-switch
     /// records: `excluded_ns` is the runnable time those records charged
     /// since the last sample (part of the `run_delay` growth, so not charged
-    /// twice). The rest of the growth (the wait after a wake-up, which the
-    /// records do not see) is charged from the running time since the last
-    /// transition; what does not fit is carried to the next sample instead
-    /// of being dropped, so runnable keeps tracking `run_delay`.
+    /// twice). The rest of the growth is waiting for a CPU after a wake-up,
+    /// which the records do not see: it is charged to runnable out of the
+    /// interval that ends now when that is running or blocked (a vCPU
+    /// leaving `SCHEDOP_block` waited for its CPU at the end of the blocked
+    /// interval: Xen's split); what does not fit is carried to the next
+    /// sample instead of being dropped, so runnable keeps tracking
+    /// `run_delay`.
     pub fn transition_with_steal_excluding(
         &mut self,
         new: State,
@@ -146,19 +149,11 @@ impl Accounting {
             Some(prev) => {
                 let grown = run_delay_ns.saturating_sub(prev);
                 let residual = grown.saturating_sub(excluded_ns);
-                let steal = if self.data.state == State::Running {
-                    residual.min(delta)
-                } else {
-                    0
+                let steal = match self.data.state {
+                    State::Running | State::Blocked => residual.min(delta),
+                    _ => 0,
                 };
-                // Carry what was not charged (only while running: run_delay
-                // growth while blocked or runnable is not steal).
-                let carried = if self.data.state == State::Running {
-                    residual - steal
-                } else {
-                    0
-                };
-                (steal, run_delay_ns - carried)
+                (steal, run_delay_ns - (residual - steal))
             }
             None => (0, run_delay_ns),
         };

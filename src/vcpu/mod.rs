@@ -107,6 +107,13 @@ impl Vcpu {
             .ok();
         // Steal time: run_delay of this thread, sampled every STEAL_SAMPLE_MS.
         self.run_delay = runstate::RunDelay::open().ok();
+        // Host schedule tracking: this thread's context-switch records.
+        if let Some(crate::xen::sched::Mechanism::Perf(mode)) = self.m.xen.sched_mechanism() {
+            match crate::host::perf::SwitchRing::open_current_thread(*mode) {
+                Ok(r) => self.m.xen.attach_switch_ring(self.id, r),
+                Err(e) => tracing::warn!(%e, "no context-switch records for this vCPU"),
+            }
+        }
         if self.id == 0 {
             self.m
                 .xen
@@ -187,7 +194,15 @@ impl Vcpu {
         let first_exit = !self.started;
         // Cheap on the exit path: one TSC read and a compare.
         let t = crate::xen::clock::host_tsc();
-        if t >= self.next_steal_sample {
+        if self.m.xen.take_needs_running(self.id) {
+            // Shown runnable while this thread was off its CPU: running again
+            // before the guest runs (KVM's kvm_xen_runstate_set_running).
+            self.m.xen.runstate_transition(
+                self.id,
+                runstate::State::Running,
+                self.sample_run_delay(),
+            );
+        } else if t >= self.next_steal_sample {
             self.next_steal_sample = t + u64::from(self.m.clock.tsc_khz) * STEAL_SAMPLE_MS;
             self.m.xen.runstate_transition(
                 self.id,

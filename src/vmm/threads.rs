@@ -12,6 +12,8 @@ pub enum ThreadKind {
     Vcpu,
     /// The event loop (backends, timers, console input).
     EventLoop,
+    /// The host-scheduler monitor (`vcpu-sched`): vCPU threads' context switches.
+    SchedMonitor,
 }
 
 /// Called with a message when a thread panics.
