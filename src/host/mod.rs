@@ -7,4 +7,5 @@
 //! in this folder, each block with a `// SAFETY:` comment; it starts no
 //! threads (the monitor thread is `vmm/`'s).
 
+pub mod cpu;
 pub mod perf;

@@ -4,6 +4,7 @@
 //! guest until it powers off, crashes or times out. The only module that
 //! starts threads (through [`threads::spawn`]).
 
+pub mod bench_sched;
 pub mod event_loop;
 pub mod machine;
 pub mod sched_monitor;

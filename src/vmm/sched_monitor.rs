@@ -36,6 +36,19 @@ pub fn run(m: Arc<Machine>, mode: PerfMode) {
         tracing::warn!(%e, "scheduler monitor: cannot watch its control eventfd");
         return;
     }
+    // Woken at a switch-out, the monitor must run at once, not at the next
+    // tick: with every CPU busy a SCHED_OTHER waker often waits a slice.
+    // It runs for microseconds per wake-up and never spins.
+    match crate::host::cpu::set_fifo(1) {
+        Ok(()) => tracing::debug!("scheduler monitor runs SCHED_FIFO 1"),
+        Err(e) => tracing::info!(%e, "scheduler monitor stays SCHED_OTHER (runnable shows later under load)"),
+    }
+    // The monitor's own switch-ins, to tell its own preemptions of vCPUs
+    // apart (never woken by them: a batched ring).
+    let mut own = perf::SwitchRing::open_current_thread(PerfMode::Batched)
+        .map_err(|e| tracing::info!(%e, "scheduler monitor: no ring of its own"))
+        .ok();
+    let mut ins: Vec<(u32, u64)> = Vec::new();
     let mut known: HashMap<u32, std::os::fd::RawFd> = HashMap::new();
     let mut events = vec![EpollEvent::default(); 64];
     let mut halted_all = false;
@@ -53,10 +66,24 @@ pub fn run(m: Arc<Machine>, mode: PerfMode) {
                 return;
             }
         };
-        let view = MonitorView {
-            cpu: perf::current_cpu(),
-            woke_mono: perf::monotonic_ns(),
-        };
+        if let Some(r) = own.as_mut() {
+            // Keep the last few: a vCPU's switch-out is applied at most a
+            // few wake-ups after the monitor's switch-in that caused it.
+            r.drain(|rec| {
+                if let perf::Record::Switch {
+                    kind: perf::SwitchKind::In,
+                    time_ns,
+                    cpu,
+                } = rec
+                {
+                    ins.push((cpu, time_ns));
+                }
+            });
+            if ins.len() > 64 {
+                ins.drain(..ins.len() - 64);
+            }
+        }
+        let view = MonitorView { switch_ins: &ins };
         let mut ready: Vec<u32> = Vec::new();
         for ev in &events[..n] {
             if ev.data() == CTL {

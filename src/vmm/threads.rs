@@ -14,6 +14,8 @@ pub enum ThreadKind {
     EventLoop,
     /// The host-scheduler monitor (`vcpu-sched`): vCPU threads' context switches.
     SchedMonitor,
+    /// `xenkvm bench sched`'s CPU hog.
+    BenchHog,
 }
 
 /// Called with a message when a thread panics.

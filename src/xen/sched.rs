@@ -82,9 +82,10 @@ impl Mechanism {
     }
 }
 
-/// A switch-out this close (ns) before the monitor woke, on the CPU the
-/// monitor runs on, was the monitor's own preemption of that vCPU.
-const SELF_WINDOW_NS: u64 = 30_000;
+/// A vCPU's preempted switch-out this close (ns) to a switch-in of the
+/// monitor on the same CPU is the same context switch: the monitor's own
+/// preemption of that vCPU (it ends as soon as the monitor sleeps again).
+const SELF_WINDOW_NS: u64 = 5_000;
 /// Preemption samples kept per vCPU (for the benchmark).
 const LOG_MAX: usize = 1 << 16;
 
@@ -151,11 +152,11 @@ pub struct PollOutcome {
     pub halted: bool,
 }
 
-/// Where and when the monitor woke (for telling its own preemptions apart).
+/// The monitor's own recent switch-ins (CPU, CLOCK_MONOTONIC ns), from its
+/// own perf ring: for telling its own preemptions of vCPUs apart.
 #[derive(Clone, Copy, Debug)]
-pub struct MonitorView {
-    pub cpu: Option<u32>,
-    pub woke_mono: u64,
+pub struct MonitorView<'a> {
+    pub switch_ins: &'a [(u32, u64)],
 }
 
 /// Tracking counters of one vCPU, for logs and the benchmark.
@@ -182,7 +183,7 @@ impl XenPlatform {
         &self,
         vcpu: u32,
         r: &mut VcpuRunstate,
-        monitor: Option<MonitorView>,
+        monitor: Option<MonitorView<'_>>,
     ) -> PollOutcome {
         let mut out = PollOutcome::default();
         for round in 0..2 {
@@ -203,7 +204,7 @@ impl XenPlatform {
     }
 
     /// One pass over the ring; true if it published runnable.
-    fn sched_drain_once(&self, r: &mut VcpuRunstate, monitor: Option<MonitorView>) -> bool {
+    fn sched_drain_once(&self, r: &mut VcpuRunstate, monitor: Option<MonitorView<'_>>) -> bool {
         let VcpuRunstate {
             acct,
             area: _,
@@ -247,7 +248,9 @@ impl XenPlatform {
             match applied {
                 Applied::Preempted => {
                     let selfish = monitor.is_some_and(|m| {
-                        m.cpu == Some(cpu) && m.woke_mono.saturating_sub(t) < SELF_WINDOW_NS
+                        m.switch_ins
+                            .iter()
+                            .any(|&(c, ti)| c == cpu && ti.abs_diff(t) < SELF_WINDOW_NS)
                     });
                     if selfish {
                         host.merge.stats.self_inflicted += 1;
@@ -285,6 +288,13 @@ impl XenPlatform {
             }
         }
         if !changed {
+            return false;
+        }
+        if r.acct.state() == State::Runnable && !show_runnable {
+            // A preemption not to be shown (the monitor's own, or seen by the
+            // vCPU thread itself): no kick follows, so publishing it could
+            // leave the vCPU running under "runnable". The next publish
+            // carries its time.
             return false;
         }
         if let Some(a) = &r.area {
@@ -357,7 +367,7 @@ impl Xen {
 
     /// The monitor: apply `vcpu`'s records if its lock is free, else leave
     /// them to the holder (counted).
-    pub fn sched_poll(&self, vcpu: u32, view: MonitorView) -> PollOutcome {
+    pub fn sched_poll(&self, vcpu: u32, view: MonitorView<'_>) -> PollOutcome {
         let (Some(m), Some(slot)) = (
             self.platform.runstates.get(vcpu as usize),
             self.platform.sched.slots.get(vcpu as usize),
