@@ -211,7 +211,9 @@ fn main() -> ExitCode {
         }) => {
             use xenkvm::vmm::bench_sched as b;
             let mechs = if mechanism.is_empty() {
-                let best = xenkvm::xen::sched::Mechanism::choose(None).name().to_string();
+                let best = xenkvm::xen::sched::Mechanism::choose(None)
+                    .name()
+                    .to_string();
                 if best == "sampling" {
                     vec![best]
                 } else {

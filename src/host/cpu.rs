@@ -24,17 +24,6 @@ pub fn online_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// The id of this process's thread called `name` (its `comm`), if any.
-pub fn thread_named(name: &str) -> Option<i32> {
-    for e in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() == name {
-            return e.file_name().to_str()?.parse().ok();
-        }
-    }
-    None
-}
-
 /// `run_delay` (ns waiting for a CPU) of thread `tid` of this process.
 pub fn run_delay(tid: i32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;

@@ -100,6 +100,7 @@ impl Vcpu {
         let _e = span.enter();
         self.kvm.enable_sync_regs();
         self.handle.kicker().bind_current_thread();
+        self.handle.set_tid(crate::host::perf::gettid());
         // A vCPU spinning in KVM_RUN (a vmcall this KVM never completes) is
         // interrupted after STALL of CPU time; a halted one is never woken.
         let _stall_timer = CpuTimeKick::start(STALL)

@@ -135,8 +135,8 @@ pub fn run(b: &SchedBench) -> Result<SchedResult, String> {
         let until = Instant::now() + Duration::from_secs(30);
         let (mut t0, mut t1) = (None, None);
         while Instant::now() < until && (t0.is_none() || t1.is_none()) {
-            t0 = cpu::thread_named("vcpu0");
-            t1 = cpu::thread_named("vcpu1");
+            t0 = m.vcpus.first().and_then(|h| h.tid());
+            t1 = m.vcpus.get(1).and_then(|h| h.tid());
             std::thread::sleep(Duration::from_millis(1));
         }
         let (Some(t0), Some(t1)) = (t0, t1) else {
@@ -145,8 +145,7 @@ pub fn run(b: &SchedBench) -> Result<SchedResult, String> {
         let ncpu = cpu::online_cpus();
         let _ = cpu::pin(t0, 0);
         let _ = cpu::pin(t1, 1 % ncpu);
-        while !o2.text().contains("watches its area") && !m.stopping() && Instant::now() < until
-        {
+        while !o2.text().contains("watches its area") && !m.stopping() && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(2));
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -225,7 +224,8 @@ pub fn run(b: &SchedBench) -> Result<SchedResult, String> {
         r.runnable_ms = rn1.saturating_sub(rn0) as f64 / 1e6;
         r.run_delay_ms = rd1.saturating_sub(rd0) as f64 / 1e6;
         if r.run_delay_ms > 0.0 {
-            r.accounting_error_pct = (r.runnable_ms - r.run_delay_ms).abs() / r.run_delay_ms * 100.0;
+            r.accounting_error_pct =
+                (r.runnable_ms - r.run_delay_ms).abs() / r.run_delay_ms * 100.0;
         }
     }
     if let Some(rep) = report {
@@ -325,10 +325,7 @@ pub fn suite(base: &SchedBench, mechs: &[String], rounds: u32) -> Result<Suite, 
                 ..base.clone()
             };
             s.preempted.push(run(&b)?);
-            s.idle_host.push(run(&SchedBench {
-                hog_on_ms: 0,
-                ..b
-            })?);
+            s.idle_host.push(run(&SchedBench { hog_on_ms: 0, ..b })?);
         }
     }
     Ok(s)
@@ -350,12 +347,38 @@ pub fn table(s: &Suite) -> String {
     let _ = writeln!(
         o,
         "\n{:<13} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6} {:>9} {:>9} {:>6}",
-        "mechanism", "preempt", ">1ms", "seen", "guest", "p50 us", "p99 us", "running", "p50 us", "p99 us", "self", "runnable", "run_delay", "err %"
+        "mechanism",
+        "preempt",
+        ">1ms",
+        "seen",
+        "guest",
+        "p50 us",
+        "p99 us",
+        "running",
+        "p50 us",
+        "p99 us",
+        "self",
+        "runnable",
+        "run_delay",
+        "err %"
     );
     let _ = writeln!(
         o,
         "{:<13} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6} {:>9} {:>9} {:>6}",
-        "", "(host)", "(records)", "(records)", "saw", "(guest)", "(guest)", "saw", "(guest)", "(guest)", "", "ms", "ms", ""
+        "",
+        "(host)",
+        "(records)",
+        "(records)",
+        "saw",
+        "(guest)",
+        "(guest)",
+        "saw",
+        "(guest)",
+        "(guest)",
+        "",
+        "ms",
+        "ms",
+        ""
     );
     for r in &s.preempted {
         let _ = writeln!(

@@ -41,7 +41,9 @@ pub fn run(m: Arc<Machine>, mode: PerfMode) {
     // It runs for microseconds per wake-up and never spins.
     match crate::host::cpu::set_fifo(1) {
         Ok(()) => tracing::debug!("scheduler monitor runs SCHED_FIFO 1"),
-        Err(e) => tracing::info!(%e, "scheduler monitor stays SCHED_OTHER (runnable shows later under load)"),
+        Err(e) => {
+            tracing::info!(%e, "scheduler monitor stays SCHED_OTHER (runnable shows later under load)")
+        }
     }
     // The monitor's own switch-ins, to tell its own preemptions of vCPUs
     // apart (never woken by them: a batched ring).

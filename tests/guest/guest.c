@@ -2419,6 +2419,74 @@ static void __attribute__((noreturn)) schedwatch(const char *cmdline)
     shutdown(SHUTDOWN_poweroff);
 }
 
+/* ------------------------------------------------------------------ rscheck */
+
+/* Issue 16, acceptance 2: (a) vCPU 1 idles in `sti; hlt` (halted in the in-kernel irqchip)
+ * for 300 ms while vCPU 0 reads its area: blocked should grow, not running; (b) with
+ * evtchn_upcall_pending set and no callback configured, SCHEDOP_poll on a valid unbound
+ * port with a 20 ms timeout blocks for 20 ms and adds that much blocked. */
+static struct vcpu_runstate_info rc_area[2] __attribute__((aligned(64)));
+
+/* Time in state `s` up to `now`: the area's counter plus the current state's time since
+ * its entry (Xen updates time[] only at a change of state). */
+static u64 rs_upto(const struct vcpu_runstate_info *r, int s, u64 now)
+{
+    return r->time[s] + (r->state == s && now > r->state_entry_time ? now - r->state_entry_time : 0);
+}
+
+static void __attribute__((noreturn)) rscheck(void)
+{
+    struct xen_add_to_physmap x;
+    long rc;
+    if (!xen.shinfo && (rc = map_shared_info(&x))) {
+        say("rscheck: cannot map shared_info (rc %ld)", rc);
+        shutdown(SHUTDOWN_crash);
+    }
+    check_smp();
+    if (smp != SMP_UP) {
+        say("rscheck: no vCPU 1 (%s)", detail);
+        shutdown(SHUTDOWN_crash);
+    }
+    HYPERVISOR_vm_assist(VMASST_CMD_enable, VMASST_TYPE_runstate_update_flag);
+    for (u32 v = 0; v < 2; v++) {
+        struct vcpu_register_runstate_memory_area arg = { .addr = (u64)&rc_area[v] };
+        if ((rc = HYPERVISOR_vcpu_op(VCPUOP_register_runstate_memory_area, v, &arg))) {
+            say("rscheck: register_runstate_memory_area(vcpu %u) rc %ld", v, rc);
+            shutdown(SHUTDOWN_crash);
+        }
+    }
+    /* (a) vCPU 1 has nothing to do: it halts. Give it 10 ms to get there. */
+    for (u64 end = deadline_ms(10); rdtsc_ordered() < end;)
+        cpu_relax();
+    struct vcpu_runstate_info a0, a1, p0, p1;
+    u64 w0 = 0, w1 = 0, t0 = 0, t1 = 0;
+    runstate_read(&rc_area[1], &a0);
+    xen_time(&w0);
+    for (u64 end = deadline_ms(300); rdtsc_ordered() < end;)
+        cpu_relax();
+    runstate_read(&rc_area[1], &a1);
+    xen_time(&w1);
+    /* (b) an event on our own IPI port sets evtchn_upcall_pending; nothing is routed. */
+    u32 ipi = 0, unbound = 50;
+    if ((rc = bind_ipi(0, &ipi)) || (rc = evtchn_send(ipi))) {
+        say("rscheck: cannot raise an event (rc %ld)", rc);
+        shutdown(SHUTDOWN_crash);
+    }
+    int pending = xen.shinfo->vcpu_info[0].evtchn_upcall_pending;
+    runstate_read(&rc_area[0], &p0);
+    xen_time(&t0);
+    long prc = poll_ns(unbound, 20000000);
+    xen_time(&t1);
+    runstate_read(&rc_area[0], &p1);
+    say("rscheck-result idle_window_ns=%lu idle_blocked_ns=%lu idle_running_ns=%lu idle_runnable_ns=%lu "
+        "idle_state=%d upcall_pending=%d poll_rc=%ld poll_ns=%lu poll_blocked_ns=%lu invariant_ok=%d",
+        w1 - w0, rs_upto(&a1, 2, w1) - rs_upto(&a0, 2, w0), rs_upto(&a1, 0, w1) - rs_upto(&a0, 0, w0),
+        rs_upto(&a1, 1, w1) - rs_upto(&a0, 1, w0), a1.state, pending, prc, t1 - t0,
+        rs_upto(&p1, 2, t1) - rs_upto(&p0, 2, t0), rs_offset(&a0) == rs_offset(&a1) && rs_offset(&p0) == rs_offset(&p1));
+    say_raw("Test result: SUCCESS");
+    shutdown(SHUTDOWN_poweroff);
+}
+
 /* -------------------------------------------------------------------- idle */
 
 static void __attribute__((noreturn)) idle(void)
@@ -2457,6 +2525,8 @@ void __attribute__((noreturn)) main(u32 start_info_paddr)
     }
     if (strstr_(cmdline, "schedwatch"))
         schedwatch(cmdline);
+    if (strstr_(cmdline, "rscheck"))
+        rscheck();
     if (strstr_(cmdline, "bench"))
         bench();
     if (strstr_(cmdline, "idle"))
