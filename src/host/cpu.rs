@@ -7,10 +7,10 @@ use std::io;
 pub fn pin(tid: i32, cpu: usize) -> io::Result<()> {
     // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET writes inside it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `cpu` is checked against the set's capacity first.
     if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
+    // SAFETY: `cpu` was checked against the set's capacity above.
     unsafe { libc::CPU_SET(cpu, &mut set) };
     // SAFETY: a valid set of the size given; tid is a thread id (the kernel checks it).
     if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {

@@ -72,10 +72,10 @@ pub struct XenCaps {
 const UPCALL_RECHECK: Duration = Duration::from_millis(10);
 
 /// HVM params the VMM sets (hvm/params.h, from xen-abi).
-const HVM_PARAM_STORE_PFN: u32 = xen_abi::HVM_PARAM_STORE_PFN as u32;
-const HVM_PARAM_STORE_EVTCHN: u32 = xen_abi::HVM_PARAM_STORE_EVTCHN as u32;
-const HVM_PARAM_CONSOLE_PFN: u32 = xen_abi::HVM_PARAM_CONSOLE_PFN as u32;
-const HVM_PARAM_CONSOLE_EVTCHN: u32 = xen_abi::HVM_PARAM_CONSOLE_EVTCHN as u32;
+const HVM_PARAM_STORE_PFN: u32 = xen_abi::HVM_PARAM_STORE_PFN;
+const HVM_PARAM_STORE_EVTCHN: u32 = xen_abi::HVM_PARAM_STORE_EVTCHN;
+const HVM_PARAM_CONSOLE_PFN: u32 = xen_abi::HVM_PARAM_CONSOLE_PFN;
+const HVM_PARAM_CONSOLE_EVTCHN: u32 = xen_abi::HVM_PARAM_CONSOLE_EVTCHN;
 
 /// The calling vCPU's state at a hypercall.
 pub struct VcpuCtx {
