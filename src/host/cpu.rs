@@ -5,13 +5,25 @@ use std::io;
 
 /// Pins thread `tid` of this process to `cpu`.
 pub fn pin(tid: i32, cpu: usize) -> io::Result<()> {
+    pin_set(tid, &[cpu])
+}
+
+/// Lets thread `tid` run on every CPU again.
+pub fn unpin(tid: i32) -> io::Result<()> {
+    let all: Vec<usize> = (0..online_cpus()).collect();
+    pin_set(tid, &all)
+}
+
+fn pin_set(tid: i32, cpus: &[usize]) -> io::Result<()> {
     // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET writes inside it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    for &cpu in cpus {
+        if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: `cpu` was checked against the set's capacity above.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
     }
-    // SAFETY: `cpu` was checked against the set's capacity above.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
     // SAFETY: a valid set of the size given; tid is a thread id (the kernel checks it).
     if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
         return Err(io::Error::last_os_error());

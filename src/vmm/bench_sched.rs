@@ -308,6 +308,9 @@ pub struct Suite {
     pub preempted: Vec<SchedResult>,
     /// Without a hog: the guest's throughput per mechanism and round.
     pub idle_host: Vec<SchedResult>,
+    /// (b) ns per context switch of a watched thread (pipe ping-pong on one
+    /// CPU), per mechanism ("none": not watched), interleaved rounds.
+    pub switch_ns: Vec<(String, f64)>,
 }
 
 /// Runs `rounds` interleaved rounds of every mechanism in `mechs`, with the
@@ -317,7 +320,20 @@ pub fn suite(base: &SchedBench, mechs: &[String], rounds: u32) -> Result<Suite, 
         host: HostFacts::get(),
         preempted: Vec::new(),
         idle_host: Vec::new(),
+        switch_ns: Vec::new(),
     };
+    for _ in 0..rounds.max(3) {
+        for m in mechs.iter().map(String::as_str).chain(["none"]) {
+            let mode = match m {
+                "perf" => Some(crate::host::perf::PerfMode::WakeOnSwitchOut),
+                "perf-batched" => Some(crate::host::perf::PerfMode::Batched),
+                "none" => None,
+                _ => continue,
+            };
+            s.switch_ns
+                .push((m.to_string(), switch_cost(mode, 20_000)?));
+        }
+    }
     for _ in 0..rounds {
         for m in mechs {
             let b = SchedBench {
@@ -419,6 +435,30 @@ pub fn table(s: &Suite) -> String {
             r.late
         );
     }
+    let mut names: Vec<&str> = s.switch_ns.iter().map(|(n, _)| n.as_str()).collect();
+    names.dedup();
+    names.sort();
+    names.dedup();
+    let _ = writeln!(
+        o,
+        "\n(b) context switch of a watched thread (socket ping-pong on one CPU), ns per switch: median (all rounds)"
+    );
+    for n in names {
+        let mut v: Vec<f64> = s
+            .switch_ns
+            .iter()
+            .filter(|(m, _)| m == n)
+            .map(|(_, x)| *x)
+            .collect();
+        let all: Vec<String> = v.iter().map(|x| format!("{x:.0}")).collect();
+        let _ = writeln!(
+            o,
+            "{:<13} {:>8.0}  ({})",
+            n,
+            pct(&mut v, 50.0),
+            all.join(", ")
+        );
+    }
     let _ = writeln!(
         o,
         "\nguest throughput (loop iterations per ms on vCPU 0) without / with the hog; vCPU 1's polls per ms:"
@@ -508,4 +548,98 @@ pub fn svg(s: &Suite) -> String {
     }
     o.push_str("</svg>\n");
     o
+}
+
+/// (b) What tracking adds to each context switch of a watched thread: two
+/// threads pinned to one CPU ping-pong a byte `rounds` times over Unix
+/// sockets (2 switches per round), both watched in `mode` (`None`: not
+/// watched) with a drainer thread as the monitor. Nanoseconds per switch.
+pub fn switch_cost(mode: Option<crate::host::perf::PerfMode>, rounds: u32) -> Result<f64, String> {
+    use crate::host::perf::{PerfMode, SwitchRing};
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+    let (a1, b1) = UnixStream::pair().map_err(|e| e.to_string())?;
+    let (a2, b2) = UnixStream::pair().map_err(|e| e.to_string())?;
+    let (ring_tx, ring_rx) = mpsc::channel::<SwitchRing>();
+    let stop = Arc::new(AtomicBool::new(false));
+    let quiet = Arc::new(|_: String| {}) as threads::OnPanic;
+    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        threads::spawn(ThreadKind::BenchHog, name.into(), quiet.clone(), f)
+            .map_err(|e| e.to_string())
+    };
+    let open = move |tx: &mpsc::Sender<SwitchRing>| {
+        let _ = cpu::pin(crate::host::perf::gettid(), 0);
+        if let Some(m) = mode {
+            if let Ok(r) = SwitchRing::open_current_thread(m) {
+                let _ = tx.send(r);
+            }
+        }
+    };
+    let (tx1, tx2) = (ring_tx.clone(), ring_tx);
+    let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    let ready2 = ready_tx.clone();
+    let echo = spawn(
+        "bench-echo",
+        Box::new(move || {
+            open(&tx1);
+            let _ = ready2.send(());
+            let (mut rx, mut tx) = (b1, a2);
+            let mut b = [0u8; 1];
+            while rx.read_exact(&mut b).is_ok() && b[0] != 0 {
+                if tx.write_all(&b).is_err() {
+                    break;
+                }
+            }
+        }),
+    )?;
+    let st = stop.clone();
+    let drainer = spawn(
+        "bench-drain",
+        Box::new(move || {
+            let mut rings: Vec<SwitchRing> = Vec::new();
+            let ep = Epoll::new().ok();
+            let mut evs = vec![EpollEvent::default(); 4];
+            while !st.load(Ordering::Relaxed) {
+                while let Ok(r) = ring_rx.try_recv() {
+                    if let (Some(ep), PerfMode::WakeOnSwitchOut) = (&ep, r.mode) {
+                        let _ = ep.ctl(
+                            ControlOperation::Add,
+                            r.fd(),
+                            EpollEvent::new(EventSet::IN, 0),
+                        );
+                    }
+                    rings.push(r);
+                }
+                match (mode, &ep) {
+                    (Some(PerfMode::WakeOnSwitchOut), Some(ep)) => {
+                        let _ = ep.wait(10, &mut evs);
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(1)),
+                }
+                for r in &mut rings {
+                    r.drain(|_| {});
+                }
+            }
+        }),
+    )?;
+    open(&tx2);
+    let _ = ready_rx.recv_timeout(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(20));
+    let (mut tx, mut rx) = (a1, b2);
+    let mut b = [1u8; 1];
+    let t = Instant::now();
+    for _ in 0..rounds {
+        tx.write_all(&[1]).map_err(|e| e.to_string())?;
+        rx.read_exact(&mut b).map_err(|e| e.to_string())?;
+    }
+    let ns = t.elapsed().as_nanos() as f64 / (2.0 * f64::from(rounds));
+    let _ = tx.write_all(&[0]);
+    stop.store(true, Ordering::Relaxed);
+    let _ = echo.join();
+    let _ = drainer.join();
+    let _ = cpu::unpin(crate::host::perf::gettid());
+    Ok(ns)
 }
