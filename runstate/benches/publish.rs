@@ -142,28 +142,22 @@ impl KvmBaseline {
             return drop_it();
         };
         let entry = d.state_entry_time & !XEN_RUNSTATE_UPDATE;
-        let (times_ofs, mut body) = if self.layout == Layout::Native64 {
-            (
-                8,
-                self.layout
-                    .encode64(d, entry | XEN_RUNSTATE_UPDATE)
-                    .to_vec(),
-            )
+        // Assembled on the stack, as KVM does.
+        let mut buf = [0u8; 48];
+        let times_ofs = if self.layout == Layout::Native64 {
+            buf = self.layout.encode64(d, entry | XEN_RUNSTATE_UPDATE);
+            8
         } else {
-            (
-                4,
-                self.layout
-                    .encode32(d, entry | XEN_RUNSTATE_UPDATE)
-                    .to_vec(),
-            )
+            buf[..44].copy_from_slice(&self.layout.encode32(d, entry | XEN_RUNSTATE_UPDATE));
+            4
         };
-        body.truncate(self.len1 + self.len2);
+        let body = &buf[..self.len1 + self.len2];
         let set = ((entry | XEN_RUNSTATE_UPDATE) >> 56) as u8;
         let clear = (entry >> 56) as u8;
         if self.len2 == 0 {
             c1.store_u8(times_ofs + 7, set, Ordering::Relaxed).unwrap();
             fence(Ordering::Release);
-            c1.write(0, &body).unwrap();
+            c1.write(0, body).unwrap();
             fence(Ordering::Release);
             c1.store_u8(times_ofs + 7, clear, Ordering::Relaxed)
                 .unwrap();

@@ -144,6 +144,25 @@ impl Vcpu {
             thread_run_delay_ms = self.sample_run_delay().map(ms),
             "vCPU runstate at exit"
         );
+        if self
+            .m
+            .xen
+            .sched_mechanism()
+            .is_some_and(|m| m.name() != "sampling")
+        {
+            let r = self.m.xen.sched_report(self.id);
+            tracing::info!(
+                preempt_outs = r.stats.preempt_outs,
+                shown_runnable = r.stats.published_runnable,
+                halts = r.stats.halts,
+                self_inflicted = r.stats.self_inflicted,
+                stale = r.stats.stale,
+                lost = r.stats.lost,
+                deferred = r.deferred,
+                late = r.late,
+                "host schedule tracking at exit"
+            );
+        }
     }
 
     /// The VMM's request, looked at before every entry: `Some` state to go
