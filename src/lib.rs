@@ -4,6 +4,9 @@
 //! The modules, in reading order (each folder's `mod.rs` says what it owns
 //! and what it may import; `tests/layers.rs` checks the rules):
 
+/// Host OS facilities other than KVM: the host scheduler's context switches of our threads (perf).
+pub mod host;
+
 /// Composition and lifecycle: builds the VM, owns the vCPU handles, the event loop and the one thread spawner.
 pub mod vmm;
 

@@ -66,6 +66,39 @@ enum Cmd {
         #[arg(value_name = "KERNEL", requires = "coverage")]
         kernels: Vec<PathBuf>,
     },
+    /// Benchmarks on the built-in test guest.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// Schedule-out visibility: vCPU 1 watches vCPU 0's runstate area while a
+    /// host thread pinned beside vCPU 0's thread preempts it in bursts.
+    Sched {
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5)]
+        secs: u32,
+        /// The hog spins this long...
+        #[arg(long, value_name = "MS", default_value_t = 20)]
+        hog_on: u32,
+        /// ...then sleeps this long.
+        #[arg(long, value_name = "MS", default_value_t = 30)]
+        hog_off: u32,
+        /// Mechanisms to compare (perf, perf-batched, sampling); default: the
+        /// best this host permits, and sampling.
+        #[arg(long, value_delimiter = ',')]
+        mechanism: Vec<String>,
+        /// Interleaved rounds.
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Draw the visibility-latency CDFs into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
+    },
 }
 
 /// How `run` enters the kernel.
@@ -408,6 +441,50 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         }
+        Cmd::Bench(BenchCmd::Sched {
+            secs,
+            hog_on,
+            hog_off,
+            mechanism,
+            rounds,
+            json,
+            plot,
+        }) => {
+            use xenkvm::vmm::bench_sched as b;
+            let mechs = if mechanism.is_empty() {
+                let best = xenkvm::xen::sched::Mechanism::choose(None)
+                    .name()
+                    .to_string();
+                if best == "sampling" {
+                    vec![best]
+                } else {
+                    vec![best, "sampling".into()]
+                }
+            } else {
+                mechanism
+            };
+            let base = b::SchedBench {
+                secs,
+                hog_on_ms: hog_on,
+                hog_off_ms: hog_off,
+                mechanism: None,
+            };
+            let s = match b::suite(&base, &mechs, rounds) {
+                Ok(s) => s,
+                Err(e) => return fail(1, &e),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+            } else {
+                print!("{}", b::table(&s));
+            }
+            if let Some(p) = plot {
+                if let Err(e) = std::fs::write(&p, b::svg(&s)) {
+                    return fail(1, &format!("{}: {e}", p.display()));
+                }
+            }
+            ExitCode::SUCCESS
+        }
     }
 }
 
@@ -434,6 +511,11 @@ fn probe() -> ExitCode {
     let p = xenkvm::kvm::probe::HostProbe::run();
     print!("{p}");
     print!("{}", xenkvm::kvm::probe::HostMeasures::run());
+    println!(
+        "{:<30} {}",
+        "host schedule tracking",
+        xenkvm::xen::sched::Mechanism::choose(None)
+    );
     ExitCode::SUCCESS
 }
 
@@ -648,7 +730,7 @@ mod tests {
                             prop_assert!(timeout > Duration::ZERO);
                             let _ = ui.options();
                         }
-                        Cmd::Probe { .. } => {}
+                        Cmd::Probe { .. } | Cmd::Bench(_) => {}
                     }
                     if let Some(l) = cli.log_level.as_deref() {
                         let _ = xenkvm::logging::filter_directives(l);

@@ -100,6 +100,9 @@ pub(crate) struct VcpuFlags {
     pub initialised: AtomicBool,
     /// `HVMOP_set_evtchn_upcall_vector` (0: none).
     pub upcall_vector: AtomicU8,
+    /// Interrupts were enabled at the vCPU's last `SCHEDOP_block`/`poll`
+    /// (it cannot change while the vCPU waits).
+    pub block_irqs: AtomicBool,
 }
 
 /// What a handler running for one vCPU sees.
@@ -174,6 +177,7 @@ impl Domain {
                 up: AtomicBool::new(i == 0),
                 initialised: AtomicBool::new(i == 0),
                 upcall_vector: AtomicU8::new(0),
+                block_irqs: AtomicBool::new(true),
             })
             .collect();
         let d = Domain {
@@ -441,6 +445,39 @@ impl Domain {
             .upcall_vector
             .load(Ordering::Acquire);
         (v != 0).then_some(v)
+    }
+
+    /// Xen's `hvm_local_events_need_delivery` for the event-channel upcall:
+    /// `evtchn_upcall_pending` is set AND the vCPU can take the upcall now:
+    /// a route is configured (its per-vCPU vector, the callback vector, or,
+    /// for vCPU 0 only, the callback GSI/INTx line: `hvm_assert_evtchn_irq`)
+    /// and `irqs_enabled` (RFLAGS.IF at the hypercall). `evtchn_upcall_pending`
+    /// alone (no callback, or interrupts off) is not an event to wake for.
+    pub fn events_need_delivery(&self, vcpu: VcpuId, irqs_enabled: bool) -> bool {
+        let routed = self.upcall_vector(vcpu).is_some()
+            || match self.callback_via() {
+                CallbackVia::Vector(v) => v != 0,
+                CallbackVia::Gsi(_) | CallbackVia::PciIntx { .. } => vcpu.get() == 0,
+                CallbackVia::None | CallbackVia::Unknown(_) => false,
+            };
+        routed && irqs_enabled && self.upcall_pending(vcpu)
+    }
+
+    /// Records whether the vCPU entering `SCHEDOP_block`/`poll` has interrupts enabled.
+    pub(crate) fn set_block_irqs(&self, vcpu: VcpuId, on: bool) {
+        if let Some(f) = self.vcpus.get(vcpu.idx()) {
+            f.block_irqs.store(on, Ordering::Release);
+        }
+    }
+
+    /// For a vCPU blocked in [`Outcome::Block`](crate::Outcome::Block): whether it must run
+    /// again (an upcall it can take is pending; see [`Domain::events_need_delivery`]).
+    pub fn block_should_wake(&self, vcpu: VcpuId) -> bool {
+        let irqs = self
+            .vcpus
+            .get(vcpu.idx())
+            .is_none_or(|f| f.block_irqs.load(Ordering::Acquire));
+        self.events_need_delivery(vcpu, irqs)
     }
 
     /// `evtchn_upcall_pending` of `vcpu` (the guest clears it).

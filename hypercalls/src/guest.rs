@@ -32,6 +32,12 @@ pub trait VcpuAccess {
     /// The guest-physical address `gva` translates to now (for areas the VMM keeps writing
     /// after the hypercall, such as the runstate area), checked for write access.
     fn translate(&self, gva: u64) -> Result<u64, MemFault>;
+    /// Whether the vCPU can take an interrupt now (RFLAGS.IF set and no
+    /// interrupt shadow), as at the hypercall: Xen's `hvm_interrupt_blocked`
+    /// for `SCHEDOP_block`/`SCHEDOP_poll`. Callers that cannot tell say yes.
+    fn interrupts_enabled(&self) -> bool {
+        true
+    }
 }
 
 /// The calling vCPU's memory as a handler uses it: bounds-checked, errno-returning.
@@ -47,6 +53,11 @@ impl<'a> Guest<'a> {
 
     pub fn width(&self) -> GuestWidth {
         self.width
+    }
+
+    /// See [`VcpuAccess::interrupts_enabled`].
+    pub fn interrupts_enabled(&self) -> bool {
+        self.v.interrupts_enabled()
     }
 
     pub fn is_compat(&self) -> bool {

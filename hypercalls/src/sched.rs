@@ -32,6 +32,8 @@ impl Domain {
                 if let Some((page, off)) = self.vcpu_info_loc(ctx.vcpu) {
                     page.write(off + crate::abi::shinfo::VI_UPCALL_MASK, &[0]);
                 }
+                // vcpu_block(): the VMM re-checks block_should_wake() before it sleeps.
+                self.set_block_irqs(ctx.vcpu, ctx.g.interrupts_enabled());
                 Ok(Outcome::Block { deadline_ns: None })
             }
             schedop::SHUTDOWN => {
@@ -177,8 +179,11 @@ impl Domain {
             t.pollers[v.idx()] = None;
             r
         };
-        // local_events_need_delivery()
-        if self.upcall_pending(v) {
+        // local_events_need_delivery(): for HVM an upcall the vCPU can take now, not
+        // evtchn_upcall_pending alone (hvm_local_events_need_delivery).
+        let irqs = ctx.g.interrupts_enabled();
+        self.set_block_irqs(v, irqs);
+        if self.events_need_delivery(v, irqs) {
             return done(&mut t, Ok(Outcome::Return(0)));
         }
         for &port in &list {
@@ -196,6 +201,11 @@ impl Domain {
         if nr == 1 {
             t.pollers[v.idx()] = Some(PollTarget::Port(list[0]));
         }
+        // The poll timer is set to an absolute time: one already past fires at once
+        // (poll_timer_fn), so the vCPU does not block.
+        if timeout != 0 && timeout <= self.now_ns() {
+            return done(&mut t, Ok(Outcome::Return(0)));
+        }
         let deadline_ns = (timeout != 0).then_some(timeout);
         Ok(Outcome::Poll {
             ports: list,
@@ -204,14 +214,16 @@ impl Domain {
     }
 
     /// For a vCPU blocked in [`Outcome::Poll`]: whether it should stop waiting now (a listed
-    /// port is pending, an upcall is pending, or a concurrent event already kicked it out of
-    /// the poller set). Check it after arming the wake-up, before sleeping.
+    /// port is pending, an upcall it can take now is pending (see
+    /// [`Domain::events_need_delivery`]: `evtchn_upcall_pending` alone is not enough), or a
+    /// concurrent event already kicked it out of the poller set). Check it after arming the
+    /// wake-up, before sleeping.
     pub fn poll_should_wake(&self, vcpu: VcpuId, ports: &[u32]) -> bool {
         let t = self.evtchn.lock();
         if t.pollers.get(vcpu.idx()).is_some_and(|p| p.is_none()) {
             return true;
         }
-        self.upcall_pending(vcpu) || ports.iter().any(|&p| self.port_pending(&t, p))
+        self.block_should_wake(vcpu) || ports.iter().any(|&p| self.port_pending(&t, p))
     }
 
     /// The vCPU left `SCHEDOP_poll` (woken or timed out): it is no longer a poller.

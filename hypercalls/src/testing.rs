@@ -21,6 +21,8 @@ pub struct FakeVcpu {
     pub id: u32,
     pub cpl: u8,
     pub width: GuestWidth,
+    /// RFLAGS.IF as the hypercall sees it (set by default).
+    pub irqs: std::sync::atomic::AtomicBool,
     pages: Mutex<BTreeMap<u64, Box<[u8]>>>,
     /// Read-only ranges that read as zeros without backing store (one zero page mapped many
     /// times over, as XTF's consoleio-write test builds).
@@ -33,6 +35,7 @@ impl FakeVcpu {
             id,
             cpl: 0,
             width,
+            irqs: std::sync::atomic::AtomicBool::new(true),
             pages: Mutex::new(BTreeMap::new()),
             zero: Mutex::new(Vec::new()),
         }
@@ -127,6 +130,10 @@ impl VcpuAccess for FakeVcpu {
 
     fn width(&self) -> GuestWidth {
         self.width
+    }
+
+    fn interrupts_enabled(&self) -> bool {
+        self.irqs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Identity: a mapped fake page's physical address is its virtual address.

@@ -491,13 +491,13 @@ fn sched_poll_blocks_on_valid_ports_and_wakes() {
         let e = env(w);
         let port = bind_ipi(&e, 0) as u32;
         e.v.poke(STRADDLE + 6, &port.to_le_bytes());
-        e.v.poke(BUF + 0x100, &poll_args(&e, STRADDLE + 6, 1, 5_000));
+        e.v.poke(BUF + 0x100, &poll_args(&e, STRADDLE + 6, 1, 5_000_000_000));
         let o = e.call(nr::SCHED_OP, &[3, BUF + 0x100]);
         assert_eq!(
             o,
             Outcome::Poll {
                 ports: vec![port],
-                deadline_ns: Some(5_000)
+                deadline_ns: Some(5_000_000_000)
             }
         );
         let v0 = e.d.vcpu(0).expect("vcpu");
@@ -513,6 +513,112 @@ fn sched_poll_blocks_on_valid_ports_and_wakes() {
         // Pending already: returns at once.
         assert_eq!(e.call(nr::SCHED_OP, &[3, BUF + 0x100]), Outcome::Return(0));
     }
+}
+
+/// Xen's HVM wake condition (`hvm_local_events_need_delivery`): `evtchn_upcall_pending`
+/// alone, with no callback configured, neither ends a poll at once nor wakes it.
+#[test]
+fn sched_poll_upcall_pending_without_callback_blocks_until_timeout() {
+    for w in both() {
+        let e = env(w);
+        // An event on another port sets evtchn_upcall_pending (nothing routes it).
+        let other = bind_ipi(&e, 0) as u32;
+        assert_eq!(port_op(&e, 4, other), 0);
+        let v0 = e.d.vcpu(0).expect("vcpu");
+        assert!(e.d.upcall_pending(v0));
+        // Port 5: valid (in the first bucket) but unbound.
+        let now = e.p.time.lock().system_time_ns;
+        e.v.poke(BUF + 0x200, &5u32.to_le_bytes());
+        e.v.poke(BUF, &poll_args(&e, BUF + 0x200, 1, now + 20_000_000));
+        assert_eq!(
+            e.call(nr::SCHED_OP, &[3, BUF]),
+            Outcome::Poll {
+                ports: vec![5],
+                deadline_ns: Some(now + 20_000_000)
+            }
+        );
+        assert!(
+            !e.d.poll_should_wake(v0, &[5]),
+            "upcall_pending alone woke the poller"
+        );
+        e.d.end_poll(v0);
+        // SCHEDOP_block likewise: nothing can be delivered.
+        assert_eq!(
+            e.call(nr::SCHED_OP, &[1, 0]),
+            Outcome::Block { deadline_ns: None }
+        );
+        assert!(!e.d.block_should_wake(v0));
+    }
+}
+
+/// With a route for the upcall (per-vCPU vector or callback vector) and interrupts on, a
+/// pending upcall ends the poll at once and wakes a blocked vCPU; with interrupts off it
+/// does neither.
+#[test]
+fn sched_poll_deliverable_upcall_wakes_only_with_interrupts_on() {
+    for via_param in [false, true] {
+        let e = env(GuestWidth::Bits64);
+        let v0 = e.d.vcpu(0).expect("vcpu");
+        if via_param {
+            e.d.set_param_internal(0, (2u64 << 56) | 0xf3)
+                .expect("param");
+        } else {
+            // HVMOP_set_evtchn_upcall_vector {vcpu 0, vector 0xf4}
+            e.v.poke(
+                BUF + 0x300,
+                &st(8, &[(0, &0u32.to_le_bytes()), (4, &[0xf4])]),
+            );
+            assert_eq!(e.ret(nr::HVM_OP, &[23, BUF + 0x300]), 0);
+        }
+        let other = bind_ipi(&e, 0) as u32;
+        assert_eq!(port_op(&e, 4, other), 0);
+        assert!(e.d.upcall_pending(v0));
+        let now = e.p.time.lock().system_time_ns;
+        e.v.poke(BUF + 0x200, &5u32.to_le_bytes());
+        e.v.poke(BUF, &poll_args(&e, BUF + 0x200, 1, now + 20_000_000));
+        assert_eq!(
+            e.call(nr::SCHED_OP, &[3, BUF]),
+            Outcome::Return(0),
+            "via {via_param}"
+        );
+        e.v.irqs.store(false, Ordering::Relaxed);
+        assert!(matches!(
+            e.call(nr::SCHED_OP, &[3, BUF]),
+            Outcome::Poll { .. }
+        ));
+        assert!(!e.d.poll_should_wake(v0, &[5]));
+        e.d.end_poll(v0);
+        e.call(nr::SCHED_OP, &[1, 0]);
+        assert!(!e.d.block_should_wake(v0), "interrupts off");
+        e.v.irqs.store(true, Ordering::Relaxed);
+        e.call(nr::SCHED_OP, &[1, 0]);
+        assert!(e.d.block_should_wake(v0), "interrupts on, via {via_param}");
+    }
+}
+
+/// The poll timeout is absolute: one already past returns at once and leaves no poller.
+#[test]
+fn sched_poll_timeout_in_past_returns_at_once() {
+    let e = env(GuestWidth::Bits64);
+    let port = bind_ipi(&e, 0) as u32;
+    let now = e.p.time.lock().system_time_ns;
+    e.v.poke(BUF + 0x200, &port.to_le_bytes());
+    for t in [1, now - 1, now] {
+        e.v.poke(BUF, &poll_args(&e, BUF + 0x200, 1, t));
+        assert_eq!(
+            e.call(nr::SCHED_OP, &[3, BUF]),
+            Outcome::Return(0),
+            "timeout {t}"
+        );
+    }
+    // No poller left registered: an event on the port kicks nobody.
+    e.p.take_calls();
+    port_op(&e, 4, port);
+    assert!(!e.p.take_calls().contains(&Call::Kick(0)));
+    // A bad port is still refused first.
+    e.v.poke(BUF + 0x200, &5000u32.to_le_bytes());
+    e.v.poke(BUF, &poll_args(&e, BUF + 0x200, 1, 1));
+    assert_eq!(e.ret(nr::SCHED_OP, &[3, BUF]), EINVAL);
 }
 
 #[test]
@@ -1014,11 +1120,8 @@ fn xsa221_poll_every_port_bounded_errnos() {
             e.v.poke(BUF + 0x200, &port.to_le_bytes());
             e.v.poke(BUF, &poll_args(&e, BUF + 0x200, 1, 1));
             match e.call(nr::SCHED_OP, &[3, BUF]) {
-                Outcome::Poll { ports, deadline_ns } => {
-                    assert!(port < 64, "port {port} polled though invalid");
-                    assert_eq!((ports, deadline_ns), (vec![port], Some(1)));
-                    e.d.end_poll(e.d.vcpu(0).expect("vcpu"));
-                }
+                // A valid port: the 1 ns timeout is long past, so the poll returns at once.
+                Outcome::Return(0) => assert!(port < 64, "port {port} polled though invalid"),
                 Outcome::Return(r) => assert_eq!(r, EINVAL, "port {port}"),
                 o => panic!("{o:?}"),
             }

@@ -126,6 +126,42 @@ impl Accounting {
         self.data.state = new;
     }
 
+    /// Like [`transition_with_steal`](Self::transition_with_steal) for a
+    /// vCPU whose preemptions are also tracked from host context-switch
+    /// records: `excluded_ns` is the runnable time those records charged
+    /// since the last sample (part of the `run_delay` growth, so not charged
+    /// twice). The rest of the growth is waiting for a CPU after a wake-up,
+    /// which the records do not see: it is charged to runnable out of the
+    /// interval that ends now when that is running or blocked (a vCPU
+    /// leaving `SCHEDOP_block` waited for its CPU at the end of the blocked
+    /// interval: Xen's split); what does not fit is carried to the next
+    /// sample instead of being dropped, so runnable keeps tracking
+    /// `run_delay`.
+    pub fn transition_with_steal_excluding(
+        &mut self,
+        new: State,
+        now_ns: u64,
+        run_delay_ns: u64,
+        excluded_ns: u64,
+    ) {
+        let delta = now_ns.saturating_sub(self.data.state_entry_time);
+        let (steal, base) = match self.last_run_delay {
+            Some(prev) => {
+                let grown = run_delay_ns.saturating_sub(prev);
+                let residual = grown.saturating_sub(excluded_ns);
+                let steal = match self.data.state {
+                    State::Running | State::Blocked => residual.min(delta),
+                    _ => 0,
+                };
+                (steal, run_delay_ns - (residual - steal))
+            }
+            None => (0, run_delay_ns),
+        };
+        self.last_run_delay = Some(base);
+        self.charge(delta, steal);
+        self.data.state = new;
+    }
+
     fn charge(&mut self, delta: u64, steal: u64) {
         let d = &mut self.data;
         let cur = d.state as usize;
@@ -224,6 +260,19 @@ mod tests {
         // Steal larger than the elapsed time is clamped.
         a.transition_with_steal(State::Running, 410, 9_000);
         assert_eq!(a.data().time, [270, 40, 100, 0]);
+        assert_eq!(a.data().offset(), 0);
+    }
+
+    #[test]
+    fn steal_excluding_records_charges_residual_and_carries_rest() {
+        let mut a = Accounting::new(State::Running, 0);
+        a.transition_with_steal_excluding(State::Running, 100, 1_000, 0);
+        // run_delay grew 500, records already charged 300: residual 200, but
+        // only 50 ns ran since the last transition; 150 carried.
+        a.transition_with_steal_excluding(State::Running, 150, 1_500, 300);
+        assert_eq!(a.data().time, [100, 50, 0, 0]);
+        a.transition_with_steal_excluding(State::Running, 1_150, 1_500, 0);
+        assert_eq!(a.data().time, [950, 200, 0, 0]);
         assert_eq!(a.data().offset(), 0);
     }
 

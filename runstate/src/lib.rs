@@ -19,11 +19,13 @@
 mod accounting;
 mod area;
 mod layout;
+mod sched;
 mod steal;
 
 pub use accounting::{Accounting, RunstateData, State};
 pub use area::{publish_to, RunstateArea, Sink};
 pub use layout::{Layout, VMASST_TYPE_RUNSTATE_UPDATE_FLAG, XEN_RUNSTATE_UPDATE};
+pub use sched::{Applied, HostSched, SchedStats, Switch};
 pub use steal::{parse_schedstat, RunDelay};
 
 /// Errors of accounting and publishing.

@@ -76,6 +76,14 @@ pub struct HostProbe {
     pub not_present_gate: Support,
 }
 
+/// `KVM_CAP_XEN_HVM` of this host's KVM (0: no in-kernel Xen support; -1: no /dev/kvm).
+pub fn xen_hvm_cap() -> i32 {
+    match kvm_ioctls::Kvm::new() {
+        Ok(k) => k.check_extension_int(kvm_ioctls::Cap::XenHvm),
+        Err(_) => -1,
+    }
+}
+
 impl HostProbe {
     /// Runs every probe (a few milliseconds).
     pub fn run() -> HostProbe {

@@ -49,6 +49,8 @@ pub struct VcpuHandle {
     entries: Arc<AtomicU64>,
     /// It has run guest code (vCPU 0 from the start, APs after INIT/SIPI).
     started: AtomicBool,
+    /// The vCPU thread's id (0 before it starts).
+    tid: std::sync::atomic::AtomicI32,
     ctl: Mutex<Ctl>,
     cv: Condvar,
 }
@@ -60,6 +62,7 @@ impl VcpuHandle {
             kicker,
             entries,
             started: AtomicBool::new(id == 0),
+            tid: std::sync::atomic::AtomicI32::new(0),
             ctl: Mutex::new(Ctl {
                 request: Request::Run,
                 reported: Reported::Created,
@@ -76,6 +79,17 @@ impl VcpuHandle {
     /// `KVM_RUN` entries so far.
     pub fn entries(&self) -> u64 {
         self.entries.load(Ordering::Relaxed)
+    }
+
+    /// The vCPU thread's id, once it runs.
+    pub fn tid(&self) -> Option<i32> {
+        let t = self.tid.load(Ordering::Acquire);
+        (t != 0).then_some(t)
+    }
+
+    /// The thread records its id (call on the vCPU thread).
+    pub fn set_tid(&self, tid: i32) {
+        self.tid.store(tid, Ordering::Release);
     }
 
     pub fn started(&self) -> bool {

@@ -112,6 +112,7 @@ impl Vcpu {
         let _e = span.enter();
         self.kvm.enable_sync_regs();
         self.handle.kicker().bind_current_thread();
+        self.handle.set_tid(crate::host::perf::gettid());
         // A vCPU spinning in KVM_RUN (a vmcall this KVM never completes) is
         // interrupted after STALL of CPU time; a halted one is never woken.
         let _stall_timer = CpuTimeKick::start(STALL)
@@ -119,6 +120,13 @@ impl Vcpu {
             .ok();
         // Steal time: run_delay of this thread, sampled every STEAL_SAMPLE_MS.
         self.run_delay = runstate::RunDelay::open().ok();
+        // Host schedule tracking: this thread's context-switch records.
+        if let Some(crate::xen::sched::Mechanism::Perf(mode)) = self.m.xen.sched_mechanism() {
+            match crate::host::perf::SwitchRing::open_current_thread(*mode) {
+                Ok(r) => self.m.xen.attach_switch_ring(self.id, r),
+                Err(e) => tracing::warn!(%e, "no context-switch records for this vCPU"),
+            }
+        }
         if self.id == 0 {
             self.m
                 .xen
@@ -149,6 +157,25 @@ impl Vcpu {
             thread_run_delay_ms = self.sample_run_delay().map(ms),
             "vCPU runstate at exit"
         );
+        if self
+            .m
+            .xen
+            .sched_mechanism()
+            .is_some_and(|m| m.name() != "sampling")
+        {
+            let r = self.m.xen.sched_report(self.id);
+            tracing::info!(
+                preempt_outs = r.stats.preempt_outs,
+                shown_runnable = r.stats.published_runnable,
+                halts = r.stats.halts,
+                self_inflicted = r.stats.self_inflicted,
+                stale = r.stats.stale,
+                lost = r.stats.lost,
+                deferred = r.deferred,
+                late = r.late,
+                "host schedule tracking at exit"
+            );
+        }
     }
 
     /// The VMM's request, looked at before every entry: `Some` state to go
@@ -201,7 +228,15 @@ impl Vcpu {
         let first_exit = !self.started;
         // Cheap on the exit path: one TSC read and a compare.
         let t = crate::xen::clock::host_tsc();
-        if t >= self.next_steal_sample {
+        if self.m.xen.take_needs_running(self.id) {
+            // Shown runnable while this thread was off its CPU: running again
+            // before the guest runs (KVM's kvm_xen_runstate_set_running).
+            self.m.xen.runstate_transition(
+                self.id,
+                runstate::State::Running,
+                self.sample_run_delay(),
+            );
+        } else if t >= self.next_steal_sample {
             self.next_steal_sample = t + u64::from(self.m.clock.tsc_khz) * STEAL_SAMPLE_MS;
             self.m.xen.runstate_transition(
                 self.id,

@@ -4,10 +4,12 @@
 //! guest until it powers off, crashes or times out. The only module that
 //! starts threads (through [`threads::spawn`]).
 
+pub mod bench_sched;
 pub mod console_input;
 pub mod event_loop;
 pub mod machine;
 pub mod runner;
+pub mod sched_monitor;
 pub mod threads;
 
 use std::sync::Arc;
@@ -56,6 +58,9 @@ pub struct VmConfig {
     pub stdin_console: bool,
     /// Register the test guest's bench ports (`testing::BenchPorts`).
     pub bench_ports: bool,
+    /// Host schedule tracking to use: `perf`, `perf-batched` or `sampling`
+    /// (`None`: the best the host permits; see `xen::sched::Mechanism`).
+    pub sched: Option<String>,
 }
 
 impl Default for VmConfig {
@@ -72,6 +77,7 @@ impl Default for VmConfig {
             name: "xenkvm-guest".into(),
             stdin_console: true,
             bench_ports: false,
+            sched: None,
         }
     }
 }
@@ -303,6 +309,9 @@ impl Vm {
             machine.xen.domain.set_cr_policy(p);
         }
         let events = Arc::new(EventLoop::new().map_err(|e| VmError::Os("event loop", e))?);
+        let mechanism = crate::xen::sched::Mechanism::choose(cfg.sched.as_deref());
+        tracing::info!(mechanism = mechanism.name(), %mechanism, "host schedule tracking");
+        machine.xen.set_sched_mechanism(mechanism);
         Ok(Vm {
             machine,
             _kvm: kvm,
@@ -381,6 +390,20 @@ impl Vm {
             Ok(h) => threads.push(h),
             Err(e) => return GuestExit::Error(format!("cannot start the event loop: {e}")),
         }
+        if let Some(crate::xen::sched::Mechanism::Perf(mode)) = machine.xen.sched_mechanism() {
+            let (m, mode) = (machine.clone(), *mode);
+            match threads::spawn(
+                ThreadKind::SchedMonitor,
+                "vcpu-sched".into(),
+                on_panic.clone(),
+                move || sched_monitor::run(m, mode),
+            ) {
+                Ok(h) => threads.push(h),
+                Err(e) => {
+                    tracing::warn!(%e, "no scheduler monitor: runnable is not shown promptly")
+                }
+            }
+        }
         for (id, kvm_vcpu) in vcpus.into_iter().enumerate() {
             let id = id as u32;
             if id == 0 {
@@ -448,6 +471,7 @@ impl Vm {
             let _ = rustix::io::write(stop, &1u64.to_ne_bytes());
         }
         events.stop();
+        machine.xen.sched_event_signal();
         for h in threads {
             let _ = h.join();
         }

@@ -16,6 +16,10 @@ pub enum ThreadKind {
     ConsoleInput,
     /// Signals, a closed stdout and the status line, across VM restarts.
     Supervisor,
+    /// The host-scheduler monitor (`vcpu-sched`): vCPU threads' context switches.
+    SchedMonitor,
+    /// `xenkvm bench sched`'s CPU hog.
+    BenchHog,
 }
 
 /// Called with a message when a thread panics.

@@ -17,6 +17,7 @@
 
 pub mod clock;
 pub mod hcall_page;
+pub mod sched;
 pub mod timers;
 
 use std::collections::HashMap;
@@ -153,11 +154,13 @@ impl Xen {
                     Mutex::new(VcpuRunstate {
                         acct: Accounting::new(st, clock.system_time()),
                         area: None,
+                        host: sched::HostTrack::default(),
                     })
                 })
                 .collect(),
             update_flag: OnceLock::new(),
             starts: crate::vcpu::updown::StartSlots::new(cfg.vcpus),
+            sched: sched::SchedShared::new(cfg.vcpus).map_err(|e| format!("eventfd: {e}"))?,
         });
         let dcfg = DomainConfig {
             domid: cfg.domid,
@@ -417,7 +420,7 @@ impl Xen {
         };
         match ports {
             Some(p) => self.domain.poll_should_wake(id, p),
-            None => self.domain.upcall_pending(id),
+            None => self.domain.block_should_wake(id),
         }
     }
 
@@ -527,6 +530,10 @@ impl VcpuAccess for GuestVcpu<'_> {
         let p = x86::Paging::from_sregs(&self.ctx.sregs);
         x86::translate(self.mem, &p, self.linear(gva), x86::Access::WRITE)
             .map_err(|f| MemFault { gva: f.linear })
+    }
+    fn interrupts_enabled(&self) -> bool {
+        // RFLAGS.IF at the hypercall (a `sti` shadow is not visible here).
+        self.ctx.regs.rflags & (1 << 9) != 0
     }
 }
 
@@ -691,21 +698,25 @@ pub struct XenPlatform {
     backend_events: [EventFd; 2],
     caps: XenCaps,
     /// One per vCPU. Leaf locks: taken by the vCPU thread at schedule in/out
-    /// and by the runstate hypercalls, never while taking another lock.
+    /// and by the runstate hypercalls, never while taking another lock; the
+    /// scheduler monitor only try-locks them (see [`sched`]).
     runstates: Vec<Mutex<VcpuRunstate>>,
     /// The domain, for its `vm_assist` state when publishing.
     update_flag: OnceLock<Weak<Domain>>,
     /// Register states from `VCPUOP_initialise` waiting for `VCPUOP_up`
     /// (see [`crate::vcpu::updown`]).
     starts: crate::vcpu::updown::StartSlots,
+    /// Host schedule tracking shared with the monitor thread (lock-free).
+    sched: sched::SchedShared,
 }
 
-/// A vCPU's runstate: the accounting (pure arithmetic) and where it is
+/// A vCPU's runstate: the accounting (pure arithmetic), where it is
 /// published in the guest (one gpc cache, even when the area straddles a
-/// page or a region).
+/// page or a region), and the host-schedule feed of its thread.
 struct VcpuRunstate {
     acct: Accounting,
     area: Option<RunstateArea>,
+    host: sched::HostTrack,
 }
 
 impl XenPlatform {
@@ -724,19 +735,38 @@ impl XenPlatform {
         }
     }
 
-    /// Schedule in/out of `vcpu`: account the time since the last change
-    /// (with steal time from `run_delay` when given) and publish.
+    /// Schedule in/out of `vcpu`, called on `vcpu`'s own thread: first the
+    /// host's context-switch records of the thread (if tracked), then the
+    /// time since the last change (with steal time from `run_delay` when
+    /// given, less what the records already charged), then publish.
     pub fn runstate_transition(&self, vcpu: u32, state: State, run_delay: Option<u64>) {
         let Some(m) = self.runstates.get(vcpu as usize) else {
             return;
         };
-        let now = self.clock.system_time();
         let mut r = m.lock();
+        let tracked = r.host.ring.is_some();
+        if tracked {
+            self.sched_apply(vcpu, &mut r, None);
+        }
+        let now = self.clock.system_time();
+        if tracked {
+            // This thread is on a CPU: any interval a switch-out opened is over.
+            let VcpuRunstate { acct, host, .. } = &mut *r;
+            host.merge.close_lost(acct, now);
+        }
         match run_delay {
+            Some(d) if tracked => {
+                let ex = r.host.merge.take_unsampled_runnable();
+                r.acct.transition_with_steal_excluding(state, now, d, ex)
+            }
             Some(d) => r.acct.transition_with_steal(state, now, d),
             None => r.acct.transition(state, now),
         }
         self.publish(&r);
+        if tracked && self.sched_take_pending(vcpu) {
+            // The monitor found the lock taken meanwhile: its records are ours.
+            self.sched_apply(vcpu, &mut r, None);
+        }
     }
 }
 

@@ -1538,7 +1538,7 @@ static int port_pending(u32 port)
 
 /* ------------------------------------------------------------ the AP */
 
-enum { AP_NONE, AP_COUNT, AP_UPCALL_VECTOR, AP_BIND_IPI, AP_POLL };
+enum { AP_NONE, AP_COUNT, AP_UPCALL_VECTOR, AP_BIND_IPI, AP_POLL, AP_WATCH };
 
 static volatile struct {
     u32 started;   /* ap_main ran */
@@ -1589,6 +1589,12 @@ static void ap_run(void)
         ap.poll_ret_tsc = rdtsc_ordered();
         ap.out = port_pending(port);
         port_clear(port);
+        break;
+    }
+    case AP_WATCH: {
+        void sched_watch(u64 ns);
+        sched_watch(ap.arg);
+        ap.rc = 0;
         break;
     }
     default:
@@ -2651,6 +2657,194 @@ static void __attribute__((noreturn)) bench(void)
     }
 }
 
+/* -------------------------------------------------------------- schedwatch */
+
+/* Issue 16: vCPU 0 spins (counting loop iterations, its throughput) while vCPU 1 watches
+ * vCPU 0's runstate area. The VMM's benchmark preempts vCPU 0's host thread with a hog.
+ * vCPU 1 times each change it sees against the area's own state_entry_time (the host's
+ * switch-out or switch-in time, in Xen system time): how long after the switch it became
+ * visible. vCPU 0 counts the times it read its own area saying runnable while it ran. */
+#define SW_MAX 8192
+static struct vcpu_runstate_info sw_area __attribute__((aligned(64)));
+static u32 sw_runnable_lat[SW_MAX], sw_running_lat[SW_MAX];
+static volatile u32 sw_runnable_n, sw_running_n, sw_done;
+static volatile u64 sw_self_runnable, sw_torn, sw_loops;
+
+void sched_watch(u64 ns)
+{
+    const volatile struct vcpu_runstate_info *a = &sw_area;
+    struct vcpu_runstate_info r;
+    u64 last_entry = 0;
+    u64 end_tsc = rdtsc_ordered() + ns / 1000 * (xen.tsc_khz ? xen.tsc_khz : 3000000) / 1000;
+    u32 last_state = RUNSTATE_running;
+    for (;;) {
+        /* Spin on the one word that changes with every publish (cheap on a host that
+         * emulates ring-0 code), then read the whole area. */
+        while (a->state_entry_time == last_entry && rdtsc_ordered() < end_tsc && !sw_done) {
+            sw_loops++;
+            cpu_relax();
+        }
+        u64 tsc = rdtsc_ordered();
+        if (tsc >= end_tsc || sw_done)
+            break;
+        if (!runstate_read(a, &r)) {
+            sw_torn++;
+            continue;
+        }
+        u64 now = tsc_to_xen_ns(tsc);
+        if (r.state_entry_time != last_entry) {
+            u64 lat = now > r.state_entry_time ? now - r.state_entry_time : 0;
+            if (lat > 0xffffffffull)
+                lat = 0xffffffffull;
+            if (r.state == RUNSTATE_runnable && sw_runnable_n < SW_MAX)
+                sw_runnable_lat[sw_runnable_n++] = (u32)lat;
+            else if (r.state == RUNSTATE_running && last_state == RUNSTATE_runnable && sw_running_n < SW_MAX)
+                sw_running_lat[sw_running_n++] = (u32)lat;
+            last_entry = r.state_entry_time;
+            last_state = r.state;
+        }
+    }
+    sw_done = 1;
+}
+
+static void sort_u32(u32 *v, u32 n)
+{
+    for (u32 gap = n / 2; gap; gap /= 2)
+        for (u32 i = gap; i < n; i++)
+            for (u32 j = i; j >= gap && v[j - gap] > v[j]; j -= gap) {
+                u32 t = v[j];
+                v[j] = v[j - gap];
+                v[j - gap] = t;
+            }
+}
+
+static u32 pct(const u32 *v, u32 n, u32 p) { return n ? v[(u64)(n - 1) * p / 100] : 0; }
+
+static void __attribute__((noreturn)) schedwatch(const char *cmdline)
+{
+    u32 secs = 0;
+    const char *p = strstr_(cmdline, "schedwatch=");
+    if (p)
+        for (p += 11; *p >= '0' && *p <= '9'; p++)
+            secs = secs * 10 + (u32)(*p - '0');
+    if (!secs)
+        secs = 5;
+    struct xen_add_to_physmap x;
+    long rc;
+    if (!xen.shinfo && (rc = map_shared_info(&x))) {
+        say("schedwatch: cannot map shared_info (rc %ld)", rc);
+        shutdown(SHUTDOWN_crash);
+    }
+    check_smp();
+    if (smp != SMP_UP) {
+        say("schedwatch: no vCPU 1 (%s)", detail);
+        shutdown(SHUTDOWN_crash);
+    }
+    HYPERVISOR_vm_assist(VMASST_CMD_enable, VMASST_TYPE_runstate_update_flag);
+    if ((rc = register_runstate(&sw_area))) {
+        say("schedwatch: register_runstate_memory_area rc %ld", rc);
+        shutdown(SHUTDOWN_crash);
+    }
+    struct vcpu_runstate_info r0, r1;
+    runstate_read(&sw_area, &r0);
+    say("schedwatch: vCPU 0 spins, vCPU 1 watches its area for %u s", secs);
+    u64 t0 = rdtsc_ordered();
+    ap_post(AP_WATCH, (u64)secs * 1000000000ull);
+    u64 iters = 0;
+    while (!sw_done) {
+        for (int i = 0; i < 1000; i++) {
+            iters++;
+            asm volatile("" ::: "memory");
+        }
+        if (sw_area.state == RUNSTATE_runnable)
+            sw_self_runnable++;
+    }
+    u64 el = cyc_ns(rdtsc_ordered() - t0);
+    ap_wait(2000);
+    runstate_read(&sw_area, &r1);
+    sort_u32(sw_runnable_lat, sw_runnable_n);
+    sort_u32(sw_running_lat, sw_running_n);
+    say("schedwatch-result secs=%u iters_per_ms=%lu watch_loops_per_ms=%lu self_runnable=%lu torn=%lu "
+        "runnable_seen=%u runnable_p50_ns=%u runnable_p99_ns=%u runnable_max_ns=%u "
+        "running_seen=%u running_p50_ns=%u running_p99_ns=%u "
+        "d_running_ns=%lu d_runnable_ns=%lu d_blocked_ns=%lu invariant_ok=%d",
+        secs, el ? iters * 1000000 / el : 0, el ? sw_loops * 1000000 / el : 0, sw_self_runnable, sw_torn,
+        sw_runnable_n, pct(sw_runnable_lat, sw_runnable_n, 50), pct(sw_runnable_lat, sw_runnable_n, 99),
+        pct(sw_runnable_lat, sw_runnable_n, 100), sw_running_n, pct(sw_running_lat, sw_running_n, 50),
+        pct(sw_running_lat, sw_running_n, 99), r1.time[0] - r0.time[0], r1.time[1] - r0.time[1],
+        r1.time[2] - r0.time[2], rs_offset(&r0) == rs_offset(&r1));
+    say_raw("Test result: SUCCESS");
+    shutdown(SHUTDOWN_poweroff);
+}
+
+/* ------------------------------------------------------------------ rscheck */
+
+/* Issue 16, acceptance 2: (a) vCPU 1 idles in `sti; hlt` (halted in the in-kernel irqchip)
+ * for 300 ms while vCPU 0 reads its area: blocked should grow, not running; (b) with
+ * evtchn_upcall_pending set and no callback configured, SCHEDOP_poll on a valid unbound
+ * port with a 20 ms timeout blocks for 20 ms and adds that much blocked. */
+static struct vcpu_runstate_info rc_area[2] __attribute__((aligned(64)));
+
+/* Time in state `s` up to `now`: the area's counter plus the current state's time since
+ * its entry (Xen updates time[] only at a change of state). */
+static u64 rs_upto(const struct vcpu_runstate_info *r, int s, u64 now)
+{
+    return r->time[s] + (r->state == s && now > r->state_entry_time ? now - r->state_entry_time : 0);
+}
+
+static void __attribute__((noreturn)) rscheck(void)
+{
+    struct xen_add_to_physmap x;
+    long rc;
+    if (!xen.shinfo && (rc = map_shared_info(&x))) {
+        say("rscheck: cannot map shared_info (rc %ld)", rc);
+        shutdown(SHUTDOWN_crash);
+    }
+    check_smp();
+    if (smp != SMP_UP) {
+        say("rscheck: no vCPU 1 (%s)", detail);
+        shutdown(SHUTDOWN_crash);
+    }
+    HYPERVISOR_vm_assist(VMASST_CMD_enable, VMASST_TYPE_runstate_update_flag);
+    for (u32 v = 0; v < 2; v++) {
+        struct vcpu_register_runstate_memory_area arg = { .addr = (u64)&rc_area[v] };
+        if ((rc = HYPERVISOR_vcpu_op(VCPUOP_register_runstate_memory_area, v, &arg))) {
+            say("rscheck: register_runstate_memory_area(vcpu %u) rc %ld", v, rc);
+            shutdown(SHUTDOWN_crash);
+        }
+    }
+    /* (a) vCPU 1 has nothing to do: it halts. Give it 10 ms to get there. */
+    for (u64 end = deadline_ms(10); rdtsc_ordered() < end;)
+        cpu_relax();
+    struct vcpu_runstate_info a0, a1, p0, p1;
+    u64 w0 = 0, w1 = 0, t0 = 0, t1 = 0;
+    runstate_read(&rc_area[1], &a0);
+    xen_time(&w0);
+    for (u64 end = deadline_ms(300); rdtsc_ordered() < end;)
+        cpu_relax();
+    runstate_read(&rc_area[1], &a1);
+    xen_time(&w1);
+    /* (b) an event on our own IPI port sets evtchn_upcall_pending; nothing is routed. */
+    u32 ipi = 0, unbound = 50;
+    if ((rc = bind_ipi(0, &ipi)) || (rc = evtchn_send(ipi))) {
+        say("rscheck: cannot raise an event (rc %ld)", rc);
+        shutdown(SHUTDOWN_crash);
+    }
+    int pending = xen.shinfo->vcpu_info[0].evtchn_upcall_pending;
+    runstate_read(&rc_area[0], &p0);
+    xen_time(&t0);
+    long prc = poll_ns(unbound, 20000000);
+    xen_time(&t1);
+    runstate_read(&rc_area[0], &p1);
+    say("rscheck-result idle_window_ns=%lu idle_blocked_ns=%lu idle_running_ns=%lu idle_runnable_ns=%lu "
+        "idle_state=%d upcall_pending=%d poll_rc=%ld poll_ns=%lu poll_blocked_ns=%lu invariant_ok=%d",
+        w1 - w0, rs_upto(&a1, 2, w1) - rs_upto(&a0, 2, w0), rs_upto(&a1, 0, w1) - rs_upto(&a0, 0, w0),
+        rs_upto(&a1, 1, w1) - rs_upto(&a0, 1, w0), a1.state, pending, prc, t1 - t0,
+        rs_upto(&p1, 2, t1) - rs_upto(&p0, 2, t0), rs_offset(&a0) == rs_offset(&a1) && rs_offset(&p0) == rs_offset(&p1));
+    say_raw("Test result: SUCCESS");
+    shutdown(SHUTDOWN_poweroff);
+}
+
 /* -------------------------------------------------------------------- idle */
 
 static void __attribute__((noreturn)) idle(void)
@@ -2703,6 +2897,10 @@ void __attribute__((noreturn)) main(u32 start_info_paddr)
         say_raw("Test result: FAILURE");
         triple_fault();
     }
+    if (strstr_(cmdline, "schedwatch"))
+        schedwatch(cmdline);
+    if (strstr_(cmdline, "rscheck"))
+        rscheck();
     if (strstr_(cmdline, "bench"))
         bench();
     if (strstr_(cmdline, "idle"))

@@ -1,0 +1,71 @@
+//! Threads and CPUs of this process, for the schedule benchmark: pinning a
+//! thread to a CPU, finding a thread by name, its scheduler counters.
+
+use std::io;
+
+/// Pins thread `tid` of this process to `cpu`.
+pub fn pin(tid: i32, cpu: usize) -> io::Result<()> {
+    pin_set(tid, &[cpu])
+}
+
+/// Lets thread `tid` run on every CPU again.
+pub fn unpin(tid: i32) -> io::Result<()> {
+    let all: Vec<usize> = (0..online_cpus()).collect();
+    pin_set(tid, &all)
+}
+
+fn pin_set(tid: i32, cpus: &[usize]) -> io::Result<()> {
+    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: `cpu` was checked against the set's capacity above.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: a valid set of the size given; tid is a thread id (the kernel checks it).
+    if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// CPUs this process may run on.
+pub fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `run_delay` (ns waiting for a CPU) of thread `tid` of this process.
+pub fn run_delay(tid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    s.split_ascii_whitespace().nth(1)?.parse().ok()
+}
+
+/// `nonvoluntary_ctxt_switches` (preemptions) of thread `tid` of this process.
+pub fn preemptions(tid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The host's clocksource (`/sys/devices/system/clocksource/clocksource0/current_clocksource`).
+pub fn clocksource() -> String {
+    std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Makes the calling thread `SCHED_FIFO` at `prio` (needs CAP_SYS_NICE or an
+/// RLIMIT_RTPRIO allowance); the error says why not.
+pub fn set_fifo(prio: i32) -> io::Result<()> {
+    let p = libc::sched_param {
+        sched_priority: prio,
+    };
+    // SAFETY: pid 0 = the calling thread; a valid sched_param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! The scheduler monitor thread (`vcpu-sched`): waits on the vCPU threads'
+//! perf rings and applies their context-switch records
+//! ([`crate::xen::sched`]): a preempted vCPU is published runnable and
+//! kicked, so that it republishes running before it next enters the guest.
+//!
+//! Woken at each switch-out of a vCPU thread (privileged perf), never at a
+//! switch-in (a wake-up there would preempt the vCPU it reports on, and
+//! loop); unprivileged, it drains the rings every 1 ms while a vCPU runs
+//! and every 20 ms while all are halted.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::host::perf::{self, PerfMode};
+use crate::vmm::machine::Machine;
+use crate::xen::sched::MonitorView;
+
+const CTL: u64 = u64::MAX;
+
+/// The thread body.
+pub fn run(m: Arc<Machine>, mode: PerfMode) {
+    let ep = match Epoll::new() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(%e, "scheduler monitor: no epoll; runstate falls back to sampling");
+            return;
+        }
+    };
+    if let Err(e) = ep.ctl(
+        ControlOperation::Add,
+        m.xen.sched_event_fd(),
+        EpollEvent::new(EventSet::IN, CTL),
+    ) {
+        tracing::warn!(%e, "scheduler monitor: cannot watch its control eventfd");
+        return;
+    }
+    // Woken at a switch-out, the monitor must run at once, not at the next
+    // tick: with every CPU busy a SCHED_OTHER waker often waits a slice.
+    // It runs for microseconds per wake-up and never spins.
+    match crate::host::cpu::set_fifo(1) {
+        Ok(()) => tracing::debug!("scheduler monitor runs SCHED_FIFO 1"),
+        Err(e) => {
+            tracing::info!(%e, "scheduler monitor stays SCHED_OTHER (runnable shows later under load)")
+        }
+    }
+    // The monitor's own switch-ins, to tell its own preemptions of vCPUs
+    // apart (never woken by them: a batched ring).
+    let mut own = perf::SwitchRing::open_current_thread(PerfMode::Batched)
+        .map_err(|e| tracing::info!(%e, "scheduler monitor: no ring of its own"))
+        .ok();
+    let mut ins: Vec<(u32, u64)> = Vec::new();
+    let mut known: HashMap<u32, std::os::fd::RawFd> = HashMap::new();
+    let mut events = vec![EpollEvent::default(); 64];
+    let mut halted_all = false;
+    loop {
+        let timeout = match mode {
+            PerfMode::WakeOnSwitchOut => -1,
+            PerfMode::Batched if halted_all => 20,
+            PerfMode::Batched => 1,
+        };
+        let n = match ep.wait(timeout, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!(%e, "scheduler monitor: epoll_wait failed");
+                return;
+            }
+        };
+        if let Some(r) = own.as_mut() {
+            // Keep the last few: a vCPU's switch-out is applied at most a
+            // few wake-ups after the monitor's switch-in that caused it.
+            r.drain(|rec| {
+                if let perf::Record::Switch {
+                    kind: perf::SwitchKind::In,
+                    time_ns,
+                    cpu,
+                } = rec
+                {
+                    ins.push((cpu, time_ns));
+                }
+            });
+            if ins.len() > 64 {
+                ins.drain(..ins.len() - 64);
+            }
+        }
+        let view = MonitorView { switch_ins: &ins };
+        let mut ready: Vec<u32> = Vec::new();
+        for ev in &events[..n] {
+            if ev.data() == CTL {
+                m.xen.sched_event_read();
+                if m.stopping() {
+                    return;
+                }
+                for (v, fd) in m.xen.switch_ring_fds() {
+                    if known.insert(v, fd).is_none() && mode == PerfMode::WakeOnSwitchOut {
+                        if let Err(e) = ep.ctl(
+                            ControlOperation::Add,
+                            fd,
+                            EpollEvent::new(EventSet::IN, u64::from(v)),
+                        ) {
+                            tracing::warn!(%e, vcpu = v, "scheduler monitor: cannot watch a vCPU");
+                        }
+                    }
+                }
+                continue;
+            }
+            let v = ev.data() as u32;
+            if ev.event_set().contains(EventSet::HANG_UP) {
+                // The vCPU thread is gone.
+                if let Some(fd) = known.remove(&v) {
+                    let _ = ep.ctl(ControlOperation::Delete, fd, *ev);
+                }
+                continue;
+            }
+            ready.push(v);
+        }
+        if mode == PerfMode::Batched {
+            ready = known.keys().copied().collect();
+        }
+        if m.stopping() {
+            return;
+        }
+        let mut halted = 0;
+        for v in &ready {
+            let o = m.xen.sched_poll(*v, view);
+            if o.kick {
+                if let Some(h) = m.vcpus.get(*v as usize) {
+                    h.kicker().kick();
+                }
+            }
+            halted += usize::from(o.halted);
+        }
+        halted_all = !ready.is_empty() && halted == ready.len();
+    }
+}
