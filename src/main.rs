@@ -452,7 +452,7 @@ fn main() -> ExitCode {
         }) => {
             use xenkvm::vmm::bench_sched as b;
             let mechs = if mechanism.is_empty() {
-                let best = xenkvm::xen::sched::Mechanism::choose(None)
+                let best = xenkvm::xen::sched::Mechanism::choose(Some("best"))
                     .name()
                     .to_string();
                 if best == "sampling" {
@@ -512,9 +512,10 @@ fn probe() -> ExitCode {
     print!("{p}");
     print!("{}", xenkvm::kvm::probe::HostMeasures::run());
     println!(
-        "{:<30} {}",
+        "{:<30} {} (available: {})",
         "host schedule tracking",
-        xenkvm::xen::sched::Mechanism::choose(None)
+        xenkvm::xen::sched::Mechanism::choose(None),
+        xenkvm::xen::sched::Mechanism::choose(Some("best"))
     );
     ExitCode::SUCCESS
 }

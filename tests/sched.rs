@@ -96,7 +96,7 @@ fn sched_idle_vcpu_halted_in_kernel_accumulates_blocked() {
     if !common::kvm_available("sched_idle_vcpu_halted_in_kernel_accumulates_blocked") {
         return;
     }
-    let m = Mechanism::choose(None);
+    let m = Mechanism::choose(Some("best"));
     if !matches!(m, Mechanism::Perf(_)) {
         eprintln!("SKIPPED: no context-switch records here ({m})");
         return;
@@ -121,7 +121,7 @@ fn sched_hog_beside_vcpu0_preemption_shown_never_to_itself() {
         return;
     }
     let _one = SERIAL.lock();
-    for mech in [Mechanism::choose(None).name(), "sampling"] {
+    for mech in [Mechanism::choose(Some("best")).name(), "sampling"] {
         let r = bench_sched::run(&SchedBench {
             secs: 2,
             hog_on_ms: 20,

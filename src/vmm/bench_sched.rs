@@ -295,7 +295,7 @@ impl HostFacts {
                         .and_then(|v| v.split_ascii_whitespace().nth(1)?.parse().ok())
                 })
                 .unwrap_or(u32::MAX),
-            best_mechanism: crate::xen::sched::Mechanism::choose(None).to_string(),
+            best_mechanism: crate::xen::sched::Mechanism::choose(Some("best")).to_string(),
         }
     }
 }
