@@ -82,7 +82,7 @@ fn boot_with(cmdline: &str, extra: &[&str], mut on_line: impl FnMut(&str, &mut S
         .arg(&kernel)
         .arg("--initrd")
         .arg(&initrd)
-        .args(["--memory", "512", "--timeout", "1500"])
+        .args(["--memory", "512", "--timeout", "2700"])
         .args(["--cmdline", cmdline])
         .args(extra)
         .env("XENKVM_LOG", "info")
