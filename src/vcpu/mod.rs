@@ -629,17 +629,14 @@ impl Vcpu {
         let idt = sregs.idt;
         let now = crate::xen::clock::host_tsc();
         let changed = idt.base != trap.idt_base || idt.limit != trap.idt_limit;
-        // The hot path: nothing to look at between re-reads (the gate scan
-        // below reads the whole IDT).
-        if !changed && now < self.ud_next_check {
-            return;
-        }
         let mut new = trap;
-        self.ud_next_check = now + u64::from(self.m.clock.tsc_khz) * STEAL_SAMPLE_MS;
-        new.idt_base = idt.base;
-        new.idt_limit = idt.limit;
-        new.handler = ud_handler(&self.m.mem, &sregs).unwrap_or(0);
-        new.idt_gpa = crate::arch::x86::gates::idt_gpa(&self.m.mem, &sregs);
+        if changed || now >= self.ud_next_check {
+            self.ud_next_check = now + u64::from(self.m.clock.tsc_khz) * STEAL_SAMPLE_MS;
+            new.idt_base = idt.base;
+            new.idt_limit = idt.limit;
+            new.handler = ud_handler(&self.m.mem, &sregs).unwrap_or(0);
+            new.idt_gpa = crate::arch::x86::gates::idt_gpa(&self.m.mem, &sregs);
+        }
         let (bp, df) = new
             .idt_gpa
             .map(|gpa| crate::arch::x86::gates::traps_wanted_at(&self.m.mem, gpa))
