@@ -135,7 +135,19 @@ fn line_with<'a>(out: &'a str, prefix: &str) -> Option<&'a str> {
 /// Checks acceptance 1 of the Linux issue on one boot's output.
 fn check_xen_guest(b: &Boot) {
     let out = &b.stdout;
-    let ctx = || format!("\n--- stderr ---\n{}", b.stderr);
+    // CI shows only the end of a failed test's output: the end of xenkvm's
+    // log and the guest console's last lines (a panic, an oops) go last.
+    let ctx = || {
+        let tail = |s: &str, n: usize| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        };
+        format!(
+            "\n--- xenkvm log (end) ---\n{}\n--- guest console (end) ---\n{}",
+            tail(&b.stderr, 12),
+            tail(out, 40)
+        )
+    };
     assert!(out.contains("GUEST-UP "), "never reached GUEST-UP{}", ctx());
     assert!(
         line_with(out, "GUEST-SYS-HYPERVISOR").is_some_and(|l| l.ends_with(" xen")),

@@ -21,7 +21,7 @@ pub mod sched;
 pub mod timers;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -69,9 +69,79 @@ pub struct XenCaps {
     pub vcpus: Arc<dyn VcpuWake>,
 }
 
-/// How long an upcall may stay pending before it is sent again (an upcall
-/// sent before the guest's LAPIC or vector was ready is otherwise lost).
+/// How long an upcall may stay pending before it is sent again, while the
+/// target vCPU has not yet taken one since it started (see
+/// [`UpcallNet`]).
 const UPCALL_RECHECK: Duration = Duration::from_millis(10);
+
+/// The safety net for upcalls KVM drops. Xen re-delivers a pending upcall
+/// when the guest sets its vector or callback (done in `hypercalls`),
+/// unmasks a port (idem), and, like KVM's own Xen support, when the guest
+/// software-enables its local APIC: an MSI to a software-disabled LAPIC is
+/// dropped, and Linux registers an AP's upcall vector before it enables
+/// that AP's LAPIC. That enable is handled inside KVM (no exit here), so
+/// until a vCPU has shown that it takes upcalls (one was raised and the
+/// guest cleared `evtchn_upcall_pending`), a still-pending upcall is sent
+/// again every [`UPCALL_RECHECK`]. After that the LAPIC's IRR holds every
+/// upcall until the guest takes it, and nothing is re-sent: re-sending to
+/// a running vCPU only forces an exit (on a shadow-paging host, a refill
+/// of the pages it touches next). A vCPU that goes down and up again is on
+/// the net again; so is vCPU 0 while the callback is a GSI pulse.
+struct UpcallNet {
+    /// Per vCPU: an upcall was raised since it started.
+    raised: Vec<AtomicBool>,
+    /// Per vCPU: the guest took an upcall since it started.
+    proven: Vec<AtomicBool>,
+}
+
+impl UpcallNet {
+    fn new(vcpus: u32) -> Self {
+        let flags = || (0..vcpus).map(|_| AtomicBool::new(false)).collect();
+        UpcallNet {
+            raised: flags(),
+            proven: flags(),
+        }
+    }
+
+    /// `vcpu` (re)started: its LAPIC starts software-disabled.
+    fn reset(&self, vcpu: u32) {
+        if let (Some(r), Some(p)) = (
+            self.raised.get(vcpu as usize),
+            self.proven.get(vcpu as usize),
+        ) {
+            r.store(false, Ordering::Relaxed);
+            p.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// An upcall was raised to `vcpu`: whether the re-check must watch it.
+    fn raised(&self, vcpu: u32) -> bool {
+        let i = vcpu as usize;
+        if let Some(r) = self.raised.get(i) {
+            r.store(true, Ordering::Relaxed);
+        }
+        !self
+            .proven
+            .get(i)
+            .is_some_and(|p| p.load(Ordering::Relaxed))
+    }
+
+    /// At the re-check: `pending` is `evtchn_upcall_pending` now. Returns
+    /// whether to send the upcall again.
+    fn check(&self, vcpu: u32, pending: bool, gsi_route: bool) -> bool {
+        let i = vcpu as usize;
+        let (Some(r), Some(p)) = (self.raised.get(i), self.proven.get(i)) else {
+            return false;
+        };
+        if !pending {
+            if r.load(Ordering::Relaxed) {
+                p.store(true, Ordering::Relaxed);
+            }
+            return false;
+        }
+        gsi_route || !p.load(Ordering::Relaxed)
+    }
+}
 
 /// HVM params the VMM sets (hvm/params.h, from xen-abi).
 const HVM_PARAM_STORE_PFN: u32 = xen_abi::HVM_PARAM_STORE_PFN;
@@ -161,6 +231,7 @@ impl Xen {
             update_flag: OnceLock::new(),
             starts: crate::vcpu::updown::StartSlots::new(cfg.vcpus),
             sched: sched::SchedShared::new(cfg.vcpus).map_err(|e| format!("eventfd: {e}"))?,
+            upcall_net: UpcallNet::new(cfg.vcpus),
         });
         let dcfg = DomainConfig {
             domid: cfg.domid,
@@ -275,6 +346,13 @@ impl Xen {
         }
     }
 
+    /// vCPU timers fired so far and the sum of the host's lateness in
+    /// firing them (ns from the deadline to the event loop seeing the
+    /// timerfd); see [`XenTimers::vcpu_lateness`].
+    pub fn timer_lateness(&self) -> (u64, u64) {
+        self.platform.timers.vcpu_lateness()
+    }
+
     /// True if `gpa` (the MSR value) names a RAM page the hypercall page can go to.
     pub fn hypercall_page_ok(&self, gpa: u64) -> bool {
         // Bits 11:0 select the page index; we have one page.
@@ -339,21 +417,22 @@ impl Xen {
         }
     }
 
-    /// Re-sends the upcall to every started vCPU whose `upcall_pending` is
-    /// still set. Delivery happens on the 0->1 transition of that flag; if
-    /// that interrupt was lost (sent before the guest set up its vector, or
-    /// while its local APIC was disabled) the flag stays set and no later
-    /// event would be delivered. Xen and KVM's Xen support treat the callback
-    /// as level-triggered in effect. Runs [`UPCALL_RECHECK`] after an upcall
-    /// was raised (never while nothing is pending, so an idle guest costs no
-    /// wake-ups); a duplicate is harmless: the guest finds nothing to do.
+    /// The upcall re-check (see [`UpcallNet`]): re-sends the upcall to
+    /// every started vCPU still on the net whose `evtchn_upcall_pending` is
+    /// set, and takes off the net those that cleared it. Runs
+    /// [`UPCALL_RECHECK`] after an upcall to a vCPU on the net (never while
+    /// nothing is pending, so an idle guest costs no wake-ups); a duplicate
+    /// is harmless: the guest finds nothing to do.
     pub fn reassert_upcalls(&self, started: &dyn Fn(u32) -> bool) {
+        let gsi = matches!(self.domain.callback_via(), hypercalls::CallbackVia::Gsi(_));
         for i in 0..self.platform.caps_vcpus() {
             if !started(i) {
                 continue;
             }
             if let Some(id) = self.domain.vcpu(i) {
-                if self.domain.upcall_pending(id) {
+                let pending = self.domain.upcall_pending(id);
+                let gsi_route = gsi && i == 0 && self.domain.upcall_vector(id).is_none();
+                if self.platform.upcall_net.check(i, pending, gsi_route) {
                     self.reasserted.fetch_add(1, Ordering::Relaxed);
                     self.platform.raise_upcall(id);
                 }
@@ -363,6 +442,7 @@ impl Xen {
 
     /// An AP was started by INIT/SIPI (a state staged by `VCPUOP_initialise` is dropped).
     pub fn vcpu_started(&self, vcpu: u32) {
+        self.platform.upcall_net.reset(vcpu);
         if let Some(id) = self.domain.vcpu(vcpu) {
             self.domain.vcpu_started(id);
         }
@@ -708,6 +788,8 @@ pub struct XenPlatform {
     starts: crate::vcpu::updown::StartSlots,
     /// Host schedule tracking shared with the monitor thread (lock-free).
     sched: sched::SchedShared,
+    /// Which vCPUs the upcall re-check still watches.
+    upcall_net: UpcallNet,
 }
 
 /// A vCPU's runstate: the accounting (pure arithmetic), where it is
@@ -951,8 +1033,12 @@ impl Platform for XenPlatform {
             }
         }
         self.caps.vcpus.wake(v);
-        self.timers
-            .set_if_idle(TimerKind::UpcallCheck, UPCALL_RECHECK);
+        let gsi_route = d.upcall_vector(vcpu).is_none()
+            && matches!(d.callback_via(), hypercalls::CallbackVia::Gsi(_));
+        if self.upcall_net.raised(v) || gsi_route {
+            self.timers
+                .set_if_idle(TimerKind::UpcallCheck, UPCALL_RECHECK);
+        }
     }
     fn kick_vcpu(&self, vcpu: VcpuId) {
         self.caps.vcpus.wake(vcpu.get());
@@ -972,6 +1058,7 @@ impl Platform for XenPlatform {
         self.caps.vcpus.kick(vcpu.get());
     }
     fn vcpu_up(&self, vcpu: VcpuId) {
+        self.upcall_net.reset(vcpu.get());
         tracing::info!(
             vcpu = vcpu.get(),
             initialised_by_vcpu_op = self.starts.is_staged(vcpu.get()),
