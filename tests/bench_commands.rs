@@ -27,10 +27,16 @@ fn bench_guest_every_command_returns_a_measurement() {
         ("POLL_WAKEUP", cmd::POLL_WAKEUP, 3),
         ("LAPIC_ROUND_TRIP", cmd::LAPIC_ROUND_TRIP, 3),
         ("LAPIC_ROUND_TRIP_RUNNING", cmd::LAPIC_ROUND_TRIP_RUNNING, 3),
-        ("EVTCHN_ROUND_TRIP_RUNNING", cmd::EVTCHN_ROUND_TRIP_RUNNING, 3),
+        (
+            "EVTCHN_ROUND_TRIP_RUNNING",
+            cmd::EVTCHN_ROUND_TRIP_RUNNING,
+            3,
+        ),
         ("EVTCHN_SELF", cmd::EVTCHN_SELF, 3),
         ("LAPIC_SELF", cmd::LAPIC_SELF, 3),
         ("TIMER_LATENESS", cmd::TIMER_LATENESS, 3),
+        ("LAPIC_TIMER_LATENESS", cmd::LAPIC_TIMER_LATENESS, 3),
+        ("SELF_MARKED_LAPIC", cmd::SELF_MARKED_LAPIC, 3),
     ] {
         // measure() panics (with the guest's console) if the guest gives
         // no answer or reports that it could not run the command.

@@ -71,6 +71,11 @@ pub mod bench_cmd {
     /// N `VIRQ_TIMER` one-shots 500 us ahead with vCPU 0 halted: the result is the
     /// SUM of their lateness (upcall minus deadline), not the time the loop took.
     pub const TIMER_LATENESS: u32 = 12;
+    /// [`TIMER_LATENESS`] with the guest's LAPIC timer (one-shot, in KVM): its floor.
+    pub const LAPIC_TIMER_LATENESS: u32 = 13;
+    /// [`EVTCHN_SELF`] without Xen: the guest marks its own port pending in shared_info
+    /// and sends itself the upcall vector by a LAPIC self IPI (the same handler runs).
+    pub const SELF_MARKED_LAPIC: u32 = 14;
 }
 
 /// The bench stub's `out` port; the VMM completes the stub's `ret` and does nothing else.

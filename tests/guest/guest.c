@@ -2570,17 +2570,26 @@ static void __attribute__((noreturn)) demo(void)
 #define BENCH_LAPIC_SELF     11 /* N self IPIs (ICR shorthand "self"), each until the handler ran */
 #define BENCH_TIMER_LATE     12 /* N VIRQ_TIMER one-shots 500 us ahead, vCPU 0 halted: the SUM of
                                  * (upcall TSC - deadline), in TSC cycles */
+#define BENCH_LAPIC_TIMER_LATE 13 /* the same with the LAPIC timer (one-shot, KVM's hrtimer): the
+                                   * floor of command 12 */
+#define BENCH_SELF_MARKED    14 /* command 10 without Xen: the guest marks its own port pending in
+                                 * shared_info as Xen would and sends itself the upcall vector by a
+                                 * LAPIC self IPI; the same handler runs. Splits command 10 into
+                                 * delivery and the guest's upcall handling */
 
 /* VEC_PING: vCPU 1 answers vCPU 0; every vCPU counts what it got. */
 static volatile u32 ping_hits[NR_CPUS];
+static volatile u64 ping_tsc[NR_CPUS];
 
 static void lapic_ping(void)
 {
     u32 cpu = this_cpu();
     if (cpu == 1)
         lapic_write(LAPIC_ICR_LO, VEC_PING); /* ICR_HI was set to vCPU 0 by bench_lapic_ready() */
-    if (cpu < NR_CPUS)
+    if (cpu < NR_CPUS) {
+        ping_tsc[cpu] = rdtsc_ordered();
         ping_hits[cpu]++;
+    }
     lapic_eoi();
 }
 
@@ -2630,13 +2639,19 @@ static u64 self_events(u32 cmd, u32 n)
 {
     u32 p0 = ipi_port[0], i;
     volatile u32 *hits = cmd == BENCH_LAPIC_SELF ? &ping_hits[0] : &ev.hits[p0];
+    volatile struct vcpu_info *vi = &xen.shinfo->vcpu_info[0];
     u32 base = *hits;
     irq_on();
     u64 start = rdtsc_ordered();
     for (i = 0; i < n; i++) {
         if (cmd == BENCH_LAPIC_SELF)
             lapic_write(LAPIC_ICR_LO, (1u << 18) | VEC_PING);
-        else
+        else if (cmd == BENCH_SELF_MARKED) {
+            __atomic_fetch_or(&xen.shinfo->evtchn_pending[p0 / 64], 1ull << (p0 % 64), __ATOMIC_SEQ_CST);
+            __atomic_fetch_or(&vi->evtchn_pending_sel, 1ull << (p0 / 64), __ATOMIC_SEQ_CST);
+            vi->evtchn_upcall_pending = 1;
+            lapic_write(LAPIC_ICR_LO, (1u << 18) | VEC_UPCALL);
+        } else
             evtchn_send(p0);
         if (!wait_count(hits, base + i + 1, 100))
             break;
@@ -2678,6 +2693,35 @@ static u64 timer_lateness(u32 n)
     }
     /* Reported in TSC cycles like the other commands (the bench converts back). */
     return sum_ns * (xen.tsc_khz ? xen.tsc_khz : 3000000) / 1000000 + 1;
+}
+
+/* Command 13: the LAPIC timer, one-shot on VEC_PING, 500 us (KVM's APIC bus: 1 GHz). */
+static u64 lapic_timer_lateness(u32 n)
+{
+    u64 khz = xen.tsc_khz ? xen.tsc_khz : 3000000, sum = 0;
+    irq_off();
+    lapic_write(LAPIC_TIMER_INIT, 0);
+    lapic_write(LAPIC_LVT_TIMER, VEC_PING); /* one-shot */
+    u32 i;
+    for (i = 0; i < n; i++) {
+        u32 h = ping_hits[0];
+        u64 t0 = rdtsc_ordered();
+        lapic_write(LAPIC_TIMER_INIT, 500000);
+        u64 end = t0 + khz * 100; /* 100 ms */
+        while (ping_hits[0] == h && rdtsc_ordered() < end)
+            asm volatile("sti; hlt; cli" ::: "memory");
+        if (ping_hits[0] == h)
+            break;
+        u64 due = t0 + khz / 2; /* 500 us in TSC cycles */
+        sum += ping_tsc[0] > due ? ping_tsc[0] - due : 0;
+    }
+    lapic_write(LAPIC_TIMER_INIT, 0);
+    lapic_write(LAPIC_LVT_TIMER, LVT_PERIODIC | VEC_KICK);
+    if (i != n) {
+        say("bench: LAPIC timer one-shot %u of %u did not fire in 100 ms", i + 1, n);
+        return 0;
+    }
+    return sum + 1;
 }
 
 /* Shared_info, vCPU 1 and upcalls on both vCPUs for commands 5 and 6, set up once. */
@@ -2726,10 +2770,12 @@ static u64 bench_events(u32 cmd, u32 n)
         return 0;
     if (cmd == BENCH_LAPIC_RTT || cmd == BENCH_LAPIC_RTT_RUN || cmd == BENCH_LAPIC_SELF)
         bench_lapic_ready();
-    if (cmd == BENCH_EVTCHN_SELF || cmd == BENCH_LAPIC_SELF)
+    if (cmd == BENCH_EVTCHN_SELF || cmd == BENCH_LAPIC_SELF || cmd == BENCH_SELF_MARKED)
         return self_events(cmd, n);
     if (cmd == BENCH_TIMER_LATE)
         return timer_lateness(n);
+    if (cmd == BENCH_LAPIC_TIMER_LATE)
+        return lapic_timer_lateness(n);
     if (cmd == BENCH_LAPIC_RTT)
         return lapic_rtt(n);
     if (cmd == BENCH_LAPIC_RTT_RUN || cmd == BENCH_EVTCHN_RTT_RUN) {
@@ -2780,7 +2826,7 @@ static void __attribute__((noreturn)) bench(void)
         u32 cmd = inl(BENCH_PORT_CMD);
         if (cmd == BENCH_STOP)
             shutdown(SHUTDOWN_poweroff);
-        int events = cmd >= BENCH_EVTCHN_RTT && cmd <= BENCH_TIMER_LATE;
+        int events = cmd >= BENCH_EVTCHN_RTT && cmd <= BENCH_SELF_MARKED;
         if (cmd != BENCH_IO_EXIT && cmd != BENCH_XEN_VERSION && cmd != BENCH_STUB_EXIT &&
             cmd != BENCH_STUB_XENVER && !events) {
             say("bench: unknown command %u", cmd);
