@@ -3053,9 +3053,28 @@ static void __attribute__((noreturn)) rscheck(void)
 
 /* -------------------------------------------------------------------- idle */
 
-static void __attribute__((noreturn)) idle(void)
+/* idle: both vCPUs halt with nothing armed. idle100: each vCPU has a 100 Hz periodic
+ * VIRQ_TIMER (bound and taken by its upcall) and halts between ticks. */
+static void __attribute__((noreturn)) idle(int ticks)
 {
     int up = check_smp();
+    if (ticks) {
+        struct xen_add_to_physmap x;
+        if (!xen.shinfo)
+            map_shared_info(&x);
+        check_upcall();
+        u32 cpus = upcalls_ready == 2 ? 2 : 1;
+        for (u32 c = 0; c < cpus; c++) {
+            struct evtchn_bind_virq b = { .virq = VIRQ_TIMER, .vcpu = c };
+            struct vcpu_set_periodic_timer per = { .period_ns = 10000000 };
+            long rc = HYPERVISOR_event_channel_op(EVTCHNOP_bind_virq, &b);
+            if (!rc) {
+                own_port(b.port, c);
+                rc = HYPERVISOR_vcpu_op(VCPUOP_set_periodic_timer, c, &per);
+            }
+            say("idle: vCPU %u has a 100 Hz VIRQ_TIMER (rc %ld)", c, rc);
+        }
+    }
     say("idle: halted (vCPU 1 %s: %s)", up && smp == SMP_UP ? "up" : "not up", detail);
     for (;;)
         asm volatile("sti; hlt" ::: "memory");
@@ -3110,7 +3129,7 @@ void __attribute__((noreturn)) main(u32 start_info_paddr)
     if (strstr_(cmdline, "bench"))
         bench();
     if (strstr_(cmdline, "idle"))
-        idle();
+        idle(strstr_(cmdline, "idle100") != 0);
     if (strstr_(cmdline, "reboot"))
         reboot_mode();
     if (strstr_(cmdline, "chatter"))
