@@ -443,6 +443,13 @@ impl Xen {
     /// An AP was started by INIT/SIPI (a state staged by `VCPUOP_initialise` is dropped).
     pub fn vcpu_started(&self, vcpu: u32) {
         self.platform.upcall_net.reset(vcpu);
+        // An upcall raised before it started (Linux binds an AP's timer and
+        // IPIs, and sets its vector, first) was dropped by its disabled
+        // LAPIC and leaves `evtchn_upcall_pending` set, so no new event
+        // raises it again: the re-check sends it until the guest takes it.
+        self.platform
+            .timers
+            .set_if_idle(TimerKind::UpcallCheck, UPCALL_RECHECK);
         if let Some(id) = self.domain.vcpu(vcpu) {
             self.domain.vcpu_started(id);
         }
@@ -1059,6 +1066,8 @@ impl Platform for XenPlatform {
     }
     fn vcpu_up(&self, vcpu: VcpuId) {
         self.upcall_net.reset(vcpu.get());
+        self.timers
+            .set_if_idle(TimerKind::UpcallCheck, UPCALL_RECHECK);
         tracing::info!(
             vcpu = vcpu.get(),
             initialised_by_vcpu_op = self.starts.is_staged(vcpu.get()),
@@ -1189,6 +1198,46 @@ fn runs(gfns: &[Gfn]) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upcall_net_resends_until_the_guest_takes_one_then_trusts_the_lapic() {
+        let n = UpcallNet::new(2);
+        // Raised while the LAPIC could not take it: still pending at the
+        // re-check, so it is sent again, and again.
+        assert!(n.raised(1), "an unproven vCPU is watched");
+        assert!(n.check(1, true, false));
+        assert!(n.check(1, true, false));
+        // The guest took it (cleared evtchn_upcall_pending): proven, and
+        // later upcalls are not watched or re-sent.
+        assert!(!n.check(1, false, false));
+        assert!(!n.raised(1), "a proven vCPU is not watched");
+        assert!(!n.check(1, true, false));
+        // vCPU 0 is independent.
+        assert!(n.raised(0));
+    }
+
+    #[test]
+    fn upcall_net_restarted_vcpu_is_watched_again_even_if_nothing_new_is_raised() {
+        let n = UpcallNet::new(2);
+        n.raised(1);
+        n.check(1, false, false);
+        assert!(!n.raised(1));
+        // Down and up again (or INIT/SIPI): its LAPIC starts disabled. A
+        // pending upcall from before is re-sent without a new raise.
+        n.reset(1);
+        assert!(n.check(1, true, false));
+        // Not pending and never raised since the restart: not proof.
+        assert!(!n.check(1, false, false));
+        assert!(n.raised(1), "still unproven");
+    }
+
+    #[test]
+    fn upcall_net_gsi_callback_is_always_rechecked() {
+        let n = UpcallNet::new(1);
+        n.raised(0);
+        n.check(0, false, true);
+        assert!(n.check(0, true, true), "a GSI pulse can be lost at any time");
+    }
 
     /// A relocated vcpu_info lives in guest RAM behind a gpc cache: what the
     /// domain stores through it must be what the guest reads at that GPA.
