@@ -129,30 +129,9 @@ pub fn run(m: Arc<Machine>, mode: PerfMode) {
                 if let Some(h) = m.vcpus.get(*v as usize) {
                     h.kicker().kick();
                 }
-                if kick_observers() {
-                    for (i, h) in m.vcpus.iter().enumerate() {
-                        if i != *v as usize {
-                            h.kicker().kick();
-                        }
-                    }
-                }
             }
             halted += usize::from(o.halted);
         }
         halted_all = !ready.is_empty() && halted == ready.len();
     }
-}
-
-/// Whether a published preemption also kicks the other vCPUs (their next
-/// entry makes them see it). Measured on this project's host, where guest
-/// kernel code runs in the host's emulator: a vCPU spinning on another's
-/// runstate area saw the VMM's write only at its next exit, a median of
-/// 4.1 ms after the preemption (`xenkvm bench sched`, perf mechanism);
-/// kicking it brought that to 0.1 ms. On a host with hardware
-/// virtualization the write is visible at once and the kick costs each
-/// other vCPU one exit per shown preemption. `XENKVM_SCHED_KICK_OTHERS=0`
-/// turns it off.
-fn kick_observers() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("XENKVM_SCHED_KICK_OTHERS").map_or(true, |v| v != "0"))
 }
