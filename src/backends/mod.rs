@@ -4,5 +4,6 @@
 //! event loop, never on the vCPU that sent the event.
 #![forbid(unsafe_code)]
 
+pub mod blkif;
 pub mod console;
 pub mod xenstore;
