@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use gpc::{Cache, GuestAddress, MemoryMap, Segment as GpaRange};
 use hypercalls::{Domain, GrantMapping};
+use vm_memory::Bytes;
 
 use super::disk::Disk;
 use super::BlkError;
@@ -358,7 +359,7 @@ impl Queue {
                 let mut left = usize::from(nr_segments);
                 for gref in pages {
                     // One private copy of each indirect page.
-                    if let Err(e) = self.domain.grant_copy_from(gref, 0, &mut page) {
+                    if let Err(e) = self.copy_granted_page(gref, &mut page) {
                         self.segs = segs;
                         return self.refuse(
                             id,
@@ -379,6 +380,21 @@ impl Queue {
                 (id, op, st)
             }
         }
+    }
+
+    /// Copies granted page `gref` (read-only access) into `buf`.
+    fn copy_granted_page(&self, gref: u32, buf: &mut [u8]) -> Result<(), String> {
+        let m = self
+            .domain
+            .grant_map(gref, self.domid, true)
+            .map_err(|e| e.to_string())?;
+        let r = self
+            .map
+            .guest_memory()
+            .read_slice(buf, GuestAddress(m.gfn.gpa()))
+            .map_err(|e| e.to_string());
+        let _ = self.domain.grant_unmap(m.handle);
+        r
     }
 
     /// A data request over `self.segs`: status.

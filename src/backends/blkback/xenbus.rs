@@ -292,8 +292,19 @@ impl VbdDevice {
                     .map_err(|_| bad(format!("{dir}{k} = {v:?} is not a number"))),
             }
         };
-        let order = num("ring-page-order")?;
-        let pages = match (order, num("num-ring-pages")?) {
+        // The page order is the device's, also with several queues.
+        let top = |k: &str| -> Result<Option<u32>, BlkError> {
+            match self.read_fe(xs, k) {
+                None => Ok(None),
+                Some(v) => v
+                    .trim()
+                    .parse::<u32>()
+                    .map(Some)
+                    .map_err(|_| bad(format!("{k} = {v:?} is not a number"))),
+            }
+        };
+        let order = top("ring-page-order")?;
+        let pages = match (order, top("num-ring-pages")?) {
             (Some(o), _) if o <= MAX_RING_ORDER => Some(1u32 << o),
             (Some(o), _) => return Err(bad(format!("ring-page-order {o} over {MAX_RING_ORDER}"))),
             (None, Some(n)) if n >= 1 && n <= 1 << MAX_RING_ORDER && n.is_power_of_two() => Some(n),
