@@ -46,7 +46,7 @@ fn pattern(i: u64) -> u8 {
     ((i / 512) as u8) ^ (i as u8)
 }
 
-fn disk(path: &PathBuf, ro: bool) -> Arc<Disk> {
+fn disk(path: &std::path::Path, ro: bool) -> Arc<Disk> {
     let spec = format!(
         "vdev=xvda,access={},target={}",
         if ro { "ro" } else { "rw" },

@@ -109,7 +109,6 @@ pub struct Queue {
     guest_port: u32,
     dom0_port: u32,
     raw: Vec<[u8; 112]>,
-    rsps: Vec<([u8; 16], usize)>,
     segs: Vec<Segment>,
     maps: Vec<GrantMapping>,
     ranges: Vec<GpaRange>,
@@ -210,7 +209,6 @@ impl Queue {
             guest_port: setup.port,
             dom0_port,
             raw: Vec::with_capacity(BATCH),
-            rsps: Vec::with_capacity(BATCH),
             segs: Vec::new(),
             maps: Vec::new(),
             ranges: Vec::new(),
@@ -252,7 +250,6 @@ impl Queue {
                     .take_requests(&r, BATCH, &mut self.raw)
                     .map_err(|e| BlkError::Frontend(format!("{}: {e}", self.name)))?
             };
-            self.rsps.clear();
             let raw = std::mem::take(&mut self.raw);
             for b in &raw {
                 let (id, op, st) = self.handle(&b[..self.abi.slot()]);
@@ -260,35 +257,56 @@ impl Queue {
                 if st != RSP_OKAY {
                     self.stats.errors += 1;
                 }
-                self.rsps.push(encode_response(self.abi, id, op, st));
+                // Each response is published at once (the frontend refills
+                // while the rest of the batch is served); the notify check
+                // keeps the interrupts to what the frontend asked for.
+                let (rsp, n) = encode_response(self.abi, id, op, st);
+                let notify = {
+                    let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
+                    let r = GuardRing {
+                        g: &g,
+                        len: self.ring_len,
+                    };
+                    self.back.put_response(&r, &rsp[..n]);
+                    self.back.push_responses(&r)
+                };
+                if notify {
+                    self.notify()?;
+                }
             }
             self.raw = raw;
-            let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
-            let r = GuardRing {
-                g: &g,
-                len: self.ring_len,
-            };
-            let notify = if self.rsps.is_empty() {
-                false
-            } else {
-                for (b, n) in &self.rsps {
-                    self.back.put_response(&r, &b[..*n]);
+            if taken == 0 {
+                let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
+                let r = GuardRing {
+                    g: &g,
+                    len: self.ring_len,
+                };
+                if !self.back.final_check(&r) {
+                    return Ok(false);
                 }
-                self.back.push_responses(&r)
-            };
-            let idle = taken == 0 && !self.back.final_check(&r);
-            drop(g);
-            if notify {
-                self.stats.notifications += 1;
-                if let Err(e) = self.domain.raise_port(self.guest_port) {
-                    return Err(BlkError::Evtchn(format!("{}: notify: {e}", self.name)));
-                }
-            }
-            if idle {
-                return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    fn notify(&mut self) -> Result<(), BlkError> {
+        self.stats.notifications += 1;
+        self.domain
+            .raise_port(self.guest_port)
+            .map_err(|e| BlkError::Evtchn(format!("{}: notify: {e}", self.name)))
+    }
+
+    /// Whether the frontend queued requests not yet taken (a cheap look
+    /// at `req_prod`, for polling before sleeping).
+    pub fn has_requests(&self) -> bool {
+        match self.cache.access() {
+            Ok(g) => {
+                g.load_u32(crate::backends::blkif::ring::REQ_PROD, Ordering::Acquire)
+                    .unwrap_or(self.back.req_cons)
+                    != self.back.req_cons
+            }
+            Err(_) => true,
+        }
     }
 
     fn ring_gone(&self, e: gpc::Error) -> BlkError {

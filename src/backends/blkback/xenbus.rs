@@ -307,7 +307,9 @@ impl VbdDevice {
         let pages = match (order, top("num-ring-pages")?) {
             (Some(o), _) if o <= MAX_RING_ORDER => Some(1u32 << o),
             (Some(o), _) => return Err(bad(format!("ring-page-order {o} over {MAX_RING_ORDER}"))),
-            (None, Some(n)) if n >= 1 && n <= 1 << MAX_RING_ORDER && n.is_power_of_two() => Some(n),
+            (None, Some(n)) if (1..=1 << MAX_RING_ORDER).contains(&n) && n.is_power_of_two() => {
+                Some(n)
+            }
             (None, Some(n)) => return Err(bad(format!("num-ring-pages {n} unusable"))),
             (None, None) => None,
         };
