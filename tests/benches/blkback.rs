@@ -85,23 +85,27 @@ fn secs() -> Duration {
     )
 }
 
-/// (bytes, ops, elapsed) of plain pread/pwrite.
+/// (bytes, ops, elapsed) of plain pread/pwrite, into QD rotating buffers
+/// (the same memory footprint as the frontend's data pages, so both sides
+/// see the same cache behaviour).
 fn plain(file: &std::fs::File, w: Work, d: Duration) -> (u64, u64, Duration) {
-    let mut buf = vec![0x5au8; w.bytes];
+    let mut bufs = vec![vec![0x5au8; w.bytes]; QD];
     let mut off = Offsets::new(w);
     let start = Instant::now();
     let mut ops = 0u64;
     while start.elapsed() < d {
-        for _ in 0..64 {
+        for i in 0..64 {
             let o = off.get();
+            let buf = &mut bufs[i % QD];
             if w.write {
-                file.write_all_at(&buf, o).unwrap();
+                file.write_all_at(buf, o).unwrap();
             } else {
-                file.read_exact_at(&mut buf, o).unwrap();
+                file.read_exact_at(buf, o).unwrap();
             }
             ops += 1;
         }
     }
+    let buf = &bufs;
     std::hint::black_box(&buf);
     (ops * w.bytes as u64, ops, start.elapsed())
 }

@@ -112,6 +112,11 @@ pub struct Queue {
     segs: Vec<Segment>,
     maps: Vec<GrantMapping>,
     ranges: Vec<GpaRange>,
+    /// Requests whose I/O is merged into one (consecutive sectors, same op).
+    group: Vec<(u64, u8)>,
+    group_rw: RwOp,
+    group_start: u64,
+    group_next: u64,
     warn: RateLimiter,
     stats: QueueStats,
     name: String,
@@ -212,6 +217,10 @@ impl Queue {
             segs: Vec::new(),
             maps: Vec::new(),
             ranges: Vec::new(),
+            group: Vec::new(),
+            group_rw: RwOp::Read,
+            group_start: 0,
+            group_next: 0,
             warn: RateLimiter::default(),
             stats: QueueStats::default(),
             name,
@@ -251,30 +260,21 @@ impl Queue {
                     .map_err(|e| BlkError::Frontend(format!("{}: {e}", self.name)))?
             };
             let raw = std::mem::take(&mut self.raw);
+            let mut r = Ok(());
             for b in &raw {
-                let (id, op, st) = self.handle(&b[..self.abi.slot()]);
-                self.stats.requests += 1;
-                if st != RSP_OKAY {
-                    self.stats.errors += 1;
-                }
-                // Each response is published at once (the frontend refills
-                // while the rest of the batch is served); the notify check
-                // keeps the interrupts to what the frontend asked for.
-                let (rsp, n) = encode_response(self.abi, id, op, st);
-                let notify = {
-                    let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
-                    let r = GuardRing {
-                        g: &g,
-                        len: self.ring_len,
-                    };
-                    self.back.put_response(&r, &rsp[..n]);
-                    self.back.push_responses(&r)
-                };
-                if notify {
-                    self.notify()?;
+                r = self
+                    .handle(&b[..self.abi.slot()])
+                    .and_then(|done| match done {
+                        Some(d) => self.respond(&[d]),
+                        None => Ok(()),
+                    });
+                if r.is_err() {
+                    break;
                 }
             }
             self.raw = raw;
+            r?;
+            self.run_group()?;
             if taken == 0 {
                 let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
                 let r = GuardRing {
@@ -294,6 +294,32 @@ impl Queue {
         self.domain
             .raise_port(self.guest_port)
             .map_err(|e| BlkError::Evtchn(format!("{}: notify: {e}", self.name)))
+    }
+
+    /// Writes responses and publishes them (each response as soon as its
+    /// I/O is done, so the frontend refills while the rest is served); the
+    /// notify check keeps interrupts to what the frontend asked for.
+    fn respond(&mut self, done: &[(u64, u8, i16)]) -> Result<(), BlkError> {
+        let notify = {
+            let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
+            let r = GuardRing {
+                g: &g,
+                len: self.ring_len,
+            };
+            for &(id, op, st) in done {
+                self.stats.requests += 1;
+                if st != RSP_OKAY {
+                    self.stats.errors += 1;
+                }
+                let (rsp, n) = encode_response(self.abi, id, op, st);
+                self.back.put_response(&r, &rsp[..n]);
+            }
+            self.back.push_responses(&r)
+        };
+        if notify {
+            self.notify()?;
+        }
+        Ok(())
     }
 
     /// Whether the frontend queued requests not yet taken (a cheap look
@@ -320,14 +346,28 @@ impl Queue {
         (id, op, st)
     }
 
-    /// One request, start to finish: `(id, operation, status)`.
-    fn handle(&mut self, raw: &[u8]) -> (u64, u8, i16) {
+    /// One request: `Some((id, operation, status))` when it is done,
+    /// `None` when its I/O joined the pending group (answered by
+    /// [`run_group`](Self::run_group)). Reads and writes of consecutive
+    /// sectors are merged into one host I/O; anything else first completes
+    /// the group, so flushes, barriers and discards keep their order.
+    fn handle(&mut self, raw: &[u8]) -> Result<Option<(u64, u8, i16)>, BlkError> {
         let req = match parse_request(self.abi, raw, self.params.max_indirect) {
             Ok(r) => r,
-            Err(e) => return self.refuse(e.id, e.operation, e.status, e.why),
+            Err(e) => return Ok(Some(self.refuse(e.id, e.operation, e.status, e.why))),
         };
         let (id, op) = (req.id(), req.operation());
-        match req {
+        if !matches!(
+            req,
+            Request::Indirect { .. }
+                | Request::Rw {
+                    op: RwOp::Read | RwOp::Write,
+                    ..
+                }
+        ) {
+            self.run_group()?;
+        }
+        Ok(match req {
             Request::Discard {
                 sector,
                 nr_sectors,
@@ -335,15 +375,30 @@ impl Queue {
                 ..
             } => {
                 if !self.params.discard || secure {
-                    return self.refuse(id, OP_DISCARD, RSP_EOPNOTSUPP, "discard not offered");
+                    return Ok(Some(self.refuse(
+                        id,
+                        OP_DISCARD,
+                        RSP_EOPNOTSUPP,
+                        "discard not offered",
+                    )));
                 }
                 if self.disk.readonly() {
-                    return self.refuse(id, op, RSP_ERROR, "discard on a read-only disk");
+                    return Ok(Some(self.refuse(
+                        id,
+                        op,
+                        RSP_ERROR,
+                        "discard on a read-only disk",
+                    )));
                 }
                 if !self.disk.in_range(sector, nr_sectors) {
-                    return self.refuse(id, op, RSP_ERROR, "discard past the end of the disk");
+                    return Ok(Some(self.refuse(
+                        id,
+                        op,
+                        RSP_ERROR,
+                        "discard past the end of the disk",
+                    )));
                 }
-                match self.disk.discard(sector, nr_sectors) {
+                Some(match self.disk.discard(sector, nr_sectors) {
                     Ok(()) => (id, op, RSP_OKAY),
                     Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                         self.refuse(id, op, RSP_EOPNOTSUPP, "the host cannot discard here")
@@ -352,7 +407,7 @@ impl Queue {
                         tracing::warn!(queue = %self.name, %e, "discard failed");
                         (id, op, RSP_ERROR)
                     }
-                }
+                })
             }
             Request::Rw {
                 op: rw,
@@ -361,8 +416,7 @@ impl Queue {
                 ..
             } => {
                 self.segs = segs;
-                let st = self.data(rw, sector);
-                (id, op, st)
+                self.data(id, op, rw, sector)?
             }
             Request::Indirect {
                 op: rw,
@@ -379,25 +433,24 @@ impl Queue {
                     // One private copy of each indirect page.
                     if let Err(e) = self.copy_granted_page(gref, &mut page) {
                         self.segs = segs;
-                        return self.refuse(
+                        return Ok(Some(self.refuse(
                             id,
                             op,
                             RSP_ERROR,
                             &format!("indirect page grant {gref}: {e}"),
-                        );
+                        )));
                     }
                     let n = left.min(SEGS_PER_INDIRECT_PAGE);
                     if let Err(why) = parse_indirect_segments(&page, n, &mut segs) {
                         self.segs = segs;
-                        return self.refuse(id, op, RSP_ERROR, why);
+                        return Ok(Some(self.refuse(id, op, RSP_ERROR, why)));
                     }
                     left -= n;
                 }
                 self.segs = segs;
-                let st = self.data(rw, sector);
-                (id, op, st)
+                self.data(id, op, rw, sector)?
             }
-        }
+        })
     }
 
     /// Copies granted page `gref` (read-only access) into `buf`.
@@ -415,24 +468,47 @@ impl Queue {
         r
     }
 
-    /// A data request over `self.segs`: status.
-    fn data(&mut self, rw: RwOp, sector: u64) -> i16 {
-        let op = rw.code();
+    /// A data request over `self.segs`. Reads and writes join the
+    /// pending group (`None`); flush and barrier run at once.
+    fn data(
+        &mut self,
+        id: u64,
+        op: u8,
+        rw: RwOp,
+        sector: u64,
+    ) -> Result<Option<(u64, u8, i16)>, BlkError> {
         let writes = rw.writes() && !self.segs.is_empty();
         if writes && self.disk.readonly() {
-            return self.refuse(0, op, RSP_ERROR, "write to a read-only disk").2;
+            return Ok(Some(self.refuse(
+                id,
+                op,
+                RSP_ERROR,
+                "write to a read-only disk",
+            )));
         }
         let sectors: u64 = self.segs.iter().map(|s| s.len() as u64 / SECTOR).sum();
         if !self.disk.in_range(sector, sectors) {
-            return self
-                .refuse(0, op, RSP_ERROR, "sectors past the end of the disk")
-                .2;
+            return Ok(Some(self.refuse(
+                id,
+                op,
+                RSP_ERROR,
+                "sectors past the end of the disk",
+            )));
+        }
+        let merge = matches!(rw, RwOp::Read | RwOp::Write);
+        if !self.group.is_empty()
+            && (!merge
+                || self.group_rw != rw
+                || self.group_next != sector
+                || self.ranges.len() + self.segs.len() > gpc::MAX_IO_PIECES)
+        {
+            self.run_group()?;
         }
         // Map every segment (reads write into the guest: writable).
-        self.maps.clear();
-        self.ranges.clear();
+        let first = self.maps.len();
+        let segs = std::mem::take(&mut self.segs);
         let mut bad = None;
-        for s in &self.segs {
+        for s in &segs {
             match self.domain.grant_map(s.gref, self.domid, writes) {
                 Ok(m) => {
                     self.ranges.push(GpaRange::new(
@@ -447,52 +523,94 @@ impl Queue {
                 }
             }
         }
-        let status = if let Some((gref, e)) = bad {
-            self.refuse(0, op, RSP_ERROR, &format!("segment grant {gref}: {e}"))
-                .2
-        } else {
-            let r = if self.ranges.is_empty() {
-                Ok(0)
-            } else if writes {
-                if rw == RwOp::Barrier {
-                    // Earlier writes are complete (served in order); make them durable first.
-                    if let Err(e) = self.disk.flush() {
-                        tracing::warn!(queue = %self.name, %e, "flush before barrier failed");
-                    }
-                }
-                self.disk.write(&self.map, sector, &self.ranges)
-            } else {
-                self.disk.read(&self.map, sector, &self.ranges)
-            };
-            let r = r.and_then(|n| {
-                if matches!(rw, RwOp::Flush | RwOp::Barrier) {
-                    self.disk.flush().map(|()| n)
-                } else {
-                    Ok(n)
-                }
-            });
-            match r {
-                Ok(n) => {
-                    if writes {
-                        self.stats.bytes_written += n as u64;
-                    } else {
-                        self.stats.bytes_read += n as u64;
-                    }
-                    RSP_OKAY
-                }
-                Err(e) => {
-                    if let Some(suppressed) = self.warn.allow() {
-                        tracing::warn!(queue = %self.name, %e, sector, suppressed, "disk I/O failed");
-                    }
-                    RSP_ERROR
-                }
+        self.segs = segs;
+        if let Some((gref, e)) = bad {
+            for m in self.maps.drain(first..) {
+                let _ = self.domain.grant_unmap(m.handle);
             }
-        };
-        // Grants go back before the response is pushed.
+            self.ranges.truncate(first);
+            return Ok(Some(self.refuse(
+                id,
+                op,
+                RSP_ERROR,
+                &format!("segment grant {gref}: {e}"),
+            )));
+        }
+        if self.group.is_empty() {
+            self.group_rw = rw;
+            self.group_start = sector;
+        }
+        self.group_next = sector + sectors;
+        self.group.push((id, op));
+        if merge {
+            return Ok(None);
+        }
+        // Flush or barrier: alone, in order.
+        let st = self.io(rw);
+        self.answer_group(st)?;
+        Ok(None)
+    }
+
+    /// Runs the pending group's I/O and answers its requests.
+    fn run_group(&mut self) -> Result<(), BlkError> {
+        if self.group.is_empty() {
+            return Ok(());
+        }
+        let st = self.io(self.group_rw);
+        self.answer_group(st)
+    }
+
+    /// Gives the group's grants back, then answers every member.
+    fn answer_group(&mut self, st: i16) -> Result<(), BlkError> {
+        // Grants go back before the responses are pushed.
         for m in self.maps.drain(..) {
             let _ = self.domain.grant_unmap(m.handle);
         }
-        status
+        self.ranges.clear();
+        let done: Vec<(u64, u8, i16)> = self.group.drain(..).map(|(id, op)| (id, op, st)).collect();
+        self.respond(&done)
+    }
+
+    /// The host I/O of the group over `self.ranges`: status.
+    fn io(&mut self, rw: RwOp) -> i16 {
+        let sector = self.group_start;
+        let writes = rw.writes();
+        let r = if self.ranges.is_empty() {
+            Ok(0)
+        } else if writes {
+            if rw == RwOp::Barrier {
+                // Earlier writes are complete (served in order); make them durable first.
+                if let Err(e) = self.disk.flush() {
+                    tracing::warn!(queue = %self.name, %e, "flush before barrier failed");
+                }
+            }
+            self.disk.write(&self.map, sector, &self.ranges)
+        } else {
+            self.disk.read(&self.map, sector, &self.ranges)
+        };
+        let r = r.and_then(|n| {
+            if matches!(rw, RwOp::Flush | RwOp::Barrier) {
+                self.disk.flush().map(|()| n)
+            } else {
+                Ok(n)
+            }
+        });
+        match r {
+            Ok(n) => {
+                if writes {
+                    self.stats.bytes_written += n as u64;
+                } else {
+                    self.stats.bytes_read += n as u64;
+                }
+                RSP_OKAY
+            }
+            Err(e) => {
+                if let Some(suppressed) = self.warn.allow() {
+                    tracing::warn!(queue = %self.name, %e, sector, suppressed, "disk I/O failed");
+                }
+                RSP_ERROR
+            }
+        }
     }
 
     /// Gives back the ring grants and the event channel.
