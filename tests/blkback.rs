@@ -690,3 +690,48 @@ fn blkbackend_duplicate_vdev_or_missing_file_named() {
         BlkBackend::new(&[q], DOMID, g.d.clone(), g.map.clone(), g.host(), &mut xs).unwrap_err();
     assert!(e.contains("qcow2"), "{e}");
 }
+
+#[test]
+fn blkback_merged_consecutive_requests_keep_order_and_errors_apart() {
+    let t = TmpDir::new("merge");
+    let path = t.image("d.img", SECTORS);
+    let g = Guest::new();
+    let (mut fr, _th) = connect(&g, disk(&path, false), 1, Abi::X86_64);
+    let pg = data_pages(&g, 8, false);
+    for (i, (f, _)) in pg.iter().enumerate() {
+        g.write_mem(f * 4096, &[0x10 + i as u8; 4096]);
+    }
+    // Writes of sectors 0..32 in four requests, one with a bad grant in the
+    // middle, then a read of 0..16 into other pages, all in one push.
+    fr.queue(&rw(RwOp::Write, 1, 0, vec![full(pg[0].1)]));
+    fr.queue(&rw(RwOp::Write, 2, 8, vec![full(pg[1].1)]));
+    fr.queue(&rw(RwOp::Write, 3, 16, vec![full(7777)]));
+    fr.queue(&rw(RwOp::Write, 4, 24, vec![full(pg[3].1)]));
+    fr.queue(&rw(RwOp::Read, 5, 0, vec![full(pg[4].1), full(pg[5].1)]));
+    fr.queue(&rw(RwOp::Flush, 6, 0, vec![]));
+    fr.push();
+    let mut rs = fr.wait(6);
+    rs.sort();
+    let st: Vec<i16> = rs.iter().map(|r| r.2).collect();
+    assert_eq!(
+        st,
+        vec![RSP_OKAY, RSP_OKAY, RSP_ERROR, RSP_OKAY, RSP_OKAY, RSP_OKAY]
+    );
+    let data = std::fs::read(&path).unwrap();
+    assert!(data[..4096].iter().all(|&x| x == 0x10));
+    assert!(data[4096..8192].iter().all(|&x| x == 0x11));
+    assert!(data[8192..12288]
+        .iter()
+        .enumerate()
+        .all(|(i, &x)| x == pattern(8192 + i as u64)));
+    assert!(data[12288..16384].iter().all(|&x| x == 0x13));
+    let mut b = vec![0u8; 4096];
+    g.read_mem(pg[4].0 * 4096, &mut b);
+    assert!(
+        b.iter().all(|&x| x == 0x10),
+        "the read saw the earlier write"
+    );
+    g.read_mem(pg[5].0 * 4096, &mut b);
+    assert!(b.iter().all(|&x| x == 0x11));
+    assert!(pg.iter().all(|p| g.busy(p.1) == 0));
+}
