@@ -204,8 +204,18 @@ struct RunArgs {
     /// When the guest crashes.
     #[arg(long, value_enum, default_value_t = ActionArg::Destroy, value_name = "ACTION")]
     on_crash: ActionArg,
+    /// A PV disk (repeatable), in xl's key=value syntax with target last:
+    /// `format=raw,vdev=xvda,access=rw,target=PATH` (access rw|ro; also
+    /// discard/no-discard, persistent=0|1). The guest sees it as a Xen vbd.
+    #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
+    disk: Vec<xenkvm::backends::blkback::BlkConfig>,
     #[command(flatten)]
     ui: UiArgs,
+}
+
+/// `--disk`: one spec (errors name the spec and the key).
+fn parse_disk(s: &str) -> Result<xenkvm::backends::blkback::BlkConfig, String> {
+    xenkvm::backends::blkback::parse_disk_spec(s).map_err(|e| e.to_string())
 }
 
 /// The longest `--timeout`: one year.
@@ -344,6 +354,7 @@ fn run_config(a: &RunArgs) -> Result<(VmConfig, RunOptions), String> {
         mem_mib: a.memory,
         vcpus: a.vcpus,
         timeout: a.timeout,
+        disks: a.disk.clone(),
         ..Default::default()
     };
     let opts = RunOptions {

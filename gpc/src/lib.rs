@@ -61,12 +61,14 @@
 //! `KVM_RUN` or a blocking wait (they would stall map changes).
 
 mod cache;
+mod fileio;
 mod map;
 mod mem;
 mod rcu;
 mod sys;
 
 pub use cache::{Cache, Guard, Segment, MAX_CACHE_PAGES};
+pub use fileio::MAX_IO_PIECES;
 pub use map::{GuestMem, HostBuffer, MemoryMap, OverlayPage, RamRegion};
 pub use sys::{PAGE_SHIFT, PAGE_SIZE};
 pub use vm_memory::GuestAddress;

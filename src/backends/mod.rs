@@ -4,5 +4,7 @@
 //! event loop, never on the vCPU that sent the event.
 #![forbid(unsafe_code)]
 
+pub mod blkback;
+pub mod blkif;
 pub mod console;
 pub mod xenstore;

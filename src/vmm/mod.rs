@@ -61,6 +61,8 @@ pub struct VmConfig {
     /// Host schedule tracking to use: `perf`, `perf-batched` or `sampling`
     /// (`None`: the best the host permits; see `xen::sched::Mechanism`).
     pub sched: Option<String>,
+    /// PV disks (`--disk`), served by blkback.
+    pub disks: Vec<crate::backends::blkback::BlkConfig>,
 }
 
 impl Default for VmConfig {
@@ -78,6 +80,7 @@ impl Default for VmConfig {
             stdin_console: true,
             bench_ports: false,
             sched: None,
+            disks: Vec::new(),
         }
     }
 }
@@ -307,6 +310,22 @@ impl Vm {
         )?;
         if let Some(p) = cr_policy {
             machine.xen.domain.set_cr_policy(p);
+        }
+        if !cfg.disks.is_empty() {
+            let weak = Arc::downgrade(&machine);
+            let spawn: Arc<crate::backends::blkback::SpawnFn> = Arc::new(move |name, f| {
+                let w = weak.clone();
+                let on_panic: OnPanic = Arc::new(move |msg| {
+                    if let Some(m) = w.upgrade() {
+                        m.request_exit(GuestExit::Error(msg));
+                    }
+                });
+                threads::spawn(ThreadKind::BlkIo, name, on_panic, f)
+            });
+            machine
+                .xen
+                .attach_disks(&cfg.disks, spawn)
+                .map_err(VmError::XenDomain)?;
         }
         let events = Arc::new(EventLoop::new().map_err(|e| VmError::Os("event loop", e))?);
         let mechanism = crate::xen::sched::Mechanism::choose(cfg.sched.as_deref());

@@ -18,6 +18,8 @@ pub enum ThreadKind {
     Supervisor,
     /// The host-scheduler monitor (`vcpu-sched`): vCPU threads' context switches.
     SchedMonitor,
+    /// A blkback queue's I/O thread.
+    BlkIo,
     /// `xenkvm bench sched`'s CPU hog.
     BenchHog,
 }

@@ -10,7 +10,7 @@
 //! not done on the notifying vCPU: `notify_backend` writes the backend's
 //! eventfd and the VMM's event loop calls [`Xen::backend_notified`].
 //!
-//! Lock order (outer first): `Xen::xenstore`, `Xen::console_backend` (each
+//! Lock order (outer first): `Xen::xenstore` then `Xen::blk`; `Xen::console_backend` (each
 //! taken alone, never while a domain lock is held: the domain calls
 //! `notify_backend` with no lock held); `XenPlatform::overlays` is a leaf;
 //! the timers' lock is a leaf.
@@ -36,6 +36,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86;
+use crate::backends::blkback::{BlkBackend, BlkConfig, BlkHost, SpawnFn};
 use crate::backends::console::ConsoleBackend;
 use crate::backends::xenstore::{self, RingPage, XenstoreServer};
 use crate::boot::layout;
@@ -184,6 +185,8 @@ pub struct Xen {
     console_port: u32,
     xenstore: Mutex<XenstoreServer>,
     console_backend: Mutex<ConsoleBackend>,
+    /// The vbd backends (taken inside `xenstore`, never the other way).
+    blk: Mutex<Option<BlkBackend>>,
 }
 
 impl Xen {
@@ -212,6 +215,7 @@ impl Xen {
                     .try_clone()
                     .map_err(|e| format!("eventfd: {e}"))?,
             ],
+            blk_ports: Mutex::new(HashMap::new()),
             caps: caps.clone(),
             // vCPU 0 runs from the start; APs are offline until INIT/SIPI.
             runstates: (0..cfg.vcpus)
@@ -293,6 +297,7 @@ impl Xen {
             console_port,
             xenstore: Mutex::new(xs),
             console_backend: Mutex::new(ConsoleBackend::new()),
+            blk: Mutex::new(None),
         })
     }
 
@@ -530,12 +535,7 @@ impl Xen {
             "backend request served"
         );
         let (notify, port) = match remote {
-            REMOTE_STORE => (
-                self.xenstore
-                    .lock()
-                    .process(&GuestRing::new(&self.mem, self.store_ring)),
-                self.store_port,
-            ),
+            REMOTE_STORE => (self.serve_store(), self.store_port),
             REMOTE_CONSOLE => {
                 let mut out = ConsoleWriter(&self.platform.console);
                 (
@@ -552,6 +552,68 @@ impl Xen {
                 tracing::warn!(%e, port, "cannot notify the guest");
             }
         }
+    }
+
+    /// Serves the store ring, then the VMM's own watches (the vbd
+    /// backends follow their frontends' state), and the ring again for what
+    /// those changes fired. True if the guest must be notified.
+    fn serve_store(&self) -> bool {
+        let ring = GuestRing::new(&self.mem, self.store_ring);
+        let mut xs = self.xenstore.lock();
+        let mut notify = xs.process(&ring);
+        // Each round answers the events of the last; a frontend cannot make
+        // this loop forever (its writes arrive through the ring, read once).
+        for _ in 0..8 {
+            let evs = xs.take_events();
+            if evs.is_empty() {
+                break;
+            }
+            let mut blk = self.blk.lock();
+            let rest = match blk.as_mut() {
+                Some(b) => b.handle_events(&mut xs, evs),
+                None => evs,
+            };
+            drop(blk);
+            for ev in rest {
+                tracing::trace!(path = %ev.path, token = %ev.token, "xenstore watch event (no user)");
+            }
+            notify |= xs.process(&ring);
+        }
+        notify
+    }
+
+    /// Publishes the guest's disks in xenstore (toolstack nodes, backend
+    /// at InitWait) and serves them from I/O threads `spawn` starts.
+    pub fn attach_disks(&self, disks: &[BlkConfig], spawn: Arc<SpawnFn>) -> Result<(), String> {
+        if disks.is_empty() {
+            return Ok(());
+        }
+        let platform = Arc::downgrade(&self.platform);
+        let host = BlkHost {
+            spawn,
+            route: Arc::new(move |port, fd| {
+                if let Some(p) = platform.upgrade() {
+                    let mut m = p.blk_ports.lock();
+                    match fd {
+                        Some(fd) => m.insert(port, fd),
+                        None => m.remove(&port),
+                    };
+                }
+            }),
+        };
+        let mut xs = self.xenstore.lock();
+        let b = BlkBackend::new(
+            disks,
+            self.domain.config().domid,
+            self.domain.clone(),
+            self.platform.map.clone(),
+            host,
+            &mut xs,
+        )?;
+        *self.blk.lock() = Some(b);
+        drop(xs);
+        self.serve_store();
+        Ok(())
     }
 
     pub fn system_time(&self) -> u64 {
@@ -783,6 +845,8 @@ pub struct XenPlatform {
     timers: XenTimers,
     /// Eventfds of the backends (store, console): `notify_backend` writes.
     backend_events: [EventFd; 2],
+    /// dom0 ports of blkback queues -> their I/O threads' eventfds (a leaf lock).
+    blk_ports: Mutex<HashMap<u32, Arc<EventFd>>>,
     caps: XenCaps,
     /// One per vCPU. Leaf locks: taken by the vCPU thread at schedule in/out
     /// and by the runstate hypercalls, never while taking another lock; the
@@ -1016,7 +1080,14 @@ impl Platform for XenPlatform {
         let i = match remote_port {
             REMOTE_STORE => 0,
             REMOTE_CONSOLE => 1,
-            _ => return,
+            _ => {
+                if let Some(fd) = self.blk_ports.lock().get(&remote_port) {
+                    if let Err(e) = fd.write(1) {
+                        tracing::warn!(%e, remote_port, "cannot kick a blkback queue");
+                    }
+                }
+                return;
+            }
         };
         if let Err(e) = self.backend_events[i].write(1) {
             tracing::warn!(%e, remote_port, "cannot notify a backend");

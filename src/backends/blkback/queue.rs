@@ -1,0 +1,631 @@
+//! One blkif ring (a queue) being served: the frontend's ring grants mapped
+//! and seen contiguously through a gpc cache (so 108/112-byte entries that
+//! straddle pages of a multi-page ring are whole), its event channel bound
+//! to a dom0 port, and the request loop.
+//!
+//! For each request: copy it out of the ring once, parse and check it
+//! (`blkif::parse_request`), map each granted segment (`Domain::grant_map`,
+//! writable only for reads into the guest), hand the host I/O an iovec of
+//! the guest frames (`preadv`/`pwritev`), unmap every grant, and only then
+//! write the response. Responses are pushed per batch and the frontend is
+//! notified only when `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` says so.
+//! Bad requests get `BLKIF_RSP_ERROR` (or `EOPNOTSUPP`); bad ring indexes
+//! stop this queue with an error the caller logs (the device is refused);
+//! nothing here panics on guest input.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use gpc::{Cache, GuestAddress, MemoryMap, Segment as GpaRange};
+use hypercalls::{Domain, GrantMapping};
+use vm_memory::Bytes;
+
+use super::disk::Disk;
+use super::BlkError;
+use crate::backends::blkif::request::{
+    OP_DISCARD, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY, SECTOR, SEGS_PER_INDIRECT_PAGE,
+};
+use crate::backends::blkif::ring::PAGE;
+use crate::backends::blkif::{
+    encode_response, parse_indirect_segments, parse_request, Abi, BackRing, Request, RingMem, RwOp,
+    Segment,
+};
+use crate::backends::xenstore::RateLimiter;
+
+/// Largest `ring-page-order` offered (16 pages, 512 entries).
+pub const MAX_RING_ORDER: u32 = 4;
+/// Requests copied out per batch.
+const BATCH: usize = 32;
+/// Batches per `process` call before it returns (the thread calls again).
+const MAX_BATCHES: usize = 64;
+
+/// What the frontend published for one queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingSetup {
+    /// `ring-ref` or `ring-ref0..N-1` (N a power of two up to 16).
+    pub refs: Vec<u32>,
+    /// The frontend's event channel port.
+    pub port: u32,
+    pub abi: Abi,
+}
+
+/// Device parameters a queue needs.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueParams {
+    /// Advertised `feature-max-indirect-segments` (0 refuses indirect).
+    pub max_indirect: usize,
+    /// Discard offered.
+    pub discard: bool,
+}
+
+/// A ring over a cache guard (held only while the ring is touched).
+struct GuardRing<'a, 'b> {
+    g: &'a gpc::Guard<'b>,
+    len: usize,
+}
+
+impl RingMem for GuardRing<'_, '_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn load_u32(&self, off: usize) -> u32 {
+        self.g.load_u32(off, Ordering::Acquire).unwrap_or(0)
+    }
+    fn store_u32(&self, off: usize, v: u32) {
+        let _ = self.g.store_u32(off, v, Ordering::Release);
+    }
+    fn read(&self, off: usize, buf: &mut [u8]) {
+        if self.g.read(off, buf).is_err() {
+            buf.fill(0);
+        }
+    }
+    fn write(&self, off: usize, data: &[u8]) {
+        let _ = self.g.write(off, data);
+    }
+}
+
+/// Counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    pub requests: u64,
+    pub errors: u64,
+    pub notifications: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+/// A connected queue.
+pub struct Queue {
+    domain: Arc<Domain>,
+    domid: u16,
+    map: MemoryMap,
+    disk: Arc<Disk>,
+    params: QueueParams,
+    ring_maps: Vec<GrantMapping>,
+    cache: Cache,
+    ring_len: usize,
+    back: BackRing,
+    abi: Abi,
+    guest_port: u32,
+    dom0_port: u32,
+    raw: Vec<[u8; 112]>,
+    segs: Vec<Segment>,
+    maps: Vec<GrantMapping>,
+    ranges: Vec<GpaRange>,
+    /// Requests whose I/O is merged into one (consecutive sectors, same op).
+    group: Vec<(u64, u8)>,
+    group_rw: RwOp,
+    group_start: u64,
+    group_next: u64,
+    warn: RateLimiter,
+    stats: QueueStats,
+    name: String,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("name", &self.name)
+            .field("ring", &self.back)
+            .field("guest_port", &self.guest_port)
+            .field("dom0_port", &self.dom0_port)
+            .finish()
+    }
+}
+
+impl Queue {
+    /// Maps the ring grants, checks the ring, binds the event channel.
+    /// Everything taken is given back if a step fails.
+    pub fn connect(
+        name: String,
+        domain: Arc<Domain>,
+        domid: u16,
+        map: MemoryMap,
+        disk: Arc<Disk>,
+        params: QueueParams,
+        setup: &RingSetup,
+    ) -> Result<Queue, BlkError> {
+        let n = setup.refs.len();
+        if n == 0 || !n.is_power_of_two() || n > 1 << MAX_RING_ORDER {
+            return Err(BlkError::Frontend(format!(
+                "{name}: {n} ring pages (1, 2, 4, 8 or 16 allowed)"
+            )));
+        }
+        let mut ring_maps = Vec::with_capacity(n);
+        let unmap = |ms: &[GrantMapping]| {
+            for m in ms {
+                let _ = domain.grant_unmap(m.handle);
+            }
+        };
+        for &gref in &setup.refs {
+            match domain.grant_map(gref, domid, false) {
+                Ok(m) => ring_maps.push(m),
+                Err(e) => {
+                    unmap(&ring_maps);
+                    return Err(BlkError::Frontend(format!(
+                        "{name}: ring page grant {gref} cannot be mapped: {e}"
+                    )));
+                }
+            }
+        }
+        let pieces: Vec<GpaRange> = ring_maps
+            .iter()
+            .map(|m| GpaRange::new(GuestAddress(m.gfn.gpa()), PAGE))
+            .collect();
+        let cache = Cache::new(&map);
+        if let Err(e) = cache.activate(&pieces) {
+            unmap(&ring_maps);
+            return Err(BlkError::Frontend(format!(
+                "{name}: ring pages unusable: {e}"
+            )));
+        }
+        let ring_len = n * PAGE;
+        let Some(back) = BackRing::new(ring_len, setup.abi.slot(), 0) else {
+            unmap(&ring_maps);
+            return Err(BlkError::Frontend(format!("{name}: ring too small")));
+        };
+        let dom0_port = match domain.backend_alloc_unbound(domid) {
+            Ok(p) => p,
+            Err(e) => {
+                unmap(&ring_maps);
+                return Err(BlkError::Evtchn(format!("{name}: {e}")));
+            }
+        };
+        if let Err(e) = domain.backend_bind(setup.port, dom0_port) {
+            let _ = domain.backend_close(dom0_port);
+            unmap(&ring_maps);
+            return Err(BlkError::Frontend(format!(
+                "{name}: event channel {} cannot be bound: {e}",
+                setup.port
+            )));
+        }
+        tracing::info!(queue = %name, pages = n, entries = back.size, port = setup.port, dom0_port, abi = ?setup.abi, "blkback queue connected");
+        Ok(Queue {
+            domain,
+            domid,
+            map,
+            disk,
+            params,
+            ring_maps,
+            cache,
+            ring_len,
+            back,
+            abi: setup.abi,
+            guest_port: setup.port,
+            dom0_port,
+            raw: Vec::with_capacity(BATCH),
+            segs: Vec::new(),
+            maps: Vec::new(),
+            ranges: Vec::new(),
+            group: Vec::new(),
+            group_rw: RwOp::Read,
+            group_start: 0,
+            group_next: 0,
+            warn: RateLimiter::default(),
+            stats: QueueStats::default(),
+            name,
+        })
+    }
+
+    /// The dom0 port the guest notifies (route it to this queue's thread).
+    pub fn dom0_port(&self) -> u32 {
+        self.dom0_port
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> QueueStats {
+        self.stats
+    }
+
+    /// Entries in the ring.
+    pub fn ring_entries(&self) -> u32 {
+        self.back.size
+    }
+
+    /// Serves what the frontend queued. `Ok(true)`: more may be waiting
+    /// (call again before sleeping); `Ok(false)`: the ring is empty and
+    /// `req_event` is armed. An error means the frontend broke the ring
+    /// protocol: stop serving this queue and refuse the device.
+    pub fn process(&mut self) -> Result<bool, BlkError> {
+        for _ in 0..MAX_BATCHES {
+            self.raw.clear();
+            let taken = {
+                let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
+                let r = GuardRing {
+                    g: &g,
+                    len: self.ring_len,
+                };
+                self.back
+                    .take_requests(&r, BATCH, &mut self.raw)
+                    .map_err(|e| BlkError::Frontend(format!("{}: {e}", self.name)))?
+            };
+            let raw = std::mem::take(&mut self.raw);
+            let mut r = Ok(());
+            for b in &raw {
+                r = self
+                    .handle(&b[..self.abi.slot()])
+                    .and_then(|done| match done {
+                        Some(d) => self.respond(&[d]),
+                        None => Ok(()),
+                    });
+                if r.is_err() {
+                    break;
+                }
+            }
+            self.raw = raw;
+            r?;
+            self.run_group()?;
+            if taken == 0 {
+                let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
+                let r = GuardRing {
+                    g: &g,
+                    len: self.ring_len,
+                };
+                if !self.back.final_check(&r) {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn notify(&mut self) -> Result<(), BlkError> {
+        self.stats.notifications += 1;
+        self.domain
+            .raise_port(self.guest_port)
+            .map_err(|e| BlkError::Evtchn(format!("{}: notify: {e}", self.name)))
+    }
+
+    /// Writes responses and publishes them (each response as soon as its
+    /// I/O is done, so the frontend refills while the rest is served); the
+    /// notify check keeps interrupts to what the frontend asked for.
+    fn respond(&mut self, done: &[(u64, u8, i16)]) -> Result<(), BlkError> {
+        let notify = {
+            let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
+            let r = GuardRing {
+                g: &g,
+                len: self.ring_len,
+            };
+            for &(id, op, st) in done {
+                self.stats.requests += 1;
+                if st != RSP_OKAY {
+                    self.stats.errors += 1;
+                }
+                let (rsp, n) = encode_response(self.abi, id, op, st);
+                self.back.put_response(&r, &rsp[..n]);
+            }
+            self.back.push_responses(&r)
+        };
+        if notify {
+            self.notify()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the frontend queued requests not yet taken (a cheap look
+    /// at `req_prod`, for polling before sleeping).
+    pub fn has_requests(&self) -> bool {
+        match self.cache.access() {
+            Ok(g) => {
+                g.load_u32(crate::backends::blkif::ring::REQ_PROD, Ordering::Acquire)
+                    .unwrap_or(self.back.req_cons)
+                    != self.back.req_cons
+            }
+            Err(_) => true,
+        }
+    }
+
+    fn ring_gone(&self, e: gpc::Error) -> BlkError {
+        BlkError::Frontend(format!("{}: ring mapping unusable: {e}", self.name))
+    }
+
+    fn refuse(&mut self, id: u64, op: u8, st: i16, why: &str) -> (u64, u8, i16) {
+        if let Some(suppressed) = self.warn.allow() {
+            tracing::warn!(queue = %self.name, id, op, status = st, suppressed, "blkif request refused: {why}");
+        }
+        (id, op, st)
+    }
+
+    /// One request: `Some((id, operation, status))` when it is done,
+    /// `None` when its I/O joined the pending group (answered by
+    /// [`run_group`](Self::run_group)). Reads and writes of consecutive
+    /// sectors are merged into one host I/O; anything else first completes
+    /// the group, so flushes, barriers and discards keep their order.
+    fn handle(&mut self, raw: &[u8]) -> Result<Option<(u64, u8, i16)>, BlkError> {
+        let req = match parse_request(self.abi, raw, self.params.max_indirect) {
+            Ok(r) => r,
+            Err(e) => return Ok(Some(self.refuse(e.id, e.operation, e.status, e.why))),
+        };
+        let (id, op) = (req.id(), req.operation());
+        if !matches!(
+            req,
+            Request::Indirect { .. }
+                | Request::Rw {
+                    op: RwOp::Read | RwOp::Write,
+                    ..
+                }
+        ) {
+            self.run_group()?;
+        }
+        Ok(match req {
+            Request::Discard {
+                sector,
+                nr_sectors,
+                secure,
+                ..
+            } => {
+                if !self.params.discard || secure {
+                    return Ok(Some(self.refuse(
+                        id,
+                        OP_DISCARD,
+                        RSP_EOPNOTSUPP,
+                        "discard not offered",
+                    )));
+                }
+                if self.disk.readonly() {
+                    return Ok(Some(self.refuse(
+                        id,
+                        op,
+                        RSP_ERROR,
+                        "discard on a read-only disk",
+                    )));
+                }
+                if !self.disk.in_range(sector, nr_sectors) {
+                    return Ok(Some(self.refuse(
+                        id,
+                        op,
+                        RSP_ERROR,
+                        "discard past the end of the disk",
+                    )));
+                }
+                Some(match self.disk.discard(sector, nr_sectors) {
+                    Ok(()) => (id, op, RSP_OKAY),
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                        self.refuse(id, op, RSP_EOPNOTSUPP, "the host cannot discard here")
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = %self.name, %e, "discard failed");
+                        (id, op, RSP_ERROR)
+                    }
+                })
+            }
+            Request::Rw {
+                op: rw,
+                sector,
+                segs,
+                ..
+            } => {
+                self.segs = segs;
+                self.data(id, op, rw, sector)?
+            }
+            Request::Indirect {
+                op: rw,
+                sector,
+                nr_segments,
+                pages,
+                ..
+            } => {
+                let mut segs = std::mem::take(&mut self.segs);
+                segs.clear();
+                let mut page = vec![0u8; PAGE];
+                let mut left = usize::from(nr_segments);
+                for gref in pages {
+                    // One private copy of each indirect page.
+                    if let Err(e) = self.copy_granted_page(gref, &mut page) {
+                        self.segs = segs;
+                        return Ok(Some(self.refuse(
+                            id,
+                            op,
+                            RSP_ERROR,
+                            &format!("indirect page grant {gref}: {e}"),
+                        )));
+                    }
+                    let n = left.min(SEGS_PER_INDIRECT_PAGE);
+                    if let Err(why) = parse_indirect_segments(&page, n, &mut segs) {
+                        self.segs = segs;
+                        return Ok(Some(self.refuse(id, op, RSP_ERROR, why)));
+                    }
+                    left -= n;
+                }
+                self.segs = segs;
+                self.data(id, op, rw, sector)?
+            }
+        })
+    }
+
+    /// Copies granted page `gref` (read-only access) into `buf`.
+    fn copy_granted_page(&self, gref: u32, buf: &mut [u8]) -> Result<(), String> {
+        let m = self
+            .domain
+            .grant_map(gref, self.domid, true)
+            .map_err(|e| e.to_string())?;
+        let r = self
+            .map
+            .guest_memory()
+            .read_slice(buf, GuestAddress(m.gfn.gpa()))
+            .map_err(|e| e.to_string());
+        let _ = self.domain.grant_unmap(m.handle);
+        r
+    }
+
+    /// A data request over `self.segs`. Reads and writes join the
+    /// pending group (`None`); flush and barrier run at once.
+    fn data(
+        &mut self,
+        id: u64,
+        op: u8,
+        rw: RwOp,
+        sector: u64,
+    ) -> Result<Option<(u64, u8, i16)>, BlkError> {
+        let writes = rw.writes() && !self.segs.is_empty();
+        if writes && self.disk.readonly() {
+            return Ok(Some(self.refuse(
+                id,
+                op,
+                RSP_ERROR,
+                "write to a read-only disk",
+            )));
+        }
+        let sectors: u64 = self.segs.iter().map(|s| s.len() as u64 / SECTOR).sum();
+        if !self.disk.in_range(sector, sectors) {
+            return Ok(Some(self.refuse(
+                id,
+                op,
+                RSP_ERROR,
+                "sectors past the end of the disk",
+            )));
+        }
+        let merge = matches!(rw, RwOp::Read | RwOp::Write);
+        if !self.group.is_empty()
+            && (!merge
+                || self.group_rw != rw
+                || self.group_next != sector
+                || self.ranges.len() + self.segs.len() > gpc::MAX_IO_PIECES)
+        {
+            self.run_group()?;
+        }
+        // Map every segment (reads write into the guest: writable).
+        let first = self.maps.len();
+        let segs = std::mem::take(&mut self.segs);
+        let mut bad = None;
+        for s in &segs {
+            match self.domain.grant_map(s.gref, self.domid, writes) {
+                Ok(m) => {
+                    self.ranges.push(GpaRange::new(
+                        GuestAddress(m.gfn.gpa() + s.offset() as u64),
+                        s.len(),
+                    ));
+                    self.maps.push(m);
+                }
+                Err(e) => {
+                    bad = Some((s.gref, e));
+                    break;
+                }
+            }
+        }
+        self.segs = segs;
+        if let Some((gref, e)) = bad {
+            for m in self.maps.drain(first..) {
+                let _ = self.domain.grant_unmap(m.handle);
+            }
+            self.ranges.truncate(first);
+            return Ok(Some(self.refuse(
+                id,
+                op,
+                RSP_ERROR,
+                &format!("segment grant {gref}: {e}"),
+            )));
+        }
+        if self.group.is_empty() {
+            self.group_rw = rw;
+            self.group_start = sector;
+        }
+        self.group_next = sector + sectors;
+        self.group.push((id, op));
+        if merge {
+            return Ok(None);
+        }
+        // Flush or barrier: alone, in order.
+        let st = self.io(rw);
+        self.answer_group(st)?;
+        Ok(None)
+    }
+
+    /// Runs the pending group's I/O and answers its requests.
+    fn run_group(&mut self) -> Result<(), BlkError> {
+        if self.group.is_empty() {
+            return Ok(());
+        }
+        let st = self.io(self.group_rw);
+        self.answer_group(st)
+    }
+
+    /// Gives the group's grants back, then answers every member.
+    fn answer_group(&mut self, st: i16) -> Result<(), BlkError> {
+        // Grants go back before the responses are pushed.
+        for m in self.maps.drain(..) {
+            let _ = self.domain.grant_unmap(m.handle);
+        }
+        self.ranges.clear();
+        let done: Vec<(u64, u8, i16)> = self.group.drain(..).map(|(id, op)| (id, op, st)).collect();
+        self.respond(&done)
+    }
+
+    /// The host I/O of the group over `self.ranges`: status.
+    fn io(&mut self, rw: RwOp) -> i16 {
+        let sector = self.group_start;
+        let writes = rw.writes();
+        let r = if self.ranges.is_empty() {
+            Ok(0)
+        } else if writes {
+            if rw == RwOp::Barrier {
+                // Earlier writes are complete (served in order); make them durable first.
+                if let Err(e) = self.disk.flush() {
+                    tracing::warn!(queue = %self.name, %e, "flush before barrier failed");
+                }
+            }
+            self.disk.write(&self.map, sector, &self.ranges)
+        } else {
+            self.disk.read(&self.map, sector, &self.ranges)
+        };
+        let r = r.and_then(|n| {
+            if matches!(rw, RwOp::Flush | RwOp::Barrier) {
+                self.disk.flush().map(|()| n)
+            } else {
+                Ok(n)
+            }
+        });
+        match r {
+            Ok(n) => {
+                if writes {
+                    self.stats.bytes_written += n as u64;
+                } else {
+                    self.stats.bytes_read += n as u64;
+                }
+                RSP_OKAY
+            }
+            Err(e) => {
+                if let Some(suppressed) = self.warn.allow() {
+                    tracing::warn!(queue = %self.name, %e, sector, suppressed, "disk I/O failed");
+                }
+                RSP_ERROR
+            }
+        }
+    }
+
+    /// Gives back the ring grants and the event channel.
+    pub fn disconnect(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        let _ = self.cache.deactivate();
+        for m in self.ring_maps.drain(..) {
+            let _ = self.domain.grant_unmap(m.handle);
+        }
+        let _ = self.domain.backend_close(self.dom0_port);
+        tracing::info!(queue = %self.name, stats = ?self.stats, "blkback queue disconnected");
+    }
+}

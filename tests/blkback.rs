@@ -1,0 +1,737 @@
+//! blkback against an in-process frontend (`common/blkfront.rs`): the real
+//! grant table and event channels, guest RAM in gpc's memory map, and the
+//! real backend code (queue engine, xenbus state machine over the real
+//! xenstore server). No guest and no /dev/kvm needed.
+
+#[path = "common/blkfront.rs"]
+mod blkfront;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use blkfront::*;
+use xenkvm::backends::blkback::{parse_disk_spec, BlkBackend, Disk, Queue, QueueParams, RingSetup};
+use xenkvm::backends::blkif::request::{RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
+use xenkvm::backends::blkif::{Abi, Request, RwOp, Segment};
+use xenkvm::backends::xenstore::{self, PermKind, XenstoreServer};
+
+const SECTORS: u64 = 2048; // 1 MiB disks
+
+struct TmpDir(PathBuf);
+impl TmpDir {
+    fn new(tag: &str) -> TmpDir {
+        let p = std::env::temp_dir().join(format!("xenkvm-blk-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TmpDir(p)
+    }
+    fn image(&self, name: &str, sectors: u64) -> PathBuf {
+        let p = self.0.join(name);
+        let mut f = std::fs::File::create(&p).unwrap();
+        let data: Vec<u8> = (0..sectors * 512)
+            .map(|i| (i / 512) as u8 ^ (i as u8))
+            .collect();
+        f.write_all(&data).unwrap();
+        p
+    }
+}
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pattern(i: u64) -> u8 {
+    ((i / 512) as u8) ^ (i as u8)
+}
+
+fn disk(path: &std::path::Path, ro: bool) -> Arc<Disk> {
+    let spec = format!(
+        "vdev=xvda,access={},target={}",
+        if ro { "ro" } else { "rw" },
+        path.display()
+    );
+    Arc::new(Disk::open(&parse_disk_spec(&spec).unwrap()).unwrap())
+}
+
+fn params() -> QueueParams {
+    QueueParams {
+        max_indirect: 256,
+        discard: true,
+    }
+}
+
+/// A frontend ring connected to a queue served on a thread.
+fn connect(
+    g: &Arc<Guest>,
+    d: Arc<Disk>,
+    pages: usize,
+    abi: Abi,
+) -> (FrontRing, xenkvm::backends::blkback::QueueThread) {
+    let fr = FrontRing::new(g, pages, abi, pages == 1);
+    let q = Queue::connect(
+        "test".into(),
+        g.d.clone(),
+        DOMID,
+        g.map.clone(),
+        d,
+        params(),
+        &RingSetup {
+            refs: fr.refs.clone(),
+            port: fr.port,
+            abi,
+        },
+    )
+    .expect("connect");
+    let t = start_queue(g, q);
+    (fr, t)
+}
+
+/// Data pages granted to the backend: (gfn, gref).
+fn data_pages(g: &Arc<Guest>, n: u64, ro: bool) -> Vec<(u64, u32)> {
+    g.alloc_pages(n)
+        .into_iter()
+        .map(|f| (f, g.grant(f, ro)))
+        .collect()
+}
+
+fn full(gref: u32) -> Segment {
+    Segment {
+        gref,
+        first_sect: 0,
+        last_sect: 7,
+    }
+}
+
+fn rw(op: RwOp, id: u64, sector: u64, segs: Vec<Segment>) -> Request {
+    Request::Rw {
+        op,
+        handle: 0,
+        id,
+        sector,
+        segs,
+    }
+}
+
+fn one(fr: &mut FrontRing, r: &Request) -> (u64, u8, i16) {
+    fr.queue(r);
+    fr.push();
+    fr.wait(1)[0]
+}
+
+#[test]
+fn blkback_read_write_both_abis_and_ring_sizes_moves_data() {
+    let t = TmpDir::new("rw");
+    for (abi, pages) in [
+        (Abi::X86_64, 1),
+        (Abi::X86_32, 1),
+        (Abi::X86_64, 16),
+        (Abi::X86_32, 4),
+    ] {
+        let path = t.image(&format!("d-{pages}-{abi:?}.img"), SECTORS);
+        let g = Guest::new();
+        let (mut fr, th) = connect(&g, disk(&path, false), pages, abi);
+        let pg = data_pages(&g, 2, false);
+        // Read sectors 8..24 (two pages, the second from sector 1 of its frame).
+        let segs = vec![
+            full(pg[0].1),
+            Segment {
+                gref: pg[1].1,
+                first_sect: 1,
+                last_sect: 7,
+            },
+        ];
+        let r = one(&mut fr, &rw(RwOp::Read, 7, 8, segs.clone()));
+        assert_eq!(r, (7, 0, RSP_OKAY), "{abi:?} {pages}");
+        let mut b = vec![0u8; 4096];
+        g.read_mem(pg[0].0 * 4096, &mut b);
+        assert!(b
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| x == pattern(8 * 512 + i as u64)));
+        g.read_mem(pg[1].0 * 4096 + 512, &mut b[..3584]);
+        assert!(b[..3584]
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| x == pattern(16 * 512 + i as u64)));
+        assert_eq!(g.busy(pg[0].1), 0, "grants unmapped before the response");
+        // Write them back elsewhere, then check the file.
+        g.write_mem(pg[0].0 * 4096, &[0xab; 4096]);
+        let r = one(&mut fr, &rw(RwOp::Write, 8, 100, vec![full(pg[0].1)]));
+        assert_eq!(r, (8, 1, RSP_OKAY));
+        let mut f = std::fs::File::open(&path).unwrap();
+        f.seek(SeekFrom::Start(100 * 512)).unwrap();
+        let mut got = vec![0u8; 4096];
+        f.read_exact(&mut got).unwrap();
+        assert!(got.iter().all(|&x| x == 0xab));
+        // Many requests: more than the ring holds, so slots and pages wrap.
+        let n = fr.size as u64 * 3;
+        let mut done = 0;
+        let mut id = 1000;
+        while done < n {
+            let batch = u64::from(fr.free()).min(n - done);
+            for _ in 0..batch {
+                fr.queue(&rw(RwOp::Read, id, id % (SECTORS - 8), vec![full(pg[1].1)]));
+                id += 1;
+            }
+            fr.push();
+            let rs = fr.wait(batch as usize);
+            assert!(rs.iter().all(|r| r.2 == RSP_OKAY));
+            done += batch;
+        }
+        assert_eq!(fr.rsp_cons, fr.req_prod_pvt);
+        drop(th);
+        assert_eq!(g.busy(fr.refs[0]), 0, "ring grants released at disconnect");
+    }
+}
+
+#[test]
+fn blkback_indirect_flush_barrier_discard_work() {
+    let t = TmpDir::new("ops");
+    let path = t.image("d.img", SECTORS);
+    let g = Guest::new();
+    let (mut fr, _th) = connect(&g, disk(&path, false), 1, Abi::X86_64);
+    // Indirect write of 256 segments (1 MiB would be 2048 sectors: the whole disk).
+    let pg = data_pages(&g, 256, true);
+    for (i, (f, _)) in pg.iter().enumerate() {
+        g.write_mem(f * 4096, &[i as u8; 4096]);
+    }
+    let ind = g.alloc_pages(1)[0];
+    let mut page = vec![0u8; 4096];
+    for (i, (_, r)) in pg.iter().enumerate() {
+        page[i * 8..i * 8 + 8].copy_from_slice(&full(*r).encode());
+    }
+    g.write_mem(ind * 4096, &page);
+    let ind_ref = g.grant(ind, true);
+    let req = Request::Indirect {
+        op: RwOp::Write,
+        handle: 0,
+        id: 1,
+        sector: 0,
+        nr_segments: 256,
+        pages: vec![ind_ref],
+    };
+    assert_eq!(one(&mut fr, &req), (1, 6, RSP_OKAY));
+    let data = std::fs::read(&path).unwrap();
+    assert!((0..256).all(|i| data[i * 4096..(i + 1) * 4096].iter().all(|&x| x == i as u8)));
+    // Past the end by one sector: refused.
+    let req = Request::Indirect {
+        op: RwOp::Read,
+        handle: 0,
+        id: 2,
+        sector: 1,
+        nr_segments: 256,
+        pages: vec![ind_ref],
+    };
+    assert_eq!(one(&mut fr, &req).2, RSP_ERROR);
+    // Flush without data, flush with data, barrier.
+    assert_eq!(
+        one(&mut fr, &rw(RwOp::Flush, 3, 0, vec![])),
+        (3, 3, RSP_OKAY)
+    );
+    let w = data_pages(&g, 1, true);
+    assert_eq!(
+        one(&mut fr, &rw(RwOp::Flush, 4, 16, vec![full(w[0].1)])).2,
+        RSP_OKAY
+    );
+    assert_eq!(
+        one(&mut fr, &rw(RwOp::Barrier, 5, 24, vec![full(w[0].1)])).2,
+        RSP_OKAY
+    );
+    // Discard: the range reads as zeros.
+    let d = Request::Discard {
+        handle: 0,
+        id: 6,
+        sector: 512,
+        nr_sectors: 64,
+        secure: false,
+    };
+    let (_, op, st) = one(&mut fr, &d);
+    assert_eq!(op, 5);
+    if st == RSP_OKAY {
+        let data = std::fs::read(&path).unwrap();
+        assert!(data[512 * 512..576 * 512].iter().all(|&x| x == 0));
+    } else {
+        assert_eq!(
+            st, RSP_EOPNOTSUPP,
+            "only 'not supported here' is acceptable"
+        );
+    }
+    let secure = Request::Discard {
+        handle: 0,
+        id: 7,
+        sector: 512,
+        nr_sectors: 64,
+        secure: true,
+    };
+    assert_eq!(one(&mut fr, &secure).2, RSP_EOPNOTSUPP);
+}
+
+#[test]
+fn blkback_bad_requests_get_error_responses_and_queue_goes_on() {
+    let t = TmpDir::new("bad");
+    let path = t.image("d.img", SECTORS);
+    let g = Guest::new();
+    let (mut fr, _th) = connect(&g, disk(&path, false), 1, Abi::X86_64);
+    let pg = data_pages(&g, 1, false);
+    // nr_segments over 11.
+    let mut raw = vec![0u8; 112];
+    rw(RwOp::Read, 1, 0, vec![full(pg[0].1)]).encode(Abi::X86_64, &mut raw);
+    raw[1] = 12;
+    fr.queue_raw(&raw);
+    // first_sect > last_sect.
+    let bad_seg = Segment {
+        gref: pg[0].1,
+        first_sect: 5,
+        last_sect: 2,
+    };
+    fr.queue(&rw(RwOp::Read, 2, 0, vec![bad_seg]));
+    // Sectors past the end.
+    fr.queue(&rw(RwOp::Read, 3, SECTORS - 7, vec![full(pg[0].1)]));
+    fr.queue(&rw(RwOp::Read, 4, u64::MAX, vec![full(pg[0].1)]));
+    // A grant reference out of the table, and one not granted.
+    fr.queue(&rw(RwOp::Read, 5, 0, vec![full(1 << 30)]));
+    fr.queue(&rw(RwOp::Read, 6, 0, vec![full(7000)]));
+    // Indirect with too many segments, unknown op.
+    fr.queue(&Request::Indirect {
+        op: RwOp::Read,
+        handle: 0,
+        id: 7,
+        sector: 0,
+        nr_segments: 300,
+        pages: vec![0],
+    });
+    raw[0] = 42;
+    raw[8] = 8;
+    fr.queue_raw(&raw);
+    // A read into a read-only grant.
+    let ro = data_pages(&g, 1, true);
+    fr.queue(&rw(RwOp::Read, 9, 0, vec![full(ro[0].1)]));
+    // And a good one after all that.
+    fr.queue(&rw(RwOp::Read, 10, 0, vec![full(pg[0].1)]));
+    fr.push();
+    let rs = fr.wait(10);
+    let st: Vec<(u64, i16)> = rs.iter().map(|r| (r.0, r.2)).collect();
+    assert_eq!(
+        st,
+        vec![
+            (1, RSP_ERROR),
+            (2, RSP_ERROR),
+            (3, RSP_ERROR),
+            (4, RSP_ERROR),
+            (5, RSP_ERROR),
+            (6, RSP_ERROR),
+            (7, RSP_ERROR),
+            (8, RSP_EOPNOTSUPP),
+            (9, RSP_ERROR),
+            (10, RSP_OKAY),
+        ]
+    );
+    assert_eq!(g.busy(pg[0].1), 0);
+}
+
+#[test]
+fn blkback_readonly_disk_refuses_writes_serves_reads() {
+    let t = TmpDir::new("ro");
+    let path = t.image("d.img", SECTORS);
+    let g = Guest::new();
+    let (mut fr, _th) = connect(&g, disk(&path, true), 1, Abi::X86_64);
+    let pg = data_pages(&g, 1, false);
+    assert_eq!(
+        one(&mut fr, &rw(RwOp::Write, 1, 0, vec![full(pg[0].1)])).2,
+        RSP_ERROR
+    );
+    let d = Request::Discard {
+        handle: 0,
+        id: 2,
+        sector: 0,
+        nr_sectors: 8,
+        secure: false,
+    };
+    assert_ne!(one(&mut fr, &d).2, RSP_OKAY);
+    assert_eq!(
+        one(&mut fr, &rw(RwOp::Read, 3, 0, vec![full(pg[0].1)])).2,
+        RSP_OKAY
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap()[0],
+        pattern(0),
+        "file unchanged"
+    );
+}
+
+#[test]
+fn blkback_ring_index_beyond_ring_refuses_device_others_keep_running() {
+    let t = TmpDir::new("idx");
+    let g = Guest::new();
+    let (mut bad, bad_th) = connect(&g, disk(&t.image("a.img", SECTORS), false), 1, Abi::X86_64);
+    let (mut good, _good_th) = connect(&g, disk(&t.image("b.img", SECTORS), false), 1, Abi::X86_64);
+    bad.set_req_prod(1000);
+    assert!(!bad.any_within(100), "no responses from a refused ring");
+    drop(bad_th); // stops promptly: the thread waits for its stop
+    assert_eq!(g.busy(bad.refs[0]), 0, "refused ring's grants given back");
+    let pg = data_pages(&g, 1, false);
+    assert_eq!(
+        one(&mut good, &rw(RwOp::Read, 1, 0, vec![full(pg[0].1)])).2,
+        RSP_OKAY
+    );
+}
+
+#[test]
+fn blkback_ungranted_ring_page_or_port_refused_at_connect() {
+    let t = TmpDir::new("ung");
+    let g = Guest::new();
+    let d = disk(&t.image("a.img", SECTORS), false);
+    let port = g.alloc_port();
+    let setup = |refs: Vec<u32>, port| RingSetup {
+        refs,
+        port,
+        abi: Abi::X86_64,
+    };
+    let c = |s: &RingSetup| {
+        Queue::connect(
+            "t".into(),
+            g.d.clone(),
+            DOMID,
+            g.map.clone(),
+            d.clone(),
+            params(),
+            s,
+        )
+    };
+    let e = c(&setup(vec![4000], port)).unwrap_err();
+    assert!(e.to_string().contains("ring page grant 4000"), "{e}");
+    let f = g.alloc_pages(2);
+    let r0 = g.grant(f[0], false);
+    let e = c(&setup(vec![r0, 4001], port)).unwrap_err();
+    assert!(e.to_string().contains("4001"), "{e}");
+    assert_eq!(g.busy(r0), 0, "the first ring page is given back");
+    let ro = g.grant(f[1], true);
+    assert!(c(&setup(vec![ro], port)).is_err(), "read-only ring grant");
+    assert!(c(&setup(vec![r0, r0, r0], port)).is_err(), "3 pages");
+    assert!(c(&setup(vec![r0], 9999)).is_err(), "bad port");
+    assert_eq!(g.busy(r0), 0);
+}
+
+// ---- xenbus --------------------------------------------------------------------------------
+
+struct Bus {
+    g: Arc<Guest>,
+    xs: XenstoreServer,
+    b: BlkBackend,
+}
+
+impl Bus {
+    fn new(specs: &[String]) -> Bus {
+        let g = Guest::new();
+        let mut xs =
+            XenstoreServer::new_domain(&xenstore::DomainConfig::new(DOMID, "t", [0; 16], 65536))
+                .unwrap();
+        let cfgs: Vec<_> = specs.iter().map(|s| parse_disk_spec(s).unwrap()).collect();
+        let b =
+            BlkBackend::new(&cfgs, DOMID, g.d.clone(), g.map.clone(), g.host(), &mut xs).unwrap();
+        let mut bus = Bus { g, xs, b };
+        bus.settle();
+        bus
+    }
+    /// What the VMM does after the store changed: hand the watch events to the backend.
+    fn settle(&mut self) {
+        for _ in 0..8 {
+            let ev = self.xs.take_events();
+            if ev.is_empty() {
+                return;
+            }
+            let rest = self.b.handle_events(&mut self.xs, ev);
+            assert!(rest.is_empty());
+        }
+    }
+    fn fe(&self, devid: u32) -> String {
+        format!("/local/domain/{DOMID}/device/vbd/{devid}")
+    }
+    fn be(&self, devid: u32) -> String {
+        format!("/local/domain/0/backend/vbd/{DOMID}/{devid}")
+    }
+    fn read(&self, p: &str) -> String {
+        self.xs
+            .read_string(p)
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+    }
+    fn w(&mut self, p: &str, v: &str) {
+        self.xs.write(p, v.as_bytes()).unwrap();
+    }
+    fn be_state(&self, devid: u32) -> String {
+        self.read(&format!("{}/state", self.be(devid)))
+    }
+    fn set_fe_state(&mut self, devid: u32, s: u32) {
+        let p = format!("{}/state", self.fe(devid));
+        self.w(&p, &s.to_string());
+        self.settle();
+    }
+    /// blkfront's talk_to_blkback: rings (order, queues), event channels, protocol, state 3.
+    fn talk(&mut self, devid: u32, order: u32, queues: u32, abi: Abi) -> Vec<FrontRing> {
+        let fe = self.fe(devid);
+        let mut rings = Vec::new();
+        if queues > 1 {
+            self.w(&format!("{fe}/multi-queue-num-queues"), &queues.to_string());
+        }
+        for q in 0..queues {
+            let dir = if queues > 1 {
+                format!("{fe}/queue-{q}")
+            } else {
+                fe.clone()
+            };
+            let fr = FrontRing::new(&self.g, 1 << order, abi, order == 0);
+            if order == 0 {
+                self.w(&format!("{dir}/ring-ref"), &fr.refs[0].to_string());
+            } else {
+                self.w(&format!("{fe}/ring-page-order"), &order.to_string());
+                for (i, r) in fr.refs.iter().enumerate() {
+                    self.w(&format!("{dir}/ring-ref{i}"), &r.to_string());
+                }
+            }
+            self.w(&format!("{dir}/event-channel"), &fr.port.to_string());
+            rings.push(fr);
+        }
+        let proto = if abi == Abi::X86_32 {
+            "x86_32-abi"
+        } else {
+            "x86_64-abi"
+        };
+        self.w(&format!("{fe}/protocol"), proto);
+        self.w(&format!("{fe}/feature-persistent"), "1");
+        self.set_fe_state(devid, 3);
+        rings
+    }
+}
+
+#[test]
+fn xenbus_vbd_nodes_have_xl_keys_and_permissions() {
+    let t = TmpDir::new("nodes");
+    let img = t.image("a.img", SECTORS);
+    let bus = Bus::new(&[format!("vdev=xvda,target={}", img.display())]);
+    let (fe, be) = (bus.fe(51712), bus.be(51712));
+    assert_eq!(bus.read(&format!("{fe}/backend")), be);
+    assert_eq!(bus.read(&format!("{fe}/backend-id")), "0");
+    assert_eq!(bus.read(&format!("{fe}/virtual-device")), "51712");
+    assert_eq!(bus.read(&format!("{fe}/device-type")), "disk");
+    assert_eq!(bus.read(&format!("{fe}/state")), "1");
+    assert_eq!(bus.read(&format!("{be}/frontend")), fe);
+    assert_eq!(bus.read(&format!("{be}/frontend-id")), DOMID.to_string());
+    assert_eq!(bus.read(&format!("{be}/dev")), "xvda");
+    assert_eq!(bus.read(&format!("{be}/mode")), "w");
+    assert_eq!(
+        bus.read(&format!("{be}/feature-max-indirect-segments")),
+        "256"
+    );
+    assert_eq!(bus.read(&format!("{be}/max-ring-page-order")), "4");
+    assert_eq!(bus.read(&format!("{be}/max-ring-pages")), "16");
+    assert!(
+        bus.read(&format!("{be}/multi-queue-max-queues"))
+            .parse::<u32>()
+            .unwrap()
+            >= 1
+    );
+    assert_eq!(bus.be_state(51712), "2");
+    let fp = bus.xs.get_perms(&fe).unwrap();
+    assert_eq!(fp.owner(), DOMID, "the guest owns its frontend dir");
+    assert_eq!(fp.entries()[0].kind, PermKind::None, "others: none");
+    assert_eq!(
+        fp.entries().get(1).map(|p| (p.domid, p.kind)),
+        Some((0, PermKind::Read))
+    );
+    let bp = bus.xs.get_perms(&format!("{be}/state")).unwrap();
+    assert_eq!(bp.owner(), 0);
+    assert_eq!(
+        bp.access(DOMID),
+        PermKind::Read,
+        "the guest reads the backend"
+    );
+    assert_eq!(bp.access(7), PermKind::None, "other domains do not");
+}
+
+#[test]
+fn xenbus_handshake_connect_close_reconnect_serves_io() {
+    let t = TmpDir::new("hs");
+    let img = t.image("a.img", SECTORS);
+    let ro = t.image("b.img", SECTORS);
+    let mut bus = Bus::new(&[
+        format!("vdev=xvda,target={}", img.display()),
+        format!("vdev=xvdq,access=ro,target={}", ro.display()),
+    ]);
+    let mut rings = bus.talk(51712, 0, 1, Abi::X86_64);
+    assert_eq!(bus.be_state(51712), "4");
+    let be = bus.be(51712);
+    assert_eq!(bus.read(&format!("{be}/sectors")), SECTORS.to_string());
+    assert_eq!(bus.read(&format!("{be}/info")), "0");
+    assert_eq!(bus.read(&format!("{be}/sector-size")), "512");
+    assert_eq!(bus.read(&format!("{be}/physical-sector-size")), "512");
+    assert_eq!(bus.read(&format!("{be}/feature-flush-cache")), "1");
+    assert_eq!(bus.read(&format!("{be}/feature-barrier")), "1");
+    assert_eq!(bus.read(&format!("{be}/feature-discard")), "1");
+    assert_eq!(bus.read(&format!("{be}/feature-persistent")), "0");
+    bus.set_fe_state(51712, 4);
+    assert_eq!(bus.be_state(51712), "4", "Connected stays");
+    let g = bus.g.clone();
+    let pg = data_pages(&g, 1, false);
+    assert_eq!(
+        one(&mut rings[0], &rw(RwOp::Read, 1, 0, vec![full(pg[0].1)])).2,
+        RSP_OKAY
+    );
+    // Extended devid, read-only: info 4, connected too (32-bit frontend).
+    let xvdq = 268439552;
+    let mut r2 = bus.talk(xvdq, 0, 1, Abi::X86_32);
+    assert_eq!(bus.be_state(xvdq), "4");
+    assert_eq!(bus.read(&format!("{}/info", bus.be(xvdq))), "4");
+    assert_eq!(bus.read(&format!("{}/feature-discard", bus.be(xvdq))), "0");
+    assert_eq!(
+        one(&mut r2[0], &rw(RwOp::Write, 2, 0, vec![full(pg[0].1)])).2,
+        RSP_ERROR
+    );
+    // Clean close: 5 -> 5, 6 -> disconnect, 6; the ring grants are free again.
+    bus.set_fe_state(51712, 5);
+    assert_eq!(bus.be_state(51712), "5");
+    bus.set_fe_state(51712, 6);
+    assert_eq!(bus.be_state(51712), "6");
+    assert!(g.revoke(rings[0].refs[0]), "backend unmapped the ring");
+    // Re-connect (a reloaded driver): 1 -> 2, then a 4-page ring on 2 queues.
+    bus.set_fe_state(51712, 1);
+    assert_eq!(bus.be_state(51712), "2");
+    let mq = bus.b.devices()[0].cfg.clone();
+    let max_q: u32 = bus
+        .read(&format!("{be}/multi-queue-max-queues"))
+        .parse()
+        .unwrap();
+    let nq = max_q.min(2);
+    let mut rings = bus.talk(51712, 2, nq, Abi::X86_64);
+    assert_eq!(bus.be_state(51712), "4", "{mq:?}");
+    assert_eq!(bus.b.devices()[0].queues(), nq as usize);
+    for (i, r) in rings.iter_mut().enumerate() {
+        assert_eq!(r.size, 128);
+        let res = one(r, &rw(RwOp::Read, 10 + i as u64, 8, vec![full(pg[0].1)]));
+        assert_eq!(res, (10 + i as u64, 0, RSP_OKAY));
+    }
+    // The frontend disappears (its directory removed) mid-connection.
+    let fe = bus.fe(51712);
+    bus.xs.rm(&fe).unwrap();
+    bus.settle();
+    assert_eq!(bus.be_state(51712), "6");
+    assert!(g.revoke(rings[0].refs[0]));
+    // The other device still works.
+    assert_eq!(
+        one(&mut r2[0], &rw(RwOp::Read, 3, 0, vec![full(pg[0].1)])).2,
+        RSP_OKAY
+    );
+}
+
+#[test]
+fn xenbus_bad_frontend_keys_refused_with_error_node() {
+    let t = TmpDir::new("badfe");
+    let img = t.image("a.img", SECTORS);
+    let mut bus = Bus::new(&[format!("vdev=xvda,target={}", img.display())]);
+    let fe = bus.fe(51712);
+    // A ring reference that is not granted.
+    bus.w(&format!("{fe}/ring-ref"), "4000");
+    let port = bus.g.alloc_port();
+    bus.w(&format!("{fe}/event-channel"), &port.to_string());
+    bus.set_fe_state(51712, 3);
+    assert_eq!(bus.be_state(51712), "5", "refused: Closing");
+    let err = bus.read(&format!("{}/error", bus.be(51712)));
+    assert!(err.contains("4000"), "{err}");
+    // The frontend gives up and closes, then retries properly.
+    bus.set_fe_state(51712, 6);
+    assert_eq!(bus.be_state(51712), "6");
+    bus.set_fe_state(51712, 1);
+    assert_eq!(bus.be_state(51712), "2");
+    for (k, v) in [
+        ("ring-page-order", "5"),
+        ("multi-queue-num-queues", "99"),
+        ("protocol", "arm-abi"),
+    ] {
+        bus.xs.rm(&format!("{fe}/ring-page-order")).unwrap();
+        bus.xs.rm(&format!("{fe}/multi-queue-num-queues")).unwrap();
+        bus.xs.rm(&format!("{fe}/protocol")).unwrap();
+        bus.w(&format!("{fe}/{k}"), v);
+        bus.set_fe_state(51712, 3);
+        assert_eq!(bus.be_state(51712), "5", "{k}={v}");
+        bus.set_fe_state(51712, 6);
+        bus.set_fe_state(51712, 1);
+        assert_eq!(bus.be_state(51712), "2");
+    }
+}
+
+#[test]
+fn blkbackend_duplicate_vdev_or_missing_file_named() {
+    let t = TmpDir::new("dup");
+    let img = t.image("a.img", SECTORS);
+    let g = Guest::new();
+    let mut xs = XenstoreServer::new();
+    let a = parse_disk_spec(&format!("vdev=xvda,target={}", img.display())).unwrap();
+    let b = parse_disk_spec(&format!("vdev=51712,target={}", img.display())).unwrap();
+    let e = BlkBackend::new(
+        &[a.clone(), b],
+        DOMID,
+        g.d.clone(),
+        g.map.clone(),
+        g.host(),
+        &mut xs,
+    )
+    .unwrap_err();
+    assert!(e.contains("same device number 51712"), "{e}");
+    let m = parse_disk_spec("vdev=xvdb,target=/nonexistent/x.img").unwrap();
+    let e =
+        BlkBackend::new(&[m], DOMID, g.d.clone(), g.map.clone(), g.host(), &mut xs).unwrap_err();
+    assert!(
+        e.contains("xvdb") && e.contains("/nonexistent/x.img"),
+        "{e}"
+    );
+    let q = parse_disk_spec(&format!("format=qcow2,vdev=xvdc,target={}", img.display())).unwrap();
+    let e =
+        BlkBackend::new(&[q], DOMID, g.d.clone(), g.map.clone(), g.host(), &mut xs).unwrap_err();
+    assert!(e.contains("qcow2"), "{e}");
+}
+
+#[test]
+fn blkback_merged_consecutive_requests_keep_order_and_errors_apart() {
+    let t = TmpDir::new("merge");
+    let path = t.image("d.img", SECTORS);
+    let g = Guest::new();
+    let (mut fr, _th) = connect(&g, disk(&path, false), 1, Abi::X86_64);
+    let pg = data_pages(&g, 8, false);
+    for (i, (f, _)) in pg.iter().enumerate() {
+        g.write_mem(f * 4096, &[0x10 + i as u8; 4096]);
+    }
+    // Writes of sectors 0..32 in four requests, one with a bad grant in the
+    // middle, then a read of 0..16 into other pages, all in one push.
+    fr.queue(&rw(RwOp::Write, 1, 0, vec![full(pg[0].1)]));
+    fr.queue(&rw(RwOp::Write, 2, 8, vec![full(pg[1].1)]));
+    fr.queue(&rw(RwOp::Write, 3, 16, vec![full(7777)]));
+    fr.queue(&rw(RwOp::Write, 4, 24, vec![full(pg[3].1)]));
+    fr.queue(&rw(RwOp::Read, 5, 0, vec![full(pg[4].1), full(pg[5].1)]));
+    fr.queue(&rw(RwOp::Flush, 6, 0, vec![]));
+    fr.push();
+    let mut rs = fr.wait(6);
+    rs.sort();
+    let st: Vec<i16> = rs.iter().map(|r| r.2).collect();
+    assert_eq!(
+        st,
+        vec![RSP_OKAY, RSP_OKAY, RSP_ERROR, RSP_OKAY, RSP_OKAY, RSP_OKAY]
+    );
+    let data = std::fs::read(&path).unwrap();
+    assert!(data[..4096].iter().all(|&x| x == 0x10));
+    assert!(data[4096..8192].iter().all(|&x| x == 0x11));
+    assert!(data[8192..12288]
+        .iter()
+        .enumerate()
+        .all(|(i, &x)| x == pattern(8192 + i as u64)));
+    assert!(data[12288..16384].iter().all(|&x| x == 0x13));
+    let mut b = vec![0u8; 4096];
+    g.read_mem(pg[4].0 * 4096, &mut b);
+    assert!(
+        b.iter().all(|&x| x == 0x10),
+        "the read saw the earlier write"
+    );
+    g.read_mem(pg[5].0 * 4096, &mut b);
+    assert!(b.iter().all(|&x| x == 0x11));
+    assert!(pg.iter().all(|p| g.busy(p.1) == 0));
+}
