@@ -513,7 +513,8 @@ fn linux_mounts_ext4_on_xvda_reads_and_writes_every_byte() {
             "160M",
         ],
     );
-    let disk = format!("target={},format=raw,vdev=xvda,access=rw", img.display());
+    // xl syntax: target= comes last (a path may contain commas).
+    let disk = format!("format=raw,vdev=xvda,access=rw,target={}", img.display());
     let script = "echo SHELL-BEGIN; mkdir -p /mnt && mount -t ext4 /dev/xvda /mnt && echo MOUNTED; \
                   sha256sum /mnt/known; \
                   for i in $(seq 64); do cat /mnt/known; done > /mnt/new && sync && echo WROTE; \
