@@ -118,6 +118,9 @@ fn idle_two_vcpu_guest_wakes_the_vmm_less_than_once_a_second() {
             path.to_str().unwrap(),
             "--cmdline",
             "idle",
+            // The test guest reports on Xen's console.
+            "--xen-console",
+            "console",
         ])
         .args(["--vcpus", "2", "--memory", "64", "--timeout", "30"])
         .env("XENKVM_LOG", "warn")

@@ -5,6 +5,7 @@
 //! starts threads (through [`threads::spawn`]).
 
 pub mod bench_sched;
+pub mod console_dest;
 pub mod console_input;
 pub mod event_loop;
 pub mod machine;
@@ -61,6 +62,13 @@ pub struct VmConfig {
     /// Host schedule tracking to use: `perf`, `perf-batched` or `sampling`
     /// (`None`: the best the host permits; see `xen::sched::Mechanism`).
     pub sched: Option<String>,
+    /// Where Xen's own console (`console_io`, ports 0xE9/0x12) goes.
+    pub xen_console: crate::devices::XenConsoleTo,
+    // --- PV disks and NICs (xl's `disk =`/`vif =`, `--disk`/`--net`).
+    /// Disks for the PV block backend.
+    pub disks: Vec<crate::config::DiskSpec>,
+    /// NICs for the PV network backend.
+    pub nics: Vec<crate::config::NicSpec>,
 }
 
 impl Default for VmConfig {
@@ -78,6 +86,9 @@ impl Default for VmConfig {
             stdin_console: true,
             bench_ports: false,
             sched: None,
+            xen_console: Default::default(),
+            disks: Vec::new(),
+            nics: Vec::new(),
         }
     }
 }
@@ -109,6 +120,9 @@ pub enum VmError {
     Os(&'static str, std::io::Error),
     #[error("device layout: {0}")]
     Bus(#[from] crate::devices::BusError),
+    /// A configured device whose backend xenkvm does not have yet.
+    #[error("{0}")]
+    NoBackend(String),
     #[error("vCPU {vcpu} did not pause (it reports {state:?})")]
     PauseTimeout {
         vcpu: u32,
@@ -180,6 +194,18 @@ impl Vm {
         if !(16..=65536).contains(&cfg.mem_mib) {
             return Err(VmError::BadMemory(cfg.mem_mib));
         }
+        // --- PV disks and NICs: refused until their backends exist (never
+        // silently ignored).
+        if let Some(d) = cfg.disks.first() {
+            return Err(VmError::NoBackend(format!(
+                "disk \"{d}\": the PV block backend is not built yet"
+            )));
+        }
+        if let Some(n) = cfg.nics.first() {
+            return Err(VmError::NoBackend(format!(
+                "vif \"{n}\": the PV network backend is not built yet"
+            )));
+        }
         let kvm = KvmVm::create(&trapped_msrs())?;
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
@@ -237,7 +263,8 @@ impl Vm {
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Os("serial eventfd", e))?;
         kvm.register_irqfd(&serial_irq, 4)?;
         let pio = Arc::new(Bus::new());
-        let devices = PlatformDevices::register(&pio, console.clone(), serial_irq)?;
+        let devices =
+            PlatformDevices::register(&pio, console.clone(), cfg.xen_console, serial_irq)?;
         pio.insert(
             u64::from(crate::xen::hcall_page::HYPERCALL_PORT),
             4,

@@ -132,6 +132,11 @@ impl Xen {
             mem: mem.clone(),
             clock,
             console: console.clone(),
+            xen_console: crate::devices::XenConsole::new(
+                cfg.xen_console,
+                console.clone(),
+                "console_io",
+            ),
             overlays: Mutex::new(Overlays::default()),
             timers: XenTimers::new(cfg.vcpus, clock).map_err(|e| format!("timerfd: {e}"))?,
             backend_events: [
@@ -691,7 +696,10 @@ pub struct XenPlatform {
     map: gpc::MemoryMap,
     mem: GuestMem,
     clock: Clock,
+    /// The guest's console (the PV console ring's output goes here).
     console: Arc<ConsoleOut>,
+    /// Xen's own console (`console_io` writes).
+    xen_console: crate::devices::XenConsole,
     overlays: Mutex<Overlays>,
     timers: XenTimers,
     /// Eventfds of the backends (store, console): `notify_backend` writes.
@@ -829,7 +837,7 @@ impl XenPlatform {
 
 impl Platform for XenPlatform {
     fn console_write(&self, data: &[u8]) {
-        self.console.write(data);
+        self.xen_console.write(data);
     }
     fn console_read(&self, _buf: &mut [u8]) -> usize {
         0
