@@ -201,8 +201,9 @@ struct UiArgs {
     console_input: InputArg,
     /// Where the guest's console (hvc0, the serial port) goes: stdout, pty
     /// (a pseudo-terminal whose path is printed on stderr; attach with
-    /// e.g. `screen PATH`; the guest runs on while nobody is attached, and
-    /// up to 1 MiB of output waits for a reader), or file:PATH (appended).
+    /// e.g. `screen PATH`; what is typed there is the guest's input; the
+    /// guest runs on while nobody is attached, and up to 1 MiB of output
+    /// waits for a reader), or file:PATH (appended).
     #[arg(long, value_name = "DEST", default_value = "stdout", value_parser = ConsoleDest::parse)]
     console: ConsoleDest,
     /// Where Xen's own console goes (what the guest writes with the
@@ -701,7 +702,7 @@ fn probe() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(cfg: VmConfig, opts: &RunOptions, console: &ConsoleDest) -> ExitCode {
+fn run(mut cfg: VmConfig, opts: &RunOptions, console: &ConsoleDest) -> ExitCode {
     let console = match xenkvm::vmm::console_dest::open(console) {
         Ok(c) => c,
         Err(e) => return fail(exit_status::ERROR, &e),
@@ -710,6 +711,7 @@ fn run(cfg: VmConfig, opts: &RunOptions, console: &ConsoleDest) -> ExitCode {
         // The one line a person (or a script) needs to attach.
         eprintln!("xenkvm: guest console on {}", p.display());
     }
+    cfg.console_in = console.input.clone();
     let ended = xenkvm::vmm::runner::run(cfg, console.out, opts);
     if let Some(m) = &ended.message {
         eprintln!("xenkvm: {m}");
@@ -795,9 +797,56 @@ mod tests {
             "143 SIGTERM",
             "141 stdout was closed",
             "--on-reboot",
+            "--disk <SPEC>",
+            "xl-disk-configuration(5)",
+            "--net <SPEC>",
+            "00:16:3e",
+            "--console <DEST>",
+            "file:PATH",
+            "--xen-console <TO>",
         ] {
             assert!(help.contains(s), "help lacks {s:?}:\n{help}");
         }
+        let create = cmd.find_subcommand_mut("create").unwrap();
+        let help = create.render_long_help().to_string();
+        for s in [
+            "FILE.cfg",
+            "KEY=VALUE",
+            "viridian",
+            "vif = [ 'bridge=xenbr0' ]",
+            "-c",
+        ] {
+            assert!(help.contains(s), "create help lacks {s:?}:\n{help}");
+        }
+    }
+
+    #[test]
+    fn cli_disk_and_net_specs_parse_with_xl_syntax() {
+        let Cmd::Run(a) = parse(&[
+            "run",
+            "--kernel",
+            "/k",
+            "--disk",
+            "phy:/dev/vg/lv,xvda,w",
+            "--disk",
+            "format=qcow2,vdev=xvdb,access=ro,target=/a,b.qcow2",
+            "--net",
+            "bridge=br0",
+            "--name",
+            "web",
+        ])
+        .unwrap()
+        .cmd
+        else {
+            panic!("not run")
+        };
+        assert_eq!(a.disks.len(), 2);
+        assert_eq!(a.disks[1].target, "/a,b.qcow2");
+        assert_eq!(a.nets[0].bridge.as_deref(), Some("br0"));
+        let e = run_err(&["--disk", "/x,raw,xvda,rx"]);
+        assert!(e.contains("disk \"/x,raw,xvda,rx\": access=rx:"), "{e}");
+        let e = run_err(&["--console", "tty"]);
+        assert!(e.contains("\"tty\" is not stdout, pty or file:PATH"), "{e}");
     }
 
     #[test]
@@ -878,6 +927,11 @@ mod tests {
                 "--log-level",
                 "--status",
                 "--quiet",
+                "--disk",
+                "--net",
+                "--name",
+                "--console",
+                "--xen-console",
                 "--bogus",
             ])
         }

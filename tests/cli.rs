@@ -886,3 +886,63 @@ fn run_console_file_gets_the_guest_console() {
     );
     assert_eq!(text.matches("reboot mode").count(), 1, "{text}");
 }
+
+#[test]
+fn run_console_pty_input_reaches_the_guest() {
+    if !common::kvm_available("run_console_pty_input_reaches_the_guest") {
+        return;
+    }
+    use std::io::Write;
+    let guest = GuestFile::new("ptyin");
+    let mut child = spawn(&[
+        "run",
+        "--kernel",
+        guest.path(),
+        "--cmdline",
+        "demo console_wait=30",
+        "--vcpus",
+        "3",
+        "--memory",
+        "64",
+        "--xen-console",
+        "console",
+        "--console",
+        "pty",
+        "--timeout",
+        "90",
+    ]);
+    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    err.read_line(&mut line).expect("stderr line");
+    let path = line
+        .trim()
+        .strip_prefix("xenkvm: guest console on ")
+        .unwrap_or_else(|| panic!("first stderr line: {line:?}"))
+        .to_string();
+    let mut pty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open the pty");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    let mut typed = false;
+    while !String::from_utf8_lossy(&seen).contains("Test result: ") {
+        let n = pty.read(&mut buf).expect("read the pty");
+        assert!(n > 0, "pty ended: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+        if !typed && String::from_utf8_lossy(&seen).contains("console_input: type a line") {
+            pty.write_all(b"typed on the pty\n").expect("type");
+            typed = true;
+        }
+    }
+    let status = child.wait().expect("wait");
+    let mut rest = String::new();
+    let _ = err.read_to_string(&mut rest);
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(status.success(), "{status:?} {rest}\n{seen}");
+    assert!(
+        seen.contains("\"typed on the pty\" + newline"),
+        "the line typed on the pty reached the guest: {seen}"
+    );
+}

@@ -7,7 +7,8 @@
 //! is attached and nothing hangs up when a reader detaches. Output waits in
 //! a bounded buffer ([`PTY_BUFFER`], the oldest bytes dropped beyond it,
 //! counted in the log) until the pty has room; a writer thread moves it, so
-//! a guest never waits for a reader.
+//! a guest never waits for a reader. What is typed on the pty is the
+//! guest's console input (stdin is then not read).
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -48,10 +49,12 @@ impl ConsoleDest {
 /// bytes (the newest).
 pub const PTY_BUFFER: usize = 1 << 20;
 
-/// The opened console: its output and, for a pty, the slave's path.
+/// The opened console: its output and, for a pty, the slave's path and the
+/// master to read the guest's console input from.
 pub struct OpenedConsole {
     pub out: Arc<ConsoleOut>,
     pub pty_path: Option<PathBuf>,
+    pub input: Option<Arc<OwnedFd>>,
 }
 
 /// Opens `dest`.
@@ -60,6 +63,7 @@ pub fn open(dest: &ConsoleDest) -> Result<OpenedConsole, String> {
         ConsoleDest::Stdout => Ok(OpenedConsole {
             out: ConsoleOut::stdout(),
             pty_path: None,
+            input: None,
         }),
         ConsoleDest::File(p) => {
             let f = std::fs::OpenOptions::new()
@@ -70,6 +74,7 @@ pub fn open(dest: &ConsoleDest) -> Result<OpenedConsole, String> {
             Ok(OpenedConsole {
                 out: ConsoleOut::new(Box::new(f)),
                 pty_path: None,
+                input: None,
             })
         }
         ConsoleDest::Pty => open_pty().map_err(|e| format!("--console pty: {e}")),
@@ -137,6 +142,9 @@ fn open_pty() -> Result<OpenedConsole, String> {
         buf: Mutex::new(PtyBuf::default()),
         ready: Condvar::new(),
     });
+    let input = master
+        .try_clone()
+        .map_err(|e| format!("cannot duplicate the pty master: {e}"))?;
     let s = shared.clone();
     crate::vmm::threads::spawn(
         crate::vmm::threads::ThreadKind::ConsolePty,
@@ -150,6 +158,7 @@ fn open_pty() -> Result<OpenedConsole, String> {
     Ok(OpenedConsole {
         out: ConsoleOut::new(Box::new(PtyWriter(shared))),
         pty_path: Some(path),
+        input: Some(Arc::new(input)),
     })
 }
 

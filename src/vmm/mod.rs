@@ -57,6 +57,8 @@ pub struct VmConfig {
     pub name: String,
     /// Feed the VMM's stdin into the PV console ring (hvc0 input).
     pub stdin_console: bool,
+    /// Feed this instead (a `--console pty` master); stdin is then not read.
+    pub console_in: Option<Arc<std::os::fd::OwnedFd>>,
     /// Register the test guest's bench ports (`testing::BenchPorts`).
     pub bench_ports: bool,
     /// Host schedule tracking to use: `perf`, `perf-batched` or `sampling`
@@ -84,6 +86,7 @@ impl Default for VmConfig {
             domid: 1,
             name: "xenkvm-guest".into(),
             stdin_console: true,
+            console_in: None,
             bench_ports: false,
             sched: None,
             xen_console: Default::default(),
@@ -145,6 +148,7 @@ pub struct Vm {
     vcpus: Vec<KvmVcpu>,
     entry: EntryState,
     stdin_console: bool,
+    console_in: Option<Arc<std::os::fd::OwnedFd>>,
     events: Arc<EventLoop>,
 }
 
@@ -345,6 +349,7 @@ impl Vm {
             vcpus,
             entry,
             stdin_console: cfg.stdin_console,
+            console_in: cfg.console_in.clone(),
             events,
         })
     }
@@ -402,6 +407,7 @@ impl Vm {
             entry,
             events,
             stdin_console,
+            console_in,
         } = self;
         let started = Instant::now();
         let m2 = machine.clone();
@@ -474,14 +480,15 @@ impl Vm {
             0,
             rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC,
         );
-        if let (true, Ok(stop)) = (stdin_console, input_stop.as_ref()) {
+        let feeds = stdin_console || console_in.is_some();
+        if let (true, Ok(stop)) = (feeds, input_stop.as_ref()) {
             let (weak, stop) = (Arc::downgrade(&machine), stop.try_clone());
             match stop.map(|stop| {
                 threads::spawn(
                     ThreadKind::ConsoleInput,
                     "console-input".into(),
                     on_panic.clone(),
-                    move || console_input::feed(weak, &stop),
+                    move || console_input::feed(weak, &stop, console_in.as_deref()),
                 )
             }) {
                 // Not joined: a read on a terminal cannot be interrupted
