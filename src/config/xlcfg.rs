@@ -444,7 +444,8 @@ pub struct XlConfig {
     pub on_poweroff: Option<OnEvent>,
     pub on_reboot: Option<OnEvent>,
     pub on_crash: Option<OnEvent>,
-    /// Keys xenkvm does not use, with their lines (for one warning).
+    /// Keys xenkvm does not use, with where they were set: the line, or 0
+    /// for a command-line override (for one warning).
     pub unused: Vec<(String, usize)>,
     /// Other notes for the user (maxmem above memory, ...).
     pub warnings: Vec<String>,
@@ -611,13 +612,14 @@ impl XlConfig {
                         Value::Str { s, .. } => parse_number(s),
                         Value::List(_) => None,
                     });
-                    match online {
-                        Some(v) if u64::from(m) > v => c.warnings.push(format!(
+                    // As xl: vcpus (default 1) are online at boot, the rest
+                    // up to maxvcpus would be hot-pluggable.
+                    let v = online.unwrap_or(1);
+                    if u64::from(m) > v {
+                        c.warnings.push(format!(
                             "{}:{}: maxvcpus: {m} above vcpus = {v}: xenkvm does not hot-plug vCPUs; the guest has {v}",
                             s.origin, s.line
-                        )),
-                        Some(_) => {}
-                        None => c.vcpus = Some(m),
+                        ));
                     }
                 }
                 "kernel" => c.kernel = Some(PathBuf::from(string()?)),
@@ -642,7 +644,10 @@ impl XlConfig {
                 "on_poweroff" => c.on_poweroff = Some(action("destroy")?),
                 "on_reboot" => c.on_reboot = Some(action("restart")?),
                 "on_crash" => c.on_crash = Some(action("destroy")?),
-                _ => c.unused.push((key.clone(), s.line)),
+                _ => c.unused.push((
+                    key.clone(),
+                    if s.origin == "command line" { 0 } else { s.line },
+                )),
             }
         }
         // The command line: cmdline, else root= and extra (xl_parse.c).
@@ -696,7 +701,10 @@ impl XlConfig {
         let keys: Vec<String> = self
             .unused
             .iter()
-            .map(|(k, l)| format!("{k} (line {l})"))
+            .map(|(k, l)| match l {
+                0 => format!("{k} (command line)"),
+                l => format!("{k} (line {l})"),
+            })
             .collect();
         Some(format!(
             "{origin}: ignoring keys xenkvm does not use: {}",

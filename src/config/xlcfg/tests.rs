@@ -73,6 +73,11 @@ fn xlcfg_overrides_replace_and_append_as_xl_does() {
     assert_eq!(c.memory_mib, Some(1024));
     assert_eq!(c.cmdline.as_deref(), Some("a b"));
     assert_eq!(c.nics.len(), 2);
+    let c = XlConfig::from_text("acpi = 1\n", "g.cfg", &["hpet=1".into()]).unwrap();
+    assert_eq!(
+        c.unused_warning("g.cfg").as_deref(),
+        Some("g.cfg: ignoring keys xenkvm does not use: acpi (line 1), hpet (command line)")
+    );
     let e = XlConfig::from_text("", "g.cfg", &["viridian=1".into()]).unwrap_err();
     assert_eq!(e.to_string(), "command line:1: viridian: not supported by xenkvm: Hyper-V enlightenments (viridian) are not offered");
 }
@@ -204,6 +209,13 @@ fn xlcfg_type_hvm_and_builder() {
     let c = cfg("vcpus = 1\nmaxvcpus = 4\nmemory = 256\nmaxmem = 1024");
     assert_eq!(c.vcpus, Some(1));
     assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    let c = cfg("maxvcpus = 4");
+    assert_eq!(c.vcpus, None, "xl: vcpus default to 1 online");
+    assert!(
+        c.warnings[0].contains("the guest has 1"),
+        "{:?}",
+        c.warnings
+    );
 }
 
 proptest! {
