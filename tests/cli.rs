@@ -15,6 +15,15 @@ use common::GuestFile;
 /// Safety net only: a broken build must fail, not hang the test run.
 const GIVE_UP: Duration = Duration::from_secs(120);
 
+/// Held by the tests that run the test guest's full check list on 3 vCPUs
+/// (its IPI ping-pong checks have time limits): one at a time, so that they
+/// do not starve each other of this host's 2 CPUs.
+static FULL_CHECKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn full_checks() -> std::sync::MutexGuard<'static, ()> {
+    FULL_CHECKS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn spawn(args: &[&str]) -> Child {
     Command::new(common::xenkvm_bin())
         .args(args)
@@ -461,6 +470,7 @@ fn demo_in_terminal_prompts_and_waits_for_typed_line() {
     if !common::kvm_available("demo_in_terminal_prompts_and_waits_for_typed_line") {
         return;
     }
+    let _one_at_a_time = full_checks();
     if Command::new("script").arg("--version").output().is_err() {
         common::skip(
             "demo_in_terminal_prompts_and_waits_for_typed_line",
@@ -579,6 +589,7 @@ fn create_example_cfg_boots_test_guest_to_poweroff() {
     if !common::kvm_available("create_example_cfg_boots_test_guest_to_poweroff") {
         return;
     }
+    let _one_at_a_time = full_checks();
     let guest = GuestFile::new("create");
     let cfg = CfgFile::new(
         "create",
@@ -892,6 +903,7 @@ fn run_console_pty_input_reaches_the_guest() {
     if !common::kvm_available("run_console_pty_input_reaches_the_guest") {
         return;
     }
+    let _one_at_a_time = full_checks();
     use std::io::Write;
     let guest = GuestFile::new("ptyin");
     let mut child = spawn(&[
