@@ -160,7 +160,16 @@ fn idle_cost(mode: &str, window: Duration) -> IdleCost {
     let path = std::env::temp_dir().join(format!("xenkvm-{mode}-{}.elf", std::process::id()));
     std::fs::write(&path, xenkvm::testing::TEST_GUEST_ELF).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_xenkvm"))
-        .args(["run", "--kernel", path.to_str().unwrap(), "--cmdline", mode])
+        .args([
+            "run",
+            "--kernel",
+            path.to_str().unwrap(),
+            "--cmdline",
+            mode,
+            // The test guest reports on Xen's console.
+            "--xen-console",
+            "console",
+        ])
         .args(["--vcpus", "2", "--memory", "64", "--timeout", "60"])
         .env("XENKVM_LOG", "warn")
         .stdin(std::process::Stdio::null())

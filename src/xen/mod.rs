@@ -205,6 +205,11 @@ impl Xen {
             mem: mem.clone(),
             clock,
             console: console.clone(),
+            xen_console: crate::devices::XenConsole::new(
+                cfg.xen_console,
+                console.clone(),
+                "console_io",
+            ),
             overlays: Mutex::new(Overlays::default()),
             timers: XenTimers::new(cfg.vcpus, clock).map_err(|e| format!("timerfd: {e}"))?,
             backend_events: [
@@ -840,7 +845,10 @@ pub struct XenPlatform {
     map: gpc::MemoryMap,
     mem: GuestMem,
     clock: Clock,
+    /// The guest's console (the PV console ring's output goes here).
     console: Arc<ConsoleOut>,
+    /// Xen's own console (`console_io` writes).
+    xen_console: crate::devices::XenConsole,
     overlays: Mutex<Overlays>,
     timers: XenTimers,
     /// Eventfds of the backends (store, console): `notify_backend` writes.
@@ -982,7 +990,7 @@ impl XenPlatform {
 
 impl Platform for XenPlatform {
     fn console_write(&self, data: &[u8]) {
-        self.console.write(data);
+        self.xen_console.write(data);
     }
     fn console_read(&self, _buf: &mut [u8]) -> usize {
         0
@@ -1307,7 +1315,10 @@ mod tests {
         let n = UpcallNet::new(1);
         n.raised(0);
         n.check(0, false, true);
-        assert!(n.check(0, true, true), "a GSI pulse can be lost at any time");
+        assert!(
+            n.check(0, true, true),
+            "a GSI pulse can be lost at any time"
+        );
     }
 
     /// A relocated vcpu_info lives in guest RAM behind a gpc cache: what the
