@@ -22,10 +22,13 @@ use std::time::{Duration, Instant};
 /// ftrace_check_for_weak_functions` because that check (a `kallsyms`
 /// lookup for each of the kernel's 37,697 ftrace records) ran for 6 to 10
 /// minutes of a boot here, and init waits for it (`init_kprobe_trace`
-/// blocks on `ftrace_lock`). Skipping it only leaves records at overridden
-/// weak functions unmarked, which matters only when function tracing is
-/// turned on.
-const CMDLINE: &str = "console=hvc0 noxsave clearcpuid=137 xen.fifo_events=0 no_timer_check cryptomgr.notests initcall_blacklist=ftrace_check_for_weak_functions bb.shell=1";
+/// blocks on `ftrace_lock`); likewise `trace_eval_init`, which rewrites the
+/// enum names in every trace event's print format (a worker that ran for
+/// minutes, soft-lockup warnings included, and init waits for it too).
+/// Skipping them only matters when tracing is turned on: records at
+/// overridden weak functions stay unmarked, and trace formats show enum
+/// names instead of values.
+const CMDLINE: &str = "console=hvc0 noxsave clearcpuid=137 xen.fifo_events=0 no_timer_check cryptomgr.notests initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init bb.shell=1";
 
 /// What the shell is asked once init reaches it.
 const SHELL_COMMANDS: &str =
