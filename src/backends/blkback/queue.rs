@@ -56,6 +56,18 @@ pub struct QueueParams {
     pub max_indirect: usize,
     /// Discard offered.
     pub discard: bool,
+    /// Submit the host I/O of a batch through io_uring (falls back to
+    /// `preadv`/`pwritev` where the host has none).
+    pub uring: bool,
+}
+
+/// A merged I/O queued on the io_uring, waiting for its completion.
+struct Inflight {
+    members: Vec<(u64, u8)>,
+    maps: Vec<GrantMapping>,
+    write: bool,
+    start: u64,
+    end: u64,
 }
 
 /// A ring over a cache guard (held only while the ring is touched).
@@ -117,6 +129,10 @@ pub struct Queue {
     group_rw: RwOp,
     group_start: u64,
     group_next: u64,
+    /// Batched host I/O (io_uring), when the host has it and it is wanted.
+    uring: Option<gpc::FileRing>,
+    /// Groups queued on `uring`, answered by `drain`.
+    inflight: Vec<Inflight>,
     warn: RateLimiter,
     stats: QueueStats,
     name: String,
@@ -199,7 +215,18 @@ impl Queue {
                 setup.port
             )));
         }
-        tracing::info!(queue = %name, pages = n, entries = back.size, port = setup.port, dom0_port, abi = ?setup.abi, "blkback queue connected");
+        let uring = if params.uring {
+            match gpc::FileRing::new(&map, 64) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::info!(queue = %name, %e, "no io_uring: preadv/pwritev on the queue's thread");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        tracing::info!(queue = %name, pages = n, uring = uring.is_some(), entries = back.size, port = setup.port, dom0_port, abi = ?setup.abi, "blkback queue connected");
         Ok(Queue {
             domain,
             domid,
@@ -221,6 +248,8 @@ impl Queue {
             group_rw: RwOp::Read,
             group_start: 0,
             group_next: 0,
+            uring,
+            inflight: Vec::new(),
             warn: RateLimiter::default(),
             stats: QueueStats::default(),
             name,
@@ -275,6 +304,7 @@ impl Queue {
             self.raw = raw;
             r?;
             self.run_group()?;
+            self.drain()?;
             if taken == 0 {
                 let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
                 let r = GuardRing {
@@ -366,6 +396,7 @@ impl Queue {
                 }
         ) {
             self.run_group()?;
+            self.drain()?;
         }
         Ok(match req {
             Request::Discard {
@@ -546,6 +577,7 @@ impl Queue {
             return Ok(None);
         }
         // Flush or barrier: alone, in order.
+        self.drain()?;
         let st = self.io(rw);
         self.answer_group(st)?;
         Ok(None)
@@ -556,8 +588,81 @@ impl Queue {
         if self.group.is_empty() {
             return Ok(());
         }
-        let st = self.io(self.group_rw);
+        let rw = self.group_rw;
+        if matches!(rw, RwOp::Read | RwOp::Write) && self.uring.is_some() {
+            let (start, end, write) = (self.group_start, self.group_next, rw == RwOp::Write);
+            // Overlapping I/O waits for what is queued (a read after a write
+            // of the same sectors sees it).
+            if self
+                .inflight
+                .iter()
+                .any(|g| (g.write || write) && g.start < end && start < g.end)
+            {
+                self.drain()?;
+            }
+            if let Some(ring) = self.uring.as_mut() {
+                match ring.queue(start * SECTOR, &self.ranges, write) {
+                    Ok(_) => {
+                        self.inflight.push(Inflight {
+                            members: self.group.drain(..).collect(),
+                            maps: self.maps.drain(..).collect(),
+                            write,
+                            start,
+                            end,
+                        });
+                        self.ranges.clear();
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::debug!(queue = %self.name, %e, "io_uring queue refused: synchronous I/O");
+                    }
+                }
+            }
+        }
+        self.drain()?;
+        let st = self.io(rw);
         self.answer_group(st)
+    }
+
+    /// Submits the queued groups (one system call for the batch), waits for
+    /// them, gives their grants back and answers their requests.
+    fn drain(&mut self) -> Result<(), BlkError> {
+        if self.inflight.is_empty() {
+            return Ok(());
+        }
+        let disk = self.disk.clone();
+        let results = match self.uring.as_mut() {
+            Some(r) => r.run(disk.file()),
+            None => Vec::new(),
+        };
+        let mut results = results.into_iter();
+        let inflight = std::mem::take(&mut self.inflight);
+        let mut done = Vec::new();
+        for g in inflight {
+            let st = match results.next() {
+                Some(Ok(n)) => {
+                    if g.write {
+                        self.stats.bytes_written += n as u64;
+                    } else {
+                        self.stats.bytes_read += n as u64;
+                    }
+                    RSP_OKAY
+                }
+                Some(Err(e)) => {
+                    if let Some(suppressed) = self.warn.allow() {
+                        tracing::warn!(queue = %self.name, %e, sector = g.start, suppressed, "disk I/O failed");
+                    }
+                    RSP_ERROR
+                }
+                None => RSP_ERROR,
+            };
+            // Grants go back before the responses are pushed.
+            for m in g.maps {
+                let _ = self.domain.grant_unmap(m.handle);
+            }
+            done.extend(g.members.iter().map(|&(id, op)| (id, op, st)));
+        }
+        self.respond(&done)
     }
 
     /// Gives the group's grants back, then answers every member.
@@ -621,6 +726,14 @@ impl Queue {
 
 impl Drop for Queue {
     fn drop(&mut self) {
+        for g in self.inflight.drain(..) {
+            for m in g.maps {
+                let _ = self.domain.grant_unmap(m.handle);
+            }
+        }
+        for m in self.maps.drain(..) {
+            let _ = self.domain.grant_unmap(m.handle);
+        }
         let _ = self.cache.deactivate();
         for m in self.ring_maps.drain(..) {
             let _ = self.domain.grant_unmap(m.handle);

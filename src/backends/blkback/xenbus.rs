@@ -99,6 +99,11 @@ pub fn max_queues() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as u32)
 }
 
+/// io_uring for the host I/O unless `XENKVM_BLK_URING=0`.
+pub fn uring_wanted() -> bool {
+    std::env::var("XENKVM_BLK_URING").map_or(true, |v| v != "0")
+}
+
 /// One vbd and its connection.
 pub struct VbdDevice {
     pub cfg: BlkConfig,
@@ -366,6 +371,7 @@ impl VbdDevice {
         let params = QueueParams {
             max_indirect: MAX_INDIRECT_SEGMENTS,
             discard: self.cfg.discard && !self.cfg.readonly,
+            uring: uring_wanted(),
         };
         for (i, s) in setups.iter().enumerate() {
             let name = format!("blk{}.{}-q{i}", self.domid, self.cfg.devid);
