@@ -541,3 +541,67 @@ fn run_log_file_gets_the_logs_not_stderr() {
     assert!(!text.contains("\x1b["), "no colours in a file");
     assert!(!err.contains("PVH kernel loaded"), "stderr: {err}");
 }
+
+#[test]
+fn run_disk_bad_spec_names_spec_and_key() {
+    let out = Command::new(common::xenkvm_bin())
+        .args([
+            "run",
+            "--kernel",
+            "/nonexistent",
+            "--disk",
+            "vdev=xvda,cache=none,target=/tmp/x.img",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("xenkvm");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("vdev=xvda,cache=none,target=/tmp/x.img")
+            && err.contains("cache: unknown key"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_disk_missing_image_named_and_good_disk_boots() {
+    if !common::kvm_available("run_disk_missing_image_named_and_good_disk_boots") {
+        return;
+    }
+    let guest = GuestFile::new("disk");
+    let run = |disk: &str| {
+        Command::new(common::xenkvm_bin())
+            .args([
+                "run",
+                "--kernel",
+                guest.path(),
+                "--cmdline",
+                "reboot",
+                "--on-reboot",
+                "destroy",
+                "--disk",
+                disk,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("xenkvm")
+    };
+    let out = run("vdev=xvdb,target=/nonexistent/disk.img");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("disk xvdb: cannot open /nonexistent/disk.img"),
+        "{err}"
+    );
+    let img = std::env::temp_dir().join(format!("xenkvm-cli-disk-{}.img", std::process::id()));
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let out = run(&format!("vdev=xvda,access=ro,target={}", img.display()));
+    let _ = std::fs::remove_file(&img);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the guest reboots as without a disk: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
