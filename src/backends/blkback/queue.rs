@@ -460,11 +460,12 @@ impl Queue {
             } => {
                 let mut segs = std::mem::take(&mut self.segs);
                 segs.clear();
-                let mut page = vec![0u8; PAGE];
+                let mut page = [0u8; PAGE];
                 let mut left = usize::from(nr_segments);
                 for gref in pages {
-                    // One private copy of each indirect page.
-                    if let Err(e) = self.copy_granted_page(gref, &mut page) {
+                    // One private copy of the part of each indirect page in use.
+                    let n = left.min(SEGS_PER_INDIRECT_PAGE);
+                    if let Err(e) = self.copy_granted_page(gref, &mut page[..n * 8]) {
                         self.segs = segs;
                         return Ok(Some(self.refuse(
                             id,
@@ -473,8 +474,7 @@ impl Queue {
                             &format!("indirect page grant {gref}: {e}"),
                         )));
                     }
-                    let n = left.min(SEGS_PER_INDIRECT_PAGE);
-                    if let Err(why) = parse_indirect_segments(&page, n, &mut segs) {
+                    if let Err(why) = parse_indirect_segments(&page[..n * 8], n, &mut segs) {
                         self.segs = segs;
                         return Ok(Some(self.refuse(id, op, RSP_ERROR, why)));
                     }
@@ -486,7 +486,7 @@ impl Queue {
         })
     }
 
-    /// Copies granted page `gref` (read-only access) into `buf`.
+    /// Copies the start of granted page `gref` (read-only access) into `buf`.
     fn copy_granted_page(&self, gref: u32, buf: &mut [u8]) -> Result<(), String> {
         let m = self
             .domain
@@ -537,37 +537,26 @@ impl Queue {
         {
             self.run_group()?;
         }
-        // Map every segment (reads write into the guest: writable).
+        // Map every segment (reads write into the guest: writable), one lock for all.
         let first = self.maps.len();
-        let segs = std::mem::take(&mut self.segs);
-        let mut bad = None;
-        for s in &segs {
-            match self.domain.grant_map(s.gref, self.domid, writes) {
-                Ok(m) => {
-                    self.ranges.push(GpaRange::new(
-                        GuestAddress(m.gfn.gpa() + s.offset() as u64),
-                        s.len(),
-                    ));
-                    self.maps.push(m);
-                }
-                Err(e) => {
-                    bad = Some((s.gref, e));
-                    break;
-                }
-            }
-        }
-        self.segs = segs;
-        if let Some((gref, e)) = bad {
-            for m in self.maps.drain(first..) {
-                let _ = self.domain.grant_unmap(m.handle);
-            }
-            self.ranges.truncate(first);
+        let refs: Vec<(u32, bool)> = self.segs.iter().map(|s| (s.gref, writes)).collect();
+        if let Err((i, e)) = self
+            .domain
+            .grant_map_batch(&refs, self.domid, &mut self.maps)
+        {
+            let gref = refs.get(i).map_or(0, |r| r.0);
             return Ok(Some(self.refuse(
                 id,
                 op,
                 RSP_ERROR,
                 &format!("segment grant {gref}: {e}"),
             )));
+        }
+        for (m, s) in self.maps[first..].iter().zip(&self.segs) {
+            self.ranges.push(GpaRange::new(
+                GuestAddress(m.gfn.gpa() + s.offset() as u64),
+                s.len(),
+            ));
         }
         if self.group.is_empty() {
             self.group_rw = rw;
@@ -659,9 +648,8 @@ impl Queue {
                 None => RSP_ERROR,
             };
             // Grants go back before the responses are pushed.
-            for m in g.maps {
-                let _ = self.domain.grant_unmap(m.handle);
-            }
+            self.domain
+                .grant_unmap_batch(g.maps.iter().map(|m| m.handle));
             done.extend(g.members.iter().map(|&(id, op)| (id, op, st)));
         }
         self.respond(&done)
@@ -670,9 +658,8 @@ impl Queue {
     /// Gives the group's grants back, then answers every member.
     fn answer_group(&mut self, st: i16) -> Result<(), BlkError> {
         // Grants go back before the responses are pushed.
-        for m in self.maps.drain(..) {
-            let _ = self.domain.grant_unmap(m.handle);
-        }
+        self.domain
+            .grant_unmap_batch(self.maps.drain(..).map(|m| m.handle));
         self.ranges.clear();
         let done: Vec<(u64, u8, i16)> = self.group.drain(..).map(|(id, op)| (id, op, st)).collect();
         self.respond(&done)
