@@ -16,8 +16,8 @@
 //! measurement (default 1.5).
 //!
 //! `cargo bench --bench blkback` (`XENKVM_BENCH_ONLY=rand` runs the
-//! workloads whose name contains the text; `XENKVM_BLK_URING=0` serves
-//! without io_uring).
+//! workloads whose name contains the text; `XENKVM_BLK_URING=1` serves
+//! through io_uring).
 
 #[path = "../common/blkfront.rs"]
 mod blkfront;

@@ -14,8 +14,8 @@
 //! [`BlkBackend`] holds a guest's devices and reacts to xenstore watch
 //! events on the event loop.
 //!
-//! The host I/O of a batch goes to io_uring in one submission
-//! (`gpc::FileRing`), or `preadv`/`pwritev` where there is none.
+//! The host I/O is `preadv`/`pwritev` on the queue's thread, or with
+//! `XENKVM_BLK_URING=1` one io_uring submission per batch (`gpc::FileRing`).
 //!
 //! Not done: qcow2 (refused by name at start), persistent grants kept
 //! mapped (offering `feature-persistent` is an option; grants are still

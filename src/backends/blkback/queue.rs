@@ -6,8 +6,8 @@
 //! For each request: copy it out of the ring once, parse and check it
 //! (`blkif::parse_request`), map each granted segment (`Domain::grant_map`,
 //! writable only for reads into the guest), hand the host I/O an iovec of
-//! the guest frames (`readv`/`writev` through io_uring, one submission per
-//! batch, or `preadv`/`pwritev`), unmap every grant, and only then write
+//! the guest frames (`preadv`/`pwritev`, or `readv`/`writev` through
+//! io_uring, one submission per batch), unmap every grant, and only then write
 //! the response. Reads and writes of consecutive sectors are merged into
 //! one host I/O. Responses are pushed per batch and the frontend is
 //! notified only when `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` says so.
