@@ -31,6 +31,9 @@ pub mod xen;
 /// dom0-side services with no KVM in them: xenstore and the PV console.
 pub mod backends;
 
+/// Configuration as Xen users write it: xl.cfg files, xl's disk and vif specifications (pure parsing).
+pub mod config;
+
 /// The built-in test guest and its benchmark ports.
 pub mod testing;
 

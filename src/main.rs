@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use xenkvm::config::{DiskSpec, NicSpec};
+use xenkvm::devices::XenConsoleTo;
+use xenkvm::vmm::console_dest::ConsoleDest;
 use xenkvm::vmm::console_input::InputMode;
 use xenkvm::vmm::runner::{exit_status, Action, RunOptions, StatusMode};
 use xenkvm::vmm::{BootProtocol, VmConfig};
@@ -36,6 +39,14 @@ enum Cmd {
     /// bzImage (see --boot).
     #[command(after_help = exit_status::HELP)]
     Run(RunArgs),
+    /// Boot the guest an xl.cfg file describes, as `xl create` would (keys
+    /// name, type, builder, memory, maxmem, vcpus, maxvcpus, kernel,
+    /// ramdisk, cmdline, extra, root, disk, vif, on_poweroff, on_reboot,
+    /// on_crash; others are named in one warning, and those xenkvm cannot
+    /// honour, such as viridian or pci, refused). Relative paths in the file
+    /// are relative to the current directory, as with xl.
+    #[command(after_help = CREATE_HELP)]
+    Create(CreateArgs),
     /// Boot the project's own test guest (built by cargo) and print what it
     /// checked from inside: Xen CPUID, hypercalls, shared_info, xenstore,
     /// event channels, grant tables, traps, SCHEDOP_poll.
@@ -101,6 +112,39 @@ enum BenchCmd {
     },
 }
 
+const CREATE_HELP: &str = "Example:\n  name = \"web\"\n  type = \"pvh\"\n  memory = 512\n  vcpus = 2\n  kernel = \"/boot/vmlinuz\"\n  ramdisk = \"/boot/initrd.img\"\n  extra = \"console=hvc0\"\n  disk = [ 'format=raw,vdev=xvda,access=rw,target=/srv/web.img' ]\n  vif = [ 'bridge=xenbr0' ]\n  on_reboot = \"restart\"\n\nExit status: as `xenkvm run` (see xenkvm run --help).";
+
+#[derive(clap::Args, Debug)]
+struct CreateArgs {
+    /// The xl.cfg file.
+    #[arg(value_name = "FILE.cfg")]
+    config: PathBuf,
+    /// xl's overrides: lines of xl.cfg syntax applied after the file
+    /// (e.g. memory=1024 'extra="console=hvc0"').
+    #[arg(value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Show the guest's console on this terminal (as `xl create -c`; it is
+    /// xenkvm's default: the guest's console is on stdout unless --console
+    /// says otherwise).
+    #[arg(short = 'c')]
+    attach: bool,
+    /// Stop the guest and fail (status 4) after this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout, allow_negative_numbers = true)]
+    timeout: Option<Duration>,
+    #[command(flatten)]
+    ui: UiArgs,
+}
+
+/// Where Xen's own console goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum XenConsoleArg {
+    /// The log: level info, target xen_console (--log-level
+    /// warn,xen_console=info shows it on stderr).
+    Log,
+    /// The guest's console output, interleaved with it.
+    Console,
+}
+
 /// How `run` enters the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum BootArg {
@@ -113,6 +157,10 @@ enum BootArg {
     /// E820, initrd; the kernel decompresses itself and runs as a Xen
     /// PV-on-HVM guest).
     Linux,
+    /// xl.cfg's `type = "hvm"`: a bzImage by the Linux boot protocol, an
+    /// ELF by its PVH entry.
+    #[value(skip)]
+    Hvm,
 }
 
 /// What to do when the guest stops (xl.cfg's on_poweroff/on_reboot/on_crash).
@@ -145,12 +193,25 @@ enum InputArg {
     None,
 }
 
-/// Options of the terminal interface shared by `run` and `demo`.
-#[derive(clap::Args, Debug)]
+/// Options of the terminal interface shared by `run`, `create` and `demo`.
+#[derive(clap::Args, Debug, Clone)]
 struct UiArgs {
     /// Where the guest's console (hvc0) input comes from.
     #[arg(long, value_enum, default_value_t = InputArg::Auto, value_name = "FROM")]
     console_input: InputArg,
+    /// Where the guest's console (hvc0, the serial port) goes: stdout, pty
+    /// (a pseudo-terminal whose path is printed on stderr; attach with
+    /// e.g. `screen PATH`; what is typed there is the guest's input; the
+    /// guest runs on while nobody is attached, and up to 1 MiB of output
+    /// waits for a reader), or file:PATH (appended).
+    #[arg(long, value_name = "DEST", default_value = "stdout", value_parser = ConsoleDest::parse)]
+    console: ConsoleDest,
+    /// Where Xen's own console goes (what the guest writes with the
+    /// console_io hypercall and to the debug ports 0xE9 and 0x12): the log
+    /// (default for run and create), or the guest's console (default for
+    /// demo, whose test guest reports there).
+    #[arg(long, value_enum, value_name = "TO")]
+    xen_console: Option<XenConsoleArg>,
     /// Show the status line while the guest is silent even when stderr is
     /// not a terminal (as a full line every --status-after seconds).
     #[arg(long, conflicts_with = "quiet")]
@@ -204,18 +265,38 @@ struct RunArgs {
     /// When the guest crashes.
     #[arg(long, value_enum, default_value_t = ActionArg::Destroy, value_name = "ACTION")]
     on_crash: ActionArg,
-    /// A PV disk (repeatable), in xl's key=value syntax with target last:
-    /// `format=raw,vdev=xvda,access=rw,target=PATH` (access rw|ro; also
-    /// discard/no-discard, persistent=0|1). The guest sees it as a Xen vbd.
-    #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
-    disk: Vec<xenkvm::backends::blkback::BlkConfig>,
+    /// The domain's name (xenstore's `name`; seeds generated MACs).
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    name: Option<String>,
+    // --- PV disks and NICs (xl syntax; repeatable).
+    /// A PV disk in xl's syntax (xl-disk-configuration(5)), e.g.
+    /// target=/srv/g.img,format=raw,vdev=xvda,access=rw or the positional
+    /// /srv/g.img,raw,xvda,rw or phy:/dev/vg/lv,xvda,w. Repeatable.
+    #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
+    disks: Vec<DiskSpec>,
+    /// A PV network interface in xl's syntax (xl-network-configuration(5)),
+    /// e.g. mac=00:16:3e:01:02:03,bridge=br0,vifname=vm0; without mac= a
+    /// stable one in 00:16:3e is generated from --name and the index.
+    /// Repeatable.
+    #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+    nets: Vec<NicSpec>,
     #[command(flatten)]
     ui: UiArgs,
 }
 
-/// `--disk`: one spec (errors name the spec and the key).
-fn parse_disk(s: &str) -> Result<xenkvm::backends::blkback::BlkConfig, String> {
-    xenkvm::backends::blkback::parse_disk_spec(s).map_err(|e| e.to_string())
+fn parse_disk(s: &str) -> Result<DiskSpec, String> {
+    DiskSpec::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_net(s: &str) -> Result<NicSpec, String> {
+    NicSpec::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 64 || s.chars().any(char::is_control) {
+        return Err("a name of 1 to 64 printable characters".into());
+    }
+    Ok(s.to_string())
 }
 
 /// The longest `--timeout`: one year.
@@ -261,6 +342,15 @@ fn parse_cmdline(s: &str) -> Result<String, String> {
 }
 
 impl UiArgs {
+    /// Where Xen's console goes, `default` unless --xen-console says.
+    fn xen_console(&self, default: XenConsoleTo) -> XenConsoleTo {
+        match self.xen_console {
+            None => default,
+            Some(XenConsoleArg::Log) => XenConsoleTo::Log,
+            Some(XenConsoleArg::Console) => XenConsoleTo::Console,
+        }
+    }
+
     fn options(&self) -> RunOptions {
         RunOptions {
             console_input: match self.console_input {
@@ -322,6 +412,8 @@ fn run_config(a: &RunArgs) -> Result<(VmConfig, RunOptions), String> {
             ))
         }
         BootArg::Linux => (kernel, BootProtocol::Linux),
+        BootArg::Hvm if is_bz => (kernel, BootProtocol::Linux),
+        BootArg::Hvm => (kernel, BootProtocol::Pvh),
         // PVH entry of the ELF inside a bzImage.
         BootArg::Auto | BootArg::Pvh if is_bz => {
             if !a.ui.quiet {
@@ -346,6 +438,17 @@ fn run_config(a: &RunArgs) -> Result<(VmConfig, RunOptions), String> {
         )?),
         None => None,
     };
+    let name = a.name.clone().unwrap_or_else(|| VmConfig::default().name);
+    // NICs without a MAC get a stable one from the name and their index.
+    let nics = a
+        .nets
+        .iter()
+        .enumerate()
+        .map(|(i, n)| NicSpec {
+            mac: Some(n.mac_for(&name, i as u32)),
+            ..n.clone()
+        })
+        .collect();
     let cfg = VmConfig {
         kernel,
         boot,
@@ -354,7 +457,10 @@ fn run_config(a: &RunArgs) -> Result<(VmConfig, RunOptions), String> {
         mem_mib: a.memory,
         vcpus: a.vcpus,
         timeout: a.timeout,
-        disks: a.disk.clone(),
+        name,
+        xen_console: a.ui.xen_console(XenConsoleTo::Log),
+        disks: a.disks.clone(),
+        nics,
         ..Default::default()
     };
     let opts = RunOptions {
@@ -366,6 +472,65 @@ fn run_config(a: &RunArgs) -> Result<(VmConfig, RunOptions), String> {
         ..a.ui.options()
     };
     Ok((cfg, opts))
+}
+
+/// The `run` arguments an xl.cfg (and its overrides) amounts to.
+fn create_run_args(c: &CreateArgs) -> Result<RunArgs, String> {
+    use xenkvm::config::{GuestType, OnEvent, XlConfig};
+    let origin = c.config.display().to_string();
+    let x = XlConfig::load(&c.config, &c.overrides).map_err(|e| e.to_string())?;
+    if let Some(w) = x.unused_warning(&origin) {
+        tracing::warn!("{w}");
+    }
+    for w in &x.warnings {
+        tracing::warn!("{w}");
+    }
+    let kernel = x.kernel.clone().ok_or_else(|| {
+        format!("{origin}: kernel: missing (xenkvm boots a kernel directly: kernel = \"PATH\")")
+    })?;
+    for (key, p) in [("kernel", Some(&kernel)), ("ramdisk", x.ramdisk.as_ref())] {
+        if let Some(p) = p {
+            std::fs::File::open(p)
+                .map_err(|e| format!("{origin}: {key}: cannot read {}: {e}", p.display()))?;
+        }
+    }
+    let cmdline = parse_cmdline(x.cmdline.as_deref().unwrap_or(""))
+        .map_err(|e| format!("{origin}: cmdline: {e}"))?;
+    let key = x.domain_key();
+    let nets = x
+        .nics
+        .iter()
+        .enumerate()
+        .map(|(i, n)| NicSpec {
+            mac: Some(n.mac_for(&key, i as u32)),
+            ..n.clone()
+        })
+        .collect();
+    let action = |a: Option<OnEvent>, default: ActionArg| match a {
+        None => default,
+        Some(OnEvent::Destroy) => ActionArg::Destroy,
+        Some(OnEvent::Restart) => ActionArg::Restart,
+    };
+    Ok(RunArgs {
+        kernel,
+        boot: match x.guest_type {
+            GuestType::Unspecified => BootArg::Auto,
+            GuestType::Pvh => BootArg::Pvh,
+            GuestType::Hvm => BootArg::Hvm,
+        },
+        initrd: x.ramdisk.clone(),
+        cmdline,
+        memory: x.memory_mib.unwrap_or(256),
+        vcpus: x.vcpus.unwrap_or(1),
+        timeout: c.timeout,
+        on_poweroff: action(x.on_poweroff, ActionArg::Destroy),
+        on_reboot: action(x.on_reboot, ActionArg::Restart),
+        on_crash: action(x.on_crash, ActionArg::Destroy),
+        name: x.name.clone(),
+        disks: x.disks.clone(),
+        nets,
+        ui: c.ui.clone(),
+    })
 }
 
 fn main() -> ExitCode {
@@ -384,7 +549,11 @@ fn main() -> ExitCode {
     }
     match cli.cmd {
         Cmd::Run(a) => match run_config(&a) {
-            Ok((cfg, opts)) => run(cfg, &opts),
+            Ok((cfg, opts)) => run(cfg, &opts, &a.ui.console),
+            Err(e) => fail(exit_status::ERROR, &e),
+        },
+        Cmd::Create(c) => match create_run_args(&c).and_then(|a| run_config(&a).map(|r| (r, a))) {
+            Ok(((cfg, opts), a)) => run(cfg, &opts, &a.ui.console),
             Err(e) => fail(exit_status::ERROR, &e),
         },
         Cmd::Demo { timeout, ui } => {
@@ -409,13 +578,15 @@ fn main() -> ExitCode {
                 vcpus: 3,
                 timeout: Some(timeout),
                 name: "demo".into(),
+                // The test guest reports on Xen's console.
+                xen_console: ui.xen_console(XenConsoleTo::Console),
                 ..Default::default()
             };
             let opts = RunOptions {
                 timeout: Some(timeout),
                 ..ui.options()
             };
-            run(cfg, &opts)
+            run(cfg, &opts, &ui.console)
         }
         Cmd::Probe {
             coverage: false, ..
@@ -531,8 +702,17 @@ fn probe() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(cfg: VmConfig, opts: &RunOptions) -> ExitCode {
-    let ended = xenkvm::vmm::runner::run(cfg, xenkvm::devices::ConsoleOut::stdout(), opts);
+fn run(mut cfg: VmConfig, opts: &RunOptions, console: &ConsoleDest) -> ExitCode {
+    let console = match xenkvm::vmm::console_dest::open(console) {
+        Ok(c) => c,
+        Err(e) => return fail(exit_status::ERROR, &e),
+    };
+    if let Some(p) = &console.pty_path {
+        // The one line a person (or a script) needs to attach.
+        eprintln!("xenkvm: guest console on {}", p.display());
+    }
+    cfg.console_in = console.input.clone();
+    let ended = xenkvm::vmm::runner::run(cfg, console.out, opts);
     if let Some(m) = &ended.message {
         eprintln!("xenkvm: {m}");
     }
@@ -617,9 +797,56 @@ mod tests {
             "143 SIGTERM",
             "141 stdout was closed",
             "--on-reboot",
+            "--disk <SPEC>",
+            "xl-disk-configuration(5)",
+            "--net <SPEC>",
+            "00:16:3e",
+            "--console <DEST>",
+            "file:PATH",
+            "--xen-console <TO>",
         ] {
             assert!(help.contains(s), "help lacks {s:?}:\n{help}");
         }
+        let create = cmd.find_subcommand_mut("create").unwrap();
+        let help = create.render_long_help().to_string();
+        for s in [
+            "FILE.cfg",
+            "KEY=VALUE",
+            "viridian",
+            "vif = [ 'bridge=xenbr0' ]",
+            "-c",
+        ] {
+            assert!(help.contains(s), "create help lacks {s:?}:\n{help}");
+        }
+    }
+
+    #[test]
+    fn cli_disk_and_net_specs_parse_with_xl_syntax() {
+        let Cmd::Run(a) = parse(&[
+            "run",
+            "--kernel",
+            "/k",
+            "--disk",
+            "phy:/dev/vg/lv,xvda,w",
+            "--disk",
+            "format=qcow2,vdev=xvdb,access=ro,target=/a,b.qcow2",
+            "--net",
+            "bridge=br0",
+            "--name",
+            "web",
+        ])
+        .unwrap()
+        .cmd
+        else {
+            panic!("not run")
+        };
+        assert_eq!(a.disks.len(), 2);
+        assert_eq!(a.disks[1].target, "/a,b.qcow2");
+        assert_eq!(a.nets[0].bridge.as_deref(), Some("br0"));
+        let e = run_err(&["--disk", "/x,raw,xvda,rx"]);
+        assert!(e.contains("disk \"/x,raw,xvda,rx\": access=rx:"), "{e}");
+        let e = run_err(&["--console", "tty"]);
+        assert!(e.contains("\"tty\" is not stdout, pty or file:PATH"), "{e}");
     }
 
     #[test]
@@ -700,6 +927,11 @@ mod tests {
                 "--log-level",
                 "--status",
                 "--quiet",
+                "--disk",
+                "--net",
+                "--name",
+                "--console",
+                "--xen-console",
                 "--bogus",
             ])
         }
@@ -742,7 +974,7 @@ mod tests {
                             prop_assert!(timeout > Duration::ZERO);
                             let _ = ui.options();
                         }
-                        Cmd::Probe { .. } | Cmd::Bench(_) => {}
+                        Cmd::Probe { .. } | Cmd::Bench(_) | Cmd::Create(_) => {}
                     }
                     if let Some(l) = cli.log_level.as_deref() {
                         let _ = xenkvm::logging::filter_directives(l);

@@ -4,7 +4,9 @@
 //! - only `src/vmm/` starts threads (test code excepted);
 //! - `src/backends/` never touches KVM (`kvm_ioctls`, `kvm_bindings`, `crate::kvm`);
 //! - `src/devices/` never uses the KVM layer (`crate::kvm`, `kvm_ioctls`);
-//! - `src/backends/` and `src/arch/` forbid `unsafe`.
+//! - `src/config/` (parsing of user configuration, used by both `vmm/` and
+//!   `backends/`) never touches KVM;
+//! - `src/backends/`, `src/arch/` and `src/config/` forbid `unsafe`.
 
 use std::path::{Path, PathBuf};
 
@@ -68,12 +70,23 @@ fn violations(src: &Path) -> Vec<String> {
             {
                 broke("src/backends/ may not touch KVM");
             }
+            if layer == "config"
+                && (l.contains("kvm_bindings")
+                    || l.contains("crate::kvm")
+                    || l.contains("kvm_ioctls"))
+            {
+                broke("src/config/ may not touch KVM");
+            }
             if layer == "devices" && l.contains("crate::kvm") {
                 broke("src/devices/ may not use the KVM layer");
             }
         }
     }
-    for (m, what) in [("backends/mod.rs", "backends"), ("arch/mod.rs", "arch")] {
+    for (m, what) in [
+        ("backends/mod.rs", "backends"),
+        ("arch/mod.rs", "arch"),
+        ("config/mod.rs", "config"),
+    ] {
         let s = std::fs::read_to_string(src.join(m)).unwrap();
         if !s.contains("#![forbid(unsafe_code)]") {
             bad.push(format!("src/{m}: {what} must forbid unsafe code"));

@@ -303,4 +303,15 @@ fn xtf_every_kernel_passes_or_is_excused_by_a_check() {
         println!("    {}", names.join(" "));
     }
     assert!(failed.is_empty(), "XTF kernels failed: {failed:?}");
+    // XTF prints each line on Xen's console and on its PV console: stdout
+    // (the guest's console) must show it once.
+    let doubled: Vec<_> = runs
+        .iter()
+        .filter(|(r, _)| r.stdout.matches("Test result: ").count() > 1)
+        .map(|(r, _)| r.name.clone())
+        .collect();
+    assert!(
+        doubled.is_empty(),
+        "XTF kernels whose result line is on stdout more than once: {doubled:?}"
+    );
 }

@@ -160,6 +160,102 @@ impl ConsoleOut {
     }
 }
 
+/// Where Xen's own console goes: what a guest writes with `console_io`
+/// and to the debug ports 0xE9 and 0x12. The guest's console proper (the
+/// PV console ring, hvc0; the serial port) always goes to the
+/// [`ConsoleOut`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XenConsoleTo {
+    /// The same output as the guest's console, interleaved with it (the
+    /// library's default; what `xenkvm demo` uses for its test guest, which
+    /// reports on Xen's console).
+    #[default]
+    Console,
+    /// The log, one event per line at level info with target
+    /// [`XEN_CONSOLE_TARGET`] (`--log-level xen_console=info` shows it), as
+    /// Xen keeps it for `xl dmesg`: the command line's default.
+    Log,
+}
+
+/// The tracing target of Xen's console lines.
+pub const XEN_CONSOLE_TARGET: &str = "xen_console";
+
+/// A line longer than this is logged in pieces.
+const XEN_CONSOLE_LINE_MAX: usize = 1024;
+
+/// One source of Xen-console text (`console_io`, a debug port), sent where
+/// [`XenConsoleTo`] says. In the log, whole lines: a partial line waits for
+/// its end (or the source's end).
+pub struct XenConsole {
+    to: XenConsoleTo,
+    console: Arc<ConsoleOut>,
+    source: &'static str,
+    line: Mutex<Vec<u8>>,
+}
+
+impl XenConsole {
+    pub fn new(to: XenConsoleTo, console: Arc<ConsoleOut>, source: &'static str) -> Self {
+        XenConsole {
+            to,
+            console,
+            source,
+            line: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn write(&self, data: &[u8]) {
+        if self.to == XenConsoleTo::Console {
+            self.console.write(data);
+            return;
+        }
+        let mut line = self.line.lock();
+        for &b in data {
+            if b == b'\n' {
+                self.emit(&line);
+                line.clear();
+            } else {
+                line.push(b);
+                if line.len() >= XEN_CONSOLE_LINE_MAX {
+                    self.emit(&line);
+                    line.clear();
+                }
+            }
+        }
+    }
+
+    /// Logs a partial line.
+    pub fn flush(&self) {
+        let mut line = self.line.lock();
+        if !line.is_empty() {
+            self.emit(&line);
+            line.clear();
+        }
+    }
+
+    fn emit(&self, line: &[u8]) {
+        // Guest text: control characters (terminal escapes) are shown
+        // escaped, not sent to the log's terminal.
+        let text: String = String::from_utf8_lossy(line)
+            .trim_end_matches('\r')
+            .chars()
+            .map(|c| {
+                if c.is_control() && c != '\t' {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect();
+        tracing::info!(target: XEN_CONSOLE_TARGET, source = self.source, "{text}");
+    }
+}
+
+impl Drop for XenConsole {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 /// Carriage return and "erase to end of line".
 const STATUS_ERASE: &str = "\r\x1b[K";
 
@@ -215,20 +311,25 @@ impl PlatformDevices {
     pub fn register(
         pio: &Arc<Bus>,
         console: Arc<ConsoleOut>,
+        xen_console: XenConsoleTo,
         serial_irq: EventFd,
     ) -> Result<Self, BusError> {
         let pci = Arc::new(PciBus::new());
         pio.insert(
             u64::from(DEBUG_PORT_E9),
             1,
-            Arc::new(DebugPort(console.clone())),
+            Arc::new(DebugPort(XenConsole::new(
+                xen_console,
+                console.clone(),
+                "port 0xe9",
+            ))),
         )?;
         pio.insert(
             u64::from(pci::PLATFORM_PORT_MAGIC),
             4,
             Arc::new(PlatformPorts {
                 pci: pci.clone(),
-                console: console.clone(),
+                console: XenConsole::new(xen_console, console.clone(), "port 0x12"),
             }),
         )?;
         pio.insert(
@@ -264,7 +365,7 @@ impl PlatformDevices {
 }
 
 /// Port 0xE9: the Bochs/Xen debug console (reads 0xE9: present).
-struct DebugPort(Arc<ConsoleOut>);
+struct DebugPort(XenConsole);
 
 impl BusDevice for DebugPort {
     fn read(&self, _: u64, data: &mut [u8]) {
@@ -282,7 +383,7 @@ impl BusDevice for DebugPort {
 /// byte writes to 0x12 are its log.
 struct PlatformPorts {
     pci: Arc<PciBus>,
-    console: Arc<ConsoleOut>,
+    console: XenConsole,
 }
 
 impl BusDevice for PlatformPorts {
@@ -573,12 +674,56 @@ mod tests {
         }
     }
 
-    fn bus() -> (PortBus, Buf) {
+    fn bus_with(xen: XenConsoleTo) -> (PortBus, Buf) {
         let b = Buf::default();
         let c = ConsoleOut::new(Box::new(b.clone()));
         let bus = Arc::new(Bus::new());
-        let dev = PlatformDevices::register(&bus, c, EventFd::new(0).unwrap()).unwrap();
+        let dev = PlatformDevices::register(&bus, c, xen, EventFd::new(0).unwrap()).unwrap();
         (PortBus { bus, dev }, b)
+    }
+
+    fn bus() -> (PortBus, Buf) {
+        bus_with(XenConsoleTo::Console)
+    }
+
+    #[test]
+    fn xen_console_log_keeps_debug_ports_off_the_guest_console() {
+        let log = Buf::default();
+        let l = log.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || l.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            let (bus, out) = bus_with(XenConsoleTo::Log);
+            for b in b"from e9\n" {
+                bus.io_out(0xe9, &[*b]);
+            }
+            for b in b"from 12 \x1b[2J\n" {
+                bus.io_out(0x12, &[*b]);
+            }
+            bus.io_out(0xe9, b"p");
+            bus.io_out(COM1, b"!");
+            assert_eq!(
+                &*out.0.lock(),
+                b"!",
+                "only the serial port reaches the console"
+            );
+            drop(bus); // the partial line "p" is logged when its source ends
+        });
+        let log = String::from_utf8_lossy(&log.0.lock()).into_owned();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 3, "{log}");
+        assert!(
+            lines[0].contains("xen_console: from e9 source=\"port 0xe9\""),
+            "{log}"
+        );
+        assert!(
+            lines[1].contains("from 12 \\u{1b}[2J source=\"port 0x12\""),
+            "escape sequences are escaped: {log}"
+        );
+        assert!(lines[2].contains(": p source=\"port 0xe9\""), "{log}");
     }
 
     #[test]

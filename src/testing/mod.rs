@@ -57,10 +57,29 @@ pub mod bench_cmd {
     /// N SCHEDOP_poll wake-ups: vCPU 1 polls, vCPU 0 sends; the result sums the
     /// times from each send to the poll's return (needs 2 vCPUs).
     pub const POLL_WAKEUP: u32 = 6;
+    /// N LAPIC fixed-IPI round trips vCPU 0 -> vCPU 1 (halted) -> vCPU 0, one ICR
+    /// write each way: the floor of [`EVTCHN_ROUND_TRIP`].
+    pub const LAPIC_ROUND_TRIP: u32 = 7;
+    /// [`LAPIC_ROUND_TRIP`] with vCPU 1 running (spinning with interrupts on).
+    pub const LAPIC_ROUND_TRIP_RUNNING: u32 = 8;
+    /// [`EVTCHN_ROUND_TRIP`] with vCPU 1 running.
+    pub const EVTCHN_ROUND_TRIP_RUNNING: u32 = 9;
+    /// N `EVTCHNOP_send`s on vCPU 0's own port, each until its upcall handler ran.
+    pub const EVTCHN_SELF: u32 = 10;
+    /// N LAPIC self IPIs, each until the handler ran: the floor of [`EVTCHN_SELF`].
+    pub const LAPIC_SELF: u32 = 11;
+    /// N `VIRQ_TIMER` one-shots 500 us ahead with vCPU 0 halted: the result is the
+    /// SUM of their lateness (upcall minus deadline), not the time the loop took.
+    pub const TIMER_LATENESS: u32 = 12;
+    /// [`TIMER_LATENESS`] with the guest's LAPIC timer (one-shot, in KVM): its floor.
+    pub const LAPIC_TIMER_LATENESS: u32 = 13;
+    /// [`EVTCHN_SELF`] without Xen: the guest marks its own port pending in shared_info
+    /// and sends itself the upcall vector by a LAPIC self IPI (the same handler runs).
+    pub const SELF_MARKED_LAPIC: u32 = 14;
 }
 
 /// The bench stub's `out` port; the VMM completes the stub's `ret` and does nothing else.
-pub const BENCH_STUB_PORT: u16 = 0xe2;
+pub const BENCH_STUB_PORT: u16 = 0xe5; // a 4-byte `out` at the hypercall port 0xe1 covers 0xe1..0xe4
 
 /// The ports the test guest's bench mode talks to (see tests/guest):
 /// IN 0x511 = command, IN 0x512 = iterations, OUT 0x513 = cycles (low, then
@@ -156,8 +175,14 @@ impl BusDevice for BenchStub {
 impl BenchPorts {
     /// Registers the bench ports and the stub port on `pio`.
     pub fn register(self: &Arc<Self>, pio: &Bus) -> Result<(), BusError> {
-        pio.insert(u64::from(BENCH_CMD), 4, self.clone())?;
-        pio.insert(u64::from(BENCH_STUB_PORT), 1, Arc::new(BenchStub))
+        // The guest uses 4-byte `in`/`out` at each port: the ranges cover
+        // the last port's four bytes (the bus claims whole accesses only).
+        pio.insert(
+            u64::from(BENCH_CMD),
+            u64::from(BENCH_BARE - BENCH_CMD) + 4,
+            self.clone(),
+        )?;
+        pio.insert(u64::from(BENCH_STUB_PORT), 4, Arc::new(BenchStub))
     }
 }
 

@@ -247,8 +247,10 @@ impl Vcpu {
         if self.ud_trap.is_some() {
             self.check_ud_trap();
         }
-        self.run_start = t;
+        self.run_start = crate::xen::clock::host_tsc();
+        let pre_run = self.run_start.saturating_sub(t);
         let exit = self.kvm.run();
+        let exited = crate::xen::clock::host_tsc();
         let m = &self.m;
         m.exits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::trace!(vcpu = self.id, ?exit, "vCPU exit");
@@ -276,6 +278,13 @@ impl Vcpu {
             Some(ev) => device_action(ev),
             None => decide(&exit, self.id, &ExitCtx(m)),
         };
+        // The VMM's own time for this exit: before the entry and from the
+        // exit to the decision (hypercalls, devices, fix-ups included;
+        // waiting in SCHEDOP_block/poll is not: that comes after).
+        m.vmm_cycles.fetch_add(
+            pre_run + crate::xen::clock::host_tsc().saturating_sub(exited),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if let (Exit::WrMsr { .. } | Exit::RdMsr { .. }, a) = (&exit, &action) {
             self.kvm.complete_msr(*a == Action::MsrFault, 0);
         }

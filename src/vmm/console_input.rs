@@ -96,9 +96,10 @@ pub fn in_background() -> bool {
 /// How often a waiting reader looks again (foreground, guest gone).
 const RECHECK: Duration = Duration::from_millis(200);
 
-/// Feeds stdin to `machine`'s PV console until EOF or until `stop` is
-/// readable (the VM ended). Runs on its own thread (started by the VMM).
-pub fn feed(machine: Weak<Machine>, stop: &impl AsFd) {
+/// Feeds stdin (or `from`, a `--console pty` master) to `machine`'s PV
+/// console until EOF or until `stop` is readable (the VM ended). Runs on
+/// its own thread (started by the VMM).
+pub fn feed(machine: Weak<Machine>, stop: &impl AsFd, from: Option<&std::os::fd::OwnedFd>) {
     // A read from the background then fails with EIO instead of stopping
     // the whole process (Linux treats a blocked SIGTTIN as ignored).
     if let Err(e) = vmm_sys_util::signal::block_signal(libc::SIGTTIN) {
@@ -106,7 +107,12 @@ pub fn feed(machine: Weak<Machine>, stop: &impl AsFd) {
     }
     let mut buf = [0u8; 512];
     let stdin = std::io::stdin();
-    let tty = stdin.is_terminal();
+    let input = match from {
+        Some(fd) => fd.as_fd(),
+        None => stdin.as_fd(),
+    };
+    // Only our stdin terminal can put us in the background.
+    let tty = from.is_none() && stdin.is_terminal();
     let recheck = rustix::event::Timespec {
         tv_sec: 0,
         tv_nsec: RECHECK.as_nanos() as _,
@@ -119,7 +125,7 @@ pub fn feed(machine: Weak<Machine>, stop: &impl AsFd) {
         let background = tty && in_background();
         let mut fds = [
             rustix::event::PollFd::new(stop, rustix::event::PollFlags::IN),
-            rustix::event::PollFd::new(&stdin, rustix::event::PollFlags::IN),
+            rustix::event::PollFd::new(&input, rustix::event::PollFlags::IN),
         ];
         // In the background only the stop fd is watched, with a timeout to
         // notice the return to the foreground.
@@ -148,7 +154,7 @@ pub fn feed(machine: Weak<Machine>, stop: &impl AsFd) {
         };
         // The fd itself, not std's buffered Stdin: bytes left in a buffer
         // would not wake `poll`.
-        let n = match rustix::io::read(stdin.as_fd(), &mut buf) {
+        let n = match rustix::io::read(input, &mut buf) {
             Ok(0) => return,
             Ok(n) => n,
             Err(rustix::io::Errno::INTR) | Err(rustix::io::Errno::AGAIN) => continue,

@@ -116,6 +116,10 @@ pub struct Machine {
     pub exits: AtomicU64,
     /// Hypercalls of all vCPUs, for the status line.
     pub hypercalls: AtomicU64,
+    /// Host TSC cycles the vCPU threads spent handling exits (from
+    /// `KVM_RUN`'s return to the exit's decision, plus the work before each
+    /// entry), waits excluded: the VMM's share of a guest's exit costs.
+    pub vmm_cycles: AtomicU64,
     stopping: Arc<AtomicBool>,
     exit: Mutex<Option<GuestExit>>,
     exit_cv: Condvar,
@@ -154,6 +158,7 @@ impl Machine {
             vcpus,
             exits: AtomicU64::new(0),
             hypercalls: AtomicU64::new(0),
+            vmm_cycles: AtomicU64::new(0),
             stopping,
             exit: Mutex::new(None),
             exit_cv: Condvar::new(),

@@ -5,6 +5,7 @@
 //! starts threads (through [`threads::spawn`]).
 
 pub mod bench_sched;
+pub mod console_dest;
 pub mod console_input;
 pub mod event_loop;
 pub mod machine;
@@ -56,13 +57,20 @@ pub struct VmConfig {
     pub name: String,
     /// Feed the VMM's stdin into the PV console ring (hvc0 input).
     pub stdin_console: bool,
+    /// Feed this instead (a `--console pty` master); stdin is then not read.
+    pub console_in: Option<Arc<std::os::fd::OwnedFd>>,
     /// Register the test guest's bench ports (`testing::BenchPorts`).
     pub bench_ports: bool,
     /// Host schedule tracking to use: `perf`, `perf-batched` or `sampling`
     /// (`None`: the best the host permits; see `xen::sched::Mechanism`).
     pub sched: Option<String>,
-    /// PV disks (`--disk`), served by blkback.
-    pub disks: Vec<crate::backends::blkback::BlkConfig>,
+    /// Where Xen's own console (`console_io`, ports 0xE9/0x12) goes.
+    pub xen_console: crate::devices::XenConsoleTo,
+    // --- PV disks and NICs (xl's `disk =`/`vif =`, `--disk`/`--net`).
+    /// Disks for the PV block backend.
+    pub disks: Vec<crate::config::DiskSpec>,
+    /// NICs for the PV network backend.
+    pub nics: Vec<crate::config::NicSpec>,
 }
 
 impl Default for VmConfig {
@@ -78,9 +86,12 @@ impl Default for VmConfig {
             domid: 1,
             name: "xenkvm-guest".into(),
             stdin_console: true,
+            console_in: None,
             bench_ports: false,
             sched: None,
+            xen_console: Default::default(),
             disks: Vec::new(),
+            nics: Vec::new(),
         }
     }
 }
@@ -112,6 +123,9 @@ pub enum VmError {
     Os(&'static str, std::io::Error),
     #[error("device layout: {0}")]
     Bus(#[from] crate::devices::BusError),
+    /// A configured device whose backend xenkvm does not have yet.
+    #[error("{0}")]
+    NoBackend(String),
     #[error("vCPU {vcpu} did not pause (it reports {state:?})")]
     PauseTimeout {
         vcpu: u32,
@@ -134,6 +148,7 @@ pub struct Vm {
     vcpus: Vec<KvmVcpu>,
     entry: EntryState,
     stdin_console: bool,
+    console_in: Option<Arc<std::os::fd::OwnedFd>>,
     events: Arc<EventLoop>,
 }
 
@@ -182,6 +197,19 @@ impl Vm {
         }
         if !(16..=65536).contains(&cfg.mem_mib) {
             return Err(VmError::BadMemory(cfg.mem_mib));
+        }
+        // --- PV disks: checked before KVM is touched; NICs: refused until
+        // the network backend exists (never silently ignored).
+        let disks = cfg
+            .disks
+            .iter()
+            .map(crate::backends::blkback::BlkConfig::from_spec)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VmError::NoBackend)?;
+        if let Some(n) = cfg.nics.first() {
+            return Err(VmError::NoBackend(format!(
+                "vif \"{n}\": the PV network backend is not built yet"
+            )));
         }
         let kvm = KvmVm::create(&trapped_msrs())?;
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -240,7 +268,8 @@ impl Vm {
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Os("serial eventfd", e))?;
         kvm.register_irqfd(&serial_irq, 4)?;
         let pio = Arc::new(Bus::new());
-        let devices = PlatformDevices::register(&pio, console.clone(), serial_irq)?;
+        let devices =
+            PlatformDevices::register(&pio, console.clone(), cfg.xen_console, serial_irq)?;
         pio.insert(
             u64::from(crate::xen::hcall_page::HYPERCALL_PORT),
             4,
@@ -324,7 +353,7 @@ impl Vm {
             });
             machine
                 .xen
-                .attach_disks(&cfg.disks, spawn)
+                .attach_disks(&disks, spawn)
                 .map_err(VmError::XenDomain)?;
         }
         let events = Arc::new(EventLoop::new().map_err(|e| VmError::Os("event loop", e))?);
@@ -337,6 +366,7 @@ impl Vm {
             vcpus,
             entry,
             stdin_console: cfg.stdin_console,
+            console_in: cfg.console_in.clone(),
             events,
         })
     }
@@ -394,6 +424,7 @@ impl Vm {
             entry,
             events,
             stdin_console,
+            console_in,
         } = self;
         let started = Instant::now();
         let m2 = machine.clone();
@@ -466,14 +497,15 @@ impl Vm {
             0,
             rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC,
         );
-        if let (true, Ok(stop)) = (stdin_console, input_stop.as_ref()) {
+        let feeds = stdin_console || console_in.is_some();
+        if let (true, Ok(stop)) = (feeds, input_stop.as_ref()) {
             let (weak, stop) = (Arc::downgrade(&machine), stop.try_clone());
             match stop.map(|stop| {
                 threads::spawn(
                     ThreadKind::ConsoleInput,
                     "console-input".into(),
                     on_panic.clone(),
-                    move || console_input::feed(weak, &stop),
+                    move || console_input::feed(weak, &stop, console_in.as_deref()),
                 )
             }) {
                 // Not joined: a read on a terminal cannot be interrupted

@@ -144,7 +144,9 @@ pub fn fmt_secs(d: Duration) -> String {
 /// Runs the guest of `cfg` as `opts` says, restarting it as the actions
 /// say, until it ends for good.
 pub fn run(mut cfg: VmConfig, console: Arc<ConsoleOut>, opts: &RunOptions) -> Ended {
-    cfg.stdin_console = console_input::reads_stdin(opts.console_input, StdinKind::of_stdin());
+    // A pty console brings its own input.
+    cfg.stdin_console = cfg.console_in.is_none()
+        && console_input::reads_stdin(opts.console_input, StdinKind::of_stdin());
     let sup = Supervisor::start(console.clone(), opts);
     let ended = run_loop(&cfg, &console, opts, &sup);
     sup.finish();

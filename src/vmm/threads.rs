@@ -14,6 +14,8 @@ pub enum ThreadKind {
     EventLoop,
     /// The VMM's stdin fed to the guest's PV console.
     ConsoleInput,
+    /// The guest's console output written to a pty (`--console pty`).
+    ConsolePty,
     /// Signals, a closed stdout and the status line, across VM restarts.
     Supervisor,
     /// The host-scheduler monitor (`vcpu-sched`): vCPU threads' context switches.

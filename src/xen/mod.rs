@@ -21,7 +21,7 @@ pub mod sched;
 pub mod timers;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -70,9 +70,79 @@ pub struct XenCaps {
     pub vcpus: Arc<dyn VcpuWake>,
 }
 
-/// How long an upcall may stay pending before it is sent again (an upcall
-/// sent before the guest's LAPIC or vector was ready is otherwise lost).
+/// How long an upcall may stay pending before it is sent again, while the
+/// target vCPU has not yet taken one since it started (see
+/// [`UpcallNet`]).
 const UPCALL_RECHECK: Duration = Duration::from_millis(10);
+
+/// The safety net for upcalls KVM drops. Xen re-delivers a pending upcall
+/// when the guest sets its vector or callback (done in `hypercalls`),
+/// unmasks a port (idem), and, like KVM's own Xen support, when the guest
+/// software-enables its local APIC: an MSI to a software-disabled LAPIC is
+/// dropped, and Linux registers an AP's upcall vector before it enables
+/// that AP's LAPIC. That enable is handled inside KVM (no exit here), so
+/// until a vCPU has shown that it takes upcalls (one was raised and the
+/// guest cleared `evtchn_upcall_pending`), a still-pending upcall is sent
+/// again every [`UPCALL_RECHECK`]. After that the LAPIC's IRR holds every
+/// upcall until the guest takes it, and nothing is re-sent: re-sending to
+/// a running vCPU only forces an exit (on a shadow-paging host, a refill
+/// of the pages it touches next). A vCPU that goes down and up again is on
+/// the net again; so is vCPU 0 while the callback is a GSI pulse.
+struct UpcallNet {
+    /// Per vCPU: an upcall was raised since it started.
+    raised: Vec<AtomicBool>,
+    /// Per vCPU: the guest took an upcall since it started.
+    proven: Vec<AtomicBool>,
+}
+
+impl UpcallNet {
+    fn new(vcpus: u32) -> Self {
+        let flags = || (0..vcpus).map(|_| AtomicBool::new(false)).collect();
+        UpcallNet {
+            raised: flags(),
+            proven: flags(),
+        }
+    }
+
+    /// `vcpu` (re)started: its LAPIC starts software-disabled.
+    fn reset(&self, vcpu: u32) {
+        if let (Some(r), Some(p)) = (
+            self.raised.get(vcpu as usize),
+            self.proven.get(vcpu as usize),
+        ) {
+            r.store(false, Ordering::Relaxed);
+            p.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// An upcall was raised to `vcpu`: whether the re-check must watch it.
+    fn raised(&self, vcpu: u32) -> bool {
+        let i = vcpu as usize;
+        if let Some(r) = self.raised.get(i) {
+            r.store(true, Ordering::Relaxed);
+        }
+        !self
+            .proven
+            .get(i)
+            .is_some_and(|p| p.load(Ordering::Relaxed))
+    }
+
+    /// At the re-check: `pending` is `evtchn_upcall_pending` now. Returns
+    /// whether to send the upcall again.
+    fn check(&self, vcpu: u32, pending: bool, gsi_route: bool) -> bool {
+        let i = vcpu as usize;
+        let (Some(r), Some(p)) = (self.raised.get(i), self.proven.get(i)) else {
+            return false;
+        };
+        if !pending {
+            if r.load(Ordering::Relaxed) {
+                p.store(true, Ordering::Relaxed);
+            }
+            return false;
+        }
+        gsi_route || !p.load(Ordering::Relaxed)
+    }
+}
 
 /// HVM params the VMM sets (hvm/params.h, from xen-abi).
 const HVM_PARAM_STORE_PFN: u32 = xen_abi::HVM_PARAM_STORE_PFN;
@@ -135,6 +205,11 @@ impl Xen {
             mem: mem.clone(),
             clock,
             console: console.clone(),
+            xen_console: crate::devices::XenConsole::new(
+                cfg.xen_console,
+                console.clone(),
+                "console_io",
+            ),
             overlays: Mutex::new(Overlays::default()),
             timers: XenTimers::new(cfg.vcpus, clock).map_err(|e| format!("timerfd: {e}"))?,
             backend_events: [
@@ -165,6 +240,7 @@ impl Xen {
             update_flag: OnceLock::new(),
             starts: crate::vcpu::updown::StartSlots::new(cfg.vcpus),
             sched: sched::SchedShared::new(cfg.vcpus).map_err(|e| format!("eventfd: {e}"))?,
+            upcall_net: UpcallNet::new(cfg.vcpus),
         });
         let dcfg = DomainConfig {
             domid: cfg.domid,
@@ -280,6 +356,13 @@ impl Xen {
         }
     }
 
+    /// vCPU timers fired so far and the sum of the host's lateness in
+    /// firing them (ns from the deadline to the event loop seeing the
+    /// timerfd); see [`XenTimers::vcpu_lateness`].
+    pub fn timer_lateness(&self) -> (u64, u64) {
+        self.platform.timers.vcpu_lateness()
+    }
+
     /// True if `gpa` (the MSR value) names a RAM page the hypercall page can go to.
     pub fn hypercall_page_ok(&self, gpa: u64) -> bool {
         // Bits 11:0 select the page index; we have one page.
@@ -344,21 +427,22 @@ impl Xen {
         }
     }
 
-    /// Re-sends the upcall to every started vCPU whose `upcall_pending` is
-    /// still set. Delivery happens on the 0->1 transition of that flag; if
-    /// that interrupt was lost (sent before the guest set up its vector, or
-    /// while its local APIC was disabled) the flag stays set and no later
-    /// event would be delivered. Xen and KVM's Xen support treat the callback
-    /// as level-triggered in effect. Runs [`UPCALL_RECHECK`] after an upcall
-    /// was raised (never while nothing is pending, so an idle guest costs no
-    /// wake-ups); a duplicate is harmless: the guest finds nothing to do.
+    /// The upcall re-check (see [`UpcallNet`]): re-sends the upcall to
+    /// every started vCPU still on the net whose `evtchn_upcall_pending` is
+    /// set, and takes off the net those that cleared it. Runs
+    /// [`UPCALL_RECHECK`] after an upcall to a vCPU on the net (never while
+    /// nothing is pending, so an idle guest costs no wake-ups); a duplicate
+    /// is harmless: the guest finds nothing to do.
     pub fn reassert_upcalls(&self, started: &dyn Fn(u32) -> bool) {
+        let gsi = matches!(self.domain.callback_via(), hypercalls::CallbackVia::Gsi(_));
         for i in 0..self.platform.caps_vcpus() {
             if !started(i) {
                 continue;
             }
             if let Some(id) = self.domain.vcpu(i) {
-                if self.domain.upcall_pending(id) {
+                let pending = self.domain.upcall_pending(id);
+                let gsi_route = gsi && i == 0 && self.domain.upcall_vector(id).is_none();
+                if self.platform.upcall_net.check(i, pending, gsi_route) {
                     self.reasserted.fetch_add(1, Ordering::Relaxed);
                     self.platform.raise_upcall(id);
                 }
@@ -368,6 +452,14 @@ impl Xen {
 
     /// An AP was started by INIT/SIPI (a state staged by `VCPUOP_initialise` is dropped).
     pub fn vcpu_started(&self, vcpu: u32) {
+        self.platform.upcall_net.reset(vcpu);
+        // An upcall raised before it started (Linux binds an AP's timer and
+        // IPIs, and sets its vector, first) was dropped by its disabled
+        // LAPIC and leaves `evtchn_upcall_pending` set, so no new event
+        // raises it again: the re-check sends it until the guest takes it.
+        self.platform
+            .timers
+            .set_if_idle(TimerKind::UpcallCheck, UPCALL_RECHECK);
         if let Some(id) = self.domain.vcpu(vcpu) {
             self.domain.vcpu_started(id);
         }
@@ -753,7 +845,10 @@ pub struct XenPlatform {
     map: gpc::MemoryMap,
     mem: GuestMem,
     clock: Clock,
+    /// The guest's console (the PV console ring's output goes here).
     console: Arc<ConsoleOut>,
+    /// Xen's own console (`console_io` writes).
+    xen_console: crate::devices::XenConsole,
     overlays: Mutex<Overlays>,
     timers: XenTimers,
     /// Eventfds of the backends (store, console): `notify_backend` writes.
@@ -772,6 +867,8 @@ pub struct XenPlatform {
     starts: crate::vcpu::updown::StartSlots,
     /// Host schedule tracking shared with the monitor thread (lock-free).
     sched: sched::SchedShared,
+    /// Which vCPUs the upcall re-check still watches.
+    upcall_net: UpcallNet,
 }
 
 /// A vCPU's runstate: the accounting (pure arithmetic), where it is
@@ -893,7 +990,7 @@ impl XenPlatform {
 
 impl Platform for XenPlatform {
     fn console_write(&self, data: &[u8]) {
-        self.console.write(data);
+        self.xen_console.write(data);
     }
     fn console_read(&self, _buf: &mut [u8]) -> usize {
         0
@@ -1022,8 +1119,12 @@ impl Platform for XenPlatform {
             }
         }
         self.caps.vcpus.wake(v);
-        self.timers
-            .set_if_idle(TimerKind::UpcallCheck, UPCALL_RECHECK);
+        let gsi_route = d.upcall_vector(vcpu).is_none()
+            && matches!(d.callback_via(), hypercalls::CallbackVia::Gsi(_));
+        if self.upcall_net.raised(v) || gsi_route {
+            self.timers
+                .set_if_idle(TimerKind::UpcallCheck, UPCALL_RECHECK);
+        }
     }
     fn kick_vcpu(&self, vcpu: VcpuId) {
         self.caps.vcpus.wake(vcpu.get());
@@ -1043,6 +1144,9 @@ impl Platform for XenPlatform {
         self.caps.vcpus.kick(vcpu.get());
     }
     fn vcpu_up(&self, vcpu: VcpuId) {
+        self.upcall_net.reset(vcpu.get());
+        self.timers
+            .set_if_idle(TimerKind::UpcallCheck, UPCALL_RECHECK);
         tracing::info!(
             vcpu = vcpu.get(),
             initialised_by_vcpu_op = self.starts.is_staged(vcpu.get()),
@@ -1173,6 +1277,49 @@ fn runs(gfns: &[Gfn]) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upcall_net_resends_until_the_guest_takes_one_then_trusts_the_lapic() {
+        let n = UpcallNet::new(2);
+        // Raised while the LAPIC could not take it: still pending at the
+        // re-check, so it is sent again, and again.
+        assert!(n.raised(1), "an unproven vCPU is watched");
+        assert!(n.check(1, true, false));
+        assert!(n.check(1, true, false));
+        // The guest took it (cleared evtchn_upcall_pending): proven, and
+        // later upcalls are not watched or re-sent.
+        assert!(!n.check(1, false, false));
+        assert!(!n.raised(1), "a proven vCPU is not watched");
+        assert!(!n.check(1, true, false));
+        // vCPU 0 is independent.
+        assert!(n.raised(0));
+    }
+
+    #[test]
+    fn upcall_net_restarted_vcpu_is_watched_again_even_if_nothing_new_is_raised() {
+        let n = UpcallNet::new(2);
+        n.raised(1);
+        n.check(1, false, false);
+        assert!(!n.raised(1));
+        // Down and up again (or INIT/SIPI): its LAPIC starts disabled. A
+        // pending upcall from before is re-sent without a new raise.
+        n.reset(1);
+        assert!(n.check(1, true, false));
+        // Not pending and never raised since the restart: not proof.
+        assert!(!n.check(1, false, false));
+        assert!(n.raised(1), "still unproven");
+    }
+
+    #[test]
+    fn upcall_net_gsi_callback_is_always_rechecked() {
+        let n = UpcallNet::new(1);
+        n.raised(0);
+        n.check(0, false, true);
+        assert!(
+            n.check(0, true, true),
+            "a GSI pulse can be lost at any time"
+        );
+    }
 
     /// A relocated vcpu_info lives in guest RAM behind a gpc cache: what the
     /// domain stores through it must be what the guest reads at that GPA.

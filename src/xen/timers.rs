@@ -7,6 +7,7 @@
 //! ran ahead). The event loop owns the waiting: this module has no thread.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -39,6 +40,11 @@ pub struct XenTimers {
     raw: Vec<RawFd>,
     /// Leaf lock.
     slots: Mutex<Vec<Slot>>,
+    /// vCPU timers that fired, and the sum of their lateness (ns from the
+    /// deadline to the event loop seeing the timerfd): the host's own
+    /// timer lateness, the floor of a `VIRQ_TIMER`'s.
+    vcpu_fired: AtomicU64,
+    vcpu_late_ns: AtomicU64,
 }
 
 impl XenTimers {
@@ -52,6 +58,8 @@ impl XenTimers {
             vcpus: vcpus as usize,
             raw: slots.iter().map(|s| s.fd.as_raw_fd()).collect(),
             slots: Mutex::new(slots),
+            vcpu_fired: AtomicU64::new(0),
+            vcpu_late_ns: AtomicU64::new(0),
         })
     }
 
@@ -114,6 +122,14 @@ impl XenTimers {
         }
     }
 
+    /// vCPU timers fired so far and the sum of their host lateness (ns).
+    pub fn vcpu_lateness(&self) -> (u64, u64) {
+        (
+            self.vcpu_fired.load(Ordering::Relaxed),
+            self.vcpu_late_ns.load(Ordering::Relaxed),
+        )
+    }
+
     /// The event loop saw timer `k`'s fd readable: true if its deadline has
     /// passed (the timer is then disarmed); false if it is early (re-armed)
     /// or was cancelled meanwhile.
@@ -121,10 +137,13 @@ impl XenTimers {
         let Some(s) = self.slot(k) else { return false };
         let mut slots = self.slots.lock();
         let slot = &mut slots[s];
-        let fired = slot
-            .deadline
-            .is_some_and(|at| self.clock.system_time() >= at);
+        let now = self.clock.system_time();
+        let fired = slot.deadline.is_some_and(|at| now >= at);
         if fired {
+            if let (TimerKind::Vcpu(_), Some(at)) = (k, slot.deadline) {
+                self.vcpu_fired.fetch_add(1, Ordering::Relaxed);
+                self.vcpu_late_ns.fetch_add(now - at, Ordering::Relaxed);
+            }
             slot.deadline = None;
         }
         self.arm(slot);

@@ -11,8 +11,26 @@ use xenkvm::vmm::machine::Machine;
 use xenkvm::vmm::{Vm, VmConfig};
 
 pub struct BenchGuest {
-    machine: Arc<Machine>,
+    pub machine: Arc<Machine>,
     tsc_khz: u64,
+    /// The guest's console, shown when it stops answering.
+    console: Arc<parking_lot::Mutex<Vec<u8>>>,
+}
+
+/// Keeps what the guest prints (bounded to its last 64 KiB).
+struct Keep(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Keep {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut v = self.0.lock();
+        v.extend_from_slice(b);
+        let excess = v.len().saturating_sub(64 << 10);
+        v.drain(..excess);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl BenchGuest {
@@ -37,12 +55,17 @@ impl BenchGuest {
             bench_ports: true,
             ..Default::default()
         };
-        let sink = xenkvm::devices::ConsoleOut::new(Box::new(std::io::sink()));
+        let console = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink = xenkvm::devices::ConsoleOut::new(Box::new(Keep(console.clone())));
         let vm = Vm::create(&cfg, sink).expect("cannot create the bench VM");
         let machine = vm.machine.clone();
         let tsc_khz = u64::from(machine.clock.tsc_khz);
         std::thread::spawn(move || vm.run(None));
-        Some(BenchGuest { machine, tsc_khz })
+        Some(BenchGuest {
+            machine,
+            tsc_khz,
+            console,
+        })
     }
 
     /// Guest time for exactly `iters` iterations of `cmd` (the guest counts in u32: larger
@@ -66,10 +89,13 @@ impl BenchGuest {
         let mut r = b.results.lock();
         while r.len() == before {
             if b.results_cv
-                .wait_for(&mut r, Duration::from_secs(120))
+                .wait_for(&mut r, Duration::from_secs(30))
                 .timed_out()
             {
-                panic!("the bench guest did not answer command {cmd}");
+                panic!(
+                    "the bench guest did not answer command {cmd}; its console:\n{}",
+                    String::from_utf8_lossy(&self.console.lock())
+                );
             }
         }
         let cycles = r[before];
@@ -80,6 +106,21 @@ impl BenchGuest {
     /// Guest nanoseconds per iteration of `cmd`.
     pub fn ns_per_iter(&self, cmd: u32, iters: u64) -> f64 {
         self.measure(cmd, iters).as_nanos() as f64 / iters as f64
+    }
+
+    /// Guest nanoseconds per iteration of `cmd`, and the VMM's own time
+    /// per iteration (exit handling on the vCPU threads, waits excluded;
+    /// see `Machine::vmm_cycles`) in nanoseconds.
+    pub fn ns_and_vmm_per_iter(&self, cmd: u32, iters: u64) -> (f64, f64) {
+        let c = || {
+            self.machine
+                .vmm_cycles
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let before = c();
+        let ns = self.ns_per_iter(cmd, iters);
+        let vmm = (c() - before) as f64 * 1e6 / self.tsc_khz as f64 / iters as f64;
+        (ns, vmm)
     }
 
     /// Powers the guest off.

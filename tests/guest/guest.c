@@ -336,7 +336,7 @@ struct idt_gate {
 };
 _Static_assert(sizeof(struct idt_gate) == 16, "idt_gate");
 
-extern const u64 exc_stubs[36]; /* head.S: vectors 0..31, then 0x80, 0xf2, 0xf3, 0xff */
+extern const u64 exc_stubs[37]; /* head.S: vectors 0..31, then 0x80, 0xf2, 0xf3, 0xff, 0xf4 */
 static struct idt_gate idt[256] __attribute__((aligned(16)));
 
 /* Traps a check expects (int3, int $0x80): counted, and the return RIP recorded. */
@@ -349,6 +349,7 @@ static volatile int traps_expected;
 #define VEC_KICK     0xf2
 #define VEC_UPCALL   0xf3
 #define VEC_SPURIOUS 0xff
+#define VEC_PING     0xf4 /* bench: LAPIC ping-pong between vCPUs 0 and 1 */
 
 static void idt_load(void)
 {
@@ -375,6 +376,7 @@ static void idt_init(void)
     set_gate(VEC_KICK, exc_stubs[33], 0);
     set_gate(VEC_UPCALL, exc_stubs[34], 0);
     set_gate(VEC_SPURIOUS, exc_stubs[35], 0);
+    set_gate(VEC_PING, exc_stubs[36], 0);
     idt_load();
 }
 
@@ -465,6 +467,7 @@ static int user_trap(struct frame *f)
 
 static void evtchn_upcall(void);
 static void lapic_eoi(void);
+static void lapic_ping(void);
 
 void exception_handler(struct frame *f);
 void exception_handler(struct frame *f)
@@ -475,6 +478,10 @@ void exception_handler(struct frame *f)
     }
     if (f->vector == VEC_KICK) {
         lapic_eoi();
+        return;
+    }
+    if (f->vector == VEC_PING) {
+        lapic_ping();
         return;
     }
     if (f->vector == VEC_SPURIOUS)
@@ -1538,7 +1545,10 @@ static int port_pending(u32 port)
 
 /* ------------------------------------------------------------ the AP */
 
-enum { AP_NONE, AP_COUNT, AP_UPCALL_VECTOR, AP_BIND_IPI, AP_POLL, AP_WATCH };
+enum { AP_NONE, AP_COUNT, AP_UPCALL_VECTOR, AP_BIND_IPI, AP_POLL, AP_WATCH, AP_SPIN };
+
+/* AP_SPIN: the AP runs (interrupts on, never halting) until this is cleared. */
+static volatile u32 ap_spinning;
 
 static volatile struct {
     u32 started;   /* ap_main ran */
@@ -1591,6 +1601,16 @@ static void ap_run(void)
         port_clear(port);
         break;
     }
+    case AP_SPIN:
+        ap.out = 0;
+        while (ap_spinning) {
+            irq_on();
+            cpu_relax();
+            ap.out++;
+        }
+        irq_off();
+        ap.rc = 0;
+        break;
     case AP_WATCH: {
         void sched_watch(u64 ns);
         sched_watch(ap.arg);
@@ -2529,7 +2549,7 @@ static void __attribute__((noreturn)) demo(void)
 #define BENCH_XEN_VERSION 2     /* N x xen_version(XENVER_version) */
 #define BENCH_STUB_EXIT   3     /* N x call stub page +32: exits to BENCH_PORT_STUB, no Xen */
 #define BENCH_STUB_XENVER 4     /* N x call stub page +0: a copy of the xen_version stub */
-#define BENCH_PORT_STUB   0xe2  /* the VMM completes the stub's ret, nothing else */
+#define BENCH_PORT_STUB   0xe5  /* the VMM completes the stub's ret, nothing else */
 /* Issue 5, acceptance 4; both need 2 vCPUs (--vcpus 2) and report 0 cycles (with a
  * console line saying why) when vCPU 1 or upcalls are unavailable. */
 #define BENCH_EVTCHN_RTT  5 /* N round trips: EVTCHNOP_send to vCPU 1's IPI port -> its upcall
@@ -2538,6 +2558,171 @@ static void __attribute__((noreturn)) demo(void)
 #define BENCH_POLL_WAKE   6 /* N wake-ups: vCPU 1 blocks in SCHEDOP_poll on a masked IPI port,
                              * vCPU 0 sends 200 us later; the SUM of (poll return TSC on vCPU 1 -
                              * send TSC on vCPU 0), cycles (the 200 us gaps are not included) */
+
+/* Issue 12: each event-channel path next to the LAPIC path it rides on, in one run. */
+#define BENCH_LAPIC_RTT      7  /* N LAPIC fixed-IPI round trips vCPU 0 -> vCPU 1 (halted) -> vCPU 0
+                                 * on VEC_PING: one ICR write each way, as command 5 has one
+                                 * EVTCHNOP_send each way; cycles for all N */
+#define BENCH_LAPIC_RTT_RUN  8  /* command 7 with vCPU 1 running (spinning, interrupts on) */
+#define BENCH_EVTCHN_RTT_RUN 9  /* command 5 with vCPU 1 running */
+#define BENCH_EVTCHN_SELF    10 /* N EVTCHNOP_send on vCPU 0's own IPI port, each until its upcall
+                                 * handler ran (interrupts on); cycles for all N */
+#define BENCH_LAPIC_SELF     11 /* N self IPIs (ICR shorthand "self"), each until the handler ran */
+#define BENCH_TIMER_LATE     12 /* N VIRQ_TIMER one-shots 500 us ahead, vCPU 0 halted: the SUM of
+                                 * (upcall TSC - deadline), in TSC cycles */
+#define BENCH_LAPIC_TIMER_LATE 13 /* the same with the LAPIC timer (one-shot, KVM's hrtimer): the
+                                   * floor of command 12 */
+#define BENCH_SELF_MARKED    14 /* command 10 without Xen: the guest marks its own port pending in
+                                 * shared_info as Xen would and sends itself the upcall vector by a
+                                 * LAPIC self IPI; the same handler runs. Splits command 10 into
+                                 * delivery and the guest's upcall handling */
+
+/* VEC_PING: vCPU 1 answers vCPU 0; every vCPU counts what it got. */
+static volatile u32 ping_hits[NR_CPUS];
+static volatile u64 ping_tsc[NR_CPUS];
+
+static void lapic_ping(void)
+{
+    u32 cpu = this_cpu();
+    if (cpu == 1)
+        lapic_write(LAPIC_ICR_LO, VEC_PING); /* ICR_HI was set to vCPU 0 by bench_lapic_ready() */
+    if (cpu < NR_CPUS) {
+        ping_tsc[cpu] = rdtsc_ordered();
+        ping_hits[cpu]++;
+    }
+    lapic_eoi();
+}
+
+/* vCPU 0's ICR_HI names vCPU 1 and vCPU 1's names vCPU 0, so that each IPI of the LAPIC
+ * commands is a single ICR_LO write (one exit, like one hypercall). */
+static void bench_lapic_ready(void)
+{
+    static int done;
+    if (done)
+        return;
+    lapic_write(LAPIC_ICR_HI, 1u << 24); /* vCPU 1's is 0 (its reset value): vCPU 0 */
+    done = 1;
+}
+
+static void ap_spin_start(void)
+{
+    ap_spinning = 1;
+    ap_post(AP_SPIN, 0);
+    u64 seen = ap.out;
+    for (u64 end = deadline_ms(100); ap.out == seen && rdtsc_ordered() < end;)
+        cpu_relax();
+}
+
+static void ap_spin_stop(void)
+{
+    ap_spinning = 0;
+    mb();
+    ap_wait(1000);
+}
+
+static u64 lapic_rtt(u32 n)
+{
+    u32 base = ping_hits[0], i;
+    u64 start = rdtsc_ordered();
+    for (i = 0; i < n; i++) {
+        lapic_write(LAPIC_ICR_LO, VEC_PING);
+        if (!wait_count(&ping_hits[0], base + i + 1, 100))
+            break;
+    }
+    u64 t = rdtsc_ordered() - start;
+    if (i != n)
+        say("bench: LAPIC round trip %u of %u timed out (vCPU 1 got %u)", i + 1, n, ping_hits[1]);
+    return i == n ? t : 0;
+}
+
+static u64 self_events(u32 cmd, u32 n)
+{
+    u32 p0 = ipi_port[0], i;
+    volatile u32 *hits = cmd == BENCH_LAPIC_SELF ? &ping_hits[0] : &ev.hits[p0];
+    volatile struct vcpu_info *vi = &xen.shinfo->vcpu_info[0];
+    u32 base = *hits;
+    irq_on();
+    u64 start = rdtsc_ordered();
+    for (i = 0; i < n; i++) {
+        if (cmd == BENCH_LAPIC_SELF)
+            lapic_write(LAPIC_ICR_LO, (1u << 18) | VEC_PING);
+        else if (cmd == BENCH_SELF_MARKED) {
+            __atomic_fetch_or(&xen.shinfo->evtchn_pending[p0 / 64], 1ull << (p0 % 64), __ATOMIC_SEQ_CST);
+            __atomic_fetch_or(&vi->evtchn_pending_sel, 1ull << (p0 / 64), __ATOMIC_SEQ_CST);
+            vi->evtchn_upcall_pending = 1;
+            lapic_write(LAPIC_ICR_LO, (1u << 18) | VEC_UPCALL);
+        } else
+            evtchn_send(p0);
+        if (!wait_count(hits, base + i + 1, 100))
+            break;
+    }
+    u64 t = rdtsc_ordered() - start;
+    irq_off();
+    if (i != n)
+        say("bench: self event %u of %u (command %u) timed out", i + 1, n, cmd);
+    return i == n ? t : 0;
+}
+
+static u64 timer_lateness(u32 n)
+{
+    static u32 pt;
+    if (!pt) {
+        struct evtchn_bind_virq b = { .virq = VIRQ_TIMER, .vcpu = 0 };
+        long rc = HYPERVISOR_event_channel_op(EVTCHNOP_bind_virq, &b);
+        if (rc) {
+            say("bench: EVTCHNOP_bind_virq(VIRQ_TIMER) rc %ld", rc);
+            return 0;
+        }
+        own_port(b.port, 0);
+        pt = b.port;
+        HYPERVISOR_vcpu_op(VCPUOP_stop_periodic_timer, 0, NULL);
+    }
+    u64 sum_ns = 0;
+    for (u32 i = 0; i < n; i++) {
+        u32 h = ev.hits[pt];
+        u64 now = 0;
+        xen_time(&now);
+        u64 dl = now + 500000;
+        long rc = singleshot(dl);
+        if (rc || !wait_count(&ev.hits[pt], h + 1, 100)) {
+            say("bench: VIRQ_TIMER one-shot %u of %u: rc %ld, no event in 100 ms", i + 1, n, rc);
+            return 0;
+        }
+        long late = (long)(tsc_to_xen_ns(ev.tsc[pt]) - dl);
+        sum_ns += late > 0 ? (u64)late : 0;
+    }
+    /* Reported in TSC cycles like the other commands (the bench converts back). */
+    return sum_ns * (xen.tsc_khz ? xen.tsc_khz : 3000000) / 1000000 + 1;
+}
+
+/* Command 13: the LAPIC timer, one-shot on VEC_PING, 500 us (KVM's APIC bus: 1 GHz). */
+static u64 lapic_timer_lateness(u32 n)
+{
+    u64 khz = xen.tsc_khz ? xen.tsc_khz : 3000000, sum = 0;
+    irq_off();
+    lapic_write(LAPIC_TIMER_INIT, 0);
+    lapic_write(LAPIC_LVT_TIMER, VEC_PING); /* one-shot */
+    u32 i;
+    for (i = 0; i < n; i++) {
+        u32 h = ping_hits[0];
+        u64 t0 = rdtsc_ordered();
+        lapic_write(LAPIC_TIMER_INIT, 500000);
+        u64 end = t0 + khz * 100; /* 100 ms */
+        while (ping_hits[0] == h && rdtsc_ordered() < end)
+            asm volatile("sti; hlt; cli" ::: "memory");
+        if (ping_hits[0] == h)
+            break;
+        u64 due = t0 + khz / 2; /* 500 us in TSC cycles */
+        sum += ping_tsc[0] > due ? ping_tsc[0] - due : 0;
+    }
+    lapic_write(LAPIC_TIMER_INIT, 0);
+    lapic_write(LAPIC_LVT_TIMER, LVT_PERIODIC | VEC_KICK);
+    if (i != n) {
+        say("bench: LAPIC timer one-shot %u of %u did not fire in 100 ms", i + 1, n);
+        return 0;
+    }
+    return sum + 1;
+}
 
 /* Shared_info, vCPU 1 and upcalls on both vCPUs for commands 5 and 6, set up once. */
 static int bench_events_ready(u32 *poll_port)
@@ -2583,6 +2768,26 @@ static u64 bench_events(u32 cmd, u32 n)
     long rc;
     if (!n || !bench_events_ready(&port))
         return 0;
+    if (cmd == BENCH_LAPIC_RTT || cmd == BENCH_LAPIC_RTT_RUN || cmd == BENCH_LAPIC_SELF)
+        bench_lapic_ready();
+    if (cmd == BENCH_EVTCHN_SELF || cmd == BENCH_LAPIC_SELF || cmd == BENCH_SELF_MARKED)
+        return self_events(cmd, n);
+    if (cmd == BENCH_TIMER_LATE)
+        return timer_lateness(n);
+    if (cmd == BENCH_LAPIC_TIMER_LATE)
+        return lapic_timer_lateness(n);
+    if (cmd == BENCH_LAPIC_RTT)
+        return lapic_rtt(n);
+    if (cmd == BENCH_LAPIC_RTT_RUN || cmd == BENCH_EVTCHN_RTT_RUN) {
+        ap_spin_start();
+        u64 t = 0;
+        if (cmd == BENCH_LAPIC_RTT_RUN)
+            t = lapic_rtt(n);
+        else if (pingpong(n, &total, &min, &max) == n)
+            t = total;
+        ap_spin_stop();
+        return t;
+    }
     if (cmd == BENCH_EVTCHN_RTT) {
         u32 done = pingpong(n, &total, &min, &max);
         if (done != n) {
@@ -2601,7 +2806,7 @@ static u64 bench_events(u32 cmd, u32 n)
 
 /* A page laid out like the hypercall page but placed next to the stack (head.S):
  *   +0:  mov $17, %eax; out %eax, $0xe1; ret   -- xen_version, the full xenkvm path
- *   +32: mov $0, %eax;  out %eax, $0xe2; ret   -- the same exit without any Xen work
+ *   +32: mov $0, %eax;  out %eax, $0xe5; ret   -- the same exit without any Xen work
  * On a shadow-paging host each page block the guest touches after an exit costs a
  * refill; the hypercall page lives in its own block, this page shares the stack's. The
  * bench times all of them so the VMM's share and the host's share can be told apart. */
@@ -2621,13 +2826,14 @@ static void __attribute__((noreturn)) bench(void)
         u32 cmd = inl(BENCH_PORT_CMD);
         if (cmd == BENCH_STOP)
             shutdown(SHUTDOWN_poweroff);
+        int events = cmd >= BENCH_EVTCHN_RTT && cmd <= BENCH_SELF_MARKED;
         if (cmd != BENCH_IO_EXIT && cmd != BENCH_XEN_VERSION && cmd != BENCH_STUB_EXIT &&
-            cmd != BENCH_STUB_XENVER && cmd != BENCH_EVTCHN_RTT && cmd != BENCH_POLL_WAKE) {
+            cmd != BENCH_STUB_XENVER && !events) {
             say("bench: unknown command %u", cmd);
             shutdown(SHUTDOWN_crash);
         }
         u32 n = inl(BENCH_PORT_COUNT);
-        if (cmd == BENCH_EVTCHN_RTT || cmd == BENCH_POLL_WAKE) {
+        if (events) {
             u64 cycles = bench_events(cmd, n);
             outl(BENCH_PORT_RESULT, (u32)cycles);
             outl(BENCH_PORT_RESULT, (u32)(cycles >> 32));
@@ -2847,9 +3053,28 @@ static void __attribute__((noreturn)) rscheck(void)
 
 /* -------------------------------------------------------------------- idle */
 
-static void __attribute__((noreturn)) idle(void)
+/* idle: both vCPUs halt with nothing armed. idle100: each vCPU has a 100 Hz periodic
+ * VIRQ_TIMER (bound and taken by its upcall) and halts between ticks. */
+static void __attribute__((noreturn)) idle(int ticks)
 {
     int up = check_smp();
+    if (ticks) {
+        struct xen_add_to_physmap x;
+        if (!xen.shinfo)
+            map_shared_info(&x);
+        check_upcall();
+        u32 cpus = upcalls_ready == 2 ? 2 : 1;
+        for (u32 c = 0; c < cpus; c++) {
+            struct evtchn_bind_virq b = { .virq = VIRQ_TIMER, .vcpu = c };
+            struct vcpu_set_periodic_timer per = { .period_ns = 10000000 };
+            long rc = HYPERVISOR_event_channel_op(EVTCHNOP_bind_virq, &b);
+            if (!rc) {
+                own_port(b.port, c);
+                rc = HYPERVISOR_vcpu_op(VCPUOP_set_periodic_timer, c, &per);
+            }
+            say("idle: vCPU %u has a 100 Hz VIRQ_TIMER (rc %ld)", c, rc);
+        }
+    }
     say("idle: halted (vCPU 1 %s: %s)", up && smp == SMP_UP ? "up" : "not up", detail);
     for (;;)
         asm volatile("sti; hlt" ::: "memory");
@@ -2904,7 +3129,7 @@ void __attribute__((noreturn)) main(u32 start_info_paddr)
     if (strstr_(cmdline, "bench"))
         bench();
     if (strstr_(cmdline, "idle"))
-        idle();
+        idle(strstr_(cmdline, "idle100") != 0);
     if (strstr_(cmdline, "reboot"))
         reboot_mode();
     if (strstr_(cmdline, "chatter"))

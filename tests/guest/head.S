@@ -115,7 +115,7 @@ exc_stub_\vec:
         jmp     exc_common
         .endm
 
-        .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,128,242,243,255
+        .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,128,242,243,255,244
         STUB    \v
         .endr
 
@@ -180,10 +180,11 @@ ap_vcpuop_entry:
         .section .rodata
         .p2align 3
         /* exc_stubs[i]: entry of exception i (0..31); exc_stubs[32]: int $0x80;
-         * [33..35]: the LAPIC vectors 0xf2 (kick), 0xf3 (upcall), 0xff (spurious). */
+         * [33..35]: the LAPIC vectors 0xf2 (kick), 0xf3 (upcall), 0xff (spurious);
+         * [36]: 0xf4, the bench's LAPIC ping. */
         .globl  exc_stubs
 exc_stubs:
-        .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,128,242,243,255
+        .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,128,242,243,255,244
         .quad   exc_stub_\v
         .endr
 

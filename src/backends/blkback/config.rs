@@ -47,6 +47,31 @@ pub struct BlkConfig {
     pub persistent: bool,
 }
 
+impl BlkConfig {
+    /// The backend's view of a disk the config layer parsed (`--disk`, an
+    /// xl.cfg `disk =` entry). Refuses what this backend cannot serve, by
+    /// name.
+    pub fn from_spec(d: &crate::config::DiskSpec) -> Result<BlkConfig, String> {
+        if d.cdrom {
+            return Err(format!(
+                "disk \"{d}\": devtype=cdrom: CD-ROMs are not offered (Linux does not attach them on HVM)"
+            ));
+        }
+        Ok(BlkConfig {
+            path: PathBuf::from(&d.target),
+            format: match d.format {
+                crate::config::DiskFormat::Raw => DiskFormat::Raw,
+                crate::config::DiskFormat::Qcow2 => DiskFormat::Qcow2,
+            },
+            vdev: d.vdev.clone(),
+            devid: d.devid,
+            readonly: d.read_only,
+            discard: d.discard,
+            persistent: false,
+        })
+    }
+}
+
 /// A spec that cannot be used: which spec, which key, why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("--disk {spec:?}: {key}: {why}")]

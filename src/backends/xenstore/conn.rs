@@ -298,7 +298,26 @@ impl Conn {
                 break true;
             }
             if avail == 0 {
-                break false;
+                // Publish what was consumed, then look at `req_prod` again.
+                // The guest bumps `req_prod` and then notifies only if
+                // `req_cons` had caught up with its old `req_prod` (Linux's
+                // `xb_write`): bytes it wrote after our load of `req_prod`
+                // but before it saw our `req_cons` come with no
+                // notification, so they must be seen here (the final check
+                // of ring.h's RING_FINAL_CHECK_FOR_REQUESTS).
+                if consumed {
+                    page.store_u32(REQ_CONS, cons);
+                }
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                let more = page.load_u32(REQ_PROD).wrapping_sub(cons) as usize;
+                if more == 0 {
+                    break false;
+                }
+                if more > RING_SIZE {
+                    return Err(ConnError::Ring);
+                }
+                avail = more;
+                continue;
             }
             let n = need.min(avail);
             let start = self.inbuf.len();
