@@ -59,6 +59,7 @@ fn params() -> QueueParams {
     QueueParams {
         max_indirect: 256,
         discard: true,
+        uring: xenkvm::backends::blkback::xenbus::uring_wanted(),
     }
 }
 

@@ -960,3 +960,35 @@ fn run_console_pty_input_reaches_the_guest() {
         "the line typed on the pty reached the guest: {seen}"
     );
 }
+
+#[test]
+fn run_with_a_disk_boots_as_without() {
+    if !common::kvm_available("run_with_a_disk_boots_as_without") {
+        return;
+    }
+    let guest = GuestFile::new("disk");
+    let img = std::env::temp_dir().join(format!("xenkvm-cli-disk-{}.img", std::process::id()));
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let out = Command::new(common::xenkvm_bin())
+        .args([
+            "run",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "reboot",
+            "--on-reboot",
+            "destroy",
+            "--disk",
+            &format!("vdev=xvda,access=ro,target={}", img.display()),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("xenkvm");
+    let _ = std::fs::remove_file(&img);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the guest reboots as without a disk: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -18,7 +18,11 @@ pub const MAX_IO_PIECES: usize = 1024;
 
 impl MemoryMap {
     /// Host iovecs of `segs` (each split at region boundaries).
-    fn iovecs(&self, segs: &[Segment], mark_dirty: bool) -> Result<Vec<libc::iovec>, Error> {
+    pub(crate) fn iovecs(
+        &self,
+        segs: &[Segment],
+        mark_dirty: bool,
+    ) -> Result<Vec<libc::iovec>, Error> {
         let mut v = Vec::with_capacity(segs.len());
         for s in segs {
             let mut gpa = s.gpa.0;
@@ -71,7 +75,7 @@ impl MemoryMap {
         self.vectored(file, offset, iov, false)
     }
 
-    fn vectored(
+    pub(crate) fn vectored(
         &self,
         file: &File,
         offset: u64,
@@ -120,23 +124,31 @@ impl MemoryMap {
             if n == 0 {
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
             }
-            let mut n = n as usize;
+            let n = n as usize;
             done += n;
-            // Skip what was transferred.
-            while n > 0 && first < iov.len() {
-                let l = iov[first].iov_len;
-                if n >= l {
-                    n -= l;
-                    first += 1;
-                } else {
-                    iov[first].iov_base = (iov[first].iov_base as usize + n) as *mut libc::c_void;
-                    iov[first].iov_len -= n;
-                    n = 0;
-                }
-            }
+            first += advance(&mut iov[first..], n);
         }
         Ok(total)
     }
+}
+
+/// Skips `n` transferred bytes of `iov`: returns how many entries are
+/// now fully done (the next one is trimmed in place).
+pub(crate) fn advance(iov: &mut [libc::iovec], mut n: usize) -> usize {
+    let mut first = 0;
+    while n > 0 && first < iov.len() {
+        let l = iov[first].iov_len;
+        if n >= l {
+            n -= l;
+            iov[first].iov_len = 0;
+            first += 1;
+        } else {
+            iov[first].iov_base = (iov[first].iov_base as usize + n) as *mut libc::c_void;
+            iov[first].iov_len -= n;
+            n = 0;
+        }
+    }
+    first
 }
 
 #[cfg(test)]

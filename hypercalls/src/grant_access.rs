@@ -343,6 +343,76 @@ impl Domain {
         })
     }
 
+    /// [`Domain::grant_map`] of several grants under one lock (a backend maps all the segments
+    /// of a request at once): each `(gref, readonly)` is mapped in order and appended to `out`.
+    /// On the first failure the ones this call mapped are unmapped again and the error comes
+    /// with the failing grant's position in `refs`.
+    pub fn grant_map_batch(
+        &self,
+        refs: &[(u32, bool)],
+        domid: u16,
+        out: &mut Vec<GrantMapping>,
+    ) -> Result<(), (usize, Error)> {
+        self.check_granter(domid).map_err(|e| (0, e))?;
+        // The memory map once for the batch (`is_ram` asks the platform each time).
+        let e820 = self.platform.memory_map();
+        let is_ram = |g: &Gfn| {
+            let a = g.gpa();
+            e820.iter().any(|e| {
+                e.kind == crate::platform::E820Entry::RAM && a >= e.addr && a - e.addr < e.size
+            })
+        };
+        let mut gt = self.gnttab.lock();
+        let first = out.len();
+        for (i, &(gref, readonly)) in refs.iter().enumerate() {
+            let r = (|| {
+                if gt.maps.len() >= MAX_MAPS {
+                    return Err(gnttabop::GNTST_NO_DEVICE_SPACE);
+                }
+                let a = pin(&mut gt, gref, 0, readonly, true)?;
+                let Some(gfn) = Gfn::new(a.gfn).filter(is_ram) else {
+                    unpin(&mut gt, gref, readonly);
+                    return Err(gnttabop::GNTST_BAD_PAGE);
+                };
+                let mut handle = gt.next_handle;
+                while gt.maps.contains_key(&handle) {
+                    handle = handle.wrapping_add(1);
+                }
+                gt.next_handle = handle.wrapping_add(1);
+                gt.maps.insert(handle, MapEntry { gref, readonly });
+                Ok(GrantMapping {
+                    handle,
+                    gref,
+                    gfn,
+                    readonly,
+                })
+            })();
+            match r {
+                Ok(m) => out.push(m),
+                Err(st) => {
+                    for m in out.drain(first..) {
+                        if let Some(e) = gt.maps.remove(&m.handle) {
+                            unpin(&mut gt, e.gref, e.readonly);
+                        }
+                    }
+                    return Err((i, Error::Grant(st)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Domain::grant_unmap`] of several handles under one lock (unknown handles are
+    /// skipped).
+    pub fn grant_unmap_batch(&self, handles: impl IntoIterator<Item = u32>) {
+        let mut gt = self.gnttab.lock();
+        for h in handles {
+            if let Some(m) = gt.maps.remove(&h) {
+                unpin(&mut gt, m.gref, m.readonly);
+            }
+        }
+    }
+
     /// dom0's `GNTTABOP_unmap_grant_ref`: drop the mapping `handle` (`GNTST_bad_handle` if
     /// unknown); the grant's status bits clear with its last pin.
     pub fn grant_unmap(&self, handle: u32) -> Result<(), Error> {

@@ -371,3 +371,38 @@ fn gnttab_copy_large_count_is_capped_per_call() {
         "not reached"
     );
 }
+
+#[test]
+fn grant_map_batch_rolls_back_on_failure_and_unmaps_in_one_go() {
+    for v in [1u32, 2] {
+        let e = env(GuestWidth::Bits64);
+        assert_eq!(set_version(&e, v), 0);
+        grant(&e, 10, PERMIT, 0, FRAME, None);
+        grant(&e, 11, PERMIT, 0, FRAME + 1, None);
+        grant(&e, 14, PERMIT, 0, 0xfc000, None);
+        let mut out = Vec::new();
+        let (i, err) =
+            e.d.grant_map_batch(&[(10, false), (11, true), (14, true)], 1, &mut out)
+                .unwrap_err();
+        assert_eq!((i, gnt_err(Err::<(), _>(err))), (2, -9), "third is not RAM");
+        assert!(out.is_empty());
+        assert_eq!(
+            (busy(&e, 10), busy(&e, 11)),
+            (0, 0),
+            "earlier pins rolled back"
+        );
+        assert!(
+            e.d.grant_map_batch(&[(10, true)], 2, &mut out).is_err(),
+            "bad domain"
+        );
+        e.d.grant_map_batch(&[(10, false), (11, true)], 1, &mut out)
+            .expect("batch");
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].gfn.get(), FRAME + 1);
+        assert_eq!(busy(&e, 10), READING | WRITING);
+        assert_eq!(busy(&e, 11), READING);
+        e.d.grant_unmap_batch(out.iter().map(|m| m.handle).chain([12345]));
+        assert_eq!((busy(&e, 10), busy(&e, 11)), (0, 0));
+        assert!(e.d.grant_unmap(out[0].handle).is_err(), "handle gone");
+    }
+}

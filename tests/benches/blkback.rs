@@ -7,12 +7,17 @@
 //! map per segment, `preadv`/`pwritev` into guest RAM, unmap, response,
 //! notification). The frontend keeps 32 requests in flight; 64 KiB
 //! requests are indirect (16 segments), 4 KiB ones direct. The plain
-//! baseline is one thread calling `pread`/`pwrite` on a private buffer
-//! with the same sizes and offsets. The file (256 MiB) is in the system's
+//! baseline is one thread calling `pread`/`pwrite` with the same sizes and
+//! offsets into 32 rotating buffers in a memfd mapping (4 KiB pages, the
+//! kind of memory guest RAM is, the same 2 MiB footprint as the frontend's
+//! data pages; `XENKVM_BENCH_PLAIN=heap` uses heap buffers instead, which
+//! copies faster than any guest RAM can be filled). The file (256 MiB) is in the system's
 //! temp dir and in the page cache. Runs `XENKVM_BENCH_SECS` seconds per
 //! measurement (default 1.5).
 //!
-//! `cargo bench --bench blkback`
+//! `cargo bench --bench blkback` (`XENKVM_BENCH_ONLY=rand` runs the
+//! workloads whose name contains the text; `XENKVM_BLK_URING=1` serves
+//! through io_uring).
 
 #[path = "../common/blkfront.rs"]
 mod blkfront;
@@ -85,18 +90,43 @@ fn secs() -> Duration {
     )
 }
 
-/// (bytes, ops, elapsed) of plain pread/pwrite, into QD rotating buffers
-/// (the same memory footprint as the frontend's data pages, so both sides
-/// see the same cache behaviour).
-fn plain(file: &std::fs::File, w: Work, d: Duration) -> (u64, u64, Duration) {
-    let mut bufs = vec![vec![0x5au8; w.bytes]; QD];
+/// Where the plain baseline reads to and writes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PlainBuf {
+    /// QD rotating heap buffers.
+    Heap,
+    /// QD rotating buffers in a memfd mapping of 4 KiB pages, the kind of
+    /// memory guest RAM is (gpc's `MemoryMap`), with the same footprint as
+    /// the frontend's data pages.
+    Memfd,
+}
+
+/// (bytes, ops, elapsed) of plain pread/pwrite into QD rotating buffers.
+fn plain(file: &std::fs::File, w: Work, d: Duration, kind: PlainBuf) -> (u64, u64, Duration) {
+    // For profiling the backend alone.
+    let d = if std::env::var_os("XENKVM_BENCH_NO_PLAIN").is_some() {
+        Duration::from_millis(1)
+    } else {
+        d
+    };
+    let map = gpc::MemoryMap::new(&[(gpc::GuestAddress(0), (QD * w.bytes) as u64)]).unwrap();
+    let host = map.ram_regions()[0].host_addr as *mut u8;
+    let mut heap = vec![vec![0x5au8; w.bytes]; QD];
     let mut off = Offsets::new(w);
     let start = Instant::now();
     let mut ops = 0u64;
     while start.elapsed() < d {
         for i in 0..64 {
             let o = off.get();
-            let buf = &mut bufs[i % QD];
+            let buf: &mut [u8] = match kind {
+                PlainBuf::Heap => &mut heap[i % QD],
+                // SAFETY: the bench's own memfd mapping of QD * bytes bytes,
+                // alive while `map` is (this function); no other thread or
+                // reference touches it; slot `i % QD` is in bounds.
+                PlainBuf::Memfd => unsafe {
+                    std::slice::from_raw_parts_mut(host.add((i % QD) * w.bytes), w.bytes)
+                },
+            };
             if w.write {
                 file.write_all_at(buf, o).unwrap();
             } else {
@@ -105,8 +135,8 @@ fn plain(file: &std::fs::File, w: Work, d: Duration) -> (u64, u64, Duration) {
             ops += 1;
         }
     }
-    let buf = &bufs;
-    std::hint::black_box(&buf);
+    std::hint::black_box(&heap);
+    drop(map);
     (ops * w.bytes as u64, ops, start.elapsed())
 }
 
@@ -150,6 +180,7 @@ impl Backend {
             QueueParams {
                 max_indirect: 256,
                 discard: true,
+                uring: xenkvm::backends::blkback::xenbus::uring_wanted(),
             },
             &RingSetup {
                 refs: fr.refs.clone(),
@@ -234,6 +265,7 @@ impl Backend {
         let mut ops = 0u64;
         let mut out = Vec::with_capacity(QD);
         let mut draining = false;
+        let mut rounds = 0u64;
         let mut outstanding = QD;
         while outstanding > 0 {
             out.clear();
@@ -259,7 +291,9 @@ impl Backend {
             if !draining {
                 self.fr.push();
                 self.kick();
-                draining = start.elapsed() >= d;
+                // The clock every 64 rounds (a clock read costs about as much as a ring round).
+                rounds += 1;
+                draining = rounds % 64 == 0 && start.elapsed() >= d;
             }
         }
         (ops * w.bytes as u64, ops, start.elapsed())
@@ -311,14 +345,21 @@ fn main() {
         },
     ];
     let d = secs();
+    let kind = if std::env::var("XENKVM_BENCH_PLAIN").as_deref() == Ok("heap") {
+        PlainBuf::Heap
+    } else {
+        PlainBuf::Memfd
+    };
+
     let mut inline = Backend::new(&path, false);
     let mut threaded = Backend::new(&path, true);
     // Warm-up: the page cache and the paths.
-    plain(&file, works[0], Duration::from_millis(300));
+    plain(&file, works[0], Duration::from_millis(300), PlainBuf::Memfd);
     inline.run(works[0], Duration::from_millis(300));
     threaded.run(works[0], Duration::from_millis(300));
     println!(
-        "blkback vs plain pread/pwrite, file {} MiB in {}, {:.1} s per run, 2 interleaved rounds",
+        "blkback vs plain pread/pwrite ({} buffers), file {} MiB in {}, {:.1} s per run, 2 interleaved rounds",
+        if kind == PlainBuf::Heap { "heap" } else { "memfd" },
         FILE_BYTES >> 20,
         dir.display(),
         d.as_secs_f64()
@@ -327,12 +368,17 @@ fn main() {
         "{:<32} {:>10} {:>10} {:>10} {:>10} {:>7}",
         "workload", "be MB/s", "be IOPS", "plain MB/s", "plain IOPS", "ratio"
     );
-    for (w, threads) in works.iter().flat_map(|w| [(*w, false), (*w, true)]) {
+    let only = std::env::var("XENKVM_BENCH_ONLY").unwrap_or_default();
+    for (w, threads) in works
+        .iter()
+        .filter(|w| w.name.contains(only.as_str()))
+        .flat_map(|w| [(*w, false), (*w, true)])
+    {
         let be = if threads { &mut threaded } else { &mut inline };
         let (mut bb, mut bo, mut bt) = (0u64, 0u64, Duration::ZERO);
         let (mut pb, mut po, mut pt) = (0u64, 0u64, Duration::ZERO);
         for _ in 0..2 {
-            let (b, o, t) = plain(&file, w, d);
+            let (b, o, t) = plain(&file, w, d, kind);
             pb += b;
             po += o;
             pt += t;

@@ -80,6 +80,11 @@ impl Disk {
         self.block_device
     }
 
+    /// The open file (for batched I/O).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Where it is.
     pub fn path(&self) -> &std::path::Path {
         &self.path

@@ -14,9 +14,12 @@
 //! [`BlkBackend`] holds a guest's devices and reacts to xenstore watch
 //! events on the event loop.
 //!
-//! Not done: qcow2 (refused by name at start), io_uring (plain `preadv`
-//! on the queue's thread), persistent grants kept mapped (offering
-//! `feature-persistent` is an option; grants are still mapped per request).
+//! The host I/O is `preadv`/`pwritev` on the queue's thread, or with
+//! `XENKVM_BLK_URING=1` one io_uring submission per batch (`gpc::FileRing`).
+//!
+//! Not done: qcow2 (refused by name at start), persistent grants kept
+//! mapped (offering `feature-persistent` is an option; grants are still
+//! mapped per request).
 
 #![forbid(unsafe_code)]
 

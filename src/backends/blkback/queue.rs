@@ -6,8 +6,10 @@
 //! For each request: copy it out of the ring once, parse and check it
 //! (`blkif::parse_request`), map each granted segment (`Domain::grant_map`,
 //! writable only for reads into the guest), hand the host I/O an iovec of
-//! the guest frames (`preadv`/`pwritev`), unmap every grant, and only then
-//! write the response. Responses are pushed per batch and the frontend is
+//! the guest frames (`preadv`/`pwritev`, or `readv`/`writev` through
+//! io_uring, one submission per batch), unmap every grant, and only then write
+//! the response. Reads and writes of consecutive sectors are merged into
+//! one host I/O. Responses are pushed per batch and the frontend is
 //! notified only when `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` says so.
 //! Bad requests get `BLKIF_RSP_ERROR` (or `EOPNOTSUPP`); bad ring indexes
 //! stop this queue with an error the caller logs (the device is refused);
@@ -56,6 +58,18 @@ pub struct QueueParams {
     pub max_indirect: usize,
     /// Discard offered.
     pub discard: bool,
+    /// Submit the host I/O of a batch through io_uring (falls back to
+    /// `preadv`/`pwritev` where the host has none).
+    pub uring: bool,
+}
+
+/// A merged I/O queued on the io_uring, waiting for its completion.
+struct Inflight {
+    members: Vec<(u64, u8)>,
+    maps: Vec<GrantMapping>,
+    write: bool,
+    start: u64,
+    end: u64,
 }
 
 /// A ring over a cache guard (held only while the ring is touched).
@@ -117,6 +131,10 @@ pub struct Queue {
     group_rw: RwOp,
     group_start: u64,
     group_next: u64,
+    /// Batched host I/O (io_uring), when the host has it and it is wanted.
+    uring: Option<gpc::FileRing>,
+    /// Groups queued on `uring`, answered by `drain`.
+    inflight: Vec<Inflight>,
     warn: RateLimiter,
     stats: QueueStats,
     name: String,
@@ -199,7 +217,18 @@ impl Queue {
                 setup.port
             )));
         }
-        tracing::info!(queue = %name, pages = n, entries = back.size, port = setup.port, dom0_port, abi = ?setup.abi, "blkback queue connected");
+        let uring = if params.uring {
+            match gpc::FileRing::new(&map, 64) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::info!(queue = %name, %e, "no io_uring: preadv/pwritev on the queue's thread");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        tracing::info!(queue = %name, pages = n, uring = uring.is_some(), entries = back.size, port = setup.port, dom0_port, abi = ?setup.abi, "blkback queue connected");
         Ok(Queue {
             domain,
             domid,
@@ -221,6 +250,8 @@ impl Queue {
             group_rw: RwOp::Read,
             group_start: 0,
             group_next: 0,
+            uring,
+            inflight: Vec::new(),
             warn: RateLimiter::default(),
             stats: QueueStats::default(),
             name,
@@ -275,6 +306,7 @@ impl Queue {
             self.raw = raw;
             r?;
             self.run_group()?;
+            self.drain()?;
             if taken == 0 {
                 let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
                 let r = GuardRing {
@@ -366,6 +398,7 @@ impl Queue {
                 }
         ) {
             self.run_group()?;
+            self.drain()?;
         }
         Ok(match req {
             Request::Discard {
@@ -427,11 +460,12 @@ impl Queue {
             } => {
                 let mut segs = std::mem::take(&mut self.segs);
                 segs.clear();
-                let mut page = vec![0u8; PAGE];
+                let mut page = [0u8; PAGE];
                 let mut left = usize::from(nr_segments);
                 for gref in pages {
-                    // One private copy of each indirect page.
-                    if let Err(e) = self.copy_granted_page(gref, &mut page) {
+                    // One private copy of the part of each indirect page in use.
+                    let n = left.min(SEGS_PER_INDIRECT_PAGE);
+                    if let Err(e) = self.copy_granted_page(gref, &mut page[..n * 8]) {
                         self.segs = segs;
                         return Ok(Some(self.refuse(
                             id,
@@ -440,8 +474,7 @@ impl Queue {
                             &format!("indirect page grant {gref}: {e}"),
                         )));
                     }
-                    let n = left.min(SEGS_PER_INDIRECT_PAGE);
-                    if let Err(why) = parse_indirect_segments(&page, n, &mut segs) {
+                    if let Err(why) = parse_indirect_segments(&page[..n * 8], n, &mut segs) {
                         self.segs = segs;
                         return Ok(Some(self.refuse(id, op, RSP_ERROR, why)));
                     }
@@ -453,7 +486,7 @@ impl Queue {
         })
     }
 
-    /// Copies granted page `gref` (read-only access) into `buf`.
+    /// Copies the start of granted page `gref` (read-only access) into `buf`.
     fn copy_granted_page(&self, gref: u32, buf: &mut [u8]) -> Result<(), String> {
         let m = self
             .domain
@@ -504,37 +537,26 @@ impl Queue {
         {
             self.run_group()?;
         }
-        // Map every segment (reads write into the guest: writable).
+        // Map every segment (reads write into the guest: writable), one lock for all.
         let first = self.maps.len();
-        let segs = std::mem::take(&mut self.segs);
-        let mut bad = None;
-        for s in &segs {
-            match self.domain.grant_map(s.gref, self.domid, writes) {
-                Ok(m) => {
-                    self.ranges.push(GpaRange::new(
-                        GuestAddress(m.gfn.gpa() + s.offset() as u64),
-                        s.len(),
-                    ));
-                    self.maps.push(m);
-                }
-                Err(e) => {
-                    bad = Some((s.gref, e));
-                    break;
-                }
-            }
-        }
-        self.segs = segs;
-        if let Some((gref, e)) = bad {
-            for m in self.maps.drain(first..) {
-                let _ = self.domain.grant_unmap(m.handle);
-            }
-            self.ranges.truncate(first);
+        let refs: Vec<(u32, bool)> = self.segs.iter().map(|s| (s.gref, writes)).collect();
+        if let Err((i, e)) = self
+            .domain
+            .grant_map_batch(&refs, self.domid, &mut self.maps)
+        {
+            let gref = refs.get(i).map_or(0, |r| r.0);
             return Ok(Some(self.refuse(
                 id,
                 op,
                 RSP_ERROR,
                 &format!("segment grant {gref}: {e}"),
             )));
+        }
+        for (m, s) in self.maps[first..].iter().zip(&self.segs) {
+            self.ranges.push(GpaRange::new(
+                GuestAddress(m.gfn.gpa() + s.offset() as u64),
+                s.len(),
+            ));
         }
         if self.group.is_empty() {
             self.group_rw = rw;
@@ -546,6 +568,7 @@ impl Queue {
             return Ok(None);
         }
         // Flush or barrier: alone, in order.
+        self.drain()?;
         let st = self.io(rw);
         self.answer_group(st)?;
         Ok(None)
@@ -556,16 +579,87 @@ impl Queue {
         if self.group.is_empty() {
             return Ok(());
         }
-        let st = self.io(self.group_rw);
+        let rw = self.group_rw;
+        if matches!(rw, RwOp::Read | RwOp::Write) && self.uring.is_some() {
+            let (start, end, write) = (self.group_start, self.group_next, rw == RwOp::Write);
+            // Overlapping I/O waits for what is queued (a read after a write
+            // of the same sectors sees it).
+            if self
+                .inflight
+                .iter()
+                .any(|g| (g.write || write) && g.start < end && start < g.end)
+            {
+                self.drain()?;
+            }
+            if let Some(ring) = self.uring.as_mut() {
+                match ring.queue(start * SECTOR, &self.ranges, write) {
+                    Ok(_) => {
+                        self.inflight.push(Inflight {
+                            members: self.group.drain(..).collect(),
+                            maps: self.maps.drain(..).collect(),
+                            write,
+                            start,
+                            end,
+                        });
+                        self.ranges.clear();
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::debug!(queue = %self.name, %e, "io_uring queue refused: synchronous I/O");
+                    }
+                }
+            }
+        }
+        self.drain()?;
+        let st = self.io(rw);
         self.answer_group(st)
+    }
+
+    /// Submits the queued groups (one system call for the batch), waits for
+    /// them, gives their grants back and answers their requests.
+    fn drain(&mut self) -> Result<(), BlkError> {
+        if self.inflight.is_empty() {
+            return Ok(());
+        }
+        let disk = self.disk.clone();
+        let results = match self.uring.as_mut() {
+            Some(r) => r.run(disk.file()),
+            None => Vec::new(),
+        };
+        let mut results = results.into_iter();
+        let inflight = std::mem::take(&mut self.inflight);
+        let mut done = Vec::new();
+        for g in inflight {
+            let st = match results.next() {
+                Some(Ok(n)) => {
+                    if g.write {
+                        self.stats.bytes_written += n as u64;
+                    } else {
+                        self.stats.bytes_read += n as u64;
+                    }
+                    RSP_OKAY
+                }
+                Some(Err(e)) => {
+                    if let Some(suppressed) = self.warn.allow() {
+                        tracing::warn!(queue = %self.name, %e, sector = g.start, suppressed, "disk I/O failed");
+                    }
+                    RSP_ERROR
+                }
+                None => RSP_ERROR,
+            };
+            // Grants go back before the responses are pushed.
+            self.domain
+                .grant_unmap_batch(g.maps.iter().map(|m| m.handle));
+            done.extend(g.members.iter().map(|&(id, op)| (id, op, st)));
+        }
+        self.respond(&done)
     }
 
     /// Gives the group's grants back, then answers every member.
     fn answer_group(&mut self, st: i16) -> Result<(), BlkError> {
         // Grants go back before the responses are pushed.
-        for m in self.maps.drain(..) {
-            let _ = self.domain.grant_unmap(m.handle);
-        }
+        self.domain
+            .grant_unmap_batch(self.maps.drain(..).map(|m| m.handle));
         self.ranges.clear();
         let done: Vec<(u64, u8, i16)> = self.group.drain(..).map(|(id, op)| (id, op, st)).collect();
         self.respond(&done)
@@ -621,6 +715,14 @@ impl Queue {
 
 impl Drop for Queue {
     fn drop(&mut self) {
+        for g in self.inflight.drain(..) {
+            for m in g.maps {
+                let _ = self.domain.grant_unmap(m.handle);
+            }
+        }
+        for m in self.maps.drain(..) {
+            let _ = self.domain.grant_unmap(m.handle);
+        }
         let _ = self.cache.deactivate();
         for m in self.ring_maps.drain(..) {
             let _ = self.domain.grant_unmap(m.handle);
