@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use blkfront::*;
-use xenkvm::backends::blkback::{parse_disk_spec, BlkBackend, Disk, Queue, QueueParams, RingSetup};
+use xenkvm::backends::blkback::{BlkBackend, BlkConfig, Disk, Queue, QueueParams, RingSetup};
 use xenkvm::backends::blkif::request::{RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use xenkvm::backends::blkif::{Abi, Request, RwOp, Segment};
 use xenkvm::backends::xenstore::{self, PermKind, XenstoreServer};
@@ -52,7 +52,7 @@ fn disk(path: &std::path::Path, ro: bool) -> Arc<Disk> {
         if ro { "ro" } else { "rw" },
         path.display()
     );
-    Arc::new(Disk::open(&parse_disk_spec(&spec).unwrap()).unwrap())
+    Arc::new(Disk::open(&BlkConfig::parse(&spec).unwrap()).unwrap())
 }
 
 fn params() -> QueueParams {
@@ -429,7 +429,7 @@ impl Bus {
         let mut xs =
             XenstoreServer::new_domain(&xenstore::DomainConfig::new(DOMID, "t", [0; 16], 65536))
                 .unwrap();
-        let cfgs: Vec<_> = specs.iter().map(|s| parse_disk_spec(s).unwrap()).collect();
+        let cfgs: Vec<_> = specs.iter().map(|s| BlkConfig::parse(s).unwrap()).collect();
         let b =
             BlkBackend::new(&cfgs, DOMID, g.d.clone(), g.map.clone(), g.host(), &mut xs).unwrap();
         let mut bus = Bus { g, xs, b };
@@ -667,8 +667,8 @@ fn blkbackend_duplicate_vdev_or_missing_file_named() {
     let img = t.image("a.img", SECTORS);
     let g = Guest::new();
     let mut xs = XenstoreServer::new();
-    let a = parse_disk_spec(&format!("vdev=xvda,target={}", img.display())).unwrap();
-    let b = parse_disk_spec(&format!("vdev=51712,target={}", img.display())).unwrap();
+    let a = BlkConfig::parse(&format!("vdev=xvda,target={}", img.display())).unwrap();
+    let b = BlkConfig::parse(&format!("vdev=51712,target={}", img.display())).unwrap();
     let e = BlkBackend::new(
         &[a.clone(), b],
         DOMID,
@@ -679,14 +679,14 @@ fn blkbackend_duplicate_vdev_or_missing_file_named() {
     )
     .unwrap_err();
     assert!(e.contains("same device number 51712"), "{e}");
-    let m = parse_disk_spec("vdev=xvdb,target=/nonexistent/x.img").unwrap();
+    let m = BlkConfig::parse("vdev=xvdb,target=/nonexistent/x.img").unwrap();
     let e =
         BlkBackend::new(&[m], DOMID, g.d.clone(), g.map.clone(), g.host(), &mut xs).unwrap_err();
     assert!(
         e.contains("xvdb") && e.contains("/nonexistent/x.img"),
         "{e}"
     );
-    let q = parse_disk_spec(&format!("format=qcow2,vdev=xvdc,target={}", img.display())).unwrap();
+    let q = BlkConfig::parse(&format!("format=qcow2,vdev=xvdc,target={}", img.display())).unwrap();
     let e =
         BlkBackend::new(&[q], DOMID, g.d.clone(), g.map.clone(), g.host(), &mut xs).unwrap_err();
     assert!(e.contains("qcow2"), "{e}");

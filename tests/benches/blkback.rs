@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blkfront::*;
-use xenkvm::backends::blkback::{parse_disk_spec, Disk, Queue, QueueParams, RingSetup};
+use xenkvm::backends::blkback::{BlkConfig, Disk, Queue, QueueParams, RingSetup};
 use xenkvm::backends::blkif::request::RSP_OKAY;
 use xenkvm::backends::blkif::{Abi, Request, RwOp, Segment};
 
@@ -168,7 +168,7 @@ impl Backend {
     fn new(path: &Path, threaded: bool) -> Backend {
         let g = Guest::new();
         let spec = format!("vdev=xvda,target={}", path.display());
-        let disk = Arc::new(Disk::open(&parse_disk_spec(&spec).unwrap()).unwrap());
+        let disk = Arc::new(Disk::open(&BlkConfig::parse(&spec).unwrap()).unwrap());
         let fr = FrontRing::new(&g, 1, Abi::X86_64, true);
         assert!(fr.size as usize >= QD);
         let q = Queue::connect(

@@ -37,7 +37,7 @@ use hypercalls::Domain;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backends::xenstore::{WatchEvent, XenstoreServer};
-pub use config::{encode_vdev, parse_disk_spec, BlkConfig, DiskFormat, SpecError};
+pub use config::{BlkConfig, DiskFormat};
 pub use disk::Disk;
 pub use queue::{Queue, QueueParams, QueueStats, RingSetup};
 pub use xenbus::{backend_step, Step, VbdDevice, XenbusState};
