@@ -5,6 +5,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// One line on stderr that never panics (`eprintln!` does when stderr is
+/// closed): see `xenkvm::vmm::runner`.
+macro_rules! stderr_line {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 use clap::{Parser, Subcommand, ValueEnum};
 use xenkvm::config::{DiskSpec, NicSpec};
 use xenkvm::devices::XenConsoleTo;
@@ -417,7 +426,7 @@ fn run_config(a: &RunArgs) -> Result<(VmConfig, RunOptions), String> {
         // PVH entry of the ELF inside a bzImage.
         BootArg::Auto | BootArg::Pvh if is_bz => {
             if !a.ui.quiet {
-                eprintln!(
+                stderr_line!(
                     "xenkvm: {} is a bzImage: extracting its kernel ELF to boot it by PVH (--boot linux runs its own decompressor instead)",
                     a.kernel.display()
                 );
@@ -709,18 +718,18 @@ fn run(mut cfg: VmConfig, opts: &RunOptions, console: &ConsoleDest) -> ExitCode 
     };
     if let Some(p) = &console.pty_path {
         // The one line a person (or a script) needs to attach.
-        eprintln!("xenkvm: guest console on {}", p.display());
+        stderr_line!("xenkvm: guest console on {}", p.display());
     }
     cfg.console_in = console.input.clone();
     let ended = xenkvm::vmm::runner::run(cfg, console.out, opts);
     if let Some(m) = &ended.message {
-        eprintln!("xenkvm: {m}");
+        stderr_line!("xenkvm: {m}");
     }
     ExitCode::from(ended.code)
 }
 
 fn fail(code: u8, msg: &str) -> ExitCode {
-    eprintln!("xenkvm: {msg}");
+    stderr_line!("xenkvm: {msg}");
     ExitCode::from(code)
 }
 

@@ -992,3 +992,41 @@ fn run_with_a_disk_boots_as_without() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn run_sigterm_stops_the_guest_when_stdout_and_stderr_are_closed() {
+    // The parent died (a killed test harness, `2>&-`): writing the "stopping"
+    // line must not keep xenkvm from stopping the guest.
+    let guest = GuestFile::new("sigterm-closed");
+    let mut child = Command::new(common::xenkvm_bin())
+        .args(["run", "--kernel", guest.path(), "--cmdline", "idle"])
+        .args(["--vcpus", "2", "--timeout", "120"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it start, then close both pipes' read ends.
+    std::thread::sleep(Duration::from_millis(500));
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // Liveness, not timing: well before the guest's own 120 s limit.
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("xenkvm ignored SIGTERM with stdout and stderr closed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(143), "{status:?}");
+}

@@ -15,6 +15,17 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+/// One line on stderr that never panics: `eprintln!` panics when stderr is
+/// closed (the parent died, `2>&-`), and a supervisor that panicked there
+/// before asking the guest to stop left xenkvm running with nobody to stop
+/// it. A lost line is all that goes wrong now.
+macro_rules! stderr_line {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 use parking_lot::Mutex;
 
 use crate::devices::ConsoleOut;
@@ -236,7 +247,7 @@ fn run_loop(
         }
         nr_restarts += 1;
         console.clear_status();
-        eprintln!("xenkvm: guest {what}: restarting it (restart {nr_restarts}; {flag} destroy stops instead)");
+        stderr_line!("xenkvm: guest {what}: restarting it (restart {nr_restarts}; {flag} destroy stops instead)");
         tracing::info!(restart = nr_restarts, %what, "restarting the guest");
     }
 }
@@ -613,7 +624,7 @@ impl Shared {
             if self.terminal {
                 self.console.show_status(fit_terminal(&line));
             } else {
-                eprintln!("{line}");
+                stderr_line!("{line}");
             }
         }
         self.console.clear_status();
@@ -626,7 +637,7 @@ impl Shared {
         let mut stopped = self.stopped.lock();
         if sigs >= 2 && stopped.is_some() {
             self.console.clear_status();
-            eprintln!(
+            stderr_line!(
                 "xenkvm: {} again: exiting without waiting for the guest",
                 signal_name(sig)
             );
@@ -647,7 +658,7 @@ impl Shared {
         };
         drop(stopped);
         self.console.clear_status();
-        eprintln!("xenkvm: {why}");
+        stderr_line!("xenkvm: {why}");
         if let Some(m) = self.machine.lock().as_ref().and_then(Weak::upgrade) {
             m.request_exit(GuestExit::Stopped(why));
         }
