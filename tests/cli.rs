@@ -25,14 +25,27 @@ fn full_checks() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn spawn(args: &[&str]) -> Child {
-    Command::new(common::xenkvm_bin())
-        .args(args)
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(common::xenkvm_bin());
+    cmd.args(args)
         .env("XENKVM_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot run the xenkvm binary")
+        .stderr(Stdio::piped());
+    // As started from an interactive shell: SIGINT and SIGTERM at their
+    // defaults. A harness run in the background (`.ci/run &`) inherits
+    // SIGINT ignored, and xenkvm rightly keeps an ignored SIGINT ignored
+    // (run_in_background_of_interactive_shell_is_not_stopped).
+    // SAFETY: signal(2) with SIG_DFL is async-signal-safe, as pre_exec
+    // requires between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("cannot run the xenkvm binary")
 }
 
 /// Waits for the child (killing it after GIVE_UP) and returns its status
