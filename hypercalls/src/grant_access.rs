@@ -45,6 +45,22 @@ pub(crate) struct Entry {
     pub len: u16,
 }
 
+/// Records a pinned grant as a dom0 mapping under the next free handle.
+fn record_map(gt: &mut GrantTable, gref: u32, gfn: Gfn, readonly: bool) -> GrantMapping {
+    let mut handle = gt.next_handle;
+    while gt.maps.contains_key(&handle) {
+        handle = handle.wrapping_add(1);
+    }
+    gt.next_handle = handle.wrapping_add(1);
+    gt.maps.insert(handle, MapEntry { gref, readonly });
+    GrantMapping {
+        handle,
+        gref,
+        gfn,
+        readonly,
+    }
+}
+
 /// Where entry `gref` is: its frame and byte offset (the caller checked `gref`).
 fn entry_loc(gt: &GrantTable, gref: u32) -> Option<(Arc<dyn SharedPage>, usize)> {
     let (per, size) = if gt.version == 2 { (256, 16) } else { (512, 8) };
@@ -329,18 +345,7 @@ impl Domain {
                 return Err(Error::Grant(gnttabop::GNTST_BAD_PAGE));
             }
         };
-        let mut handle = gt.next_handle;
-        while gt.maps.contains_key(&handle) {
-            handle = handle.wrapping_add(1);
-        }
-        gt.next_handle = handle.wrapping_add(1);
-        gt.maps.insert(handle, MapEntry { gref, readonly });
-        Ok(GrantMapping {
-            handle,
-            gref,
-            gfn,
-            readonly,
-        })
+        Ok(record_map(&mut gt, gref, gfn, readonly))
     }
 
     /// [`Domain::grant_map`] of several grants under one lock (a backend maps all the segments
@@ -374,18 +379,7 @@ impl Domain {
                     unpin(&mut gt, gref, readonly);
                     return Err(gnttabop::GNTST_BAD_PAGE);
                 };
-                let mut handle = gt.next_handle;
-                while gt.maps.contains_key(&handle) {
-                    handle = handle.wrapping_add(1);
-                }
-                gt.next_handle = handle.wrapping_add(1);
-                gt.maps.insert(handle, MapEntry { gref, readonly });
-                Ok(GrantMapping {
-                    handle,
-                    gref,
-                    gfn,
-                    readonly,
-                })
+                Ok(record_map(&mut gt, gref, gfn, readonly))
             })();
             match r {
                 Ok(m) => out.push(m),

@@ -6,23 +6,8 @@
 
 use std::path::PathBuf;
 
-/// Image format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DiskFormat {
-    #[default]
-    Raw,
-    Qcow2,
-}
-
-impl DiskFormat {
-    /// The xl spelling.
-    pub fn name(self) -> &'static str {
-        match self {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
-        }
-    }
-}
+/// Image format: the configuration layer's.
+pub use crate::config::DiskFormat;
 
 /// One virtual disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,10 +38,7 @@ impl BlkConfig {
         }
         Ok(BlkConfig {
             path: PathBuf::from(&d.target),
-            format: match d.format {
-                crate::config::DiskFormat::Raw => DiskFormat::Raw,
-                crate::config::DiskFormat::Qcow2 => DiskFormat::Qcow2,
-            },
+            format: d.format,
             vdev: d.vdev.clone(),
             devid: d.devid,
             readonly: d.read_only,
