@@ -13,6 +13,9 @@ use std::fmt;
 use iced_x86::code_asm::*;
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+#[cfg(test)]
+mod syscall_linux;
+
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// How the host handles a feature.
@@ -716,8 +719,11 @@ fn run_user_syscall(fixup: bool) -> Result<End, String> {
     if !f.is_broken_syscall(&setup, s.cr2) {
         return Ok(End::Other(format!("unexpected #PF frame {f:?}")));
     }
+    let cur = s;
     complete_syscall(&mut r, &mut s, &f, star);
-    p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
+    if segments_changed(&cur, &s) {
+        p.vcpu.set_sregs(&s).map_err(|e| e.to_string())?;
+    }
     p.vcpu.set_regs(&r).map_err(|e| e.to_string())?;
     Ok(run_vcpu(&mut p))
 }

@@ -307,6 +307,11 @@ impl KvmVcpu {
             .unwrap_or(1)
     }
 
+    /// The pending-event state (`KVM_GET_VCPU_EVENTS`).
+    pub fn events(&self) -> Result<kvm_vcpu_events, KvmError> {
+        self.fd.get_vcpu_events()
+    }
+
     /// Changes the pending-event state (`KVM_GET/SET_VCPU_EVENTS`).
     pub fn edit_events(&self, f: &dyn Fn(&mut kvm_vcpu_events)) -> Result<(), KvmError> {
         let mut ev = self.fd.get_vcpu_events()?;
@@ -317,8 +322,19 @@ impl KvmVcpu {
     /// Loads DR0-DR3/DR7 with instruction breakpoints at `sites` (at most
     /// four; extra sites are ignored).
     pub fn set_hw_breakpoints(&self, sites: &[u64]) -> Result<(), KvmError> {
+        self.set_hw_breakpoints_step(sites, false)
+    }
+
+    /// [`Self::set_hw_breakpoints`], with single-stepping on or off.
+    pub fn set_hw_breakpoints_step(&self, sites: &[u64], step: bool) -> Result<(), KvmError> {
         let mut dbg = kvm_guest_debug {
-            control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
+            control: KVM_GUESTDBG_ENABLE
+                | KVM_GUESTDBG_USE_HW_BP
+                | if step {
+                    kvm_bindings::KVM_GUESTDBG_SINGLESTEP
+                } else {
+                    0
+                },
             ..Default::default()
         };
         let mut dr7 = 0u64;

@@ -72,6 +72,10 @@ pub struct Vcpu {
     retried: u64,
     /// Unclaimed port/MMIO addresses already logged.
     unclaimed_logged: std::collections::HashSet<(bool, u64)>,
+    /// Diagnostic (`XENKVM_TRACE_SYSCALL=N`): instructions left to
+    /// single-step after a completed `syscall`, and completed syscalls left to trace.
+    sstep: u32,
+    sstep_syscalls: u32,
 }
 
 /// The VM facts [`decide`] needs.
@@ -103,6 +107,11 @@ impl Vcpu {
             retry_rip: None,
             retried: 0,
             unclaimed_logged: Default::default(),
+            sstep: 0,
+            sstep_syscalls: std::env::var("XENKVM_TRACE_SYSCALL")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
         }
     }
 
@@ -251,6 +260,32 @@ impl Vcpu {
         let pre_run = self.run_start.saturating_sub(t);
         let exit = self.kvm.run();
         let exited = crate::xen::clock::host_tsc();
+        if self.sstep > 0 {
+            let (r, s) = (self.kvm.synced_regs(), self.kvm.synced_sregs());
+            let ev = self.kvm.events().ok();
+            tracing::info!(
+                vcpu = self.id,
+                ?exit,
+                rip = format_args!("{:#x}", r.rip),
+                rsp = format_args!("{:#x}", r.rsp),
+                rflags = format_args!("{:#x}", r.rflags),
+                cs = format_args!("{:#x}/{}", s.cs.selector, s.cs.dpl),
+                ss = format_args!("{:#x}", s.ss.selector),
+                cr2 = format_args!("{:#x}", s.cr2),
+                gs = format_args!("{:#x}", s.gs.base),
+                exc = ?ev.map(|e| (e.exception.injected, e.exception.pending, e.exception.nr, e.exception.error_code, e.interrupt.injected, e.interrupt.nr)),
+                "syscall trace step"
+            );
+            self.sstep -= 1;
+            if self.sstep == 0 {
+                let _ = self.program_breakpoints();
+            }
+            if let Exit::Debug { pc } = exit {
+                if !self.fixed_traps().any(|t| t == pc) {
+                    return State::Running;
+                }
+            }
+        }
         let m = &self.m;
         m.exits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::trace!(vcpu = self.id, ?exit, "vCPU exit");
@@ -604,9 +639,34 @@ impl Vcpu {
             .ok()
             .map(|()| Frame::parse(&raw));
         if let Some(f) = frame.filter(|f| f.is_broken_syscall(&setup, sregs.cr2)) {
+            let cur = sregs;
+            if self.sstep_syscalls > 0 {
+                let ev = self.kvm.events().ok();
+                tracing::info!(
+                    vcpu = self.id,
+                    cs = format_args!("{:#x}/{}/l{}", cur.cs.selector, cur.cs.dpl, cur.cs.l),
+                    ss = format_args!("{:#x}/{}", cur.ss.selector, cur.ss.dpl),
+                    bitmap = ?cur.interrupt_bitmap,
+                    events = ?ev,
+                    "broken syscall at the #PF trap"
+                );
+            }
             complete_syscall(&mut regs, &mut sregs, &f, setup.star);
             self.kvm.put_synced_regs(&regs);
-            self.kvm.put_synced_sregs(&sregs);
+            if segments_changed(&cur, &sregs) {
+                self.kvm.put_synced_sregs(&sregs);
+            }
+            if self.sstep_syscalls > 0 {
+                self.sstep_syscalls -= 1;
+                self.sstep = 24;
+                let sites: Vec<u64> = self.fixed_traps().collect();
+                let _ = self.kvm.set_hw_breakpoints_step(&sites, true);
+                tracing::info!(
+                    vcpu = self.id,
+                    ?f,
+                    "syscall completed: tracing the next steps"
+                );
+            }
             return State::Running;
         }
         match x86::fetch(&self.m.mem, &regs, &sregs) {

@@ -95,6 +95,22 @@ pub fn complete_syscall(regs: &mut kvm_regs, sregs: &mut kvm_sregs, f: &Frame, s
     sregs.ss = crate::arch::x86::flat_segment(cs.wrapping_add(8), 0x3, 0, true);
 }
 
+/// Whether the completed syscall's code segment differs from the one the
+/// #PF delivery already loaded (`cur`): only then must the VMM write the
+/// segment registers. At the #PF handler the vCPU already runs at CPL 0 on
+/// the kernel's CS, so the fix-up normally writes the general registers
+/// only and leaves the host's segment, control-register and
+/// pending-interrupt state untouched (`KVM_SET_SREGS` re-queues the
+/// interrupt in `interrupt_bitmap`, reloads CR0/CR4/EFER and, on
+/// `kvm_pvm`, may switch the vCPU's execution mode). SS then keeps the
+/// NULL selector the delivery loaded instead of STAR's kernel SS: both
+/// are valid at CPL 0 in 64-bit mode, and the kernel's exit loads the
+/// user's SS either way (`sysret` from STAR, `iret` from its frame).
+pub fn segments_changed(cur: &kvm_sregs, new: &kvm_sregs) -> bool {
+    let key = |s: &kvm_bindings::kvm_segment| (s.selector, s.dpl, s.l, s.db, s.present);
+    key(&cur.cs) != key(&new.cs)
+}
+
 /// Steps over the #PF handler's first instruction when it has no effect
 /// this VMM cannot reproduce; false if it is anything else.
 pub fn step_over(insn: &iced_x86::Instruction, regs: &mut kvm_regs) -> bool {
@@ -174,6 +190,23 @@ mod tests {
         assert_eq!(r.rflags & RFLAGS_RF, 0);
         assert_eq!((s.cs.selector, s.cs.dpl, s.cs.l), (0x10, 0, 1));
         assert_eq!((s.ss.selector, s.ss.dpl), (0x18, 0));
+    }
+
+    #[test]
+    fn segments_changed_only_when_cs_differs_from_the_delivered_one() {
+        let f = frame(SETUP.lstar, 0x33);
+        let (mut r, mut at_handler) = (kvm_regs::default(), kvm_sregs::default());
+        at_handler.cs = crate::arch::x86::flat_segment(0x10, 0xb, 0, true);
+        let mut done = at_handler;
+        complete_syscall(&mut r, &mut done, &f, SETUP.star);
+        assert!(
+            !segments_changed(&at_handler, &done),
+            "SS alone is left as delivered"
+        );
+        at_handler.cs = crate::arch::x86::flat_segment(0x08, 0xb, 0, true);
+        assert!(segments_changed(&at_handler, &done), "another kernel CS");
+        at_handler.cs = crate::arch::x86::flat_segment(0x33, 0xb, 3, true);
+        assert!(segments_changed(&at_handler, &done), "still at CPL 3");
     }
 
     fn decode(bytes: &[u8]) -> iced_x86::Instruction {
