@@ -7,4 +7,5 @@
 pub mod blkback;
 pub mod blkif;
 pub mod console;
+pub mod netif;
 pub mod xenstore;
