@@ -92,6 +92,7 @@ fn check_gather(avail: &[[u8; TX_SLOT]], max_slots: usize) {
         Ok(None) => {}
         Err(e) => {
             assert!(e.slots >= 1 && e.slots <= avail.len(), "{e:?}");
+            assert!(e.extras < e.slots);
         }
     }
 }
@@ -273,7 +274,9 @@ proptest! {
             slots.push(TxRequest { gref: i as u32, offset: 0, flags, id: i as u16, size }.encode());
             if i == 0 {
                 if let Some(g) = gso {
-                    slots.push(Extra::Gso { size: g, kind: GSO_TCPV4, features: 0 }.encode(false));
+                    let mut s = [0u8; TX_SLOT];
+                    s[..EXTRA_LEN].copy_from_slice(&Extra::Gso { size: g, kind: GSO_TCPV4, features: 0 }.encode(false));
+                    slots.push(s);
                 }
             }
         }

@@ -5,9 +5,10 @@
 //!   whole packet's size; `NETTXF_more_data` chains further slots, each with
 //!   its own fragment size; `NETTXF_extra_info` says extra info slots follow
 //!   the first request.
-//! - `netif_extra_info` (12 bytes, in a tx request slot or an rx response
-//!   slot): `type u8 @0, flags u8 @1`, then for GSO `size u16 @2, type u8
-//!   @4, pad u8 @5, features u16 @6`, for multicast `addr [u8; 6] @2`.
+//! - `netif_extra_info` (8 bytes, at the start of a tx request slot or in
+//!   an rx response slot): `type u8 @0, flags u8 @1`, then for GSO `size
+//!   u16 @2, type u8 @4, pad u8 @5, features u16 @6`, for multicast `addr
+//!   [u8; 6] @2`.
 //! - `netif_tx_response` (4 bytes): `id u16 @0, status i16 @2`.
 //! - `netif_rx_request` (8 bytes): `id u16 @0, pad u16 @2, gref u32 @4`.
 //! - `netif_rx_response` (8 bytes): `id u16 @0, offset u16 @2, flags u16
@@ -20,6 +21,8 @@
 pub const TX_SLOT: usize = 12;
 /// Bytes per rx ring slot.
 pub const RX_SLOT: usize = 8;
+/// Bytes of a `netif_extra_info`.
+pub const EXTRA_LEN: usize = 8;
 
 /// `NETTXF_csum_blank`: the protocol checksum is to be filled in.
 pub const TXF_CSUM_BLANK: u16 = 1 << 0;
@@ -139,7 +142,7 @@ pub enum Extra {
     /// `XEN_NETIF_EXTRA_TYPE_MCAST_DEL`.
     McastDel([u8; 6]),
     /// Any other type in range (kept raw: hash, none).
-    Other { kind: u8, data: [u8; 10] },
+    Other { kind: u8, data: [u8; 6] },
 }
 
 impl Extra {
@@ -148,7 +151,7 @@ impl Extra {
     /// define (0 and >= `XEN_NETIF_EXTRA_TYPE_MAX`), which Linux netback
     /// treats as a fatal frontend error.
     pub fn parse(b: &[u8]) -> Result<(Extra, bool), &'static str> {
-        let b = b.get(..TX_SLOT).ok_or("short extra info slot")?;
+        let b = b.get(..EXTRA_LEN).ok_or("short extra info slot")?;
         let kind = b[0];
         let more = b[1] & EXTRA_FLAG_MORE != 0;
         let mut addr = [0u8; 6];
@@ -165,16 +168,17 @@ impl Extra {
                 return Err("extra info of unknown type")
             }
             k => {
-                let mut data = [0u8; 10];
-                data.copy_from_slice(&b[2..12]);
+                let mut data = [0u8; 6];
+                data.copy_from_slice(&b[2..8]);
                 Extra::Other { kind: k, data }
             }
         };
         Ok((e, more))
     }
-    /// Encodes into a 12-byte slot (`more` sets the chain flag).
-    pub fn encode(&self, more: bool) -> [u8; TX_SLOT] {
-        let mut b = [0u8; TX_SLOT];
+    /// Encodes (`more` sets the chain flag); the rest of a tx slot is
+    /// padding.
+    pub fn encode(&self, more: bool) -> [u8; EXTRA_LEN] {
+        let mut b = [0u8; EXTRA_LEN];
         b[1] = if more { EXTRA_FLAG_MORE } else { 0 };
         match *self {
             Extra::Gso {
@@ -197,7 +201,7 @@ impl Extra {
             }
             Extra::Other { kind, data } => {
                 b[0] = kind;
-                b[2..12].copy_from_slice(&data);
+                b[2..8].copy_from_slice(&data);
             }
         }
         b
@@ -306,6 +310,8 @@ pub struct TxPacket {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TxRefused {
     pub slots: usize,
+    /// Extra info slots among them (right after the first).
+    pub extras: usize,
     pub fatal: bool,
     pub why: &'static str,
 }
@@ -332,7 +338,12 @@ impl TxPacket {
             extras: 0,
             total: usize::from(first.size),
         };
-        let refuse = |slots: usize, fatal: bool, why: &'static str| TxRefused { slots, fatal, why };
+        let refuse = |slots: usize, extras: usize, fatal: bool, why: &'static str| TxRefused {
+            slots,
+            extras,
+            fatal,
+            why,
+        };
         if first.extra_info() {
             loop {
                 let Some(b) = avail.get(p.slots) else {
@@ -342,11 +353,16 @@ impl TxPacket {
                 p.extras += 1;
                 let (e, more) = match Extra::parse(b) {
                     Ok(x) => x,
-                    Err(why) => return Err(refuse(p.slots, true, why)),
+                    Err(why) => return Err(refuse(p.slots, p.extras, true, why)),
                 };
                 if let Extra::Gso { size, kind, .. } = e {
                     if p.gso.is_some() {
-                        return Err(refuse(p.slots, true, "two GSO extra info segments"));
+                        return Err(refuse(
+                            p.slots,
+                            p.extras,
+                            true,
+                            "two GSO extra info segments",
+                        ));
                     }
                     p.gso = Some((size, kind));
                 }
@@ -354,7 +370,12 @@ impl TxPacket {
                     break;
                 }
                 if p.extras >= usize::from(EXTRA_TYPE_MAX) {
-                    return Err(refuse(p.slots, true, "too many extra info segments"));
+                    return Err(refuse(
+                        p.slots,
+                        p.extras,
+                        true,
+                        "too many extra info segments",
+                    ));
                 }
             }
         }
@@ -373,32 +394,48 @@ impl TxPacket {
             if p.frags.len() > max_slots {
                 // Consume the whole chain so the ring stays in step? Linux
                 // treats more than the fatal limit as a broken frontend.
-                return Err(refuse(p.slots, true, "packet uses more slots than allowed"));
+                return Err(refuse(
+                    p.slots,
+                    p.extras,
+                    true,
+                    "packet uses more slots than allowed",
+                ));
             }
         }
         let rest: usize = p.lens[1..].iter().sum();
         if rest > p.total {
-            return Err(refuse(p.slots, false, "fragments larger than the packet"));
+            return Err(refuse(
+                p.slots,
+                p.extras,
+                false,
+                "fragments larger than the packet",
+            ));
         }
         p.lens[0] = p.total - rest;
         if p.total > MAX_PACKET {
-            return Err(refuse(p.slots, false, "packet over 64 KiB"));
+            return Err(refuse(p.slots, p.extras, false, "packet over 64 KiB"));
         }
         for (r, &len) in p.frags.iter().zip(&p.lens) {
             if !r.fits_page(len) {
-                return Err(refuse(p.slots, true, "fragment crosses its page"));
+                return Err(refuse(p.slots, p.extras, true, "fragment crosses its page"));
             }
         }
         if p.total < 14 {
             return Err(refuse(
                 p.slots,
+                p.extras,
                 false,
                 "packet shorter than an Ethernet header",
             ));
         }
         if let Some((size, kind)) = p.gso {
             if size == 0 || !matches!(kind, GSO_TCPV4 | GSO_TCPV6) {
-                return Err(refuse(p.slots, false, "GSO of unknown type or size 0"));
+                return Err(refuse(
+                    p.slots,
+                    p.extras,
+                    false,
+                    "GSO of unknown type or size 0",
+                ));
             }
         }
         Ok(Some(p))
