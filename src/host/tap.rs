@@ -206,3 +206,26 @@ impl AsFd for Tap {
         self.file.as_fd()
     }
 }
+
+/// Sleeps until `kick` (an eventfd) or `other` is readable, or
+/// `timeout_ms` passed.
+pub fn wait_readable(
+    kick: &vmm_sys_util::eventfd::EventFd,
+    other: Option<BorrowedFd<'_>>,
+    timeout_ms: i32,
+) -> io::Result<usize> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    // SAFETY: `kick` is borrowed for the whole call, so its descriptor
+    // stays open while the BorrowedFd (which does not outlive this
+    // function) refers to it.
+    let kfd = unsafe { BorrowedFd::borrow_raw(kick.as_raw_fd()) };
+    let mut fds = vec![PollFd::new(&kfd, PollFlags::IN)];
+    if let Some(o) = &other {
+        fds.push(PollFd::new(o, PollFlags::IN));
+    }
+    let t = Timespec {
+        tv_sec: i64::from(timeout_ms / 1000),
+        tv_nsec: i64::from(timeout_ms % 1000) * 1_000_000,
+    };
+    poll(&mut fds, Some(&t)).map_err(io::Error::from)
+}
