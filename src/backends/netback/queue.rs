@@ -173,6 +173,8 @@ pub struct NetQueue {
     maps: Vec<GrantMapping>,
     rx_buf: Vec<u8>,
     rx_frame: Option<RxFrame>,
+    /// After a TAP read error (the link down, say), when to try again.
+    tap_retry: Option<std::time::Instant>,
     warn: RateLimiter,
     stats: NetStats,
 }
@@ -262,6 +264,7 @@ impl NetQueue {
             maps: Vec::new(),
             rx_buf: vec![0; MAX_FRAME],
             rx_frame: None,
+            tap_retry: None,
             warn: RateLimiter::default(),
             stats: NetStats::default(),
         })
@@ -290,6 +293,9 @@ impl NetQueue {
     /// polled until the frontend posts more).
     pub fn rx_blocked(&self) -> bool {
         self.rx_frame.is_some()
+            || self
+                .tap_retry
+                .is_some_and(|t| std::time::Instant::now() < t)
     }
 
     /// Serves both directions. `Ok(true)`: more may be waiting; `Ok(false)`:
@@ -514,14 +520,24 @@ impl NetQueue {
 
     /// Reads the next TAP frame into `rx_buf` (None: none waiting).
     fn read_tap(&mut self) -> Option<RxFrame> {
+        if self
+            .tap_retry
+            .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return None;
+        }
+        self.tap_retry = None;
         loop {
             let n = match self.tap.read_frame(&mut self.rx_buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
+                    // Polling a TAP in this state would not sleep: back off.
+                    self.tap_retry =
+                        Some(std::time::Instant::now() + std::time::Duration::from_millis(100));
                     if let Some(suppressed) = self.warn.allow() {
-                        tracing::warn!(queue = %self.name, %e, suppressed, "TAP read failed");
+                        tracing::info!(queue = %self.name, %e, suppressed, "TAP read failed (link down?): retrying in 100 ms");
                     }
                     return None;
                 }
