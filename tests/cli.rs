@@ -730,7 +730,7 @@ fn create_bad_cfg_names_file_line_and_key() {
 }
 
 #[test]
-fn run_disk_without_its_image_and_net_without_a_backend_are_refused() {
+fn run_disk_without_its_image_and_net_without_its_bridge_are_refused() {
     let guest = GuestFile::new("nobackend");
     let (out, _) = common::xenkvm(&[
         "run",
@@ -747,16 +747,26 @@ fn run_disk_without_its_image_and_net_without_a_backend_are_refused() {
         ) && err.lines().count() == 1,
         "{err}"
     );
-    let (out, _) = common::xenkvm(&["run", "--kernel", guest.path(), "--net", "bridge=br0"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.trim().starts_with("xenkvm: vif \"mac=00:16:3e:")
-            && err
-                .trim()
-                .ends_with(",bridge=br0\": the PV network backend is not built yet"),
-        "{err}"
-    );
+    // The TAP is created after KVM's VM: needs /dev/kvm (and root).
+    if common::kvm_available("run_disk_without_its_image_and_net_without_its_bridge_are_refused") {
+        let br = format!("xknobr{}", std::process::id() % 100_000);
+        let (out, _) = common::xenkvm(&[
+            "run",
+            "--kernel",
+            guest.path(),
+            "--net",
+            &format!("bridge={br},vifname=xknov{}", std::process::id() % 100_000),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        let line = err.trim().lines().last().unwrap_or("");
+        assert!(
+            line.starts_with("xenkvm: vif 0: TAP xknov")
+                && (line.contains(&format!("cannot join bridge {br}"))
+                    || line.contains("not permitted")),
+            "{err}"
+        );
+    }
     // Bad specs are usage errors naming the spec and the key.
     let (out, _) = common::xenkvm(&[
         "run",
@@ -1002,6 +1012,48 @@ fn run_with_a_disk_boots_as_without() {
         out.status.code(),
         Some(3),
         "the guest reboots as without a disk: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn run_with_a_vif_on_a_bridge_boots_as_without() {
+    if !common::kvm_available("run_with_a_vif_on_a_bridge_boots_as_without") {
+        return;
+    }
+    let br = format!("xkbr{}", std::process::id() % 100_000);
+    let made = Command::new("ip")
+        .args(["link", "add", &br, "type", "bridge"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !made {
+        common::skip(
+            "run_with_a_vif_on_a_bridge_boots_as_without",
+            "cannot create a host bridge (needs root and iproute2)",
+        );
+        return;
+    }
+    let guest = GuestFile::new("vif");
+    let out = Command::new(common::xenkvm_bin())
+        .args([
+            "run",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "reboot",
+            "--on-reboot",
+            "destroy",
+            "--net",
+            &format!("bridge={br},vifname={br}v0"),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("xenkvm");
+    let _ = Command::new("ip").args(["link", "del", &br]).output();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the guest reboots as without a vif: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
