@@ -419,6 +419,7 @@ fn netback_xenbus_nodes_have_xl_keys_and_permissions() {
     assert_eq!(f.read(&format!("{fe}/handle")), "0");
     assert_eq!(f.read(&format!("{fe}/mac")), "00:16:3e:4e:42:00");
     assert_eq!(f.read(&format!("{fe}/state")), "1");
+    assert_eq!(f.read(&format!("{fe}/mtu")), "65000");
     assert_eq!(f.read(&format!("{be}/frontend")), fe);
     assert_eq!(f.read(&format!("{be}/frontend-id")), DOMID.to_string());
     assert_eq!(f.read(&format!("{be}/mac")), "00:16:3e:4e:42:00");
@@ -586,4 +587,119 @@ fn netback_tx_fragment_crossing_page_refused_with_error() {
     };
     nf.send_raw(&[r.encode()]);
     assert_eq!(nf.tx_responses(1), vec![(5, RSP_ERROR)]);
+}
+
+/// A TCP segment from the frontend (checksum filled in).
+fn tcp_frame(
+    i: u32,
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    opts: &[u8],
+) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[8..12].copy_from_slice(&ack.to_be_bytes());
+    t[12] = ((20 + opts.len()) / 4 << 4) as u8;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    t.extend_from_slice(opts);
+    let mut f = eth(
+        HOST_MAC,
+        fe_mac(i),
+        0x0800,
+        &ipv4(fe_ip(i), host_ip(i), 6, &t),
+    );
+    assert!(xenkvm::backends::netif::frame::checksum_fill(&mut f));
+    f
+}
+
+#[test]
+fn netback_kernel_tso_stream_arrives_as_gso_extra_info() {
+    let Some(mut f) = Fix::new("netback_kernel_tso_stream_arrives_as_gso_extra_info", 1) else {
+        return;
+    };
+    // An ordinary MTU so the kernel's TCP segments: it hands the TAP TSO
+    // frames, which must reach the frontend with GSO extra info.
+    let tap = f.b.devices()[0].tap().name().to_string();
+    f._ns.ip(&["link", "set", &tap, "mtu", "1500"]);
+    let mut nf = f.connect(0, false);
+    ping(&mut nf, 0, 12, b"warm up", 0);
+    const N: usize = 200_000;
+    let script = format!(
+        "import socket\ns=socket.create_connection(('10.77.0.2',5001),timeout=20)\n\
+         s.sendall(bytes((i*7+3)%256 for i in range({N})))\ns.shutdown(socket.SHUT_WR)\n\
+         s.settimeout(20)\ns.recv(1)\n"
+    );
+    let mut child = match Command::new("ip")
+        .args(["netns", "exec", &f._ns.0, "python3", "-c", &script])
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            common::skip(
+                "netback_kernel_tso_stream_arrives_as_gso_extra_info",
+                &format!("no python3 for the sender: {e}"),
+            );
+            return;
+        }
+    };
+    let is_tcp =
+        |fr: &RxFrame| fr.data.len() >= 54 && fr.data[12..14] == [8, 0] && fr.data[23] == 6;
+    let syn = nf
+        .recv_matching(T, |fr| is_tcp(fr) && fr.data[47] & 0x02 != 0)
+        .expect("the kernel's SYN");
+    let t = &syn.data[34..];
+    let sport = u16::from_be_bytes([t[0], t[1]]);
+    let their = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+    let mut next = their.wrapping_add(1);
+    let ours: u32 = 0x5000_0000;
+    // SYN|ACK with MSS 1460.
+    let sa = tcp_frame(0, 5001, sport, ours, next, 0x12, &[2, 4, 0x05, 0xb4]);
+    nf.send(&sa, TxOpts::default());
+    let mut got = Vec::new();
+    let mut gso_frames = 0;
+    let mut biggest = 0;
+    let mut fin = false;
+    while !fin {
+        let fr = nf
+            .recv_matching(T, |fr| is_tcp(fr))
+            .expect("the stream goes on");
+        let ihl = usize::from(fr.data[14] & 0xf) * 4;
+        let t = &fr.data[14 + ihl..];
+        let doff = usize::from(t[12] >> 4) * 4;
+        let seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+        let payload = &t[doff..];
+        if let Some(Extra::Gso { size, kind, .. }) = fr.gso {
+            assert_eq!(kind, GSO_TCPV4);
+            assert!(size > 0 && usize::from(size) <= 1460);
+            gso_frames += 1;
+        }
+        biggest = biggest.max(fr.data.len());
+        if seq == next {
+            got.extend_from_slice(payload);
+            next = next.wrapping_add(payload.len() as u32);
+            if t[13] & 0x01 != 0 {
+                next = next.wrapping_add(1);
+                fin = true;
+            }
+        }
+        let ack = tcp_frame(0, 5001, sport, ours.wrapping_add(1), next, 0x10, &[]);
+        nf.send(&ack, TxOpts::default());
+        nf.tx_responses(1);
+    }
+    // Our FIN so the sender's recv returns.
+    let fa = tcp_frame(0, 5001, sport, ours.wrapping_add(1), next, 0x11, &[]);
+    nf.send(&fa, TxOpts::default());
+    let _ = child.wait();
+    let want: Vec<u8> = (0..N).map(|i| ((i * 7 + 3) % 256) as u8).collect();
+    assert_eq!(got.len(), N);
+    assert!(got == want, "the stream's bytes arrive intact");
+    assert!(gso_frames > 0, "TSO frames came as GSO extra info");
+    assert!(biggest > 1514, "frames larger than the MTU: {biggest}");
+    println!("{gso_frames} GSO frames, the largest {biggest} bytes");
 }

@@ -160,7 +160,7 @@ impl VifDevice {
             };
             xs.write_with_perms(&p, v.as_bytes(), &be_perms)?;
         }
-        let fe_nodes: Vec<(&str, String)> = vec![
+        let mut fe_nodes: Vec<(&str, String)> = vec![
             ("", String::new()),
             ("backend", self.be.clone()),
             ("backend-id", "0".into()),
@@ -169,6 +169,10 @@ impl VifDevice {
             ("mac", mac),
             ("trusted", "1".into()),
         ];
+        // xenstore-paths: tells the frontend it may go above 1500.
+        if let Some(m) = self.cfg.mtu {
+            fe_nodes.push(("mtu", m.to_string()));
+        }
         for (k, v) in fe_nodes {
             let p = if k.is_empty() {
                 self.fe.clone()
