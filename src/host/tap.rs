@@ -22,6 +22,10 @@ pub const TUN_F_TSO_ECN: u32 = 0x08;
 pub const VNET_HDR_LEN: usize = 12;
 
 const IFF_UP: u16 = 0x1;
+const IFF_MULTI_QUEUE: u16 = 0x0100;
+const IFF_ATTACH_QUEUE: u16 = 0x0200;
+const IFF_DETACH_QUEUE: u16 = 0x0400;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
 const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
 const SIOCSIFMTU: libc::c_ulong = 0x8922;
@@ -117,13 +121,31 @@ impl Tap {
     /// and checksum offload only (add TSO with [`Tap::set_offload`] once the
     /// reader accepts it).
     pub fn open(name: &str) -> io::Result<Tap> {
+        Self::open_queue(name, false)
+    }
+
+    /// `n` queues of the TAP called `name` (`IFF_MULTI_QUEUE` when `n > 1`):
+    /// the kernel spreads received frames over the attached queues by flow.
+    pub fn open_queues(name: &str, n: usize) -> io::Result<Vec<Tap>> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n.max(1) {
+            let t = Self::open_queue(v.first().map_or(name, |t: &Tap| t.name()), n > 1)?;
+            v.push(t);
+        }
+        Ok(v)
+    }
+
+    fn open_queue(name: &str, multi: bool) -> io::Result<Tap> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")?;
         let mut ifr = IfReq::new(name)?;
-        let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u16;
+        let mut flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u16;
+        if multi {
+            flags |= IFF_MULTI_QUEUE;
+        }
         ifr.data[..2].copy_from_slice(&flags.to_ne_bytes());
         ioctl_ifreq(file.as_fd(), libc::TUNSETIFF as _, &mut ifr)?;
         let mut sz = VNET_HDR_LEN as libc::c_int;
@@ -149,6 +171,23 @@ impl Tap {
             libc::TUNSETOFFLOAD as _,
             libc::c_ulong::from(flags),
         )
+    }
+
+    /// Attaches this queue to the device (it receives frames) or detaches
+    /// it (`TUNSETQUEUE`; only for queues of a multi-queue TAP).
+    pub fn set_queue_attached(&self, attached: bool) -> io::Result<()> {
+        let mut ifr = IfReq::new(&self.name)?;
+        let f = if attached {
+            IFF_ATTACH_QUEUE
+        } else {
+            IFF_DETACH_QUEUE
+        };
+        ifr.data[..2].copy_from_slice(&f.to_ne_bytes());
+        match ioctl_ifreq(self.file.as_fd(), TUNSETQUEUE, &mut ifr) {
+            // Already in that state.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            r => r,
+        }
     }
 
     /// Sets the interface's MAC address.

@@ -26,8 +26,11 @@ use crate::backends::blkback::xenbus::{backend_step, Step, XenbusState};
 use crate::backends::xenstore::{PermKind, Perms, XenstoreServer, XsError};
 use crate::host::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 
-/// Queues offered (`multi-queue-max-queues`).
-pub const MAX_QUEUES: u32 = 1;
+/// Queues offered (`multi-queue-max-queues`): one per host CPU, at most 4
+/// (each a TAP queue and an I/O thread).
+pub fn max_queues() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as u32)
+}
 /// The host side's MAC, as xl's vif scripts set it.
 pub const HOST_MAC: [u8; 6] = [0xfe, 0xff, 0xff, 0xff, 0xff, 0xff];
 
@@ -35,7 +38,8 @@ pub const HOST_MAC: [u8; 6] = [0xfe, 0xff, 0xff, 0xff, 0xff, 0xff];
 pub struct VifDevice {
     pub cfg: NetConfig,
     domid: u16,
-    tap: Arc<Tap>,
+    /// One TAP queue per offered queue (the first is the device's).
+    taps: Vec<Arc<Tap>>,
     be: String,
     fe: String,
     state: XenbusState,
@@ -46,21 +50,23 @@ impl std::fmt::Debug for VifDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VifDevice")
             .field("devid", &self.cfg.devid)
-            .field("tap", &self.tap.name())
+            .field("tap", &self.taps[0].name())
             .field("state", &self.state)
             .field("queues", &self.workers.len())
             .finish()
     }
 }
 
-/// Creates and sets up the host side: the TAP, its MAC, MTU, bridge, up.
-pub fn open_tap(cfg: &NetConfig) -> Result<Tap, NetError> {
+/// Creates and sets up the host side: the TAP with `queues` queues, its
+/// MAC, MTU, bridge, up.
+pub fn open_tap(cfg: &NetConfig, queues: u32) -> Result<Vec<Tap>, NetError> {
     let name = cfg.vifname.clone();
     let err = |source: std::io::Error| NetError::Tap {
         name: name.clone(),
         source,
     };
-    let tap = Tap::open(&cfg.vifname).map_err(err)?;
+    let taps = Tap::open_queues(&cfg.vifname, queues as usize).map_err(err)?;
+    let tap = &taps[0];
     tap.set_mac(HOST_MAC).map_err(err)?;
     if let Some(m) = cfg.mtu {
         tap.set_mtu(u32::from(m)).map_err(err)?;
@@ -72,25 +78,28 @@ pub fn open_tap(cfg: &NetConfig) -> Result<Tap, NetError> {
         })?;
     }
     tap.up().map_err(err)?;
-    Ok(tap)
+    Ok(taps)
 }
 
 impl VifDevice {
     /// A device for guest `domid`: creates its TAP.
     pub fn new(cfg: NetConfig, domid: u16) -> Result<VifDevice, NetError> {
-        let tap = Arc::new(open_tap(&cfg)?);
-        tracing::info!(devid = cfg.devid, tap = tap.name(), mac = %cfg.mac_string(), bridge = ?cfg.bridge, "vif TAP ready");
-        Ok(Self::with_tap(cfg, domid, tap))
+        let taps: Vec<Arc<Tap>> = open_tap(&cfg, max_queues())?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        tracing::info!(devid = cfg.devid, tap = taps[0].name(), queues = taps.len(), mac = %cfg.mac_string(), bridge = ?cfg.bridge, "vif TAP ready");
+        Ok(Self::with_taps(cfg, domid, taps))
     }
 
-    /// A device over a TAP already set up.
-    pub fn with_tap(cfg: NetConfig, domid: u16, tap: Arc<Tap>) -> VifDevice {
+    /// A device over TAP queues already set up (at least one).
+    pub fn with_taps(cfg: NetConfig, domid: u16, taps: Vec<Arc<Tap>>) -> VifDevice {
         VifDevice {
             be: format!("/local/domain/0/backend/vif/{domid}/{}", cfg.devid),
             fe: format!("/local/domain/{domid}/device/vif/{}", cfg.devid),
             cfg,
             domid,
-            tap,
+            taps,
             state: XenbusState::Initialising,
             workers: Vec::new(),
         }
@@ -109,9 +118,9 @@ impl VifDevice {
     pub fn queues(&self) -> usize {
         self.workers.len()
     }
-    /// The TAP.
+    /// The TAP (its first queue).
     pub fn tap(&self) -> &Arc<Tap> {
-        &self.tap
+        &self.taps[0]
     }
     /// The watch token of this device.
     pub fn token(&self) -> String {
@@ -135,7 +144,7 @@ impl VifDevice {
             ("mac", mac.clone()),
             ("handle", handle.clone()),
             ("type", "vif".into()),
-            ("vifname", self.tap.name().to_string()),
+            ("vifname", self.taps[0].name().to_string()),
             ("hotplug-status", "connected".into()),
             ("feature-sg", "1".into()),
             ("feature-gso-tcpv4", "1".into()),
@@ -144,7 +153,7 @@ impl VifDevice {
             ("feature-rx-copy", "1".into()),
             ("feature-rx-flip", "0".into()),
             ("feature-split-event-channels", "1".into()),
-            ("multi-queue-max-queues", MAX_QUEUES.to_string()),
+            ("multi-queue-max-queues", self.taps.len().to_string()),
         ];
         if let Some(b) = &self.cfg.bridge {
             be_nodes.push(("bridge", b.clone()));
@@ -296,13 +305,14 @@ impl VifDevice {
                 "request-rx-copy is not 1 (page flipping is not offered)".into(),
             ));
         }
+        let max = self.taps.len() as u32;
         let nq = match self.read_fe(xs, "multi-queue-num-queues") {
             None => 1,
             Some(v) => match v.trim().parse::<u32>() {
-                Ok(n) if (1..=MAX_QUEUES).contains(&n) => n,
+                Ok(n) if (1..=max).contains(&n) => n,
                 _ => {
                     return Err(bad(format!(
-                        "multi-queue-num-queues {v:?} (1..={MAX_QUEUES} offered)"
+                        "multi-queue-num-queues {v:?} (1..={max} offered)"
                     )))
                 }
             },
@@ -331,12 +341,17 @@ impl VifDevice {
                 offload |= TUN_F_TSO6;
             }
         }
-        self.tap
-            .set_offload(offload)
-            .map_err(|source| NetError::Tap {
-                name: self.tap.name().to_string(),
-                source,
-            })?;
+        let tap_err = |source: std::io::Error| NetError::Tap {
+            name: self.taps[0].name().to_string(),
+            source,
+        };
+        self.taps[0].set_offload(offload).map_err(tap_err)?;
+        // Frames go to the queues in use only.
+        if self.taps.len() > 1 {
+            for (i, t) in self.taps.iter().enumerate() {
+                t.set_queue_attached(i < setups.len()).map_err(tap_err)?;
+            }
+        }
         for (i, s) in setups.iter().enumerate() {
             let name = format!("vif{}.{}-q{i}", self.domid, devid);
             let q = NetQueue::connect(
@@ -344,7 +359,7 @@ impl VifDevice {
                 domain.clone(),
                 self.domid,
                 map.clone(),
-                self.tap.clone(),
+                self.taps[i].clone(),
                 features,
                 s,
             )?;
