@@ -181,7 +181,7 @@ impl NetFront {
     }
 
     /// Posts the rx request for ring index `req_prod_pvt` (id = index).
-    fn post_rx(&mut self) {
+    pub fn post_rx(&mut self) {
         let id = (self.rx.req_prod_pvt % self.rx.size) as u16;
         let r = RxRequest {
             id,
