@@ -147,7 +147,23 @@ pub fn serve(mut q: NetQueue, kick: &EventFd, stop: &AtomicBool) {
         }
         match q.process() {
             Ok(true) => continue,
-            Ok(false) => {}
+            Ok(false) => {
+                // Poll the tx ring a little before sleeping (as blkback
+                // does): a frontend that keeps sending then needs no
+                // notification and this thread no wake-up.
+                let until = std::time::Instant::now() + crate::backends::blkback::POLL;
+                let mut more = false;
+                while std::time::Instant::now() < until {
+                    if q.has_tx_requests() || stop.load(Ordering::Relaxed) {
+                        more = true;
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                if more {
+                    continue;
+                }
+            }
             Err(e) => {
                 tracing::error!(queue = ?q, %e, "netback: refusing the device (its traffic stops; the VMM goes on)");
                 drop(q);

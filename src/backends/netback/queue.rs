@@ -298,6 +298,15 @@ impl NetQueue {
                 .is_some_and(|t| std::time::Instant::now() < t)
     }
 
+    /// Whether the frontend queued tx requests not yet taken (a cheap look
+    /// at `req_prod`, for polling before sleeping).
+    pub fn has_tx_requests(&self) -> bool {
+        match self.tx.cache.access() {
+            Ok(g) => g.load_u32(REQ_PROD, Ordering::Acquire).unwrap_or(0) != self.tx.back.req_cons,
+            Err(_) => true,
+        }
+    }
+
     /// Serves both directions. `Ok(true)`: more may be waiting; `Ok(false)`:
     /// idle (tx `req_event` armed; rx waiting for the TAP or for rx
     /// requests). An error means the frontend broke the protocol: stop
@@ -641,43 +650,74 @@ impl NetQueue {
         if f.gso.is_some() {
             first_flags |= RXF_EXTRA_INFO;
         }
-        let mem = self.map.guest_memory();
-        let mut errors = 0u64;
-        for k in 0..chunks {
+        // Every request this frame takes, copied once, in ring order: the
+        // first data page, the extra info slot (GSO), the other pages.
+        let mut reqs: Vec<RxRequest> = Vec::with_capacity(f.slots as usize);
+        for _ in 0..f.slots {
             let mut raw = [0u8; RX_SLOT];
             self.rx.back.copy_request(&r, &mut raw);
-            let req = RxRequest::parse(&raw).unwrap_or(RxRequest { id: 0, gref: 0 });
-            let chunk = &data[k * PAGE..((k + 1) * PAGE).min(f.len)];
-            let status = match self.domain.grant_map(req.gref, self.domid, false) {
-                Ok(m) => {
-                    let w = mem.write_slice(chunk, GuestAddress(m.gfn.gpa()));
-                    let _ = self.domain.grant_unmap(m.handle);
-                    match w {
-                        Ok(()) => chunk.len() as i16,
-                        Err(_) => RSP_ERROR,
-                    }
-                }
-                Err(_) => RSP_ERROR,
-            };
-            if status < 0 {
-                errors += 1;
+            reqs.push(RxRequest::parse(&raw).unwrap_or(RxRequest { id: 0, gref: 0 }));
+        }
+        let extra_at = f.gso.map(|_| 1usize);
+        let data_reqs: Vec<RxRequest> = reqs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != extra_at)
+            .map(|(_, q)| *q)
+            .collect();
+        let mem = self.map.guest_memory();
+        let mut status: Vec<i16> = Vec::with_capacity(chunks);
+        // The pages mapped writable in one batch; one bad grant: each page
+        // on its own so only the bad ones get an error status.
+        let refs: Vec<(u32, bool)> = data_reqs.iter().map(|q| (q.gref, false)).collect();
+        self.maps.clear();
+        if self
+            .domain
+            .grant_map_batch(&refs, self.domid, &mut self.maps)
+            .is_ok()
+        {
+            for (k, m) in self.maps.iter().enumerate() {
+                let chunk = &data[k * PAGE..((k + 1) * PAGE).min(f.len)];
+                status.push(match mem.write_slice(chunk, GuestAddress(m.gfn.gpa())) {
+                    Ok(()) => chunk.len() as i16,
+                    Err(_) => RSP_ERROR,
+                });
             }
+            self.domain
+                .grant_unmap_batch(self.maps.drain(..).map(|m| m.handle));
+        } else {
+            for (k, q) in data_reqs.iter().enumerate() {
+                let chunk = &data[k * PAGE..((k + 1) * PAGE).min(f.len)];
+                status.push(match self.domain.grant_map(q.gref, self.domid, false) {
+                    Ok(m) => {
+                        let w = mem.write_slice(chunk, GuestAddress(m.gfn.gpa()));
+                        let _ = self.domain.grant_unmap(m.handle);
+                        if w.is_ok() {
+                            chunk.len() as i16
+                        } else {
+                            RSP_ERROR
+                        }
+                    }
+                    Err(_) => RSP_ERROR,
+                });
+            }
+        }
+        let errors = status.iter().filter(|&&s| s < 0).count();
+        for (k, (q, &st)) in data_reqs.iter().zip(&status).enumerate() {
             let mut flags = if k == 0 { first_flags } else { 0 };
             if k + 1 < chunks {
                 flags |= RXF_MORE_DATA;
             }
             let rsp = RxResponse {
-                id: req.id,
+                id: q.id,
                 offset: 0,
                 flags,
-                status,
+                status: st,
             };
             self.rx.back.put_response(&r, &rsp.encode());
             if k == 0 {
                 if let Some((size, kind)) = f.gso {
-                    // The extra info takes the next posted request's slot.
-                    let mut skip = [0u8; RX_SLOT];
-                    self.rx.back.copy_request(&r, &mut skip);
+                    // The extra info in the slot of the request after the first.
                     let e = Extra::Gso {
                         size,
                         kind,
