@@ -780,3 +780,51 @@ fn netback_multi_queue_each_queue_carries_traffic() {
         assert_eq!(&m[8..], &payload[..]);
     }
 }
+
+#[test]
+fn netback_frontend_without_csum_offload_gets_full_checksums() {
+    let Some(mut f) = Fix::new(
+        "netback_frontend_without_csum_offload_gets_full_checksums",
+        1,
+    ) else {
+        return;
+    };
+    let fe = f.fe(0);
+    f.w(&format!("{fe}/feature-no-csum-offload"), "1");
+    let mut nf = f.connect(0, false);
+    ping(&mut nf, 0, 30, b"x", 0);
+    // A TCP segment with a blank checksum (the backend's TAP carries the
+    // offload to the kernel), to a closed port: the kernel's RST comes back
+    // with a complete checksum and no csum_blank.
+    let mut seg = tcp_frame(0, 40001, 9, 77, 0, 0x08, &[]);
+    seg.extend_from_slice(b"some data");
+    // Fix the lengths for the payload, then blank the checksum.
+    let ip_len = (seg.len() - 14) as u16;
+    seg[16..18].copy_from_slice(&ip_len.to_be_bytes());
+    seg[24..26].copy_from_slice(&[0, 0]);
+    let c = csum(&seg[14..34]);
+    seg[24..26].copy_from_slice(&c.to_be_bytes());
+    assert!(xenkvm::backends::netif::frame::checksum_fill(&mut seg));
+    nf.send(
+        &seg,
+        TxOpts {
+            csum_blank: false,
+            data_validated: true,
+            ..TxOpts::default()
+        },
+    );
+    let rst = nf
+        .recv_matching(T, |fr| {
+            fr.data.len() >= 54 && fr.data[12..14] == [8, 0] && fr.data[23] == 6
+        })
+        .expect("the kernel's RST");
+    assert_eq!(rst.flags & RXF_CSUM_BLANK, 0, "no blank checksum");
+    assert!(
+        xenkvm::backends::netif::frame::checksum_ok(&rst.data),
+        "the RST's TCP checksum verifies"
+    );
+    let t = &rst.data[34..];
+    assert_eq!(t[13] & 0x04, 0x04, "RST");
+    let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
+    assert_eq!(ack, 77 + 9, "the segment's bytes were counted");
+}
