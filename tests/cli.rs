@@ -598,6 +598,65 @@ impl Drop for CfgFile {
 }
 
 #[test]
+fn create_cfg_with_vifs_makes_their_taps_and_boots() {
+    if !common::kvm_available("create_cfg_with_vifs_makes_their_taps_and_boots") {
+        return;
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .is_err()
+    {
+        common::skip(
+            "create_cfg_with_vifs_makes_their_taps_and_boots",
+            "no /dev/net/tun",
+        );
+        return;
+    }
+    let guest = GuestFile::new("create-vif");
+    let tap = format!("xkcf{}", std::process::id() % 100_000);
+    let cfg = CfgFile::new(
+        "create-vif",
+        &format!(
+            "name = \"xl-vif\"\ntype = \"pvh\"\nmemory = 64\n\
+             kernel = \"{}\"\ncmdline = \"reboot\"\non_reboot = 'destroy'\n\
+             vif = [ 'mac=00:16:3e:00:00:01,vifname={tap}', '' ]\n",
+            guest.path()
+        ),
+    );
+    let out = Command::new(common::xenkvm_bin())
+        .args(["create", cfg.path()])
+        .env("XENKVM_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .expect("xenkvm");
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("not permitted") {
+        common::skip(
+            "create_cfg_with_vifs_makes_their_taps_and_boots",
+            "no permission to create TAP devices",
+        );
+        return;
+    }
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let ready: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("vif TAP ready"))
+        .collect();
+    assert_eq!(ready.len(), 2, "{err}");
+    assert!(
+        ready[0].contains(&format!("tap=\"{tap}\"")) && ready[0].contains("00:16:3e:00:00:01"),
+        "{err}"
+    );
+    // The second vif: xl's default name and a generated 00:16:3e MAC.
+    assert!(
+        ready[1].contains("tap=\"vif1.1\"") && ready[1].contains("mac=00:16:3e:"),
+        "{err}"
+    );
+}
+
+#[test]
 fn create_example_cfg_boots_test_guest_to_poweroff() {
     if !common::kvm_available("create_example_cfg_boots_test_guest_to_poweroff") {
         return;

@@ -828,3 +828,51 @@ fn netback_frontend_without_csum_offload_gets_full_checksums() {
     let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
     assert_eq!(ack, 77 + 9, "the segment's bytes were counted");
 }
+
+#[test]
+fn netback_vifname_in_use_refused_by_name() {
+    let g = Guest::new();
+    let mut xs =
+        XenstoreServer::new_domain(&xenstore::DomainConfig::new(DOMID, "t", [0; 16], 65536))
+            .unwrap();
+    let cfg = NetConfig {
+        devid: 0,
+        mac: fe_mac(0),
+        vifname: format!("xkdup{}", std::process::id() % 100_000),
+        bridge: None,
+        mtu: None,
+    };
+    let first = match NetBackend::new(
+        std::slice::from_ref(&cfg),
+        DOMID,
+        g.d.clone(),
+        g.map.clone(),
+        g.host(),
+        &mut xs,
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            common::skip(
+                "netback_vifname_in_use_refused_by_name",
+                &format!("no TAP devices here: {e}"),
+            );
+            return;
+        }
+    };
+    // Another VM with the same vifname: refused, not attached to the first
+    // one's TAP.
+    let mut xs2 =
+        XenstoreServer::new_domain(&xenstore::DomainConfig::new(DOMID, "t", [0; 16], 65536))
+            .unwrap();
+    let e = NetBackend::new(
+        &[cfg],
+        DOMID,
+        g.d.clone(),
+        g.map.clone(),
+        g.host(),
+        &mut xs2,
+    )
+    .unwrap_err();
+    assert!(e.contains("exists already") && e.contains("vif 0"), "{e}");
+    drop(first);
+}

@@ -23,6 +23,7 @@ pub const VNET_HDR_LEN: usize = 12;
 
 const IFF_UP: u16 = 0x1;
 const IFF_MULTI_QUEUE: u16 = 0x0100;
+const IFF_TUN_EXCL: u16 = 0x8000;
 const IFF_ATTACH_QUEUE: u16 = 0x0200;
 const IFF_DETACH_QUEUE: u16 = 0x0400;
 const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
@@ -121,21 +122,35 @@ impl Tap {
     /// and checksum offload only (add TSO with [`Tap::set_offload`] once the
     /// reader accepts it).
     pub fn open(name: &str) -> io::Result<Tap> {
-        Self::open_queue(name, false)
+        Self::open_queue(name, false, false)
     }
 
-    /// `n` queues of the TAP called `name` (`IFF_MULTI_QUEUE` when `n > 1`):
-    /// the kernel spreads received frames over the attached queues by flow.
+    /// Creates the TAP called `name` with `n` queues (`IFF_MULTI_QUEUE`
+    /// when `n > 1`): the kernel spreads received frames over the attached
+    /// queues by flow. The device must not exist yet (`IFF_TUN_EXCL`: no
+    /// attaching to another VM's TAP of the same name).
     pub fn open_queues(name: &str, n: usize) -> io::Result<Vec<Tap>> {
-        let mut v = Vec::with_capacity(n);
+        let mut v: Vec<Tap> = Vec::with_capacity(n);
         for _ in 0..n.max(1) {
-            let t = Self::open_queue(v.first().map_or(name, |t: &Tap| t.name()), n > 1)?;
+            let t = match v.first() {
+                None => Self::open_queue(name, n > 1, true).map_err(|e| {
+                    if e.raw_os_error() == Some(libc::EBUSY) {
+                        io::Error::new(
+                            e.kind(),
+                            format!("{e}: an interface of that name exists already"),
+                        )
+                    } else {
+                        e
+                    }
+                })?,
+                Some(first) => Self::open_queue(first.name(), n > 1, false)?,
+            };
             v.push(t);
         }
         Ok(v)
     }
 
-    fn open_queue(name: &str, multi: bool) -> io::Result<Tap> {
+    fn open_queue(name: &str, multi: bool, excl: bool) -> io::Result<Tap> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -145,6 +160,9 @@ impl Tap {
         let mut flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u16;
         if multi {
             flags |= IFF_MULTI_QUEUE;
+        }
+        if excl {
+            flags |= IFF_TUN_EXCL;
         }
         ifr.data[..2].copy_from_slice(&flags.to_ne_bytes());
         ioctl_ifreq(file.as_fd(), libc::TUNSETIFF as _, &mut ifr)?;
