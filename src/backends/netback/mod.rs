@@ -256,3 +256,27 @@ impl Drop for NetBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NicSpec;
+
+    #[test]
+    fn net_config_from_spec_defaults_follow_xl() {
+        let n = NicSpec::parse("bridge=xenbr0").unwrap();
+        let c = NetConfig::from_spec(&n, 2, 7);
+        assert_eq!(c.devid, 2);
+        assert_eq!(c.vifname, "vif7.2");
+        assert_eq!(c.bridge.as_deref(), Some("xenbr0"));
+        assert_eq!(&c.mac[..3], &[0x00, 0x16, 0x3e]);
+        assert_eq!(c.mac, NetConfig::from_spec(&n, 2, 7).mac, "stable");
+        let n = NicSpec::parse("mac=00:16:3e:01:02:03,vifname=web0,devid=5,mtu=9000").unwrap();
+        let c = NetConfig::from_spec(&n, 0, 1);
+        assert_eq!(
+            (c.devid, c.vifname.as_str(), c.mtu),
+            (5, "web0", Some(9000))
+        );
+        assert_eq!(c.mac_string(), "00:16:3e:01:02:03");
+    }
+}
