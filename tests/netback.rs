@@ -492,6 +492,13 @@ fn netback_close_and_reconnect_serves_again() {
     assert_eq!(f.be_state(0), "2");
     let mut nf = f.connect(0, false);
     ping(&mut nf, 0, 7, b"after", 0);
+    // A kexec'd kernel's netfront starts over from Initialising while the
+    // backend is connected: back to InitWait, and it connects again.
+    f.set_fe_state(0, 1);
+    assert_eq!(f.be_state(0), "2");
+    assert_eq!(f.b.devices()[0].queues(), 0);
+    let mut nf = f.connect(0, true);
+    ping(&mut nf, 0, 13, b"after kexec", 0);
     // A frontend that vanishes (its state node gone): disconnected.
     let p = format!("{}/state", f.fe(0));
     f.xs.rm(&p).unwrap();

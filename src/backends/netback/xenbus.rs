@@ -216,6 +216,19 @@ impl VifDevice {
                 .ok()
                 .as_deref(),
         );
+        // A frontend that starts over (a kexec'd kernel, a driver loaded
+        // again without closing) while connected: as Linux netback, drop
+        // the connection and wait for it again.
+        if fe == XenbusState::Initialising
+            && matches!(
+                self.state,
+                XenbusState::Connected | XenbusState::Closing | XenbusState::Closed
+            )
+        {
+            self.disconnect(host);
+            self.switch(xs, XenbusState::InitWait);
+            return;
+        }
         match backend_step(self.state, fe) {
             Step::Stay => {}
             Step::Switch(s) => self.switch(xs, s),
