@@ -34,8 +34,8 @@ use vm_memory::Bytes;
 use super::NetError;
 use crate::backends::blkif::ring::{BackRing, RingMem, REQ_EVENT, REQ_PROD};
 use crate::backends::netif::frame::{
-    checksum_fill, l4_offsets, VnetHdr, VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM, VNET_GSO_NONE,
-    VNET_GSO_TCPV4, VNET_GSO_TCPV6, VNET_HDR_LEN,
+    checksum_fill, l4_offsets, VnetHdr, VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM, VNET_GSO_ECN,
+    VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_TCPV6, VNET_HDR_LEN,
 };
 use crate::backends::netif::wire::{
     Extra, RxRequest, RxResponse, TxPacket, TxResponse, GSO_TCPV4, GSO_TCPV6, MAX_SLOTS, PAGE,
@@ -151,6 +151,19 @@ impl Ring {
     }
 }
 
+/// Pages that hold the largest frame (a TAP's MTU is at most 65521).
+const DIRECT_PAGES: usize = 16;
+
+/// What [`NetQueue::rx_direct`] did.
+enum Direct {
+    /// Not possible now: use the buffered path.
+    NotNow,
+    /// The TAP has no frame.
+    Empty,
+    /// A frame was answered (or dropped); true: notify the frontend.
+    Delivered(bool),
+}
+
 /// A frame read from the TAP waiting for rx slots.
 struct RxFrame {
     len: usize,
@@ -180,6 +193,10 @@ pub struct NetQueue {
     rx_frame: Option<RxFrame>,
     /// After a TAP read error (the link down, say), when to try again.
     tap_retry: Option<std::time::Instant>,
+    /// The last frame took several pages: read the next straight into the
+    /// posted pages (mapping 16 of them costs more than copying a small
+    /// frame once).
+    rx_big: bool,
     warn: RateLimiter,
     stats: NetStats,
 }
@@ -270,6 +287,7 @@ impl NetQueue {
             rx_buf: vec![0; MAX_FRAME],
             rx_frame: None,
             tap_retry: None,
+            rx_big: false,
             warn: RateLimiter::default(),
             stats: NetStats::default(),
         })
@@ -600,6 +618,7 @@ impl NetQueue {
                 hdr.flags = VNET_F_DATA_VALID;
             }
             let data_slots = len.div_ceil(PAGE) as u32;
+            self.rx_big = data_slots > 2;
             let slots = data_slots + u32::from(gso.is_some());
             if slots > self.rx.back.size {
                 self.stats.rx_dropped += 1;
@@ -614,15 +633,200 @@ impl NetQueue {
         }
     }
 
+    /// Receives one frame straight into the posted pages when the frontend
+    /// has posted enough for the largest frame: the requests are copied
+    /// once (not yet consumed), their pages mapped, the TAP read into them
+    /// with one `readv`, and only the requests the frame used are consumed
+    /// and answered. `NotNow`: use the buffered path (too few requests, a
+    /// bad grant among them).
+    fn rx_direct(&mut self) -> Result<Direct, NetError> {
+        if self
+            .tap_retry
+            .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return Ok(Direct::Empty);
+        }
+        let gso_ok = self.features.gso4 || self.features.gso6;
+        // 16 pages hold the largest frame; GSO adds the extra info slot.
+        let want = DIRECT_PAGES + usize::from(gso_ok);
+        let mut reqs: Vec<RxRequest> = Vec::with_capacity(want);
+        {
+            let g = self.rx.cache.access().map_err(|e| self.ring_gone(e))?;
+            let r = GuardRing(&g);
+            let avail = self
+                .rx
+                .back
+                .unconsumed(r.load_u32(REQ_PROD))
+                .map_err(|e| NetError::Frontend(format!("{}: rx ring: {e}", self.name)))?;
+            if (avail as usize) < want {
+                return Ok(Direct::NotNow);
+            }
+            for i in 0..want {
+                let mut raw = [0u8; RX_SLOT];
+                let off = self
+                    .rx
+                    .back
+                    .slot_offset(self.rx.back.req_cons.wrapping_add(i as u32));
+                r.read(off, &mut raw);
+                reqs.push(RxRequest::parse(&raw).unwrap_or(RxRequest { id: 0, gref: 0 }));
+            }
+        }
+        let refs: Vec<(u32, bool)> = reqs.iter().map(|q| (q.gref, false)).collect();
+        self.maps.clear();
+        if self
+            .domain
+            .grant_map_batch(&refs, self.domid, &mut self.maps)
+            .is_err()
+        {
+            return Ok(Direct::NotNow);
+        }
+        // Data goes to the first page, then (with GSO possible) past the
+        // slot the extra info may take.
+        let data_idx: Vec<usize> = if gso_ok {
+            std::iter::once(0).chain(2..want).collect()
+        } else {
+            (0..want).collect()
+        };
+        let segs: Vec<GpaRange> = data_idx
+            .iter()
+            .map(|&i| GpaRange::new(GuestAddress(self.maps[i].gfn.gpa()), PAGE))
+            .collect();
+        let mut head = [0u8; VNET_HDR_LEN];
+        let n = match self.map.readv_with_head(self.tap.as_fd(), &mut head, &segs) {
+            Ok(n) => n,
+            Err(e) => {
+                self.domain
+                    .grant_unmap_batch(self.maps.drain(..).map(|m| m.handle));
+                return Ok(match e.kind() {
+                    ErrorKind::WouldBlock => Direct::Empty,
+                    ErrorKind::Interrupted | ErrorKind::Other => Direct::NotNow,
+                    _ => {
+                        self.tap_retry =
+                            Some(std::time::Instant::now() + std::time::Duration::from_millis(100));
+                        if let Some(suppressed) = self.warn.allow() {
+                            tracing::info!(queue = %self.name, %e, suppressed, "TAP read failed (link down?): retrying in 100 ms");
+                        }
+                        Direct::Empty
+                    }
+                });
+            }
+        };
+        let hdr = VnetHdr::parse(&head).unwrap_or_default();
+        let len = n.saturating_sub(VNET_HDR_LEN);
+        let gso = match hdr.gso_type & !VNET_GSO_ECN {
+            VNET_GSO_NONE => Some(None),
+            VNET_GSO_TCPV4 if self.features.gso4 => Some(Some((hdr.gso_size, GSO_TCPV4))),
+            VNET_GSO_TCPV6 if self.features.gso6 => Some(Some((hdr.gso_size, GSO_TCPV6))),
+            _ => None,
+        };
+        let chunks = len.div_ceil(PAGE);
+        self.rx_big = chunks > 2;
+        let Some(gso) = gso.filter(|_| len >= 14 && chunks <= DIRECT_PAGES) else {
+            // Not for this frontend: the posted pages were only scribbled on.
+            self.domain
+                .grant_unmap_batch(self.maps.drain(..).map(|m| m.handle));
+            self.stats.rx_dropped += 1;
+            return Ok(Direct::Delivered(false));
+        };
+        // A frame without GSO in the GSO layout: move its pages after the
+        // first back by one, into the slots its responses take.
+        let mem = self.map.guest_memory();
+        let mut ok = true;
+        if gso.is_none() && gso_ok && chunks > 1 {
+            let mut page = [0u8; PAGE];
+            for k in 1..chunks {
+                let clen = (len - k * PAGE).min(PAGE);
+                let from = GuestAddress(self.maps[k + 1].gfn.gpa());
+                let to = GuestAddress(self.maps[k].gfn.gpa());
+                ok &= mem.read_slice(&mut page[..clen], from).is_ok()
+                    && mem.write_slice(&page[..clen], to).is_ok();
+            }
+        }
+        self.domain
+            .grant_unmap_batch(self.maps.drain(..).map(|m| m.handle));
+        let slots = chunks + usize::from(gso.is_some());
+        let data_reqs: Vec<RxRequest> = if gso.is_some() {
+            data_idx.iter().take(chunks).map(|&i| reqs[i]).collect()
+        } else {
+            reqs[..chunks].to_vec()
+        };
+        let mut first_flags = 0u16;
+        if hdr.flags & VNET_F_NEEDS_CSUM != 0 {
+            first_flags |= RXF_CSUM_BLANK | RXF_DATA_VALIDATED;
+        } else if hdr.flags & VNET_F_DATA_VALID != 0 {
+            first_flags |= RXF_DATA_VALIDATED;
+        }
+        if gso.is_some() {
+            first_flags |= RXF_EXTRA_INFO;
+        }
+        let g = self.rx.cache.access().map_err(|e| self.ring_gone(e))?;
+        let r = GuardRing(&g);
+        self.rx.back.req_cons = self.rx.back.req_cons.wrapping_add(slots as u32);
+        for (k, q) in data_reqs.iter().enumerate() {
+            let mut flags = if k == 0 { first_flags } else { 0 };
+            if k + 1 < chunks {
+                flags |= RXF_MORE_DATA;
+            }
+            let status = if ok {
+                (len - k * PAGE).min(PAGE) as i16
+            } else {
+                RSP_ERROR
+            };
+            let rsp = RxResponse {
+                id: q.id,
+                offset: 0,
+                flags,
+                status,
+            };
+            self.rx.back.put_response(&r, &rsp.encode());
+            if k == 0 {
+                if let Some((size, kind)) = gso {
+                    let e = Extra::Gso {
+                        size,
+                        kind,
+                        features: 0,
+                    };
+                    self.rx.back.put_response(&r, &e.encode(false));
+                }
+            }
+        }
+        if ok {
+            self.stats.rx_packets += 1;
+            self.stats.rx_bytes += len as u64;
+        } else {
+            self.stats.rx_dropped += 1;
+        }
+        Ok(Direct::Delivered(self.rx.back.push_responses(&r)))
+    }
+
     fn process_rx(&mut self) -> Result<bool, NetError> {
         let mut notify = false;
         let mut busy = false;
         for round in 0..BUDGET {
+            if round + 1 == BUDGET {
+                busy = true;
+            }
+            if self.rx_frame.is_none() && self.rx_big && !self.features.no_csum {
+                match self.rx_direct()? {
+                    Direct::Empty => {
+                        busy = false;
+                        break;
+                    }
+                    Direct::Delivered(n) => {
+                        notify |= n;
+                        continue;
+                    }
+                    Direct::NotNow => {}
+                }
+            }
             let f = match self.rx_frame.take() {
                 Some(f) => f,
                 None => match self.read_tap() {
                     Some(f) => f,
-                    None => break,
+                    None => {
+                        busy = false;
+                        break;
+                    }
                 },
             };
             // Enough rx requests posted? Else ask to be told when there are.
@@ -646,12 +850,10 @@ impl NetQueue {
                 };
             if avail < f.slots {
                 self.rx_frame = Some(f);
+                busy = false;
                 break;
             }
             notify |= self.deliver(&f)?;
-            if round + 1 == BUDGET {
-                busy = true;
-            }
         }
         if notify {
             let port = self.setup.rx_port;
