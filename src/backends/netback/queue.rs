@@ -5,7 +5,7 @@
 //! TX (guest -> host): the waiting slots are copied out of the ring once
 //! into private memory, a packet is gathered and checked there
 //! ([`TxPacket::gather`]: extra info, slot count, sizes, pages), its
-//! granted fragments are mapped read-only and copied after a
+//! granted fragments are mapped read-only and written after a
 //! `virtio_net_hdr` (`csum_blank` -> `NEEDS_CSUM` with the L4 offsets read
 //! from the copied headers, GSO extra info -> `gso_type`/`gso_size`), the
 //! grants are given back, the frame goes to the TAP in one write, and every
@@ -15,7 +15,11 @@
 //! requests (one per 4 KiB, one more for GSO extra info), then is copied
 //! into the posted pages (each mapped writable, unmapped after the copy),
 //! with `csum_blank`/`data_validated`, `more_data`, and a GSO extra info
-//! slot after the first response when the frame is a TSO segment.
+//! slot after the first response when the frame is a TSO segment. After a
+//! frame of more than two pages, and with 17 requests posted, the next
+//! frame is read straight into the posted pages ([`NetQueue::rx_direct`]).
+//! TX writes a packet's headers (copied and parsed privately) and then its
+//! fragments from guest RAM in one `writev`.
 //!
 //! Bad requests get an error response; a frontend that breaks the ring
 //! protocol (indexes beyond the ring, a malformed packet Linux netback
