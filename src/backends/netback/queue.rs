@@ -17,7 +17,7 @@
 //! with `csum_blank`/`data_validated`, `more_data`, and a GSO extra info
 //! slot after the first response when the frame is a TSO segment. After a
 //! frame of more than two pages, and with 17 requests posted, the next
-//! frame is read straight into the posted pages ([`NetQueue::rx_direct`]).
+//! frame is read straight into the posted pages (`NetQueue::rx_direct`).
 //! TX writes a packet's headers (copied and parsed privately) and then its
 //! fragments from guest RAM in one `writev`.
 //!
@@ -158,7 +158,7 @@ impl Ring {
 /// Pages that hold the largest frame (a TAP's MTU is at most 65521).
 const DIRECT_PAGES: usize = 16;
 
-/// What [`NetQueue::rx_direct`] did.
+/// What `NetQueue::rx_direct` did.
 enum Direct {
     /// Not possible now: use the buffered path.
     NotNow,
