@@ -598,6 +598,65 @@ impl Drop for CfgFile {
 }
 
 #[test]
+fn create_cfg_with_vifs_makes_their_taps_and_boots() {
+    if !common::kvm_available("create_cfg_with_vifs_makes_their_taps_and_boots") {
+        return;
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .is_err()
+    {
+        common::skip(
+            "create_cfg_with_vifs_makes_their_taps_and_boots",
+            "no /dev/net/tun",
+        );
+        return;
+    }
+    let guest = GuestFile::new("create-vif");
+    let tap = format!("xkcf{}", std::process::id() % 100_000);
+    let cfg = CfgFile::new(
+        "create-vif",
+        &format!(
+            "name = \"xl-vif\"\ntype = \"pvh\"\nmemory = 64\n\
+             kernel = \"{}\"\ncmdline = \"reboot\"\non_reboot = 'destroy'\n\
+             vif = [ 'mac=00:16:3e:00:00:01,vifname={tap}', '' ]\n",
+            guest.path()
+        ),
+    );
+    let out = Command::new(common::xenkvm_bin())
+        .args(["create", cfg.path()])
+        .env("XENKVM_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .expect("xenkvm");
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("not permitted") {
+        common::skip(
+            "create_cfg_with_vifs_makes_their_taps_and_boots",
+            "no permission to create TAP devices",
+        );
+        return;
+    }
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let ready: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("vif TAP ready"))
+        .collect();
+    assert_eq!(ready.len(), 2, "{err}");
+    assert!(
+        ready[0].contains(&format!("tap=\"{tap}\"")) && ready[0].contains("00:16:3e:00:00:01"),
+        "{err}"
+    );
+    // The second vif: xl's default name and a generated 00:16:3e MAC.
+    assert!(
+        ready[1].contains("tap=\"vif1.1\"") && ready[1].contains("mac=00:16:3e:"),
+        "{err}"
+    );
+}
+
+#[test]
 fn create_example_cfg_boots_test_guest_to_poweroff() {
     if !common::kvm_available("create_example_cfg_boots_test_guest_to_poweroff") {
         return;
@@ -730,7 +789,7 @@ fn create_bad_cfg_names_file_line_and_key() {
 }
 
 #[test]
-fn run_disk_without_its_image_and_net_without_a_backend_are_refused() {
+fn run_disk_without_its_image_and_net_without_its_bridge_are_refused() {
     let guest = GuestFile::new("nobackend");
     let (out, _) = common::xenkvm(&[
         "run",
@@ -747,16 +806,26 @@ fn run_disk_without_its_image_and_net_without_a_backend_are_refused() {
         ) && err.lines().count() == 1,
         "{err}"
     );
-    let (out, _) = common::xenkvm(&["run", "--kernel", guest.path(), "--net", "bridge=br0"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.trim().starts_with("xenkvm: vif \"mac=00:16:3e:")
-            && err
-                .trim()
-                .ends_with(",bridge=br0\": the PV network backend is not built yet"),
-        "{err}"
-    );
+    // The TAP is created after KVM's VM: needs /dev/kvm (and root).
+    if common::kvm_available("run_disk_without_its_image_and_net_without_its_bridge_are_refused") {
+        let br = format!("xknobr{}", std::process::id() % 100_000);
+        let (out, _) = common::xenkvm(&[
+            "run",
+            "--kernel",
+            guest.path(),
+            "--net",
+            &format!("bridge={br},vifname=xknov{}", std::process::id() % 100_000),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        let line = err.trim().lines().last().unwrap_or("");
+        assert!(
+            line.starts_with("xenkvm: vif 0: TAP xknov")
+                && (line.contains(&format!("cannot join bridge {br}"))
+                    || line.contains("not permitted")),
+            "{err}"
+        );
+    }
     // Bad specs are usage errors naming the spec and the key.
     let (out, _) = common::xenkvm(&[
         "run",
@@ -1003,6 +1072,51 @@ fn run_with_a_disk_boots_as_without() {
         Some(3),
         "the guest reboots as without a disk: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn run_with_a_vif_on_a_bridge_restarts_as_without() {
+    if !common::kvm_available("run_with_a_vif_on_a_bridge_restarts_as_without") {
+        return;
+    }
+    let br = format!("xkbr{}", std::process::id() % 100_000);
+    let made = Command::new("ip")
+        .args(["link", "add", &br, "type", "bridge"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !made {
+        common::skip(
+            "run_with_a_vif_on_a_bridge_restarts_as_without",
+            "cannot create a host bridge (needs root and iproute2)",
+        );
+        return;
+    }
+    let guest = GuestFile::new("vif");
+    let out = Command::new(common::xenkvm_bin())
+        .args([
+            "run",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "reboot",
+            "--net",
+            &format!("bridge={br},vifname={br}v0"),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("xenkvm");
+    let _ = Command::new("ip").args(["link", "del", &br]).output();
+    // Restarted until the restart-loop limit: the vif (its TAP on the
+    // bridge) is made again for every new VM.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.contains("restarting it (restart "))
+            .count(),
+        5,
+        "{err}"
     );
 }
 

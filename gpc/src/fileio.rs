@@ -75,6 +75,76 @@ impl MemoryMap {
         self.vectored(file, offset, iov, false)
     }
 
+    /// Writes `head` (private bytes) and then the guest ranges `segs` to
+    /// `fd` in one `writev`: one datagram for a socket or a TAP (which takes
+    /// a frame per call, so there is no retry of a short write). The guest
+    /// pages go to the kernel straight from RAM, no copy in between. Every
+    /// range must be guest RAM.
+    pub fn writev_with_head(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        head: &[u8],
+        segs: &[Segment],
+    ) -> io::Result<usize> {
+        let mut iov = Vec::with_capacity(segs.len() + 1);
+        iov.push(libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: head.len(),
+        });
+        iov.extend(self.iovecs(segs, false).map_err(io::Error::other)?);
+        if iov.len() > MAX_IO_PIECES {
+            return Err(io::Error::other(Error::BadLength {
+                max_pages: MAX_IO_PIECES,
+            }));
+        }
+        // SAFETY: the first iovec is `head`, borrowed for the call and only
+        // read by writev; the others point into RAM region mappings owned by
+        // `self.inner` (alive: we hold `self`), inside the regions (checked by
+        // `iovecs`), MAP_SHARED memfd pages that stay mapped for the call
+        // (see `vectored`). The kernel only reads them; no Rust reference to
+        // that memory exists.
+        let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Reads one datagram from `fd` into `head` (private bytes) and then
+    /// the guest ranges `segs` in one `readv` (a TAP hands over a frame per
+    /// call; what does not fit is lost). The guest pages are marked dirty.
+    /// Returns the bytes read. Every range must be guest RAM.
+    pub fn readv_with_head(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        head: &mut [u8],
+        segs: &[Segment],
+    ) -> io::Result<usize> {
+        let mut iov = Vec::with_capacity(segs.len() + 1);
+        iov.push(libc::iovec {
+            iov_base: head.as_mut_ptr() as *mut libc::c_void,
+            iov_len: head.len(),
+        });
+        iov.extend(self.iovecs(segs, true).map_err(io::Error::other)?);
+        if iov.len() > MAX_IO_PIECES {
+            return Err(io::Error::other(Error::BadLength {
+                max_pages: MAX_IO_PIECES,
+            }));
+        }
+        // SAFETY: the first iovec is `head`, mutably borrowed for the call;
+        // the others point into RAM region mappings owned by `self.inner`
+        // (alive: we hold `self`), inside the regions (checked by `iovecs`),
+        // MAP_SHARED memfd pages that stay mapped for the call (see
+        // `vectored`). No Rust reference to that memory exists.
+        let n = unsafe { libc::readv(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
     pub(crate) fn vectored(
         &self,
         file: &File,
@@ -208,6 +278,67 @@ mod tests {
             .read_file_into(&f, 0, &[Segment::new(GuestAddress(0), 0x1000)])
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn writev_with_head_sends_one_datagram_of_head_and_guest_ranges() {
+        use std::os::fd::AsFd;
+        let map =
+            MemoryMap::new(&[(GuestAddress(0), 0x4000), (GuestAddress(0x10000), 0x2000)]).unwrap();
+        let data: Vec<u8> = (0..0x2000u32).map(|i| (i * 11) as u8).collect();
+        map.guest_memory()
+            .write_slice(&data, GuestAddress(0x10000))
+            .unwrap();
+        map.guest_memory()
+            .write_slice(&data[..0x100], GuestAddress(0x3f00))
+            .unwrap();
+        let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let segs = [
+            Segment::new(GuestAddress(0x3f80), 0x80),
+            Segment::new(GuestAddress(0x10010), 0x1000),
+        ];
+        let n = map.writev_with_head(a.as_fd(), b"HEAD", &segs).unwrap();
+        assert_eq!(n, 4 + 0x80 + 0x1000);
+        let mut got = vec![0u8; 0x3000];
+        let m = b.recv(&mut got).unwrap();
+        assert_eq!(m, n, "one datagram");
+        assert_eq!(&got[..4], b"HEAD");
+        assert_eq!(&got[4..0x84], &data[0x80..0x100]);
+        assert_eq!(&got[0x84..m], &data[0x10..0x1010]);
+        let e = map
+            .writev_with_head(a.as_fd(), b"", &[Segment::new(GuestAddress(0x5000), 1)])
+            .unwrap_err();
+        assert!(e.to_string().contains("not RAM"), "{e}");
+    }
+
+    #[test]
+    fn readv_with_head_fills_head_then_guest_ranges() {
+        use std::os::fd::AsFd;
+        let map =
+            MemoryMap::new(&[(GuestAddress(0), 0x4000), (GuestAddress(0x10000), 0x2000)]).unwrap();
+        let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let data: Vec<u8> = (0..0x1100u32).map(|i| (i * 5) as u8).collect();
+        a.send(&data).unwrap();
+        let _ = map.take_dirty();
+        let mut head = [0u8; 0x10];
+        let segs = [
+            Segment::new(GuestAddress(0x3ff0), 0x10),
+            Segment::new(GuestAddress(0x10000), 0x2000),
+        ];
+        let n = map.readv_with_head(b.as_fd(), &mut head, &segs).unwrap();
+        assert_eq!(n, 0x1100);
+        assert_eq!(&head[..], &data[..0x10]);
+        let mut got = vec![0u8; 0x10];
+        map.guest_memory()
+            .read_slice(&mut got, GuestAddress(0x3ff0))
+            .unwrap();
+        assert_eq!(got, data[0x10..0x20]);
+        let mut got = vec![0u8; 0x10e0];
+        map.guest_memory()
+            .read_slice(&mut got, GuestAddress(0x10000))
+            .unwrap();
+        assert_eq!(got, data[0x20..]);
+        assert!(map.take_dirty().unwrap().contains(&crate::Gfn(0x10)));
     }
 
     fn tempfile() -> File {

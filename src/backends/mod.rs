@@ -7,4 +7,6 @@
 pub mod blkback;
 pub mod blkif;
 pub mod console;
+pub mod netback;
+pub mod netif;
 pub mod xenstore;

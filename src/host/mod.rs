@@ -9,3 +9,4 @@
 
 pub mod cpu;
 pub mod perf;
+pub mod tap;

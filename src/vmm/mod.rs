@@ -198,19 +198,20 @@ impl Vm {
         if !(16..=65536).contains(&cfg.mem_mib) {
             return Err(VmError::BadMemory(cfg.mem_mib));
         }
-        // --- PV disks: checked before KVM is touched; NICs: refused until
-        // the network backend exists (never silently ignored).
+        // --- PV disks: checked before KVM is touched; NICs: their TAPs are
+        // created when the machine exists (errors name the vif).
         let disks = cfg
             .disks
             .iter()
             .map(crate::backends::blkback::BlkConfig::from_spec)
             .collect::<Result<Vec<_>, _>>()
             .map_err(VmError::NoBackend)?;
-        if let Some(n) = cfg.nics.first() {
-            return Err(VmError::NoBackend(format!(
-                "vif \"{n}\": the PV network backend is not built yet"
-            )));
-        }
+        let nics: Vec<crate::backends::netback::NetConfig> = cfg
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, n)| crate::backends::netback::NetConfig::from_spec(n, i as u32, cfg.domid))
+            .collect();
         let kvm = KvmVm::create(&trapped_msrs())?;
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
@@ -355,6 +356,22 @@ impl Vm {
                 .xen
                 .attach_disks(&disks, spawn)
                 .map_err(VmError::XenDomain)?;
+        }
+        if !nics.is_empty() {
+            let weak = Arc::downgrade(&machine);
+            let spawn: Arc<crate::backends::blkback::SpawnFn> = Arc::new(move |name, f| {
+                let w = weak.clone();
+                let on_panic: OnPanic = Arc::new(move |msg| {
+                    if let Some(m) = w.upgrade() {
+                        m.request_exit(GuestExit::Error(msg));
+                    }
+                });
+                threads::spawn(ThreadKind::NetIo, name, on_panic, f)
+            });
+            machine
+                .xen
+                .attach_nics(&nics, spawn)
+                .map_err(VmError::NoBackend)?;
         }
         let events = Arc::new(EventLoop::new().map_err(|e| VmError::Os("event loop", e))?);
         let mechanism = crate::xen::sched::Mechanism::choose(cfg.sched.as_deref());

@@ -22,6 +22,8 @@ pub enum ThreadKind {
     SchedMonitor,
     /// A blkback queue's I/O thread.
     BlkIo,
+    /// A netback queue's I/O thread.
+    NetIo,
     /// `xenkvm bench sched`'s CPU hog.
     BenchHog,
 }

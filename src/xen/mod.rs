@@ -38,6 +38,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86;
 use crate::backends::blkback::{BlkBackend, BlkConfig, BlkHost, SpawnFn};
 use crate::backends::console::ConsoleBackend;
+use crate::backends::netback::{NetBackend, NetConfig};
 use crate::backends::xenstore::{self, RingPage, XenstoreServer};
 use crate::boot::layout;
 use crate::devices::ConsoleOut;
@@ -187,6 +188,8 @@ pub struct Xen {
     console_backend: Mutex<ConsoleBackend>,
     /// The vbd backends (taken inside `xenstore`, never the other way).
     blk: Mutex<Option<BlkBackend>>,
+    /// The vif backends (taken inside `xenstore`, never the other way).
+    net: Mutex<Option<NetBackend>>,
 }
 
 impl Xen {
@@ -303,6 +306,7 @@ impl Xen {
             xenstore: Mutex::new(xs),
             console_backend: Mutex::new(ConsoleBackend::new()),
             blk: Mutex::new(None),
+            net: Mutex::new(None),
         })
     }
 
@@ -579,6 +583,12 @@ impl Xen {
                 None => evs,
             };
             drop(blk);
+            let mut net = self.net.lock();
+            let rest = match net.as_mut() {
+                Some(n) => n.handle_events(&mut xs, rest),
+                None => rest,
+            };
+            drop(net);
             for ev in rest {
                 tracing::trace!(path = %ev.path, token = %ev.token, "xenstore watch event (no user)");
             }
@@ -587,24 +597,30 @@ impl Xen {
         notify
     }
 
+    /// Routes guest signals on a dom0 port to an I/O thread's eventfd
+    /// (`None`: stop), for the block and network backends.
+    fn port_router(&self) -> Arc<crate::backends::blkback::RouteFn> {
+        let platform = Arc::downgrade(&self.platform);
+        Arc::new(move |port, fd| {
+            if let Some(p) = platform.upgrade() {
+                let mut m = p.blk_ports.lock();
+                match fd {
+                    Some(fd) => m.insert(port, fd),
+                    None => m.remove(&port),
+                };
+            }
+        })
+    }
+
     /// Publishes the guest's disks in xenstore (toolstack nodes, backend
     /// at InitWait) and serves them from I/O threads `spawn` starts.
     pub fn attach_disks(&self, disks: &[BlkConfig], spawn: Arc<SpawnFn>) -> Result<(), String> {
         if disks.is_empty() {
             return Ok(());
         }
-        let platform = Arc::downgrade(&self.platform);
         let host = BlkHost {
             spawn,
-            route: Arc::new(move |port, fd| {
-                if let Some(p) = platform.upgrade() {
-                    let mut m = p.blk_ports.lock();
-                    match fd {
-                        Some(fd) => m.insert(port, fd),
-                        None => m.remove(&port),
-                    };
-                }
-            }),
+            route: self.port_router(),
         };
         let mut xs = self.xenstore.lock();
         let b = BlkBackend::new(
@@ -616,6 +632,31 @@ impl Xen {
             &mut xs,
         )?;
         *self.blk.lock() = Some(b);
+        drop(xs);
+        self.serve_store();
+        Ok(())
+    }
+
+    /// Creates the guest's vifs (TAPs up, toolstack nodes, backend at
+    /// InitWait) and serves them from I/O threads `spawn` starts.
+    pub fn attach_nics(&self, nics: &[NetConfig], spawn: Arc<SpawnFn>) -> Result<(), String> {
+        if nics.is_empty() {
+            return Ok(());
+        }
+        let host = BlkHost {
+            spawn,
+            route: self.port_router(),
+        };
+        let mut xs = self.xenstore.lock();
+        let b = NetBackend::new(
+            nics,
+            self.domain.config().domid,
+            self.domain.clone(),
+            self.platform.map.clone(),
+            host,
+            &mut xs,
+        )?;
+        *self.net.lock() = Some(b);
         drop(xs);
         self.serve_store();
         Ok(())
@@ -853,7 +894,8 @@ pub struct XenPlatform {
     timers: XenTimers,
     /// Eventfds of the backends (store, console): `notify_backend` writes.
     backend_events: [EventFd; 2],
-    /// dom0 ports of blkback queues -> their I/O threads' eventfds (a leaf lock).
+    /// dom0 ports of blkback and netback queues -> their I/O threads'
+    /// eventfds (a leaf lock).
     blk_ports: Mutex<HashMap<u32, Arc<EventFd>>>,
     caps: XenCaps,
     /// One per vCPU. Leaf locks: taken by the vCPU thread at schedule in/out
@@ -1091,7 +1133,7 @@ impl Platform for XenPlatform {
             _ => {
                 if let Some(fd) = self.blk_ports.lock().get(&remote_port) {
                     if let Err(e) = fd.write(1) {
-                        tracing::warn!(%e, remote_port, "cannot kick a blkback queue");
+                        tracing::warn!(%e, remote_port, "cannot kick a backend queue");
                     }
                 }
                 return;
