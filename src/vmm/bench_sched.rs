@@ -68,6 +68,12 @@ pub struct SchedResult {
     pub runnable_ms: f64,
     pub run_delay_ms: f64,
     pub accounting_error_pct: f64,
+    /// vCPU 1 (the watcher): its thread's run_delay and involuntary
+    /// switches over the window: while it waits for a CPU it sees nothing.
+    pub watcher_run_delay_ms: f64,
+    pub watcher_preemptions: u64,
+    /// Window length (ms).
+    pub window_ms: f64,
     /// Visibility latencies (µs) for the plot: guest-seen runnable.
     #[serde(skip)]
     pub samples_us: Vec<f64>,
@@ -177,6 +183,9 @@ pub fn run(b: &SchedBench) -> Result<SchedResult, String> {
                 m.xen.runstate_times(0)[1],
                 cpu::run_delay(t0).unwrap_or(0),
                 cpu::preemptions(t0).unwrap_or(0),
+                cpu::run_delay(t1).unwrap_or(0),
+                cpu::preemptions(t1).unwrap_or(0),
+                Instant::now(),
             )
         };
         let first = sample();
@@ -219,8 +228,11 @@ pub fn run(b: &SchedBench) -> Result<SchedResult, String> {
         invariant_ok: f("invariant_ok") == 1,
         ..Default::default()
     };
-    if let Some(((rn0, rd0, p0), (rn1, rd1, p1))) = window {
+    if let Some(((rn0, rd0, p0, wd0, wp0, i0), (rn1, rd1, p1, wd1, wp1, i1))) = window {
         r.host_preemptions = p1.saturating_sub(p0);
+        r.watcher_run_delay_ms = wd1.saturating_sub(wd0) as f64 / 1e6;
+        r.watcher_preemptions = wp1.saturating_sub(wp0);
+        r.window_ms = i1.duration_since(i0).as_secs_f64() * 1e3;
         r.runnable_ms = rn1.saturating_sub(rn0) as f64 / 1e6;
         r.run_delay_ms = rd1.saturating_sub(rd0) as f64 / 1e6;
         if r.run_delay_ms > 0.0 {
@@ -457,6 +469,17 @@ pub fn table(s: &Suite) -> String {
             n,
             pct(&mut v, 50.0),
             all.join(", ")
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nthe watcher (vCPU 1's thread): run_delay ms / window ms, involuntary switches"
+    );
+    for r in &s.preempted {
+        let _ = writeln!(
+            o,
+            "{:<13} {:>8.1} / {:>8.1}   {:>6}",
+            r.mechanism, r.watcher_run_delay_ms, r.window_ms, r.watcher_preemptions
         );
     }
     let _ = writeln!(
