@@ -12,7 +12,7 @@
  * preempted switch-out wakes the consumer (BPF_RB_FORCE_WAKEUP), and not when the CPU goes
  * to the watch thread itself: that preemption ends as soon as the watch thread sleeps
  * again, and waking it for it would feed a preemption loop. A failed reserve (ring full)
- * is counted in `lost`.
+ * is counted in `lost`. A quarter-full ring also wakes the consumer.
  */
 #include <linux/types.h>
 #include <linux/bpf.h>
@@ -38,9 +38,12 @@ struct ev {
     __u32 flags;
 };
 
+#define RB_BYTES (1 << 18)
+#define RB_WAKE_BYTES (RB_BYTES / 4)
+
 struct {
     __uint(type, BPF_MAP_TYPE_RINGBUF);
-    __uint(max_entries, 1 << 18);
+    __uint(max_entries, RB_BYTES);
 } rb SEC(".maps");
 
 struct {
@@ -72,6 +75,10 @@ static __always_inline void emit(__u32 tid, __u32 kind, __u64 now, __u32 flags, 
     e->ts = now;
     e->cpu = bpf_get_smp_processor_id();
     e->flags = flags;
+    /* Also wake the consumer once a quarter of the ring is waiting (halts and
+     * wake-ups alone would otherwise fill it while nothing is preempted). */
+    if (!wake && bpf_ringbuf_query(&rb, BPF_RB_AVAIL_DATA) >= RB_WAKE_BYTES)
+        wake = 1;
     bpf_ringbuf_submit(e, wake ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 

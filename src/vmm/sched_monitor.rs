@@ -135,3 +135,75 @@ pub fn run(m: Arc<Machine>, mode: PerfMode) {
         halted_all = !ready.is_empty() && halted == ready.len();
     }
 }
+
+const RING: u64 = u64::MAX - 1;
+
+/// The thread body with the BPF mechanism: one ring for all vCPUs, readable
+/// only at a preempt-out of a vCPU thread that did not hand its CPU to this
+/// thread (the program checks `next` against the watcher's id), or when a
+/// quarter of the ring waits. Other events (switch-ins, halts, wake-ups) are
+/// read at the next wake-up or by the vCPU thread before its next
+/// transition.
+pub fn run_bpf(m: Arc<Machine>) {
+    let Some(bpf) = m.xen.sched_bpf().cloned() else {
+        tracing::warn!("scheduler monitor: no BPF program loaded");
+        return;
+    };
+    let ep = match Epoll::new() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(%e, "scheduler monitor: no epoll; runnable is not shown promptly");
+            return;
+        }
+    };
+    for (fd, data, set) in [
+        (m.xen.sched_event_fd(), CTL, EventSet::IN),
+        // Edge-triggered: readiness only when the program wakes us, not
+        // whenever an unread (no-wake-up) event sits in the ring.
+        (bpf.fd(), RING, EventSet::IN | EventSet::EDGE_TRIGGERED),
+    ] {
+        if let Err(e) = ep.ctl(ControlOperation::Add, fd, EpollEvent::new(set, data)) {
+            tracing::warn!(%e, "scheduler monitor: cannot watch its fds");
+            return;
+        }
+    }
+    let me = perf::gettid() as u32;
+    if let Err(e) = bpf.watch(me, crate::host::bpf::Role::Watcher) {
+        tracing::info!(%e, "scheduler monitor: its own preemptions of vCPUs will wake it");
+    }
+    match crate::host::cpu::set_fifo(1) {
+        Ok(()) => tracing::debug!("scheduler monitor runs SCHED_FIFO 1"),
+        Err(e) => {
+            tracing::info!(%e, "scheduler monitor stays SCHED_OTHER (runnable shows later under load)")
+        }
+    }
+    let view = MonitorView { switch_ins: &[] };
+    let mut events = vec![EpollEvent::default(); 4];
+    loop {
+        let n = match ep.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!(%e, "scheduler monitor: epoll_wait failed");
+                break;
+            }
+        };
+        for ev in &events[..n] {
+            if ev.data() == CTL {
+                m.xen.sched_event_read();
+            }
+        }
+        if m.stopping() {
+            break;
+        }
+        for v in m.xen.bpf_pump() {
+            let o = m.xen.sched_poll(v, view);
+            if o.kick {
+                if let Some(h) = m.vcpus.get(v as usize) {
+                    h.kicker().kick();
+                }
+            }
+        }
+    }
+    bpf.unwatch(me);
+}
