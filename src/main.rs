@@ -105,8 +105,8 @@ enum BenchCmd {
         /// ...then sleeps this long.
         #[arg(long, value_name = "MS", default_value_t = 30)]
         hog_off: u32,
-        /// Mechanisms to compare (perf, perf-batched, sampling); default: the
-        /// best this host permits, and sampling.
+        /// Mechanisms to compare (bpf, perf, perf-batched, sampling); default:
+        /// every one this host permits, sampling included.
         #[arg(long, value_delimiter = ',')]
         mechanism: Vec<String>,
         /// Interleaved rounds.
@@ -643,14 +643,7 @@ fn main() -> ExitCode {
         }) => {
             use xenkvm::vmm::bench_sched as b;
             let mechs = if mechanism.is_empty() {
-                let best = xenkvm::xen::sched::Mechanism::choose(Some("best"))
-                    .name()
-                    .to_string();
-                if best == "sampling" {
-                    vec![best]
-                } else {
-                    vec![best, "sampling".into()]
-                }
+                b::available()
             } else {
                 mechanism
             };

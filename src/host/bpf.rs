@@ -95,7 +95,9 @@ pub struct SchedBpf {
 
 impl std::fmt::Debug for SchedBpf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SchedBpf").field("ring_fd", &self.fd).finish()
+        f.debug_struct("SchedBpf")
+            .field("ring_fd", &self.fd)
+            .finish()
     }
 }
 
@@ -264,11 +266,20 @@ mod tests {
         bpf.unwatch(tid);
         let n = |k: Kind| seen.iter().filter(|e| e.kind == k).count();
         assert!(seen.iter().all(|e| e.tid == tid), "{seen:?}");
-        assert!(n(Kind::Preempted) > 0, "no preemption beside the hog: {seen:?}");
-        assert!(n(Kind::Blocked) > 0, "no blocked switch-out for the sleep: {seen:?}");
+        assert!(
+            n(Kind::Preempted) > 0,
+            "no preemption beside the hog: {seen:?}"
+        );
+        assert!(
+            n(Kind::Blocked) > 0,
+            "no blocked switch-out for the sleep: {seen:?}"
+        );
         assert!(n(Kind::Woken) > 0, "no wake-up: {seen:?}");
         assert!(n(Kind::In) > 0, "{seen:?}");
-        assert!(seen.windows(2).all(|w| w[0].time_ns <= w[1].time_ns), "out of order: {seen:?}");
+        assert!(
+            seen.windows(2).all(|w| w[0].time_ns <= w[1].time_ns),
+            "out of order: {seen:?}"
+        );
         assert_eq!(bpf.lost(), 0);
     }
 }

@@ -325,6 +325,25 @@ pub struct Suite {
     pub switch_ns: Vec<(String, f64)>,
 }
 
+/// Every mechanism this process may use here, best first, sampling last.
+pub fn available() -> Vec<String> {
+    use crate::host::perf::{PerfMode, SwitchRing};
+    let mut v = Vec::new();
+    if crate::host::bpf::SchedBpf::load().is_ok() {
+        v.push("bpf".to_string());
+    }
+    for (m, name) in [
+        (PerfMode::WakeOnSwitchOut, "perf"),
+        (PerfMode::Batched, "perf-batched"),
+    ] {
+        if SwitchRing::open_current_thread(m).is_ok() {
+            v.push(name.to_string());
+        }
+    }
+    v.push("sampling".to_string());
+    v
+}
+
 /// Runs `rounds` interleaved rounds of every mechanism in `mechs`, with the
 /// hog and without it.
 pub fn suite(base: &SchedBench, mechs: &[String], rounds: u32) -> Result<Suite, String> {
@@ -335,15 +354,29 @@ pub fn suite(base: &SchedBench, mechs: &[String], rounds: u32) -> Result<Suite, 
         switch_ns: Vec::new(),
     };
     for _ in 0..rounds.max(3) {
-        for m in mechs.iter().map(String::as_str).chain(["none"]) {
-            let mode = match m {
-                "perf" => Some(crate::host::perf::PerfMode::WakeOnSwitchOut),
-                "perf-batched" => Some(crate::host::perf::PerfMode::Batched),
-                "none" => None,
+        let bpf_extra = mechs.iter().any(|m| m == "bpf").then_some("bpf-unwatched");
+        for m in mechs
+            .iter()
+            .map(String::as_str)
+            .chain(bpf_extra)
+            .chain(["none"])
+        {
+            let watch = match m {
+                "perf" => Watch::Perf(crate::host::perf::PerfMode::WakeOnSwitchOut),
+                "perf-batched" => Watch::Perf(crate::host::perf::PerfMode::Batched),
+                "bpf" => Watch::Bpf { watched: true },
+                "bpf-unwatched" => Watch::Bpf { watched: false },
+                "none" => Watch::None,
                 _ => continue,
             };
-            s.switch_ns
-                .push((m.to_string(), switch_cost(mode, 20_000)?));
+            match switch_cost(watch, 20_000) {
+                Ok(ns) => s.switch_ns.push((m.to_string(), ns)),
+                // Refused here (no BPF): the VM runs fell back; say so.
+                Err(e) if matches!(watch, Watch::Bpf { .. }) => {
+                    tracing::warn!(%e, "bench sched: no per-switch cost for {m}")
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
     for _ in 0..rounds {
@@ -573,11 +606,32 @@ pub fn svg(s: &Suite) -> String {
     o
 }
 
+/// How the ping-pong threads of [`switch_cost`] are watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Watch {
+    None,
+    Perf(crate::host::perf::PerfMode),
+    /// The BPF program attached; `watched: false`: the threads are not in
+    /// its map (the cost every other context switch on the host pays).
+    Bpf {
+        watched: bool,
+    },
+}
+
 /// (b) What tracking adds to each context switch of a watched thread: two
 /// threads pinned to one CPU ping-pong a byte `rounds` times over Unix
-/// sockets (2 switches per round), both watched in `mode` (`None`: not
-/// watched) with a drainer thread as the monitor. Nanoseconds per switch.
-pub fn switch_cost(mode: Option<crate::host::perf::PerfMode>, rounds: u32) -> Result<f64, String> {
+/// sockets (2 switches per round), both watched as `watch` says with a
+/// drainer thread as the monitor. Nanoseconds per switch.
+pub fn switch_cost(watch: Watch, rounds: u32) -> Result<f64, String> {
+    let mode = match watch {
+        Watch::Perf(m) => Some(m),
+        _ => None,
+    };
+    let bpf = match watch {
+        Watch::Bpf { .. } => Some(Arc::new(crate::host::bpf::SchedBpf::load()?)),
+        _ => None,
+    };
+    let bpf_watch = matches!(watch, Watch::Bpf { watched: true });
     use crate::host::perf::{PerfMode, SwitchRing};
     use std::io::Read;
     use std::os::unix::net::UnixStream;
@@ -593,14 +647,23 @@ pub fn switch_cost(mode: Option<crate::host::perf::PerfMode>, rounds: u32) -> Re
         threads::spawn(ThreadKind::BenchHog, name.into(), quiet.clone(), f)
             .map_err(|e| e.to_string())
     };
-    let open = move |tx: &mpsc::Sender<SwitchRing>| {
-        let _ = cpu::pin(crate::host::perf::gettid(), 0);
-        if let Some(m) = mode {
-            if let Ok(r) = SwitchRing::open_current_thread(m) {
-                let _ = tx.send(r);
+    let make_open = |bpf_open: Option<Arc<crate::host::bpf::SchedBpf>>| {
+        move |tx: &mpsc::Sender<SwitchRing>| {
+            let _ = cpu::pin(crate::host::perf::gettid(), 0);
+            if let (Some(b), true) = (&bpf_open, bpf_watch) {
+                let _ = b.watch(
+                    crate::host::perf::gettid() as u32,
+                    crate::host::bpf::Role::Vcpu,
+                );
+            }
+            if let Some(m) = mode {
+                if let Ok(r) = SwitchRing::open_current_thread(m) {
+                    let _ = tx.send(r);
+                }
             }
         }
     };
+    let (open, open_here) = (make_open(bpf.clone()), make_open(bpf.clone()));
     let (tx1, tx2) = (ring_tx.clone(), ring_tx);
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
     let ready2 = ready_tx.clone();
@@ -619,13 +682,30 @@ pub fn switch_cost(mode: Option<crate::host::perf::PerfMode>, rounds: u32) -> Re
         }),
     )?;
     let st = stop.clone();
+    let bpf_drain = bpf.clone();
     let drainer = spawn(
         "bench-drain",
         Box::new(move || {
             let mut rings: Vec<SwitchRing> = Vec::new();
             let ep = Epoll::new().ok();
             let mut evs = vec![EpollEvent::default(); 4];
+            if let (Some(b), Some(ep)) = (&bpf_drain, &ep) {
+                let _ = b.watch(
+                    crate::host::perf::gettid() as u32,
+                    crate::host::bpf::Role::Watcher,
+                );
+                let _ = ep.ctl(
+                    ControlOperation::Add,
+                    b.fd(),
+                    EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, 0),
+                );
+            }
             while !st.load(Ordering::Relaxed) {
+                if let (Some(b), Some(ep)) = (&bpf_drain, &ep) {
+                    let _ = ep.wait(10, &mut evs);
+                    b.drain(|_| {});
+                    continue;
+                }
                 while let Ok(r) = ring_rx.try_recv() {
                     if let (Some(ep), PerfMode::WakeOnSwitchOut) = (&ep, r.mode) {
                         let _ = ep.ctl(
@@ -648,7 +728,7 @@ pub fn switch_cost(mode: Option<crate::host::perf::PerfMode>, rounds: u32) -> Re
             }
         }),
     )?;
-    open(&tx2);
+    open_here(&tx2);
     let _ = ready_rx.recv_timeout(Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(20));
     let (mut tx, mut rx) = (a1, b2);

@@ -99,8 +99,7 @@ impl Mechanism {
         open_perf: impl Fn(PerfMode) -> std::io::Result<PerfMode>,
     ) -> (Mechanism, Option<B>) {
         let perf_best = |why_not_bpf: Option<String>| {
-            let r = open_perf(PerfMode::WakeOnSwitchOut)
-                .or_else(|_| open_perf(PerfMode::Batched));
+            let r = open_perf(PerfMode::WakeOnSwitchOut).or_else(|_| open_perf(PerfMode::Batched));
             match (r, why_not_bpf) {
                 (Ok(m), _) => Mechanism::Perf(m),
                 (Err(e), Some(b)) => Mechanism::Sampling {
@@ -661,5 +660,51 @@ impl Xen {
             late: r.host.late,
             preemptions: r.host.log.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused<T>() -> Result<T, String> {
+        Err("Operation not permitted (os error 1)".into())
+    }
+
+    #[test]
+    fn choose_best_bpf_refused_falls_back_to_perf() {
+        let (m, b) = Mechanism::choose_with(Some("best"), refused::<()>, Ok);
+        assert_eq!(m, Mechanism::Perf(PerfMode::WakeOnSwitchOut));
+        assert!(b.is_none());
+        // An explicit `bpf` that is refused also gives a working VM.
+        let (m, _) = Mechanism::choose_with(Some("bpf"), refused::<()>, |m| match m {
+            PerfMode::WakeOnSwitchOut => Err(std::io::Error::from_raw_os_error(libc::EACCES)),
+            PerfMode::Batched => Ok(m),
+        });
+        assert_eq!(m, Mechanism::Perf(PerfMode::Batched));
+    }
+
+    #[test]
+    fn choose_everything_refused_samples_and_says_why() {
+        let (m, _) = Mechanism::choose_with(Some("best"), refused::<()>, |_| {
+            Err(std::io::Error::from_raw_os_error(libc::EACCES))
+        });
+        match m {
+            Mechanism::Sampling { why } => {
+                assert!(why.contains("BPF refused"), "{why}");
+                assert!(why.contains("perf_event_open refused"), "{why}");
+            }
+            other => panic!("expected sampling, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn choose_bpf_loaded_is_kept_and_named() {
+        let (m, b) = Mechanism::choose_with(Some("best"), || Ok(7u8), Ok);
+        assert_eq!((m.name(), b), ("bpf", Some(7)));
+        let (m, b) = Mechanism::choose_with(Some("sample"), || Ok(7u8), Ok);
+        assert_eq!((m.name(), b), ("sampling", None));
+        let (m, _) = Mechanism::choose_with(None, || Ok(7u8), Ok);
+        assert_eq!(m.name(), "sampling");
     }
 }
