@@ -112,6 +112,10 @@ enum BenchCmd {
         /// Interleaved rounds.
         #[arg(long, default_value_t = 1)]
         rounds: u32,
+        /// Run vCPU 1 (the watcher) SCHED_FIFO 1, so that a loaded host's
+        /// other work does not keep it off its CPU (it sees nothing then).
+        #[arg(long)]
+        watcher_fifo: bool,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
@@ -638,6 +642,7 @@ fn main() -> ExitCode {
             hog_off,
             mechanism,
             rounds,
+            watcher_fifo,
             json,
             plot,
         }) => {
@@ -651,6 +656,7 @@ fn main() -> ExitCode {
                 secs,
                 hog_on_ms: hog_on,
                 hog_off_ms: hog_off,
+                watcher_fifo,
                 mechanism: None,
             };
             let s = match b::suite(&base, &mechs, rounds) {

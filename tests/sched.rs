@@ -127,6 +127,7 @@ fn sched_hog_beside_vcpu0_preemption_shown_never_to_itself() {
             hog_on_ms: 20,
             hog_off_ms: 30,
             mechanism: Some(mech.into()),
+            watcher_fifo: false,
         })
         .unwrap();
         println!(
@@ -181,6 +182,7 @@ fn sched_bpf_hog_beside_vcpu0_preemption_seen_and_shown() {
         hog_on_ms: 20,
         hog_off_ms: 30,
         mechanism: Some("bpf".into()),
+        watcher_fifo: false,
     })
     .unwrap();
     println!(

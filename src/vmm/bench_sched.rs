@@ -28,8 +28,12 @@ pub struct SchedBench {
     pub hog_on_ms: u32,
     /// ...then sleeps this long (0 on: no hog).
     pub hog_off_ms: u32,
-    /// `perf`, `perf-batched`, `sampling` or `None` (best).
+    /// `bpf`, `perf`, `perf-batched`, `sampling` or `None` (best).
     pub mechanism: Option<String>,
+    /// Make vCPU 1's thread (the watcher) SCHED_FIFO 1 for the run, so that
+    /// the numbers show the mechanism rather than how long vCPU 1 itself
+    /// waits for a CPU on a loaded host.
+    pub watcher_fifo: bool,
 }
 
 /// One run's numbers.
@@ -135,6 +139,7 @@ pub fn run(b: &SchedBench) -> Result<SchedResult, String> {
     let o2 = out.clone();
     let hog_on = b.hog_on_ms;
     let hog_off = b.hog_off_ms;
+    let watcher_fifo = b.watcher_fifo;
     let mut window = None;
     let mut report = None;
     let exit = vm.run_with(Some(Duration::from_secs(u64::from(b.secs) + 60)), |m| {
@@ -151,6 +156,11 @@ pub fn run(b: &SchedBench) -> Result<SchedResult, String> {
         let ncpu = cpu::online_cpus();
         let _ = cpu::pin(t0, 0);
         let _ = cpu::pin(t1, 1 % ncpu);
+        if watcher_fifo {
+            if let Err(e) = cpu::set_fifo_tid(t1, 1) {
+                tracing::warn!(%e, "bench sched: vCPU 1 stays SCHED_OTHER");
+            }
+        }
         while !o2.text().contains("watches its area") && !m.stopping() && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -212,7 +222,14 @@ pub fn run(b: &SchedBench) -> Result<SchedResult, String> {
     let mut r = SchedResult {
         mechanism,
         hog: if hog_on > 0 {
-            format!("{hog_on} ms on / {hog_off} ms off, pinned beside vCPU 0")
+            format!(
+                "{hog_on} ms on / {hog_off} ms off, pinned beside vCPU 0{}",
+                if b.watcher_fifo {
+                    "; vCPU 1 (the watcher) SCHED_FIFO 1"
+                } else {
+                    ""
+                }
+            )
         } else {
             "none".into()
         },

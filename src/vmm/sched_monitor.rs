@@ -19,6 +19,11 @@ use crate::xen::sched::MonitorView;
 
 const CTL: u64 = u64::MAX;
 
+/// The watch thread's SCHED_FIFO priority (when permitted): above a vCPU
+/// thread someone made SCHED_FIFO 1 (`xenkvm bench sched --watcher-fifo`
+/// does), so that it never queues behind the vCPUs it reports on.
+pub const MONITOR_FIFO: i32 = 2;
+
 /// The thread body.
 pub fn run(m: Arc<Machine>, mode: PerfMode) {
     let ep = match Epoll::new() {
@@ -39,8 +44,8 @@ pub fn run(m: Arc<Machine>, mode: PerfMode) {
     // Woken at a switch-out, the monitor must run at once, not at the next
     // tick: with every CPU busy a SCHED_OTHER waker often waits a slice.
     // It runs for microseconds per wake-up and never spins.
-    match crate::host::cpu::set_fifo(1) {
-        Ok(()) => tracing::debug!("scheduler monitor runs SCHED_FIFO 1"),
+    match crate::host::cpu::set_fifo(MONITOR_FIFO) {
+        Ok(()) => tracing::debug!("scheduler monitor runs SCHED_FIFO {MONITOR_FIFO}"),
         Err(e) => {
             tracing::info!(%e, "scheduler monitor stays SCHED_OTHER (runnable shows later under load)")
         }
@@ -171,8 +176,8 @@ pub fn run_bpf(m: Arc<Machine>) {
     if let Err(e) = bpf.watch(me, crate::host::bpf::Role::Watcher) {
         tracing::info!(%e, "scheduler monitor: its own preemptions of vCPUs will wake it");
     }
-    match crate::host::cpu::set_fifo(1) {
-        Ok(()) => tracing::debug!("scheduler monitor runs SCHED_FIFO 1"),
+    match crate::host::cpu::set_fifo(MONITOR_FIFO) {
+        Ok(()) => tracing::debug!("scheduler monitor runs SCHED_FIFO {MONITOR_FIFO}"),
         Err(e) => {
             tracing::info!(%e, "scheduler monitor stays SCHED_OTHER (runnable shows later under load)")
         }
