@@ -183,6 +183,7 @@ impl Vcpu {
                 lost = r.stats.lost,
                 deferred = r.deferred,
                 late = r.late,
+                bpf_ring_busy = self.m.xen.bpf_ring_busy(),
                 "host schedule tracking at exit"
             );
         }

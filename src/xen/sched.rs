@@ -206,6 +206,8 @@ pub struct SchedShared {
     bpf_lost_seen: AtomicU64,
     /// Malformed BPF ring records (never expected).
     bpf_bad: AtomicU64,
+    /// Times a reader found the BPF ring taken by another reader.
+    bpf_busy: AtomicU64,
 }
 
 impl SchedShared {
@@ -217,6 +219,7 @@ impl SchedShared {
             bpf: OnceLock::new(),
             bpf_lost_seen: AtomicU64::new(0),
             bpf_bad: AtomicU64::new(0),
+            bpf_busy: AtomicU64::new(0),
         })
     }
 }
@@ -324,7 +327,7 @@ impl XenPlatform {
             return;
         };
         let slots = &self.sched.slots;
-        let bad = b.drain(|e| {
+        let push = |e: bpf::Event| {
             let Some(s) = slots
                 .iter()
                 .find(|s| s.tid.load(Ordering::Relaxed) == e.tid)
@@ -343,7 +346,16 @@ impl XenPlatform {
                 cpu: e.cpu,
                 by_watcher: e.by_watcher,
             });
-        });
+        };
+        let bad = match b.try_drain(push) {
+            Some(n) => n,
+            None => {
+                // Another thread is reading the ring (it may be a vCPU
+                // thread that was preempted while reading it).
+                self.sched.bpf_busy.fetch_add(1, Ordering::Relaxed);
+                b.drain(push)
+            }
+        };
         if bad > 0 {
             self.sched.bpf_bad.fetch_add(bad, Ordering::Relaxed);
         }
@@ -584,6 +596,11 @@ impl Xen {
     /// Malformed BPF records seen (never expected; counted, skipped).
     pub fn bpf_bad_records(&self) -> u64 {
         self.platform.sched.bpf_bad.load(Ordering::Relaxed)
+    }
+
+    /// Times a reader found the shared BPF ring taken by another reader.
+    pub fn bpf_ring_busy(&self) -> u64 {
+        self.platform.sched.bpf_busy.load(Ordering::Relaxed)
     }
 
     /// The monitor's control eventfd (a vCPU attached, or the VM stops).
