@@ -321,8 +321,10 @@ impl XenPlatform {
 
     /// Reads the shared BPF ring into each vCPU's queue (whoever calls; the
     /// ring has its own lock). A grown lost counter is reported to every
-    /// vCPU (each falls back until its thread resynchronises).
-    pub(super) fn bpf_pump(&self) {
+    /// vCPU (each falls back until its thread resynchronises); only the
+    /// watch thread reads it (`check_lost`: a map lookup is a system call,
+    /// kept off the vCPU threads' path).
+    pub(super) fn bpf_pump(&self, check_lost: bool) {
         let Some(b) = self.sched.bpf.get() else {
             return;
         };
@@ -358,6 +360,9 @@ impl XenPlatform {
         };
         if bad > 0 {
             self.sched.bpf_bad.fetch_add(bad, Ordering::Relaxed);
+        }
+        if !check_lost {
+            return;
         }
         let lost = b.lost();
         let seen = self.sched.bpf_lost_seen.swap(lost, Ordering::AcqRel);
@@ -401,7 +406,7 @@ impl XenPlatform {
         } else if host.bpf {
             if monitor.is_none() {
                 // The vCPU thread: bring the shared ring up to date first.
-                self.bpf_pump();
+                self.bpf_pump(false);
             }
             if let Some(s) = self.sched.slots.get(vcpu as usize) {
                 host.buf.append(&mut s.queue.lock());
@@ -582,7 +587,7 @@ impl Xen {
     /// The monitor (BPF): reads the shared ring into the vCPUs' queues;
     /// returns the vCPUs with events waiting.
     pub fn bpf_pump(&self) -> Vec<u32> {
-        self.platform.bpf_pump();
+        self.platform.bpf_pump(true);
         self.platform
             .sched
             .slots
