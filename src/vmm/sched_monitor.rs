@@ -184,8 +184,9 @@ pub fn run_bpf(m: Arc<Machine>) {
     }
     let view = MonitorView { switch_ins: &[] };
     let mut events = vec![EpollEvent::default(); 4];
+    let mut timeout = -1;
     loop {
-        let n = match ep.wait(-1, &mut events) {
+        let n = match ep.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -201,7 +202,18 @@ pub fn run_bpf(m: Arc<Machine>) {
         if m.stopping() {
             break;
         }
-        for v in m.xen.bpf_pump() {
+        // Another reader holds the ring for microseconds unless it was
+        // preempted meanwhile: retry briefly, then look again in 1 ms.
+        let mut pumped = m.xen.bpf_pump();
+        for _ in 0..100 {
+            if pumped.1 {
+                break;
+            }
+            std::hint::spin_loop();
+            pumped = m.xen.bpf_pump();
+        }
+        timeout = if pumped.1 { -1 } else { 1 };
+        for v in pumped.0 {
             let o = m.xen.sched_poll(v, view);
             if o.kick {
                 if let Some(h) = m.vcpus.get(v as usize) {

@@ -324,9 +324,10 @@ impl XenPlatform {
     /// vCPU (each falls back until its thread resynchronises); only the
     /// watch thread reads it (`check_lost`: a map lookup is a system call,
     /// kept off the vCPU threads' path).
-    pub(super) fn bpf_pump(&self, check_lost: bool) {
+    /// False if another thread was reading the ring.
+    pub(super) fn bpf_pump(&self, check_lost: bool) -> bool {
         let Some(b) = self.sched.bpf.get() else {
-            return;
+            return true;
         };
         let slots = &self.sched.slots;
         let push = |e: bpf::Event| {
@@ -349,20 +350,18 @@ impl XenPlatform {
                 by_watcher: e.by_watcher,
             });
         };
-        let bad = match b.try_drain(push) {
-            Some(n) => n,
-            None => {
-                // Another thread is reading the ring (it may be a vCPU
-                // thread that was preempted while reading it).
-                self.sched.bpf_busy.fetch_add(1, Ordering::Relaxed);
-                b.drain(push)
-            }
+        // Never wait for the ring: its reader may be a vCPU thread that was
+        // preempted while reading it (and a vCPU thread must not wait for
+        // another one). The reader distributes what it reads.
+        let Some(bad) = b.try_drain(push) else {
+            self.sched.bpf_busy.fetch_add(1, Ordering::Relaxed);
+            return false;
         };
         if bad > 0 {
             self.sched.bpf_bad.fetch_add(bad, Ordering::Relaxed);
         }
         if !check_lost {
-            return;
+            return true;
         }
         let lost = b.lost();
         let seen = self.sched.bpf_lost_seen.swap(lost, Ordering::AcqRel);
@@ -371,6 +370,7 @@ impl XenPlatform {
                 s.queue.lock().push(Rec::Lost(lost - seen));
             }
         }
+        true
     }
 
     /// One pass over the vCPU's events; true if it published runnable.
@@ -406,7 +406,7 @@ impl XenPlatform {
         } else if host.bpf {
             if monitor.is_none() {
                 // The vCPU thread: bring the shared ring up to date first.
-                self.bpf_pump(false);
+                let _ = self.bpf_pump(false);
             }
             if let Some(s) = self.sched.slots.get(vcpu as usize) {
                 host.buf.append(&mut s.queue.lock());
@@ -585,17 +585,20 @@ impl Xen {
     }
 
     /// The monitor (BPF): reads the shared ring into the vCPUs' queues;
-    /// returns the vCPUs with events waiting.
-    pub fn bpf_pump(&self) -> Vec<u32> {
-        self.platform.bpf_pump(true);
-        self.platform
+    /// returns the vCPUs with events waiting, and false if another thread
+    /// was reading the ring (try again soon).
+    pub fn bpf_pump(&self) -> (Vec<u32>, bool) {
+        let pumped = self.platform.bpf_pump(true);
+        let ready = self
+            .platform
             .sched
             .slots
             .iter()
             .enumerate()
             .filter(|(_, s)| !s.queue.lock().is_empty())
             .map(|(i, _)| i as u32)
-            .collect()
+            .collect();
+        (ready, pumped)
     }
 
     /// Malformed BPF records seen (never expected; counted, skipped).
