@@ -1,4 +1,6 @@
-//! The scheduler monitor thread (`vcpu-sched`): waits on the vCPU threads'
+//! The scheduler monitor thread (`vcpu-sched`). With BPF ([`run_bpf`]) it
+//! waits on the program's one ring buffer, woken only at a preempt-out of a
+//! vCPU thread. With perf ([`run`]) it waits on the vCPU threads'
 //! perf rings and applies their context-switch records
 //! ([`crate::xen::sched`]): a preempted vCPU is published runnable and
 //! kicked, so that it republishes running before it next enters the guest.

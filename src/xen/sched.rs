@@ -155,9 +155,10 @@ impl Mechanism {
 /// code every exit makes the guest refill its page mappings. Measured here:
 /// a Linux boot's ftrace check ran about 2.5 times longer with `perf`
 /// (still running at 310 s of guest time) than with `sampling` (done by
-/// 180 s). Opt in with `XENKVM_SCHED=perf` (or `best`, `perf-batched`).
+/// 180 s); `xenkvm demo` ran 10-20 % longer with `bpf` (README, Runstate).
+/// Opt in with `XENKVM_SCHED=best` (or `bpf`, `perf`, `perf-batched`).
 pub const DEFAULT_WHY: &str =
-    "the default: perf tracking costs an exit per shown preemption (XENKVM_SCHED=perf or best turns it on)";
+    "the default: tracking costs an exit per shown preemption (XENKVM_SCHED=best, bpf or perf turns it on)";
 
 /// A vCPU's preempted switch-out this close (ns) to a switch-in of the
 /// monitor on the same CPU is the same context switch: the monitor's own
