@@ -105,13 +105,17 @@ enum BenchCmd {
         /// ...then sleeps this long.
         #[arg(long, value_name = "MS", default_value_t = 30)]
         hog_off: u32,
-        /// Mechanisms to compare (perf, perf-batched, sampling); default: the
-        /// best this host permits, and sampling.
+        /// Mechanisms to compare (bpf, perf, perf-batched, sampling); default:
+        /// every one this host permits, sampling included.
         #[arg(long, value_delimiter = ',')]
         mechanism: Vec<String>,
         /// Interleaved rounds.
         #[arg(long, default_value_t = 1)]
         rounds: u32,
+        /// Run vCPU 1 (the watcher) SCHED_FIFO 1, so that a loaded host's
+        /// other work does not keep it off its CPU (it sees nothing then).
+        #[arg(long)]
+        watcher_fifo: bool,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
@@ -638,19 +642,13 @@ fn main() -> ExitCode {
             hog_off,
             mechanism,
             rounds,
+            watcher_fifo,
             json,
             plot,
         }) => {
             use xenkvm::vmm::bench_sched as b;
             let mechs = if mechanism.is_empty() {
-                let best = xenkvm::xen::sched::Mechanism::choose(Some("best"))
-                    .name()
-                    .to_string();
-                if best == "sampling" {
-                    vec![best]
-                } else {
-                    vec![best, "sampling".into()]
-                }
+                b::available()
             } else {
                 mechanism
             };
@@ -658,6 +656,7 @@ fn main() -> ExitCode {
                 secs,
                 hog_on_ms: hog_on,
                 hog_off_ms: hog_off,
+                watcher_fifo,
                 mechanism: None,
             };
             let s = match b::suite(&base, &mechs, rounds) {

@@ -97,7 +97,7 @@ fn sched_idle_vcpu_halted_in_kernel_accumulates_blocked() {
         return;
     }
     let m = Mechanism::choose(Some("best"));
-    if !matches!(m, Mechanism::Perf(_)) {
+    if matches!(m, Mechanism::Sampling { .. }) {
         eprintln!("SKIPPED: no context-switch records here ({m})");
         return;
     }
@@ -127,6 +127,7 @@ fn sched_hog_beside_vcpu0_preemption_shown_never_to_itself() {
             hog_on_ms: 20,
             hog_off_ms: 30,
             mechanism: Some(mech.into()),
+            watcher_fifo: false,
         })
         .unwrap();
         println!(
@@ -155,4 +156,126 @@ fn sched_hog_beside_vcpu0_preemption_shown_never_to_itself() {
             );
         }
     }
+}
+
+/// The BPF mechanism (root and kernel BTF): a hog pinned beside vCPU 0's
+/// thread preempts it, the program reports it, and the area shows runnable
+/// to vCPU 1.
+#[test]
+fn sched_bpf_hog_beside_vcpu0_preemption_seen_and_shown() {
+    if !common::kvm_available("sched_bpf_hog_beside_vcpu0_preemption_seen_and_shown") {
+        return;
+    }
+    if let Err(e) = xenkvm::host::bpf::SchedBpf::load() {
+        common::skip(
+            "sched_bpf_hog_beside_vcpu0_preemption_seen_and_shown",
+            &format!(
+                "BPF not permitted here (needs root/CAP_BPF+CAP_PERFMON and {}): {e}",
+                xenkvm::host::bpf::VMLINUX_BTF
+            ),
+        );
+        return;
+    }
+    let _one = SERIAL.lock();
+    let r = bench_sched::run(&SchedBench {
+        secs: 2,
+        hog_on_ms: 20,
+        hog_off_ms: 30,
+        mechanism: Some("bpf".into()),
+        watcher_fifo: false,
+    })
+    .unwrap();
+    println!(
+        "bpf: preemptions >1 ms {} shown {} (host p50 {:.1} us p99 {:.1} us), self-inflicted {}, lost {}; \
+         guest saw {}; runnable {:.1} ms vs run_delay {:.1} ms",
+        r.host_over_1ms,
+        r.host_over_1ms_visible,
+        r.host_visible_p50_us,
+        r.host_visible_p99_us,
+        r.self_inflicted,
+        r.lost,
+        r.guest_runnable_seen,
+        r.runnable_ms,
+        r.run_delay_ms
+    );
+    assert_eq!(r.mechanism, "bpf", "BPF loaded but the VM did not use it");
+    assert!(
+        r.host_over_1ms > 0,
+        "the program saw no preemption of vCPU 0: {r:?}"
+    );
+    assert!(
+        r.host_over_1ms_visible > 0,
+        "no preemption shown runnable: {r:?}"
+    );
+    assert!(
+        r.guest_runnable_seen > 0,
+        "vCPU 1 never saw vCPU 0 runnable: {r:?}"
+    );
+    assert_eq!(r.guest_self_runnable, 0, "the guest saw itself runnable");
+    assert!(r.invariant_ok);
+}
+
+/// Without CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN the BPF load is refused: the
+/// VM falls back (unprivileged perf here, or sampling) and still runs.
+#[test]
+fn sched_bpf_refused_without_caps_falls_back_and_runs() {
+    let name = "sched_bpf_refused_without_caps_falls_back_and_runs";
+    if !common::kvm_available(name) {
+        return;
+    }
+    if xenkvm::host::bpf::SchedBpf::load().is_err() {
+        common::skip(
+            name,
+            "BPF is refused here already (see the privileged test)",
+        );
+        return;
+    }
+    let Ok(capsh) = which("capsh") else {
+        common::skip(name, "no capsh (libcap2-bin) to drop capabilities");
+        return;
+    };
+    let _one = SERIAL.lock();
+    let bin = common::xenkvm_bin();
+    let out = std::process::Command::new(capsh)
+        .arg("--drop=cap_bpf,cap_perfmon,cap_sys_admin")
+        .arg("--")
+        .arg("-c")
+        .arg(format!(
+            "XENKVM_SCHED=bpf exec {} bench sched --secs 1 --mechanism bpf --json",
+            bin.display()
+        ))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let v: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let mech = v["preempted"][0]["mechanism"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string();
+    println!(
+        "without caps: the VM used {mech}; best: {}",
+        v["host"]["best_mechanism"]
+    );
+    assert_ne!(mech, "bpf", "BPF used without the capabilities");
+    assert!(
+        ["perf-batched", "sampling"].contains(&mech.as_str()),
+        "{mech}"
+    );
+    assert!(!v["host"]["best_mechanism"]
+        .as_str()
+        .unwrap_or("")
+        .contains("BPF"));
+}
+
+fn which(cmd: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(cmd))
+        .find(|p| p.is_file())
+        .ok_or(())
 }

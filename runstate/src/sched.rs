@@ -34,6 +34,9 @@ pub enum Switch {
     OutPreempted,
     /// Switched out to sleep (halt in the in-kernel irqchip, a futex wait...).
     OutVoluntary,
+    /// Woken from a sleep (BPF `sched_wakeup`; perf records cannot see it):
+    /// from here until it switches in, a halted vCPU waits for a CPU.
+    Woken,
 }
 
 /// What [`HostSched::apply`] did.
@@ -45,6 +48,9 @@ pub enum Applied {
     Halted,
     /// The vCPU is Running again after an interval a switch-out opened.
     Resumed,
+    /// A halted vCPU was woken: Runnable (not published: it is waiting for
+    /// a CPU, and its switch-in follows) until it switches in.
+    Woken,
     /// Nothing: the record is older than the current state, or does not
     /// fit it (the vCPU thread changed the state since).
     Stale,
@@ -114,6 +120,16 @@ impl HostSched {
                     Applied::Stale
                 }
             }
+            Switch::Woken => match self.open {
+                Some(State::Blocked) if fresh && acct.state() == State::Blocked => {
+                    acct.transition(State::Runnable, t_ns);
+                    self.open = Some(State::Runnable);
+                    Applied::Woken
+                }
+                // Woken from a sleep the records did not open (blocked in the
+                // VMM: the vCPU thread accounts that itself).
+                _ => return Applied::Stale,
+            },
             Switch::In => match self.open {
                 Some(s) if fresh && acct.state() == s => {
                     let before = acct.data().time[State::Runnable as usize];
@@ -182,6 +198,31 @@ mod tests {
         assert_eq!(a.data().time, [500, 3000, 0, 0]);
         assert_eq!(h.take_unsampled_runnable(), 3000);
         assert_eq!(h.take_unsampled_runnable(), 0);
+    }
+
+    #[test]
+    fn halt_wake_in_splits_blocked_then_runnable_as_xen() {
+        let mut a = Accounting::new(State::Running, 0);
+        let mut h = HostSched::new();
+        assert_eq!(h.apply(&mut a, Switch::OutVoluntary, 100), Applied::Halted);
+        assert_eq!(h.apply(&mut a, Switch::Woken, 600), Applied::Woken);
+        assert_eq!(a.state(), State::Runnable);
+        assert_eq!(h.apply(&mut a, Switch::In, 900), Applied::Resumed);
+        assert_eq!(a.data().time, [100, 300, 500, 0]);
+        // The wait after the wake-up came from the events: not charged again
+        // from run_delay.
+        assert_eq!(h.take_unsampled_runnable(), 300);
+        assert_eq!(h.stats.stale, 0);
+    }
+
+    #[test]
+    fn wake_of_vmm_blocked_vcpu_changes_nothing() {
+        let mut a = Accounting::new(State::Running, 0);
+        let mut h = HostSched::new();
+        a.transition(State::Blocked, 50);
+        assert_eq!(h.apply(&mut a, Switch::Woken, 80), Applied::Stale);
+        assert_eq!(a.state(), State::Blocked);
+        assert_eq!(h.stats.stale, 0);
     }
 
     #[test]

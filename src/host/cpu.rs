@@ -57,6 +57,24 @@ pub fn clocksource() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// Makes thread `tid` of this process `SCHED_FIFO` at `prio` (0: back to
+/// `SCHED_OTHER`).
+pub fn set_fifo_tid(tid: i32, prio: i32) -> io::Result<()> {
+    let p = libc::sched_param {
+        sched_priority: prio,
+    };
+    let policy = if prio > 0 {
+        libc::SCHED_FIFO
+    } else {
+        libc::SCHED_OTHER
+    };
+    // SAFETY: a thread id (the kernel checks it) and a valid sched_param.
+    if unsafe { libc::sched_setscheduler(tid, policy, &p) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Makes the calling thread `SCHED_FIFO` at `prio` (needs CAP_SYS_NICE or an
 /// RLIMIT_RTPRIO allowance); the error says why not.
 pub fn set_fifo(prio: i32) -> io::Result<()> {

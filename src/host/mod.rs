@@ -7,6 +7,7 @@
 //! in this folder, each block with a `// SAFETY:` comment; it starts no
 //! threads (the monitor thread is `vmm/`'s).
 
+pub mod bpf;
 pub mod cpu;
 pub mod perf;
 pub mod tap;

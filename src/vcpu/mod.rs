@@ -130,11 +130,20 @@ impl Vcpu {
         // Steal time: run_delay of this thread, sampled every STEAL_SAMPLE_MS.
         self.run_delay = runstate::RunDelay::open().ok();
         // Host schedule tracking: this thread's context-switch records.
-        if let Some(crate::xen::sched::Mechanism::Perf(mode)) = self.m.xen.sched_mechanism() {
-            match crate::host::perf::SwitchRing::open_current_thread(*mode) {
-                Ok(r) => self.m.xen.attach_switch_ring(self.id, r),
-                Err(e) => tracing::warn!(%e, "no context-switch records for this vCPU"),
+        match self.m.xen.sched_mechanism() {
+            Some(crate::xen::sched::Mechanism::Perf(mode)) => {
+                match crate::host::perf::SwitchRing::open_current_thread(*mode) {
+                    Ok(r) => self.m.xen.attach_switch_ring(self.id, r),
+                    Err(e) => tracing::warn!(%e, "no context-switch records for this vCPU"),
+                }
             }
+            Some(crate::xen::sched::Mechanism::Bpf) => {
+                let tid = crate::host::perf::gettid() as u32;
+                if let Err(e) = self.m.xen.attach_bpf(self.id, tid) {
+                    tracing::warn!(%e, "this vCPU's context switches are not watched by BPF");
+                }
+            }
+            _ => {}
         }
         if self.id == 0 {
             self.m
@@ -153,6 +162,7 @@ impl Vcpu {
             };
         }
         self.handle.kicker().unbind();
+        self.m.xen.detach_bpf(self.id);
         self.handle.report(Reported::Stopped);
         // Steal time is checkable from outside: runnable should track the
         // thread's run_delay (it is built from it).
@@ -182,6 +192,7 @@ impl Vcpu {
                 lost = r.stats.lost,
                 deferred = r.deferred,
                 late = r.late,
+                bpf_ring_busy = self.m.xen.bpf_ring_busy(),
                 "host schedule tracking at exit"
             );
         }

@@ -28,8 +28,12 @@ pub struct SchedBench {
     pub hog_on_ms: u32,
     /// ...then sleeps this long (0 on: no hog).
     pub hog_off_ms: u32,
-    /// `perf`, `perf-batched`, `sampling` or `None` (best).
+    /// `bpf`, `perf`, `perf-batched`, `sampling` or `None` (best).
     pub mechanism: Option<String>,
+    /// Make vCPU 1's thread (the watcher) SCHED_FIFO 1 for the run, so that
+    /// the numbers show the mechanism rather than how long vCPU 1 itself
+    /// waits for a CPU on a loaded host.
+    pub watcher_fifo: bool,
 }
 
 /// One run's numbers.
@@ -41,6 +45,12 @@ pub struct SchedResult {
     pub guest_runnable_seen: u64,
     pub guest_runnable_p50_us: f64,
     pub guest_runnable_p99_us: f64,
+    /// Of those, seen while vCPU 1 had stayed on its CPU since the
+    /// switch-out (no gap of 300 us between its polls): the mechanism's
+    /// latency without vCPU 1's own wait for a CPU.
+    pub guest_awake_seen: u64,
+    pub guest_awake_p50_us: f64,
+    pub guest_awake_p99_us: f64,
     pub guest_running_seen: u64,
     pub guest_running_p50_us: f64,
     pub guest_running_p99_us: f64,
@@ -68,6 +78,12 @@ pub struct SchedResult {
     pub runnable_ms: f64,
     pub run_delay_ms: f64,
     pub accounting_error_pct: f64,
+    /// vCPU 1 (the watcher): its thread's run_delay and involuntary
+    /// switches over the window: while it waits for a CPU it sees nothing.
+    pub watcher_run_delay_ms: f64,
+    pub watcher_preemptions: u64,
+    /// Window length (ms).
+    pub window_ms: f64,
     /// Visibility latencies (µs) for the plot: guest-seen runnable.
     #[serde(skip)]
     pub samples_us: Vec<f64>,
@@ -129,6 +145,7 @@ pub fn run(b: &SchedBench) -> Result<SchedResult, String> {
     let o2 = out.clone();
     let hog_on = b.hog_on_ms;
     let hog_off = b.hog_off_ms;
+    let watcher_fifo = b.watcher_fifo;
     let mut window = None;
     let mut report = None;
     let exit = vm.run_with(Some(Duration::from_secs(u64::from(b.secs) + 60)), |m| {
@@ -145,6 +162,11 @@ pub fn run(b: &SchedBench) -> Result<SchedResult, String> {
         let ncpu = cpu::online_cpus();
         let _ = cpu::pin(t0, 0);
         let _ = cpu::pin(t1, 1 % ncpu);
+        if watcher_fifo {
+            if let Err(e) = cpu::set_fifo_tid(t1, 1) {
+                tracing::warn!(%e, "bench sched: vCPU 1 stays SCHED_OTHER");
+            }
+        }
         while !o2.text().contains("watches its area") && !m.stopping() && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -177,6 +199,9 @@ pub fn run(b: &SchedBench) -> Result<SchedResult, String> {
                 m.xen.runstate_times(0)[1],
                 cpu::run_delay(t0).unwrap_or(0),
                 cpu::preemptions(t0).unwrap_or(0),
+                cpu::run_delay(t1).unwrap_or(0),
+                cpu::preemptions(t1).unwrap_or(0),
+                Instant::now(),
             )
         };
         let first = sample();
@@ -203,13 +228,23 @@ pub fn run(b: &SchedBench) -> Result<SchedResult, String> {
     let mut r = SchedResult {
         mechanism,
         hog: if hog_on > 0 {
-            format!("{hog_on} ms on / {hog_off} ms off, pinned beside vCPU 0")
+            format!(
+                "{hog_on} ms on / {hog_off} ms off, pinned beside vCPU 0{}",
+                if b.watcher_fifo {
+                    "; vCPU 1 (the watcher) SCHED_FIFO 1"
+                } else {
+                    ""
+                }
+            )
         } else {
             "none".into()
         },
         guest_runnable_seen: f("runnable_seen"),
         guest_runnable_p50_us: us(f("runnable_p50_ns")),
         guest_runnable_p99_us: us(f("runnable_p99_ns")),
+        guest_awake_seen: f("awake_seen"),
+        guest_awake_p50_us: us(f("awake_p50_ns")),
+        guest_awake_p99_us: us(f("awake_p99_ns")),
         guest_running_seen: f("running_seen"),
         guest_running_p50_us: us(f("running_p50_ns")),
         guest_running_p99_us: us(f("running_p99_ns")),
@@ -219,8 +254,11 @@ pub fn run(b: &SchedBench) -> Result<SchedResult, String> {
         invariant_ok: f("invariant_ok") == 1,
         ..Default::default()
     };
-    if let Some(((rn0, rd0, p0), (rn1, rd1, p1))) = window {
+    if let Some(((rn0, rd0, p0, wd0, wp0, i0), (rn1, rd1, p1, wd1, wp1, i1))) = window {
         r.host_preemptions = p1.saturating_sub(p0);
+        r.watcher_run_delay_ms = wd1.saturating_sub(wd0) as f64 / 1e6;
+        r.watcher_preemptions = wp1.saturating_sub(wp0);
+        r.window_ms = i1.duration_since(i0).as_secs_f64() * 1e3;
         r.runnable_ms = rn1.saturating_sub(rn0) as f64 / 1e6;
         r.run_delay_ms = rd1.saturating_sub(rd0) as f64 / 1e6;
         if r.run_delay_ms > 0.0 {
@@ -313,6 +351,25 @@ pub struct Suite {
     pub switch_ns: Vec<(String, f64)>,
 }
 
+/// Every mechanism this process may use here, best first, sampling last.
+pub fn available() -> Vec<String> {
+    use crate::host::perf::{PerfMode, SwitchRing};
+    let mut v = Vec::new();
+    if crate::host::bpf::SchedBpf::load().is_ok() {
+        v.push("bpf".to_string());
+    }
+    for (m, name) in [
+        (PerfMode::WakeOnSwitchOut, "perf"),
+        (PerfMode::Batched, "perf-batched"),
+    ] {
+        if SwitchRing::open_current_thread(m).is_ok() {
+            v.push(name.to_string());
+        }
+    }
+    v.push("sampling".to_string());
+    v
+}
+
 /// Runs `rounds` interleaved rounds of every mechanism in `mechs`, with the
 /// hog and without it.
 pub fn suite(base: &SchedBench, mechs: &[String], rounds: u32) -> Result<Suite, String> {
@@ -323,15 +380,29 @@ pub fn suite(base: &SchedBench, mechs: &[String], rounds: u32) -> Result<Suite, 
         switch_ns: Vec::new(),
     };
     for _ in 0..rounds.max(3) {
-        for m in mechs.iter().map(String::as_str).chain(["none"]) {
-            let mode = match m {
-                "perf" => Some(crate::host::perf::PerfMode::WakeOnSwitchOut),
-                "perf-batched" => Some(crate::host::perf::PerfMode::Batched),
-                "none" => None,
+        let bpf_extra = mechs.iter().any(|m| m == "bpf").then_some("bpf-unwatched");
+        for m in mechs
+            .iter()
+            .map(String::as_str)
+            .chain(bpf_extra)
+            .chain(["none"])
+        {
+            let watch = match m {
+                "perf" => Watch::Perf(crate::host::perf::PerfMode::WakeOnSwitchOut),
+                "perf-batched" => Watch::Perf(crate::host::perf::PerfMode::Batched),
+                "bpf" => Watch::Bpf { watched: true },
+                "bpf-unwatched" => Watch::Bpf { watched: false },
+                "none" => Watch::None,
                 _ => continue,
             };
-            s.switch_ns
-                .push((m.to_string(), switch_cost(mode, 20_000)?));
+            match switch_cost(watch, 20_000) {
+                Ok(ns) => s.switch_ns.push((m.to_string(), ns)),
+                // Refused here (no BPF): the VM runs fell back; say so.
+                Err(e) if matches!(watch, Watch::Bpf { .. }) => {
+                    tracing::warn!(%e, "bench sched: no per-switch cost for {m}")
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
     for _ in 0..rounds {
@@ -461,6 +532,24 @@ pub fn table(s: &Suite) -> String {
     }
     let _ = writeln!(
         o,
+        "\nthe watcher (vCPU 1's thread): run_delay ms / window ms, involuntary switches; \
+         runnable seen while it stayed on its CPU since the switch-out: count, p50 us, p99 us"
+    );
+    for r in &s.preempted {
+        let _ = writeln!(
+            o,
+            "{:<13} {:>8.1} / {:>8.1}   {:>6}   {:>6} {:>9.1} {:>9.1}",
+            r.mechanism,
+            r.watcher_run_delay_ms,
+            r.window_ms,
+            r.watcher_preemptions,
+            r.guest_awake_seen,
+            r.guest_awake_p50_us,
+            r.guest_awake_p99_us
+        );
+    }
+    let _ = writeln!(
+        o,
         "\nguest throughput (loop iterations per ms on vCPU 0) without / with the hog; vCPU 1's polls per ms:"
     );
     for (a, b) in s.idle_host.iter().zip(&s.preempted) {
@@ -550,11 +639,32 @@ pub fn svg(s: &Suite) -> String {
     o
 }
 
+/// How the ping-pong threads of [`switch_cost`] are watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Watch {
+    None,
+    Perf(crate::host::perf::PerfMode),
+    /// The BPF program attached; `watched: false`: the threads are not in
+    /// its map (the cost every other context switch on the host pays).
+    Bpf {
+        watched: bool,
+    },
+}
+
 /// (b) What tracking adds to each context switch of a watched thread: two
 /// threads pinned to one CPU ping-pong a byte `rounds` times over Unix
-/// sockets (2 switches per round), both watched in `mode` (`None`: not
-/// watched) with a drainer thread as the monitor. Nanoseconds per switch.
-pub fn switch_cost(mode: Option<crate::host::perf::PerfMode>, rounds: u32) -> Result<f64, String> {
+/// sockets (2 switches per round), both watched as `watch` says with a
+/// drainer thread as the monitor. Nanoseconds per switch.
+pub fn switch_cost(watch: Watch, rounds: u32) -> Result<f64, String> {
+    let mode = match watch {
+        Watch::Perf(m) => Some(m),
+        _ => None,
+    };
+    let bpf = match watch {
+        Watch::Bpf { .. } => Some(Arc::new(crate::host::bpf::SchedBpf::load()?)),
+        _ => None,
+    };
+    let bpf_watch = matches!(watch, Watch::Bpf { watched: true });
     use crate::host::perf::{PerfMode, SwitchRing};
     use std::io::Read;
     use std::os::unix::net::UnixStream;
@@ -570,14 +680,23 @@ pub fn switch_cost(mode: Option<crate::host::perf::PerfMode>, rounds: u32) -> Re
         threads::spawn(ThreadKind::BenchHog, name.into(), quiet.clone(), f)
             .map_err(|e| e.to_string())
     };
-    let open = move |tx: &mpsc::Sender<SwitchRing>| {
-        let _ = cpu::pin(crate::host::perf::gettid(), 0);
-        if let Some(m) = mode {
-            if let Ok(r) = SwitchRing::open_current_thread(m) {
-                let _ = tx.send(r);
+    let make_open = |bpf_open: Option<Arc<crate::host::bpf::SchedBpf>>| {
+        move |tx: &mpsc::Sender<SwitchRing>| {
+            let _ = cpu::pin(crate::host::perf::gettid(), 0);
+            if let (Some(b), true) = (&bpf_open, bpf_watch) {
+                let _ = b.watch(
+                    crate::host::perf::gettid() as u32,
+                    crate::host::bpf::Role::Vcpu,
+                );
+            }
+            if let Some(m) = mode {
+                if let Ok(r) = SwitchRing::open_current_thread(m) {
+                    let _ = tx.send(r);
+                }
             }
         }
     };
+    let (open, open_here) = (make_open(bpf.clone()), make_open(bpf.clone()));
     let (tx1, tx2) = (ring_tx.clone(), ring_tx);
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
     let ready2 = ready_tx.clone();
@@ -596,13 +715,30 @@ pub fn switch_cost(mode: Option<crate::host::perf::PerfMode>, rounds: u32) -> Re
         }),
     )?;
     let st = stop.clone();
+    let bpf_drain = bpf.clone();
     let drainer = spawn(
         "bench-drain",
         Box::new(move || {
             let mut rings: Vec<SwitchRing> = Vec::new();
             let ep = Epoll::new().ok();
             let mut evs = vec![EpollEvent::default(); 4];
+            if let (Some(b), Some(ep)) = (&bpf_drain, &ep) {
+                let _ = b.watch(
+                    crate::host::perf::gettid() as u32,
+                    crate::host::bpf::Role::Watcher,
+                );
+                let _ = ep.ctl(
+                    ControlOperation::Add,
+                    b.fd(),
+                    EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, 0),
+                );
+            }
             while !st.load(Ordering::Relaxed) {
+                if let (Some(b), Some(ep)) = (&bpf_drain, &ep) {
+                    let _ = ep.wait(10, &mut evs);
+                    b.drain(|_| {});
+                    continue;
+                }
                 while let Ok(r) = ring_rx.try_recv() {
                     if let (Some(ep), PerfMode::WakeOnSwitchOut) = (&ep, r.mode) {
                         let _ = ep.ctl(
@@ -625,7 +761,7 @@ pub fn switch_cost(mode: Option<crate::host::perf::PerfMode>, rounds: u32) -> Re
             }
         }),
     )?;
-    open(&tx2);
+    open_here(&tx2);
     let _ = ready_rx.recv_timeout(Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(20));
     let (mut tx, mut rx) = (a1, b2);

@@ -374,8 +374,11 @@ impl Vm {
                 .map_err(VmError::NoBackend)?;
         }
         let events = Arc::new(EventLoop::new().map_err(|e| VmError::Os("event loop", e))?);
-        let mechanism = crate::xen::sched::Mechanism::choose(cfg.sched.as_deref());
+        let (mechanism, bpf) = crate::xen::sched::Mechanism::start(cfg.sched.as_deref());
         tracing::info!(mechanism = mechanism.name(), %mechanism, "host schedule tracking");
+        if let Some(b) = bpf {
+            machine.xen.set_sched_bpf(b);
+        }
         machine.xen.set_sched_mechanism(mechanism);
         Ok(Vm {
             machine,
@@ -457,13 +460,23 @@ impl Vm {
             Ok(h) => threads.push(h),
             Err(e) => return GuestExit::Error(format!("cannot start the event loop: {e}")),
         }
-        if let Some(crate::xen::sched::Mechanism::Perf(mode)) = machine.xen.sched_mechanism() {
-            let (m, mode) = (machine.clone(), *mode);
+        let monitor: Option<Box<dyn FnOnce() + Send>> = match machine.xen.sched_mechanism() {
+            Some(crate::xen::sched::Mechanism::Perf(mode)) => {
+                let (m, mode) = (machine.clone(), *mode);
+                Some(Box::new(move || sched_monitor::run(m, mode)))
+            }
+            Some(crate::xen::sched::Mechanism::Bpf) => {
+                let m = machine.clone();
+                Some(Box::new(move || sched_monitor::run_bpf(m)))
+            }
+            _ => None,
+        };
+        if let Some(body) = monitor {
             match threads::spawn(
                 ThreadKind::SchedMonitor,
                 "vcpu-sched".into(),
                 on_panic.clone(),
-                move || sched_monitor::run(m, mode),
+                body,
             ) {
                 Ok(h) => threads.push(h),
                 Err(e) => {

@@ -1,4 +1,6 @@
-//! The scheduler monitor thread (`vcpu-sched`): waits on the vCPU threads'
+//! The scheduler monitor thread (`vcpu-sched`). With BPF ([`run_bpf`]) it
+//! waits on the program's one ring buffer, woken only at a preempt-out of a
+//! vCPU thread. With perf ([`run`]) it waits on the vCPU threads'
 //! perf rings and applies their context-switch records
 //! ([`crate::xen::sched`]): a preempted vCPU is published runnable and
 //! kicked, so that it republishes running before it next enters the guest.
@@ -18,6 +20,11 @@ use crate::vmm::machine::Machine;
 use crate::xen::sched::MonitorView;
 
 const CTL: u64 = u64::MAX;
+
+/// The watch thread's SCHED_FIFO priority (when permitted): above a vCPU
+/// thread someone made SCHED_FIFO 1 (`xenkvm bench sched --watcher-fifo`
+/// does), so that it never queues behind the vCPUs it reports on.
+pub const MONITOR_FIFO: i32 = 2;
 
 /// The thread body.
 pub fn run(m: Arc<Machine>, mode: PerfMode) {
@@ -39,8 +46,8 @@ pub fn run(m: Arc<Machine>, mode: PerfMode) {
     // Woken at a switch-out, the monitor must run at once, not at the next
     // tick: with every CPU busy a SCHED_OTHER waker often waits a slice.
     // It runs for microseconds per wake-up and never spins.
-    match crate::host::cpu::set_fifo(1) {
-        Ok(()) => tracing::debug!("scheduler monitor runs SCHED_FIFO 1"),
+    match crate::host::cpu::set_fifo(MONITOR_FIFO) {
+        Ok(()) => tracing::debug!("scheduler monitor runs SCHED_FIFO {MONITOR_FIFO}"),
         Err(e) => {
             tracing::info!(%e, "scheduler monitor stays SCHED_OTHER (runnable shows later under load)")
         }
@@ -134,4 +141,88 @@ pub fn run(m: Arc<Machine>, mode: PerfMode) {
         }
         halted_all = !ready.is_empty() && halted == ready.len();
     }
+}
+
+const RING: u64 = u64::MAX - 1;
+
+/// The thread body with the BPF mechanism: one ring for all vCPUs, readable
+/// only at a preempt-out of a vCPU thread that did not hand its CPU to this
+/// thread (the program checks `next` against the watcher's id), or when a
+/// quarter of the ring waits. Other events (switch-ins, halts, wake-ups) are
+/// read at the next wake-up or by the vCPU thread before its next
+/// transition.
+pub fn run_bpf(m: Arc<Machine>) {
+    let Some(bpf) = m.xen.sched_bpf().cloned() else {
+        tracing::warn!("scheduler monitor: no BPF program loaded");
+        return;
+    };
+    let ep = match Epoll::new() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(%e, "scheduler monitor: no epoll; runnable is not shown promptly");
+            return;
+        }
+    };
+    for (fd, data, set) in [
+        (m.xen.sched_event_fd(), CTL, EventSet::IN),
+        // Edge-triggered: readiness only when the program wakes us, not
+        // whenever an unread (no-wake-up) event sits in the ring.
+        (bpf.fd(), RING, EventSet::IN | EventSet::EDGE_TRIGGERED),
+    ] {
+        if let Err(e) = ep.ctl(ControlOperation::Add, fd, EpollEvent::new(set, data)) {
+            tracing::warn!(%e, "scheduler monitor: cannot watch its fds");
+            return;
+        }
+    }
+    let me = perf::gettid() as u32;
+    if let Err(e) = bpf.watch(me, crate::host::bpf::Role::Watcher) {
+        tracing::info!(%e, "scheduler monitor: its own preemptions of vCPUs will wake it");
+    }
+    match crate::host::cpu::set_fifo(MONITOR_FIFO) {
+        Ok(()) => tracing::debug!("scheduler monitor runs SCHED_FIFO {MONITOR_FIFO}"),
+        Err(e) => {
+            tracing::info!(%e, "scheduler monitor stays SCHED_OTHER (runnable shows later under load)")
+        }
+    }
+    let view = MonitorView { switch_ins: &[] };
+    let mut events = vec![EpollEvent::default(); 4];
+    let mut timeout = -1;
+    loop {
+        let n = match ep.wait(timeout, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!(%e, "scheduler monitor: epoll_wait failed");
+                break;
+            }
+        };
+        for ev in &events[..n] {
+            if ev.data() == CTL {
+                m.xen.sched_event_read();
+            }
+        }
+        if m.stopping() {
+            break;
+        }
+        // Another reader holds the ring for microseconds unless it was
+        // preempted meanwhile: retry briefly, then look again in 1 ms.
+        let mut pumped = m.xen.bpf_pump();
+        for _ in 0..100 {
+            if pumped.1 {
+                break;
+            }
+            std::hint::spin_loop();
+            pumped = m.xen.bpf_pump();
+        }
+        timeout = if pumped.1 { -1 } else { 1 };
+        for v in pumped.0 {
+            let o = m.xen.sched_poll(v, view);
+            if o.kick {
+                if let Some(h) = m.vcpus.get(v as usize) {
+                    h.kicker().kick();
+                }
+            }
+        }
+    }
+    bpf.unwatch(me);
 }

@@ -947,7 +947,7 @@ impl XenPlatform {
             return;
         };
         let mut r = m.lock();
-        let tracked = r.host.ring.is_some();
+        let tracked = r.host.tracked();
         if tracked {
             self.sched_apply(vcpu, &mut r, None);
         }

@@ -1,5 +1,6 @@
 //! Runstate from the host scheduler (issue 16): each vCPU thread's
-//! context-switch records ([`crate::host::perf`]) are applied to its
+//! context switches (a BPF program's events, [`crate::host::bpf`], or perf
+//! context-switch records, [`crate::host::perf`]) are applied to its
 //! accounting ([`runstate::HostSched`]) and published, so that the other
 //! vCPUs see `RUNSTATE_runnable` while a vCPU thread is preempted, and a
 //! vCPU halted in the in-kernel irqchip accumulates blocked.
@@ -17,12 +18,15 @@
 //! `running` (from its switch-in record) before its next entry, as KVM's
 //! `kvm_xen_runstate_set_running()` does before VM entry.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 
 use runstate::{Applied, HostSched, SchedStats, State, Switch};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::host::bpf::{self, Role, SchedBpf};
 use crate::host::perf::{self, PerfMode, Record, SwitchKind, SwitchRing};
 
 use super::{VcpuRunstate, Xen, XenPlatform};
@@ -30,6 +34,9 @@ use super::{VcpuRunstate, Xen, XenPlatform};
 /// How the VMM learns of host context switches of vCPU threads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mechanism {
+    /// The BPF program on `sched_switch`/`sched_wakeup` (root and kernel
+    /// BTF): woken only for preemptions, Xen-exact split after wake-ups.
+    Bpf,
     Perf(PerfMode),
     /// Neither perf nor BPF is permitted: `run_delay` sampled by each vCPU
     /// every 10 ms (steal time afterwards, no prompt `runnable`).
@@ -41,6 +48,9 @@ pub enum Mechanism {
 impl std::fmt::Display for Mechanism {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Mechanism::Bpf => f.write_str(
+                "BPF on sched_switch/sched_wakeup (aya), woken at each preempt-out of a vCPU thread",
+            ),
             Mechanism::Perf(m) => write!(f, "{m}"),
             Mechanism::Sampling { why } => {
                 write!(f, "run_delay sampled every 10 ms ({why})")
@@ -53,41 +63,90 @@ impl Mechanism {
     /// Short name for tables and JSON.
     pub fn name(&self) -> &'static str {
         match self {
+            Mechanism::Bpf => "bpf",
             Mechanism::Perf(PerfMode::WakeOnSwitchOut) => "perf",
             Mechanism::Perf(PerfMode::Batched) => "perf-batched",
             Mechanism::Sampling { .. } => "sampling",
         }
     }
 
-    /// The mechanism `want` names (`perf`, `perf-batched`, `sampling`, or
-    /// `best`: the best this process may use, tried on the calling thread).
-    /// `XENKVM_SCHED` in the environment is used when `want` is `None`; with
-    /// neither, `sampling` ([`DEFAULT_WHY`]).
+    /// The mechanism `want` names (`bpf`, `perf`, `perf-batched`,
+    /// `sampling` (or `sample`), or `best`: the best this process may use,
+    /// tried on the calling thread). `XENKVM_SCHED` in the environment is
+    /// used when `want` is `None`; with neither, `sampling`
+    /// ([`DEFAULT_WHY`]). A mechanism the host refuses falls back to the
+    /// next one (BPF > perf > perf-batched > sampling), saying why.
     pub fn choose(want: Option<&str>) -> Mechanism {
+        Mechanism::start(want).0
+    }
+
+    /// [`Mechanism::choose`], keeping the loaded BPF program for the VM.
+    pub fn start(want: Option<&str>) -> (Mechanism, Option<Arc<SchedBpf>>) {
         let env = std::env::var("XENKVM_SCHED").ok();
         let want = want.or(env.as_deref());
-        let open = |m| SwitchRing::open_current_thread(m).map(|r| Mechanism::Perf(r.mode));
-        let r = match want {
-            Some("sampling") => {
-                return Mechanism::Sampling {
-                    why: "asked for".into(),
-                }
-            }
-            Some("perf") => open(PerfMode::WakeOnSwitchOut),
-            Some("perf-batched") => open(PerfMode::Batched),
-            Some("best") => SwitchRing::open_best().map(|r| Mechanism::Perf(r.mode)),
-            other => {
-                if let Some(o) = other {
-                    tracing::warn!(XENKVM_SCHED = o, "unknown schedule-tracking mechanism (perf, perf-batched, sampling, best): sampling");
-                }
-                return Mechanism::Sampling {
-                    why: DEFAULT_WHY.into(),
-                };
+        let (m, b) = Mechanism::choose_with(
+            want,
+            || SchedBpf::load().map(Arc::new),
+            |m| SwitchRing::open_current_thread(m).map(|r| r.mode),
+        );
+        (m, b)
+    }
+
+    /// The choice, with the loaders passed in (tests refuse them).
+    pub fn choose_with<B>(
+        want: Option<&str>,
+        load_bpf: impl FnOnce() -> Result<B, String>,
+        open_perf: impl Fn(PerfMode) -> std::io::Result<PerfMode>,
+    ) -> (Mechanism, Option<B>) {
+        let perf_best = |why_not_bpf: Option<String>| {
+            let r = open_perf(PerfMode::WakeOnSwitchOut).or_else(|_| open_perf(PerfMode::Batched));
+            match (r, why_not_bpf) {
+                (Ok(m), _) => Mechanism::Perf(m),
+                (Err(e), Some(b)) => Mechanism::Sampling {
+                    why: format!("BPF refused ({b}); perf_event_open refused: {e}"),
+                },
+                (Err(e), None) => Mechanism::Sampling {
+                    why: format!("perf_event_open refused: {e}"),
+                },
             }
         };
-        r.unwrap_or_else(|e| Mechanism::Sampling {
-            why: format!("perf_event_open refused: {e}"),
-        })
+        let sampling = |why: &str| Mechanism::Sampling { why: why.into() };
+        match want {
+            Some("sampling" | "sample") => (sampling("asked for"), None),
+            Some("bpf" | "best") => match load_bpf() {
+                Ok(b) => (Mechanism::Bpf, Some(b)),
+                Err(e) => {
+                    if want == Some("bpf") {
+                        tracing::warn!(why = %e, "BPF schedule tracking refused: falling back");
+                    } else {
+                        tracing::info!(why = %e, "BPF schedule tracking refused: falling back");
+                    }
+                    (perf_best(Some(e)), None)
+                }
+            },
+            Some("perf") => (
+                open_perf(PerfMode::WakeOnSwitchOut)
+                    .map(Mechanism::Perf)
+                    .unwrap_or_else(|e| Mechanism::Sampling {
+                        why: format!("perf_event_open refused: {e}"),
+                    }),
+                None,
+            ),
+            Some("perf-batched") => (
+                open_perf(PerfMode::Batched)
+                    .map(Mechanism::Perf)
+                    .unwrap_or_else(|e| Mechanism::Sampling {
+                        why: format!("perf_event_open refused: {e}"),
+                    }),
+                None,
+            ),
+            other => {
+                if let Some(o) = other {
+                    tracing::warn!(XENKVM_SCHED = o, "unknown schedule-tracking mechanism (bpf, perf, perf-batched, sampling, best): sampling");
+                }
+                (sampling(DEFAULT_WHY), None)
+            }
+        }
     }
 }
 
@@ -96,9 +155,10 @@ impl Mechanism {
 /// code every exit makes the guest refill its page mappings. Measured here:
 /// a Linux boot's ftrace check ran about 2.5 times longer with `perf`
 /// (still running at 310 s of guest time) than with `sampling` (done by
-/// 180 s). Opt in with `XENKVM_SCHED=perf` (or `best`, `perf-batched`).
+/// 180 s); `xenkvm demo` ran 10-20 % longer with `bpf` (README, Runstate).
+/// Opt in with `XENKVM_SCHED=best` (or `bpf`, `perf`, `perf-batched`).
 pub const DEFAULT_WHY: &str =
-    "the default: perf tracking costs an exit per shown preemption (XENKVM_SCHED=perf or best turns it on)";
+    "the default: tracking costs an exit per shown preemption (XENKVM_SCHED=best, bpf or perf turns it on)";
 
 /// A vCPU's preempted switch-out this close (ns) to a switch-in of the
 /// monitor on the same CPU is the same context switch: the monitor's own
@@ -107,9 +167,28 @@ const SELF_WINDOW_NS: u64 = 5_000;
 /// Preemption samples kept per vCPU (for the benchmark).
 const LOG_MAX: usize = 1 << 16;
 
+/// One host event of a vCPU thread, from either source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rec {
+    Sw {
+        sw: Switch,
+        /// CLOCK_MONOTONIC ns.
+        t: u64,
+        cpu: u32,
+        /// BPF: preempted by the watch thread itself.
+        by_watcher: bool,
+    },
+    /// Events lost (ring full).
+    Lost(u64),
+}
+
 /// Per-vCPU flags the monitor and the vCPU thread share without the lock.
 #[derive(Default)]
 struct Slot {
+    /// BPF: the vCPU thread's id, and its events read from the shared ring
+    /// but not applied yet.
+    tid: AtomicU32,
+    queue: Mutex<Vec<Rec>>,
     needs_running: AtomicBool,
     /// The monitor could not take the lock: the holder applies the records.
     pending: AtomicBool,
@@ -123,6 +202,13 @@ pub struct SchedShared {
     /// Written when a vCPU attaches its ring or the VM stops.
     event: EventFd,
     mechanism: OnceLock<Mechanism>,
+    bpf: OnceLock<Arc<SchedBpf>>,
+    /// The BPF program's lost counter as last seen.
+    bpf_lost_seen: AtomicU64,
+    /// Malformed BPF ring records (never expected).
+    bpf_bad: AtomicU64,
+    /// Times a reader found the BPF ring taken by another reader.
+    bpf_busy: AtomicU64,
 }
 
 impl SchedShared {
@@ -131,6 +217,10 @@ impl SchedShared {
             slots: (0..vcpus).map(|_| Slot::default()).collect(),
             event: EventFd::new(libc::EFD_NONBLOCK)?,
             mechanism: OnceLock::new(),
+            bpf: OnceLock::new(),
+            bpf_lost_seen: AtomicU64::new(0),
+            bpf_bad: AtomicU64::new(0),
+            bpf_busy: AtomicU64::new(0),
         })
     }
 }
@@ -151,6 +241,8 @@ pub struct Preemption {
 #[derive(Default)]
 pub(super) struct HostTrack {
     pub(super) ring: Option<SwitchRing>,
+    /// Watched by the BPF program (its events come through `Slot::queue`).
+    pub(super) bpf: bool,
     pub(super) merge: HostSched,
     /// The open preemption: switch-out time (monotonic) and when runnable
     /// was published (monotonic), if it was.
@@ -158,7 +250,14 @@ pub(super) struct HostTrack {
     log: Vec<Preemption>,
     /// Runnable published after the vCPU had already switched in.
     late: u64,
-    buf: Vec<Record>,
+    buf: Vec<Rec>,
+}
+
+impl HostTrack {
+    /// The host's context switches of this vCPU are tracked.
+    pub(super) fn tracked(&self) -> bool {
+        self.ring.is_some() || self.bpf
+    }
 }
 
 /// What the monitor should do after a poll.
@@ -205,7 +304,7 @@ impl XenPlatform {
     ) -> PollOutcome {
         let mut out = PollOutcome::default();
         for round in 0..2 {
-            let shown = self.sched_drain_once(r, monitor);
+            let shown = self.sched_drain_once(vcpu, r, monitor);
             if round == 0 && shown {
                 if let Some(s) = self.sched.slots.get(vcpu as usize) {
                     s.needs_running.store(true, Ordering::Release);
@@ -221,19 +320,101 @@ impl XenPlatform {
         out
     }
 
-    /// One pass over the ring; true if it published runnable.
-    fn sched_drain_once(&self, r: &mut VcpuRunstate, monitor: Option<MonitorView<'_>>) -> bool {
+    /// Reads the shared BPF ring into each vCPU's queue (whoever calls; the
+    /// ring has its own lock). A grown lost counter is reported to every
+    /// vCPU (each falls back until its thread resynchronises); only the
+    /// watch thread reads it (`check_lost`: a map lookup is a system call,
+    /// kept off the vCPU threads' path).
+    /// False if another thread was reading the ring.
+    pub(super) fn bpf_pump(&self, check_lost: bool) -> bool {
+        let Some(b) = self.sched.bpf.get() else {
+            return true;
+        };
+        let slots = &self.sched.slots;
+        let push = |e: bpf::Event| {
+            let Some(s) = slots
+                .iter()
+                .find(|s| s.tid.load(Ordering::Relaxed) == e.tid)
+            else {
+                return;
+            };
+            let sw = match e.kind {
+                bpf::Kind::In => Switch::In,
+                bpf::Kind::Preempted => Switch::OutPreempted,
+                bpf::Kind::Blocked => Switch::OutVoluntary,
+                bpf::Kind::Woken => Switch::Woken,
+            };
+            s.queue.lock().push(Rec::Sw {
+                sw,
+                t: e.time_ns,
+                cpu: e.cpu,
+                by_watcher: e.by_watcher,
+            });
+        };
+        // Never wait for the ring: its reader may be a vCPU thread that was
+        // preempted while reading it (and a vCPU thread must not wait for
+        // another one). The reader distributes what it reads.
+        let Some(bad) = b.try_drain(push) else {
+            self.sched.bpf_busy.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        if bad > 0 {
+            self.sched.bpf_bad.fetch_add(bad, Ordering::Relaxed);
+        }
+        if !check_lost {
+            return true;
+        }
+        let lost = b.lost();
+        let seen = self.sched.bpf_lost_seen.swap(lost, Ordering::AcqRel);
+        if lost > seen {
+            for s in slots.iter().filter(|s| s.tid.load(Ordering::Relaxed) != 0) {
+                s.queue.lock().push(Rec::Lost(lost - seen));
+            }
+        }
+        true
+    }
+
+    /// One pass over the vCPU's events; true if it published runnable.
+    fn sched_drain_once(
+        &self,
+        vcpu: u32,
+        r: &mut VcpuRunstate,
+        monitor: Option<MonitorView<'_>>,
+    ) -> bool {
         let VcpuRunstate {
             acct,
             area: _,
             host,
         } = r;
-        let Some(ring) = host.ring.as_mut() else {
-            return false;
-        };
         host.buf.clear();
-        let buf = &mut host.buf;
-        ring.drain(|x| buf.push(x));
+        if let Some(ring) = host.ring.as_mut() {
+            let buf = &mut host.buf;
+            ring.drain(|x| {
+                buf.push(match x {
+                    Record::Lost(n) => Rec::Lost(n),
+                    Record::Switch { kind, time_ns, cpu } => Rec::Sw {
+                        sw: match kind {
+                            SwitchKind::In => Switch::In,
+                            SwitchKind::OutPreempted => Switch::OutPreempted,
+                            SwitchKind::OutVoluntary => Switch::OutVoluntary,
+                        },
+                        t: time_ns,
+                        cpu,
+                        by_watcher: false,
+                    },
+                })
+            });
+        } else if host.bpf {
+            if monitor.is_none() {
+                // The vCPU thread: bring the shared ring up to date first.
+                let _ = self.bpf_pump(false);
+            }
+            if let Some(s) = self.sched.slots.get(vcpu as usize) {
+                host.buf.append(&mut s.queue.lock());
+            }
+        } else {
+            return false;
+        }
         if host.buf.is_empty() {
             return false;
         }
@@ -250,26 +431,33 @@ impl XenPlatform {
         let mut show_runnable = false;
         let mut resumed_shown: Option<u64> = None;
         for i in 0..host.buf.len() {
-            let (kind, t, cpu) = match host.buf[i] {
-                Record::Lost(n) => {
+            let (sw, t, cpu, by_watcher) = match host.buf[i] {
+                Rec::Lost(n) => {
                     host.merge.stats.lost += n;
                     continue;
                 }
-                Record::Switch { kind, time_ns, cpu } => (kind, time_ns, cpu),
-            };
-            let sw = match kind {
-                SwitchKind::In => Switch::In,
-                SwitchKind::OutPreempted => Switch::OutPreempted,
-                SwitchKind::OutVoluntary => Switch::OutVoluntary,
+                Rec::Sw {
+                    sw,
+                    t,
+                    cpu,
+                    by_watcher,
+                } => (sw, t, cpu, by_watcher),
             };
             let applied = host.merge.apply(acct, sw, to_sys(t));
             match applied {
+                Applied::Woken => {
+                    // Waiting for a CPU after a halt: accounted, not shown
+                    // (its switch-in follows; no kick).
+                    show_runnable = false;
+                    changed = true;
+                }
                 Applied::Preempted => {
-                    let selfish = monitor.is_some_and(|m| {
-                        m.switch_ins
-                            .iter()
-                            .any(|&(c, ti)| c == cpu && ti.abs_diff(t) < SELF_WINDOW_NS)
-                    });
+                    let selfish = by_watcher
+                        || monitor.is_some_and(|m| {
+                            m.switch_ins
+                                .iter()
+                                .any(|&(c, ti)| c == cpu && ti.abs_diff(t) < SELF_WINDOW_NS)
+                        });
                     if selfish {
                         host.merge.stats.self_inflicted += 1;
                     }
@@ -357,6 +545,73 @@ impl Xen {
         let _ = self.platform.sched.event.write(1);
     }
 
+    /// Keeps the loaded BPF program for this VM (set once at start).
+    pub fn set_sched_bpf(&self, b: Arc<SchedBpf>) {
+        let _ = self.platform.sched.bpf.set(b);
+    }
+
+    /// The loaded BPF program, when the mechanism is BPF.
+    pub fn sched_bpf(&self) -> Option<&Arc<SchedBpf>> {
+        self.platform.sched.bpf.get()
+    }
+
+    /// The vCPU thread `tid` starts being watched by the BPF program.
+    pub fn attach_bpf(&self, vcpu: u32, tid: u32) -> Result<(), String> {
+        let (Some(m), Some(s), Some(b)) = (
+            self.platform.runstates.get(vcpu as usize),
+            self.platform.sched.slots.get(vcpu as usize),
+            self.platform.sched.bpf.get(),
+        ) else {
+            return Err("no BPF program loaded".into());
+        };
+        s.tid.store(tid, Ordering::Release);
+        b.watch(tid, Role::Vcpu)?;
+        m.lock().host.bpf = true;
+        s.attached.store(true, Ordering::Release);
+        let _ = self.platform.sched.event.write(1);
+        Ok(())
+    }
+
+    /// The vCPU thread is about to exit: stop watching it.
+    pub fn detach_bpf(&self, vcpu: u32) {
+        if let (Some(s), Some(b)) = (
+            self.platform.sched.slots.get(vcpu as usize),
+            self.platform.sched.bpf.get(),
+        ) {
+            let tid = s.tid.swap(0, Ordering::AcqRel);
+            if tid != 0 {
+                b.unwatch(tid);
+            }
+        }
+    }
+
+    /// The monitor (BPF): reads the shared ring into the vCPUs' queues;
+    /// returns the vCPUs with events waiting, and false if another thread
+    /// was reading the ring (try again soon).
+    pub fn bpf_pump(&self) -> (Vec<u32>, bool) {
+        let pumped = self.platform.bpf_pump(true);
+        let ready = self
+            .platform
+            .sched
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.queue.lock().is_empty())
+            .map(|(i, _)| i as u32)
+            .collect();
+        (ready, pumped)
+    }
+
+    /// Malformed BPF records seen (never expected; counted, skipped).
+    pub fn bpf_bad_records(&self) -> u64 {
+        self.platform.sched.bpf_bad.load(Ordering::Relaxed)
+    }
+
+    /// Times a reader found the shared BPF ring taken by another reader.
+    pub fn bpf_ring_busy(&self) -> u64 {
+        self.platform.sched.bpf_busy.load(Ordering::Relaxed)
+    }
+
     /// The monitor's control eventfd (a vCPU attached, or the VM stops).
     pub fn sched_event_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
@@ -431,5 +686,51 @@ impl Xen {
             late: r.host.late,
             preemptions: r.host.log.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused<T>() -> Result<T, String> {
+        Err("Operation not permitted (os error 1)".into())
+    }
+
+    #[test]
+    fn choose_best_bpf_refused_falls_back_to_perf() {
+        let (m, b) = Mechanism::choose_with(Some("best"), refused::<()>, Ok);
+        assert_eq!(m, Mechanism::Perf(PerfMode::WakeOnSwitchOut));
+        assert!(b.is_none());
+        // An explicit `bpf` that is refused also gives a working VM.
+        let (m, _) = Mechanism::choose_with(Some("bpf"), refused::<()>, |m| match m {
+            PerfMode::WakeOnSwitchOut => Err(std::io::Error::from_raw_os_error(libc::EACCES)),
+            PerfMode::Batched => Ok(m),
+        });
+        assert_eq!(m, Mechanism::Perf(PerfMode::Batched));
+    }
+
+    #[test]
+    fn choose_everything_refused_samples_and_says_why() {
+        let (m, _) = Mechanism::choose_with(Some("best"), refused::<()>, |_| {
+            Err(std::io::Error::from_raw_os_error(libc::EACCES))
+        });
+        match m {
+            Mechanism::Sampling { why } => {
+                assert!(why.contains("BPF refused"), "{why}");
+                assert!(why.contains("perf_event_open refused"), "{why}");
+            }
+            other => panic!("expected sampling, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn choose_bpf_loaded_is_kept_and_named() {
+        let (m, b) = Mechanism::choose_with(Some("best"), || Ok(7u8), Ok);
+        assert_eq!((m.name(), b), ("bpf", Some(7)));
+        let (m, b) = Mechanism::choose_with(Some("sample"), || Ok(7u8), Ok);
+        assert_eq!((m.name(), b), ("sampling", None));
+        let (m, _) = Mechanism::choose_with(None, || Ok(7u8), Ok);
+        assert_eq!(m.name(), "sampling");
     }
 }

@@ -1,0 +1,120 @@
+// SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
+/*
+ * xenkvm: host context switches of vCPU threads, for the Xen runstate area (issue 16).
+ *
+ * Rebuild with ./build.sh (clang, libbpf-dev); the compiled CO-RE object sched.bpf.o is
+ * checked in next to this file and embedded by the VMM (loaded with the `aya` crate), so
+ * the normal build needs no clang.
+ *
+ * `tids` holds the threads to watch: value 1 = a vCPU thread, 2 = the VMM's watch thread.
+ * For a vCPU thread the program emits one event per switch-in, switch-out (preempted:
+ * still runnable; blocked: went to sleep) and wake-up into the ring buffer `rb`. Only a
+ * preempted switch-out wakes the consumer (BPF_RB_FORCE_WAKEUP), and not when the CPU goes
+ * to the watch thread itself: that preemption ends as soon as the watch thread sleeps
+ * again, and waking it for it would feed a preemption loop. A failed reserve (ring full)
+ * is counted in `lost`. A quarter-full ring also wakes the consumer.
+ */
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <stdbool.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+/* CO-RE: only the field used; relocated against the running kernel's BTF. */
+struct task_struct {
+    int pid;
+} __attribute__((preserve_access_index));
+
+enum { EV_IN = 0, EV_PREEMPTED = 1, EV_BLOCKED = 2, EV_WOKEN = 3 };
+enum { WATCH_VCPU = 1, WATCH_SELF = 2 };
+/* ev.flags */
+#define EVF_BY_WATCHER 1u /* preempted by the watch thread itself */
+
+struct ev {
+    __u32 tid;
+    __u32 kind;
+    __u64 ts; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    __u32 cpu;
+    __u32 flags;
+};
+
+#define RB_BYTES (1 << 18)
+#define RB_WAKE_BYTES (RB_BYTES / 4)
+
+struct {
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, RB_BYTES);
+} rb SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 1024);
+    __type(key, __u32);
+    __type(value, __u32);
+} tids SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, __u64);
+} lost SEC(".maps");
+
+static __always_inline void emit(__u32 tid, __u32 kind, __u64 now, __u32 flags, int wake)
+{
+    struct ev *e = bpf_ringbuf_reserve(&rb, sizeof(*e), 0);
+    if (!e) {
+        __u32 k = 0;
+        __u64 *n = bpf_map_lookup_elem(&lost, &k);
+        if (n)
+            __sync_fetch_and_add(n, 1);
+        return;
+    }
+    e->tid = tid;
+    e->kind = kind;
+    e->ts = now;
+    e->cpu = bpf_get_smp_processor_id();
+    e->flags = flags;
+    /* Also wake the consumer once a quarter of the ring is waiting (halts and
+     * wake-ups alone would otherwise fill it while nothing is preempted). */
+    if (!wake && bpf_ringbuf_query(&rb, BPF_RB_AVAIL_DATA) >= RB_WAKE_BYTES)
+        wake = 1;
+    bpf_ringbuf_submit(e, wake ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+}
+
+SEC("tp_btf/sched_switch")
+int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
+             unsigned int prev_state)
+{
+    __u32 ptid = prev->pid, ntid = next->pid;
+    __u64 now = 0;
+    __u32 *pv = bpf_map_lookup_elem(&tids, &ptid);
+    __u32 *nv = bpf_map_lookup_elem(&tids, &ntid);
+    if (pv && *pv == WATCH_VCPU) {
+        now = bpf_ktime_get_ns();
+        if (preempt || prev_state == 0) {
+            int by_watcher = nv && *nv == WATCH_SELF;
+            emit(ptid, EV_PREEMPTED, now, by_watcher ? EVF_BY_WATCHER : 0, !by_watcher);
+        } else {
+            emit(ptid, EV_BLOCKED, now, 0, 0);
+        }
+    }
+    if (nv && *nv == WATCH_VCPU) {
+        if (!now)
+            now = bpf_ktime_get_ns();
+        emit(ntid, EV_IN, now, 0, 0);
+    }
+    return 0;
+}
+
+SEC("tp_btf/sched_wakeup")
+int BPF_PROG(on_wakeup, struct task_struct *p)
+{
+    __u32 tid = p->pid;
+    __u32 *v = bpf_map_lookup_elem(&tids, &tid);
+    if (v && *v == WATCH_VCPU)
+        emit(tid, EV_WOKEN, bpf_ktime_get_ns(), 0, 0);
+    return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";

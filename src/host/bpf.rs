@@ -1,0 +1,285 @@
+//! Host context switches and wake-ups of vCPU threads from a BPF program
+//! (`runstate/bpf/sched.bpf.c`, compiled CO-RE object checked in beside it
+//! and embedded here), loaded with the pure-Rust `aya` crate: no clang or
+//! libbpf at build or run time.
+//!
+//! The program runs on `tp_btf/sched_switch` and `tp_btf/sched_wakeup`,
+//! filters on a hash map of watched thread ids, and writes one 24-byte event
+//! per switch-in, switch-out and wake-up of a vCPU thread into a BPF ring
+//! buffer. The ring's fd becomes readable only for a preempted switch-out
+//! that did not hand the CPU to the watch thread itself (no feedback loop);
+//! every other event waits in the ring for the next reader. Needs CAP_BPF +
+//! CAP_PERFMON (or root) and kernel BTF (`/sys/kernel/btf/vmlinux`).
+
+use std::os::fd::{AsRawFd, RawFd};
+
+use aya::maps::{Array, HashMap, MapData, RingBuf};
+use aya::programs::BtfTracePoint;
+use aya::{Btf, Ebpf, EbpfLoader};
+use parking_lot::Mutex;
+
+#[repr(C, align(8))]
+struct Aligned<T: ?Sized>(T);
+
+/// The compiled program (`runstate/bpf/build.sh` rebuilds it).
+static OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!("../../runstate/bpf/sched.bpf.o"));
+
+/// Where the kernel's BTF lives (CO-RE relocations need it).
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// What a watched thread is to the program (values of its `tids` map).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A vCPU thread: its switches and wake-ups are reported.
+    Vcpu = 1,
+    /// The watch thread: a vCPU preempted in its favour does not wake it.
+    Watcher = 2,
+}
+
+/// One event of a vCPU thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    In,
+    /// Switched out still runnable (preempted, `sched_yield`).
+    Preempted,
+    /// Switched out to sleep.
+    Blocked,
+    /// Woken (made runnable) while asleep.
+    Woken,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub tid: u32,
+    pub kind: Kind,
+    /// CLOCK_MONOTONIC ns (`bpf_ktime_get_ns`).
+    pub time_ns: u64,
+    pub cpu: u32,
+    /// A preemption by the watch thread itself (it did not wake anyone).
+    pub by_watcher: bool,
+}
+
+/// Decodes one ring record (`struct ev` of sched.bpf.c); `None` if malformed.
+pub fn decode(b: &[u8]) -> Option<Event> {
+    if b.len() < 24 {
+        return None;
+    }
+    let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    let mut t = [0u8; 8];
+    t.copy_from_slice(&b[8..16]);
+    let kind = match u32_at(4) {
+        0 => Kind::In,
+        1 => Kind::Preempted,
+        2 => Kind::Blocked,
+        3 => Kind::Woken,
+        _ => return None,
+    };
+    Some(Event {
+        tid: u32_at(0),
+        kind,
+        time_ns: u64::from_le_bytes(t),
+        cpu: u32_at(16),
+        by_watcher: u32_at(20) & 1 != 0,
+    })
+}
+
+/// The loaded, attached program and its maps.
+pub struct SchedBpf {
+    /// Owns the programs and their links (dropping it detaches them).
+    _ebpf: Ebpf,
+    tids: Mutex<HashMap<MapData, u32, u32>>,
+    ring: Mutex<RingBuf<MapData>>,
+    lost: Array<MapData, u64>,
+    fd: RawFd,
+}
+
+impl std::fmt::Debug for SchedBpf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchedBpf")
+            .field("ring_fd", &self.fd)
+            .finish()
+    }
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> String {
+    format!("{what}: {e}")
+}
+
+impl SchedBpf {
+    /// Loads and attaches the program; the error says why not (no BTF,
+    /// not permitted, verifier refusal).
+    pub fn load() -> Result<SchedBpf, String> {
+        if !std::path::Path::new(VMLINUX_BTF).exists() {
+            return Err(format!("no kernel BTF ({VMLINUX_BTF})"));
+        }
+        let btf = Btf::from_sys_fs().map_err(|e| err("kernel BTF", e))?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .load(&OBJECT.0)
+            .map_err(|e| err("BPF load", e))?;
+        for (prog, tp) in [("on_switch", "sched_switch"), ("on_wakeup", "sched_wakeup")] {
+            let p: &mut BtfTracePoint = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| format!("BPF object has no {prog}"))?
+                .try_into()
+                .map_err(|e| err(prog, e))?;
+            p.load(tp, &btf).map_err(|e| err(tp, e))?;
+            p.attach().map_err(|e| err(tp, e))?;
+        }
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| format!("BPF object has no map {name}"))
+        };
+        let tids = HashMap::try_from(take(&mut ebpf, "tids")?).map_err(|e| err("tids", e))?;
+        let ring = RingBuf::try_from(take(&mut ebpf, "rb")?).map_err(|e| err("rb", e))?;
+        let lost = Array::try_from(take(&mut ebpf, "lost")?).map_err(|e| err("lost", e))?;
+        let fd = ring.as_raw_fd();
+        Ok(SchedBpf {
+            _ebpf: ebpf,
+            tids: Mutex::new(tids),
+            ring: Mutex::new(ring),
+            lost,
+            fd,
+        })
+    }
+
+    /// Starts reporting thread `tid` as `role`.
+    pub fn watch(&self, tid: u32, role: Role) -> Result<(), String> {
+        self.tids
+            .lock()
+            .insert(tid, role as u32, 0)
+            .map_err(|e| err("tids insert", e))
+    }
+
+    /// Stops reporting thread `tid`.
+    pub fn unwatch(&self, tid: u32) {
+        let _ = self.tids.lock().remove(&tid);
+    }
+
+    /// The ring's fd: readable when a vCPU thread was preempted.
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Reads every event in the ring, oldest first (serialised: one reader
+    /// at a time, whoever calls). Returns how many were malformed.
+    pub fn drain(&self, mut f: impl FnMut(Event)) -> u64 {
+        let mut bad = 0;
+        let mut ring = self.ring.lock();
+        while let Some(item) = ring.next() {
+            match decode(&item) {
+                Some(e) => f(e),
+                None => bad += 1,
+            }
+        }
+        bad
+    }
+
+    /// Like [`SchedBpf::drain`], but returns `None` at once if another
+    /// thread is reading.
+    pub fn try_drain(&self, mut f: impl FnMut(Event)) -> Option<u64> {
+        let mut ring = self.ring.try_lock()?;
+        let mut bad = 0;
+        while let Some(item) = ring.next() {
+            match decode(&item) {
+                Some(e) => f(e),
+                None => bad += 1,
+            }
+        }
+        Some(bad)
+    }
+
+    /// Events the program could not write (ring full) since it was loaded.
+    pub fn lost(&self) -> u64 {
+        self.lost.get(&0, 0).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_ring_record_fields_and_unknown_kind_refused() {
+        let mut b = [0u8; 24];
+        b[0..4].copy_from_slice(&1234u32.to_le_bytes());
+        b[4..8].copy_from_slice(&1u32.to_le_bytes());
+        b[8..16].copy_from_slice(&99_000u64.to_le_bytes());
+        b[16..20].copy_from_slice(&1u32.to_le_bytes());
+        b[20..24].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(
+            decode(&b),
+            Some(Event {
+                tid: 1234,
+                kind: Kind::Preempted,
+                time_ns: 99_000,
+                cpu: 1,
+                by_watcher: true
+            })
+        );
+        b[4] = 7;
+        assert_eq!(decode(&b), None);
+        assert_eq!(decode(&b[..20]), None);
+    }
+
+    #[test]
+    fn bpf_watched_thread_beside_hog_reported_preempted_blocked_woken() {
+        let bpf = match SchedBpf::load() {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("skipping: BPF not available here ({e})");
+                return;
+            }
+        };
+        use std::time::{Duration, Instant};
+        // A spinner and a hog share CPU 0: the scheduler preempts the spinner
+        // (switched out still runnable); then it sleeps (blocked) and is woken.
+        let spin = |d: Duration| {
+            let end = Instant::now() + d;
+            while Instant::now() < end {
+                std::hint::spin_loop();
+            }
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let go = std::sync::Arc::new(std::sync::Barrier::new(3));
+        let (g1, g2) = (go.clone(), go.clone());
+        let h = std::thread::spawn(move || {
+            let tid = crate::host::perf::gettid();
+            let _ = crate::host::cpu::pin(tid, 0);
+            let _ = tx.send(tid as u32);
+            g1.wait();
+            spin(Duration::from_millis(150));
+            std::thread::sleep(Duration::from_millis(2));
+        });
+        let hog = std::thread::spawn(move || {
+            let _ = crate::host::cpu::pin(crate::host::perf::gettid(), 0);
+            g2.wait();
+            spin(Duration::from_millis(150));
+        });
+        let tid = rx.recv().unwrap();
+        bpf.watch(tid, Role::Vcpu).unwrap();
+        go.wait();
+        h.join().unwrap();
+        hog.join().unwrap();
+        let mut seen = Vec::new();
+        bpf.drain(|e| seen.push(e));
+        bpf.unwatch(tid);
+        let n = |k: Kind| seen.iter().filter(|e| e.kind == k).count();
+        assert!(seen.iter().all(|e| e.tid == tid), "{seen:?}");
+        assert!(
+            n(Kind::Preempted) > 0,
+            "no preemption beside the hog: {seen:?}"
+        );
+        assert!(
+            n(Kind::Blocked) > 0,
+            "no blocked switch-out for the sleep: {seen:?}"
+        );
+        assert!(n(Kind::Woken) > 0, "no wake-up: {seen:?}");
+        assert!(n(Kind::In) > 0, "{seen:?}");
+        assert!(
+            seen.windows(2).all(|w| w[0].time_ns <= w[1].time_ns),
+            "out of order: {seen:?}"
+        );
+        assert_eq!(bpf.lost(), 0);
+    }
+}
