@@ -541,7 +541,8 @@ static u64 pvclock_scale(u64 delta, u32 mul, int8_t shift)
 
 /* Xen system time in ns, read from vcpu_info[0].time with the version protocol.
  * Returns 0 if shared_info is not mapped or the record never held still. */
-static int xen_time(u64 *ns)
+/* Xen system time and the TSC reading it was computed from. */
+static int xen_time_tsc(u64 *ns, u64 *tsc_used)
 {
     if (!xen.shinfo)
         return 0;
@@ -557,9 +558,16 @@ static int xen_time(u64 *ns)
         if ((version & 1) || t->version != version)
             continue;
         *ns = system_time + pvclock_scale(tsc - tsc_timestamp, mul, shift);
+        *tsc_used = tsc;
         return 1;
     }
     return 0;
+}
+
+static int xen_time(u64 *ns)
+{
+    u64 tsc;
+    return xen_time_tsc(ns, &tsc);
 }
 
 /* A TSC deadline `ms` milliseconds away (3 GHz assumed if Xen told us no frequency). */
@@ -688,8 +696,10 @@ static int check_shared_info(void)
 
     volatile struct vcpu_time_info *t = &xen.shinfo->vcpu_info[0].time;
     u64 ns0, ns1, tsc0, tsc1;
-    tsc0 = rdtsc_ordered();
-    if (!xen_time(&ns0))
+    /* Each system time is compared with the TSC reading it was computed
+     * from: a host preemption between two separate readings is not an
+     * error of the clock. */
+    if (!xen_time_tsc(&ns0, &tsc0))
         return FAIL("vcpu_info[0].time.version never even and stable (0x%x)", t->version);
     u32 version = t->version, mul = t->tsc_to_system_mul;
     int shift = t->tsc_shift;
@@ -699,8 +709,7 @@ static int check_shared_info(void)
         return FAIL("CPUID 0x%x subleaf 0 ECX (TSC kHz) is 0", xen.base + 3);
     while (rdtsc_ordered() - tsc0 < (u64)xen.tsc_khz * 10) /* ~10 ms by the TSC */
         cpu_relax();
-    tsc1 = rdtsc_ordered();
-    if (!xen_time(&ns1))
+    if (!xen_time_tsc(&ns1, &tsc1))
         return FAIL("vcpu_info[0].time.version never even and stable (0x%x)", t->version);
     u64 pv_ns = ns1 - ns0, tsc_ns = (tsc1 - tsc0) * 1000000 / xen.tsc_khz;
     u64 diff = pv_ns > tsc_ns ? pv_ns - tsc_ns : tsc_ns - pv_ns;
