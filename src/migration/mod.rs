@@ -20,4 +20,5 @@
 //! actually holds.
 #![forbid(unsafe_code)]
 
+pub mod hvm_context;
 pub mod stream;

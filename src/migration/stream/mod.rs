@@ -26,7 +26,7 @@ pub mod libxl;
 pub mod xl;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::io::{self, Read, Write};
 
