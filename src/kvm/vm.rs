@@ -56,7 +56,7 @@ pub fn open_kvm() -> Result<Kvm, KvmVmError> {
 /// A created VM.
 pub struct KvmVm {
     kvm: Kvm,
-    vm: Arc<VmFd>,
+    pub(super) vm: Arc<VmFd>,
     slots: Arc<MemSlots>,
 }
 

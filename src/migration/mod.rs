@@ -20,5 +20,6 @@
 //! actually holds.
 #![forbid(unsafe_code)]
 
+pub mod convert;
 pub mod hvm_context;
 pub mod stream;
