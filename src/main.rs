@@ -89,6 +89,27 @@ enum Cmd {
     /// Benchmarks on the built-in test guest.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// List the running VMs that have a control socket (started with
+    /// --name): name, pid, memory, vCPUs, state, seconds running.
+    List,
+    /// Pause a running VM (as `xl pause`): no vCPU runs guest code until
+    /// `xenkvm unpause`. NAME is a --name or a socket path.
+    Pause {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// Let a paused VM run again (as `xl unpause`).
+    Unpause {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// Stop a VM as if it powered off (its --on-poweroff action applies).
+    /// The guest is not asked first: this is a power-off, not a
+    /// cooperative shutdown.
+    Shutdown {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -277,6 +298,11 @@ struct RunArgs {
     /// The domain's name (xenstore's `name`; seeds generated MACs).
     #[arg(long, value_name = "NAME", value_parser = parse_name)]
     name: Option<String>,
+    /// Serve the VM's control socket (xenkvm pause/unpause/shutdown/list)
+    /// at this path. Default with --name: $XDG_RUNTIME_DIR/xenkvm/NAME.sock
+    /// (or /run/xenkvm/NAME.sock); without --name, none.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     // --- PV disks and NICs (xl syntax; repeatable).
     /// A PV disk in xl's syntax (xl-disk-configuration(5)), e.g.
     /// target=/srv/g.img,format=raw,vdev=xvda,access=rw or the positional
@@ -478,9 +504,28 @@ fn run_config(a: &RunArgs) -> Result<(VmConfig, RunOptions), String> {
         on_reboot: a.on_reboot.into(),
         on_crash: a.on_crash.into(),
         initrd_name: a.initrd.as_ref().map(|p| p.display().to_string()),
+        control_socket: control_socket(a),
         ..a.ui.options()
     };
     Ok((cfg, opts))
+}
+
+/// Where the control socket goes: --api-socket, else one named after --name.
+fn control_socket(a: &RunArgs) -> Option<PathBuf> {
+    use xenkvm::vmm::control::{name_fits_socket, socket_path};
+    if let Some(p) = &a.api_socket {
+        return Some(p.clone());
+    }
+    let name = a.name.as_deref()?;
+    if name_fits_socket(name) {
+        Some(socket_path(name))
+    } else {
+        tracing::warn!(
+            name,
+            "no control socket: the name has characters a socket file name cannot carry (use --api-socket)"
+        );
+        None
+    }
 }
 
 /// The `run` arguments an xl.cfg (and its overrides) amounts to.
@@ -536,6 +581,7 @@ fn create_run_args(c: &CreateArgs) -> Result<RunArgs, String> {
         on_reboot: action(x.on_reboot, ActionArg::Restart),
         on_crash: action(x.on_crash, ActionArg::Destroy),
         name: x.name.clone(),
+        api_socket: None,
         disks: x.disks.clone(),
         nets,
         ui: c.ui.clone(),
@@ -597,6 +643,33 @@ fn main() -> ExitCode {
             };
             run(cfg, &opts, &ui.console)
         }
+        Cmd::List => {
+            println!(
+                "{:<24} {:>8} {:>7} {:>5} {:<10} {:>9}",
+                "Name", "PID", "Mem", "VCPUs", "State", "Time(s)"
+            );
+            for (name, kv) in xenkvm::vmm::control::list() {
+                let get = |k: &str| {
+                    kv.iter()
+                        .find(|(x, _)| x == k)
+                        .map_or("-", |(_, v)| v.as_str())
+                        .to_string()
+                };
+                println!(
+                    "{:<24} {:>8} {:>7} {:>5} {:<10} {:>9}",
+                    name,
+                    get("pid"),
+                    get("memory"),
+                    get("vcpus"),
+                    get("state"),
+                    get("time")
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Cmd::Pause { name } => control_verb(&name, "pause"),
+        Cmd::Unpause { name } => control_verb(&name, "unpause"),
+        Cmd::Shutdown { name } => control_verb(&name, "shutdown"),
         Cmd::Probe {
             coverage: false, ..
         } => probe(),
@@ -726,6 +799,14 @@ fn run(mut cfg: VmConfig, opts: &RunOptions, console: &ConsoleDest) -> ExitCode 
         stderr_line!("xenkvm: {m}");
     }
     ExitCode::from(ended.code)
+}
+
+/// Sends one verb to a VM's control socket; one line on failure.
+fn control_verb(name: &str, verb: &str) -> ExitCode {
+    match xenkvm::vmm::control::request(name, verb) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => fail(exit_status::ERROR, &e.to_string()),
+    }
 }
 
 fn fail(code: u8, msg: &str) -> ExitCode {
@@ -983,7 +1064,13 @@ mod tests {
                             prop_assert!(timeout > Duration::ZERO);
                             let _ = ui.options();
                         }
-                        Cmd::Probe { .. } | Cmd::Bench(_) | Cmd::Create(_) => {}
+                        Cmd::Probe { .. }
+                        | Cmd::Bench(_)
+                        | Cmd::Create(_)
+                        | Cmd::List
+                        | Cmd::Pause { .. }
+                        | Cmd::Unpause { .. }
+                        | Cmd::Shutdown { .. } => {}
                     }
                     if let Some(l) = cli.log_level.as_deref() {
                         let _ = xenkvm::logging::filter_directives(l);

@@ -85,3 +85,256 @@ fn saverestore_kvm_vcpu_state_survives_xen_records() {
     assert_eq!(irq_b.ioapic.redirtbl, irq_a.ioapic.redirtbl);
     assert_eq!(irq_b.pic[0].imr, irq_a.pic[0].imr);
 }
+
+// ---- the control socket and xl's verbs, against the built-in test guest
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A private $XDG_RUNTIME_DIR, so tests neither see nor touch real VMs.
+struct RuntimeDir(std::path::PathBuf);
+
+impl RuntimeDir {
+    fn new(tag: &str) -> RuntimeDir {
+        let p = std::env::temp_dir().join(format!("xenkvm-rt-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        RuntimeDir(p)
+    }
+
+    fn xenkvm(&self, args: &[&str]) -> Output {
+        Command::new(common::xenkvm_bin())
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &self.0)
+            .env("XENKVM_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run xenkvm")
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The guest's stdout, read on a thread into a shared buffer.
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Console {
+    fn attach(child: &mut Child) -> Console {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let b2 = buf.clone();
+        let mut out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 65536];
+            while let Ok(n) = out.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                b2.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        Console(buf)
+    }
+
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// Waits (up to 60 s) until the output holds `what`.
+    fn wait_for(&self, what: &str) {
+        let until = Instant::now() + Duration::from_secs(60);
+        while !self.text().contains(what) {
+            assert!(Instant::now() < until, "no {what:?} on the console");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The highest `chatter N` seen.
+    fn last_chatter(&self) -> u64 {
+        self.text()
+            .lines()
+            .filter_map(|l| l.split("chatter ").nth(1))
+            .filter_map(|n| n.trim().parse().ok())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+fn list_row(rt: &RuntimeDir, name: &str) -> Option<String> {
+    let out = rt.xenkvm(&["list"]);
+    assert!(out.status.success(), "list: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.starts_with("Name"), "list header: {text}");
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .map(str::to_string)
+}
+
+#[test]
+fn control_verbs_list_pause_unpause_shutdown_drive_a_running_guest() {
+    if !common::kvm_available("control_verbs_list_pause_unpause_shutdown_drive_a_running_guest") {
+        return;
+    }
+    let rt = RuntimeDir::new("verbs");
+    let guest = common::GuestFile::new("control");
+    let mut child = Command::new(common::xenkvm_bin())
+        .args([
+            "run",
+            "--xen-console",
+            "console",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "chatter",
+            "--vcpus",
+            "2",
+            "--memory",
+            "64",
+            "--name",
+            "ctl-test",
+            "--timeout",
+            "120",
+        ])
+        .env("XDG_RUNTIME_DIR", &rt.0)
+        .env("XENKVM_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let console = Console::attach(&mut child);
+    console.wait_for("chatter 1");
+
+    let sock = rt.0.join("xenkvm/ctl-test.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode");
+    let row = list_row(&rt, "ctl-test").expect("list shows the VM");
+    assert!(
+        row.contains(" 2 ") && row.contains("running") && row.contains(&child.id().to_string()),
+        "{row}"
+    );
+
+    let out = rt.xenkvm(&["pause", "ctl-test"]);
+    assert!(
+        out.status.success(),
+        "pause: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(list_row(&rt, "ctl-test").unwrap().contains("paused"));
+    // Output that was on its way lands; then nothing more while paused.
+    std::thread::sleep(Duration::from_millis(500));
+    let (len, last) = (console.len(), console.last_chatter());
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(console.len(), len, "the paused guest wrote to its console");
+
+    let again = rt.xenkvm(&["pause", "ctl-test"]);
+    assert_eq!(
+        String::from_utf8_lossy(&again.stderr).trim(),
+        "xenkvm: ctl-test: already paused"
+    );
+
+    let out = rt.xenkvm(&["unpause", "ctl-test"]);
+    assert!(
+        out.status.success(),
+        "unpause: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    console.wait_for(&format!("chatter {}", last + 100));
+
+    let out = rt.xenkvm(&["shutdown", "ctl-test"]);
+    assert!(
+        out.status.success(),
+        "shutdown: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "a shutdown is a power-off");
+    assert!(!sock.exists(), "the socket is removed when the VM ends");
+    assert!(list_row(&rt, "ctl-test").is_none());
+    let gone = rt.xenkvm(&["pause", "ctl-test"]);
+    let err = String::from_utf8_lossy(&gone.stderr);
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(
+        err.starts_with("xenkvm: no running VM ctl-test") && err.lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[test]
+fn control_socket_refuses_another_user() {
+    if !common::kvm_available("control_socket_refuses_another_user") {
+        return;
+    }
+    if !rustix_is_root() {
+        common::skip(
+            "control_socket_refuses_another_user",
+            "needs root to run a client as another uid",
+        );
+        return;
+    }
+    let rt = RuntimeDir::new("uid");
+    std::fs::set_permissions(&rt.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = rt.0.join("api.sock");
+    let guest = common::GuestFile::new("uid");
+    let mut child = Command::new(common::xenkvm_bin())
+        .args([
+            "run",
+            "--xen-console",
+            "console",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "idle",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--timeout",
+            "120",
+        ])
+        .env("XENKVM_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let console = Console::attach(&mut child);
+    console.wait_for("idle: halted");
+    // Even with the socket opened up, SO_PEERCRED refuses another uid.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    use std::os::unix::process::CommandExt;
+    let other = Command::new(common::xenkvm_bin())
+        .args(["pause", sock.to_str().unwrap()])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(other.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("permission denied: not the VM's owner"),
+        "{err}"
+    );
+    let out = rt.xenkvm(&["shutdown", sock.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+fn rustix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}

@@ -7,6 +7,7 @@
 pub mod bench_sched;
 pub mod console_dest;
 pub mod console_input;
+pub mod control;
 pub mod event_loop;
 pub mod machine;
 pub mod runner;

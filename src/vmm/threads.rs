@@ -24,6 +24,8 @@ pub enum ThreadKind {
     BlkIo,
     /// `xenkvm bench sched`'s CPU hog.
     BenchHog,
+    /// The VM's control socket (`xenkvm pause NAME`...).
+    Control,
 }
 
 /// Called with a message when a thread panics.
