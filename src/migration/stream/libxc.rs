@@ -159,6 +159,9 @@ impl LibxcHeader {
         if options != 0 {
             return Err(bad(format!("unknown options {options:#x}")));
         }
+        if b[10..16].iter().any(|x| *x != 0) {
+            return Err(bad("reserved fields are not zero".into()));
+        }
         let dstart = src.offset();
         let mut d = [0u8; 16];
         src.exact(&mut d, LAYER, "domain header", dstart)?;
@@ -173,6 +176,9 @@ impl LibxcHeader {
                 ))
             }
             t => return Err(bad(format!("domain type {t} (2 = x86 HVM is supported)"))),
+        }
+        if le.u16(6) != 0 {
+            return Err(bad("reserved field is not zero".into()));
         }
         if page_shift != PAGE_SHIFT {
             return Err(bad(format!("page shift {page_shift} (x86 uses 12)")));
@@ -401,6 +407,9 @@ impl LibxcRecord {
                 if count == 0 {
                     return Err(bad("count is 0".into()));
                 }
+                if le.u32(4) != 0 {
+                    return Err(bad("reserved field is not zero".into()));
+                }
                 let pfn_end = count
                     .checked_mul(8)
                     .and_then(|n| n.checked_add(8))
@@ -442,6 +451,9 @@ impl LibxcRecord {
             }
             rec::X86_TSC_INFO => {
                 need_len(24)?;
+                if le.u32(20) != 0 {
+                    return Err(bad("reserved field is not zero".into()));
+                }
                 LibxcRecord::TscInfo(TscInfo {
                     mode: le.u32(0),
                     khz: le.u32(4),
@@ -461,6 +473,9 @@ impl LibxcRecord {
                     LibxcRecord::HvmParams(Vec::new())
                 } else {
                     let n = multiple(8, 16)?;
+                    if le.u32(4) != 0 {
+                        return Err(bad("reserved field is not zero".into()));
+                    }
                     if le.u32(0) as usize != n {
                         return Err(bad(format!(
                             "count {} does not match the body's {n} entries",

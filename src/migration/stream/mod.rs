@@ -257,7 +257,16 @@ pub fn read_raw_record<R: Read>(
     }
     let body = src.bytes(u64::from(len), layer, &what, start)?;
     let mut pad = [0u8; 8];
-    src.exact(&mut pad[..padding(len as usize)], layer, &what, start)?;
+    let npad = padding(len as usize);
+    src.exact(&mut pad[..npad], layer, &what, start)?;
+    if pad[..npad].iter().any(|b| *b != 0) {
+        return Err(StreamError::invalid(
+            layer,
+            what,
+            start,
+            "padding after the body contains non-zero bytes",
+        ));
+    }
     Ok(RawRecord {
         rtype,
         offset: start,
