@@ -103,6 +103,17 @@ enum Cmd {
         #[arg(value_name = "NAME")]
         name: String,
     },
+    /// Write a running VM's memory and CPU/irqchip state to FILE as an xl
+    /// save image (Xen's format: xl header, libxl v2 and libxc v3 streams).
+    /// The guest is paused while it is written and runs on afterwards (as
+    /// `xl save -c`). Xen-side state (event channels, grants, xenstore,
+    /// timers) is not in the image yet, and `xenkvm restore` does not exist yet.
+    Save {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
     /// Stop a VM as if it powered off (its --on-poweroff action applies).
     /// The guest is not asked first: this is a power-off, not a
     /// cooperative shutdown.
@@ -670,6 +681,16 @@ fn main() -> ExitCode {
         Cmd::Pause { name } => control_verb(&name, "pause"),
         Cmd::Unpause { name } => control_verb(&name, "unpause"),
         Cmd::Shutdown { name } => control_verb(&name, "shutdown"),
+        Cmd::Save { name, file } => match std::path::absolute(&file) {
+            Ok(p) => match xenkvm::vmm::control::request(&name, &format!("save {}", p.display())) {
+                Ok(r) => {
+                    println!("{r}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(exit_status::ERROR, &e.to_string()),
+            },
+            Err(e) => fail(exit_status::ERROR, &format!("{}: {e}", file.display())),
+        },
         Cmd::Probe {
             coverage: false, ..
         } => probe(),
@@ -1070,7 +1091,8 @@ mod tests {
                         | Cmd::List
                         | Cmd::Pause { .. }
                         | Cmd::Unpause { .. }
-                        | Cmd::Shutdown { .. } => {}
+                        | Cmd::Shutdown { .. }
+                        | Cmd::Save { .. } => {}
                     }
                     if let Some(l) = cli.log_level.as_deref() {
                         let _ = xenkvm::logging::filter_directives(l);

@@ -8,7 +8,7 @@ use kvm_bindings::{
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 
-use super::{KvmError, KvmVcpu, KvmVm};
+use super::{Interrupts, KvmError, KvmVcpu, KvmVm};
 use crate::migration::convert::{saved_msrs, KvmIoapic, KvmIrqchipState, KvmVcpuState};
 
 /// A KVM state ioctl failed; says which and for what.
@@ -131,6 +131,18 @@ impl KvmVcpu {
 }
 
 impl KvmVm {
+    /// Reads the in-kernel PIC, IOAPIC and PIT.
+    pub fn save_irqchip(&self) -> Result<KvmIrqchipState, KvmStateError> {
+        self.interrupts().save_irqchip()
+    }
+
+    /// Loads the PIC, IOAPIC and PIT.
+    pub fn restore_irqchip(&self, s: &KvmIrqchipState) -> Result<(), KvmStateError> {
+        self.interrupts().restore_irqchip(s)
+    }
+}
+
+impl Interrupts {
     /// Reads the in-kernel PIC, IOAPIC and PIT.
     pub fn save_irqchip(&self) -> Result<KvmIrqchipState, KvmStateError> {
         let mut s = KvmIrqchipState::default();

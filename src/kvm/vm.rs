@@ -198,7 +198,7 @@ fn enable_msr_exits(vm: &VmFd, traps: &[MsrTrap]) -> Result<(), KvmVmError> {
 /// the devices.
 #[derive(Clone)]
 pub struct Interrupts {
-    vm: Arc<VmFd>,
+    pub(super) vm: Arc<VmFd>,
 }
 
 impl Interrupts {

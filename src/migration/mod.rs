@@ -22,4 +22,5 @@
 
 pub mod convert;
 pub mod hvm_context;
+pub mod save;
 pub mod stream;

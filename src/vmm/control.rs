@@ -268,6 +268,13 @@ fn execute(verb: &str, s: &Shared) -> Result<String, String> {
             m.resume();
             Ok("running".into())
         }
+        v if v.starts_with("save ") => {
+            let path = Path::new(v["save ".len()..].trim());
+            if !path.is_absolute() {
+                return Err("save needs an absolute path".into());
+            }
+            save(&m, s, path)
+        }
         "shutdown" => {
             tracing::info!("control socket: shutdown");
             m.request_exit(GuestExit::Poweroff);
@@ -277,6 +284,77 @@ fn execute(verb: &str, s: &Shared) -> Result<String, String> {
             "unknown request {v:?} (info, pause, unpause, shutdown)"
         )),
     }
+}
+
+/// `save PATH`: pauses the guest (unless paused), writes the xl save image
+/// to PATH (through a temporary file renamed at the end, so a failed save
+/// leaves no partial image), and lets the guest run again if it ran.
+fn save(m: &Machine, s: &Shared, path: &Path) -> Result<String, String> {
+    use crate::migration::save::{write_image, SaveMeta, STREAM_PARAMS};
+    let was_paused = s.paused.load(Ordering::Acquire);
+    let t0 = Instant::now();
+    if !was_paused {
+        m.pause(Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+    }
+    let result = (|| {
+        let mut states = Vec::with_capacity(m.vcpus.len());
+        for h in &m.vcpus {
+            match h.saved_state() {
+                Some(Ok(st)) => states.push(st),
+                Some(Err(e)) => return Err(format!("vCPU {}: {e}", h.id)),
+                None => return Err(format!("vCPU {} has no saved state (it stopped)", h.id)),
+            }
+        }
+        let irq = m.irq.save_irqchip().map_err(|e| e.to_string())?;
+        let params: Vec<(u64, u64)> = STREAM_PARAMS
+            .iter()
+            .map(|i| (u64::from(*i), m.xen.domain.param(*i).unwrap_or(0)))
+            .collect();
+        let meta = SaveMeta {
+            name: s.info.name.clone(),
+            mem_mib: s.info.mem_mib,
+            tsc_khz: m.clock.tsc_khz,
+            system_time_ns: m.clock.system_time(),
+        };
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".partial");
+        let tmp = PathBuf::from(tmp);
+        let write = || -> Result<crate::migration::save::SaveStats, String> {
+            let f = std::fs::File::create(&tmp)
+                .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            let st = write_image(&mut w, &meta, &states, &irq, &m.mem, &params)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let f = w
+                .into_inner()
+                .map_err(|e| format!("{}: {}", path.display(), e.error()))?;
+            f.sync_all()
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            std::fs::rename(&tmp, path)
+                .map_err(|e| format!("cannot rename to {}: {e}", path.display()))?;
+            Ok(st)
+        };
+        let st = write();
+        if st.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        st
+    })();
+    let paused_for = t0.elapsed();
+    if !was_paused {
+        m.resume();
+    }
+    let st = result?;
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(st.bytes);
+    tracing::info!(path = %path.display(), pages = st.pages, bytes, "saved");
+    Ok(format!(
+        "saved {} pages ({} holes), {bytes} bytes, to {} in {:.3} s",
+        st.pages,
+        st.holes,
+        path.display(),
+        paused_for.as_secs_f64()
+    ))
 }
 
 /// Sends `verb` to VM `name` (a name or a socket path); the reply's text.
@@ -289,8 +367,9 @@ pub fn request(name: &str, verb: &str) -> Result<String, ControlError> {
     };
     let mut c = UnixStream::connect(&path).map_err(|e| not_running(e.to_string()))?;
     let io = |e: std::io::Error| not_running(e.to_string());
-    c.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(io)?;
+    // A save takes as long as writing the guest's memory does.
+    let timeout = (!verb.starts_with("save ")).then(|| Duration::from_secs(30));
+    c.set_read_timeout(timeout).map_err(io)?;
     // The VM may answer (a refusal) before it reads the request: read the
     // reply even if the write failed.
     let wrote = c.write_all(format!("{verb}\n").as_bytes());

@@ -112,6 +112,8 @@ pub struct Machine {
     /// One handle per vCPU (control, wake-up, kick, counters).
     pub vcpus: Vec<Arc<VcpuHandle>>,
     pub xen: Xen,
+    /// The in-kernel irqchip (a save reads the PIC, IOAPIC and PIT).
+    pub irq: Interrupts,
     /// VM exits (KVM_RUN returns) of all vCPUs, for the status line.
     pub exits: AtomicU64,
     /// Hypercalls of all vCPUs, for the status line.
@@ -138,6 +140,7 @@ impl Machine {
         irq: Interrupts,
         slots: Arc<MemSlots>,
     ) -> Result<Arc<Machine>, VmError> {
+        let irqchip = irq.clone();
         let caps = XenCaps {
             irq,
             slots,
@@ -146,6 +149,7 @@ impl Machine {
         let xen = Xen::new(cfg, &map, clock, console.clone(), caps).map_err(VmError::XenDomain)?;
         Ok(Arc::new(Machine {
             xen,
+            irq: irqchip,
             mem: map.guest_memory().clone(),
             map,
             clock,
