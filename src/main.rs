@@ -114,6 +114,28 @@ enum Cmd {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Start a guest from an image written by `xenkvm save` (or an xl save
+    /// image, a bare libxl or libxc stream of an x86 HVM guest). The whole
+    /// image is checked before the guest is built. Xen-side state (event
+    /// channels, grants, xenstore, timers) is not restored yet: guests that
+    /// had set them up find them reset. A reboot ends it (there is no kernel
+    /// to boot again).
+    #[command(after_help = exit_status::HELP)]
+    Restore {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The domain's name (default: the one in the image).
+        #[arg(long, value_name = "NAME", value_parser = parse_name)]
+        name: Option<String>,
+        /// Serve the control socket here (default from the name, as `run`).
+        #[arg(long, value_name = "PATH")]
+        api_socket: Option<PathBuf>,
+        /// Stop the guest and fail (status 4) after this many seconds.
+        #[arg(long, value_name = "SECS", value_parser = parse_timeout, allow_negative_numbers = true)]
+        timeout: Option<Duration>,
+        #[command(flatten)]
+        ui: UiArgs,
+    },
     /// Stop a VM as if it powered off (its --on-poweroff action applies).
     /// The guest is not asked first: this is a power-off, not a
     /// cooperative shutdown.
@@ -681,6 +703,41 @@ fn main() -> ExitCode {
         Cmd::Pause { name } => control_verb(&name, "pause"),
         Cmd::Unpause { name } => control_verb(&name, "unpause"),
         Cmd::Shutdown { name } => control_verb(&name, "shutdown"),
+        Cmd::Restore {
+            file,
+            name,
+            api_socket,
+            timeout,
+            ui,
+        } => {
+            let img = match xenkvm::migration::restore::load(&file) {
+                Ok(i) => i,
+                Err(e) => return fail(exit_status::ERROR, &e.to_string()),
+            };
+            let name = name
+                .or_else(|| (!img.name.is_empty()).then(|| img.name.clone()))
+                .unwrap_or_else(|| "restored".into());
+            let control_socket = api_socket.or_else(|| {
+                xenkvm::vmm::control::name_fits_socket(&name)
+                    .then(|| xenkvm::vmm::control::socket_path(&name))
+            });
+            let cfg = VmConfig {
+                mem_mib: img.mem_mib,
+                vcpus: img.vcpus.len() as u32,
+                timeout,
+                name,
+                xen_console: ui.xen_console(XenConsoleTo::Log),
+                restore: Some((file.clone(), std::sync::Arc::new(img))),
+                ..Default::default()
+            };
+            let opts = RunOptions {
+                timeout,
+                on_reboot: Action::Destroy,
+                control_socket,
+                ..ui.options()
+            };
+            run(cfg, &opts, &ui.console)
+        }
         Cmd::Save { name, file } => match std::path::absolute(&file) {
             Ok(p) => match xenkvm::vmm::control::request(&name, &format!("save {}", p.display())) {
                 Ok(r) => {
@@ -1092,7 +1149,8 @@ mod tests {
                         | Cmd::Pause { .. }
                         | Cmd::Unpause { .. }
                         | Cmd::Shutdown { .. }
-                        | Cmd::Save { .. } => {}
+                        | Cmd::Save { .. }
+                        | Cmd::Restore { .. } => {}
                     }
                     if let Some(l) = cli.log_level.as_deref() {
                         let _ = xenkvm::logging::filter_directives(l);

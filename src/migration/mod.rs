@@ -22,5 +22,6 @@
 
 pub mod convert;
 pub mod hvm_context;
+pub mod restore;
 pub mod save;
 pub mod stream;

@@ -88,19 +88,23 @@ pub fn config_json(meta: &SaveMeta, vcpus: usize) -> String {
     )
 }
 
-/// Writes the image of a paused guest to `w`.
+/// Writes the image of a paused guest to `w`. `vcpus` are the vCPUs that
+/// are up, by id (as Xen, a vCPU that is down has no CPU record);
+/// `nr_vcpus` counts all.
+#[allow(clippy::too_many_arguments)]
 pub fn write_image<W: Write>(
     w: W,
     meta: &SaveMeta,
-    vcpus: &[KvmVcpuState],
+    nr_vcpus: usize,
+    vcpus: &[(u16, KvmVcpuState)],
     irqchip: &KvmIrqchipState,
     mem: &GuestMem,
     params: &[(u64, u64)],
 ) -> Result<SaveStats, SaveError> {
     // Convert first: nothing is written for state that cannot be represented.
     let mut recs = Vec::new();
-    for (i, v) in vcpus.iter().enumerate() {
-        let (r, extra) = convert::vcpu_to_records(i as u16, v)?;
+    for (i, v) in vcpus {
+        let (r, extra) = convert::vcpu_to_records(*i, v)?;
         if extra != convert::EventsExtra::default() {
             tracing::warn!(
                 vcpu = i,
@@ -120,7 +124,7 @@ pub fn write_image<W: Write>(
         recs,
     );
 
-    let cfg = config_json(meta, vcpus.len());
+    let cfg = config_json(meta, nr_vcpus);
     let mut img = ImageWriter::begin(
         w,
         Some(Some(&cfg)),

@@ -299,9 +299,9 @@ fn save(m: &Machine, s: &Shared, path: &Path) -> Result<String, String> {
     }
     let result = (|| {
         let mut states = Vec::with_capacity(m.vcpus.len());
-        for h in &m.vcpus {
+        for h in m.vcpus.iter().filter(|h| h.started()) {
             match h.saved_state() {
-                Some(Ok(st)) => states.push(st),
+                Some(Ok(st)) => states.push((h.id as u16, st)),
                 Some(Err(e)) => return Err(format!("vCPU {}: {e}", h.id)),
                 None => return Err(format!("vCPU {} has no saved state (it stopped)", h.id)),
             }
@@ -324,7 +324,7 @@ fn save(m: &Machine, s: &Shared, path: &Path) -> Result<String, String> {
             let f = std::fs::File::create(&tmp)
                 .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
             let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-            let st = write_image(&mut w, &meta, &states, &irq, &m.mem, &params)
+            let st = write_image(&mut w, &meta, m.vcpus.len(), &states, &irq, &m.mem, &params)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
             let f = w
                 .into_inner()
