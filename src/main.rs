@@ -104,11 +104,14 @@ enum Cmd {
         name: String,
     },
     /// Write a running VM's memory and CPU/irqchip state to FILE as an xl
-    /// save image (Xen's format: xl header, libxl v2 and libxc v3 streams).
-    /// The guest is paused while it is written and runs on afterwards (as
-    /// `xl save -c`). Xen-side state (event channels, grants, xenstore,
-    /// timers) is not in the image yet, and `xenkvm restore` does not exist yet.
+    /// save image (Xen's format: xl header, libxl v2 and libxc v3 streams),
+    /// then end the VM (as `xl save`; its xenkvm exits 0). `xenkvm restore
+    /// FILE` starts it again. Xen-side state (event channels, grants,
+    /// xenstore, timers) is not in the image yet.
     Save {
+        /// Leave the guest running after the save (as `xl save -c`).
+        #[arg(short = 'c', long)]
+        checkpoint: bool,
         #[arg(value_name = "NAME")]
         name: String,
         #[arg(value_name = "FILE")]
@@ -738,8 +741,19 @@ fn main() -> ExitCode {
             };
             run(cfg, &opts, &ui.console)
         }
-        Cmd::Save { name, file } => match std::path::absolute(&file) {
-            Ok(p) => match xenkvm::vmm::control::request(&name, &format!("save {}", p.display())) {
+        Cmd::Save {
+            checkpoint,
+            name,
+            file,
+        } => match std::path::absolute(&file) {
+            Ok(p) => match xenkvm::vmm::control::request(
+                &name,
+                &format!(
+                    "{} {}",
+                    if checkpoint { "checkpoint" } else { "save" },
+                    p.display()
+                ),
+            ) {
                 Ok(r) => {
                     println!("{r}");
                     ExitCode::SUCCESS

@@ -383,7 +383,7 @@ fn save_running_guest_writes_an_image_the_reader_accepts_and_guest_runs_on() {
     console.wait_for("chatter 1");
 
     let img = rt.0.join("guest.img");
-    let out = rt.xenkvm(&["save", "save-test", img.to_str().unwrap()]);
+    let out = rt.xenkvm(&["save", "--checkpoint", "save-test", img.to_str().unwrap()]);
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -397,6 +397,7 @@ fn save_running_guest_writes_an_image_the_reader_accepts_and_guest_runs_on() {
     console.wait_for(&format!("chatter {}", last + 100));
 
     // An unwritable path: one line, and the guest keeps running.
+    // A failed save leaves the guest running (checkpoint or not).
     let bad = rt.xenkvm(&["save", "save-test", "/nonexistent-dir/x.img"]);
     let err = String::from_utf8_lossy(&bad.stderr).into_owned();
     assert_eq!(bad.status.code(), Some(1));
@@ -587,8 +588,19 @@ fn restore_saved_guest_continues_its_console_output() {
         "save: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(rt.xenkvm(&["shutdown", "orig"]).status.success());
+    // As `xl save`: the saved guest ends; its xenkvm says where it went.
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(
+        err.trim(),
+        format!("xenkvm: guest saved to {}", img.display())
+    );
     let before = console.text();
 
     // A new process from the image: the output picks up where the save

@@ -268,12 +268,18 @@ fn execute(verb: &str, s: &Shared) -> Result<String, String> {
             m.resume();
             Ok("running".into())
         }
-        v if v.starts_with("save ") => {
-            let path = Path::new(v["save ".len()..].trim());
+        v if v.starts_with("save ") || v.starts_with("checkpoint ") => {
+            let (verb, arg) = v.split_once(' ').unwrap_or((v, ""));
+            let path = Path::new(arg.trim());
             if !path.is_absolute() {
-                return Err("save needs an absolute path".into());
+                return Err(format!("{verb} needs an absolute path"));
             }
-            save(&m, s, path)
+            let r = save(&m, s, path, verb == "checkpoint")?;
+            if verb == "save" {
+                // As `xl save`: the guest ends once its image is complete.
+                m.request_exit(GuestExit::Saved(path.display().to_string()));
+            }
+            Ok(r)
         }
         "shutdown" => {
             tracing::info!("control socket: shutdown");
@@ -281,15 +287,17 @@ fn execute(verb: &str, s: &Shared) -> Result<String, String> {
             Ok("shutting down".into())
         }
         v => Err(format!(
-            "unknown request {v:?} (info, pause, unpause, shutdown)"
+            "unknown request {v:?} (info, pause, unpause, save PATH, checkpoint PATH, shutdown)"
         )),
     }
 }
 
-/// `save PATH`: pauses the guest (unless paused), writes the xl save image
-/// to PATH (through a temporary file renamed at the end, so a failed save
-/// leaves no partial image), and lets the guest run again if it ran.
-fn save(m: &Machine, s: &Shared, path: &Path) -> Result<String, String> {
+/// `save PATH` / `checkpoint PATH`: pauses the guest (unless paused),
+/// writes the xl save image to PATH (through a temporary file renamed at
+/// the end, so a failed save leaves no partial image). A checkpoint, or a
+/// save that failed, lets the guest run again if it ran; a successful save
+/// keeps it paused (the caller then ends it).
+fn save(m: &Machine, s: &Shared, path: &Path, checkpoint: bool) -> Result<String, String> {
     use crate::migration::save::{write_image, SaveMeta, STREAM_PARAMS};
     let was_paused = s.paused.load(Ordering::Acquire);
     let t0 = Instant::now();
@@ -342,7 +350,7 @@ fn save(m: &Machine, s: &Shared, path: &Path) -> Result<String, String> {
         st
     })();
     let paused_for = t0.elapsed();
-    if !was_paused {
+    if !was_paused && (checkpoint || result.is_err()) {
         m.resume();
     }
     let st = result?;
@@ -368,7 +376,8 @@ pub fn request(name: &str, verb: &str) -> Result<String, ControlError> {
     let mut c = UnixStream::connect(&path).map_err(|e| not_running(e.to_string()))?;
     let io = |e: std::io::Error| not_running(e.to_string());
     // A save takes as long as writing the guest's memory does.
-    let timeout = (!verb.starts_with("save ")).then(|| Duration::from_secs(30));
+    let timeout = (!verb.starts_with("save ") && !verb.starts_with("checkpoint "))
+        .then(|| Duration::from_secs(30));
     c.set_read_timeout(timeout).map_err(io)?;
     // The VM may answer (a refusal) before it reads the request: read the
     // reply even if the write failed.

@@ -39,6 +39,8 @@ pub enum GuestExit {
     /// Stopped from outside the guest (a signal, a closed stdout): the
     /// string says why.
     Stopped(String),
+    /// Saved to this file by `xenkvm save` and stopped (as `xl save`).
+    Saved(String),
 }
 
 /// Why the guest rebooted.

@@ -246,6 +246,9 @@ fn run_loop(
             GuestExit::Timeout(_) => return timeout_ended(opts.timeout.unwrap_or_default()),
             GuestExit::Error(e) => return Ended::new(exit_status::ERROR, e),
             GuestExit::Stopped(why) => return Ended::new(exit_status::ERROR, why),
+            GuestExit::Saved(path) => {
+                return Ended::new(exit_status::POWEROFF, format!("guest saved to {path}"))
+            }
         };
         if action == Action::Destroy {
             return Ended {
