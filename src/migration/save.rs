@@ -138,7 +138,7 @@ pub fn write_image<W: Write>(
     };
     let flush = |img: &mut ImageWriter<W>, b: &mut PageData| -> Result<(), SaveError> {
         if !b.pfns.is_empty() {
-            img.libxc(&LibxcRecord::PageData(b.clone()))?;
+            img.page_data(b)?;
             b.pfns.clear();
             b.data.clear();
         }

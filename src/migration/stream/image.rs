@@ -190,6 +190,11 @@ impl<W: Write> ImageWriter<W> {
         r.write(&mut self.sink)
     }
 
+    /// Writes one PAGE_DATA batch without copying it.
+    pub fn page_data(&mut self, p: &super::libxc::PageData) -> std::io::Result<()> {
+        p.write(&mut self.sink)
+    }
+
     /// Bytes written so far.
     pub fn offset(&self) -> u64 {
         self.sink.offset()

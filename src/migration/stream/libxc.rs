@@ -316,6 +316,40 @@ pub struct MsrEntry {
     pub val: u64,
 }
 
+impl PageData {
+    /// Writes this batch as a PAGE_DATA record straight from its buffers
+    /// (no intermediate body: a batch is 4 MiB).
+    pub fn write<W: Write>(&self, sink: &mut Sink<W>) -> std::io::Result<()> {
+        let ndata = self.pfns.iter().filter(|(_, t)| t.has_data()).count();
+        let len = 8 + 8 * self.pfns.len() + self.data.len();
+        if self.pfns.is_empty()
+            || ndata * PAGE_SIZE != self.data.len()
+            || len > super::MAX_RECORD_BODY as usize
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "PAGE_DATA: {} pfns, {ndata} with data, {} bytes of data",
+                    self.pfns.len(),
+                    self.data.len()
+                ),
+            ));
+        }
+        let mut head = Vec::with_capacity(16 + 8 * self.pfns.len());
+        head.extend_from_slice(&rec::PAGE_DATA.to_le_bytes());
+        head.extend_from_slice(&(len as u32).to_le_bytes());
+        head.extend_from_slice(&(self.pfns.len() as u32).to_le_bytes());
+        head.extend_from_slice(&0u32.to_le_bytes());
+        for (pfn, t) in &self.pfns {
+            head.extend_from_slice(&((pfn & PFN_MASK) | (t.code() << 60)).to_le_bytes());
+        }
+        sink.put(&head)?;
+        sink.put(&self.data)?;
+        // len is a multiple of 8: no padding.
+        Ok(())
+    }
+}
+
 /// A decoded libxc record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LibxcRecord {

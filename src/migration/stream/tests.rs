@@ -115,6 +115,19 @@ fn libxc_header_layout_matches_the_spec() {
 }
 
 #[test]
+fn page_data_direct_write_matches_the_record_encoding() {
+    for r in xen_like_records() {
+        if let LibxcRecord::PageData(p) = &r {
+            let mut a = Sink::new(Vec::new());
+            r.write(&mut a).unwrap();
+            let mut b = Sink::new(Vec::new());
+            p.write(&mut b).unwrap();
+            assert_eq!(a.finish().unwrap(), b.finish().unwrap());
+        }
+    }
+}
+
+#[test]
 fn record_framing_pads_bodies_to_8_bytes() {
     let mut s = Sink::new(Vec::new());
     write_raw_record(&mut s, rec::HVM_CONTEXT, &[9; 5]).unwrap();
