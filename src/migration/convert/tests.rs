@@ -357,3 +357,38 @@ fn convert_unconverted_records_refused_or_dropped_by_name() {
         .to_string();
     assert!(e.contains("type 27") && e.contains("unknown"), "{e}");
 }
+
+mod hostile {
+    use proptest::prelude::*;
+
+    use super::super::*;
+    use crate::migration::hvm_context::{self, HvmRecord, SaveHeader};
+    use crate::migration::stream::tests::config;
+
+    proptest! {
+        // A tenth of the stream tests' cases: each case converts up to 8
+        // records of up to 1 KiB for three vCPUs.
+        #![proptest_config(ProptestConfig { cases: config().cases / 10, ..config() })]
+
+        /// Whatever records a stream holds, converting them to KVM state
+        /// returns a value or a named refusal, never a panic.
+        #[test]
+        fn convert_arbitrary_records_never_panic(
+            recs in prop::collection::vec((2u16..24, 0u16..3, prop::collection::vec(any::<u8>(), 0..1100)), 0..8)
+        ) {
+            let mut all = vec![HvmRecord::Header(SaveHeader::default())];
+            for (t, i, b) in recs {
+                if let Ok(r) = HvmRecord::decode(t, i, &b, 0) {
+                    all.push(r);
+                }
+            }
+            let blob = hvm_context::write(&all);
+            let parsed = hvm_context::parse(&blob).unwrap();
+            let _ = check_unconverted(&parsed);
+            let _ = irqchip_from_records(&parsed);
+            for v in 0..3 {
+                let _ = vcpu_from_records(v, &parsed, &EventsExtra::default());
+            }
+        }
+    }
+}
