@@ -218,7 +218,7 @@ fn handle(mut conn: UnixStream, s: &Shared) -> std::io::Result<()> {
         }
     }
     let mut line = String::new();
-    BufReader::new((&conn).take(256)).read_line(&mut line)?;
+    BufReader::new((&conn).take(8192)).read_line(&mut line)?;
     let reply = match execute(line.trim(), s) {
         Ok(r) => format!("ok {r}\n"),
         Err(e) => format!("error {e}\n"),
