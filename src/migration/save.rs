@@ -88,6 +88,32 @@ pub fn config_json(meta: &SaveMeta, vcpus: usize) -> String {
     )
 }
 
+/// Sorted, disjoint (start, end) byte ranges of a region that hold data.
+type DataRanges = Vec<(u64, u64)>;
+
+/// The ranges (offsets relative to `start`, within `len`) of `file` that
+/// hold data (`SEEK_DATA`/`SEEK_HOLE`); `None` if the file cannot say.
+fn data_ranges(file: &std::fs::File, start: u64, len: u64) -> Option<DataRanges> {
+    use rustix::fs::{seek, SeekFrom};
+    let end = start.checked_add(len)?;
+    let mut v = Vec::new();
+    let mut at = start;
+    while at < end {
+        let d = match seek(file, SeekFrom::Data(at)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break, // no data after `at`
+            Err(_) => return None,
+        };
+        if d >= end {
+            break;
+        }
+        let h = seek(file, SeekFrom::Hole(d)).ok()?.min(end);
+        v.push((d - start, h - start));
+        at = h;
+    }
+    Some(v)
+}
+
 /// Writes the image of a paused guest to `w`. `vcpus` are the vCPUs that
 /// are up, by id (as Xen, a vCPU that is down has no CPU record);
 /// `nr_vcpus` counts all.
@@ -144,10 +170,22 @@ pub fn write_image<W: Write>(
         }
         Ok(())
     };
-    let mut regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
-    regions.sort();
+    // Per region: its guest range and, for a memfd-backed one, the page
+    // ranges the file holds data for (pages never touched are holes: sent
+    // as zeroes without faulting them in, which would allocate them).
+    let mut regions: Vec<(u64, u64, Option<DataRanges>)> = mem
+        .iter()
+        .map(|r| {
+            let data = r
+                .file_offset()
+                .and_then(|fo| data_ranges(fo.file(), fo.start(), r.len()));
+            (r.start_addr().0, r.len(), data)
+        })
+        .collect();
+    regions.sort_by_key(|r| r.0);
+    let zero = [0u8; PAGE_SIZE];
     let mut next_pfn = 0u64;
-    for (start, len) in regions {
+    for (start, len, data) in regions {
         let first = start / PAGE_SIZE as u64;
         for pfn in next_pfn..first {
             batch.pfns.push((pfn, PageType::XTab));
@@ -158,12 +196,23 @@ pub fn write_image<W: Write>(
         }
         for pfn in first..first + len / PAGE_SIZE as u64 {
             let at = batch.data.len();
-            batch.data.resize(at + PAGE_SIZE, 0);
-            mem.read_slice(&mut batch.data[at..], GuestAddress(pfn * PAGE_SIZE as u64))
-                .map_err(|e| SaveError::Memory {
-                    gpa: pfn * PAGE_SIZE as u64,
-                    why: e.to_string(),
-                })?;
+            let off = (pfn - first) * PAGE_SIZE as u64;
+            // The ranges are sorted and disjoint: the one that could hold
+            // `off` is the last starting at or before it.
+            let hole = data.as_ref().is_some_and(|d| {
+                let i = d.partition_point(|(s, _)| *s <= off);
+                i == 0 || d[i - 1].1 <= off
+            });
+            if hole {
+                batch.data.extend_from_slice(&zero);
+            } else {
+                batch.data.resize(at + PAGE_SIZE, 0);
+                mem.read_slice(&mut batch.data[at..], GuestAddress(pfn * PAGE_SIZE as u64))
+                    .map_err(|e| SaveError::Memory {
+                        gpa: pfn * PAGE_SIZE as u64,
+                        why: e.to_string(),
+                    })?;
+            }
             batch.pfns.push((pfn, PageType::Normal));
             stats.pages += 1;
             if batch.pfns.len() == MAX_BATCH {
@@ -188,4 +237,34 @@ pub fn write_image<W: Write>(
     let w = img.finish(&[])?;
     drop(w);
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Seek, SeekFrom, Write};
+
+    use super::*;
+
+    #[test]
+    fn save_data_ranges_finds_touched_pages_of_a_memfd() {
+        let fd =
+            rustix::fs::memfd_create("xenkvm-save-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let mut f = std::fs::File::from(fd);
+        f.set_len(16 * PAGE_SIZE as u64).unwrap();
+        for page in [3u64, 7, 8] {
+            f.seek(SeekFrom::Start(page * PAGE_SIZE as u64)).unwrap();
+            f.write_all(&[1]).unwrap();
+        }
+        let p = PAGE_SIZE as u64;
+        // The whole file, and a region starting at page 2.
+        assert_eq!(
+            data_ranges(&f, 0, 16 * p).unwrap(),
+            vec![(3 * p, 4 * p), (7 * p, 9 * p)]
+        );
+        assert_eq!(
+            data_ranges(&f, 2 * p, 6 * p).unwrap(),
+            vec![(p, 2 * p), (5 * p, 6 * p)]
+        );
+        assert_eq!(data_ranges(&f, 9 * p, 7 * p).unwrap(), vec![]);
+    }
 }
