@@ -663,3 +663,49 @@ fn restore_saved_guest_continues_its_console_output() {
         "{err}"
     );
 }
+
+#[test]
+fn control_socket_file_removed_vm_still_ends_at_its_timeout() {
+    if !common::kvm_available("control_socket_file_removed_vm_still_ends_at_its_timeout") {
+        return;
+    }
+    let rt = RuntimeDir::new("gone");
+    let guest = common::GuestFile::new("gone");
+    let sock = rt.0.join("gone.sock");
+    let mut child = Command::new(common::xenkvm_bin())
+        .args([
+            "run",
+            "--xen-console",
+            "console",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "idle",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--timeout",
+            "3",
+        ])
+        .env("XENKVM_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let console = Console::attach(&mut child);
+    console.wait_for("idle: halted");
+    std::fs::remove_file(&sock).unwrap();
+    // It used to wait forever for its control thread, blocked in accept.
+    let until = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("xenkvm did not end after its --timeout with its socket file removed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(4), "timeout status");
+}

@@ -106,6 +106,9 @@ struct Shared {
 pub struct ControlServer {
     path: PathBuf,
     shared: Arc<Shared>,
+    /// The listening socket again, to wake the accept when dropped (even
+    /// if someone removed the socket file).
+    waker: UnixListener,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -144,6 +147,9 @@ impl ControlServer {
             started: Instant::now(),
         });
         let s2 = shared.clone();
+        let waker = listener
+            .try_clone()
+            .map_err(|e| setup(format!("cannot clone the socket: {e}")))?;
         let thread = threads::spawn(
             ThreadKind::Control,
             "control".into(),
@@ -155,6 +161,7 @@ impl ControlServer {
         Ok(ControlServer {
             path: path.to_path_buf(),
             shared,
+            waker,
             thread: Some(thread),
         })
     }
@@ -179,8 +186,8 @@ impl ControlServer {
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.shared.done.store(true, Ordering::Release);
-        // Wake the accept.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the accept: shutdown makes a blocked accept(2) fail.
+        let _ = rustix::net::shutdown(&self.waker, rustix::net::Shutdown::Both);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
