@@ -109,6 +109,9 @@ pub struct ControlServer {
     /// The listening socket again, to wake the accept when dropped (even
     /// if someone removed the socket file).
     waker: UnixListener,
+    /// The socket file's (device, inode): removed at the end only if the
+    /// path still names it (not another VM's socket bound there since).
+    file_id: Option<(u64, u64)>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -158,10 +161,12 @@ impl ControlServer {
         )
         .map_err(|e| setup(format!("cannot start its thread: {e}")))?;
         tracing::info!(path = %path.display(), "control socket ready");
+        let file_id = file_id(path);
         Ok(ControlServer {
             path: path.to_path_buf(),
             shared,
             waker,
+            file_id,
             thread: Some(thread),
         })
     }
@@ -191,8 +196,17 @@ impl Drop for ControlServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if self.file_id.is_some() && file_id(&self.path) == self.file_id {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
+}
+
+fn file_id(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 fn serve(listener: UnixListener, s: &Shared) {
