@@ -34,6 +34,9 @@ pub mod backends;
 /// Configuration as Xen users write it: xl.cfg files, xl's disk and vif specifications (pure parsing).
 pub mod config;
 
+/// Save and restore in Xen's migration stream format: stream reader/writer, HVM context records, KVM conversions.
+pub mod migration;
+
 /// The built-in test guest and its benchmark ports.
 pub mod testing;
 

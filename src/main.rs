@@ -89,6 +89,63 @@ enum Cmd {
     /// Benchmarks on the built-in test guest.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// List the running VMs that have a control socket (started with
+    /// --name): name, pid, memory, vCPUs, state, seconds running.
+    List,
+    /// Pause a running VM (as `xl pause`): no vCPU runs guest code until
+    /// `xenkvm unpause`. NAME is a --name or a socket path.
+    Pause {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// Let a paused VM run again (as `xl unpause`).
+    Unpause {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// Write a running VM's memory and CPU/irqchip state to FILE as an xl
+    /// save image (Xen's format: xl header, libxl v2 and libxc v3 streams),
+    /// then end the VM (as `xl save`; its xenkvm exits 0). `xenkvm restore
+    /// FILE` starts it again. Xen-side state (event channels, grants,
+    /// xenstore, timers) is not in the image yet.
+    Save {
+        /// Leave the guest running after the save (as `xl save -c`).
+        #[arg(short = 'c', long)]
+        checkpoint: bool,
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Start a guest from an image written by `xenkvm save` (or an xl save
+    /// image, a bare libxl or libxc stream of an x86 HVM guest). The whole
+    /// image is checked before the guest is built. Xen-side state (event
+    /// channels, grants, xenstore, timers) is not restored yet: guests that
+    /// had set them up find them reset. A reboot ends it (there is no kernel
+    /// to boot again).
+    #[command(after_help = exit_status::HELP)]
+    Restore {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The domain's name (default: the one in the image).
+        #[arg(long, value_name = "NAME", value_parser = parse_name)]
+        name: Option<String>,
+        /// Serve the control socket here (default from the name, as `run`).
+        #[arg(long, value_name = "PATH")]
+        api_socket: Option<PathBuf>,
+        /// Stop the guest and fail (status 4) after this many seconds.
+        #[arg(long, value_name = "SECS", value_parser = parse_timeout, allow_negative_numbers = true)]
+        timeout: Option<Duration>,
+        #[command(flatten)]
+        ui: UiArgs,
+    },
+    /// Stop a VM as if it powered off (its --on-poweroff action applies).
+    /// The guest is not asked first: this is a power-off, not a
+    /// cooperative shutdown.
+    Shutdown {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -281,6 +338,11 @@ struct RunArgs {
     /// The domain's name (xenstore's `name`; seeds generated MACs).
     #[arg(long, value_name = "NAME", value_parser = parse_name)]
     name: Option<String>,
+    /// Serve the VM's control socket (xenkvm pause/unpause/shutdown/list)
+    /// at this path. Default with --name: $XDG_RUNTIME_DIR/xenkvm/NAME.sock
+    /// (or /run/xenkvm/NAME.sock); without --name, none.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     // --- PV disks and NICs (xl syntax; repeatable).
     /// A PV disk in xl's syntax (xl-disk-configuration(5)), e.g.
     /// target=/srv/g.img,format=raw,vdev=xvda,access=rw or the positional
@@ -482,9 +544,28 @@ fn run_config(a: &RunArgs) -> Result<(VmConfig, RunOptions), String> {
         on_reboot: a.on_reboot.into(),
         on_crash: a.on_crash.into(),
         initrd_name: a.initrd.as_ref().map(|p| p.display().to_string()),
+        control_socket: control_socket(a),
         ..a.ui.options()
     };
     Ok((cfg, opts))
+}
+
+/// Where the control socket goes: --api-socket, else one named after --name.
+fn control_socket(a: &RunArgs) -> Option<PathBuf> {
+    use xenkvm::vmm::control::{name_fits_socket, socket_path};
+    if let Some(p) = &a.api_socket {
+        return Some(p.clone());
+    }
+    let name = a.name.as_deref()?;
+    if name_fits_socket(name) {
+        Some(socket_path(name))
+    } else {
+        tracing::warn!(
+            name,
+            "no control socket: the name has characters a socket file name cannot carry (use --api-socket)"
+        );
+        None
+    }
 }
 
 /// The `run` arguments an xl.cfg (and its overrides) amounts to.
@@ -540,6 +621,7 @@ fn create_run_args(c: &CreateArgs) -> Result<RunArgs, String> {
         on_reboot: action(x.on_reboot, ActionArg::Restart),
         on_crash: action(x.on_crash, ActionArg::Destroy),
         name: x.name.clone(),
+        api_socket: None,
         disks: x.disks.clone(),
         nets,
         ui: c.ui.clone(),
@@ -601,6 +683,89 @@ fn main() -> ExitCode {
             };
             run(cfg, &opts, &ui.console)
         }
+        Cmd::List => {
+            println!(
+                "{:<24} {:>8} {:>7} {:>5} {:<10} {:>9}",
+                "Name", "PID", "Mem", "VCPUs", "State", "Time(s)"
+            );
+            for (name, kv) in xenkvm::vmm::control::list() {
+                let get = |k: &str| {
+                    kv.iter()
+                        .find(|(x, _)| x == k)
+                        .map_or("-", |(_, v)| v.as_str())
+                        .to_string()
+                };
+                println!(
+                    "{:<24} {:>8} {:>7} {:>5} {:<10} {:>9}",
+                    name,
+                    get("pid"),
+                    get("memory"),
+                    get("vcpus"),
+                    get("state"),
+                    get("time")
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Cmd::Pause { name } => control_verb(&name, "pause"),
+        Cmd::Unpause { name } => control_verb(&name, "unpause"),
+        Cmd::Shutdown { name } => control_verb(&name, "shutdown"),
+        Cmd::Restore {
+            file,
+            name,
+            api_socket,
+            timeout,
+            ui,
+        } => {
+            let img = match xenkvm::migration::restore::load(&file) {
+                Ok(i) => i,
+                Err(e) => return fail(exit_status::ERROR, &e.to_string()),
+            };
+            let name = name
+                .or_else(|| (!img.name.is_empty()).then(|| img.name.clone()))
+                .unwrap_or_else(|| "restored".into());
+            let control_socket = api_socket.or_else(|| {
+                xenkvm::vmm::control::name_fits_socket(&name)
+                    .then(|| xenkvm::vmm::control::socket_path(&name))
+            });
+            let cfg = VmConfig {
+                mem_mib: img.mem_mib,
+                vcpus: img.vcpus.len() as u32,
+                timeout,
+                name,
+                xen_console: ui.xen_console(XenConsoleTo::Log),
+                restore: Some((file.clone(), std::sync::Arc::new(img))),
+                ..Default::default()
+            };
+            let opts = RunOptions {
+                timeout,
+                on_reboot: Action::Destroy,
+                control_socket,
+                ..ui.options()
+            };
+            run(cfg, &opts, &ui.console)
+        }
+        Cmd::Save {
+            checkpoint,
+            name,
+            file,
+        } => match std::path::absolute(&file) {
+            Ok(p) => match xenkvm::vmm::control::request(
+                &name,
+                &format!(
+                    "{} {}",
+                    if checkpoint { "checkpoint" } else { "save" },
+                    p.display()
+                ),
+            ) {
+                Ok(r) => {
+                    println!("{r}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(exit_status::ERROR, &e.to_string()),
+            },
+            Err(e) => fail(exit_status::ERROR, &format!("{}: {e}", file.display())),
+        },
         Cmd::Probe {
             coverage: false, ..
         } => probe(),
@@ -725,6 +890,14 @@ fn run(mut cfg: VmConfig, opts: &RunOptions, console: &ConsoleDest) -> ExitCode 
         stderr_line!("xenkvm: {m}");
     }
     ExitCode::from(ended.code)
+}
+
+/// Sends one verb to a VM's control socket; one line on failure.
+fn control_verb(name: &str, verb: &str) -> ExitCode {
+    match xenkvm::vmm::control::request(name, verb) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => fail(exit_status::ERROR, &e.to_string()),
+    }
 }
 
 fn fail(code: u8, msg: &str) -> ExitCode {
@@ -982,7 +1155,15 @@ mod tests {
                             prop_assert!(timeout > Duration::ZERO);
                             let _ = ui.options();
                         }
-                        Cmd::Probe { .. } | Cmd::Bench(_) | Cmd::Create(_) => {}
+                        Cmd::Probe { .. }
+                        | Cmd::Bench(_)
+                        | Cmd::Create(_)
+                        | Cmd::List
+                        | Cmd::Pause { .. }
+                        | Cmd::Unpause { .. }
+                        | Cmd::Shutdown { .. }
+                        | Cmd::Save { .. }
+                        | Cmd::Restore { .. } => {}
                     }
                     if let Some(l) = cli.log_level.as_deref() {
                         let _ = xenkvm::logging::filter_directives(l);

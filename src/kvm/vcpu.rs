@@ -90,7 +90,7 @@ pub fn install_kick_handler() {
 
 /// One vCPU's file descriptor. Owned by its thread.
 pub struct KvmVcpu {
-    fd: VcpuFd,
+    pub(super) fd: VcpuFd,
     /// `KVM_RUN` entries so far (read by the VMM and tests).
     entries: Arc<AtomicU64>,
 }

@@ -56,7 +56,7 @@ pub fn open_kvm() -> Result<Kvm, KvmVmError> {
 /// A created VM.
 pub struct KvmVm {
     kvm: Kvm,
-    vm: Arc<VmFd>,
+    pub(super) vm: Arc<VmFd>,
     slots: Arc<MemSlots>,
 }
 
@@ -198,7 +198,7 @@ fn enable_msr_exits(vm: &VmFd, traps: &[MsrTrap]) -> Result<(), KvmVmError> {
 /// the devices.
 #[derive(Clone)]
 pub struct Interrupts {
-    vm: Arc<VmFd>,
+    pub(super) vm: Arc<VmFd>,
 }
 
 impl Interrupts {

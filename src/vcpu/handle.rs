@@ -53,6 +53,9 @@ pub struct VcpuHandle {
     tid: std::sync::atomic::AtomicI32,
     ctl: Mutex<Ctl>,
     cv: Condvar,
+    /// The KVM state the thread read when it last paused (a leaf lock);
+    /// cleared when it runs again.
+    saved: Mutex<Option<Result<crate::migration::convert::KvmVcpuState, String>>>,
 }
 
 impl VcpuHandle {
@@ -69,7 +72,21 @@ impl VcpuHandle {
                 woken: false,
             }),
             cv: Condvar::new(),
+            saved: Mutex::new(None),
         }
+    }
+
+    /// The thread records its KVM state (on pausing) or clears it (on running again).
+    pub fn set_saved_state(
+        &self,
+        s: Option<Result<crate::migration::convert::KvmVcpuState, String>>,
+    ) {
+        *self.saved.lock() = s;
+    }
+
+    /// The KVM state read when this vCPU paused (`None` while it runs).
+    pub fn saved_state(&self) -> Option<Result<crate::migration::convert::KvmVcpuState, String>> {
+        self.saved.lock().clone()
     }
 
     pub fn kicker(&self) -> &Kicker {

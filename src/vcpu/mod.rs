@@ -218,9 +218,14 @@ impl Vcpu {
             self.handle.kicker().kick();
             let _ = self.kvm.run();
         }
+        // The state a save writes, read here on the thread that owns the
+        // vCPU fd, before the VMM hears that the vCPU is paused.
+        self.handle
+            .set_saved_state(Some(self.kvm.save_state().map_err(|e| e.to_string())));
         self.handle.report(Reported::Paused);
         tracing::debug!("paused");
         let r = self.handle.wait_unpaused();
+        self.handle.set_saved_state(None);
         tracing::debug!(?r, "unpaused");
         match r {
             Request::Stop => State::Stopped,

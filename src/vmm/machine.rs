@@ -39,6 +39,8 @@ pub enum GuestExit {
     /// Stopped from outside the guest (a signal, a closed stdout): the
     /// string says why.
     Stopped(String),
+    /// Saved to this file by `xenkvm save` and stopped (as `xl save`).
+    Saved(String),
 }
 
 /// Why the guest rebooted.
@@ -112,6 +114,8 @@ pub struct Machine {
     /// One handle per vCPU (control, wake-up, kick, counters).
     pub vcpus: Vec<Arc<VcpuHandle>>,
     pub xen: Xen,
+    /// The in-kernel irqchip (a save reads the PIC, IOAPIC and PIT).
+    pub irq: Interrupts,
     /// VM exits (KVM_RUN returns) of all vCPUs, for the status line.
     pub exits: AtomicU64,
     /// Hypercalls of all vCPUs, for the status line.
@@ -138,6 +142,7 @@ impl Machine {
         irq: Interrupts,
         slots: Arc<MemSlots>,
     ) -> Result<Arc<Machine>, VmError> {
+        let irqchip = irq.clone();
         let caps = XenCaps {
             irq,
             slots,
@@ -146,6 +151,7 @@ impl Machine {
         let xen = Xen::new(cfg, &map, clock, console.clone(), caps).map_err(VmError::XenDomain)?;
         Ok(Arc::new(Machine {
             xen,
+            irq: irqchip,
             mem: map.guest_memory().clone(),
             map,
             clock,

@@ -7,6 +7,7 @@
 pub mod bench_sched;
 pub mod console_dest;
 pub mod console_input;
+pub mod control;
 pub mod event_loop;
 pub mod machine;
 pub mod runner;
@@ -71,6 +72,12 @@ pub struct VmConfig {
     pub disks: Vec<crate::config::DiskSpec>,
     /// NICs for the PV network backend.
     pub nics: Vec<crate::config::NicSpec>,
+    /// Restore this image (read and checked by `migration::restore::load`)
+    /// instead of booting `kernel`.
+    pub restore: Option<(
+        std::path::PathBuf,
+        Arc<crate::migration::restore::RestoreImage>,
+    )>,
 }
 
 impl Default for VmConfig {
@@ -92,6 +99,7 @@ impl Default for VmConfig {
             xen_console: Default::default(),
             disks: Vec::new(),
             nics: Vec::new(),
+            restore: None,
         }
     }
 }
@@ -126,6 +134,8 @@ pub enum VmError {
     /// A configured device whose backend xenkvm does not have yet.
     #[error("{0}")]
     NoBackend(String),
+    #[error("restore: {0}")]
+    Restore(String),
     #[error("vCPU {vcpu} did not pause (it reports {state:?})")]
     PauseTimeout {
         vcpu: u32,
@@ -136,8 +146,13 @@ pub enum VmError {
 /// The boot vCPU's initial state.
 #[derive(Debug, Clone, Copy)]
 enum EntryState {
-    Pvh { entry: u32, start_info: u64 },
+    Pvh {
+        entry: u32,
+        start_info: u64,
+    },
     Linux64(LinuxKernel),
+    /// The vCPUs' state came from a saved image.
+    Restored,
 }
 
 /// A created VM, ready to run.
@@ -225,42 +240,54 @@ impl Vm {
             unsafe { slots.insert(r.guest_base.0, r.size, r.host_addr) }?;
         }
 
-        // Step 2: firmware tables and the kernel.
-        let e820 = layout::e820(&mem);
-        let rsdp = crate::boot::acpi::write_tables(&mem, cfg.vcpus)
-            .map_err(|e| VmError::Acpi(e.to_string()))?;
-        let entry = match cfg.boot {
-            BootProtocol::Pvh => {
-                let kernel = boot::load_pvh_elf(&mem, &cfg.kernel)?;
-                let start_info =
-                    boot::write_start_info(&mem, &e820, &cfg.cmdline, cfg.initrd.as_deref(), rsdp)?;
-                tracing::info!(
-                    entry = format_args!("{:#x}", kernel.entry),
-                    start = format_args!("{:#x}", kernel.start),
-                    end = format_args!("{:#x}", kernel.end),
-                    "PVH kernel loaded"
-                );
-                EntryState::Pvh {
-                    entry: kernel.entry,
-                    start_info,
+        // Step 2: firmware tables and the kernel, or a saved guest's memory.
+        let entry = if let Some((path, img)) = &cfg.restore {
+            let n = crate::migration::restore::apply_pages(path, &mem)
+                .map_err(|e| VmError::Restore(e.to_string()))?;
+            tracing::info!(pages = n, of = img.pages, "guest memory restored");
+            EntryState::Restored
+        } else {
+            let e820 = layout::e820(&mem);
+            let rsdp = crate::boot::acpi::write_tables(&mem, cfg.vcpus)
+                .map_err(|e| VmError::Acpi(e.to_string()))?;
+            match cfg.boot {
+                BootProtocol::Pvh => {
+                    let kernel = boot::load_pvh_elf(&mem, &cfg.kernel)?;
+                    let start_info = boot::write_start_info(
+                        &mem,
+                        &e820,
+                        &cfg.cmdline,
+                        cfg.initrd.as_deref(),
+                        rsdp,
+                    )?;
+                    tracing::info!(
+                        entry = format_args!("{:#x}", kernel.entry),
+                        start = format_args!("{:#x}", kernel.start),
+                        end = format_args!("{:#x}", kernel.end),
+                        "PVH kernel loaded"
+                    );
+                    EntryState::Pvh {
+                        entry: kernel.entry,
+                        start_info,
+                    }
                 }
-            }
-            BootProtocol::Linux => {
-                let k = linux::load_bzimage(
-                    &mem,
-                    &cfg.kernel,
-                    &cfg.cmdline,
-                    cfg.initrd.as_deref(),
-                    &e820,
-                    rsdp,
-                )?;
-                tracing::info!(
-                    entry = format_args!("{:#x}", k.entry),
-                    init_end = format_args!("{:#x}", k.init_end),
-                    initrd = ?k.initrd,
-                    "bzImage loaded for the 64-bit boot protocol"
-                );
-                EntryState::Linux64(k)
+                BootProtocol::Linux => {
+                    let k = linux::load_bzimage(
+                        &mem,
+                        &cfg.kernel,
+                        &cfg.cmdline,
+                        cfg.initrd.as_deref(),
+                        &e820,
+                        rsdp,
+                    )?;
+                    tracing::info!(
+                        entry = format_args!("{:#x}", k.entry),
+                        init_end = format_args!("{:#x}", k.init_end),
+                        initrd = ?k.initrd,
+                        "bzImage loaded for the 64-bit boot protocol"
+                    );
+                    EntryState::Linux64(k)
+                }
             }
         };
 
@@ -314,13 +341,35 @@ impl Vm {
             );
             v.set_cpuid(&entries)
                 .map_err(|e| KvmVmError::Ioctl("KVM_SET_CPUID2", e))?;
+            let restored = match &cfg.restore {
+                Some((_, img)) => match img.vcpus.get(id as usize) {
+                    Some(Some(state)) => {
+                        v.restore_state(state)
+                            .map_err(|e| VmError::Restore(format!("vCPU {id}: {e}")))?;
+                        v.set_runnable().map_err(|e| {
+                            VmError::Restore(format!("vCPU {id}: KVM_SET_MP_STATE: {e}"))
+                        })?;
+                        true
+                    }
+                    _ => false,
+                },
+                None => false,
+            };
             // VCPUOP_initialise checks CR4/EFER against what CPUID offers.
             cr_policy.get_or_insert_with(|| cpuid::cr_policy(&entries));
             let kicker = v
                 .kicker(kvm.vcpu_mmap_size())
                 .map_err(|e| VmError::Os("kick mapping", e))?;
-            handles.push(Arc::new(VcpuHandle::new(id, kicker, v.entries())));
+            let handle = Arc::new(VcpuHandle::new(id, kicker, v.entries()));
+            if restored {
+                handle.set_started();
+            }
+            handles.push(handle);
             vcpus.push(v);
+        }
+        if let Some((_, img)) = &cfg.restore {
+            kvm.restore_irqchip(&img.irqchip)
+                .map_err(|e| VmError::Restore(e.to_string()))?;
         }
         let offset = measure_tsc_offset(&vcpus[0]);
         let clock = Clock::new(tsc_khz, offset);
@@ -492,6 +541,7 @@ impl Vm {
                         set_pvh_entry_state(&kvm_vcpu, entry, start_info)
                     }
                     EntryState::Linux64(k) => set_linux64_entry_state(&kvm_vcpu, &k),
+                    EntryState::Restored => Ok(()),
                 };
                 if let Err(err) = r {
                     machine.request_exit(GuestExit::Error(

@@ -105,6 +105,8 @@ pub struct RunOptions {
     pub status_after: Duration,
     /// The --initrd path, for messages.
     pub initrd_name: Option<String>,
+    /// Serve the VM's control socket here (`--api-socket`, or from `--name`).
+    pub control_socket: Option<std::path::PathBuf>,
 }
 
 impl Default for RunOptions {
@@ -118,6 +120,7 @@ impl Default for RunOptions {
             status: StatusMode::Auto,
             status_after: Duration::from_secs(5),
             initrd_name: None,
+            control_socket: None,
         }
     }
 }
@@ -158,8 +161,23 @@ pub fn run(mut cfg: VmConfig, console: Arc<ConsoleOut>, opts: &RunOptions) -> En
     // A pty console brings its own input.
     cfg.stdin_console = cfg.console_in.is_none()
         && console_input::reads_stdin(opts.console_input, StdinKind::of_stdin());
+    let ctl = match &opts.control_socket {
+        None => None,
+        Some(path) => {
+            let info = super::control::VmInfo {
+                name: cfg.name.clone(),
+                vcpus: cfg.vcpus,
+                mem_mib: cfg.mem_mib,
+            };
+            match super::control::ControlServer::start(path, info) {
+                Ok(c) => Some(c),
+                Err(e) => return Ended::new(exit_status::ERROR, e.to_string()),
+            }
+        }
+    };
     let sup = Supervisor::start(console.clone(), opts);
-    let ended = run_loop(&cfg, &console, opts, &sup);
+    let ended = run_loop(&cfg, &console, opts, &sup, ctl.as_ref());
+    drop(ctl);
     sup.finish();
     console.flush();
     ended
@@ -170,6 +188,7 @@ fn run_loop(
     console: &Arc<ConsoleOut>,
     opts: &RunOptions,
     sup: &Supervisor,
+    ctl: Option<&super::control::ControlServer>,
 ) -> Ended {
     let start = Instant::now();
     let mut restarts: VecDeque<Instant> = VecDeque::new();
@@ -184,7 +203,13 @@ fn run_loop(
             Err(e) => return Ended::new(exit_status::ERROR, create_error(cfg, opts, &e)),
         };
         sup.attach(&vm.machine);
+        if let Some(c) = ctl {
+            c.attach(&vm.machine);
+        }
         let exit = vm.run(remaining);
+        if let Some(c) = ctl {
+            c.detach();
+        }
         sup.detach();
         if let Some(code) = sup.stopped() {
             // The supervisor printed why.
@@ -221,6 +246,9 @@ fn run_loop(
             GuestExit::Timeout(_) => return timeout_ended(opts.timeout.unwrap_or_default()),
             GuestExit::Error(e) => return Ended::new(exit_status::ERROR, e),
             GuestExit::Stopped(why) => return Ended::new(exit_status::ERROR, why),
+            GuestExit::Saved(path) => {
+                return Ended::new(exit_status::POWEROFF, format!("guest saved to {path}"))
+            }
         };
         if action == Action::Destroy {
             return Ended {

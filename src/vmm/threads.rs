@@ -26,6 +26,8 @@ pub enum ThreadKind {
     NetIo,
     /// `xenkvm bench sched`'s CPU hog.
     BenchHog,
+    /// The VM's control socket (`xenkvm pause NAME`...).
+    Control,
 }
 
 /// Called with a message when a thread panics.

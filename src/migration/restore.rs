@@ -1,0 +1,238 @@
+//! Reading an image back: [`load`] reads and checks the whole image
+//! (structure of every layer, the HVM_CONTEXT records and their conversion
+//! to KVM state) before anything is written to a guest; [`apply_pages`]
+//! then reads it again and copies the pages into the new guest's RAM.
+//!
+//! Accepted: an xl image (with or without its JSON config), a bare libxl or
+//! libxc stream; libxc v2 and v3; HVM_PARAMS before or after HVM_CONTEXT;
+//! XTAB, BROKEN and XALLOC pages (no data; BROKEN pages are left zero with
+//! a warning). Not restored yet: the Xen-side state (xenkvm's optional
+//! records are not written by `save` yet), so a guest that had registered
+//! shared_info, event channels or timers finds them reset.
+
+use std::io::BufReader;
+use std::path::Path;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::convert::{self, ConvertError, EventsExtra, KvmIrqchipState, KvmVcpuState};
+use super::hvm_context::{self, HvmRecord};
+use super::stream::image::{ImageReader, Item};
+use super::stream::libxc::{LibxcRecord, PageType, PAGE_SIZE};
+use super::stream::StreamError;
+use crate::GuestMem;
+
+/// Why a restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The file cannot be opened.
+    #[error("{path}: {why}")]
+    File {
+        /// Path.
+        path: String,
+        /// Error.
+        why: String,
+    },
+    /// The stream is malformed.
+    #[error("{path}: {source}")]
+    Stream {
+        /// Path.
+        path: String,
+        /// What is wrong, naming the record and offset.
+        source: StreamError,
+    },
+    /// The CPU state cannot be represented in KVM.
+    #[error("{path}: {source}")]
+    Convert {
+        /// Path.
+        path: String,
+        /// What cannot be represented.
+        source: ConvertError,
+    },
+    /// Something else about the image that xenkvm cannot restore.
+    #[error("{path}: {why}")]
+    Unsupported {
+        /// Path.
+        path: String,
+        /// What.
+        why: String,
+    },
+}
+
+/// What a restore needs besides the pages.
+#[derive(Debug, Clone)]
+pub struct RestoreImage {
+    /// Domain name from the xl config (empty if none).
+    pub name: String,
+    /// Guest memory, MiB.
+    pub mem_mib: u64,
+    /// Per vCPU: its state, `None` for a vCPU that was down.
+    pub vcpus: Vec<Option<KvmVcpuState>>,
+    /// PIC, IOAPIC, PIT.
+    pub irqchip: KvmIrqchipState,
+    /// HVM params from the stream.
+    pub params: Vec<(u64, u64)>,
+    /// Pages with data.
+    pub pages: u64,
+    /// TSC kHz the guest had (0 if the stream does not say).
+    pub tsc_khz: u32,
+}
+
+fn open(path: &Path) -> Result<ImageReader<BufReader<std::fs::File>>, RestoreError> {
+    let f = std::fs::File::open(path).map_err(|e| RestoreError::File {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })?;
+    Ok(ImageReader::new(BufReader::with_capacity(1 << 20, f)))
+}
+
+/// Reads and checks the whole image at `path`.
+pub fn load(path: &Path) -> Result<RestoreImage, RestoreError> {
+    let p = path.display().to_string();
+    let stream = |source| RestoreError::Stream {
+        path: p.clone(),
+        source,
+    };
+    let unsupported = |why: String| RestoreError::Unsupported {
+        path: p.clone(),
+        why,
+    };
+    let mut r = open(path)?;
+    let mut config: Option<Vec<u8>> = None;
+    let mut blob = None;
+    let mut params = Vec::new();
+    let mut pages = 0u64;
+    let mut max_pfn = 0u64;
+    let mut tsc_khz = 0;
+    let mut ended = false;
+    while let Some((_, item)) = r.next_item().map_err(stream)? {
+        match item {
+            Item::Xl(x) => config = x.config,
+            Item::Libxc(LibxcRecord::PageData(pd)) => {
+                for (pfn, t) in &pd.pfns {
+                    if t.has_data() {
+                        pages += 1;
+                        max_pfn = max_pfn.max(*pfn);
+                    }
+                }
+            }
+            Item::Libxc(LibxcRecord::HvmContext(b)) => blob = Some(b),
+            Item::Libxc(LibxcRecord::HvmParams(ps)) => params = ps,
+            Item::Libxc(LibxcRecord::TscInfo(t)) => tsc_khz = t.khz,
+            Item::Libxc(LibxcRecord::Checkpoint) => {
+                return Err(unsupported("a checkpointed (Remus/COLO) stream".into()))
+            }
+            Item::Libxc(LibxcRecord::Optional { rtype, .. }) => {
+                tracing::info!(
+                    rtype = format_args!("{rtype:#x}"),
+                    "optional libxc record skipped"
+                );
+            }
+            Item::Libxl(l) => tracing::info!(?l, "libxl record not used by xenkvm"),
+            Item::End => {
+                ended = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    if !ended {
+        return Err(unsupported("the image has no END record".into()));
+    }
+    let blob = blob.ok_or_else(|| unsupported("the stream has no HVM_CONTEXT record".into()))?;
+    let recs = hvm_context::parse(&blob).map_err(stream)?;
+    let conv = |source| RestoreError::Convert {
+        path: p.clone(),
+        source,
+    };
+    convert::check_unconverted(&recs).map_err(conv)?;
+    let nr_vcpus = recs
+        .iter()
+        .filter_map(|r| match r {
+            HvmRecord::Cpu(i, _) => Some(usize::from(*i) + 1),
+            _ => None,
+        })
+        .max()
+        .ok_or_else(|| unsupported("HVM_CONTEXT has no CPU record".into()))?;
+    let (cfg_name, cfg_vcpus, cfg_kb) = config
+        .as_deref()
+        .and_then(|c| serde_json::from_slice::<serde_json::Value>(c).ok())
+        .map(|v| {
+            (
+                v["c_info"]["name"].as_str().map(str::to_string),
+                v["b_info"]["max_vcpus"].as_u64(),
+                v["b_info"]["max_memkb"].as_u64(),
+            )
+        })
+        .unwrap_or_default();
+    let nr = cfg_vcpus.map_or(nr_vcpus, |n| (n as usize).max(nr_vcpus));
+    if nr > crate::MAX_VCPUS as usize {
+        return Err(unsupported(format!(
+            "{nr} vCPUs (xenkvm runs at most {})",
+            crate::MAX_VCPUS
+        )));
+    }
+    let mut vcpus = Vec::with_capacity(nr);
+    for id in 0..nr as u16 {
+        if recs
+            .iter()
+            .any(|r| matches!(r, HvmRecord::Cpu(i, _) if *i == id))
+        {
+            vcpus.push(Some(
+                convert::vcpu_from_records(id, &recs, &EventsExtra::default()).map_err(conv)?,
+            ));
+        } else {
+            vcpus.push(None);
+        }
+    }
+    let irqchip = convert::irqchip_from_records(&recs).map_err(conv)?;
+    // Memory: the config's, else enough for the highest page.
+    let from_pages = ((max_pfn + 1) * PAGE_SIZE as u64).div_ceil(1 << 20);
+    let mem_mib = cfg_kb.map_or(from_pages, |kb| kb.div_ceil(1024)).max(16);
+    if !(16..=65536).contains(&mem_mib) {
+        return Err(unsupported(format!(
+            "{mem_mib} MiB of memory (xenkvm runs 16 to 65536)"
+        )));
+    }
+    Ok(RestoreImage {
+        name: cfg_name.unwrap_or_default(),
+        mem_mib,
+        vcpus,
+        irqchip,
+        params,
+        pages,
+        tsc_khz,
+    })
+}
+
+/// Copies the image's pages into `mem` (the image was checked by [`load`]).
+pub fn apply_pages(path: &Path, mem: &GuestMem) -> Result<u64, RestoreError> {
+    let p = path.display().to_string();
+    let mut r = open(path)?;
+    let mut n = 0;
+    while let Some((at, item)) = r.next_item().map_err(|source| RestoreError::Stream {
+        path: p.clone(),
+        source,
+    })? {
+        match item {
+            Item::Libxc(LibxcRecord::PageData(pd)) => {
+                for (pfn, t) in &pd.pfns {
+                    if *t == PageType::Broken {
+                        tracing::warn!(pfn, "PAGE_DATA: a BROKEN page is restored as zeroes");
+                    }
+                }
+                for (pfn, data) in pd.pages() {
+                    let gpa = pfn.saturating_mul(PAGE_SIZE as u64);
+                    mem.write_slice(data, GuestAddress(gpa)).map_err(|e| RestoreError::Unsupported {
+                        path: p.clone(),
+                        why: format!("libxc record PAGE_DATA at offset {at:#x}: pfn {pfn:#x} is outside the guest's RAM ({e})"),
+                    })?;
+                    n += 1;
+                }
+            }
+            Item::End => break,
+            _ => {}
+        }
+    }
+    Ok(n)
+}

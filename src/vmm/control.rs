@@ -1,0 +1,453 @@
+//! The control socket of a running VM and the client side of xl's verbs
+//! (`xenkvm list`, `pause`, `unpause`, `shutdown`).
+//!
+//! One Unix stream socket per VM: `--api-socket PATH`, or for `--name NAME`
+//! `$XDG_RUNTIME_DIR/xenkvm/NAME.sock` (else `/run/xenkvm/NAME.sock`). The
+//! directory is created mode 0700 and the socket made 0600; a connecting
+//! process whose uid (`SO_PEERCRED`) is not xenkvm's is refused. The
+//! protocol is one request line and one reply line: `info`, `pause`,
+//! `unpause`, `shutdown`; the reply is `ok ...` or `error ...`.
+//!
+//! The server runs on a thread of its own (kind `Control`); it acts on the
+//! current [`Machine`] (the runner attaches each VM it builds, across
+//! restarts).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::vmm::machine::{GuestExit, Machine};
+use crate::vmm::threads::{self, ThreadKind};
+
+/// A control-socket failure, as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket could not be set up.
+    #[error("control socket {path}: {why}")]
+    Setup {
+        /// The socket path.
+        path: PathBuf,
+        /// What failed.
+        why: String,
+    },
+    /// No VM answers there.
+    #[error("no running VM {name} (no control socket at {path}: {why})")]
+    NotRunning {
+        /// Name given.
+        name: String,
+        /// Where we looked.
+        path: PathBuf,
+        /// The connect error.
+        why: String,
+    },
+    /// The VM answered with an error.
+    #[error("{name}: {why}")]
+    Refused {
+        /// Name given.
+        name: String,
+        /// The VM's reply.
+        why: String,
+    },
+}
+
+/// The directory of named sockets.
+pub fn socket_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("xenkvm"),
+        _ => PathBuf::from("/run/xenkvm"),
+    }
+}
+
+/// The socket of VM `name` (a name with a `/` is a socket path itself).
+pub fn socket_path(name: &str) -> PathBuf {
+    if name.contains('/') {
+        PathBuf::from(name)
+    } else {
+        socket_dir().join(format!("{name}.sock"))
+    }
+}
+
+/// Whether `name` can name a socket file.
+pub fn name_fits_socket(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.+@:".contains(c))
+}
+
+/// What `info` reports.
+#[derive(Debug, Clone)]
+pub struct VmInfo {
+    /// Domain name.
+    pub name: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub mem_mib: u64,
+}
+
+struct Shared {
+    info: VmInfo,
+    machine: Mutex<Option<Weak<Machine>>>,
+    paused: AtomicBool,
+    done: AtomicBool,
+    started: Instant,
+}
+
+/// A running control socket; removed when dropped.
+pub struct ControlServer {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    /// The listening socket again, to wake the accept when dropped (even
+    /// if someone removed the socket file).
+    waker: UnixListener,
+    /// The socket file's (device, inode): removed at the end only if the
+    /// path still names it (not another VM's socket bound there since).
+    file_id: Option<(u64, u64)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Binds the socket at `path` (refusing one a live VM still answers on)
+    /// and starts serving it.
+    pub fn start(path: &Path, info: VmInfo) -> Result<ControlServer, ControlError> {
+        let setup = |why: String| ControlError::Setup {
+            path: path.to_path_buf(),
+            why,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| setup(format!("cannot create {}: {e}", dir.display())))?;
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+            }
+        }
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(setup(
+                    "a running VM already answers on it (choose another --name)".into(),
+                ));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| setup(format!("cannot remove the stale socket: {e}")))?;
+        }
+        let listener = UnixListener::bind(path).map_err(|e| setup(format!("cannot bind: {e}")))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| setup(format!("cannot make it 0600: {e}")))?;
+        let shared = Arc::new(Shared {
+            info,
+            machine: Mutex::new(None),
+            paused: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+            started: Instant::now(),
+        });
+        let s2 = shared.clone();
+        let waker = listener
+            .try_clone()
+            .map_err(|e| setup(format!("cannot clone the socket: {e}")))?;
+        let thread = threads::spawn(
+            ThreadKind::Control,
+            "control".into(),
+            Arc::new(|m| tracing::error!("{m}")),
+            move || serve(listener, &s2),
+        )
+        .map_err(|e| setup(format!("cannot start its thread: {e}")))?;
+        tracing::info!(path = %path.display(), "control socket ready");
+        let file_id = file_id(path);
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            shared,
+            waker,
+            file_id,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes the verbs act on `m` (a new VM runs unpaused).
+    pub fn attach(&self, m: &Arc<Machine>) {
+        *self.shared.machine.lock() = Some(Arc::downgrade(m));
+        self.shared.paused.store(false, Ordering::Release);
+    }
+
+    /// Between VMs (a restart): verbs answer that no guest runs.
+    pub fn detach(&self) {
+        *self.shared.machine.lock() = None;
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.shared.done.store(true, Ordering::Release);
+        // Wake the accept: shutdown makes a blocked accept(2) fail.
+        let _ = rustix::net::shutdown(&self.waker, rustix::net::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if self.file_id.is_some() && file_id(&self.path) == self.file_id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn file_id(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+fn serve(listener: UnixListener, s: &Shared) {
+    for conn in listener.incoming() {
+        if s.done.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(conn) = conn else { continue };
+        if let Err(e) = handle(conn, s) {
+            tracing::debug!(%e, "control connection");
+        }
+    }
+}
+
+fn handle(mut conn: UnixStream, s: &Shared) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let me = rustix::process::geteuid();
+    match rustix::net::sockopt::socket_peercred(&conn) {
+        Ok(c) if c.uid == me => {}
+        Ok(c) => {
+            tracing::warn!(
+                uid = c.uid.as_raw(),
+                "control socket: refused a connection from another user"
+            );
+            return conn.write_all(b"error permission denied: not the VM's owner\n");
+        }
+        Err(e) => {
+            return conn.write_all(format!("error cannot identify the peer: {e}\n").as_bytes())
+        }
+    }
+    let mut line = String::new();
+    BufReader::new((&conn).take(8192)).read_line(&mut line)?;
+    let reply = match execute(line.trim(), s) {
+        Ok(r) => format!("ok {r}\n"),
+        Err(e) => format!("error {e}\n"),
+    };
+    conn.write_all(reply.as_bytes())
+}
+
+fn execute(verb: &str, s: &Shared) -> Result<String, String> {
+    if verb == "info" {
+        let i = &s.info;
+        let state = if s.machine.lock().as_ref().and_then(Weak::upgrade).is_none() {
+            "restarting"
+        } else if s.paused.load(Ordering::Acquire) {
+            "paused"
+        } else {
+            "running"
+        };
+        return Ok(format!(
+            "name={} vcpus={} memory={} state={state} pid={} time={:.1}",
+            i.name,
+            i.vcpus,
+            i.mem_mib,
+            std::process::id(),
+            s.started.elapsed().as_secs_f64()
+        ));
+    }
+    let m = s
+        .machine
+        .lock()
+        .as_ref()
+        .and_then(Weak::upgrade)
+        .ok_or("no guest is running (it is being restarted)")?;
+    match verb {
+        "pause" => {
+            if s.paused.load(Ordering::Acquire) {
+                return Err("already paused".into());
+            }
+            m.pause(Duration::from_secs(10))
+                .map_err(|e| e.to_string())?;
+            s.paused.store(true, Ordering::Release);
+            Ok("paused".into())
+        }
+        "unpause" => {
+            if !s.paused.swap(false, Ordering::AcqRel) {
+                return Err("not paused".into());
+            }
+            m.resume();
+            Ok("running".into())
+        }
+        v if v.starts_with("save ") || v.starts_with("checkpoint ") => {
+            let (verb, arg) = v.split_once(' ').unwrap_or((v, ""));
+            let path = Path::new(arg.trim());
+            if !path.is_absolute() {
+                return Err(format!("{verb} needs an absolute path"));
+            }
+            let r = save(&m, s, path, verb == "checkpoint")?;
+            if verb == "save" {
+                // As `xl save`: the guest ends once its image is complete.
+                m.request_exit(GuestExit::Saved(path.display().to_string()));
+            }
+            Ok(r)
+        }
+        "shutdown" => {
+            tracing::info!("control socket: shutdown");
+            m.request_exit(GuestExit::Poweroff);
+            Ok("shutting down".into())
+        }
+        v => Err(format!(
+            "unknown request {v:?} (info, pause, unpause, save PATH, checkpoint PATH, shutdown)"
+        )),
+    }
+}
+
+/// `save PATH` / `checkpoint PATH`: pauses the guest (unless paused),
+/// writes the xl save image to PATH (through a temporary file renamed at
+/// the end, so a failed save leaves no partial image). A checkpoint, or a
+/// save that failed, lets the guest run again if it ran; a successful save
+/// keeps it paused (the caller then ends it).
+fn save(m: &Machine, s: &Shared, path: &Path, checkpoint: bool) -> Result<String, String> {
+    use crate::migration::save::{write_image, SaveMeta, STREAM_PARAMS};
+    let was_paused = s.paused.load(Ordering::Acquire);
+    let t0 = Instant::now();
+    if !was_paused {
+        m.pause(Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+    }
+    let result = (|| {
+        let mut states = Vec::with_capacity(m.vcpus.len());
+        for h in m.vcpus.iter().filter(|h| h.started()) {
+            match h.saved_state() {
+                Some(Ok(st)) => states.push((h.id as u16, st)),
+                Some(Err(e)) => return Err(format!("vCPU {}: {e}", h.id)),
+                None => return Err(format!("vCPU {} has no saved state (it stopped)", h.id)),
+            }
+        }
+        let irq = m.irq.save_irqchip().map_err(|e| e.to_string())?;
+        let params: Vec<(u64, u64)> = STREAM_PARAMS
+            .iter()
+            .map(|i| (u64::from(*i), m.xen.domain.param(*i).unwrap_or(0)))
+            .collect();
+        let meta = SaveMeta {
+            name: s.info.name.clone(),
+            mem_mib: s.info.mem_mib,
+            tsc_khz: m.clock.tsc_khz,
+            system_time_ns: m.clock.system_time(),
+        };
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".partial");
+        let tmp = PathBuf::from(tmp);
+        let write = || -> Result<crate::migration::save::SaveStats, String> {
+            let f = std::fs::File::create(&tmp)
+                .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            let st = write_image(&mut w, &meta, m.vcpus.len(), &states, &irq, &m.mem, &params)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let f = w
+                .into_inner()
+                .map_err(|e| format!("{}: {}", path.display(), e.error()))?;
+            f.sync_all()
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            std::fs::rename(&tmp, path)
+                .map_err(|e| format!("cannot rename to {}: {e}", path.display()))?;
+            Ok(st)
+        };
+        let st = write();
+        if st.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        st
+    })();
+    let paused_for = t0.elapsed();
+    if !was_paused && (checkpoint || result.is_err()) {
+        m.resume();
+    }
+    let st = result?;
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(st.bytes);
+    tracing::info!(path = %path.display(), pages = st.pages, bytes, "saved");
+    Ok(format!(
+        "saved {} pages ({} holes), {bytes} bytes, to {} in {:.3} s",
+        st.pages,
+        st.holes,
+        path.display(),
+        paused_for.as_secs_f64()
+    ))
+}
+
+/// Sends `verb` to VM `name` (a name or a socket path); the reply's text.
+pub fn request(name: &str, verb: &str) -> Result<String, ControlError> {
+    let path = socket_path(name);
+    let not_running = |why: String| ControlError::NotRunning {
+        name: name.to_string(),
+        path: path.clone(),
+        why,
+    };
+    let mut c = UnixStream::connect(&path).map_err(|e| not_running(e.to_string()))?;
+    let io = |e: std::io::Error| not_running(e.to_string());
+    // A save takes as long as writing the guest's memory does.
+    let timeout = (!verb.starts_with("save ") && !verb.starts_with("checkpoint "))
+        .then(|| Duration::from_secs(30));
+    c.set_read_timeout(timeout).map_err(io)?;
+    // The VM may answer (a refusal) before it reads the request: read the
+    // reply even if the write failed.
+    let wrote = c.write_all(format!("{verb}\n").as_bytes());
+    let mut line = String::new();
+    BufReader::new(c.take(4096))
+        .read_line(&mut line)
+        .map_err(io)?;
+    if line.is_empty() {
+        return Err(not_running(match wrote {
+            Err(e) => e.to_string(),
+            Ok(()) => "it closed the connection without a reply".into(),
+        }));
+    }
+    let line = line.trim_end();
+    if let Some(r) = line.strip_prefix("ok") {
+        Ok(r.trim_start().to_string())
+    } else {
+        Err(ControlError::Refused {
+            name: name.to_string(),
+            why: line.strip_prefix("error ").unwrap_or(line).to_string(),
+        })
+    }
+}
+
+/// `info` of every VM with a socket in [`socket_dir`], by name (stale
+/// sockets skipped): (name, the `key=value` fields).
+pub fn list() -> Vec<(String, Vec<(String, String)>)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(socket_dir()) else {
+        return out;
+    };
+    let mut paths: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+        .collect();
+    paths.sort();
+    for p in paths {
+        let Some(name) = p.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        if let Ok(r) = request(&p.to_string_lossy(), "info") {
+            let kv = r
+                .split_whitespace()
+                .filter_map(|f| f.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            out.push((name, kv));
+        }
+    }
+    out
+}

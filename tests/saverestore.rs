@@ -1,0 +1,711 @@
+//! Save/restore in Xen's stream format: KVM state through Xen's HVM_CONTEXT
+//! records and back (needs /dev/kvm; skipped with a reason without it,
+//! fails with REQUIRE_KVM=1).
+
+mod common;
+
+use xenkvm::kvm::KvmVm;
+use xenkvm::migration::convert::{
+    irqchip_from_records, irqchip_to_records, msr, vcpu_from_records, vcpu_to_records,
+};
+use xenkvm::migration::hvm_context::{self, SaveHeader};
+
+#[test]
+fn saverestore_kvm_vcpu_state_survives_xen_records() {
+    if !common::kvm_available("saverestore_kvm_vcpu_state_survives_xen_records") {
+        return;
+    }
+    let a = KvmVm::create(&[]).unwrap();
+    let va = a.create_vcpu(0).unwrap();
+    let mut regs = va.regs().unwrap();
+    regs.rax = 0x1111;
+    regs.rbx = 0x2222;
+    regs.r15 = 0xF15;
+    regs.rip = 0x7C00;
+    regs.rsp = 0x8000;
+    regs.rflags = 0x202;
+    va.set_regs(&regs).unwrap();
+    let mut sregs = va.sregs().unwrap();
+    sregs.cs.selector = 0x10;
+    sregs.cs.base = 0;
+    sregs.gdt.base = 0x5000;
+    sregs.gdt.limit = 0x27;
+    va.set_sregs(&sregs).unwrap();
+    for (i, v) in [
+        (msr::LSTAR, 0xFFFF_FFFF_8100_0000u64),
+        (msr::SYSENTER_EIP, 0xC010_0000),
+        (msr::PAT, 0x0007_0406_0007_0406),
+        (msr::KERNEL_GS_BASE, 0x1234_5000),
+    ] {
+        assert!(va.write_msr(i, v), "set MSR {i:#x}");
+    }
+    let irq_a = a.save_irqchip().unwrap();
+    let saved = va.save_state().unwrap();
+
+    let (mut recs, extra) = vcpu_to_records(0, &saved).unwrap();
+    recs.extend(irqchip_to_records(&irq_a));
+    let blob = hvm_context::build(
+        SaveHeader {
+            changeset: 0,
+            cpuid: 0,
+            gtsc_khz: va.tsc_khz().unwrap_or(0),
+        },
+        recs,
+    );
+    let parsed = hvm_context::parse(&blob).unwrap();
+
+    let b = KvmVm::create(&[]).unwrap();
+    let vb = b.create_vcpu(0).unwrap();
+    let state = vcpu_from_records(0, &parsed, &extra).unwrap();
+    vb.restore_state(&state).unwrap();
+    b.restore_irqchip(&irqchip_from_records(&parsed).unwrap())
+        .unwrap();
+
+    let again = vb.save_state().unwrap();
+    assert_eq!(again.regs, saved.regs);
+    assert_eq!(again.sregs.cs, saved.sregs.cs);
+    assert_eq!(
+        (again.sregs.gdt.base, again.sregs.gdt.limit),
+        (0x5000, 0x27)
+    );
+    assert_eq!(again.sregs.cr0, saved.sregs.cr0);
+    assert_eq!(again.fpu.fcw, saved.fpu.fcw);
+    for i in [msr::LSTAR, msr::SYSENTER_EIP, msr::PAT, msr::KERNEL_GS_BASE] {
+        let get = |s: &xenkvm::migration::convert::KvmVcpuState| {
+            s.msrs.iter().find(|m| m.0 == i).map(|m| m.1)
+        };
+        assert_eq!(get(&again), get(&saved), "MSR {i:#x}");
+    }
+    assert_eq!(
+        again.lapic[0x20..0x24],
+        saved.lapic[0x20..0x24],
+        "APIC ID back in KVM numbering"
+    );
+    let irq_b = b.save_irqchip().unwrap();
+    assert_eq!(irq_b.ioapic.redirtbl, irq_a.ioapic.redirtbl);
+    assert_eq!(irq_b.pic[0].imr, irq_a.pic[0].imr);
+}
+
+// ---- the control socket and xl's verbs, against the built-in test guest
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A private $XDG_RUNTIME_DIR, so tests neither see nor touch real VMs.
+struct RuntimeDir(std::path::PathBuf);
+
+impl RuntimeDir {
+    fn new(tag: &str) -> RuntimeDir {
+        let p = std::env::temp_dir().join(format!("xenkvm-rt-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        RuntimeDir(p)
+    }
+
+    fn xenkvm(&self, args: &[&str]) -> Output {
+        Command::new(common::xenkvm_bin())
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &self.0)
+            .env("XENKVM_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run xenkvm")
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The guest's stdout, read on a thread into a shared buffer.
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Console {
+    fn attach(child: &mut Child) -> Console {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let b2 = buf.clone();
+        let mut out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 65536];
+            while let Ok(n) = out.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                b2.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        Console(buf)
+    }
+
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// Waits (up to 60 s) until the output holds `what`.
+    fn wait_for(&self, what: &str) {
+        let until = Instant::now() + Duration::from_secs(60);
+        while !self.text().contains(what) {
+            assert!(Instant::now() < until, "no {what:?} on the console");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The highest `chatter N` seen.
+    fn last_chatter(&self) -> u64 {
+        self.text()
+            .lines()
+            .filter_map(|l| l.split("chatter ").nth(1))
+            .filter_map(|n| n.trim().parse().ok())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+fn list_row(rt: &RuntimeDir, name: &str) -> Option<String> {
+    let out = rt.xenkvm(&["list"]);
+    assert!(out.status.success(), "list: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.starts_with("Name"), "list header: {text}");
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .map(str::to_string)
+}
+
+#[test]
+fn control_verbs_list_pause_unpause_shutdown_drive_a_running_guest() {
+    if !common::kvm_available("control_verbs_list_pause_unpause_shutdown_drive_a_running_guest") {
+        return;
+    }
+    let rt = RuntimeDir::new("verbs");
+    let guest = common::GuestFile::new("control");
+    let mut child = Command::new(common::xenkvm_bin())
+        .args([
+            "run",
+            "--xen-console",
+            "console",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "chatter",
+            "--vcpus",
+            "2",
+            "--memory",
+            "64",
+            "--name",
+            "ctl-test",
+            "--timeout",
+            "120",
+        ])
+        .env("XDG_RUNTIME_DIR", &rt.0)
+        .env("XENKVM_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let console = Console::attach(&mut child);
+    console.wait_for("chatter 1");
+
+    let sock = rt.0.join("xenkvm/ctl-test.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode");
+    let row = list_row(&rt, "ctl-test").expect("list shows the VM");
+    assert!(
+        row.contains(" 2 ") && row.contains("running") && row.contains(&child.id().to_string()),
+        "{row}"
+    );
+
+    let out = rt.xenkvm(&["pause", "ctl-test"]);
+    assert!(
+        out.status.success(),
+        "pause: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(list_row(&rt, "ctl-test").unwrap().contains("paused"));
+    // Output that was on its way lands; then nothing more while paused.
+    std::thread::sleep(Duration::from_millis(500));
+    let (len, last) = (console.len(), console.last_chatter());
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(console.len(), len, "the paused guest wrote to its console");
+
+    let again = rt.xenkvm(&["pause", "ctl-test"]);
+    assert_eq!(
+        String::from_utf8_lossy(&again.stderr).trim(),
+        "xenkvm: ctl-test: already paused"
+    );
+
+    let out = rt.xenkvm(&["unpause", "ctl-test"]);
+    assert!(
+        out.status.success(),
+        "unpause: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    console.wait_for(&format!("chatter {}", last + 100));
+
+    let out = rt.xenkvm(&["shutdown", "ctl-test"]);
+    assert!(
+        out.status.success(),
+        "shutdown: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "a shutdown is a power-off");
+    assert!(!sock.exists(), "the socket is removed when the VM ends");
+    assert!(list_row(&rt, "ctl-test").is_none());
+    let gone = rt.xenkvm(&["pause", "ctl-test"]);
+    let err = String::from_utf8_lossy(&gone.stderr);
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(
+        err.starts_with("xenkvm: no running VM ctl-test") && err.lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[test]
+fn control_socket_refuses_another_user() {
+    if !common::kvm_available("control_socket_refuses_another_user") {
+        return;
+    }
+    if !rustix_is_root() {
+        common::skip(
+            "control_socket_refuses_another_user",
+            "needs root to run a client as another uid",
+        );
+        return;
+    }
+    let rt = RuntimeDir::new("uid");
+    std::fs::set_permissions(&rt.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = rt.0.join("api.sock");
+    let guest = common::GuestFile::new("uid");
+    let mut child = Command::new(common::xenkvm_bin())
+        .args([
+            "run",
+            "--xen-console",
+            "console",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "idle",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--timeout",
+            "120",
+        ])
+        .env("XENKVM_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let console = Console::attach(&mut child);
+    console.wait_for("idle: halted");
+    // Even with the socket opened up, SO_PEERCRED refuses another uid.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    use std::os::unix::process::CommandExt;
+    let other = Command::new(common::xenkvm_bin())
+        .args(["pause", sock.to_str().unwrap()])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(other.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("permission denied: not the VM's owner"),
+        "{err}"
+    );
+    let out = rt.xenkvm(&["shutdown", sock.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+fn rustix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+// ---- xenkvm save: an xl save image of a running guest
+
+use xenkvm::migration::hvm_context::HvmRecord;
+use xenkvm::migration::stream::image::{ImageReader, Item};
+use xenkvm::migration::stream::libxc::LibxcRecord;
+
+#[test]
+fn save_running_guest_writes_an_image_the_reader_accepts_and_guest_runs_on() {
+    if !common::kvm_available(
+        "save_running_guest_writes_an_image_the_reader_accepts_and_guest_runs_on",
+    ) {
+        return;
+    }
+    let rt = RuntimeDir::new("save");
+    let guest = common::GuestFile::new("save");
+    let mut child = Command::new(common::xenkvm_bin())
+        .args([
+            "run",
+            "--xen-console",
+            "console",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "chatter",
+            "--vcpus",
+            "2",
+            "--memory",
+            "64",
+            "--name",
+            "save-test",
+            "--timeout",
+            "120",
+        ])
+        .env("XDG_RUNTIME_DIR", &rt.0)
+        .env("XENKVM_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let console = Console::attach(&mut child);
+    console.wait_for("chatter 1");
+
+    let img = rt.0.join("guest.img");
+    let out = rt.xenkvm(&["save", "--checkpoint", "save-test", img.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "save: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{said}");
+    assert!(said.starts_with("saved 16384 pages (0 holes)"), "{said}");
+    // The guest runs on after the save (as `xl save -c`).
+    let last = console.last_chatter();
+    console.wait_for(&format!("chatter {}", last + 100));
+
+    // An unwritable path: one line, and the guest keeps running.
+    // A failed save leaves the guest running (checkpoint or not).
+    let bad = rt.xenkvm(&["save", "save-test", "/nonexistent-dir/x.img"]);
+    let err = String::from_utf8_lossy(&bad.stderr).into_owned();
+    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot create /nonexistent-dir/x.img.partial"),
+        "{err}"
+    );
+    let last = console.last_chatter();
+    console.wait_for(&format!("chatter {}", last + 100));
+    assert!(rt.xenkvm(&["shutdown", "save-test"]).status.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+
+    // The record sequence, as the reader checks it.
+    let bytes = std::fs::read(&img).unwrap();
+    let items = ImageReader::new(&bytes[..]).collect_all().unwrap();
+    let kinds: Vec<String> = items
+        .iter()
+        .map(|(_, i)| match i {
+            Item::Libxc(r) => xenkvm::migration::stream::libxc::record_name(r.encode().0),
+            other => format!("{other:?}")
+                .split(['(', ' '])
+                .next()
+                .unwrap()
+                .to_string(),
+        })
+        .collect();
+    let mut dedup = kinds.clone();
+    dedup.dedup();
+    // Xen 4.14+'s order; HVM_PARAMS carries the store and console pfns.
+    let want = [
+        "Xl",
+        "LibxlHeader",
+        "LibxcHeader",
+        "STATIC_DATA_END",
+        "PAGE_DATA",
+        "X86_TSC_INFO",
+        "HVM_CONTEXT",
+        "HVM_PARAMS",
+        "LibxcEnd",
+        "End",
+    ];
+    assert_eq!(dedup, want);
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "PAGE_DATA").count(),
+        16,
+        "16 batches of 1024 pages"
+    );
+    let Item::Xl(xl) = &items[0].1 else {
+        panic!("no xl header")
+    };
+    let cfg = String::from_utf8(xl.config.clone().unwrap()).unwrap();
+    assert!(
+        cfg.contains("\"name\":\"save-test\"") && cfg.contains("\"max_vcpus\":2"),
+        "{cfg}"
+    );
+    let blob = items
+        .iter()
+        .find_map(|(_, i)| match i {
+            Item::Libxc(LibxcRecord::HvmContext(b)) => Some(b.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let recs = hvm_context::parse(&blob).unwrap();
+    let cpus: Vec<_> = recs
+        .iter()
+        .filter_map(|r| match r {
+            HvmRecord::Cpu(i, c) => Some((*i, c.rip, c.msr_efer)),
+            _ => None,
+        })
+        .collect();
+    // The chatter guest never starts vCPU 1: down, so (as Xen) no CPU record.
+    assert_eq!(cpus.len(), 1);
+    assert!(
+        cpus[0].1 != 0 && cpus[0].2 & 0x400 != 0,
+        "vCPU 0 in long mode: {cpus:x?}"
+    );
+    let apic_ids: Vec<u32> = recs
+        .iter()
+        .filter_map(|r| match r {
+            HvmRecord::LapicRegs(_, regs) => {
+                Some(u32::from_le_bytes(regs[0x20..0x24].try_into().unwrap()) >> 24)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(apic_ids, [0], "Xen's APIC numbering (2 * vcpu_id)");
+    assert!(recs.iter().any(|r| matches!(r, HvmRecord::IoApic(..))));
+    assert_eq!(
+        recs.iter()
+            .filter(|r| matches!(r, HvmRecord::Pic(..)))
+            .count(),
+        2
+    );
+
+    // Truncated or corrupted: refused with one line naming the record.
+    let e = ImageReader::new(&bytes[..bytes.len() - 5000])
+        .collect_all()
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e.lines().count(), 1);
+    assert!(e.contains("truncated") && e.contains("record"), "{e}");
+    let ctx_at = items
+        .iter()
+        .find(|(_, i)| matches!(i, Item::Libxc(LibxcRecord::HvmContext(_))))
+        .unwrap()
+        .0 as usize;
+    let mut bad = bytes.clone();
+    bad[ctx_at + 4..ctx_at + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+    let e = ImageReader::new(&bad[..])
+        .collect_all()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("record HVM_CONTEXT at offset") && e.contains("exceeds"),
+        "{e}"
+    );
+
+    if let Some(dir) = std::env::var_os("XENKVM_XEN_VERIFIER").map(std::path::PathBuf::from) {
+        let v = Command::new("python3")
+            .arg(dir.join("bin/verify-stream-v2"))
+            .args(["-f", "xl", "-i"])
+            .arg(&img)
+            .env("PYTHONPATH", dir.join("lib/python"))
+            .output()
+            .unwrap();
+        assert!(
+            v.status.success(),
+            "verify-stream-v2: {}",
+            String::from_utf8_lossy(&v.stdout)
+        );
+    } else {
+        common::skip(
+            "save_..._verify-stream-v2 part",
+            "set XENKVM_XEN_VERIFIER to run Xen's verifier",
+        );
+    }
+}
+
+/// The first `chatter N` number in `text`.
+fn first_chatter(text: &str) -> Option<u64> {
+    text.lines()
+        .filter_map(|l| l.split("chatter ").nth(1))
+        .find_map(|n| n.trim().parse().ok())
+}
+
+#[test]
+fn restore_saved_guest_continues_its_console_output() {
+    if !common::kvm_available("restore_saved_guest_continues_its_console_output") {
+        return;
+    }
+    let rt = RuntimeDir::new("restore");
+    let guest = common::GuestFile::new("restore");
+    let spawn = |args: &[&str]| {
+        Command::new(common::xenkvm_bin())
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &rt.0)
+            .env("XENKVM_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn(&[
+        "run",
+        "--xen-console",
+        "console",
+        "--kernel",
+        guest.path(),
+        "--cmdline",
+        "chatter",
+        "--vcpus",
+        "2",
+        "--memory",
+        "64",
+        "--name",
+        "orig",
+        "--timeout",
+        "120",
+    ]);
+    let console = Console::attach(&mut child);
+    console.wait_for("chatter 1");
+    let img = rt.0.join("orig.img");
+    let out = rt.xenkvm(&["save", "orig", img.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "save: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // As `xl save`: the saved guest ends; its xenkvm says where it went.
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(
+        err.trim(),
+        format!("xenkvm: guest saved to {}", img.display())
+    );
+    let before = console.text();
+
+    // A new process from the image: the output picks up where the save
+    // stopped the guest (the line before its first is in the original's output).
+    let mut restored = spawn(&[
+        "restore",
+        img.to_str().unwrap(),
+        "--xen-console",
+        "console",
+        "--name",
+        "again",
+        "--timeout",
+        "120",
+    ]);
+    let after = Console::attach(&mut restored);
+    after.wait_for("chatter ");
+    let first = first_chatter(&after.text()).unwrap();
+    assert!(
+        first > 0 && before.contains(&format!("chatter {}\n", first - 1)),
+        "restored output starts at chatter {first}"
+    );
+    after.wait_for(&format!("chatter {}", first + 1000));
+    assert!(
+        after.text().lines().next().unwrap().contains("chatter"),
+        "no boot messages: the guest was not booted again"
+    );
+    let row = list_row(&rt, "again").expect("the restored VM is listed");
+    assert!(row.contains("running") && row.contains(" 2 "), "{row}");
+    assert!(rt.xenkvm(&["shutdown", "again"]).status.success());
+    assert_eq!(restored.wait().unwrap().code(), Some(0));
+
+    // Truncated and corrupted images: refused before any guest is built,
+    // with one line naming the record.
+    let bytes = std::fs::read(&img).unwrap();
+    let cut = rt.0.join("cut.img");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = rt.xenkvm(&["restore", cut.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cut.img: libxc record PAGE_DATA at offset 0x") && err.contains("truncated"),
+        "{err}"
+    );
+    let items = ImageReader::new(&bytes[..]).collect_all().unwrap();
+    let ctx_at = items
+        .iter()
+        .find(|(_, i)| matches!(i, Item::Libxc(LibxcRecord::HvmContext(_))))
+        .unwrap()
+        .0 as usize;
+    let mut bad = bytes.clone();
+    bad[ctx_at + 16] ^= 0xFF; // HVM_CONTEXT's HEADER magic
+    let badf = rt.0.join("bad.img");
+    std::fs::write(&badf, &bad).unwrap();
+    let out = rt.xenkvm(&["restore", badf.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("HVM_CONTEXT record HEADER instance 0") && err.contains("magic"),
+        "{err}"
+    );
+}
+
+#[test]
+fn control_socket_file_removed_vm_still_ends_at_its_timeout() {
+    if !common::kvm_available("control_socket_file_removed_vm_still_ends_at_its_timeout") {
+        return;
+    }
+    let rt = RuntimeDir::new("gone");
+    let guest = common::GuestFile::new("gone");
+    let sock = rt.0.join("gone.sock");
+    let mut child = Command::new(common::xenkvm_bin())
+        .args([
+            "run",
+            "--xen-console",
+            "console",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "idle",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--timeout",
+            "3",
+        ])
+        .env("XENKVM_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let console = Console::attach(&mut child);
+    console.wait_for("idle: halted");
+    std::fs::remove_file(&sock).unwrap();
+    // It used to wait forever for its control thread, blocked in accept.
+    let until = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("xenkvm did not end after its --timeout with its socket file removed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(4), "timeout status");
+}
