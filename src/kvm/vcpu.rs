@@ -256,8 +256,21 @@ impl KvmVcpu {
         self.fd.set_sync_dirty_reg(SyncReg::Register);
     }
 
+    /// Changes the segment and control registers through the synced copy
+    /// (applied at the next entry). Its `interrupt_bitmap` is cleared:
+    /// `KVM_SET_SREGS` queues the interrupt a set bit names as injected
+    /// (delivered at the next entry whatever RFLAGS.IF says), and the copy
+    /// KVM stored at the exit can still name an interrupt that was already
+    /// delivered. Measured on `kvm_pvm`: at the syscall fix-up's #PF trap
+    /// the copy had the Xen upcall vector 0xf3 set while
+    /// `KVM_GET_VCPU_EVENTS` said no interrupt was injected; writing it
+    /// back delivered 0xf3 again at LSTAR on the user's stack, a double
+    /// fault in every Linux boot at init's first system call. xenkvm
+    /// never injects interrupts through this path.
     pub fn put_synced_sregs(&mut self, sregs: &kvm_sregs) {
-        self.fd.sync_regs_mut().sregs = *sregs;
+        let mut s = *sregs;
+        s.interrupt_bitmap = [0; 4];
+        self.fd.sync_regs_mut().sregs = s;
         self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
     }
 
