@@ -736,3 +736,288 @@ fn blkback_merged_consecutive_requests_keep_order_and_errors_apart() {
     assert!(b.iter().all(|&x| x == 0x11));
     assert!(pg.iter().all(|p| g.busy(p.1) == 0));
 }
+
+// ---- qcow2 images (through imago) ----
+
+/// `qemu-img`, or why the qcow2 tests cannot run.
+fn qemu_img(test: &str) -> bool {
+    let ok = std::process::Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        println!("{test}: skipped: qemu-img is not installed (apt-get install qemu-utils)");
+    }
+    ok
+}
+
+fn run_qemu_img(args: &[&str]) -> String {
+    let o = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "qemu-img {args:?}: {out}");
+    out
+}
+
+/// A 16 MiB qcow2 image with 4 KiB clusters (one L2 table maps 2 MiB)
+/// holding `pattern`, and that pattern.
+fn qcow2_image(t: &TmpDir, name: &str) -> (PathBuf, Vec<u8>) {
+    let sectors = 16 * 2048;
+    let raw = t.image(&format!("{name}.raw"), sectors);
+    let q = t.0.join(name);
+    run_qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        raw.to_str().unwrap(),
+        q.to_str().unwrap(),
+    ]);
+    let data = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(raw).unwrap();
+    (q, data)
+}
+
+fn qdisk(path: &std::path::Path, ro: bool) -> Arc<Disk> {
+    let spec = format!(
+        "format=qcow2,vdev=xvda,access={},target={}",
+        if ro { "ro" } else { "rw" },
+        path.display()
+    );
+    Arc::new(Disk::open(&BlkConfig::parse(&spec).unwrap()).unwrap())
+}
+
+/// One data request over fresh pages: segments `(first_sect, last_sect)`
+/// (indirect past 11), `data` written from them for writes; returns the
+/// status and, for reads, the bytes read.
+fn seg_io(
+    g: &Arc<Guest>,
+    fr: &mut FrontRing,
+    op: RwOp,
+    id: u64,
+    sector: u64,
+    specs: &[(u8, u8)],
+    data: Option<&[u8]>,
+) -> (i16, Vec<u8>) {
+    let write = op.writes();
+    let pg = data_pages(g, specs.len() as u64, write);
+    let mut pos = 0;
+    let mut segs = Vec::new();
+    for (&(first, last), &(f, r)) in specs.iter().zip(&pg) {
+        let len = (usize::from(last) - usize::from(first) + 1) * 512;
+        if let Some(d) = data {
+            g.write_mem(f * 4096 + u64::from(first) * 512, &d[pos..pos + len]);
+        }
+        pos += len;
+        segs.push(Segment {
+            gref: r,
+            first_sect: first,
+            last_sect: last,
+        });
+    }
+    let req = if segs.len() <= 11 {
+        rw(op, id, sector, segs.clone())
+    } else {
+        let ind = g.alloc_pages(1)[0];
+        let mut page = vec![0u8; 4096];
+        for (i, s) in segs.iter().enumerate() {
+            page[i * 8..i * 8 + 8].copy_from_slice(&s.encode());
+        }
+        g.write_mem(ind * 4096, &page);
+        Request::Indirect {
+            op,
+            handle: 0,
+            id,
+            sector,
+            nr_segments: segs.len() as u16,
+            pages: vec![g.grant(ind, true)],
+        }
+    };
+    let (rid, _, st) = one(fr, &req);
+    assert_eq!(rid, id);
+    let mut out = Vec::new();
+    if !write {
+        for (s, &(f, _)) in segs.iter().zip(&pg) {
+            let mut b = vec![0u8; (usize::from(s.last_sect) - usize::from(s.first_sect) + 1) * 512];
+            g.read_mem(f * 4096 + u64::from(s.first_sect) * 512, &mut b);
+            out.extend(b);
+        }
+    }
+    assert!(pg.iter().all(|p| g.busy(p.1) == 0), "grants given back");
+    (st, out)
+}
+
+fn bytes(specs: &[(u8, u8)]) -> usize {
+    specs
+        .iter()
+        .map(|&(a, b)| (usize::from(b) - usize::from(a) + 1) * 512)
+        .sum()
+}
+
+#[test]
+fn blkback_qcow2_unaligned_multi_segment_io_round_trips_and_survives_reopen() {
+    if !qemu_img("blkback_qcow2_unaligned_multi_segment_io_round_trips_and_survives_reopen") {
+        return;
+    }
+    let t = TmpDir::new("qcow2");
+    let (path, mut expect) = qcow2_image(&t, "d.qcow2");
+    let d = qdisk(&path, false);
+    assert!(d.is_qcow2() && d.file().is_none());
+    assert_eq!(d.sectors(), 16 * 2048, "the virtual size, not the file's");
+    let g = Guest::new();
+    let (mut fr, th) = connect(&g, d, 4, Abi::X86_64);
+    // Existing data: 18 sectors from 3 sectors past 2 MiB (the second L2 table).
+    let specs = [(1, 7), (0, 7), (0, 2)];
+    let (st, got) = seg_io(&g, &mut fr, RwOp::Read, 1, 4096 + 3, &specs, None);
+    assert_eq!(st, RSP_OKAY);
+    let at = (4096 + 3) * 512;
+    assert!(
+        got == expect[at..at + bytes(&specs)],
+        "read of existing data"
+    );
+    // Writes: 11 segments in the first L2 table, unaligned to clusters; two
+    // segments across the 2 MiB boundary; 40 segments (indirect) at 5 MiB +
+    // 5 sectors; each with its own data.
+    let mut id = 10;
+    let mut fill = 0u8;
+    let writes: Vec<(u64, Vec<(u8, u8)>)> = vec![
+        (3, (0..11).map(|i| (i % 3, 7 - (i % 2))).collect()),
+        (4096 - 5, vec![(0, 7), (2, 7)]),
+        (5 * 2048 + 5, (0..40).map(|i| (i % 8, 7)).collect()),
+    ];
+    for (sector, specs) in &writes {
+        let n = bytes(specs);
+        fill += 1;
+        let data: Vec<u8> = (0..n).map(|i| (i as u8).wrapping_mul(31) ^ fill).collect();
+        id += 1;
+        let (st, _) = seg_io(&g, &mut fr, RwOp::Write, id, *sector, specs, Some(&data));
+        assert_eq!(st, RSP_OKAY, "write at sector {sector}");
+        let at = *sector as usize * 512;
+        expect[at..at + n].copy_from_slice(&data);
+    }
+    // Read back each write, with a sector of context either side.
+    for (sector, specs) in &writes {
+        let n = bytes(specs) / 512 + 2;
+        let specs: Vec<(u8, u8)> = (0..n.div_ceil(8))
+            .map(|i| (0, (n - i * 8).min(8) as u8 - 1))
+            .collect();
+        id += 1;
+        let (st, got) = seg_io(&g, &mut fr, RwOp::Read, id, sector - 1, &specs, None);
+        assert_eq!(st, RSP_OKAY);
+        let at = (*sector as usize - 1) * 512;
+        assert!(got == expect[at..at + n * 512], "read back at {sector}");
+    }
+    assert_eq!(
+        one(&mut fr, &rw(RwOp::Flush, 100, 0, vec![])),
+        (100, 3, RSP_OKAY)
+    );
+    // Discard 3 MiB + 1 sector, 64 sectors: reads as zeros after.
+    let dreq = Request::Discard {
+        handle: 0,
+        id: 101,
+        sector: 6 * 1024 + 1,
+        nr_sectors: 64,
+        secure: false,
+    };
+    assert_eq!(one(&mut fr, &dreq).2, RSP_OKAY);
+    let at = (6 * 1024 + 1) * 512;
+    expect[at..at + 64 * 512].fill(0);
+    let (st, got) = seg_io(&g, &mut fr, RwOp::Read, 102, 6 * 1024, &[(0, 7); 9], None);
+    assert_eq!(st, RSP_OKAY);
+    assert!(
+        got == expect[at - 512..at - 512 + 72 * 512],
+        "discarded range"
+    );
+    // Past the virtual end: refused.
+    let (st, _) = seg_io(&g, &mut fr, RwOp::Read, 103, 16 * 2048 - 4, &[(0, 7)], None);
+    assert_eq!(st, RSP_ERROR);
+    // Close the image (the queue drops its disk), then read it elsewhere.
+    th.stop();
+    drop(fr);
+    let out = run_qemu_img(&["check", path.to_str().unwrap()]);
+    assert!(out.contains("No errors"), "{out}");
+    let raw = t.0.join("back.raw");
+    run_qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        path.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    let back = std::fs::read(&raw).unwrap();
+    assert_eq!(back.len(), expect.len());
+    let first_diff = back.iter().zip(&expect).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "qemu-img sees what the guest wrote");
+    // And reopened through the backend's own path.
+    let d = qdisk(&path, true);
+    let (mut fr, _th) = connect(&g, d, 1, Abi::X86_32);
+    let (st, got) = seg_io(&g, &mut fr, RwOp::Read, 1, 5 * 2048 + 5, &[(0, 7); 5], None);
+    assert_eq!(st, RSP_OKAY);
+    let at = (5 * 2048 + 5) * 512;
+    assert!(got == expect[at..at + 40 * 512], "reopened image");
+}
+
+#[test]
+fn blkback_qcow2_readonly_refuses_writes_and_leaves_file_unchanged() {
+    if !qemu_img("blkback_qcow2_readonly_refuses_writes_and_leaves_file_unchanged") {
+        return;
+    }
+    let t = TmpDir::new("qcow2ro");
+    let (path, expect) = qcow2_image(&t, "d.qcow2");
+    let before = std::fs::read(&path).unwrap();
+    let g = Guest::new();
+    let (mut fr, th) = connect(&g, qdisk(&path, true), 1, Abi::X86_64);
+    let (st, _) = seg_io(
+        &g,
+        &mut fr,
+        RwOp::Write,
+        1,
+        8,
+        &[(0, 7)],
+        Some(&[0xee; 4096]),
+    );
+    assert_eq!(st, RSP_ERROR);
+    let dreq = Request::Discard {
+        handle: 0,
+        id: 2,
+        sector: 0,
+        nr_sectors: 8,
+        secure: false,
+    };
+    assert_ne!(one(&mut fr, &dreq).2, RSP_OKAY);
+    let (st, got) = seg_io(&g, &mut fr, RwOp::Read, 3, 8, &[(0, 7)], None);
+    assert_eq!(st, RSP_OKAY);
+    assert!(got == expect[8 * 512..16 * 512]);
+    assert_eq!(
+        one(&mut fr, &rw(RwOp::Flush, 4, 0, vec![])).2,
+        RSP_OKAY,
+        "a flush of a read-only image has nothing to do"
+    );
+    th.stop();
+    assert!(std::fs::read(&path).unwrap() == before, "file unchanged");
+}
+
+#[test]
+fn blkback_qcow2_missing_or_corrupt_image_refused_naming_file() {
+    let t = TmpDir::new("qcow2bad");
+    let g = Guest::new();
+    let mut xs = XenstoreServer::new();
+    let junk = t.image("junk.qcow2", 64);
+    for p in [t.0.join("missing.qcow2"), junk] {
+        let c =
+            BlkConfig::parse(&format!("format=qcow2,vdev=xvdc,target={}", p.display())).unwrap();
+        let e = BlkBackend::new(&[c], DOMID, g.d.clone(), g.map.clone(), g.host(), &mut xs)
+            .unwrap_err();
+        assert!(
+            e.contains("xvdc") && e.contains(&p.display().to_string()),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "one line: {e}");
+        println!("{e}");
+    }
+}

@@ -1,10 +1,11 @@
 //! The host side of a virtual disk: a raw image file or a block device,
-//! opened read-only or read-write, with its size in 512-byte sectors.
-//! Data moves with `preadv`/`pwritev` straight into and out of guest RAM
+//! or a qcow2 image (through imago, [`super::qcow2`]), opened read-only or
+//! read-write, with its size in 512-byte sectors. For raw disks data moves with `preadv`/`pwritev` straight into and out of guest RAM
 //! (`gpc::MemoryMap::read_file_into`/`write_file_from`); flush is
 //! `fdatasync`; discard punches a hole (`fallocate(PUNCH_HOLE |
 //! KEEP_SIZE)`, which on a block device zeroes the range with the device's
-//! discard or write-zeroes).
+//! discard or write-zeroes). A qcow2 disk copies through a bounce buffer
+//! (see [`super::qcow2`] for why).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use gpc::{MemoryMap, Segment};
 
 use super::config::{BlkConfig, DiskFormat};
+use super::qcow2::Qcow2Image;
 use super::BlkError;
 
 /// 512-byte sector.
@@ -23,6 +25,8 @@ pub const SECTOR: u64 = 512;
 #[derive(Debug)]
 pub struct Disk {
     file: File,
+    /// The image, when it is qcow2 (`file` is then only held open).
+    qcow2: Option<Qcow2Image>,
     path: PathBuf,
     sectors: u64,
     readonly: bool,
@@ -30,21 +34,15 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// Opens what `cfg` names. A qcow2 image is refused (not supported
-    /// yet); a raw image's size must be a multiple of 512 bytes (the tail
-    /// is not exposed otherwise).
+    /// Opens what `cfg` names. A raw image's size must be a multiple of
+    /// 512 bytes (the tail is not exposed otherwise); a qcow2 image must
+    /// have a valid header and tables (a missing or corrupt one is refused
+    /// with imago's reason).
     pub fn open(cfg: &BlkConfig) -> Result<Disk, BlkError> {
         let err = |source: io::Error| BlkError::Open {
             path: cfg.path.clone(),
             source,
         };
-        if cfg.format != DiskFormat::Raw {
-            return Err(BlkError::Unsupported(format!(
-                "{}: format {} is not supported (only raw)",
-                cfg.path.display(),
-                cfg.format.name()
-            )));
-        }
         let file = OpenOptions::new()
             .read(true)
             .write(!cfg.readonly)
@@ -55,9 +53,22 @@ impl Disk {
         if !block_device && !ft.is_file() {
             return Err(err(io::Error::other("not a regular file or block device")));
         }
-        let bytes = (&file).seek(SeekFrom::End(0)).map_err(err)?;
+        let (qcow2, bytes) = match cfg.format {
+            DiskFormat::Raw => (None, (&file).seek(SeekFrom::End(0)).map_err(err)?),
+            DiskFormat::Qcow2 => {
+                let img = Qcow2Image::open(&cfg.path, cfg.readonly).map_err(|e| {
+                    err(io::Error::new(
+                        e.kind(),
+                        format!("not a usable qcow2 image: {}", one_line(&e.to_string())),
+                    ))
+                })?;
+                let size = img.size();
+                (Some(img), size)
+            }
+        };
         Ok(Disk {
             file,
+            qcow2,
             path: cfg.path.clone(),
             sectors: bytes / SECTOR,
             readonly: cfg.readonly,
@@ -80,9 +91,15 @@ impl Disk {
         self.block_device
     }
 
-    /// The open file (for batched I/O).
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The open file, for batched I/O straight to it: `None` for an image
+    /// format (its data is not at the guest's offsets).
+    pub fn file(&self) -> Option<&File> {
+        self.qcow2.is_none().then_some(&self.file)
+    }
+
+    /// A qcow2 image.
+    pub fn is_qcow2(&self) -> bool {
+        self.qcow2.is_some()
     }
 
     /// Where it is.
@@ -99,22 +116,34 @@ impl Disk {
 
     /// Reads from `sector` into the guest ranges `segs`.
     pub fn read(&self, map: &MemoryMap, sector: u64, segs: &[Segment]) -> io::Result<usize> {
+        if let Some(q) = &self.qcow2 {
+            return q.read(map, sector * SECTOR, segs);
+        }
         map.read_file_into(&self.file, sector * SECTOR, segs)
     }
 
     /// Writes the guest ranges `segs` at `sector`.
     pub fn write(&self, map: &MemoryMap, sector: u64, segs: &[Segment]) -> io::Result<usize> {
+        if let Some(q) = &self.qcow2 {
+            return q.write(map, sector * SECTOR, segs);
+        }
         map.write_file_from(&self.file, sector * SECTOR, segs)
     }
 
     /// Commits the host's cache for this disk.
     pub fn flush(&self) -> io::Result<()> {
+        if let Some(q) = &self.qcow2 {
+            return q.flush();
+        }
         self.file.sync_data()
     }
 
     /// Discards `count` sectors from `sector` (they read as zeros after).
     pub fn discard(&self, sector: u64, count: u64) -> io::Result<()> {
         use rustix::fs::{fallocate, FallocateFlags};
+        if let Some(q) = &self.qcow2 {
+            return q.discard(sector * SECTOR, count * SECTOR);
+        }
         fallocate(
             &self.file,
             FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
@@ -123,4 +152,9 @@ impl Disk {
         )
         .map_err(io::Error::from)
     }
+}
+
+/// `s` on one line (imago's errors may carry context over several).
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }

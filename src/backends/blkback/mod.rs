@@ -3,7 +3,8 @@
 //!
 //! - [`config`]: a disk as configured (`--disk` in xl's syntax) and xl's
 //!   device numbers.
-//! - [`disk`]: the host file or device.
+//! - [`disk`]: the host file or device, or a qcow2 image ([`qcow2`],
+//!   through the `imago` crate; copied through a bounce buffer).
 //! - [`queue`]: one ring being served (copy once, check, map the granted
 //!   segments, `preadv`/`pwritev` into guest RAM, unmap, respond, notify).
 //! - [`xenbus`]: the xenstore nodes and the state machine.
@@ -17,7 +18,7 @@
 //! The host I/O is `preadv`/`pwritev` on the queue's thread, or with
 //! `XENKVM_BLK_URING=1` one io_uring submission per batch (`gpc::FileRing`).
 //!
-//! Not done: qcow2 (refused by name at start), persistent grants kept
+//! Not done: zero-copy I/O for qcow2 disks, persistent grants kept
 //! mapped (offering `feature-persistent` is an option; grants are still
 //! mapped per request).
 
@@ -25,6 +26,7 @@
 
 pub mod config;
 pub mod disk;
+pub mod qcow2;
 pub mod queue;
 pub mod xenbus;
 

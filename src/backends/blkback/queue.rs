@@ -217,7 +217,9 @@ impl Queue {
                 setup.port
             )));
         }
-        let uring = if params.uring {
+        // io_uring moves data between the file and guest RAM at the
+        // guest's offsets: raw disks only.
+        let uring = if params.uring && disk.file().is_some() {
             match gpc::FileRing::new(&map, 64) {
                 Ok(r) => Some(r),
                 Err(e) => {
@@ -622,9 +624,9 @@ impl Queue {
             return Ok(());
         }
         let disk = self.disk.clone();
-        let results = match self.uring.as_mut() {
-            Some(r) => r.run(disk.file()),
-            None => Vec::new(),
+        let results = match (self.uring.as_mut(), disk.file()) {
+            (Some(r), Some(f)) => r.run(f),
+            _ => Vec::new(),
         };
         let mut results = results.into_iter();
         let inflight = std::mem::take(&mut self.inflight);
