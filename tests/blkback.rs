@@ -884,16 +884,16 @@ fn blkback_qcow2_unaligned_multi_segment_io_round_trips_and_survives_reopen() {
     // segments across the 2 MiB boundary; 40 segments (indirect) at 5 MiB +
     // 5 sectors; each with its own data.
     let mut id = 10;
-    let mut fill = 0u8;
     let writes: Vec<(u64, Vec<(u8, u8)>)> = vec![
         (3, (0..11).map(|i| (i % 3, 7 - (i % 2))).collect()),
         (4096 - 5, vec![(0, 7), (2, 7)]),
         (5 * 2048 + 5, (0..40).map(|i| (i % 8, 7)).collect()),
     ];
-    for (sector, specs) in &writes {
+    for (fill, (sector, specs)) in writes.iter().enumerate() {
         let n = bytes(specs);
-        fill += 1;
-        let data: Vec<u8> = (0..n).map(|i| (i as u8).wrapping_mul(31) ^ fill).collect();
+        let data: Vec<u8> = (0..n)
+            .map(|i| (i as u8).wrapping_mul(31) ^ (fill as u8 + 1))
+            .collect();
         id += 1;
         let (st, _) = seg_io(&g, &mut fr, RwOp::Write, id, *sector, specs, Some(&data));
         assert_eq!(st, RSP_OKAY, "write at sector {sector}");

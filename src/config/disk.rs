@@ -175,6 +175,12 @@ impl DiskSpec {
             ));
         }
         let vdev = match p.vdev.as_deref() {
+            None | Some("") if target.contains("vdev=") => {
+                return Err(err(
+                    "vdev",
+                    "missing: target= takes the rest of the spec, commas included; put it last (format=qcow2,vdev=xvda,target=PATH)",
+                ))
+            }
             None | Some("") => {
                 return Err(err("vdev", "missing (the guest's device, e.g. vdev=xvda)"))
             }

@@ -123,6 +123,7 @@ fn disk_errors_name_the_spec_and_the_key() {
         "disk \"/x.img,vhd,xvda\": format=vhd: xenkvm reads raw and qcow2 images (convert with `qemu-img convert -O qcow2`)"
     );
     assert!(e("/x.img,raw").contains(": vdev: missing"));
+    assert!(e("target=/x.qcow2,format=qcow2,vdev=xvda").contains("put it last"));
     assert!(e("/x.img,raw,xvdA").contains(": vdev=xvdA: not a virtual device"));
     assert!(e("/x.img,raw,xvda,rx").contains(": access=rx: unknown value for access"));
     assert!(e("/x,raw,xvda,rw,extra").contains(": extra: too many positional"));
