@@ -17,7 +17,9 @@
 //!
 //! `cargo bench --bench blkback` (`XENKVM_BENCH_ONLY=rand` runs the
 //! workloads whose name contains the text; `XENKVM_BLK_URING=1` serves
-//! through io_uring).
+//! through io_uring; `XENKVM_BENCH_FORMAT=qcow2` serves a qcow2 copy of the
+//! file, made with `qemu-img convert`, through imago, next to plain I/O of
+//! the raw file).
 
 #[path = "../common/blkfront.rs"]
 mod blkfront;
@@ -165,9 +167,9 @@ struct Backend {
 }
 
 impl Backend {
-    fn new(path: &Path, threaded: bool) -> Backend {
+    fn new(path: &Path, format: &str, threaded: bool) -> Backend {
         let g = Guest::new();
-        let spec = format!("vdev=xvda,target={}", path.display());
+        let spec = format!("format={format},vdev=xvda,target={}", path.display());
         let disk = Arc::new(Disk::open(&BlkConfig::parse(&spec).unwrap()).unwrap());
         let fr = FrontRing::new(&g, 1, Abi::X86_64, true);
         assert!(fr.size as usize >= QD);
@@ -351,14 +353,28 @@ fn main() {
         PlainBuf::Memfd
     };
 
-    let mut inline = Backend::new(&path, false);
-    let mut threaded = Backend::new(&path, true);
+    let format = std::env::var("XENKVM_BENCH_FORMAT").unwrap_or_else(|_| "raw".into());
+    let served = if format == "qcow2" {
+        let q = dir.join("disk.qcow2");
+        let st = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&path)
+            .arg(&q)
+            .status()
+            .expect("qemu-img (apt-get install qemu-utils)");
+        assert!(st.success(), "qemu-img convert failed");
+        q
+    } else {
+        path.clone()
+    };
+    let mut inline = Backend::new(&served, &format, false);
+    let mut threaded = Backend::new(&served, &format, true);
     // Warm-up: the page cache and the paths.
     plain(&file, works[0], Duration::from_millis(300), PlainBuf::Memfd);
     inline.run(works[0], Duration::from_millis(300));
     threaded.run(works[0], Duration::from_millis(300));
     println!(
-        "blkback vs plain pread/pwrite ({} buffers), file {} MiB in {}, {:.1} s per run, 2 interleaved rounds",
+        "blkback ({format}) vs plain pread/pwrite ({} buffers), file {} MiB in {}, {:.1} s per run, 2 interleaved rounds",
         if kind == PlainBuf::Heap { "heap" } else { "memfd" },
         FILE_BYTES >> 20,
         dir.display(),
