@@ -345,6 +345,8 @@ fn save(m: &Machine, s: &Shared, path: &Path, checkpoint: bool) -> Result<String
             mem_mib: s.info.mem_mib,
             tsc_khz: m.clock.tsc_khz,
             system_time_ns: m.clock.system_time(),
+            // Capturing the Xen-side state (xenkvm_records) is not wired yet.
+            xen_state: None,
         };
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".partial");
