@@ -711,5 +711,54 @@ pub fn decode(body: &[u8]) -> Result<XenState, DecodeError> {
     Ok(s)
 }
 
+/// The record's content from what the hypercalls crate's `Domain` holds
+/// ([`hypercalls::Domain::snapshot`]) and the clock read at the same save:
+/// one-shot deadlines become remaining time (0 if already due). Not filled
+/// here: vcpu_info/time/runstate area addresses and runstate times (the VMM
+/// keeps those outside `Domain`) and xenstore.
+pub fn from_snapshot(snap: &hypercalls::DomainSnapshot, clock: ClockState) -> XenState {
+    let now = clock.system_time_ns;
+    XenState {
+        clock: Some(clock),
+        shared_info_gfn: Some(snap.shared_info_gfn),
+        vcpus: snap
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, v)| VcpuXenState {
+                id: i as u32,
+                upcall_vector: v.upcall_vector,
+                oneshot_remaining_ns: v.singleshot_deadline.map(|d| d.saturating_sub(now)),
+                periodic_ns: v.periodic_ns,
+                ..Default::default()
+            })
+            .collect(),
+        evtchn: Some((
+            u32::from(snap.fifo),
+            snap.ports
+                .iter()
+                .map(|p| EvtchnPort {
+                    port: p.port,
+                    state: p.state,
+                    priority: p.priority,
+                    vcpu: p.vcpu,
+                    a: p.a,
+                    b: p.b,
+                })
+                .collect(),
+        )),
+        gnttab: Some(GnttabState {
+            version: snap.grant_version,
+            nr_frames: snap.grant_frames,
+            frames: snap
+                .grant_placed
+                .iter()
+                .map(|&(index, status, gfn)| GrantFrame { index, status, gfn })
+                .collect(),
+        }),
+        xenstore: None,
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -161,6 +161,52 @@ fn runstate_rebased_keeps_time_in_state_and_moves_entry_by_clock_delta() {
     assert_eq!(7000 - n.state_entry_time, 1000 - r.state_entry_time);
 }
 
+#[test]
+fn xen_state_from_snapshot_turns_deadlines_into_remaining_time_and_decodes() {
+    let snap = hypercalls::DomainSnapshot {
+        shared_info_gfn: Some(0xfeff0),
+        grant_version: 1,
+        grant_frames: 1,
+        grant_placed: vec![(0, false, 0xf0000)],
+        fifo: false,
+        ports: vec![hypercalls::PortSnapshot {
+            port: 1,
+            state: 5,
+            vcpu: 0,
+            priority: 7,
+            a: 0,
+            b: 0,
+        }],
+        vcpus: vec![
+            hypercalls::VcpuSnapshot {
+                upcall_vector: 0xf3,
+                singleshot_deadline: Some(1_500),
+                periodic_ns: None,
+            },
+            hypercalls::VcpuSnapshot {
+                upcall_vector: 0,
+                singleshot_deadline: Some(500),
+                periodic_ns: Some(10_000_000),
+            },
+        ],
+    };
+    let clock = ClockState {
+        tsc_khz: 1_000_000,
+        system_time_ns: 1_000,
+        guest_tsc: 1_000,
+    };
+    let s = from_snapshot(&snap, clock);
+    assert_eq!(s.vcpus[0].oneshot_remaining_ns, Some(500));
+    assert_eq!(
+        s.vcpus[1].oneshot_remaining_ns,
+        Some(0),
+        "a due timer stays due"
+    );
+    assert_eq!(s.vcpus[1].periodic_ns, Some(10_000_000));
+    assert_eq!(s.shared_info_gfn, Some(Some(0xfeff0)));
+    assert_eq!(decode(&encode(&s)).unwrap(), s);
+}
+
 fn arb_opt_u64() -> impl Strategy<Value = Option<u64>> {
     prop_oneof![Just(None), (0..u64::MAX).prop_map(Some)]
 }
