@@ -107,7 +107,7 @@ enum Cmd {
     /// save image (Xen's format: xl header, libxl v2 and libxc v3 streams),
     /// then end the VM (as `xl save`; its xenkvm exits 0). `xenkvm restore
     /// FILE` starts it again. Xen-side state (event channels, grants,
-    /// xenstore, timers) is not in the image yet.
+    /// xenstore, timers) is not restored yet (`--xen-state` saves part of it).
     Save {
         /// Leave the guest running after the save (as `xl save -c`).
         #[arg(short = 'c', long)]

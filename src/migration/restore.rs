@@ -6,9 +6,10 @@
 //! Accepted: an xl image (with or without its JSON config), a bare libxl or
 //! libxc stream; libxc v2 and v3; HVM_PARAMS before or after HVM_CONTEXT;
 //! XTAB, BROKEN and XALLOC pages (no data; BROKEN pages are left zero with
-//! a warning). Not restored yet: the Xen-side state (xenkvm's optional
-//! records are not written by `save` yet), so a guest that had registered
-//! shared_info, event channels or timers finds them reset.
+//! a warning). Not restored yet: the Xen-side state. A XENKVM_XEN_STATE
+//! record is checked (a malformed one refuses the image) and returned in
+//! [`RestoreImage::xen_state`], but nothing applies it, so a guest that had
+//! registered shared_info, event channels or timers finds them reset.
 
 use std::io::BufReader;
 use std::path::Path;

@@ -5,9 +5,10 @@
 //! X86_TSC_INFO, HVM_CONTEXT, HVM_PARAMS unless all are 0, END).
 //!
 //! Not written yet: X86_CPUID_POLICY / X86_MSR_POLICY (Xen then applies its
-//! default policy), and xenkvm's own optional records for the Xen state
-//! (event channels, grant table, xenstore, runstate, timers), so an image
-//! holds the guest's memory and CPU/irqchip state only.
+//! default policy). xenkvm's own optional record XENKVM_XEN_STATE
+//! ([`super::xenkvm_records`]) is written before END when the caller gives
+//! one (`save --xen-state`); otherwise an image holds the guest's memory and
+//! CPU/irqchip state only.
 
 use std::io::Write;
 
