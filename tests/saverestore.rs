@@ -776,6 +776,14 @@ fn save_with_xen_state_writes_the_domains_xen_record_and_restore_accepts_it() {
     let clock = st.clock.expect("clock section");
     assert!(clock.system_time_ns > 0 && clock.tsc_khz > 0, "{clock:?}");
     assert_eq!(st.vcpus.len(), 2, "{st:?}");
+    // vCPU 0 ran before the save: its runstate has time in it, and it
+    // entered its state no later than the save's clock reading.
+    let rs0 = st.vcpus[0].runstate;
+    assert!(rs0.time.iter().sum::<u64>() > 0, "{rs0:?}");
+    assert!(
+        rs0.state_entry_time <= clock.system_time_ns,
+        "{rs0:?} {clock:?}"
+    );
     let (_, ports) = st.evtchn.as_ref().expect("event channel section");
     // The console channel xenkvm binds for the guest (to a dom0 service).
     assert!(

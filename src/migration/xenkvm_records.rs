@@ -713,10 +713,15 @@ pub fn decode(body: &[u8]) -> Result<XenState, DecodeError> {
 
 /// The record's content from what the hypercalls crate's `Domain` holds
 /// ([`hypercalls::Domain::snapshot`]) and the clock read at the same save:
-/// one-shot deadlines become remaining time (0 if already due). Not filled
-/// here: vcpu_info/time/runstate area addresses and runstate times (the VMM
-/// keeps those outside `Domain`) and xenstore.
-pub fn from_snapshot(snap: &hypercalls::DomainSnapshot, clock: ClockState) -> XenState {
+/// one-shot deadlines become remaining time (0 if already due). `runstates`
+/// (by vCPU id; the VMM keeps them outside `Domain`) as the guest's area
+/// shows them: `time[]` up to `state_entry_time`. Not filled here:
+/// vcpu_info/time/runstate area addresses and xenstore.
+pub fn from_snapshot(
+    snap: &hypercalls::DomainSnapshot,
+    clock: ClockState,
+    runstates: &[hypercalls::RunstateInfo],
+) -> XenState {
     let now = clock.system_time_ns;
     XenState {
         clock: Some(clock),
@@ -728,6 +733,14 @@ pub fn from_snapshot(snap: &hypercalls::DomainSnapshot, clock: ClockState) -> Xe
             .map(|(i, v)| VcpuXenState {
                 id: i as u32,
                 upcall_vector: v.upcall_vector,
+                runstate: runstates
+                    .get(i)
+                    .map(|r| Runstate {
+                        state: r.state.min(3),
+                        state_entry_time: r.state_entry_time,
+                        time: r.time,
+                    })
+                    .unwrap_or_default(),
                 oneshot_remaining_ns: v.singleshot_deadline.map(|d| d.saturating_sub(now)),
                 periodic_ns: v.periodic_ns,
                 ..Default::default()

@@ -376,6 +376,9 @@ fn save(
                         system_time_ns,
                         guest_tsc,
                     },
+                    &(0..m.vcpus.len() as u32)
+                        .map(|v| m.xen.runstate_at_entry(v).unwrap_or_default())
+                        .collect::<Vec<_>>(),
                 )
             }),
         };

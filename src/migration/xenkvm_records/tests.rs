@@ -195,7 +195,19 @@ fn xen_state_from_snapshot_turns_deadlines_into_remaining_time_and_decodes() {
         system_time_ns: 1_000,
         guest_tsc: 1_000,
     };
-    let s = from_snapshot(&snap, clock);
+    let rs = [hypercalls::RunstateInfo {
+        state: 2,
+        state_entry_time: 900,
+        time: [600, 0, 300, 0],
+    }];
+    let s = from_snapshot(&snap, clock, &rs);
+    assert_eq!(s.vcpus[0].runstate.time, [600, 0, 300, 0]);
+    assert_eq!(s.vcpus[0].runstate.state, 2);
+    assert_eq!(
+        s.vcpus[1].runstate,
+        Runstate::default(),
+        "no runstate given"
+    );
     assert_eq!(s.vcpus[0].oneshot_remaining_ns, Some(500));
     assert_eq!(
         s.vcpus[1].oneshot_remaining_ns,
