@@ -144,6 +144,11 @@ impl EvtchnTable {
         self.chans.get(port as usize)
     }
 
+    /// Every port with its channel, in port order (free ones included).
+    pub(crate) fn bound_ports(&self) -> impl Iterator<Item = (u32, &Channel)> {
+        self.chans.iter().enumerate().map(|(i, c)| (i as u32, c))
+    }
+
     pub(crate) fn get_mut(&mut self, port: u32) -> Option<&mut Channel> {
         self.chans.get_mut(port as usize)
     }

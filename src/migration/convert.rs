@@ -958,4 +958,4 @@ pub fn check_unconverted(recs: &[HvmRecord]) -> Result<(), ConvertError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -25,3 +25,4 @@ pub mod hvm_context;
 pub mod restore;
 pub mod save;
 pub mod stream;
+pub mod xenkvm_records;

@@ -6,9 +6,10 @@
 //! Accepted: an xl image (with or without its JSON config), a bare libxl or
 //! libxc stream; libxc v2 and v3; HVM_PARAMS before or after HVM_CONTEXT;
 //! XTAB, BROKEN and XALLOC pages (no data; BROKEN pages are left zero with
-//! a warning). Not restored yet: the Xen-side state (xenkvm's optional
-//! records are not written by `save` yet), so a guest that had registered
-//! shared_info, event channels or timers finds them reset.
+//! a warning). Not restored yet: the Xen-side state. A XENKVM_XEN_STATE
+//! record is checked (a malformed one refuses the image) and returned in
+//! [`RestoreImage::xen_state`], but nothing applies it, so a guest that had
+//! registered shared_info, event channels or timers finds them reset.
 
 use std::io::BufReader;
 use std::path::Path;
@@ -20,6 +21,7 @@ use super::hvm_context::{self, HvmRecord};
 use super::stream::image::{ImageReader, Item};
 use super::stream::libxc::{LibxcRecord, PageType, PAGE_SIZE};
 use super::stream::StreamError;
+use super::xenkvm_records::{self, XenState};
 use crate::GuestMem;
 
 /// Why a restore failed.
@@ -76,6 +78,9 @@ pub struct RestoreImage {
     pub pages: u64,
     /// TSC kHz the guest had (0 if the stream does not say).
     pub tsc_khz: u32,
+    /// xenkvm's own Xen-state record, checked, if the image has one (not
+    /// applied to the new guest yet).
+    pub xen_state: Option<XenState>,
 }
 
 fn open(path: &Path) -> Result<ImageReader<BufReader<std::fs::File>>, RestoreError> {
@@ -105,7 +110,8 @@ pub fn load(path: &Path) -> Result<RestoreImage, RestoreError> {
     let mut max_pfn = 0u64;
     let mut tsc_khz = 0;
     let mut ended = false;
-    while let Some((_, item)) = r.next_item().map_err(stream)? {
+    let mut xen_state = None;
+    while let Some((at, item)) = r.next_item().map_err(stream)? {
         match item {
             Item::Xl(x) => config = x.config,
             Item::Libxc(LibxcRecord::PageData(pd)) => {
@@ -121,6 +127,23 @@ pub fn load(path: &Path) -> Result<RestoreImage, RestoreError> {
             Item::Libxc(LibxcRecord::TscInfo(t)) => tsc_khz = t.khz,
             Item::Libxc(LibxcRecord::Checkpoint) => {
                 return Err(unsupported("a checkpointed (Remus/COLO) stream".into()))
+            }
+            Item::Libxc(LibxcRecord::Optional { rtype, body })
+                if rtype == xenkvm_records::REC_XENKVM_XEN_STATE =>
+            {
+                let st = xenkvm_records::decode(&body).map_err(|e| {
+                    stream(StreamError::invalid(
+                        "libxc",
+                        "XENKVM_XEN_STATE (optional)",
+                        at,
+                        e.to_string(),
+                    ))
+                })?;
+                if xen_state.replace(st).is_some() {
+                    return Err(unsupported(format!(
+                        "libxc record XENKVM_XEN_STATE at offset {at:#x}: a second one"
+                    )));
+                }
             }
             Item::Libxc(LibxcRecord::Optional { rtype, .. }) => {
                 tracing::info!(
@@ -202,6 +225,7 @@ pub fn load(path: &Path) -> Result<RestoreImage, RestoreError> {
         params,
         pages,
         tsc_khz,
+        xen_state,
     })
 }
 
@@ -235,4 +259,96 @@ pub fn apply_pages(path: &Path, mem: &GuestMem) -> Result<u64, RestoreError> {
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::migration::convert::tests::{irqchip, long_mode_vcpu};
+    use crate::migration::save::{write_image, SaveMeta};
+    use crate::migration::xenkvm_records::{ClockState, Runstate, VcpuXenState};
+
+    /// A file removed when dropped.
+    struct Tmp(std::path::PathBuf);
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn image(xen_state: Option<XenState>, tag: &str) -> (Tmp, std::path::PathBuf) {
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let meta = SaveMeta {
+            name: "t".into(),
+            mem_mib: 16,
+            tsc_khz: 1_000_000,
+            system_time_ns: 1_000,
+            xen_state,
+        };
+        let path = std::env::temp_dir().join(format!(
+            "xenkvm-restore-test-{}-{tag}.img",
+            std::process::id()
+        ));
+        let dir = Tmp(path.clone());
+        let f = std::fs::File::create(&path).unwrap();
+        write_image(
+            f,
+            &meta,
+            1,
+            &[(0, long_mode_vcpu(0))],
+            &irqchip(),
+            &mem,
+            &[],
+        )
+        .unwrap();
+        (dir, path)
+    }
+
+    fn state() -> XenState {
+        XenState {
+            clock: Some(ClockState {
+                tsc_khz: 1_000_000,
+                system_time_ns: 1_000,
+                guest_tsc: 1_000,
+            }),
+            shared_info_gfn: Some(Some(0xfeff0)),
+            vcpus: vec![VcpuXenState {
+                id: 0,
+                runstate: Runstate {
+                    state: 0,
+                    state_entry_time: 900,
+                    time: [800, 0, 100, 0],
+                },
+                oneshot_remaining_ns: Some(5_000),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn restore_load_xen_state_record_round_trips_through_an_image() {
+        let (_d, path) = image(Some(state()), "rt");
+        let img = load(&path).unwrap();
+        assert_eq!(img.xen_state, Some(state()));
+        let (_d, path) = image(None, "none");
+        assert_eq!(load(&path).unwrap().xen_state, None);
+    }
+
+    #[test]
+    fn restore_load_corrupt_xen_state_refused_naming_the_record() {
+        let (_d, path) = image(Some(state()), "bad");
+        let mut b = std::fs::read(&path).unwrap();
+        let at = b
+            .windows(8)
+            .position(|w| w == crate::migration::xenkvm_records::MAGIC)
+            .unwrap();
+        b[at + 8] = 2; // version 2
+        std::fs::write(&path, &b).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.contains("XENKVM_XEN_STATE"), "{e}");
+        assert!(e.contains("version 2"), "{e}");
+    }
 }

@@ -5,9 +5,10 @@
 //! X86_TSC_INFO, HVM_CONTEXT, HVM_PARAMS unless all are 0, END).
 //!
 //! Not written yet: X86_CPUID_POLICY / X86_MSR_POLICY (Xen then applies its
-//! default policy), and xenkvm's own optional records for the Xen state
-//! (event channels, grant table, xenstore, runstate, timers), so an image
-//! holds the guest's memory and CPU/irqchip state only.
+//! default policy). xenkvm's own optional record XENKVM_XEN_STATE
+//! ([`super::xenkvm_records`]) is written before END when the caller gives
+//! one (`save --xen-state`); otherwise an image holds the guest's memory and
+//! CPU/irqchip state only.
 
 use std::io::Write;
 
@@ -19,6 +20,7 @@ use super::stream::image::ImageWriter;
 use super::stream::libxc::{
     LibxcHeader, LibxcRecord, PageData, PageType, TscInfo, MAX_BATCH, PAGE_SIZE,
 };
+use super::xenkvm_records::{self, XenState};
 use crate::GuestMem;
 
 /// The Xen version a saved stream claims (the ABI xenkvm implements).
@@ -57,6 +59,10 @@ pub struct SaveMeta {
     pub tsc_khz: u32,
     /// Xen system time now (ns), for X86_TSC_INFO.
     pub system_time_ns: u64,
+    /// xenkvm's Xen-state record to write before END (`None`: none, the
+    /// image then passes Xen's verify-stream-v2, which refuses any record
+    /// type it does not list even with the optional bit set).
+    pub xen_state: Option<XenState>,
 }
 
 /// What a save wrote.
@@ -232,6 +238,12 @@ pub fn write_image<W: Write>(
     let params: Vec<(u64, u64)> = params.iter().copied().filter(|(_, v)| *v != 0).collect();
     if !params.is_empty() {
         img.libxc(&LibxcRecord::HvmParams(params))?;
+    }
+    if let Some(st) = &meta.xen_state {
+        img.libxc(&LibxcRecord::Optional {
+            rtype: xenkvm_records::REC_XENKVM_XEN_STATE,
+            body: xenkvm_records::encode(st),
+        })?;
     }
     stats.bytes = img.offset();
     let w = img.finish(&[])?;

@@ -508,6 +508,19 @@ impl Xen {
         }
     }
 
+    /// `vcpu`'s runstate as the guest's runstate area shows it: the state,
+    /// its entry time, and `time[]` up to that entry (not counting the
+    /// current state's time since). For save (issue 14).
+    pub fn runstate_at_entry(&self, vcpu: u32) -> Option<RunstateInfo> {
+        let m = self.platform.runstates.get(vcpu as usize)?;
+        let d = *m.lock().acct.data();
+        Some(RunstateInfo {
+            state: d.state.value(),
+            state_entry_time: d.state_entry_time,
+            time: d.time,
+        })
+    }
+
     /// The host instant of Xen system time `ns`.
     fn instant_at(&self, ns: u64) -> Instant {
         let now = self.clock.system_time();

@@ -23,7 +23,7 @@ fn seg(sel: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
 
 /// A long-mode vCPU with every converted field set to something distinct.
 #[allow(clippy::field_reassign_with_default)]
-fn long_mode_vcpu(vcpu: u16) -> KvmVcpuState {
+pub(crate) fn long_mode_vcpu(vcpu: u16) -> KvmVcpuState {
     let mut s = KvmVcpuState::default();
     s.regs = kvm_regs {
         rax: 1,
@@ -257,7 +257,7 @@ fn convert_xsave_area_sized_for_xcr0() {
     assert!(xsave_size(1 << 40).unwrap_err().contains("bit 40"));
 }
 
-fn irqchip() -> KvmIrqchipState {
+pub(crate) fn irqchip() -> KvmIrqchipState {
     let mut s = KvmIrqchipState::default();
     s.pic[0] = kvm_pic_state {
         irr: 1,
