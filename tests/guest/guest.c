@@ -3051,10 +3051,17 @@ static void __attribute__((noreturn)) rscheck(void)
             shutdown(SHUTDOWN_crash);
         }
     }
-    /* (a) vCPU 1 has nothing to do: it halts. Give it 10 ms to get there. */
-    for (u64 end = deadline_ms(10); rdtsc_ordered() < end;)
-        cpu_relax();
+    /* (a) vCPU 1 has nothing to do: it halts. The window starts once its area shows
+     * that (at most 1 s): a halt is published from the host's record of it, which a
+     * busy host may deliver some ms late and back-dated, and the time a window
+     * extrapolated as running before that would count against the halt. */
     struct vcpu_runstate_info a0, a1, p0, p1;
+    for (u64 end = deadline_ms(1000), start = deadline_ms(10); rdtsc_ordered() < end;) {
+        runstate_read(&rc_area[1], &a0);
+        if (a0.state == RUNSTATE_blocked && rdtsc_ordered() >= start)
+            break;
+        cpu_relax();
+    }
     u64 w0 = 0, w1 = 0, t0 = 0, t1 = 0;
     runstate_read(&rc_area[1], &a0);
     xen_time(&w0);
