@@ -8,10 +8,12 @@
  *
  * `tids` holds the threads to watch: value 1 = a vCPU thread, 2 = the VMM's watch thread.
  * For a vCPU thread the program emits one event per switch-in, switch-out (preempted:
- * still runnable; blocked: went to sleep) and wake-up into the ring buffer `rb`. Only a
+ * still runnable; blocked: went to sleep) and wake-up into the ring buffer of the CPU
+ * it happened on (`rb0`..`rb7`, CPU modulo 8). Only a
  * preempted switch-out wakes the consumer (BPF_RB_FORCE_WAKEUP), and not when the CPU goes
  * to the watch thread itself: that preemption ends as soon as the watch thread sleeps
- * again, and waking it for it would feed a preemption loop. A failed reserve (ring full)
+ * again, and waking it for it would feed a preemption loop (every watch thread has
+ * that role). A failed reserve (ring full)
  * is counted in `lost`. A quarter-full ring also wakes the consumer.
  */
 #include <linux/types.h>
@@ -38,13 +40,28 @@ struct ev {
     __u32 flags;
 };
 
-#define RB_BYTES (1 << 18)
+/* One ring per CPU (modulo NR_RINGS): an event goes into the ring of the CPU it
+ * happened on, and the VMM runs one watch thread per ring, pinned to those CPUs, so
+ * that the wake-up for a preempted vCPU runs on the CPU that preempted it (taking
+ * the CPU from whatever preempted the vCPU) and never lands on the CPU of another
+ * vCPU, which would then be kept from its guest (and from seeing the change). */
+#define NR_RINGS 8
+#define RB_BYTES (1 << 16)
 #define RB_WAKE_BYTES (RB_BYTES / 4)
 
-struct {
-    __uint(type, BPF_MAP_TYPE_RINGBUF);
-    __uint(max_entries, RB_BYTES);
-} rb SEC(".maps");
+#define RING(n)                                                                       \
+    struct {                                                                          \
+        __uint(type, BPF_MAP_TYPE_RINGBUF);                                           \
+        __uint(max_entries, RB_BYTES);                                                \
+    } rb##n SEC(".maps");
+RING(0)
+RING(1)
+RING(2)
+RING(3)
+RING(4)
+RING(5)
+RING(6)
+RING(7)
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
@@ -60,9 +77,10 @@ struct {
     __type(value, __u64);
 } lost SEC(".maps");
 
-static __always_inline void emit(__u32 tid, __u32 kind, __u64 now, __u32 flags, int wake)
+static __always_inline void emit_to(void *rb, __u32 tid, __u32 kind, __u64 now, __u32 flags,
+                                    int wake)
 {
-    struct ev *e = bpf_ringbuf_reserve(&rb, sizeof(*e), 0);
+    struct ev *e = bpf_ringbuf_reserve(rb, sizeof(*e), 0);
     if (!e) {
         __u32 k = 0;
         __u64 *n = bpf_map_lookup_elem(&lost, &k);
@@ -77,9 +95,24 @@ static __always_inline void emit(__u32 tid, __u32 kind, __u64 now, __u32 flags, 
     e->flags = flags;
     /* Also wake the consumer once a quarter of the ring is waiting (halts and
      * wake-ups alone would otherwise fill it while nothing is preempted). */
-    if (!wake && bpf_ringbuf_query(&rb, BPF_RB_AVAIL_DATA) >= RB_WAKE_BYTES)
+    if (!wake && bpf_ringbuf_query(rb, BPF_RB_AVAIL_DATA) >= RB_WAKE_BYTES)
         wake = 1;
     bpf_ringbuf_submit(e, wake ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+}
+
+/* Into the ring of the current CPU. */
+static __always_inline void emit(__u32 tid, __u32 kind, __u64 now, __u32 flags, int wake)
+{
+    switch (bpf_get_smp_processor_id() % NR_RINGS) {
+    case 0: emit_to(&rb0, tid, kind, now, flags, wake); break;
+    case 1: emit_to(&rb1, tid, kind, now, flags, wake); break;
+    case 2: emit_to(&rb2, tid, kind, now, flags, wake); break;
+    case 3: emit_to(&rb3, tid, kind, now, flags, wake); break;
+    case 4: emit_to(&rb4, tid, kind, now, flags, wake); break;
+    case 5: emit_to(&rb5, tid, kind, now, flags, wake); break;
+    case 6: emit_to(&rb6, tid, kind, now, flags, wake); break;
+    default: emit_to(&rb7, tid, kind, now, flags, wake); break;
+    }
 }
 
 SEC("tp_btf/sched_switch")

@@ -5,10 +5,13 @@
 //!
 //! The program runs on `tp_btf/sched_switch` and `tp_btf/sched_wakeup`,
 //! filters on a hash map of watched thread ids, and writes one 24-byte event
-//! per switch-in, switch-out and wake-up of a vCPU thread into a BPF ring
-//! buffer. The ring's fd becomes readable only for a preempted switch-out
-//! that did not hand the CPU to the watch thread itself (no feedback loop);
-//! every other event waits in the ring for the next reader. Needs CAP_BPF +
+//! per switch-in, switch-out and wake-up of a vCPU thread into the BPF ring
+//! buffer of the CPU it happened on ([`NR_RINGS`] rings, CPU modulo
+//! `NR_RINGS`). A ring's fd becomes readable only for a preempted
+//! switch-out that did not hand the CPU to a watch thread itself (no
+//! feedback loop); every other event waits for the next reader. The VMM
+//! runs one watch thread per ring pinned to that ring's CPUs, so the
+//! wake-up runs where the vCPU was just preempted. Needs CAP_BPF +
 //! CAP_PERFMON (or root) and kernel BTF (`/sys/kernel/btf/vmlinux`).
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -23,6 +26,9 @@ struct Aligned<T: ?Sized>(T);
 
 /// The compiled program (`runstate/bpf/build.sh` rebuilds it).
 static OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!("../../runstate/bpf/sched.bpf.o"));
+
+/// Rings of the program (`NR_RINGS` of sched.bpf.c).
+pub const NR_RINGS: usize = 8;
 
 /// Where the kernel's BTF lives (CO-RE relocations need it).
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -83,20 +89,41 @@ pub fn decode(b: &[u8]) -> Option<Event> {
     })
 }
 
+/// Appends a ring's events to `out`; returns how many were malformed.
+fn read_ring(ring: &mut RingBuf<MapData>, out: &mut Vec<Event>) -> u64 {
+    let mut bad = 0;
+    while let Some(item) = ring.next() {
+        match decode(&item) {
+            Some(e) => out.push(e),
+            None => bad += 1,
+        }
+    }
+    bad
+}
+
+/// Hands `all` (from several rings) over in time order: one thread's events
+/// may sit in several rings when it changed CPUs.
+fn deliver(mut all: Vec<Event>, mut f: impl FnMut(Event)) {
+    all.sort_by_key(|e| e.time_ns);
+    for e in all {
+        f(e);
+    }
+}
+
 /// The loaded, attached program and its maps.
 pub struct SchedBpf {
     /// Owns the programs and their links (dropping it detaches them).
     _ebpf: Ebpf,
     tids: Mutex<HashMap<MapData, u32, u32>>,
-    ring: Mutex<RingBuf<MapData>>,
+    rings: Vec<Mutex<RingBuf<MapData>>>,
     lost: Array<MapData, u64>,
-    fd: RawFd,
+    fds: Vec<RawFd>,
 }
 
 impl std::fmt::Debug for SchedBpf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SchedBpf")
-            .field("ring_fd", &self.fd)
+            .field("ring_fds", &self.fds)
             .finish()
     }
 }
@@ -131,15 +158,21 @@ impl SchedBpf {
                 .ok_or_else(|| format!("BPF object has no map {name}"))
         };
         let tids = HashMap::try_from(take(&mut ebpf, "tids")?).map_err(|e| err("tids", e))?;
-        let ring = RingBuf::try_from(take(&mut ebpf, "rb")?).map_err(|e| err("rb", e))?;
+        let mut rings = Vec::with_capacity(NR_RINGS);
+        let mut fds = Vec::with_capacity(NR_RINGS);
+        for i in 0..NR_RINGS {
+            let name = format!("rb{i}");
+            let ring = RingBuf::try_from(take(&mut ebpf, &name)?).map_err(|e| err(&name, e))?;
+            fds.push(ring.as_raw_fd());
+            rings.push(Mutex::new(ring));
+        }
         let lost = Array::try_from(take(&mut ebpf, "lost")?).map_err(|e| err("lost", e))?;
-        let fd = ring.as_raw_fd();
         Ok(SchedBpf {
             _ebpf: ebpf,
             tids: Mutex::new(tids),
-            ring: Mutex::new(ring),
+            rings,
             lost,
-            fd,
+            fds,
         })
     }
 
@@ -156,37 +189,39 @@ impl SchedBpf {
         let _ = self.tids.lock().remove(&tid);
     }
 
-    /// The ring's fd: readable when a vCPU thread was preempted.
-    pub fn fd(&self) -> RawFd {
-        self.fd
+    /// Ring `i`'s fd: readable when a vCPU thread was preempted on one of
+    /// its CPUs (`cpu % NR_RINGS == i`).
+    pub fn fd(&self, i: usize) -> RawFd {
+        self.fds[i % NR_RINGS]
     }
 
-    /// Reads every event in the ring, oldest first (serialised: one reader
-    /// at a time, whoever calls). Returns how many were malformed.
-    pub fn drain(&self, mut f: impl FnMut(Event)) -> u64 {
+    /// Reads every event in every ring, oldest first (serialised per ring:
+    /// waits for another reader). Returns how many were malformed.
+    pub fn drain(&self, f: impl FnMut(Event)) -> u64 {
+        let mut all = Vec::new();
         let mut bad = 0;
-        let mut ring = self.ring.lock();
-        while let Some(item) = ring.next() {
-            match decode(&item) {
-                Some(e) => f(e),
-                None => bad += 1,
-            }
+        for r in &self.rings {
+            bad += read_ring(&mut r.lock(), &mut all);
         }
+        deliver(all, f);
         bad
     }
 
-    /// Like [`SchedBpf::drain`], but returns `None` at once if another
-    /// thread is reading.
-    pub fn try_drain(&self, mut f: impl FnMut(Event)) -> Option<u64> {
-        let mut ring = self.ring.try_lock()?;
+    /// Like [`SchedBpf::drain`], but skips a ring another thread is
+    /// reading: `(malformed, complete)`, `complete` false if one was
+    /// skipped (its reader delivers those events).
+    pub fn try_drain(&self, f: impl FnMut(Event)) -> (u64, bool) {
+        let mut all = Vec::new();
         let mut bad = 0;
-        while let Some(item) = ring.next() {
-            match decode(&item) {
-                Some(e) => f(e),
-                None => bad += 1,
+        let mut complete = true;
+        for r in &self.rings {
+            match r.try_lock() {
+                Some(mut g) => bad += read_ring(&mut g, &mut all),
+                None => complete = false,
             }
         }
-        Some(bad)
+        deliver(all, f);
+        (bad, complete)
     }
 
     /// Events the program could not write (ring full) since it was loaded.

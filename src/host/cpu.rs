@@ -14,7 +14,8 @@ pub fn unpin(tid: i32) -> io::Result<()> {
     pin_set(tid, &all)
 }
 
-fn pin_set(tid: i32, cpus: &[usize]) -> io::Result<()> {
+/// Pins thread `tid` of this process to the CPUs `cpus`.
+pub fn pin_set(tid: i32, cpus: &[usize]) -> io::Result<()> {
     // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET writes inside it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     for &cpu in cpus {
@@ -31,9 +32,18 @@ fn pin_set(tid: i32, cpus: &[usize]) -> io::Result<()> {
     Ok(())
 }
 
-/// CPUs this process may run on.
+/// CPUs online on the host (`_SC_NPROCESSORS_ONLN`). Not
+/// `available_parallelism`: that is the calling thread's affinity, so a
+/// thread pinned to one CPU would "unpin" itself to that CPU again, and
+/// every thread it starts (vCPUs included) would inherit it.
 pub fn online_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    // SAFETY: sysconf only reads a system value.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 {
+        n as usize
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
 }
 
 /// `run_delay` (ns waiting for a CPU) of thread `tid` of this process.
@@ -86,4 +96,40 @@ pub fn set_fifo(prio: i32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(tid: i32) -> usize {
+        // SAFETY: an all-zero cpu_set_t is a valid set for the kernel to fill.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid set of the size given.
+        let r = unsafe {
+            libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set)
+        };
+        assert_eq!(r, 0);
+        // SAFETY: reads the set filled above.
+        unsafe { libc::CPU_COUNT(&set) as usize }
+    }
+
+    /// A thread pinned to one CPU still sees every host CPU, so `unpin`
+    /// really lets it (and the threads it starts later) run anywhere.
+    #[test]
+    fn cpu_pinned_thread_unpins_to_every_online_cpu() {
+        let n = online_cpus();
+        std::thread::spawn(move || {
+            let me = crate::host::perf::gettid();
+            pin(me, 0).unwrap();
+            assert_eq!(allowed(me), 1);
+            assert_eq!(online_cpus(), n, "pinning changed the CPU count");
+            unpin(me).unwrap();
+            assert_eq!(allowed(me), n);
+            let child = std::thread::spawn(|| allowed(crate::host::perf::gettid()));
+            assert_eq!(child.join().unwrap(), n);
+        })
+        .join()
+        .unwrap();
+    }
 }

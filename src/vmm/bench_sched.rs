@@ -727,9 +727,10 @@ pub fn switch_cost(watch: Watch, rounds: u32) -> Result<f64, String> {
                     crate::host::perf::gettid() as u32,
                     crate::host::bpf::Role::Watcher,
                 );
+                // The ping-pong runs on CPU 0: its ring.
                 let _ = ep.ctl(
                     ControlOperation::Add,
-                    b.fd(),
+                    b.fd(0),
                     EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, 0),
                 );
             }

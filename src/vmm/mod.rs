@@ -509,24 +509,30 @@ impl Vm {
             Ok(h) => threads.push(h),
             Err(e) => return GuestExit::Error(format!("cannot start the event loop: {e}")),
         }
-        let monitor: Option<Box<dyn FnOnce() + Send>> = match machine.xen.sched_mechanism() {
+        // The scheduler monitor: one thread with perf, one per ring (CPU)
+        // with BPF (see sched_monitor::run_bpf).
+        let mut monitors: Vec<(String, Box<dyn FnOnce() + Send>)> = Vec::new();
+        match machine.xen.sched_mechanism() {
             Some(crate::xen::sched::Mechanism::Perf(mode)) => {
                 let (m, mode) = (machine.clone(), *mode);
-                Some(Box::new(move || sched_monitor::run(m, mode)))
+                monitors.push((
+                    "vcpu-sched".into(),
+                    Box::new(move || sched_monitor::run(m, mode)),
+                ));
             }
             Some(crate::xen::sched::Mechanism::Bpf) => {
-                let m = machine.clone();
-                Some(Box::new(move || sched_monitor::run_bpf(m)))
+                for ring in 0..sched_monitor::bpf_rings() {
+                    let m = machine.clone();
+                    monitors.push((
+                        format!("vcpu-sched{ring}"),
+                        Box::new(move || sched_monitor::run_bpf(m, ring)),
+                    ));
+                }
             }
-            _ => None,
-        };
-        if let Some(body) = monitor {
-            match threads::spawn(
-                ThreadKind::SchedMonitor,
-                "vcpu-sched".into(),
-                on_panic.clone(),
-                body,
-            ) {
+            _ => {}
+        }
+        for (name, body) in monitors {
+            match threads::spawn(ThreadKind::SchedMonitor, name, on_panic.clone(), body) {
                 Ok(h) => threads.push(h),
                 Err(e) => {
                     tracing::warn!(%e, "no scheduler monitor: runnable is not shown promptly")

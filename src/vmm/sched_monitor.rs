@@ -145,17 +145,38 @@ pub fn run(m: Arc<Machine>, mode: PerfMode) {
 
 const RING: u64 = u64::MAX - 1;
 
-/// The thread body with the BPF mechanism: one ring for all vCPUs, readable
-/// only at a preempt-out of a vCPU thread that did not hand its CPU to this
-/// thread (the program checks `next` against the watcher's id), or when a
-/// quarter of the ring waits. Other events (switch-ins, halts, wake-ups) are
-/// read at the next wake-up or by the vCPU thread before its next
-/// transition.
-pub fn run_bpf(m: Arc<Machine>) {
+/// How many BPF watch threads to run: one per ring that can receive events
+/// (rings are per CPU modulo [`crate::host::bpf::NR_RINGS`]).
+pub fn bpf_rings() -> usize {
+    crate::host::cpu::online_cpus().clamp(1, crate::host::bpf::NR_RINGS)
+}
+
+/// The CPUs whose events go into ring `ring`.
+fn ring_cpus(ring: usize) -> Vec<usize> {
+    (0..crate::host::cpu::online_cpus())
+        .filter(|c| c % crate::host::bpf::NR_RINGS == ring)
+        .collect()
+}
+
+/// The thread body with the BPF mechanism, one thread per ring `ring`
+/// (see [`bpf_rings`]): pinned to that ring's CPUs, it waits on its ring,
+/// readable only at a preempt-out of a vCPU thread on one of those CPUs that
+/// did not hand the CPU to a watch thread (the program checks `next`
+/// against the watchers' ids), or when a quarter of the ring waits. So the
+/// wake-up takes the CPU from whatever just preempted the vCPU, never from
+/// another vCPU on another CPU. Each wake-up reads every ring (events of a
+/// thread that changed CPUs sit in several). Other events (switch-ins,
+/// halts, wake-ups) are read at the next wake-up or by the vCPU thread
+/// before its next transition.
+pub fn run_bpf(m: Arc<Machine>, ring: usize) {
     let Some(bpf) = m.xen.sched_bpf().cloned() else {
         tracing::warn!("scheduler monitor: no BPF program loaded");
         return;
     };
+    let cpus = ring_cpus(ring);
+    if let Err(e) = crate::host::cpu::pin_set(perf::gettid(), &cpus) {
+        tracing::info!(%e, ring, ?cpus, "scheduler monitor not pinned to its ring's CPUs");
+    }
     let ep = match Epoll::new() {
         Ok(e) => e,
         Err(e) => {
@@ -167,7 +188,7 @@ pub fn run_bpf(m: Arc<Machine>) {
         (m.xen.sched_event_fd(), CTL, EventSet::IN),
         // Edge-triggered: readiness only when the program wakes us, not
         // whenever an unread (no-wake-up) event sits in the ring.
-        (bpf.fd(), RING, EventSet::IN | EventSet::EDGE_TRIGGERED),
+        (bpf.fd(ring), RING, EventSet::IN | EventSet::EDGE_TRIGGERED),
     ] {
         if let Err(e) = ep.ctl(ControlOperation::Add, fd, EpollEvent::new(set, data)) {
             tracing::warn!(%e, "scheduler monitor: cannot watch its fds");
@@ -196,15 +217,17 @@ pub fn run_bpf(m: Arc<Machine>) {
                 break;
             }
         };
+        // Stopping: leave the control eventfd readable for the other watch
+        // threads (one read would hide it from them).
+        if m.stopping() {
+            break;
+        }
         for ev in &events[..n] {
             if ev.data() == CTL {
                 m.xen.sched_event_read();
             }
         }
-        if m.stopping() {
-            break;
-        }
-        // Another reader holds the ring for microseconds unless it was
+        // Another reader holds a ring for microseconds unless it was
         // preempted meanwhile: retry briefly, then look again in 1 ms.
         let mut pumped = m.xen.bpf_pump();
         for _ in 0..100 {

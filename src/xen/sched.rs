@@ -325,7 +325,7 @@ impl XenPlatform {
     /// vCPU (each falls back until its thread resynchronises); only the
     /// watch thread reads it (`check_lost`: a map lookup is a system call,
     /// kept off the vCPU threads' path).
-    /// False if another thread was reading the ring.
+    /// False if another thread was reading one of the rings.
     pub(super) fn bpf_pump(&self, check_lost: bool) -> bool {
         let Some(b) = self.sched.bpf.get() else {
             return true;
@@ -354,15 +354,15 @@ impl XenPlatform {
         // Never wait for the ring: its reader may be a vCPU thread that was
         // preempted while reading it (and a vCPU thread must not wait for
         // another one). The reader distributes what it reads.
-        let Some(bad) = b.try_drain(push) else {
+        let (bad, complete) = b.try_drain(push);
+        if !complete {
             self.sched.bpf_busy.fetch_add(1, Ordering::Relaxed);
-            return false;
-        };
+        }
         if bad > 0 {
             self.sched.bpf_bad.fetch_add(bad, Ordering::Relaxed);
         }
         if !check_lost {
-            return true;
+            return complete;
         }
         let lost = b.lost();
         let seen = self.sched.bpf_lost_seen.swap(lost, Ordering::AcqRel);
@@ -371,7 +371,7 @@ impl XenPlatform {
                 s.queue.lock().push(Rec::Lost(lost - seen));
             }
         }
-        true
+        complete
     }
 
     /// One pass over the vCPU's events; true if it published runnable.
@@ -418,6 +418,12 @@ impl XenPlatform {
         if host.buf.is_empty() {
             return false;
         }
+        // Two readers of different rings may have queued one thread's events
+        // out of order: apply them in time order (`Lost` markers first).
+        host.buf.sort_by_key(|r| match r {
+            Rec::Lost(_) => 0,
+            Rec::Sw { t, .. } => *t,
+        });
         let mono_now = perf::monotonic_ns();
         let sys_now = self.clock.system_time();
         let to_sys = |t: u64| {
