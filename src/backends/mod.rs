@@ -9,4 +9,5 @@ pub mod blkif;
 pub mod console;
 pub mod netback;
 pub mod netif;
+pub mod worker;
 pub mod xenstore;

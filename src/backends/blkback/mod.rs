@@ -83,44 +83,28 @@ pub struct BlkHost {
 pub struct QueueThread {
     pub dom0_port: u32,
     pub kick: Arc<EventFd>,
-    stop: Arc<AtomicBool>,
-    join: Option<JoinHandle<()>>,
+    worker: crate::backends::worker::IoWorker,
 }
 
 impl QueueThread {
     /// Starts serving `q` on a thread called `name`.
     pub fn start(host: &BlkHost, name: String, q: Queue) -> Result<QueueThread, BlkError> {
-        let kick = Arc::new(EventFd::new(0).map_err(|e| BlkError::Thread(e.to_string()))?);
-        let stop = Arc::new(AtomicBool::new(false));
         let dom0_port = q.dom0_port();
-        let (k, s) = (kick.clone(), stop.clone());
-        let join = (host.spawn)(name, Box::new(move || serve(q, &k, &s)))
+        let worker =
+            crate::backends::worker::IoWorker::start(&*host.spawn, name, 0, move |k, s| {
+                serve(q, k, s)
+            })
             .map_err(|e| BlkError::Thread(e.to_string()))?;
         Ok(QueueThread {
             dom0_port,
-            kick,
-            stop,
-            join: Some(join),
+            kick: worker.kick().clone(),
+            worker,
         })
     }
 
     /// Stops the thread and waits for it (its queue gives the grants back).
-    pub fn stop(mut self) {
-        self.halt();
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        let _ = self.kick.write(1);
-        if let Some(j) = self.join.take() {
-            let _ = j.join();
-        }
-    }
-}
-
-impl Drop for QueueThread {
-    fn drop(&mut self) {
-        self.halt();
+    pub fn stop(self) {
+        self.worker.stop();
     }
 }
 

@@ -21,7 +21,6 @@ pub mod xenbus;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use gpc::MemoryMap;
 use hypercalls::Domain;
@@ -90,46 +89,30 @@ impl NetConfig {
 pub struct NetWorker {
     pub dom0_ports: Vec<u32>,
     pub kick: Arc<EventFd>,
-    stop: Arc<AtomicBool>,
-    join: Option<JoinHandle<()>>,
+    worker: crate::backends::worker::IoWorker,
 }
 
 impl NetWorker {
     /// Starts serving `q` on a thread called `name`.
     pub fn start(host: &NetHost, name: String, q: NetQueue) -> Result<NetWorker, NetError> {
-        let kick = Arc::new(
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| NetError::Thread(e.to_string()))?,
-        );
-        let stop = Arc::new(AtomicBool::new(false));
         let dom0_ports = q.dom0_ports();
-        let (k, s) = (kick.clone(), stop.clone());
-        let join = (host.spawn)(name, Box::new(move || serve(q, &k, &s)))
-            .map_err(|e| NetError::Thread(e.to_string()))?;
+        let worker = crate::backends::worker::IoWorker::start(
+            &*host.spawn,
+            name,
+            libc::EFD_NONBLOCK,
+            move |k, s| serve(q, k, s),
+        )
+        .map_err(|e| NetError::Thread(e.to_string()))?;
         Ok(NetWorker {
             dom0_ports,
-            kick,
-            stop,
-            join: Some(join),
+            kick: worker.kick().clone(),
+            worker,
         })
     }
 
     /// Stops the thread and waits for it (its queue gives the grants back).
-    pub fn stop(mut self) {
-        self.halt();
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        let _ = self.kick.write(1);
-        if let Some(j) = self.join.take() {
-            let _ = j.join();
-        }
-    }
-}
-
-impl Drop for NetWorker {
-    fn drop(&mut self) {
-        self.halt();
+    pub fn stop(self) {
+        self.worker.stop();
     }
 }
 
