@@ -299,6 +299,21 @@ impl EmuEnv for ProbeEnv<'_> {
             _ => false,
         }
     }
+    fn xsave_area(&self) -> Option<Vec<u8>> {
+        super::vcpu::xsave_bytes(self.0)
+    }
+    fn set_xsave_area(&self, area: &[u8]) -> bool {
+        super::vcpu::set_xsave_bytes(self.0, area)
+    }
+    fn xss(&self) -> u64 {
+        super::vcpu::xss(self.0)
+    }
+    fn xstate_layout(&self) -> x86::xsave::XstateLayout {
+        super::vcpu::xstate_layout()
+    }
+    fn flush_guest_tlb(&self) -> bool {
+        super::vcpu::flush_guest_tlb(self.0)
+    }
 }
 
 fn read_msr(fd: &VcpuFd, index: u32) -> Option<u64> {

@@ -397,6 +397,19 @@ impl KvmVcpu {
         unsafe { self.fd.set_xsave(&x) }.is_ok()
     }
 
+    /// The whole XSAVE state (see [`xsave_bytes`]).
+    pub fn xsave_bytes(&self) -> Option<Vec<u8>> {
+        xsave_bytes(&self.fd)
+    }
+    /// Loads the whole XSAVE state (see [`set_xsave_bytes`]).
+    pub fn set_xsave_bytes(&self, b: &[u8]) -> bool {
+        set_xsave_bytes(&self.fd, b)
+    }
+    /// Flushes the guest's TLB (see [`flush_guest_tlb`]).
+    pub fn flush_guest_tlb(&self) -> bool {
+        flush_guest_tlb(&self.fd)
+    }
+
     /// Makes the vCPU runnable (out of the wait for INIT/SIPI).
     pub fn set_runnable(&self) -> Result<(), KvmError> {
         self.fd.set_mp_state(kvm_bindings::kvm_mp_state {
@@ -638,4 +651,83 @@ pub fn set_fpu_state(fd: &VcpuFd, f: &kvm_fpu) -> bool {
     // xenkvm never enables), with only the legacy region and XSTATE_BV's
     // x87/SSE bits changed, so KVM reads nothing past the struct.
     unsafe { fd.set_xsave(&x) }.is_ok()
+}
+
+/// The vCPU's whole XSAVE state as KVM_GET_XSAVE returns it (the standard
+/// format, 4096 bytes: xenkvm enables no dynamically sized state).
+pub fn xsave_bytes(fd: &VcpuFd) -> Option<Vec<u8>> {
+    let x = fd.get_xsave().ok()?;
+    Some(x.region.iter().flat_map(|w| w.to_le_bytes()).collect())
+}
+
+/// Loads the vCPU's whole XSAVE state (KVM_SET_XSAVE) from `b` (at least
+/// 4096 bytes, the standard format); false if KVM refused it.
+pub fn set_xsave_bytes(fd: &VcpuFd, b: &[u8]) -> bool {
+    let Ok(mut x) = fd.get_xsave() else {
+        return false;
+    };
+    if b.len() < x.region.len() * 4 {
+        return false;
+    }
+    for (w, c) in x.region.iter_mut().zip(b.chunks_exact(4)) {
+        *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    // SAFETY: `x` is the kvm_xsave KVM_GET_XSAVE just returned for this
+    // vCPU (4096 bytes; no dynamically enabled state such as AMX, which
+    // xenkvm never enables), its region overwritten in place, so KVM reads
+    // nothing past the struct.
+    unsafe { fd.set_xsave(&x) }.is_ok()
+}
+
+/// Flushes the guest's whole TLB: KVM_SET_SREGS with CR4.PGE toggled and
+/// then as it was. A changed CR0/CR3/CR4/EFER makes KVM reset the vCPU's
+/// MMU context (on shadow paging: unload and resync the roots) and request
+/// a guest TLB flush, as a guest toggling CR4.PGE does. False if an ioctl
+/// failed (the second is retried once so the registers are not left
+/// toggled).
+pub fn flush_guest_tlb(fd: &VcpuFd) -> bool {
+    let Ok(s) = fd.get_sregs() else {
+        return false;
+    };
+    let mut toggled = s;
+    toggled.cr4 ^= 1 << 7;
+    if fd.set_sregs(&toggled).is_err() {
+        return false;
+    }
+    fd.set_sregs(&s).is_ok() || fd.set_sregs(&s).is_ok()
+}
+
+/// IA32_XSS (0xda0) of the vCPU, 0 when it cannot be read.
+pub fn xss(fd: &VcpuFd) -> u64 {
+    let Ok(mut msrs) = Msrs::from_entries(&[kvm_msr_entry {
+        index: 0xda0,
+        ..Default::default()
+    }]) else {
+        return 0;
+    };
+    match fd.get_msrs(&mut msrs) {
+        Ok(1) => msrs.as_slice()[0].data,
+        _ => 0,
+    }
+}
+
+/// The XSAVE component layout this host's KVM offers (KVM_GET_SUPPORTED_CPUID
+/// leaf 0xD; xenkvm passes it through to guests), or the SDM's table.
+pub fn xstate_layout() -> crate::arch::x86::xsave::XstateLayout {
+    use crate::arch::x86::xsave::XstateLayout;
+    static L: std::sync::OnceLock<XstateLayout> = std::sync::OnceLock::new();
+    L.get_or_init(|| {
+        let cpuid = kvm_ioctls::Kvm::new()
+            .and_then(|k| k.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES));
+        match cpuid {
+            Ok(c) => XstateLayout::from_cpuid(|i| {
+                c.as_slice()
+                    .iter()
+                    .find(|e| e.function == 0xd && e.index == i)
+                    .map(|e| (e.eax, e.ebx, e.ecx))
+            }),
+            Err(_) => XstateLayout::sdm(),
+        }
+    })
+    .clone()
 }

@@ -1079,4 +1079,19 @@ impl x86::EmuEnv for EmuHost<'_> {
     fn xcr0(&self) -> u64 {
         self.kvm.xcr0()
     }
+    fn xsave_area(&self) -> Option<Vec<u8>> {
+        self.kvm.xsave_bytes()
+    }
+    fn set_xsave_area(&self, area: &[u8]) -> bool {
+        self.kvm.set_xsave_bytes(area)
+    }
+    fn xss(&self) -> u64 {
+        self.kvm.read_msr(0xda0).unwrap_or(0)
+    }
+    fn xstate_layout(&self) -> x86::xsave::XstateLayout {
+        crate::kvm::vcpu::xstate_layout()
+    }
+    fn flush_guest_tlb(&self) -> bool {
+        self.kvm.flush_guest_tlb()
+    }
 }

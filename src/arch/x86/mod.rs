@@ -11,10 +11,15 @@
 pub mod cpl3;
 pub mod cpuid;
 pub mod gates;
+pub mod invpcid;
 pub mod more;
 pub mod syscall_fix;
 pub mod task;
+#[cfg(test)]
+pub(crate) mod testenv;
 pub mod traps;
+pub mod x87;
+pub mod xsave;
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
@@ -394,6 +399,28 @@ pub trait EmuEnv {
     }
     /// Sets the x87/SSE state; false if the host refused.
     fn set_fpu(&self, _f: &kvm_bindings::kvm_fpu) -> bool {
+        false
+    }
+    /// The whole XSAVE state as KVM_GET_XSAVE returns it (standard format,
+    /// [`xsave::KVM_AREA`] bytes), None if unavailable.
+    fn xsave_area(&self) -> Option<Vec<u8>> {
+        None
+    }
+    /// Loads the whole XSAVE state (KVM_SET_XSAVE); false if refused.
+    fn set_xsave_area(&self, _area: &[u8]) -> bool {
+        false
+    }
+    /// IA32_XSS (supervisor state components enabled for `xsaves`).
+    fn xss(&self) -> u64 {
+        0
+    }
+    /// Where the XSAVE state components live (CPUID leaf 0xD).
+    fn xstate_layout(&self) -> xsave::XstateLayout {
+        xsave::XstateLayout::sdm()
+    }
+    /// Flushes the guest's TLB (every PCID, global pages included); false
+    /// if the host cannot.
+    fn flush_guest_tlb(&self) -> bool {
         false
     }
 }
