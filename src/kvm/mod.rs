@@ -9,6 +9,8 @@ pub mod migration;
 pub mod probe;
 pub mod vcpu;
 pub mod vm;
+#[cfg(test)]
+mod x87_native;
 
 pub use vcpu::{
     install_kick_handler, kick_signal, CpuTimeKick, Exit, Kicker, KvmError, KvmVcpu, ThreadKick,

@@ -213,6 +213,15 @@ pub fn arith(op: ArithOp, a: u128, b: u128, denormal_src: bool, fcw: u16) -> Out
     if bad {
         return invalid(INDEFINITE);
     }
+    // Zero divide (a finite dividend): no denormal flag, as the CPU does.
+    if op == ArithOp::Div && cb == Class::Zero && ca != Class::Inf {
+        let inf = (u128::from(sign_a != sign_b) << 79) | (0x7fff << 64) | (1 << 63);
+        return Outcome {
+            value: (fcw & ZE != 0).then_some(inf),
+            flags: ZE,
+            c1: false,
+        };
+    }
     let mut flags = 0;
     if denormal_src || ca == Class::Denormal || cb == Class::Denormal {
         flags |= DE;
@@ -224,21 +233,33 @@ pub fn arith(op: ArithOp, a: u128, b: u128, denormal_src: bool, fcw: u16) -> Out
             };
         }
     }
-    if op == ArithOp::Div && cb == Class::Zero && ca != Class::Inf {
-        flags |= ZE;
-        let inf = (u128::from(sign_a != sign_b) << 79) | (0x7fff << 64) | (1 << 63);
-        return Outcome {
-            value: (fcw & ZE != 0).then_some(inf),
-            flags,
-            c1: false,
-        };
-    }
     let (fa, fb) = (Ext::from_bits(a), Ext::from_bits(b));
     let rc = rounding(fcw);
     let r = apply(op, fa, fb, rc);
     let value = r.value;
-    if r.status.contains(Status::OVERFLOW) {
-        flags |= OE | PE;
+    // Overflow is the rounded result, with an unbounded exponent, reaching
+    // 2^16384. APFloat flags it only when it returns infinity, not when a
+    // directed rounding gives the largest finite value: decide it on the
+    // operation scaled down by 2 (exact, except that a denormal operand of
+    // an addition is halved away from zero so it still counts as sticky).
+    let finite = ca != Class::Inf && cb != Class::Inf;
+    if finite && (value.is_infinite() || value.abs().bitwise_eq(Ext::largest())) {
+        let halve = |x: Ext| {
+            let away = if x.is_negative() {
+                Round::TowardNegative
+            } else {
+                Round::TowardPositive
+            };
+            x.scalbn_r(-1, away)
+        };
+        let (sa, sb) = match op {
+            ArithOp::Add | ArithOp::Sub => (halve(fa), halve(fb)),
+            ArithOp::Mul | ArithOp::Div => (fa.scalbn(-1), fb),
+        };
+        let half = apply(op, sa, sb, rc).value.abs();
+        if half >= Ext::from_u128(1).value.scalbn(16383) {
+            flags |= OE | PE;
+        }
     }
     if r.status.contains(Status::INEXACT) {
         flags |= PE;
