@@ -1125,3 +1125,6 @@ mod tests {
         eprintln!("NMI handled; {fixups} emulation-failure fix-ups");
     }
 }
+
+#[cfg(test)]
+mod kvm_tests;
