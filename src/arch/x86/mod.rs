@@ -8,6 +8,7 @@
 //!   32-bit `iret` is emulated (stack pops and descriptor loads), `rdtscp`
 //!   and `xgetbv` are emulated. Instructions are decoded with iced-x86.
 
+pub mod avx;
 pub mod cpl3;
 pub mod cpuid;
 pub mod gates;

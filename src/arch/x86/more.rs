@@ -20,7 +20,9 @@
 //!   they need is off (a guest booted with `noxsave`).
 //!
 //! - `invpcid`/`vmfunc` (invpcid.rs), the XSAVE family (xsave.rs), x87
-//!   arithmetic, loads and integer stores (x87.rs).
+//!   arithmetic, loads and integer stores (x87.rs), AVX/AVX-512 moves,
+//!   logic, adds, shuffles and `vzeroupper` on the real vector state
+//!   (avx.rs).
 //!
 //! Everything else is [`Fixup::Unhandled`]: the VMM stops the guest with
 //! the form's name rather than guess.
@@ -182,6 +184,9 @@ fn emulate(
         _ if crate::arch::x86::xsave::is_xsave_family(insn) => {
             crate::arch::x86::xsave::emulate(mem, env, regs, s, insn)
         }
+        _ if crate::arch::x86::avx::handles(insn) => {
+            crate::arch::x86::avx::emulate(mem, env, regs, s, insn)
+        }
         _ if crate::arch::x86::x87::handles(insn) => {
             crate::arch::x86::x87::emulate(mem, env, regs, s, insn)
         }
@@ -194,13 +199,15 @@ fn emulate(
 
 /// Forms this host's KVM fails on that xenkvm does not emulate yet: VMX
 /// instructions and `int1` (their #UD and #DB delivery are separate
-/// fix-ups), and AVX/AVX-512 forms when their state is enabled (without it
-/// they raise #UD here, as the CPU would). The probe marks them. (`invpcid`,
-/// `vmfunc`, the XSAVE family and the x87 forms are handled: see
-/// invpcid.rs, xsave.rs, x87.rs.)
+/// fix-ups), and the AVX/AVX-512 forms avx.rs does not know when their
+/// state is enabled (without it they raise #UD here, as the CPU would). The
+/// probe marks them. (`invpcid`, `vmfunc`, the XSAVE family, the x87 forms
+/// and the AVX forms in avx.rs are handled.)
 pub fn not_emulated_yet(insn: &Instruction) -> bool {
     use Mnemonic::*;
-    let avx = matches!(insn.encoding(), EncodingKind::VEX | EncodingKind::EVEX) && !is_bmi(insn);
+    let avx = matches!(insn.encoding(), EncodingKind::VEX | EncodingKind::EVEX)
+        && !is_bmi(insn)
+        && !crate::arch::x86::avx::handles(insn);
     avx || matches!(
         insn.mnemonic(),
         Vmread
