@@ -247,3 +247,49 @@ fn kvm_invpcid_after_remap_guest_reads_new_page() {
     );
     assert_eq!(r.rax, 0xbbbb);
 }
+
+/// `vpaddd ymm0, ymm1, ymm2` then `vextracti128 xmm3, ymm0, 1` on the
+/// vCPU's real AVX state: the sums are in YMM0 and its upper half in XMM3.
+#[test]
+fn kvm_avx_fixups_compute_on_the_vcpus_ymm_registers() {
+    if !kvm_available("kvm_avx_fixups_compute_on_the_vcpus_ymm_registers") {
+        return;
+    }
+    let mut vm = CovVm::new().unwrap();
+    if vm.xcr0 & 4 == 0 {
+        eprintln!("SKIPPED kvm_avx_fixups_compute_on_the_vcpus_ymm_registers: no AVX state");
+        return;
+    }
+    let code = [
+        0xc5, 0xf5, 0xfe, 0xc2, // vpaddd ymm0, ymm1, ymm2
+        0xc4, 0xe3, 0x7d, 0x39, 0xc3, 0x01, // vextracti128 xmm3, ymm0, 1
+    ];
+    let dw = |b: &[u8], i: usize| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap());
+    let hi = super::super::vcpu::xstate_layout()
+        .component(2)
+        .unwrap()
+        .offset as usize;
+    run_code(
+        &mut vm,
+        &code,
+        &|vm, _| {
+            let mut a = super::super::vcpu::xsave_bytes(&vm.p.vcpu).unwrap();
+            for i in 0..4 {
+                let (x, y) = (i as u32, 100 * i as u32);
+                a[176 + 4 * i..180 + 4 * i].copy_from_slice(&(x + 1).to_le_bytes());
+                a[192 + 4 * i..196 + 4 * i].copy_from_slice(&(y + 1).to_le_bytes());
+                a[hi + 16 + 4 * i..hi + 20 + 4 * i].copy_from_slice(&(x + 5).to_le_bytes());
+                a[hi + 32 + 4 * i..hi + 36 + 4 * i].copy_from_slice(&(y + 5).to_le_bytes());
+            }
+            a[512] |= 6;
+            assert!(super::super::vcpu::set_xsave_bytes(&vm.p.vcpu, &a));
+        },
+        &mut |_| {},
+    );
+    let a = super::super::vcpu::xsave_bytes(&vm.p.vcpu).unwrap();
+    for i in 0..4 {
+        assert_eq!(dw(&a[160..], i), 101 * i as u32 + 2, "YMM0 low dword {i}");
+        assert_eq!(dw(&a[hi..], i), 101 * i as u32 + 10, "YMM0 high dword {i}");
+        assert_eq!(dw(&a[208..], i), 101 * i as u32 + 10, "XMM3 dword {i}");
+    }
+}
