@@ -7,6 +7,8 @@
 pub mod coverage;
 pub mod migration;
 pub mod probe;
+#[cfg(test)]
+mod sse_native;
 pub mod vcpu;
 pub mod vm;
 #[cfg(test)]

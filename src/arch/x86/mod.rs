@@ -14,6 +14,7 @@ pub mod cpuid;
 pub mod gates;
 pub mod invpcid;
 pub mod more;
+pub mod sse_fp;
 pub mod syscall_fix;
 pub mod task;
 #[cfg(test)]

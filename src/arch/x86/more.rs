@@ -602,10 +602,10 @@ fn compare_scalar(
 }
 
 /// divss: the low single of the destination divided by the source, upper
-/// bits kept. Emulated for MXCSR's usual setting (every exception masked,
-/// round to nearest, no FTZ/DAZ), where Rust's division is the CPU's; the
-/// exception flags (IE, DE, ZE, OE, UE, PE) are set as the SDM says.
-/// Other settings are refused rather than computed wrongly.
+/// bits kept, under any MXCSR (rounding, FTZ, DAZ, masks): computed by
+/// [`crate::arch::x86::sse_fp::divss`]. An unmasked exception sets its
+/// MXCSR flags, keeps the destination and raises #XM (#UD without
+/// CR4.OSXMMEXCPT).
 fn divss(
     mem: &dyn PhysMem,
     env: &dyn EmuEnv,
@@ -617,12 +617,6 @@ fn divss(
     let mut f = env
         .fpu()
         .ok_or_else(|| Fixup::Unhandled("SSE state unavailable".into()))?;
-    if f.mxcsr & 0xffc0 != 0x1f80 {
-        return Err(Fixup::Unhandled(format!(
-            "divss with MXCSR {:#x} (unmasked exceptions, rounding or FTZ/DAZ)",
-            f.mxcsr
-        )));
-    }
     let dst = xmm_index(insn.op0_register())
         .ok_or_else(|| Fixup::Unhandled("divss destination".into()))?;
     let low = |x: &[u8; 16]| u32::from_le_bytes([x[0], x[1], x[2], x[3]]);
@@ -633,46 +627,18 @@ fn divss(
             .ok_or_else(|| Fixup::Unhandled("divss source".into()))?,
         _ => read_operand(mem, regs, s, insn, 1, 4)? as u32,
     };
-    let (a, b) = (f32::from_bits(a_bits), f32::from_bits(b_bits));
-    let snan = |x: f32, bits: u32| x.is_nan() && bits & (1 << 22) == 0;
-    let mut flags = 0u32;
-    let q_bits = if a.is_nan() || b.is_nan() {
-        if snan(a, a_bits) || snan(b, b_bits) {
-            flags |= 1; // IE
-        }
-        // The first NaN operand, quieted.
-        (if a.is_nan() { a_bits } else { b_bits }) | (1 << 22)
-    } else if (a == 0.0 && b == 0.0) || (a.is_infinite() && b.is_infinite()) {
-        flags |= 1;
-        0xffc0_0000 // the default NaN
-    } else {
-        if a.is_subnormal() || b.is_subnormal() {
-            flags |= 1 << 1; // DE
-        }
-        if b == 0.0 && a.is_finite() {
-            flags |= 1 << 2; // ZE
-        }
-        let q = a / b;
-        if a.is_finite() && b.is_finite() && b != 0.0 {
-            // The product of two singles is exact in a double.
-            let exact = q.is_finite() && f64::from(q) * f64::from(b) == f64::from(a);
-            if !exact {
-                flags |= 1 << 5; // PE
-                if q.is_infinite() {
-                    flags |= 1 << 3; // OE
-                } else if q == 0.0 || q.is_subnormal() {
-                    flags |= 1 << 4; // UE
-                }
-            }
-        }
-        q.to_bits()
-    };
-    f.xmm[dst][..4].copy_from_slice(&q_bits.to_le_bytes());
-    f.mxcsr |= flags;
-    if env.set_fpu(&f) {
-        Ok(())
-    } else {
-        Err(Fixup::Unhandled("the host refused the SSE state".into()))
+    let out = crate::arch::x86::sse_fp::divss(a_bits, b_bits, f.mxcsr);
+    if let Some(q) = out.value {
+        f.xmm[dst][..4].copy_from_slice(&q.to_le_bytes());
+    }
+    f.mxcsr |= out.flags;
+    if !env.set_fpu(&f) {
+        return Err(Fixup::Unhandled("the host refused the SSE state".into()));
+    }
+    match out.value {
+        Some(_) => Ok(()),
+        None if s.cr4 & (1 << 10) != 0 => Err(exc(19)),
+        None => Err(exc(UD)),
     }
 }
 
@@ -1257,13 +1223,20 @@ mod tests {
         r.rip = CODE;
         run(&m, &env, &mut r, &mut s, &code);
         assert_eq!((get(), env.mxcsr() & 4), (f32::INFINITY, 4), "x/0: ZE");
-        // Unmasked exceptions: refused, not guessed.
-        env.set_mxcsr(0x1f00);
+        // Unmasked zero divide: MXCSR.ZE, destination kept, #XM.
+        set(0, 1.0);
+        env.set_mxcsr(0x1d80);
         r.rip = CODE;
-        assert!(matches!(
+        s.cr4 |= 1 << 10;
+        assert_eq!(
             run(&m, &env, &mut r, &mut s, &code),
-            Fixup::Unhandled(_)
-        ));
+            Fixup::Exception {
+                vector: 19,
+                error_code: None
+            }
+        );
+        assert_eq!((get(), env.mxcsr()), (1.0, 0x1d84));
+        assert_eq!(r.rip, CODE);
     }
 
     #[test]
