@@ -96,3 +96,87 @@ pub fn invpcid(
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86::testenv::{machine, run, Env, DATA};
+    use proptest::prelude::*;
+
+    /// invpcid rdx, [rbx]
+    const INVPCID: [u8; 5] = [0x66, 0x0f, 0x38, 0x82, 0x13];
+
+    #[test]
+    fn invpcid_valid_types_flush_invalid_ones_raise_gp() {
+        let (m, mut r, mut s) = machine(64);
+        let env = Env::new();
+        for ty in 0..4 {
+            r.rip = 0x1000;
+            r.rdx = ty;
+            assert_eq!(run(&m, &env, &mut r, &mut s, &INVPCID), Fixup::Resume);
+            assert_eq!(r.rip, 0x1005);
+        }
+        assert_eq!(env.flushes.get(), 4);
+        let gp = Fixup::Exception {
+            vector: GP,
+            error_code: Some(0),
+        };
+        // Type 4; descriptor bits 63:12; a PCID without CR4.PCIDE; a
+        // non-canonical address for type 0; CPL 3.
+        let cases: [(u64, u64, u64); 4] = [(4, 0, 0), (2, 1 << 12, 0), (1, 5, 0), (0, 0, 1 << 63)];
+        for (ty, lo, addr) in cases {
+            r.rip = 0x1000;
+            r.rdx = ty;
+            m.put(DATA, &lo.to_le_bytes());
+            m.put(DATA + 8, &addr.to_le_bytes());
+            assert_eq!(
+                run(&m, &env, &mut r, &mut s, &INVPCID),
+                gp,
+                "{ty} {lo:#x} {addr:#x}"
+            );
+        }
+        m.put(DATA, &[0; 16]);
+        s.ss.dpl = 3;
+        r.rip = 0x1000;
+        assert_eq!(run(&m, &env, &mut r, &mut s, &INVPCID), gp, "CPL 3");
+        assert_eq!(env.flushes.get(), 4, "no flush after a fault");
+    }
+
+    #[test]
+    fn vmfunc_raises_ud() {
+        let (m, mut r, mut s) = machine(64);
+        let f = run(&m, &Env::new(), &mut r, &mut s, &[0x0f, 0x01, 0xd4]);
+        assert_eq!(
+            f,
+            Fixup::Exception {
+                vector: UD,
+                error_code: None
+            }
+        );
+    }
+
+    proptest! {
+        /// Any prefixes, type register, descriptor and mode: no panic.
+        #[test]
+        fn invpcid_random_operands_never_panic(
+            prefix in proptest::collection::vec(prop_oneof![Just(0xf0u8), Just(0x66), Just(0x48), Just(0x67)], 0..3),
+            ty in any::<u64>(),
+            desc in proptest::array::uniform16(any::<u8>()),
+            modrm in any::<u8>(),
+            bits in prop_oneof![Just(64u32), Just(32)],
+            pcide in any::<bool>(),
+        ) {
+            let (m, mut r, mut s) = machine(bits);
+            if pcide {
+                s.cr4 |= CR4_PCIDE;
+            }
+            r.rax = ty;
+            r.rcx = ty;
+            r.rdx = ty;
+            m.put(DATA, &desc);
+            let mut code = prefix.clone();
+            code.extend_from_slice(&[0x66, 0x0f, 0x38, 0x82, modrm]);
+            let _ = run(&m, &Env::new(), &mut r, &mut s, &code);
+        }
+    }
+}

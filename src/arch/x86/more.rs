@@ -1368,6 +1368,12 @@ mod tests {
             r.rbp = regs[6];
             r.rsp = regs[7];
             let _ = run(&m, &Env::new(), &mut r, &mut s, &bytes);
+            // Again with the whole XSAVE state and AVX-512 enabled, so the
+            // XSAVE, x87 and AVX handlers see the bytes too.
+            let mut env = crate::arch::x86::testenv::Env::new();
+            env.xcr0 = 0xe7;
+            m.put(r.rip, &bytes);
+            let _ = fix(&m, &env, &mut r, &mut s);
         }
 
         /// The forms handled here, with random operands: no panic.
