@@ -4,6 +4,8 @@
 //! [`KvmVcpu`] (`KVM_RUN` returning a copied-out [`Exit`], registers,
 //! events, breakpoints) and [`Kicker`] (`immediate_exit` plus a signal).
 
+#[cfg(test)]
+mod avx_native;
 pub mod coverage;
 pub mod migration;
 pub mod probe;
