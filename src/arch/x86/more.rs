@@ -22,7 +22,8 @@
 //! - `invpcid`/`vmfunc` (invpcid.rs), the XSAVE family (xsave.rs), x87
 //!   arithmetic, loads and integer stores (x87.rs), AVX/AVX-512 moves,
 //!   logic, adds, shuffles and `vzeroupper` on the real vector state
-//!   (avx.rs).
+//!   (avx.rs); `(u)comiss`/`(u)comisd`, and `divss` under any MXCSR
+//!   (sse_fp.rs).
 //!
 //! Everything else is [`Fixup::Unhandled`]: the VMM stops the guest with
 //! the form's name rather than guess.
