@@ -30,6 +30,7 @@ mod memory;
 mod platform;
 mod sched;
 mod shared;
+mod restore;
 mod snapshot;
 pub mod testing;
 mod time;
@@ -72,4 +73,7 @@ pub enum Error {
     /// argument).
     #[error("grant operation failed (GNTST {0})")]
     Grant(i16),
+    /// A saved Xen-side state that cannot be applied to this domain (restore, issue 14).
+    #[error("cannot restore the Xen state: {0}")]
+    Restore(String),
 }

@@ -372,7 +372,15 @@ impl Vm {
                 .map_err(|e| VmError::Restore(e.to_string()))?;
         }
         let offset = measure_tsc_offset(&vcpus[0]);
-        let clock = Clock::new(tsc_khz, offset);
+        let saved_clock = cfg
+            .restore
+            .as_ref()
+            .and_then(|(_, img)| img.xen_state.as_ref()?.clock);
+        let clock = match saved_clock {
+            // Issue 14: Xen system time continues from the save.
+            Some(c) => Clock::continuing(tsc_khz, offset, c.guest_tsc, c.system_time_ns),
+            None => Clock::new(tsc_khz, offset),
+        };
         tracing::info!(tsc_khz, offset, "guest clock");
 
         // Step 5: the Xen personality, with the capabilities it may use.

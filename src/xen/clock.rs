@@ -78,6 +78,37 @@ impl Clock {
         }
     }
 
+    /// A restored domain's clock (issue 14): it continues the saved one,
+    /// which read `system_time_ns` at guest TSC `saved_tsc` (the restored
+    /// vCPUs' TSC continues from there), so Xen system time, and every
+    /// deadline and runstate time expressed in it, goes on without a jump.
+    /// The wallclock is kept right: wall time at system time 0 is now less
+    /// the system time now. A restored TSC behind `saved_tsc` by more than
+    /// the saved system time (it cannot be, short of a broken image) gives a
+    /// clock starting at 0 now, as [`Clock::new`].
+    pub fn continuing(
+        tsc_khz: u32,
+        guest_tsc_offset: u64,
+        saved_tsc: u64,
+        system_time_ns: u64,
+    ) -> Self {
+        let mut c = Clock::new(tsc_khz, guest_tsc_offset);
+        let ticks = (u128::from(system_time_ns) * u128::from(tsc_khz.max(1)) / 1_000_000) as u64;
+        let Some(mut tsc0) = saved_tsc.checked_sub(ticks) else {
+            return c;
+        };
+        // Rounding: never read less than the saved time at the saved TSC.
+        let mut tries = 0;
+        while c.scale.scale(saved_tsc.wrapping_sub(tsc0)) < system_time_ns && tries < 64 {
+            tsc0 = tsc0.saturating_sub(1 + u64::from(tsc_khz / 1_000_000));
+            tries += 1;
+        }
+        c.tsc0 = tsc0;
+        let now = c.system_time();
+        c.wall0_ns = c.wall0_ns.saturating_sub(now);
+        c
+    }
+
     /// The guest's TSC now.
     pub fn guest_tsc(&self) -> u64 {
         host_tsc().wrapping_add(self.guest_tsc_offset)
@@ -135,6 +166,20 @@ mod tests {
             let ns = s.scale(one_s_ticks);
             assert!((ns as i64 - 1_000_000_000).abs() <= 1000, "{khz}: {ns}");
         }
+    }
+
+    #[test]
+    fn clock_continuing_reads_at_least_the_saved_time_at_the_saved_tsc() {
+        for (khz, sys) in [(2_596_140u32, 1_234_567_891u64), (1_000_000, 7), (3_700_001, 86_400_000_000_000)] {
+            let saved_tsc = 1_000_000_000_000_000u64;
+            let c = Clock::continuing(khz, 0, saved_tsc, sys);
+            let at = c.system_time_at(saved_tsc);
+            assert!(at >= sys, "{khz}: {at} < {sys}");
+            assert!(at - sys < 2_000, "{khz}: {at} is {} ns ahead", at - sys);
+        }
+        // A TSC that cannot hold the saved time: a fresh clock.
+        let c = Clock::continuing(1_000_000, 0, 10, 1_000_000_000);
+        assert!(c.system_time() < 1_000_000_000);
     }
 
     #[test]

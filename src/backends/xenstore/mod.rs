@@ -46,6 +46,7 @@ mod conn;
 mod path;
 mod perms;
 mod ring;
+mod saved;
 mod store;
 mod wire;
 
@@ -55,6 +56,7 @@ mod tests;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+pub use saved::SavedNode;
 use conn::{Conn, Tx, Watch};
 use store::{Event, Store};
 
