@@ -83,7 +83,9 @@ impl Domain {
             };
             if let Some(gpa) = v.vcpu_info_gpa {
                 if (gpa & 0xfff) as usize > abi::PAGE_SIZE - shinfo::VCPU_INFO_LEN {
-                    return Err(bad(format!("vCPU {i} vcpu_info at {gpa:#x}: crosses a page")));
+                    return Err(bad(format!(
+                        "vCPU {i} vcpu_info at {gpa:#x}: crosses a page"
+                    )));
                 }
                 self.vcpu_info.write()[i] = Some(map(gpa, "vcpu_info", 4)?);
             }
@@ -149,7 +151,12 @@ impl Domain {
             }
         }
         for &(i, status, g) in &s.grant_placed {
-            let idx = u64::from(i) | if status { xenmem::MAPIDX_GRANT_TABLE_STATUS } else { 0 };
+            let idx = u64::from(i)
+                | if status {
+                    xenmem::MAPIDX_GRANT_TABLE_STATUS
+                } else {
+                    0
+                };
             self.map_grant_frame(idx, gfn(g, "grant frame")?)
                 .map_err(|e| bad(format!("grant frame {i} (status {status}) at {g:#x}: {e}")))?;
         }
@@ -211,7 +218,10 @@ impl Domain {
                 }
             };
             if p.vcpu >= self.cfg.vcpus {
-                return Err(bad(format!("event channel port {}: vCPU {}", p.port, p.vcpu)));
+                return Err(bad(format!(
+                    "event channel port {}: vCPU {}",
+                    p.port, p.vcpu
+                )));
             }
             t.restore_port(p.port, state, p.vcpu, limit)
                 .map_err(|e| bad(format!("event channel port {}: {e}", p.port)))?;

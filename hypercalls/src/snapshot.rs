@@ -118,9 +118,7 @@ impl Domain {
             grant_version,
             grant_frames,
             grant_pages,
-            width: self
-                .width_latched()
-                .then(|| self.width()),
+            width: self.width_latched().then(|| self.width()),
             vm_assist: self.vm_assist.load(Ordering::Acquire),
             params: (0..self.params.len() as u32)
                 .filter_map(|i| self.param(i).filter(|v| *v != 0).map(|v| (i, v)))

@@ -350,10 +350,20 @@ pub fn encode(s: &XenState) -> Vec<u8> {
         section(&mut secs, &mut n, extra::tag::PAGE, &extra::encode_page(p));
     }
     if let Some(d) = &s.domain_extra {
-        section(&mut secs, &mut n, extra::tag::DOMAIN_EXTRA, &extra::encode_domain(d));
+        section(
+            &mut secs,
+            &mut n,
+            extra::tag::DOMAIN_EXTRA,
+            &extra::encode_domain(d),
+        );
     }
     for v in &s.vcpu_extra {
-        section(&mut secs, &mut n, extra::tag::VCPU_EXTRA, &extra::encode_vcpu(v));
+        section(
+            &mut secs,
+            &mut n,
+            extra::tag::VCPU_EXTRA,
+            &extra::encode_vcpu(v),
+        );
     }
     if let Some(f) = &s.fifo {
         section(&mut secs, &mut n, extra::tag::FIFO, &extra::encode_fifo(f));
@@ -900,7 +910,11 @@ pub fn from_snapshot(
 /// lacks leave the domain's defaults (an image from an older xenkvm has no
 /// page contents or vCPU flags: the vCPUs the image has CPU state for are
 /// then up, as `vcpu_up` says).
-pub fn to_snapshot(s: &XenState, now: u64, vcpu_up: &dyn Fn(u32) -> bool) -> hypercalls::DomainSnapshot {
+pub fn to_snapshot(
+    s: &XenState,
+    now: u64,
+    vcpu_up: &dyn Fn(u32) -> bool,
+) -> hypercalls::DomainSnapshot {
     let nr = s
         .vcpus
         .iter()

@@ -369,11 +369,12 @@ fn save(
             tsc_khz: m.clock.tsc_khz,
             system_time_ns,
             xen_state: xen_state.then(|| {
-                m.xen.xen_state(crate::migration::xenkvm_records::ClockState {
-                    tsc_khz: m.clock.tsc_khz,
-                    system_time_ns,
-                    guest_tsc,
-                })
+                m.xen
+                    .xen_state(crate::migration::xenkvm_records::ClockState {
+                        tsc_khz: m.clock.tsc_khz,
+                        system_time_ns,
+                        guest_tsc,
+                    })
             }),
         };
         let mut tmp = path.as_os_str().to_owned();

@@ -341,20 +341,10 @@ impl Vm {
             );
             v.set_cpuid(&entries)
                 .map_err(|e| KvmVmError::Ioctl("KVM_SET_CPUID2", e))?;
-            let restored = match &cfg.restore {
-                Some((_, img)) => match img.vcpus.get(id as usize) {
-                    Some(Some(state)) => {
-                        v.restore_state(state)
-                            .map_err(|e| VmError::Restore(format!("vCPU {id}: {e}")))?;
-                        v.set_runnable().map_err(|e| {
-                            VmError::Restore(format!("vCPU {id}: KVM_SET_MP_STATE: {e}"))
-                        })?;
-                        true
-                    }
-                    _ => false,
-                },
-                None => false,
-            };
+            let restored = cfg
+                .restore
+                .as_ref()
+                .is_some_and(|(_, img)| matches!(img.vcpus.get(id as usize), Some(Some(_))));
             // VCPUOP_initialise checks CR4/EFER against what CPUID offers.
             cr_policy.get_or_insert_with(|| cpuid::cr_policy(&entries));
             let kicker = v
@@ -368,6 +358,18 @@ impl Vm {
             vcpus.push(v);
         }
         if let Some((_, img)) = &cfg.restore {
+            // Once every vCPU exists (so the in-kernel LAPICs all know each
+            // other: restoring vCPU 0's before vCPU 1 was created left
+            // vCPU 1 deaf to INIT/SIPI).
+            for (id, v) in vcpus.iter().enumerate() {
+                if let Some(Some(state)) = img.vcpus.get(id) {
+                    v.restore_state(state)
+                        .map_err(|e| VmError::Restore(format!("vCPU {id}: {e}")))?;
+                    v.set_runnable().map_err(|e| {
+                        VmError::Restore(format!("vCPU {id}: KVM_SET_MP_STATE: {e}"))
+                    })?;
+                }
+            }
             kvm.restore_irqchip(&img.irqchip)
                 .map_err(|e| VmError::Restore(e.to_string()))?;
         }

@@ -56,8 +56,8 @@ mod tests;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-pub use saved::SavedNode;
 use conn::{Conn, Tx, Watch};
+pub use saved::SavedNode;
 use store::{Event, Store};
 
 pub use conn::{layout, ConnError};

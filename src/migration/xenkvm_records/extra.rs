@@ -340,7 +340,9 @@ pub(super) fn decode_fifo(c: &mut Cur) -> Result<FifoState, DecodeError> {
         {
             return Err(DecodeError {
                 offset: at,
-                why: format!("FIFO port {port}: vCPU {vcpu} priority {priority} pending {pending}, or twice"),
+                why: format!(
+                    "FIFO port {port}: vCPU {vcpu} priority {priority} pending {pending}, or twice"
+                ),
             });
         }
         ports.push(FifoPort {

@@ -368,32 +368,35 @@ fn arb_state() -> impl Strategy<Value = XenState> {
         )),
     )
         .prop_map(|(clock, si, vcpus, evtchn, gnttab, xs)| (clock, si, vcpus, evtchn, gnttab, xs));
-    (base, arb_extra())
-        .prop_map(|((clock, si, vcpus, evtchn, gnttab, xs), (pages, domain_extra, vcpu_extra, fifo))| XenState {
-            clock: clock.map(|(tsc_khz, system_time_ns, guest_tsc)| ClockState {
-                tsc_khz,
-                system_time_ns,
-                guest_tsc,
-            }),
-            shared_info_gfn: si,
-            vcpus,
-            evtchn,
-            gnttab: gnttab.map(|(version, nr_frames, frames)| GnttabState {
-                version,
-                nr_frames,
-                frames,
-            }),
-            xenstore: xs.map(|(ring_gfn, port, nodes, watches)| XenstoreState {
-                ring_gfn,
-                port,
-                nodes,
-                watches,
-            }),
-            pages,
-            domain_extra,
-            vcpu_extra,
-            fifo,
-        })
+    (base, arb_extra()).prop_map(
+        |((clock, si, vcpus, evtchn, gnttab, xs), (pages, domain_extra, vcpu_extra, fifo))| {
+            XenState {
+                clock: clock.map(|(tsc_khz, system_time_ns, guest_tsc)| ClockState {
+                    tsc_khz,
+                    system_time_ns,
+                    guest_tsc,
+                }),
+                shared_info_gfn: si,
+                vcpus,
+                evtchn,
+                gnttab: gnttab.map(|(version, nr_frames, frames)| GnttabState {
+                    version,
+                    nr_frames,
+                    frames,
+                }),
+                xenstore: xs.map(|(ring_gfn, port, nodes, watches)| XenstoreState {
+                    ring_gfn,
+                    port,
+                    nodes,
+                    watches,
+                }),
+                pages,
+                domain_extra,
+                vcpu_extra,
+                fifo,
+            }
+        },
+    )
 }
 
 type Extra = (
@@ -447,24 +450,22 @@ fn arb_extra() -> impl Strategy<Value = Extra> {
     )
     .prop_map(|m| {
         m.into_iter()
-            .map(|(id, ([up, initialised], since, cb, fifo_tails, runstate_area))| VcpuExtra {
-                id,
-                up,
-                initialised,
-                periodic_since_last_ns: since,
-                fifo_control_gpa: cb,
-                fifo_tails,
-                runstate_area,
-            })
+            .map(
+                |(id, ([up, initialised], since, cb, fifo_tails, runstate_area))| VcpuExtra {
+                    id,
+                    up,
+                    initialised,
+                    periodic_since_last_ns: since,
+                    fifo_control_gpa: cb,
+                    fifo_tails,
+                    runstate_area,
+                },
+            )
             .collect::<Vec<_>>()
     });
     let fifo = proptest::option::of((
         proptest::collection::vec(any::<u64>(), 0..4),
-        proptest::collection::btree_map(
-            1..=MAX_PORT,
-            (0..MAX_VCPUS, 0u8..16, any::<bool>()),
-            0..4,
-        ),
+        proptest::collection::btree_map(1..=MAX_PORT, (0..MAX_VCPUS, 0u8..16, any::<bool>()), 0..4),
     ))
     .prop_map(|f| {
         f.map(|(array_gfns, ports)| FifoState {
