@@ -934,14 +934,21 @@ fn save_demo_at_and_restore(at: &str, tag: &str) -> (String, String, Option<i32>
         ],
     );
     let after = Console::attach(&mut restored);
+    let mut err_pipe = restored.stderr.take().unwrap();
     let code = wait_code(&mut restored, 150);
+    let mut err = String::new();
+    let _ = err_pipe.read_to_string(&mut err);
     eprintln!(
         "{tag}: saved after {at:?}, restored guest ended in {:.2} s",
         t0.elapsed().as_secs_f64()
     );
     // Let the reader thread drain the pipe.
     std::thread::sleep(Duration::from_millis(100));
-    (before, after.text(), code)
+    let mut text = after.text();
+    if !err.is_empty() {
+        text.push_str(&format!("\n(xenkvm's stderr: {err})"));
+    }
+    (before, text, code)
 }
 
 fn assert_demo_finished(before: &str, after: &str, code: Option<i32>) {

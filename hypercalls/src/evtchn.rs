@@ -219,7 +219,14 @@ impl EvtchnTable {
         if port == 0 || vcpu as usize >= self.virq.len() {
             return Err(Errno::EINVAL);
         }
-        self.allocate_port(port, max_evtchns)?;
+        // As `allocate_port` but for a FIFO word still LINKED: the restored queue holds it.
+        if port > self.max_port || port >= max_evtchns {
+            return Err(Errno::ENOSPC);
+        }
+        self.grow_to(port);
+        if self.get(port).is_some_and(|c| c.state != State::Free) {
+            return Err(Errno::EBUSY);
+        }
         match state {
             State::Virq(v) => {
                 let slot = self.virq[vcpu as usize]

@@ -238,3 +238,126 @@ impl Domain {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::testing::{Call, FakePlatform};
+    use crate::{DomainConfig, GuestWidth};
+
+    fn domain() -> (Domain, Arc<FakePlatform>) {
+        let p = Arc::new(FakePlatform::default());
+        let cfg = DomainConfig {
+            vcpus: 2,
+            ..Default::default()
+        };
+        (Domain::new(cfg, p.clone()).unwrap(), p)
+    }
+
+    /// A domain with something of everything a snapshot holds.
+    fn busy_domain() -> Domain {
+        let (d, _p) = domain();
+        d.latch_width(GuestWidth::Bits64);
+        d.set_param_internal(abi::param::CALLBACK_IRQ, 2 << 56 | 0xf3)
+            .unwrap();
+        let si = d.shared_info.clone();
+        d.place(OverlayId::SharedInfo, &si, Gfn::new(0xfeff0).unwrap())
+            .unwrap();
+        si.write(0x800, b"pending bits");
+        d.set_version(2).unwrap();
+        d.map_grant_frame(3, Gfn::new(0xf0000).unwrap()).unwrap();
+        d.map_grant_frame(
+            xenmem::MAPIDX_GRANT_TABLE_STATUS,
+            Gfn::new(0xf0010).unwrap(),
+        )
+        .unwrap();
+        d.gnttab.lock().frames[3].write(8, b"grant entry");
+        d.bind_backend_port(7).unwrap();
+        d.bind_backend_port(8).unwrap();
+        d.init_control(0x200, 64, 1).unwrap();
+        d.expand_array(0x201).unwrap();
+        let v1 = d.vcpu(1).unwrap();
+        d.vcpu_started(v1);
+        d.vcpus[1].upcall_vector.store(0xf3, Ordering::Release);
+        d.set_timer_op(v1, 5_000_000_000);
+        d
+    }
+
+    #[test]
+    fn restore_snapshot_of_a_busy_domain_snapshots_the_same() {
+        let a = busy_domain();
+        let s = a.snapshot();
+        assert!(
+            s.fifo && s.vcpus[1].fifo_control_gpa == Some(0x200 << 12 | 64),
+            "{s:?}"
+        );
+        let (b, pb) = domain();
+        b.restore(&s).unwrap();
+        let t = b.snapshot();
+        // Page contents compared apart (a failure would print 5 pages).
+        let strip = |s: &DomainSnapshot| DomainSnapshot {
+            shared_info: Vec::new(),
+            grant_pages: Vec::new(),
+            ..s.clone()
+        };
+        assert_eq!(strip(&t), strip(&s));
+        // The event bits (pending and mask arrays after the 32 vcpu_info slots, and each
+        // slot's upcall bytes) came back; the time fields are published again.
+        assert!(
+            t.shared_info[0x800..0xc00] == s.shared_info[0x800..0xc00],
+            "event bits differ"
+        );
+        assert_eq!(&t.shared_info[0x800..0x80c], b"pending bits");
+        for v in 0..32 {
+            let o = v * shinfo::VCPU_INFO_LEN;
+            assert_eq!(
+                t.shared_info[o..o + 16],
+                s.shared_info[o..o + 16],
+                "vcpu_info {v}"
+            );
+        }
+        assert!(
+            t.grant_pages == s.grant_pages,
+            "grant frame contents differ"
+        );
+        // The overlays went through the platform, the timer was armed.
+        let calls = pb.take_calls();
+        assert!(
+            calls.contains(&Call::Place(OverlayId::SharedInfo, 0xfeff0)),
+            "{calls:?}"
+        );
+        assert!(
+            calls.contains(&Call::Place(OverlayId::GrantFrame(3), 0xf0000)),
+            "{calls:?}"
+        );
+        assert!(
+            calls.contains(&Call::Timer(1, Some(5_000_000_000))),
+            "{calls:?}"
+        );
+        // The VMM's port works on the restored table.
+        assert_eq!(
+            b.backend_peer(7).map(|p| p.get()),
+            a.backend_peer(7).map(|p| p.get())
+        );
+    }
+
+    #[test]
+    fn restore_refuses_what_does_not_fit_naming_it() {
+        let mut s = busy_domain().snapshot();
+        s.ports[0].vcpu = 9;
+        let (b, _) = domain();
+        let e = b.restore(&s).unwrap_err().to_string();
+        assert!(e.contains("vCPU 9"), "{e}");
+        let mut s = busy_domain().snapshot();
+        s.grant_frames = 100_000;
+        let (b, _) = domain();
+        let e = b.restore(&s).unwrap_err().to_string();
+        assert!(e.contains("grant frames"), "{e}");
+        let mut s = busy_domain().snapshot();
+        s.ports[0].state = 4; // a pirq
+        let (b, _) = domain();
+        assert!(b.restore(&s).is_err());
+    }
+}

@@ -121,3 +121,52 @@ impl XenstoreServer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::DomainConfig;
+    use super::*;
+
+    fn server(name: &str) -> XenstoreServer {
+        XenstoreServer::new_domain(&DomainConfig::new(1, name, [7; 16], 65536)).unwrap()
+    }
+
+    #[test]
+    fn xenstore_import_of_an_export_gives_the_same_tree_and_watches() {
+        let mut a = server("first");
+        a.write("/local/domain/1/data/b", b"2").unwrap();
+        a.write("/local/domain/1/data/a", b"1").unwrap();
+        let p = Perms::new(1, PermKind::Read).with(0, PermKind::Both);
+        a.set_perms("/local/domain/1/data/a", &p).unwrap();
+        let nodes = a.export_nodes();
+        assert_eq!(nodes.len() + 1, a.node_count(), "every node but /");
+        let watches = vec![
+            ("data".to_string(), b"t1".to_vec()),
+            ("/local/domain/1/control".to_string(), b"t2".to_vec()),
+        ];
+        // A server built for another name: the import replaces its tree.
+        let mut b = server("second");
+        b.import(1, &nodes, &watches).unwrap();
+        assert_eq!(b.export_nodes(), nodes);
+        assert_eq!(b.read_string("/local/domain/1/name").unwrap(), "first");
+        assert_eq!(b.get_perms("/local/domain/1/data/a").unwrap(), p);
+        // Directory order (creation order) is kept: b before a.
+        assert_eq!(b.directory("/local/domain/1/data").unwrap(), ["b", "a"]);
+        assert_eq!(b.export_watches(1), watches);
+        assert!(b.take_events().is_empty(), "an import fires nothing");
+        b.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn xenstore_import_refuses_a_bad_permission_and_keeps_the_store() {
+        let mut b = server("second");
+        let bad = [SavedNode {
+            path: "/x".into(),
+            value: Vec::new(),
+            perms: vec![(0, b'q')],
+        }];
+        assert!(b.import(1, &bad, &[]).is_err());
+        assert_eq!(b.read_string("/local/domain/1/name").unwrap(), "second");
+        assert!(b.import(9, &[], &[]).is_err(), "no such connection");
+    }
+}
