@@ -10,6 +10,21 @@
 //! Xen 4.17's `verify-stream-v2` refuses any type it does not list, optional
 //! bit or not, so an image with this record does not pass that verifier.
 //!
+//! Why `xenkvm save` writes it only with `--xen-state`: an image written by
+//! default must stay one Xen's own tools accept (the verifier test in
+//! `tests/saverestore.rs`), and no place inside Xen's format carries it
+//! cleanly: the verifier checks every libxc and libxl record type; libxl's
+//! one opaque record, EMULATOR_CONTEXT (emulator id "unknown"), passes the
+//! verifier but a real libxl hands its blob to the device model, which would
+//! refuse it, while a real libxc skips this optional record and restores the
+//! rest; the xl header's optional data is libxl's JSON config, which xl
+//! parses and rewrites; a file beside the image splits one save into two
+//! things to keep together. So the choice stays the user's: the default image is
+//! Xen's format and restores the CPU and memory (enough for a guest that
+//! does its own suspend/resume, as under Xen, where this state lives in the
+//! hypervisor and a cooperating guest rebuilds it), and `--xen-state` adds
+//! this record so that `xenkvm restore` continues any guest as it was.
+//!
 //! Body (little-endian, not padded; the libxc layer pads the record):
 //!
 //! ```text
