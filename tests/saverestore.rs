@@ -883,6 +883,17 @@ fn wait_code(child: &mut Child, secs: u64) -> Option<i32> {
 /// `at` is on its console, restores the image in a new xenkvm process and
 /// returns (output before the save, output of the restored guest, its exit code).
 fn save_demo_at_and_restore(at: &str, tag: &str) -> (String, String, Option<i32>) {
+    save_demo_at_and_restore_with(at, tag, "", None)
+}
+
+/// As [`save_demo_at_and_restore`], the guest booted with `cmdline`; with
+/// `input`, the restored xenkvm reads it from its stdin as console input.
+fn save_demo_at_and_restore_with(
+    at: &str,
+    tag: &str,
+    cmdline: &str,
+    input: Option<&str>,
+) -> (String, String, Option<i32>) {
     let rt = RuntimeDir::new(tag);
     let guest = common::GuestFile::new(tag);
     let mut child = spawn_in(
@@ -893,6 +904,10 @@ fn save_demo_at_and_restore(at: &str, tag: &str) -> (String, String, Option<i32>
             "console",
             "--kernel",
             guest.path(),
+            "--cmdline",
+            cmdline,
+            "--console-input",
+            "none",
             "--vcpus",
             "2",
             "--memory",
@@ -920,22 +935,35 @@ fn save_demo_at_and_restore(at: &str, tag: &str) -> (String, String, Option<i32>
         "the guest finished before the save: {before}"
     );
     let t0 = Instant::now();
-    let mut restored = spawn_in(
-        &rt,
-        &[
+    let mut restored = Command::new(common::xenkvm_bin())
+        .args([
             "restore",
             img.to_str().unwrap(),
             "--xen-console",
             "console",
+            "--console-input",
+            if input.is_some() { "stdin" } else { "none" },
             "--name",
             "demo2",
             "--timeout",
             "120",
-        ],
-    );
+        ])
+        .env("XDG_RUNTIME_DIR", &rt.0)
+        .env("XENKVM_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = restored.stdin.take().unwrap();
+    if let Some(line) = input {
+        use std::io::Write;
+        stdin.write_all(line.as_bytes()).unwrap();
+    }
     let after = Console::attach(&mut restored);
     let mut err_pipe = restored.stderr.take().unwrap();
     let code = wait_code(&mut restored, 150);
+    drop(stdin);
     let mut err = String::new();
     let _ = err_pipe.read_to_string(&mut err);
     eprintln!(
@@ -987,22 +1015,25 @@ fn restore_xen_state_saved_with_event_channels_bound_test_guest_finishes_every_c
     ) {
         return;
     }
-    // vCPU 1 is up, both vCPUs have their upcall vector and IPI ports: the
-    // save lands in the IPI ping-pong or the VIRQ_TIMER check.
-    let (before, after, code) = save_demo_at_and_restore("check upcall ...", "xs-evtchn");
+    // Saved while the guest waits (SCHEDOP_poll on the PV console's port)
+    // for a console line: vCPU 1 is up, both vCPUs have their upcall vector
+    // and IPI ports, VIRQ_TIMER is bound, the grant table went v2 and back,
+    // xenstore watches and transactions are done. The restored xenkvm feeds
+    // the line: it must reach the guest through the restored ring and port,
+    // and the FIFO check after it runs on the restored event channels.
+    let (before, after, code) = save_demo_at_and_restore_with(
+        "console_input: type a line",
+        "xs-evtchn",
+        "console_wait=60",
+        Some("after the restore\n"),
+    );
     assert_demo_finished(&before, &after, code);
-}
-
-#[test]
-fn restore_xen_state_saved_before_fifo_test_guest_finishes_every_check() {
-    if !common::kvm_available("restore_xen_state_saved_before_fifo_test_guest_finishes_every_check")
-    {
-        return;
-    }
-    // The save lands in the vcpu_init or FIFO check (grant table v2 done,
-    // xenstore watches and transactions done).
-    let (before, after, code) = save_demo_at_and_restore("check pci ...", "xs-fifo");
-    assert_demo_finished(&before, &after, code);
+    assert!(
+        after.contains("check console_input ... ok (read ")
+            && after.contains("\"after the restore\" + newline"),
+        "the line typed after the restore did not reach the guest: {after}"
+    );
+    assert!(after.contains("check fifo ... ok"), "{after}");
 }
 
 #[test]

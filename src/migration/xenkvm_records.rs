@@ -138,6 +138,27 @@ impl Runstate {
     }
 }
 
+impl Runstate {
+    /// The runstate restored on a clock that reads `new_now` where the saved
+    /// one read `old_now`: the time in between (the guest was saved, not
+    /// running) is counted as offline, which a guest takes as stolen time,
+    /// and the entry moves by as much. So nothing in `time[]` decreases, the
+    /// current state keeps the time it had, and `state_entry_time -
+    /// sum(time[])` stays what it was (Xen keeps it constant for a vCPU's
+    /// whole life; guests check it). A clock behind the saved one moves
+    /// nothing.
+    pub fn continued(&self, old_now: u64, new_now: u64) -> Runstate {
+        let gap = new_now.saturating_sub(old_now);
+        let mut time = self.time;
+        time[3] = time[3].saturating_add(gap);
+        Runstate {
+            state: self.state,
+            state_entry_time: self.state_entry_time.saturating_add(gap),
+            time,
+        }
+    }
+}
+
 /// One vCPU's Xen-side state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct VcpuXenState {

@@ -368,6 +368,10 @@ impl Vm {
                     v.set_runnable().map_err(|e| {
                         VmError::Restore(format!("vCPU {id}: KVM_SET_MP_STATE: {e}"))
                     })?;
+                } else if id != 0 {
+                    v.set_wait_for_sipi().map_err(|e| {
+                        VmError::Restore(format!("vCPU {id}: KVM_SET_MP_STATE: {e}"))
+                    })?;
                 }
             }
             kvm.restore_irqchip(&img.irqchip)

@@ -96,14 +96,13 @@ pub(super) fn apply(
         let Some(m) = platform.runstates.get(v.id as usize) else {
             continue;
         };
-        // Nothing in time[] decreases; the state's entry moves with the clock
-        // (it stays put when the restored clock continues the saved one).
-        let r = v
-            .runstate
-            .rebased(old_now.unwrap_or(v.runstate.state_entry_time), now);
+        // Nothing in time[] decreases; the time the guest spent saved (if the
+        // restored clock moved on by it, as on a host that cannot restore the
+        // TSC) counts as offline.
+        let r = v.runstate.continued(old_now.unwrap_or(now), now);
         let data = RunstateData {
             state: State::try_from(r.state).map_err(|e| format!("vCPU {}: {e}", v.id))?,
-            state_entry_time: r.state_entry_time.min(now),
+            state_entry_time: r.state_entry_time,
             time: r.time,
         };
         if let Err(e) = m.lock().acct.set_data(data) {

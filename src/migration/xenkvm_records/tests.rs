@@ -192,6 +192,25 @@ fn runstate_rebased_keeps_time_in_state_and_moves_entry_by_clock_delta() {
 }
 
 #[test]
+fn runstate_continued_counts_the_gap_offline_and_keeps_the_invariant() {
+    let r = Runstate {
+        state: 2,
+        state_entry_time: 900,
+        time: [500, 100, 200, 0],
+    };
+    let offset = |r: &Runstate| r.state_entry_time - r.time.iter().sum::<u64>();
+    let n = r.continued(1000, 5000);
+    assert_eq!(n.time, [500, 100, 200, 4000]);
+    assert_eq!(n.state_entry_time, 4900, "100 ns in the current state kept");
+    assert_eq!(offset(&n), offset(&r));
+    for (a, b) in r.time.iter().zip(n.time) {
+        assert!(b >= *a);
+    }
+    // A clock behind: nothing moves, nothing decreases.
+    assert_eq!(r.continued(1000, 10), r);
+}
+
+#[test]
 fn xen_state_from_snapshot_turns_deadlines_into_remaining_time_and_decodes() {
     let snap = hypercalls::DomainSnapshot {
         shared_info_gfn: Some(0xfeff0),
