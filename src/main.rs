@@ -106,16 +106,18 @@ enum Cmd {
     /// Write a running VM's memory and CPU/irqchip state to FILE as an xl
     /// save image (Xen's format: xl header, libxl v2 and libxc v3 streams),
     /// then end the VM (as `xl save`; its xenkvm exits 0). `xenkvm restore
-    /// FILE` starts it again. Xen-side state (event channels, grants,
-    /// xenstore, timers) is not restored yet (`--xen-state` saves part of it).
+    /// FILE` starts it again. The Xen-side state (event channels, grants,
+    /// xenstore, timers, runstate) travels only with `--xen-state`.
     Save {
         /// Leave the guest running after the save (as `xl save -c`).
         #[arg(short = 'c', long)]
         checkpoint: bool,
-        /// Also write xenkvm's own optional record XENKVM_XEN_STATE (event
-        /// channel ports, grant table placement, shared_info gfn, upcall
-        /// vectors, Xen timers). Off by default: Xen 4.17's verify-stream-v2
-        /// refuses an image with it, and `restore` does not apply it yet.
+        /// Also write xenkvm's own optional record XENKVM_XEN_STATE (the
+        /// Xen-side state: shared_info and grant frames with their contents,
+        /// event channels, vcpu_info/time/runstate areas, runstate times,
+        /// Xen timers, upcall vectors, HVM params, xenstore), which `restore`
+        /// applies so the guest simply continues. Off by default: Xen 4.17's
+        /// verify-stream-v2 refuses an image with it.
         #[arg(long)]
         xen_state: bool,
         #[arg(value_name = "NAME")]
@@ -125,10 +127,11 @@ enum Cmd {
     },
     /// Start a guest from an image written by `xenkvm save` (or an xl save
     /// image, a bare libxl or libxc stream of an x86 HVM guest). The whole
-    /// image is checked before the guest is built. Xen-side state (event
-    /// channels, grants, xenstore, timers) is not restored yet: guests that
-    /// had set them up find them reset. A reboot ends it (there is no kernel
-    /// to boot again).
+    /// image is checked before the guest is built. The Xen-side state (event
+    /// channels, grants, xenstore, timers, runstate) comes back when the
+    /// image has xenkvm's record (`save --xen-state`); without it a guest
+    /// that had set them up finds them reset. A reboot ends it (there is no
+    /// kernel to boot again).
     #[command(after_help = exit_status::HELP)]
     Restore {
         #[arg(value_name = "FILE")]

@@ -829,3 +829,396 @@ fn save_with_xen_state_writes_the_domains_xen_record_and_restore_accepts_it() {
     assert!(rt.xenkvm(&["shutdown", "xs2"]).status.success());
     assert_eq!(restored.wait().unwrap().code(), Some(0));
 }
+
+// ---- issue 14, acceptance 2: restore continues the guest's Xen side
+
+/// The XENKVM_XEN_STATE record of the image at `img`.
+fn xen_record(img: &std::path::Path) -> xenkvm::migration::xenkvm_records::XenState {
+    use xenkvm::migration::xenkvm_records::{decode, REC_XENKVM_XEN_STATE};
+    let bytes = std::fs::read(img).unwrap();
+    let items = ImageReader::new(&bytes[..]).collect_all().unwrap();
+    let body = items
+        .iter()
+        .find_map(|(_, i)| match i {
+            Item::Libxc(LibxcRecord::Optional { rtype, body })
+                if *rtype == REC_XENKVM_XEN_STATE =>
+            {
+                Some(body.clone())
+            }
+            _ => None,
+        })
+        .expect("a XENKVM_XEN_STATE record");
+    decode(&body).unwrap()
+}
+
+/// Spawns xenkvm with `args` in `rt`, stdout piped (stdin null, stderr piped).
+fn spawn_in(rt: &RuntimeDir, args: &[&str]) -> Child {
+    Command::new(common::xenkvm_bin())
+        .args(args)
+        .env("XDG_RUNTIME_DIR", &rt.0)
+        .env("XENKVM_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (up to `secs`) for the child to end; its exit code.
+fn wait_code(child: &mut Child, secs: u64) -> Option<i32> {
+    let until = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("xenkvm did not end within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs the test guest's checks on 2 vCPUs, saves it with --xen-state once
+/// `at` is on its console, restores the image in a new xenkvm process and
+/// returns (output before the save, output of the restored guest, its exit code).
+fn save_demo_at_and_restore(at: &str, tag: &str) -> (String, String, Option<i32>) {
+    save_demo_at_and_restore_with(at, tag, "", None)
+}
+
+/// As [`save_demo_at_and_restore`], the guest booted with `cmdline`; with
+/// `input`, the restored xenkvm reads it from its stdin as console input.
+fn save_demo_at_and_restore_with(
+    at: &str,
+    tag: &str,
+    cmdline: &str,
+    input: Option<&str>,
+) -> (String, String, Option<i32>) {
+    let rt = RuntimeDir::new(tag);
+    let guest = common::GuestFile::new(tag);
+    let mut child = spawn_in(
+        &rt,
+        &[
+            "run",
+            "--xen-console",
+            "console",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            cmdline,
+            "--console-input",
+            "none",
+            "--vcpus",
+            "2",
+            "--memory",
+            "64",
+            "--name",
+            "demo1",
+            "--timeout",
+            "120",
+        ],
+    );
+    let console = Console::attach(&mut child);
+    console.wait_for(at);
+    let img = rt.0.join("demo.img");
+    let out = rt.xenkvm(&["save", "--xen-state", "demo1", img.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "save at {at:?}: {} (console: {})",
+        String::from_utf8_lossy(&out.stderr),
+        console.text()
+    );
+    assert_eq!(wait_code(&mut child, 60), Some(0));
+    let before = console.text();
+    assert!(
+        !before.contains("Test result:"),
+        "the guest finished before the save: {before}"
+    );
+    let t0 = Instant::now();
+    let mut restored = Command::new(common::xenkvm_bin())
+        .args([
+            "restore",
+            img.to_str().unwrap(),
+            "--xen-console",
+            "console",
+            "--console-input",
+            if input.is_some() { "stdin" } else { "none" },
+            "--name",
+            "demo2",
+            "--timeout",
+            "120",
+        ])
+        .env("XDG_RUNTIME_DIR", &rt.0)
+        .env("XENKVM_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = restored.stdin.take().unwrap();
+    if let Some(line) = input {
+        use std::io::Write;
+        stdin.write_all(line.as_bytes()).unwrap();
+    }
+    let after = Console::attach(&mut restored);
+    let mut err_pipe = restored.stderr.take().unwrap();
+    let code = wait_code(&mut restored, 150);
+    drop(stdin);
+    let mut err = String::new();
+    let _ = err_pipe.read_to_string(&mut err);
+    eprintln!(
+        "{tag}: saved after {at:?}, restored guest ended in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    // Let the reader thread drain the pipe.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut text = after.text();
+    if !err.is_empty() {
+        text.push_str(&format!("\n(xenkvm's stderr: {err})"));
+    }
+    (before, text, code)
+}
+
+fn assert_demo_finished(before: &str, after: &str, code: Option<i32>) {
+    assert!(
+        after.contains("24 checks, 0 failed") && after.contains("Test result: SUCCESS"),
+        "the restored guest did not pass every check:\n--- before the save\n{before}\n--- after\n{after}"
+    );
+    assert!(
+        !after.contains("booted:"),
+        "the restored guest booted again: {after}"
+    );
+    assert_eq!(code, Some(0), "the restored guest powered off");
+    // Every check reported exactly once over both runs.
+    let checks = before
+        .lines()
+        .chain(after.lines())
+        .filter(|l| l.contains(" check ") && l.contains(" ... "))
+        .count();
+    assert!(checks >= 23, "{checks} check lines:\n{before}\n{after}");
+}
+
+#[test]
+fn restore_xen_state_saved_early_test_guest_finishes_every_check() {
+    if !common::kvm_available("restore_xen_state_saved_early_test_guest_finishes_every_check") {
+        return;
+    }
+    // Right after shared_info is placed and its time checked.
+    let (before, after, code) = save_demo_at_and_restore("check shared_info ...", "xs-early");
+    assert_demo_finished(&before, &after, code);
+}
+
+#[test]
+fn restore_xen_state_saved_with_event_channels_bound_test_guest_finishes_every_check() {
+    if !common::kvm_available(
+        "restore_xen_state_saved_with_event_channels_bound_test_guest_finishes_every_check",
+    ) {
+        return;
+    }
+    // Saved while the guest waits (SCHEDOP_poll on the PV console's port)
+    // for a console line: vCPU 1 is up, both vCPUs have their upcall vector
+    // and IPI ports, VIRQ_TIMER is bound, the grant table went v2 and back,
+    // xenstore watches and transactions are done. The restored xenkvm feeds
+    // the line: it must reach the guest through the restored ring and port,
+    // and the FIFO check after it runs on the restored event channels.
+    let (before, after, code) = save_demo_at_and_restore_with(
+        "console_input: type a line",
+        "xs-evtchn",
+        "console_wait=60",
+        Some("after the restore\n"),
+    );
+    assert_demo_finished(&before, &after, code);
+    assert!(
+        after.contains("check console_input ... ok (read ")
+            && after.contains("\"after the restore\" + newline"),
+        "the line typed after the restore did not reach the guest: {after}"
+    );
+    assert!(after.contains("check fifo ... ok"), "{after}");
+}
+
+#[test]
+fn restore_xen_state_runstate_times_never_decrease() {
+    let name = "restore_xen_state_runstate_times_never_decrease";
+    if !common::kvm_available(name) {
+        return;
+    }
+    let rt = RuntimeDir::new("xs-runstate");
+    let guest = common::GuestFile::new("xs-runstate");
+    let mut child = spawn_in(
+        &rt,
+        &[
+            "run",
+            "--xen-console",
+            "console",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "chatter",
+            "--vcpus",
+            "2",
+            "--memory",
+            "64",
+            "--name",
+            "rs1",
+            "--timeout",
+            "120",
+        ],
+    );
+    let console = Console::attach(&mut child);
+    console.wait_for("chatter 1");
+    let img1 = rt.0.join("rs1.img");
+    assert!(rt
+        .xenkvm(&["save", "--xen-state", "rs1", img1.to_str().unwrap()])
+        .status
+        .success());
+    assert_eq!(wait_code(&mut child, 60), Some(0));
+    let mut restored = spawn_in(
+        &rt,
+        &[
+            "restore",
+            img1.to_str().unwrap(),
+            "--xen-console",
+            "console",
+            "--name",
+            "rs2",
+            "--timeout",
+            "120",
+        ],
+    );
+    let after = Console::attach(&mut restored);
+    after.wait_for("chatter ");
+    let first = first_chatter(&after.text()).unwrap();
+    after.wait_for(&format!("chatter {}", first + 200));
+    // The restored guest saved again, as a checkpoint: its runstate went on
+    // from the first image's, nothing went back.
+    let img2 = rt.0.join("rs2.img");
+    let out = rt.xenkvm(&["save", "-c", "--xen-state", "rs2", img2.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(rt.xenkvm(&["shutdown", "rs2"]).status.success());
+    assert_eq!(wait_code(&mut restored, 60), Some(0));
+    let (a, b) = (xen_record(&img1), xen_record(&img2));
+    let (ca, cb) = (a.clock.unwrap(), b.clock.unwrap());
+    assert!(
+        cb.system_time_ns > ca.system_time_ns,
+        "Xen system time went back: {ca:?} -> {cb:?}"
+    );
+    assert_eq!(a.vcpus.len(), 2);
+    for (x, y) in a.vcpus.iter().zip(&b.vcpus) {
+        let (rx, ry) = (x.runstate, y.runstate);
+        for i in 0..4 {
+            assert!(
+                ry.time[i] >= rx.time[i],
+                "vCPU {} time[{i}] decreased: {rx:?} -> {ry:?}",
+                x.id
+            );
+        }
+        assert!(
+            ry.state_entry_time >= rx.state_entry_time,
+            "vCPU {}: {rx:?} -> {ry:?}",
+            x.id
+        );
+        assert!(
+            ry.time.iter().sum::<u64>() > rx.time.iter().sum::<u64>(),
+            "vCPU {}: no time accounted after the restore: {rx:?} -> {ry:?}",
+            x.id
+        );
+    }
+    // What the guest had registered came back and was saved again.
+    assert_eq!(a.shared_info_gfn, b.shared_info_gfn);
+    assert_eq!(
+        a.evtchn.as_ref().map(|e| e.1.len()),
+        b.evtchn.as_ref().map(|e| e.1.len())
+    );
+    assert_eq!(
+        a.xenstore.as_ref().map(|x| x.nodes.len()),
+        b.xenstore.as_ref().map(|x| x.nodes.len())
+    );
+}
+
+#[test]
+fn restore_xen_state_xtf_kernel_saved_mid_run_reports_its_result() {
+    let name = "restore_xen_state_xtf_kernel_saved_mid_run_reports_its_result";
+    if !common::kvm_available(name) {
+        return;
+    }
+    // A 32-bit kernel (the compat shared_info layout must come back) that
+    // runs for seconds here: it walks MSR ranges.
+    let kernel = common::shared_dir().join("guests/xtf/test-hvm32-msr");
+    assert!(kernel.exists(), "{} is missing", kernel.display());
+    let rt = RuntimeDir::new("xs-xtf");
+    let args = |name: &'static str| {
+        vec![
+            "run".to_string(),
+            "--xen-console".into(),
+            "console".into(),
+            "--kernel".into(),
+            kernel.display().to_string(),
+            "--name".into(),
+            name.into(),
+            "--timeout".into(),
+            "120".into(),
+        ]
+    };
+    // An unsaved run, for its result line.
+    let plain: Vec<String> = args("xtf0");
+    let out = rt.xenkvm(&plain.iter().map(String::as_str).collect::<Vec<_>>());
+    let plain_code = out.status.code();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let result = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("Test result:"))
+        .unwrap_or_else(|| panic!("the unsaved run printed no result: {text}"))
+        .to_string();
+
+    let a = args("xtf1");
+    let mut child = spawn_in(&rt, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    let console = Console::attach(&mut child);
+    console.wait_for("Environment");
+    std::thread::sleep(Duration::from_millis(300));
+    let img = rt.0.join("xtf.img");
+    let out = rt.xenkvm(&["save", "--xen-state", "xtf1", img.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "save: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(wait_code(&mut child, 60), Some(0));
+    let before = console.text();
+    assert!(
+        !before.contains("Test result:"),
+        "finished before the save: {before}"
+    );
+    let st = xen_record(&img);
+    assert_eq!(
+        st.domain_extra.as_ref().map(|d| d.width),
+        Some(2),
+        "a 32-bit guest's layout is in the record"
+    );
+    let mut restored = spawn_in(
+        &rt,
+        &[
+            "restore",
+            img.to_str().unwrap(),
+            "--xen-console",
+            "console",
+            "--name",
+            "xtf2",
+            "--timeout",
+            "120",
+        ],
+    );
+    let after = Console::attach(&mut restored);
+    let code = wait_code(&mut restored, 150);
+    std::thread::sleep(Duration::from_millis(100));
+    let text = after.text();
+    assert!(
+        text.lines().any(|l| l == result),
+        "the restored kernel did not print {result:?}:\n{before}\n---\n{text}"
+    );
+    assert_eq!(code, plain_code, "exit status as the unsaved run's");
+}

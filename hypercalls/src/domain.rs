@@ -90,6 +90,8 @@ impl CallbackVia {
 pub(crate) struct VcpuInfoMap {
     pub page: Arc<dyn SharedPage>,
     pub off: usize,
+    /// Guest-physical address of the area (for save).
+    pub gpa: u64,
 }
 
 /// Per-vCPU flags read lock-free on the delivery paths.
@@ -320,6 +322,11 @@ impl Domain {
         let v = u8::from(w == GuestWidth::Bits32);
         let _ = self.width.swap(v, Ordering::AcqRel);
         self.update_wallclock();
+    }
+
+    /// Whether the layout was latched (by the VMM or the guest).
+    pub(crate) fn width_latched(&self) -> bool {
+        self.width_latched.load(Ordering::Acquire)
     }
 
     /// Ports the 2-level ABI addresses for the current layout (`max_evtchns`).

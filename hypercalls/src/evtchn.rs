@@ -206,6 +206,48 @@ impl EvtchnTable {
     pub fn valid_ports(&self) -> u32 {
         self.chans.len() as u32
     }
+
+    /// Restore (issue 14): bind `port` exactly as a save recorded it, with the VIRQ and dom0
+    /// tables that go with its state. The port must be free and addressable by the ABI.
+    pub(crate) fn restore_port(
+        &mut self,
+        port: u32,
+        state: State,
+        vcpu: u32,
+        max_evtchns: u32,
+    ) -> Result<(), Errno> {
+        if port == 0 || vcpu as usize >= self.virq.len() {
+            return Err(Errno::EINVAL);
+        }
+        // As `allocate_port` but for a FIFO word still LINKED: the restored queue holds it.
+        if port > self.max_port || port >= max_evtchns {
+            return Err(Errno::ENOSPC);
+        }
+        self.grow_to(port);
+        if self.get(port).is_some_and(|c| c.state != State::Free) {
+            return Err(Errno::EBUSY);
+        }
+        match state {
+            State::Virq(v) => {
+                let slot = self.virq[vcpu as usize]
+                    .get_mut(v as usize)
+                    .ok_or(Errno::EINVAL)?;
+                *slot = port;
+            }
+            State::Interdomain(Remote::Dom0(p)) => {
+                if self.dom0.len() >= MAX_DOM0_PORTS {
+                    return Err(Errno::ENOSPC);
+                }
+                self.dom0.insert(p, Dom0Port::Bound(port));
+            }
+            State::Free => return Err(Errno::EINVAL),
+            _ => {}
+        }
+        if let Some(c) = self.get_mut(port) {
+            c.bind(state, vcpu);
+        }
+        Ok(())
+    }
 }
 
 /// Bits per `xen_ulong_t` selector word.

@@ -62,24 +62,39 @@ const CB_HEAD: usize = 8;
 #[derive(Clone, Default)]
 pub(crate) struct FifoVcpu {
     /// The control block: the guest RAM page and the block's offset in it.
-    cb: Option<(Arc<dyn SharedPage>, usize)>,
+    pub(crate) cb: Option<(Arc<dyn SharedPage>, usize)>,
+    /// The control block's guest-physical address (for save).
+    pub(crate) cb_gpa: u64,
     /// Queue tails by priority (`evtchn_fifo_queue.tail`, 0: none).
-    tail: [u32; QUEUES],
+    pub(crate) tail: [u32; QUEUES],
 }
 
 /// The domain's FIFO state (`struct evtchn_fifo_domain` and the per-vCPU queues).
 pub(crate) struct Fifo {
     /// Event array pages in guest RAM, [`WORDS_PER_PAGE`] event words each.
     pages: Vec<Arc<dyn SharedPage>>,
-    vcpus: Vec<FifoVcpu>,
+    /// The event array pages' gfns, in order (for save).
+    pub(crate) page_gfns: Vec<u64>,
+    pub(crate) vcpus: Vec<FifoVcpu>,
 }
 
 impl Fifo {
-    fn new(vcpus: usize) -> Self {
+    pub(crate) fn new(vcpus: usize) -> Self {
         Fifo {
             pages: Vec::new(),
+            page_gfns: Vec::new(),
             vcpus: vec![FifoVcpu::default(); vcpus],
         }
+    }
+
+    /// Restore: append an event array page (no events re-raised; their words are in RAM).
+    pub(crate) fn push_page(&mut self, page: Arc<dyn SharedPage>, gfn: u64) -> Result<(), Errno> {
+        if self.pages.len() >= MAX_ARRAY_PAGES {
+            return Err(Errno::ENOSPC);
+        }
+        self.pages.push(page);
+        self.page_gfns.push(gfn);
+        Ok(())
     }
 
     /// Ports that have an event word (`num_evtchns`).
@@ -252,7 +267,7 @@ impl Domain {
         Ok(evtchnop::FIFO_LINK_BITS)
     }
 
-    fn map_control_block(
+    pub(crate) fn map_control_block(
         &self,
         t: &mut EvtchnTable,
         v: usize,
@@ -265,11 +280,12 @@ impl Domain {
         }
         let page = self.map_ram_page(gfn)?;
         fifo.vcpus[v].cb = Some((page, offset as usize));
+        fifo.vcpus[v].cb_gpa = (gfn << 12) | u64::from(offset);
         Ok(())
     }
 
     /// `map_guest_page`: a writable RAM page of the guest, `-EINVAL` otherwise.
-    fn map_ram_page(&self, gfn: u64) -> Result<Arc<dyn SharedPage>, Errno> {
+    pub(crate) fn map_ram_page(&self, gfn: u64) -> Result<Arc<dyn SharedPage>, Errno> {
         let gfn = Gfn::new(gfn).ok_or(Errno::EINVAL)?;
         if !self.is_ram(gfn) {
             return Err(Errno::EINVAL);
@@ -299,6 +315,7 @@ impl Domain {
         let page = self.map_ram_page(gfn)?;
         let start = fifo.num_evtchns();
         fifo.pages.push(page);
+        fifo.page_gfns.push(gfn);
         let end = fifo.num_evtchns().min(t.valid_ports());
         // Re-raise events that were pending while this page was missing.
         for port in start..end {

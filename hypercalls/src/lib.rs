@@ -28,6 +28,7 @@ mod guest;
 mod hvm;
 mod memory;
 mod platform;
+mod restore;
 mod sched;
 mod shared;
 mod snapshot;
@@ -72,4 +73,7 @@ pub enum Error {
     /// argument).
     #[error("grant operation failed (GNTST {0})")]
     Grant(i16),
+    /// A saved Xen-side state that cannot be applied to this domain (restore, issue 14).
+    #[error("cannot restore the Xen state: {0}")]
+    Restore(String),
 }

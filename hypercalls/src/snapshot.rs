@@ -1,7 +1,10 @@
 //! A read-only copy of the domain's Xen-side state for save (issue 14): the
-//! placement of shared_info and the grant frames, the event channel port
-//! table, each vCPU's upcall vector and timers. Plain data; taking it locks
-//! each table in turn, in the domain's lock order, never two at once.
+//! placement and contents of shared_info and the grant frames (VMM pages, not
+//! guest RAM), the event channel port table and the FIFO ABI's registrations,
+//! the HVM params, and each vCPU's flags, vcpu_info/time area placement,
+//! upcall vector and timers. Plain data; taking it locks each table in turn,
+//! in the domain's lock order, never two at once. [`Domain::restore`]
+//! (`restore.rs`) applies one to a fresh domain.
 
 use std::sync::atomic::Ordering;
 
@@ -25,6 +28,10 @@ pub struct PortSnapshot {
     pub a: u32,
     /// Interdomain: the remote port (the VMM's port id for a VMM service).
     pub b: u32,
+    /// FIFO: raised while the port had no event word (`evtchn->pending`).
+    pub fifo_pending: bool,
+    /// FIFO: the queue (vCPU, priority) the port was last linked on.
+    pub last_q: (u32, u8),
 }
 
 /// One vCPU.
@@ -36,6 +43,20 @@ pub struct VcpuSnapshot {
     pub singleshot_deadline: Option<u64>,
     /// Periodic timer period (ns).
     pub periodic_ns: Option<u64>,
+    /// Periodic timer: Xen system time of its last event.
+    pub periodic_last: Option<u64>,
+    /// Up (not down by `VCPUOP_down`, started).
+    pub up: bool,
+    /// `is_initialised`.
+    pub initialised: bool,
+    /// `VCPUOP_register_vcpu_info` area (guest-physical), if registered.
+    pub vcpu_info_gpa: Option<u64>,
+    /// `VCPUOP_register_vcpu_time_memory_area` (guest-physical), if registered.
+    pub time_area_gpa: Option<u64>,
+    /// FIFO control block (guest-physical), if registered.
+    pub fifo_control_gpa: Option<u64>,
+    /// FIFO queue tails by priority (0: empty).
+    pub fifo_tails: [u32; 16],
 }
 
 /// The domain's Xen-side state.
@@ -55,18 +76,54 @@ pub struct DomainSnapshot {
     pub ports: Vec<PortSnapshot>,
     /// Per vCPU.
     pub vcpus: Vec<VcpuSnapshot>,
+    /// The latched shared-structure layout (`None`: not latched yet).
+    pub width: Option<crate::GuestWidth>,
+    /// `vm_assist` bits.
+    pub vm_assist: u64,
+    /// HVM params that are not 0: (index, value).
+    pub params: Vec<(u32, u64)>,
+    /// The shared_info page's contents.
+    pub shared_info: Vec<u8>,
+    /// Every grant frame's contents: (index, status frame, 4096 bytes).
+    pub grant_pages: Vec<(u32, bool, Vec<u8>)>,
+    /// FIFO event array pages, in order.
+    pub fifo_array_gfns: Vec<u64>,
 }
 
 impl Domain {
     /// The domain's Xen-side state now (see [`DomainSnapshot`]).
     pub fn snapshot(&self) -> DomainSnapshot {
-        let (grant_version, grant_frames) = {
+        let page = |p: &dyn crate::SharedPage| {
+            let mut b = vec![0u8; crate::abi::PAGE_SIZE];
+            p.read(0, &mut b);
+            b
+        };
+        let (grant_version, grant_frames, grant_pages) = {
             let g = self.gnttab.lock();
-            (g.version, g.nr_frames())
+            let mut pages: Vec<(u32, bool, Vec<u8>)> = g
+                .frames
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (i as u32, false, page(&**f)))
+                .collect();
+            pages.extend(
+                g.status
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| (i as u32, true, page(&**f))),
+            );
+            (g.version, g.nr_frames(), pages)
         };
         let mut s = DomainSnapshot {
             grant_version,
             grant_frames,
+            grant_pages,
+            width: self.width_latched().then(|| self.width()),
+            vm_assist: self.vm_assist.load(Ordering::Acquire),
+            params: (0..self.params.len() as u32)
+                .filter_map(|i| self.param(i).filter(|v| *v != 0).map(|v| (i, v)))
+                .collect(),
+            shared_info: page(&*self.shared_info),
             ..Default::default()
         };
         for (id, gfn) in self.physmap.lock().iter() {
@@ -76,6 +133,7 @@ impl Domain {
                 OverlayId::GrantStatus(i) => s.grant_placed.push((i, true, gfn.get())),
             }
         }
+        let fifo;
         {
             let e = self.evtchn.lock();
             s.fifo = e.fifo.is_some();
@@ -97,18 +155,56 @@ impl Domain {
                     priority: c.priority,
                     a,
                     b,
+                    fifo_pending: c.fifo_pending,
+                    last_q: c.last_q,
                 });
             }
+            if let Some(f) = &e.fifo {
+                s.fifo_array_gfns = f.page_gfns.clone();
+            }
+            fifo = e.fifo.as_ref().map(|f| {
+                f.vcpus
+                    .iter()
+                    .map(|v| {
+                        let mut tails = [0u32; 16];
+                        for (t, q) in tails.iter_mut().zip(v.tail) {
+                            *t = q;
+                        }
+                        (v.cb.as_ref().map(|_| v.cb_gpa), tails)
+                    })
+                    .collect::<Vec<_>>()
+            });
         }
+        let (infos, times) = {
+            let gpa = |m: &Option<crate::domain::VcpuInfoMap>| m.as_ref().map(|m| m.gpa);
+            (
+                self.vcpu_info.read().iter().map(gpa).collect::<Vec<_>>(),
+                self.time_areas.read().iter().map(gpa).collect::<Vec<_>>(),
+            )
+        };
         let timers = self.timers.lock().clone();
         s.vcpus = self
             .vcpus
             .iter()
             .zip(timers)
-            .map(|(f, t)| VcpuSnapshot {
-                upcall_vector: f.upcall_vector.load(Ordering::Acquire),
-                singleshot_deadline: t.singleshot,
-                periodic_ns: t.periodic.map(|p| p.period),
+            .enumerate()
+            .map(|(i, (f, t))| {
+                let (cb, tails) = fifo
+                    .as_ref()
+                    .and_then(|v| v.get(i).copied())
+                    .unwrap_or((None, [0; 16]));
+                VcpuSnapshot {
+                    upcall_vector: f.upcall_vector.load(Ordering::Acquire),
+                    singleshot_deadline: t.singleshot,
+                    periodic_ns: t.periodic.map(|p| p.period),
+                    periodic_last: t.periodic.map(|p| p.last),
+                    up: f.up.load(Ordering::Acquire),
+                    initialised: f.initialised.load(Ordering::Acquire),
+                    vcpu_info_gpa: infos.get(i).copied().flatten(),
+                    time_area_gpa: times.get(i).copied().flatten(),
+                    fifo_control_gpa: cb,
+                    fifo_tails: tails,
+                }
             })
             .collect();
         s

@@ -39,7 +39,7 @@ pub(crate) struct VcpuTimers {
 }
 
 impl VcpuTimers {
-    fn earliest(&self) -> Option<u64> {
+    pub(crate) fn earliest(&self) -> Option<u64> {
         let p = self.periodic.map(|p| p.last.saturating_add(p.period));
         match (self.singleshot, p) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -188,6 +188,7 @@ impl Domain {
                 self.time_areas.write()[v.idx()] = Some(VcpuInfoMap {
                     page,
                     off: (gpa & 0xfff) as usize,
+                    gpa,
                 });
                 self.update_vcpu_time(v);
                 ret(0)
@@ -293,6 +294,7 @@ impl Domain {
             slots[v.idx()] = Some(VcpuInfoMap {
                 page: page.clone(),
                 off,
+                gpa: (gfn.get() << 12) | off as u64,
             });
         }
         // "Mark everything as being pending just to make sure nothing gets lost."

@@ -417,6 +417,16 @@ impl KvmVcpu {
         })
     }
 
+    /// Puts an AP that never ran in the wait-for-SIPI state
+    /// (`KVM_MP_STATE_INIT_RECEIVED`): after a restore, the guest may have
+    /// sent its INIT before the save and sends only the SIPI after it, which
+    /// KVM ignores in the initial state.
+    pub fn set_wait_for_sipi(&self) -> Result<(), KvmError> {
+        self.fd.set_mp_state(kvm_bindings::kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_INIT_RECEIVED,
+        })
+    }
+
     /// Sets the CPUID table the guest sees.
     pub fn set_cpuid(&self, cpuid: &[CpuidEntry]) -> Result<(), KvmError> {
         let entries: Vec<kvm_bindings::kvm_cpuid_entry2> = cpuid

@@ -6,10 +6,16 @@
 //! Accepted: an xl image (with or without its JSON config), a bare libxl or
 //! libxc stream; libxc v2 and v3; HVM_PARAMS before or after HVM_CONTEXT;
 //! XTAB, BROKEN and XALLOC pages (no data; BROKEN pages are left zero with
-//! a warning). Not restored yet: the Xen-side state. A XENKVM_XEN_STATE
-//! record is checked (a malformed one refuses the image) and returned in
-//! [`RestoreImage::xen_state`], but nothing applies it, so a guest that had
-//! registered shared_info, event channels or timers finds them reset.
+//! a warning). The Xen-side state travels in xenkvm's own XENKVM_XEN_STATE
+//! record (`save --xen-state`): it is checked here (a malformed one refuses
+//! the image) and returned in [`RestoreImage::xen_state`]; the VM builder
+//! continues the saved clock from its CLOCK section
+//! (`xen::clock::Clock::continuing`) and `Xen::new` applies the rest
+//! (`src/xen/saved.rs`: shared_info and grant frames with their contents,
+//! event channels, vcpu_info/time/runstate areas, runstate times, timers,
+//! upcall vectors, HVM params, xenstore). An image without the record
+//! restores the CPU and memory only: a guest that had registered
+//! shared_info, event channels or timers finds them reset.
 
 use std::io::BufReader;
 use std::path::Path;
@@ -78,8 +84,8 @@ pub struct RestoreImage {
     pub pages: u64,
     /// TSC kHz the guest had (0 if the stream does not say).
     pub tsc_khz: u32,
-    /// xenkvm's own Xen-state record, checked, if the image has one (not
-    /// applied to the new guest yet).
+    /// xenkvm's own Xen-state record, checked, if the image has one
+    /// (applied by the VM builder, see the module doc).
     pub xen_state: Option<XenState>,
 }
 

@@ -214,7 +214,11 @@ impl Vcpu {
     /// `immediate_exit` set, as the KVM API requires before state is read),
     /// report, and wait for the VMM.
     fn paused(&mut self, then: State) -> State {
-        if matches!(then, State::Running) {
+        // Also when blocked or offline: the result of the hypercall that
+        // blocked it (RAX) is still in the synced copy, which only the next
+        // entry applies; a save must see it (a restored guest got the
+        // hypercall number back from SCHEDOP_poll).
+        if !matches!(then, State::Stopped) {
             self.handle.kicker().kick();
             let _ = self.kvm.run();
         }

@@ -331,8 +331,8 @@ fn is_save_request(v: &str) -> bool {
 /// save that failed, lets the guest run again if it ran; a successful save
 /// keeps it paused (the caller then ends it).
 /// With `xen_state`, the image also carries xenkvm's XENKVM_XEN_STATE record
-/// (what `hypercalls::Domain::snapshot` holds; Xen 4.17's verify-stream-v2
-/// refuses such an image, and restore does not apply the record yet).
+/// ([`crate::xen::Xen::xen_state`]; `xenkvm restore` applies it; Xen 4.17's
+/// verify-stream-v2 refuses such an image).
 fn save(
     m: &Machine,
     s: &Shared,
@@ -369,17 +369,12 @@ fn save(
             tsc_khz: m.clock.tsc_khz,
             system_time_ns,
             xen_state: xen_state.then(|| {
-                crate::migration::xenkvm_records::from_snapshot(
-                    &m.xen.domain.snapshot(),
-                    crate::migration::xenkvm_records::ClockState {
+                m.xen
+                    .xen_state(crate::migration::xenkvm_records::ClockState {
                         tsc_khz: m.clock.tsc_khz,
                         system_time_ns,
                         guest_tsc,
-                    },
-                    &(0..m.vcpus.len() as u32)
-                        .map(|v| m.xen.runstate_at_entry(v).unwrap_or_default())
-                        .collect::<Vec<_>>(),
-                )
+                    })
             }),
         };
         let mut tmp = path.as_os_str().to_owned();

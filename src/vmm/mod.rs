@@ -341,20 +341,10 @@ impl Vm {
             );
             v.set_cpuid(&entries)
                 .map_err(|e| KvmVmError::Ioctl("KVM_SET_CPUID2", e))?;
-            let restored = match &cfg.restore {
-                Some((_, img)) => match img.vcpus.get(id as usize) {
-                    Some(Some(state)) => {
-                        v.restore_state(state)
-                            .map_err(|e| VmError::Restore(format!("vCPU {id}: {e}")))?;
-                        v.set_runnable().map_err(|e| {
-                            VmError::Restore(format!("vCPU {id}: KVM_SET_MP_STATE: {e}"))
-                        })?;
-                        true
-                    }
-                    _ => false,
-                },
-                None => false,
-            };
+            let restored = cfg
+                .restore
+                .as_ref()
+                .is_some_and(|(_, img)| matches!(img.vcpus.get(id as usize), Some(Some(_))));
             // VCPUOP_initialise checks CR4/EFER against what CPUID offers.
             cr_policy.get_or_insert_with(|| cpuid::cr_policy(&entries));
             let kicker = v
@@ -368,11 +358,35 @@ impl Vm {
             vcpus.push(v);
         }
         if let Some((_, img)) = &cfg.restore {
+            // Once every vCPU exists (so the in-kernel LAPICs all know each
+            // other: restoring vCPU 0's before vCPU 1 was created left
+            // vCPU 1 deaf to INIT/SIPI).
+            for (id, v) in vcpus.iter().enumerate() {
+                if let Some(Some(state)) = img.vcpus.get(id) {
+                    v.restore_state(state)
+                        .map_err(|e| VmError::Restore(format!("vCPU {id}: {e}")))?;
+                    v.set_runnable().map_err(|e| {
+                        VmError::Restore(format!("vCPU {id}: KVM_SET_MP_STATE: {e}"))
+                    })?;
+                } else if id != 0 {
+                    v.set_wait_for_sipi().map_err(|e| {
+                        VmError::Restore(format!("vCPU {id}: KVM_SET_MP_STATE: {e}"))
+                    })?;
+                }
+            }
             kvm.restore_irqchip(&img.irqchip)
                 .map_err(|e| VmError::Restore(e.to_string()))?;
         }
         let offset = measure_tsc_offset(&vcpus[0]);
-        let clock = Clock::new(tsc_khz, offset);
+        let saved_clock = cfg
+            .restore
+            .as_ref()
+            .and_then(|(_, img)| img.xen_state.as_ref()?.clock);
+        let clock = match saved_clock {
+            // Issue 14: Xen system time continues from the save.
+            Some(c) => Clock::continuing(tsc_khz, offset, c.guest_tsc, c.system_time_ns),
+            None => Clock::new(tsc_khz, offset),
+        };
         tracing::info!(tsc_khz, offset, "guest clock");
 
         // Step 5: the Xen personality, with the capabilities it may use.

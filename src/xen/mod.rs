@@ -17,6 +17,7 @@
 
 pub mod clock;
 pub mod hcall_page;
+mod saved;
 pub mod sched;
 pub mod timers;
 
@@ -240,6 +241,7 @@ impl Xen {
                     })
                 })
                 .collect(),
+            runstate_specs: Mutex::new(vec![None; cfg.vcpus as usize]),
             update_flag: OnceLock::new(),
             starts: crate::vcpu::updown::StartSlots::new(cfg.vcpus),
             sched: sched::SchedShared::new(cfg.vcpus).map_err(|e| format!("eventfd: {e}"))?,
@@ -282,9 +284,24 @@ impl Xen {
             gfn: console_ring >> 12,
             port: console_port,
         });
-        let xs = XenstoreServer::new_domain(&xcfg).map_err(|e| format!("xenstore: {e}"))?;
-        XenstoreServer::init_page(&GuestRing::new(&mem, store_ring));
-        ConsoleBackend::init_page(&GuestRing::new(&mem, console_ring));
+        let mut xs = XenstoreServer::new_domain(&xcfg).map_err(|e| format!("xenstore: {e}"))?;
+        let saved = cfg.restore.as_ref().and_then(|(_, i)| i.xen_state.as_ref());
+        let (store_ring, console_ring, store_port, console_port) = match saved {
+            // Issue 14: the guest continues with what it had; the rings are in its RAM.
+            Some(st) => {
+                let up = |v: u32| {
+                    cfg.restore
+                        .as_ref()
+                        .is_some_and(|(_, i)| i.vcpus.get(v as usize).is_some_and(Option::is_some))
+                };
+                saved::apply(&domain, &platform, &mut xs, st, &up)?
+            }
+            None => {
+                XenstoreServer::init_page(&GuestRing::new(&mem, store_ring));
+                ConsoleBackend::init_page(&GuestRing::new(&mem, console_ring));
+                (store_ring, console_ring, store_port, console_port)
+            }
+        };
         for v in 0..cfg.vcpus {
             if let Some(id) = domain.vcpu(v) {
                 domain.update_vcpu_time(id);
@@ -915,6 +932,8 @@ pub struct XenPlatform {
     /// and by the runstate hypercalls, never while taking another lock; the
     /// scheduler monitor only try-locks them (see [`sched`]).
     runstates: Vec<Mutex<VcpuRunstate>>,
+    /// Each vCPU's runstate area as registered (for save; a leaf lock).
+    runstate_specs: Mutex<Vec<Option<RunstateAreaSpec>>>,
     /// The domain, for its `vm_assist` state when publishing.
     update_flag: OnceLock<Weak<Domain>>,
     /// Register states from `VCPUOP_initialise` waiting for `VCPUOP_up`
@@ -1222,6 +1241,7 @@ impl Platform for XenPlatform {
         let Some(m) = self.runstates.get(vcpu.get() as usize) else {
             return Err(Errno::EINVAL);
         };
+        let saved_spec = spec.clone();
         let area = match spec {
             None => None,
             Some(s) => {
@@ -1250,6 +1270,10 @@ impl Platform for XenPlatform {
         // The old area (if any) is dropped here and never written again.
         r.area = area;
         self.publish(&r);
+        drop(r);
+        if let Some(s) = self.runstate_specs.lock().get_mut(vcpu.get() as usize) {
+            *s = saved_spec;
+        }
         Ok(())
     }
     fn set_watchdog(&self, id: u32, deadline_ns: Option<u64>) {

@@ -46,6 +46,7 @@ mod conn;
 mod path;
 mod perms;
 mod ring;
+mod saved;
 mod store;
 mod wire;
 
@@ -56,6 +57,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use conn::{Conn, Tx, Watch};
+pub use saved::SavedNode;
 use store::{Event, Store};
 
 pub use conn::{layout, ConnError};

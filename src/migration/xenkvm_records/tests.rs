@@ -71,6 +71,36 @@ fn sample() -> XenState {
             }],
             watches: vec![("/local/domain/1/control".into(), "tok".into())],
         }),
+        pages: vec![SavedPage {
+            kind: PageKind::SharedInfo,
+            data: vec![0xa5; extra::PAGE_LEN],
+        }],
+        domain_extra: Some(DomainExtra {
+            width: 1,
+            vm_assist: 1 << 5,
+            params: vec![(0, 2 << 56 | 0xf3), (1, 0xfeffc)],
+        }),
+        vcpu_extra: vec![VcpuExtra {
+            id: 0,
+            up: true,
+            initialised: true,
+            periodic_since_last_ns: Some(300),
+            fifo_control_gpa: Some(0x1234_5000),
+            fifo_tails: [3; 16],
+            runstate_area: Some(RunstateAreaPieces {
+                compat32: false,
+                pieces: vec![(0x14efe8, 24), (0x14f000, 24)],
+            }),
+        }],
+        fifo: Some(FifoState {
+            array_gfns: vec![0x142],
+            ports: vec![FifoPort {
+                port: 3,
+                vcpu: 1,
+                priority: 7,
+                pending: true,
+            }],
+        }),
     }
 }
 
@@ -162,6 +192,25 @@ fn runstate_rebased_keeps_time_in_state_and_moves_entry_by_clock_delta() {
 }
 
 #[test]
+fn runstate_continued_counts_the_gap_offline_and_keeps_the_invariant() {
+    let r = Runstate {
+        state: 2,
+        state_entry_time: 900,
+        time: [500, 100, 200, 0],
+    };
+    let offset = |r: &Runstate| r.state_entry_time - r.time.iter().sum::<u64>();
+    let n = r.continued(1000, 5000);
+    assert_eq!(n.time, [500, 100, 200, 4000]);
+    assert_eq!(n.state_entry_time, 4900, "100 ns in the current state kept");
+    assert_eq!(offset(&n), offset(&r));
+    for (a, b) in r.time.iter().zip(n.time) {
+        assert!(b >= *a);
+    }
+    // A clock behind: nothing moves, nothing decreases.
+    assert_eq!(r.continued(1000, 10), r);
+}
+
+#[test]
 fn xen_state_from_snapshot_turns_deadlines_into_remaining_time_and_decodes() {
     let snap = hypercalls::DomainSnapshot {
         shared_info_gfn: Some(0xfeff0),
@@ -176,19 +225,25 @@ fn xen_state_from_snapshot_turns_deadlines_into_remaining_time_and_decodes() {
             priority: 7,
             a: 0,
             b: 0,
+            fifo_pending: false,
+            last_q: (0, 0),
         }],
         vcpus: vec![
             hypercalls::VcpuSnapshot {
                 upcall_vector: 0xf3,
                 singleshot_deadline: Some(1_500),
                 periodic_ns: None,
+                ..Default::default()
             },
             hypercalls::VcpuSnapshot {
                 upcall_vector: 0,
                 singleshot_deadline: Some(500),
                 periodic_ns: Some(10_000_000),
+                periodic_last: Some(400),
+                ..Default::default()
             },
         ],
+        ..Default::default()
     };
     let clock = ClockState {
         tsc_khz: 1_000_000,
@@ -216,7 +271,15 @@ fn xen_state_from_snapshot_turns_deadlines_into_remaining_time_and_decodes() {
     );
     assert_eq!(s.vcpus[1].periodic_ns, Some(10_000_000));
     assert_eq!(s.shared_info_gfn, Some(Some(0xfeff0)));
+    assert_eq!(s.vcpu_extra[1].periodic_since_last_ns, Some(600));
     assert_eq!(decode(&encode(&s)).unwrap(), s);
+    // Back on a clock that reads 5000: deadlines move with it.
+    let back = to_snapshot(&s, 5_000, &|_| true);
+    assert_eq!(back.vcpus[0].singleshot_deadline, Some(5_500));
+    assert_eq!(back.vcpus[1].singleshot_deadline, Some(5_000));
+    assert_eq!(back.vcpus[1].periodic_last, Some(4_400));
+    assert_eq!(back.ports, snap.ports);
+    assert_eq!(back.grant_placed, snap.grant_placed);
 }
 
 fn arb_opt_u64() -> impl Strategy<Value = Option<u64>> {
@@ -310,7 +373,7 @@ fn arb_state() -> impl Strategy<Value = XenState> {
             .map(|(id, v)| VcpuXenState { id, ..v })
             .collect::<Vec<_>>()
     });
-    (
+    let base = (
         proptest::option::of((any::<u32>(), any::<u64>(), any::<u64>())),
         proptest::option::of(arb_opt_u64()),
         vcpus,
@@ -323,27 +386,121 @@ fn arb_state() -> impl Strategy<Value = XenState> {
             proptest::collection::vec((arb_path(), "[a-z0-9]{0,8}"), 0..3),
         )),
     )
-        .prop_map(|(clock, si, vcpus, evtchn, gnttab, xs)| XenState {
-            clock: clock.map(|(tsc_khz, system_time_ns, guest_tsc)| ClockState {
-                tsc_khz,
-                system_time_ns,
-                guest_tsc,
-            }),
-            shared_info_gfn: si,
-            vcpus,
-            evtchn,
-            gnttab: gnttab.map(|(version, nr_frames, frames)| GnttabState {
-                version,
-                nr_frames,
-                frames,
-            }),
-            xenstore: xs.map(|(ring_gfn, port, nodes, watches)| XenstoreState {
-                ring_gfn,
-                port,
-                nodes,
-                watches,
-            }),
+        .prop_map(|(clock, si, vcpus, evtchn, gnttab, xs)| (clock, si, vcpus, evtchn, gnttab, xs));
+    (base, arb_extra()).prop_map(
+        |((clock, si, vcpus, evtchn, gnttab, xs), (pages, domain_extra, vcpu_extra, fifo))| {
+            XenState {
+                clock: clock.map(|(tsc_khz, system_time_ns, guest_tsc)| ClockState {
+                    tsc_khz,
+                    system_time_ns,
+                    guest_tsc,
+                }),
+                shared_info_gfn: si,
+                vcpus,
+                evtchn,
+                gnttab: gnttab.map(|(version, nr_frames, frames)| GnttabState {
+                    version,
+                    nr_frames,
+                    frames,
+                }),
+                xenstore: xs.map(|(ring_gfn, port, nodes, watches)| XenstoreState {
+                    ring_gfn,
+                    port,
+                    nodes,
+                    watches,
+                }),
+                pages,
+                domain_extra,
+                vcpu_extra,
+                fifo,
+            }
+        },
+    )
+}
+
+type Extra = (
+    Vec<SavedPage>,
+    Option<DomainExtra>,
+    Vec<VcpuExtra>,
+    Option<FifoState>,
+);
+
+fn arb_extra() -> impl Strategy<Value = Extra> {
+    let kind = prop_oneof![
+        Just(PageKind::SharedInfo),
+        (0..MAX_GRANT_FRAMES).prop_map(PageKind::Grant),
+        (0..MAX_GRANT_FRAMES).prop_map(PageKind::GrantStatus),
+    ];
+    let pages = proptest::collection::btree_map(kind, any::<u8>(), 0..3).prop_map(|m| {
+        m.into_iter()
+            .map(|(kind, b)| SavedPage {
+                kind,
+                data: vec![b; extra::PAGE_LEN],
+            })
+            .collect::<Vec<_>>()
+    });
+    let dom = proptest::option::of((
+        0u32..=2,
+        any::<u64>(),
+        proptest::collection::btree_map(0..extra::MAX_PARAM, any::<u64>(), 0..6),
+    ))
+    .prop_map(|d| {
+        d.map(|(width, vm_assist, p)| DomainExtra {
+            width,
+            vm_assist,
+            params: p.into_iter().collect(),
         })
+    });
+    let area = proptest::option::of((
+        any::<bool>(),
+        proptest::collection::vec((0..u64::MAX / 2, 1u64..=48), 1..=extra::MAX_PIECES),
+    ))
+    .prop_map(|a| a.map(|(compat32, pieces)| RunstateAreaPieces { compat32, pieces }));
+    let vx = proptest::collection::btree_map(
+        0..MAX_VCPUS,
+        (
+            any::<[bool; 2]>(),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>()),
+            proptest::array::uniform16(0..=MAX_PORT),
+            area,
+        ),
+        0..3,
+    )
+    .prop_map(|m| {
+        m.into_iter()
+            .map(
+                |(id, ([up, initialised], since, cb, fifo_tails, runstate_area))| VcpuExtra {
+                    id,
+                    up,
+                    initialised,
+                    periodic_since_last_ns: since,
+                    fifo_control_gpa: cb,
+                    fifo_tails,
+                    runstate_area,
+                },
+            )
+            .collect::<Vec<_>>()
+    });
+    let fifo = proptest::option::of((
+        proptest::collection::vec(any::<u64>(), 0..4),
+        proptest::collection::btree_map(1..=MAX_PORT, (0..MAX_VCPUS, 0u8..16, any::<bool>()), 0..4),
+    ))
+    .prop_map(|f| {
+        f.map(|(array_gfns, ports)| FifoState {
+            array_gfns,
+            ports: ports
+                .into_iter()
+                .map(|(port, (vcpu, priority, pending))| FifoPort {
+                    port,
+                    vcpu,
+                    priority,
+                    pending,
+                })
+                .collect(),
+        })
+    });
+    (pages, dom, vx, fifo)
 }
 
 proptest! {
