@@ -5,6 +5,7 @@
 //! events, breakpoints) and [`Kicker`] (`immediate_exit` plus a signal).
 
 pub mod coverage;
+pub mod dirty;
 pub mod migration;
 pub mod probe;
 pub mod vcpu;

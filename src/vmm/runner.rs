@@ -249,6 +249,9 @@ fn run_loop(
             GuestExit::Saved(path) => {
                 return Ended::new(exit_status::POWEROFF, format!("guest saved to {path}"))
             }
+            GuestExit::Migrated(to) => {
+                return Ended::new(exit_status::POWEROFF, format!("guest migrated to {to}"))
+            }
         };
         if action == Action::Destroy {
             return Ended {
