@@ -525,7 +525,7 @@ mod tests {
         assert!(e.contains("nope") && e.contains("receiver ready"), "{e}");
         let e = expect(&mut &b""[..], RECEIVED).unwrap_err().to_string();
         assert!(e.contains("went away"), "{e}");
-        expect(&mut BANNER, BANNER).unwrap();
+        expect(&mut &BANNER[..], BANNER).unwrap();
     }
 
     #[test]
