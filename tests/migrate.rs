@@ -364,7 +364,7 @@ fn migrate_receiver_killed_mid_stream_source_guest_runs_on_and_migrates_later() 
     // whose output pipes it would otherwise hold open).
     let log = rt.0.join("kfinal.log");
     let pipe_cmd = format!(
-        "XDG_RUNTIME_DIR={} {} migrate-receive --name kfinal --xen-console console --console file:{} --timeout 900 2>{}",
+        "exec env XDG_RUNTIME_DIR={} {} migrate-receive --name kfinal --xen-console console --console file:{} --timeout 900 2>{}",
         rt.0.display(),
         common::xenkvm_bin().display(),
         log.display(),
