@@ -370,10 +370,7 @@ fn migrate_request(
             s.migrating.store(false, Ordering::Release);
         },
     );
-    if let Err(e) = spawned {
-        return Err(e);
-    }
-    Ok(())
+    spawned.map(|_| ())
 }
 
 fn execute(verb: &str, s: &Shared) -> Result<String, String> {

@@ -389,6 +389,7 @@ pub fn dump_ram(mem: &crate::GuestMem, path: &std::path::Path) -> Result<(), Str
 /// there; `progress` is called a few times a second. The caller resumes
 /// the guest after [`Outcome::Failed`] if it was running, and ends it after
 /// [`Outcome::Migrated`].
+#[allow(clippy::too_many_arguments)]
 pub fn send(
     m: &Machine,
     name: &str,
