@@ -484,19 +484,21 @@ fn migrate_bench_throughput_against_plain_tcp() {
     wait_passes(&src, 1);
     let mut name = "bsrc".to_string();
     let mut procs = vec![src];
-    println!("run | bytes | migration s | migration MiB/s | plain TCP s | plain TCP MiB/s | ratio");
+    println!("run | bytes | migration s (stream / total) | stream MiB/s | plain TCP s | plain TCP MiB/s | ratio (stream / total)");
     for run in 1..=3 {
         let next = format!("bdst{run}");
         let (dst, addr) = start_receiver(&rt, &next, &[]);
         let rep = migrate(&rt, &[&name, &addr]).unwrap();
         let bytes = field(&rep, "bytes").unwrap() as u64;
         let secs = field(&rep, "total_ms").unwrap() / 1e3;
+        let stream = field(&rep, "stream_ms").unwrap() / 1e3;
         let tcp = plain_tcp_copy(bytes);
         println!(
-            "{run} | {bytes} | {secs:.3} | {:.1} | {:.3} | {:.1} | {:.2}",
-            bytes as f64 / 1048576.0 / secs,
+            "{run} | {bytes} | {stream:.3} / {secs:.3} | {:.1} | {:.3} | {:.1} | {:.2} / {:.2}",
+            bytes as f64 / 1048576.0 / stream,
             tcp,
             bytes as f64 / 1048576.0 / tcp,
+            tcp / stream,
             tcp / secs
         );
         name = next;

@@ -103,14 +103,17 @@ pub struct Report {
     pub final_pages: u64,
     /// Why pre-copy ended.
     pub why: String,
+    /// From the banner to the last byte of the stream flushed.
+    pub stream: Duration,
 }
 
 impl Report {
     /// One line, `key=value` words (the control reply; the client parses it).
     pub fn line(&self) -> String {
         format!(
-            "migrated total_ms={} rounds={} bytes={} pages={} downtime_ms={:.1} final_pages={} stop={}",
+            "migrated total_ms={} stream_ms={} rounds={} bytes={} pages={} downtime_ms={:.1} final_pages={} stop={}",
             self.total.as_millis(),
+            self.stream.as_millis(),
             self.rounds,
             self.bytes,
             self.pages,
@@ -468,6 +471,7 @@ fn send_inner(
     wait_readable(rd, Duration::from_secs(60), alive)?;
     live::expect(&mut rfile, live::BANNER).map_err(|e| e.to_string())?;
 
+    let stream_start = Instant::now();
     let ram = ram_ranges(m);
     let end_pfn = ram
         .iter()
@@ -649,6 +653,7 @@ fn send_inner(
     img.finish(&[]).map_err(io)?;
     out.lock().flush().map_err(io)?;
     report.bytes = out.lock().bytes();
+    report.stream = stream_start.elapsed();
     if let Ok(dir) = std::env::var("XENKVM_TEST_MIGRATE_DUMP") {
         dump_ram(&m.mem, &std::path::Path::new(&dir).join("source.ram"))?;
     }
