@@ -729,6 +729,10 @@ impl Incoming {
         wr.write_all(live::RECEIVED)
             .and_then(|_| wr.flush())
             .map_err(|e| format!("telling the source: {e}"))?;
+        // A source that went silent (a cut link without a reset) is given
+        // up after two minutes; it keeps the guest then.
+        let fd = rd.try_clone().map_err(|e| e.to_string())?;
+        wait_readable(&OwnedFd::from(fd), Duration::from_secs(120), &|| true)?;
         live::expect(rd, live::CLEARED).map_err(|e| e.to_string())?;
         Ok(())
     }
