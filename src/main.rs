@@ -148,6 +148,70 @@ enum Cmd {
         #[command(flatten)]
         ui: UiArgs,
     },
+    /// Move a running VM to another xenkvm process while it keeps running
+    /// (as `xl migrate`): a live stream in Xen's format (xl header, libxl
+    /// v2, libxc v3 with pages sent again as the guest writes them) to a
+    /// `xenkvm migrate-receive`, over TCP (DEST = HOST:PORT of one started
+    /// with --listen) or a command's stdin/stdout (--pipe, e.g. "ssh host
+    /// xenkvm migrate-receive"). The guest pauses only for the last pages
+    /// and its CPU/device/Xen state; if anything fails before the
+    /// destination has the whole guest, it keeps running here. On success
+    /// the VM's xenkvm here exits 0.
+    Migrate {
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// HOST:PORT of `xenkvm migrate-receive --listen`.
+        #[arg(
+            value_name = "DEST",
+            required_unless_present = "pipe",
+            conflicts_with = "pipe"
+        )]
+        dest: Option<String>,
+        /// Run COMMAND with `sh -c` and use its stdin/stdout as the
+        /// transport (it must run `xenkvm migrate-receive` without --listen).
+        #[arg(long, value_name = "COMMAND")]
+        pipe: Option<String>,
+        /// Send at most this many MiB/s (0: no limit).
+        #[arg(long, value_name = "MIB_S", default_value_t = 0.0)]
+        bandwidth: f64,
+        /// Pause the guest once the rest is estimated to take at most this
+        /// long to send.
+        #[arg(long, value_name = "MS", default_value_t = 300)]
+        downtime: u64,
+        /// Pause after this many live rounds whatever remains.
+        #[arg(long, value_name = "N", default_value_t = 30)]
+        max_rounds: u32,
+        /// No progress display, only the final report.
+        #[arg(long, short)]
+        quiet: bool,
+        /// Test only: do not merge the VMM's own dirty bitmap (shows what
+        /// is lost without it).
+        #[arg(long, hide = true)]
+        no_vmm_dirty: bool,
+    },
+    /// Receive a guest from `xenkvm migrate` and run it (as `xl
+    /// migrate-receive`): from one TCP connection (--listen), else over
+    /// stdin/stdout (the guest's console then goes to stderr unless
+    /// --console says otherwise). The guest is built from the whole stream
+    /// before the source lets go; if the stream breaks, nothing runs here.
+    #[command(after_help = exit_status::HELP)]
+    MigrateReceive {
+        /// Accept one connection at ADDR:PORT (port 0: any; the address is
+        /// printed on stderr).
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<String>,
+        /// The domain's name (default: the one in the stream).
+        #[arg(long, value_name = "NAME", value_parser = parse_name)]
+        name: Option<String>,
+        /// Serve the control socket here (default from the name).
+        #[arg(long, value_name = "PATH")]
+        api_socket: Option<PathBuf>,
+        /// Stop the guest and fail (status 4) after this many seconds.
+        #[arg(long, value_name = "SECS", value_parser = parse_timeout, allow_negative_numbers = true)]
+        timeout: Option<Duration>,
+        #[command(flatten)]
+        ui: UiArgs,
+    },
     /// Stop a VM as if it powered off (its --on-poweroff action applies).
     /// The guest is not asked first: this is a power-off, not a
     /// cooperative shutdown.
@@ -754,6 +818,32 @@ fn main() -> ExitCode {
             };
             run(cfg, &opts, &ui.console)
         }
+        Cmd::Migrate {
+            name,
+            dest,
+            pipe,
+            bandwidth,
+            downtime,
+            max_rounds,
+            quiet,
+            no_vmm_dirty,
+        } => {
+            let opts = xenkvm::vmm::migrate::MigrateOpts {
+                dest: dest.clone().or_else(|| pipe.clone()).unwrap_or_default(),
+                bandwidth: (bandwidth.max(0.0) * 1048576.0) as u64,
+                downtime: Duration::from_millis(downtime),
+                max_rounds,
+                vmm_dirty: !no_vmm_dirty,
+            };
+            migrate_client(&name, dest.as_deref(), pipe.as_deref(), &opts, quiet)
+        }
+        Cmd::MigrateReceive {
+            listen,
+            name,
+            api_socket,
+            timeout,
+            ui,
+        } => migrate_receive(listen.as_deref(), name, api_socket, timeout, ui),
         Cmd::Save {
             checkpoint,
             xen_state,
@@ -914,6 +1004,176 @@ fn control_verb(name: &str, verb: &str) -> ExitCode {
 fn fail(code: u8, msg: &str) -> ExitCode {
     stderr_line!("xenkvm: {msg}");
     ExitCode::from(code)
+}
+
+/// `xenkvm migrate`: the progress (a bar on a terminal, a line per round
+/// otherwise, on stderr) and the final report (stdout).
+fn migrate_client(
+    name: &str,
+    dest: Option<&str>,
+    pipe: Option<&str>,
+    opts: &xenkvm::vmm::migrate::MigrateOpts,
+    quiet: bool,
+) -> ExitCode {
+    use indicatif::{ProgressBar, ProgressStyle};
+    use xenkvm::vmm::migrate::{client, field, Progress};
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = (tty && !quiet).then(|| {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} pages {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b
+    });
+    let mut last_round = 0;
+    let mut on_progress = |p: &Progress| {
+        let msg = format!(
+            "{:.1} MiB sent, dirty {:.0} pages/s, est. downtime {:.0} ms{}",
+            p.bytes as f64 / 1048576.0,
+            p.dirty_rate,
+            p.est_ms,
+            if p.paused { " (paused)" } else { "" }
+        );
+        match &bar {
+            Some(b) => {
+                b.set_prefix(format!("round {}", p.round));
+                b.set_length(p.of);
+                b.set_position(p.done);
+                b.set_message(msg);
+            }
+            None if !quiet && p.done == p.of && p.round != last_round => {
+                last_round = p.round;
+                stderr_line!("xenkvm: migrate: round {}: {} pages, {msg}", p.round, p.of);
+            }
+            None => {}
+        }
+    };
+    let r = client(name, dest, pipe, opts, &mut on_progress);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    match r {
+        Ok(res) => {
+            let f = |k| field(&res.line, k).unwrap_or("?").to_string();
+            let mib = f("bytes").parse::<f64>().unwrap_or(0.0) / 1048576.0;
+            println!(
+                "migrated {name} to {}: {:.2} s, {} rounds, {mib:.1} MiB ({} pages), downtime {} ms ({} pages paused; {})",
+                opts.dest,
+                f("total_ms").parse::<f64>().unwrap_or(0.0) / 1000.0,
+                f("rounds"),
+                f("pages"),
+                f("downtime_ms"),
+                f("final_pages"),
+                f("stop").replace('_', " ")
+            );
+            println!("{}", res.line);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(exit_status::ERROR, &e),
+    }
+}
+
+/// `xenkvm migrate-receive`.
+fn migrate_receive(
+    listen: Option<&str>,
+    name: Option<String>,
+    api_socket: Option<PathBuf>,
+    timeout: Option<Duration>,
+    mut ui: UiArgs,
+) -> ExitCode {
+    use std::io::Write as _;
+    use std::os::fd::OwnedFd;
+    use xenkvm::migration::live;
+    let transport = || -> Result<(std::fs::File, std::fs::File), String> {
+        match listen {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr)
+                    .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+                if let Ok(a) = l.local_addr() {
+                    stderr_line!("xenkvm: migrate-receive: listening on {a}");
+                }
+                let (s, peer) = l.accept().map_err(|e| format!("accept on {addr}: {e}"))?;
+                tracing::info!(%peer, "migration source connected");
+                let _ = s.set_nodelay(true);
+                let r = s.try_clone().map_err(|e| e.to_string())?;
+                Ok((
+                    std::fs::File::from(OwnedFd::from(r)),
+                    std::fs::File::from(OwnedFd::from(s)),
+                ))
+            }
+            None => {
+                // stdin/stdout carry the stream; the console must not.
+                let r = rustix::io::dup(std::io::stdin()).map_err(|e| e.to_string())?;
+                let w = rustix::io::dup(std::io::stdout()).map_err(|e| e.to_string())?;
+                let null = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
+                rustix::stdio::dup2_stdin(&null).map_err(|e| e.to_string())?;
+                rustix::stdio::dup2_stdout(std::io::stderr()).map_err(|e| e.to_string())?;
+                Ok((std::fs::File::from(r), std::fs::File::from(w)))
+            }
+        }
+    };
+    let (mut rd, mut wr) = match transport() {
+        Ok(t) => t,
+        Err(e) => return fail(exit_status::ERROR, &e),
+    };
+    if listen.is_none() {
+        ui.console_input = InputArg::None;
+    }
+    if let Err(e) = wr.write_all(live::BANNER).and_then(|_| wr.flush()) {
+        return fail(exit_status::ERROR, &format!("migration transport: {e}"));
+    }
+    // Test knob: SIGKILL this receiver after that many stream bytes, or
+    // (`end`) once the whole stream is in, before it answers.
+    let knob = std::env::var("XENKVM_TEST_RECEIVE_KILL_AT").ok();
+    let kill_at = knob.as_deref().and_then(|v| v.parse().ok());
+    let rx = {
+        let r = std::io::BufReader::with_capacity(1 << 20, &mut rd);
+        match live::receive(live::Counted::new(r, kill_at)) {
+            Ok(rx) => rx,
+            Err(e) => return fail(exit_status::ERROR, &format!("{e}; nothing runs here")),
+        }
+    };
+    if knob.as_deref() == Some("end") {
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+    }
+    let img = match xenkvm::migration::restore::load(&rx.tail_path()) {
+        Ok(i) => i,
+        Err(e) => return fail(exit_status::ERROR, &format!("migration stream: {e}")),
+    };
+    tracing::info!(
+        bytes = rx.bytes,
+        page_records = rx.page_records,
+        pages = rx.staging.pages(),
+        "migration stream received"
+    );
+    let name = name
+        .or_else(|| (!img.name.is_empty()).then(|| img.name.clone()))
+        .unwrap_or_else(|| "migrated".into());
+    let control_socket = api_socket.or_else(|| {
+        xenkvm::vmm::control::name_fits_socket(&name)
+            .then(|| xenkvm::vmm::control::socket_path(&name))
+    });
+    let cfg = VmConfig {
+        mem_mib: img.mem_mib,
+        vcpus: img.vcpus.len() as u32,
+        timeout,
+        name,
+        xen_console: ui.xen_console(XenConsoleTo::Log),
+        restore: Some((rx.tail_path(), std::sync::Arc::new(img))),
+        incoming_pages: Some(std::sync::Arc::new(rx)),
+        ..Default::default()
+    };
+    let opts = RunOptions {
+        timeout,
+        on_reboot: Action::Destroy,
+        control_socket,
+        incoming: Some(xenkvm::vmm::migrate::Incoming::new(rd, wr)),
+        ..ui.options()
+    };
+    run(cfg, &opts, &ui.console)
 }
 
 #[cfg(test)]
@@ -1174,6 +1434,8 @@ mod tests {
                         | Cmd::Unpause { .. }
                         | Cmd::Shutdown { .. }
                         | Cmd::Save { .. }
+                        | Cmd::Migrate { .. }
+                        | Cmd::MigrateReceive { .. }
                         | Cmd::Restore { .. } => {}
                     }
                     if let Some(l) = cli.log_level.as_deref() {

@@ -7,6 +7,7 @@
 #[cfg(test)]
 mod avx_native;
 pub mod coverage;
+pub mod dirty;
 pub mod migration;
 pub mod probe;
 #[cfg(test)]

@@ -95,6 +95,7 @@ impl KvmVm {
                 vm: vm.clone(),
                 used: Mutex::new(Vec::new()),
                 limit,
+                regions: Mutex::new(std::collections::HashMap::new()),
             }),
             kvm,
             vm,
@@ -224,10 +225,12 @@ impl Interrupts {
 /// KVM memslots: the RAM regions at start, overlay pages in holes later.
 /// Refuses to go past KVM's limit instead of failing in the ioctl.
 pub struct MemSlots {
-    vm: Arc<VmFd>,
+    pub(super) vm: Arc<VmFd>,
     /// Slots in use (index = slot number).
-    used: Mutex<Vec<bool>>,
+    pub(super) used: Mutex<Vec<bool>>,
     limit: usize,
+    /// Each slot's region as last set (for `dirty`'s flag changes).
+    pub(super) regions: Mutex<std::collections::HashMap<u32, kvm_userspace_memory_region>>,
 }
 
 impl MemSlots {
@@ -259,6 +262,7 @@ impl MemSlots {
         unsafe { self.vm.set_user_memory_region(region) }
             .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
         used[slot] = true;
+        self.regions.lock().insert(slot as u32, region);
         Ok(slot as u32)
     }
 
@@ -277,6 +281,7 @@ impl MemSlots {
         unsafe { self.vm.set_user_memory_region(region) }
             .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
         used[slot as usize] = false;
+        self.regions.lock().remove(&slot);
         Ok(())
     }
 

@@ -22,6 +22,7 @@
 
 pub mod convert;
 pub mod hvm_context;
+pub mod live;
 pub mod restore;
 pub mod save;
 pub mod stream;

@@ -95,11 +95,11 @@ pub fn config_json(meta: &SaveMeta, vcpus: usize) -> String {
 }
 
 /// Sorted, disjoint (start, end) byte ranges of a region that hold data.
-type DataRanges = Vec<(u64, u64)>;
+pub(crate) type DataRanges = Vec<(u64, u64)>;
 
 /// The ranges (offsets relative to `start`, within `len`) of `file` that
 /// hold data (`SEEK_DATA`/`SEEK_HOLE`); `None` if the file cannot say.
-fn data_ranges(file: &std::fs::File, start: u64, len: u64) -> Option<DataRanges> {
+pub(crate) fn data_ranges(file: &std::fs::File, start: u64, len: u64) -> Option<DataRanges> {
     use rustix::fs::{seek, SeekFrom};
     let end = start.checked_add(len)?;
     let mut v = Vec::new();

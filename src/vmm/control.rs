@@ -100,6 +100,8 @@ struct Shared {
     paused: AtomicBool,
     done: AtomicBool,
     started: Instant,
+    /// A live migration runs (`migrate`): other verbs but `info` wait.
+    migrating: AtomicBool,
 }
 
 /// A running control socket; removed when dropped.
@@ -148,6 +150,7 @@ impl ControlServer {
             paused: AtomicBool::new(false),
             done: AtomicBool::new(false),
             started: Instant::now(),
+            migrating: AtomicBool::new(false),
         });
         let s2 = shared.clone();
         let waker = listener
@@ -157,7 +160,7 @@ impl ControlServer {
             ThreadKind::Control,
             "control".into(),
             Arc::new(|m| tracing::error!("{m}")),
-            move || serve(listener, &s2),
+            move || serve(listener, s2),
         )
         .map_err(|e| setup(format!("cannot start its thread: {e}")))?;
         tracing::info!(path = %path.display(), "control socket ready");
@@ -209,19 +212,19 @@ fn file_id(p: &Path) -> Option<(u64, u64)> {
         .map(|m| (m.dev(), m.ino()))
 }
 
-fn serve(listener: UnixListener, s: &Shared) {
+fn serve(listener: UnixListener, s: Arc<Shared>) {
     for conn in listener.incoming() {
         if s.done.load(Ordering::Acquire) {
             return;
         }
         let Ok(conn) = conn else { continue };
-        if let Err(e) = handle(conn, s) {
+        if let Err(e) = handle(conn, &s) {
             tracing::debug!(%e, "control connection");
         }
     }
 }
 
-fn handle(mut conn: UnixStream, s: &Shared) -> std::io::Result<()> {
+fn handle(mut conn: UnixStream, s: &Arc<Shared>) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     conn.set_write_timeout(Some(Duration::from_secs(5)))?;
     let me = rustix::process::geteuid();
@@ -238,8 +241,10 @@ fn handle(mut conn: UnixStream, s: &Shared) -> std::io::Result<()> {
             return conn.write_all(format!("error cannot identify the peer: {e}\n").as_bytes())
         }
     }
-    let mut line = String::new();
-    BufReader::new((&conn).take(8192)).read_line(&mut line)?;
+    let (line, fds) = read_request(&conn)?;
+    if let Some(args) = line.trim().strip_prefix("migrate ") {
+        return migrate_request(conn, args, fds, s);
+    }
     let reply = match execute(line.trim(), s) {
         Ok(r) => format!("ok {r}\n"),
         Err(e) => format!("error {e}\n"),
@@ -247,7 +252,131 @@ fn handle(mut conn: UnixStream, s: &Shared) -> std::io::Result<()> {
     conn.write_all(reply.as_bytes())
 }
 
+/// One request line (up to 8 KiB) and the descriptors sent with it.
+fn read_request(conn: &UnixStream) -> std::io::Result<(String, Vec<std::os::fd::OwnedFd>)> {
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut line = Vec::new();
+    let mut fds = Vec::new();
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    while !line.contains(&b'\n') && line.len() < 8192 {
+        let mut buf = [0u8; 1024];
+        let mut anc = RecvAncillaryBuffer::new(&mut space);
+        let r = recvmsg(
+            conn,
+            &mut [std::io::IoSliceMut::new(&mut buf)],
+            &mut anc,
+            RecvFlags::CMSG_CLOEXEC,
+        )?;
+        for msg in anc.drain() {
+            if let RecvAncillaryMessage::ScmRights(rights) = msg {
+                fds.extend(rights);
+            }
+        }
+        if r.bytes == 0 {
+            break;
+        }
+        line.extend_from_slice(&buf[..r.bytes]);
+    }
+    let end = line.iter().position(|b| *b == b'\n').unwrap_or(line.len());
+    Ok((String::from_utf8_lossy(&line[..end]).into_owned(), fds))
+}
+
+/// `migrate OPTIONS` with the transport's (read, write) descriptors: runs
+/// the live migration on a thread of its own (other verbs keep being
+/// served), writing `progress ...` lines and then `ok migrated ...` or
+/// `error ...` on `conn`.
+fn migrate_request(
+    mut conn: UnixStream,
+    args: &str,
+    fds: Vec<std::os::fd::OwnedFd>,
+    s: &Arc<Shared>,
+) -> std::io::Result<()> {
+    let opts = match crate::vmm::migrate::MigrateOpts::from_words(args) {
+        Ok(o) => o,
+        Err(e) => return conn.write_all(format!("error {e}\n").as_bytes()),
+    };
+    let mut fds = fds.into_iter();
+    let (Some(rd), Some(wr)) = (fds.next(), fds.next()) else {
+        return conn.write_all(b"error migrate needs the transport's two descriptors\n");
+    };
+    let Some(m) = s.machine.lock().as_ref().and_then(Weak::upgrade) else {
+        return conn.write_all(b"error no guest is running (it is being restarted)\n");
+    };
+    if s.migrating.swap(true, Ordering::AcqRel) {
+        return conn.write_all(b"error a migration is already in progress\n");
+    }
+    let s = s.clone();
+    let s2 = s.clone();
+    let spawned = threads::spawn(
+        ThreadKind::Control,
+        "migrate".into(),
+        Arc::new(move |msg| {
+            s2.migrating.store(false, Ordering::Release);
+            tracing::error!("{msg}")
+        }),
+        move || {
+            let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+            let was_paused = s.paused.load(Ordering::Acquire);
+            // The client never writes after its request: readable = gone.
+            let peer = conn.try_clone().ok();
+            let alive = || {
+                use rustix::event::{poll, PollFd, PollFlags, Timespec};
+                let Some(p) = peer.as_ref() else { return true };
+                let mut f = [PollFd::new(p, PollFlags::IN)];
+                let zero = Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                !matches!(poll(&mut f, Some(&zero)), Ok(n) if n > 0)
+            };
+            let mut w = conn.try_clone().ok();
+            let mut progress = |p: &crate::vmm::migrate::Progress| {
+                if let Some(c) = w.as_mut() {
+                    let _ = c.write_all(format!("{}\n", p.line()).as_bytes());
+                }
+            };
+            let out = crate::vmm::migrate::send(
+                &m,
+                &s.info.name,
+                s.info.mem_mib,
+                was_paused,
+                &opts,
+                rd,
+                wr,
+                &alive,
+                &mut progress,
+            );
+            use crate::vmm::migrate::Outcome;
+            let reply = match out {
+                Outcome::Migrated(r) => {
+                    tracing::info!(report = %r.line(), "migrated");
+                    m.request_exit(GuestExit::Migrated(opts.dest.clone()));
+                    format!("ok {}\n", r.line())
+                }
+                Outcome::Failed(e) => {
+                    if !was_paused {
+                        m.resume();
+                    }
+                    tracing::warn!(%e, "migration failed; the guest runs on here");
+                    format!("error migration failed, the guest runs on here: {e}\n")
+                }
+                Outcome::Ambiguous(e) => {
+                    s.paused.store(true, Ordering::Release);
+                    tracing::error!(%e, "migration failed after the go-ahead; the guest stays paused here");
+                    format!("error migration failed after the source let go: {e}; the guest may run at the destination and stays paused here (xenkvm unpause to run it here)\n")
+                }
+            };
+            let _ = conn.write_all(reply.as_bytes());
+            s.migrating.store(false, Ordering::Release);
+        },
+    );
+    spawned.map(|_| ())
+}
+
 fn execute(verb: &str, s: &Shared) -> Result<String, String> {
+    if verb != "info" && s.migrating.load(Ordering::Acquire) {
+        return Err("a live migration is in progress".into());
+    }
     if verb == "info" {
         let i = &s.info;
         let state = if s.machine.lock().as_ref().and_then(Weak::upgrade).is_none() {

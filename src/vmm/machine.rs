@@ -41,6 +41,9 @@ pub enum GuestExit {
     Stopped(String),
     /// Saved to this file by `xenkvm save` and stopped (as `xl save`).
     Saved(String),
+    /// Migrated away (`xenkvm migrate`): the destination runs it now; the
+    /// string says where.
+    Migrated(String),
 }
 
 /// Why the guest rebooted.
@@ -116,6 +119,8 @@ pub struct Machine {
     pub xen: Xen,
     /// The in-kernel irqchip (a save reads the PIC, IOAPIC and PIT).
     pub irq: Interrupts,
+    /// The memslots (a live migration logs the RAM slots' dirty pages).
+    pub slots: Arc<MemSlots>,
     /// VM exits (KVM_RUN returns) of all vCPUs, for the status line.
     pub exits: AtomicU64,
     /// Hypercalls of all vCPUs, for the status line.
@@ -145,13 +150,14 @@ impl Machine {
         let irqchip = irq.clone();
         let caps = XenCaps {
             irq,
-            slots,
+            slots: slots.clone(),
             vcpus: Arc::new(VcpuSet(vcpus.clone())),
         };
         let xen = Xen::new(cfg, &map, clock, console.clone(), caps).map_err(VmError::XenDomain)?;
         Ok(Arc::new(Machine {
             xen,
             irq: irqchip,
+            slots,
             mem: map.guest_memory().clone(),
             map,
             clock,

@@ -10,6 +10,7 @@ pub mod console_input;
 pub mod control;
 pub mod event_loop;
 pub mod machine;
+pub mod migrate;
 pub mod runner;
 pub mod sched_monitor;
 pub mod threads;
@@ -78,6 +79,9 @@ pub struct VmConfig {
         std::path::PathBuf,
         Arc<crate::migration::restore::RestoreImage>,
     )>,
+    /// With `restore`: the pages of a live migration's stream, copied into
+    /// RAM after the image's own (`xenkvm migrate-receive`).
+    pub incoming_pages: Option<Arc<crate::migration::live::Received>>,
 }
 
 impl Default for VmConfig {
@@ -100,6 +104,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             nics: Vec::new(),
             restore: None,
+            incoming_pages: None,
         }
     }
 }
@@ -245,6 +250,14 @@ impl Vm {
             let n = crate::migration::restore::apply_pages(path, &mem)
                 .map_err(|e| VmError::Restore(e.to_string()))?;
             tracing::info!(pages = n, of = img.pages, "guest memory restored");
+            if let Some(rx) = &cfg.incoming_pages {
+                let n = rx.staging.copy_into(&mem).map_err(VmError::Restore)?;
+                tracing::info!(pages = n, "migrated guest memory in place");
+                if let Ok(dir) = std::env::var("XENKVM_TEST_MIGRATE_DUMP") {
+                    migrate::dump_ram(&mem, &std::path::Path::new(&dir).join("dest.ram"))
+                        .map_err(VmError::Restore)?;
+                }
+            }
             EntryState::Restored
         } else {
             let e820 = layout::e820(&mem);
@@ -403,6 +416,16 @@ impl Vm {
         )?;
         if let Some(p) = cr_policy {
             machine.xen.domain.set_cr_policy(p);
+        }
+        // A restored vCPU with CPU state was up (as Xen, a vCPU that is down
+        // has no CPU record): the Xen side must say so too, or its thread
+        // parks it offline.
+        if let Some((_, img)) = &cfg.restore {
+            for (v, st) in img.vcpus.iter().enumerate() {
+                if st.is_some() {
+                    machine.xen.vcpu_started(v as u32);
+                }
+            }
         }
         if !cfg.disks.is_empty() {
             let weak = Arc::downgrade(&machine);

@@ -107,6 +107,9 @@ pub struct RunOptions {
     pub initrd_name: Option<String>,
     /// Serve the VM's control socket here (`--api-socket`, or from `--name`).
     pub control_socket: Option<std::path::PathBuf>,
+    /// A migrated-in guest: xl's handshake with the source between building
+    /// the guest and running it (`xenkvm migrate-receive`).
+    pub incoming: Option<super::migrate::Incoming>,
 }
 
 impl Default for RunOptions {
@@ -121,6 +124,7 @@ impl Default for RunOptions {
             status_after: Duration::from_secs(5),
             initrd_name: None,
             control_socket: None,
+            incoming: None,
         }
     }
 }
@@ -202,11 +206,22 @@ fn run_loop(
             Ok(vm) => vm,
             Err(e) => return Ended::new(exit_status::ERROR, create_error(cfg, opts, &e)),
         };
+        if let Some(inc) = &opts.incoming {
+            if let Err(e) = inc.ready() {
+                return Ended::new(
+                    exit_status::ERROR,
+                    format!("migration: {e}; the received guest is discarded"),
+                );
+            }
+        }
         sup.attach(&vm.machine);
         if let Some(c) = ctl {
             c.attach(&vm.machine);
         }
-        let exit = vm.run(remaining);
+        let exit = match &opts.incoming {
+            Some(inc) => vm.run_with(remaining, |_| inc.started()),
+            None => vm.run(remaining),
+        };
         if let Some(c) = ctl {
             c.detach();
         }
@@ -248,6 +263,9 @@ fn run_loop(
             GuestExit::Stopped(why) => return Ended::new(exit_status::ERROR, why),
             GuestExit::Saved(path) => {
                 return Ended::new(exit_status::POWEROFF, format!("guest saved to {path}"))
+            }
+            GuestExit::Migrated(to) => {
+                return Ended::new(exit_status::POWEROFF, format!("guest migrated to {to}"))
             }
         };
         if action == Action::Destroy {

@@ -21,6 +21,8 @@
  *    and halt vCPU 0 with interrupts on, for ever: what an idle guest costs the VMM.
  *  - reboot: print one line and shut down with SHUTDOWN_reboot.
  *  - chatter: print numbered lines forever.
+ *  - migpat=MIB [vmmio]: live-migration load (see migpat()): both vCPUs rewrite MIB MiB
+ *    at 32 MiB page by page with a pattern, checking each page's previous pattern first.
  *  - demo console_wait=N: the console_input check prompts and waits N s for a line.
  *
  * Add a check: write `static int check_foo(void)` returning PASS(...) or FAIL(...)
@@ -1554,7 +1556,7 @@ static int port_pending(u32 port)
 
 /* ------------------------------------------------------------ the AP */
 
-enum { AP_NONE, AP_COUNT, AP_UPCALL_VECTOR, AP_BIND_IPI, AP_POLL, AP_WATCH, AP_SPIN };
+enum { AP_NONE, AP_COUNT, AP_UPCALL_VECTOR, AP_BIND_IPI, AP_POLL, AP_WATCH, AP_SPIN, AP_MIGPAT };
 
 /* AP_SPIN: the AP runs (interrupts on, never halting) until this is cleared. */
 static volatile u32 ap_spinning;
@@ -1620,6 +1622,11 @@ static void ap_run(void)
         irq_off();
         ap.rc = 0;
         break;
+    case AP_MIGPAT: {
+        void migpat_ap(void);
+        migpat_ap(); /* never returns */
+        break;
+    }
     case AP_WATCH: {
         void sched_watch(u64 ns);
         sched_watch(ap.arg);
@@ -3121,6 +3128,123 @@ static void __attribute__((noreturn)) idle(int ticks)
         asm volatile("sti; hlt" ::: "memory");
 }
 
+
+/* ------------------------------------------------------------------ migpat */
+
+/* migpat=MIB: vCPU 0 and vCPU 1 each own half of MIB MiB at MIGPAT_BASE and rewrite it,
+ * page by page, for ever. Pass g fills page p with mp_val(p, g) (rep stosq) after
+ * checking (repe scasq) that the page still holds pass g-1's pattern, so a page a migration lost
+ * (the destination got an older copy) is found on the next pass there. vCPU 0 prints
+ * one line per pass: both vCPUs' passes, errors and the largest gap between two pages
+ * by the TSC since the previous line. With "vmmio" vCPU 0 also makes the VMM write
+ * guest memory every 256 pages: an event to itself (shared_info, vcpu_info), a short
+ * SCHEDOP_poll (the runstate area, in a page of its own the guest never writes), a
+ * xenstore read (the reply ring) and a PV console ring line (out_cons). */
+#define MIGPAT_BASE (32ull << 20)
+
+static volatile struct {
+    u64 first[2], count[2];
+    u64 passes[2], errors[2], gap[2];
+    u64 bad_page[2], bad_got[2], bad_want[2];
+    int vmmio;
+} mp;
+static u8 mp_runstate_page[PAGE_SIZE] __attribute__((aligned(PAGE_SIZE)));
+static u32 mp_port;
+
+static inline u64 mp_val(u64 page, u64 gen) { return (page * 0x9E3779B97F4A7C15ull) ^ (gen << 24) ^ 0x5a5aull; }
+
+static void mp_vmmio(void)
+{
+    char r[32];
+    if (mp_port) {
+        evtchn_send(mp_port);
+        evtchn_clear(mp_port);
+        poll_ns(mp_port, 50000);
+    }
+    if (xs.ring)
+        xs_path_op(XS_READ, "domid", r, sizeof(r));
+    check_console_ring();
+}
+
+static void __attribute__((noreturn)) mp_run(u32 cpu)
+{
+    u64 first = mp.first[cpu], count = mp.count[cpu];
+    u64 khz = xen.tsc_khz ? xen.tsc_khz : 3000000;
+    for (u64 gen = 1;; gen++) {
+        u64 last = rdtsc_ordered();
+        for (u64 p = first; p < first + count; p++) {
+            u64 *w = (u64 *)(MIGPAT_BASE + p * PAGE_SIZE);
+            if (gen > 1) {
+                /* repe scasq: one (emulated) instruction for the whole page. */
+                u64 want = mp_val(p, gen - 1), left = PAGE_SIZE / 8;
+                u64 *at = w;
+                asm volatile("repe scasq" : "+D"(at), "+c"(left) : "a"(want) : "memory", "cc");
+                if (left || at[-1] != want) {
+                    if (!mp.errors[cpu]) {
+                        mp.bad_page[cpu] = p;
+                        mp.bad_got[cpu] = at[-1];
+                        mp.bad_want[cpu] = want;
+                    }
+                    mp.errors[cpu]++;
+                }
+            }
+            {
+                u64 *at = w, left = PAGE_SIZE / 8;
+                asm volatile("rep stosq" : "+D"(at), "+c"(left) : "a"(mp_val(p, gen)) : "memory");
+            }
+            u64 now = rdtsc_ordered();
+            u64 gap = (now - last) * 1000 / khz; /* us */
+            if (gap > mp.gap[cpu])
+                mp.gap[cpu] = gap;
+            last = now;
+            if (cpu == 0 && mp.vmmio && (p & 255) == 0)
+                mp_vmmio();
+        }
+        mp.passes[cpu] = gen;
+        if (cpu == 0) {
+            say("migpat: pass %lu/%lu errors %lu/%lu max gap %lu/%lu us", mp.passes[0], mp.passes[1], mp.errors[0],
+                mp.errors[1], mp.gap[0], mp.gap[1]);
+            for (u32 c = 0; c < 2; c++)
+                if (mp.errors[c])
+                    say("migpat: MISMATCH vCPU %u page %lu: 0x%lx, expected 0x%lx", c, mp.bad_page[c], mp.bad_got[c],
+                        mp.bad_want[c]);
+            mp.gap[0] = mp.gap[1] = 0;
+        }
+    }
+}
+
+void __attribute__((noreturn)) migpat_ap(void);
+void __attribute__((noreturn)) migpat_ap(void) { mp_run(1); }
+
+static void __attribute__((noreturn)) migpat(const char *cmdline)
+{
+    const char *a = strstr_(cmdline, "migpat=");
+    u64 mib = a ? parse_u32(a + 7) : 64;
+    u64 pages = mib << 8;
+    int two = check_smp() && smp == SMP_UP;
+    mp.vmmio = strstr_(cmdline, "vmmio") != 0;
+    if (mp.vmmio) {
+        struct xen_add_to_physmap x;
+        if (!xen.shinfo)
+            map_shared_info(&x);
+        long rc = register_runstate(mp_runstate_page + 64);
+        long rc2 = bind_ipi(0, &mp_port);
+        if (rc2)
+            mp_port = 0;
+        int xsok = xs_init();
+        say("migpat: vmmio: runstate area rc %ld, IPI port %u (rc %ld), xenstore %s", rc, mp_port, rc2,
+            xsok == 1 ? "ok" : "missing");
+    }
+    mp.first[0] = 0;
+    mp.count[0] = two ? pages / 2 : pages;
+    mp.first[1] = mp.count[0];
+    mp.count[1] = pages - mp.count[0];
+    say("migpat: %lu MiB at 0x%lx, %s", mib, (u64)MIGPAT_BASE, two ? "2 vCPUs" : "1 vCPU");
+    if (two)
+        ap_post(AP_MIGPAT, 0);
+    mp_run(0);
+}
+
 /* ------------------------------------------------------ reboot, chatter */
 
 /* reboot: ask for a reboot at once (the VMM's on_reboot decides what follows). */
@@ -3175,6 +3299,8 @@ void __attribute__((noreturn)) main(u32 start_info_paddr)
         reboot_mode();
     if (strstr_(cmdline, "chatter"))
         chatter();
+    if (strstr_(cmdline, "migpat"))
+        migpat(cmdline);
     const char *w = strstr_(cmdline, "console_wait=");
     if (w)
         console_wait_s = parse_u32(w + 13);

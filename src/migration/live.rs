@@ -1,0 +1,638 @@
+//! Live migration (issue 15): the parts that need neither KVM nor a running
+//! VM. xl's handshake strings, the pre-copy policy (when to stop iterating
+//! and pause), a byte-counting, rate-limited writer, the receiver's intake
+//! (a live stream's pages land in a staging memfd as they arrive, last copy
+//! wins; every other record is kept, in order, in a small "tail" image that
+//! `restore::load` then checks like any saved image) and the copy of the
+//! staged pages into the new guest's RAM.
+//!
+//! The stream is an ordinary xl save image (`save` writes the same thing
+//! in one pass): xl header with the JSON config, libxl v2, libxc v3 with
+//! PAGE_DATA batches repeated for the pages that were written again, as
+//! `xl migrate` sends.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::stream::image::{ImageReader, ImageWriter, Item};
+use super::stream::libxc::{LibxcHeader, LibxcRecord, PAGE_SIZE};
+use super::stream::libxl::LibxlRecord;
+use crate::GuestMem;
+
+/// The receiver's first words (xl's `migrate_receiver_banner`).
+pub const BANNER: &[u8] = b"xl migration receiver ready, send binary domain data.\n";
+/// The receiver has the whole domain (xl's `migrate_receiver_ready`).
+pub const RECEIVED: &[u8] = b"domain received, ready to unpause\0";
+/// The sender lets go (xl's `migrate_permission_to_go`).
+pub const CLEARED: &[u8] = b"domain is yours, you are cleared to unpause\0";
+/// The receiver's report, followed by one status byte, 0 = running
+/// (xl's `migrate_report`).
+pub const REPORT: &[u8] = b"my copy unpause results are as follows\0";
+
+/// Why a live migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    /// The other side said something else than the protocol expects.
+    #[error("migration handshake: expected {expected:?}, got {got:?}")]
+    Handshake {
+        /// What xl's protocol says comes now.
+        expected: String,
+        /// What came (lossy text).
+        got: String,
+    },
+    /// The transport failed.
+    #[error("migration transport: {0}")]
+    Io(#[from] std::io::Error),
+    /// The stream is malformed or not one xenkvm can take.
+    #[error("migration stream: {0}")]
+    Stream(String),
+}
+
+/// Reads exactly `msg.len()` bytes and checks they are `msg`.
+pub fn expect<R: Read>(r: &mut R, msg: &[u8]) -> Result<(), LiveError> {
+    let mut got = vec![0u8; msg.len()];
+    let mut n = 0;
+    while n < got.len() {
+        match r.read(&mut got[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if got[..n] != *msg {
+        return Err(LiveError::Handshake {
+            expected: String::from_utf8_lossy(msg).trim_end_matches('\0').into(),
+            got: if n == 0 {
+                "end of stream (the other side went away)".into()
+            } else {
+                String::from_utf8_lossy(&got[..n]).into_owned()
+            },
+        });
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ policy
+
+/// When pre-copy stops and the guest is paused.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Pause once sending the remaining dirty pages is estimated to take
+    /// at most this long.
+    pub downtime: Duration,
+    /// Pause after this many rounds whatever remains.
+    pub max_rounds: u32,
+    /// Pause when this many rounds in a row did not shrink the dirty set
+    /// by at least 10% (the guest dirties as fast as we send).
+    pub stall_rounds: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            downtime: Duration::from_millis(300),
+            max_rounds: 30,
+            stall_rounds: 3,
+        }
+    }
+}
+
+/// What a round looked like, for the policy and the progress line.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Round {
+    /// 1 = the full pass.
+    pub n: u32,
+    /// Pages sent in it.
+    pub pages: u64,
+    /// Bytes sent in it.
+    pub bytes: u64,
+    /// How long it took.
+    pub secs: f64,
+    /// Pages dirtied while it ran (what the next round must send).
+    pub dirty_after: u64,
+}
+
+impl Round {
+    /// Send rate of this round, bytes/s (at least 1).
+    pub fn rate(&self) -> f64 {
+        (self.bytes as f64 / self.secs.max(1e-6)).max(1.0)
+    }
+
+    /// Pages dirtied per second while it ran.
+    pub fn dirty_rate(&self) -> f64 {
+        self.dirty_after as f64 / self.secs.max(1e-6)
+    }
+
+    /// The estimated pause if the guest were stopped now: the dirty pages
+    /// at this round's send rate.
+    pub fn est_downtime(&self) -> Duration {
+        let bytes = self.dirty_after as f64 * (PAGE_SIZE as f64 + 8.0);
+        Duration::from_secs_f64(bytes / self.rate())
+    }
+}
+
+/// What to do after a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Send the dirty pages in another live round.
+    Again,
+    /// Pause and send the rest: why.
+    Stop(StopWhy),
+}
+
+/// Why pre-copy stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopWhy {
+    /// The remainder fits the downtime target.
+    Converged,
+    /// `max_rounds` reached.
+    MaxRounds,
+    /// The dirty set stopped shrinking.
+    NotConverging,
+}
+
+impl std::fmt::Display for StopWhy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopWhy::Converged => "converged",
+            StopWhy::MaxRounds => "round limit",
+            StopWhy::NotConverging => "not converging",
+        })
+    }
+}
+
+impl Policy {
+    /// The decision after `rounds` (the last is the one just finished).
+    pub fn next(&self, rounds: &[Round]) -> Next {
+        let Some(last) = rounds.last() else {
+            return Next::Again;
+        };
+        if last.dirty_after == 0 || last.est_downtime() <= self.downtime {
+            return Next::Stop(StopWhy::Converged);
+        }
+        if last.n >= self.max_rounds {
+            return Next::Stop(StopWhy::MaxRounds);
+        }
+        let k = self.stall_rounds as usize;
+        if k > 0 && rounds.len() > k {
+            let tail = &rounds[rounds.len() - k - 1..];
+            if tail
+                .windows(2)
+                .all(|w| w[1].dirty_after * 10 > w[0].dirty_after * 9)
+            {
+                return Next::Stop(StopWhy::NotConverging);
+            }
+        }
+        Next::Again
+    }
+}
+
+// --------------------------------------------------------- rate-limited sink
+
+/// A writer that counts bytes and keeps under `limit` bytes/s (0: none).
+pub struct Throttled<W> {
+    inner: W,
+    limit: u64,
+    bytes: u64,
+    start: Instant,
+}
+
+impl<W: Write> Throttled<W> {
+    /// Wraps `inner`.
+    pub fn new(inner: W, limit: u64) -> Self {
+        Throttled {
+            inner,
+            limit,
+            bytes: 0,
+            start: Instant::now(),
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The inner writer.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+}
+
+impl<W: Write> Write for Throttled<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // At most 64 KiB per call, so the limit is kept smoothly.
+        let n = self.inner.write(&buf[..buf.len().min(64 << 10)])?;
+        self.bytes += n as u64;
+        if self.limit > 0 {
+            let due = Duration::from_secs_f64(self.bytes as f64 / self.limit as f64);
+            let el = self.start.elapsed();
+            if due > el {
+                std::thread::sleep(due - el);
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+// ------------------------------------------------------------------ receiver
+
+/// A reader that counts bytes and can stop the process at a given count
+/// (a test knob: `XENKVM_TEST_RECEIVE_KILL_AT`, bytes, kills the receiver
+/// with SIGKILL as a crash or `kill -9` would).
+pub struct Counted<R> {
+    inner: R,
+    /// Bytes read so far.
+    pub bytes: u64,
+    kill_at: Option<u64>,
+}
+
+impl<R: Read> Counted<R> {
+    /// Wraps `inner`; `kill_at` as above.
+    pub fn new(inner: R, kill_at: Option<u64>) -> Self {
+        Counted {
+            inner,
+            bytes: 0,
+            kill_at,
+        }
+    }
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        if self.kill_at.is_some_and(|k| self.bytes >= k) {
+            tracing::warn!(bytes = self.bytes, "test knob: the receiver kills itself");
+            let _ = rustix::process::kill_process(
+                rustix::process::getpid(),
+                rustix::process::Signal::KILL,
+            );
+        }
+        Ok(n)
+    }
+}
+
+/// Received guest pages, by frame, in a sparse memfd.
+#[derive(Debug)]
+pub struct Staging {
+    file: std::fs::File,
+    /// Frames received (bit per frame).
+    have: Vec<u64>,
+    /// Guest RAM as (first frame, frames).
+    ram: Vec<(u64, u64)>,
+}
+
+impl Staging {
+    /// Staging for a guest whose RAM is `ram` (guest physical (start, len)).
+    pub fn new(ram: &[(u64, u64)]) -> std::io::Result<Staging> {
+        let fd = rustix::fs::memfd_create("xenkvm-migrate-in", rustix::fs::MemfdFlags::CLOEXEC)?;
+        let file = std::fs::File::from(fd);
+        let end = ram.iter().map(|(s, l)| s + l).max().unwrap_or(0);
+        file.set_len(end)?;
+        Ok(Staging {
+            file,
+            have: vec![0; (end / PAGE_SIZE as u64).div_ceil(64) as usize],
+            ram: ram
+                .iter()
+                .map(|(s, l)| (s / PAGE_SIZE as u64, l / PAGE_SIZE as u64))
+                .collect(),
+        })
+    }
+
+    /// Stores one page.
+    pub fn put(&mut self, pfn: u64, data: &[u8]) -> Result<(), LiveError> {
+        if data.len() != PAGE_SIZE {
+            return Err(LiveError::Stream("PAGE_DATA: a partial page".into()));
+        }
+        self.put_run(pfn, data)
+    }
+
+    /// Stores consecutive pages from frame `first` (`data`: whole pages).
+    pub fn put_run(&mut self, first: u64, data: &[u8]) -> Result<(), LiveError> {
+        let n = (data.len() / PAGE_SIZE) as u64;
+        if n == 0 || data.len() % PAGE_SIZE != 0 {
+            return Err(LiveError::Stream("PAGE_DATA: a partial page".into()));
+        }
+        let last = first.saturating_add(n - 1);
+        if !self.ram.iter().any(|(f, c)| first >= *f && last < f + c) {
+            return Err(LiveError::Stream(format!(
+                "PAGE_DATA: pfns {first:#x}-{last:#x} are outside the guest's RAM"
+            )));
+        }
+        self.file.write_all_at(data, first * PAGE_SIZE as u64)?;
+        for pfn in first..=last {
+            self.have[(pfn / 64) as usize] |= 1 << (pfn % 64);
+        }
+        Ok(())
+    }
+
+    /// Pages received (each counted once).
+    pub fn pages(&self) -> u64 {
+        self.have.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Copies every received page into `mem` (runs of frames at a time).
+    pub fn copy_into(&self, mem: &GuestMem) -> Result<u64, String> {
+        let mut n = 0;
+        let mut buf = vec![0u8; 256 * PAGE_SIZE];
+        let total = self.have.len() as u64 * 64;
+        let mut pfn = 0u64;
+        while pfn < total {
+            if self.have[(pfn / 64) as usize] == 0 {
+                pfn = (pfn / 64 + 1) * 64;
+                continue;
+            }
+            if self.have[(pfn / 64) as usize] & (1 << (pfn % 64)) == 0 {
+                pfn += 1;
+                continue;
+            }
+            let start = pfn;
+            while pfn < total
+                && pfn - start < 256
+                && self.have[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
+            {
+                pfn += 1;
+            }
+            let len = ((pfn - start) as usize) * PAGE_SIZE;
+            self.file
+                .read_exact_at(&mut buf[..len], start * PAGE_SIZE as u64)
+                .map_err(|e| format!("staged pages at pfn {start:#x}: {e}"))?;
+            mem.write_slice(&buf[..len], GuestAddress(start * PAGE_SIZE as u64))
+                .map_err(|e| format!("guest RAM at pfn {start:#x}: {e}"))?;
+            n += pfn - start;
+        }
+        Ok(n)
+    }
+}
+
+/// A received stream: its pages staged, its other records as a small
+/// image of their own.
+#[derive(Debug)]
+pub struct Received {
+    /// The pages.
+    pub staging: Staging,
+    /// The stream without its pages, as an xl image in a memfd (kept open:
+    /// [`Received::tail_path`] names it).
+    pub tail: std::fs::File,
+    /// Stream bytes read.
+    pub bytes: u64,
+    /// PAGE_DATA entries with data (a page sent in several rounds counts
+    /// each time).
+    pub page_records: u64,
+}
+
+impl Received {
+    /// A path that opens the tail image (`/proc/self/fd/N`).
+    pub fn tail_path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.tail.as_raw_fd()))
+    }
+}
+
+/// The guest RAM ranges the xl header's JSON config describes (memory from
+/// `b_info.max_memkb`); `None` without one.
+fn ram_of_config(cfg: &[u8]) -> Option<Vec<(u64, u64)>> {
+    let v: serde_json::Value = serde_json::from_slice(cfg).ok()?;
+    let kb = v["b_info"]["max_memkb"].as_u64()?;
+    let mib = kb.div_ceil(1024);
+    if !(16..=65536).contains(&mib) {
+        return None;
+    }
+    Some(
+        crate::boot::layout::ram_ranges(mib << 20)
+            .into_iter()
+            .map(|(a, l)| (a.0, l as u64))
+            .collect(),
+    )
+}
+
+/// Reads a live stream from `r` up to its END: pages into a [`Staging`]
+/// sized from the xl header's config, everything else into the tail image.
+/// Checks the stream's structure as it goes (the tail is checked again,
+/// fully, by `restore::load`).
+pub fn receive<R: Read>(r: R) -> Result<Received, LiveError> {
+    let mut rd = ImageReader::new(r);
+    let st = |e: super::stream::StreamError| LiveError::Stream(e.to_string());
+    let mut staging: Option<Staging> = None;
+    let mut config: Option<Vec<u8>> = None;
+    let mut header: Option<LibxcHeader> = None;
+    let mut records: Vec<LibxcRecord> = Vec::new();
+    let mut libxl_tail: Vec<LibxlRecord> = Vec::new();
+    let mut page_records = 0u64;
+    loop {
+        let Some((_, item)) = rd.next_item().map_err(st)? else {
+            return Err(LiveError::Stream("the stream ended before END".into()));
+        };
+        match item {
+            Item::Xl(x) => {
+                let cfg = x.config.ok_or_else(|| {
+                    LiveError::Stream("the xl header has no domain config (memory size)".into())
+                })?;
+                let ram = ram_of_config(&cfg).ok_or_else(|| {
+                    LiveError::Stream(
+                        "the xl header's config gives no usable b_info.max_memkb".into(),
+                    )
+                })?;
+                staging = Some(Staging::new(&ram)?);
+                config = Some(cfg);
+            }
+            Item::LibxlHeader(_) | Item::LibxcEnd => {}
+            Item::LibxcHeader(h) => header = Some(h),
+            Item::Libxc(LibxcRecord::PageData(pd)) => {
+                let s = staging.as_mut().ok_or_else(|| {
+                    LiveError::Stream("PAGE_DATA before the xl header's config".into())
+                })?;
+                // Runs of consecutive frames in one write each (the data
+                // pages are packed in order in the record).
+                let pfns: Vec<u64> = pd
+                    .pfns
+                    .iter()
+                    .filter(|(_, t)| t.has_data())
+                    .map(|(p, _)| *p)
+                    .collect();
+                if pfns.len() * PAGE_SIZE != pd.data.len() {
+                    return Err(LiveError::Stream(
+                        "PAGE_DATA: data and pfns disagree".into(),
+                    ));
+                }
+                let mut i = 0;
+                while i < pfns.len() {
+                    let mut j = i + 1;
+                    while j < pfns.len() && pfns[j] == pfns[j - 1] + 1 {
+                        j += 1;
+                    }
+                    s.put_run(pfns[i], &pd.data[i * PAGE_SIZE..j * PAGE_SIZE])?;
+                    page_records += (j - i) as u64;
+                    i = j;
+                }
+            }
+            Item::Libxc(LibxcRecord::Checkpoint) => {
+                return Err(LiveError::Stream(
+                    "a checkpointed (Remus/COLO) stream".into(),
+                ))
+            }
+            Item::Libxc(rec) => records.push(rec),
+            Item::Libxl(l) => libxl_tail.push(l),
+            Item::End => break,
+        }
+    }
+    let (Some(staging), Some(config), Some(header)) = (staging, config, header) else {
+        return Err(LiveError::Stream(
+            "an xl image with a libxc stream is needed".into(),
+        ));
+    };
+    let bytes = rd.offset();
+    let fd = rustix::fs::memfd_create("xenkvm-migrate-tail", rustix::fs::MemfdFlags::empty())
+        .map_err(std::io::Error::from)?;
+    let mut tail = std::fs::File::from(fd);
+    let cfg = String::from_utf8_lossy(&config).into_owned();
+    let mut w = ImageWriter::begin(&mut tail, Some(Some(&cfg)), header)?;
+    for rec in &records {
+        w.libxc(rec)?;
+    }
+    w.finish(&libxl_tail)?;
+    Ok(Received {
+        staging,
+        tail,
+        bytes,
+        page_records,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(n: u32, dirty_after: u64, secs: f64) -> Round {
+        Round {
+            n,
+            pages: 1000,
+            bytes: 1000 * 4104,
+            secs,
+            dirty_after,
+        }
+    }
+
+    #[test]
+    fn live_policy_stops_when_the_rest_fits_the_downtime() {
+        let p = Policy::default();
+        // 4 MB/s; 100 dirty pages take ~0.1 s.
+        assert_eq!(
+            p.next(&[round(1, 100, 1.0)]),
+            Next::Stop(StopWhy::Converged)
+        );
+        assert_eq!(p.next(&[round(1, 900, 1.0)]), Next::Again);
+    }
+
+    #[test]
+    fn live_policy_stops_a_guest_that_dirties_as_fast_as_we_send() {
+        let p = Policy::default();
+        let rs: Vec<Round> = (1..=4).map(|n| round(n, 900, 1.0)).collect();
+        assert_eq!(p.next(&rs), Next::Stop(StopWhy::NotConverging));
+        let rs: Vec<Round> = (1..=4)
+            .map(|n| round(n, 2000 - 300 * n as u64, 1.0))
+            .collect();
+        assert_eq!(p.next(&rs), Next::Again);
+        let rs: Vec<Round> = (1..=30)
+            .map(|n| round(n, 5000 - 100 * n as u64, 1.0))
+            .collect();
+        assert_eq!(p.next(&rs), Next::Stop(StopWhy::MaxRounds));
+    }
+
+    #[test]
+    fn live_expect_names_what_came_instead() {
+        let e = expect(&mut &b"nope"[..], BANNER).unwrap_err().to_string();
+        assert!(e.contains("nope") && e.contains("receiver ready"), "{e}");
+        let e = expect(&mut &b""[..], RECEIVED).unwrap_err().to_string();
+        assert!(e.contains("went away"), "{e}");
+        expect(&mut &BANNER[..], BANNER).unwrap();
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// A damaged or cut stream is refused (or, if the damage is in page
+        /// data, taken): never a panic, never pages outside RAM.
+        #[test]
+        fn live_receive_damaged_stream_never_panics(
+            at in 0usize..200_000,
+            xor in 1u8..=255,
+            cut in proptest::prelude::any::<bool>(),
+        ) {
+            let mut b = small_stream();
+            let at = at % b.len();
+            if cut {
+                b.truncate(at);
+            } else {
+                b[at] ^= xor;
+            }
+            let _ = receive(&b[..]);
+        }
+    }
+
+    fn small_stream() -> Vec<u8> {
+        use crate::migration::convert::tests::{irqchip, long_mode_vcpu};
+        use crate::migration::save::{write_image, SaveMeta};
+        let mem = GuestMem::from_ranges(&crate::boot::layout::ram_ranges(16 << 20)).unwrap();
+        mem.write_slice(&[0xAB; 64], GuestAddress(0x5000)).unwrap();
+        let meta = SaveMeta {
+            name: "t".into(),
+            mem_mib: 16,
+            tsc_khz: 1_000_000,
+            system_time_ns: 1_000,
+            xen_state: None,
+        };
+        let mut v = Vec::new();
+        write_image(
+            &mut v,
+            &meta,
+            1,
+            &[(0, long_mode_vcpu(0))],
+            &irqchip(),
+            &mem,
+            &[],
+        )
+        .unwrap();
+        v
+    }
+
+    #[test]
+    fn live_receive_takes_a_saved_image_and_its_tail_loads() {
+        let rx = receive(&small_stream()[..]).unwrap();
+        assert_eq!(rx.staging.pages(), 4096);
+        let img = crate::migration::restore::load(&rx.tail_path()).unwrap();
+        assert_eq!((img.mem_mib, img.vcpus.len(), img.pages), (16, 1, 0));
+        let mem = GuestMem::from_ranges(&crate::boot::layout::ram_ranges(16 << 20)).unwrap();
+        rx.staging.copy_into(&mem).unwrap();
+        let mut b = [0u8; 64];
+        mem.read_slice(&mut b, GuestAddress(0x5000)).unwrap();
+        assert_eq!(b, [0xAB; 64]);
+    }
+
+    #[test]
+    fn live_staging_refuses_pages_outside_ram_and_copies_the_rest() {
+        let ram = [(0u64, 1u64 << 20)];
+        let mut s = Staging::new(&ram).unwrap();
+        assert!(s.put(0x100, &[0u8; PAGE_SIZE]).is_err());
+        assert!(s.put_run(0xff, &[0u8; 2 * PAGE_SIZE]).is_err());
+        s.put(3, &[7u8; PAGE_SIZE]).unwrap();
+        s.put(4, &[8u8; PAGE_SIZE]).unwrap();
+        s.put(3, &[9u8; PAGE_SIZE]).unwrap(); // last copy wins
+        assert_eq!(s.pages(), 2);
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        assert_eq!(s.copy_into(&mem).unwrap(), 2);
+        let mut b = [0u8; 2];
+        mem.read_slice(&mut b[..1], GuestAddress(3 * 4096)).unwrap();
+        mem.read_slice(&mut b[1..], GuestAddress(4 * 4096)).unwrap();
+        assert_eq!(b, [9, 8]);
+    }
+}
