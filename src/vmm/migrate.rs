@@ -342,17 +342,13 @@ fn read_tail(m: &Machine) -> Result<Tail, String> {
         .filter(|(_, v)| *v != 0)
         .collect();
     let (guest_tsc, system_time_ns) = m.clock.now();
-    let xen_state = xenkvm_records::from_snapshot(
-        &m.xen.domain.snapshot(),
-        xenkvm_records::ClockState {
-            tsc_khz: m.clock.tsc_khz,
-            system_time_ns,
-            guest_tsc,
-        },
-        &(0..m.vcpus.len() as u32)
-            .map(|v| m.xen.runstate_at_entry(v).unwrap_or_default())
-            .collect::<Vec<_>>(),
-    );
+    // Everything xenkvm's Xen-state record carries (shared_info and grant
+    // pages, areas, xenstore...), as `save --xen-state` writes it.
+    let xen_state = m.xen.xen_state(xenkvm_records::ClockState {
+        tsc_khz: m.clock.tsc_khz,
+        system_time_ns,
+        guest_tsc,
+    });
     Ok(Tail {
         blob,
         params,
