@@ -205,12 +205,14 @@ impl Request {
             }
         }
     }
-    /// The operation to echo.
+    /// The operation to echo in the response: for an indirect request its
+    /// inner operation (`indirect_op`), as Linux's blkback answers and as
+    /// Linux's blkfront checks (since the 2021 hardening it disables a disk
+    /// whose response to an indirect write says `BLKIF_OP_INDIRECT`).
     pub fn operation(&self) -> u8 {
         match self {
-            Request::Rw { op, .. } => op.code(),
+            Request::Rw { op, .. } | Request::Indirect { op, .. } => op.code(),
             Request::Discard { .. } => OP_DISCARD,
-            Request::Indirect { .. } => OP_INDIRECT,
         }
     }
 
@@ -310,9 +312,15 @@ pub fn parse_request(abi: Abi, raw: &[u8], max_indirect: usize) -> Result<Reques
     let i = abi.id_off();
     let id = get_u64(raw, i);
     let sector = get_u64(raw, i + 8);
+    // A refused indirect read or write is answered with its inner operation
+    // too (see `Request::operation`).
+    let echo = match (op, get_u8(raw, 1)) {
+        (OP_INDIRECT, inner @ (OP_READ | OP_WRITE)) => inner,
+        _ => op,
+    };
     let refuse = |status, why| Refused {
         id,
-        operation: op,
+        operation: echo,
         status,
         why,
     };
