@@ -233,6 +233,13 @@ fn blkback_indirect_flush_barrier_discard_work() {
         one(&mut fr, &rw(RwOp::Flush, 3, 0, vec![])),
         (3, 3, RSP_OKAY)
     );
+    // Linux's empty flush carries sector -1 (its block layer's "no
+    // position"); refusing it made blkfront print "empty flush op failed"
+    // and turn flushes off.
+    assert_eq!(
+        one(&mut fr, &rw(RwOp::Flush, 7, u64::MAX, vec![])),
+        (7, 3, RSP_OKAY)
+    );
     let w = data_pages(&g, 1, true);
     assert_eq!(
         one(&mut fr, &rw(RwOp::Flush, 4, 16, vec![full(w[0].1)])).2,

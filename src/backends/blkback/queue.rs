@@ -522,6 +522,9 @@ impl Queue {
             )));
         }
         let sectors: u64 = self.segs.iter().map(|s| s.len() as u64 / SECTOR).sum();
+        // A flush or barrier without data names no sector: Linux sends its
+        // block layer's "no position" (-1), which is not past the end.
+        let sector = if self.segs.is_empty() { 0 } else { sector };
         if !self.disk.in_range(sector, sectors) {
             return Ok(Some(self.refuse(
                 id,
