@@ -69,21 +69,33 @@ impl Drop for IoWorker {
 mod tests {
     use super::*;
 
+    /// `stop` wakes a body that sleeps in its kick eventfd and joins it.
     #[test]
     fn io_worker_stop_wakes_and_joins_a_sleeping_body() {
         let spawn: Arc<SpawnFn> =
             Arc::new(|name, f| std::thread::Builder::new().name(name).spawn(f));
         let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let s2 = served.clone();
-        let w = IoWorker::start(&*spawn, "io-test".into(), 0, move |kick, stop| {
-            while !stop.load(Ordering::Acquire) {
-                let _ = kick.read();
-                s2.fetch_add(1, Ordering::Relaxed);
+        let w = IoWorker::start(&*spawn, "io-test".into(), 0, move |kick, stop| loop {
+            // Blocks until kicked (a blocking eventfd).
+            let _ = kick.read();
+            if stop.load(Ordering::Acquire) {
+                break;
             }
+            s2.fetch_add(1, Ordering::Release);
         })
         .unwrap();
         w.kick().write(1).unwrap();
+        let t = std::time::Instant::now();
+        while served.load(Ordering::Acquire) == 0 {
+            assert!(
+                t.elapsed().as_secs() < 10,
+                "the kick never reached the body"
+            );
+            std::thread::yield_now();
+        }
+        // The body is (or soon is) asleep in read(): stop must wake and join it.
         w.stop();
-        assert!(served.load(Ordering::Relaxed) >= 1);
+        assert_eq!(served.load(Ordering::Acquire), 1);
     }
 }
