@@ -579,13 +579,26 @@ fn linux_mounts_ext4_on_xvda_reads_and_writes_every_byte() {
         ctx()
     );
     // The host reads the image.
+    let got = fsck_and_dump_new(&img, &dir);
+    assert_eq!(got.len(), 64 << 20, "/new has {} bytes", got.len());
+    assert!(
+        got.chunks(1 << 20).all(|c| c == known.as_slice()),
+        "/new does not hold 64 copies of the known file"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The host's view of an ext4 image the guest wrote: `e2fsck -fn` finds no
+/// damage, and the bytes of `/new` (read with `debugfs`, dumped into `dir`).
+fn fsck_and_dump_new(img: &std::path::Path, dir: &std::path::Path) -> Vec<u8> {
     let fsck = Command::new("e2fsck")
         .args(["-fn", img.to_str().unwrap()])
         .output()
         .expect("e2fsck");
     assert!(
         fsck.status.success(),
-        "e2fsck -fn found damage: {}",
+        "e2fsck -fn {} found damage: {}",
+        img.display(),
         String::from_utf8_lossy(&fsck.stdout)
     );
     let dumped = dir.join("new.out");
@@ -597,13 +610,7 @@ fn linux_mounts_ext4_on_xvda_reads_and_writes_every_byte() {
             img.to_str().unwrap(),
         ],
     );
-    let got = std::fs::read(&dumped).unwrap();
-    assert_eq!(got.len(), 64 << 20, "/new has {} bytes", got.len());
-    assert!(
-        got.chunks(1 << 20).all(|c| c == known.as_slice()),
-        "/new does not hold 64 copies of the known file"
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::read(&dumped).unwrap()
 }
 
 /// A network namespace holding one TAP device, deleted on drop.
@@ -934,26 +941,7 @@ fn linux_pv_disks_network_steal_and_nmi_in_one_boot() {
         ],
     );
     for img in [&raw, &qraw] {
-        let fsck = Command::new("e2fsck")
-            .args(["-fn", img.to_str().unwrap()])
-            .output()
-            .expect("e2fsck");
-        assert!(
-            fsck.status.success(),
-            "e2fsck -fn {} found damage: {}",
-            img.display(),
-            String::from_utf8_lossy(&fsck.stdout)
-        );
-        let dumped = dir.join("new.out");
-        host(
-            "debugfs",
-            &[
-                "-R",
-                &format!("dump /new {}", dumped.display()),
-                img.to_str().unwrap(),
-            ],
-        );
-        let got = std::fs::read(&dumped).unwrap();
+        let got = fsck_and_dump_new(img, &dir);
         assert!(
             got == pattern((disk_mib as usize) << 20),
             "{}: /new ({} bytes) is not the {disk_mib} MiB the guest wrote",
