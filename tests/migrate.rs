@@ -10,7 +10,6 @@ mod common;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A private $XDG_RUNTIME_DIR, so tests neither see nor touch real VMs.
@@ -45,29 +44,9 @@ impl Drop for RuntimeDir {
 }
 
 /// A stream read on a thread into a shared buffer.
-#[derive(Clone)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
+use common::Captured;
 
 impl Captured {
-    fn attach(mut r: impl Read + Send + 'static) -> Captured {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let b2 = buf.clone();
-        std::thread::spawn(move || {
-            let mut chunk = [0u8; 65536];
-            while let Ok(n) = r.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                b2.lock().unwrap().extend_from_slice(&chunk[..n]);
-            }
-        });
-        Captured(buf)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
     /// Waits (up to 300 s) until `f` finds something in the text.
     fn wait<T>(&self, what: &str, f: impl Fn(&str) -> Option<T>) -> T {
         let end = Instant::now() + Duration::from_secs(300);

@@ -127,19 +127,7 @@ struct Console(Arc<Mutex<Vec<u8>>>);
 
 impl Console {
     fn attach(child: &mut Child) -> Console {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let b2 = buf.clone();
-        let mut out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            let mut chunk = [0u8; 65536];
-            while let Ok(n) = out.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                b2.lock().unwrap().extend_from_slice(&chunk[..n]);
-            }
-        });
-        Console(buf)
+        Console(common::Captured::attach(child.stdout.take().unwrap()).0)
     }
 
     fn len(&self) -> usize {

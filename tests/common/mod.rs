@@ -115,3 +115,30 @@ pub fn test_result(stdout: &str) -> Option<String> {
             .map(|(_, r)| r.trim().to_string())
     })
 }
+
+/// A child's output collected by a reader thread as it arrives.
+#[derive(Clone)]
+pub struct Captured(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    /// Starts reading `r` (a child's stdout or stderr) until EOF.
+    pub fn attach(mut r: impl std::io::Read + Send + 'static) -> Captured {
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let b2 = buf.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 65536];
+            while let Ok(n) = r.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                b2.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        Captured(buf)
+    }
+
+    /// Everything read so far, as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
