@@ -213,9 +213,20 @@ fn linux_pvh_entry_boots_to_poweroff_as_xen_guest() {
     if !enabled("linux_pvh_entry_boots_to_poweroff_as_xen_guest") {
         return;
     }
-    let b = boot(&["--vcpus", "2", "--boot", "pvh"]);
+    // The shell first takes the guest's own NMI backtrace (issue 17: an NMI
+    // enters Linux's paranoid entry, which reads the CPU number with `lsl`,
+    // an instruction this host's KVM cannot emulate and xenkvm does), then
+    // answers the usual commands: a guest the NMI stopped never would.
+    let b = boot_with(CMDLINE, &["--vcpus", "2", "--boot", "pvh"], |line, s| {
+        if line.contains("GUEST-SHELL") {
+            s.type_line(NMI_COMMAND);
+        } else if line.starts_with("NMI-AFTER") {
+            s.type_line(SHELL_COMMANDS.trim_end());
+        }
+    });
     println!("(took {:.1} s)", b.wall.as_secs_f64());
     check_xen_guest(&b);
+    check_nmi_backtrace(&b);
 }
 
 #[test]
@@ -430,39 +441,31 @@ fn linux_steal_time_tracks_host_run_delay() {
     assert!(b.success, "xenkvm did not exit with success{ctx}");
 }
 
-/// The guest's own NMI backtrace (`echo l > /proc/sysrq-trigger` sends an
-/// NMI to the other CPU) enters Linux's paranoid entry, which reads the CPU
-/// number with `lsl` (this host's KVM cannot emulate it; xenkvm does). The
-/// guest keeps running, answers the next command and powers off.
-#[test]
-fn linux_nmi_backtrace_leaves_guest_running() {
-    if !enabled("linux_nmi_backtrace_leaves_guest_running") {
-        return;
-    }
-    let cmdline = CMDLINE.replace("bb.shell=1", "bb.shell=1 loglevel=7");
-    let b = boot_with(&cmdline, &["--vcpus", "2", "--boot", "pvh"], |line, s| {
-        if line.contains("GUEST-SHELL") {
-            s.type_line(
-                "echo l > /proc/sysrq-trigger; sleep 1; echo NMI-AFTER $(cat /proc/uptime)",
-            );
-        } else if line.starts_with("NMI-AFTER") {
-            s.type_line("grep NMI /proc/interrupts; exit");
-        }
-    });
-    let ctx = format!("\n--- stderr ---\n{}", b.stderr);
+/// The guest's own NMI backtrace: `echo l > /proc/sysrq-trigger` sends an
+/// NMI to the other CPU, which enters Linux's paranoid entry; that reads the
+/// CPU number with `lsl` (this host's KVM cannot emulate it; xenkvm does).
+const NMI_COMMAND: &str =
+    "echo l > /proc/sysrq-trigger; sleep 1; echo NMI-AFTER $(cat /proc/uptime)";
+
+/// After [`NMI_COMMAND`]: CPU 1 printed its backtrace and the shell went on.
+fn check_nmi_backtrace(b: &Boot) {
+    let tail: Vec<&str> = b.stdout.lines().rev().take(40).collect();
+    let ctx = || {
+        format!(
+            "\n--- guest console (end) ---\n{}",
+            tail.iter().rev().cloned().collect::<Vec<_>>().join("\n")
+        )
+    };
     assert!(
         b.stdout.contains("NMI backtrace for cpu 1"),
-        "the guest did not take its NMI backtrace on CPU 1{ctx}"
+        "the guest did not take its NMI backtrace on CPU 1{}",
+        ctx()
     );
     assert!(
         b.stdout.lines().any(|l| l.starts_with("NMI-AFTER")),
-        "the guest stopped after the NMI{ctx}"
+        "the guest stopped after the NMI{}",
+        ctx()
     );
-    assert!(
-        b.stdout.contains("GUEST-POWEROFF "),
-        "never reached GUEST-POWEROFF{ctx}"
-    );
-    assert!(b.success, "xenkvm did not exit with success{ctx}");
 }
 
 /// Runs `cmd` on the host and returns its stdout; panics with its stderr.
@@ -852,9 +855,7 @@ fn linux_pv_disks_network_steal_and_nmi_in_one_boot() {
                     .zip(cpu_steal(line, "cpu1"))
                     .map(|(c0, c1)| (c0, c1, rd));
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                s.type_line(
-                    "echo l > /proc/sysrq-trigger; sleep 1; echo NMI-AFTER $(cat /proc/uptime); exit",
-                );
+                s.type_line(&format!("{NMI_COMMAND}; exit"));
             }
         },
     );
