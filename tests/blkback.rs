@@ -60,6 +60,7 @@ fn params() -> QueueParams {
         max_indirect: 256,
         discard: true,
         uring: xenkvm::backends::blkback::xenbus::uring_wanted(),
+        persistent: 0,
     }
 }
 

@@ -18,14 +18,17 @@
 //! The host I/O is `preadv`/`pwritev` on the queue's thread, or with
 //! `XENKVM_BLK_URING=1` one io_uring submission per batch (`gpc::FileRing`).
 //!
-//! Not done: zero-copy I/O for qcow2 disks, persistent grants kept
-//! mapped (offering `feature-persistent` is an option; grants are still
-//! mapped per request).
+//! With `persistent-grants` in the disk's spec the backend offers
+//! `feature-persistent` and, when the frontend uses it, keeps its grants
+//! mapped ([`persistent`]).
+//!
+//! Not done: zero-copy I/O for qcow2 disks.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod disk;
+pub mod persistent;
 pub mod qcow2;
 pub mod queue;
 pub mod xenbus;
@@ -119,25 +122,29 @@ pub fn serve(mut q: Queue, kick: &EventFd, stop: &AtomicBool) {
         if stop.load(Ordering::Acquire) {
             break;
         }
-        match q.process() {
-            Ok(true) => continue,
-            Ok(false) => {
-                // Poll the ring a little before sleeping: a frontend that
-                // refills at once then needs no notification and the
-                // thread no wake-up (the cost is at most POLL of CPU).
-                let until = std::time::Instant::now() + POLL;
-                let mut more = false;
-                while std::time::Instant::now() < until {
-                    if q.has_requests() || stop.load(Ordering::Relaxed) {
-                        more = true;
-                        break;
-                    }
-                    std::hint::spin_loop();
-                }
-                if more {
-                    continue;
-                }
+        // `req_event` stays unarmed while the ring is polled: a frontend
+        // that refills meanwhile sends no notification (no hypercall and
+        // eventfd write on its side, no spurious wake-up on ours).
+        let r = q.process_polling().and_then(|more| {
+            if more {
+                return Ok(true);
             }
+            // Poll the ring a little before sleeping: a frontend that
+            // refills at once then needs no notification and the
+            // thread no wake-up (the cost is at most POLL of CPU).
+            let until = std::time::Instant::now() + POLL;
+            while std::time::Instant::now() < until {
+                if q.has_requests() || stop.load(Ordering::Relaxed) {
+                    return Ok(true);
+                }
+                std::hint::spin_loop();
+            }
+            // RING_FINAL_CHECK_FOR_REQUESTS before sleeping.
+            q.arm()
+        });
+        match r {
+            Ok(true) => continue,
+            Ok(false) => {}
             Err(e) => {
                 tracing::error!(queue = ?q, %e, "blkback: refusing the device (its I/O stops; the VMM goes on)");
                 drop(q);
