@@ -83,6 +83,52 @@ impl Offsets {
     }
 }
 
+/// CPU time of the calling thread (`CLOCK_THREAD_CPUTIME_ID`) or of the
+/// whole process (`CLOCK_PROCESS_CPUTIME_ID`).
+fn cpu(clock: libc::clockid_t) -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, a live local.
+    let r = unsafe { libc::clock_gettime(clock, &mut ts) };
+    assert_eq!(r, 0, "clock_gettime");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn thread_cpu() -> Duration {
+    cpu(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+fn process_cpu() -> Duration {
+    cpu(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+/// One measurement: I/Os, wall time, and CPU time (the measuring thread's,
+/// the backend's, the frontend's, as applies).
+#[derive(Default, Clone, Copy)]
+struct Run {
+    bytes: u64,
+    ops: u64,
+    wall: Duration,
+    /// Plain: the thread's CPU. Backend: the backend's CPU (inline: the
+    /// thread's CPU inside `process`; I/O thread: the process's CPU minus
+    /// the frontend thread's).
+    cpu: Duration,
+    /// The frontend's CPU (zero for plain).
+    fe_cpu: Duration,
+}
+
+impl std::ops::AddAssign for Run {
+    fn add_assign(&mut self, o: Run) {
+        self.bytes += o.bytes;
+        self.ops += o.ops;
+        self.wall += o.wall;
+        self.cpu += o.cpu;
+        self.fe_cpu += o.fe_cpu;
+    }
+}
+
 fn secs() -> Duration {
     Duration::from_secs_f64(
         std::env::var("XENKVM_BENCH_SECS")
@@ -103,8 +149,8 @@ enum PlainBuf {
     Memfd,
 }
 
-/// (bytes, ops, elapsed) of plain pread/pwrite into QD rotating buffers.
-fn plain(file: &std::fs::File, w: Work, d: Duration, kind: PlainBuf) -> (u64, u64, Duration) {
+/// Plain pread/pwrite into QD rotating buffers.
+fn plain(file: &std::fs::File, w: Work, d: Duration, kind: PlainBuf) -> Run {
     // For profiling the backend alone.
     let d = if std::env::var_os("XENKVM_BENCH_NO_PLAIN").is_some() {
         Duration::from_millis(1)
@@ -116,6 +162,7 @@ fn plain(file: &std::fs::File, w: Work, d: Duration, kind: PlainBuf) -> (u64, u6
     let mut heap = vec![vec![0x5au8; w.bytes]; QD];
     let mut off = Offsets::new(w);
     let start = Instant::now();
+    let cpu0 = thread_cpu();
     let mut ops = 0u64;
     while start.elapsed() < d {
         for i in 0..64 {
@@ -137,9 +184,16 @@ fn plain(file: &std::fs::File, w: Work, d: Duration, kind: PlainBuf) -> (u64, u6
             ops += 1;
         }
     }
+    let (wall, cpu) = (start.elapsed(), thread_cpu() - cpu0);
     std::hint::black_box(&heap);
     drop(map);
-    (ops * w.bytes as u64, ops, start.elapsed())
+    Run {
+        bytes: ops * w.bytes as u64,
+        ops,
+        wall,
+        cpu,
+        fe_cpu: Duration::ZERO,
+    }
 }
 
 /// One request slot of the frontend: its data pages' grants and, for
@@ -164,8 +218,8 @@ struct Backend {
     fr: FrontRing,
     slots: Vec<Slot>,
     mode: Mode,
-    /// Inline mode: time spent inside the backend's `process` (the rest
-    /// of a run is the frontend's).
+    /// Inline mode: CPU time spent inside the backend's `process` (the
+    /// rest of the thread's is the frontend's).
     engine: Duration,
 }
 
@@ -259,14 +313,14 @@ impl Backend {
     /// Inline mode: serve what was pushed.
     fn kick(&mut self) {
         if let Mode::Inline(q) = &mut self.mode {
-            let t = Instant::now();
+            let t = thread_cpu();
             while q.process().expect("ring") {}
-            self.engine += t.elapsed();
+            self.engine += thread_cpu() - t;
         }
     }
 
-    /// (bytes, ops, elapsed) through the backend at queue depth QD.
-    fn run(&mut self, w: Work, d: Duration) -> (u64, u64, Duration) {
+    /// Through the backend at queue depth QD.
+    fn run(&mut self, w: Work, d: Duration) -> Run {
         let mut off = Offsets::new(w);
         let mut reqs: Vec<Request> = (0..QD).map(|s| self.request(s, w, 0)).collect();
         for (s, r) in reqs.iter_mut().enumerate() {
@@ -277,6 +331,7 @@ impl Backend {
         self.kick();
         let start = Instant::now();
         self.engine = Duration::ZERO;
+        let (me0, all0) = (thread_cpu(), process_cpu());
         let mut ops = 0u64;
         let mut out = Vec::with_capacity(QD);
         let mut draining = false;
@@ -311,7 +366,19 @@ impl Backend {
                 draining = rounds % 64 == 0 && start.elapsed() >= d;
             }
         }
-        (ops * w.bytes as u64, ops, start.elapsed())
+        let wall = start.elapsed();
+        let (me, all) = (thread_cpu() - me0, process_cpu() - all0);
+        let (cpu, fe_cpu) = match self.mode {
+            Mode::Inline(_) => (self.engine, me.saturating_sub(self.engine)),
+            Mode::Thread(_) => (all.saturating_sub(me), me),
+        };
+        Run {
+            bytes: ops * w.bytes as u64,
+            ops,
+            wall,
+            cpu,
+            fe_cpu,
+        }
     }
 }
 
@@ -394,8 +461,21 @@ fn main() {
         d.as_secs_f64()
     );
     println!(
-        "{:<32} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7}",
-        "workload", "be MB/s", "be IOPS", "plain MB/s", "plain IOPS", "ratio", "engine"
+        "ratio: backend IOPS / plain IOPS (wall clock); cpu ratio: plain CPU per I/O / backend CPU per I/O;\n\
+         us/IO: CPU microseconds per I/O of the backend (be), the in-process frontend (fe) and plain I/O"
+    );
+    println!(
+        "{:<32} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>6} {:>6} {:>6}",
+        "workload",
+        "be MB/s",
+        "be IOPS",
+        "plain MB/s",
+        "plain IOPS",
+        "ratio",
+        "cpu ratio",
+        "be us",
+        "fe us",
+        "pl us"
     );
     let only = std::env::var("XENKVM_BENCH_ONLY").unwrap_or_default();
     let mode = std::env::var("XENKVM_BENCH_MODE").unwrap_or_default();
@@ -406,41 +486,30 @@ fn main() {
         .filter(|&(_, t)| mode.is_empty() || (mode == "thread") == t)
     {
         let be = if threads { &mut threaded } else { &mut inline };
-        let (mut bb, mut bo, mut bt, mut et) = (0u64, 0u64, Duration::ZERO, Duration::ZERO);
-        let (mut pb, mut po, mut pt) = (0u64, 0u64, Duration::ZERO);
+        let (mut b, mut p) = (Run::default(), Run::default());
         for _ in 0..2 {
-            let (b, o, t) = plain(&file, w, d, kind);
-            pb += b;
-            po += o;
-            pt += t;
-            let (b, o, t) = be.run(w, d);
-            bb += b;
-            bo += o;
-            bt += t;
-            et += be.engine;
+            p += plain(&file, w, d, kind);
+            b += be.run(w, d);
         }
-        let mbs = |b: u64, t: Duration| b as f64 / 1e6 / t.as_secs_f64();
-        let iops = |o: u64, t: Duration| o as f64 / t.as_secs_f64();
-        // Inline: the backend's own share (time inside `process`), the
-        // frontend's cost taken out.
-        let engine = if threads {
-            String::new()
-        } else {
-            format!("{:>6.2}x", iops(bo, et) / iops(po, pt))
-        };
+        let mbs = |r: &Run| r.bytes as f64 / 1e6 / r.wall.as_secs_f64();
+        let iops = |r: &Run| r.ops as f64 / r.wall.as_secs_f64();
+        let us = |t: Duration, r: &Run| t.as_secs_f64() * 1e6 / r.ops as f64;
         println!(
-            "{:<32} {:>10.1} {:>10.0} {:>10.1} {:>10.0} {:>6.2}x {:>7}",
+            "{:<32} {:>9.1} {:>9.0} {:>10.1} {:>10.0} {:>6.2}x {:>8.2}x {:>6.2} {:>6.2} {:>6.2}",
             format!(
                 "{} ({})",
                 w.name,
                 if threads { "I/O thread" } else { "inline" }
             ),
-            mbs(bb, bt),
-            iops(bo, bt),
-            mbs(pb, pt),
-            iops(po, pt),
-            iops(bo, bt) / iops(po, pt),
-            engine
+            mbs(&b),
+            iops(&b),
+            mbs(&p),
+            iops(&p),
+            iops(&b) / iops(&p),
+            us(p.cpu, &p) / us(b.cpu, &b),
+            us(b.cpu, &b),
+            us(b.fe_cpu, &b),
+            us(p.cpu, &p),
         );
     }
     drop(inline);

@@ -152,6 +152,8 @@ pub struct Queue {
     seg_gpas: Vec<u64>,
     /// Scratch: the grants to map per request.
     refs: Vec<(u32, bool)>,
+    /// Scratch: responses of a group.
+    done: Vec<(u64, u8, i16)>,
     warn: RateLimiter,
     stats: QueueStats,
     name: String,
@@ -275,6 +277,7 @@ impl Queue {
             persistent: (params.persistent > 0).then(|| PersistentGrants::new(params.persistent)),
             seg_gpas: Vec::new(),
             refs: Vec::new(),
+            done: Vec::new(),
             warn: RateLimiter::default(),
             stats: QueueStats::default(),
             name,
@@ -732,7 +735,8 @@ impl Queue {
         };
         let mut results = results.into_iter();
         let inflight = std::mem::take(&mut self.inflight);
-        let mut done = Vec::new();
+        let mut done = std::mem::take(&mut self.done);
+        done.clear();
         for g in inflight {
             let st = match results.next() {
                 Some(Ok(n)) => {
@@ -756,7 +760,9 @@ impl Queue {
                 .grant_unmap_batch(g.maps.iter().map(|m| m.handle));
             done.extend(g.members.iter().map(|&(id, op)| (id, op, st)));
         }
-        self.respond(&done)
+        let r = self.respond(&done);
+        self.done = done;
+        r
     }
 
     /// Gives the group's grants back, then answers every member.
@@ -765,8 +771,12 @@ impl Queue {
         self.domain
             .grant_unmap_batch(self.maps.drain(..).map(|m| m.handle));
         self.ranges.clear();
-        let done: Vec<(u64, u8, i16)> = self.group.drain(..).map(|(id, op)| (id, op, st)).collect();
-        self.respond(&done)
+        let mut done = std::mem::take(&mut self.done);
+        done.clear();
+        done.extend(self.group.drain(..).map(|(id, op)| (id, op, st)));
+        let r = self.respond(&done);
+        self.done = done;
+        r
     }
 
     /// The host I/O of the group over `self.ranges`: status.
