@@ -129,6 +129,12 @@ impl std::ops::AddAssign for Run {
     }
 }
 
+/// `XENKVM_BENCH_PERSISTENT=1`: the frontend and backend use persistent
+/// grants (the frontend's slots are its persistent pool).
+fn persistent_wanted() -> bool {
+    std::env::var("XENKVM_BENCH_PERSISTENT").is_ok_and(|v| v == "1")
+}
+
 fn secs() -> Duration {
     Duration::from_secs_f64(
         std::env::var("XENKVM_BENCH_SECS")
@@ -240,7 +246,11 @@ impl Backend {
                 max_indirect: 256,
                 discard: true,
                 uring: xenkvm::backends::blkback::xenbus::uring_wanted(),
-                persistent: 0,
+                persistent: if persistent_wanted() {
+                    xenkvm::backends::blkback::persistent::MAX_PERSISTENT_GRANTS
+                } else {
+                    0
+                },
             },
             &RingSetup {
                 refs: fr.refs.clone(),
@@ -273,7 +283,9 @@ impl Backend {
                 g.write_mem(ind * 4096, &page);
                 Slot {
                     segs,
-                    indirect: Some(g.grant(ind, true)),
+                    // Persistent grants: the frontend lets the backend map
+                    // every grant writable (blkif.h note 8).
+                    indirect: Some(g.grant(ind, !persistent_wanted())),
                 }
             })
             .collect();
