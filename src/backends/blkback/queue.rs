@@ -319,10 +319,13 @@ impl Queue {
     /// it sleeps.
     pub fn process_polling(&mut self) -> Result<bool, BlkError> {
         let r = self.process_batches();
-        // Between batches nothing is in flight: an overflowing persistent
-        // table may drop its least recently used grants.
-        if let Some(p) = self.persistent.as_mut() {
-            p.purge(&self.domain);
+        // After whole batches nothing is in flight: an overflowing
+        // persistent table may drop its least recently used grants. (After
+        // an error the queue is refused and everything goes at its drop.)
+        if r.is_ok() {
+            if let Some(p) = self.persistent.as_mut() {
+                p.purge(&self.domain);
+            }
         }
         r
     }
