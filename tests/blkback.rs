@@ -60,6 +60,7 @@ fn params() -> QueueParams {
         max_indirect: 256,
         discard: true,
         uring: xenkvm::backends::blkback::xenbus::uring_wanted(),
+        persistent: 0,
     }
 }
 
@@ -70,6 +71,17 @@ fn connect(
     pages: usize,
     abi: Abi,
 ) -> (FrontRing, xenkvm::backends::blkback::QueueThread) {
+    connect_with(g, d, pages, abi, params())
+}
+
+/// [`connect`] with other queue parameters.
+fn connect_with(
+    g: &Arc<Guest>,
+    d: Arc<Disk>,
+    pages: usize,
+    abi: Abi,
+    params: QueueParams,
+) -> (FrontRing, xenkvm::backends::blkback::QueueThread) {
     let fr = FrontRing::new(g, pages, abi, pages == 1);
     let q = Queue::connect(
         "test".into(),
@@ -77,7 +89,7 @@ fn connect(
         DOMID,
         g.map.clone(),
         d,
-        params(),
+        params,
         &RingSetup {
             refs: fr.refs.clone(),
             port: fr.port,
@@ -588,6 +600,11 @@ fn xenbus_handshake_connect_close_reconnect_serves_io() {
         one(&mut rings[0], &rw(RwOp::Read, 1, 0, vec![full(pg[0].1)])).2,
         RSP_OKAY
     );
+    assert_eq!(
+        g.busy(pg[0].1),
+        0,
+        "persistent grants not offered: unmapped although the frontend asked"
+    );
     // Extended devid, read-only: info 4, connected too (32-bit frontend).
     let xvdq = 268439552;
     let mut r2 = bus.talk(xvdq, 0, 1, Abi::X86_32);
@@ -1030,4 +1047,229 @@ fn blkback_qcow2_missing_or_corrupt_image_refused_naming_file() {
         assert!(!e.contains('\n'), "one line: {e}");
         println!("{e}");
     }
+}
+
+// ---- persistent grants (feature-persistent) -----------------------------------------------
+
+use xenkvm::backends::blkback::persistent::MAX_PERSISTENT_GRANTS;
+
+fn persistent(max: usize) -> QueueParams {
+    QueueParams {
+        persistent: max,
+        ..params()
+    }
+}
+
+/// Fills page `gfn` with `v`.
+fn fill(g: &Guest, gfn: u64, v: u8) {
+    g.write_mem(gfn * 4096, &[v; 4096]);
+}
+
+/// Whether page `gfn` is all `v`.
+fn page_is(g: &Guest, gfn: u64, v: u8) -> bool {
+    let mut b = vec![0u8; 4096];
+    g.read_mem(gfn * 4096, &mut b);
+    b.iter().all(|&x| x == v)
+}
+
+/// Whether the disk file holds `v` in the 4 KiB at `sector`.
+fn file_is(path: &std::path::Path, sector: u64, v: u8) -> bool {
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(sector * 512)).unwrap();
+    let mut b = vec![0u8; 4096];
+    f.read_exact(&mut b).unwrap();
+    b.iter().all(|&x| x == v)
+}
+
+#[test]
+fn blkback_persistent_grants_stay_mapped_are_reused_and_released_at_disconnect() {
+    let t = TmpDir::new("pgnt");
+    let path = t.image("d.img", SECTORS);
+    let g = Guest::new();
+    let (mut fr, th) = connect_with(
+        &g,
+        disk(&path, false),
+        1,
+        Abi::X86_64,
+        persistent(MAX_PERSISTENT_GRANTS),
+    );
+    // The frontend's persistent pool: writable grants (blkif.h note 8).
+    let pg = data_pages(&g, 4, false);
+    let segs: Vec<Segment> = pg.iter().map(|p| full(p.1)).collect();
+    for (i, p) in pg.iter().enumerate() {
+        fill(&g, p.0, 0xa0 + i as u8);
+    }
+    assert_eq!(
+        one(&mut fr, &rw(RwOp::Write, 1, 16, segs.clone())),
+        (1, 1, RSP_OKAY)
+    );
+    for p in &pg {
+        assert_ne!(g.busy(p.1), 0, "kept mapped after the response");
+        assert!(!g.revoke(p.1), "a kept grant cannot be revoked");
+    }
+    // The same grants again, new data: the backend sees the new contents.
+    for (i, p) in pg.iter().enumerate() {
+        fill(&g, p.0, 0xb0 + i as u8);
+    }
+    assert_eq!(
+        one(&mut fr, &rw(RwOp::Write, 2, 64, segs.clone())),
+        (2, 1, RSP_OKAY)
+    );
+    for i in 0..4u64 {
+        assert!(
+            file_is(&path, 16 + 8 * i, 0xa0 + i as u8),
+            "first write {i}"
+        );
+        assert!(
+            file_is(&path, 64 + 8 * i, 0xb0 + i as u8),
+            "second write {i}"
+        );
+    }
+    // Reads into the same grants, direct and indirect (the indirect page
+    // kept too).
+    for p in &pg {
+        fill(&g, p.0, 0);
+    }
+    assert_eq!(
+        one(&mut fr, &rw(RwOp::Read, 3, 16, segs.clone())),
+        (3, 0, RSP_OKAY)
+    );
+    for (i, p) in pg.iter().enumerate() {
+        assert!(page_is(&g, p.0, 0xa0 + i as u8), "direct read {i}");
+    }
+    let ind = g.alloc_pages(1)[0];
+    let mut page = vec![0u8; 4096];
+    for (i, s) in segs.iter().enumerate() {
+        page[i * 8..i * 8 + 8].copy_from_slice(&s.encode());
+    }
+    g.write_mem(ind * 4096, &page);
+    let ind_ref = g.grant(ind, false);
+    let req = Request::Indirect {
+        op: RwOp::Read,
+        handle: 0,
+        id: 4,
+        sector: 64,
+        nr_segments: 4,
+        pages: vec![ind_ref],
+    };
+    assert_eq!(one(&mut fr, &req), (4, 0, RSP_OKAY));
+    for (i, p) in pg.iter().enumerate() {
+        assert!(page_is(&g, p.0, 0xb0 + i as u8), "indirect read {i}");
+    }
+    assert_ne!(g.busy(ind_ref), 0, "the indirect page is kept too");
+    // Disconnect gives every kept grant back.
+    drop(th);
+    for r in pg.iter().map(|p| p.1).chain([ind_ref]) {
+        assert_eq!(g.busy(r), 0, "released at disconnect");
+        assert!(g.revoke(r));
+    }
+}
+
+#[test]
+fn blkback_persistent_grants_over_the_limit_map_per_request_and_lru_replaces_old_ones() {
+    let t = TmpDir::new("pgntmax");
+    let path = t.image("d.img", SECTORS);
+    let g = Guest::new();
+    let (mut fr, _th) = connect_with(&g, disk(&path, false), 1, Abi::X86_64, persistent(4));
+    let a = data_pages(&g, 4, false);
+    let b = data_pages(&g, 4, false);
+    let segs = |p: &[(u64, u32)]| p.iter().map(|p| full(p.1)).collect::<Vec<_>>();
+    let read_checks = |g: &Guest, p: &[(u64, u32)], sector: u64| {
+        for (i, q) in p.iter().enumerate() {
+            let mut buf = vec![0u8; 4096];
+            g.read_mem(q.0 * 4096, &mut buf);
+            let base = (sector + 8 * i as u64) * 512;
+            assert!(
+                buf.iter()
+                    .enumerate()
+                    .all(|(j, &x)| x == pattern(base + j as u64)),
+                "page {i} from sector {sector}"
+            );
+        }
+    };
+    assert_eq!(one(&mut fr, &rw(RwOp::Read, 1, 0, segs(&a))).2, RSP_OKAY);
+    read_checks(&g, &a, 0);
+    assert!(a.iter().all(|p| g.busy(p.1) != 0), "the first 4 are kept");
+    // The table is full: B's grants are served, mapped for the request only.
+    assert_eq!(one(&mut fr, &rw(RwOp::Read, 2, 32, segs(&b))).2, RSP_OKAY);
+    read_checks(&g, &b, 32);
+    assert!(a.iter().all(|p| g.busy(p.1) != 0));
+    let kept = |g: &Guest| a.iter().chain(&b).filter(|p| g.busy(p.1) != 0).count();
+    assert_eq!(kept(&g), 4, "never more than the limit kept");
+    // As Linux's blkback: the overflowing table drops its least recently
+    // used grants (every 100 ms), so the ones in use now become persistent.
+    let mut rounds = 0;
+    while !b.iter().all(|p| g.busy(p.1) != 0) {
+        rounds += 1;
+        assert!(rounds <= 40, "B's grants never became persistent");
+        std::thread::sleep(std::time::Duration::from_millis(120));
+        let sector = 64 + 8 * rounds;
+        assert_eq!(
+            one(&mut fr, &rw(RwOp::Read, 100 + rounds, sector, segs(&b))).2,
+            RSP_OKAY
+        );
+        read_checks(&g, &b, sector);
+        assert!(kept(&g) <= 4, "never more than the limit kept");
+    }
+    assert!(
+        a.iter().all(|p| g.busy(p.1) == 0),
+        "A's grants were dropped"
+    );
+    assert!(g.revoke(a[0].1));
+}
+
+#[test]
+fn blkback_persistent_grants_read_only_grant_is_mapped_per_request() {
+    let t = TmpDir::new("pgntro");
+    let path = t.image("d.img", SECTORS);
+    let g = Guest::new();
+    let (mut fr, _th) = connect_with(
+        &g,
+        disk(&path, false),
+        1,
+        Abi::X86_64,
+        persistent(MAX_PERSISTENT_GRANTS),
+    );
+    // A frontend that granted a write's page read-only (against blkif.h's
+    // note 8): the write is served, the grant is not kept.
+    let p = data_pages(&g, 1, true);
+    fill(&g, p[0].0, 0x5c);
+    assert_eq!(
+        one(&mut fr, &rw(RwOp::Write, 1, 40, vec![full(p[0].1)])),
+        (1, 1, RSP_OKAY)
+    );
+    assert!(file_is(&path, 40, 0x5c));
+    assert_eq!(g.busy(p[0].1), 0);
+    // A read into it still fails (it needs write access).
+    assert_eq!(
+        one(&mut fr, &rw(RwOp::Read, 2, 40, vec![full(p[0].1)])).2,
+        RSP_ERROR
+    );
+}
+
+#[test]
+fn xenbus_persistent_grants_offered_with_disk_flag_and_used_when_frontend_agrees() {
+    let t = TmpDir::new("pgntbus");
+    let img = t.image("a.img", SECTORS);
+    let mut bus = Bus::new(&[format!(
+        "vdev=xvda,persistent-grants,target={}",
+        img.display()
+    )]);
+    let mut rings = bus.talk(51712, 0, 1, Abi::X86_64);
+    assert_eq!(bus.be_state(51712), "4");
+    let be = bus.be(51712);
+    assert_eq!(bus.read(&format!("{be}/feature-persistent")), "1");
+    let g = bus.g.clone();
+    let pg = data_pages(&g, 1, false);
+    assert_eq!(
+        one(&mut rings[0], &rw(RwOp::Read, 1, 8, vec![full(pg[0].1)])).2,
+        RSP_OKAY
+    );
+    assert_ne!(g.busy(pg[0].1), 0, "kept mapped (feature-persistent)");
+    // Closing gives it back.
+    bus.set_fe_state(51712, 5);
+    bus.set_fe_state(51712, 6);
+    assert_eq!(bus.be_state(51712), "6");
+    assert_eq!(g.busy(pg[0].1), 0);
+    assert!(g.revoke(pg[0].1));
 }

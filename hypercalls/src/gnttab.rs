@@ -23,7 +23,8 @@
 //! [`COPY_BATCH`] operations run per call; when more remain the call returns how many (Xen's
 //! value before it sets up a continuation; xenkvm has no continuations).
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use crate::abi::{get_u16, get_u32, gnttabop, put_u16, put_u32, xenmem};
@@ -54,14 +55,38 @@ pub(crate) struct MapEntry {
     pub readonly: bool,
 }
 
+/// Hashing for the grant-reference and handle keyed maps: a multiplicative hash of the
+/// `u32` (keys are small integers; the default SipHash and a BTreeMap cost more than the
+/// rest of a backend's grant map and unmap). Keys come from the guest (grant references),
+/// but a guest can only fill the table with its own grants (bounded by its frames and
+/// `MAX_MAPS`), so collisions cost it time, not the VMM's correctness.
+#[derive(Default)]
+pub(crate) struct U32Hasher(u64);
+
+impl Hasher for U32Hasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (self.0 ^ u64::from(v)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+pub(crate) type U32Hash = BuildHasherDefault<U32Hasher>;
+
 pub(crate) struct GrantTable {
     pub version: u32,
     pub max_frames: u32,
     pub frames: Vec<Arc<dyn SharedPage>>,
     /// Status frames (version 2 only; empty under v1).
     pub status: Vec<Arc<dyn SharedPage>>,
-    pub active: BTreeMap<u32, Active>,
-    pub maps: BTreeMap<u32, MapEntry>,
+    pub active: HashMap<u32, Active, U32Hash>,
+    pub maps: HashMap<u32, MapEntry, U32Hash>,
     pub next_handle: u32,
 }
 
@@ -72,8 +97,8 @@ impl GrantTable {
             max_frames,
             frames: Vec::new(),
             status: Vec::new(),
-            active: BTreeMap::new(),
-            maps: BTreeMap::new(),
+            active: HashMap::default(),
+            maps: HashMap::default(),
             next_handle: 0,
         };
         gt.grow(p, gnttabop::INITIAL_FRAMES)

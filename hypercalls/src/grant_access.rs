@@ -62,16 +62,17 @@ fn record_map(gt: &mut GrantTable, gref: u32, gfn: Gfn, readonly: bool) -> Grant
 }
 
 /// Where entry `gref` is: its frame and byte offset (the caller checked `gref`).
-fn entry_loc(gt: &GrantTable, gref: u32) -> Option<(Arc<dyn SharedPage>, usize)> {
+/// Borrowed from the table (no reference count traffic on the per-I/O path).
+fn entry_loc(gt: &GrantTable, gref: u32) -> Option<(&dyn SharedPage, usize)> {
     let (per, size) = if gt.version == 2 { (256, 16) } else { (512, 8) };
     let f = gt.frames.get((gref / per) as usize)?;
-    Some((f.clone(), (gref % per) as usize * size))
+    Some((&**f, (gref % per) as usize * size))
 }
 
 /// Where the v2 status of `gref` is.
-fn status_loc(gt: &GrantTable, gref: u32) -> Option<(Arc<dyn SharedPage>, usize)> {
+fn status_loc(gt: &GrantTable, gref: u32) -> Option<(&dyn SharedPage, usize)> {
     let f = gt.status.get((gref / 2048) as usize)?;
-    Some((f.clone(), (gref % 2048) as usize * 2))
+    Some((&**f, (gref % 2048) as usize * 2))
 }
 
 /// Entries the table holds (`nr_grant_entries`).
@@ -153,7 +154,7 @@ pub(crate) fn status_bits(gt: &GrantTable, gref: u32) -> u16 {
 }
 
 /// The `u64` word and shift of the status bits of `gref`.
-fn status_word(gt: &GrantTable, gref: u32) -> Option<(Arc<dyn SharedPage>, usize, usize)> {
+fn status_word(gt: &GrantTable, gref: u32) -> Option<(&dyn SharedPage, usize, usize)> {
     let (p, off) = if gt.version == 2 {
         status_loc(gt, gref)?
     } else {

@@ -54,6 +54,11 @@ pub struct DiskSpec {
     pub discard: bool,
     /// `backendtype=` as written (xenkvm has one backend; recorded only).
     pub backendtype: Option<String>,
+    /// Offer blkif's `feature-persistent` (a xenkvm flag, not xl's:
+    /// `persistent-grants`; off by default and with `no-persistent-grants`,
+    /// because a frontend that uses it copies every I/O through its
+    /// persistently granted pages).
+    pub persistent_grants: bool,
 }
 
 /// A refused disk or vif specification: names the spec and the key.
@@ -90,6 +95,7 @@ struct Parse {
     access: Option<String>,
     devtype: Option<bool>,
     discard: Option<bool>,
+    persistent_grants: Option<bool>,
     backendtype: Option<String>,
     depr_prefix: bool,
 }
@@ -145,6 +151,8 @@ impl DiskSpec {
                 "direct-io-safe" | "trusted" | "untrusted" => {}
                 "discard" => p.discard = Some(true),
                 "no-discard" => p.discard = Some(false),
+                "persistent-grants" => p.persistent_grants = Some(true),
+                "no-persistent-grants" => p.persistent_grants = Some(false),
                 "colo" | "no-colo" => {
                     return Err(err(tok, "COLO replication is not offered by xenkvm"))
                 }
@@ -217,6 +225,7 @@ impl DiskSpec {
             cdrom,
             discard: p.discard.unwrap_or(true),
             backendtype: p.backendtype,
+            persistent_grants: p.persistent_grants.unwrap_or(false),
         })
     }
 }
@@ -247,6 +256,9 @@ impl fmt::Display for DiskSpec {
         }
         if let Some(b) = &self.backendtype {
             write!(f, ",backendtype={b}")?;
+        }
+        if self.persistent_grants {
+            f.write_str(",persistent-grants")?;
         }
         // `target=` drops one trailing comma: keep a target's own.
         let comma = if self.target.ends_with(',') { "," } else { "" };

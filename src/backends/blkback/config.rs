@@ -2,7 +2,8 @@
 //! the configuration layer's `DiskSpec` (xl's disk syntax and xl's
 //! virtual-device numbers live there, `crate::config::disk`), with what
 //! this backend cannot serve refused by name. `persistent` (offer
-//! `feature-persistent`) is off: Linux then copies every I/O.
+//! `feature-persistent`, the disk spec's `persistent-grants` flag) is off
+//! by default: a Linux frontend that uses it copies every I/O.
 
 use std::path::PathBuf;
 
@@ -43,7 +44,7 @@ impl BlkConfig {
             devid: d.devid,
             readonly: d.read_only,
             discard: d.discard,
-            persistent: false,
+            persistent: d.persistent_grants,
         })
     }
 }
@@ -68,6 +69,11 @@ mod tests {
         assert_eq!(c.path, PathBuf::from("/tmp/a,b.img"));
         assert_eq!((c.vdev.as_str(), c.devid), ("xvdb", 51728));
         assert!(c.readonly && c.discard && !c.persistent);
+        assert!(
+            BlkConfig::parse("vdev=xvda,persistent-grants,target=/x")
+                .unwrap()
+                .persistent
+        );
         let c = BlkConfig::parse("/x.img,raw,xvdq,rw").unwrap();
         assert_eq!(c.devid, 268439552);
         assert!(

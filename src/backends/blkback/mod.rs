@@ -18,14 +18,18 @@
 //! The host I/O is `preadv`/`pwritev` on the queue's thread, or with
 //! `XENKVM_BLK_URING=1` one io_uring submission per batch (`gpc::FileRing`).
 //!
-//! Not done: zero-copy I/O for qcow2 disks, persistent grants kept
-//! mapped (offering `feature-persistent` is an option; grants are still
-//! mapped per request).
+//! With `persistent-grants` in the disk's spec the backend offers
+//! `feature-persistent` and, when the frontend uses it, keeps its grants
+//! mapped ([`persistent`]).
+//!
+//! Not done: zero-copy I/O for qcow2 disks.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod disk;
+pub mod persistent;
+pub mod poll;
 pub mod qcow2;
 pub mod queue;
 pub mod xenbus;
@@ -108,36 +112,60 @@ impl QueueThread {
     }
 }
 
-/// How long an idle queue polls its ring before it sleeps.
+/// The longest an idle queue polls its ring before it sleeps (the window
+/// adapts below it, see [`poll`]).
 pub const POLL: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// [`POLL`], or `XENKVM_BLK_POLL_US` microseconds (read once; 0 turns
+/// polling off; for measuring the trade-off between a polling thread's CPU
+/// and the frontend's notifications).
+pub fn poll_time() -> std::time::Duration {
+    static T: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("XENKVM_BLK_POLL_US")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .map_or(POLL, std::time::Duration::from_micros)
+    })
+}
 
 /// The body of a queue's I/O thread: serve, sleep on the kick eventfd,
 /// until stopped. A frontend that breaks the ring is refused: logged, its
 /// grants given back, and the thread waits for its stop.
 pub fn serve(mut q: Queue, kick: &EventFd, stop: &AtomicBool) {
+    let mut window = poll::PollWindow::new(poll_time());
     loop {
         if stop.load(Ordering::Acquire) {
             break;
         }
-        match q.process() {
-            Ok(true) => continue,
-            Ok(false) => {
-                // Poll the ring a little before sleeping: a frontend that
-                // refills at once then needs no notification and the
-                // thread no wake-up (the cost is at most POLL of CPU).
-                let until = std::time::Instant::now() + POLL;
-                let mut more = false;
+        // `req_event` stays unarmed while the ring is polled: a frontend
+        // that refills meanwhile sends no notification (no hypercall and
+        // eventfd write on its side, no spurious wake-up on ours).
+        let r = q.process_polling().and_then(|more| {
+            if more {
+                return Ok(true);
+            }
+            // Poll the ring a little before sleeping (an adaptive window,
+            // see `poll`): a frontend that refills at once then needs no
+            // notification and the thread no wake-up.
+            let w = window.get();
+            if !w.is_zero() {
+                let until = std::time::Instant::now() + w;
                 while std::time::Instant::now() < until {
                     if q.has_requests() || stop.load(Ordering::Relaxed) {
-                        more = true;
-                        break;
+                        window.hit();
+                        return Ok(true);
                     }
                     std::hint::spin_loop();
                 }
-                if more {
-                    continue;
-                }
+                window.miss();
             }
+            // RING_FINAL_CHECK_FOR_REQUESTS before sleeping.
+            q.arm()
+        });
+        match r {
+            Ok(true) => continue,
+            Ok(false) => {}
             Err(e) => {
                 tracing::error!(queue = ?q, %e, "blkback: refusing the device (its I/O stops; the VMM goes on)");
                 drop(q);
@@ -147,7 +175,9 @@ pub fn serve(mut q: Queue, kick: &EventFd, stop: &AtomicBool) {
                 return;
             }
         }
+        let slept = std::time::Instant::now();
         let _ = kick.read();
+        window.slept(slept.elapsed());
     }
 }
 

@@ -23,6 +23,7 @@ use hypercalls::{Domain, GrantMapping};
 use vm_memory::Bytes;
 
 use super::disk::Disk;
+use super::persistent::PersistentGrants;
 use super::BlkError;
 use crate::backends::blkif::request::{
     OP_DISCARD, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY, SECTOR, SEGS_PER_INDIRECT_PAGE,
@@ -40,6 +41,8 @@ pub const MAX_RING_ORDER: u32 = 4;
 const BATCH: usize = 32;
 /// Batches per `process` call before it returns (the thread calls again).
 const MAX_BATCHES: usize = 64;
+/// A segment whose grant is mapped for its request only.
+const NOT_KEPT: u64 = u64::MAX;
 
 /// What the frontend published for one queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +64,10 @@ pub struct QueueParams {
     /// Submit the host I/O of a batch through io_uring (falls back to
     /// `preadv`/`pwritev` where the host has none).
     pub uring: bool,
+    /// Persistent grants negotiated (`feature-persistent` offered and
+    /// written by the frontend): how many to keep mapped (0: none, every
+    /// grant is unmapped after its request).
+    pub persistent: usize,
 }
 
 /// A merged I/O queued on the io_uring, waiting for its completion.
@@ -106,6 +113,8 @@ pub struct QueueStats {
     pub notifications: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    /// Grants kept mapped now (persistent grants).
+    pub persistent_grants: u64,
 }
 
 /// A connected queue.
@@ -135,6 +144,16 @@ pub struct Queue {
     uring: Option<gpc::FileRing>,
     /// Groups queued on `uring`, answered by `drain`.
     inflight: Vec<Inflight>,
+    /// Responses pushed that the frontend asked to be notified of.
+    notify_pending: bool,
+    /// Persistently mapped grants, when negotiated.
+    persistent: Option<PersistentGrants>,
+    /// Scratch: each segment's guest address (`NOT_KEPT`: mapped per request).
+    seg_gpas: Vec<u64>,
+    /// Scratch: the grants to map per request.
+    refs: Vec<(u32, bool)>,
+    /// Scratch: responses of a group.
+    done: Vec<(u64, u8, i16)>,
     warn: RateLimiter,
     stats: QueueStats,
     name: String,
@@ -230,7 +249,7 @@ impl Queue {
         } else {
             None
         };
-        tracing::info!(queue = %name, pages = n, uring = uring.is_some(), entries = back.size, port = setup.port, dom0_port, abi = ?setup.abi, "blkback queue connected");
+        tracing::info!(queue = %name, pages = n, uring = uring.is_some(), persistent = params.persistent, entries = back.size, port = setup.port, dom0_port, abi = ?setup.abi, "blkback queue connected");
         Ok(Queue {
             domain,
             domid,
@@ -254,6 +273,11 @@ impl Queue {
             group_next: 0,
             uring,
             inflight: Vec::new(),
+            notify_pending: false,
+            persistent: (params.persistent > 0).then(|| PersistentGrants::new(params.persistent)),
+            seg_gpas: Vec::new(),
+            refs: Vec::new(),
+            done: Vec::new(),
             warn: RateLimiter::default(),
             stats: QueueStats::default(),
             name,
@@ -267,7 +291,10 @@ impl Queue {
 
     /// Counters so far.
     pub fn stats(&self) -> QueueStats {
-        self.stats
+        QueueStats {
+            persistent_grants: self.persistent.as_ref().map_or(0, |p| p.len() as u64),
+            ..self.stats
+        }
     }
 
     /// Entries in the ring.
@@ -280,7 +307,34 @@ impl Queue {
     /// `req_event` is armed. An error means the frontend broke the ring
     /// protocol: stop serving this queue and refuse the device.
     pub fn process(&mut self) -> Result<bool, BlkError> {
+        match self.process_polling()? {
+            true => Ok(true),
+            false => self.arm(),
+        }
+    }
+
+    /// [`process`](Self::process) without arming `req_event` when the ring
+    /// is empty: for a caller that polls the ring for a while (the frontend
+    /// then has no reason to notify) and calls [`arm`](Self::arm) before
+    /// it sleeps.
+    pub fn process_polling(&mut self) -> Result<bool, BlkError> {
+        let r = self.process_batches();
+        // After whole batches nothing is in flight: an overflowing
+        // persistent table may drop its least recently used grants. (After
+        // an error the queue is refused and everything goes at its drop.)
+        if r.is_ok() {
+            if let Some(p) = self.persistent.as_mut() {
+                p.purge(&self.domain);
+            }
+        }
+        r
+    }
+
+    fn process_batches(&mut self) -> Result<bool, BlkError> {
         for _ in 0..MAX_BATCHES {
+            if let Some(p) = self.persistent.as_mut() {
+                p.tick();
+            }
             self.raw.clear();
             let taken = {
                 let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
@@ -309,18 +363,33 @@ impl Queue {
             r?;
             self.run_group()?;
             self.drain()?;
+            self.send_notify()?;
             if taken == 0 {
-                let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
-                let r = GuardRing {
-                    g: &g,
-                    len: self.ring_len,
-                };
-                if !self.back.final_check(&r) {
-                    return Ok(false);
-                }
+                return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// `RING_FINAL_CHECK_FOR_REQUESTS`: asks the frontend to notify the
+    /// next request (`req_event`); `Ok(true)` if requests came meanwhile
+    /// (serve them before sleeping).
+    pub fn arm(&mut self) -> Result<bool, BlkError> {
+        let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
+        let r = GuardRing {
+            g: &g,
+            len: self.ring_len,
+        };
+        Ok(self.back.final_check(&r))
+    }
+
+    /// The notification responses pushed in this batch asked for (one per
+    /// batch at most).
+    fn send_notify(&mut self) -> Result<(), BlkError> {
+        if std::mem::take(&mut self.notify_pending) {
+            self.notify()?;
+        }
+        Ok(())
     }
 
     fn notify(&mut self) -> Result<(), BlkError> {
@@ -332,7 +401,9 @@ impl Queue {
 
     /// Writes responses and publishes them (each response as soon as its
     /// I/O is done, so the frontend refills while the rest is served); the
-    /// notify check keeps interrupts to what the frontend asked for.
+    /// notify check keeps interrupts to what the frontend asked for, and
+    /// the notification itself is sent once, at the end of the batch
+    /// (`send_notify`).
     fn respond(&mut self, done: &[(u64, u8, i16)]) -> Result<(), BlkError> {
         let notify = {
             let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
@@ -350,9 +421,7 @@ impl Queue {
             }
             self.back.push_responses(&r)
         };
-        if notify {
-            self.notify()?;
-        }
+        self.notify_pending |= notify;
         Ok(())
     }
 
@@ -401,6 +470,8 @@ impl Queue {
         ) {
             self.run_group()?;
             self.drain()?;
+            // Flushes and discards can take long: notify what is done first.
+            self.send_notify()?;
         }
         Ok(match req {
             Request::Discard {
@@ -489,7 +560,18 @@ impl Queue {
     }
 
     /// Copies the start of granted page `gref` (read-only access) into `buf`.
-    fn copy_granted_page(&self, gref: u32, buf: &mut [u8]) -> Result<(), String> {
+    fn copy_granted_page(&mut self, gref: u32, buf: &mut [u8]) -> Result<(), String> {
+        if let Some(gpa) = self
+            .persistent
+            .as_mut()
+            .and_then(|p| p.get(&self.domain, self.domid, gref))
+        {
+            return self
+                .map
+                .guest_memory()
+                .read_slice(buf, GuestAddress(gpa))
+                .map_err(|e| e.to_string());
+        }
         let m = self
             .domain
             .grant_map(gref, self.domid, true)
@@ -542,24 +624,47 @@ impl Queue {
         {
             self.run_group()?;
         }
-        // Map every segment (reads write into the guest: writable), one lock for all.
-        let first = self.maps.len();
-        let refs: Vec<(u32, bool)> = self.segs.iter().map(|s| (s.gref, writes)).collect();
-        if let Err((i, e)) = self
-            .domain
-            .grant_map_batch(&refs, self.domid, &mut self.maps)
-        {
-            let gref = refs.get(i).map_or(0, |r| r.0);
-            return Ok(Some(self.refuse(
-                id,
-                op,
-                RSP_ERROR,
-                &format!("segment grant {gref}: {e}"),
-            )));
+        // Persistent grants first; map the others (reads write into the
+        // guest: writable), one lock for all.
+        self.seg_gpas.clear();
+        self.refs.clear();
+        for s in &self.segs {
+            let kept = match self.persistent.as_mut() {
+                Some(p) => p.get(&self.domain, self.domid, s.gref),
+                None => None,
+            };
+            self.seg_gpas.push(kept.unwrap_or(NOT_KEPT));
+            if kept.is_none() {
+                self.refs.push((s.gref, writes));
+            }
         }
-        for (m, s) in self.maps[first..].iter().zip(&self.segs) {
+        let first = self.maps.len();
+        if !self.refs.is_empty() {
+            if let Err((i, e)) = self
+                .domain
+                .grant_map_batch(&self.refs, self.domid, &mut self.maps)
+            {
+                let gref = self.refs.get(i).map_or(0, |r| r.0);
+                return Ok(Some(self.refuse(
+                    id,
+                    op,
+                    RSP_ERROR,
+                    &format!("segment grant {gref}: {e}"),
+                )));
+            }
+        }
+        let mut mapped = self.maps[first..].iter();
+        for (&gpa, s) in self.seg_gpas.iter().zip(&self.segs) {
+            let gpa = if gpa == NOT_KEPT {
+                match mapped.next() {
+                    Some(m) => m.gfn.gpa(),
+                    None => break,
+                }
+            } else {
+                gpa
+            };
             self.ranges.push(GpaRange::new(
-                GuestAddress(m.gfn.gpa() + s.offset() as u64),
+                GuestAddress(gpa + s.offset() as u64),
                 s.len(),
             ));
         }
@@ -633,7 +738,8 @@ impl Queue {
         };
         let mut results = results.into_iter();
         let inflight = std::mem::take(&mut self.inflight);
-        let mut done = Vec::new();
+        let mut done = std::mem::take(&mut self.done);
+        done.clear();
         for g in inflight {
             let st = match results.next() {
                 Some(Ok(n)) => {
@@ -657,7 +763,9 @@ impl Queue {
                 .grant_unmap_batch(g.maps.iter().map(|m| m.handle));
             done.extend(g.members.iter().map(|&(id, op)| (id, op, st)));
         }
-        self.respond(&done)
+        let r = self.respond(&done);
+        self.done = done;
+        r
     }
 
     /// Gives the group's grants back, then answers every member.
@@ -666,8 +774,12 @@ impl Queue {
         self.domain
             .grant_unmap_batch(self.maps.drain(..).map(|m| m.handle));
         self.ranges.clear();
-        let done: Vec<(u64, u8, i16)> = self.group.drain(..).map(|(id, op)| (id, op, st)).collect();
-        self.respond(&done)
+        let mut done = std::mem::take(&mut self.done);
+        done.clear();
+        done.extend(self.group.drain(..).map(|(id, op)| (id, op, st)));
+        let r = self.respond(&done);
+        self.done = done;
+        r
     }
 
     /// The host I/O of the group over `self.ranges`: status.
@@ -727,6 +839,9 @@ impl Drop for Queue {
         }
         for m in self.maps.drain(..) {
             let _ = self.domain.grant_unmap(m.handle);
+        }
+        if let Some(p) = self.persistent.as_mut() {
+            p.release(&self.domain);
         }
         let _ = self.cache.deactivate();
         for m in self.ring_maps.drain(..) {

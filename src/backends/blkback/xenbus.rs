@@ -371,10 +371,20 @@ impl VbdDevice {
                 .map(|i| self.ring_setup(xs, &format!("queue-{i}/"), abi))
                 .collect::<Result<Vec<_>, _>>()?
         };
+        // Persistent grants when offered and the frontend says it reuses
+        // its grants (blkif.h: both sides write `feature-persistent`).
+        let fe_persistent = self
+            .read_fe(xs, "feature-persistent")
+            .is_some_and(|v| v.trim() == "1");
         let params = QueueParams {
             max_indirect: MAX_INDIRECT_SEGMENTS,
             discard: self.cfg.discard && !self.cfg.readonly,
             uring: uring_wanted(),
+            persistent: if self.cfg.persistent && fe_persistent {
+                super::persistent::MAX_PERSISTENT_GRANTS
+            } else {
+                0
+            },
         };
         for (i, s) in setups.iter().enumerate() {
             let name = format!("blk{}.{}-q{i}", self.domid, self.cfg.devid);

@@ -70,6 +70,16 @@ fn disk_positional_and_prefixed_forms_fill_the_right_fields() {
 }
 
 #[test]
+fn disk_persistent_grants_flag_is_off_unless_given() {
+    assert!(!d("vdev=xvda,target=/x").persistent_grants);
+    assert!(d("vdev=xvda,persistent-grants,target=/x").persistent_grants);
+    assert!(d("/x,raw,xvda,rw,persistent-grants").persistent_grants);
+    assert!(!d("persistent-grants,no-persistent-grants,vdev=xvda,target=/x").persistent_grants);
+    let s = d("vdev=xvda,persistent-grants,target=/x").to_string();
+    assert!(s.contains(",persistent-grants,"), "{s}");
+}
+
+#[test]
 fn disk_vdev_numbers_match_xen_vbd_interface() {
     for (v, n) in [
         ("xvda", 51712),
@@ -234,6 +244,7 @@ proptest! {
         vdev in vdev_strategy(),
         ro in any::<bool>(),
         discard in any::<bool>(),
+        persistent in any::<bool>(),
     ) {
         let Some(devid) = vdev_number(&vdev) else { return Ok(()) };
         let spec = DiskSpec {
@@ -245,10 +256,11 @@ proptest! {
             cdrom: false,
             discard,
             backendtype: None,
+            persistent_grants: persistent,
         };
         prop_assert_eq!(DiskSpec::parse(&spec.to_string()), Ok(spec.clone()));
         // The positional form gives the same disk when the target has no comma.
-        if !spec.target.contains(',') && !spec.target.contains(' ') && discard {
+        if !spec.target.contains(',') && !spec.target.contains(' ') && discard && !persistent {
             let pos = format!("{},{},{},{}", spec.target, spec.format.name(), vdev, if ro { "ro" } else { "rw" });
             prop_assert_eq!(DiskSpec::parse(&pos), Ok(spec));
         }
