@@ -52,6 +52,11 @@ pub enum Kind {
     Blocked,
     /// Woken (made runnable) while asleep.
     Woken,
+    /// A preemption by another vCPU thread, whose wake-up the program
+    /// deferred, outlasted the delay (`time_ns`: its switch-out): only a
+    /// wake-up for the watch thread (the switch-out itself is already in a
+    /// ring).
+    StillOut,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +68,9 @@ pub struct Event {
     pub cpu: u32,
     /// A preemption by the watch thread itself (it did not wake anyone).
     pub by_watcher: bool,
+    /// A preemption by another vCPU thread: the watch thread is woken only
+    /// if it lasts (a [`Kind::StillOut`] event follows).
+    pub by_vcpu: bool,
 }
 
 /// Decodes one ring record (`struct ev` of sched.bpf.c); `None` if malformed.
@@ -78,6 +86,7 @@ pub fn decode(b: &[u8]) -> Option<Event> {
         1 => Kind::Preempted,
         2 => Kind::Blocked,
         3 => Kind::Woken,
+        4 => Kind::StillOut,
         _ => return None,
     };
     Some(Event {
@@ -86,6 +95,7 @@ pub fn decode(b: &[u8]) -> Option<Event> {
         time_ns: u64::from_le_bytes(t),
         cpu: u32_at(16),
         by_watcher: u32_at(20) & 1 != 0,
+        by_vcpu: u32_at(20) & 2 != 0,
     })
 }
 
@@ -115,6 +125,9 @@ pub struct SchedBpf {
     /// Owns the programs and their links (dropping it detaches them).
     _ebpf: Ebpf,
     tids: Mutex<HashMap<MapData, u32, u32>>,
+    /// Per-thread deferred wake-up slots (`struct deferred`: a BPF timer
+    /// and two words), removed with the thread.
+    deferred: Mutex<HashMap<MapData, u32, [u64; 4]>>,
     rings: Vec<Mutex<RingBuf<MapData>>>,
     lost: Array<MapData, u64>,
     fds: Vec<RawFd>,
@@ -158,6 +171,8 @@ impl SchedBpf {
                 .ok_or_else(|| format!("BPF object has no map {name}"))
         };
         let tids = HashMap::try_from(take(&mut ebpf, "tids")?).map_err(|e| err("tids", e))?;
+        let deferred =
+            HashMap::try_from(take(&mut ebpf, "deferred")?).map_err(|e| err("deferred", e))?;
         let mut rings = Vec::with_capacity(NR_RINGS);
         let mut fds = Vec::with_capacity(NR_RINGS);
         for i in 0..NR_RINGS {
@@ -170,6 +185,7 @@ impl SchedBpf {
         Ok(SchedBpf {
             _ebpf: ebpf,
             tids: Mutex::new(tids),
+            deferred: Mutex::new(deferred),
             rings,
             lost,
             fds,
@@ -187,6 +203,8 @@ impl SchedBpf {
     /// Stops reporting thread `tid`.
     pub fn unwatch(&self, tid: u32) {
         let _ = self.tids.lock().remove(&tid);
+        // Deleting the slot also cancels its timer.
+        let _ = self.deferred.lock().remove(&tid);
     }
 
     /// Ring `i`'s fd: readable when a vCPU thread was preempted on one of
@@ -249,8 +267,15 @@ mod tests {
                 kind: Kind::Preempted,
                 time_ns: 99_000,
                 cpu: 1,
-                by_watcher: true
+                by_watcher: true,
+                by_vcpu: false,
             })
+        );
+        b[4] = 4;
+        b[20] = 2;
+        assert_eq!(
+            decode(&b).map(|e| (e.kind, e.by_watcher, e.by_vcpu)),
+            Some((Kind::StillOut, false, true))
         );
         b[4] = 7;
         assert_eq!(decode(&b), None);
@@ -315,6 +340,87 @@ mod tests {
             seen.windows(2).all(|w| w[0].time_ns <= w[1].time_ns),
             "out of order: {seen:?}"
         );
+        assert_eq!(bpf.lost(), 0);
+    }
+
+    /// The program's delay for a preemption by a sibling (SIBLING_DELAY_NS
+    /// of sched.bpf.c).
+    const SIBLING_DELAY_NS: u64 = 300_000;
+
+    #[test]
+    fn bpf_sibling_preemption_wakes_only_once_it_outlasts_the_delay() {
+        let bpf = match SchedBpf::load() {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("skipping: BPF not available here ({e})");
+                return;
+            }
+        };
+        use std::time::{Duration, Instant};
+        // Two watched threads spin on CPU 0: each preempts the other for a
+        // scheduler slice (milliseconds), longer than the delay.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let go = std::sync::Arc::new(std::sync::Barrier::new(3));
+        let spinner = || {
+            let (tx, go) = (tx.clone(), go.clone());
+            std::thread::spawn(move || {
+                let tid = crate::host::perf::gettid();
+                let _ = crate::host::cpu::pin(tid, 0);
+                let _ = tx.send(tid as u32);
+                go.wait();
+                let end = Instant::now() + Duration::from_millis(150);
+                while Instant::now() < end {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let (a, b) = (spinner(), spinner());
+        let tids = [rx.recv().unwrap(), rx.recv().unwrap()];
+        for t in tids {
+            bpf.watch(t, Role::Vcpu).unwrap();
+        }
+        go.wait();
+        a.join().unwrap();
+        b.join().unwrap();
+        let mut seen = Vec::new();
+        bpf.drain(|e| seen.push(e));
+        for t in tids {
+            bpf.unwatch(t);
+        }
+        let by_sibling: Vec<_> = seen
+            .iter()
+            .filter(|e| e.kind == Kind::Preempted && e.by_vcpu)
+            .collect();
+        assert!(
+            !by_sibling.is_empty(),
+            "no preemption by a sibling: {seen:?}"
+        );
+        let still: Vec<_> = seen.iter().filter(|e| e.kind == Kind::StillOut).collect();
+        assert!(
+            !still.is_empty(),
+            "no long preemption woke the watcher: {seen:?}"
+        );
+        for s in &still {
+            // It names a deferred switch-out of that thread...
+            assert!(
+                by_sibling
+                    .iter()
+                    .any(|p| p.tid == s.tid && p.time_ns == s.time_ns),
+                "{s:?} without its switch-out"
+            );
+            // ...which had not ended when the delay ran out (one CPU: the
+            // timer and the switch-in cannot race).
+            let back_in = seen
+                .iter()
+                .find(|e| e.tid == s.tid && e.kind == Kind::In && e.time_ns > s.time_ns);
+            if let Some(i) = back_in {
+                assert!(
+                    i.time_ns - s.time_ns >= SIBLING_DELAY_NS,
+                    "woken for a preemption of {} ns",
+                    i.time_ns - s.time_ns
+                );
+            }
+        }
         assert_eq!(bpf.lost(), 0);
     }
 }
