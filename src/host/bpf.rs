@@ -356,26 +356,67 @@ mod tests {
                 return;
             }
         };
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::sync::Arc;
         use std::time::{Duration, Instant};
-        // Two watched threads spin on CPU 0: each preempts the other for a
-        // scheduler slice (milliseconds), longer than the delay.
+        // Two watched threads, SCHED_FIFO 1 on CPU 0, hand the CPU to each
+        // other with sched_yield (a switch-out still runnable, to a sibling):
+        // thread 1 keeps it 3 ms (longer than the delay) on odd turns and
+        // 20 us on even ones; thread 0 hands it back at once.
+        const TURNS: u32 = 16;
+        let turn = Arc::new(AtomicU32::new(0));
+        let all_ok = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
-        let go = std::sync::Arc::new(std::sync::Barrier::new(3));
-        let spinner = || {
-            let (tx, go) = (tx.clone(), go.clone());
+        let go = Arc::new(std::sync::Barrier::new(3));
+        let player = |me: u32| {
+            let (tx, go, turn, all_ok) = (tx.clone(), go.clone(), turn.clone(), all_ok.clone());
             std::thread::spawn(move || {
                 let tid = crate::host::perf::gettid();
-                let _ = crate::host::cpu::pin(tid, 0);
-                let _ = tx.send(tid as u32);
+                let ok =
+                    crate::host::cpu::pin(tid, 0).is_ok() && crate::host::cpu::set_fifo(1).is_ok();
+                let _ = tx.send((tid as u32, ok));
                 go.wait();
-                let end = Instant::now() + Duration::from_millis(150);
-                while Instant::now() < end {
-                    std::hint::spin_loop();
+                if !all_ok.load(Ordering::Acquire) {
+                    let _ = crate::host::cpu::set_fifo_tid(tid, 0);
+                    return;
                 }
+                loop {
+                    let t = turn.load(Ordering::Acquire);
+                    if t >= 2 * TURNS {
+                        break;
+                    }
+                    if t % 2 != me {
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    if me == 1 {
+                        let keep = if t % 4 == 1 {
+                            Duration::from_millis(3)
+                        } else {
+                            Duration::from_micros(20)
+                        };
+                        let end = Instant::now() + keep;
+                        while Instant::now() < end {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    turn.store(t + 1, Ordering::Release);
+                    std::thread::yield_now();
+                }
+                let _ = crate::host::cpu::set_fifo_tid(tid, 0);
             })
         };
-        let (a, b) = (spinner(), spinner());
-        let tids = [rx.recv().unwrap(), rx.recv().unwrap()];
+        let (a, b) = (player(0), player(1));
+        let (t0, t1) = (rx.recv().unwrap(), rx.recv().unwrap());
+        all_ok.store(t0.1 && t1.1, Ordering::Release);
+        if !(t0.1 && t1.1) {
+            go.wait();
+            a.join().unwrap();
+            b.join().unwrap();
+            eprintln!("skipping: cannot pin two SCHED_FIFO threads to CPU 0 here");
+            return;
+        }
+        let tids = [t0.0, t1.0];
         for t in tids {
             bpf.watch(t, Role::Vcpu).unwrap();
         }
@@ -387,39 +428,43 @@ mod tests {
         for t in tids {
             bpf.unwatch(t);
         }
-        let by_sibling: Vec<_> = seen
+        let (mut long, mut short) = (0, 0);
+        for p in seen
             .iter()
             .filter(|e| e.kind == Kind::Preempted && e.by_vcpu)
-            .collect();
-        assert!(
-            !by_sibling.is_empty(),
-            "no preemption by a sibling: {seen:?}"
-        );
-        let still: Vec<_> = seen.iter().filter(|e| e.kind == Kind::StillOut).collect();
-        assert!(
-            !still.is_empty(),
-            "no long preemption woke the watcher: {seen:?}"
-        );
-        for s in &still {
-            // It names a deferred switch-out of that thread...
-            assert!(
-                by_sibling
-                    .iter()
-                    .any(|p| p.tid == s.tid && p.time_ns == s.time_ns),
-                "{s:?} without its switch-out"
-            );
-            // ...which had not ended when the delay ran out (one CPU: the
-            // timer and the switch-in cannot race).
-            let back_in = seen
+        {
+            let Some(back) = seen
                 .iter()
-                .find(|e| e.tid == s.tid && e.kind == Kind::In && e.time_ns > s.time_ns);
-            if let Some(i) = back_in {
-                assert!(
-                    i.time_ns - s.time_ns >= SIBLING_DELAY_NS,
-                    "woken for a preemption of {} ns",
-                    i.time_ns - s.time_ns
-                );
+                .find(|e| e.tid == p.tid && e.kind == Kind::In && e.time_ns > p.time_ns)
+            else {
+                continue;
+            };
+            let out_ns = back.time_ns - p.time_ns;
+            let woke = seen
+                .iter()
+                .any(|e| e.kind == Kind::StillOut && e.tid == p.tid && e.time_ns == p.time_ns);
+            // One CPU: the timer and the switch-in cannot race, and a timer
+            // never fires early.
+            if out_ns < SIBLING_DELAY_NS {
+                assert!(!woke, "woken for a preemption of {out_ns} ns: {seen:?}");
+                short += 1;
+            } else if out_ns > 1_000_000 {
+                assert!(woke, "no wake-up for a preemption of {out_ns} ns: {seen:?}");
+                long += 1;
             }
+        }
+        assert!(
+            long > 0 && short > 0,
+            "{long} long, {short} short: {seen:?}"
+        );
+        for s in seen.iter().filter(|e| e.kind == Kind::StillOut) {
+            assert!(
+                seen.iter().any(|p| p.kind == Kind::Preempted
+                    && p.by_vcpu
+                    && p.tid == s.tid
+                    && p.time_ns == s.time_ns),
+                "{s:?} names no deferred switch-out"
+            );
         }
         assert_eq!(bpf.lost(), 0);
     }
