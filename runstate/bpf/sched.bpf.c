@@ -104,7 +104,7 @@ struct deferred {
     struct bpf_timer timer;
     __u64 out_ts; /* the open preemption's switch-out time; 0: none open */
     __u32 tid;
-    __u32 ready;  /* timer initialised and its callback set */
+    __u32 ready;  /* timer initialised and its callback set (a cancel unsets it) */
 };
 
 struct {
@@ -180,7 +180,7 @@ static __always_inline int defer_wake(__u32 tid, __u64 now)
     }
     if (!d->ready) {
         long r = bpf_timer_init(&d->timer, &deferred, CLOCK_MONOTONIC);
-        if (r && r != -16 /* EBUSY: already initialised */)
+        if (r && r != -16 /* EBUSY: already initialised (after a cancel) */)
             return 0;
         if (bpf_timer_set_callback(&d->timer, on_deferred))
             return 0;
@@ -217,8 +217,14 @@ int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_stru
         struct deferred *d = bpf_map_lookup_elem(&deferred, &ntid);
         if (!now)
             now = bpf_ktime_get_ns();
-        if (d)
+        if (d && d->out_ts) {
+            /* The deferred preemption ended in time: no wake-up, and no
+             * timer interrupt either (the callback would find nothing). */
             d->out_ts = 0;
+            bpf_timer_cancel(&d->timer);
+            /* Cancelling also drops the callback: set it again next time. */
+            d->ready = 0;
+        }
         emit(ntid, EV_IN, now, 0, 0);
     }
     return 0;

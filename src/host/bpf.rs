@@ -453,8 +453,11 @@ mod tests {
                 long += 1;
             }
         }
+        // Thread 1 keeps the CPU 8 times for 3 ms; thread 0 is preempted
+        // briefly 8 times at least (a slot that could not be armed again
+        // after a cancel would leave the later ones undeferred).
         assert!(
-            long > 0 && short > 0,
+            long >= 4 && short >= 4,
             "{long} long, {short} short: {seen:?}"
         );
         for s in seen.iter().filter(|e| e.kind == Kind::StillOut) {
