@@ -15,6 +15,20 @@
  * again, and waking it for it would feed a preemption loop (every watch thread has
  * that role). A failed reserve (ring full)
  * is counted in `lost`. A quarter-full ring also wakes the consumer.
+ *
+ * A preemption by another watched vCPU thread (a halted vCPU woken by an IPI
+ * from this one, placed on its CPU, preempting it) does not wake the consumer
+ * at once: most such preemptions end within a few hundred microseconds, when
+ * the woken vCPU halts again, and waking the watch thread for each (it then
+ * preempts the woken vCPU, and kicks the preempted one out of KVM_RUN) was most
+ * of what tracking cost a halt-heavy guest. The switch-out is recorded
+ * (no wake-up) and a per-thread BPF timer, pinned to that CPU, fires
+ * SIBLING_DELAY_NS later: if the thread has not switched in by then it writes
+ * an EV_STILL_OUT event that wakes the consumer, which shows the preemption as
+ * it would have at once. Accounting is unchanged (every switch is recorded
+ * either way); only showing a short preemption by a sibling is left out. If the
+ * timer cannot be armed (no map slot, an older kernel refusing the pinned
+ * flag) the consumer is woken at once as before.
  */
 #include <linux/types.h>
 #include <linux/bpf.h>
@@ -27,10 +41,18 @@ struct task_struct {
     int pid;
 } __attribute__((preserve_access_index));
 
-enum { EV_IN = 0, EV_PREEMPTED = 1, EV_BLOCKED = 2, EV_WOKEN = 3 };
+enum { EV_IN = 0, EV_PREEMPTED = 1, EV_BLOCKED = 2, EV_WOKEN = 3, EV_STILL_OUT = 4 };
 enum { WATCH_VCPU = 1, WATCH_SELF = 2 };
 /* ev.flags */
 #define EVF_BY_WATCHER 1u /* preempted by the watch thread itself */
+#define EVF_BY_VCPU 2u    /* preempted by another vCPU thread: wake-up deferred */
+
+/* How long a preemption by a sibling vCPU thread must last before the consumer
+ * is woken for it (short ones end when the sibling halts again). */
+#define SIBLING_DELAY_NS 300000ull
+#define CLOCK_MONOTONIC 1
+/* Not in older UAPI headers (kernel 6.7+): fire on the CPU that armed it. */
+#define XK_BPF_F_TIMER_CPU_PIN (1ull << 1)
 
 struct ev {
     __u32 tid;
@@ -77,6 +99,21 @@ struct {
     __type(value, __u64);
 } lost SEC(".maps");
 
+/* A vCPU thread's deferred wake-up (one slot per watched thread). */
+struct deferred {
+    struct bpf_timer timer;
+    __u64 out_ts; /* the open preemption's switch-out time; 0: none open */
+    __u32 tid;
+    __u32 ready;  /* timer initialised and its callback set (a cancel unsets it) */
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 1024);
+    __type(key, __u32);
+    __type(value, struct deferred);
+} deferred SEC(".maps");
+
 static __always_inline void emit_to(void *rb, __u32 tid, __u32 kind, __u64 now, __u32 flags,
                                     int wake)
 {
@@ -115,6 +152,48 @@ static __always_inline void emit(__u32 tid, __u32 kind, __u64 now, __u32 flags, 
     }
 }
 
+/* The timer: the thread is still switched out (no switch-in cleared out_ts):
+ * wake the consumer of this CPU's ring. A switch-in racing with this on
+ * another CPU costs at most a wake-up that finds the preemption over. */
+static int on_deferred(void *map, __u32 *key, struct deferred *d)
+{
+    __u64 out = d->out_ts;
+    if (out) {
+        d->out_ts = 0;
+        emit(d->tid, EV_STILL_OUT, out, 0, 1);
+    }
+    return 0;
+}
+
+/* Arms `tid`'s timer for a preemption that began at `now`; false if it could
+ * not (the caller wakes the consumer at once instead). */
+static __always_inline int defer_wake(__u32 tid, __u64 now)
+{
+    struct deferred *d = bpf_map_lookup_elem(&deferred, &tid);
+    if (!d) {
+        struct deferred z = {};
+        z.tid = tid;
+        bpf_map_update_elem(&deferred, &tid, &z, BPF_NOEXIST);
+        d = bpf_map_lookup_elem(&deferred, &tid);
+        if (!d)
+            return 0;
+    }
+    if (!d->ready) {
+        long r = bpf_timer_init(&d->timer, &deferred, CLOCK_MONOTONIC);
+        if (r && r != -16 /* EBUSY: already initialised (after a cancel) */)
+            return 0;
+        if (bpf_timer_set_callback(&d->timer, on_deferred))
+            return 0;
+        d->ready = 1;
+    }
+    d->out_ts = now;
+    if (bpf_timer_start(&d->timer, SIBLING_DELAY_NS, XK_BPF_F_TIMER_CPU_PIN)) {
+        d->out_ts = 0;
+        return 0;
+    }
+    return 1;
+}
+
 SEC("tp_btf/sched_switch")
 int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
              unsigned int prev_state)
@@ -127,14 +206,25 @@ int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_stru
         now = bpf_ktime_get_ns();
         if (preempt || prev_state == 0) {
             int by_watcher = nv && *nv == WATCH_SELF;
-            emit(ptid, EV_PREEMPTED, now, by_watcher ? EVF_BY_WATCHER : 0, !by_watcher);
+            int by_vcpu = nv && *nv == WATCH_VCPU && defer_wake(ptid, now);
+            __u32 flags = by_watcher ? EVF_BY_WATCHER : by_vcpu ? EVF_BY_VCPU : 0;
+            emit(ptid, EV_PREEMPTED, now, flags, !by_watcher && !by_vcpu);
         } else {
             emit(ptid, EV_BLOCKED, now, 0, 0);
         }
     }
     if (nv && *nv == WATCH_VCPU) {
+        struct deferred *d = bpf_map_lookup_elem(&deferred, &ntid);
         if (!now)
             now = bpf_ktime_get_ns();
+        if (d && d->out_ts) {
+            /* The deferred preemption ended in time: no wake-up, and no
+             * timer interrupt either (the callback would find nothing). */
+            d->out_ts = 0;
+            bpf_timer_cancel(&d->timer);
+            /* Cancelling also drops the callback: set it again next time. */
+            d->ready = 0;
+        }
         emit(ntid, EV_IN, now, 0, 0);
     }
     return 0;

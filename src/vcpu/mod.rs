@@ -193,6 +193,7 @@ impl Vcpu {
                 deferred = r.deferred,
                 late = r.late,
                 bpf_ring_busy = self.m.xen.bpf_ring_busy(),
+                bpf_sibling_still_out = self.m.xen.bpf_still_out(),
                 "host schedule tracking at exit"
             );
         }

@@ -209,6 +209,26 @@ fn trapped_msrs() -> Vec<MsrTrap> {
     v
 }
 
+/// Loads the schedule-tracking BPF program on a thread of its own; the
+/// result arrives on the channel (an error if the thread cannot start).
+fn preload_sched_bpf() -> std::sync::mpsc::Receiver<Result<Arc<crate::host::bpf::SchedBpf>, String>>
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx2 = tx.clone();
+    let started = threads::spawn(
+        ThreadKind::SchedMonitor,
+        "bpf-load".into(),
+        Arc::new(|msg| tracing::warn!(%msg, "loading the BPF program")),
+        move || {
+            let _ = tx2.send(crate::host::bpf::SchedBpf::load().map(Arc::new));
+        },
+    );
+    if let Err(e) = started {
+        let _ = tx.send(Err(format!("cannot start the BPF loading thread: {e}")));
+    }
+    rx
+}
+
 impl Vm {
     /// Creates the VM, loads the kernel and prepares the vCPUs.
     pub fn create(cfg: &VmConfig, console: Arc<ConsoleOut>) -> Result<Vm, VmError> {
@@ -232,6 +252,9 @@ impl Vm {
             .enumerate()
             .map(|(i, n)| crate::backends::netback::NetConfig::from_spec(n, i as u32, cfg.domid))
             .collect();
+        // The BPF program (if wanted) loads while the VM is built.
+        let bpf_load =
+            crate::xen::sched::Mechanism::wants_bpf(cfg.sched.as_deref()).then(preload_sched_bpf);
         let kvm = KvmVm::create(&trapped_msrs())?;
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
@@ -460,7 +483,13 @@ impl Vm {
                 .map_err(VmError::NoBackend)?;
         }
         let events = Arc::new(EventLoop::new().map_err(|e| VmError::Os("event loop", e))?);
-        let (mechanism, bpf) = crate::xen::sched::Mechanism::start(cfg.sched.as_deref());
+        let (mechanism, bpf) =
+            crate::xen::sched::Mechanism::start_with(cfg.sched.as_deref(), || match bpf_load {
+                Some(rx) => rx
+                    .recv()
+                    .unwrap_or_else(|_| Err("the BPF loading thread failed".into())),
+                None => crate::host::bpf::SchedBpf::load().map(Arc::new),
+            });
         tracing::info!(mechanism = mechanism.name(), %mechanism, "host schedule tracking");
         if let Some(b) = bpf {
             machine.xen.set_sched_bpf(b);

@@ -162,7 +162,9 @@ fn ring_cpus(ring: usize) -> Vec<usize> {
 /// (see [`bpf_rings`]): pinned to that ring's CPUs, it waits on its ring,
 /// readable only at a preempt-out of a vCPU thread on one of those CPUs that
 /// did not hand the CPU to a watch thread (the program checks `next`
-/// against the watchers' ids), or when a quarter of the ring waits. So the
+/// against the watchers' ids), 300 us after one that handed it to another
+/// vCPU thread if it is still going on (a BPF timer), or when a quarter of
+/// the ring waits. So the
 /// wake-up takes the CPU from whatever just preempted the vCPU, never from
 /// another vCPU on another CPU. Each wake-up reads every ring (events of a
 /// thread that changed CPUs sit in several). Other events (switch-ins,

@@ -82,14 +82,30 @@ impl Mechanism {
 
     /// [`Mechanism::choose`], keeping the loaded BPF program for the VM.
     pub fn start(want: Option<&str>) -> (Mechanism, Option<Arc<SchedBpf>>) {
+        Mechanism::start_with(want, || SchedBpf::load().map(Arc::new))
+    }
+
+    /// [`Mechanism::start`] with the BPF program loaded by `load_bpf`
+    /// (called only if BPF is wanted): the VMM starts the load on another
+    /// thread early ([`Mechanism::wants_bpf`]) and hands its result here,
+    /// since loading (the kernel's BTF is read and parsed twice, about
+    /// 80-100 ms here) would otherwise delay the guest's start.
+    pub fn start_with(
+        want: Option<&str>,
+        load_bpf: impl FnOnce() -> Result<Arc<SchedBpf>, String>,
+    ) -> (Mechanism, Option<Arc<SchedBpf>>) {
         let env = std::env::var("XENKVM_SCHED").ok();
         let want = want.or(env.as_deref());
-        let (m, b) = Mechanism::choose_with(
-            want,
-            || SchedBpf::load().map(Arc::new),
-            |m| SwitchRing::open_current_thread(m).map(|r| r.mode),
-        );
-        (m, b)
+        Mechanism::choose_with(want, load_bpf, |m| {
+            SwitchRing::open_current_thread(m).map(|r| r.mode)
+        })
+    }
+
+    /// Whether [`Mechanism::start`] with `want` (or `XENKVM_SCHED`) will
+    /// try to load the BPF program.
+    pub fn wants_bpf(want: Option<&str>) -> bool {
+        let env = std::env::var("XENKVM_SCHED").ok();
+        matches!(want.or(env.as_deref()), Some("bpf" | "best"))
     }
 
     /// The choice, with the loaders passed in (tests refuse them).
@@ -209,6 +225,9 @@ pub struct SchedShared {
     bpf_bad: AtomicU64,
     /// Times a reader found the BPF ring taken by another reader.
     bpf_busy: AtomicU64,
+    /// Preemptions by a sibling vCPU that outlasted the program's delay
+    /// (their deferred wake-up fired).
+    bpf_still_out: AtomicU64,
 }
 
 impl SchedShared {
@@ -221,6 +240,7 @@ impl SchedShared {
             bpf_lost_seen: AtomicU64::new(0),
             bpf_bad: AtomicU64::new(0),
             bpf_busy: AtomicU64::new(0),
+            bpf_still_out: AtomicU64::new(0),
         })
     }
 }
@@ -331,6 +351,7 @@ impl XenPlatform {
             return true;
         };
         let slots = &self.sched.slots;
+        let still_out = &self.sched.bpf_still_out;
         let push = |e: bpf::Event| {
             let Some(s) = slots
                 .iter()
@@ -343,6 +364,11 @@ impl XenPlatform {
                 bpf::Kind::Preempted => Switch::OutPreempted,
                 bpf::Kind::Blocked => Switch::OutVoluntary,
                 bpf::Kind::Woken => Switch::Woken,
+                // Only a wake-up: the switch-out it names is in a ring.
+                bpf::Kind::StillOut => {
+                    still_out.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
             };
             s.queue.lock().push(Rec::Sw {
                 sw,
@@ -616,6 +642,12 @@ impl Xen {
     /// Times a reader found the shared BPF ring taken by another reader.
     pub fn bpf_ring_busy(&self) -> u64 {
         self.platform.sched.bpf_busy.load(Ordering::Relaxed)
+    }
+
+    /// Preemptions by a sibling vCPU thread shown only because they
+    /// outlasted the BPF program's delay.
+    pub fn bpf_still_out(&self) -> u64 {
+        self.platform.sched.bpf_still_out.load(Ordering::Relaxed)
     }
 
     /// The monitor's control eventfd (a vCPU attached, or the VM stops).
