@@ -311,11 +311,12 @@ pub struct StreamIn<F> {
 }
 
 impl<F: Read + std::os::fd::AsFd> StreamIn<F> {
-    /// Over `f`, with a 1 MiB buffer; `kill_at` as above.
+    /// Over `f`; `kill_at` as above. The buffer is small (64 KiB): what
+    /// it holds of a record's pages is copied, the rest is read into RAM.
     pub fn new(f: F, kill_at: Option<u64>) -> Self {
         StreamIn {
             f,
-            buf: vec![0; 1 << 20],
+            buf: vec![0; 64 << 10],
             pos: 0,
             end: 0,
             bytes: 0,

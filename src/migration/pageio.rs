@@ -163,12 +163,12 @@ impl<'a, F: AsFd> Direct<'a, F> {
     /// Seeks over a pending hole, then writes what is buffered and
     /// `parts` in one go.
     fn put(&mut self, parts: &[gpc::IoPart<'_>]) -> io::Result<()> {
-        // Buffered bytes always come after a pending hole: a hole is only
-        // left after everything before it was written.
-        self.settle()?;
         if self.buf.is_empty() && parts.is_empty() {
             return Ok(());
         }
+        // Buffered bytes always come after a pending hole: a hole is only
+        // left after everything before it was written.
+        self.settle()?;
         let mut all = Vec::with_capacity(parts.len() + 1);
         if !self.buf.is_empty() {
             all.push(gpc::IoPart::Bytes(&self.buf));
@@ -199,6 +199,7 @@ impl<F: AsFd> Write for Direct<'_, F> {
             if (rustix::fs::fstat(self.fd())?.st_size as u64) < end {
                 rustix::fs::ftruncate(self.fd(), end)?;
             }
+            self.settle()?;
         }
         self.put(&[])
     }
