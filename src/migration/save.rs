@@ -231,7 +231,7 @@ pub fn write_image_to<O: PageOut>(
                 None => false,
                 Some(it) => {
                     while it.next_if(|(_, e)| *e <= off).is_some() {}
-                    !it.peek().is_some_and(|(s, _)| *s <= off)
+                    it.peek().is_none_or(|(s, _)| *s > off)
                 }
             };
             pfns.push((pfn, PageType::Normal));

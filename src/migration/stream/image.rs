@@ -150,10 +150,7 @@ impl<R: Read> ImageReader<R> {
     /// the item has empty `data`.
     pub fn next_item_with(
         &mut self,
-        pages: &mut dyn FnMut(
-            &[(u64, super::libxc::PageType)],
-            &mut Src<R>,
-        ) -> Result<(), StreamError>,
+        pages: &mut super::libxc::ReadPages<'_, R>,
     ) -> Result<Option<(u64, Item)>, StreamError> {
         match std::mem::replace(&mut self.state, State::Done) {
             State::Libxc { mut reader, nested } => match reader.next_with(&mut self.src, pages)? {

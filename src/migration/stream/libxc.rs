@@ -404,6 +404,11 @@ pub(crate) fn page_data_pfns(
     Ok((pfns, pfn_end))
 }
 
+/// Reads a PAGE_DATA record's page data itself, given its pfn entries
+/// ([`LibxcReader::next_with`]).
+pub type ReadPages<'a, R> =
+    dyn FnMut(&[(u64, PageType)], &mut Src<R>) -> Result<(), StreamError> + 'a;
+
 /// A decoded libxc record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LibxcRecord {
@@ -726,7 +731,7 @@ impl LibxcReader {
     pub fn next_with<R: Read>(
         &mut self,
         src: &mut Src<R>,
-        pages: &mut dyn FnMut(&[(u64, PageType)], &mut Src<R>) -> Result<(), StreamError>,
+        pages: &mut ReadPages<'_, R>,
     ) -> Result<Option<(u64, LibxcRecord)>, StreamError> {
         if self.phase == Phase::Done {
             return Ok(None);
