@@ -753,8 +753,9 @@ impl LibxcReader {
             .and_then(|n| n.checked_add(8))
             .filter(|n| len >= 8 && *n <= len)
         {
-            head.resize(pfn_end, 0);
-            src.exact(&mut head[8..], LAYER, what, start)?;
+            // Grown as the bytes arrive (a lying count costs what is sent).
+            let pfns = src.bytes((pfn_end - 8) as u64, LAYER, what, start)?;
+            head.extend_from_slice(&pfns);
         }
         let (pfns, _) = page_data_pfns(&head, len)
             .map_err(|why| StreamError::invalid(LAYER, what, start, why))?;
