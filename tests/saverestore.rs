@@ -1325,8 +1325,11 @@ fn save_bench_paused_time_against_plain_write() {
         .iter()
         .fold((0.0, 0.0), |a, r| (a.0 + r.0, a.1 + r.1));
     let geo = (ratios.iter().map(|r| (r.0 / r.1).ln()).sum::<f64>() / ratios.len() as f64).exp();
+    let mut each: Vec<f64> = ratios.iter().map(|r| r.0 / r.1).collect();
+    each.sort_by(f64::total_cmp);
+    let median = (each[(each.len() - 1) / 2] + each[each.len() / 2]) / 2.0;
     println!(
-        "ratio (plain write time / save time): all runs {:.2} ({p:.3} s / {s:.3} s), geometric mean {geo:.2}",
+        "ratio (plain write time / save time): all runs {:.2} ({p:.3} s / {s:.3} s), geometric mean {geo:.2}, median {median:.2}",
         p / s
     );
     assert!(rt.xenkvm(&["shutdown", "savebench"]).status.success());
