@@ -1114,7 +1114,7 @@ fn migrate_receive(
             }
         }
     };
-    let (mut rd, mut wr) = match transport() {
+    let (rd, mut wr) = match transport() {
         Ok(t) => t,
         Err(e) => return fail(exit_status::ERROR, &e),
     };
@@ -1129,8 +1129,8 @@ fn migrate_receive(
     let knob = std::env::var("XENKVM_TEST_RECEIVE_KILL_AT").ok();
     let kill_at = knob.as_deref().and_then(|v| v.parse().ok());
     let rx = {
-        let r = std::io::BufReader::with_capacity(1 << 20, &mut rd);
-        match live::receive(live::Counted::new(r, kill_at)) {
+        // Page data goes straight from the transport into the new guest's RAM.
+        match live::receive(live::StreamIn::new(&rd, kill_at)) {
             Ok(rx) => rx,
             Err(e) => return fail(exit_status::ERROR, &format!("{e}; nothing runs here")),
         }

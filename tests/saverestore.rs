@@ -1210,3 +1210,145 @@ fn restore_xen_state_xtf_kernel_saved_mid_run_reports_its_result() {
     );
     assert_eq!(code, plain_code, "exit status as the unsaved run's");
 }
+
+/// `XENKVM_TEST_BIN=target/release/xenkvm cargo test --release --test
+/// saverestore save_bench -- --ignored --nocapture`: how long `save` of a
+/// paused 1 GiB guest takes (`XENKVM_BENCH_MIB` to change the size) against
+/// a plain write of the same byte count to the same directory (1 MiB
+/// writes, then fsync: `dd bs=1M conv=fsync`), alternating which goes
+/// first, in the same run, as a table with the median ratio
+/// (`XENKVM_BENCH_RUNS` pairs, default 6). The image goes to
+/// `XENKVM_BENCH_DIR` (default: the temp directory).
+#[test]
+#[ignore]
+fn save_bench_paused_time_against_plain_write() {
+    if !common::kvm_available("save_bench_paused_time_against_plain_write") {
+        return;
+    }
+    let mib: u64 = std::env::var("XENKVM_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let dir = std::env::var_os("XENKVM_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    // The guest: `chatter` touches little of its RAM (most pages are
+    // holes, never written); `XENKVM_BENCH_CMDLINE=migpat=900
+    // XENKVM_BENCH_WAIT="pass 1/"` has it write 900 MiB first.
+    let cmdline = std::env::var("XENKVM_BENCH_CMDLINE").unwrap_or_else(|_| "chatter".into());
+    let wait = std::env::var("XENKVM_BENCH_WAIT").unwrap_or_else(|_| "chatter 1".into());
+    let rt = RuntimeDir::new("savebench");
+    let guest = common::GuestFile::new("savebench");
+    let mut child = spawn_in(
+        &rt,
+        &[
+            "run",
+            "--xen-console",
+            "console",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            &cmdline,
+            "--vcpus",
+            "2",
+            "--memory",
+            &mib.to_string(),
+            "--name",
+            "savebench",
+            "--timeout",
+            "600",
+        ],
+    );
+    let console = Console::attach(&mut child);
+    let until = Instant::now() + Duration::from_secs(900);
+    while !console.text().contains(&wait) {
+        assert!(Instant::now() < until, "no {wait:?} on the console");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Paused for the whole run, so the guest takes no CPU from either side.
+    assert!(rt.xenkvm(&["pause", "savebench"]).status.success());
+    let img = dir.join(format!("xenkvm-save-bench-{}.img", std::process::id()));
+    let plain = dir.join(format!("xenkvm-save-bench-{}.plain", std::process::id()));
+    println!("run | bytes | save paused s | plain write s | save MiB/s | plain MiB/s | ratio");
+    let mut ratios = Vec::new();
+    let save = || -> (f64, u64) {
+        let out = rt.xenkvm(&["save", "--checkpoint", "savebench", img.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "save: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // "saved N pages (H holes), B bytes, to PATH in S s"
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        let secs: f64 = said
+            .rsplit(" in ")
+            .next()
+            .and_then(|s| s.trim().strip_suffix(" s"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no time in {said:?}"));
+        let bytes = std::fs::metadata(&img).unwrap().len();
+        std::fs::remove_file(&img).unwrap();
+        (secs, bytes)
+    };
+    let runs: u32 = std::env::var("XENKVM_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    // The byte count of the first image, for the first plain write.
+    let mut bytes = save().1;
+    for run in 1..=runs {
+        // Which goes first alternates: the second of two writes in a row
+        // may find the page cache the first one freed.
+        let (secs, plain_secs) = if run % 2 == 1 {
+            let s = save();
+            bytes = s.1;
+            let p = plain_write(&plain, bytes);
+            (s.0, p)
+        } else {
+            let p = plain_write(&plain, bytes);
+            let s = save();
+            bytes = s.1;
+            (s.0, p)
+        };
+        std::fs::remove_file(&plain).unwrap();
+        let mb = bytes as f64 / 1048576.0;
+        println!(
+            "{run} | {bytes} | {secs:.3} | {plain_secs:.3} | {:.1} | {:.1} | {:.2}",
+            mb / secs,
+            mb / plain_secs,
+            plain_secs / secs
+        );
+        ratios.push((plain_secs, secs));
+    }
+    // The order effect cancels in the sums (half the runs each way).
+    let (p, s): (f64, f64) = ratios
+        .iter()
+        .fold((0.0, 0.0), |a, r| (a.0 + r.0, a.1 + r.1));
+    let geo = (ratios.iter().map(|r| (r.0 / r.1).ln()).sum::<f64>() / ratios.len() as f64).exp();
+    let mut each: Vec<f64> = ratios.iter().map(|r| r.0 / r.1).collect();
+    each.sort_by(f64::total_cmp);
+    let median = (each[(each.len() - 1) / 2] + each[each.len() / 2]) / 2.0;
+    println!(
+        "ratio (plain write time / save time): all runs {:.2} ({p:.3} s / {s:.3} s), geometric mean {geo:.2}, median {median:.2}",
+        p / s
+    );
+    assert!(rt.xenkvm(&["shutdown", "savebench"]).status.success());
+    let _ = wait_code(&mut child, 60);
+}
+
+/// Seconds to write `bytes` of zeroes to a new file at `path` in 1 MiB
+/// writes and fsync it (`dd if=/dev/zero bs=1M conv=fsync`).
+fn plain_write(path: &std::path::Path, bytes: u64) -> f64 {
+    use std::io::Write;
+    let t0 = Instant::now();
+    let mut f = std::fs::File::create(path).unwrap();
+    let buf = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..k]).unwrap();
+        left -= k as u64;
+    }
+    f.sync_all().unwrap();
+    t0.elapsed().as_secs_f64()
+}

@@ -65,12 +65,14 @@ mod fileio;
 mod map;
 mod mem;
 mod rcu;
+mod streamio;
 mod sys;
 mod uring;
 
 pub use cache::{Cache, Guard, Segment, MAX_CACHE_PAGES};
 pub use fileio::MAX_IO_PIECES;
 pub use map::{GuestMem, HostBuffer, MemoryMap, OverlayPage, RamRegion};
+pub use streamio::IoPart;
 pub use sys::{PAGE_SHIFT, PAGE_SIZE};
 pub use uring::FileRing;
 pub use vm_memory::GuestAddress;

@@ -12,15 +12,15 @@
 //! `xl migrate` sends.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
 use super::stream::image::{ImageReader, ImageWriter, Item};
-use super::stream::libxc::{LibxcHeader, LibxcRecord, PAGE_SIZE};
+use super::stream::libxc::{LibxcHeader, LibxcRecord, PageType, PAGE_SIZE};
 use super::stream::libxl::LibxlRecord;
+use super::stream::Src;
 use crate::GuestMem;
 
 /// The receiver's first words (xl's `migrate_receiver_banner`).
@@ -222,6 +222,18 @@ impl<W: Write> Throttled<W> {
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.inner
     }
+
+    /// The rate limit (bytes/s, 0: none).
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Counts `n` bytes written through [`get_mut`](Self::get_mut) (only
+    /// without a limit: a limited writer must see every byte).
+    pub fn count_unlimited(&mut self, n: u64) {
+        debug_assert_eq!(self.limit, 0);
+        self.bytes += n;
+    }
 }
 
 impl<W: Write> Write for Throttled<W> {
@@ -282,30 +294,156 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
-/// Received guest pages, by frame, in a sparse memfd.
-#[derive(Debug)]
+/// The receiving end of a live stream: a buffered reader over the
+/// transport that reads page data straight into guest RAM
+/// ([`PageIn::read_pages`]: what is buffered is copied, the rest comes with
+/// `readv` into the pages). It counts bytes and can stop the process at a
+/// given count (`XENKVM_TEST_RECEIVE_KILL_AT`, as [`Counted`]; page data
+/// read straight into RAM is counted after each record's pages).
+pub struct StreamIn<F> {
+    f: F,
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    /// Bytes read so far.
+    pub bytes: u64,
+    kill_at: Option<u64>,
+}
+
+impl<F: Read + std::os::fd::AsFd> StreamIn<F> {
+    /// Over `f`; `kill_at` as above. The buffer is small (64 KiB): what
+    /// it holds of a record's pages is copied, the rest is read into RAM.
+    pub fn new(f: F, kill_at: Option<u64>) -> Self {
+        StreamIn {
+            f,
+            buf: vec![0; 64 << 10],
+            pos: 0,
+            end: 0,
+            bytes: 0,
+            kill_at,
+        }
+    }
+
+    fn account(&mut self, n: usize) {
+        self.bytes += n as u64;
+        if self.kill_at.is_some_and(|k| self.bytes >= k) {
+            tracing::warn!(bytes = self.bytes, "test knob: the receiver kills itself");
+            let _ = rustix::process::kill_process(
+                rustix::process::getpid(),
+                rustix::process::Signal::KILL,
+            );
+        }
+    }
+}
+
+impl<F: Read + std::os::fd::AsFd> Read for StreamIn<F> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos == self.end {
+            if out.len() >= self.buf.len() {
+                let n = self.f.read(out)?;
+                self.account(n);
+                return Ok(n);
+            }
+            let n = self.f.read(&mut self.buf)?;
+            self.pos = 0;
+            self.end = n;
+        }
+        let n = out.len().min(self.end - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        self.account(n);
+        Ok(n)
+    }
+}
+
+/// A stream source that can put page data into guest RAM.
+pub trait PageIn: Read {
+    /// Reads exactly the guest ranges `segs`, in order, into `map`'s RAM.
+    /// This default copies through a buffer.
+    fn read_pages(&mut self, map: &gpc::MemoryMap, segs: &[gpc::Segment]) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 64 << 10];
+        for s in segs {
+            let mut at = 0;
+            while at < s.len {
+                let k = (s.len - at).min(buf.len());
+                self.read_exact(&mut buf[..k])?;
+                map.guest_memory()
+                    .write_slice(&buf[..k], GuestAddress(s.gpa.0 + at as u64))
+                    .map_err(std::io::Error::other)?;
+                at += k;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PageIn for &[u8] {}
+
+impl<F: Read + std::os::fd::AsFd> PageIn for StreamIn<F> {
+    fn read_pages(&mut self, map: &gpc::MemoryMap, segs: &[gpc::Segment]) -> std::io::Result<()> {
+        let mut segs = segs.to_vec();
+        let mut i = 0;
+        // What is buffered already: copied.
+        while self.pos < self.end && i < segs.len() {
+            let s = &mut segs[i];
+            let k = s.len.min(self.end - self.pos);
+            map.guest_memory()
+                .write_slice(&self.buf[self.pos..self.pos + k], s.gpa)
+                .map_err(std::io::Error::other)?;
+            self.pos += k;
+            self.account(k);
+            s.gpa = GuestAddress(s.gpa.0 + k as u64);
+            s.len -= k;
+            if s.len == 0 {
+                i += 1;
+            }
+        }
+        // The rest: straight from the transport into the pages.
+        if i < segs.len() {
+            let n = map.read_exact_parts(self.f.as_fd(), &segs[i..])?;
+            self.account(n);
+        }
+        Ok(())
+    }
+}
+
+/// Received guest pages, by frame, in guest RAM of their own (a
+/// [`gpc::MemoryMap`] laid out as the new guest's: the VM takes it over as
+/// its RAM, [`Staging::take_ram`], instead of copying).
 pub struct Staging {
-    file: std::fs::File,
+    map: parking_lot::Mutex<Option<gpc::MemoryMap>>,
     /// Frames received (bit per frame).
     have: Vec<u64>,
     /// Guest RAM as (first frame, frames).
     ram: Vec<(u64, u64)>,
+    /// Guest RAM as given (start, length).
+    ranges: Vec<(u64, u64)>,
+}
+
+impl std::fmt::Debug for Staging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staging")
+            .field("ram", &self.ranges)
+            .field("pages", &self.pages())
+            .finish()
+    }
 }
 
 impl Staging {
     /// Staging for a guest whose RAM is `ram` (guest physical (start, len)).
     pub fn new(ram: &[(u64, u64)]) -> std::io::Result<Staging> {
-        let fd = rustix::fs::memfd_create("xenkvm-migrate-in", rustix::fs::MemfdFlags::CLOEXEC)?;
-        let file = std::fs::File::from(fd);
+        let regions: Vec<(GuestAddress, u64)> =
+            ram.iter().map(|(s, l)| (GuestAddress(*s), *l)).collect();
+        let map = gpc::MemoryMap::new(&regions).map_err(std::io::Error::other)?;
         let end = ram.iter().map(|(s, l)| s + l).max().unwrap_or(0);
-        file.set_len(end)?;
         Ok(Staging {
-            file,
+            map: parking_lot::Mutex::new(Some(map)),
             have: vec![0; (end / PAGE_SIZE as u64).div_ceil(64) as usize],
             ram: ram
                 .iter()
                 .map(|(s, l)| (s / PAGE_SIZE as u64, l / PAGE_SIZE as u64))
                 .collect(),
+            ranges: ram.to_vec(),
         })
     }
 
@@ -317,23 +455,77 @@ impl Staging {
         self.put_run(pfn, data)
     }
 
+    /// Checks that frames `first..first + n` are RAM.
+    fn check_run(&self, first: u64, n: u64) -> Result<(), String> {
+        let last = first.saturating_add(n.saturating_sub(1));
+        if n == 0 || !self.ram.iter().any(|(f, c)| first >= *f && last < f + c) {
+            return Err(format!(
+                "PAGE_DATA: pfns {first:#x}-{last:#x} are outside the guest's RAM"
+            ));
+        }
+        Ok(())
+    }
+
+    fn mark(&mut self, first: u64, n: u64) {
+        for pfn in first..first + n {
+            self.have[(pfn / 64) as usize] |= 1 << (pfn % 64);
+        }
+    }
+
     /// Stores consecutive pages from frame `first` (`data`: whole pages).
     pub fn put_run(&mut self, first: u64, data: &[u8]) -> Result<(), LiveError> {
         let n = (data.len() / PAGE_SIZE) as u64;
         if n == 0 || data.len() % PAGE_SIZE != 0 {
             return Err(LiveError::Stream("PAGE_DATA: a partial page".into()));
         }
-        let last = first.saturating_add(n - 1);
-        if !self.ram.iter().any(|(f, c)| first >= *f && last < f + c) {
-            return Err(LiveError::Stream(format!(
-                "PAGE_DATA: pfns {first:#x}-{last:#x} are outside the guest's RAM"
-            )));
+        self.check_run(first, n).map_err(LiveError::Stream)?;
+        {
+            let g = self.map.lock();
+            let map = g
+                .as_ref()
+                .ok_or_else(|| LiveError::Stream("the staged RAM was handed over".into()))?;
+            map.guest_memory()
+                .write_slice(data, GuestAddress(first * PAGE_SIZE as u64))
+                .map_err(|e| LiveError::Stream(e.to_string()))?;
         }
-        self.file.write_all_at(data, first * PAGE_SIZE as u64)?;
-        for pfn in first..=last {
-            self.have[(pfn / 64) as usize] |= 1 << (pfn % 64);
-        }
+        self.mark(first, n);
         Ok(())
+    }
+
+    /// Reads one PAGE_DATA record's data pages (frames `pfns`, in order)
+    /// from `r` straight into the staged RAM. Every frame is checked to be
+    /// RAM before anything is read.
+    pub fn read_from<P: PageIn + ?Sized>(
+        &mut self,
+        pfns: &[u64],
+        r: &mut P,
+    ) -> Result<u64, String> {
+        let mut runs = Vec::new();
+        let mut i = 0;
+        while i < pfns.len() {
+            let mut j = i + 1;
+            while j < pfns.len() && pfns[j] == pfns[j - 1].wrapping_add(1) {
+                j += 1;
+            }
+            self.check_run(pfns[i], (j - i) as u64)?;
+            runs.push((pfns[i], (j - i) as u64));
+            i = j;
+        }
+        let segs: Vec<gpc::Segment> = runs
+            .iter()
+            .map(|(f, n)| {
+                gpc::Segment::new(GuestAddress(f * PAGE_SIZE as u64), *n as usize * PAGE_SIZE)
+            })
+            .collect();
+        {
+            let g = self.map.lock();
+            let map = g.as_ref().ok_or("the staged RAM was handed over")?;
+            r.read_pages(map, &segs).map_err(|e| e.to_string())?;
+        }
+        for (f, n) in runs {
+            self.mark(f, n);
+        }
+        Ok(pfns.len() as u64)
     }
 
     /// Pages received (each counted once).
@@ -341,8 +533,24 @@ impl Staging {
         self.have.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
-    /// Copies every received page into `mem` (runs of frames at a time).
+    /// The staged RAM itself, for a guest whose RAM is laid out as
+    /// `ranges` (guest physical (start, len)): it becomes that guest's RAM,
+    /// nothing is copied. `None` if the layout differs or it was taken.
+    pub fn take_ram(&self, ranges: &[(u64, u64)]) -> Option<gpc::MemoryMap> {
+        if ranges != self.ranges.as_slice() {
+            return None;
+        }
+        self.map.lock().take()
+    }
+
+    /// Copies every received page into `mem` (runs of frames at a time);
+    /// for a guest whose RAM [`take_ram`](Self::take_ram) could not give.
     pub fn copy_into(&self, mem: &GuestMem) -> Result<u64, String> {
+        let g = self.map.lock();
+        let src = g
+            .as_ref()
+            .ok_or("the staged RAM was handed over")?
+            .guest_memory();
         let mut n = 0;
         let mut buf = vec![0u8; 256 * PAGE_SIZE];
         let total = self.have.len() as u64 * 64;
@@ -364,8 +572,7 @@ impl Staging {
                 pfn += 1;
             }
             let len = ((pfn - start) as usize) * PAGE_SIZE;
-            self.file
-                .read_exact_at(&mut buf[..len], start * PAGE_SIZE as u64)
+            src.read_slice(&mut buf[..len], GuestAddress(start * PAGE_SIZE as u64))
                 .map_err(|e| format!("staged pages at pfn {start:#x}: {e}"))?;
             mem.write_slice(&buf[..len], GuestAddress(start * PAGE_SIZE as u64))
                 .map_err(|e| format!("guest RAM at pfn {start:#x}: {e}"))?;
@@ -420,7 +627,7 @@ fn ram_of_config(cfg: &[u8]) -> Option<Vec<(u64, u64)>> {
 /// sized from the xl header's config, everything else into the tail image.
 /// Checks the stream's structure as it goes (the tail is checked again,
 /// fully, by `restore::load`).
-pub fn receive<R: Read>(r: R) -> Result<Received, LiveError> {
+pub fn receive<R: PageIn>(r: R) -> Result<Received, LiveError> {
     let mut rd = ImageReader::new(r);
     let st = |e: super::stream::StreamError| LiveError::Stream(e.to_string());
     let mut staging: Option<Staging> = None;
@@ -430,7 +637,27 @@ pub fn receive<R: Read>(r: R) -> Result<Received, LiveError> {
     let mut libxl_tail: Vec<LibxlRecord> = Vec::new();
     let mut page_records = 0u64;
     loop {
-        let Some((_, item)) = rd.next_item().map_err(st)? else {
+        let mut pages = |pfns: &[(u64, PageType)],
+                         src: &mut Src<R>|
+         -> Result<(), super::stream::StreamError> {
+            let at = src.offset();
+            let bad = |why: String| {
+                super::stream::StreamError::invalid("libxc", "record PAGE_DATA", at, why)
+            };
+            let s = staging
+                .as_mut()
+                .ok_or_else(|| bad("PAGE_DATA before the xl header's config".into()))?;
+            let data: Vec<u64> = pfns
+                .iter()
+                .filter(|(_, t)| t.has_data())
+                .map(|(p, _)| *p)
+                .collect();
+            let n = s.read_from(&data, src.get_mut()).map_err(bad)?;
+            src.count(n * PAGE_SIZE as u64);
+            page_records += n;
+            Ok(())
+        };
+        let Some((_, item)) = rd.next_item_with(&mut pages).map_err(st)? else {
             return Err(LiveError::Stream("the stream ended before END".into()));
         };
         match item {
@@ -448,34 +675,8 @@ pub fn receive<R: Read>(r: R) -> Result<Received, LiveError> {
             }
             Item::LibxlHeader(_) | Item::LibxcEnd => {}
             Item::LibxcHeader(h) => header = Some(h),
-            Item::Libxc(LibxcRecord::PageData(pd)) => {
-                let s = staging.as_mut().ok_or_else(|| {
-                    LiveError::Stream("PAGE_DATA before the xl header's config".into())
-                })?;
-                // Runs of consecutive frames in one write each (the data
-                // pages are packed in order in the record).
-                let pfns: Vec<u64> = pd
-                    .pfns
-                    .iter()
-                    .filter(|(_, t)| t.has_data())
-                    .map(|(p, _)| *p)
-                    .collect();
-                if pfns.len() * PAGE_SIZE != pd.data.len() {
-                    return Err(LiveError::Stream(
-                        "PAGE_DATA: data and pfns disagree".into(),
-                    ));
-                }
-                let mut i = 0;
-                while i < pfns.len() {
-                    let mut j = i + 1;
-                    while j < pfns.len() && pfns[j] == pfns[j - 1] + 1 {
-                        j += 1;
-                    }
-                    s.put_run(pfns[i], &pd.data[i * PAGE_SIZE..j * PAGE_SIZE])?;
-                    page_records += (j - i) as u64;
-                    i = j;
-                }
-            }
+            // Its pages are in the staging already.
+            Item::Libxc(LibxcRecord::PageData(_)) => {}
             Item::Libxc(LibxcRecord::Checkpoint) => {
                 return Err(LiveError::Stream(
                     "a checkpointed (Remus/COLO) stream".into(),
@@ -634,5 +835,51 @@ mod tests {
         mem.read_slice(&mut b[..1], GuestAddress(3 * 4096)).unwrap();
         mem.read_slice(&mut b[1..], GuestAddress(4 * 4096)).unwrap();
         assert_eq!(b, [9, 8]);
+    }
+
+    #[test]
+    fn live_receive_over_a_socket_stages_what_a_slice_does() {
+        let mut b = small_stream();
+        let rx0 = receive(&b[..]).unwrap();
+        assert_eq!(rx0.bytes, b.len() as u64);
+        let (w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+        let data = std::mem::take(&mut b);
+        let t = std::thread::spawn(move || {
+            let mut w = w;
+            // Odd pieces: buffered and direct reads both happen.
+            for c in data.chunks(77_777) {
+                w.write_all(c).unwrap();
+            }
+            data
+        });
+        let rx = receive(StreamIn::new(&r, None)).unwrap();
+        let data = t.join().unwrap();
+        assert_eq!(rx.bytes, data.len() as u64);
+        assert_eq!(
+            (rx.staging.pages(), rx.page_records),
+            (rx0.staging.pages(), rx0.page_records)
+        );
+        let dump = |rx: &Received| {
+            let mem = GuestMem::from_ranges(&crate::boot::layout::ram_ranges(16 << 20)).unwrap();
+            rx.staging.copy_into(&mem).unwrap();
+            let mut v = vec![0u8; 16 << 20];
+            mem.read_slice(&mut v, GuestAddress(0)).unwrap();
+            v
+        };
+        assert!(dump(&rx) == dump(&rx0), "staged RAM differs");
+        let ranges: Vec<(u64, u64)> = crate::boot::layout::ram_ranges(16 << 20)
+            .into_iter()
+            .map(|(a, l)| (a.0, l as u64))
+            .collect();
+        // The staged RAM is handed over once, and only for its own layout.
+        assert!(rx.staging.take_ram(&[(0, 1 << 20)]).is_none());
+        let map = rx.staging.take_ram(&ranges).unwrap();
+        let mut x = [0u8; 64];
+        map.guest_memory()
+            .read_slice(&mut x, GuestAddress(0x5000))
+            .unwrap();
+        assert_eq!(x, [0xAB; 64]);
+        assert!(rx.staging.take_ram(&ranges).is_none());
+        assert!(rx.staging.copy_into(map.guest_memory()).is_err());
     }
 }

@@ -23,6 +23,7 @@
 pub mod convert;
 pub mod hvm_context;
 pub mod live;
+pub mod pageio;
 pub mod restore;
 pub mod save;
 pub mod stream;

@@ -12,14 +12,13 @@
 
 use std::io::Write;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::convert::{self, ConvertError, KvmIrqchipState, KvmVcpuState};
 use super::hvm_context::{self, SaveHeader};
+use super::pageio::{Copying, PageOut, PageSrc};
 use super::stream::image::ImageWriter;
-use super::stream::libxc::{
-    LibxcHeader, LibxcRecord, PageData, PageType, TscInfo, MAX_BATCH, PAGE_SIZE,
-};
+use super::stream::libxc::{LibxcHeader, LibxcRecord, PageType, TscInfo, MAX_BATCH, PAGE_SIZE};
 use super::xenkvm_records::{self, XenState};
 use crate::GuestMem;
 
@@ -122,10 +121,34 @@ pub(crate) fn data_ranges(file: &std::fs::File, start: u64, len: u64) -> Option<
 
 /// Writes the image of a paused guest to `w`. `vcpus` are the vCPUs that
 /// are up, by id (as Xen, a vCPU that is down has no CPU record);
-/// `nr_vcpus` counts all.
+/// `nr_vcpus` counts all. Pages are copied out of `mem` into a batch
+/// ([`write_image_to`] with a [`Direct`](super::pageio::Direct) output
+/// writes them straight from guest RAM instead).
 #[allow(clippy::too_many_arguments)]
 pub fn write_image<W: Write>(
     w: W,
+    meta: &SaveMeta,
+    nr_vcpus: usize,
+    vcpus: &[(u16, KvmVcpuState)],
+    irqchip: &KvmIrqchipState,
+    mem: &GuestMem,
+    params: &[(u64, u64)],
+) -> Result<SaveStats, SaveError> {
+    write_image_to(
+        Copying::new(w, mem),
+        meta,
+        nr_vcpus,
+        vcpus,
+        irqchip,
+        mem,
+        params,
+    )
+}
+
+/// [`write_image`] to any [`PageOut`], which fetches the pages itself.
+#[allow(clippy::too_many_arguments)]
+pub fn write_image_to<O: PageOut>(
+    out: O,
     meta: &SaveMeta,
     nr_vcpus: usize,
     vcpus: &[(u16, KvmVcpuState)],
@@ -158,21 +181,22 @@ pub fn write_image<W: Write>(
 
     let cfg = config_json(meta, nr_vcpus);
     let mut img = ImageWriter::begin(
-        w,
+        out,
         Some(Some(&cfg)),
         LibxcHeader::hvm_v3(XEN_VERSION.0, XEN_VERSION.1),
     )?;
     img.libxc(&LibxcRecord::StaticDataEnd)?;
     let mut stats = SaveStats::default();
-    let mut batch = PageData {
-        pfns: Vec::with_capacity(MAX_BATCH),
-        data: Vec::with_capacity(MAX_BATCH * PAGE_SIZE),
-    };
-    let flush = |img: &mut ImageWriter<W>, b: &mut PageData| -> Result<(), SaveError> {
-        if !b.pfns.is_empty() {
-            img.page_data(b)?;
-            b.pfns.clear();
-            b.data.clear();
+    let mut pfns: Vec<(u64, PageType)> = Vec::with_capacity(MAX_BATCH);
+    let mut pages: Vec<PageSrc> = Vec::with_capacity(MAX_BATCH);
+    let flush = |img: &mut ImageWriter<O>,
+                 pfns: &mut Vec<(u64, PageType)>,
+                 pages: &mut Vec<PageSrc>|
+     -> Result<(), SaveError> {
+        if !pfns.is_empty() {
+            img.page_batch(pfns, pages)?;
+            pfns.clear();
+            pages.clear();
         }
         Ok(())
     };
@@ -189,45 +213,37 @@ pub fn write_image<W: Write>(
         })
         .collect();
     regions.sort_by_key(|r| r.0);
-    let zero = [0u8; PAGE_SIZE];
     let mut next_pfn = 0u64;
     for (start, len, data) in regions {
         let first = start / PAGE_SIZE as u64;
         for pfn in next_pfn..first {
-            batch.pfns.push((pfn, PageType::XTab));
+            pfns.push((pfn, PageType::XTab));
             stats.holes += 1;
-            if batch.pfns.len() == MAX_BATCH {
-                flush(&mut img, &mut batch)?;
+            if pfns.len() == MAX_BATCH {
+                flush(&mut img, &mut pfns, &mut pages)?;
             }
         }
+        // The data ranges are sorted and disjoint: walk them with the pages.
+        let mut ranges = data.as_deref().map(|d| d.iter().peekable());
         for pfn in first..first + len / PAGE_SIZE as u64 {
-            let at = batch.data.len();
             let off = (pfn - first) * PAGE_SIZE as u64;
-            // The ranges are sorted and disjoint: the one that could hold
-            // `off` is the last starting at or before it.
-            let hole = data.as_ref().is_some_and(|d| {
-                let i = d.partition_point(|(s, _)| *s <= off);
-                i == 0 || d[i - 1].1 <= off
-            });
-            if hole {
-                batch.data.extend_from_slice(&zero);
-            } else {
-                batch.data.resize(at + PAGE_SIZE, 0);
-                mem.read_slice(&mut batch.data[at..], GuestAddress(pfn * PAGE_SIZE as u64))
-                    .map_err(|e| SaveError::Memory {
-                        gpa: pfn * PAGE_SIZE as u64,
-                        why: e.to_string(),
-                    })?;
-            }
-            batch.pfns.push((pfn, PageType::Normal));
+            let zero = match ranges.as_mut() {
+                None => false,
+                Some(it) => {
+                    while it.next_if(|(_, e)| *e <= off).is_some() {}
+                    it.peek().is_none_or(|(s, _)| *s > off)
+                }
+            };
+            pfns.push((pfn, PageType::Normal));
+            pages.push(PageSrc { pfn, zero });
             stats.pages += 1;
-            if batch.pfns.len() == MAX_BATCH {
-                flush(&mut img, &mut batch)?;
+            if pfns.len() == MAX_BATCH {
+                flush(&mut img, &mut pfns, &mut pages)?;
             }
         }
         next_pfn = next_pfn.max(first + len / PAGE_SIZE as u64);
     }
-    flush(&mut img, &mut batch)?;
+    flush(&mut img, &mut pfns, &mut pages)?;
     img.libxc(&LibxcRecord::TscInfo(TscInfo {
         mode: 0,
         khz: meta.tsc_khz,
@@ -278,5 +294,50 @@ mod tests {
             vec![(p, 2 * p), (5 * p, 6 * p)]
         );
         assert_eq!(data_ranges(&f, 9 * p, 7 * p).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn save_direct_to_a_file_writes_the_same_image_as_copying() {
+        use std::io::Read;
+
+        use crate::migration::convert::tests::{irqchip, long_mode_vcpu};
+        let ranges: Vec<(vm_memory::GuestAddress, u64)> = crate::boot::layout::ram_ranges(16 << 20)
+            .into_iter()
+            .map(|(a, l)| (a, l as u64))
+            .collect();
+        let map = gpc::MemoryMap::new(&ranges).unwrap();
+        let mem = map.guest_memory();
+        // Touched pages here and there (the rest are holes of the memfds).
+        for (i, gpa) in [0x5000u64, 0x6000, 0x7000, 0x10_0000, 0x3ff000, 0x9f000]
+            .iter()
+            .enumerate()
+        {
+            let v: Vec<u8> = (0..PAGE_SIZE).map(|j| (j * 5 + i) as u8).collect();
+            vm_memory::Bytes::write_slice(mem, &v, vm_memory::GuestAddress(*gpa)).unwrap();
+        }
+        let meta = SaveMeta {
+            name: "t".into(),
+            mem_mib: 16,
+            tsc_khz: 1_000_000,
+            system_time_ns: 1_000,
+            xen_state: None,
+        };
+        let vcpus = [(0, long_mode_vcpu(0))];
+        let mut want = Vec::new();
+        let a = write_image(&mut want, &meta, 1, &vcpus, &irqchip(), mem, &[(1, 2)]).unwrap();
+        let fd = rustix::fs::memfd_create("save-direct", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let mut f = std::fs::File::from(fd);
+        let mut d = crate::migration::pageio::Direct::new(&f, &map);
+        let b = write_image_to(&mut d, &meta, 1, &vcpus, &irqchip(), mem, &[(1, 2)]).unwrap();
+        d.finish().unwrap();
+        assert_eq!(a, b);
+        f.seek(SeekFrom::Start(0)).unwrap();
+        let mut got = Vec::new();
+        f.read_to_end(&mut got).unwrap();
+        assert!(got == want, "the images differ");
+        // Most of it was never written: holes.
+        let data = data_ranges(&f, 0, got.len() as u64).unwrap();
+        let written: u64 = data.iter().map(|(s, e)| e - s).sum();
+        assert!(written < got.len() as u64 / 4, "{written} of {}", got.len());
     }
 }

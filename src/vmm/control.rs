@@ -469,7 +469,7 @@ fn save(
     checkpoint: bool,
     xen_state: bool,
 ) -> Result<String, String> {
-    use crate::migration::save::{write_image, SaveMeta, STREAM_PARAMS};
+    use crate::migration::save::{write_image_to, SaveMeta, STREAM_PARAMS};
     let was_paused = s.paused.load(Ordering::Acquire);
     let t0 = Instant::now();
     if !was_paused {
@@ -512,12 +512,12 @@ fn save(
         let write = || -> Result<crate::migration::save::SaveStats, String> {
             let f = std::fs::File::create(&tmp)
                 .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-            let st = write_image(&mut w, &meta, m.vcpus.len(), &states, &irq, &m.mem, &params)
+            // Pages go to the file straight from guest RAM (`writev`);
+            // pages never touched become holes of the file.
+            let mut w = crate::migration::pageio::Direct::new(&f, &m.map);
+            let st = write_image_to(&mut w, &meta, m.vcpus.len(), &states, &irq, &m.mem, &params)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
-            let f = w
-                .into_inner()
-                .map_err(|e| format!("{}: {}", path.display(), e.error()))?;
+            w.finish().map_err(|e| format!("{}: {e}", path.display()))?;
             f.sync_all()
                 .map_err(|e| format!("{}: {e}", path.display()))?;
             std::fs::rename(&tmp, path)

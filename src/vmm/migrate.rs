@@ -25,10 +25,11 @@ use parking_lot::Mutex;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::migration::live::{self, Next, Policy, Round, Throttled};
+use crate::migration::pageio::{Copying, PageOut, PageSrc};
 use crate::migration::save::{config_json, SaveMeta, STREAM_PARAMS, XEN_VERSION};
 use crate::migration::stream::image::ImageWriter;
 use crate::migration::stream::libxc::{
-    LibxcHeader, LibxcRecord, PageData, PageType, TscInfo, MAX_BATCH, PAGE_SIZE,
+    LibxcHeader, LibxcRecord, PageType, TscInfo, MAX_BATCH, PAGE_SIZE,
 };
 use crate::migration::{convert, hvm_context, xenkvm_records};
 use crate::vmm::machine::Machine;
@@ -267,32 +268,28 @@ impl FrameSet {
 /// Sends `pfns` (all in RAM) as PAGE_DATA batches; `hole(pfn)` says a page
 /// never held data (sent as zeroes without reading it, which would
 /// allocate it). `tick` is called after each batch with the pages sent so
-/// far and may abort.
-fn send_pages<W: Write>(
+/// far and may abort. The output takes the pages from guest RAM itself
+/// ([`SendSink`]: `writev` straight from RAM).
+fn send_pages<W: PageOut>(
     img: &mut ImageWriter<W>,
-    mem: &crate::GuestMem,
     pfns: &[u64],
     hole: &dyn Fn(u64) -> bool,
     tick: &mut dyn FnMut(u64) -> Result<(), String>,
 ) -> Result<(), String> {
-    let mut batch = PageData {
-        pfns: Vec::with_capacity(MAX_BATCH),
-        data: Vec::with_capacity(MAX_BATCH * PAGE_SIZE),
-    };
+    let mut batch: Vec<(u64, PageType)> = Vec::with_capacity(MAX_BATCH);
+    let mut pages: Vec<PageSrc> = Vec::with_capacity(MAX_BATCH);
     let mut sent = 0u64;
     for chunk in pfns.chunks(MAX_BATCH) {
-        batch.pfns.clear();
-        batch.data.clear();
+        batch.clear();
+        pages.clear();
         for &pfn in chunk {
-            let at = batch.data.len();
-            batch.data.resize(at + PAGE_SIZE, 0);
-            if !hole(pfn) {
-                mem.read_slice(&mut batch.data[at..], GuestAddress(pfn * PAGE_SIZE as u64))
-                    .map_err(|e| format!("guest memory at pfn {pfn:#x}: {e}"))?;
-            }
-            batch.pfns.push((pfn, PageType::Normal));
+            batch.push((pfn, PageType::Normal));
+            pages.push(PageSrc {
+                pfn,
+                zero: hole(pfn),
+            });
         }
-        img.page_data(&batch)
+        img.page_batch(&batch, &pages)
             .map_err(|e| format!("sending pages: {e}"))?;
         sent += chunk.len() as u64;
         tick(sent)?;
@@ -503,8 +500,11 @@ fn send_inner(
         BufWriter::with_capacity(1 << 20, std::fs::File::from(wr)),
         opts.bandwidth,
     );
-    let out = Arc::new(Mutex::new(out));
-    let sink = SharedSink(out.clone());
+    let out: Out = Arc::new(Mutex::new(out));
+    let sink = SendSink {
+        out: out.clone(),
+        map: &m.map,
+    };
     let mut img = ImageWriter::begin(
         sink,
         Some(Some(&cfg)),
@@ -573,7 +573,7 @@ fn send_inner(
             }
             Ok(())
         };
-        send_pages(&mut img, &m.mem, &pfns, &hole, &mut tick)?;
+        send_pages(&mut img, &pfns, &hole, &mut tick)?;
         collect(&mut dirty)?;
         pfns = dirty.take();
         let r = Round {
@@ -628,7 +628,7 @@ fn send_inner(
         }
         Ok(())
     };
-    send_pages(&mut img, &m.mem, &last, &hole, &mut tick)?;
+    send_pages(&mut img, &last, &hole, &mut tick)?;
     report.pages += of;
     report.final_pages = of;
     report.rounds = n;
@@ -679,17 +679,61 @@ fn send_inner(
     Ok(())
 }
 
-/// A writer shared between the image writer and the handshake.
-struct SharedSink(Arc<Mutex<Throttled<BufWriter<std::fs::File>>>>);
+/// The transport, shared between the image writer and the handshake.
+type Out = Arc<Mutex<Throttled<BufWriter<std::fs::File>>>>;
 
-impl Write for SharedSink {
+/// A writer shared between the image writer and the handshake; pages go
+/// out with `writev` straight from guest RAM (copied through the
+/// rate-limited writer when there is a bandwidth limit).
+struct SendSink<'a> {
+    out: Out,
+    map: &'a gpc::MemoryMap,
+}
+
+impl Write for SendSink<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().write(buf)
+        self.out.lock().write(buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.lock().flush()
+        self.out.lock().flush()
     }
 }
+
+impl PageOut for SendSink<'_> {
+    fn write_pages(&mut self, head: &[u8], pages: &[PageSrc]) -> std::io::Result<()> {
+        let mut o = self.out.lock();
+        if o.limit() > 0 {
+            return Copying::new(&mut *o, self.map.guest_memory()).write_pages(head, pages);
+        }
+        // What the buffer holds goes first.
+        o.get_mut().flush()?;
+        let mut parts = Vec::with_capacity(pages.len() + 1);
+        parts.push(gpc::IoPart::Bytes(head));
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i + 1;
+            if pages[i].zero {
+                parts.push(gpc::IoPart::Bytes(&ZERO_PAGE));
+            } else {
+                while j < pages.len() && !pages[j].zero && pages[j].pfn == pages[j - 1].pfn + 1 {
+                    j += 1;
+                }
+                parts.push(gpc::IoPart::Ram(gpc::Segment::new(
+                    GuestAddress(pages[i].pfn * PAGE_SIZE as u64),
+                    (j - i) * PAGE_SIZE,
+                )));
+            }
+            i = j;
+        }
+        let n = self
+            .map
+            .write_all_parts(o.get_mut().get_ref().as_fd(), &parts)?;
+        o.count_unlimited(n as u64);
+        Ok(())
+    }
+}
+
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 // ------------------------------------------------------------ destination
 

@@ -259,7 +259,19 @@ impl Vm {
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
         // Step 1: guest RAM and its memslots.
-        let map = create_memory(cfg.mem_mib)?;
+        // A migrated guest's RAM is the memory its pages were received into.
+        let received = cfg.incoming_pages.as_ref().and_then(|rx| {
+            let ranges: Vec<(u64, u64)> = layout::ram_ranges(cfg.mem_mib << 20)
+                .into_iter()
+                .map(|(a, l)| (a.0, l as u64))
+                .collect();
+            rx.staging.take_ram(&ranges)
+        });
+        let in_place = received.is_some();
+        let map = match received {
+            Some(m) => m,
+            None => create_memory(cfg.mem_mib)?,
+        };
         let mem = map.guest_memory().clone();
         let slots = kvm.slots();
         for r in map.ram_regions() {
@@ -274,8 +286,12 @@ impl Vm {
                 .map_err(|e| VmError::Restore(e.to_string()))?;
             tracing::info!(pages = n, of = img.pages, "guest memory restored");
             if let Some(rx) = &cfg.incoming_pages {
-                let n = rx.staging.copy_into(&mem).map_err(VmError::Restore)?;
-                tracing::info!(pages = n, "migrated guest memory in place");
+                if in_place {
+                    tracing::info!(pages = rx.staging.pages(), "migrated guest memory in place");
+                } else {
+                    let n = rx.staging.copy_into(&mem).map_err(VmError::Restore)?;
+                    tracing::info!(pages = n, "migrated guest memory copied");
+                }
                 if let Ok(dir) = std::env::var("XENKVM_TEST_MIGRATE_DUMP") {
                     migrate::dump_ram(&mem, &std::path::Path::new(&dir).join("dest.ram"))
                         .map_err(VmError::Restore)?;

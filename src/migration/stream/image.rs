@@ -144,6 +144,34 @@ impl<R: Read> ImageReader<R> {
         }
     }
 
+    /// As [`next_item`](Self::next_item), but a libxc PAGE_DATA record's
+    /// page data is read by `pages` (see
+    /// [`LibxcReader::next_with`](super::libxc::LibxcReader::next_with));
+    /// the item has empty `data`.
+    pub fn next_item_with(
+        &mut self,
+        pages: &mut super::libxc::ReadPages<'_, R>,
+    ) -> Result<Option<(u64, Item)>, StreamError> {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Libxc { mut reader, nested } => match reader.next_with(&mut self.src, pages)? {
+                Some((at, LibxcRecord::End)) if nested => {
+                    self.state = State::Libxl { saw_libxc: true };
+                    Ok(Some((at, Item::LibxcEnd)))
+                }
+                Some((at, LibxcRecord::End)) => Ok(Some((at, Item::End))),
+                Some((at, r)) => {
+                    self.state = State::Libxc { reader, nested };
+                    Ok(Some((at, Item::Libxc(r))))
+                }
+                None => Ok(None),
+            },
+            other => {
+                self.state = other;
+                self.next_item()
+            }
+        }
+    }
+
     /// Reads to the end, returning every item (for checks and tests; a
     /// restore streams items instead).
     pub fn collect_all(mut self) -> Result<Vec<(u64, Item)>, StreamError> {
@@ -193,6 +221,24 @@ impl<W: Write> ImageWriter<W> {
     /// Writes one PAGE_DATA batch without copying it.
     pub fn page_data(&mut self, p: &super::libxc::PageData) -> std::io::Result<()> {
         p.write(&mut self.sink)
+    }
+
+    /// Writes one PAGE_DATA batch whose data pages (`pages`, one per entry
+    /// of `pfns` that has data, in order) the output fetches itself (from
+    /// guest RAM, without a copy for [`super::super::pageio::Direct`]).
+    pub fn page_batch(
+        &mut self,
+        pfns: &[(u64, super::libxc::PageType)],
+        pages: &[super::super::pageio::PageSrc],
+    ) -> std::io::Result<()>
+    where
+        W: super::super::pageio::PageOut,
+    {
+        let data_len = pages.len() * super::libxc::PAGE_SIZE;
+        let head = super::libxc::page_data_head(pfns, data_len)?;
+        self.sink.get_mut().write_pages(&head, pages)?;
+        self.sink.count((head.len() + data_len) as u64);
+        Ok(())
     }
 
     /// Bytes written so far.

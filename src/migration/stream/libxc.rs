@@ -320,35 +320,94 @@ impl PageData {
     /// Writes this batch as a PAGE_DATA record straight from its buffers
     /// (no intermediate body: a batch is 4 MiB).
     pub fn write<W: Write>(&self, sink: &mut Sink<W>) -> std::io::Result<()> {
-        let ndata = self.pfns.iter().filter(|(_, t)| t.has_data()).count();
-        let len = 8 + 8 * self.pfns.len() + self.data.len();
-        if self.pfns.is_empty()
-            || ndata * PAGE_SIZE != self.data.len()
-            || len > super::MAX_RECORD_BODY as usize
-        {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "PAGE_DATA: {} pfns, {ndata} with data, {} bytes of data",
-                    self.pfns.len(),
-                    self.data.len()
-                ),
-            ));
-        }
-        let mut head = Vec::with_capacity(16 + 8 * self.pfns.len());
-        head.extend_from_slice(&rec::PAGE_DATA.to_le_bytes());
-        head.extend_from_slice(&(len as u32).to_le_bytes());
-        head.extend_from_slice(&(self.pfns.len() as u32).to_le_bytes());
-        head.extend_from_slice(&0u32.to_le_bytes());
-        for (pfn, t) in &self.pfns {
-            head.extend_from_slice(&((pfn & PFN_MASK) | (t.code() << 60)).to_le_bytes());
-        }
+        let head = page_data_head(&self.pfns, self.data.len())?;
         sink.put(&head)?;
         sink.put(&self.data)?;
-        // len is a multiple of 8: no padding.
+        // The length is a multiple of 8: no padding.
         Ok(())
     }
 }
+
+/// The record header, count and pfn array of a PAGE_DATA record for
+/// `pfns` followed by `data_len` bytes of page data (which must be 4096
+/// per entry that has data): everything before the pages.
+pub fn page_data_head(pfns: &[(u64, PageType)], data_len: usize) -> std::io::Result<Vec<u8>> {
+    let ndata = pfns.iter().filter(|(_, t)| t.has_data()).count();
+    let len = 8 + 8 * pfns.len() + data_len;
+    if pfns.is_empty() || ndata * PAGE_SIZE != data_len || len > super::MAX_RECORD_BODY as usize {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "PAGE_DATA: {} pfns, {ndata} with data, {data_len} bytes of data",
+                pfns.len(),
+            ),
+        ));
+    }
+    let mut head = Vec::with_capacity(16 + 8 * pfns.len());
+    head.extend_from_slice(&rec::PAGE_DATA.to_le_bytes());
+    head.extend_from_slice(&(len as u32).to_le_bytes());
+    head.extend_from_slice(&(pfns.len() as u32).to_le_bytes());
+    head.extend_from_slice(&0u32.to_le_bytes());
+    for (pfn, t) in pfns {
+        head.extend_from_slice(&((pfn & PFN_MASK) | (t.code() << 60)).to_le_bytes());
+    }
+    Ok(head)
+}
+
+/// The pfn entries of a PAGE_DATA record whose body is `len` bytes and
+/// starts with `head` (at least the count and reserved words, and the whole
+/// pfn array when it fits in `len`), checked as Xen's restore does; with
+/// the offset where the page data starts.
+pub(crate) fn page_data_pfns(
+    head: &[u8],
+    len: usize,
+) -> Result<(Vec<(u64, PageType)>, usize), String> {
+    if len < 8 {
+        return Err(format!("body length {len} is shorter than 8"));
+    }
+    let le = Le(head);
+    let count = le.u32(0) as usize;
+    if count == 0 {
+        return Err("count is 0".into());
+    }
+    if le.u32(4) != 0 {
+        return Err("reserved field is not zero".into());
+    }
+    let pfn_end = count
+        .checked_mul(8)
+        .and_then(|n| n.checked_add(8))
+        .filter(|n| *n <= len && *n <= head.len())
+        .ok_or_else(|| format!("{count} pfns do not fit in a body of {len} bytes"))?;
+    let mut pfns = Vec::with_capacity(count);
+    for i in 0..count {
+        let e = le.u64(8 + 8 * i);
+        let code = e >> 60;
+        let Some(t) = PageType::from_code(code) else {
+            return Err(format!(
+                "pfn entry {i} ({e:#018x}) has type {code:#x}, not valid for an HVM domain"
+            ));
+        };
+        if e & !(PFN_MASK | (0xF << 60)) != 0 {
+            return Err(format!(
+                "pfn entry {i} ({e:#018x}) sets reserved bits 59-52"
+            ));
+        }
+        pfns.push((e & PFN_MASK, t));
+    }
+    let ndata = pfns.iter().filter(|(_, t)| t.has_data()).count();
+    let want = pfn_end + ndata * PAGE_SIZE;
+    if len != want {
+        return Err(format!(
+            "body length {len} does not match {count} pfns with {ndata} data pages ({want})"
+        ));
+    }
+    Ok((pfns, pfn_end))
+}
+
+/// Reads a PAGE_DATA record's page data itself, given its pfn entries
+/// ([`LibxcReader::next_with`]).
+pub type ReadPages<'a, R> =
+    dyn FnMut(&[(u64, PageType)], &mut Src<R>) -> Result<(), StreamError> + 'a;
 
 /// A decoded libxc record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -434,50 +493,7 @@ impl LibxcRecord {
                 LibxcRecord::StaticDataEnd
             }
             rec::PAGE_DATA => {
-                if b.len() < 8 {
-                    return Err(bad(format!("body length {} is shorter than 8", b.len())));
-                }
-                let count = le.u32(0) as usize;
-                if count == 0 {
-                    return Err(bad("count is 0".into()));
-                }
-                if le.u32(4) != 0 {
-                    return Err(bad("reserved field is not zero".into()));
-                }
-                let pfn_end = count
-                    .checked_mul(8)
-                    .and_then(|n| n.checked_add(8))
-                    .filter(|n| *n <= b.len())
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "{count} pfns do not fit in a body of {} bytes",
-                            b.len()
-                        ))
-                    })?;
-                let mut pfns = Vec::with_capacity(count);
-                for i in 0..count {
-                    let e = le.u64(8 + 8 * i);
-                    let code = e >> 60;
-                    let Some(t) = PageType::from_code(code) else {
-                        return Err(bad(format!(
-                            "pfn entry {i} ({e:#018x}) has type {code:#x}, not valid for an HVM domain"
-                        )));
-                    };
-                    if e & !(PFN_MASK | (0xF << 60)) != 0 {
-                        return Err(bad(format!(
-                            "pfn entry {i} ({e:#018x}) sets reserved bits 59-52"
-                        )));
-                    }
-                    pfns.push((e & PFN_MASK, t));
-                }
-                let ndata = pfns.iter().filter(|(_, t)| t.has_data()).count();
-                let want = pfn_end + ndata * PAGE_SIZE;
-                if b.len() != want {
-                    return Err(bad(format!(
-                        "body length {} does not match {count} pfns with {ndata} data pages ({want})",
-                        b.len()
-                    )));
-                }
+                let (pfns, pfn_end) = page_data_pfns(b, b.len()).map_err(bad)?;
                 LibxcRecord::PageData(PageData {
                     pfns,
                     data: b[pfn_end..].to_vec(),
@@ -705,6 +721,60 @@ impl LibxcReader {
         let r = LibxcRecord::decode(&raw)?;
         self.check_order(&raw, &r)?;
         Ok(Some((raw.offset, r)))
+    }
+
+    /// As [`next`](Self::next), but a PAGE_DATA record's page data is
+    /// not read into memory: once its pfns are checked, `pages` is called
+    /// with them and must read exactly the data (4096 bytes per entry that
+    /// has data, in order) from `src` itself. The record comes back with
+    /// empty `data`.
+    pub fn next_with<R: Read>(
+        &mut self,
+        src: &mut Src<R>,
+        pages: &mut ReadPages<'_, R>,
+    ) -> Result<Option<(u64, LibxcRecord)>, StreamError> {
+        if self.phase == Phase::Done {
+            return Ok(None);
+        }
+        let (start, rtype, len) = super::read_record_header(src, LAYER, record_name)?;
+        if rtype != rec::PAGE_DATA {
+            let raw = super::read_record_rest(src, LAYER, record_name, (start, rtype, len))?;
+            let r = LibxcRecord::decode(&raw)?;
+            self.check_order(&raw, &r)?;
+            return Ok(Some((raw.offset, r)));
+        }
+        let what = "record PAGE_DATA";
+        let len = len as usize;
+        let mut head = vec![0u8; len.min(8)];
+        src.exact(&mut head, LAYER, what, start)?;
+        let count = Le(&head).u32(0) as usize;
+        if let Some(pfn_end) = count
+            .checked_mul(8)
+            .and_then(|n| n.checked_add(8))
+            .filter(|n| len >= 8 && *n <= len)
+        {
+            // Grown as the bytes arrive (a lying count costs what is sent).
+            let pfns = src.bytes((pfn_end - 8) as u64, LAYER, what, start)?;
+            head.extend_from_slice(&pfns);
+        }
+        let (pfns, _) = page_data_pfns(&head, len)
+            .map_err(|why| StreamError::invalid(LAYER, what, start, why))?;
+        // The order is checked before any page is taken.
+        let raw = RawRecord {
+            rtype,
+            offset: start,
+            body: Vec::new(),
+        };
+        let r = LibxcRecord::PageData(PageData {
+            pfns,
+            data: Vec::new(),
+        });
+        self.check_order(&raw, &r)?;
+        if let LibxcRecord::PageData(p) = &r {
+            pages(&p.pfns, src)?;
+        }
+        // A valid PAGE_DATA body is a multiple of 8: no padding.
+        Ok(Some((start, r)))
     }
 
     fn check_order(&mut self, raw: &RawRecord, r: &LibxcRecord) -> Result<(), StreamError> {

@@ -120,6 +120,17 @@ impl<R: Read> Src<R> {
         self.r
     }
 
+    /// The wrapped reader, for a caller that reads part of the stream
+    /// itself (it then says how much with [`Src::count`]).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.r
+    }
+
+    /// Counts `n` bytes read through [`Src::get_mut`].
+    pub fn count(&mut self, n: u64) {
+        self.off += n;
+    }
+
     /// Reads exactly `buf.len()` bytes of the header or record `what`
     /// (which started at `start`).
     pub fn exact(
@@ -170,11 +181,11 @@ impl<R: Read> Src<R> {
         const CHUNK: u64 = 1 << 20;
         let mut v = Vec::with_capacity(len.min(CHUNK) as usize);
         let mut left = len;
-        let mut chunk = vec![0u8; len.min(CHUNK) as usize];
         while left > 0 {
             let n = left.min(CHUNK) as usize;
-            self.exact(&mut chunk[..n], layer, what, start)?;
-            v.extend_from_slice(&chunk[..n]);
+            let at = v.len();
+            v.resize(at + n, 0);
+            self.exact(&mut v[at..], layer, what, start)?;
             left -= n as u64;
         }
         Ok(v)
@@ -203,6 +214,11 @@ impl<W: Write> Sink<W> {
         self.w.write_all(b)?;
         self.off += b.len() as u64;
         Ok(())
+    }
+
+    /// Counts `n` bytes written through [`Sink::get_mut`].
+    pub fn count(&mut self, n: u64) {
+        self.off += n;
     }
 
     /// Flushes and returns the wrapped writer.
@@ -241,24 +257,62 @@ pub fn read_raw_record<R: Read>(
     layer: &'static str,
     name: fn(u32) -> String,
 ) -> Result<RawRecord, StreamError> {
+    let (start, rtype, len) = read_record_header(src, layer, name)?;
+    read_record_rest(src, layer, name, (start, rtype, len))
+}
+
+/// Reads one record's header: (offset, type, body length), the length
+/// checked against the limit.
+pub(crate) fn read_record_header<R: Read>(
+    src: &mut Src<R>,
+    layer: &'static str,
+    name: fn(u32) -> String,
+) -> Result<(u64, u32, u32), StreamError> {
     let start = src.offset();
     let mut hdr = [0u8; 8];
     src.exact(&mut hdr, layer, "record header", start)?;
     let rtype = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
     let len = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
-    let what = format!("record {}", name(rtype));
     if len > MAX_RECORD_BODY {
         return Err(StreamError::invalid(
             layer,
-            what,
+            format!("record {}", name(rtype)),
             start,
             format!("body length {len} exceeds the limit of {MAX_RECORD_BODY} bytes"),
         ));
     }
+    Ok((start, rtype, len))
+}
+
+/// Reads the body and padding of the record whose header
+/// [`read_record_header`] read.
+pub(crate) fn read_record_rest<R: Read>(
+    src: &mut Src<R>,
+    layer: &'static str,
+    name: fn(u32) -> String,
+    (start, rtype, len): (u64, u32, u32),
+) -> Result<RawRecord, StreamError> {
+    let what = format!("record {}", name(rtype));
     let body = src.bytes(u64::from(len), layer, &what, start)?;
+    read_padding(src, layer, &what, start, len as usize)?;
+    Ok(RawRecord {
+        rtype,
+        offset: start,
+        body,
+    })
+}
+
+/// Reads and checks the zero padding after a body of `len` bytes.
+pub(crate) fn read_padding<R: Read>(
+    src: &mut Src<R>,
+    layer: &'static str,
+    what: &str,
+    start: u64,
+    len: usize,
+) -> Result<(), StreamError> {
     let mut pad = [0u8; 8];
-    let npad = padding(len as usize);
-    src.exact(&mut pad[..npad], layer, &what, start)?;
+    let npad = padding(len);
+    src.exact(&mut pad[..npad], layer, what, start)?;
     if pad[..npad].iter().any(|b| *b != 0) {
         return Err(StreamError::invalid(
             layer,
@@ -267,11 +321,7 @@ pub fn read_raw_record<R: Read>(
             "padding after the body contains non-zero bytes",
         ));
     }
-    Ok(RawRecord {
-        rtype,
-        offset: start,
-        body,
-    })
+    Ok(())
 }
 
 /// Writes one record: header, body, zero padding to 8 bytes.
