@@ -151,7 +151,7 @@ impl Vcpu {
                 .runstate_transition(0, runstate::State::Running, self.sample_run_delay());
         }
         self.handle.report(Reported::Running);
-        let mut state = State::Running;
+        let mut state = self.rearm_syscall_fixup();
         loop {
             state = match state {
                 State::Running => self.run_once(),
@@ -594,6 +594,23 @@ impl Vcpu {
         self.kvm.set_hw_breakpoints(&sites)
     }
 
+    /// A vCPU that starts with LSTAR already set (restored from an image or
+    /// received by migration: the guest wrote it before the save, and no
+    /// write exit will come) gets the syscall fix-up armed as if it had just
+    /// written it. Without this the restored guest's first system call from
+    /// user space faults on a host whose `syscall` stays at CPL 3 (a Linux
+    /// guest restored at its shell stopped this way).
+    fn rearm_syscall_fixup(&mut self) -> State {
+        use crate::arch::x86::syscall_fix::MSR_LSTAR;
+        if crate::kvm::probe::HostProbe::get().user_syscall == crate::kvm::probe::Support::Native {
+            return State::Running;
+        }
+        match self.kvm.read_msr(MSR_LSTAR) {
+            Some(lstar) if lstar != 0 => self.lstar_written(lstar),
+            _ => State::Running,
+        }
+    }
+
     /// The guest wrote LSTAR on a host whose `syscall` stays at CPL 3:
     /// write it, and trap the guest's #PF handler (see [`crate::arch::x86::syscall_fix`]).
     fn lstar_written(&mut self, lstar: u64) -> State {
@@ -605,7 +622,10 @@ impl Vcpu {
             )));
             return State::Stopped;
         }
-        let sregs = self.kvm.synced_sregs();
+        // From KVM itself, not the synced copy: a restored vCPU gets here
+        // before its first KVM_RUN (see `rearm_syscall_fixup`), when that
+        // copy is not filled in yet. LSTAR writes are rare.
+        let sregs = self.kvm.sregs().unwrap_or_else(|_| self.kvm.synced_sregs());
         let star = self.kvm.read_msr(MSR_STAR).unwrap_or(0);
         let mut gate = [0u8; 16];
         let paging = x86::Paging::from_sregs(&sregs);
