@@ -129,18 +129,32 @@ impl<R: Read> ImageReader<R> {
                     }
                 }
             }
-            State::Libxc { mut reader, nested } => match reader.next(&mut self.src)? {
-                Some((at, LibxcRecord::End)) if nested => {
-                    self.state = State::Libxl { saw_libxc: true };
-                    Ok(Some((at, Item::LibxcEnd)))
-                }
-                Some((at, LibxcRecord::End)) => Ok(Some((at, Item::End))),
-                Some((at, r)) => {
-                    self.state = State::Libxc { reader, nested };
-                    Ok(Some((at, Item::Libxc(r))))
-                }
-                None => Ok(None),
-            },
+            State::Libxc { mut reader, nested } => {
+                let got = reader.next(&mut self.src)?;
+                Ok(self.libxc_item(got, reader, nested))
+            }
+        }
+    }
+
+    /// The item for a libxc record `got` (the state moves on: END leaves the
+    /// libxc stream, back to libxl's when it was nested in one).
+    fn libxc_item(
+        &mut self,
+        got: Option<(u64, LibxcRecord)>,
+        reader: LibxcReader,
+        nested: bool,
+    ) -> Option<(u64, Item)> {
+        match got {
+            Some((at, LibxcRecord::End)) if nested => {
+                self.state = State::Libxl { saw_libxc: true };
+                Some((at, Item::LibxcEnd))
+            }
+            Some((at, LibxcRecord::End)) => Some((at, Item::End)),
+            Some((at, r)) => {
+                self.state = State::Libxc { reader, nested };
+                Some((at, Item::Libxc(r)))
+            }
+            None => None,
         }
     }
 
@@ -153,18 +167,10 @@ impl<R: Read> ImageReader<R> {
         pages: &mut super::libxc::ReadPages<'_, R>,
     ) -> Result<Option<(u64, Item)>, StreamError> {
         match std::mem::replace(&mut self.state, State::Done) {
-            State::Libxc { mut reader, nested } => match reader.next_with(&mut self.src, pages)? {
-                Some((at, LibxcRecord::End)) if nested => {
-                    self.state = State::Libxl { saw_libxc: true };
-                    Ok(Some((at, Item::LibxcEnd)))
-                }
-                Some((at, LibxcRecord::End)) => Ok(Some((at, Item::End))),
-                Some((at, r)) => {
-                    self.state = State::Libxc { reader, nested };
-                    Ok(Some((at, Item::Libxc(r))))
-                }
-                None => Ok(None),
-            },
+            State::Libxc { mut reader, nested } => {
+                let got = reader.next_with(&mut self.src, pages)?;
+                Ok(self.libxc_item(got, reader, nested))
+            }
             other => {
                 self.state = other;
                 self.next_item()
