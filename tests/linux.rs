@@ -204,29 +204,375 @@ fn check_xen_guest(b: &Boot) {
     assert!(b.success, "xenkvm did not exit with success{}", ctx());
 }
 
+/// Issue 14's and 15's Linux checks, run on the CI boot after the NMI: a
+/// checkpoint (`save --checkpoint --xen-state`) of the guest at its shell
+/// leaves it answering; the image restored in a new process answers too,
+/// with uptime and steal continuing from the save (not reset, and not grown
+/// by the time the image lay on disk), and xenstore still holding the
+/// domain's name; that guest is then live-migrated to a third process,
+/// where it answers and powers off.
+///
+/// Each command spells its tag with an empty quote (`PRE""-SAVE`), so the
+/// terminal's echo of the typed line, wrapped anywhere, never matches it.
+const PRE_SAVE_COMMAND: &str = "echo PRE\"\"-SAVE $(cat /proc/uptime) $(grep '^cpu0 ' /proc/stat)";
+/// After the restore, steal is read before uptime (and before the save,
+/// after it), so the steal that grew in between cannot exceed the uptime
+/// that did.
+const RESTORED_COMMAND: &str =
+    "echo RE\"\"STORED $(grep '^cpu0 ' /proc/stat) UPTIME $(cat /proc/uptime)";
+const MIGRATED_COMMAND: &str = "echo MI\"\"GRATED $(cat /proc/uptime) $(grep '^cpu0 ' /proc/stat)";
+/// A xenstore read of the domain's relative `name` through the kernel's
+/// `/proc/xen/xenbus` (XS_READ = 2, request id 0, transaction 0, 5 bytes);
+/// the reply's printable bytes are the value.
+const XS_READ_COMMAND: &str = "exec 3<>/proc/xen/xenbus; printf '\\002\\0\\0\\0\\0\\0\\0\\0\\0\\0\\0\\0\\005\\0\\0\\0name\\0' >&3; echo XS\"\"-READ $(dd bs=64 count=1 <&3 2>/dev/null | tr -cd 'a-zA-Z0-9-'); exec 3<&-";
+
 #[test]
 #[cfg_attr(
     not(xenkvm_linux),
     ignore = "boots Linux for minutes: run with XENKVM_LINUX=1 cargo test --test linux"
 )]
-fn linux_pvh_entry_boots_to_poweroff_as_xen_guest() {
-    if !enabled("linux_pvh_entry_boots_to_poweroff_as_xen_guest") {
+fn linux_pvh_guest_boots_and_answers_after_nmi_checkpoint_restore_and_migration() {
+    let test = "linux_pvh_guest_boots_and_answers_after_nmi_checkpoint_restore_and_migration";
+    if !enabled(test) {
         return;
     }
+    let name = format!("xkl{}", std::process::id());
+    let img = std::env::temp_dir().join(format!("xenkvm-linux-ckpt-{}.img", std::process::id()));
+    let img_s = img.to_str().expect("temp paths are UTF-8 here").to_string();
     // The shell first takes the guest's own NMI backtrace (issue 17: an NMI
     // enters Linux's paranoid entry, which reads the CPU number with `lsl`,
     // an instruction this host's KVM cannot emulate and xenkvm does), then
-    // answers the usual commands: a guest the NMI stopped never would.
-    let b = boot_with(CMDLINE, &["--vcpus", "2", "--boot", "pvh"], |line, s| {
+    // reports its uptime and steal, is checkpointed, and answers the usual
+    // commands: a guest the NMI or the save stopped never would.
+    let mut save: Option<(std::process::Output, Instant)> = None;
+    let mut typed_pre_save = None;
+    let args = ["--vcpus", "2", "--boot", "pvh", "--name", name.as_str()];
+    let b = boot_with(CMDLINE, &args, |line, s| {
         if line.contains("GUEST-SHELL") {
             s.type_line(NMI_COMMAND);
         } else if line.starts_with("NMI-AFTER") {
+            typed_pre_save = Some(Instant::now());
+            s.type_line(PRE_SAVE_COMMAND);
+        } else if line.starts_with("PRE-SAVE") && save.is_none() {
+            let out = Command::new(env!("CARGO_BIN_EXE_xenkvm"))
+                .args(["save", "--checkpoint", "--xen-state", &name, &img_s])
+                .output()
+                .expect("cannot run xenkvm save");
+            save = Some((out, Instant::now()));
             s.type_line(SHELL_COMMANDS.trim_end());
         }
     });
     println!("(took {:.1} s)", b.wall.as_secs_f64());
     check_xen_guest(&b);
     check_nmi_backtrace(&b);
+    let (save_out, saved_at) = save.expect("the guest never printed PRE-SAVE");
+    assert!(
+        save_out.status.success(),
+        "save --checkpoint failed: {}",
+        String::from_utf8_lossy(&save_out.stderr)
+    );
+    let pre = line_with(&b.stdout, "PRE-SAVE ")
+        .filter(|l| !l.contains("$("))
+        .map(str::to_string)
+        .expect("no PRE-SAVE line");
+    let pre_up = uptime_after(&pre, "PRE-SAVE").expect("PRE-SAVE uptime");
+    let pre_steal = cpu_steal(&pre, "cpu0").expect("PRE-SAVE steal");
+    let typed = typed_pre_save.expect("PRE-SAVE typed");
+    let before = BeforeSave {
+        uptime: pre_up,
+        steal: pre_steal,
+        window_s: saved_at.duration_since(typed).as_secs_f64(),
+        saved_at,
+    };
+    restore_then_migrate(&img_s, &name, Some(before));
+    // Kept for a look when anything above failed.
+    let _ = std::fs::remove_file(&img);
+}
+
+/// What the guest printed just before the checkpoint.
+struct BeforeSave {
+    /// `/proc/uptime` and cpu0's steal (ticks), read in that order.
+    uptime: f64,
+    steal: u64,
+    /// Wall time from typing that command to the end of the save: the
+    /// most guest time that can have passed between the uptime read and
+    /// the save.
+    window_s: f64,
+    saved_at: Instant,
+}
+
+/// Restores `img` (a checkpoint of a Linux guest named `name` at its shell)
+/// in a new process, checks that it answers with uptime and cpu0 steal
+/// continuing from `pre` (the values printed just before the save), that
+/// xenstore answers with the domain's name, then live-migrates it to a
+/// third process and checks that it answers there and powers off.
+fn restore_then_migrate(img_s: &str, name: &str, pre: Option<BeforeSave>) {
+    // Restore in a new process (issue 14, acceptance 3).
+    let (rname, mname) = (
+        format!("xkr{}", std::process::id()),
+        format!("xkm{}", std::process::id()),
+    );
+    let t_restore = Instant::now();
+    let mut r = Console::spawn(&[
+        "restore",
+        "--name",
+        &rname,
+        "--console-input",
+        "stdin",
+        img_s,
+    ]);
+    r.type_line(RESTORED_COMMAND);
+    let restored = r.wait_for("RESTORED ", Duration::from_secs(900));
+    let since_restore = t_restore.elapsed().as_secs_f64();
+    let restored =
+        restored.unwrap_or_else(|| panic!("the restored guest never answered{}", r.ctx()));
+    let up = uptime_after(&restored, "UPTIME").expect("RESTORED uptime");
+    let steal = cpu_steal(&restored, "cpu0").expect("RESTORED steal");
+    let (pre_up, pre_steal) = pre.as_ref().map_or((0.0, 0), |p| (p.uptime, p.steal));
+    // Guest time may pass between the uptime read and the save (at most
+    // `window_s`) and after the restore began; the time the image lay on
+    // disk must not count.
+    let most = pre.as_ref().map(|p| since_restore + p.window_s + 2.0);
+    let on_disk = pre
+        .as_ref()
+        .map(|p| t_restore.duration_since(p.saved_at).as_secs_f64());
+    println!(
+        "restored: uptime {pre_up:.2} -> {up:.2} s ({since_restore:.1} s after the restore began, \
+         at most {most:.1?} s allowed; the image lay {on_disk:.1?} s on disk), \
+         cpu0 steal {pre_steal} -> {steal} ticks"
+    );
+    assert!(
+        up >= pre_up && most.is_none_or(|m| up - pre_up <= m),
+        "uptime {up} after the restore: {pre_up} before the save, at most {most:.1?} s more \
+         allowed (it must continue from the save, without the time the image lay on disk)"
+    );
+    assert!(
+        steal >= pre_steal
+            && (pre.is_none() || (steal - pre_steal) as f64 <= (up - pre_up) * 100.0 + 100.0),
+        "cpu0 steal {pre_steal} -> {steal} ticks while uptime grew {:.1} s",
+        up - pre_up
+    );
+    r.type_line(XS_READ_COMMAND);
+    let xs = r
+        .wait_for("XS-READ", Duration::from_secs(900))
+        .unwrap_or_else(|| panic!("no xenstore answer after the restore{}", r.ctx()));
+    assert!(
+        xs.contains(name),
+        "xenstore `name` read {xs:?} after the restore, not {name}"
+    );
+
+    // Live migration of the restored guest (issue 15, acceptance 3).
+    let mut m = Console::spawn(&[
+        "migrate-receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        &mname,
+        "--console-input",
+        "stdin",
+    ]);
+    let addr = m
+        .wait_for_stderr("listening on ", Duration::from_secs(60))
+        .and_then(|l| {
+            Some(
+                l.split("listening on ")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .to_string(),
+            )
+        })
+        .unwrap_or_else(|| panic!("migrate-receive printed no address{}", m.ctx()));
+    let mig = Command::new(env!("CARGO_BIN_EXE_xenkvm"))
+        .args(["migrate", &rname, &addr])
+        .output()
+        .expect("cannot run xenkvm migrate");
+    println!("{}", String::from_utf8_lossy(&mig.stdout).trim_end());
+    assert!(
+        mig.status.success(),
+        "migrate failed: {}{}",
+        String::from_utf8_lossy(&mig.stderr),
+        r.ctx()
+    );
+    let rb = r.finish();
+    assert!(rb.success, "the migrated-away source did not exit 0");
+    m.type_line(MIGRATED_COMMAND);
+    let migrated = m
+        .wait_for("MIGRATED ", Duration::from_secs(900))
+        .unwrap_or_else(|| panic!("the migrated guest never answered{}", m.ctx()));
+    let mup = uptime_after(&migrated, "MIGRATED").expect("MIGRATED uptime");
+    println!("migrated: uptime {up:.2} -> {mup:.2} s");
+    assert!(
+        mup >= up,
+        "uptime went back across the migration: {up} -> {mup}"
+    );
+    m.type_line(SHELL_COMMANDS.trim_end());
+    let mb = m.finish();
+    assert!(
+        mb.stdout.contains("GUEST-POWEROFF ") && mb.success,
+        "the migrated guest did not power off cleanly\n{}",
+        mb.stdout
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// The restore and migration half of the CI boot test, from an image saved
+/// earlier (`XENKVM_LINUX_IMAGE=FILE`, `XENKVM_LINUX_IMAGE_NAME=` the
+/// domain's name when saved): minutes instead of a 40-minute boot, for
+/// working on restore.
+#[test]
+#[cfg_attr(
+    not(xenkvm_linux),
+    ignore = "boots Linux for minutes: run with XENKVM_LINUX=1 cargo test --test linux"
+)]
+fn linux_saved_image_restores_and_migrates_answering() {
+    let test = "linux_saved_image_restores_and_migrates_answering";
+    let Some(img) = std::env::var("XENKVM_LINUX_IMAGE").ok() else {
+        common::skip(
+            test,
+            "set XENKVM_LINUX_IMAGE to a saved Linux guest at its shell",
+        );
+        return;
+    };
+    if !enabled(test) {
+        return;
+    }
+    let name = std::env::var("XENKVM_LINUX_IMAGE_NAME").unwrap_or_default();
+    restore_then_migrate(&img, &name, None);
+}
+
+/// The first number after `tag` on a console line (the uptime in the
+/// `echo TAG $(cat /proc/uptime) ...` lines).
+fn uptime_after(line: &str, tag: &str) -> Option<f64> {
+    line.split(tag)
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A xenkvm process (restore, migrate-receive) whose guest console the test
+/// reads line by line and types into.
+struct Console {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    out: String,
+    err: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Console {
+    fn spawn(args: &[&str]) -> Console {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_xenkvm"))
+            .args(args)
+            .env("XENKVM_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run the xenkvm binary");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                println!("{line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let e2 = err.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut e = e2.lock().unwrap();
+                e.push_str(&line);
+                e.push('\n');
+            }
+        });
+        Console {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            out: String::new(),
+            err,
+        }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        if let Some(stdin) = self.stdin.as_mut() {
+            let _ = stdin.write_all(line.as_bytes());
+            let _ = stdin.write_all(b"\n");
+            let _ = stdin.flush();
+        }
+    }
+
+    /// The next console line with `tag` that is output, not the typed
+    /// command echoed back (which has the `$(` of its substitutions).
+    fn wait_for(&mut self, tag: &str, limit: Duration) -> Option<String> {
+        let end = Instant::now() + limit;
+        loop {
+            let left = end.checked_duration_since(Instant::now())?;
+            let line = self.lines.recv_timeout(left).ok()?;
+            self.out.push_str(&line);
+            self.out.push('\n');
+            if line.contains(tag) && !line.contains("$(") {
+                return Some(line);
+            }
+        }
+    }
+
+    fn wait_for_stderr(&mut self, tag: &str, limit: Duration) -> Option<String> {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Some(l) = self.err.lock().unwrap().lines().find(|l| l.contains(tag)) {
+                return Some(l.to_string());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The end of the log and console so far, for a failure message.
+    fn ctx(&self) -> String {
+        let tail = |s: &str, n: usize| {
+            let v: Vec<&str> = s.lines().collect();
+            v[v.len().saturating_sub(n)..].join("\n")
+        };
+        format!(
+            "\n--- xenkvm log (end) ---\n{}\n--- guest console (end) ---\n{}",
+            tail(&self.err.lock().unwrap(), 12),
+            tail(&self.out, 30)
+        )
+    }
+
+    /// Closes stdin and waits for the process (its guest powers off or it
+    /// migrated away).
+    fn finish(mut self) -> Boot {
+        let t = Instant::now();
+        drop(self.stdin.take());
+        while let Ok(line) = self.lines.recv() {
+            self.out.push_str(&line);
+            self.out.push('\n');
+        }
+        let status = self.child.wait().expect("xenkvm did not finish");
+        let stderr = self.err.lock().unwrap().clone();
+        Boot {
+            stdout: self.out,
+            stderr,
+            success: status.success(),
+            wall: t.elapsed(),
+            wall_to_up: None,
+        }
+    }
 }
 
 #[test]

@@ -1,7 +1,10 @@
 //! Reading an image back: [`load`] reads and checks the whole image
 //! (structure of every layer, the HVM_CONTEXT records and their conversion
-//! to KVM state) before anything is written to a guest; [`apply_pages`]
-//! then reads it again and copies the pages into the new guest's RAM.
+//! to KVM state) before anything is written to a guest, seeking over the
+//! page data (its length is checked against the file's); [`apply_pages`]
+//! then reads the records again and the pages into the new guest's RAM
+//! ([`super::pagefile`]: `pread` and `pwrite`, the image's holes and zero
+//! pages left out).
 //!
 //! Accepted: an xl image (with or without its JSON config), a bare libxl or
 //! libxc stream; libxc v2 and v3; HVM_PARAMS before or after HVM_CONTEXT;
@@ -20,15 +23,12 @@
 use std::io::BufReader;
 use std::path::Path;
 
-use vm_memory::{Bytes, GuestAddress};
-
 use super::convert::{self, ConvertError, EventsExtra, KvmIrqchipState, KvmVcpuState};
 use super::hvm_context::{self, HvmRecord};
 use super::stream::image::{ImageReader, Item};
 use super::stream::libxc::{LibxcRecord, PageType, PAGE_SIZE};
-use super::stream::StreamError;
+use super::stream::{Src, StreamError};
 use super::xenkvm_records::{self, XenState};
-use crate::GuestMem;
 
 /// Why a restore failed.
 #[derive(Debug, thiserror::Error)]
@@ -89,12 +89,62 @@ pub struct RestoreImage {
     pub xen_state: Option<XenState>,
 }
 
-fn open(path: &Path) -> Result<ImageReader<BufReader<std::fs::File>>, RestoreError> {
-    let f = std::fs::File::open(path).map_err(|e| RestoreError::File {
-        path: path.display().to_string(),
-        why: e.to_string(),
-    })?;
-    Ok(ImageReader::new(BufReader::with_capacity(1 << 20, f)))
+/// The image's records are read through a buffer this large; page data
+/// is seeked over or read with `pread` (a larger buffer would read ahead
+/// into page data only to drop it).
+const RECORD_BUF: usize = 64 << 10;
+
+type Reader = BufReader<std::fs::File>;
+
+fn open(path: &Path) -> Result<(std::fs::File, ImageReader<Reader>), RestoreError> {
+    // Two opens, not a dup: `SEEK_DATA` on one must not move the other.
+    let f = std::fs::File::open(path)
+        .and_then(|f| Ok((f, std::fs::File::open(path)?)))
+        .map_err(|e| RestoreError::File {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?;
+    Ok((
+        f.0,
+        ImageReader::new(BufReader::with_capacity(RECORD_BUF, f.1)),
+    ))
+}
+
+/// Moves `src` over a PAGE_DATA record's page data (`pages` pages at the
+/// current offset; the record has `nr_pfns` entries), which must end
+/// within `file_len` bytes.
+fn skip_page_data(
+    src: &mut Src<Reader>,
+    nr_pfns: usize,
+    pages: u64,
+    file_len: u64,
+) -> Result<(), StreamError> {
+    let at = src.offset();
+    let len = pages * PAGE_SIZE as u64;
+    // The record's header (8 bytes), count and reserved (8), pfns.
+    let start = at.saturating_sub(16 + 8 * nr_pfns as u64);
+    let what = "record PAGE_DATA";
+    if at.saturating_add(len) > file_len {
+        return Err(StreamError::Truncated {
+            layer: "libxc",
+            what: what.into(),
+            offset: start,
+            have: file_len.saturating_sub(start),
+            need: at + len - start,
+        });
+    }
+    let n =
+        i64::try_from(len).map_err(|_| StreamError::invalid("libxc", what, start, "too long"))?;
+    src.get_mut()
+        .seek_relative(n)
+        .map_err(|source| StreamError::Io {
+            layer: "libxc",
+            what: what.into(),
+            offset: start,
+            source,
+        })?;
+    src.count(len);
+    Ok(())
 }
 
 /// Reads and checks the whole image at `path`.
@@ -108,7 +158,18 @@ pub fn load(path: &Path) -> Result<RestoreImage, RestoreError> {
         path: p.clone(),
         why,
     };
-    let mut r = open(path)?;
+    let (file, mut r) = open(path)?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| RestoreError::File {
+            path: p.clone(),
+            why: e.to_string(),
+        })?
+        .len();
+    let mut skip = |pfns: &[(u64, PageType)], src: &mut Src<Reader>| {
+        let n = pfns.iter().filter(|(_, t)| t.has_data()).count() as u64;
+        skip_page_data(src, pfns.len(), n, file_len)
+    };
     let mut config: Option<Vec<u8>> = None;
     let mut blob = None;
     let mut params = Vec::new();
@@ -117,7 +178,7 @@ pub fn load(path: &Path) -> Result<RestoreImage, RestoreError> {
     let mut tsc_khz = 0;
     let mut ended = false;
     let mut xen_state = None;
-    while let Some((at, item)) = r.next_item().map_err(stream)? {
+    while let Some((at, item)) = r.next_item_with(&mut skip).map_err(stream)? {
         match item {
             Item::Xl(x) => config = x.config,
             Item::Libxc(LibxcRecord::PageData(pd)) => {
@@ -235,35 +296,48 @@ pub fn load(path: &Path) -> Result<RestoreImage, RestoreError> {
     })
 }
 
-/// Copies the image's pages into `mem` (the image was checked by [`load`]).
-pub fn apply_pages(path: &Path, mem: &GuestMem) -> Result<u64, RestoreError> {
+/// Reads the image's pages into `map`'s RAM (the image was checked by
+/// [`load`]); returns how many pages the image holds. `fresh`: nothing was
+/// written to the RAM before (then pages that are zero are left out, see
+/// [`super::pagefile`]).
+pub fn apply_pages(path: &Path, map: &gpc::MemoryMap, fresh: bool) -> Result<u64, RestoreError> {
     let p = path.display().to_string();
-    let mut r = open(path)?;
-    let mut n = 0;
-    while let Some((at, item)) = r.next_item().map_err(|source| RestoreError::Stream {
-        path: p.clone(),
-        source,
-    })? {
-        match item {
-            Item::Libxc(LibxcRecord::PageData(pd)) => {
-                for (pfn, t) in &pd.pfns {
-                    if *t == PageType::Broken {
-                        tracing::warn!(pfn, "PAGE_DATA: a BROKEN page is restored as zeroes");
-                    }
-                }
-                for (pfn, data) in pd.pages() {
-                    let gpa = pfn.saturating_mul(PAGE_SIZE as u64);
-                    mem.write_slice(data, GuestAddress(gpa)).map_err(|e| RestoreError::Unsupported {
-                        path: p.clone(),
-                        why: format!("libxc record PAGE_DATA at offset {at:#x}: pfn {pfn:#x} is outside the guest's RAM ({e})"),
-                    })?;
-                    n += 1;
-                }
+    let (file, mut r) = open(path)?;
+    let mut loader = super::pagefile::PageLoader::new(&file, map, fresh);
+    let mut n = 0u64;
+    let mut frames = Vec::with_capacity(super::stream::libxc::MAX_BATCH);
+    let mut pages = |pfns: &[(u64, PageType)], src: &mut Src<Reader>| {
+        for (pfn, t) in pfns {
+            if *t == PageType::Broken {
+                tracing::warn!(pfn, "PAGE_DATA: a BROKEN page is restored as zeroes");
             }
-            Item::End => break,
-            _ => {}
+        }
+        frames.clear();
+        frames.extend(pfns.iter().filter(|(_, t)| t.has_data()).map(|(p, _)| *p));
+        let at = src.offset();
+        loader.load(at, &frames).map_err(|e| {
+            let start = at.saturating_sub(16 + 8 * pfns.len() as u64);
+            StreamError::invalid("libxc", "record PAGE_DATA", start, e.to_string())
+        })?;
+        n += frames.len() as u64;
+        skip_page_data(src, pfns.len(), frames.len() as u64, u64::MAX)
+    };
+    while let Some((_, item)) =
+        r.next_item_with(&mut pages)
+            .map_err(|source| RestoreError::Stream {
+                path: p.clone(),
+                source,
+            })?
+    {
+        if item == Item::End {
+            break;
         }
     }
+    tracing::debug!(
+        written = loader.stored,
+        left_out = loader.skipped,
+        "restore: pages loaded"
+    );
     Ok(n)
 }
 
@@ -275,6 +349,7 @@ mod tests {
     use crate::migration::convert::tests::{irqchip, long_mode_vcpu};
     use crate::migration::save::{write_image, SaveMeta};
     use crate::migration::xenkvm_records::{ClockState, Runstate, VcpuXenState};
+    use crate::GuestMem;
 
     /// A file removed when dropped.
     struct Tmp(std::path::PathBuf);

@@ -710,6 +710,11 @@ impl Vcpu {
             }
             return State::Running;
         }
+        if let Some(f) = frame {
+            if let Some(next) = self.unpatched_hypercall(&f, regs, sregs) {
+                return next;
+            }
+        }
         match x86::fetch(&self.m.mem, &regs, &sregs) {
             Ok(insn) if step_over(&insn, &mut regs) => {
                 self.kvm.put_synced_regs(&regs);
@@ -724,6 +729,42 @@ impl Vcpu {
             }
         }
         State::Running
+    }
+
+    /// At the #PF-handler trap: if the fault is the host's failed rewrite
+    /// of a hypercall instruction (see [`crate::arch::x86::hcall_patch`]),
+    /// drop the exception, handle the hypercall and trap its site.
+    fn unpatched_hypercall(
+        &mut self,
+        f: &crate::arch::x86::syscall_fix::Frame,
+        mut regs: kvm_bindings::kvm_regs,
+        sregs: kvm_bindings::kvm_sregs,
+    ) -> Option<State> {
+        use crate::arch::x86::hcall_patch::{
+            is_unpatched_hypercall, unwind, writes_own_instruction,
+        };
+        // Every kernel #PF comes here: fetch the instruction only for a
+        // write inside it.
+        if !writes_own_instruction(f, sregs.cr2) {
+            return None;
+        }
+        let mut at = regs;
+        at.rip = f.rip;
+        let insn = x86::fetch(&self.m.mem, &at, &sregs).ok()?;
+        if !is_unpatched_hypercall(f, sregs.cr2, insn.code()) {
+            return None;
+        }
+        unwind(&mut regs, f);
+        let pc = x86::linear_rip(&regs, &sregs);
+        tracing::info!(
+            vcpu = self.id,
+            pc = format_args!("{pc:#x}"),
+            "hypercall the host could not rewrite (read-only text): handled, site trapped"
+        );
+        let (regs, next) = self.trapped_hypercall(regs, sregs);
+        self.kvm.put_synced_regs(&regs);
+        self.arm_breakpoint(pc);
+        Some(next)
     }
 
     /// Keeps the #UD-handler breakpoint on the guest's current #UD handler:

@@ -12,6 +12,7 @@ pub mod avx;
 pub mod cpl3;
 pub mod cpuid;
 pub mod gates;
+pub mod hcall_patch;
 pub mod invpcid;
 pub mod more;
 pub mod sse_fp;
