@@ -24,6 +24,19 @@ impl MemoryMap {
         mark_dirty: bool,
     ) -> Result<Vec<libc::iovec>, Error> {
         let mut v = Vec::with_capacity(segs.len());
+        self.iovecs_into(segs, mark_dirty, &mut v)?;
+        Ok(v)
+    }
+
+    /// [`iovecs`](Self::iovecs) appended to `v` (a buffer the caller
+    /// reuses: no allocation per I/O); on an error `v` holds a prefix.
+    pub(crate) fn iovecs_into(
+        &self,
+        segs: &[Segment],
+        mark_dirty: bool,
+        v: &mut Vec<libc::iovec>,
+    ) -> Result<(), Error> {
+        let first = v.len();
         for s in segs {
             let mut gpa = s.gpa.0;
             let end = gpa.checked_add(s.len as u64).ok_or(Error::BadLength {
@@ -52,27 +65,55 @@ impl MemoryMap {
                 gpa += n;
             }
         }
-        if v.len() > MAX_IO_PIECES {
+        if v.len() - first > MAX_IO_PIECES {
             return Err(Error::BadLength {
                 max_pages: MAX_IO_PIECES,
             });
         }
-        Ok(v)
+        Ok(())
     }
 
     /// Reads `file` at `offset` into the guest ranges `segs` (in order)
     /// with `preadv`, retrying short reads; end of file before the ranges
     /// are full is `UnexpectedEof`. Every range must be guest RAM.
     pub fn read_file_into(&self, file: &File, offset: u64, segs: &[Segment]) -> io::Result<usize> {
-        let iov = self.iovecs(segs, true).map_err(io::Error::other)?;
-        self.vectored(file, offset, iov, true)
+        self.with_iovecs(segs, true, |iov| self.vectored(file, offset, iov, true))
     }
 
     /// Writes the guest ranges `segs` (in order) to `file` at `offset` with
     /// `pwritev`, retrying short writes. Every range must be guest RAM.
     pub fn write_file_from(&self, file: &File, offset: u64, segs: &[Segment]) -> io::Result<usize> {
-        let iov = self.iovecs(segs, false).map_err(io::Error::other)?;
-        self.vectored(file, offset, iov, false)
+        self.with_iovecs(segs, false, |iov| self.vectored(file, offset, iov, false))
+    }
+
+    /// Runs `f` over the iovecs of `segs`, built in this thread's scratch
+    /// buffer (a backend's I/O thread makes no allocation per I/O).
+    fn with_iovecs<R>(
+        &self,
+        segs: &[Segment],
+        mark_dirty: bool,
+        f: impl FnOnce(&mut [libc::iovec]) -> io::Result<R>,
+    ) -> io::Result<R> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<libc::iovec>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with(|cell| {
+            // A nested call (none today) gets its own buffer.
+            let mut own = Vec::new();
+            let mut borrowed = cell.try_borrow_mut();
+            let v = match borrowed.as_deref_mut() {
+                Ok(v) => v,
+                Err(_) => &mut own,
+            };
+            v.clear();
+            let r = self
+                .iovecs_into(segs, mark_dirty, v)
+                .map_err(io::Error::other)
+                .and_then(|()| f(v));
+            // The pointers into guest RAM are not kept past the call.
+            v.clear();
+            r
+        })
     }
 
     /// Writes `head` (private bytes) and then the guest ranges `segs` to
@@ -149,7 +190,7 @@ impl MemoryMap {
         &self,
         file: &File,
         offset: u64,
-        mut iov: Vec<libc::iovec>,
+        iov: &mut [libc::iovec],
         read: bool,
     ) -> io::Result<usize> {
         let total: usize = iov.iter().map(|v| v.iov_len).sum();

@@ -2,8 +2,11 @@
 //! io_uring (the `io-uring` crate): a backend queues several
 //! `readv`/`writev` of guest ranges and submits them with one system call.
 //! The iovecs are built as in `fileio` (host addresses of RAM pages, pages
-//! read into marked dirty) and kept alive until their completion. Short
-//! transfers are completed with `preadv`/`pwritev`.
+//! read into marked dirty) and kept alive until their completion; a single
+//! piece goes as a plain `read`/`write` (no iovec for the kernel to import),
+//! and a file registered with [`FileRing::register`] is used as a fixed
+//! file (no file table lookup per I/O). The iovec buffers are reused from
+//! batch to batch. Short transfers are completed with `preadv`/`pwritev`.
 
 use std::fs::File;
 use std::io;
@@ -26,6 +29,10 @@ pub struct FileRing {
     ring: io_uring::IoUring,
     map: MemoryMap,
     pending: Vec<Pending>,
+    /// Emptied iovec buffers of earlier batches.
+    spare: Vec<Vec<libc::iovec>>,
+    /// The file registered as fixed file 0.
+    registered: Option<std::os::fd::RawFd>,
 }
 
 // SAFETY: the raw iovec pointers in `pending` point into guest RAM mappings
@@ -50,14 +57,38 @@ impl FileRing {
             ring: io_uring::IoUring::new(entries)?,
             map: map.clone(),
             pending: Vec::new(),
+            spare: Vec::new(),
+            registered: None,
         })
+    }
+
+    /// Registers `file` as the ring's fixed file: [`run`](Self::run) on
+    /// the same descriptor then spares the kernel a file table lookup per
+    /// I/O. The kernel holds its own reference until the ring is dropped;
+    /// the caller keeps `file` open as long as it runs I/O on this ring
+    /// (a different file reusing the descriptor number would otherwise be
+    /// mistaken for it).
+    pub fn register(&mut self, file: &File) -> io::Result<()> {
+        if self.registered.is_some() {
+            self.ring.submitter().unregister_files()?;
+            self.registered = None;
+        }
+        self.ring.submitter().register_files(&[file.as_raw_fd()])?;
+        self.registered = Some(file.as_raw_fd());
+        Ok(())
     }
 
     /// Queues a read of the file at `offset` into `segs` (or a write of
     /// `segs` there); returns its index in the batch. Nothing is submitted
     /// until [`run`](Self::run).
     pub fn queue(&mut self, offset: u64, segs: &[Segment], write: bool) -> Result<usize, Error> {
-        let iov = self.map.iovecs(segs, !write)?;
+        let mut iov = self.spare.pop().unwrap_or_default();
+        iov.clear();
+        if let Err(e) = self.map.iovecs_into(segs, !write, &mut iov) {
+            iov.clear();
+            self.spare.push(iov);
+            return Err(e);
+        }
         let total = iov.iter().map(|v| v.iov_len).sum();
         self.pending.push(Pending {
             iov,
@@ -83,6 +114,7 @@ impl FileRing {
     /// returns the results in queue order (bytes moved, always the whole
     /// length on success).
     pub fn run(&mut self, file: &File) -> Vec<io::Result<usize>> {
+        let fixed = self.registered == Some(file.as_raw_fd());
         let fd = io_uring::types::Fd(file.as_raw_fd());
         let n = self.pending.len();
         let mut next = 0usize;
@@ -93,19 +125,10 @@ impl FileRing {
                 let mut sq = self.ring.submission();
                 while next < n && !sq.is_full() {
                     let p = &self.pending[next];
-                    let cnt = p.iov.len() as u32;
-                    let e = if p.write {
-                        io_uring::opcode::Writev::new(fd, p.iov.as_ptr(), cnt)
-                            .offset(p.offset)
-                            .build()
-                    } else {
-                        io_uring::opcode::Readv::new(fd, p.iov.as_ptr(), cnt)
-                            .offset(p.offset)
-                            .build()
-                    }
-                    .user_data(next as u64);
-                    // SAFETY: the iovec array (heap buffer of `p.iov`) and
-                    // the guest pages it names stay valid until this entry
+                    let e = entry(p, fd, fixed).user_data(next as u64);
+                    // SAFETY: the iovec array (heap buffer of `p.iov`, or
+                    // for one piece the guest range it names) and the
+                    // guest pages it names stay valid until this entry
                     // completes: `pending` is not touched until every
                     // completion is reaped below, and the RAM mappings live
                     // as long as `self.map`.
@@ -128,12 +151,8 @@ impl FileRing {
                 }
                 break;
             }
-            let cqes: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (ud, res) in cqes {
+            for c in self.ring.completion() {
+                let (ud, res) = (c.user_data(), c.result());
                 let Some(p) = self.pending.get_mut(ud as usize) else {
                     continue;
                 };
@@ -145,23 +164,64 @@ impl FileRing {
                 done += 1;
             }
         }
-        let pending = std::mem::take(&mut self.pending);
-        pending
-            .into_iter()
-            .map(|p| match p.result {
+        let mut pending = std::mem::take(&mut self.pending);
+        let results = pending
+            .iter_mut()
+            .map(|p| match p.result.take() {
                 Some(Ok(n)) if n < p.total => {
                     // Short: finish the rest synchronously.
-                    let mut iov = p.iov;
-                    crate::fileio::advance(&mut iov, n);
-                    let iov = iov.into_iter().filter(|v| v.iov_len > 0).collect();
+                    let first = crate::fileio::advance(&mut p.iov, n);
                     self.map
-                        .vectored(file, p.offset + n as u64, iov, !p.write)
+                        .vectored(file, p.offset + n as u64, &mut p.iov[first..], !p.write)
                         .map(|m| n + m)
                 }
                 Some(r) => r,
                 None => Err(io::Error::other("io_uring request lost")),
             })
-            .collect()
+            .collect();
+        // Every entry is complete: the buffers (and the pointers into guest
+        // RAM they held) go back to the pool, emptied.
+        for mut p in pending.drain(..) {
+            p.iov.clear();
+            self.spare.push(p.iov);
+        }
+        self.pending = pending;
+        results
+    }
+}
+
+/// The submission entry of `p`: a plain read or write for one piece, else
+/// a vectored one; on the fixed file when `fixed`.
+fn entry(p: &Pending, fd: io_uring::types::Fd, fixed: bool) -> io_uring::squeue::Entry {
+    use io_uring::opcode::{Read, Readv, Write, Writev};
+    use io_uring::types::Fixed;
+    let fits = |one: &libc::iovec| u32::try_from(one.iov_len).is_ok();
+    macro_rules! op {
+        ($fd:expr) => {
+            match (p.iov.as_slice(), p.write) {
+                ([one], false) if fits(one) => {
+                    Read::new($fd, one.iov_base.cast(), one.iov_len as u32)
+                        .offset(p.offset)
+                        .build()
+                }
+                ([one], true) if fits(one) => {
+                    Write::new($fd, one.iov_base.cast(), one.iov_len as u32)
+                        .offset(p.offset)
+                        .build()
+                }
+                (iov, false) => Readv::new($fd, iov.as_ptr(), iov.len() as u32)
+                    .offset(p.offset)
+                    .build(),
+                (iov, true) => Writev::new($fd, iov.as_ptr(), iov.len() as u32)
+                    .offset(p.offset)
+                    .build(),
+            }
+        };
+    }
+    if fixed {
+        op!(Fixed(0))
+    } else {
+        op!(fd)
     }
 }
 
@@ -212,5 +272,28 @@ mod tests {
         assert!(ring
             .queue(0, &[Segment::new(GuestAddress(0x20000), 512)], false)
             .is_err());
+        // The file registered: a vectored and a single-piece read.
+        ring.register(&f).unwrap();
+        let two = [
+            Segment::new(GuestAddress(0x8000), 0x200),
+            Segment::new(GuestAddress(0x9000), 0x600),
+        ];
+        ring.queue(0x1000, &two, false).unwrap();
+        ring.queue(0x2000, &[Segment::new(GuestAddress(0xa000), 0x800)], false)
+            .unwrap();
+        let r = ring.run(&f);
+        assert!(matches!(r[..], [Ok(0x800), Ok(0x800)]), "{r:?}");
+        let mut got = vec![0u8; 0x800];
+        map.guest_memory()
+            .read_slice(&mut got[..0x200], GuestAddress(0x8000))
+            .unwrap();
+        map.guest_memory()
+            .read_slice(&mut got[0x200..], GuestAddress(0x9000))
+            .unwrap();
+        assert_eq!(got, data[0x1000..0x1800]);
+        map.guest_memory()
+            .read_slice(&mut got, GuestAddress(0xa000))
+            .unwrap();
+        assert_eq!(got, data[0x2000..0x2800]);
     }
 }

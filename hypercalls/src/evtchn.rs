@@ -821,10 +821,7 @@ impl Domain {
 
     /// Whether `gfn` is RAM in the guest's memory map.
     pub(crate) fn is_ram(&self, gfn: Gfn) -> bool {
-        let a = gfn.gpa();
-        self.platform.memory_map().iter().any(|e| {
-            e.kind == crate::platform::E820Entry::RAM && a >= e.addr && a - e.addr < e.size
-        })
+        self.platform.is_ram(gfn.gpa())
     }
 }
 

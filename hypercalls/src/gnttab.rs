@@ -87,6 +87,8 @@ pub(crate) struct GrantTable {
     pub status: Vec<Arc<dyn SharedPage>>,
     pub active: HashMap<u32, Active, U32Hash>,
     pub maps: HashMap<u32, MapEntry, U32Hash>,
+    /// Pins held by `Domain::grant_pin_batch` (no handle; bounded with `maps`).
+    pub pins: usize,
     pub next_handle: u32,
 }
 
@@ -99,6 +101,7 @@ impl GrantTable {
             status: Vec::new(),
             active: HashMap::default(),
             maps: HashMap::default(),
+            pins: 0,
             next_handle: 0,
         };
         gt.grow(p, gnttabop::INITIAL_FRAMES)

@@ -1,7 +1,8 @@
 //! Using grants: reading entries in either version, pinning them (setting GTF_reading and
 //! GTF_writing as Xen's `_set_status_v1/v2` do, clearing them when the last pin goes), the
 //! dom0-side API the VMM's backends call ([`Domain::grant_map`], [`Domain::grant_unmap`],
-//! [`Domain::grant_copy_from`], [`Domain::grant_copy_to`]), and `GNTTABOP_copy`.
+//! [`Domain::grant_pin_batch`] for an I/O's duration, [`Domain::grant_copy_from`],
+//! [`Domain::grant_copy_to`]), and `GNTTABOP_copy`.
 //!
 //! A grant is usable by domain `L` when its type is `GTF_permit_access` (no `GTF_sub_page`
 //! for a mapping), its `domid` is `L` (0 for the VMM's backends), and for write access it is
@@ -257,10 +258,12 @@ pub(crate) fn pin(
 
 /// Drop one pin of `gref`: GTF_writing goes with the last writer, GTF_reading with the last
 /// pin (`unmap_common_complete` / `release_grant_for_copy`).
-pub(crate) fn unpin(gt: &mut GrantTable, gref: u32, readonly: bool) {
-    let Some(mut a) = gt.active.get(&gref).copied() else {
-        return;
+pub(crate) fn unpin(gt: &mut GrantTable, gref: u32, readonly: bool) -> bool {
+    // One lookup: the entry is updated or removed in place.
+    let std::collections::hash_map::Entry::Occupied(mut e) = gt.active.entry(gref) else {
+        return false;
     };
+    let a = e.get_mut();
     if readonly {
         a.readers = a.readers.saturating_sub(1);
     } else {
@@ -272,11 +275,10 @@ pub(crate) fn unpin(gt: &mut GrantTable, gref: u32, readonly: bool) {
     }
     if a.readers + a.writers == 0 {
         clear |= gnttabop::GTF_READING;
-        gt.active.remove(&gref);
-    } else {
-        gt.active.insert(gref, a);
+        e.remove();
     }
     clear_bits(gt, gref, clear);
+    true
 }
 
 /// A grant mapped by the dom0 side ([`Domain::grant_map`]).
@@ -360,14 +362,7 @@ impl Domain {
         out: &mut Vec<GrantMapping>,
     ) -> Result<(), (usize, Error)> {
         self.check_granter(domid).map_err(|e| (0, e))?;
-        // The memory map once for the batch (`is_ram` asks the platform each time).
-        let e820 = self.platform.memory_map();
-        let is_ram = |g: &Gfn| {
-            let a = g.gpa();
-            e820.iter().any(|e| {
-                e.kind == crate::platform::E820Entry::RAM && a >= e.addr && a - e.addr < e.size
-            })
-        };
+        let is_ram = |g: &Gfn| self.is_ram(*g);
         let mut gt = self.gnttab.lock();
         let first = out.len();
         for (i, &(gref, readonly)) in refs.iter().enumerate() {
@@ -395,6 +390,63 @@ impl Domain {
             }
         }
         Ok(())
+    }
+
+    /// Pins several grants of domain `domid` (this domain) for an access that ends before the
+    /// caller answers the guest (a backend's I/O into or out of the granted pages), under one
+    /// lock: each `(gref, readonly)` is checked and pinned as [`Domain::grant_map`] does
+    /// (GTF_reading, and GTF_writing unless `readonly`, set in the guest's view) and its frame
+    /// appended to `out`, but no handle is recorded: the caller gives each pin back exactly
+    /// once with [`Domain::grant_unpin_batch`] and the same `(gref, readonly)`. Cheaper than
+    /// a map and unmap (no handle table). Pins count against the same limit as mappings. On
+    /// the first failure the pins this call took are dropped again and the error comes with
+    /// the failing grant's position in `refs`.
+    pub fn grant_pin_batch(
+        &self,
+        refs: &[(u32, bool)],
+        domid: u16,
+        out: &mut Vec<Gfn>,
+    ) -> Result<(), (usize, Error)> {
+        self.check_granter(domid).map_err(|e| (0, e))?;
+        let mut gt = self.gnttab.lock();
+        let first = out.len();
+        for (i, &(gref, readonly)) in refs.iter().enumerate() {
+            let r = (|| {
+                if gt.maps.len() + gt.pins >= MAX_MAPS {
+                    return Err(gnttabop::GNTST_NO_DEVICE_SPACE);
+                }
+                let a = pin(&mut gt, gref, 0, readonly, true)?;
+                let Some(gfn) = Gfn::new(a.gfn).filter(|g| self.is_ram(*g)) else {
+                    unpin(&mut gt, gref, readonly);
+                    return Err(gnttabop::GNTST_BAD_PAGE);
+                };
+                gt.pins += 1;
+                Ok(gfn)
+            })();
+            match r {
+                Ok(g) => out.push(g),
+                Err(st) => {
+                    out.truncate(first);
+                    for &(gref, readonly) in &refs[..i] {
+                        unpin(&mut gt, gref, readonly);
+                        gt.pins = gt.pins.saturating_sub(1);
+                    }
+                    return Err((i, Error::Grant(st)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back pins taken by [`Domain::grant_pin_batch`], under one lock (a grant not
+    /// pinned is skipped); a grant's status bits clear with its last pin.
+    pub fn grant_unpin_batch(&self, refs: impl IntoIterator<Item = (u32, bool)>) {
+        let mut gt = self.gnttab.lock();
+        for (gref, readonly) in refs {
+            if unpin(&mut gt, gref, readonly) {
+                gt.pins = gt.pins.saturating_sub(1);
+            }
+        }
     }
 
     /// [`Domain::grant_unmap`] of several handles under one lock (unknown handles are

@@ -101,6 +101,13 @@ pub trait Platform: Send + Sync {
     fn wallclock_ns(&self) -> u64;
     /// The guest's E820 map (`XENMEM_memory_map`; RAM size for the reservation queries).
     fn memory_map(&self) -> Vec<E820Entry>;
+    /// Whether `gpa` is RAM in [`memory_map`](Self::memory_map). Asked for every grant a
+    /// backend maps: a platform whose map is computed should answer without building it.
+    fn is_ram(&self, gpa: u64) -> bool {
+        self.memory_map()
+            .iter()
+            .any(|e| e.kind == E820Entry::RAM && gpa >= e.addr && gpa - e.addr < e.size)
+    }
 
     /// The guest sent on a port bound to a dom0-side service; `remote_port` is the VMM's id for
     /// the service end, as given to `bind_backend_port`/`backend_bind`.

@@ -327,6 +327,12 @@ impl Platform for FakePlatform {
         self.e820.clone()
     }
 
+    fn is_ram(&self, gpa: u64) -> bool {
+        self.e820
+            .iter()
+            .any(|e| e.kind == E820Entry::RAM && gpa >= e.addr && gpa - e.addr < e.size)
+    }
+
     fn notify_backend(&self, remote_port: u32) {
         self.log(Call::Backend(remote_port));
     }

@@ -406,3 +406,44 @@ fn grant_map_batch_rolls_back_on_failure_and_unmaps_in_one_go() {
         assert!(e.d.grant_unmap(out[0].handle).is_err(), "handle gone");
     }
 }
+
+#[test]
+fn grant_pin_batch_sets_status_rolls_back_and_unpins_to_clear() {
+    for v in [1u32, 2] {
+        let e = env(GuestWidth::Bits64);
+        assert_eq!(set_version(&e, v), 0);
+        grant(&e, 10, PERMIT, 0, FRAME, None);
+        grant(&e, 11, PERMIT | READONLY, 0, FRAME + 1, None);
+        grant(&e, 14, PERMIT, 0, 0xfc000, None);
+        let mut out = Vec::new();
+        let (i, err) =
+            e.d.grant_pin_batch(&[(10, false), (11, true), (14, true)], 1, &mut out)
+                .unwrap_err();
+        assert_eq!((i, gnt_err(Err::<(), _>(err))), (2, -9), "third is not RAM");
+        assert!(out.is_empty());
+        assert_eq!((busy(&e, 10), busy(&e, 11)), (0, 0), "pins rolled back");
+        assert!(
+            e.d.grant_pin_batch(&[(11, false)], 1, &mut out).is_err(),
+            "read-only grant pinned for writing"
+        );
+        assert!(
+            e.d.grant_pin_batch(&[(10, true)], 2, &mut out).is_err(),
+            "bad domain"
+        );
+        // A pin beside a mapping of the same grant: the bits go with the last of them.
+        let m = e.d.grant_map(10, 1, true).expect("map");
+        e.d.grant_pin_batch(&[(10, false), (11, true)], 1, &mut out)
+            .expect("batch");
+        assert_eq!(
+            out.iter().map(|g| g.get()).collect::<Vec<_>>(),
+            [FRAME, FRAME + 1]
+        );
+        assert_eq!(busy(&e, 10), READING | WRITING);
+        assert_eq!(busy(&e, 11), READING);
+        // An unknown grant is skipped.
+        e.d.grant_unpin_batch([(10, false), (11, true), (12, true)]);
+        assert_eq!((busy(&e, 10), busy(&e, 11)), (READING, 0));
+        e.d.grant_unmap(m.handle).expect("unmap");
+        assert_eq!(busy(&e, 10), 0);
+    }
+}

@@ -126,6 +126,17 @@ pub fn e820(mem: &crate::GuestMem) -> Vec<E820Entry> {
     v
 }
 
+/// Whether `gpa` is RAM in [`e820`] (without building the map: asked for
+/// every grant a backend maps).
+pub fn is_ram(mem: &crate::GuestMem, gpa: u64) -> bool {
+    gpa < LEGACY_HOLE
+        || (HIGH_START..special_base(mem)).contains(&gpa)
+        || (gpa >= HIGH_RAM_BASE
+            && mem
+                .find_region(GuestAddress(HIGH_RAM_BASE))
+                .is_some_and(|r| gpa - HIGH_RAM_BASE < r.len()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +164,27 @@ mod tests {
             .map(|x| x.size)
             .sum();
         assert!(ram < 64 << 20);
+    }
+
+    #[test]
+    fn is_ram_agrees_with_e820_at_every_boundary() {
+        let m = crate::GuestMem::from_ranges(&[
+            (GuestAddress(0), 64 << 20),
+            (GuestAddress(HIGH_RAM_BASE), 16 << 20),
+        ])
+        .unwrap();
+        let e = e820(&m);
+        let in_e820 = |a: u64| {
+            e.iter()
+                .any(|x| x.kind == E820_RAM && a >= x.addr && a - x.addr < x.size)
+        };
+        for x in &e {
+            for a in [x.addr, x.addr + x.size - 1, x.addr + x.size] {
+                for a in [a.saturating_sub(1), a] {
+                    assert_eq!(is_ram(&m, a), in_e820(a), "{a:#x}");
+                }
+            }
+        }
+        assert!(is_ram(&m, HIGH_RAM_BASE) && !is_ram(&m, HIGH_RAM_BASE + (16 << 20)));
     }
 }

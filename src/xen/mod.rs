@@ -1158,6 +1158,9 @@ impl Platform for XenPlatform {
             })
             .collect()
     }
+    fn is_ram(&self, gpa: u64) -> bool {
+        layout::is_ram(&self.mem, gpa)
+    }
     fn notify_backend(&self, remote_port: u32) {
         let i = match remote_port {
             REMOTE_STORE => 0,

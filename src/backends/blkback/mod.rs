@@ -15,8 +15,10 @@
 //! [`BlkBackend`] holds a guest's devices and reacts to xenstore watch
 //! events on the event loop.
 //!
-//! The host I/O is `preadv`/`pwritev` on the queue's thread, or with
-//! `XENKVM_BLK_URING=1` one io_uring submission per batch (`gpc::FileRing`).
+//! The host I/O of a raw disk: reads through io_uring, one submission per
+//! batch (`gpc::FileRing`), writes `pwritev` on the queue's thread
+//! (`XENKVM_BLK_URING=1` sends writes through io_uring too, `0` reads
+//! through `preadv`; see [`queue::UringUse`]).
 //!
 //! With `persistent-grants` in the disk's spec the backend offers
 //! `feature-persistent` and, when the frontend uses it, keeps its grants
@@ -45,7 +47,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::backends::xenstore::{WatchEvent, XenstoreServer};
 pub use config::{BlkConfig, DiskFormat};
 pub use disk::Disk;
-pub use queue::{Queue, QueueParams, QueueStats, RingSetup};
+pub use queue::{Queue, QueueParams, QueueStats, RingSetup, UringUse};
 pub use xenbus::{backend_step, Step, VbdDevice, XenbusState};
 
 /// Why a disk or a frontend cannot be used.

@@ -4,10 +4,11 @@
 //! to a dom0 port, and the request loop.
 //!
 //! For each request: copy it out of the ring once, parse and check it
-//! (`blkif::parse_request`), map each granted segment (`Domain::grant_map`,
-//! writable only for reads into the guest), hand the host I/O an iovec of
-//! the guest frames (`preadv`/`pwritev`, or `readv`/`writev` through
-//! io_uring, one submission per batch), unmap every grant, and only then write
+//! (`blkif::parse_request`), pin each granted segment
+//! (`Domain::grant_pin_batch`: the status bits a mapping sets, without a
+//! handle; writable only for reads into the guest), hand the host I/O an
+//! iovec of the guest frames (`preadv`/`pwritev`, or `readv`/`writev` through
+//! io_uring, one submission per batch), unpin every grant, and only then write
 //! the response. Reads and writes of consecutive sectors are merged into
 //! one host I/O. Responses are pushed per batch and the frontend is
 //! notified only when `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` says so.
@@ -19,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use gpc::{Cache, GuestAddress, MemoryMap, Segment as GpaRange};
-use hypercalls::{Domain, GrantMapping};
+use hypercalls::{Domain, Gfn, GrantMapping};
 use vm_memory::Bytes;
 
 use super::disk::Disk;
@@ -61,19 +62,47 @@ pub struct QueueParams {
     pub max_indirect: usize,
     /// Discard offered.
     pub discard: bool,
-    /// Submit the host I/O of a batch through io_uring (falls back to
+    /// Which host I/O of a batch is submitted through io_uring (falls back to
     /// `preadv`/`pwritev` where the host has none).
-    pub uring: bool,
+    pub uring: UringUse,
     /// Persistent grants negotiated (`feature-persistent` offered and
     /// written by the frontend): how many to keep mapped (0: none, every
     /// grant is unmapped after its request).
     pub persistent: usize,
 }
 
+/// Which reads and writes of a raw disk go through io_uring (one submission
+/// per batch) rather than `preadv`/`pwritev` on the queue's thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UringUse {
+    /// None.
+    Off,
+    /// Reads (the default): a page-cache hit is copied inside the
+    /// submission, so a batch of reads costs one system call instead of one
+    /// each (measured about 10% less CPU per 4 KiB read than `pread`), and
+    /// reads that miss the cache run in parallel on io_uring's workers.
+    #[default]
+    Reads,
+    /// Reads and writes (buffered writes mostly go to io_uring's worker
+    /// threads: no cheaper than `pwritev`, see the README).
+    All,
+}
+
+impl UringUse {
+    fn covers(self, rw: RwOp) -> bool {
+        match rw {
+            RwOp::Read => self != UringUse::Off,
+            RwOp::Write => self == UringUse::All,
+            RwOp::Barrier | RwOp::Flush => false,
+        }
+    }
+}
+
 /// A merged I/O queued on the io_uring, waiting for its completion.
 struct Inflight {
     members: Vec<(u64, u8)>,
-    maps: Vec<GrantMapping>,
+    /// The group's pinned grants `(gref, readonly)`.
+    pins: Vec<(u32, bool)>,
     write: bool,
     start: u64,
     end: u64,
@@ -133,7 +162,13 @@ pub struct Queue {
     dom0_port: u32,
     raw: Vec<[u8; 112]>,
     segs: Vec<Segment>,
-    maps: Vec<GrantMapping>,
+    /// The pending group's pinned grants `(gref, readonly)`, given back
+    /// (`grant_unpin_batch`) before its requests are answered.
+    pins: Vec<(u32, bool)>,
+    /// Scratch: the frames of the grants just pinned.
+    gfns: Vec<Gfn>,
+    /// Scratch: the part of an indirect page in use.
+    indirect: Vec<u8>,
     ranges: Vec<GpaRange>,
     /// Requests whose I/O is merged into one (consecutive sectors, same op).
     group: Vec<(u64, u8)>,
@@ -144,6 +179,9 @@ pub struct Queue {
     uring: Option<gpc::FileRing>,
     /// Groups queued on `uring`, answered by `drain`.
     inflight: Vec<Inflight>,
+    /// Emptied vectors of answered groups (no allocation per group).
+    spare_members: Vec<Vec<(u64, u8)>>,
+    spare_pins: Vec<Vec<(u32, bool)>>,
     /// Responses pushed that the frontend asked to be notified of.
     notify_pending: bool,
     /// Persistently mapped grants, when negotiated.
@@ -238,9 +276,16 @@ impl Queue {
         }
         // io_uring moves data between the file and guest RAM at the
         // guest's offsets: raw disks only.
-        let uring = if params.uring && disk.file().is_some() {
+        let uring = if params.uring != UringUse::Off && disk.file().is_some() {
             match gpc::FileRing::new(&map, 64) {
-                Ok(r) => Some(r),
+                Ok(mut r) => {
+                    // The disk's file stays open as long as the queue (it
+                    // holds the disk).
+                    if let Some(Err(e)) = disk.file().map(|f| r.register(f)) {
+                        tracing::debug!(queue = %name, %e, "io_uring: file not registered");
+                    }
+                    Some(r)
+                }
                 Err(e) => {
                     tracing::info!(queue = %name, %e, "no io_uring: preadv/pwritev on the queue's thread");
                     None
@@ -265,7 +310,9 @@ impl Queue {
             dom0_port,
             raw: Vec::with_capacity(BATCH),
             segs: Vec::new(),
-            maps: Vec::new(),
+            pins: Vec::new(),
+            gfns: Vec::new(),
+            indirect: vec![0; PAGE],
             ranges: Vec::new(),
             group: Vec::new(),
             group_rw: RwOp::Read,
@@ -273,6 +320,8 @@ impl Queue {
             group_next: 0,
             uring,
             inflight: Vec::new(),
+            spare_members: Vec::new(),
+            spare_pins: Vec::new(),
             notify_pending: false,
             persistent: (params.persistent > 0).then(|| PersistentGrants::new(params.persistent)),
             seg_gpas: Vec::new(),
@@ -533,13 +582,15 @@ impl Queue {
             } => {
                 let mut segs = std::mem::take(&mut self.segs);
                 segs.clear();
-                let mut page = [0u8; PAGE];
+                let mut page = std::mem::take(&mut self.indirect);
+                page.resize(PAGE, 0);
                 let mut left = usize::from(nr_segments);
                 for gref in pages {
                     // One private copy of the part of each indirect page in use.
                     let n = left.min(SEGS_PER_INDIRECT_PAGE);
                     if let Err(e) = self.copy_granted_page(gref, &mut page[..n * 8]) {
                         self.segs = segs;
+                        self.indirect = page;
                         return Ok(Some(self.refuse(
                             id,
                             op,
@@ -549,11 +600,13 @@ impl Queue {
                     }
                     if let Err(why) = parse_indirect_segments(&page[..n * 8], n, &mut segs) {
                         self.segs = segs;
+                        self.indirect = page;
                         return Ok(Some(self.refuse(id, op, RSP_ERROR, why)));
                     }
                     left -= n;
                 }
                 self.segs = segs;
+                self.indirect = page;
                 self.data(id, op, rw, sector)?
             }
         })
@@ -572,16 +625,19 @@ impl Queue {
                 .read_slice(buf, GuestAddress(gpa))
                 .map_err(|e| e.to_string());
         }
-        let m = self
-            .domain
-            .grant_map(gref, self.domid, true)
-            .map_err(|e| e.to_string())?;
-        let r = self
-            .map
-            .guest_memory()
-            .read_slice(buf, GuestAddress(m.gfn.gpa()))
-            .map_err(|e| e.to_string());
-        let _ = self.domain.grant_unmap(m.handle);
+        self.gfns.clear();
+        self.domain
+            .grant_pin_batch(&[(gref, true)], self.domid, &mut self.gfns)
+            .map_err(|(_, e)| e.to_string())?;
+        let r = match self.gfns.first() {
+            Some(g) => self
+                .map
+                .guest_memory()
+                .read_slice(buf, GuestAddress(g.gpa()))
+                .map_err(|e| e.to_string()),
+            None => Err("not pinned".into()),
+        };
+        self.domain.grant_unpin_batch([(gref, true)]);
         r
     }
 
@@ -624,7 +680,7 @@ impl Queue {
         {
             self.run_group()?;
         }
-        // Persistent grants first; map the others (reads write into the
+        // Persistent grants first; pin the others (reads write into the
         // guest: writable), one lock for all.
         self.seg_gpas.clear();
         self.refs.clear();
@@ -638,11 +694,11 @@ impl Queue {
                 self.refs.push((s.gref, writes));
             }
         }
-        let first = self.maps.len();
+        self.gfns.clear();
         if !self.refs.is_empty() {
             if let Err((i, e)) = self
                 .domain
-                .grant_map_batch(&self.refs, self.domid, &mut self.maps)
+                .grant_pin_batch(&self.refs, self.domid, &mut self.gfns)
             {
                 let gref = self.refs.get(i).map_or(0, |r| r.0);
                 return Ok(Some(self.refuse(
@@ -653,11 +709,12 @@ impl Queue {
                 )));
             }
         }
-        let mut mapped = self.maps[first..].iter();
+        self.pins.extend_from_slice(&self.refs);
+        let mut mapped = self.gfns.iter();
         for (&gpa, s) in self.seg_gpas.iter().zip(&self.segs) {
             let gpa = if gpa == NOT_KEPT {
                 match mapped.next() {
-                    Some(m) => m.gfn.gpa(),
+                    Some(g) => g.gpa(),
                     None => break,
                 }
             } else {
@@ -690,7 +747,7 @@ impl Queue {
             return Ok(());
         }
         let rw = self.group_rw;
-        if matches!(rw, RwOp::Read | RwOp::Write) && self.uring.is_some() {
+        if self.params.uring.covers(rw) && self.uring.is_some() {
             let (start, end, write) = (self.group_start, self.group_next, rw == RwOp::Write);
             // Overlapping I/O waits for what is queued (a read after a write
             // of the same sectors sees it).
@@ -704,9 +761,15 @@ impl Queue {
             if let Some(ring) = self.uring.as_mut() {
                 match ring.queue(start * SECTOR, &self.ranges, write) {
                     Ok(_) => {
+                        let mut members = self.spare_members.pop().unwrap_or_default();
+                        members.append(&mut self.group);
+                        let pins = std::mem::replace(
+                            &mut self.pins,
+                            self.spare_pins.pop().unwrap_or_default(),
+                        );
                         self.inflight.push(Inflight {
-                            members: self.group.drain(..).collect(),
-                            maps: self.maps.drain(..).collect(),
+                            members,
+                            pins,
                             write,
                             start,
                             end,
@@ -737,10 +800,13 @@ impl Queue {
             _ => Vec::new(),
         };
         let mut results = results.into_iter();
-        let inflight = std::mem::take(&mut self.inflight);
+        let mut inflight = std::mem::take(&mut self.inflight);
+        // Grants go back before the responses are pushed (one lock for the batch).
+        self.domain
+            .grant_unpin_batch(inflight.iter().flat_map(|g| g.pins.iter().copied()));
         let mut done = std::mem::take(&mut self.done);
         done.clear();
-        for g in inflight {
+        for g in inflight.drain(..) {
             let st = match results.next() {
                 Some(Ok(n)) => {
                     if g.write {
@@ -758,11 +824,15 @@ impl Queue {
                 }
                 None => RSP_ERROR,
             };
-            // Grants go back before the responses are pushed.
-            self.domain
-                .grant_unmap_batch(g.maps.iter().map(|m| m.handle));
             done.extend(g.members.iter().map(|&(id, op)| (id, op, st)));
+            // The vectors are reused by the next groups.
+            let (mut members, mut pins) = (g.members, g.pins);
+            members.clear();
+            pins.clear();
+            self.spare_members.push(members);
+            self.spare_pins.push(pins);
         }
+        self.inflight = inflight;
         let r = self.respond(&done);
         self.done = done;
         r
@@ -771,8 +841,7 @@ impl Queue {
     /// Gives the group's grants back, then answers every member.
     fn answer_group(&mut self, st: i16) -> Result<(), BlkError> {
         // Grants go back before the responses are pushed.
-        self.domain
-            .grant_unmap_batch(self.maps.drain(..).map(|m| m.handle));
+        self.domain.grant_unpin_batch(self.pins.drain(..));
         self.ranges.clear();
         let mut done = std::mem::take(&mut self.done);
         done.clear();
@@ -833,13 +902,9 @@ impl Queue {
 impl Drop for Queue {
     fn drop(&mut self) {
         for g in self.inflight.drain(..) {
-            for m in g.maps {
-                let _ = self.domain.grant_unmap(m.handle);
-            }
+            self.domain.grant_unpin_batch(g.pins);
         }
-        for m in self.maps.drain(..) {
-            let _ = self.domain.grant_unmap(m.handle);
-        }
+        self.domain.grant_unpin_batch(self.pins.drain(..));
         if let Some(p) = self.persistent.as_mut() {
             p.release(&self.domain);
         }
