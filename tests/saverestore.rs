@@ -88,39 +88,12 @@ fn saverestore_kvm_vcpu_state_survives_xen_records() {
 
 // ---- the control socket and xl's verbs, against the built-in test guest
 
+use common::RuntimeDir;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// A private $XDG_RUNTIME_DIR, so tests neither see nor touch real VMs.
-struct RuntimeDir(std::path::PathBuf);
-
-impl RuntimeDir {
-    fn new(tag: &str) -> RuntimeDir {
-        let p = std::env::temp_dir().join(format!("xenkvm-rt-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        RuntimeDir(p)
-    }
-
-    fn xenkvm(&self, args: &[&str]) -> Output {
-        Command::new(common::xenkvm_bin())
-            .args(args)
-            .env("XDG_RUNTIME_DIR", &self.0)
-            .env("XENKVM_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run xenkvm")
-    }
-}
-
-impl Drop for RuntimeDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The guest's stdout, read on a thread into a shared buffer.
 struct Console(Arc<Mutex<Vec<u8>>>);
@@ -1351,4 +1324,289 @@ fn plain_write(path: &std::path::Path, bytes: u64) -> f64 {
     }
     f.sync_all().unwrap();
     t0.elapsed().as_secs_f64()
+}
+
+/// `XENKVM_TEST_BIN=target/release/xenkvm cargo test --release --test
+/// saverestore save_bench -- --ignored --nocapture` (with the save bench
+/// above): for a 1 GiB guest, sparse (`chatter`: a few MiB touched) and
+/// dense (`migpat=8 mpfill=900`: 900 MiB written once, then both vCPUs
+/// rewrite 8 MiB in a loop timed by the guest's TSC):
+///
+/// - the guest's pause for `save --checkpoint` while it runs (dense
+///   guest): the largest gap its own loop saw in the passes around the
+///   checkpoint, next to the gaps of the passes before (the host's noise)
+///   and the time the VMM reports it paused the guest;
+/// - restore: from starting `xenkvm restore IMG --name N` until its control
+///   socket reports the guest `running` (the VM is built, its RAM loaded,
+///   its vCPUs start), next to reading the same file with 1 MiB reads
+///   (`dd if=IMG of=/dev/null bs=1M`), alternating which goes first; the
+///   page cache is dropped before each (`XENKVM_BENCH_CACHE=warm`: the
+///   image is read once before each instead). The sparse guest's first
+///   console line after restore is printed too.
+///
+/// `XENKVM_BENCH_CASES` (default `sparse,dense`), `XENKVM_BENCH_MIB`,
+/// `XENKVM_BENCH_RUNS` (default 6), `XENKVM_BENCH_DIR` as above.
+#[test]
+#[ignore]
+fn save_bench_restore_and_checkpoint_pause_against_plain_read() {
+    if !common::kvm_available("save_bench_restore_and_checkpoint_pause_against_plain_read") {
+        return;
+    }
+    let mib: u64 = std::env::var("XENKVM_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let runs: u32 = std::env::var("XENKVM_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let dir = std::env::var_os("XENKVM_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let warm = std::env::var("XENKVM_BENCH_CACHE").is_ok_and(|v| v == "warm");
+    let cases = std::env::var("XENKVM_BENCH_CASES").unwrap_or_else(|_| "sparse,dense".into());
+    let rt = RuntimeDir::new("restorebench");
+    let guest = common::GuestFile::new("restorebench");
+    for case in cases.split(',') {
+        let (cmdline, ready) = match case {
+            "sparse" => ("chatter".to_string(), "chatter 1"),
+            // The fill must fit: 32 MiB + 8 MiB + fill below the RAM's end.
+            "dense" => (
+                format!("migpat=8 mpfill={}", mib.saturating_sub(124).max(1)),
+                "migpat: pass 3/",
+            ),
+            other => panic!("XENKVM_BENCH_CASES: unknown case {other:?} (sparse, dense)"),
+        };
+        println!("== {mib} MiB guest, {case}: {cmdline:?}");
+        let name = format!("rb-{case}");
+        let mut child = spawn_in(
+            &rt,
+            &[
+                "run",
+                "--xen-console",
+                "console",
+                "--kernel",
+                guest.path(),
+                "--cmdline",
+                &cmdline,
+                "--vcpus",
+                "2",
+                "--memory",
+                &mib.to_string(),
+                "--name",
+                &name,
+                "--timeout",
+                "3600",
+            ],
+        );
+        let console = Console::attach(&mut child);
+        let until = Instant::now() + Duration::from_secs(1800);
+        while !console.text().contains(ready) {
+            assert!(
+                Instant::now() < until && child.try_wait().unwrap().is_none(),
+                "no {ready:?} on the console: {}",
+                console.text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let img = dir.join(format!("xenkvm-restore-bench-{}.img", std::process::id()));
+        let checkpoint = || -> f64 {
+            let out = rt.xenkvm(&["save", "--checkpoint", &name, img.to_str().unwrap()]);
+            assert!(
+                out.status.success(),
+                "save: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let said = String::from_utf8_lossy(&out.stdout).into_owned();
+            said.rsplit(" in ")
+                .next()
+                .and_then(|s| s.trim().strip_suffix(" s"))
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("no time in {said:?}"))
+        };
+        if case == "dense" {
+            // The guest's pause: checkpoints while it runs its loop.
+            println!("checkpoint | VMM paused s | guest's largest gap, passes around it, ms | passes before, ms");
+            for k in 1..=runs.min(3) {
+                let before = gap_lines(&console.text());
+                let paused = checkpoint();
+                let seen = wait_gap_lines(&console, before.len() + 2);
+                let around = seen[before.len()..before.len() + 2]
+                    .iter()
+                    .copied()
+                    .fold(0, u64::max);
+                let prior = before[before.len().saturating_sub(2)..]
+                    .iter()
+                    .copied()
+                    .fold(0, u64::max);
+                println!(
+                    "{k} | {paused:.3} | {:.1} | {:.1}",
+                    around as f64 / 1000.0,
+                    prior as f64 / 1000.0
+                );
+            }
+            assert!(rt.xenkvm(&["pause", &name]).status.success());
+        } else {
+            assert!(rt.xenkvm(&["pause", &name]).status.success());
+            let paused = checkpoint();
+            println!("checkpoint of the paused guest: {paused:.3} s");
+        }
+        // The last checkpoint's image is restored.
+        let bytes = std::fs::metadata(&img).unwrap().len();
+        let on_disk = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&img).unwrap().blocks() * 512
+        };
+        println!(
+            "image: {bytes} bytes, {on_disk} on disk; cache: {}",
+            if warm {
+                "warm (read once before each)"
+            } else {
+                "cold (dropped before each)"
+            }
+        );
+        println!("run | restore to running s | first line s | plain read s | restore MiB/s | plain MiB/s | ratio");
+        let mb = bytes as f64 / 1048576.0;
+        let settle = |path: &std::path::Path| {
+            if warm {
+                plain_read(path);
+            } else {
+                drop_caches();
+            }
+        };
+        let restore = |run: u32| -> (f64, Option<f64>) {
+            settle(&img);
+            let rname = format!("rb-{case}-{run}");
+            let sock = rt.0.join("xenkvm").join(format!("{rname}.sock"));
+            let t0 = Instant::now();
+            let mut r = spawn_in(
+                &rt,
+                &[
+                    "restore",
+                    img.to_str().unwrap(),
+                    "--xen-console",
+                    "console",
+                    "--name",
+                    &rname,
+                    "--timeout",
+                    "600",
+                ],
+            );
+            let out = Console::attach(&mut r);
+            let until = Instant::now() + Duration::from_secs(300);
+            let running = loop {
+                if control_info(&sock).is_some_and(|i| i.contains(" state=running ")) {
+                    break t0.elapsed().as_secs_f64();
+                }
+                assert!(Instant::now() < until, "the restored guest never ran");
+                assert!(r.try_wait().unwrap().is_none(), "restore ended");
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            let line = (case == "sparse").then(|| {
+                while !out.text().contains("chatter ") {
+                    assert!(Instant::now() < until, "no console line after restore");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                t0.elapsed().as_secs_f64()
+            });
+            let _ = r.kill();
+            let _ = r.wait();
+            (running, line)
+        };
+        let read = || {
+            settle(&img);
+            plain_read(&img)
+        };
+        let mut pairs = Vec::new();
+        for run in 1..=runs {
+            let ((secs, line), plain) = if run % 2 == 1 {
+                let r = restore(run);
+                (r, read())
+            } else {
+                let p = read();
+                (restore(run), p)
+            };
+            println!(
+                "{run} | {secs:.3} | {} | {plain:.3} | {:.0} | {:.0} | {:.2}",
+                line.map_or("-".into(), |l| format!("{l:.3}")),
+                mb / secs,
+                mb / plain,
+                plain / secs
+            );
+            pairs.push((plain, secs));
+        }
+        print_ratios("plain read time / restore time", &pairs);
+        let _ = std::fs::remove_file(&img);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// The largest gap (us, both vCPUs) of each `migpat: pass` line in `text`.
+fn gap_lines(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l
+                .split("migpat: pass ")
+                .nth(1)?
+                .split_whitespace()
+                .collect();
+            // A/B errors E/F max gap G/H us
+            let (a, b) = w.get(5)?.split_once('/')?;
+            Some(a.parse::<u64>().ok()?.max(b.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Waits (up to 30 min) for `n` pass lines; their gaps.
+fn wait_gap_lines(console: &Console, n: usize) -> Vec<u64> {
+    let until = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let g = gap_lines(&console.text());
+        if g.len() >= n {
+            return g;
+        }
+        assert!(Instant::now() < until, "no pass line {n}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The control socket's `info` reply, if it answers.
+fn control_info(sock: &std::path::Path) -> Option<String> {
+    use std::io::Write;
+    let mut c = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    c.write_all(b"info\n").ok()?;
+    let mut s = String::new();
+    c.read_to_string(&mut s).ok()?;
+    Some(s)
+}
+
+/// Writes back dirty pages and drops the page cache (we run as root).
+fn drop_caches() {
+    let _ = Command::new("sync").status();
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n")
+        .expect("dropping the page cache needs root (XENKVM_BENCH_CACHE=warm otherwise)");
+}
+
+/// Seconds to read `path` with 1 MiB reads (`dd if=PATH of=/dev/null bs=1M`).
+fn plain_read(path: &std::path::Path) -> f64 {
+    let t0 = Instant::now();
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    while f.read(&mut buf).unwrap() > 0 {}
+    t0.elapsed().as_secs_f64()
+}
+
+/// Prints the ratio of the summed times, the geometric mean and the median
+/// of `(plain, ours)` pairs.
+fn print_ratios(what: &str, pairs: &[(f64, f64)]) {
+    let (p, s): (f64, f64) = pairs.iter().fold((0.0, 0.0), |a, r| (a.0 + r.0, a.1 + r.1));
+    let geo = (pairs.iter().map(|r| (r.0 / r.1).ln()).sum::<f64>() / pairs.len() as f64).exp();
+    let mut each: Vec<f64> = pairs.iter().map(|r| r.0 / r.1).collect();
+    each.sort_by(f64::total_cmp);
+    let median = (each[(each.len() - 1) / 2] + each[each.len() / 2]) / 2.0;
+    println!(
+        "ratio ({what}): all runs {:.2} ({p:.3} s / {s:.3} s), geometric mean {geo:.2}, median {median:.2}",
+        p / s
+    );
 }

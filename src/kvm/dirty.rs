@@ -66,6 +66,7 @@ impl DirtyLog {
                 size: r.memory_size,
             })
             .collect();
+        let t0 = std::time::Instant::now();
         let mut log = DirtyLog {
             slots: slots.clone(),
             logged: Vec::new(),
@@ -75,7 +76,11 @@ impl DirtyLog {
             log.logged.push(l);
         }
         log.logged.sort_by_key(|l| l.gpa);
-        tracing::info!(slots = log.logged.len(), "KVM dirty logging on");
+        tracing::info!(
+            slots = log.logged.len(),
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "KVM dirty logging on"
+        );
         Ok(log)
     }
 

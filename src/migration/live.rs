@@ -295,30 +295,33 @@ impl<R: Read> Read for Counted<R> {
 }
 
 /// The receiving end of a live stream: a buffered reader over the
-/// transport that reads page data straight into guest RAM
-/// ([`PageIn::read_pages`]: what is buffered is copied, the rest comes with
-/// `readv` into the pages). It counts bytes and can stop the process at a
-/// given count (`XENKVM_TEST_RECEIVE_KILL_AT`, as [`Counted`]; page data
-/// read straight into RAM is counted after each record's pages).
+/// transport; page data goes through a reused 256 KiB buffer into guest RAM
+/// ([`PageIn::read_pages`], [`pagein`](super::pagein): zero pages of fresh
+/// frames are not written, the rest with `pwrite`). It counts bytes and can
+/// stop the process at a given count (`XENKVM_TEST_RECEIVE_KILL_AT`, as
+/// [`Counted`]).
 pub struct StreamIn<F> {
     f: F,
     buf: Vec<u8>,
     pos: usize,
     end: usize,
+    /// The page data buffer ([`PageIn::read_pages`]).
+    pages: Vec<u8>,
     /// Bytes read so far.
     pub bytes: u64,
     kill_at: Option<u64>,
 }
 
 impl<F: Read + std::os::fd::AsFd> StreamIn<F> {
-    /// Over `f`; `kill_at` as above. The buffer is small (64 KiB): what
-    /// it holds of a record's pages is copied, the rest is read into RAM.
+    /// Over `f`; `kill_at` as above. The record buffer is small (64 KiB):
+    /// reads of page data bigger than it bypass it.
     pub fn new(f: F, kill_at: Option<u64>) -> Self {
         StreamIn {
             f,
             buf: vec![0; 64 << 10],
             pos: 0,
             end: 0,
+            pages: vec![0; PAGE_BUF],
             bytes: 0,
             kill_at,
         }
@@ -356,54 +359,62 @@ impl<F: Read + std::os::fd::AsFd> Read for StreamIn<F> {
     }
 }
 
+/// The buffer page data passes through on its way into RAM: small enough
+/// to stay in the CPU's cache, large enough for few system calls.
+const PAGE_BUF: usize = 256 << 10;
+
 /// A stream source that can put page data into guest RAM.
 pub trait PageIn: Read {
-    /// Reads exactly the guest ranges `segs`, in order, into `map`'s RAM.
-    /// This default copies through a buffer.
-    fn read_pages(&mut self, map: &gpc::MemoryMap, segs: &[gpc::Segment]) -> std::io::Result<()> {
-        let mut buf = vec![0u8; 64 << 10];
-        for s in segs {
-            let mut at = 0;
-            while at < s.len {
-                let k = (s.len - at).min(buf.len());
-                self.read_exact(&mut buf[..k])?;
-                map.guest_memory()
-                    .write_slice(&buf[..k], GuestAddress(s.gpa.0 + at as u64))
-                    .map_err(std::io::Error::other)?;
-                at += k;
-            }
-        }
-        Ok(())
+    /// Reads exactly the guest ranges `segs`, in order, into `map`'s RAM
+    /// ([`pagein::store`](super::pagein::store): all-zero pages of frames
+    /// `fresh(pfn)` says were never written are left out). This default
+    /// reads through a buffer of its own.
+    fn read_pages(
+        &mut self,
+        map: &gpc::MemoryMap,
+        segs: &[gpc::Segment],
+        fresh: &dyn Fn(u64) -> bool,
+    ) -> std::io::Result<()> {
+        let mut buf = vec![0u8; PAGE_BUF];
+        read_pages_via(self, &mut buf, map, segs, fresh)
     }
+}
+
+/// [`PageIn::read_pages`] through `buf` (a multiple of the page size).
+fn read_pages_via<R: Read + ?Sized>(
+    r: &mut R,
+    buf: &mut [u8],
+    map: &gpc::MemoryMap,
+    segs: &[gpc::Segment],
+    fresh: &dyn Fn(u64) -> bool,
+) -> std::io::Result<()> {
+    for s in segs {
+        let mut at = 0;
+        while at < s.len {
+            let k = (s.len - at).min(buf.len());
+            r.read_exact(&mut buf[..k])?;
+            super::pagein::store(map, GuestAddress(s.gpa.0 + at as u64), &buf[..k], fresh)?;
+            at += k;
+        }
+    }
+    Ok(())
 }
 
 impl PageIn for &[u8] {}
 
 impl<F: Read + std::os::fd::AsFd> PageIn for StreamIn<F> {
-    fn read_pages(&mut self, map: &gpc::MemoryMap, segs: &[gpc::Segment]) -> std::io::Result<()> {
-        let mut segs = segs.to_vec();
-        let mut i = 0;
-        // What is buffered already: copied.
-        while self.pos < self.end && i < segs.len() {
-            let s = &mut segs[i];
-            let k = s.len.min(self.end - self.pos);
-            map.guest_memory()
-                .write_slice(&self.buf[self.pos..self.pos + k], s.gpa)
-                .map_err(std::io::Error::other)?;
-            self.pos += k;
-            self.account(k);
-            s.gpa = GuestAddress(s.gpa.0 + k as u64);
-            s.len -= k;
-            if s.len == 0 {
-                i += 1;
-            }
-        }
-        // The rest: straight from the transport into the pages.
-        if i < segs.len() {
-            let n = map.read_exact_parts(self.f.as_fd(), &segs[i..])?;
-            self.account(n);
-        }
-        Ok(())
+    fn read_pages(
+        &mut self,
+        map: &gpc::MemoryMap,
+        segs: &[gpc::Segment],
+        fresh: &dyn Fn(u64) -> bool,
+    ) -> std::io::Result<()> {
+        // What is buffered is copied out first, the rest is read straight
+        // into the page buffer (`Read for StreamIn`).
+        let mut buf = std::mem::take(&mut self.pages);
+        let r = read_pages_via(self, &mut buf, map, segs, fresh);
+        self.pages = buf;
+        r
     }
 }
 
@@ -520,7 +531,13 @@ impl Staging {
         {
             let g = self.map.lock();
             let map = g.as_ref().ok_or("the staged RAM was handed over")?;
-            r.read_pages(map, &segs).map_err(|e| e.to_string())?;
+            let have = &self.have;
+            let fresh = |pfn: u64| {
+                have.get((pfn / 64) as usize)
+                    .is_some_and(|w| w & (1 << (pfn % 64)) == 0)
+            };
+            r.read_pages(map, &segs, &fresh)
+                .map_err(|e| e.to_string())?;
         }
         for (f, n) in runs {
             self.mark(f, n);

@@ -23,6 +23,8 @@
 pub mod convert;
 pub mod hvm_context;
 pub mod live;
+pub mod pagefile;
+pub mod pagein;
 pub mod pageio;
 pub mod restore;
 pub mod save;

@@ -465,6 +465,7 @@ fn send_inner(
     live::expect(&mut rfile, live::BANNER).map_err(|e| e.to_string())?;
 
     let stream_start = Instant::now();
+    tracing::debug!("migration: the receiver is ready, the stream starts");
     let ram = ram_ranges(m);
     let end_pfn = ram
         .iter()

@@ -21,8 +21,9 @@
  *    and halt vCPU 0 with interrupts on, for ever: what an idle guest costs the VMM.
  *  - reboot: print one line and shut down with SHUTDOWN_reboot.
  *  - chatter: print numbered lines forever.
- *  - migpat=MIB [vmmio]: live-migration load (see migpat()): both vCPUs rewrite MIB MiB
- *    at 32 MiB page by page with a pattern, checking each page's previous pattern first.
+ *  - migpat=MIB [vmmio] [mpfill=MIB2]: live-migration load (see migpat()): both vCPUs rewrite MIB MiB
+ *    at 32 MiB page by page with a pattern, checking each page's previous pattern first;
+ *    mpfill first writes MIB2 MiB after that area once (a dense guest with a short loop).
  *  - demo console_wait=N: the console_input check prompts and waits N s for a line.
  *
  * Add a check: write `static int check_foo(void)` returning PASS(...) or FAIL(...)
@@ -3239,6 +3240,13 @@ static void __attribute__((noreturn)) migpat(const char *cmdline)
     mp.count[0] = two ? pages / 2 : pages;
     mp.first[1] = mp.count[0];
     mp.count[1] = pages - mp.count[0];
+    const char *f = strstr_(cmdline, "mpfill=");
+    if (f) {
+        /* Every page non-zero: the RAM after the area holds data (must exist). */
+        u64 fill = parse_u32(f + 7), *at = (u64 *)(MIGPAT_BASE + (mib << 20)), left = fill << 17;
+        asm volatile("rep stosq" : "+D"(at), "+c"(left) : "a"(0x6d70666696c6c5aull) : "memory");
+        say("migpat: filled %lu MiB at 0x%lx", fill, (u64)MIGPAT_BASE + (mib << 20));
+    }
     say("migpat: %lu MiB at 0x%lx, %s", mib, (u64)MIGPAT_BASE, two ? "2 vCPUs" : "1 vCPU");
     if (two)
         ap_post(AP_MIGPAT, 0);
