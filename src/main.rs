@@ -103,6 +103,15 @@ enum Cmd {
         #[arg(value_name = "NAME")]
         name: String,
     },
+    /// Attach this terminal to a running VM's console (as `xl console`):
+    /// what the guest writes appears here, what you type goes to its PV
+    /// console (hvc0). Ctrl-] detaches and leaves the guest running.
+    #[command(after_help = CONSOLE_HELP)]
+    Console {
+        /// A --name, or a control socket path.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
     /// Write a running VM's memory and CPU/irqchip state to FILE as an xl
     /// save image (Xen's format: xl header, libxl v2 and libxc v3 streams),
     /// then end the VM (as `xl save`; its xenkvm exits 0). `xenkvm restore
@@ -782,6 +791,7 @@ fn main() -> ExitCode {
         }
         Cmd::Pause { name } => control_verb(&name, "pause"),
         Cmd::Unpause { name } => control_verb(&name, "unpause"),
+        Cmd::Console { name } => console(&name),
         Cmd::Shutdown { name } => control_verb(&name, "shutdown"),
         Cmd::Restore {
             file,
@@ -997,6 +1007,43 @@ fn run(mut cfg: VmConfig, opts: &RunOptions, console: &ConsoleDest) -> ExitCode 
 fn control_verb(name: &str, verb: &str) -> ExitCode {
     match xenkvm::vmm::control::request(name, verb) {
         Ok(_) => ExitCode::SUCCESS,
+        Err(e) => fail(exit_status::ERROR, &e.to_string()),
+    }
+}
+
+const CONSOLE_HELP: &str = "\
+The output is a copy: the VM's --console destination (stdout, pty, file) \
+keeps getting it too. It is what that destination gets (hvc0 and COM1; \
+Xen's console too with --xen-console console), from the moment of \
+attaching. Input goes to hvc0 as --console-input input does.
+
+On a terminal, the keyboard is in raw mode while attached (Ctrl-C goes to \
+the guest) and is restored on the way out. Not on a terminal, stdin is \
+read (a Ctrl-] byte in it detaches too; its end does not) and the output \
+goes to stdout.
+
+One client at a time: a second `xenkvm console NAME` is refused, naming the \
+attached one's pid. A client that stops reading never holds up the guest: \
+output beyond 256 KiB waiting for it is dropped (the VM logs it and the \
+client sees a note where).
+
+Exit status: 0 detached (Ctrl-]) or the VM ended; 1 no such VM, or it \
+refused; 128+N a signal N (the terminal restored first).";
+
+/// `xenkvm console NAME`.
+fn console(name: &str) -> ExitCode {
+    use xenkvm::vmm::console_client::{run, Ended};
+    match run(name) {
+        Ok(Ended::Detached) => {
+            stderr_line!("xenkvm: detached from the console of {name}; the guest runs on");
+            ExitCode::SUCCESS
+        }
+        Ok(Ended::VmClosed) => {
+            stderr_line!("xenkvm: the console of {name} closed: the VM ended");
+            ExitCode::SUCCESS
+        }
+        Ok(Ended::StdoutClosed) => ExitCode::SUCCESS,
+        Ok(Ended::Signal(sig)) => ExitCode::from(128u8.saturating_add(sig as u8)),
         Err(e) => fail(exit_status::ERROR, &e.to_string()),
     }
 }
@@ -1432,6 +1479,7 @@ mod tests {
                         | Cmd::List
                         | Cmd::Pause { .. }
                         | Cmd::Unpause { .. }
+                        | Cmd::Console { .. }
                         | Cmd::Shutdown { .. }
                         | Cmd::Save { .. }
                         | Cmd::Migrate { .. }

@@ -47,12 +47,19 @@ pub struct ConsoleOut {
     epoch: Instant,
 }
 
+/// A second reader of the guest's console (`xenkvm console NAME`): gets a
+/// copy of every byte the destination gets, in the same order. It must not
+/// block (it is called with the console's lock held, from vCPU threads).
+pub type ConsoleTap = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 struct ConsoleState {
     out: Box<dyn Write + Send>,
     /// The last byte written was a newline (or nothing was written).
     at_line_start: bool,
     /// A status line is on the terminal (stderr) and must be erased first.
     status_shown: bool,
+    /// An attached console client's copy ([`ConsoleOut::set_tap`]).
+    tap: Option<ConsoleTap>,
 }
 
 impl ConsoleOut {
@@ -62,6 +69,7 @@ impl ConsoleOut {
                 out,
                 at_line_start: true,
                 status_shown: false,
+                tap: None,
             }),
             closed: AtomicBool::new(false),
             on_closed: Mutex::new(None),
@@ -87,6 +95,9 @@ impl ConsoleOut {
         if std::mem::take(&mut o.status_shown) {
             let _ = std::io::stderr().write_all(STATUS_ERASE.as_bytes());
         }
+        if let Some(tap) = &o.tap {
+            tap(data);
+        }
         let mut r = o.out.write_all(data);
         o.at_line_start = data.last() == Some(&b'\n');
         if data.contains(&b'\n') {
@@ -108,6 +119,12 @@ impl ConsoleOut {
                 self.mark_closed();
             }
         }
+    }
+
+    /// Sends a copy of everything written from now on to `tap` as well
+    /// (`None`: stop); returns the previous tap.
+    pub fn set_tap(&self, tap: Option<ConsoleTap>) -> Option<ConsoleTap> {
+        std::mem::replace(&mut self.out.lock().tap, tap)
     }
 
     /// Calls `f` when the output's reader goes away (at once if it has).

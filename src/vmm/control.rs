@@ -1,12 +1,14 @@
 //! The control socket of a running VM and the client side of xl's verbs
-//! (`xenkvm list`, `pause`, `unpause`, `shutdown`).
+//! (`xenkvm list`, `pause`, `unpause`, `shutdown`; `console` is
+//! [`crate::vmm::console_attach`] and [`crate::vmm::console_client`]).
 //!
 //! One Unix stream socket per VM: `--api-socket PATH`, or for `--name NAME`
 //! `$XDG_RUNTIME_DIR/xenkvm/NAME.sock` (else `/run/xenkvm/NAME.sock`). The
 //! directory is created mode 0700 and the socket made 0600; a connecting
 //! process whose uid (`SO_PEERCRED`) is not xenkvm's is refused. The
 //! protocol is one request line and one reply line: `info`, `pause`,
-//! `unpause`, `shutdown`; the reply is `ok ...` or `error ...`.
+//! `unpause`, `shutdown`; the reply is `ok ...` or `error ...`. After `ok
+//! attached` to `console`, the connection is the guest's console.
 //!
 //! The server runs on a thread of its own (kind `Control`); it acts on the
 //! current [`Machine`] (the runner attaches each VM it builds, across
@@ -102,6 +104,8 @@ struct Shared {
     started: Instant,
     /// A live migration runs (`migrate`): other verbs but `info` wait.
     migrating: AtomicBool,
+    /// The attached `xenkvm console` client, if any.
+    console: Arc<crate::vmm::console_attach::Slot>,
 }
 
 /// A running control socket; removed when dropped.
@@ -151,6 +155,7 @@ impl ControlServer {
             done: AtomicBool::new(false),
             started: Instant::now(),
             migrating: AtomicBool::new(false),
+            console: Arc::default(),
         });
         let s2 = shared.clone();
         let waker = listener
@@ -194,6 +199,8 @@ impl ControlServer {
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.shared.done.store(true, Ordering::Release);
+        // An attached console client gets the guest's last output.
+        crate::vmm::console_attach::end(&self.shared.console);
         // Wake the accept: shutdown makes a blocked accept(2) fail.
         let _ = rustix::net::shutdown(&self.waker, rustix::net::Shutdown::Both);
         if let Some(t) = self.thread.take() {
@@ -244,6 +251,12 @@ fn handle(mut conn: UnixStream, s: &Arc<Shared>) -> std::io::Result<()> {
     let (line, fds) = read_request(&conn)?;
     if let Some(args) = line.trim().strip_prefix("migrate ") {
         return migrate_request(conn, args, fds, s);
+    }
+    if line.trim() == "console" {
+        let w = Arc::downgrade(s);
+        let current =
+            Arc::new(move || w.upgrade()?.machine.lock().as_ref().and_then(Weak::upgrade));
+        return crate::vmm::console_attach::attach(conn, &s.console, current);
     }
     let reply = match execute(line.trim(), s) {
         Ok(r) => format!("ok {r}\n"),
@@ -347,10 +360,10 @@ fn migrate_request(
                 &mut progress,
             );
             use crate::vmm::migrate::Outcome;
+            let migrated = matches!(out, Outcome::Migrated(_));
             let reply = match out {
                 Outcome::Migrated(r) => {
                     tracing::info!(report = %r.line(), "migrated");
-                    m.request_exit(GuestExit::Migrated(opts.dest.clone()));
                     format!("ok {}\n", r.line())
                 }
                 Outcome::Failed(e) => {
@@ -367,6 +380,11 @@ fn migrate_request(
                 }
             };
             let _ = conn.write_all(reply.as_bytes());
+            // Only now: the process ends soon after, and a client that got
+            // no reply reports a failure although the guest migrated.
+            if migrated {
+                m.request_exit(GuestExit::Migrated(opts.dest.clone()));
+            }
             s.migrating.store(false, Ordering::Release);
         },
     );
@@ -442,7 +460,7 @@ fn execute(verb: &str, s: &Shared) -> Result<String, String> {
             Ok("shutting down".into())
         }
         v => Err(format!(
-            "unknown request {v:?} (info, pause, unpause, save[+xen] PATH, checkpoint[+xen] PATH, shutdown)"
+            "unknown request {v:?} (info, pause, unpause, save[+xen] PATH, checkpoint[+xen] PATH, shutdown, console)"
         )),
     }
 }

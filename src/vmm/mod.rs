@@ -5,6 +5,8 @@
 //! starts threads (through [`threads::spawn`]).
 
 pub mod bench_sched;
+pub mod console_attach;
+pub mod console_client;
 pub mod console_dest;
 pub mod console_input;
 pub mod control;
@@ -282,7 +284,8 @@ impl Vm {
 
         // Step 2: firmware tables and the kernel, or a saved guest's memory.
         let entry = if let Some((path, img)) = &cfg.restore {
-            let n = crate::migration::restore::apply_pages(path, &mem)
+            // Fresh RAM unless it is a migration's received RAM.
+            let n = crate::migration::restore::apply_pages(path, &map, !in_place)
                 .map_err(|e| VmError::Restore(e.to_string()))?;
             tracing::info!(pages = n, of = img.pages, "guest memory restored");
             if let Some(rx) = &cfg.incoming_pages {
@@ -436,7 +439,7 @@ impl Vm {
             .and_then(|(_, img)| img.xen_state.as_ref()?.clock);
         let clock = match saved_clock {
             // Issue 14: Xen system time continues from the save.
-            Some(c) => Clock::continuing(tsc_khz, offset, c.guest_tsc, c.system_time_ns),
+            Some(c) => Clock::continuing(tsc_khz, offset, c.system_time_ns),
             None => Clock::new(tsc_khz, offset),
         };
         tracing::info!(tsc_khz, offset, "guest clock");

@@ -142,3 +142,38 @@ impl Captured {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 }
+
+/// A private $XDG_RUNTIME_DIR for one test, so tests neither see nor touch
+/// real VMs (or each other's); removed on drop.
+pub struct RuntimeDir(pub PathBuf);
+
+impl RuntimeDir {
+    pub fn new(tag: &str) -> RuntimeDir {
+        let p = std::env::temp_dir().join(format!("xenkvm-rt-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        RuntimeDir(p)
+    }
+
+    /// The xenkvm binary with `args` in this runtime directory (stdin
+    /// empty unless the caller sets it).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(xenkvm_bin());
+        c.args(args)
+            .env("XDG_RUNTIME_DIR", &self.0)
+            .env("XENKVM_LOG", "warn")
+            .stdin(std::process::Stdio::null());
+        c
+    }
+
+    /// Runs xenkvm with `args` here and returns its output.
+    pub fn xenkvm(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run xenkvm")
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
