@@ -42,6 +42,10 @@ struct Cli {
     log_file: Option<PathBuf>,
 }
 
+/// `save --suspend-timeout`'s default: the VM's own
+/// ([`xenkvm::vmm::control::SUSPEND_WAIT`]).
+const SUSPEND_TIMEOUT_DEFAULT: u64 = xenkvm::vmm::control::SUSPEND_WAIT.as_secs();
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Boot a guest kernel: a PVH ELF (an XTF test, vmlinux) or a Linux
@@ -115,8 +119,11 @@ enum Cmd {
     /// Write a running VM's memory and CPU/irqchip state to FILE as an xl
     /// save image (Xen's format: xl header, libxl v2 and libxc v3 streams),
     /// then end the VM (as `xl save`; its xenkvm exits 0). `xenkvm restore
-    /// FILE` starts it again. The Xen-side state (event channels, grants,
-    /// xenstore, timers, runstate) travels only with `--xen-state`.
+    /// FILE` starts it again. A guest with Xen drivers (Linux) is asked
+    /// to suspend itself first, as `xl save` does, and sets its Xen side up
+    /// again when restored; any other guest's Xen-side state (event
+    /// channels, grants, xenstore, timers, runstate) travels only with
+    /// `--xen-state`.
     Save {
         /// Leave the guest running after the save (as `xl save -c`).
         #[arg(short = 'c', long)]
@@ -129,6 +136,16 @@ enum Cmd {
         /// verify-stream-v2 refuses an image with it.
         #[arg(long)]
         xen_state: bool,
+        /// How long to wait for a guest with Xen drivers (one that sets
+        /// `control/feature-suspend`, as Linux does) to suspend itself,
+        /// as libxl asks it: `control/shutdown = suspend`, then the guest's
+        /// SCHEDOP_shutdown(SHUTDOWN_suspend). Restored, it finds itself in
+        /// a new domain and sets its Xen side up again; after a checkpoint
+        /// it carries on (suspend cancelled). A guest that does not suspend
+        /// in time keeps running and the save fails. Not with --xen-state,
+        /// which saves any guest as it is.
+        #[arg(long, value_name = "SECS", default_value_t = SUSPEND_TIMEOUT_DEFAULT)]
+        suspend_timeout: u64,
         #[arg(value_name = "NAME")]
         name: String,
         #[arg(value_name = "FILE")]
@@ -857,15 +874,23 @@ fn main() -> ExitCode {
         Cmd::Save {
             checkpoint,
             xen_state,
+            suspend_timeout,
             name,
             file,
         } => match std::path::absolute(&file) {
             Ok(p) => match xenkvm::vmm::control::request(
                 &name,
                 &format!(
-                    "{}{} {}",
+                    "{}{}{} {}",
                     if checkpoint { "checkpoint" } else { "save" },
                     if xen_state { "+xen" } else { "" },
+                    // Only when not the VM's default: a VM of an older
+                    // xenkvm knows no `+wait`.
+                    if suspend_timeout == SUSPEND_TIMEOUT_DEFAULT {
+                        String::new()
+                    } else {
+                        format!("+wait={suspend_timeout}")
+                    },
                     p.display()
                 ),
             ) {

@@ -1610,3 +1610,168 @@ fn print_ratios(what: &str, pairs: &[(f64, f64)]) {
         p / s
     );
 }
+
+/// Issue 14: a guest with Xen drivers (the test guest's `suspend` mode, which
+/// does what Linux's xen-manage does: `control/feature-suspend`, a watch on
+/// `control/shutdown`, `SCHEDOP_shutdown(SHUTDOWN_suspend)`) is asked to
+/// suspend itself for a save, as `xl save` asks it. A checkpoint cancels the
+/// suspend (the hypercall returns 1) and the guest carries on with its event
+/// channel and xenstore; a save ends it, and the restored guest finds itself
+/// in a new domain (0): its old port is gone and it sets its Xen side up
+/// again, under its new name. The restored guest suspends again on request.
+#[test]
+fn save_guest_with_xen_drivers_suspends_it_checkpoint_cancels_restore_resumes_in_new_domain() {
+    if !common::kvm_available(
+        "save_guest_with_xen_drivers_suspends_it_checkpoint_cancels_restore_resumes_in_new_domain",
+    ) {
+        return;
+    }
+    let rt = RuntimeDir::new("coop");
+    let guest = common::GuestFile::new("coop");
+    let mut child = spawn_in(
+        &rt,
+        &[
+            "run",
+            "--xen-console",
+            "console",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "suspend",
+            "--memory",
+            "64",
+            "--name",
+            "coop",
+            "--timeout",
+            "300",
+        ],
+    );
+    let console = Console::attach(&mut child);
+    console.wait_for("suspend: ready 0");
+    let line = |c: &Console, what: &str| {
+        c.wait_for(what);
+        c.text()
+            .lines()
+            .find(|l| l.contains(what))
+            .unwrap()
+            .to_string()
+    };
+
+    let ck = rt.0.join("ck.img");
+    let out = rt.xenkvm(&["save", "-c", "coop", ck.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && said.contains("suspended by the guest on vCPU 0"),
+        "checkpoint: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let l = line(&console, "suspend: round 1 ");
+    assert!(
+        l.contains("cancelled (returned 1)") && l.ends_with(": ok") && l.contains("xenstore coop"),
+        "{l}"
+    );
+
+    let img = rt.0.join("coop.img");
+    let out = rt.xenkvm(&["save", "coop", img.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "save: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(wait_code(&mut child, 60), Some(0), "the saved guest ends");
+    assert!(
+        !console.text().contains("suspend: round 2"),
+        "the saved guest ran on"
+    );
+
+    let mut restored = spawn_in(
+        &rt,
+        &[
+            "restore",
+            img.to_str().unwrap(),
+            "--xen-console",
+            "console",
+            "--name",
+            "again",
+            "--timeout",
+            "300",
+        ],
+    );
+    let after = Console::attach(&mut restored);
+    let l = line(&after, "suspend: round 2 ");
+    assert!(
+        l.contains("resumed in a new domain (returned 0)")
+            && l.contains("gone")
+            && l.contains("shared_info rc 0")
+            && l.contains("xenstore name again: ok"),
+        "{l}"
+    );
+    let ck2 = rt.0.join("ck2.img");
+    let out = rt.xenkvm(&["save", "-c", "again", ck2.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "checkpoint of the restored guest: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let l = line(&after, "suspend: round 3 ");
+    assert!(
+        l.contains("cancelled (returned 1)") && l.ends_with(": ok"),
+        "{l}"
+    );
+    assert!(rt.xenkvm(&["shutdown", "again"]).status.success());
+    assert_eq!(wait_code(&mut restored, 60), Some(0));
+}
+
+/// Issue 14: a guest that announces suspend support and never suspends (its
+/// drivers hang) keeps running: the save fails with one line naming what
+/// it waited for, no image is left, and a later save does the same.
+#[test]
+fn save_guest_that_never_suspends_fails_in_one_line_and_guest_runs_on() {
+    if !common::kvm_available("save_guest_that_never_suspends_fails_in_one_line_and_guest_runs_on")
+    {
+        return;
+    }
+    let rt = RuntimeDir::new("deaf");
+    let guest = common::GuestFile::new("deaf");
+    let mut child = spawn_in(
+        &rt,
+        &[
+            "run",
+            "--xen-console",
+            "console",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "suspend=deaf",
+            "--memory",
+            "64",
+            "--name",
+            "deaf",
+            "--timeout",
+            "300",
+        ],
+    );
+    let console = Console::attach(&mut child);
+    console.wait_for("suspend: ready 0");
+    let img = rt.0.join("deaf.img");
+    let out = rt.xenkvm(&[
+        "save",
+        "--suspend-timeout",
+        "1",
+        "deaf",
+        img.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("did not take the suspend request (control/shutdown) within 1 s"),
+        "{err}"
+    );
+    assert!(!img.exists(), "a failed save leaves no image");
+    // Still running: it keeps printing.
+    let n = console.text().matches("suspend: ready").count();
+    console.wait_for(&format!("suspend: ready {}", n + 1));
+    assert!(rt.xenkvm(&["shutdown", "deaf"]).status.success());
+    assert_eq!(wait_code(&mut child, 60), Some(0));
+}

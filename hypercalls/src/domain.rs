@@ -522,6 +522,13 @@ impl Domain {
         (c != u32::MAX).then_some(c as u8)
     }
 
+    /// `domain_resume`: the domain runs on after a shutdown that was
+    /// cancelled (a checkpoint's `SHUTDOWN_suspend`): the recorded code is
+    /// forgotten, so a later shutdown reports its own reason.
+    pub fn clear_shutdown(&self) {
+        self.shutdown_code.store(u32::MAX, Ordering::Release);
+    }
+
     /// Whether `VMASST_TYPE_runstate_update_flag` is enabled.
     pub fn runstate_update_flag(&self) -> bool {
         self.vm_assist.load(Ordering::Acquire) & (1 << abi::vmasst::TYPE_RUNSTATE_UPDATE_FLAG) != 0

@@ -56,6 +56,10 @@ pub struct VcpuHandle {
     /// The KVM state the thread read when it last paused (a leaf lock);
     /// cleared when it runs again.
     saved: Mutex<Option<Result<crate::migration::convert::KvmVcpuState, String>>>,
+    /// A value the thread puts in RAX when it leaves its pause (a leaf
+    /// lock): the result of a hypercall decided while it was paused (a
+    /// cancelled `SHUTDOWN_suspend` returns 1).
+    resume_rax: Mutex<Option<u64>>,
 }
 
 impl VcpuHandle {
@@ -73,6 +77,7 @@ impl VcpuHandle {
             }),
             cv: Condvar::new(),
             saved: Mutex::new(None),
+            resume_rax: Mutex::new(None),
         }
     }
 
@@ -87,6 +92,16 @@ impl VcpuHandle {
     /// The KVM state read when this vCPU paused (`None` while it runs).
     pub fn saved_state(&self) -> Option<Result<crate::migration::convert::KvmVcpuState, String>> {
         self.saved.lock().clone()
+    }
+
+    /// Sets the RAX the paused thread returns to the guest with.
+    pub fn set_resume_rax(&self, v: u64) {
+        *self.resume_rax.lock() = Some(v);
+    }
+
+    /// The RAX to return with, if one was set (the thread, on leaving its pause).
+    pub fn take_resume_rax(&self) -> Option<u64> {
+        self.resume_rax.lock().take()
     }
 
     pub fn kicker(&self) -> &Kicker {

@@ -235,6 +235,16 @@ impl Vcpu {
         match r {
             Request::Stop => State::Stopped,
             _ => {
+                if let Some(v) = self.handle.take_resume_rax() {
+                    // The pause ran KVM_RUN once, so the synced copy is current.
+                    let mut regs = self.kvm.synced_regs();
+                    regs.rax = v;
+                    self.kvm.put_synced_regs(&regs);
+                    tracing::info!(
+                        rax = v,
+                        "returning to the guest with the hypercall's result"
+                    );
+                }
                 self.handle.report(match then {
                     State::Blocked { .. } => Reported::Blocked,
                     _ => Reported::Running,
@@ -481,6 +491,33 @@ impl Vcpu {
             HypercallResult::Yield => {
                 std::thread::yield_now();
                 (0, State::Running)
+            }
+            HypercallResult::Exit(GuestExit::Suspend) => {
+                use crate::vmm::suspend::SuspendAnswer;
+                match self.m.suspend.guest_suspended(self.id) {
+                    // A save asked for it: the hypercall returns 0 (which
+                    // a restore keeps: "resumed in a new domain") and the
+                    // vCPU holds paused until the save decides.
+                    SuspendAnswer::Hold => {
+                        tracing::info!("guest suspended (SHUTDOWN_suspend): held for the save");
+                        self.handle.send(crate::vcpu::Request::Pause);
+                        (
+                            0,
+                            State::Paused {
+                                then: Box::new(State::Running),
+                            },
+                        )
+                    }
+                    SuspendAnswer::Cancel => {
+                        tracing::warn!("SHUTDOWN_suspend after the save stopped waiting: cancelled (returns 1)");
+                        self.m.xen.domain.clear_shutdown();
+                        (1, State::Running)
+                    }
+                    SuspendAnswer::End => {
+                        self.m.request_exit(GuestExit::Suspend);
+                        (0, State::Stopped)
+                    }
+                }
             }
             HypercallResult::Exit(why) => {
                 self.m.request_exit(why);

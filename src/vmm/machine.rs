@@ -129,6 +129,8 @@ pub struct Machine {
     /// `KVM_RUN`'s return to the exit's decision, plus the work before each
     /// entry), waits excluded: the VMM's share of a guest's exit costs.
     pub vmm_cycles: AtomicU64,
+    /// Where a cooperative suspend for a save stands.
+    pub suspend: crate::vmm::suspend::SuspendGate,
     stopping: Arc<AtomicBool>,
     exit: Mutex<Option<GuestExit>>,
     exit_cv: Condvar,
@@ -171,6 +173,7 @@ impl Machine {
             exits: AtomicU64::new(0),
             hypercalls: AtomicU64::new(0),
             vmm_cycles: AtomicU64::new(0),
+            suspend: crate::vmm::suspend::SuspendGate::new(),
             stopping,
             exit: Mutex::new(None),
             exit_cv: Condvar::new(),

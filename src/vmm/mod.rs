@@ -15,6 +15,7 @@ pub mod machine;
 pub mod migrate;
 pub mod runner;
 pub mod sched_monitor;
+pub mod suspend;
 pub mod threads;
 
 use std::sync::Arc;

@@ -627,6 +627,36 @@ impl Xen {
         notify
     }
 
+    /// A node of the guest's own xenstore directory (`rel` under
+    /// `/local/domain/<domid>`), read as the toolstack; `None` if absent.
+    pub fn toolstack_read(&self, rel: &str) -> Option<String> {
+        let p = format!(
+            "{}/{rel}",
+            xenstore::domain_path(self.domain.config().domid)
+        );
+        self.xenstore.lock().read_string(&p).ok()
+    }
+
+    /// Writes a node of the guest's own directory as the toolstack (dom0),
+    /// as libxl writes `control/shutdown`: the guest's watches on it fire
+    /// and the guest is notified.
+    pub fn toolstack_write(&self, rel: &str, value: &str) -> Result<(), String> {
+        let p = format!(
+            "{}/{rel}",
+            xenstore::domain_path(self.domain.config().domid)
+        );
+        self.xenstore
+            .lock()
+            .write(&p, value.as_bytes())
+            .map_err(|e| format!("xenstore {p}: {e}"))?;
+        if self.serve_store() {
+            if let Err(e) = self.domain.raise_port(self.store_port) {
+                tracing::warn!(%e, port = self.store_port, "cannot notify the guest");
+            }
+        }
+        Ok(())
+    }
+
     /// Routes guest signals on a dom0 port to an I/O thread's eventfd
     /// (`None`: stop), for the block and network backends.
     fn port_router(&self) -> Arc<crate::backends::blkback::RouteFn> {

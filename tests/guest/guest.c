@@ -24,6 +24,9 @@
  *  - migpat=MIB [vmmio] [mpfill=MIB2]: live-migration load (see migpat()): both vCPUs rewrite MIB MiB
  *    at 32 MiB page by page with a pattern, checking each page's previous pattern first;
  *    mpfill first writes MIB2 MiB after that area once (a dense guest with a short loop).
+ *  - suspend[=deaf]: a guest with Xen drivers for cooperative save (see suspend_mode()): watches
+ *    control/shutdown, suspends itself when asked and sets its Xen side up again after
+ *    (deaf: announces suspend support and never answers).
  *  - demo console_wait=N: the console_input check prompts and waits N s for a line.
  *
  * Add a check: write `static int check_foo(void)` returning PASS(...) or FAIL(...)
@@ -3253,6 +3256,128 @@ static void __attribute__((noreturn)) migpat(const char *cmdline)
     mp_run(0);
 }
 
+/* ----------------------------------------------------------------- suspend */
+
+/* suspend: a guest with Xen drivers as a toolstack sees one (issue 14), after Linux's
+ * xen-manage: it maps shared_info, binds an event channel to itself, writes
+ * control/feature-suspend = 1 and watches control/shutdown. When the toolstack writes
+ * "suspend" there, it clears the node (the acknowledgement) and makes
+ * SCHEDOP_shutdown(SHUTDOWN_suspend). A result of 1 means "cancelled" (a checkpoint):
+ * everything it had must still work. 0 means "resumed in a new domain" (a restore):
+ * its old port must be gone, and it maps shared_info, binds a port, re-reads the store
+ * params and watches control/shutdown again, and reads its name. Each outcome is one
+ * "suspend: ..." line ending in "ok" or naming what failed; it then waits for the next
+ * request, printing "suspend: ready N" every 50 polls of 20 ms. suspend=deaf announces
+ * support and ignores every request (a guest whose drivers hang). */
+static struct {
+    u32 port;
+    u32 rounds;
+} sp;
+
+/* Bind a port to this vCPU and check that a send to it sets its pending bit. */
+static int sp_bind_and_check(const char **why)
+{
+    if (bind_ipi(0, &sp.port)) {
+        *why = "EVTCHNOP_bind_ipi failed";
+        return 0;
+    }
+    port_clear(sp.port);
+    if (evtchn_send(sp.port) || !port_pending(sp.port)) {
+        *why = "a send to its own port did not set it pending";
+        return 0;
+    }
+    port_clear(sp.port);
+    return 1;
+}
+
+/* Announce suspend support and watch control/shutdown. */
+static int sp_xenstore(const char **why)
+{
+    char r[64];
+    if (!xs_init()) {
+        *why = "no xenstore params";
+        return 0;
+    }
+    if (xs_request(XS_WRITE, "control/feature-suspend", sizeof("control/feature-suspend"), "1", 1, r, sizeof(r)) !=
+        XS_WRITE) {
+        *why = "cannot write control/feature-suspend";
+        return 0;
+    }
+    if (xs_request(XS_WATCH, "control/shutdown", sizeof("control/shutdown"), "sd", 3, r, sizeof(r)) != XS_WATCH) {
+        *why = "cannot watch control/shutdown";
+        return 0;
+    }
+    return 1;
+}
+
+/* A pending message on the reply ring (a watch event) is taken in. */
+static void sp_take_events(void)
+{
+    char buf[64];
+    while (xs.ring->rsp_prod != xs.ring->rsp_cons) {
+        struct xsd_sockmsg r;
+        if (!xs_recv(&r, buf, sizeof(buf)))
+            return;
+    }
+}
+
+static void __attribute__((noreturn)) suspend_mode(int deaf)
+{
+    struct xen_add_to_physmap x;
+    const char *why = "";
+    if ((!xen.shinfo && map_shared_info(&x)) || !sp_bind_and_check(&why) || !sp_xenstore(&why)) {
+        say("suspend: setup FAILED: %s", why[0] ? why : "cannot map shared_info");
+        shutdown(SHUTDOWN_crash);
+    }
+    say("suspend: ready 0 (port %u, store port %u)", sp.port, xs.port);
+    for (u64 polls = 1;; polls++) {
+        poll_ns(xs.port, 20000000);
+        int seen = xs.watch_events;
+        sp_take_events();
+        if (polls % 50 == 0)
+            say("suspend: ready %lu", polls / 50);
+        if (xs.watch_events == seen || deaf)
+            continue;
+        char val[32];
+        if (xs_path_op(XS_READ, "control/shutdown", val, sizeof(val)) != XS_READ || !streq(val, "suspend"))
+            continue;
+        /* The acknowledgement, as Linux's shutdown_handler: the node cleared. */
+        char r[16];
+        xs_request(XS_WRITE, "control/shutdown", sizeof("control/shutdown"), "", 0, r, sizeof(r));
+        struct sched_shutdown sd = { .reason = SHUTDOWN_suspend };
+        u32 old = sp.port;
+        long rc = HYPERVISOR_sched_op(SCHEDOP_shutdown, &sd);
+        sp.rounds++;
+        if (rc == 1) {
+            /* Cancelled: the same domain, everything as it was. */
+            port_clear(old);
+            int ok = !evtchn_send(old) && port_pending(old);
+            port_clear(old);
+            char name[64];
+            long t = xs_path_op(XS_READ, "name", name, sizeof(name));
+            say("suspend: round %u cancelled (returned 1): old port %u %s, xenstore %s: %s", sp.rounds, old,
+                ok ? "works" : "BROKEN", t == XS_READ ? name : "BROKEN", ok && t == XS_READ ? "ok" : "FAILED");
+        } else if (rc == 0) {
+            /* A new domain: nothing of the old Xen side is left; set it up again. */
+            long gone = evtchn_send(old);
+            xen.shinfo = NULL;
+            long m = map_shared_info(&x);
+            int bound = !m && sp_bind_and_check(&why);
+            int xsok = bound && sp_xenstore(&why);
+            char name[64] = "?";
+            long t = xsok ? xs_path_op(XS_READ, "name", name, sizeof(name)) : -1;
+            int ok = gone != 0 && !m && bound && xsok && t == XS_READ;
+            say("suspend: round %u resumed in a new domain (returned 0): old port %u %s, shared_info rc %ld, new port "
+                "%u, xenstore name %s: %s%s%s",
+                sp.rounds, old, gone ? "gone" : "STILL BOUND", m, sp.port, t == XS_READ ? name : "BROKEN",
+                ok ? "ok" : "FAILED", why[0] ? ": " : "", why);
+            why = "";
+        } else {
+            say("suspend: round %u: SCHEDOP_shutdown(suspend) returned %ld: FAILED", sp.rounds, rc);
+        }
+    }
+}
+
 /* ------------------------------------------------------ reboot, chatter */
 
 /* reboot: ask for a reboot at once (the VMM's on_reboot decides what follows). */
@@ -3309,6 +3434,8 @@ void __attribute__((noreturn)) main(u32 start_info_paddr)
         chatter();
     if (strstr_(cmdline, "migpat"))
         migpat(cmdline);
+    if (strstr_(cmdline, "suspend"))
+        suspend_mode(strstr_(cmdline, "suspend=deaf") != 0);
     const char *w = strstr_(cmdline, "console_wait=");
     if (w)
         console_wait_s = parse_u32(w + 13);

@@ -109,6 +109,7 @@ _Static_assert(sizeof(struct evtchn_status) == 24, "evtchn_status");
 #define SCHEDOP_poll      3 /* struct sched_poll */
 #define SHUTDOWN_poweroff 0
 #define SHUTDOWN_reboot   1
+#define SHUTDOWN_suspend  2
 #define SHUTDOWN_crash    3
 struct sched_shutdown {
     uint32_t reason;
