@@ -156,8 +156,10 @@ enum Cmd {
     /// image is checked before the guest is built. The Xen-side state (event
     /// channels, grants, xenstore, timers, runstate) comes back when the
     /// image has xenkvm's record (`save --xen-state`); without it a guest
-    /// that had set them up finds them reset. A reboot ends it (there is no
-    /// kernel to boot again).
+    /// that had set them up finds them reset, as under Xen: a guest that
+    /// suspended itself for the save (Linux, see `save`) sets them up again
+    /// and its PV frontends reconnect to the --disk/--net given here. A
+    /// reboot ends it (there is no kernel to boot again).
     #[command(after_help = exit_status::HELP)]
     Restore {
         #[arg(value_name = "FILE")]
@@ -171,6 +173,16 @@ enum Cmd {
         /// Stop the guest and fail (status 4) after this many seconds.
         #[arg(long, value_name = "SECS", value_parser = parse_timeout, allow_negative_numbers = true)]
         timeout: Option<Duration>,
+        /// A PV disk for the restored guest, as `run --disk` (the same vdev
+        /// the guest had: its frontend reconnects to it). Not with an image
+        /// that has xenkvm's Xen-state record (`save --xen-state`): its
+        /// frontends stay connected to rings no backend serves any more.
+        #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
+        disks: Vec<DiskSpec>,
+        /// A PV network interface for the restored guest, as `run --net`
+        /// (give the MAC it had: without mac= one is generated from --name).
+        #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+        nets: Vec<NicSpec>,
         #[command(flatten)]
         ui: UiArgs,
     },
@@ -815,12 +827,23 @@ fn main() -> ExitCode {
             name,
             api_socket,
             timeout,
+            disks,
+            nets,
             ui,
         } => {
             let img = match xenkvm::migration::restore::load(&file) {
                 Ok(i) => i,
                 Err(e) => return fail(exit_status::ERROR, &e.to_string()),
             };
+            if img.xen_state.is_some() && !(disks.is_empty() && nets.is_empty()) {
+                return fail(
+                    exit_status::ERROR,
+                    &format!(
+                        "{}: --disk/--net with an image that has xenkvm's Xen-state record (save --xen-state): the guest's frontends would stay connected to rings no backend serves; save it without --xen-state (a guest with Xen drivers suspends itself and reconnects)",
+                        file.display()
+                    ),
+                );
+            }
             let name = name
                 .or_else(|| (!img.name.is_empty()).then(|| img.name.clone()))
                 .unwrap_or_else(|| "restored".into());
@@ -828,6 +851,14 @@ fn main() -> ExitCode {
                 xenkvm::vmm::control::name_fits_socket(&name)
                     .then(|| xenkvm::vmm::control::socket_path(&name))
             });
+            let nics = nets
+                .iter()
+                .enumerate()
+                .map(|(i, n)| NicSpec {
+                    mac: Some(n.mac_for(&name, i as u32)),
+                    ..n.clone()
+                })
+                .collect();
             let cfg = VmConfig {
                 mem_mib: img.mem_mib,
                 vcpus: img.vcpus.len() as u32,
@@ -835,6 +866,8 @@ fn main() -> ExitCode {
                 name,
                 xen_console: ui.xen_console(XenConsoleTo::Log),
                 restore: Some((file.clone(), std::sync::Arc::new(img))),
+                nics,
+                disks,
                 ..Default::default()
             };
             let opts = RunOptions {

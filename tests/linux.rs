@@ -220,6 +220,7 @@ const PRE_SAVE_COMMAND: &str = "echo PRE\"\"-SAVE $(cat /proc/uptime) $(grep '^c
 /// that did.
 const RESTORED_COMMAND: &str =
     "echo RE\"\"STORED $(grep '^cpu0 ' /proc/stat) UPTIME $(cat /proc/uptime)";
+const COOP_CK_COMMAND: &str = "echo COOP\"\"-CK $(cat /proc/uptime)";
 const MIGRATED_COMMAND: &str = "echo MI\"\"GRATED $(cat /proc/uptime) $(grep '^cpu0 ' /proc/stat)";
 /// A xenstore read of the domain's relative `name` through the kernel's
 /// `/proc/xen/xenbus` (XS_READ = 2, request id 0, transaction 0, 5 bytes);
@@ -305,7 +306,8 @@ struct BeforeSave {
 /// in a new process, checks that it answers with uptime and cpu0 steal
 /// continuing from `pre` (the values printed just before the save), that
 /// xenstore answers with the domain's name, then live-migrates it to a
-/// third process and checks that it answers there and powers off.
+/// third process and checks that it answers there, then takes it through
+/// [`cooperative_checkpoint_save_restore`] and powers it off.
 fn restore_then_migrate(img_s: &str, name: &str, pre: Option<BeforeSave>) {
     // Restore in a new process (issue 14, acceptance 3).
     let (rname, mname) = (
@@ -406,18 +408,100 @@ fn restore_then_migrate(img_s: &str, name: &str, pre: Option<BeforeSave>) {
         mup >= up,
         "uptime went back across the migration: {up} -> {mup}"
     );
-    m.type_line(SHELL_COMMANDS.trim_end());
-    let mb = m.finish();
+    let mut c = cooperative_checkpoint_save_restore(m, &mname, img_s);
+    c.type_line(SHELL_COMMANDS.trim_end());
+    let cb = c.finish();
     assert!(
-        mb.stdout.contains("GUEST-POWEROFF ") && mb.success,
-        "the migrated guest did not power off cleanly\n{}",
-        mb.stdout
+        cb.stdout.contains("GUEST-POWEROFF ") && cb.success,
+        "the cooperatively restored guest did not power off cleanly\n{}",
+        cb.stdout
             .lines()
             .rev()
             .take(20)
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// Issue 14's cooperative suspend with Linux's own xen-manage: the guest
+/// `name` running in `m` is checkpointed with `save -c` (it suspends itself
+/// when asked through `control/shutdown`, the suspend is cancelled, and it
+/// answers), then saved (it suspends again and its VM ends), and the image,
+/// which has only what Xen writes, is restored in a new process: Linux
+/// resumes in a new domain, sets up its Xen side again and answers, with
+/// xenstore giving its new name. Returns that process.
+fn cooperative_checkpoint_save_restore(mut m: Console, name: &str, img_s: &str) -> Console {
+    let coop = format!("{img_s}.coop");
+    let t = Instant::now();
+    let ck = Command::new(env!("CARGO_BIN_EXE_xenkvm"))
+        .args(["save", "--checkpoint", name, &coop])
+        .output()
+        .expect("cannot run xenkvm save");
+    let said = String::from_utf8_lossy(&ck.stdout).into_owned();
+    println!(
+        "cooperative checkpoint ({:.1} s): {}",
+        t.elapsed().as_secs_f64(),
+        said.trim_end()
+    );
+    assert!(
+        ck.status.success() && said.contains("suspended by the guest"),
+        "cooperative checkpoint: {said}{}{}",
+        String::from_utf8_lossy(&ck.stderr),
+        m.ctx()
+    );
+    m.type_line(COOP_CK_COMMAND);
+    m.wait_for("COOP-CK ", Duration::from_secs(900))
+        .unwrap_or_else(|| {
+            panic!(
+                "the guest never answered after its cancelled suspend{}",
+                m.ctx()
+            )
+        });
+    let t = Instant::now();
+    let sv = Command::new(env!("CARGO_BIN_EXE_xenkvm"))
+        .args(["save", name, &coop])
+        .output()
+        .expect("cannot run xenkvm save");
+    println!(
+        "cooperative save ({:.1} s): {}",
+        t.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&sv.stdout).trim_end()
+    );
+    assert!(
+        sv.status.success(),
+        "cooperative save: {}{}",
+        String::from_utf8_lossy(&sv.stderr),
+        m.ctx()
+    );
+    assert!(
+        m.finish().success,
+        "the saved guest's xenkvm did not exit 0"
+    );
+    let cname = format!("xkc{}", std::process::id());
+    let t = Instant::now();
+    let mut c = Console::spawn(&[
+        "restore",
+        "--name",
+        &cname,
+        "--console-input",
+        "stdin",
+        &coop,
+    ]);
+    c.type_line(XS_READ_COMMAND);
+    let xs = c
+        .wait_for("XS-READ", Duration::from_secs(900))
+        .unwrap_or_else(|| panic!("no answer from the cooperatively restored guest{}", c.ctx()));
+    println!(
+        "cooperatively restored: xenstore answered {:?} {:.1} s after the restore began",
+        xs.trim(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        xs.contains(&cname),
+        "xenstore `name` read {xs:?} in the new domain, not {cname}"
+    );
+    let _ = std::fs::remove_file(&coop);
+    c
 }
 
 /// The restore and migration half of the CI boot test, from an image saved
