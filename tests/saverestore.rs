@@ -781,6 +781,22 @@ fn save_with_xen_state_writes_the_domains_xen_record_and_restore_accepts_it() {
         );
     }
 
+    // Its guest's frontends cannot reconnect to new backends: PV devices
+    // for it are refused in one line naming the image.
+    let out = rt.xenkvm(&[
+        "restore",
+        img.to_str().unwrap(),
+        "--disk",
+        "vdev=xvda,target=/nonexistent.img",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(img.to_str().unwrap()) && err.contains("Xen-state record"),
+        "{err}"
+    );
+
     // The record is skipped by nothing and refused by nothing: restore runs.
     let mut restored = spawn(&[
         "restore",
