@@ -247,6 +247,15 @@ enum Cmd {
         /// Stop the guest and fail (status 4) after this many seconds.
         #[arg(long, value_name = "SECS", value_parser = parse_timeout, allow_negative_numbers = true)]
         timeout: Option<Duration>,
+        /// A PV disk for the arriving guest, as `run --disk` (the same vdev
+        /// and the same data, e.g. shared storage): a guest with PV devices
+        /// suspends itself for the last round and its frontend reconnects.
+        #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
+        disks: Vec<DiskSpec>,
+        /// A PV network interface for the arriving guest, as `run --net`
+        /// (give the MAC it had).
+        #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+        nets: Vec<NicSpec>,
         #[command(flatten)]
         ui: UiArgs,
     },
@@ -470,6 +479,17 @@ struct RunArgs {
     ui: UiArgs,
 }
 
+/// NICs without a MAC get a stable one from the VM's name and their index.
+fn with_macs(nets: &[NicSpec], name: &str) -> Vec<NicSpec> {
+    nets.iter()
+        .enumerate()
+        .map(|(i, n)| NicSpec {
+            mac: Some(n.mac_for(name, i as u32)),
+            ..n.clone()
+        })
+        .collect()
+}
+
 fn parse_disk(s: &str) -> Result<DiskSpec, String> {
     DiskSpec::parse(s).map_err(|e| e.to_string())
 }
@@ -625,16 +645,7 @@ fn run_config(a: &RunArgs) -> Result<(VmConfig, RunOptions), String> {
         None => None,
     };
     let name = a.name.clone().unwrap_or_else(|| VmConfig::default().name);
-    // NICs without a MAC get a stable one from the name and their index.
-    let nics = a
-        .nets
-        .iter()
-        .enumerate()
-        .map(|(i, n)| NicSpec {
-            mac: Some(n.mac_for(&name, i as u32)),
-            ..n.clone()
-        })
-        .collect();
+    let nics = with_macs(&a.nets, &name);
     let cfg = VmConfig {
         kernel,
         boot,
@@ -851,14 +862,7 @@ fn main() -> ExitCode {
                 xenkvm::vmm::control::name_fits_socket(&name)
                     .then(|| xenkvm::vmm::control::socket_path(&name))
             });
-            let nics = nets
-                .iter()
-                .enumerate()
-                .map(|(i, n)| NicSpec {
-                    mac: Some(n.mac_for(&name, i as u32)),
-                    ..n.clone()
-                })
-                .collect();
+            let nics = with_macs(&nets, &name);
             let cfg = VmConfig {
                 mem_mib: img.mem_mib,
                 vcpus: img.vcpus.len() as u32,
@@ -902,8 +906,17 @@ fn main() -> ExitCode {
             name,
             api_socket,
             timeout,
+            disks,
+            nets,
             ui,
-        } => migrate_receive(listen.as_deref(), name, api_socket, timeout, ui),
+        } => migrate_receive(
+            listen.as_deref(),
+            name,
+            api_socket,
+            timeout,
+            (disks, nets),
+            ui,
+        ),
         Cmd::Save {
             checkpoint,
             xen_state,
@@ -1186,6 +1199,7 @@ fn migrate_receive(
     name: Option<String>,
     api_socket: Option<PathBuf>,
     timeout: Option<Duration>,
+    (disks, nets): (Vec<DiskSpec>, Vec<NicSpec>),
     mut ui: UiArgs,
 ) -> ExitCode {
     use std::io::Write as _;
@@ -1261,7 +1275,17 @@ fn migrate_receive(
         xenkvm::vmm::control::name_fits_socket(&name)
             .then(|| xenkvm::vmm::control::socket_path(&name))
     });
+    if img.xen_state.is_some() && !(disks.is_empty() && nets.is_empty()) {
+        // Before the handshake: the source keeps the guest.
+        return fail(
+            exit_status::ERROR,
+            "--disk/--net: the guest did not suspend itself for the migration (the stream has xenkvm's Xen-state record): its frontends would stay connected to rings no backend serves; nothing runs here",
+        );
+    }
+    let nics = with_macs(&nets, &name);
     let cfg = VmConfig {
+        disks,
+        nics,
         mem_mib: img.mem_mib,
         vcpus: img.vcpus.len() as u32,
         timeout,

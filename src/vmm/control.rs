@@ -466,18 +466,9 @@ fn execute(verb: &str, s: &Shared) -> Result<String, String> {
             } else {
                 suspend_for_save(&m, s, suspend_wait)?
             };
-            if let Some(v) = held {
-                // Any resume from here on is a cancelled suspend (a
-                // checkpoint, or a save that failed): the hypercall returns
-                // 1. The image keeps 0, read when the vCPU paused.
-                m.vcpus[v as usize].set_resume_rax(1);
-            }
             let r = save(&m, s, path, checkpoint, xen_state);
             if held.is_some() {
-                if checkpoint || r.is_err() {
-                    m.xen.domain.clear_shutdown();
-                }
-                m.suspend.finish();
+                crate::vmm::suspend::finish(&m, checkpoint || r.is_err());
             }
             let r = match (r, held) {
                 (Ok(r), Some(v)) => format!("{r} (suspended by the guest on vCPU {v})"),
@@ -508,76 +499,18 @@ fn is_save_request(v: &str) -> bool {
         .any(|p| v.starts_with(p))
 }
 
-/// How long a save waits for a guest with Xen drivers to suspend itself
-/// unless the request says (`+wait=SECS`). libxl allows 60 s; a Linux
-/// guest on a host whose KVM emulates guest kernel code needs minutes to
-/// freeze its tasks and devices.
-pub const SUSPEND_WAIT: Duration = Duration::from_secs(300);
+pub use crate::vmm::suspend::SUSPEND_WAIT;
 
-/// Cooperative suspend before a save, as libxl does for a guest with Xen
-/// drivers (issue 14; [`crate::vmm::suspend`]): if the guest advertises
-/// `control/feature-suspend = 1` (Linux's xen-manage does), write
-/// `control/shutdown = suspend`, wait up to `wait` for the guest to take the
-/// request (it clears the node) and make `SCHEDOP_shutdown(SHUTDOWN_suspend)`.
-/// `Ok(Some(vcpu))`: that vCPU holds, paused, in the hypercall, whose
-/// result (0) the image keeps. `Ok(None)`: the guest has no such drivers
-/// (saved as it is). A guest that does not suspend in time keeps running
-/// (its late suspend is cancelled) and the save fails with one line.
+/// A save's cooperative suspend ([`crate::vmm::suspend::ask_guest`]); a
+/// paused guest cannot answer.
 fn suspend_for_save(m: &Machine, s: &Shared, wait: Duration) -> Result<Option<u32>, String> {
-    if m.xen.toolstack_read("control/feature-suspend").as_deref() != Some("1") {
+    if !crate::vmm::suspend::has_suspend_support(m) {
         return Ok(None);
     }
     if s.paused.load(Ordering::Acquire) {
         return Err("the guest is paused, and its Xen drivers suspend it themselves for a save: unpause it first (or save --xen-state to save it as it is)".into());
     }
-    if !m.suspend.request() {
-        return Err("a suspend is already in progress".into());
-    }
-    let t0 = Instant::now();
-    let deadline = t0 + wait;
-    if let Err(e) = m.xen.toolstack_write("control/shutdown", "suspend") {
-        m.suspend.abandon();
-        return Err(e);
-    }
-    tracing::info!("asked the guest to suspend (control/shutdown = suspend)");
-    let give_up = |why: String| -> Result<Option<u32>, String> {
-        match m.suspend.abandon() {
-            // It suspended just now: go on with the save.
-            Some(v) => Ok(Some(v)),
-            None => Err(why),
-        }
-    };
-    // The guest takes the request by clearing the node (as libxl, wait for
-    // that first: a guest that never does has no suspend support).
-    while m.xen.toolstack_read("control/shutdown").as_deref() == Some("suspend") {
-        if Instant::now() >= deadline || m.stopping() {
-            let _ = m.xen.toolstack_write("control/shutdown", "");
-            return give_up(format!(
-                "the guest did not take the suspend request (control/shutdown) within {} s: it keeps running; save --xen-state saves it as it is",
-                wait.as_secs()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let acked = t0.elapsed();
-    loop {
-        let slice = (Instant::now() + Duration::from_millis(200)).min(deadline);
-        if let Some(v) = m.suspend.wait(slice) {
-            tracing::info!(
-                vcpu = v,
-                acked_ms = acked.as_millis() as u64,
-                suspended_ms = t0.elapsed().as_millis() as u64,
-                "guest suspended itself for the save"
-            );
-            return Ok(Some(v));
-        }
-        if Instant::now() >= deadline || m.stopping() {
-            return give_up(format!(
-                "the guest took the suspend request but did not suspend within {} s (no SCHEDOP_shutdown(SHUTDOWN_suspend)): it keeps running, and a suspend it makes later is cancelled",
-                wait.as_secs()
-            ));
-        }
-    }
+    crate::vmm::suspend::ask_guest(m, wait)
 }
 
 /// `save PATH` / `checkpoint PATH`: pauses the guest (unless paused),

@@ -400,6 +400,7 @@ pub fn send(
     let t0 = Instant::now();
     let mut paused_at: Option<Instant> = None;
     let mut report = Report::default();
+    let mut held = None;
     let r = send_inner(
         m,
         name,
@@ -412,8 +413,15 @@ pub fn send(
         progress,
         &mut paused_at,
         &mut report,
+        &mut held,
     );
     let downtime = paused_at.map(|t| t.elapsed()).unwrap_or_default();
+    if held.is_some() {
+        // Failed before the destination took it: the caller resumes the
+        // guest and its suspend returns "cancelled".
+        crate::vmm::suspend::finish(m, !matches!(r, Ok(()) | Err(SendErr::After(_))));
+        tracing::info!("the guest suspended itself for the migration's last round");
+    }
     match r {
         Ok(()) => {
             report.total = t0.elapsed();
@@ -458,6 +466,7 @@ fn send_inner(
     progress: &mut dyn FnMut(&Progress),
     paused_at: &mut Option<Instant>,
     report: &mut Report,
+    held: &mut Option<u32>,
 ) -> Result<(), SendErr> {
     let mut rfile = std::fs::File::from(rd.try_clone().map_err(|e| e.to_string())?);
     // The banner: the receiver is there and wants the domain.
@@ -603,11 +612,25 @@ fn send_inner(
     for p in &pfns {
         dirty.add(*p);
     }
+    // A guest with PV devices and Xen drivers suspends itself first, as
+    // `xl migrate` asks it: the destination's backends are new, and its
+    // frontends reconnect to them only after a suspend. The downtime counts
+    // from the request. Any other guest is paused as it is and continues at
+    // the destination with xenkvm's record of its Xen side.
+    if !was_paused && m.xen.has_pv_devices() {
+        *paused_at = Some(Instant::now());
+        *held = crate::vmm::suspend::ask_guest(m, crate::vmm::suspend::SUSPEND_WAIT)?;
+        if held.is_none() {
+            tracing::warn!("the guest's PV devices do not move: its drivers take no suspend requests (control/feature-suspend)");
+        }
+    }
     if !was_paused {
         m.pause(Duration::from_secs(10))
             .map_err(|e| e.to_string())?;
     }
-    *paused_at = Some(Instant::now());
+    if paused_at.is_none() {
+        *paused_at = Some(Instant::now());
+    }
     let tail = read_tail(m)?;
     collect(&mut dirty)?;
     let last = dirty.take();
@@ -642,11 +665,15 @@ fn send_inner(
         img.libxc(&LibxcRecord::HvmParams(tail.params))
             .map_err(io)?;
     }
-    img.libxc(&LibxcRecord::Optional {
-        rtype: xenkvm_records::REC_XENKVM_XEN_STATE,
-        body: xenkvm_records::encode(&tail.xen_state),
-    })
-    .map_err(io)?;
+    // A guest that suspended itself sets its Xen side up again at the
+    // destination: the stream has only what Xen writes.
+    if held.is_none() {
+        img.libxc(&LibxcRecord::Optional {
+            rtype: xenkvm_records::REC_XENKVM_XEN_STATE,
+            body: xenkvm_records::encode(&tail.xen_state),
+        })
+        .map_err(io)?;
+    }
     img.finish(&[]).map_err(io)?;
     out.lock().flush().map_err(io)?;
     report.bytes = out.lock().bytes();

@@ -16,9 +16,11 @@
 //! toolstack gave up waiting) or end the VM (nobody asked: as before, a
 //! guest that suspends itself unprompted has nobody to resume it).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+
+use crate::vmm::machine::Machine;
 
 /// Where a cooperative suspend stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +135,104 @@ impl SuspendGate {
                 SuspendAnswer::Cancel
             }
             Stage::Idle => SuspendAnswer::End,
+        }
+    }
+}
+
+/// Whether the guest's Xen drivers take suspend requests: it set
+/// `control/feature-suspend = 1` (Linux's xen-manage does).
+pub fn has_suspend_support(m: &Machine) -> bool {
+    m.xen.toolstack_read("control/feature-suspend").as_deref() == Some("1")
+}
+
+/// vCPU `v` holds in the suspend: from here on any resume is a cancelled
+/// suspend (a checkpoint, or a save or migration that failed), so its
+/// hypercall returns 1 then. An image keeps the 0 read when it paused.
+fn held(m: &Machine, v: u32) {
+    if let Some(h) = m.vcpus.get(v as usize) {
+        h.set_resume_rax(1);
+    }
+}
+
+/// After [`ask_guest`] held a vCPU: the VM ran again with the suspend
+/// cancelled (`cancelled`: a checkpoint or a failure; the held vCPU was
+/// told to return 1 before the VM resumed) or it ends.
+pub fn finish(m: &Machine, cancelled: bool) {
+    if cancelled {
+        m.xen.domain.clear_shutdown();
+    }
+    m.suspend.finish();
+}
+
+/// How long a save waits for a guest with Xen drivers to suspend itself
+/// unless the request says (`+wait=SECS`). libxl allows 60 s; a Linux
+/// guest on a host whose KVM emulates guest kernel code needs minutes to
+/// freeze its tasks and devices.
+pub const SUSPEND_WAIT: Duration = Duration::from_secs(300);
+
+/// Cooperative suspend before a save or the last round of a migration, as
+/// libxl does for a guest with Xen drivers: if the guest advertises
+/// `control/feature-suspend = 1` (Linux's xen-manage does), write
+/// `control/shutdown = suspend`, wait up to `wait` for the guest to take the
+/// request (it clears the node) and make `SCHEDOP_shutdown(SHUTDOWN_suspend)`.
+/// `Ok(Some(vcpu))`: that vCPU holds, paused, in the hypercall, whose
+/// result (0) the image keeps. `Ok(None)`: the guest has no such drivers
+/// (saved as it is). A guest that does not suspend in time keeps running
+/// (its late suspend is cancelled) and the save fails with one line.
+pub fn ask_guest(m: &Machine, wait: Duration) -> Result<Option<u32>, String> {
+    if !has_suspend_support(m) {
+        return Ok(None);
+    }
+    if !m.suspend.request() {
+        return Err("a suspend is already in progress".into());
+    }
+    let t0 = Instant::now();
+    let deadline = t0 + wait;
+    if let Err(e) = m.xen.toolstack_write("control/shutdown", "suspend") {
+        m.suspend.abandon();
+        return Err(e);
+    }
+    tracing::info!("asked the guest to suspend (control/shutdown = suspend)");
+    let give_up = |why: String| -> Result<Option<u32>, String> {
+        match m.suspend.abandon() {
+            // It suspended just now: go on with the save.
+            Some(v) => {
+                held(m, v);
+                Ok(Some(v))
+            }
+            None => Err(why),
+        }
+    };
+    // The guest takes the request by clearing the node (as libxl, wait for
+    // that first: a guest that never does has no suspend support).
+    while m.xen.toolstack_read("control/shutdown").as_deref() == Some("suspend") {
+        if Instant::now() >= deadline || m.stopping() {
+            let _ = m.xen.toolstack_write("control/shutdown", "");
+            return give_up(format!(
+                "the guest did not take the suspend request (control/shutdown) within {} s: it keeps running; save --xen-state saves it as it is",
+                wait.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let acked = t0.elapsed();
+    loop {
+        let slice = (Instant::now() + Duration::from_millis(200)).min(deadline);
+        if let Some(v) = m.suspend.wait(slice) {
+            held(m, v);
+            tracing::info!(
+                vcpu = v,
+                acked_ms = acked.as_millis() as u64,
+                suspended_ms = t0.elapsed().as_millis() as u64,
+                "guest suspended itself for the save"
+            );
+            return Ok(Some(v));
+        }
+        if Instant::now() >= deadline || m.stopping() {
+            return give_up(format!(
+                "the guest took the suspend request but did not suspend within {} s (no SCHEDOP_shutdown(SHUTDOWN_suspend)): it keeps running, and a suspend it makes later is cancelled",
+                wait.as_secs()
+            ));
         }
     }
 }

@@ -627,6 +627,11 @@ impl Xen {
         notify
     }
 
+    /// Whether the guest has PV disks or NICs (backends xenkvm serves).
+    pub fn has_pv_devices(&self) -> bool {
+        self.blk.lock().is_some() || self.net.lock().is_some()
+    }
+
     /// A node of the guest's own xenstore directory (`rel` under
     /// `/local/domain/<domid>`), read as the toolstack; `None` if absent.
     pub fn toolstack_read(&self, rel: &str) -> Option<String> {
