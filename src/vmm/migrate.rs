@@ -297,6 +297,39 @@ fn send_pages<W: PageOut>(
     Ok(())
 }
 
+/// Where the guest's memfd-backed RAM has holes (pages never written:
+/// zeroes, sent without reading them), as of when it was read.
+struct Holes(Vec<(u64, u64, Option<crate::migration::save::DataRanges>)>);
+
+impl Holes {
+    fn read(m: &Machine) -> Holes {
+        Holes(
+            m.mem
+                .iter()
+                .map(|r| {
+                    let d = r.file_offset().and_then(|fo| {
+                        crate::migration::save::data_ranges(fo.file(), fo.start(), r.len())
+                    });
+                    (r.start_addr().0, r.len(), d)
+                })
+                .collect(),
+        )
+    }
+
+    fn is_hole(&self, pfn: u64) -> bool {
+        let gpa = pfn * PAGE_SIZE as u64;
+        self.0.iter().any(|(s, l, d)| {
+            gpa >= *s
+                && gpa < s + l
+                && d.as_ref().is_some_and(|d| {
+                    let off = gpa - s;
+                    let i = d.partition_point(|(a, _)| *a <= off);
+                    i == 0 || d[i - 1].1 <= off
+                })
+        })
+    }
+}
+
 /// The machine's CPU, irqchip, params and Xen state, read while paused.
 struct Tail {
     blob: Vec<u8>,
@@ -525,29 +558,9 @@ fn send_inner(
         .map_err(|e| e.to_string())?;
 
     // Pages of memfd-backed RAM never touched are holes: zeroes, not read.
-    let holes: Vec<(u64, u64, Option<crate::migration::save::DataRanges>)> = m
-        .mem
-        .iter()
-        .map(|r| {
-            let d = r
-                .file_offset()
-                .and_then(|fo| crate::migration::save::data_ranges(fo.file(), fo.start(), r.len()));
-            (r.start_addr().0, r.len(), d)
-        })
-        .collect();
-    let hole = |pfn: u64| {
-        let gpa = pfn * PAGE_SIZE as u64;
-        holes.iter().any(|(s, l, d)| {
-            gpa >= *s
-                && gpa < s + l
-                && d.as_ref().is_some_and(|d| {
-                    let off = gpa - s;
-                    let i = d.partition_point(|(a, _)| *a <= off);
-                    i == 0 || d[i - 1].1 <= off
-                })
-        })
-    };
-
+    // Read again for every round: a page first written during the
+    // migration is a hole only until then.
+    let mut holes = Holes::read(m);
     let policy = Policy {
         downtime: opts.downtime,
         max_rounds: opts.max_rounds,
@@ -583,8 +596,9 @@ fn send_inner(
             }
             Ok(())
         };
-        send_pages(&mut img, &pfns, &hole, &mut tick)?;
+        send_pages(&mut img, &pfns, &|p| holes.is_hole(p), &mut tick)?;
         collect(&mut dirty)?;
+        holes = Holes::read(m);
         pfns = dirty.take();
         let r = Round {
             n,
@@ -652,7 +666,9 @@ fn send_inner(
         }
         Ok(())
     };
-    send_pages(&mut img, &last, &hole, &mut tick)?;
+    // Holes as they are now, with the guest stopped.
+    let holes = Holes::read(m);
+    send_pages(&mut img, &last, &|p| holes.is_hole(p), &mut tick)?;
     report.pages += of;
     report.final_pages = of;
     report.rounds = n;

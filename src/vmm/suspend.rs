@@ -140,10 +140,19 @@ impl SuspendGate {
 }
 
 /// Whether the guest's Xen drivers take suspend requests: it set
-/// `control/feature-suspend = 1` (Linux's xen-manage does).
+/// `control/feature-suspend = 1` (Linux's xen-manage does when it starts),
+/// or it watches `control/shutdown` (a guest restored after its own
+/// suspend comes back to a new domain's xenstore and only re-registers its
+/// watches; libxl asks any guest with PV drivers).
 pub fn has_suspend_support(m: &Machine) -> bool {
     m.xen.toolstack_read("control/feature-suspend").as_deref() == Some("1")
+        || m.xen.guest_watches("control/shutdown")
 }
+
+/// The longest a guest may take to take a suspend request (clear
+/// `control/shutdown`): one whose drivers watch the node but do not
+/// suspend never does.
+const ACK_WAIT: Duration = Duration::from_secs(60);
 
 /// vCPU `v` holds in the suspend: from here on any resume is a cancelled
 /// suspend (a checkpoint, or a save or migration that failed), so its
@@ -205,12 +214,13 @@ pub fn ask_guest(m: &Machine, wait: Duration) -> Result<Option<u32>, String> {
     };
     // The guest takes the request by clearing the node (as libxl, wait for
     // that first: a guest that never does has no suspend support).
+    let ack_wait = wait.min(ACK_WAIT);
     while m.xen.toolstack_read("control/shutdown").as_deref() == Some("suspend") {
-        if Instant::now() >= deadline || m.stopping() {
+        if t0.elapsed() >= ack_wait || m.stopping() {
             let _ = m.xen.toolstack_write("control/shutdown", "");
             return give_up(format!(
                 "the guest did not take the suspend request (control/shutdown) within {} s: it keeps running; save --xen-state saves it as it is",
-                wait.as_secs()
+                ack_wait.as_secs()
             ));
         }
         std::thread::sleep(Duration::from_millis(20));

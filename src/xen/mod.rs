@@ -642,6 +642,14 @@ impl Xen {
         self.xenstore.lock().read_string(&p).ok()
     }
 
+    /// Whether the guest watches `rel` (under its own directory), itself or
+    /// through an ancestor.
+    pub fn guest_watches(&self, rel: &str) -> bool {
+        let domid = self.domain.config().domid;
+        let p = format!("{}/{rel}", xenstore::domain_path(domid));
+        self.xenstore.lock().watched(domid, &p)
+    }
+
     /// Writes a node of the guest's own directory as the toolstack (dom0),
     /// as libxl writes `control/shutdown`: the guest's watches on it fire
     /// and the guest is notified.

@@ -474,6 +474,19 @@ impl XenstoreServer {
         self.conns.get(&domid).map_or(0, |c| c.watches.len())
     }
 
+    /// Whether `domid` has a watch that fires for a change of `path`
+    /// (absolute): one on the path itself or on an ancestor.
+    pub fn watched(&self, domid: u16, path: &str) -> bool {
+        self.conns.get(&domid).is_some_and(|c| {
+            c.watches.iter().any(|w| {
+                path == w.abs
+                    || path
+                        .strip_prefix(w.abs.as_str())
+                        .is_some_and(|rest| rest.starts_with('/'))
+            })
+        })
+    }
+
     /// Handles one request and queues its reply and the events it fires.
     fn request(&mut self, domid: u16, hdr: Header, payload: &[u8]) {
         let mut fired = Vec::new();

@@ -1428,3 +1428,18 @@ fn ring_request_body_written_while_header_is_read_is_served_without_a_new_notifi
     assert_eq!(replies[0].ty, MsgType::Write as u32);
     assert_eq!(xs.read("/local/domain/1/data/race").unwrap(), b"late");
 }
+
+#[test]
+fn watched_covers_the_path_and_its_children_not_siblings() {
+    let (mut xs, mut g) = setup();
+    assert!(!xs.watched(1, "/local/domain/1/control/shutdown"));
+    ok(&mut xs, &mut g, MsgType::Watch, 0, &zz("control", "t"));
+    assert!(xs.watched(1, "/local/domain/1/control/shutdown"));
+    assert!(xs.watched(1, "/local/domain/1/control"));
+    assert!(!xs.watched(1, "/local/domain/1/controlx"));
+    assert!(!xs.watched(1, "/local/domain/1/data"));
+    assert!(
+        !xs.watched(2, "/local/domain/1/control"),
+        "another domain's"
+    );
+}
