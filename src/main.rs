@@ -1212,13 +1212,14 @@ fn migrate_client(
             let f = |k| field(&res.line, k).unwrap_or("?").to_string();
             let mib = f("bytes").parse::<f64>().unwrap_or(0.0) / 1048576.0;
             println!(
-                "migrated {name} to {}: {:.2} s, {} rounds, {mib:.1} MiB ({} pages), downtime {} ms ({} pages paused; {})",
+                "migrated {name} to {}: {:.2} s, {} rounds, {mib:.1} MiB ({} pages), downtime {} ms ({} pages, {:.2} MiB sent paused; {})",
                 opts.dest,
                 f("total_ms").parse::<f64>().unwrap_or(0.0) / 1000.0,
                 f("rounds"),
                 f("pages"),
                 f("downtime_ms"),
                 f("final_pages"),
+                f("final_bytes").parse::<f64>().unwrap_or(0.0) / 1048576.0,
                 f("stop").replace('_', " ")
             );
             println!("{}", res.line);
