@@ -164,7 +164,9 @@ fn start_receiver(rt: &RuntimeDir, name: &str, env: &[(&str, String)]) -> (Proc,
     }
     let p = Proc::spawn(c);
     let addr = p.err.wait("the listening address", |t| {
-        t.lines()
+        // Whole lines only: the reader may have half of it.
+        t.split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
             .find_map(|l| l.strip_prefix("xenkvm: migrate-receive: listening on "))
             .map(|a| a.trim().to_string())
     });
