@@ -146,6 +146,10 @@ enum Cmd {
         /// which saves any guest as it is.
         #[arg(long, value_name = "SECS", default_value_t = SUSPEND_TIMEOUT_DEFAULT)]
         suspend_timeout: u64,
+        /// No progress bar, only the final report (there is none unless
+        /// stderr is a terminal).
+        #[arg(long, short)]
+        quiet: bool,
         #[arg(value_name = "NAME")]
         name: String,
         #[arg(value_name = "FILE")]
@@ -921,10 +925,11 @@ fn main() -> ExitCode {
             checkpoint,
             xen_state,
             suspend_timeout,
+            quiet,
             name,
             file,
         } => match std::path::absolute(&file) {
-            Ok(p) => match xenkvm::vmm::control::request(
+            Ok(p) => match save_client(
                 &name,
                 &format!(
                     "{}{}{} {}",
@@ -939,6 +944,7 @@ fn main() -> ExitCode {
                     },
                     p.display()
                 ),
+                quiet,
             ) {
                 Ok(r) => {
                     println!("{r}");
@@ -1124,6 +1130,35 @@ fn fail(code: u8, msg: &str) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// `xenkvm save`: sends `request` (a save or checkpoint); on a terminal
+/// (stderr) and unless `quiet`, with the VM's progress shown as a bar with
+/// bytes and rate, cleared at the end. The reply's text.
+fn save_client(
+    name: &str,
+    request: &str,
+    quiet: bool,
+) -> Result<String, xenkvm::vmm::control::ControlError> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    use xenkvm::vmm::control::{request as plain, request_with_progress, Progress};
+    if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return plain(name, request);
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "saving [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {elapsed}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let r = request_with_progress(name, request, &mut |p: &Progress| {
+        bar.set_length(p.total);
+        bar.set_position(p.bytes);
+    });
+    bar.finish_and_clear();
+    r
+}
+
 /// `xenkvm migrate`: the progress (a bar on a terminal, a line per round
 /// otherwise, on stderr) and the final report (stdout).
 fn migrate_client(
@@ -1177,13 +1212,14 @@ fn migrate_client(
             let f = |k| field(&res.line, k).unwrap_or("?").to_string();
             let mib = f("bytes").parse::<f64>().unwrap_or(0.0) / 1048576.0;
             println!(
-                "migrated {name} to {}: {:.2} s, {} rounds, {mib:.1} MiB ({} pages), downtime {} ms ({} pages paused; {})",
+                "migrated {name} to {}: {:.2} s, {} rounds, {mib:.1} MiB ({} pages), downtime {} ms ({} pages, {:.2} MiB sent paused; {})",
                 opts.dest,
                 f("total_ms").parse::<f64>().unwrap_or(0.0) / 1000.0,
                 f("rounds"),
                 f("pages"),
                 f("downtime_ms"),
                 f("final_pages"),
+                f("final_bytes").parse::<f64>().unwrap_or(0.0) / 1048576.0,
                 f("stop").replace('_', " ")
             );
             println!("{}", res.line);

@@ -635,6 +635,100 @@ fn restore_saved_guest_continues_its_console_output() {
 }
 
 #[test]
+fn save_with_progress_lines_rise_to_the_image_size_and_the_image_restores() {
+    if !common::kvm_available(
+        "save_with_progress_lines_rise_to_the_image_size_and_the_image_restores",
+    ) {
+        return;
+    }
+    use xenkvm::vmm::control::{request, request_with_progress, Progress};
+    let rt = RuntimeDir::new("saveprog");
+    let guest = common::GuestFile::new("saveprog");
+    let mut child = spawn_in(
+        &rt,
+        &[
+            "run",
+            "--xen-console",
+            "console",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "chatter",
+            "--memory",
+            "256",
+            "--name",
+            "sp",
+            "--timeout",
+            "120",
+        ],
+    );
+    let console = Console::attach(&mut child);
+    console.wait_for("chatter 1");
+    let sock = rt.0.join("xenkvm/sp.sock");
+    let sock = sock.to_str().unwrap();
+
+    // Progress lines come with a save or checkpoint only; plain requests
+    // get their one reply line as before.
+    let mut seen: Vec<Progress> = Vec::new();
+    let e = request_with_progress(sock, "info", &mut |p| seen.push(*p))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("progress lines come only with save and checkpoint"),
+        "{e}"
+    );
+    assert!(request(sock, "info").unwrap().contains("state=running"));
+
+    let img = rt.0.join("sp.img");
+    let said = request_with_progress(sock, &format!("save {}", img.display()), &mut |p| {
+        seen.push(*p)
+    })
+    .unwrap();
+    println!("{said}; {} progress lines: {seen:?}", seen.len());
+    // At least the first (after the headers) and the last (complete).
+    assert!(seen.len() >= 2, "{seen:?}");
+    let total = seen[0].total;
+    let size = std::fs::metadata(&img).unwrap().len();
+    assert_eq!(total, size, "the total announced is the image's size");
+    assert!(said.contains(&format!(", {size} bytes, to ")), "{said}");
+    assert!(seen.iter().all(|p| p.total == total), "{seen:?}");
+    assert!(
+        seen.windows(2)
+            .all(|w| w[0].bytes < w[1].bytes && w[0].elapsed <= w[1].elapsed),
+        "not rising: {seen:?}"
+    );
+    assert!(seen[0].bytes < total / 100, "{seen:?}");
+    assert_eq!(seen.last().unwrap().bytes, total);
+    assert_eq!(wait_code(&mut child, 30), Some(0), "the saved VM ends");
+    let before = console.text();
+
+    // The image restores: the output picks up where the save stopped it.
+    let mut restored = spawn_in(
+        &rt,
+        &[
+            "restore",
+            img.to_str().unwrap(),
+            "--xen-console",
+            "console",
+            "--name",
+            "sp2",
+            "--timeout",
+            "120",
+        ],
+    );
+    let after = Console::attach(&mut restored);
+    after.wait_for("chatter ");
+    let first = first_chatter(&after.text()).unwrap();
+    assert!(
+        first > 0 && before.contains(&format!("chatter {}\n", first - 1)),
+        "restored output starts at chatter {first}"
+    );
+    after.wait_for(&format!("chatter {}", first + 100));
+    assert!(rt.xenkvm(&["shutdown", "sp2"]).status.success());
+    assert_eq!(wait_code(&mut restored, 30), Some(0));
+}
+
+#[test]
 fn control_socket_file_removed_vm_still_ends_at_its_timeout() {
     if !common::kvm_available("control_socket_file_removed_vm_still_ends_at_its_timeout") {
         return;

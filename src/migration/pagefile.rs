@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use super::pagein::is_zero;
+use super::pagein::{outside, store_pages, FrameState, Frames};
 use super::save::data_ranges;
 use super::stream::libxc::PAGE_SIZE;
 
@@ -68,68 +68,37 @@ impl<'a> PageLoader<'a> {
         }
     }
 
-    /// The RAM region holding frame `pfn`: its index and the frame's byte
-    /// offset in the region's memfd.
-    fn locate(&self, pfn: u64) -> Option<(usize, u64)> {
-        let gpa = pfn.checked_mul(PAGE)?;
-        self.regions
-            .iter()
-            .position(|r| gpa >= r.guest_base.0 && gpa - r.guest_base.0 < r.size)
-            .map(|i| (i, gpa - self.regions[i].guest_base.0))
-    }
-
-    fn was_written(&self, pfn: u64) -> bool {
-        self.written
-            .get((pfn / 64) as usize)
-            .is_some_and(|w| w & (1 << (pfn % 64)) != 0)
-    }
-
-    fn mark(&mut self, pfn: u64) {
-        if let Some(w) = self.written.get_mut((pfn / 64) as usize) {
-            *w |= 1 << (pfn % 64);
-        }
+    /// Whether frame `pfn` is in the guest's RAM.
+    fn in_ram(&self, pfn: u64) -> bool {
+        pfn.checked_mul(PAGE).is_some_and(|gpa| {
+            self.regions
+                .iter()
+                .any(|r| gpa >= r.guest_base.0 && gpa - r.guest_base.0 < r.size)
+        })
     }
 
     /// Whether a zero page of `pfn` can be left out.
     fn zero_is_free(&self, pfn: u64) -> bool {
-        self.fresh && !self.was_written(pfn)
+        Marks::free(self.fresh, &self.written, pfn)
     }
 
     /// Writes `data` (whole pages) for the frames `pfns` (one per page, in
-    /// order): consecutive frames of one region go in one `pwrite`; zero
-    /// pages that can be left out are.
+    /// order), [`store_pages`]: consecutive frames of one region go in one
+    /// `pwrite`; zero pages that can be left out are.
     fn store(&mut self, pfns: &[u64], data: &[u8]) -> io::Result<()> {
-        let mut i = 0;
-        while i < pfns.len() {
-            let page = &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-            let pfn = pfns[i];
-            let (ri, off) = self.locate(pfn).ok_or_else(|| outside(pfn))?;
-            if is_zero(page) && self.zero_is_free(pfn) {
-                self.skipped += 1;
-                i += 1;
-                continue;
-            }
-            let region_end = self.regions[ri].size;
-            let mut j = i + 1;
-            while j < pfns.len()
-                && pfns[j] == pfns[j - 1] + 1
-                && off + (j - i) as u64 * PAGE < region_end
-                && !(is_zero(&data[j * PAGE_SIZE..(j + 1) * PAGE_SIZE])
-                    && self.zero_is_free(pfns[j]))
-            {
-                j += 1;
-            }
-            let file = self
-                .map
-                .ram_file(ri)
-                .ok_or_else(|| io::Error::other("guest RAM without its memfd"))?;
-            file.write_all_at(&data[i * PAGE_SIZE..j * PAGE_SIZE], off)?;
-            for &p in &pfns[i..j] {
-                self.mark(p);
-            }
-            self.stored += (j - i) as u64;
-            i = j;
-        }
+        let mut marks = Marks {
+            fresh: self.fresh,
+            written: &mut self.written,
+        };
+        let done = store_pages(
+            self.map,
+            &self.regions,
+            Frames::Each(pfns),
+            data,
+            &mut marks,
+        )?;
+        self.stored += done.written;
+        self.skipped += done.skipped;
         Ok(())
     }
 
@@ -144,6 +113,11 @@ impl<'a> PageLoader<'a> {
                 "page data past the end of the image",
             ));
         }
+        // Every frame in RAM, before anything is written ([`store_pages`]
+        // does not look up the zero pages it leaves out).
+        if let Some(&pfn) = pfns.iter().find(|&&p| !self.in_ram(p)) {
+            return Err(outside(pfn));
+        }
         // Which pages lie wholly in a hole of the image (they read as zero).
         let data = data_ranges(self.image, offset, len);
         let in_hole = |i: usize| -> bool {
@@ -155,7 +129,6 @@ impl<'a> PageLoader<'a> {
         while i < pfns.len() {
             if in_hole(i) {
                 let pfn = pfns[i];
-                self.locate(pfn).ok_or_else(|| outside(pfn))?;
                 if self.zero_is_free(pfn) {
                     self.skipped += 1;
                 } else {
@@ -183,8 +156,35 @@ impl<'a> PageLoader<'a> {
     }
 }
 
-fn outside(pfn: u64) -> io::Error {
-    io::Error::other(format!("pfn {pfn:#x} is outside the guest's RAM"))
+/// The loader's frames for [`store_pages`]: a zero page is free in fresh
+/// RAM unless an earlier copy of its frame was written.
+struct Marks<'a> {
+    fresh: bool,
+    /// A bit per frame written.
+    written: &'a mut Vec<u64>,
+}
+
+impl Marks<'_> {
+    fn free(fresh: bool, written: &[u64], pfn: u64) -> bool {
+        fresh
+            && written
+                .get((pfn / 64) as usize)
+                .is_none_or(|w| w & (1 << (pfn % 64)) == 0)
+    }
+}
+
+impl FrameState for Marks<'_> {
+    fn zero_is_free(&self, pfn: u64) -> bool {
+        Marks::free(self.fresh, &self.written[..], pfn)
+    }
+
+    fn written(&mut self, first: u64, n: u64) {
+        for pfn in first..first.saturating_add(n) {
+            if let Some(w) = self.written.get_mut((pfn / 64) as usize) {
+                *w |= 1 << (pfn % 64);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

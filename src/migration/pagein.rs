@@ -17,6 +17,9 @@
 //!   the VMM map what they use later);
 //! - a zero page of a frame received before (its older copy had data) is
 //!   written, so the last copy wins as always.
+//!
+//! [`store_pages`] does this for both the live receiver ([`store`]) and a
+//! restore from an image file ([`super::pagefile::PageLoader`]).
 
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -34,54 +37,148 @@ pub fn is_zero(page: &[u8]) -> bool {
 
 /// Writes `data` (whole pages) into `map`'s RAM at guest address `gpa`,
 /// leaving out the all-zero pages whose frame `fresh(pfn)` says was never
-/// written (see the module docs). The range must be RAM (an error
-/// otherwise, before or while writing).
+/// written (see the module docs): [`store_pages`] for consecutive frames.
+/// A page to write outside RAM is an error (the pages before it are
+/// written).
 pub fn store(
     map: &gpc::MemoryMap,
     gpa: GuestAddress,
     data: &[u8],
     fresh: &dyn Fn(u64) -> bool,
 ) -> io::Result<()> {
-    if data.len() % PAGE_SIZE != 0 || gpa.0 % PAGE_SIZE as u64 != 0 {
+    if gpa.0 % PAGE_SIZE as u64 != 0 {
         return Err(io::Error::other("page data: not whole pages"));
     }
-    let regions = map.ram_regions();
-    let page = PAGE_SIZE as u64;
-    let mut i = 0usize;
+    let mut frames = FreshFrames(fresh);
+    store_pages(
+        map,
+        &map.ram_regions(),
+        Frames::From(gpa.0 / PAGE_SIZE as u64),
+        data,
+        &mut frames,
+    )
+    .map(|_| ())
+}
+
+/// The frames of the pages given to [`store_pages`], in order.
+#[derive(Debug, Clone, Copy)]
+pub enum Frames<'a> {
+    /// Consecutive frames from this one.
+    From(u64),
+    /// One frame per page.
+    Each(&'a [u64]),
+}
+
+impl Frames<'_> {
+    /// The frame of page `i` (`None` past the end, or past the last frame).
+    fn get(&self, i: usize) -> Option<u64> {
+        match self {
+            Frames::From(first) => first.checked_add(i as u64),
+            Frames::Each(v) => v.get(i).copied(),
+        }
+    }
+}
+
+/// What [`store_pages`] needs to know, and tells, about frames.
+pub trait FrameState {
+    /// Whether an all-zero page of `pfn` may be left out: the RAM already
+    /// reads zeroes there (a fresh memfd, and no earlier copy written).
+    fn zero_is_free(&self, pfn: u64) -> bool;
+    /// The `n` frames from `first` were written.
+    fn written(&mut self, _first: u64, _n: u64) {}
+}
+
+/// [`FrameState`] from a "never written" predicate (the live receiver's:
+/// it keeps the frames received itself).
+struct FreshFrames<'a>(&'a dyn Fn(u64) -> bool);
+
+impl FrameState for FreshFrames<'_> {
+    fn zero_is_free(&self, pfn: u64) -> bool {
+        (self.0)(pfn)
+    }
+}
+
+/// What [`store_pages`] did, in pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// Written.
+    pub written: u64,
+    /// Left out (zero, and free per [`FrameState::zero_is_free`]).
+    pub skipped: u64,
+}
+
+/// Writes `data` (whole pages, for `frames` in order) into the memfds of
+/// `map`'s RAM (`regions`: [`gpc::MemoryMap::ram_regions`]) with `pwrite`:
+/// consecutive frames of one region in one `pwrite`; an all-zero page
+/// whose frame `state` says reads zeroes already is left out, without
+/// looking where it is (see the module docs). A page to write outside RAM
+/// is an error; the pages before it are written.
+pub fn store_pages(
+    map: &gpc::MemoryMap,
+    regions: &[gpc::RamRegion],
+    frames: Frames<'_>,
+    data: &[u8],
+    state: &mut dyn FrameState,
+) -> io::Result<Stored> {
     let n = data.len() / PAGE_SIZE;
+    let whole = data.len() % PAGE_SIZE == 0
+        && match frames {
+            Frames::From(f) => f.checked_add(n as u64).is_some(),
+            Frames::Each(v) => v.len() == n,
+        };
+    if !whole {
+        return Err(io::Error::other("page data: not whole pages"));
+    }
+    let page = |i: usize| &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+    let pfn = |i: usize| frames.get(i).unwrap_or(u64::MAX);
+    let left_out =
+        |state: &dyn FrameState, i: usize| state.zero_is_free(pfn(i)) && is_zero(page(i));
+    let mut done = Stored::default();
+    let mut i = 0usize;
     while i < n {
-        let at = gpa.0 + (i * PAGE_SIZE) as u64;
-        let d = &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-        if is_zero(d) && fresh(at / page) {
+        if left_out(&*state, i) {
+            done.skipped += 1;
             i += 1;
             continue;
         }
         // A run of pages to write, inside one region.
+        let first = pfn(i);
+        let at = first
+            .checked_mul(PAGE_SIZE as u64)
+            .ok_or_else(|| outside(first))?;
         let (ri, r) = regions
             .iter()
             .enumerate()
-            .find(|(_, r)| at >= r.guest_base.0 && at < r.guest_base.0 + r.size)
-            .ok_or_else(|| io::Error::other(format!("page data at {at:#x}: not RAM")))?;
-        let region_end = r.guest_base.0 + r.size;
+            .find(|(_, r)| at >= r.guest_base.0 && at - r.guest_base.0 < r.size)
+            .ok_or_else(|| outside(first))?;
+        let off = at - r.guest_base.0;
         let mut j = i + 1;
-        while j < n {
-            let a = gpa.0 + (j * PAGE_SIZE) as u64;
-            if a >= region_end {
-                break;
-            }
-            let dj = &data[j * PAGE_SIZE..(j + 1) * PAGE_SIZE];
-            if is_zero(dj) && fresh(a / page) {
-                break;
-            }
+        while j < n
+            && pfn(j) == pfn(j - 1).wrapping_add(1)
+            && off + page_bytes(j - i) < r.size
+            && !left_out(&*state, j)
+        {
             j += 1;
         }
         let file = map
             .ram_file(ri)
-            .ok_or_else(|| io::Error::other("staged RAM without its memfd"))?;
-        file.write_all_at(&data[i * PAGE_SIZE..j * PAGE_SIZE], at - r.guest_base.0)?;
+            .ok_or_else(|| io::Error::other("guest RAM without its memfd"))?;
+        file.write_all_at(&data[i * PAGE_SIZE..j * PAGE_SIZE], off)?;
+        state.written(first, (j - i) as u64);
+        done.written += (j - i) as u64;
         i = j;
     }
-    Ok(())
+    Ok(done)
+}
+
+/// Bytes of `n` pages.
+fn page_bytes(n: usize) -> u64 {
+    n as u64 * PAGE_SIZE as u64
+}
+
+/// A frame the guest's RAM does not have.
+pub fn outside(pfn: u64) -> io::Error {
+    io::Error::other(format!("pfn {pfn:#x} is outside the guest's RAM"))
 }
 
 #[cfg(test)]

@@ -156,6 +156,60 @@ pub fn write_image_to<O: PageOut>(
     mem: &GuestMem,
     params: &[(u64, u64)],
 ) -> Result<SaveStats, SaveError> {
+    write_image_with_progress(
+        out,
+        meta,
+        nr_vcpus,
+        vcpus,
+        irqchip,
+        mem,
+        params,
+        &mut |_| {},
+    )
+}
+
+/// How far a save is: image bytes written (holes of a sparse file
+/// included) and the size the whole image will have.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SaveProgress {
+    /// Bytes of the image written so far.
+    pub bytes: u64,
+    /// The image's size once complete.
+    pub total: u64,
+}
+
+/// Bytes of the PAGE_DATA records for `entries` pfns (holes included), of
+/// which `data` carry a page, in batches of [`MAX_BATCH`]: per record its
+/// header and count words, 8 bytes per pfn and 4096 per data page.
+fn page_records_bytes(entries: u64, data: u64) -> u64 {
+    entries.div_ceil(MAX_BATCH as u64) * 16 + entries * 8 + data * PAGE_SIZE as u64
+}
+
+/// Bytes `records`, libxc END and libxl END take in the stream.
+fn tail_bytes(records: &[LibxcRecord]) -> std::io::Result<u64> {
+    use super::stream::libxl::LibxlRecord;
+    let mut sink = super::stream::Sink::new(std::io::sink());
+    for r in records.iter().chain([&LibxcRecord::End]) {
+        r.write(&mut sink)?;
+    }
+    LibxlRecord::End.write(&mut sink)?;
+    Ok(sink.offset())
+}
+
+/// [`write_image_to`], calling `progress` after the headers, after each
+/// PAGE_DATA batch (every 4 MiB of pages; no system call of its own) and
+/// once the image is complete (`bytes == total`).
+#[allow(clippy::too_many_arguments)]
+pub fn write_image_with_progress<O: PageOut>(
+    out: O,
+    meta: &SaveMeta,
+    nr_vcpus: usize,
+    vcpus: &[(u16, KvmVcpuState)],
+    irqchip: &KvmIrqchipState,
+    mem: &GuestMem,
+    params: &[(u64, u64)],
+    progress: &mut dyn FnMut(SaveProgress),
+) -> Result<SaveStats, SaveError> {
     // Convert first: nothing is written for state that cannot be represented.
     let mut recs = Vec::new();
     for (i, v) in vcpus {
@@ -179,6 +233,28 @@ pub fn write_image_to<O: PageOut>(
         recs,
     );
 
+    // The records after the pages, known before any page is written (so
+    // the image's size is too).
+    let mut tail = vec![
+        LibxcRecord::TscInfo(TscInfo {
+            mode: 0,
+            khz: meta.tsc_khz,
+            nsec: meta.system_time_ns,
+            incarnation: 0,
+        }),
+        LibxcRecord::HvmContext(blob),
+    ];
+    let params: Vec<(u64, u64)> = params.iter().copied().filter(|(_, v)| *v != 0).collect();
+    if !params.is_empty() {
+        tail.push(LibxcRecord::HvmParams(params));
+    }
+    if let Some(st) = &meta.xen_state {
+        tail.push(LibxcRecord::Optional {
+            rtype: xenkvm_records::REC_XENKVM_XEN_STATE,
+            body: xenkvm_records::encode(st),
+        });
+    }
+
     let cfg = config_json(meta, nr_vcpus);
     let mut img = ImageWriter::begin(
         out,
@@ -189,17 +265,6 @@ pub fn write_image_to<O: PageOut>(
     let mut stats = SaveStats::default();
     let mut pfns: Vec<(u64, PageType)> = Vec::with_capacity(MAX_BATCH);
     let mut pages: Vec<PageSrc> = Vec::with_capacity(MAX_BATCH);
-    let flush = |img: &mut ImageWriter<O>,
-                 pfns: &mut Vec<(u64, PageType)>,
-                 pages: &mut Vec<PageSrc>|
-     -> Result<(), SaveError> {
-        if !pfns.is_empty() {
-            img.page_batch(pfns, pages)?;
-            pfns.clear();
-            pages.clear();
-        }
-        Ok(())
-    };
     // Per region: its guest range and, for a memfd-backed one, the page
     // ranges the file holds data for (pages never touched are holes: sent
     // as zeroes without faulting them in, which would allocate them).
@@ -213,6 +278,36 @@ pub fn write_image_to<O: PageOut>(
         })
         .collect();
     regions.sort_by_key(|r| r.0);
+    // The pfn entries (holes below the top of RAM included) and data pages
+    // the loop below writes, for the image's size.
+    let (mut entries, mut data_pages, mut next) = (0u64, 0u64, 0u64);
+    for (start, len, _) in &regions {
+        let first = start / PAGE_SIZE as u64;
+        let n = len / PAGE_SIZE as u64;
+        entries += first.saturating_sub(next) + n;
+        data_pages += n;
+        next = next.max(first + n);
+    }
+    let total = img.offset() + page_records_bytes(entries, data_pages) + tail_bytes(&tail)?;
+    progress(SaveProgress {
+        bytes: img.offset(),
+        total,
+    });
+    let mut flush = |img: &mut ImageWriter<O>,
+                     pfns: &mut Vec<(u64, PageType)>,
+                     pages: &mut Vec<PageSrc>|
+     -> Result<(), SaveError> {
+        if !pfns.is_empty() {
+            img.page_batch(pfns, pages)?;
+            pfns.clear();
+            pages.clear();
+            progress(SaveProgress {
+                bytes: img.offset(),
+                total,
+            });
+        }
+        Ok(())
+    };
     let mut next_pfn = 0u64;
     for (start, len, data) in regions {
         let first = start / PAGE_SIZE as u64;
@@ -244,26 +339,15 @@ pub fn write_image_to<O: PageOut>(
         next_pfn = next_pfn.max(first + len / PAGE_SIZE as u64);
     }
     flush(&mut img, &mut pfns, &mut pages)?;
-    img.libxc(&LibxcRecord::TscInfo(TscInfo {
-        mode: 0,
-        khz: meta.tsc_khz,
-        nsec: meta.system_time_ns,
-        incarnation: 0,
-    }))?;
-    img.libxc(&LibxcRecord::HvmContext(blob))?;
-    let params: Vec<(u64, u64)> = params.iter().copied().filter(|(_, v)| *v != 0).collect();
-    if !params.is_empty() {
-        img.libxc(&LibxcRecord::HvmParams(params))?;
-    }
-    if let Some(st) = &meta.xen_state {
-        img.libxc(&LibxcRecord::Optional {
-            rtype: xenkvm_records::REC_XENKVM_XEN_STATE,
-            body: xenkvm_records::encode(st),
-        })?;
+    for r in &tail {
+        img.libxc(r)?;
     }
     stats.bytes = img.offset();
+    // What finish writes: libxc END and libxl END.
+    let end = img.offset() + tail_bytes(&[])?;
     let w = img.finish(&[])?;
     drop(w);
+    progress(SaveProgress { bytes: end, total });
     Ok(stats)
 }
 
@@ -339,5 +423,48 @@ mod tests {
         let data = data_ranges(&f, 0, got.len() as u64).unwrap();
         let written: u64 = data.iter().map(|(s, e)| e - s).sum();
         assert!(written < got.len() as u64 / 4, "{written} of {}", got.len());
+    }
+
+    #[test]
+    fn save_progress_rises_to_the_image_size_known_from_the_start() {
+        use crate::migration::convert::tests::{irqchip, long_mode_vcpu};
+        // RAM in two regions with a gap (XTAB entries) and more pages than
+        // a batch, with and without the Xen-state record.
+        let map = gpc::MemoryMap::new(&[
+            (vm_memory::GuestAddress(0), 5 << 20),
+            (
+                vm_memory::GuestAddress(8 << 20),
+                (1 << 20) + 3 * PAGE_SIZE as u64,
+            ),
+        ])
+        .unwrap();
+        let vcpus = [(0, long_mode_vcpu(0))];
+        for xen_state in [None, Some(XenState::default())] {
+            let meta = SaveMeta {
+                name: "p".into(),
+                mem_mib: 9,
+                tsc_khz: 1_000_000,
+                system_time_ns: 1_000,
+                xen_state,
+            };
+            let mut img = Vec::new();
+            let mut seen: Vec<SaveProgress> = Vec::new();
+            write_image_with_progress(
+                Copying::new(&mut img, map.guest_memory()),
+                &meta,
+                1,
+                &vcpus,
+                &irqchip(),
+                map.guest_memory(),
+                &[(1, 2), (3, 0)],
+                &mut |p| seen.push(p),
+            )
+            .unwrap();
+            let total = img.len() as u64;
+            assert!(seen.len() >= 3, "{seen:?}");
+            assert!(seen.iter().all(|p| p.total == total), "{seen:?} of {total}");
+            assert!(seen.windows(2).all(|w| w[0].bytes < w[1].bytes), "{seen:?}");
+            assert_eq!(seen.last().unwrap().bytes, total);
+        }
     }
 }

@@ -8,7 +8,9 @@
 //! process whose uid (`SO_PEERCRED`) is not xenkvm's is refused. The
 //! protocol is one request line and one reply line: `info`, `pause`,
 //! `unpause`, `shutdown`; the reply is `ok ...` or `error ...`. After `ok
-//! attached` to `console`, the connection is the guest's console.
+//! attached` to `console`, the connection is the guest's console. A save
+//! or checkpoint asked for as `progress save PATH` gets `progress ...`
+//! lines ([`Progress`]) before its reply (`xenkvm save` on a terminal).
 //!
 //! The server runs on a thread of its own (kind `Control`); it acts on the
 //! current [`Machine`] (the runner attaches each VM it builds, across
@@ -106,6 +108,10 @@ struct Shared {
     migrating: AtomicBool,
     /// The attached `xenkvm console` client, if any.
     console: Arc<crate::vmm::console_attach::Slot>,
+    /// The connection of the `progress save ...` request being executed
+    /// (requests are served one at a time on the control thread): `save`
+    /// writes its `progress ...` lines there.
+    save_progress: Mutex<Option<UnixStream>>,
 }
 
 /// A running control socket; removed when dropped.
@@ -156,6 +162,7 @@ impl ControlServer {
             started: Instant::now(),
             migrating: AtomicBool::new(false),
             console: Arc::default(),
+            save_progress: Mutex::new(None),
         });
         let s2 = shared.clone();
         let waker = listener
@@ -258,11 +265,31 @@ fn handle(mut conn: UnixStream, s: &Arc<Shared>) -> std::io::Result<()> {
             Arc::new(move || w.upgrade()?.machine.lock().as_ref().and_then(Weak::upgrade));
         return crate::vmm::console_attach::attach(conn, &s.console, current);
     }
-    let reply = match execute(line.trim(), s) {
+    let Some(verb) = progress_request(line.trim(), &conn, s) else {
+        return conn.write_all(b"error progress lines come only with save and checkpoint\n");
+    };
+    let reply = match execute(verb, s) {
         Ok(r) => format!("ok {r}\n"),
         Err(e) => format!("error {e}\n"),
     };
+    s.save_progress.lock().take();
     conn.write_all(reply.as_bytes())
+}
+
+/// A request `progress VERB ...` (VERB a save or checkpoint) asks for
+/// `progress ...` lines before the reply: `conn` is kept for `save` to
+/// write them to. The request without that word; `None` for `progress`
+/// before another verb.
+fn progress_request<'a>(line: &'a str, conn: &UnixStream, s: &Shared) -> Option<&'a str> {
+    let Some(verb) = line.strip_prefix("progress ") else {
+        return Some(line);
+    };
+    let verb = verb.trim_start();
+    if !is_save_request(verb) {
+        return None;
+    }
+    *s.save_progress.lock() = conn.try_clone().ok();
+    Some(verb)
 }
 
 /// One request line (up to 8 KiB) and the descriptors sent with it.
@@ -528,7 +555,7 @@ fn save(
     checkpoint: bool,
     xen_state: bool,
 ) -> Result<String, String> {
-    use crate::migration::save::{write_image_to, SaveMeta, STREAM_PARAMS};
+    use crate::migration::save::{write_image_with_progress, SaveMeta, STREAM_PARAMS};
     let was_paused = s.paused.load(Ordering::Acquire);
     let t0 = Instant::now();
     if !was_paused {
@@ -572,14 +599,24 @@ fn save(
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".partial");
         let tmp = PathBuf::from(tmp);
-        let write = || -> Result<crate::migration::save::SaveStats, String> {
+        let mut progress = progress_lines(s, t0);
+        let mut write = || -> Result<crate::migration::save::SaveStats, String> {
             let f = std::fs::File::create(&tmp)
                 .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
             // Pages go to the file straight from guest RAM (`writev`);
             // pages never touched become holes of the file.
             let mut w = crate::migration::pageio::Direct::new(&f, &m.map);
-            let st = write_image_to(&mut w, &meta, m.vcpus.len(), &states, &irq, &m.mem, &params)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let st = write_image_with_progress(
+                &mut w,
+                &meta,
+                m.vcpus.len(),
+                &states,
+                &irq,
+                &m.mem,
+                &params,
+                &mut progress,
+            )
+            .map_err(|e| format!("{}: {e}", path.display()))?;
             w.finish().map_err(|e| format!("{}: {e}", path.display()))?;
             f.sync_all()
                 .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -609,8 +646,97 @@ fn save(
     ))
 }
 
+/// A `progress ...` line of a save or checkpoint asked for with
+/// `progress save PATH` (a plain request gets none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Image bytes written so far.
+    pub bytes: u64,
+    /// The image's size once complete.
+    pub total: u64,
+    /// Since the request, including the pause.
+    pub elapsed: Duration,
+}
+
+impl Progress {
+    /// As a `progress ...` line.
+    pub fn line(&self) -> String {
+        format!(
+            "progress bytes={} total={} elapsed_ms={}",
+            self.bytes,
+            self.total,
+            self.elapsed.as_millis()
+        )
+    }
+
+    /// From a `progress ...` line (unknown words are skipped).
+    pub fn parse(l: &str) -> Option<Progress> {
+        let mut p = Progress::default();
+        for w in l.strip_prefix("progress ")?.split_whitespace() {
+            let (k, v) = w.split_once('=')?;
+            match k {
+                "bytes" => p.bytes = v.parse().ok()?,
+                "total" => p.total = v.parse().ok()?,
+                "elapsed_ms" => p.elapsed = Duration::from_millis(v.parse().ok()?),
+                _ => {}
+            }
+        }
+        Some(p)
+    }
+}
+
+/// How often a save reports its progress (the first and last report are
+/// always sent).
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// The page writer's progress callback for a save: writes `progress ...`
+/// lines to the requester if it asked for them (see [`Shared::save_progress`]),
+/// at most every [`PROGRESS_EVERY`]; stops at the first failed write.
+fn progress_lines(
+    s: &Shared,
+    t0: Instant,
+) -> impl FnMut(crate::migration::save::SaveProgress) + use<> {
+    let mut conn = s.save_progress.lock().take();
+    let mut last: Option<Instant> = None;
+    move |p| {
+        let Some(c) = conn.as_mut() else { return };
+        let now = Instant::now();
+        if p.bytes < p.total && last.is_some_and(|l| now - l < PROGRESS_EVERY) {
+            return;
+        }
+        last = Some(now);
+        let line = Progress {
+            bytes: p.bytes,
+            total: p.total,
+            elapsed: t0.elapsed(),
+        }
+        .line();
+        if c.write_all(format!("{line}\n").as_bytes()).is_err() {
+            conn = None;
+        }
+    }
+}
+
 /// Sends `verb` to VM `name` (a name or a socket path); the reply's text.
 pub fn request(name: &str, verb: &str) -> Result<String, ControlError> {
+    exchange(name, verb, None)
+}
+
+/// [`request`] for a `save`/`checkpoint` (with or without `+xen`), with
+/// the VM's progress reports passed to `on_progress` as they come.
+pub fn request_with_progress(
+    name: &str,
+    verb: &str,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> Result<String, ControlError> {
+    exchange(name, verb, Some(on_progress))
+}
+
+fn exchange(
+    name: &str,
+    verb: &str,
+    mut on_progress: Option<&mut dyn FnMut(&Progress)>,
+) -> Result<String, ControlError> {
     let path = socket_path(name);
     let not_running = |why: String| ControlError::NotRunning {
         name: name.to_string(),
@@ -624,11 +750,21 @@ pub fn request(name: &str, verb: &str) -> Result<String, ControlError> {
     c.set_read_timeout(timeout).map_err(io)?;
     // The VM may answer (a refusal) before it reads the request: read the
     // reply even if the write failed.
-    let wrote = c.write_all(format!("{verb}\n").as_bytes());
+    let request = match on_progress {
+        Some(_) => format!("progress {verb}\n"),
+        None => format!("{verb}\n"),
+    };
+    let wrote = c.write_all(request.as_bytes());
+    let mut rd = BufReader::new(c);
     let mut line = String::new();
-    BufReader::new(c.take(4096))
-        .read_line(&mut line)
-        .map_err(io)?;
+    loop {
+        line.clear();
+        (&mut rd).take(4096).read_line(&mut line).map_err(io)?;
+        match (on_progress.as_mut(), Progress::parse(line.trim_end())) {
+            (Some(f), Some(p)) => f(&p),
+            _ => break,
+        }
+    }
     if line.is_empty() {
         return Err(not_running(match wrote {
             Err(e) => e.to_string(),

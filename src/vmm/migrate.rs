@@ -102,6 +102,11 @@ pub struct Report {
     pub downtime: Duration,
     /// Pages sent while paused.
     pub final_pages: u64,
+    /// Stream bytes sent while paused: the last pages, then the CPU,
+    /// device and Xen state and END.
+    pub final_bytes: u64,
+    /// From the pause to the last of those bytes flushed.
+    pub final_send: Duration,
     /// Why pre-copy ended.
     pub why: String,
     /// From the banner to the last byte of the stream flushed.
@@ -112,7 +117,7 @@ impl Report {
     /// One line, `key=value` words (the control reply; the client parses it).
     pub fn line(&self) -> String {
         format!(
-            "migrated total_ms={} stream_ms={} rounds={} bytes={} pages={} downtime_ms={:.1} final_pages={} stop={}",
+            "migrated total_ms={} stream_ms={} rounds={} bytes={} pages={} downtime_ms={:.1} final_pages={} final_bytes={} final_send_ms={:.1} stop={}",
             self.total.as_millis(),
             self.stream.as_millis(),
             self.rounds,
@@ -120,6 +125,8 @@ impl Report {
             self.pages,
             self.downtime.as_secs_f64() * 1e3,
             self.final_pages,
+            self.final_bytes,
+            self.final_send.as_secs_f64() * 1e3,
             self.why.replace(' ', "_")
         )
     }
@@ -642,9 +649,12 @@ fn send_inner(
         m.pause(Duration::from_secs(10))
             .map_err(|e| e.to_string())?;
     }
+    // The final set's send starts here (after a guest's own suspend).
+    let paused = Instant::now();
     if paused_at.is_none() {
-        *paused_at = Some(Instant::now());
+        *paused_at = Some(paused);
     }
+    let paused_bytes = out.lock().bytes();
     let tail = read_tail(m)?;
     collect(&mut dirty)?;
     let last = dirty.take();
@@ -693,6 +703,8 @@ fn send_inner(
     img.finish(&[]).map_err(io)?;
     out.lock().flush().map_err(io)?;
     report.bytes = out.lock().bytes();
+    report.final_bytes = report.bytes - paused_bytes;
+    report.final_send = paused.elapsed();
     report.stream = stream_start.elapsed();
     if let Ok(dir) = std::env::var("XENKVM_TEST_MIGRATE_DUMP") {
         dump_ram(&m.mem, &std::path::Path::new(&dir).join("source.ram"))?;
@@ -979,6 +991,19 @@ mod tests {
             (3, 10, 20, 12345, true)
         );
         assert_eq!(field("migrated rounds=4 bytes=9", "bytes"), Some("9"));
+        // The report line: every field a parser looks up by key, `stop` last.
+        let r = Report {
+            final_pages: 7,
+            final_bytes: 28_700,
+            why: "fits the target".into(),
+            ..Default::default()
+        };
+        let l = r.line();
+        assert!(l.starts_with("migrated total_ms="), "{l}");
+        assert_eq!(field(&l, "final_pages"), Some("7"));
+        assert_eq!(field(&l, "final_bytes"), Some("28700"));
+        assert_eq!(field(&l, "bytes"), Some("0"));
+        assert!(l.ends_with(" stop=fits_the_target"), "{l}");
     }
 
     #[test]
