@@ -232,7 +232,10 @@ fn migrate_live_guest_pattern_verified_on_destination_which_keeps_running() {
     }
     let rt = RuntimeDir::new("live");
     let guest = common::GuestFile::new("migrate-live");
-    let src = start_source(&rt, &guest, "src", "");
+    // mpgrow: the guest also writes pages it never wrote before, during the
+    // migrations too (those were sent as zeroes once: the hole map was read
+    // only at the start).
+    let src = start_source(&rt, &guest, "src", "mpgrow=16");
     // Every page written once and checked once before the migration.
     wait_passes(&src, 2);
     let mut src = src;

@@ -23,7 +23,8 @@
  *  - chatter: print numbered lines forever.
  *  - migpat=MIB [vmmio] [mpfill=MIB2]: live-migration load (see migpat()): both vCPUs rewrite MIB MiB
  *    at 32 MiB page by page with a pattern, checking each page's previous pattern first;
- *    mpfill first writes MIB2 MiB after that area once (a dense guest with a short loop).
+ *    mpfill first writes MIB2 MiB after that area once (a dense guest with a short loop);
+ *    mpgrow=MIB2 instead grows into MIB2 MiB after it, a fresh page every 64, checking them.
  *  - suspend[=deaf]: a guest with Xen drivers for cooperative save (see suspend_mode()): watches
  *    control/shutdown, suspends itself when asked and sets its Xen side up again after
  *    (deaf: announces suspend support and never answers).
@@ -3151,6 +3152,7 @@ static volatile struct {
     u64 passes[2], errors[2], gap[2];
     u64 bad_page[2], bad_got[2], bad_want[2];
     int vmmio;
+    u64 grow_base, grow_max, grown; /* mpgrow: pages first written during the run */
 } mp;
 static u8 mp_runstate_page[PAGE_SIZE] __attribute__((aligned(PAGE_SIZE)));
 static u32 mp_port;
@@ -3203,8 +3205,29 @@ static void __attribute__((noreturn)) mp_run(u32 cpu)
             last = now;
             if (cpu == 0 && mp.vmmio && (p & 255) == 0)
                 mp_vmmio();
+            if (cpu == 0 && (p & 63) == 0 && mp.grown < mp.grow_max) {
+                u64 *at = (u64 *)(mp.grow_base + mp.grown * PAGE_SIZE), left = PAGE_SIZE / 8;
+                asm volatile("rep stosq" : "+D"(at), "+c"(left) : "a"(mp_val(1000000 + mp.grown, 1)) : "memory");
+                mp.grown++;
+            }
         }
         mp.passes[cpu] = gen;
+        if (cpu == 0 && mp.grow_max) {
+            /* mpgrow: the pass wrote a page never written before every 64 pages (a
+             * migration must send them although they were holes when it started);
+             * check the first word of every page grown so far. */
+            for (u64 k = 0; k < mp.grown; k++) {
+                u64 *w = (u64 *)(mp.grow_base + k * PAGE_SIZE), want = mp_val(1000000 + k, 1);
+                if (*w != want) {
+                    if (!mp.errors[0]) {
+                        mp.bad_page[0] = 1000000 + k;
+                        mp.bad_got[0] = *w;
+                        mp.bad_want[0] = want;
+                    }
+                    mp.errors[0]++;
+                }
+            }
+        }
         if (cpu == 0) {
             say("migpat: pass %lu/%lu errors %lu/%lu max gap %lu/%lu us", mp.passes[0], mp.passes[1], mp.errors[0],
                 mp.errors[1], mp.gap[0], mp.gap[1]);
@@ -3243,6 +3266,12 @@ static void __attribute__((noreturn)) migpat(const char *cmdline)
     mp.count[0] = two ? pages / 2 : pages;
     mp.first[1] = mp.count[0];
     mp.count[1] = pages - mp.count[0];
+    const char *gr = strstr_(cmdline, "mpgrow=");
+    if (gr) {
+        /* MIB2 MiB after the pattern area, never written until the passes grow into it. */
+        mp.grow_base = MIGPAT_BASE + (mib << 20);
+        mp.grow_max = (u64)parse_u32(gr + 7) << 8;
+    }
     const char *f = strstr_(cmdline, "mpfill=");
     if (f) {
         /* Every page non-zero: the RAM after the area holds data (must exist). */
