@@ -148,7 +148,17 @@ fn start_source_with(
 
 /// A `migrate-receive --listen 127.0.0.1:0` and the address it listens on.
 fn start_receiver(rt: &RuntimeDir, name: &str, env: &[(&str, String)]) -> (Proc, String) {
-    let mut c = rt.command(&[
+    start_receiver_with(rt, name, env, &[])
+}
+
+/// As [`start_receiver`], with more arguments (`--disk ...`).
+fn start_receiver_with(
+    rt: &RuntimeDir,
+    name: &str,
+    env: &[(&str, String)],
+    extra: &[&str],
+) -> (Proc, String) {
+    let mut args = vec![
         "migrate-receive",
         "--listen",
         "127.0.0.1:0",
@@ -158,7 +168,9 @@ fn start_receiver(rt: &RuntimeDir, name: &str, env: &[(&str, String)]) -> (Proc,
         "console",
         "--timeout",
         "900",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let mut c = rt.command(&args);
     for (k, v) in env {
         c.env(k, v);
     }
@@ -679,27 +691,7 @@ fn migrate_guest_with_pv_disk_suspends_itself_and_resumes_in_a_new_domain() {
             &spec,
         ]))
     };
-    let receiver = |name: &str| {
-        let p = Proc::spawn(rt.command(&[
-            "migrate-receive",
-            "--listen",
-            "127.0.0.1:0",
-            "--name",
-            name,
-            "--xen-console",
-            "console",
-            "--timeout",
-            "300",
-            "--disk",
-            &spec,
-        ]));
-        let addr = p.err.wait("the listening address", |t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("xenkvm: migrate-receive: listening on "))
-                .map(|a| a.trim().to_string())
-        });
-        (p, addr)
-    };
+    let receiver = |name: &str| start_receiver_with(&rt, name, &[], &["--disk", &spec]);
     let mut src = start("csrc", "suspend");
     src.out.wait("the guest ready", |t| {
         t.contains("suspend: ready 0").then_some(())
