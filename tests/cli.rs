@@ -539,7 +539,7 @@ fn run_initrd_too_big_says_which_memory_fits() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let want = format!(
-        "xenkvm: --initrd {} ({} bytes) does not fit in --memory 16 MiB; it fits with --memory 22",
+        "xenkvm: --initrd {} ({} bytes) does not fit in --memory 16 MiB; it fits with --memory 21",
         rd.display(),
         20 << 20
     );

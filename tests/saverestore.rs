@@ -352,7 +352,8 @@ fn save_running_guest_writes_an_image_the_reader_accepts_and_guest_runs_on() {
         String::from_utf8_lossy(&out.stderr)
     );
     println!("{said}");
-    assert!(said.starts_with("saved 16384 pages (0 holes)"), "{said}");
+    // 64 MiB and the 8 special pages.
+    assert!(said.starts_with("saved 16392 pages (0 holes)"), "{said}");
     // The guest runs on after the save (as `xl save -c`).
     let last = console.last_chatter();
     console.wait_for(&format!("chatter {}", last + 100));
@@ -393,6 +394,8 @@ fn save_running_guest_writes_an_image_the_reader_accepts_and_guest_runs_on() {
         "Xl",
         "LibxlHeader",
         "LibxcHeader",
+        "X86_CPUID_POLICY",
+        "X86_MSR_POLICY",
         "STATIC_DATA_END",
         "PAGE_DATA",
         "X86_TSC_INFO",
@@ -404,8 +407,8 @@ fn save_running_guest_writes_an_image_the_reader_accepts_and_guest_runs_on() {
     assert_eq!(dedup, want);
     assert_eq!(
         kinds.iter().filter(|k| *k == "PAGE_DATA").count(),
-        16,
-        "16 batches of 1024 pages"
+        17,
+        "16 batches of 1024 pages, one of the 8 special pages"
     );
     let Item::Xl(xl) = &items[0].1 else {
         panic!("no xl header")
@@ -1811,6 +1814,18 @@ fn save_guest_with_xen_drivers_suspends_it_checkpoint_cancels_restore_resumes_in
     // Only what Xen writes: a cooperative image is Xen's format through and through.
     assert_xen_verifier_accepts(&ck, "save_guest_with_xen_drivers");
     assert_xen_verifier_accepts(&img, "save_guest_with_xen_drivers");
+    // ... and Xen's shape: no xenkvm record, the rings on Xen's special
+    // pages (libxc's STORE_PFN 0xfeffc and CONSOLE_PFN 0xfefff), so the
+    // restore below is what a guest saved on a Xen host goes through.
+    let loaded = xenkvm::migration::restore::load(&img).expect("the image loads");
+    assert!(loaded.xen_state.is_none(), "a xenkvm record in {img:?}");
+    for (param, pfn) in [(1, 0xfeffc), (17, 0xfefff)] {
+        assert!(
+            loaded.params.contains(&(param, pfn)),
+            "param {param} = {pfn:#x} missing: {:x?}",
+            loaded.params
+        );
+    }
     assert!(
         !console.text().contains("suspend: round 2"),
         "the saved guest ran on"

@@ -4,10 +4,17 @@
 //! 0x0000_0000  RAM (low)            real-mode area, boot structures at 0x4000-0xefff
 //! 0x000a_0000  reserved             legacy VGA/BIOS hole (e820 reserved, still RAM-backed)
 //! 0x0010_0000  RAM                  kernels load here (XTF at 1 MiB, Linux at 16 MiB)
-//! special_base reserved             SPECIAL_PAGES pages: console ring, xenstore ring, ...
-//! low_end      MMIO hole            up to 4 GiB (LAPIC, IOAPIC, PCI)
+//! low_end      MMIO hole            up to 4 GiB (PCI, IOAPIC, LAPIC), except:
+//! 0xfeff_8000  RAM, e820 reserved   Xen's 8 special pages (xenstore ring, console ring, ...)
 //! 0x1_0000_0000 RAM (high)          the rest of --memory
 //! ```
+//!
+//! The special pages are where Xen's toolstack puts them for every HVM and
+//! PVH guest (libxc's `X86_HVM_END_SPECIAL_REGION` 0xff000, 8 pages, in
+//! the order of its `SPECIALPAGE_*`), so that a guest saved or migrated on
+//! a Xen host, whose rings stay mapped at these frames across the move,
+//! finds them here as RAM, and an image xenkvm writes has Xen's shape. The
+//! region is 32 KiB of its own memslot; it is not part of `--memory`.
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -52,21 +59,33 @@ pub const PLATFORM_MMIO_BASE: u32 = 0xf000_0000;
 /// Last address of the PCI memory window the DSDT gives the root bridge
 /// (from [`LOW_RAM_MAX`] to just below the IOAPIC).
 pub const PCI_MMIO_END: u32 = 0xfebf_ffff;
-/// Number of special pages at the top of low RAM.
-pub const SPECIAL_PAGES: u64 = 16;
+/// First special page (Xen's `X86_HVM_END_SPECIAL_REGION` 0xff000 less
+/// [`SPECIAL_PAGES`], as a guest-physical address).
+pub const SPECIAL_BASE: u64 = 0xfeff_8000;
+/// Number of special pages (Xen's `X86_HVM_NR_SPECIAL_PAGES`).
+pub const SPECIAL_PAGES: u64 = 8;
 
-/// Index of each special page.
+/// Index of each special page xenkvm uses (Xen's `SPECIALPAGE_*`: paging 0,
+/// access 1, sharing 2, bufioreq 3, xenstore 4, ioreq 5, ident_pt 6,
+/// console 7; the others stay zero).
 pub mod special {
-    /// The PV console ring (`HVM_PARAM_CONSOLE_PFN`).
-    pub const CONSOLE: u64 = 0;
     /// The xenstore ring (`HVM_PARAM_STORE_PFN`).
-    pub const XENSTORE: u64 = 1;
+    pub const XENSTORE: u64 = 4;
+    /// The PV console ring (`HVM_PARAM_CONSOLE_PFN`).
+    pub const CONSOLE: u64 = 7;
 }
 
-/// RAM ranges (guest base, size) for `mem_bytes` of guest memory.
+/// RAM ranges (guest base, size) for `mem_bytes` of guest memory, with
+/// the special pages' region between low and high RAM.
 pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
     let low = mem_bytes.min(LOW_RAM_MAX);
-    let mut v = vec![(GuestAddress(0), low as usize)];
+    let mut v = vec![
+        (GuestAddress(0), low as usize),
+        (
+            GuestAddress(SPECIAL_BASE),
+            (SPECIAL_PAGES * PAGE_SIZE) as usize,
+        ),
+    ];
     if mem_bytes > low {
         v.push((GuestAddress(HIGH_RAM_BASE), (mem_bytes - low) as usize));
     }
@@ -80,20 +99,19 @@ pub fn low_end(mem: &crate::GuestMem) -> u64 {
         .unwrap_or(0)
 }
 
-/// First special page's GPA.
-pub fn special_base(mem: &crate::GuestMem) -> u64 {
-    low_end(mem).saturating_sub(SPECIAL_PAGES * PAGE_SIZE)
+/// GPA of special page `idx` (see [`special`]).
+pub fn special_page(idx: u64) -> u64 {
+    SPECIAL_BASE + idx * PAGE_SIZE
 }
 
-/// GPA of special page `idx`.
-pub fn special_page(mem: &crate::GuestMem, idx: u64) -> u64 {
-    special_base(mem) + idx * PAGE_SIZE
+/// True if guest frame `pfn` is one of the special pages.
+pub fn is_special_pfn(pfn: u64) -> bool {
+    (SPECIAL_BASE / PAGE_SIZE..SPECIAL_BASE / PAGE_SIZE + SPECIAL_PAGES).contains(&pfn)
 }
 
 /// The guest's E820 map.
 pub fn e820(mem: &crate::GuestMem) -> Vec<E820Entry> {
     let low = low_end(mem);
-    let sb = special_base(mem);
     let mut v = vec![
         E820Entry {
             addr: 0,
@@ -107,15 +125,17 @@ pub fn e820(mem: &crate::GuestMem) -> Vec<E820Entry> {
         },
         E820Entry {
             addr: HIGH_START,
-            size: sb - HIGH_START,
+            size: low - HIGH_START,
             kind: E820_RAM,
         },
-        E820Entry {
-            addr: sb,
-            size: low - sb,
-            kind: E820_RESERVED,
-        },
     ];
+    if mem.find_region(GuestAddress(SPECIAL_BASE)).is_some() {
+        v.push(E820Entry {
+            addr: SPECIAL_BASE,
+            size: SPECIAL_PAGES * PAGE_SIZE,
+            kind: E820_RESERVED,
+        });
+    }
     if let Some(r) = mem.find_region(GuestAddress(HIGH_RAM_BASE)) {
         v.push(E820Entry {
             addr: HIGH_RAM_BASE,
@@ -130,7 +150,7 @@ pub fn e820(mem: &crate::GuestMem) -> Vec<E820Entry> {
 /// every grant a backend maps).
 pub fn is_ram(mem: &crate::GuestMem, gpa: u64) -> bool {
     gpa < LEGACY_HOLE
-        || (HIGH_START..special_base(mem)).contains(&gpa)
+        || (HIGH_START..low_end(mem)).contains(&gpa)
         || (gpa >= HIGH_RAM_BASE
             && mem
                 .find_region(GuestAddress(HIGH_RAM_BASE))
@@ -144,26 +164,36 @@ mod tests {
     #[test]
     fn ram_ranges_large_memory_split_around_hole() {
         let r = ram_ranges(4 << 30);
-        assert_eq!(r.len(), 2);
+        assert_eq!(r.len(), 3);
         assert_eq!(r[0].1 as u64, LOW_RAM_MAX);
-        assert_eq!(r[1].0, GuestAddress(HIGH_RAM_BASE));
-        assert_eq!(r[0].1 as u64 + r[1].1 as u64, 4 << 30);
+        assert_eq!(r[1], (GuestAddress(SPECIAL_BASE), 0x8000));
+        assert_eq!(r[2].0, GuestAddress(HIGH_RAM_BASE));
+        assert_eq!(r[0].1 as u64 + r[2].1 as u64, 4 << 30);
     }
 
     #[test]
-    fn e820_special_pages_reserved_at_top_of_low_ram() {
+    fn e820_special_pages_reserved_where_xen_puts_them() {
         let m = crate::GuestMem::from_ranges(&ram_ranges(64 << 20)).unwrap();
         let e = e820(&m);
         let last = e.last().unwrap();
+        assert_eq!((last.addr, last.size), (0xfeff_8000, 0x8000));
         assert_eq!(last.kind, E820_RESERVED);
-        assert_eq!(last.addr + last.size, 64 << 20);
-        assert_eq!(special_page(&m, special::XENSTORE), (64 << 20) - 15 * 4096);
+        // Xen's HVM_PARAM_STORE_PFN and HVM_PARAM_CONSOLE_PFN of every guest.
+        assert_eq!(special_page(special::XENSTORE) >> 12, 0xfeffc);
+        assert_eq!(special_page(special::CONSOLE) >> 12, 0xfefff);
+        assert!(is_special_pfn(0xfeff8) && is_special_pfn(0xfefff));
+        assert!(!is_special_pfn(0xfeff7) && !is_special_pfn(0xff000));
+        // All of --memory is RAM to the guest but the legacy hole.
         let ram: u64 = e
             .iter()
             .filter(|x| x.kind == E820_RAM)
             .map(|x| x.size)
             .sum();
-        assert!(ram < 64 << 20);
+        assert_eq!(ram, (64 << 20) - (HIGH_START - LEGACY_HOLE));
+        let high = crate::GuestMem::from_ranges(&ram_ranges(4 << 30)).unwrap();
+        let e = e820(&high);
+        assert!(e.windows(2).all(|w| w[0].addr + w[0].size <= w[1].addr));
+        assert_eq!(e.last().unwrap().addr, HIGH_RAM_BASE);
     }
 
     #[test]

@@ -282,7 +282,7 @@ pub fn load_bzimage(
             max: h.cmdline_max(),
         });
     }
-    let limit = layout::special_base(mem);
+    let limit = layout::low_end(mem);
     let load_addr = h.load_address(limit)?;
     let init_end = load_addr + h.init_size();
     let loaded = BzImage::load(
@@ -635,7 +635,7 @@ mod tests {
         assert_eq!(m.read_obj::<u8>(GuestAddress(k.entry)).unwrap(), 0xe8);
         let (rd_at, rd_len) = k.initrd.unwrap();
         assert_eq!(rd_len, 0x3000);
-        assert!(rd_at >= k.init_end && rd_at + rd_len <= layout::special_base(&m));
+        assert!(rd_at >= k.init_end && rd_at + rd_len <= layout::low_end(&m));
         assert_eq!(rd_at % layout::PAGE_SIZE, 0);
         assert_eq!(
             m.read_obj::<u8>(GuestAddress(rd_at + 0x2fff)).unwrap(),

@@ -71,7 +71,7 @@ pub fn load_pvh_elf(mem: &crate::GuestMem, image: &[u8]) -> Result<LoadedKernel,
         let addr = ph.p_paddr;
         let fits = addr
             .checked_add(ph.p_memsz)
-            .filter(|&e| e <= layout::special_base(mem) && ph.p_filesz <= ph.p_memsz);
+            .filter(|&e| e <= layout::low_end(mem) && ph.p_filesz <= ph.p_memsz);
         let Some(seg_end) = fits else {
             return Err(BootError::SegmentOutsideRam {
                 addr,
@@ -139,9 +139,9 @@ pub fn write_start_info(
     }
     let mut nr_modules = 0u32;
     if let Some(rd) = initrd {
-        // Highest page-aligned spot below the special pages that is above
+        // Highest page-aligned spot at the top of low RAM that is above
         // the kernel: guests take their initrd from the module list.
-        let top = layout::special_base(mem);
+        let top = layout::low_end(mem);
         let len = rd.len() as u64;
         let addr = top
             .checked_sub(len)

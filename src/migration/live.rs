@@ -808,6 +808,7 @@ mod tests {
             tsc_khz: 1_000_000,
             system_time_ns: 1_000,
             xen_state: None,
+            cpuid: Vec::new(),
         };
         let mut v = Vec::new();
         write_image(
@@ -826,7 +827,10 @@ mod tests {
     #[test]
     fn live_receive_takes_a_saved_image_and_its_tail_loads() {
         let rx = receive(&small_stream()[..]).unwrap();
-        assert_eq!(rx.staging.pages(), 4096);
+        assert_eq!(
+            rx.staging.pages(),
+            4096 + crate::boot::layout::SPECIAL_PAGES
+        );
         let img = crate::migration::restore::load(&rx.tail_path()).unwrap();
         assert_eq!((img.mem_mib, img.vcpus.len(), img.pages), (16, 1, 0));
         let mem = GuestMem::from_ranges(&crate::boot::layout::ram_ranges(16 << 20)).unwrap();

@@ -26,9 +26,10 @@ use std::path::Path;
 use super::convert::{self, ConvertError, EventsExtra, KvmIrqchipState, KvmVcpuState};
 use super::hvm_context::{self, HvmRecord};
 use super::stream::image::{ImageReader, Item};
-use super::stream::libxc::{LibxcRecord, PageType, PAGE_SIZE};
+use super::stream::libxc::{CpuidLeaf, LibxcRecord, PageType, PAGE_SIZE};
 use super::stream::{Src, StreamError};
 use super::xenkvm_records::{self, XenState};
+use crate::boot::layout;
 
 /// Why a restore failed.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +88,10 @@ pub struct RestoreImage {
     /// xenkvm's own Xen-state record, checked, if the image has one
     /// (applied by the VM builder, see the module doc).
     pub xen_state: Option<XenState>,
+    /// The guest's CPUID policy (X86_CPUID_POLICY), if the stream has one:
+    /// the restored vCPUs get no feature it lacks (`vmm`, via
+    /// `arch::x86::cpuid::restrict_to_policy`).
+    pub cpuid: Option<Vec<CpuidLeaf>>,
 }
 
 /// The image's records are read through a buffer this large; page data
@@ -147,6 +152,76 @@ fn skip_page_data(
     Ok(())
 }
 
+/// Where an image's pages lie, to size the guest and check that every page
+/// has a home in xenkvm's layout (`boot::layout`) before anything is
+/// written: Xen's special pages have theirs; a page in the MMIO hole (a
+/// Xen guest with more than 3 GiB below 4 GiB) has none.
+#[derive(Debug, Default)]
+struct Extent {
+    /// Highest frame below 4 GiB outside the special pages, plus one.
+    low_end: u64,
+    /// Highest frame from 4 GiB, plus one.
+    high_end: u64,
+}
+
+impl Extent {
+    const HIGH_PFN: u64 = layout::HIGH_RAM_BASE / PAGE_SIZE as u64;
+
+    fn add(&mut self, pfn: u64) {
+        if pfn >= Self::HIGH_PFN {
+            self.high_end = self.high_end.max(pfn + 1);
+        } else if !layout::is_special_pfn(pfn) {
+            self.low_end = self.low_end.max(pfn + 1);
+        }
+    }
+
+    /// MiB of memory that holds every page.
+    fn mib(&self) -> u64 {
+        let bytes = if self.high_end > 0 {
+            layout::LOW_RAM_MAX + (self.high_end - Self::HIGH_PFN) * PAGE_SIZE as u64
+        } else {
+            self.low_end * PAGE_SIZE as u64
+        };
+        bytes.div_ceil(1 << 20)
+    }
+
+    /// Every page lies in the RAM of a `mib` MiB guest.
+    fn check(&self, mib: u64) -> Result<(), String> {
+        let ram = layout::ram_ranges(mib << 20);
+        let low = ram[0].1 as u64 / PAGE_SIZE as u64;
+        let high = ram
+            .iter()
+            .find(|(a, _)| a.0 == layout::HIGH_RAM_BASE)
+            .map_or(Self::HIGH_PFN, |(_, l)| {
+                Self::HIGH_PFN + *l as u64 / PAGE_SIZE as u64
+            });
+        let hole = layout::LOW_RAM_MAX / PAGE_SIZE as u64;
+        if self.low_end > hole {
+            return Err(format!(
+                "PAGE_DATA: pfn {:#x} lies in xenkvm's MMIO hole ({:#x}-{:#x}): RAM below 4 GiB \
+                 ends at {} MiB here (a Xen guest with more RAM below 4 GiB cannot be restored yet)",
+                self.low_end - 1,
+                layout::LOW_RAM_MAX,
+                layout::HIGH_RAM_BASE - 1,
+                layout::LOW_RAM_MAX >> 20
+            ));
+        }
+        let beyond = if self.low_end > low {
+            Some(self.low_end - 1)
+        } else if self.high_end > high {
+            Some(self.high_end - 1)
+        } else {
+            None
+        };
+        match beyond {
+            Some(pfn) => Err(format!(
+                "PAGE_DATA: pfn {pfn:#x} is beyond the guest's {mib} MiB of memory"
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Reads and checks the whole image at `path`.
 pub fn load(path: &Path) -> Result<RestoreImage, RestoreError> {
     let p = path.display().to_string();
@@ -174,10 +249,11 @@ pub fn load(path: &Path) -> Result<RestoreImage, RestoreError> {
     let mut blob = None;
     let mut params = Vec::new();
     let mut pages = 0u64;
-    let mut max_pfn = 0u64;
+    let mut extent = Extent::default();
     let mut tsc_khz = 0;
     let mut ended = false;
     let mut xen_state = None;
+    let mut cpuid = None;
     while let Some((at, item)) = r.next_item_with(&mut skip).map_err(stream)? {
         match item {
             Item::Xl(x) => config = x.config,
@@ -185,13 +261,20 @@ pub fn load(path: &Path) -> Result<RestoreImage, RestoreError> {
                 for (pfn, t) in &pd.pfns {
                     if t.has_data() {
                         pages += 1;
-                        max_pfn = max_pfn.max(*pfn);
+                        extent.add(*pfn);
                     }
                 }
             }
             Item::Libxc(LibxcRecord::HvmContext(b)) => blob = Some(b),
             Item::Libxc(LibxcRecord::HvmParams(ps)) => params = ps,
             Item::Libxc(LibxcRecord::TscInfo(t)) => tsc_khz = t.khz,
+            Item::Libxc(LibxcRecord::CpuidPolicy(ls)) => cpuid = Some(ls),
+            Item::Libxc(LibxcRecord::MsrPolicy(ms)) => {
+                tracing::info!(
+                    msrs = ms.len(),
+                    "X86_MSR_POLICY not applied (KVM's MSRs stay the host's)"
+                )
+            }
             Item::Libxc(LibxcRecord::Checkpoint) => {
                 return Err(unsupported("a checkpointed (Remus/COLO) stream".into()))
             }
@@ -277,13 +360,13 @@ pub fn load(path: &Path) -> Result<RestoreImage, RestoreError> {
     }
     let irqchip = convert::irqchip_from_records(&recs).map_err(conv)?;
     // Memory: the config's, else enough for the highest page.
-    let from_pages = ((max_pfn + 1) * PAGE_SIZE as u64).div_ceil(1 << 20);
-    let mem_mib = cfg_kb.map_or(from_pages, |kb| kb.div_ceil(1024)).max(16);
+    let mem_mib = cfg_kb.map_or(extent.mib(), |kb| kb.div_ceil(1024)).max(16);
     if !(16..=65536).contains(&mem_mib) {
         return Err(unsupported(format!(
             "{mem_mib} MiB of memory (xenkvm runs 16 to 65536)"
         )));
     }
+    extent.check(mem_mib).map_err(unsupported)?;
     Ok(RestoreImage {
         name: cfg_name.unwrap_or_default(),
         mem_mib,
@@ -293,6 +376,7 @@ pub fn load(path: &Path) -> Result<RestoreImage, RestoreError> {
         pages,
         tsc_khz,
         xen_state,
+        cpuid,
     })
 }
 
@@ -343,7 +427,7 @@ pub fn apply_pages(path: &Path, map: &gpc::MemoryMap, fresh: bool) -> Result<u64
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::GuestAddress;
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::migration::convert::tests::{irqchip, long_mode_vcpu};
@@ -367,6 +451,7 @@ mod tests {
             tsc_khz: 1_000_000,
             system_time_ns: 1_000,
             xen_state,
+            cpuid: Vec::new(),
         };
         let path = std::env::temp_dir().join(format!(
             "xenkvm-restore-test-{}-{tag}.img",
@@ -416,6 +501,92 @@ mod tests {
         assert_eq!(img.xen_state, Some(state()));
         let (_d, path) = image(None, "none");
         assert_eq!(load(&path).unwrap().xen_state, None);
+    }
+
+    #[test]
+    fn restore_extent_special_pages_have_a_home_the_mmio_hole_does_not() {
+        let mut e = Extent::default();
+        for pfn in [0, 0x3fff, 0xfeffc, 0xfefff] {
+            e.add(pfn);
+        }
+        // The special pages do not make the guest 4 GiB large.
+        assert_eq!(e.mib(), 64);
+        assert_eq!(e.check(64), Ok(()));
+        let err = e.check(32).unwrap_err();
+        assert!(
+            err.contains("pfn 0x3fff is beyond the guest's 32 MiB"),
+            "{err}"
+        );
+        // A Xen guest whose low RAM reaches into xenkvm's hole (Xen's ends at 0xf0000000).
+        e.add(0xeffff);
+        let err = e.check(4096).unwrap_err();
+        assert!(
+            err.contains("pfn 0xeffff lies in xenkvm's MMIO hole"),
+            "{err}"
+        );
+        let mut e = Extent::default();
+        e.add(0x10_0000 + 255);
+        assert_eq!(e.mib(), (layout::LOW_RAM_MAX >> 20) + 1);
+        assert_eq!(e.check(e.mib()), Ok(()));
+        assert!(e.check(e.mib() - 1).unwrap_err().contains("pfn 0x1000ff"));
+    }
+
+    #[test]
+    fn restore_load_image_with_xen_special_pages_sizes_the_guest_by_its_ram() {
+        let mem = GuestMem::from_ranges(&layout::ram_ranges(16 << 20)).unwrap();
+        mem.write_obj(
+            0xabu8,
+            GuestAddress(layout::special_page(layout::special::XENSTORE)),
+        )
+        .unwrap();
+        mem.write_obj(0xcdu8, GuestAddress((16 << 20) - 4096))
+            .unwrap();
+        let meta = SaveMeta {
+            name: String::new(),
+            mem_mib: 16,
+            tsc_khz: 1_000_000,
+            system_time_ns: 1_000,
+            xen_state: None,
+            cpuid: vec![CpuidLeaf {
+                leaf: 1,
+                subleaf: u32::MAX,
+                regs: [0x806f8, 0x800, 0xfeda3203, 0x178bfbff],
+            }],
+        };
+        let path = std::env::temp_dir().join(format!(
+            "xenkvm-restore-test-{}-special.img",
+            std::process::id()
+        ));
+        let _d = Tmp(path.clone());
+        let f = std::fs::File::create(&path).unwrap();
+        let store = layout::special_page(layout::special::XENSTORE) >> 12;
+        write_image(
+            f,
+            &meta,
+            1,
+            &[(0, long_mode_vcpu(0))],
+            &irqchip(),
+            &mem,
+            &[(1, store)],
+        )
+        .unwrap();
+        let img = load(&path).unwrap();
+        assert_eq!(img.mem_mib, 16);
+        assert_eq!(img.params, vec![(1, 0xfeffc)]);
+        assert_eq!(img.cpuid.as_deref(), Some(&meta.cpuid[..]));
+        let map = gpc::MemoryMap::new(
+            &layout::ram_ranges(16 << 20)
+                .into_iter()
+                .map(|(a, l)| (a, l as u64))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        apply_pages(&path, &map, true).unwrap();
+        let got: u8 = map
+            .guest_memory()
+            .read_obj(GuestAddress(store << 12))
+            .unwrap();
+        assert_eq!(got, 0xab);
     }
 
     #[test]

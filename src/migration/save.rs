@@ -1,11 +1,13 @@
 //! Writing a paused guest as an xl save image: xl header with the domain
 //! config as JSON, the libxl v2 stream, and a libxc v3 stream for an x86
-//! HVM domain in the order Xen 4.14+ writes one (STATIC_DATA_END,
-//! PAGE_DATA batches with XTAB for the holes below the top of RAM,
+//! HVM domain in the order Xen 4.14+ writes one (X86_CPUID_POLICY and
+//! X86_MSR_POLICY, STATIC_DATA_END,
+//! PAGE_DATA batches with XTAB for the holes below the top of RAM but the
+//! MMIO hole ([`gap_entries`]),
 //! X86_TSC_INFO, HVM_CONTEXT, HVM_PARAMS unless all are 0, END).
 //!
-//! Not written yet: X86_CPUID_POLICY / X86_MSR_POLICY (Xen then applies its
-//! default policy). xenkvm's own optional record XENKVM_XEN_STATE
+//! Before STATIC_DATA_END: X86_CPUID_POLICY and X86_MSR_POLICY
+//! ([`policy_records`]) when the caller gives the guest's CPUID. xenkvm's own optional record XENKVM_XEN_STATE
 //! ([`super::xenkvm_records`]) is written before END when the caller gives
 //! one (`save --xen-state`); otherwise an image holds the guest's memory and
 //! CPU/irqchip state only.
@@ -18,7 +20,9 @@ use super::convert::{self, ConvertError, KvmIrqchipState, KvmVcpuState};
 use super::hvm_context::{self, SaveHeader};
 use super::pageio::{Copying, PageOut, PageSrc};
 use super::stream::image::ImageWriter;
-use super::stream::libxc::{LibxcHeader, LibxcRecord, PageType, TscInfo, MAX_BATCH, PAGE_SIZE};
+use super::stream::libxc::{
+    CpuidLeaf, LibxcHeader, LibxcRecord, MsrEntry, PageType, TscInfo, MAX_BATCH, PAGE_SIZE,
+};
 use super::xenkvm_records::{self, XenState};
 use crate::GuestMem;
 
@@ -62,7 +66,32 @@ pub struct SaveMeta {
     /// image then passes Xen's verify-stream-v2, which refuses any record
     /// type it does not list even with the optional bit set).
     pub xen_state: Option<XenState>,
+    /// The guest's CPUID policy (`arch::x86::cpuid::to_policy`), written
+    /// as X86_CPUID_POLICY; empty: no policy records.
+    pub cpuid: Vec<CpuidLeaf>,
 }
+
+/// The static-data records Xen 4.14+ writes before STATIC_DATA_END: the
+/// CPUID policy and the MSR policy, which here holds only
+/// `MSR_INTEL_PLATFORM_INFO` = 0 (no CPUID faulting; Xen also lists
+/// `MSR_ARCH_CAPABILITIES`, which xenkvm does not read back from KVM).
+/// Nothing without a CPUID policy.
+pub fn policy_records(cpuid: &[CpuidLeaf]) -> Vec<LibxcRecord> {
+    if cpuid.is_empty() {
+        return Vec::new();
+    }
+    vec![
+        LibxcRecord::CpuidPolicy(cpuid.to_vec()),
+        LibxcRecord::MsrPolicy(vec![MsrEntry {
+            idx: MSR_INTEL_PLATFORM_INFO,
+            flags: 0,
+            val: 0,
+        }]),
+    ]
+}
+
+/// `MSR_INTEL_PLATFORM_INFO`.
+const MSR_INTEL_PLATFORM_INFO: u32 = 0xce;
 
 /// What a save wrote.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -117,6 +146,20 @@ pub(crate) fn data_ranges(file: &std::fs::File, start: u64, len: u64) -> Option<
         at = h;
     }
     Some(v)
+}
+
+/// How many XTAB entries the gap of frames `next..first` before a RAM
+/// region gets: all of it, unless the region is one of those past the MMIO
+/// hole (the special pages, high RAM), whose gap is left out. Xen lists
+/// that hole too (its p2m reaches the special pages at 0xfeff8), but at 8
+/// bytes a frame that is 8 MiB of entries for any guest, and a reader
+/// treats a frame it is not told about as it treats XTAB: not populated.
+fn gap_entries(next: u64, first: u64) -> u64 {
+    if first >= crate::boot::layout::SPECIAL_BASE / PAGE_SIZE as u64 {
+        0
+    } else {
+        first.saturating_sub(next)
+    }
 }
 
 /// Writes the image of a paused guest to `w`. `vcpus` are the vCPUs that
@@ -261,6 +304,9 @@ pub fn write_image_with_progress<O: PageOut>(
         Some(Some(&cfg)),
         LibxcHeader::hvm_v3(XEN_VERSION.0, XEN_VERSION.1),
     )?;
+    for r in policy_records(&meta.cpuid) {
+        img.libxc(&r)?;
+    }
     img.libxc(&LibxcRecord::StaticDataEnd)?;
     let mut stats = SaveStats::default();
     let mut pfns: Vec<(u64, PageType)> = Vec::with_capacity(MAX_BATCH);
@@ -284,7 +330,7 @@ pub fn write_image_with_progress<O: PageOut>(
     for (start, len, _) in &regions {
         let first = start / PAGE_SIZE as u64;
         let n = len / PAGE_SIZE as u64;
-        entries += first.saturating_sub(next) + n;
+        entries += gap_entries(next, first) + n;
         data_pages += n;
         next = next.max(first + n);
     }
@@ -311,7 +357,7 @@ pub fn write_image_with_progress<O: PageOut>(
     let mut next_pfn = 0u64;
     for (start, len, data) in regions {
         let first = start / PAGE_SIZE as u64;
-        for pfn in next_pfn..first {
+        for pfn in first - gap_entries(next_pfn, first)..first {
             pfns.push((pfn, PageType::XTab));
             stats.holes += 1;
             if pfns.len() == MAX_BATCH {
@@ -405,6 +451,7 @@ mod tests {
             tsc_khz: 1_000_000,
             system_time_ns: 1_000,
             xen_state: None,
+            cpuid: Vec::new(),
         };
         let vcpus = [(0, long_mode_vcpu(0))];
         let mut want = Vec::new();
@@ -446,6 +493,7 @@ mod tests {
                 tsc_khz: 1_000_000,
                 system_time_ns: 1_000,
                 xen_state,
+                cpuid: Vec::new(),
             };
             let mut img = Vec::new();
             let mut seen: Vec<SaveProgress> = Vec::new();

@@ -50,7 +50,11 @@
 //!   u32, watches (strings: u32 length + bytes; the ring's indexes are in
 //!   the ring page, guest RAM);
 //! - 7-10 PAGE, DOMAIN_EXTRA, VCPU_EXTRA, FIFO: see [`extra`] (added later
-//!   under the same version: an older reader skips them).
+//!   under the same version: an older reader skips them);
+//! - 11 XS_TX: count u32, count x u32: the ids of the guest's open xenstore
+//!   transactions (added later too; their contents do not travel: a
+//!   restore reopens each id with a commit that fails with `EAGAIN`, the
+//!   answer to any conflicting transaction, so the guest retries it).
 //!
 //! [`decode`] never panics: every length is checked against what is left of
 //! the body before anything is read or allocated, counts are bounded by the
@@ -87,6 +91,8 @@ pub mod tag {
     pub const GNTTAB: u32 = 5;
     /// Xenstore contents.
     pub const XENSTORE: u32 = 6;
+    /// Open xenstore transactions' ids.
+    pub const XS_TX: u32 = 11;
 }
 
 /// Most vCPUs a record may describe (Xen's and the hypercalls crate's limit).
@@ -268,6 +274,9 @@ pub struct XenState {
     pub vcpu_extra: Vec<VcpuExtra>,
     /// FIFO event arrays and per-port queue state.
     pub fifo: Option<FifoState>,
+    /// The ids of the guest's open xenstore transactions (section XS_TX,
+    /// written only when there is one).
+    pub xs_transactions: Vec<u32>,
 }
 
 /// Why a body was refused: the byte offset in the body and what is wrong.
@@ -381,6 +390,14 @@ pub fn encode(s: &XenState) -> Vec<u8> {
             put_str(&mut b, t.as_bytes());
         }
         section(&mut secs, &mut n, tag::XENSTORE, &b);
+    }
+    if !s.xs_transactions.is_empty() {
+        let mut b = Vec::with_capacity(4 + 4 * s.xs_transactions.len());
+        b.extend_from_slice(&(s.xs_transactions.len() as u32).to_le_bytes());
+        for id in &s.xs_transactions {
+            b.extend_from_slice(&id.to_le_bytes());
+        }
+        section(&mut secs, &mut n, tag::XS_TX, &b);
     }
     for p in &s.pages {
         section(&mut secs, &mut n, extra::tag::PAGE, &extra::encode_page(p));
@@ -711,6 +728,27 @@ fn xenstore(c: &mut Cur) -> Result<XenstoreState, DecodeError> {
     })
 }
 
+/// Most open transactions a record may list (the server allows 10 per
+/// connection).
+pub const MAX_XS_TX: usize = 64;
+
+fn xs_transactions(c: &mut Cur) -> Result<Vec<u32>, DecodeError> {
+    let n = c.count("XS_TX count", 4, MAX_XS_TX)?;
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        let at = c.at;
+        let id = c.u32("XS_TX id")?;
+        if id == 0 || ids.contains(&id) {
+            return Err(DecodeError {
+                offset: at,
+                why: format!("XS_TX id {id}: 0 or twice"),
+            });
+        }
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
 /// Decodes and checks a record body.
 pub fn decode(body: &[u8]) -> Result<XenState, DecodeError> {
     let mut c = Cur { b: body, at: 0 };
@@ -731,6 +769,7 @@ pub fn decode(body: &[u8]) -> Result<XenState, DecodeError> {
     let n = c.count("section count", 8, usize::MAX)?;
     let mut s = XenState::default();
     let mut vcpu_ids = BTreeSet::new();
+    let mut seen_tx = false;
     for _ in 0..n {
         let at = c.at;
         let t = c.u32("section tag")?;
@@ -742,6 +781,7 @@ pub fn decode(body: &[u8]) -> Result<XenState, DecodeError> {
             tag::EVTCHN => s.evtchn.is_some().then_some("EVTCHN"),
             tag::GNTTAB => s.gnttab.is_some().then_some("GNTTAB"),
             tag::XENSTORE => s.xenstore.is_some().then_some("XENSTORE"),
+            tag::XS_TX => seen_tx.then_some("XS_TX"),
             extra::tag::DOMAIN_EXTRA => s.domain_extra.is_some().then_some("DOMAIN_EXTRA"),
             extra::tag::FIFO => s.fifo.is_some().then_some("FIFO"),
             _ => None,
@@ -774,6 +814,10 @@ pub fn decode(body: &[u8]) -> Result<XenState, DecodeError> {
             tag::EVTCHN => s.evtchn = Some(evtchn(&mut sc).map_err(rel)?),
             tag::GNTTAB => s.gnttab = Some(gnttab(&mut sc).map_err(rel)?),
             tag::XENSTORE => s.xenstore = Some(xenstore(&mut sc).map_err(rel)?),
+            tag::XS_TX => {
+                seen_tx = true;
+                s.xs_transactions = xs_transactions(&mut sc).map_err(rel)?;
+            }
             extra::tag::PAGE => {
                 let p = extra::decode_page(&mut sc).map_err(rel)?;
                 if s.pages.iter().any(|q| q.kind == p.kind) {
@@ -819,7 +863,7 @@ pub fn decode(body: &[u8]) -> Result<XenState, DecodeError> {
 /// keeps them outside `Domain`) as the guest's area shows them: `time[]` up
 /// to `state_entry_time`. Not filled here (the VMM adds them): the runstate
 /// areas ([`VcpuExtra::runstate_area`], [`VcpuXenState::runstate_area_gpa`])
-/// and xenstore.
+/// and xenstore (nodes, watches, open transactions).
 pub fn from_snapshot(
     snap: &hypercalls::DomainSnapshot,
     clock: ClockState,
@@ -936,6 +980,7 @@ pub fn from_snapshot(
                 })
                 .collect(),
         }),
+        xs_transactions: Vec::new(),
     }
 }
 

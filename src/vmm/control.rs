@@ -595,6 +595,7 @@ fn save(
                         guest_tsc,
                     })
             }),
+            cpuid: m.cpuid_policy.clone(),
         };
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".partial");

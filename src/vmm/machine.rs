@@ -6,6 +6,7 @@
 //! lock is a leaf; the Xen domain's own locks are documented in
 //! `hypercalls` and are never held while taking `exit`.
 
+use crate::migration::stream::libxc::CpuidLeaf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -131,6 +132,9 @@ pub struct Machine {
     pub vmm_cycles: AtomicU64,
     /// Where a cooperative suspend for a save stands.
     pub suspend: crate::vmm::suspend::SuspendGate,
+    /// The guest's CPUID as a save or migration stream records it
+    /// (X86_CPUID_POLICY; vCPU 0's, as Xen's domain-wide policy).
+    pub cpuid_policy: Vec<CpuidLeaf>,
     stopping: Arc<AtomicBool>,
     exit: Mutex<Option<GuestExit>>,
     exit_cv: Condvar,
@@ -148,6 +152,7 @@ impl Machine {
         vcpus: Vec<Arc<VcpuHandle>>,
         irq: Interrupts,
         slots: Arc<MemSlots>,
+        cpuid_policy: Vec<CpuidLeaf>,
     ) -> Result<Arc<Machine>, VmError> {
         let irqchip = irq.clone();
         let caps = XenCaps {
@@ -174,6 +179,7 @@ impl Machine {
             hypercalls: AtomicU64::new(0),
             vmm_cycles: AtomicU64::new(0),
             suspend: crate::vmm::suspend::SuspendGate::new(),
+            cpuid_policy,
             stopping,
             exit: Mutex::new(None),
             exit_cv: Condvar::new(),

@@ -544,6 +544,7 @@ fn send_inner(
         tsc_khz: m.clock.tsc_khz,
         system_time_ns: 0,
         xen_state: None,
+        cpuid: m.cpuid_policy.clone(),
     };
     let cfg = config_json(&meta, m.vcpus.len());
     let out = Throttled::new(
@@ -561,6 +562,9 @@ fn send_inner(
         LibxcHeader::hvm_v3(XEN_VERSION.0, XEN_VERSION.1),
     )
     .map_err(|e| e.to_string())?;
+    for r in crate::migration::save::policy_records(&meta.cpuid) {
+        img.libxc(&r).map_err(|e| e.to_string())?;
+    }
     img.libxc(&LibxcRecord::StaticDataEnd)
         .map_err(|e| e.to_string())?;
 

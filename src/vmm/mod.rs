@@ -379,6 +379,12 @@ impl Vm {
         let mut handles = Vec::new();
         let mut tsc_khz = 0;
         let mut cr_policy = None;
+        let mut cpuid_policy = Vec::new();
+        // A restored guest keeps the CPU features it was saved with.
+        let saved_policy = cfg
+            .restore
+            .as_ref()
+            .and_then(|(_, img)| img.cpuid.as_deref());
         for id in 0..cfg.vcpus {
             let v = kvm.create_vcpu(id)?;
             if id == 0 {
@@ -386,7 +392,7 @@ impl Vm {
                     .tsc_khz()
                     .map_err(|e| KvmVmError::Ioctl("KVM_GET_TSC_KHZ", e))?;
             }
-            let entries = cpuid::guest_cpuid(
+            let mut entries = cpuid::guest_cpuid(
                 &supported,
                 &CpuidConfig {
                     vcpu_id: id,
@@ -395,6 +401,29 @@ impl Vm {
                     upcall_vector: true,
                 },
             );
+            if let Some(policy) = saved_policy {
+                let policy: Vec<_> = policy.iter().map(|l| (l.leaf, l.subleaf, l.regs)).collect();
+                let missing = cpuid::restrict_to_policy(&mut entries, &policy);
+                if id == 0 && !missing.is_empty() {
+                    tracing::warn!(
+                        missing = missing.join(", "),
+                        "restore: the guest was saved on a CPU with features this host does not \
+                         offer; it faults if it uses them"
+                    );
+                }
+            }
+            if id == 0 {
+                cpuid_policy = cpuid::to_policy(&entries)
+                    .into_iter()
+                    .map(
+                        |(leaf, subleaf, regs)| crate::migration::stream::libxc::CpuidLeaf {
+                            leaf,
+                            subleaf,
+                            regs,
+                        },
+                    )
+                    .collect();
+            }
             v.set_cpuid(&entries)
                 .map_err(|e| KvmVmError::Ioctl("KVM_SET_CPUID2", e))?;
             let restored = cfg
@@ -456,6 +485,7 @@ impl Vm {
             handles,
             kvm.interrupts(),
             kvm.slots(),
+            cpuid_policy,
         )?;
         if let Some(p) = cr_policy {
             machine.xen.domain.set_cr_policy(p);

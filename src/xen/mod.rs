@@ -193,6 +193,47 @@ pub struct Xen {
     net: Mutex<Option<NetBackend>>,
 }
 
+/// Where the xenstore and console rings are (guest-physical addresses):
+/// Xen's special pages ([`layout::special`]), or, for a guest restored from
+/// an image without xenkvm's Xen-state record (a cooperative save, or an
+/// image from a Xen host), the frames its `HVM_PARAM_STORE_PFN` and
+/// `HVM_PARAM_CONSOLE_PFN` name: the guest keeps the rings mapped where
+/// they were when it suspended (Linux re-reads only the event channels).
+/// A frame that is not RAM here is refused with a warning and the default
+/// used (the guest then loses that ring, as it would on Xen).
+fn ring_frames(cfg: &VmConfig, mem: &GuestMem) -> (u64, u64) {
+    let mut store = layout::special_page(layout::special::XENSTORE);
+    let mut console = layout::special_page(layout::special::CONSOLE);
+    if let Some((_, img)) = cfg.restore.as_ref().filter(|(_, i)| i.xen_state.is_none()) {
+        for (param, name, ring) in [
+            (HVM_PARAM_STORE_PFN, "STORE_PFN", &mut store),
+            (HVM_PARAM_CONSOLE_PFN, "CONSOLE_PFN", &mut console),
+        ] {
+            let Some(&(_, pfn)) = img.params.iter().find(|(i, _)| *i == u64::from(param)) else {
+                continue;
+            };
+            let gpa = pfn.saturating_mul(4096);
+            if mem.check_range(GuestAddress(gpa), 4096) {
+                if gpa != *ring {
+                    tracing::info!(
+                        param = name,
+                        pfn = format_args!("{pfn:#x}"),
+                        "restore: the ring stays where the image's param puts it"
+                    );
+                }
+                *ring = gpa;
+            } else {
+                tracing::warn!(
+                    param = name,
+                    pfn = format_args!("{pfn:#x}"),
+                    "restore: the image's ring frame is not RAM here; the ring moves to the default"
+                );
+            }
+        }
+    }
+    (store, console)
+}
+
 impl Xen {
     pub fn new(
         cfg: &VmConfig,
@@ -255,8 +296,7 @@ impl Xen {
         };
         let domain = Arc::new(Domain::new(dcfg, platform.clone()).map_err(|e| e.to_string())?);
         let _ = platform.update_flag.set(Arc::downgrade(&domain));
-        let store_ring = layout::special_page(&mem, layout::special::XENSTORE);
-        let console_ring = layout::special_page(&mem, layout::special::CONSOLE);
+        let (store_ring, console_ring) = ring_frames(cfg, &mem);
         let store_port = domain
             .bind_backend_port(REMOTE_STORE)
             .map_err(|e| e.to_string())?

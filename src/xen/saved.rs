@@ -68,6 +68,7 @@ impl Xen {
                 })
                 .collect(),
         });
+        st.xs_transactions = xs.export_transactions(domid);
         st
     }
 }
@@ -146,6 +147,8 @@ pub(super) fn apply(
             .collect();
         xs.import(domain.config().domid, &nodes, &watches)
             .map_err(|e| format!("restore: xenstore: {e}"))?;
+        xs.import_transactions(domain.config().domid, &st.xs_transactions)
+            .map_err(|e| format!("restore: xenstore transactions: {e}"))?;
     }
     let param = |i| domain.param(i).unwrap_or(0);
     let store_ring = param(HVM_PARAM_STORE_PFN) << 12;

@@ -129,6 +129,105 @@ pub fn xen_leaves(cfg: &CpuidConfig) -> Vec<CpuidEntry> {
     v
 }
 
+/// Xen's `XEN_CPUID_NO_SUBLEAF`: a policy leaf without subleaves.
+pub const NO_SUBLEAF: u32 = u32::MAX;
+
+/// The guest's CPUID as Xen's toolstack records a domain's policy in a
+/// migration stream (X86_CPUID_POLICY): every leaf but the hypervisor
+/// leaves (Xen writes its own there on the other side), a subleaf only
+/// where it is significant.
+pub fn to_policy(entries: &[CpuidEntry]) -> Vec<(u32, u32, [u32; 4])> {
+    entries
+        .iter()
+        .filter(|e| !(0x4000_0000..0x4001_0000).contains(&e.function))
+        .map(|e| {
+            let sub = if e.flags & 1 != 0 {
+                e.index
+            } else {
+                NO_SUBLEAF
+            };
+            (e.function, sub, [e.eax, e.ebx, e.ecx, e.edx])
+        })
+        .collect()
+}
+
+/// The feature words a saved guest's policy limits on restore:
+/// (leaf, subleaf, register 0-3 for EAX-EDX, name), and in each the bits
+/// that are not features of the CPU but state (OSXSAVE, APIC, OSPKE: KVM
+/// sets them from CR4 and the APIC base as the guest runs; the hypervisor
+/// bit is xenkvm's to set) or that xenkvm
+/// hides on hosts that cannot run them natively and emulates instead
+/// (CX16, RDTSCP; see [`guest_cpuid`]).
+const FEATURE_WORDS: &[(u32, u32, usize, &str, u32)] = &[
+    (
+        1,
+        NO_SUBLEAF,
+        2,
+        "1 ECX",
+        1 << 27 | CPUID1_ECX_CX16 | CPUID1_ECX_HYPERVISOR,
+    ),
+    (1, NO_SUBLEAF, 3, "1 EDX", 1 << 9),
+    (7, 0, 1, "7.0 EBX", 0),
+    (7, 0, 2, "7.0 ECX", 1 << 4),
+    (7, 0, 3, "7.0 EDX", 0),
+    (7, 1, 0, "7.1 EAX", 0),
+    (0xd, 1, 0, "0xd.1 EAX", 0),
+    (0x8000_0001, NO_SUBLEAF, 2, "0x80000001 ECX", 0),
+    (
+        0x8000_0001,
+        NO_SUBLEAF,
+        3,
+        "0x80000001 EDX",
+        CPUID_80000001_EDX_RDTSCP,
+    ),
+    (0x8000_0008, NO_SUBLEAF, 1, "0x80000008 EBX", 0),
+];
+
+/// Restricts `entries` (a vCPU's CPUID on this host) to the features a
+/// restored guest had where it was saved (`policy`, its X86_CPUID_POLICY):
+/// the guest must not find features appear under it (Xen sets the saved
+/// policy on the new domain the same way). Returns the features the saved
+/// guest had that this host does not offer, one "leaf REG bits 0x..." each
+/// (Xen refuses such a stream; xenkvm warns and runs it: the guest faults
+/// only if it uses one). A feature word the policy lacks is left alone.
+pub fn restrict_to_policy(
+    entries: &mut [CpuidEntry],
+    policy: &[(u32, u32, [u32; 4])],
+) -> Vec<String> {
+    let mut missing = Vec::new();
+    for &(leaf, sub, reg, name, ignore) in FEATURE_WORDS {
+        let Some(saved) = policy
+            .iter()
+            .find(|(l, s, _)| *l == leaf && (*s == sub || sub == NO_SUBLEAF))
+            .map(|(_, _, r)| r[reg])
+        else {
+            continue;
+        };
+        let ours = entries
+            .iter_mut()
+            .find(|e| e.function == leaf && (sub == NO_SUBLEAF || e.index == sub));
+        let have = match ours {
+            Some(e) => {
+                let r = match reg {
+                    0 => &mut e.eax,
+                    1 => &mut e.ebx,
+                    2 => &mut e.ecx,
+                    _ => &mut e.edx,
+                };
+                let have = *r;
+                *r &= saved | ignore;
+                have
+            }
+            None => 0,
+        };
+        let lack = saved & !have & !ignore;
+        if lack != 0 {
+            missing.push(format!("{name} bits {lack:#x}"));
+        }
+    }
+    missing
+}
+
 /// The CR4 and EFER bits a guest with CPUID `entries` may set (Xen's
 /// `hvm_cr4_guest_valid_bits` and `hvm_efer_valid`; nested virtualisation is off, so
 /// never VMXE or SVME), for `VCPUOP_initialise`.
@@ -230,6 +329,48 @@ mod tests {
         assert_eq!(&sig, b"XenVMMXenVMM");
         assert!(base[0].eax >= 0x4000_0004);
         assert!(!c.iter().any(|e| e.eax == 0x1007efb));
+    }
+
+    #[test]
+    fn policy_restricts_features_to_the_saved_guests_and_names_what_is_missing() {
+        let e = |function, index, flags, ebx, ecx, edx| CpuidEntry {
+            function,
+            index,
+            flags,
+            eax: 0,
+            ebx,
+            ecx,
+            edx,
+        };
+        let host = vec![
+            e(1, 0, 0, 0, 0b1011 | CPUID1_ECX_HYPERVISOR, 0xff),
+            e(7, 0, 1, 0xf0, 0, 0),
+            e(0x4000_0000, 0, 0, 1, 2, 3),
+        ];
+        let policy = to_policy(&host);
+        assert_eq!(policy.len(), 2, "no hypervisor leaves: {policy:x?}");
+        assert_eq!(policy[0].1, NO_SUBLEAF);
+        assert_eq!(policy[1].1, 0);
+        // The same host: nothing changes, nothing is missing.
+        let mut same = host.clone();
+        assert!(restrict_to_policy(&mut same, &policy).is_empty());
+        assert_eq!(same, host);
+        // A guest saved with fewer features keeps having fewer; one saved
+        // with a feature this host lacks gets it named. CX16 (emulated
+        // here) and OSXSAVE (state) are not named.
+        let saved = vec![
+            (
+                1,
+                NO_SUBLEAF,
+                [0, 0, 0b0001 | CPUID1_ECX_CX16 | 1 << 27, 0x1ff],
+            ),
+            (7, 0, [0, 0x1_00f0, 0, 0]),
+        ];
+        let mut v = host.clone();
+        let missing = restrict_to_policy(&mut v, &saved);
+        assert_eq!(v[0].ecx, 0b0001 | CPUID1_ECX_HYPERVISOR, "leaf 1 ECX");
+        assert_eq!(v[0].edx, 0xff);
+        assert_eq!(missing, vec!["1 EDX bits 0x100", "7.0 EBX bits 0x10000"]);
     }
 
     #[test]

@@ -119,6 +119,9 @@ pub struct Tx {
     pub store: Store,
     /// Events to fire at commit.
     pub events: Vec<Event>,
+    /// Reopened by a restore (its contents did not travel): it reads and
+    /// writes like any, and its commit fails with `EAGAIN`.
+    pub stale: bool,
 }
 
 /// A guest connection.

@@ -591,6 +591,7 @@ impl XenstoreServer {
                     Tx {
                         store: self.store.snapshot(),
                         events: Vec::new(),
+                        stale: false,
                     },
                 );
                 Ok(format!("{id}\0").into_bytes())
@@ -603,6 +604,9 @@ impl XenstoreServer {
                 };
                 let conn = self.conns.get_mut(&domid).ok_or(XsError::Inval)?;
                 let tx = conn.txs.remove(&hdr.tx_id).ok_or(XsError::NoEnt)?;
+                if commit && tx.stale {
+                    return Err(XsError::Again);
+                }
                 if commit {
                     self.store.commit(tx.store, domid, &q)?;
                     fired.extend(tx.events);

@@ -1,8 +1,9 @@
 //! The store and a guest's watches as a save carries them, and back (issue
 //! 14). What the guest's ring holds (its indexes, a request it was writing)
-//! is guest RAM and travels with it; open transactions do not travel (a
-//! guest committing one after a restore gets `ENOENT` for its id, as after
-//! a xenstored restart).
+//! is guest RAM and travels with it; of its open transactions only the ids
+//! travel: a restore reopens each on the restored store, and its commit
+//! fails with `EAGAIN`, what a transaction that met a conflicting change
+//! gets, so the guest does it again (Linux's xenbus users all loop on it).
 
 use super::perms::{Perm, PermKind, Perms};
 use super::store::Store;
@@ -84,6 +85,36 @@ impl XenstoreServer {
                 .map(|w| (w.spec.clone(), w.token.clone()))
                 .collect()
         })
+    }
+
+    /// The ids of `domid`'s open transactions.
+    pub fn export_transactions(&self, domid: u16) -> Vec<u32> {
+        self.conns
+            .get(&domid)
+            .map_or_else(Vec::new, |c| c.txs.keys().copied().collect())
+    }
+
+    /// Reopens transactions `ids` of `domid` (after [`import`](Self::import))
+    /// on the store as it is now, each marked stale: reads and writes in it
+    /// work, its commit fails with `EAGAIN`, an abort succeeds. New ids
+    /// continue above the highest.
+    pub fn import_transactions(&mut self, domid: u16, ids: &[u32]) -> Result<(), XsError> {
+        let conn = self.conns.get_mut(&domid).ok_or(XsError::NoEnt)?;
+        if ids.contains(&0) || ids.len() > self.quotas.max_transactions.max(1) * 8 {
+            return Err(XsError::Inval);
+        }
+        for &id in ids {
+            conn.txs.insert(
+                id,
+                super::conn::Tx {
+                    store: self.store.snapshot(),
+                    events: Vec::new(),
+                    stale: true,
+                },
+            );
+            self.next_tx = self.next_tx.max(id);
+        }
+        Ok(())
     }
 
     /// Replaces the whole store with `nodes` (parents first, as

@@ -1443,3 +1443,66 @@ fn watched_covers_the_path_and_its_children_not_siblings() {
         "another domain's"
     );
 }
+
+/// Issue 14: a transaction open when the guest was saved is reopened by the
+/// restore; the guest's reads and writes in it work, its commit fails with
+/// EAGAIN (a conflict: the guest retries) and lands nothing, an abort
+/// succeeds, and a new transaction gets an id of its own and commits.
+#[test]
+fn transactions_open_at_a_save_commit_with_eagain_after_the_restore() {
+    let tx_id = |b: Vec<u8>| -> u32 {
+        std::str::from_utf8(b.strip_suffix(b"\0").unwrap())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (mut a, mut g) = setup();
+    let t1 = tx_id(ok(&mut a, &mut g, MsgType::TransactionStart, 0, b"\0"));
+    let t2 = tx_id(ok(&mut a, &mut g, MsgType::TransactionStart, 0, b"\0"));
+    ok(
+        &mut a,
+        &mut g,
+        MsgType::Write,
+        t1,
+        &write_req("data/x", "in-tx"),
+    );
+    let ids = a.export_transactions(DOMID);
+    assert_eq!(ids, vec![t1, t2]);
+
+    let (mut b, mut g) = setup();
+    b.import(DOMID, &a.export_nodes(), &[]).unwrap();
+    b.import_transactions(DOMID, &ids).unwrap();
+    assert_eq!(ok(&mut b, &mut g, MsgType::Read, t1, &z("name")), b"guest");
+    ok(
+        &mut b,
+        &mut g,
+        MsgType::Write,
+        t1,
+        &write_req("data/y", "again"),
+    );
+    assert_eq!(
+        err(&mut b, &mut g, MsgType::TransactionEnd, t1, &z("T")),
+        "EAGAIN"
+    );
+    for p in ["/local/domain/1/data/x", "/local/domain/1/data/y"] {
+        assert!(b.read_string(p).is_err(), "{p} landed");
+    }
+    assert_eq!(
+        err(&mut b, &mut g, MsgType::TransactionEnd, t1, &z("T")),
+        "ENOENT"
+    );
+    ok(&mut b, &mut g, MsgType::TransactionEnd, t2, &z("F"));
+    let t3 = tx_id(ok(&mut b, &mut g, MsgType::TransactionStart, 0, b"\0"));
+    assert!(t3 != t1 && t3 != t2, "{t3}");
+    ok(
+        &mut b,
+        &mut g,
+        MsgType::Write,
+        t3,
+        &write_req("data/z", "1"),
+    );
+    ok(&mut b, &mut g, MsgType::TransactionEnd, t3, &z("T"));
+    assert_eq!(b.read_string("/local/domain/1/data/z").unwrap(), "1");
+    assert!(b.import_transactions(DOMID, &[0]).is_err());
+    assert!(b.import_transactions(9, &[5]).is_err());
+}

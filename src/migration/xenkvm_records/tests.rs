@@ -101,6 +101,7 @@ fn sample() -> XenState {
                 pending: true,
             }],
         }),
+        xs_transactions: vec![4, 9],
     }
 }
 
@@ -387,8 +388,14 @@ fn arb_state() -> impl Strategy<Value = XenState> {
         )),
     )
         .prop_map(|(clock, si, vcpus, evtchn, gnttab, xs)| (clock, si, vcpus, evtchn, gnttab, xs));
-    (base, arb_extra()).prop_map(
-        |((clock, si, vcpus, evtchn, gnttab, xs), (pages, domain_extra, vcpu_extra, fifo))| {
+    let txs = proptest::collection::btree_set(1u32.., 0..4)
+        .prop_map(|s| s.into_iter().collect::<Vec<_>>());
+    (base, arb_extra(), txs).prop_map(
+        |(
+            (clock, si, vcpus, evtchn, gnttab, xs),
+            (pages, domain_extra, vcpu_extra, fifo),
+            xs_transactions,
+        )| {
             XenState {
                 clock: clock.map(|(tsc_khz, system_time_ns, guest_tsc)| ClockState {
                     tsc_khz,
@@ -413,6 +420,7 @@ fn arb_state() -> impl Strategy<Value = XenState> {
                 domain_extra,
                 vcpu_extra,
                 fifo,
+                xs_transactions,
             }
         },
     )
@@ -531,5 +539,41 @@ proptest! {
             // Whatever is accepted encodes back to something that decodes the same.
             prop_assert_eq!(decode(&encode(&s)).unwrap(), s);
         }
+    }
+}
+
+#[test]
+fn xen_state_xs_tx_section_refuses_id_0_a_repeat_and_a_second_section() {
+    let body = |ids: &[u32]| {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+        for id in ids {
+            b.extend_from_slice(&id.to_le_bytes());
+        }
+        b
+    };
+    let record = |secs: &[&[u8]]| {
+        let mut r = MAGIC.to_vec();
+        r.extend_from_slice(&VERSION.to_le_bytes());
+        r.extend_from_slice(&(secs.len() as u32).to_le_bytes());
+        for s in secs {
+            r.extend_from_slice(&tag::XS_TX.to_le_bytes());
+            r.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            r.extend_from_slice(s);
+        }
+        r
+    };
+    assert_eq!(
+        decode(&record(&[&body(&[3, 7])])).unwrap().xs_transactions,
+        vec![3, 7]
+    );
+    for (bad, want) in [
+        (record(&[&body(&[0])]), "XS_TX id 0"),
+        (record(&[&body(&[5, 5])]), "XS_TX id 5"),
+        (record(&[&body(&[1]), &body(&[2])]), "XS_TX appears twice"),
+        (record(&[&body(&[1; 65])]), "XS_TX count"),
+    ] {
+        let e = decode(&bad).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
     }
 }
