@@ -490,7 +490,7 @@ impl XenstoreServer {
     /// Handles one request and queues its reply and the events it fires.
     fn request(&mut self, domid: u16, hdr: Header, payload: &[u8]) {
         let mut fired = Vec::new();
-        let mut initial = None;
+        let mut initial = Vec::new();
         let result = self.handle(domid, &hdr, payload, &mut fired, &mut initial);
         let msg = match result {
             Ok(reply) => encode_msg(hdr.ty, hdr.req_id, hdr.tx_id, &reply),
@@ -504,7 +504,7 @@ impl XenstoreServer {
         let limit = self.quotas.max_queued_bytes;
         if let Some(c) = self.conns.get_mut(&domid) {
             c.push_reply(msg);
-            if let Some((path, token)) = initial {
+            for (path, token) in initial {
                 if let Some(m) = event_msg(&path, &token) {
                     c.push_event(m, limit);
                 }
@@ -521,7 +521,7 @@ impl XenstoreServer {
         hdr: &Header,
         payload: &[u8],
         fired: &mut Vec<Event>,
-        initial: &mut Option<(String, Vec<u8>)>,
+        initial: &mut Vec<(String, Vec<u8>)>,
     ) -> Result<Vec<u8>, XsError> {
         use MsgType::*;
         let ty = MsgType::from_u32(hdr.ty).ok_or(XsError::Inval)?;
@@ -544,6 +544,7 @@ impl XenstoreServer {
                 let args = split_args(payload);
                 let (spec, token) = watch_args(&args)?;
                 let w = make_watch(domid, spec, token)?;
+                let devices = self.device_announcements(domid, &w.abs, &w.spec, &w.token);
                 let conn = self.conns.get_mut(&domid).ok_or(XsError::Inval)?;
                 if conn
                     .watches
@@ -555,7 +556,8 @@ impl XenstoreServer {
                 if conn.watches.len() >= q.max_watches {
                     return Err(XsError::TooBig);
                 }
-                *initial = Some((w.spec.clone(), w.token.clone()));
+                initial.push((w.spec.clone(), w.token.clone()));
+                initial.extend(devices);
                 conn.watches.push(w);
                 Ok(OK.to_vec())
             }
@@ -628,6 +630,34 @@ impl XenstoreServer {
                 Err(XsError::Acces)
             }
         }
+    }
+
+    /// The extra events a new watch on the guest's own `device` directory
+    /// gets: one per device there (`device/<type>/<id>`, spelled as the
+    /// watch was), as if each had just been added. xl's hotplug writes fire
+    /// these; a guest restored with a device it did not have when it was
+    /// saved (`restore --disk/--net`) re-registers this watch on resume and
+    /// finds the device through them (Linux's xenbus probes a
+    /// `device/<type>/<id>` event it has no device for and ignores the
+    /// others, and the `device` event itself names no device). Spurious
+    /// events are allowed: a watcher re-reads what it watches.
+    fn device_announcements(
+        &self,
+        domid: u16,
+        abs: &str,
+        spec: &str,
+        token: &[u8],
+    ) -> Vec<(String, Vec<u8>)> {
+        if abs != format!("{}/device", domain_path(domid)) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for ty in self.directory(abs).unwrap_or_default() {
+            for id in self.directory(&format!("{abs}/{ty}")).unwrap_or_default() {
+                out.push((format!("{spec}/{ty}/{id}"), token.to_vec()));
+            }
+        }
+        out
     }
 
     /// Delivers an event to every matching watch that may see it.

@@ -567,12 +567,55 @@ fn watch_registration_fires_initial_event_after_reply() {
     let id = g.send(MsgType::Watch, 0, &zz("device", "tok"));
     assert!(xs.process(&g.page));
     let msgs = g.recv();
-    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs.len(), 3);
     assert_eq!(
         (msgs[0].req_id, msgs[0].payload.as_slice()),
         (id, &b"OK\0"[..])
     );
     assert_eq!(msgs[1], event("device", "tok"));
+    // The announcement of the one device xl creates for every domain.
+    assert_eq!(msgs[2], event("device/suspend/event-channel", "tok"));
+}
+
+/// A guest restored with a device it did not have learns of it when it
+/// watches its `device` directory again: one event per device, spelled as
+/// the watch was, after the watch's own; other watches get none.
+#[test]
+fn watch_on_device_directory_announces_each_device() {
+    let (mut xs, mut g) = setup();
+    for p in ["vbd/51712/state", "vbd/51728/state", "vif/0/state"] {
+        xs.write(&format!("/local/domain/1/device/{p}"), b"1")
+            .unwrap();
+    }
+    let id = g.send(MsgType::Watch, 0, &zz("device", "tok"));
+    assert!(xs.process(&g.page));
+    let msgs = g.recv();
+    assert_eq!(msgs[0].req_id, id);
+    assert_eq!(
+        msgs[1..].to_vec(),
+        vec![
+            event("device", "tok"),
+            // xl's device/suspend/event-channel, which Linux enumerates at boot too.
+            event("device/suspend/event-channel", "tok"),
+            event("device/vbd/51712", "tok"),
+            event("device/vbd/51728", "tok"),
+            event("device/vif/0", "tok"),
+        ]
+    );
+    let abs = zz("/local/domain/1/device", "abs");
+    let (_, evs) = call(&mut xs, &mut g, MsgType::Watch, 0, &abs);
+    assert_eq!(evs.len(), 5);
+    assert_eq!(
+        evs[2],
+        event("/local/domain/1/device/vbd/51712", "abs"),
+        "the absolute form"
+    );
+    let (_, evs) = call(&mut xs, &mut g, MsgType::Watch, 0, &zz("device/vbd", "sub"));
+    assert_eq!(
+        evs,
+        vec![event("device/vbd", "sub")],
+        "only the device directory"
+    );
 }
 
 #[test]
