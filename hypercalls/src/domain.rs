@@ -129,6 +129,9 @@ pub struct Domain {
     /// 0: 64-bit layouts, 1: 32-bit (`has_32bit_shinfo`).
     width: AtomicU8,
     width_latched: AtomicBool,
+    /// Mask every 2-level event channel when the guest next places shared_info
+    /// ([`Domain::mask_events_at_resume`]).
+    pub(crate) resume_masked: AtomicBool,
     pub(crate) gnttab: Mutex<GrantTable>,
     /// Where each overlay currently sits in the guest-physical space.
     pub(crate) physmap: Mutex<BTreeMap<OverlayId, Gfn>>,
@@ -192,6 +195,7 @@ impl Domain {
             shared_info,
             width: AtomicU8::new(0),
             width_latched: AtomicBool::new(false),
+            resume_masked: AtomicBool::new(false),
             gnttab: Mutex::new(gnttab),
             physmap: Mutex::new(BTreeMap::new()),
             balloon: Mutex::new(crate::memory::Balloon::default()),
@@ -322,6 +326,18 @@ impl Domain {
         let v = u8::from(w == GuestWidth::Bits32);
         let _ = self.width.swap(v, Ordering::AcqRel);
         self.update_wallclock();
+    }
+
+    /// For a domain a guest resumes in after its own suspend (a restore
+    /// or migration without the VMM's Xen-state record): when the guest
+    /// places shared_info, every 2-level event channel in it starts
+    /// masked. The resuming guest rebinds its ports and unmasks those it
+    /// enables (Linux through its IRQs' forced resume); a port it keeps
+    /// disabled stays masked, as Linux's spinlock kick must (it is only
+    /// polled: delivered as an event it ends in `BUG()`, which a Debian
+    /// 6.1 guest hit on a page with no mask bits set).
+    pub fn mask_events_at_resume(&self) {
+        self.resume_masked.store(true, Ordering::Release);
     }
 
     /// Whether the layout was latched (by the VMM or the guest).

@@ -371,6 +371,21 @@ impl Domain {
             && test_bit(&*self.shared_info, shinfo::EVTCHN_PENDING, port as usize)
     }
 
+    /// Sets every 2-level mask bit of the current layout (see
+    /// [`Domain::mask_events_at_resume`]).
+    pub(crate) fn mask_all_2l(&self) {
+        let w = self.width();
+        let base = mask_base(w);
+        let words = self.max_evtchns() as usize / 64;
+        for i in 0..words {
+            self.shared_info.store_u64(
+                base + 8 * i,
+                u64::MAX,
+                std::sync::atomic::Ordering::Release,
+            );
+        }
+    }
+
     /// `evtchn_port_unmask`.
     fn unmask_locked(&self, t: &mut EvtchnTable, port: u32) {
         if t.fifo.is_some() {

@@ -144,6 +144,12 @@ impl Domain {
                     return Err(Errno::EINVAL);
                 }
                 let page = self.shared_info.clone();
+                if self
+                    .resume_masked
+                    .swap(false, std::sync::atomic::Ordering::AcqRel)
+                {
+                    self.mask_all_2l();
+                }
                 self.place(OverlayId::SharedInfo, &page, gfn)
             }
             xenmem::MAPSPACE_GRANT_TABLE => self.map_grant_frame(idx, gfn),

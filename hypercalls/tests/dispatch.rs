@@ -322,6 +322,44 @@ fn memory_add_to_physmap_shared_info_places_and_moves() {
     }
 }
 
+/// A domain a guest resumes in after its own suspend: the shared_info it
+/// places has every 2-level event channel masked (64-bit: 4096 bits at
+/// 2560; 32-bit: 1024 bits at 2176), once; the pending bits are untouched;
+/// a domain not marked so keeps its page as it is.
+#[test]
+fn memory_add_to_physmap_shared_info_of_a_resumed_domain_starts_masked() {
+    for w in both() {
+        let (base, len) = if w == GuestWidth::Bits64 {
+            (2560, 512)
+        } else {
+            (2176, 128)
+        };
+        let e = env(w);
+        let read = |off: usize, n: usize| {
+            let mut b = vec![0u8; n];
+            e.d.shared_info().read(off, &mut b);
+            b
+        };
+        e.v.poke(BUF, &xatp(&e, 0x7ff0, 0, 0, 0x1234));
+        assert_eq!(e.ret(nr::MEMORY_OP, &[7, BUF]), 0);
+        assert!(
+            read(base, len).iter().all(|&b| b == 0),
+            "{w:?}: a booted domain"
+        );
+        e.d.mask_events_at_resume();
+        assert_eq!(e.ret(nr::MEMORY_OP, &[7, BUF]), 0);
+        assert!(read(base, len).iter().all(|&b| b == 0xff), "{w:?}: masked");
+        assert!(
+            read(2048, 128).iter().all(|&b| b == 0),
+            "{w:?}: pending untouched"
+        );
+        // The guest unmasks port 3; placing the page again keeps that.
+        e.d.shared_info().write(base, &[0xf7]);
+        assert_eq!(e.ret(nr::MEMORY_OP, &[7, BUF]), 0);
+        assert_eq!(read(base, 1), vec![0xf7], "{w:?}: masked once");
+    }
+}
+
 #[test]
 fn memory_add_to_physmap_bad_input_errnos() {
     for w in both() {

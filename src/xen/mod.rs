@@ -337,6 +337,10 @@ impl Xen {
                 saved::apply(&domain, &platform, &mut xs, st, &up)?
             }
             None => {
+                if cfg.restore.is_some() {
+                    // The guest resumes here after its own suspend.
+                    domain.mask_events_at_resume();
+                }
                 XenstoreServer::init_page(&GuestRing::new(&mem, store_ring));
                 ConsoleBackend::init_page(&GuestRing::new(&mem, console_ring));
                 (store_ring, console_ring, store_port, console_port)
