@@ -1493,15 +1493,9 @@ fn watched_covers_the_path_and_its_children_not_siblings() {
 /// succeeds, and a new transaction gets an id of its own and commits.
 #[test]
 fn transactions_open_at_a_save_commit_with_eagain_after_the_restore() {
-    let tx_id = |b: Vec<u8>| -> u32 {
-        std::str::from_utf8(b.strip_suffix(b"\0").unwrap())
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
     let (mut a, mut g) = setup();
-    let t1 = tx_id(ok(&mut a, &mut g, MsgType::TransactionStart, 0, b"\0"));
-    let t2 = tx_id(ok(&mut a, &mut g, MsgType::TransactionStart, 0, b"\0"));
+    let t1 = tx_start(&mut a, &mut g);
+    let t2 = tx_start(&mut a, &mut g);
     ok(
         &mut a,
         &mut g,
@@ -1535,7 +1529,7 @@ fn transactions_open_at_a_save_commit_with_eagain_after_the_restore() {
         "ENOENT"
     );
     ok(&mut b, &mut g, MsgType::TransactionEnd, t2, &z("F"));
-    let t3 = tx_id(ok(&mut b, &mut g, MsgType::TransactionStart, 0, b"\0"));
+    let t3 = tx_start(&mut b, &mut g);
     assert!(t3 != t1 && t3 != t2, "{t3}");
     ok(
         &mut b,
