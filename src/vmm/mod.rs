@@ -399,6 +399,7 @@ impl Vm {
                     nr_vcpus: cfg.vcpus,
                     tsc_khz,
                     upcall_vector: true,
+                    hide_fast_strings: crate::kvm::probe::hide_fast_strings(),
                 },
             );
             if let Some(policy) = saved_policy {

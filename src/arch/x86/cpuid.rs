@@ -1,7 +1,8 @@
 //! The CPUID a Xen HVM guest sees: the host's supported CPUID with KVM's own
 //! hypervisor leaves replaced by Xen's (base 0x40000000), CX16 hidden (this
-//! host cannot execute `cmpxchg16b`), the hypervisor bit set, and per-vCPU APIC
-//! ids.
+//! host cannot execute `cmpxchg16b`), the hypervisor bit set, per-vCPU APIC
+//! ids, and ERMS/FSRM hidden where the host's `rep movsb` in kernel mode is
+//! measured slower than `rep movsq` (a host that emulates guest kernel code).
 //!
 //! Pure functions over a list of [`CpuidEntry`] so the policy is unit-tested
 //! without KVM; `src/vm.rs` converts to and from `kvm_cpuid_entry2`.
@@ -46,6 +47,11 @@ pub struct CpuidConfig {
     pub tsc_khz: u32,
     /// Advertise the per-vCPU upcall vector (leaf 4 bit 6).
     pub upcall_vector: bool,
+    /// Hide ERMS and FSRM (leaf 7.0): where guest kernel code is emulated,
+    /// `rep movsb` costs an emulated iteration per byte and Linux uses it
+    /// for every copy and page clear when it sees them
+    /// ([`crate::kvm::probe::hide_fast_strings`]).
+    pub hide_fast_strings: bool,
 }
 
 const SIG_EBX: u32 = u32::from_le_bytes(*b"XenV");
@@ -55,6 +61,10 @@ const SIG_EDX: u32 = u32::from_le_bytes(*b"nVMM");
 /// Leaf 1 ECX bits.
 const CPUID1_ECX_CX16: u32 = 1 << 13;
 const CPUID1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 7.0 EBX bit 9: enhanced `rep movsb`/`stosb` (ERMS).
+const CPUID7_EBX_ERMS: u32 = 1 << 9;
+/// Leaf 7.0 EDX bit 4: fast short `rep movsb` (FSRM).
+const CPUID7_EDX_FSRM: u32 = 1 << 4;
 /// Leaf 0x80000001 EDX bit 27: RDTSCP (cannot run on this host; hidden
 /// where KVM lets us, emulated where it does not).
 const CPUID_80000001_EDX_RDTSCP: u32 = 1 << 27;
@@ -77,6 +87,10 @@ pub fn guest_cpuid(supported: &[CpuidEntry], cfg: &CpuidConfig) -> Vec<CpuidEntr
                 e.ebx = (e.ebx & 0x0000_ffff) | (cfg.vcpu_id << 24) | (cfg.nr_vcpus.min(255) << 16);
             }
             0xb | 0x1f => e.edx = cfg.vcpu_id,
+            7 if e.index == 0 && cfg.hide_fast_strings => {
+                e.ebx &= !CPUID7_EBX_ERMS;
+                e.edx &= !CPUID7_EDX_FSRM;
+            }
             0x8000_0001 => e.edx &= !CPUID_80000001_EDX_RDTSCP,
             _ => {}
         }
@@ -314,6 +328,7 @@ mod tests {
             nr_vcpus: 4,
             tsc_khz: 2_000_000,
             upcall_vector: true,
+            hide_fast_strings: false,
         }
     }
 
@@ -381,6 +396,45 @@ mod tests {
         assert_ne!(l1.ecx & CPUID1_ECX_HYPERVISOR, 0);
         assert_eq!(l1.ebx >> 24, 2);
         assert_eq!(l1.ecx & 1, 1, "other bits pass through");
+    }
+
+    #[test]
+    fn fast_strings_hidden_only_when_asked_and_nothing_else_in_leaf7_changes() {
+        let mut h = host();
+        h.push(CpuidEntry {
+            function: 7,
+            index: 0,
+            flags: 1,
+            ebx: CPUID7_EBX_ERMS | 0x21,
+            edx: CPUID7_EDX_FSRM | 0x400,
+            ..Default::default()
+        });
+        h.push(CpuidEntry {
+            function: 7,
+            index: 1,
+            flags: 1,
+            ebx: CPUID7_EBX_ERMS,
+            edx: CPUID7_EDX_FSRM,
+            ..Default::default()
+        });
+        let leaf7 = |c: &[CpuidEntry], index| {
+            *c.iter()
+                .find(|e| e.function == 7 && e.index == index)
+                .unwrap()
+        };
+        let shown = guest_cpuid(&h, &cfg());
+        assert_eq!(leaf7(&shown, 0).ebx, CPUID7_EBX_ERMS | 0x21);
+        assert_eq!(leaf7(&shown, 0).edx, CPUID7_EDX_FSRM | 0x400);
+        let hidden = guest_cpuid(
+            &h,
+            &CpuidConfig {
+                hide_fast_strings: true,
+                ..cfg()
+            },
+        );
+        assert_eq!(leaf7(&hidden, 0).ebx, 0x21);
+        assert_eq!(leaf7(&hidden, 0).edx, 0x400);
+        assert_eq!(leaf7(&hidden, 1), leaf7(&shown, 1), "subleaf 1 untouched");
     }
 
     #[test]
