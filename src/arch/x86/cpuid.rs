@@ -1,8 +1,7 @@
 //! The CPUID a Xen HVM guest sees: the host's supported CPUID with KVM's own
 //! hypervisor leaves replaced by Xen's (base 0x40000000), CX16 hidden (this
 //! host cannot execute `cmpxchg16b`), the hypervisor bit set, per-vCPU APIC
-//! ids, and ERMS/FSRM hidden where the host's `rep movsb` in kernel mode is
-//! measured slower than `rep movsq` (a host that emulates guest kernel code).
+//! ids, and ERMS/FSRM hidden on request (`XENKVM_FAST_STRINGS=hide`).
 //!
 //! Pure functions over a list of [`CpuidEntry`] so the policy is unit-tested
 //! without KVM; `src/vm.rs` converts to and from `kvm_cpuid_entry2`.
@@ -47,9 +46,8 @@ pub struct CpuidConfig {
     pub tsc_khz: u32,
     /// Advertise the per-vCPU upcall vector (leaf 4 bit 6).
     pub upcall_vector: bool,
-    /// Hide ERMS and FSRM (leaf 7.0): where guest kernel code is emulated,
-    /// `rep movsb` costs an emulated iteration per byte and Linux uses it
-    /// for every copy and page clear when it sees them
+    /// Hide ERMS and FSRM (leaf 7.0), so that Linux copies and clears with
+    /// `rep movsq`/`stosq` instead of `rep movsb`/`stosb`
     /// ([`crate::kvm::probe::hide_fast_strings`]).
     pub hide_fast_strings: bool,
 }
