@@ -1035,16 +1035,20 @@ fn fsck_and_dump_new(img: &std::path::Path, dir: &std::path::Path) -> Vec<u8> {
         img.display(),
         String::from_utf8_lossy(&fsck.stdout)
     );
-    let dumped = dir.join("new.out");
+    debugfs_dump(img, "/new", &dir.join("new.out"))
+}
+
+/// The bytes of `file` in the ext4 image `img`, dumped by `debugfs` to `out`.
+fn debugfs_dump(img: &std::path::Path, file: &str, out: &std::path::Path) -> Vec<u8> {
     host(
         "debugfs",
         &[
             "-R",
-            &format!("dump /new {}", dumped.display()),
+            &format!("dump {file} {}", out.display()),
             img.to_str().unwrap(),
         ],
     );
-    std::fs::read(&dumped).unwrap()
+    std::fs::read(out).unwrap_or_default()
 }
 
 /// A network namespace holding one TAP device, deleted on drop.
@@ -1425,17 +1429,8 @@ fn linux_pv_disks_network_steal_and_nmi_in_one_boot() {
             replay.status.code()
         );
         let got = fsck_and_dump_new(img, &dir);
-        let known_out = dir.join("known.out");
-        host(
-            "debugfs",
-            &[
-                "-R",
-                &format!("dump /known {}", known_out.display()),
-                img.to_str().unwrap(),
-            ],
-        );
         assert!(
-            std::fs::read(&known_out).unwrap_or_default() == known,
+            debugfs_dump(img, "/known", &dir.join("known.out")) == known,
             "{}: /known changed",
             img.display()
         );

@@ -926,14 +926,27 @@ fn kernel_loop_rate() -> Result<f64, String> {
         a.out(PORT_OK as u32, al)?;
         a.hlt()
     })?;
+    rate(&mut p, &code, prot32, LOOP_ITERATIONS, "the loop")
+}
+
+/// Loads `code` at 0x1000, enters it with `mode`, and returns `units` per
+/// second of the run (only the run is timed); it must end with `out
+/// PORT_OK`.
+fn rate(
+    p: &mut ProbeVm,
+    code: &[u8],
+    mode: impl FnOnce(&ProbeVm, u64) -> Result<(), String>,
+    units: u32,
+    what: &str,
+) -> Result<f64, String> {
     p.mem
-        .write_slice(&code, GuestAddress(0x1000))
+        .write_slice(code, GuestAddress(0x1000))
         .map_err(|e| e.to_string())?;
-    prot32(&p, 0x1000)?;
+    mode(p, 0x1000)?;
     let t = std::time::Instant::now();
-    match run_vcpu(&mut p) {
-        End::Out(PORT_OK) => Ok(f64::from(LOOP_ITERATIONS) / t.elapsed().as_secs_f64().max(1e-9)),
-        e => Err(format!("the loop did not finish: {e:?}")),
+    match run_vcpu(p) {
+        End::Out(PORT_OK) => Ok(f64::from(units) / t.elapsed().as_secs_f64().max(1e-9)),
+        e => Err(format!("{what} did not finish: {e:?}")),
     }
 }
 
@@ -996,15 +1009,13 @@ fn copy_rate(way: CopyWay, bytes: u32) -> Result<f64, String> {
         a.out(PORT_OK as u32, al)?;
         a.hlt()
     })?;
-    p.mem
-        .write_slice(&code, GuestAddress(0x1000))
-        .map_err(|e| e.to_string())?;
-    long_mode(&p, false, 0x1000, 0)?;
-    let t = std::time::Instant::now();
-    match run_vcpu(&mut p) {
-        End::Out(PORT_OK) => Ok(f64::from(bytes) / t.elapsed().as_secs_f64().max(1e-9)),
-        e => Err(format!("the copy did not finish: {e:?}")),
-    }
+    rate(
+        &mut p,
+        &code,
+        |p, rip| long_mode(p, false, rip, 0),
+        bytes,
+        "the copy",
+    )
 }
 
 /// The three copy rates of [`HostMeasures::kernel_copy_rates`].
