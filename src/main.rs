@@ -430,7 +430,9 @@ struct RunArgs {
     boot: BootArg,
     /// Initial ramdisk (PVH: module 0 of hvm_start_info; Linux boot
     /// protocol: ramdisk_image in the zero page). It must fit in guest RAM
-    /// below 3 GiB.
+    /// below 3 GiB. A gzip-compressed initramfs is inflated here first, so
+    /// the guest kernel skips its own gunzip; any other initrd goes to the
+    /// guest as it is.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
     /// Kernel command line (at most 4095 bytes). Linux on a host whose
@@ -640,12 +642,26 @@ fn run_config(a: &RunArgs) -> Result<(VmConfig, RunOptions), String> {
         BootArg::Auto | BootArg::Pvh => (kernel, BootProtocol::Pvh),
     };
     let initrd = match &a.initrd {
-        Some(p) => Some(read_limited(
-            "--initrd",
-            p,
-            xenkvm::boot::layout::LOW_RAM_MAX,
-            a.memory,
-        )?),
+        Some(p) => {
+            let limit = xenkvm::boot::layout::LOW_RAM_MAX.min(a.memory << 20);
+            let raw = read_limited("--initrd", p, xenkvm::boot::layout::LOW_RAM_MAX, a.memory)?;
+            let (rd, how) = xenkvm::boot::initrd::inflate(raw, limit as usize);
+            match how {
+                xenkvm::boot::initrd::Outcome::Inflated { from, to, members } => tracing::info!(
+                    initrd = %p.display(),
+                    from,
+                    to,
+                    members,
+                    "initrd inflated on the host (gzip to cpio): the guest skips its own gunzip"
+                ),
+                xenkvm::boot::initrd::Outcome::Unchanged(why) => tracing::info!(
+                    initrd = %p.display(),
+                    why,
+                    "initrd passed to the guest as it is"
+                ),
+            }
+            Some(rd)
+        }
         None => None,
     };
     let name = a.name.clone().unwrap_or_else(|| VmConfig::default().name);

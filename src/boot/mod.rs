@@ -7,6 +7,7 @@
 
 pub mod acpi;
 pub mod bzimage;
+pub mod initrd;
 pub mod layout;
 pub mod linux;
 
