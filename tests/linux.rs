@@ -1115,12 +1115,11 @@ for _ in range(1200):
         time.sleep(0.5)
 "#;
 
-/// The line `yes` repeats in the guest: data written to disk and sent over
-/// the network is this pattern, produced in guest user space (which runs
-/// natively here; one process instead of one per MiB).
+/// The line repeated in the files the guest copies to its disks (`src`) and
+/// sends to the host (`tx`); the host writes them into the images.
 const PATTERN: &str = "xenkvm-e2e-pattern-0123456789abcdef";
 
-/// The first `n` bytes of `yes PATTERN`.
+/// The first `n` bytes of `PATTERN` lines repeated.
 fn pattern(n: usize) -> Vec<u8> {
     let line = format!("{PATTERN}\n");
     line.as_bytes().iter().copied().cycle().take(n).collect()
