@@ -29,6 +29,15 @@
  * either way); only showing a short preemption by a sibling is left out. If the
  * timer cannot be armed (no map slot, an older kernel refusing the pinned
  * flag) the consumer is woken at once as before.
+ *
+ * A preemption by the watch thread itself wakes nobody (it is awake), and is
+ * over when the watch thread sleeps again, unless the CPU then goes to
+ * another thread (a hog) instead of back to the vCPU: the preemption goes
+ * on, now the hog's, and nobody would show it. So the CPU remembers the
+ * vCPU the watch thread took it from (`self_out`), and the watch thread's
+ * own switch-out writes an EV_STILL_OUT (flag EVF_BY_WATCHER) that wakes it
+ * again if `next` is not that vCPU. Once per preemption: the slot is cleared
+ * at every switch-out of the watch thread, so the wake-up cannot loop.
  */
 #include <linux/types.h>
 #include <linux/bpf.h>
@@ -98,6 +107,20 @@ struct {
     __type(key, __u32);
     __type(value, __u64);
 } lost SEC(".maps");
+
+/* Per CPU: the vCPU thread the watch thread took this CPU from (tid 0: none). */
+struct self_out {
+    __u32 tid;
+    __u32 pad;
+    __u64 ts; /* its switch-out */
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct self_out);
+} self_out SEC(".maps");
 
 /* A vCPU thread's deferred wake-up (one slot per watched thread). */
 struct deferred {
@@ -200,14 +223,33 @@ int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_stru
 {
     __u32 ptid = prev->pid, ntid = next->pid;
     __u64 now = 0;
+    __u32 zero = 0;
     __u32 *pv = bpf_map_lookup_elem(&tids, &ptid);
     __u32 *nv = bpf_map_lookup_elem(&tids, &ntid);
+    if (pv && *pv == WATCH_SELF) {
+        /* The watch thread leaves this CPU: if it had taken it from a vCPU
+         * and the CPU does not go back to that vCPU, the preemption goes on
+         * (another thread's now): wake the watch thread to show it. */
+        struct self_out *so = bpf_map_lookup_elem(&self_out, &zero);
+        if (so && so->tid) {
+            if (so->tid != ntid)
+                emit(so->tid, EV_STILL_OUT, so->ts, EVF_BY_WATCHER, 1);
+            so->tid = 0;
+        }
+    }
     if (pv && *pv == WATCH_VCPU) {
         now = bpf_ktime_get_ns();
         if (preempt || prev_state == 0) {
             int by_watcher = nv && *nv == WATCH_SELF;
             int by_vcpu = nv && *nv == WATCH_VCPU && defer_wake(ptid, now);
             __u32 flags = by_watcher ? EVF_BY_WATCHER : by_vcpu ? EVF_BY_VCPU : 0;
+            if (by_watcher) {
+                struct self_out *so = bpf_map_lookup_elem(&self_out, &zero);
+                if (so) {
+                    so->tid = ptid;
+                    so->ts = now;
+                }
+            }
             emit(ptid, EV_PREEMPTED, now, flags, !by_watcher && !by_vcpu);
         } else {
             emit(ptid, EV_BLOCKED, now, 0, 0);

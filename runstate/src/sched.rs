@@ -75,6 +75,9 @@ pub struct SchedStats {
     /// Preemptions the monitor caused itself (it was switched in on that CPU
     /// as the vCPU went out): accounted, not published.
     pub self_inflicted: u64,
+    /// Of those, the ones that went on after the monitor slept (the CPU went
+    /// to another thread) and were shown then.
+    pub self_shown_late: u64,
     /// Runnable ns charged from records.
     pub record_runnable_ns: u64,
 }

@@ -52,10 +52,12 @@ pub enum Kind {
     Blocked,
     /// Woken (made runnable) while asleep.
     Woken,
-    /// A preemption by another vCPU thread, whose wake-up the program
-    /// deferred, outlasted the delay (`time_ns`: its switch-out): only a
-    /// wake-up for the watch thread (the switch-out itself is already in a
-    /// ring).
+    /// A preemption went on past the point where it would have ended
+    /// (`time_ns`: its switch-out, which is already in a ring): only a
+    /// wake-up for the watch thread. `by_vcpu`: one by another vCPU thread,
+    /// whose wake-up the program deferred, outlasted the delay.
+    /// `by_watcher`: one by the watch thread itself did not end when the
+    /// watch thread slept (the CPU went to another thread).
     StillOut,
 }
 
@@ -467,6 +469,129 @@ mod tests {
                     && p.tid == s.tid
                     && p.time_ns == s.time_ns),
                 "{s:?} names no deferred switch-out"
+            );
+        }
+        assert_eq!(bpf.lost(), 0);
+    }
+
+    #[test]
+    fn bpf_watch_thread_preemption_wakes_it_again_only_if_the_cpu_goes_elsewhere() {
+        let bpf = match SchedBpf::load() {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("skipping: BPF not available here ({e})");
+                return;
+            }
+        };
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+        // On CPU 0: a spinning vCPU thread V, a watch thread W that wakes
+        // every 5 ms and so preempts V, and a hog H (SCHED_FIFO 1, 3 and 2:
+        // outside load cannot reorder them). On odd rounds W wakes H before it sleeps again, so
+        // the CPU goes to H, not back to V, for 3 ms: that preemption began
+        // as W's own and must wake W again (a StillOut by the watcher). On
+        // even rounds it goes straight back to V: no wake-up.
+        const ROUNDS: u32 = 24;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (hog_tx, hog_rx) = std::sync::mpsc::channel::<()>();
+        let v = {
+            let (stop, tid_tx) = (stop.clone(), tid_tx.clone());
+            std::thread::spawn(move || {
+                let tid = crate::host::perf::gettid();
+                let ok =
+                    crate::host::cpu::pin(tid, 0).is_ok() && crate::host::cpu::set_fifo(1).is_ok();
+                let _ = tid_tx.send(('v', tid as u32, ok));
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let h = {
+            let tid_tx = tid_tx.clone();
+            std::thread::spawn(move || {
+                let tid = crate::host::perf::gettid();
+                let ok =
+                    crate::host::cpu::pin(tid, 0).is_ok() && crate::host::cpu::set_fifo(2).is_ok();
+                let _ = tid_tx.send(('h', tid as u32, ok));
+                while hog_rx.recv().is_ok() {
+                    let end = Instant::now() + Duration::from_millis(3);
+                    while Instant::now() < end {
+                        std::hint::spin_loop();
+                    }
+                }
+                let _ = crate::host::cpu::set_fifo_tid(tid, 0);
+            })
+        };
+        let (a, b) = (tid_rx.recv().unwrap(), tid_rx.recv().unwrap());
+        let ((_, vt, vok), (_, _, hok)) = if a.0 == 'v' { (a, b) } else { (b, a) };
+        let wtid = crate::host::perf::gettid();
+        let wok = crate::host::cpu::pin(wtid, 0).is_ok() && crate::host::cpu::set_fifo(3).is_ok();
+        let finish = |hog_tx: std::sync::mpsc::Sender<()>| {
+            let _ = crate::host::cpu::set_fifo_tid(wtid, 0);
+            let _ = crate::host::cpu::unpin(wtid);
+            stop.store(true, Ordering::Relaxed);
+            drop(hog_tx);
+            v.join().unwrap();
+            h.join().unwrap();
+        };
+        if !(vok && hok && wok) {
+            finish(hog_tx);
+            eprintln!("skipping: cannot pin SCHED_FIFO threads to CPU 0 here");
+            return;
+        }
+        bpf.watch(vt, Role::Vcpu).unwrap();
+        bpf.watch(wtid as u32, Role::Watcher).unwrap();
+        for round in 0..ROUNDS {
+            std::thread::sleep(Duration::from_millis(5));
+            if round % 2 == 1 {
+                let _ = hog_tx.send(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        bpf.unwatch(wtid as u32);
+        bpf.unwatch(vt);
+        finish(hog_tx);
+        let mut seen = Vec::new();
+        bpf.drain(|e| seen.push(e));
+        let (mut long, mut short) = (0, 0);
+        for p in seen
+            .iter()
+            .filter(|e| e.tid == vt && e.kind == Kind::Preempted && e.by_watcher)
+        {
+            let Some(back) = seen
+                .iter()
+                .find(|e| e.tid == vt && e.kind == Kind::In && e.time_ns > p.time_ns)
+            else {
+                continue;
+            };
+            let out_ns = back.time_ns - p.time_ns;
+            let woke = seen.iter().any(|e| {
+                e.kind == Kind::StillOut && e.by_watcher && e.tid == vt && e.time_ns == p.time_ns
+            });
+            if out_ns > 1_000_000 {
+                assert!(
+                    woke,
+                    "not woken again for a {out_ns} ns preemption: {seen:?}"
+                );
+                long += 1;
+            } else if out_ns < 50_000 && !woke {
+                short += 1;
+            }
+        }
+        assert!(
+            long >= 4 && short >= 4,
+            "{long} long (woken again), {short} short (not woken): {seen:?}"
+        );
+        for s in seen.iter().filter(|e| e.kind == Kind::StillOut) {
+            assert!(
+                s.by_watcher
+                    && seen.iter().any(|p| p.kind == Kind::Preempted
+                        && p.by_watcher
+                        && p.tid == s.tid
+                        && p.time_ns == s.time_ns),
+                "{s:?} names no preemption by the watch thread"
             );
         }
         assert_eq!(bpf.lost(), 0);

@@ -188,12 +188,14 @@ impl Vcpu {
                 shown_runnable = r.stats.published_runnable,
                 halts = r.stats.halts,
                 self_inflicted = r.stats.self_inflicted,
+                self_shown_late = r.stats.self_shown_late,
                 stale = r.stats.stale,
                 lost = r.stats.lost,
                 deferred = r.deferred,
                 late = r.late,
                 bpf_ring_busy = self.m.xen.bpf_ring_busy(),
                 bpf_sibling_still_out = self.m.xen.bpf_still_out(),
+                bpf_handed_over = self.m.xen.bpf_handed_over(),
                 "host schedule tracking at exit"
             );
         }

@@ -71,6 +71,8 @@ pub struct SchedResult {
     pub host_running_p50_us: f64,
     pub host_running_p99_us: f64,
     pub self_inflicted: u64,
+    /// Of those, shown once they went on after the watch thread slept.
+    pub self_shown_late: u64,
     pub deferred: u64,
     pub lost: u64,
     pub late: u64,
@@ -299,6 +301,7 @@ fn add_report(r: &mut SchedResult, rep: &crate::xen::sched::SchedReport) {
     r.host_running_p50_us = pct(&mut run, 50.0);
     r.host_running_p99_us = pct(&mut run, 99.0);
     r.self_inflicted = rep.stats.self_inflicted;
+    r.self_shown_late = rep.stats.self_shown_late;
     r.deferred = rep.deferred;
     r.lost = rep.stats.lost;
     r.late = rep.late;
@@ -489,18 +492,19 @@ pub fn table(s: &Suite) -> String {
     }
     let _ = writeln!(
         o,
-        "\nhost-side (records): visible after switch-out p50/p99 us, running after switch-in p50/p99 us, self-inflicted, deferred, lost, late"
+        "\nhost-side (records): visible after switch-out p50/p99 us, running after switch-in p50/p99 us, self-inflicted (of those shown when they went on), deferred, lost, late"
     );
     for r in &s.preempted {
         let _ = writeln!(
             o,
-            "{:<13} {:>8.1} {:>8.1}   {:>8.1} {:>8.1}   {:>5} {:>5} {:>5} {:>5}",
+            "{:<13} {:>8.1} {:>8.1}   {:>8.1} {:>8.1}   {:>5} ({:>4}) {:>5} {:>5} {:>5}",
             r.mechanism,
             r.host_visible_p50_us,
             r.host_visible_p99_us,
             r.host_running_p50_us,
             r.host_running_p99_us,
             r.self_inflicted,
+            r.self_shown_late,
             r.deferred,
             r.lost,
             r.late

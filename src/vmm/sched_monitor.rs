@@ -144,6 +144,7 @@ pub fn run(m: Arc<Machine>, mode: PerfMode) {
 }
 
 const RING: u64 = u64::MAX - 1;
+const HANDED: u64 = u64::MAX - 2;
 
 /// How many BPF watch threads to run: one per ring that can receive events
 /// (rings are per CPU modulo [`crate::host::bpf::NR_RINGS`]).
@@ -163,8 +164,10 @@ fn ring_cpus(ring: usize) -> Vec<usize> {
 /// readable only at a preempt-out of a vCPU thread on one of those CPUs that
 /// did not hand the CPU to a watch thread (the program checks `next`
 /// against the watchers' ids), 300 us after one that handed it to another
-/// vCPU thread if it is still going on (a BPF timer), or when a quarter of
-/// the ring waits. So the
+/// vCPU thread if it is still going on (a BPF timer), when one that began
+/// as its own goes on after it sleeps, or when a quarter of the ring waits;
+/// and on its hand-over eventfd when a vCPU thread read such a switch-out
+/// from the ring before it did. So the
 /// wake-up takes the CPU from whatever just preempted the vCPU, never from
 /// another vCPU on another CPU. Each wake-up reads every ring (events of a
 /// thread that changed CPUs sit in several). Other events (switch-ins,
@@ -186,12 +189,20 @@ pub fn run_bpf(m: Arc<Machine>, ring: usize) {
             return;
         }
     };
+    let handed = m.xen.sched_ring_event_fd(ring);
     for (fd, data, set) in [
-        (m.xen.sched_event_fd(), CTL, EventSet::IN),
+        (Some(m.xen.sched_event_fd()), CTL, EventSet::IN),
         // Edge-triggered: readiness only when the program wakes us, not
         // whenever an unread (no-wake-up) event sits in the ring.
-        (bpf.fd(ring), RING, EventSet::IN | EventSet::EDGE_TRIGGERED),
+        (
+            Some(bpf.fd(ring)),
+            RING,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        ),
+        // A vCPU thread read a switch-out of this ring first.
+        (handed, HANDED, EventSet::IN),
     ] {
+        let Some(fd) = fd else { continue };
         if let Err(e) = ep.ctl(ControlOperation::Add, fd, EpollEvent::new(set, data)) {
             tracing::warn!(%e, "scheduler monitor: cannot watch its fds");
             return;
@@ -225,8 +236,10 @@ pub fn run_bpf(m: Arc<Machine>, ring: usize) {
             break;
         }
         for ev in &events[..n] {
-            if ev.data() == CTL {
-                m.xen.sched_event_read();
+            match ev.data() {
+                CTL => m.xen.sched_event_read(),
+                HANDED => m.xen.sched_ring_event_read(ring),
+                _ => {}
             }
         }
         // Another reader holds a ring for microseconds unless it was

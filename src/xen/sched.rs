@@ -196,6 +196,10 @@ enum Rec {
     },
     /// Events lost (ring full).
     Lost(u64),
+    /// BPF: the preemption that began at `t` (CLOCK_MONOTONIC ns) is still
+    /// going on and is to be shown even if it began as the watch thread's
+    /// own (the CPU went to another thread when the watch thread slept).
+    Show { t: u64 },
 }
 
 /// Per-vCPU flags the monitor and the vCPU thread share without the lock.
@@ -217,6 +221,9 @@ pub struct SchedShared {
     slots: Vec<Slot>,
     /// Written when a vCPU attaches its ring or the VM stops.
     event: EventFd,
+    /// BPF: one per ring, written when a vCPU thread hands the ring's watch
+    /// thread a switch-out it read first (only that CPU's watch thread wakes).
+    ring_events: Vec<EventFd>,
     mechanism: OnceLock<Mechanism>,
     bpf: OnceLock<Arc<SchedBpf>>,
     /// The BPF program's lost counter as last seen.
@@ -228,6 +235,9 @@ pub struct SchedShared {
     /// Preemptions by a sibling vCPU that outlasted the program's delay
     /// (their deferred wake-up fired).
     bpf_still_out: AtomicU64,
+    /// Times a vCPU thread took another vCPU's switch-out from the ring and
+    /// woke the watch threads for it.
+    bpf_handed_over: AtomicU64,
 }
 
 impl SchedShared {
@@ -235,12 +245,16 @@ impl SchedShared {
         Ok(SchedShared {
             slots: (0..vcpus).map(|_| Slot::default()).collect(),
             event: EventFd::new(libc::EFD_NONBLOCK)?,
+            ring_events: (0..bpf::NR_RINGS)
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+                .collect::<std::io::Result<_>>()?,
             mechanism: OnceLock::new(),
             bpf: OnceLock::new(),
             bpf_lost_seen: AtomicU64::new(0),
             bpf_bad: AtomicU64::new(0),
             bpf_busy: AtomicU64::new(0),
             bpf_still_out: AtomicU64::new(0),
+            bpf_handed_over: AtomicU64::new(0),
         })
     }
 }
@@ -267,6 +281,10 @@ pub(super) struct HostTrack {
     /// The open preemption: switch-out time (monotonic) and when runnable
     /// was published (monotonic), if it was.
     out: Option<(u64, Option<u64>)>,
+    /// How the open preemption's switch-out was applied: when (monotonic),
+    /// by the monitor or not, and whether as the monitor's own (for the
+    /// debug log of a long preemption that was never shown).
+    out_applied: (u64, bool, bool),
     log: Vec<Preemption>,
     /// Runnable published after the vCPU had already switched in.
     late: u64,
@@ -341,30 +359,55 @@ impl XenPlatform {
     }
 
     /// Reads the shared BPF ring into each vCPU's queue (whoever calls; the
-    /// ring has its own lock). A grown lost counter is reported to every
-    /// vCPU (each falls back until its thread resynchronises); only the
-    /// watch thread reads it (`check_lost`: a map lookup is a system call,
-    /// kept off the vCPU threads' path).
+    /// ring has its own lock). `reader`: the vCPU whose thread calls, `None`
+    /// for a watch thread. A grown lost counter is reported to every
+    /// vCPU (each falls back until its thread resynchronises); only a
+    /// watch thread reads it (a map lookup is a system call, kept off the
+    /// vCPU threads' path). A vCPU thread that takes another vCPU's
+    /// switch-out from the ring hands it to the watch thread of the CPU it
+    /// happened on (that ring's eventfd): the program woke it for it, but they would find
+    /// the ring empty and never look at that vCPU's queue (measured: 96 of
+    /// 450 long preemptions in a `bench sched` run shown late or never,
+    /// applied 4-30 ms after the switch-out, before this).
     /// False if another thread was reading one of the rings.
-    pub(super) fn bpf_pump(&self, check_lost: bool) -> bool {
+    pub(super) fn bpf_pump(&self, reader: Option<u32>) -> bool {
         let Some(b) = self.sched.bpf.get() else {
             return true;
         };
         let slots = &self.sched.slots;
         let still_out = &self.sched.bpf_still_out;
+        // Rings (bit per ring) whose watch thread must look at a queue.
+        let mut hand_over = 0u32;
         let push = |e: bpf::Event| {
-            let Some(s) = slots
+            let Some((i, s)) = slots
                 .iter()
-                .find(|s| s.tid.load(Ordering::Relaxed) == e.tid)
+                .enumerate()
+                .find(|(_, s)| s.tid.load(Ordering::Relaxed) == e.tid)
             else {
                 return;
             };
+            // What the program woke the watch thread for: a preemption that
+            // neither it nor a sibling vCPU began, or one that went on.
+            let woke = match e.kind {
+                bpf::Kind::Preempted => !e.by_watcher && !e.by_vcpu,
+                bpf::Kind::StillOut => true,
+                _ => false,
+            };
+            if woke && reader.is_some_and(|r| r as usize != i) {
+                hand_over |= 1 << (e.cpu as usize % bpf::NR_RINGS);
+            }
             let sw = match e.kind {
                 bpf::Kind::In => Switch::In,
                 bpf::Kind::Preempted => Switch::OutPreempted,
                 bpf::Kind::Blocked => Switch::OutVoluntary,
                 bpf::Kind::Woken => Switch::Woken,
-                // Only a wake-up: the switch-out it names is in a ring.
+                // A wake-up: the switch-out it names is in a ring (a
+                // sibling's preemption, shown when applied), or was applied
+                // already as the watch thread's own (shown now).
+                bpf::Kind::StillOut if e.by_watcher => {
+                    s.queue.lock().push(Rec::Show { t: e.time_ns });
+                    return;
+                }
                 bpf::Kind::StillOut => {
                     still_out.fetch_add(1, Ordering::Relaxed);
                     return;
@@ -387,12 +430,25 @@ impl XenPlatform {
         if bad > 0 {
             self.sched.bpf_bad.fetch_add(bad, Ordering::Relaxed);
         }
-        if !check_lost {
+        if hand_over != 0 {
+            self.sched.bpf_handed_over.fetch_add(1, Ordering::Relaxed);
+            for (i, ev) in self.sched.ring_events.iter().enumerate() {
+                if hand_over & (1 << i) != 0 {
+                    let _ = ev.write(1);
+                }
+            }
+        }
+        if reader.is_some() {
             return complete;
         }
         let lost = b.lost();
         let seen = self.sched.bpf_lost_seen.swap(lost, Ordering::AcqRel);
         if lost > seen {
+            tracing::debug!(
+                lost = lost - seen,
+                total = lost,
+                "BPF events lost (ring full)"
+            );
             for s in slots.iter().filter(|s| s.tid.load(Ordering::Relaxed) != 0) {
                 s.queue.lock().push(Rec::Lost(lost - seen));
             }
@@ -433,7 +489,7 @@ impl XenPlatform {
         } else if host.bpf {
             if monitor.is_none() {
                 // The vCPU thread: bring the shared ring up to date first.
-                let _ = self.bpf_pump(false);
+                let _ = self.bpf_pump(Some(vcpu));
             }
             if let Some(s) = self.sched.slots.get(vcpu as usize) {
                 host.buf.append(&mut s.queue.lock());
@@ -448,7 +504,7 @@ impl XenPlatform {
         // out of order: apply them in time order (`Lost` markers first).
         host.buf.sort_by_key(|r| match r {
             Rec::Lost(_) => 0,
-            Rec::Sw { t, .. } => *t,
+            Rec::Sw { t, .. } | Rec::Show { t } => *t,
         });
         let mono_now = perf::monotonic_ns();
         let sys_now = self.clock.system_time();
@@ -466,6 +522,20 @@ impl XenPlatform {
             let (sw, t, cpu, by_watcher) = match host.buf[i] {
                 Rec::Lost(n) => {
                     host.merge.stats.lost += n;
+                    continue;
+                }
+                Rec::Show { t } => {
+                    // Still the open preemption, not shown yet, and the
+                    // vCPU not back in (a later switch-in sorts after this
+                    // and clears it again).
+                    if monitor.is_some()
+                        && host.out == Some((t, None))
+                        && acct.state() == State::Runnable
+                    {
+                        host.merge.stats.self_shown_late += 1;
+                        show_runnable = true;
+                        changed = true;
+                    }
                     continue;
                 }
                 Rec::Sw {
@@ -494,6 +564,7 @@ impl XenPlatform {
                         host.merge.stats.self_inflicted += 1;
                     }
                     host.out = Some((t, None));
+                    host.out_applied = (mono_now, monitor.is_some(), selfish);
                     show_runnable = monitor.is_some() && !selfish;
                     changed = true;
                 }
@@ -505,6 +576,17 @@ impl XenPlatform {
                     if let Some((t_out, shown)) = host.out.take() {
                         if shown.is_some_and(|p| p > t) {
                             host.late += 1;
+                        }
+                        if shown.is_none() && t.saturating_sub(t_out) > 1_000_000 {
+                            let (at, by_monitor, selfish) = host.out_applied;
+                            tracing::debug!(
+                                vcpu,
+                                dur_us = t.saturating_sub(t_out) / 1000,
+                                applied_after_us = at.saturating_sub(t_out) as i64 / 1000,
+                                by_monitor,
+                                selfish,
+                                "a long preemption was never shown"
+                            );
                         }
                         if host.log.len() < LOG_MAX {
                             host.log.push(Preemption {
@@ -621,7 +703,7 @@ impl Xen {
     /// returns the vCPUs with events waiting, and false if another thread
     /// was reading the ring (try again soon).
     pub fn bpf_pump(&self) -> (Vec<u32>, bool) {
-        let pumped = self.platform.bpf_pump(true);
+        let pumped = self.platform.bpf_pump(None);
         let ready = self
             .platform
             .sched
@@ -632,6 +714,12 @@ impl Xen {
             .map(|(i, _)| i as u32)
             .collect();
         (ready, pumped)
+    }
+
+    /// Times a vCPU thread handed another vCPU's switch-out to the watch
+    /// threads (it had read it from the shared ring first).
+    pub fn bpf_handed_over(&self) -> u64 {
+        self.platform.sched.bpf_handed_over.load(Ordering::Relaxed)
     }
 
     /// Malformed BPF records seen (never expected; counted, skipped).
@@ -654,6 +742,24 @@ impl Xen {
     pub fn sched_event_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         self.platform.sched.event.as_raw_fd()
+    }
+
+    /// BPF: the eventfd through which vCPU threads hand ring `ring`'s watch
+    /// thread switch-outs they read first.
+    pub fn sched_ring_event_fd(&self, ring: usize) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.platform
+            .sched
+            .ring_events
+            .get(ring)
+            .map(|e| e.as_raw_fd())
+    }
+
+    /// Consumes ring `ring`'s hand-over eventfd.
+    pub fn sched_ring_event_read(&self, ring: usize) {
+        if let Some(e) = self.platform.sched.ring_events.get(ring) {
+            let _ = e.read();
+        }
     }
 
     /// Consumes the control eventfd.
