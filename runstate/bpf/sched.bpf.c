@@ -36,8 +36,9 @@
  * on, now the hog's, and nobody would show it. So the CPU remembers the
  * vCPU the watch thread took it from (`self_out`), and the watch thread's
  * own switch-out writes an EV_STILL_OUT (flag EVF_BY_WATCHER) that wakes it
- * again if `next` is not that vCPU. Once per preemption: the slot is cleared
- * at every switch-out of the watch thread, so the wake-up cannot loop.
+ * again if `next` is not that vCPU (if `next` is another vCPU thread, through
+ * the sibling delay above). Once per preemption: the slot is cleared at every
+ * switch-out of the watch thread, so the wake-up cannot loop.
  */
 #include <linux/types.h>
 #include <linux/bpf.h>
@@ -127,7 +128,9 @@ struct deferred {
     struct bpf_timer timer;
     __u64 out_ts; /* the open preemption's switch-out time; 0: none open */
     __u32 tid;
-    __u32 ready;  /* timer initialised and its callback set (a cancel unsets it) */
+    __u16 ready;  /* timer initialised and its callback set (a cancel unsets it) */
+    __u16 flags;  /* of the EV_STILL_OUT it writes: EVF_BY_WATCHER if the
+                     preemption began as the watch thread's own */
 };
 
 struct {
@@ -183,14 +186,15 @@ static int on_deferred(void *map, __u32 *key, struct deferred *d)
     __u64 out = d->out_ts;
     if (out) {
         d->out_ts = 0;
-        emit(d->tid, EV_STILL_OUT, out, 0, 1);
+        emit(d->tid, EV_STILL_OUT, out, d->flags, 1);
     }
     return 0;
 }
 
 /* Arms `tid`'s timer for a preemption that began at `now`; false if it could
- * not (the caller wakes the consumer at once instead). */
-static __always_inline int defer_wake(__u32 tid, __u64 now)
+ * not (the caller wakes the consumer at once instead). `flags`: of the
+ * EV_STILL_OUT the timer writes. */
+static __always_inline int defer_wake(__u32 tid, __u64 now, __u16 flags)
 {
     struct deferred *d = bpf_map_lookup_elem(&deferred, &tid);
     if (!d) {
@@ -210,6 +214,7 @@ static __always_inline int defer_wake(__u32 tid, __u64 now)
         d->ready = 1;
     }
     d->out_ts = now;
+    d->flags = flags;
     if (bpf_timer_start(&d->timer, SIBLING_DELAY_NS, XK_BPF_F_TIMER_CPU_PIN)) {
         d->out_ts = 0;
         return 0;
@@ -232,7 +237,10 @@ int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_stru
          * (another thread's now): wake the watch thread to show it. */
         struct self_out *so = bpf_map_lookup_elem(&self_out, &zero);
         if (so && so->tid) {
-            if (so->tid != ntid)
+            /* To another vCPU thread: a sibling's preemption from here on,
+             * shown only if it outlasts the delay, as those are. */
+            if (so->tid != ntid &&
+                !(nv && *nv == WATCH_VCPU && defer_wake(so->tid, so->ts, EVF_BY_WATCHER)))
                 emit(so->tid, EV_STILL_OUT, so->ts, EVF_BY_WATCHER, 1);
             so->tid = 0;
         }
@@ -241,7 +249,7 @@ int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_stru
         now = bpf_ktime_get_ns();
         if (preempt || prev_state == 0) {
             int by_watcher = nv && *nv == WATCH_SELF;
-            int by_vcpu = nv && *nv == WATCH_VCPU && defer_wake(ptid, now);
+            int by_vcpu = nv && *nv == WATCH_VCPU && defer_wake(ptid, now, 0);
             __u32 flags = by_watcher ? EVF_BY_WATCHER : by_vcpu ? EVF_BY_VCPU : 0;
             if (by_watcher) {
                 struct self_out *so = bpf_map_lookup_elem(&self_out, &zero);
