@@ -254,6 +254,13 @@ impl SchedBpf {
 mod tests {
     use super::*;
 
+    /// The program, or `None` (said on stderr) where BPF is not permitted.
+    fn load_or_skip() -> Option<SchedBpf> {
+        SchedBpf::load()
+            .map_err(|e| eprintln!("skipping: BPF not available here ({e})"))
+            .ok()
+    }
+
     #[test]
     fn decode_ring_record_fields_and_unknown_kind_refused() {
         let mut b = [0u8; 24];
@@ -286,12 +293,8 @@ mod tests {
 
     #[test]
     fn bpf_watched_thread_beside_hog_reported_preempted_blocked_woken() {
-        let bpf = match SchedBpf::load() {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("skipping: BPF not available here ({e})");
-                return;
-            }
+        let Some(bpf) = load_or_skip() else {
+            return;
         };
         use std::time::{Duration, Instant};
         // A spinner and a hog share CPU 0: the scheduler preempts the spinner
@@ -351,12 +354,8 @@ mod tests {
 
     #[test]
     fn bpf_sibling_preemption_wakes_only_once_it_outlasts_the_delay() {
-        let bpf = match SchedBpf::load() {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("skipping: BPF not available here ({e})");
-                return;
-            }
+        let Some(bpf) = load_or_skip() else {
+            return;
         };
         use std::sync::atomic::{AtomicU32, Ordering};
         use std::sync::Arc;
@@ -476,22 +475,19 @@ mod tests {
 
     #[test]
     fn bpf_watch_thread_preemption_wakes_it_again_only_if_the_cpu_goes_elsewhere() {
-        let bpf = match SchedBpf::load() {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("skipping: BPF not available here ({e})");
-                return;
-            }
+        let Some(bpf) = load_or_skip() else {
+            return;
         };
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Arc;
         use std::time::{Duration, Instant};
         // On CPU 0: a spinning vCPU thread V, a watch thread W that wakes
         // every 5 ms and so preempts V, and a hog H (SCHED_FIFO 1, 3 and 2:
-        // outside load cannot reorder them). On odd rounds W wakes H before it sleeps again, so
-        // the CPU goes to H, not back to V, for 3 ms: that preemption began
-        // as W's own and must wake W again (a StillOut by the watcher). On
-        // even rounds it goes straight back to V: no wake-up.
+        // outside load cannot reorder them). On odd rounds W wakes H before
+        // it sleeps again, so the CPU goes to H, not back to V, for 3 ms:
+        // that preemption began as W's own and must wake W again (a StillOut
+        // by the watcher). On even rounds it goes straight back to V: no
+        // wake-up.
         const ROUNDS: u32 = 24;
         let stop = Arc::new(AtomicBool::new(false));
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();

@@ -365,10 +365,11 @@ impl XenPlatform {
     /// watch thread reads it (a map lookup is a system call, kept off the
     /// vCPU threads' path). A vCPU thread that takes another vCPU's
     /// switch-out from the ring hands it to the watch thread of the CPU it
-    /// happened on (that ring's eventfd): the program woke it for it, but they would find
-    /// the ring empty and never look at that vCPU's queue (measured: 96 of
-    /// 450 long preemptions in a `bench sched` run shown late or never,
-    /// applied 4-30 ms after the switch-out, before this).
+    /// happened on (that ring's eventfd): the program woke that thread for
+    /// it, but it would find the ring empty and never look at that vCPU's
+    /// queue (measured: 96 of 450 long preemptions in a `bench sched` run
+    /// shown late or never, applied 4-30 ms after the switch-out, before
+    /// this).
     /// False if another thread was reading one of the rings.
     pub(super) fn bpf_pump(&self, reader: Option<u32>) -> bool {
         let Some(b) = self.sched.bpf.get() else {
