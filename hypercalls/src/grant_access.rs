@@ -199,7 +199,7 @@ pub(crate) fn pin(
     if gref >= nr_entries(gt) {
         return Err(gnttabop::GNTST_BAD_GNTREF);
     }
-    let act = gt.active.get(&gref).copied();
+    let act = gt.active.get(gref);
     let first = act.is_none_or(|a| a.readers + a.writers == 0);
     let first_writer = !readonly && act.is_none_or(|a| a.writers == 0);
     let mut a = match act {
@@ -252,18 +252,16 @@ pub(crate) fn pin(
     } else {
         a.writers += 1;
     }
-    gt.active.insert(gref, a);
+    gt.active.set(gref, a);
     Ok(a)
 }
 
 /// Drop one pin of `gref`: GTF_writing goes with the last writer, GTF_reading with the last
 /// pin (`unmap_common_complete` / `release_grant_for_copy`).
 pub(crate) fn unpin(gt: &mut GrantTable, gref: u32, readonly: bool) -> bool {
-    // One lookup: the entry is updated or removed in place.
-    let std::collections::hash_map::Entry::Occupied(mut e) = gt.active.entry(gref) else {
+    let Some(a) = gt.active.get_mut(gref) else {
         return false;
     };
-    let a = e.get_mut();
     if readonly {
         a.readers = a.readers.saturating_sub(1);
     } else {
@@ -275,7 +273,7 @@ pub(crate) fn unpin(gt: &mut GrantTable, gref: u32, readonly: bool) -> bool {
     }
     if a.readers + a.writers == 0 {
         clear |= gnttabop::GTF_READING;
-        e.remove();
+        gt.active.remove(gref);
     }
     clear_bits(gt, gref, clear);
     true
