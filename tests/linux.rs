@@ -1151,6 +1151,8 @@ fn e2e_script(disk_mib: u32) -> String {
      echo FEAT-blk segs $(cat /sys/block/xvda/queue/max_segments) queues $(ls /sys/block/xvda/mq | wc -l); \
      ip link set eth0 up && ip addr add 10.77.0.2/24 dev eth0 && ping -c 3 10.77.0.1 >/dev/null && echo PING-OK; \
      echo FEAT-net queues $(ls -d /sys/class/net/eth0/queues/rx-* | wc -l) mtu $(cat /sys/class/net/eth0/mtu); \
+     echo FEAT-offload $(/mnt/xvda/et/ld.so --library-path /mnt/xvda/et /mnt/xvda/et/ethtool -k eth0 | \
+       grep -E '^(scatter-gather|tcp-segmentation-offload|tx-checksumming):' | tr '\\n' ' '); \
      httpd -p 8080 -h / && echo HTTPD-UP; \
      nc -l -p 5003 </dev/null >/dev/null; echo NET-TX-DONE; killall httpd; \
      t0=$(u); wget -q -O /tmp/rx http://10.77.0.1:5002/blob && echo NET-RX-DONE $t0 $(u); \
@@ -1158,6 +1160,41 @@ fn e2e_script(disk_mib: u32) -> String {
      for d in xvda xvdb; do umount /mnt/$d && echo UNMOUNTED-$d; done; \
      echo STEAL-A $(grep '^cpu0 ' /proc/stat)\n"
         .replace("{disk_mib}", &disk_mib.to_string())
+}
+
+/// Copies the host's `ethtool`, the libraries `ldd` names and the dynamic
+/// loader (as `ld.so`) into `dir`, for the guest to run as
+/// `ld.so --library-path DIR DIR/ethtool` (the guest's busybox has no
+/// ethtool; this host and the guest kernel's userland are both Debian 12).
+fn copy_ethtool(dir: &std::path::Path) {
+    let bin = ["/usr/sbin/ethtool", "/sbin/ethtool"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("no ethtool on this host (Debian: apt-get install ethtool)");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(bin, dir.join("ethtool")).unwrap();
+    for line in host("ldd", &[bin]).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x...)"; the vDSO has no file.
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|r| r.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        let Some(path) = path else { continue };
+        let name = if line.contains("ld-linux") {
+            "ld.so".to_string()
+        } else {
+            std::path::Path::new(path)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        };
+        // Follow symlinks: the image gets the files themselves.
+        std::fs::copy(path, dir.join(name)).unwrap();
+    }
+    assert!(dir.join("ld.so").exists(), "ldd {bin} named no loader");
 }
 
 /// The `steal` field (USER_HZ ticks) of a `/proc/stat` `cpuN` line after `tag`.
@@ -1229,6 +1266,9 @@ fn linux_pv_disks_network_steal_and_nmi_in_one_boot() {
     std::fs::write(www.join("blob"), &blob).unwrap();
     let blob_sha = sha256_of(&www.join("blob"));
     drop(blob);
+    // The host's ethtool, run in the guest by its own loader: busybox has
+    // none, and netfront's offloads (sg, TSO) are not in /sys.
+    copy_ethtool(&content.join("et"));
     // The script travels on xvda: typing it (1.6 KB) at this host's busybox
     // shell, which takes in 3-5 characters a second, never completed.
     std::fs::write(content.join("e2e.sh"), e2e_script(disk_mib)).unwrap();
@@ -1479,6 +1519,16 @@ fn linux_pv_disks_network_steal_and_nmi_in_one_boot() {
         ctx()
     );
     println!("{}", marker("FEAT-net").unwrap_or_default());
+    // The vif's negotiated offloads as the guest's netfront shows them.
+    let offload = marker("FEAT-offload").unwrap_or_default();
+    println!("{offload}");
+    for want in ["scatter-gather: on", "tcp-segmentation-offload: on"] {
+        assert!(
+            offload.contains(want),
+            "the guest's eth0 lacks {want:?}: {offload:?}{}",
+            ctx()
+        );
+    }
     // Guest -> host: the host's download of the guest's `tx`.
     let fetch_line = fetch_line.unwrap_or_default();
     assert!(
