@@ -1273,3 +1273,91 @@ fn xenbus_persistent_grants_offered_with_disk_flag_and_used_when_frontend_agrees
     assert_eq!(g.busy(pg[0].1), 0);
     assert!(g.revoke(pg[0].1));
 }
+
+#[test]
+fn blkback_qcow2_moves_allocated_clusters_zero_copy_reads_backing_and_zeros_and_allocates_through_imago(
+) {
+    let name = "blkback_qcow2_moves_allocated_clusters_zero_copy_reads_backing_and_zeros_and_allocates_through_imago";
+    if !qemu_img(name) {
+        return;
+    }
+    let t = TmpDir::new("qcow2zc");
+    let (base, mut expect) = qcow2_image(&t, "base.qcow2");
+    let top = t.0.join("top.qcow2");
+    run_qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    let d = qdisk(&top, false);
+    let g = Guest::new();
+    let (mut fr, th) = connect(&g, d.clone(), 1, Abi::X86_64);
+    let stats = || d.qcow2_stats().unwrap();
+    let stats = &stats;
+    // Nothing in the top image yet: the read comes from the backing file's
+    // clusters, straight into guest RAM.
+    let (st, got) = seg_io(&g, &mut fr, RwOp::Read, 1, 100, &[(0, 7), (0, 7)], None);
+    assert_eq!(st, RSP_OKAY);
+    assert!(got == expect[100 * 512..116 * 512], "backing data");
+    assert_eq!(stats().direct, 16 * 512, "{:?}", stats());
+    assert_eq!(stats().bounced, 0);
+    // 3 sectors inside a cluster the top image lacks: imago allocates it
+    // (copying the rest of the cluster from the backing file).
+    let data: Vec<u8> = (0..3 * 512).map(|i| (i % 251) as u8 ^ 0x5a).collect();
+    let (st, _) = seg_io(&g, &mut fr, RwOp::Write, 2, 201, &[(1, 3)], Some(&data));
+    assert_eq!(st, RSP_OKAY);
+    expect[201 * 512..204 * 512].copy_from_slice(&data);
+    assert_eq!(stats().bounced, 3 * 512, "allocation goes through imago");
+    // The cluster is now the top image's own: an overwrite goes in place.
+    let data2: Vec<u8> = (0..512).map(|i| (i % 13) as u8).collect();
+    let (st, _) = seg_io(&g, &mut fr, RwOp::Write, 3, 206, &[(6, 6)], Some(&data2));
+    assert_eq!(st, RSP_OKAY);
+    expect[206 * 512..207 * 512].copy_from_slice(&data2);
+    assert_eq!(stats().bounced, 3 * 512, "{:?}", stats());
+    assert_eq!(stats().direct, 17 * 512);
+    // Read the cluster back, and the one before (still the backing file's).
+    let (st, got) = seg_io(&g, &mut fr, RwOp::Read, 4, 192, &[(0, 7), (0, 7)], None);
+    assert_eq!(st, RSP_OKAY);
+    assert!(got == expect[192 * 512..208 * 512], "read back");
+    th.stop();
+    drop(fr);
+    // The last reference: imago writes its cached tables back on close.
+    drop(d);
+    let out = run_qemu_img(&["check", top.to_str().unwrap()]);
+    assert!(out.contains("No errors"), "{out}");
+    let raw = t.0.join("top.raw");
+    run_qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        top.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    let back = std::fs::read(&raw).unwrap();
+    assert_eq!(
+        back.iter().zip(&expect).position(|(a, b)| a != b),
+        None,
+        "qemu-img sees backing data and both writes"
+    );
+    // A blank image (no backing file): unallocated clusters read as zeros,
+    // written into the guest's pages over what was there.
+    let blank = t.0.join("blank.qcow2");
+    run_qemu_img(&["create", "-f", "qcow2", blank.to_str().unwrap(), "1M"]);
+    let d = qdisk(&blank, true);
+    let (mut fr, _th) = connect(&g, d.clone(), 1, Abi::X86_64);
+    let pg = data_pages(&g, 1, false);
+    g.write_mem(pg[0].0 * 4096, &[0xee; 4096]);
+    let (_, _, st) = one(&mut fr, &rw(RwOp::Read, 5, 8, vec![full(pg[0].1)]));
+    assert_eq!(st, RSP_OKAY);
+    let mut b = vec![1u8; 4096];
+    g.read_mem(pg[0].0 * 4096, &mut b);
+    assert!(b.iter().all(|&x| x == 0), "zeros over the old contents");
+    assert_eq!(d.qcow2_stats().unwrap().zeroed, 4096);
+}

@@ -22,7 +22,6 @@ use super::BlkError;
 pub const SECTOR: u64 = 512;
 
 /// An opened disk.
-#[derive(Debug)]
 pub struct Disk {
     file: File,
     /// The image, when it is qcow2 (`file` is then only held open).
@@ -31,6 +30,25 @@ pub struct Disk {
     sectors: u64,
     readonly: bool,
     block_device: bool,
+}
+
+impl std::fmt::Debug for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk")
+            .field("path", &self.path)
+            .field("sectors", &self.sectors)
+            .field("readonly", &self.readonly)
+            .field("qcow2", &self.qcow2_stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        if let Some(st) = self.qcow2_stats() {
+            tracing::info!(path = %self.path.display(), direct_bytes = st.direct, zeroed_bytes = st.zeroed, bounced_bytes = st.bounced, "qcow2 disk closed");
+        }
+    }
 }
 
 impl Disk {
@@ -100,6 +118,12 @@ impl Disk {
     /// A qcow2 image.
     pub fn is_qcow2(&self) -> bool {
         self.qcow2.is_some()
+    }
+
+    /// A qcow2 image's byte counts: moved directly between its files and
+    /// guest RAM, zero-filled, and through imago's bounce buffer.
+    pub fn qcow2_stats(&self) -> Option<super::qcow2::Qcow2Stats> {
+        self.qcow2.as_ref().map(|q| q.stats())
     }
 
     /// Where it is.

@@ -5,34 +5,59 @@
 //! tables, allocates clusters, keeps refcounts and opens a backing file the
 //! image names.
 //!
-//! Not zero-copy, unlike raw disks: the data moves through a bounce buffer
-//! between imago and guest RAM (`vm_memory::Bytes` on the gpc map, which
-//! marks the pages written dirty). imago takes its buffers as Rust slices
-//! (`&[u8]`/`&mut [u8]`, or vm-memory slices turned into such slices inside
-//! imago); a reference to guest RAM, which the guest may change at any time,
-//! is what this VMM never makes (`gpc::fileio` hands the kernel raw iovecs
-//! instead), and imago's own conversion would bypass gpc's dirty log. One
-//! copy per byte is the cost; a cluster's host offset could be looked up
-//! (`FormatAccess::get_mapping`) and served with `preadv` into guest RAM,
-//! which is left for later.
+//! Zero-copy where the image allows it, like raw disks: a request asks
+//! imago where its bytes live (`FormatAccess::get_mapping`, which follows
+//! the L1/L2 tables and backing files) and moves each piece that lies in a
+//! file as is (`Mapping::Raw`) with `preadv`/`pwritev` between that file
+//! and guest RAM (`gpc::fileio`: raw iovecs handed to the kernel, the guest
+//! pages marked dirty; never a Rust reference to guest RAM, which the guest
+//! may change at any time). Reads of unallocated or zeroed clusters fill
+//! the guest's pages with zeros. What needs imago itself goes through a
+//! bounce buffer: a write to a cluster that is not allocated and writable
+//! in this image (allocation, copy-on-write from a backing file; imago
+//! orders the data write before the metadata update), and compressed or
+//! otherwise encoded clusters. The files are opened a second time by the
+//! names imago reports (one descriptor per file, kept; the page cache is
+//! shared with imago's own descriptor, and `flush` syncs the inode).
 //!
 //! Metadata updates in imago are serialised by imago itself; discards take
 //! the image exclusively (imago requires `&mut` for them, because they may
 //! drop clusters a concurrent read is using).
 
+use std::collections::HashMap;
+use std::fs::File;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use gpc::{MemoryMap, Segment};
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
-use imago::{FormatAccess, FormatDriverBuilder, PermissiveImplicitOpenGate};
-use parking_lot::RwLock;
-use vm_memory::Bytes;
+use imago::{FormatAccess, FormatDriverBuilder, Mapping, PermissiveImplicitOpenGate, Storage};
+use parking_lot::{Mutex, RwLock};
+use vm_memory::{Bytes, GuestAddress};
+
+/// Bytes moved each way, for the log and the tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Qcow2Stats {
+    /// Between a file and guest RAM directly.
+    pub direct: u64,
+    /// Zeros written into guest RAM (unallocated or zeroed clusters).
+    pub zeroed: u64,
+    /// Through imago and a bounce buffer.
+    pub bounced: u64,
+}
 
 /// An open qcow2 image.
 pub struct Qcow2Image {
     img: RwLock<FormatAccess<ImagoFile>>,
+    writable: bool,
+    /// Our own descriptors of the files imago's mappings point into, by name.
+    files: Mutex<HashMap<PathBuf, Arc<File>>>,
+    direct: AtomicU64,
+    zeroed: AtomicU64,
+    bounced: AtomicU64,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -50,7 +75,50 @@ impl Qcow2Image {
             .open(PermissiveImplicitOpenGate::default())?;
         Ok(Qcow2Image {
             img: RwLock::new(FormatAccess::new(q)),
+            writable: !readonly,
+            files: Mutex::new(HashMap::new()),
+            direct: AtomicU64::new(0),
+            zeroed: AtomicU64::new(0),
+            bounced: AtomicU64::new(0),
         })
+    }
+
+    /// Bytes moved directly, zeroed, and through the bounce buffer so far.
+    pub fn stats(&self) -> Qcow2Stats {
+        Qcow2Stats {
+            direct: self.direct.load(Ordering::Relaxed),
+            zeroed: self.zeroed.load(Ordering::Relaxed),
+            bounced: self.bounced.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Our descriptor of the file behind `storage`, opened once: read-write
+    /// if the image is writable and the file lets us (a backing file may
+    /// not: then read-only; imago only ever marks the top image's
+    /// mappings writable); `None` if imago names no file.
+    fn file_of(&self, storage: &ImagoFile) -> io::Result<Option<Arc<File>>> {
+        let Some(name) = storage.get_filename() else {
+            return Ok(None);
+        };
+        let mut files = self.files.lock();
+        if let Some(f) = files.get(&name) {
+            return Ok(Some(f.clone()));
+        }
+        let open = |write: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(&name)
+        };
+        let f = if self.writable {
+            open(true).or_else(|_| open(false))
+        } else {
+            open(false)
+        }
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", name.display())))?;
+        let f = Arc::new(f);
+        files.insert(name, f.clone());
+        Ok(Some(f))
     }
 
     /// The virtual size in bytes.
@@ -60,8 +128,84 @@ impl Qcow2Image {
 
     /// Reads from `offset` into the guest ranges `segs` (in order).
     pub fn read(&self, map: &MemoryMap, offset: u64, segs: &[Segment]) -> io::Result<usize> {
-        let mut buf = vec![0u8; total(segs)?];
-        self.img.read().read(&mut buf, offset)?;
+        let total = total(segs)?;
+        let img = self.img.read();
+        let mut done = 0usize;
+        while done < total {
+            let at = offset + done as u64;
+            let (m, len) = img.get_mapping(at, (total - done) as u64)?;
+            let len = (len as usize).min(total - done);
+            let piece = window(segs, done, if len == 0 { total - done } else { len });
+            let n: usize = piece.iter().map(|s| s.len).sum();
+            match m {
+                Mapping::Raw {
+                    storage,
+                    offset: host,
+                    ..
+                } if len > 0 => match self.file_of(storage)? {
+                    Some(f) => {
+                        map.read_file_into(&f, host, &piece)?;
+                        self.direct.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    None => self.bounce_read(&img, map, at, &piece)?,
+                },
+                Mapping::Zero { .. } | Mapping::Eof { .. } => {
+                    // Eof (length 0) cannot follow a bounds-checked request;
+                    // zeros for the rest if it does.
+                    zero_fill(map, &piece)?;
+                    self.zeroed.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                _ => self.bounce_read(&img, map, at, &piece)?,
+            }
+            done += n;
+        }
+        Ok(total)
+    }
+
+    /// Writes the guest ranges `segs` (in order) at `offset`.
+    pub fn write(&self, map: &MemoryMap, offset: u64, segs: &[Segment]) -> io::Result<usize> {
+        let total = total(segs)?;
+        let img = self.img.read();
+        let mut done = 0usize;
+        while done < total {
+            let at = offset + done as u64;
+            let (m, len) = img.get_mapping(at, (total - done) as u64)?;
+            let len = (len as usize).min(total - done);
+            if len == 0 {
+                return Err(io::Error::other("qcow2: write past the image's end"));
+            }
+            let piece = window(segs, done, len);
+            match m {
+                // Allocated in this image and writable: in place.
+                Mapping::Raw {
+                    storage,
+                    offset: host,
+                    writable: true,
+                    ..
+                } => match self.file_of(storage)? {
+                    Some(f) => {
+                        map.write_file_from(&f, host, &piece)?;
+                        self.direct.fetch_add(len as u64, Ordering::Relaxed);
+                    }
+                    None => self.bounce_write(&img, map, at, &piece)?,
+                },
+                _ => self.bounce_write(&img, map, at, &piece)?,
+            }
+            done += len;
+        }
+        Ok(total)
+    }
+
+    /// Reads through imago into a buffer, then into guest RAM.
+    fn bounce_read(
+        &self,
+        img: &FormatAccess<ImagoFile>,
+        map: &MemoryMap,
+        offset: u64,
+        segs: &[Segment],
+    ) -> io::Result<()> {
+        let mut buf = vec![0u8; segs.iter().map(|s| s.len).sum()];
+        img.read(&mut buf, offset)?;
         let mem = map.guest_memory();
         let mut pos = 0;
         for s in segs {
@@ -69,12 +213,19 @@ impl Qcow2Image {
                 .map_err(io::Error::other)?;
             pos += s.len;
         }
-        Ok(buf.len())
+        self.bounced.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
-    /// Writes the guest ranges `segs` (in order) at `offset`.
-    pub fn write(&self, map: &MemoryMap, offset: u64, segs: &[Segment]) -> io::Result<usize> {
-        let mut buf = vec![0u8; total(segs)?];
+    /// Copies guest RAM into a buffer and writes it through imago.
+    fn bounce_write(
+        &self,
+        img: &FormatAccess<ImagoFile>,
+        map: &MemoryMap,
+        offset: u64,
+        segs: &[Segment],
+    ) -> io::Result<()> {
+        let mut buf = vec![0u8; segs.iter().map(|s| s.len).sum()];
         let mem = map.guest_memory();
         let mut pos = 0;
         for s in segs {
@@ -82,8 +233,9 @@ impl Qcow2Image {
                 .map_err(io::Error::other)?;
             pos += s.len;
         }
-        self.img.read().write(&buf, offset)?;
-        Ok(buf.len())
+        img.write(&buf, offset)?;
+        self.bounced.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Writes imago's cached metadata to the file and makes it durable.
@@ -106,4 +258,76 @@ fn total(segs: &[Segment]) -> io::Result<usize> {
         return Err(io::Error::other("I/O larger than the merge limit"));
     }
     Ok(n)
+}
+
+/// The part of `segs` (taken as one byte stream) from byte `from`, `len`
+/// bytes long (shorter if `segs` end first).
+fn window(segs: &[Segment], from: usize, len: usize) -> Vec<Segment> {
+    let mut out = Vec::new();
+    let (mut skip, mut want) = (from, len);
+    for s in segs {
+        if want == 0 {
+            break;
+        }
+        if skip >= s.len {
+            skip -= s.len;
+            continue;
+        }
+        let n = (s.len - skip).min(want);
+        out.push(Segment {
+            gpa: GuestAddress(s.gpa.0 + skip as u64),
+            len: n,
+        });
+        want -= n;
+        skip = 0;
+    }
+    out
+}
+
+/// Fills the guest ranges `segs` with zeros (pages marked dirty).
+fn zero_fill(map: &MemoryMap, segs: &[Segment]) -> io::Result<()> {
+    static ZEROS: [u8; 4096] = [0; 4096];
+    let mem = map.guest_memory();
+    for s in segs {
+        let mut at = 0;
+        while at < s.len {
+            let n = (s.len - at).min(ZEROS.len());
+            mem.write_slice(&ZEROS[..n], GuestAddress(s.gpa.0 + at as u64))
+                .map_err(io::Error::other)?;
+            at += n;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(gpa: u64, len: usize) -> Segment {
+        Segment {
+            gpa: GuestAddress(gpa),
+            len,
+        }
+    }
+
+    #[test]
+    fn window_cuts_the_byte_stream_across_segments() {
+        let segs = [seg(0x1000, 512), seg(0x5200, 1024), seg(0x9000, 4096)];
+        assert_eq!(window(&segs, 0, 512), [seg(0x1000, 512)]);
+        assert_eq!(
+            window(&segs, 256, 512),
+            [seg(0x1100, 256), seg(0x5200, 256)]
+        );
+        assert_eq!(
+            window(&segs, 1536, 10_000),
+            [seg(0x9000, 4096)],
+            "clipped at the end"
+        );
+        assert_eq!(
+            window(&segs, 1000, 3000),
+            [seg(0x5200 + 488, 536), seg(0x9000, 2464)]
+        );
+        assert!(window(&segs, 5632, 1).is_empty());
+    }
 }
