@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -53,8 +53,11 @@ pub struct Qcow2Stats {
 pub struct Qcow2Image {
     img: RwLock<FormatAccess<ImagoFile>>,
     writable: bool,
-    /// Our own descriptors of the files imago's mappings point into, by name.
-    files: Mutex<HashMap<PathBuf, Arc<File>>>,
+    /// Our own descriptors of the files imago's mappings point into, by the
+    /// address of imago's storage object (it lives as long as the image),
+    /// so a request looks its file up without building a path; `None`: imago
+    /// names no file for it.
+    files: Mutex<HashMap<usize, Option<Arc<File>>>>,
     direct: AtomicU64,
     zeroed: AtomicU64,
     bounced: AtomicU64,
@@ -97,28 +100,32 @@ impl Qcow2Image {
     /// not: then read-only; imago only ever marks the top image's
     /// mappings writable); `None` if imago names no file.
     fn file_of(&self, storage: &ImagoFile) -> io::Result<Option<Arc<File>>> {
-        let Some(name) = storage.get_filename() else {
-            return Ok(None);
-        };
+        let key = storage as *const ImagoFile as usize;
         let mut files = self.files.lock();
-        if let Some(f) = files.get(&name) {
-            return Ok(Some(f.clone()));
+        if let Some(f) = files.get(&key) {
+            return Ok(f.clone());
         }
+        let f = match storage.get_filename() {
+            Some(name) => Some(Arc::new(self.open_file(&name)?)),
+            None => None,
+        };
+        files.insert(key, f.clone());
+        Ok(f)
+    }
+
+    fn open_file(&self, name: &Path) -> io::Result<File> {
         let open = |write: bool| {
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(write)
-                .open(&name)
+                .open(name)
         };
-        let f = if self.writable {
+        if self.writable {
             open(true).or_else(|_| open(false))
         } else {
             open(false)
         }
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", name.display())))?;
-        let f = Arc::new(f);
-        files.insert(name, f.clone());
-        Ok(Some(f))
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", name.display())))
     }
 
     /// The virtual size in bytes.
@@ -128,72 +135,54 @@ impl Qcow2Image {
 
     /// Reads from `offset` into the guest ranges `segs` (in order).
     pub fn read(&self, map: &MemoryMap, offset: u64, segs: &[Segment]) -> io::Result<usize> {
-        let total = total(segs)?;
         let img = self.img.read();
-        let mut done = 0usize;
-        while done < total {
-            let at = offset + done as u64;
-            let (m, len) = img.get_mapping(at, (total - done) as u64)?;
-            let len = (len as usize).min(total - done);
-            let piece = window(segs, done, if len == 0 { total - done } else { len });
+        each_mapping(&img, offset, segs, |m, at, piece| {
             let n: usize = piece.iter().map(|s| s.len).sum();
             match m {
                 Mapping::Raw {
                     storage,
                     offset: host,
                     ..
-                } if len > 0 => match self.file_of(storage)? {
+                } => match self.file_of(storage)? {
                     Some(f) => {
-                        map.read_file_into(&f, host, &piece)?;
+                        map.read_file_into(&f, host, piece)?;
                         self.direct.fetch_add(n as u64, Ordering::Relaxed);
+                        Ok(())
                     }
-                    None => self.bounce_read(&img, map, at, &piece)?,
+                    None => self.bounce_read(&img, map, at, piece),
                 },
+                // Eof cannot follow a bounds-checked request; zeros if it does.
                 Mapping::Zero { .. } | Mapping::Eof { .. } => {
-                    // Eof (length 0) cannot follow a bounds-checked request;
-                    // zeros for the rest if it does.
-                    zero_fill(map, &piece)?;
+                    zero_fill(map, piece)?;
                     self.zeroed.fetch_add(n as u64, Ordering::Relaxed);
+                    Ok(())
                 }
-                _ => self.bounce_read(&img, map, at, &piece)?,
+                _ => self.bounce_read(&img, map, at, piece),
             }
-            done += n;
-        }
-        Ok(total)
+        })
     }
 
     /// Writes the guest ranges `segs` (in order) at `offset`.
     pub fn write(&self, map: &MemoryMap, offset: u64, segs: &[Segment]) -> io::Result<usize> {
-        let total = total(segs)?;
         let img = self.img.read();
-        let mut done = 0usize;
-        while done < total {
-            let at = offset + done as u64;
-            let (m, len) = img.get_mapping(at, (total - done) as u64)?;
-            let len = (len as usize).min(total - done);
-            if len == 0 {
-                return Err(io::Error::other("qcow2: write past the image's end"));
-            }
-            let piece = window(segs, done, len);
-            match m {
-                // Allocated in this image and writable: in place.
-                Mapping::Raw {
-                    storage,
-                    offset: host,
-                    writable: true,
-                    ..
-                } => match self.file_of(storage)? {
-                    Some(f) => {
-                        map.write_file_from(&f, host, &piece)?;
-                        self.direct.fetch_add(len as u64, Ordering::Relaxed);
-                    }
-                    None => self.bounce_write(&img, map, at, &piece)?,
-                },
-                _ => self.bounce_write(&img, map, at, &piece)?,
-            }
-            done += len;
-        }
-        Ok(total)
+        each_mapping(&img, offset, segs, |m, at, piece| match m {
+            // Allocated in this image and writable: in place.
+            Mapping::Raw {
+                storage,
+                offset: host,
+                writable: true,
+                ..
+            } => match self.file_of(storage)? {
+                Some(f) => {
+                    let n = map.write_file_from(&f, host, piece)?;
+                    self.direct.fetch_add(n as u64, Ordering::Relaxed);
+                    Ok(())
+                }
+                None => self.bounce_write(&img, map, at, piece),
+            },
+            Mapping::Eof { .. } => Err(io::Error::other("qcow2: write past the image's end")),
+            _ => self.bounce_write(&img, map, at, piece),
+        })
     }
 
     /// Reads through imago into a buffer, then into guest RAM.
@@ -258,6 +247,31 @@ fn total(segs: &[Segment]) -> io::Result<usize> {
         return Err(io::Error::other("I/O larger than the merge limit"));
     }
     Ok(n)
+}
+
+/// Walks imago's mappings of the image bytes from `offset` that `segs`
+/// cover: `f` gets each mapping, its image offset and the guest ranges it
+/// covers (all the rest for a zero-length one, the end of the image).
+/// Returns the bytes covered.
+fn each_mapping(
+    img: &FormatAccess<ImagoFile>,
+    offset: u64,
+    segs: &[Segment],
+    mut f: impl FnMut(Mapping<'_, ImagoFile>, u64, &[Segment]) -> io::Result<()>,
+) -> io::Result<usize> {
+    let total = total(segs)?;
+    let mut done = 0usize;
+    while done < total {
+        let at = offset + done as u64;
+        let (m, len) = img.get_mapping(at, (total - done) as u64)?;
+        let len = match (len as usize).min(total - done) {
+            0 => total - done,
+            n => n,
+        };
+        f(m, at, &window(segs, done, len))?;
+        done += len;
+    }
+    Ok(total)
 }
 
 /// The part of `segs` (taken as one byte stream) from byte `from`, `len`
