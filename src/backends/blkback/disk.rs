@@ -22,6 +22,7 @@ use super::BlkError;
 pub const SECTOR: u64 = 512;
 
 /// An opened disk.
+#[derive(Debug)]
 pub struct Disk {
     file: File,
     /// The image, when it is qcow2 (`file` is then only held open).
@@ -30,17 +31,6 @@ pub struct Disk {
     sectors: u64,
     readonly: bool,
     block_device: bool,
-}
-
-impl std::fmt::Debug for Disk {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Disk")
-            .field("path", &self.path)
-            .field("sectors", &self.sectors)
-            .field("readonly", &self.readonly)
-            .field("qcow2", &self.qcow2_stats())
-            .finish_non_exhaustive()
-    }
 }
 
 impl Drop for Disk {

@@ -65,7 +65,9 @@ pub struct Qcow2Image {
 
 impl std::fmt::Debug for Qcow2Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qcow2Image").finish_non_exhaustive()
+        f.debug_struct("Qcow2Image")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
     }
 }
 
