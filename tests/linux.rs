@@ -1086,8 +1086,15 @@ fn initrd_with_module_params(dir: &std::path::Path) -> std::path::PathBuf {
         "P=; n=${m##*/}; n=${n%%.ko*}; for w in $CMDLINE; do case $w in \"$n\".*=*) \
          P=\"$P ${w#\"$n\".}\";; esac; done; if insmod /lib/modules/$KVER/$m $P;",
     );
-    let mut img = gz;
-    img.extend(newc_archive(&[("init", 0o100755, init.as_bytes())]));
+    // A second gzip member: xenkvm inflates the members back to back (an
+    // uncompressed archive after the gzip would make it hand the guest the
+    // gzip), and the guest's unpacker wants each archive to start at a
+    // multiple of 4 bytes, past NUL padding.
+    let mut body = vec![0u8; (4 - out.stdout.len() % 4) % 4];
+    body.extend(newc_archive(&[("init", 0o100755, init.as_bytes())]));
+    let mut enc = flate2::write::GzEncoder::new(gz, flate2::Compression::default());
+    std::io::Write::write_all(&mut enc, &body).unwrap();
+    let img = enc.finish().unwrap();
     let path = dir.join("initrd-params.img");
     std::fs::write(&path, img).unwrap();
     path
@@ -1168,12 +1175,19 @@ fn newc_archive_round_trips_and_the_init_patch_applies() {
     let dir = std::env::temp_dir().join(format!("xenkvm-initrd-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let img = initrd_with_module_params(&dir);
-    // The appended archive is the one the kernel reads last.
-    let bytes = std::fs::read(&img).unwrap();
-    let gz = std::fs::metadata(common::shared_dir().join("guests/linux/initrd.gz"))
-        .unwrap()
-        .len() as usize;
-    let init = newc_file(&bytes[gz..], "init").expect("appended /init");
+    // Both members inflate to two archives back to back, the appended one
+    // (read last by the kernel) at a multiple of 4 bytes.
+    let out = Command::new("zcat").arg(&img).output().expect("zcat");
+    let first = Command::new("zcat")
+        .arg(common::shared_dir().join("guests/linux/initrd.gz"))
+        .output()
+        .expect("zcat")
+        .stdout
+        .len();
+    assert!(out.stdout.len() > first);
+    let at = first + out.stdout[first..].iter().take_while(|&&b| b == 0).count();
+    assert_eq!(at % 4, 0);
+    let init = newc_file(&out.stdout[at..], "init").expect("appended /init");
     let init = String::from_utf8(init).unwrap();
     assert!(init.contains("insmod /lib/modules/$KVER/$m $P;"), "{init}");
     let _ = std::fs::remove_dir_all(&dir);
