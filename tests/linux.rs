@@ -1071,8 +1071,8 @@ fn debugfs_dump(img: &std::path::Path, file: &str, out: &std::path::Path) -> Vec
 fn initrd_with_module_params(dir: &std::path::Path) -> std::path::PathBuf {
     let shared = common::shared_dir().join("guests/linux/initrd.gz");
     let gz = std::fs::read(&shared).unwrap();
-    let out = Command::new("zcat").arg(&shared).output().expect("zcat");
-    let init = newc_file(&out.stdout, "init")
+    let (cpio, _) = inflated(gz.clone());
+    let init = newc_file(&cpio, "init")
         .unwrap_or_else(|| panic!("{}: no /init in the archive", shared.display()));
     let init = String::from_utf8(init).expect("/init is not text");
     const INSMOD: &str = "if insmod /lib/modules/$KVER/$m;";
@@ -1090,7 +1090,7 @@ fn initrd_with_module_params(dir: &std::path::Path) -> std::path::PathBuf {
     // uncompressed archive after the gzip would make it hand the guest the
     // gzip), and the guest's unpacker wants each archive to start at a
     // multiple of 4 bytes, past NUL padding.
-    let mut body = vec![0u8; (4 - out.stdout.len() % 4) % 4];
+    let mut body = vec![0u8; (4 - cpio.len() % 4) % 4];
     body.extend(newc_archive(&[("init", 0o100755, init.as_bytes())]));
     let mut enc = flate2::write::GzEncoder::new(gz, flate2::Compression::default());
     std::io::Write::write_all(&mut enc, &body).unwrap();
@@ -1098,6 +1098,15 @@ fn initrd_with_module_params(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("initrd-params.img");
     std::fs::write(&path, img).unwrap();
     path
+}
+
+/// What xenkvm hands the guest for the gzip initrd `gz` (it inflates it on
+/// the host), and the number of gzip members.
+fn inflated(gz: Vec<u8>) -> (Vec<u8>, usize) {
+    match xenkvm::boot::initrd::inflate(gz, usize::MAX) {
+        (cpio, xenkvm::boot::initrd::Outcome::Inflated { members, .. }) => (cpio, members),
+        (_, how) => panic!("xenkvm would not inflate this initrd: {how:?}"),
+    }
 }
 
 /// The contents of `name` in a `newc` cpio archive.
@@ -1175,19 +1184,16 @@ fn newc_archive_round_trips_and_the_init_patch_applies() {
     let dir = std::env::temp_dir().join(format!("xenkvm-initrd-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let img = initrd_with_module_params(&dir);
-    // Both members inflate to two archives back to back, the appended one
-    // (read last by the kernel) at a multiple of 4 bytes.
-    let out = Command::new("zcat").arg(&img).output().expect("zcat");
-    let first = Command::new("zcat")
-        .arg(common::shared_dir().join("guests/linux/initrd.gz"))
-        .output()
-        .expect("zcat")
-        .stdout
-        .len();
-    assert!(out.stdout.len() > first);
-    let at = first + out.stdout[first..].iter().take_while(|&&b| b == 0).count();
+    // xenkvm inflates both members to two archives back to back, the
+    // appended one (read last by the kernel) at a multiple of 4 bytes.
+    let (out, members) = inflated(std::fs::read(&img).unwrap());
+    assert_eq!(members, 2);
+    let (first, _) =
+        inflated(std::fs::read(common::shared_dir().join("guests/linux/initrd.gz")).unwrap());
+    assert!(out.len() > first.len() && out.starts_with(&first));
+    let at = first.len() + out[first.len()..].iter().take_while(|&&b| b == 0).count();
     assert_eq!(at % 4, 0);
-    let init = newc_file(&out.stdout[at..], "init").expect("appended /init");
+    let init = newc_file(&out[at..], "init").expect("appended /init");
     let init = String::from_utf8(init).unwrap();
     assert!(init.contains("insmod /lib/modules/$KVER/$m $P;"), "{init}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -73,7 +73,7 @@ fn inflate_members(data: &[u8], limit: usize) -> Result<(Vec<u8>, usize), &'stat
         let mut dec = flate2::bufread::GzDecoder::new(rest);
         let room = (limit - out.len()) as u64;
         let n = (&mut dec)
-            .take(room + 1)
+            .take(room.saturating_add(1))
             .read_to_end(&mut out)
             .map_err(|_| "its gzip data is corrupt")?;
         if n as u64 > room {
