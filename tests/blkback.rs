@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use blkfront::*;
-use xenkvm::backends::blkback::{BlkBackend, BlkConfig, Disk, Queue, QueueParams, RingSetup};
+use xenkvm::backends::blkback::{
+    BlkBackend, BlkConfig, Disk, Queue, QueueParams, RingSetup, UringUse,
+};
 use xenkvm::backends::blkif::request::{RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use xenkvm::backends::blkif::{Abi, Request, RwOp, Segment};
 use xenkvm::backends::xenstore::{self, PermKind, XenstoreServer};
@@ -990,6 +992,47 @@ fn blkback_qcow2_unaligned_multi_segment_io_round_trips_and_survives_reopen() {
 }
 
 #[test]
+fn blkback_qcow2_discard_waits_for_a_batch_holding_the_mapping() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use xenkvm::backends::blkback::qcow2::Piece;
+    if !qemu_img("blkback_qcow2_discard_waits_for_a_batch_holding_the_mapping") {
+        return;
+    }
+    let t = TmpDir::new("qcow2hold");
+    let (path, _) = qcow2_image(&t, "d.qcow2");
+    let d = qdisk(&path, false);
+    let q = d.qcow2().unwrap();
+    let first = [gpc::Segment::new(gpc::GuestAddress(0), 4096)];
+    // A batch planned cluster 0 (in the image's file) and has not run yet.
+    let hold = q.hold();
+    let planned = q.plan(&hold, 0, &first, false).unwrap().unwrap();
+    assert!(matches!(planned[..], [Piece::File { .. }]), "{planned:?}");
+    // Another queue discards that cluster: it must wait for the batch, or
+    // the cluster could be freed and reused under the I/O in flight.
+    let done = Arc::new(AtomicBool::new(false));
+    let th = {
+        let (d, done) = (d.clone(), done.clone());
+        std::thread::spawn(move || {
+            d.discard(0, 8).unwrap();
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "discard ran under a batch's hold"
+    );
+    drop(hold);
+    th.join().unwrap();
+    assert!(done.load(Ordering::SeqCst));
+    // Afterwards the cluster reads as zeros; a write there needs imago.
+    let hold = q.hold();
+    let planned = q.plan(&hold, 0, &first, false).unwrap().unwrap();
+    assert!(matches!(planned[..], [Piece::Zero(_)]), "{planned:?}");
+    assert!(q.plan(&hold, 0, &first, true).unwrap().is_none());
+}
+
+#[test]
 fn blkback_qcow2_readonly_refuses_writes_and_leaves_file_unchanged() {
     if !qemu_img("blkback_qcow2_readonly_refuses_writes_and_leaves_file_unchanged") {
         return;
@@ -1301,12 +1344,16 @@ fn blkback_qcow2_moves_allocated_clusters_zero_copy_reads_backing_and_zeros_and_
     let (mut fr, th) = connect(&g, d.clone(), 1, Abi::X86_64);
     let stats = || d.qcow2_stats().unwrap();
     let stats = &stats;
+    // Reads go through the queue's io_uring batch where the host has one.
+    let uring = params().uring != UringUse::Off && gpc::FileRing::new(&g.map, 1).is_ok();
+    let batched = |n: u64| if uring { n } else { 0 };
     // Nothing in the top image yet: the read comes from the backing file's
     // clusters, straight into guest RAM.
     let (st, got) = seg_io(&g, &mut fr, RwOp::Read, 1, 100, &[(0, 7), (0, 7)], None);
     assert_eq!(st, RSP_OKAY);
     assert!(got == expect[100 * 512..116 * 512], "backing data");
     assert_eq!(stats().direct, 16 * 512, "{:?}", stats());
+    assert_eq!(stats().batched, batched(16 * 512), "{:?}", stats());
     assert_eq!(stats().bounced, 0);
     // 3 sectors inside a cluster the top image lacks: imago allocates it
     // (copying the rest of the cluster from the backing file).
@@ -1322,10 +1369,12 @@ fn blkback_qcow2_moves_allocated_clusters_zero_copy_reads_backing_and_zeros_and_
     expect[206 * 512..207 * 512].copy_from_slice(&data2);
     assert_eq!(stats().bounced, 3 * 512, "{:?}", stats());
     assert_eq!(stats().direct, 17 * 512);
-    // Read the cluster back, and the one before (still the backing file's).
+    // Read the cluster back, and the one before (still the backing file's):
+    // one group, two files' pieces in one batch.
     let (st, got) = seg_io(&g, &mut fr, RwOp::Read, 4, 192, &[(0, 7), (0, 7)], None);
     assert_eq!(st, RSP_OKAY);
     assert!(got == expect[192 * 512..208 * 512], "read back");
+    assert_eq!(stats().batched, batched(32 * 512), "{:?}", stats());
     th.stop();
     drop(fr);
     // The last reference: imago writes its cached tables back on close.

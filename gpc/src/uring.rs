@@ -7,16 +7,21 @@
 //! and a file registered with [`FileRing::register`] is used as a fixed
 //! file (no file table lookup per I/O). The iovec buffers are reused from
 //! batch to batch. Short transfers are completed with `preadv`/`pwritev`.
+//! One batch may span several files ([`FileRing::queue_on`]: an image
+//! format's clusters in the image and its backing files).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use crate::cache::Segment;
 use crate::map::MemoryMap;
 use crate::Error;
 
 struct Pending {
+    /// Its own file ([`FileRing::queue_on`]); `None`: the one given to `run`.
+    file: Option<Arc<File>>,
     iov: Vec<libc::iovec>,
     total: usize,
     offset: u64,
@@ -33,6 +38,8 @@ pub struct FileRing {
     spare: Vec<Vec<libc::iovec>>,
     /// The file registered as fixed file 0.
     registered: Option<std::os::fd::RawFd>,
+    /// The registered file, when the ring keeps it open itself.
+    registered_file: Option<Arc<File>>,
 }
 
 // SAFETY: the raw iovec pointers in `pending` point into guest RAM mappings
@@ -59,6 +66,7 @@ impl FileRing {
             pending: Vec::new(),
             spare: Vec::new(),
             registered: None,
+            registered_file: None,
         })
     }
 
@@ -73,8 +81,16 @@ impl FileRing {
             self.ring.submitter().unregister_files()?;
             self.registered = None;
         }
+        self.registered_file = None;
         self.ring.submitter().register_files(&[file.as_raw_fd()])?;
         self.registered = Some(file.as_raw_fd());
+        Ok(())
+    }
+
+    /// [`register`](Self::register) a file the ring keeps open itself.
+    pub fn register_shared(&mut self, file: &Arc<File>) -> io::Result<()> {
+        self.register(file)?;
+        self.registered_file = Some(file.clone());
         Ok(())
     }
 
@@ -82,6 +98,33 @@ impl FileRing {
     /// `segs` there); returns its index in the batch. Nothing is submitted
     /// until [`run`](Self::run).
     pub fn queue(&mut self, offset: u64, segs: &[Segment], write: bool) -> Result<usize, Error> {
+        self.push(None, offset, segs, write)
+    }
+
+    /// [`queue`](Self::queue) on `file` rather than the file given to
+    /// [`run`](Self::run) (kept open by the ring until the batch is run).
+    pub fn queue_on(
+        &mut self,
+        file: &Arc<File>,
+        offset: u64,
+        segs: &[Segment],
+        write: bool,
+    ) -> Result<usize, Error> {
+        self.push(Some(file.clone()), offset, segs, write)
+    }
+
+    /// Whether a file is registered ([`register`](Self::register)).
+    pub fn has_registered(&self) -> bool {
+        self.registered.is_some()
+    }
+
+    fn push(
+        &mut self,
+        file: Option<Arc<File>>,
+        offset: u64,
+        segs: &[Segment],
+        write: bool,
+    ) -> Result<usize, Error> {
         let mut iov = self.spare.pop().unwrap_or_default();
         iov.clear();
         if let Err(e) = self.map.iovecs_into(segs, !write, &mut iov) {
@@ -91,6 +134,7 @@ impl FileRing {
         }
         let total = iov.iter().map(|v| v.iov_len).sum();
         self.pending.push(Pending {
+            file,
             iov,
             total,
             offset,
@@ -98,6 +142,16 @@ impl FileRing {
             result: None,
         });
         Ok(self.pending.len() - 1)
+    }
+
+    /// Drops what was queued from index `from` on (not run).
+    pub fn cancel_from(&mut self, from: usize) {
+        while self.pending.len() > from {
+            if let Some(mut p) = self.pending.pop() {
+                p.iov.clear();
+                self.spare.push(p.iov);
+            }
+        }
     }
 
     /// Queued and not yet run.
@@ -110,12 +164,11 @@ impl FileRing {
         self.pending.is_empty()
     }
 
-    /// Submits everything queued on `file`, waits for all of it and
-    /// returns the results in queue order (bytes moved, always the whole
-    /// length on success).
+    /// Submits everything queued (on `file`, or on the file given to
+    /// [`queue_on`](Self::queue_on)), waits for all of it and returns the
+    /// results in queue order (bytes moved, always the whole length on
+    /// success).
     pub fn run(&mut self, file: &File) -> Vec<io::Result<usize>> {
-        let fixed = self.registered == Some(file.as_raw_fd());
-        let fd = io_uring::types::Fd(file.as_raw_fd());
         let n = self.pending.len();
         let mut next = 0usize;
         let mut done = 0usize;
@@ -125,6 +178,9 @@ impl FileRing {
                 let mut sq = self.ring.submission();
                 while next < n && !sq.is_full() {
                     let p = &self.pending[next];
+                    let raw = p.file.as_deref().unwrap_or(file).as_raw_fd();
+                    let fixed = self.registered == Some(raw);
+                    let fd = io_uring::types::Fd(raw);
                     let e = entry(p, fd, fixed).user_data(next as u64);
                     // SAFETY: the iovec array (heap buffer of `p.iov`, or
                     // for one piece the guest range it names) and the
@@ -172,7 +228,12 @@ impl FileRing {
                     // Short: finish the rest synchronously.
                     let first = crate::fileio::advance(&mut p.iov, n);
                     self.map
-                        .vectored(file, p.offset + n as u64, &mut p.iov[first..], !p.write)
+                        .vectored(
+                            p.file.as_deref().unwrap_or(file),
+                            p.offset + n as u64,
+                            &mut p.iov[first..],
+                            !p.write,
+                        )
                         .map(|m| n + m)
                 }
                 Some(r) => r,
@@ -182,6 +243,7 @@ impl FileRing {
         // Every entry is complete: the buffers (and the pointers into guest
         // RAM they held) go back to the pool, emptied.
         for mut p in pending.drain(..) {
+            p.file = None;
             p.iov.clear();
             self.spare.push(p.iov);
         }
@@ -295,5 +357,52 @@ mod tests {
             .read_slice(&mut got, GuestAddress(0xa000))
             .unwrap();
         assert_eq!(got, data[0x2000..0x2800]);
+        // One batch over two files: the registered one (given to `run`) and
+        // another queued with its own descriptor, registered afterwards too.
+        let mut other = crate::sys::memfd(c"uring-test2", 0).unwrap();
+        other.write_all(&[0xa5; 0x1000]).unwrap();
+        let other = Arc::new(other);
+        ring.queue(0x3000, &[Segment::new(GuestAddress(0xb000), 0x200)], false)
+            .unwrap();
+        ring.queue_on(
+            &other,
+            0x800,
+            &[Segment::new(GuestAddress(0xc000), 0x200)],
+            false,
+        )
+        .unwrap();
+        let r = ring.run(&f);
+        assert!(matches!(r[..], [Ok(0x200), Ok(0x200)]), "{r:?}");
+        let mut got = vec![0u8; 0x200];
+        map.guest_memory()
+            .read_slice(&mut got, GuestAddress(0xb000))
+            .unwrap();
+        assert_eq!(got, data[0x3000..0x3200]);
+        map.guest_memory()
+            .read_slice(&mut got, GuestAddress(0xc000))
+            .unwrap();
+        assert!(got.iter().all(|&b| b == 0xa5), "read from its own file");
+        ring.register_shared(&other).unwrap();
+        assert!(ring.has_registered());
+        ring.queue_on(
+            &other,
+            0,
+            &[Segment::new(GuestAddress(0xd000), 0x400)],
+            false,
+        )
+        .unwrap();
+        ring.queue(0, &[Segment::new(GuestAddress(0xe000), 0x400)], false)
+            .unwrap();
+        let r = ring.run(&f);
+        assert!(matches!(r[..], [Ok(0x400), Ok(0x400)]), "{r:?}");
+        let mut got = vec![0u8; 0x400];
+        map.guest_memory()
+            .read_slice(&mut got, GuestAddress(0xd000))
+            .unwrap();
+        assert!(got.iter().all(|&b| b == 0xa5), "through the fixed file");
+        map.guest_memory()
+            .read_slice(&mut got, GuestAddress(0xe000))
+            .unwrap();
+        assert_eq!(got, data[..0x400], "the unregistered file by descriptor");
     }
 }

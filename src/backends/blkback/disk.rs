@@ -4,8 +4,8 @@
 //! (`gpc::MemoryMap::read_file_into`/`write_file_from`); flush is
 //! `fdatasync`; discard punches a hole (`fallocate(PUNCH_HOLE |
 //! KEEP_SIZE)`, which on a block device zeroes the range with the device's
-//! discard or write-zeroes). A qcow2 disk copies through a bounce buffer
-//! (see [`super::qcow2`] for why).
+//! discard or write-zeroes). A qcow2 disk moves the clusters it has in its
+//! files the same way and the rest through imago (see [`super::qcow2`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -103,6 +103,17 @@ impl Disk {
     /// format (its data is not at the guest's offsets).
     pub fn file(&self) -> Option<&File> {
         self.qcow2.is_none().then_some(&self.file)
+    }
+
+    /// The file the disk holds open (for a qcow2 disk the image file, whose
+    /// data is not at the guest's offsets).
+    pub fn held_file(&self) -> &File {
+        &self.file
+    }
+
+    /// The qcow2 image, when the disk is one.
+    pub fn qcow2(&self) -> Option<&Qcow2Image> {
+        self.qcow2.as_ref()
     }
 
     /// A qcow2 image.

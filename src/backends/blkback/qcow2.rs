@@ -20,9 +20,19 @@
 //! names imago reports (one descriptor per file, kept; the page cache is
 //! shared with imago's own descriptor, and `flush` syncs the inode).
 //!
+//! Batched like raw disks too: a queue whose group of requests maps
+//! entirely onto file clusters (or zeros) gets the pieces from
+//! [`Qcow2Image::plan`] and queues them on its io_uring with the reads and
+//! writes of the rest of its batch (one submission per batch), instead of
+//! one `preadv` per piece on its thread.
+//!
 //! Metadata updates in imago are serialised by imago itself; discards take
 //! the image exclusively (imago requires `&mut` for them, because they may
-//! drop clusters a concurrent read is using).
+//! drop clusters a concurrent read is using). A batch's planned pieces name
+//! clusters by their file offsets, so the queue keeps a shared hold on the
+//! image ([`Qcow2Hold`]) from the plan until the batch completes: a discard
+//! from another queue waits for it, and no cluster is freed (and reused,
+//! say for an L2 table) under an I/O still in flight.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -35,7 +45,7 @@ use gpc::{MemoryMap, Segment};
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
 use imago::{FormatAccess, FormatDriverBuilder, Mapping, PermissiveImplicitOpenGate, Storage};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{ArcRwLockReadGuard, Mutex, RawRwLock, RwLock};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Bytes moved each way, for the log and the tests.
@@ -47,11 +57,39 @@ pub struct Qcow2Stats {
     pub zeroed: u64,
     /// Through imago and a bounce buffer.
     pub bounced: u64,
+    /// Of `direct`, what went through a queue's io_uring batch.
+    pub batched: u64,
+}
+
+/// A shared hold on a qcow2 image's mapping (its L1/L2 tables): while it
+/// lives, no discard can free a cluster that [`Qcow2Image::plan`] named.
+/// Never taken twice by one thread, nor kept while waiting for the image
+/// otherwise (a waiting discard blocks new holds).
+pub struct Qcow2Hold(ArcRwLockReadGuard<RawRwLock, FormatAccess<ImagoFile>>);
+
+impl std::fmt::Debug for Qcow2Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Qcow2Hold")
+    }
+}
+
+/// Where one part of a planned I/O goes ([`Qcow2Image::plan`]).
+#[derive(Debug)]
+pub enum Piece {
+    /// Bytes at `offset` of `file` (the image's or a backing file's),
+    /// moved as is to or from the guest ranges `segs`.
+    File {
+        file: Arc<File>,
+        offset: u64,
+        segs: Vec<Segment>,
+    },
+    /// Reads as zeros (unallocated, zeroed): the guest ranges `segs`.
+    Zero(Vec<Segment>),
 }
 
 /// An open qcow2 image.
 pub struct Qcow2Image {
-    img: RwLock<FormatAccess<ImagoFile>>,
+    img: Arc<RwLock<FormatAccess<ImagoFile>>>,
     writable: bool,
     /// Our own descriptors of the files imago's mappings point into, by the
     /// address of imago's storage object (it lives as long as the image),
@@ -61,6 +99,7 @@ pub struct Qcow2Image {
     direct: AtomicU64,
     zeroed: AtomicU64,
     bounced: AtomicU64,
+    batched: AtomicU64,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -79,12 +118,13 @@ impl Qcow2Image {
             .write(!readonly)
             .open(PermissiveImplicitOpenGate::default())?;
         Ok(Qcow2Image {
-            img: RwLock::new(FormatAccess::new(q)),
+            img: Arc::new(RwLock::new(FormatAccess::new(q))),
             writable: !readonly,
             files: Mutex::new(HashMap::new()),
             direct: AtomicU64::new(0),
             zeroed: AtomicU64::new(0),
             bounced: AtomicU64::new(0),
+            batched: AtomicU64::new(0),
         })
     }
 
@@ -94,7 +134,75 @@ impl Qcow2Image {
             direct: self.direct.load(Ordering::Relaxed),
             zeroed: self.zeroed.load(Ordering::Relaxed),
             bounced: self.bounced.load(Ordering::Relaxed),
+            batched: self.batched.load(Ordering::Relaxed),
         }
+    }
+
+    /// A shared hold on the image's mapping, waiting for a discard in
+    /// progress (see [`Qcow2Hold`] for the rule that keeps this from
+    /// deadlocking).
+    pub fn hold(&self) -> Qcow2Hold {
+        Qcow2Hold(self.img.read_arc())
+    }
+
+    /// Where the `segs.len()` bytes from `offset` are, for a caller that
+    /// moves them itself (a queue's io_uring batch) while it keeps `hold`:
+    /// `None` when some part needs imago (a write that allocates or copies
+    /// on write, a compressed cluster, a file imago names no path for); the
+    /// caller then uses [`read`](Self::read) or [`write`](Self::write). A
+    /// read's pieces may be `Zero`; a write's are all writable clusters of
+    /// this image. Count what the caller moves with
+    /// [`note_batched`](Self::note_batched) and zeros with
+    /// [`zero`](Self::zero).
+    pub fn plan(
+        &self,
+        hold: &Qcow2Hold,
+        offset: u64,
+        segs: &[Segment],
+        write: bool,
+    ) -> io::Result<Option<Vec<Piece>>> {
+        let mut pieces = Vec::new();
+        let mut ok = true;
+        each_mapping(&hold.0, offset, segs, |m, _, piece| {
+            if !ok {
+                return Ok(());
+            }
+            match m {
+                Mapping::Raw {
+                    storage,
+                    offset: host,
+                    writable,
+                    ..
+                } if writable || !write => match self.file_of(storage)? {
+                    Some(file) => pieces.push(Piece::File {
+                        file,
+                        offset: host,
+                        segs: piece.to_vec(),
+                    }),
+                    None => ok = false,
+                },
+                Mapping::Zero { .. } | Mapping::Eof { .. } if !write => {
+                    pieces.push(Piece::Zero(piece.to_vec()))
+                }
+                _ => ok = false,
+            }
+            Ok(())
+        })?;
+        Ok(ok.then_some(pieces))
+    }
+
+    /// Bytes a caller moved between a planned `Piece::File` and guest RAM.
+    pub fn note_batched(&self, n: u64) {
+        self.direct.fetch_add(n, Ordering::Relaxed);
+        self.batched.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Fills a planned `Piece::Zero`'s guest ranges with zeros.
+    pub fn zero(&self, map: &MemoryMap, segs: &[Segment]) -> io::Result<()> {
+        zero_fill(map, segs)?;
+        let n: usize = segs.iter().map(|s| s.len).sum();
+        self.zeroed.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Our descriptor of the file behind `storage`, opened once: read-write

@@ -25,6 +25,7 @@ use vm_memory::Bytes;
 
 use super::disk::Disk;
 use super::persistent::PersistentGrants;
+use super::qcow2::{Piece, Qcow2Hold};
 use super::BlkError;
 use crate::backends::blkif::request::{
     OP_DISCARD, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY, SECTOR, SEGS_PER_INDIRECT_PAGE,
@@ -106,6 +107,12 @@ struct Inflight {
     write: bool,
     start: u64,
     end: u64,
+    /// Its entries on the ring (a qcow2 group may have several files'
+    /// pieces, or none when it all reads as zeros).
+    entries: usize,
+    /// Bytes it read as zeros (a qcow2 group's unallocated clusters),
+    /// written into guest RAM when it was queued.
+    zeroed: u64,
 }
 
 /// A ring over a cache guard (held only while the ring is touched).
@@ -179,6 +186,9 @@ pub struct Queue {
     uring: Option<gpc::FileRing>,
     /// Groups queued on `uring`, answered by `drain`.
     inflight: Vec<Inflight>,
+    /// A qcow2 disk's mapping held from the first planned group of a batch
+    /// until `drain` completes it (no discard frees a cluster under it).
+    qcow2_hold: Option<Qcow2Hold>,
     /// Emptied vectors of answered groups (no allocation per group).
     spare_members: Vec<Vec<(u64, u8)>>,
     spare_pins: Vec<Vec<(u32, bool)>>,
@@ -274,9 +284,10 @@ impl Queue {
                 setup.port
             )));
         }
-        // io_uring moves data between the file and guest RAM at the
-        // guest's offsets: raw disks only.
-        let uring = if params.uring != UringUse::Off && disk.file().is_some() {
+        // io_uring moves data between the file and guest RAM: at the
+        // guest's offsets for a raw disk, at the clusters' for a qcow2 one
+        // (its file registered at the first batch).
+        let uring = if params.uring != UringUse::Off && (disk.file().is_some() || disk.is_qcow2()) {
             match gpc::FileRing::new(&map, 64) {
                 Ok(mut r) => {
                     // The disk's file stays open as long as the queue (it
@@ -320,6 +331,7 @@ impl Queue {
             group_next: 0,
             uring,
             inflight: Vec::new(),
+            qcow2_hold: None,
             spare_members: Vec::new(),
             spare_pins: Vec::new(),
             notify_pending: false,
@@ -758,34 +770,90 @@ impl Queue {
             {
                 self.drain()?;
             }
-            if let Some(ring) = self.uring.as_mut() {
-                match ring.queue(start * SECTOR, &self.ranges, write) {
-                    Ok(_) => {
-                        let mut members = self.spare_members.pop().unwrap_or_default();
-                        members.append(&mut self.group);
-                        let pins = std::mem::replace(
-                            &mut self.pins,
-                            self.spare_pins.pop().unwrap_or_default(),
-                        );
-                        self.inflight.push(Inflight {
-                            members,
-                            pins,
-                            write,
-                            start,
-                            end,
-                        });
-                        self.ranges.clear();
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        tracing::debug!(queue = %self.name, %e, "io_uring queue refused: synchronous I/O");
-                    }
-                }
+            if let Some((entries, zeroed)) = self.queue_group(write) {
+                let mut members = self.spare_members.pop().unwrap_or_default();
+                members.append(&mut self.group);
+                let pins =
+                    std::mem::replace(&mut self.pins, self.spare_pins.pop().unwrap_or_default());
+                self.inflight.push(Inflight {
+                    members,
+                    pins,
+                    write,
+                    start,
+                    end,
+                    entries,
+                    zeroed,
+                });
+                self.ranges.clear();
+                return Ok(());
             }
         }
+        // Synchronous I/O: nothing in flight, no qcow2 hold kept (the disk
+        // takes the image's lock itself).
         self.drain()?;
         let st = self.io(rw);
         self.answer_group(st)
+    }
+
+    /// Queues the group's I/O over `self.ranges` on the io_uring: the
+    /// number of ring entries it took and the bytes it read as zeros (done
+    /// at once), or `None` (nothing queued) when it
+    /// must run synchronously (the ring refused it; a qcow2 group that needs
+    /// imago).
+    fn queue_group(&mut self, write: bool) -> Option<(usize, u64)> {
+        let offset = self.group_start * SECTOR;
+        let disk = self.disk.clone();
+        let ring = self.uring.as_mut()?;
+        let Some(q) = disk.qcow2() else {
+            return match ring.queue(offset, &self.ranges, write) {
+                Ok(_) => Some((1, 0)),
+                Err(e) => {
+                    tracing::debug!(queue = %self.name, %e, "io_uring queue refused: synchronous I/O");
+                    None
+                }
+            };
+        };
+        // Only this queue's own groups are in flight, all under its hold:
+        // taking one when there is none cannot wait on itself.
+        let hold = self.qcow2_hold.get_or_insert_with(|| q.hold());
+        let pieces = match q.plan(hold, offset, &self.ranges, write) {
+            Ok(Some(p)) => p,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::debug!(queue = %self.name, %e, "qcow2 mapping not planned: synchronous I/O");
+                return None;
+            }
+        };
+        let first = ring.len();
+        let mut entries = 0;
+        for p in &pieces {
+            let Piece::File { file, offset, segs } = p else {
+                continue;
+            };
+            if !ring.has_registered() {
+                if let Err(e) = ring.register_shared(file) {
+                    tracing::debug!(queue = %self.name, %e, "io_uring: qcow2 file not registered");
+                }
+            }
+            if let Err(e) = ring.queue_on(file, *offset, segs, write) {
+                tracing::debug!(queue = %self.name, %e, "io_uring queue refused: synchronous I/O");
+                ring.cancel_from(first);
+                return None;
+            }
+            entries += 1;
+        }
+        let mut zeroed = 0;
+        for p in &pieces {
+            if let Piece::Zero(segs) = p {
+                zeroed += segs.iter().map(|s| s.len as u64).sum::<u64>();
+                if let Err(e) = q.zero(&self.map, segs) {
+                    tracing::debug!(queue = %self.name, %e, "qcow2 zeros not written: synchronous I/O");
+                    ring.cancel_from(first);
+                    return None;
+                }
+            }
+        }
+        Some((entries, zeroed))
     }
 
     /// Submits the queued groups (one system call for the batch), waits for
@@ -795,10 +863,12 @@ impl Queue {
             return Ok(());
         }
         let disk = self.disk.clone();
-        let results = match (self.uring.as_mut(), disk.file()) {
-            (Some(r), Some(f)) => r.run(f),
-            _ => Vec::new(),
+        let results = match self.uring.as_mut() {
+            Some(r) => r.run(disk.held_file()),
+            None => Vec::new(),
         };
+        // Every queued I/O is complete: the image's clusters may change.
+        self.qcow2_hold = None;
         let mut results = results.into_iter();
         let mut inflight = std::mem::take(&mut self.inflight);
         // Grants go back before the responses are pushed (one lock for the batch).
@@ -807,22 +877,35 @@ impl Queue {
         let mut done = std::mem::take(&mut self.done);
         done.clear();
         for g in inflight.drain(..) {
-            let st = match results.next() {
-                Some(Ok(n)) => {
+            // All of the group's entries must have moved their bytes.
+            let mut moved = Ok(g.zeroed);
+            for _ in 0..g.entries {
+                let r = results
+                    .next()
+                    .unwrap_or_else(|| Err(std::io::Error::other("io_uring result missing")));
+                moved = match (moved, r) {
+                    (Ok(a), Ok(n)) => Ok(a + n as u64),
+                    (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+                };
+            }
+            let st = match moved {
+                Ok(n) => {
+                    if let Some(q) = disk.qcow2() {
+                        q.note_batched(n - g.zeroed);
+                    }
                     if g.write {
-                        self.stats.bytes_written += n as u64;
+                        self.stats.bytes_written += n;
                     } else {
-                        self.stats.bytes_read += n as u64;
+                        self.stats.bytes_read += n;
                     }
                     RSP_OKAY
                 }
-                Some(Err(e)) => {
+                Err(e) => {
                     if let Some(suppressed) = self.warn.allow() {
                         tracing::warn!(queue = %self.name, %e, sector = g.start, suppressed, "disk I/O failed");
                     }
                     RSP_ERROR
                 }
-                None => RSP_ERROR,
             };
             done.extend(g.members.iter().map(|&(id, op)| (id, op, st)));
             // The vectors are reused by the next groups.
