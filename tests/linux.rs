@@ -1854,7 +1854,13 @@ fn build_xknet(dir: &std::path::Path) -> Vec<u8> {
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/xknet.rs");
     let out = dir.join("xknet");
     let st = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
-        .args(["--edition", "2021", "-O", "-C", "target-feature=+crt-static"])
+        .args([
+            "--edition",
+            "2021",
+            "-O",
+            "-C",
+            "target-feature=+crt-static",
+        ])
         .args(["-C", "strip=symbols", "-C", "panic=abort", "-o"])
         .arg(&out)
         .arg(&src)
@@ -1956,7 +1962,11 @@ fn linux_moves_100_mib_each_way_over_tcp_with_matching_sha256() {
     let sent = fields_after(&host_out, "HOST-SENT").unwrap_or_else(|| panic!("{ctx}"));
     let rx = fields_after(&b.stdout, "XKNET-RX").unwrap_or_else(|| panic!("{ctx}"));
     assert_eq!(sent[0], bytes, "the host sent all\n{ctx}");
-    assert_eq!(rx[..2], sent[..2], "host -> guest: bytes and SHA-256\n{ctx}");
+    assert_eq!(
+        rx[..2],
+        sent[..2],
+        "host -> guest: bytes and SHA-256\n{ctx}"
+    );
     let tx = fields_after(&b.stdout, "XKNET-TX").unwrap_or_else(|| panic!("{ctx}"));
     let got = fields_after(&host_out, "HOST-RECEIVED").unwrap_or_else(|| panic!("{ctx}"));
     assert_eq!(tx[0], bytes);
@@ -1964,7 +1974,11 @@ fn linux_moves_100_mib_each_way_over_tcp_with_matching_sha256() {
     assert!(b.stdout.contains("NET100-DONE"), "{ctx}");
     let rate = |f: &[&str]| {
         let secs: f64 = f[2].parse().unwrap_or(f64::NAN);
-        format!("{:.1} s, {:.1} KB/s", secs, (u64::from(mib) << 20) as f64 / secs / 1e3)
+        format!(
+            "{:.1} s, {:.1} KB/s",
+            secs,
+            (u64::from(mib) << 20) as f64 / secs / 1e3
+        )
     };
     println!(
         "{mib} MiB host -> guest: {} of guest time ({} of host time); guest -> host: {} ({} of host time); \
