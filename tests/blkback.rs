@@ -1033,6 +1033,109 @@ fn blkback_qcow2_discard_waits_for_a_batch_holding_the_mapping() {
 }
 
 #[test]
+fn blkback_qcow2_planned_pieces_hold_the_same_bytes_as_imago_reads() {
+    use vm_memory::Bytes;
+    use xenkvm::backends::blkback::qcow2::Piece;
+    let name = "blkback_qcow2_planned_pieces_hold_the_same_bytes_as_imago_reads";
+    if !qemu_img(name) {
+        return;
+    }
+    // A backing image with the pattern, a top image with some clusters of
+    // its own (written through imago) and a discarded range: pieces in two
+    // files and zeros.
+    let t = TmpDir::new("qcow2plan");
+    let (base, mut expect) = qcow2_image(&t, "base.qcow2");
+    let top = t.0.join("top.qcow2");
+    run_qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    let d = qdisk(&top, false);
+    let q = d.qcow2().unwrap();
+    let map = gpc::MemoryMap::new(&[(gpc::GuestAddress(0), 1 << 20)]).unwrap();
+    let mem = map.guest_memory();
+    for (at, len, v) in [(8192u64, 12288usize, 0x11u8), (65536 + 512, 1024, 0x22)] {
+        mem.write_slice(&vec![v; len], gpc::GuestAddress(0))
+            .unwrap();
+        let segs = [gpc::Segment::new(gpc::GuestAddress(0), len)];
+        assert_eq!(q.write(&map, at, &segs).unwrap(), len);
+        expect[at as usize..at as usize + len].fill(v);
+    }
+    d.discard(40, 16).unwrap();
+    expect[40 * 512..56 * 512].fill(0);
+    // Random reads of 1-64 sectors from 1-4 guest ranges: the pieces a
+    // batch would move give the bytes imago itself reads.
+    let mut x = 0x1234_5678_9abc_def0u64;
+    let mut next = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let (mut files, mut zeros) = (0, 0);
+    for i in 0..300 {
+        let sectors = 1 + next(64) as usize;
+        // A third of them near the written and discarded clusters.
+        let span = if i % 3 == 0 { 200 } else { 32_768 - sectors as u64 };
+        let at = next(span) * 512;
+        let mut segs = Vec::new();
+        let (mut left, mut gpa) = (sectors * 512, 0u64);
+        while left > 0 {
+            let n = if left > 512 {
+                512 * (1 + next((left / 512) as u64) as usize)
+            } else {
+                left
+            };
+            segs.push(gpc::Segment::new(gpc::GuestAddress(gpa), n));
+            gpa += n as u64 + 4096;
+            left -= n;
+        }
+        mem.write_slice(&vec![0xee; gpa as usize], gpc::GuestAddress(0))
+            .unwrap();
+        let hold = q.hold();
+        let pieces = q
+            .plan(&hold, at, &segs, false)
+            .unwrap()
+            .expect("reads need no imago");
+        for p in &pieces {
+            match p {
+                Piece::File { file, offset, segs } => {
+                    files += 1;
+                    map.read_file_into(file, *offset, segs).unwrap();
+                }
+                Piece::Zero(segs) => {
+                    zeros += 1;
+                    q.zero(&map, segs).unwrap();
+                }
+            }
+        }
+        drop(hold);
+        let mut pos = at as usize;
+        for s in &segs {
+            let mut got = vec![0u8; s.len];
+            mem.read_slice(&mut got, s.gpa).unwrap();
+            assert!(
+                got == expect[pos..pos + s.len],
+                "read of {sectors} sectors at {at}"
+            );
+            pos += s.len;
+        }
+    }
+    assert!(
+        files > 300 && zeros > 0,
+        "{files} file pieces, {zeros} zero pieces"
+    );
+}
+
+#[test]
 fn blkback_qcow2_readonly_refuses_writes_and_leaves_file_unchanged() {
     if !qemu_img("blkback_qcow2_readonly_refuses_writes_and_leaves_file_unchanged") {
         return;
