@@ -1084,7 +1084,11 @@ fn blkback_qcow2_planned_pieces_hold_the_same_bytes_as_imago_reads() {
     for i in 0..300 {
         let sectors = 1 + next(64) as usize;
         // A third of them near the written and discarded clusters.
-        let span = if i % 3 == 0 { 200 } else { 32_768 - sectors as u64 };
+        let span = if i % 3 == 0 {
+            200
+        } else {
+            32_768 - sectors as u64
+        };
         let at = next(span) * 512;
         let mut segs = Vec::new();
         let (mut left, mut gpa) = (sectors * 512, 0u64);

@@ -1866,7 +1866,11 @@ fn build_xknet(dir: &std::path::Path) -> Vec<u8> {
         .arg(&src)
         .status()
         .expect("rustc");
-    assert!(st.success(), "rustc {} failed", src.display());
+    assert!(
+        st.success(),
+        "rustc {} failed (a static build needs glibc's libc.a: apt-get install libc6-dev)",
+        src.display()
+    );
     std::fs::read(out).unwrap()
 }
 
