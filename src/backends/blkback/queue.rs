@@ -32,8 +32,8 @@ use crate::backends::blkif::request::{
 };
 use crate::backends::blkif::ring::PAGE;
 use crate::backends::blkif::{
-    encode_response, parse_indirect_segments, parse_request, Abi, BackRing, Request, RingMem, RwOp,
-    Segment,
+    encode_response, parse_indirect_segments, parse_request_reusing, Abi, BackRing, Request,
+    RingMem, RwOp, Segment,
 };
 use crate::backends::xenstore::RateLimiter;
 
@@ -516,10 +516,12 @@ impl Queue {
     /// sectors are merged into one host I/O; anything else first completes
     /// the group, so flushes, barriers and discards keep their order.
     fn handle(&mut self, raw: &[u8]) -> Result<Option<(u64, u8, i16)>, BlkError> {
-        let req = match parse_request(self.abi, raw, self.params.max_indirect) {
-            Ok(r) => r,
-            Err(e) => return Ok(Some(self.refuse(e.id, e.operation, e.status, e.why))),
-        };
+        // The segment list is built in `self.segs` and handed back below.
+        let req =
+            match parse_request_reusing(self.abi, raw, self.params.max_indirect, &mut self.segs) {
+                Ok(r) => r,
+                Err(e) => return Ok(Some(self.refuse(e.id, e.operation, e.status, e.why))),
+            };
         let (id, op) = (req.id(), req.operation());
         if !matches!(
             req,

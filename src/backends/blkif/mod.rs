@@ -13,7 +13,7 @@ pub mod ring;
 mod proptests;
 
 pub use request::{
-    decode_response, encode_response, parse_indirect_segments, parse_request, Abi, Refused,
-    Request, RwOp, Segment,
+    decode_response, encode_response, parse_indirect_segments, parse_request,
+    parse_request_reusing, Abi, Refused, Request, RwOp, Segment,
 };
 pub use ring::{ring_entries, BackRing, RingError, RingMem, VecRing};

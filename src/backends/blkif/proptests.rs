@@ -40,6 +40,14 @@ impl Rng {
 
 /// What must hold for any parse result of `raw`.
 fn check_parse(abi: Abi, raw: &[u8], max_ind: usize) {
+    // The allocation-free form gives the same result whatever its spare
+    // list held, and keeps the list when it does not use it.
+    let mut spare = vec![Segment::decode(&[0xff; 8]); 3];
+    let reused = parse_request_reusing(abi, raw, max_ind, &mut spare);
+    assert_eq!(reused, parse_request(abi, raw, max_ind));
+    if !matches!(reused, Ok(Request::Rw { .. })) {
+        assert!(spare.capacity() >= 3, "spare list dropped");
+    }
     match parse_request(abi, raw, max_ind) {
         Ok(r) => {
             match &r {

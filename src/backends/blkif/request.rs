@@ -308,6 +308,19 @@ fn get_u64(b: &[u8], o: usize) -> u64 {
 /// private copy; shorter input reads as zeros). `max_indirect` is the
 /// advertised `feature-max-indirect-segments` (0: indirect refused).
 pub fn parse_request(abi: Abi, raw: &[u8], max_indirect: usize) -> Result<Request, Refused> {
+    parse_request_reusing(abi, raw, max_indirect, &mut Vec::new())
+}
+
+/// [`parse_request`] that builds a direct request's segment list in
+/// `spare` (taken, cleared; left in place when the request is refused or
+/// has no such list): a backend that hands the list back after each
+/// request parses without allocating.
+pub fn parse_request_reusing(
+    abi: Abi,
+    raw: &[u8],
+    max_indirect: usize,
+    spare: &mut Vec<Segment>,
+) -> Result<Request, Refused> {
     let op = get_u8(raw, 0);
     let i = abi.id_off();
     let id = get_u64(raw, i);
@@ -339,11 +352,15 @@ pub fn parse_request(abi: Abi, raw: &[u8], max_indirect: usize) -> Result<Reques
             if n == 0 && matches!(rw, RwOp::Read | RwOp::Write) {
                 return Err(refuse(RSP_ERROR, "read or write without segments"));
             }
-            let mut segs = Vec::with_capacity(n);
+            let mut segs = std::mem::take(spare);
+            segs.clear();
+            segs.reserve(n);
             for k in 0..n {
                 let o = i + 16 + k * 8;
                 let s = Segment::decode(raw.get(o..o + 8).unwrap_or(&[0; 8]));
                 if !s.valid() {
+                    segs.clear();
+                    *spare = segs;
                     return Err(refuse(
                         RSP_ERROR,
                         "segment with first_sect > last_sect or past 7",
