@@ -2,7 +2,11 @@
 //! iovec of host addresses of RAM pages, for backends that must not copy
 //! (blkback). The kernel reads or writes the pages; no Rust reference to
 //! guest memory is made. Pages read into are marked dirty in the map's own
-//! bitmap, as a cache guard's writes are.
+//! bitmap, as a cache guard's writes are, once the read has returned: a
+//! mark set before would let a `take_dirty` between the mark and the write
+//! clear it, and a migration copy the page before the data arrived with
+//! nothing left to send it again (a guard's write is ordered by the RCU
+//! wait in `take_dirty` instead; an I/O holds no guard).
 
 use std::fs::File;
 use std::io;
@@ -18,14 +22,49 @@ pub const MAX_IO_PIECES: usize = 1024;
 
 impl MemoryMap {
     /// Host iovecs of `segs` (each split at region boundaries).
-    pub(crate) fn iovecs(
-        &self,
-        segs: &[Segment],
-        mark_dirty: bool,
-    ) -> Result<Vec<libc::iovec>, Error> {
+    pub(crate) fn iovecs(&self, segs: &[Segment]) -> Result<Vec<libc::iovec>, Error> {
         let mut v = Vec::with_capacity(segs.len());
-        self.iovecs_into(segs, mark_dirty, &mut v)?;
+        self.iovecs_into(segs, &mut v)?;
         Ok(v)
+    }
+
+    /// Marks the RAM pages `iov` (host iovecs made by
+    /// [`iovecs_into`](Self::iovecs_into)) dirty: call it after the I/O that
+    /// wrote them has returned (see the module docs). A page already marked
+    /// costs a load, not a locked write.
+    pub(crate) fn mark_written(&self, iov: &[libc::iovec]) {
+        for v in iov {
+            let (start, len) = (v.iov_base as usize, v.iov_len);
+            if len == 0 {
+                continue;
+            }
+            let Some(r) = self
+                .inner
+                .regions
+                .iter()
+                .find(|r| start >= r.host && start - r.host < r.size as usize)
+            else {
+                continue;
+            };
+            let off = (start - r.host) as u64;
+            mark_pages(r, off, (len as u64).min(r.size - off));
+        }
+    }
+
+    /// [`mark_written`](Self::mark_written) by guest range (RAM only; the
+    /// rest is skipped).
+    pub(crate) fn mark_written_segs(&self, segs: &[Segment]) {
+        for s in segs {
+            let (mut gpa, end) = (s.gpa.0, s.gpa.0.saturating_add(s.len as u64));
+            while gpa < end {
+                let Some(r) = self.inner.region_of(gpa) else {
+                    break;
+                };
+                let n = (end - gpa).min(r.base + r.size - gpa);
+                mark_pages(r, gpa - r.base, n);
+                gpa += n;
+            }
+        }
     }
 
     /// [`iovecs`](Self::iovecs) appended to `v` (a buffer the caller
@@ -33,7 +72,6 @@ impl MemoryMap {
     pub(crate) fn iovecs_into(
         &self,
         segs: &[Segment],
-        mark_dirty: bool,
         v: &mut Vec<libc::iovec>,
     ) -> Result<(), Error> {
         let first = v.len();
@@ -49,15 +87,6 @@ impl MemoryMap {
                     .ok_or(Error::NotMemfdBacked { gpa })?;
                 let n = (end - gpa).min(r.base + r.size - gpa);
                 let off = gpa - r.base;
-                if mark_dirty {
-                    let first = off >> PAGE_SHIFT;
-                    let last = (off + n - 1) >> PAGE_SHIFT;
-                    for p in first..=last {
-                        if let Some(w) = r.dirty.get((p / 64) as usize) {
-                            w.fetch_or(1 << (p % 64), Ordering::Relaxed);
-                        }
-                    }
-                }
                 v.push(libc::iovec {
                     iov_base: (r.host + off as usize) as *mut libc::c_void,
                     iov_len: n as usize,
@@ -106,10 +135,13 @@ impl MemoryMap {
                 Err(_) => &mut own,
             };
             v.clear();
-            let r = self
-                .iovecs_into(segs, mark_dirty, v)
-                .map_err(io::Error::other)
-                .and_then(|()| f(v));
+            let built = self.iovecs_into(segs, v).map_err(io::Error::other);
+            let ok = built.is_ok();
+            let r = built.and_then(|()| f(v));
+            if mark_dirty && ok {
+                // After the I/O, whatever it returned (part may have landed).
+                self.mark_written_segs(segs);
+            }
             // The pointers into guest RAM are not kept past the call.
             v.clear();
             r
@@ -132,7 +164,7 @@ impl MemoryMap {
             iov_base: head.as_ptr() as *mut libc::c_void,
             iov_len: head.len(),
         });
-        iov.extend(self.iovecs(segs, false).map_err(io::Error::other)?);
+        iov.extend(self.iovecs(segs).map_err(io::Error::other)?);
         if iov.len() > MAX_IO_PIECES {
             return Err(io::Error::other(Error::BadLength {
                 max_pages: MAX_IO_PIECES,
@@ -167,7 +199,7 @@ impl MemoryMap {
             iov_base: head.as_mut_ptr() as *mut libc::c_void,
             iov_len: head.len(),
         });
-        iov.extend(self.iovecs(segs, true).map_err(io::Error::other)?);
+        iov.extend(self.iovecs(segs).map_err(io::Error::other)?);
         if iov.len() > MAX_IO_PIECES {
             return Err(io::Error::other(Error::BadLength {
                 max_pages: MAX_IO_PIECES,
@@ -179,6 +211,7 @@ impl MemoryMap {
         // MAP_SHARED memfd pages that stay mapped for the call (see
         // `vectored`). No Rust reference to that memory exists.
         let n = unsafe { libc::readv(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        self.mark_written(&iov[1..]);
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -254,6 +287,22 @@ impl MemoryMap {
 
 /// Skips `n` transferred bytes of `iov`: returns how many entries are
 /// now fully done (the next one is trimmed in place).
+/// Sets the dirty bits of the pages of `len` bytes from `off` in `r` (a
+/// page already marked costs a load, not a locked write).
+fn mark_pages(r: &crate::map::Region, off: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    for p in (off >> PAGE_SHIFT)..=((off + len - 1) >> PAGE_SHIFT) {
+        if let Some(w) = r.dirty.get((p / 64) as usize) {
+            let bit = 1u64 << (p % 64);
+            if w.load(Ordering::Relaxed) & bit == 0 {
+                w.fetch_or(bit, Ordering::Release);
+            }
+        }
+    }
+}
+
 pub(crate) fn advance(iov: &mut [libc::iovec], mut n: usize) -> usize {
     let mut first = 0;
     while n > 0 && first < iov.len() {

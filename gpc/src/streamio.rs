@@ -39,7 +39,7 @@ impl MemoryMap {
                     }
                 }
                 IoPart::Ram(s) => iov.extend(
-                    self.iovecs(std::slice::from_ref(s), false)
+                    self.iovecs(std::slice::from_ref(s))
                         .map_err(io::Error::other)?,
                 ),
             }
@@ -59,15 +59,19 @@ impl MemoryMap {
         let mut iov = Vec::with_capacity(segs.len() + 4);
         for s in segs {
             iov.extend(
-                self.iovecs(std::slice::from_ref(s), true)
+                self.iovecs(std::slice::from_ref(s))
                     .map_err(io::Error::other)?,
             );
         }
+
         // SAFETY: every iovec points into a RAM region mapping owned by
         // `self.inner` (alive: we hold `self`), inside the region (checked
         // by `iovecs`), MAP_SHARED memfd pages that stay mapped (see
         // `fileio::vectored`). No Rust reference to that memory exists.
-        unsafe { self.stream_vectored(fd, iov, true) }
+        let r = unsafe { self.stream_vectored(fd, iov, true) };
+        // Marked once the read has returned (see `fileio`).
+        self.mark_written_segs(segs);
+        r
     }
 
     /// `readv`/`writev` of all of `iov` on `fd`, [`MAX_IO_PIECES`] at a time.

@@ -127,7 +127,7 @@ impl FileRing {
     ) -> Result<usize, Error> {
         let mut iov = self.spare.pop().unwrap_or_default();
         iov.clear();
-        if let Err(e) = self.map.iovecs_into(segs, !write, &mut iov) {
+        if let Err(e) = self.map.iovecs_into(segs, &mut iov) {
             iov.clear();
             self.spare.push(iov);
             return Err(e);
@@ -221,20 +221,30 @@ impl FileRing {
             }
         }
         let mut pending = std::mem::take(&mut self.pending);
+        // What the ring read into guest RAM has landed: mark it dirty now
+        // (not when queued: see `fileio`).
+        for p in pending.iter().filter(|p| !p.write) {
+            self.map.mark_written(&p.iov);
+        }
         let results = pending
             .iter_mut()
             .map(|p| match p.result.take() {
                 Some(Ok(n)) if n < p.total => {
                     // Short: finish the rest synchronously.
                     let first = crate::fileio::advance(&mut p.iov, n);
-                    self.map
+                    let r = self
+                        .map
                         .vectored(
                             p.file.as_deref().unwrap_or(file),
                             p.offset + n as u64,
                             &mut p.iov[first..],
                             !p.write,
                         )
-                        .map(|m| n + m)
+                        .map(|m| n + m);
+                    if !p.write {
+                        self.map.mark_written(&p.iov[first..]);
+                    }
+                    r
                 }
                 Some(r) => r,
                 None => Err(io::Error::other("io_uring request lost")),
@@ -404,5 +414,21 @@ mod tests {
             .read_slice(&mut got, GuestAddress(0xe000))
             .unwrap();
         assert_eq!(got, data[..0x400], "the unregistered file by descriptor");
+        // A queued read marks its page only once the data has landed: a
+        // `take_dirty` in between (a migration round) cannot consume the
+        // mark and leave the page's new contents unsent.
+        map.take_dirty().unwrap();
+        ring.queue(0, &[Segment::new(GuestAddress(0xf000), 0x200)], false)
+            .unwrap();
+        ring.queue(0, &[Segment::new(GuestAddress(0xe000), 0x200)], true)
+            .unwrap();
+        assert_eq!(map.take_dirty().unwrap(), vec![], "marked before the read");
+        let r = ring.run(&f);
+        assert!(matches!(r[..], [Ok(0x200), Ok(0x200)]), "{r:?}");
+        assert_eq!(
+            map.take_dirty().unwrap(),
+            vec![crate::Gfn(0xf)],
+            "the read's page, not the written-from one"
+        );
     }
 }

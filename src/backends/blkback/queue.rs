@@ -804,9 +804,8 @@ impl Queue {
     /// imago).
     fn queue_group(&mut self, write: bool) -> Option<(usize, u64)> {
         let offset = self.group_start * SECTOR;
-        let disk = self.disk.clone();
         let ring = self.uring.as_mut()?;
-        let Some(q) = disk.qcow2() else {
+        let Some(q) = self.disk.qcow2() else {
             return match ring.queue(offset, &self.ranges, write) {
                 Ok(_) => Some((1, 0)),
                 Err(e) => {
