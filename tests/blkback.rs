@@ -812,6 +812,27 @@ fn qcow2_image(t: &TmpDir, name: &str) -> (PathBuf, Vec<u8>) {
     (q, data)
 }
 
+/// An empty qcow2 image `top.qcow2` (4 KiB clusters) over a backing image
+/// made by [`qcow2_image`], and the backing image's data (what the top one
+/// reads as).
+fn qcow2_over_backing(t: &TmpDir) -> (PathBuf, Vec<u8>) {
+    let (base, data) = qcow2_image(t, "base.qcow2");
+    let top = t.0.join("top.qcow2");
+    run_qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    (top, data)
+}
+
 fn qdisk(path: &std::path::Path, ro: bool) -> Arc<Disk> {
     let spec = format!(
         "format=qcow2,vdev=xvda,access={},target={}",
@@ -1044,20 +1065,7 @@ fn blkback_qcow2_planned_pieces_hold_the_same_bytes_as_imago_reads() {
     // its own (written through imago) and a discarded range: pieces in two
     // files and zeros.
     let t = TmpDir::new("qcow2plan");
-    let (base, mut expect) = qcow2_image(&t, "base.qcow2");
-    let top = t.0.join("top.qcow2");
-    run_qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    let (top, mut expect) = qcow2_over_backing(&t);
     let d = qdisk(&top, false);
     let q = d.qcow2().unwrap();
     let map = gpc::MemoryMap::new(&[(gpc::GuestAddress(0), 1 << 20)]).unwrap();
@@ -1432,20 +1440,7 @@ fn blkback_qcow2_moves_allocated_clusters_zero_copy_reads_backing_and_zeros_and_
         return;
     }
     let t = TmpDir::new("qcow2zc");
-    let (base, mut expect) = qcow2_image(&t, "base.qcow2");
-    let top = t.0.join("top.qcow2");
-    run_qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    let (top, mut expect) = qcow2_over_backing(&t);
     let d = qdisk(&top, false);
     let g = Guest::new();
     let (mut fr, th) = connect(&g, d.clone(), 1, Abi::X86_64);
