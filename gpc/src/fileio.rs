@@ -285,8 +285,6 @@ impl MemoryMap {
     }
 }
 
-/// Skips `n` transferred bytes of `iov`: returns how many entries are
-/// now fully done (the next one is trimmed in place).
 /// Sets the dirty bits of the pages of `len` bytes from `off` in `r` (a
 /// page already marked costs a load, not a locked write).
 fn mark_pages(r: &crate::map::Region, off: u64, len: u64) {
@@ -303,6 +301,8 @@ fn mark_pages(r: &crate::map::Region, off: u64, len: u64) {
     }
 }
 
+/// Skips `n` transferred bytes of `iov`: returns how many entries are
+/// now fully done (the next one is trimmed in place).
 pub(crate) fn advance(iov: &mut [libc::iovec], mut n: usize) -> usize {
     let mut first = 0;
     while n > 0 && first < iov.len() {

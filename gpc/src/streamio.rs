@@ -63,7 +63,6 @@ impl MemoryMap {
                     .map_err(io::Error::other)?,
             );
         }
-
         // SAFETY: every iovec points into a RAM region mapping owned by
         // `self.inner` (alive: we hold `self`), inside the region (checked
         // by `iovecs`), MAP_SHARED memfd pages that stay mapped (see

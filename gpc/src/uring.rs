@@ -383,15 +383,18 @@ mod tests {
         .unwrap();
         let r = ring.run(&f);
         assert!(matches!(r[..], [Ok(0x200), Ok(0x200)]), "{r:?}");
-        let mut got = vec![0u8; 0x200];
-        map.guest_memory()
-            .read_slice(&mut got, GuestAddress(0xb000))
-            .unwrap();
-        assert_eq!(got, data[0x3000..0x3200]);
-        map.guest_memory()
-            .read_slice(&mut got, GuestAddress(0xc000))
-            .unwrap();
-        assert!(got.iter().all(|&b| b == 0xa5), "read from its own file");
+        let guest = |gpa: u64, len: usize| {
+            let mut b = vec![0u8; len];
+            map.guest_memory()
+                .read_slice(&mut b, GuestAddress(gpa))
+                .unwrap();
+            b
+        };
+        assert_eq!(guest(0xb000, 0x200), data[0x3000..0x3200]);
+        assert!(
+            guest(0xc000, 0x200).iter().all(|&b| b == 0xa5),
+            "read from its own file"
+        );
         ring.register_shared(&other).unwrap();
         assert!(ring.has_registered());
         ring.queue_on(
@@ -405,15 +408,15 @@ mod tests {
             .unwrap();
         let r = ring.run(&f);
         assert!(matches!(r[..], [Ok(0x400), Ok(0x400)]), "{r:?}");
-        let mut got = vec![0u8; 0x400];
-        map.guest_memory()
-            .read_slice(&mut got, GuestAddress(0xd000))
-            .unwrap();
-        assert!(got.iter().all(|&b| b == 0xa5), "through the fixed file");
-        map.guest_memory()
-            .read_slice(&mut got, GuestAddress(0xe000))
-            .unwrap();
-        assert_eq!(got, data[..0x400], "the unregistered file by descriptor");
+        assert!(
+            guest(0xd000, 0x400).iter().all(|&b| b == 0xa5),
+            "through the fixed file"
+        );
+        assert_eq!(
+            guest(0xe000, 0x400),
+            data[..0x400],
+            "the unregistered file by descriptor"
+        );
         // A queued read marks its page only once the data has landed: a
         // `take_dirty` in between (a migration round) cannot consume the
         // mark and leave the page's new contents unsent.

@@ -262,11 +262,7 @@ impl Qcow2Image {
                     None => self.bounce_read(&img, map, at, piece),
                 },
                 // Eof cannot follow a bounds-checked request; zeros if it does.
-                Mapping::Zero { .. } | Mapping::Eof { .. } => {
-                    zero_fill(map, piece)?;
-                    self.zeroed.fetch_add(n as u64, Ordering::Relaxed);
-                    Ok(())
-                }
+                Mapping::Zero { .. } | Mapping::Eof { .. } => self.zero(map, piece),
                 _ => self.bounce_read(&img, map, at, piece),
             }
         })

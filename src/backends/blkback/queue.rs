@@ -799,9 +799,8 @@ impl Queue {
 
     /// Queues the group's I/O over `self.ranges` on the io_uring: the
     /// number of ring entries it took and the bytes it read as zeros (done
-    /// at once), or `None` (nothing queued) when it
-    /// must run synchronously (the ring refused it; a qcow2 group that needs
-    /// imago).
+    /// at once), or `None` (nothing queued) when it must run synchronously
+    /// (the ring refused it; a qcow2 group that needs imago).
     fn queue_group(&mut self, write: bool) -> Option<(usize, u64)> {
         let offset = self.group_start * SECTOR;
         let ring = self.uring.as_mut()?;
