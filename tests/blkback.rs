@@ -7,6 +7,7 @@
 mod blkfront;
 
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -383,6 +384,66 @@ fn blkback_readonly_disk_refuses_writes_serves_reads() {
         pattern(0),
         "file unchanged"
     );
+}
+
+/// Sets `path`'s access time a day before its modification time, so that
+/// any read that updates access times (relatime included) moves it.
+fn age_atime(path: &std::path::Path) -> i64 {
+    let mtime = std::fs::metadata(path).unwrap().mtime();
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let t = [
+        libc::timespec {
+            tv_sec: mtime - 86_400,
+            tv_nsec: 0,
+        },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+    ];
+    // SAFETY: a valid C path and two timespecs, as utimensat takes.
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), t.as_ptr(), 0) },
+        0
+    );
+    mtime - 86_400
+}
+
+#[test]
+fn blkback_guest_reads_leave_the_image_access_time_alone() {
+    let t = TmpDir::new("atime");
+    let path = t.image("d.img", SECTORS);
+    // Control: a plain read here does update it (else the file system is
+    // mounted noatime and this test cannot tell anything).
+    let old = age_atime(&path);
+    let _ = std::fs::read(&path).unwrap();
+    if std::fs::metadata(&path).unwrap().atime() == old {
+        eprintln!("skipped: {} does not update access times", t.0.display());
+        return;
+    }
+    let old = age_atime(&path);
+    let g = Guest::new();
+    let (mut fr, _th) = connect(&g, disk(&path, false), 1, Abi::X86_64);
+    let pg = data_pages(&g, 4, false);
+    for (i, p) in pg.iter().enumerate() {
+        let r = rw(RwOp::Read, i as u64, 8 * i as u64, vec![full(p.1)]);
+        assert_eq!(one(&mut fr, &r).2, RSP_OKAY);
+    }
+    assert!(page_is_pattern(&g, pg[1].0, 8));
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().atime(),
+        old,
+        "the backend's reads changed the image's access time"
+    );
+}
+
+/// Whether guest page `gfn` holds the image's pattern from `sector` on.
+fn page_is_pattern(g: &Guest, gfn: u64, sector: u64) -> bool {
+    let mut b = vec![0u8; 4096];
+    g.read_mem(gfn << 12, &mut b);
+    b.iter()
+        .enumerate()
+        .all(|(i, &v)| v == pattern(sector * 512 + i as u64))
 }
 
 #[test]

@@ -18,6 +18,27 @@ use super::config::{BlkConfig, DiskFormat};
 use super::qcow2::Qcow2Image;
 use super::BlkError;
 
+/// Opens `path` for reading (and writing if `write`) without access-time
+/// updates (`O_NOATIME`): a guest's reads say nothing about when the image
+/// was last used, and the kernel's atime check is a measurable share of a
+/// 4 KiB read from the page cache (about 7 % here). `O_NOATIME` needs the
+/// file's owner or `CAP_FOWNER`: refused (`EPERM`), the file is opened
+/// without it.
+pub(crate) fn open_noatime(path: &std::path::Path, write: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |flags| {
+        OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(flags)
+            .open(path)
+    };
+    match open(libc::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
+        r => r,
+    }
+}
+
 /// 512-byte sector.
 pub const SECTOR: u64 = 512;
 
@@ -51,11 +72,7 @@ impl Disk {
             path: cfg.path.clone(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!cfg.readonly)
-            .open(&cfg.path)
-            .map_err(err)?;
+        let file = open_noatime(&cfg.path, !cfg.readonly).map_err(err)?;
         let ft = file.metadata().map_err(err)?.file_type();
         let block_device = ft.is_block_device();
         if !block_device && !ft.is_file() {

@@ -224,12 +224,7 @@ impl Qcow2Image {
     }
 
     fn open_file(&self, name: &Path) -> io::Result<File> {
-        let open = |write: bool| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(write)
-                .open(name)
-        };
+        let open = |write: bool| super::disk::open_noatime(name, write);
         if self.writable {
             open(true).or_else(|_| open(false))
         } else {
