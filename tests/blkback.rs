@@ -402,10 +402,8 @@ fn age_atime(path: &std::path::Path) -> i64 {
         },
     ];
     // SAFETY: a valid C path and two timespecs, as utimensat takes.
-    assert_eq!(
-        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), t.as_ptr(), 0) },
-        0
-    );
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), t.as_ptr(), 0) };
+    assert_eq!(r, 0, "utimensat {}", path.display());
     mtime - 86_400
 }
 
