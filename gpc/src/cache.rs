@@ -510,7 +510,7 @@ fn resolve<'a>(
             match overlays.get(&gfn) {
                 Some(o) => runs.push(Run {
                     backing: Backing::Overlay(o.clone()),
-                    offset: 0,
+                    offset: o.offset(),
                     pages: 1,
                 }),
                 None => {

@@ -223,8 +223,15 @@ impl MemoryMap {
         // owns (kept alive by `self`); every cache covering it is invalid and
         // no read-side section started before the invalidation is still
         // running (begin_change), so no cache write is in flight to the old page.
-        unsafe { sys::map_fixed(host as *mut u8, &page.inner.file, 0, PAGE_SIZE) }
-            .map_err(Error::os("mmap of an overlay page over guest RAM"))?;
+        unsafe {
+            sys::map_fixed(
+                host as *mut u8,
+                &page.inner.file,
+                page.inner.offset,
+                PAGE_SIZE,
+            )
+        }
+        .map_err(Error::os("mmap of an overlay page over guest RAM"))?;
         st.overlays.insert(gfn.0, page.clone());
         drop(st);
         self.inner.changed.notify(usize::MAX);
@@ -401,6 +408,8 @@ impl MapInner {
 
 struct OverlayInner {
     file: File,
+    /// The page's offset in `file`.
+    offset: u64,
     host: usize,
 }
 
@@ -443,8 +452,32 @@ impl OverlayPage {
         let host = sys::map_shared(&file, 0, PAGE_SIZE)
             .map_err(Error::os("mmap of an overlay page"))? as usize;
         Ok(OverlayPage {
-            inner: Arc::new(OverlayInner { file, host }),
+            inner: Arc::new(OverlayInner {
+                file,
+                offset: 0,
+                host,
+            }),
         })
+    }
+
+    /// The page at `offset` of `file`, which the caller shares with whoever
+    /// else writes it (a BPF array map's page, say: any file whose pages
+    /// `mmap(MAP_SHARED)` maps). Its content is the file's, not zeroed.
+    pub fn from_file(file: File, offset: u64) -> Result<OverlayPage> {
+        if offset % PAGE_SIZE as u64 != 0 {
+            return Err(Error::os("an overlay page's offset")(
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            ));
+        }
+        let host = sys::map_shared(&file, offset, PAGE_SIZE)
+            .map_err(Error::os("mmap of an overlay page"))? as usize;
+        Ok(OverlayPage {
+            inner: Arc::new(OverlayInner { file, offset, host }),
+        })
+    }
+
+    pub(crate) fn offset(&self) -> u64 {
+        self.inner.offset
     }
 
     pub(crate) fn file(&self) -> &File {

@@ -499,3 +499,44 @@ fn race_activate_refresh_vs_overlay_never_writes_stale_page() {
         "writes never reached the overlay ({rounds} rounds)"
     );
 }
+
+/// An overlay that is a page of some other file at an offset (a BPF map's
+/// page, say): the guest range over it and the file's page are one page,
+/// both ways, in a cache that spans it and the RAM page after it.
+#[test]
+fn overlay_from_file_offset_is_the_files_page() {
+    use std::io::Write;
+    let m = map();
+    let mut f = tempfile_memfd(3 * PAGE_SIZE);
+    f.write_all(&vec![0x33; 3 * PAGE_SIZE]).unwrap();
+    let page = OverlayPage::from_file(f.try_clone().unwrap(), 2 * PS).unwrap();
+    assert!(OverlayPage::from_file(f.try_clone().unwrap(), 100).is_err());
+    m.place_overlay(Gfn(7), &page).unwrap();
+    // The file's page 2 shows through at gfn 7; RAM after it is RAM.
+    assert_eq!(read_gpa(&m, 7 * PS + 4090, 6), vec![0x33; 6]);
+    let c = Cache::new(&m);
+    c.activate(&[Segment::new(GuestAddress(7 * PS + 4088), 16)])
+        .unwrap();
+    c.guard().unwrap().write(0, &[0x44; 16]).unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, 2 * PS + 4088).unwrap();
+    assert_eq!(b, [0x44; 8], "the write went to the file's page");
+    f.read_exact_at(&mut b, PS + 4088).unwrap();
+    assert_eq!(b, [0x33; 8], "not to another of its pages");
+    assert_eq!(read_gpa(&m, 8 * PS, 8), vec![0x44; 8]);
+    // The file written from elsewhere: the guest reads it.
+    f.write_all_at(&[0x55; 4], 2 * PS + 16).unwrap();
+    assert_eq!(read_gpa(&m, 7 * PS + 16, 4), vec![0x55; 4]);
+}
+
+/// A memfd of `len` bytes (a file shared with the test, as a BPF map is).
+fn tempfile_memfd(len: usize) -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a NUL-terminated name; the fd returned is ours.
+    let fd = unsafe { libc::memfd_create(c"overlay-test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(len as u64).unwrap();
+    f
+}

@@ -5,7 +5,7 @@
 set -eu
 cd "$(dirname "$0")"
 ARCH_INC=/usr/include/$(uname -m)-linux-gnu
-clang -O2 -g -target bpf -D__TARGET_ARCH_x86 -I"$ARCH_INC" -c sched.bpf.c -o sched.bpf.o
+clang -O2 -g -target bpf -mcpu=v3 -D__TARGET_ARCH_x86 -I"$ARCH_INC" -c sched.bpf.c -o sched.bpf.o
 # Debug info is kept (BTF is needed for CO-RE); drop DWARF to keep the object small.
 if command -v llvm-strip >/dev/null 2>&1; then
     llvm-strip -g sched.bpf.o

@@ -39,6 +39,20 @@
  * again if `next` is not that vCPU (if `next` is another vCPU thread, through
  * the sibling delay above). Once per preemption: the slot is cleared at every
  * switch-out of the watch thread, so the wake-up cannot loop.
+ *
+ * Publishing `running` at the switch-in itself (no kick): a vCPU whose runstate
+ * area lies in a page of `pub_pages` (the VMM mapped that page over the guest's
+ * RAM page, so it is the guest's page) has a `pub_ctl` slot (index: the vCPU, the
+ * `tids` value >> 8). After the watch thread published `runnable` for a
+ * preemption it writes the published entry time and time[] into the slot and sets
+ * `armed`; at the thread's next switch-in this program takes `armed` back (an
+ * exchange) and writes `running` into the area (XEN_RUNSTATE_UPDATE protocol
+ * when `flag`), before the thread runs again: the vCPU never enters the guest
+ * under `runnable`, and is not kicked out of KVM_RUN for it. `out` (1 while the
+ * thread is switched out, cleared before the exchange) lets the watch thread find
+ * a switch-in that came before its `armed` (it then takes `armed` back itself and
+ * kicks, as without this). The switch-in's guest time and host time go into the
+ * slot, so the VMM applies the switch-in event at exactly the published time.
  */
 #include <linux/types.h>
 #include <linux/bpf.h>
@@ -56,6 +70,7 @@ enum { WATCH_VCPU = 1, WATCH_SELF = 2 };
 /* ev.flags */
 #define EVF_BY_WATCHER 1u /* preempted by the watch thread itself */
 #define EVF_BY_VCPU 2u    /* preempted by another vCPU thread: wake-up deferred */
+#define EVF_PUBLISHED 4u  /* EV_IN: this program published running (ev.guest) */
 
 /* How long a preemption by a sibling vCPU thread must last before the consumer
  * is woken for it (short ones end when the sibling halts again). */
@@ -70,6 +85,7 @@ struct ev {
     __u64 ts; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
     __u32 cpu;
     __u32 flags;
+    __u64 guest; /* EV_IN with EVF_PUBLISHED: the guest time running was published at */
 };
 
 /* One ring per CPU (modulo NR_RINGS): an event goes into the ring of the CPU it
@@ -141,7 +157,7 @@ struct {
 } deferred SEC(".maps");
 
 static __always_inline void emit_to(void *rb, __u32 tid, __u32 kind, __u64 now, __u32 flags,
-                                    int wake)
+                                    int wake, __u64 guest)
 {
     struct ev *e = bpf_ringbuf_reserve(rb, sizeof(*e), 0);
     if (!e) {
@@ -156,6 +172,7 @@ static __always_inline void emit_to(void *rb, __u32 tid, __u32 kind, __u64 now, 
     e->ts = now;
     e->cpu = bpf_get_smp_processor_id();
     e->flags = flags;
+    e->guest = guest;
     /* Also wake the consumer once a quarter of the ring is waiting (halts and
      * wake-ups alone would otherwise fill it while nothing is preempted). */
     if (!wake && bpf_ringbuf_query(rb, BPF_RB_AVAIL_DATA) >= RB_WAKE_BYTES)
@@ -164,19 +181,22 @@ static __always_inline void emit_to(void *rb, __u32 tid, __u32 kind, __u64 now, 
 }
 
 /* Into the ring of the current CPU. */
-static __always_inline void emit(__u32 tid, __u32 kind, __u64 now, __u32 flags, int wake)
+static __always_inline void emit_g(__u32 tid, __u32 kind, __u64 now, __u32 flags, int wake,
+                                   __u64 guest)
 {
     switch (bpf_get_smp_processor_id() % NR_RINGS) {
-    case 0: emit_to(&rb0, tid, kind, now, flags, wake); break;
-    case 1: emit_to(&rb1, tid, kind, now, flags, wake); break;
-    case 2: emit_to(&rb2, tid, kind, now, flags, wake); break;
-    case 3: emit_to(&rb3, tid, kind, now, flags, wake); break;
-    case 4: emit_to(&rb4, tid, kind, now, flags, wake); break;
-    case 5: emit_to(&rb5, tid, kind, now, flags, wake); break;
-    case 6: emit_to(&rb6, tid, kind, now, flags, wake); break;
-    default: emit_to(&rb7, tid, kind, now, flags, wake); break;
+    case 0: emit_to(&rb0, tid, kind, now, flags, wake, guest); break;
+    case 1: emit_to(&rb1, tid, kind, now, flags, wake, guest); break;
+    case 2: emit_to(&rb2, tid, kind, now, flags, wake, guest); break;
+    case 3: emit_to(&rb3, tid, kind, now, flags, wake, guest); break;
+    case 4: emit_to(&rb4, tid, kind, now, flags, wake, guest); break;
+    case 5: emit_to(&rb5, tid, kind, now, flags, wake, guest); break;
+    case 6: emit_to(&rb6, tid, kind, now, flags, wake, guest); break;
+    default: emit_to(&rb7, tid, kind, now, flags, wake, guest); break;
     }
 }
+
+#define emit(tid, kind, now, flags, wake) emit_g(tid, kind, now, flags, wake, 0)
 
 /* The timer: the thread is still switched out (no switch-in cleared out_ts):
  * wake the consumer of this CPU's ring. A switch-in racing with this on
@@ -222,6 +242,86 @@ static __always_inline int defer_wake(__u32 tid, __u64 now, __u16 flags)
     return 1;
 }
 
+/* Direct publishing (see above). XK_MAX_VCPUS: the VMM's MAX_VCPUS. */
+#define XK_MAX_VCPUS 32
+#define XK_PAGE 4096
+#define XK_AREA 48 /* the 64-bit vcpu_runstate_info */
+#define XEN_RUNSTATE_UPDATE (1ull << 63)
+
+struct pub_ctl {
+    __u32 armed;     /* 1: publish running at the next switch-in */
+    __u32 out;       /* 1 while the thread is switched out */
+    __u32 page;      /* pub_pages index of the area's page */
+    __u32 off;       /* the area's offset in it (8-aligned, <= XK_PAGE - XK_AREA) */
+    __u32 enabled;   /* the area is in pub_pages */
+    __u32 flag;      /* XEN_RUNSTATE_UPDATE protocol */
+    __u64 entry;     /* the published runnable's state_entry_time (guest ns) */
+    __u64 time[4];   /* and its time[] */
+    __s64 offset;    /* guest ns = bpf_ktime_get_ns() + offset */
+    __u64 in_host;   /* the last published switch-in: its bpf_ktime_get_ns() */
+    __u64 in_guest;  /* and the guest time published for it */
+    __u64 published; /* switch-ins published */
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(map_flags, BPF_F_MMAPABLE);
+    __uint(max_entries, XK_MAX_VCPUS);
+    __type(key, __u32);
+    __type(value, struct pub_ctl);
+} pub_ctl SEC(".maps");
+
+struct pub_page {
+    __u64 w[XK_PAGE / 8];
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(map_flags, BPF_F_MMAPABLE);
+    __uint(max_entries, XK_MAX_VCPUS);
+    __type(key, __u32);
+    __type(value, struct pub_page);
+} pub_pages SEC(".maps");
+
+#define barrier() asm volatile("" ::: "memory")
+
+/* `running` from `now` into the slot's area: runnable's time grows by the
+ * wait. Returns the guest time published (0: not published). */
+static __always_inline __u64 publish_running(struct pub_ctl *c, __u64 now)
+{
+    __u32 pi = c->page;
+    __u32 off = c->off;
+    struct pub_page *pg = bpf_map_lookup_elem(&pub_pages, &pi);
+    if (!pg || off > XK_PAGE - XK_AREA || (off & 7))
+        return 0;
+    __u64 entry = c->entry;
+    __u64 guest = now + (__u64)c->offset;
+    if ((__s64)(guest - entry) < 0)
+        guest = entry;
+    volatile __u64 *a = &pg->w[off / 8];
+    if (c->flag) {
+        a[1] = entry | XEN_RUNSTATE_UPDATE;
+        barrier();
+    }
+    a[0] = 0; /* RUNSTATE_running, padding zero */
+    a[2] = c->time[0];
+    a[3] = c->time[1] + (guest - entry);
+    a[4] = c->time[2];
+    a[5] = c->time[3];
+    barrier();
+    a[1] = guest;
+    c->in_host = now;
+    c->in_guest = guest;
+    c->published++;
+    return guest;
+}
+
+static __always_inline struct pub_ctl *pub_slot(__u32 v)
+{
+    __u32 i = v >> 8;
+    return bpf_map_lookup_elem(&pub_ctl, &i);
+}
+
 SEC("tp_btf/sched_switch")
 int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
              unsigned int prev_state)
@@ -231,7 +331,7 @@ int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_stru
     __u32 zero = 0;
     __u32 *pv = bpf_map_lookup_elem(&tids, &ptid);
     __u32 *nv = bpf_map_lookup_elem(&tids, &ntid);
-    if (pv && *pv == WATCH_SELF) {
+    if (pv && (*pv & 0xff) == WATCH_SELF) {
         /* The watch thread leaves this CPU: if it had taken it from a vCPU
          * and the CPU does not go back to that vCPU, the preemption goes on
          * (another thread's now): wake the watch thread to show it. */
@@ -240,16 +340,19 @@ int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_stru
             /* To another vCPU thread: a sibling's preemption from here on,
              * shown only if it outlasts the delay, as those are. */
             if (so->tid != ntid &&
-                !(nv && *nv == WATCH_VCPU && defer_wake(so->tid, so->ts, EVF_BY_WATCHER)))
+                !(nv && (*nv & 0xff) == WATCH_VCPU && defer_wake(so->tid, so->ts, EVF_BY_WATCHER)))
                 emit(so->tid, EV_STILL_OUT, so->ts, EVF_BY_WATCHER, 1);
             so->tid = 0;
         }
     }
-    if (pv && *pv == WATCH_VCPU) {
+    if (pv && (*pv & 0xff) == WATCH_VCPU) {
+        struct pub_ctl *c = pub_slot(*pv);
         now = bpf_ktime_get_ns();
+        if (c)
+            c->out = 1;
         if (preempt || prev_state == 0) {
-            int by_watcher = nv && *nv == WATCH_SELF;
-            int by_vcpu = nv && *nv == WATCH_VCPU && defer_wake(ptid, now, 0);
+            int by_watcher = nv && (*nv & 0xff) == WATCH_SELF;
+            int by_vcpu = nv && (*nv & 0xff) == WATCH_VCPU && defer_wake(ptid, now, 0);
             __u32 flags = by_watcher ? EVF_BY_WATCHER : by_vcpu ? EVF_BY_VCPU : 0;
             if (by_watcher) {
                 struct self_out *so = bpf_map_lookup_elem(&self_out, &zero);
@@ -263,7 +366,7 @@ int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_stru
             emit(ptid, EV_BLOCKED, now, 0, 0);
         }
     }
-    if (nv && *nv == WATCH_VCPU) {
+    if (nv && (*nv & 0xff) == WATCH_VCPU) {
         struct deferred *d = bpf_map_lookup_elem(&deferred, &ntid);
         if (!now)
             now = bpf_ktime_get_ns();
@@ -275,7 +378,16 @@ int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_stru
             /* Cancelling also drops the callback: set it again next time. */
             d->ready = 0;
         }
-        emit(ntid, EV_IN, now, 0, 0);
+        struct pub_ctl *c = pub_slot(*nv);
+        __u64 guest = 0;
+        if (c) {
+            c->out = 0;
+            /* The exchange orders the store above before it (Dekker with the
+             * watch thread's store of armed and load of out). */
+            if (c->enabled && __sync_lock_test_and_set(&c->armed, 0))
+                guest = publish_running(c, now);
+        }
+        emit_g(ntid, EV_IN, now, guest ? EVF_PUBLISHED : 0, 0, guest);
     }
     return 0;
 }
@@ -285,7 +397,7 @@ int BPF_PROG(on_wakeup, struct task_struct *p)
 {
     __u32 tid = p->pid;
     __u32 *v = bpf_map_lookup_elem(&tids, &tid);
-    if (v && *v == WATCH_VCPU)
+    if (v && (*v & 0xff) == WATCH_VCPU)
         emit(tid, EV_WOKEN, bpf_ktime_get_ns(), 0, 0);
     return 0;
 }

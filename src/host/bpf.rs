@@ -15,6 +15,7 @@
 //! CAP_PERFMON (or root) and kernel BTF (`/sys/kernel/btf/vmlinux`).
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64};
 
 use aya::maps::{Array, HashMap, MapData, RingBuf};
 use aya::programs::BtfTracePoint;
@@ -40,6 +41,93 @@ pub enum Role {
     Vcpu = 1,
     /// The watch thread: a vCPU preempted in its favour does not wake it.
     Watcher = 2,
+}
+
+/// Slots of `pub_ctl` and pages of `pub_pages` (`XK_MAX_VCPUS` of sched.bpf.c).
+pub const MAX_PUB: usize = 32;
+const _: () = assert!(MAX_PUB == crate::MAX_VCPUS as usize);
+
+/// One vCPU's slot for publishing `running` at its thread's switch-in
+/// (`struct pub_ctl` of sched.bpf.c, in a memory-mapped BPF array shared
+/// with the program). The VMM sets `page`, `off`, `flag` and `enabled` when
+/// the vCPU's runstate area lies in a page of `pub_pages` placed over the
+/// guest's RAM; the watch thread, after it published `runnable`, writes
+/// `entry`, `time` and `offset` and then sets `armed`; the program takes
+/// `armed` back at the switch-in and publishes. `out` is the program's.
+#[repr(C)]
+#[derive(Debug)]
+pub struct PubCtl {
+    pub armed: AtomicU32,
+    pub out: AtomicU32,
+    pub page: AtomicU32,
+    pub off: AtomicU32,
+    pub enabled: AtomicU32,
+    pub flag: AtomicU32,
+    pub entry: AtomicU64,
+    pub time: [AtomicU64; 4],
+    pub offset: AtomicI64,
+    pub in_host: AtomicU64,
+    pub in_guest: AtomicU64,
+    pub published: AtomicU64,
+}
+const _: () = assert!(std::mem::size_of::<PubCtl>() == 96);
+
+/// The two shared maps, mapped into the VMM.
+struct PubMaps {
+    /// `MAX_PUB` slots in the VMM's mapping of `pub_ctl`.
+    ctl: *mut PubCtl,
+    ctl_len: usize,
+    /// `pub_pages` (its page `i` at offset `i * 4096`).
+    pages: std::fs::File,
+}
+
+// SAFETY: `ctl` points into a shared mapping this struct owns (unmapped on
+// drop); the slots are atomics, shared with the program by design.
+unsafe impl Send for PubMaps {}
+// SAFETY: as above: every access goes through the atomics.
+unsafe impl Sync for PubMaps {}
+
+impl Drop for PubMaps {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping of `ctl_len` bytes; the references handed
+        // out borrow `self`.
+        unsafe { libc::munmap(self.ctl.cast(), self.ctl_len) };
+    }
+}
+
+impl PubMaps {
+    fn new(ctl: &MapData, pages: &MapData) -> Result<PubMaps, String> {
+        use std::os::fd::AsFd;
+        let dup = |m: &MapData, what: &str| {
+            m.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map(std::fs::File::from)
+                .map_err(|e| err(what, e))
+        };
+        let ctl_file = dup(ctl, "pub_ctl")?;
+        let ctl_len = (MAX_PUB * std::mem::size_of::<PubCtl>()).next_multiple_of(4096);
+        // SAFETY: a fresh shared mapping of the map's data (no MAP_FIXED);
+        // the kernel checks the length against the map.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ctl_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                ctl_file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(err("mmap of pub_ctl", std::io::Error::last_os_error()));
+        }
+        Ok(PubMaps {
+            ctl: p.cast(),
+            ctl_len,
+            pages: dup(pages, "pub_pages")?,
+        })
+    }
 }
 
 /// One event of a vCPU thread.
@@ -73,6 +161,9 @@ pub struct Event {
     /// A preemption by another vCPU thread: the watch thread is woken only
     /// if it lasts (a [`Kind::StillOut`] event follows).
     pub by_vcpu: bool,
+    /// A switch-in at which the program published `running` itself
+    /// ([`PubCtl`]): the guest time it published.
+    pub published: Option<u64>,
 }
 
 /// Decodes one ring record (`struct ev` of sched.bpf.c); `None` if malformed.
@@ -98,6 +189,10 @@ pub fn decode(b: &[u8]) -> Option<Event> {
         cpu: u32_at(16),
         by_watcher: u32_at(20) & 1 != 0,
         by_vcpu: u32_at(20) & 2 != 0,
+        published: (u32_at(20) & 4 != 0 && b.len() >= 32).then(|| {
+            t.copy_from_slice(&b[24..32]);
+            u64::from_le_bytes(t)
+        }),
     })
 }
 
@@ -133,6 +228,9 @@ pub struct SchedBpf {
     rings: Vec<Mutex<RingBuf<MapData>>>,
     lost: Array<MapData, u64>,
     fds: Vec<RawFd>,
+    /// Publishing at the switch-in (`None`: the maps could not be mapped;
+    /// said in the log, and every preemption is kicked as before).
+    pubs: Option<PubMaps>,
 }
 
 impl std::fmt::Debug for SchedBpf {
@@ -184,6 +282,12 @@ impl SchedBpf {
             rings.push(Mutex::new(ring));
         }
         let lost = Array::try_from(take(&mut ebpf, "lost")?).map_err(|e| err("lost", e))?;
+        let pubs = match (ebpf.map("pub_ctl"), ebpf.map("pub_pages")) {
+            (Some(aya::maps::Map::Array(c)), Some(aya::maps::Map::Array(p))) => PubMaps::new(c, p)
+                .map_err(|e| tracing::info!(%e, "no publishing at the switch-in"))
+                .ok(),
+            _ => None,
+        };
         Ok(SchedBpf {
             _ebpf: ebpf,
             tids: Mutex::new(tids),
@@ -191,6 +295,7 @@ impl SchedBpf {
             rings,
             lost,
             fds,
+            pubs,
         })
     }
 
@@ -200,6 +305,39 @@ impl SchedBpf {
             .lock()
             .insert(tid, role as u32, 0)
             .map_err(|e| err("tids insert", e))
+    }
+
+    /// Starts reporting vCPU `vcpu`'s thread `tid` (its [`PubCtl`] slot is
+    /// `vcpu`'s).
+    pub fn watch_vcpu(&self, tid: u32, vcpu: u32) -> Result<(), String> {
+        if vcpu as usize >= MAX_PUB {
+            return Err(format!("vCPU {vcpu} beyond the program's {MAX_PUB} slots"));
+        }
+        self.tids
+            .lock()
+            .insert(tid, Role::Vcpu as u32 | vcpu << 8, 0)
+            .map_err(|e| err("tids insert", e))
+    }
+
+    /// `vcpu`'s slot for publishing at the switch-in, if the maps are mapped.
+    pub fn pub_slot(&self, vcpu: u32) -> Option<&PubCtl> {
+        let p = self.pubs.as_ref()?;
+        if vcpu as usize >= MAX_PUB {
+            return None;
+        }
+        // SAFETY: `vcpu < MAX_PUB` slots lie in the mapping, which lives as
+        // long as `self`; `PubCtl` is all atomics (any bit pattern is valid).
+        Some(unsafe { &*p.ctl.add(vcpu as usize) })
+    }
+
+    /// Page `i` of `pub_pages`, to be placed over guest RAM.
+    pub fn pub_page(&self, i: u32) -> Result<gpc::OverlayPage, String> {
+        let p = self.pubs.as_ref().ok_or("no pub_pages")?;
+        if i as usize >= MAX_PUB {
+            return Err(format!("pub_pages has {MAX_PUB} pages, not {}", i + 1));
+        }
+        let f = p.pages.try_clone().map_err(|e| err("pub_pages", e))?;
+        gpc::OverlayPage::from_file(f, u64::from(i) * 4096).map_err(|e| err("pub_pages", e))
     }
 
     /// Stops reporting thread `tid`.
@@ -278,6 +416,7 @@ mod tests {
                 cpu: 1,
                 by_watcher: true,
                 by_vcpu: false,
+                published: None,
             })
         );
         b[4] = 4;
@@ -471,6 +610,142 @@ mod tests {
             );
         }
         assert_eq!(bpf.lost(), 0);
+    }
+
+    /// Publishing at the switch-in: a watched vCPU thread on CPU 0 is
+    /// preempted by a SCHED_FIFO thread; while it is out its slot is armed
+    /// (as the watch thread does after publishing runnable); when the FIFO
+    /// thread sleeps, the program writes running into the area at the
+    /// switch-in, before the thread runs, and says so in the switch-in
+    /// event. Unarmed, the next preemption publishes nothing.
+    #[test]
+    fn bpf_publishes_running_at_the_switch_in_of_an_armed_vcpu_thread() {
+        let Some(bpf) = load_or_skip() else {
+            return;
+        };
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+        const VCPU: u32 = 5;
+        const PAGE: u32 = 3;
+        const OFF: usize = 64;
+        let Some(slot) = bpf.pub_slot(VCPU) else {
+            eprintln!("skipping: the program's maps are not mapped here");
+            return;
+        };
+        let page = bpf.pub_page(PAGE).unwrap();
+        let words = |i: usize| {
+            let mut b = [0u8; 8];
+            page.read(OFF + 8 * i, &mut b).unwrap();
+            u64::from_le_bytes(b)
+        };
+        // What the VMM published for the preemption: runnable since 1,000.
+        page.write(OFF, &[1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        page.write(OFF + 8, &1_000u64.to_le_bytes()).unwrap();
+        slot.page.store(PAGE, SeqCst);
+        slot.off.store(OFF as u32, SeqCst);
+        slot.flag.store(1, SeqCst);
+        slot.enabled.store(1, SeqCst);
+        let before = slot.published.load(SeqCst);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let v = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let tid = crate::host::perf::gettid();
+                let ok = crate::host::cpu::pin(tid, 0).is_ok();
+                let _ = tx.send((tid as u32, ok));
+                while !stop.load(SeqCst) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let (tid, pinned) = rx.recv().unwrap();
+        let _ = crate::host::cpu::pin(crate::host::perf::gettid(), 1);
+        // A FIFO thread on CPU 0 that preempts the spinner until released.
+        let hog = |release: Arc<AtomicBool>| {
+            std::thread::spawn(move || {
+                let me = crate::host::perf::gettid();
+                let ok =
+                    crate::host::cpu::pin(me, 0).is_ok() && crate::host::cpu::set_fifo(1).is_ok();
+                let end = Instant::now() + Duration::from_secs(5);
+                while ok && !release.load(SeqCst) && Instant::now() < end {
+                    std::hint::spin_loop();
+                }
+                let _ = crate::host::cpu::set_fifo_tid(me, 0);
+                ok
+            })
+        };
+        let wait = |what: &str, f: &dyn Fn() -> bool| {
+            let end = Instant::now() + Duration::from_secs(5);
+            while !f() {
+                assert!(Instant::now() < end, "timed out waiting for {what}");
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        };
+        bpf.watch_vcpu(tid, VCPU).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let release = Arc::new(AtomicBool::new(false));
+        let h = hog(release.clone());
+        if !pinned {
+            release.store(true, SeqCst);
+        }
+        wait("the preemption", &|| {
+            slot.out.load(SeqCst) == 1 || h.is_finished()
+        });
+        if !pinned || h.is_finished() {
+            release.store(true, SeqCst);
+            stop.store(true, SeqCst);
+            let _ = (h.join(), v.join());
+            bpf.unwatch(tid);
+            eprintln!("skipping: cannot pin a SCHED_FIFO thread beside another on CPU 0");
+            return;
+        }
+        // Armed while out, as the watch thread does.
+        slot.entry.store(1_000, SeqCst);
+        for (i, t) in [10u64, 20, 30, 40].iter().enumerate() {
+            slot.time[i].store(*t, SeqCst);
+        }
+        slot.offset.store(500, SeqCst);
+        slot.armed.store(1, SeqCst);
+        release.store(true, SeqCst);
+        assert!(h.join().unwrap());
+        wait("the publication", &|| slot.published.load(SeqCst) > before);
+        let (in_host, in_guest) = (slot.in_host.load(SeqCst), slot.in_guest.load(SeqCst));
+        assert_eq!(in_guest, in_host + 500);
+        assert_eq!(slot.armed.load(SeqCst), 0, "the program took armed back");
+        assert_eq!(words(0), 0, "state running");
+        assert_eq!(words(1), in_guest, "entry time, update flag clear");
+        assert_eq!(
+            (words(2), words(3), words(4), words(5)),
+            (10, 20 + in_guest - 1_000, 30, 40),
+            "runnable grew by the wait"
+        );
+        // Unarmed: another preemption publishes nothing.
+        let published = slot.published.load(SeqCst);
+        let release = Arc::new(AtomicBool::new(false));
+        let h = hog(release.clone());
+        wait("the second preemption", &|| slot.out.load(SeqCst) == 1);
+        release.store(true, SeqCst);
+        assert!(h.join().unwrap());
+        wait("the switch-in", &|| slot.out.load(SeqCst) == 0);
+        stop.store(true, SeqCst);
+        v.join().unwrap();
+        bpf.unwatch(tid);
+        slot.enabled.store(0, SeqCst);
+        assert_eq!(slot.published.load(SeqCst), published);
+        assert_eq!(words(1), in_guest, "the area was left alone");
+        let mut seen = Vec::new();
+        bpf.drain(|e| seen.push(e));
+        let pubs: Vec<_> = seen
+            .iter()
+            .filter(|e| e.tid == tid && e.kind == Kind::In && e.published.is_some())
+            .collect();
+        assert_eq!(pubs.len(), 1, "{seen:?}");
+        assert_eq!(
+            (pubs[0].time_ns, pubs[0].published),
+            (in_host, Some(in_guest))
+        );
     }
 
     #[test]
