@@ -224,6 +224,71 @@ fn sched_bpf_hog_beside_vcpu0_preemption_seen_and_shown() {
     }
 }
 
+/// `bpf-direct`: the program writes running into vCPU 0's area at its
+/// thread's switch-in (the area's page is the program's, placed over the
+/// guest's page), so shown preemptions need no kick. vCPU 1 sees runnable
+/// and running again; accounting stays with `run_delay`. The guest may see
+/// itself runnable only after a switch-in the kernel did not report (this
+/// host's `sched_switch` misses a few: `missed_in`), which is why this mode
+/// is not the default.
+#[test]
+fn sched_bpf_direct_publishes_running_at_the_switch_in_without_kicks() {
+    let name = "sched_bpf_direct_publishes_running_at_the_switch_in_without_kicks";
+    if !common::kvm_available(name) {
+        return;
+    }
+    if let Err(e) = xenkvm::host::bpf::SchedBpf::load() {
+        common::skip(name, &format!("BPF not permitted here: {e}"));
+        return;
+    }
+    let _one = SERIAL.lock();
+    let r = bench_sched::run(&SchedBench {
+        secs: 2,
+        hog_on_ms: 20,
+        hog_off_ms: 30,
+        mechanism: Some("bpf-direct".into()),
+        watcher_fifo: false,
+    })
+    .unwrap();
+    println!(
+        "bpf-direct: preemptions >1 ms {} shown {}; running published by the program {}, kicked {}; \
+         switch-ins not reported {}; guest saw runnable {} running {}, itself runnable {}; runnable {:.1} ms vs run_delay {:.1} ms",
+        r.host_over_1ms,
+        r.host_over_1ms_visible,
+        r.direct_published,
+        r.direct_kicked,
+        r.missed_in,
+        r.guest_runnable_seen,
+        r.guest_running_seen,
+        r.guest_self_runnable,
+        r.runnable_ms,
+        r.run_delay_ms
+    );
+    assert_eq!(
+        r.mechanism, "bpf-direct",
+        "the program did not take over: {r:?}"
+    );
+    assert!(r.host_over_1ms_visible > 0, "nothing shown: {r:?}");
+    assert!(
+        r.direct_published * 2 > r.host_over_1ms_visible,
+        "most shown preemptions end with the program's running: {r:?}"
+    );
+    assert!(r.guest_runnable_seen > 0, "{r:?}");
+    if xenkvm::host::cpu::online_cpus() >= 2 {
+        assert!(r.guest_running_seen > 0, "{r:?}");
+    }
+    assert!(r.invariant_ok);
+    if r.missed_in == 0 {
+        assert_eq!(r.guest_self_runnable, 0, "the guest saw itself runnable");
+        assert!(
+            r.accounting_error_pct < 1.0,
+            "runnable {:.1} ms vs run_delay {:.1} ms",
+            r.runnable_ms,
+            r.run_delay_ms
+        );
+    }
+}
+
 /// Without CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN the BPF load is refused: the
 /// VM falls back (unprivileged perf here, or sampling) and still runs.
 #[test]

@@ -210,6 +210,20 @@ impl MemoryMap {
     /// Maps `page` over the RAM page at `gfn` (the RAM page is kept underneath).
     /// The same page may be placed at several frames.
     pub fn place_overlay(&self, gfn: Gfn, page: &OverlayPage) -> Result<()> {
+        self.place(gfn, page, false)
+    }
+
+    /// [`place_overlay`](Self::place_overlay), keeping what the guest had
+    /// there: the RAM page's bytes are copied into the overlay page after
+    /// every cache over it is invalid (no cache write is in flight, and a
+    /// new one waits for the placement) and before the overlay replaces it.
+    /// The guest's own writes through KVM are the caller's to keep out
+    /// (every vCPU paused).
+    pub fn place_overlay_copying(&self, gfn: Gfn, page: &OverlayPage) -> Result<()> {
+        self.place(gfn, page, true)
+    }
+
+    fn place(&self, gfn: Gfn, page: &OverlayPage, copy: bool) -> Result<()> {
         if rcu::in_read_side() {
             return Err(Error::GuardHeld);
         }
@@ -219,6 +233,18 @@ impl MemoryMap {
             return Err(Error::OverlayExists(gfn.0));
         }
         self.inner.begin_change(&st, gfn.0, gfn.0);
+        if copy {
+            // SAFETY: whole pages: the RAM page of `gfn` (this map's) and the
+            // overlay's own mapping, distinct mappings; no cache write is in
+            // flight to either (see below).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    host as *const u8,
+                    page.inner.host as *mut u8,
+                    PAGE_SIZE,
+                )
+            };
+        }
         // SAFETY: `host` is the page of `gfn` inside a region mapping this map
         // owns (kept alive by `self`); every cache covering it is invalid and
         // no read-side section started before the invalidation is still

@@ -540,3 +540,24 @@ fn tempfile_memfd(len: usize) -> std::fs::File {
     f.set_len(len as u64).unwrap();
     f
 }
+
+/// Placing an overlay that keeps the page: what the guest had in the RAM
+/// page is in the overlay afterwards; a plain placement shows the overlay's
+/// own bytes.
+#[test]
+fn overlay_placed_copying_keeps_the_pages_bytes() {
+    let m = map();
+    m.guest_memory()
+        .write_slice(&pattern(PAGE_SIZE, 9), GuestAddress(5 * PS))
+        .unwrap();
+    let f = tempfile_memfd(2 * PAGE_SIZE);
+    let page = OverlayPage::from_file(f.try_clone().unwrap(), PS).unwrap();
+    m.place_overlay_copying(Gfn(5), &page).unwrap();
+    assert_eq!(read_gpa(&m, 5 * PS, PAGE_SIZE), pattern(PAGE_SIZE, 9));
+    let mut b = vec![0u8; PAGE_SIZE];
+    f.read_exact_at(&mut b, PS).unwrap();
+    assert_eq!(b, pattern(PAGE_SIZE, 9), "copied into the file's page");
+    let other = OverlayPage::from_file(f, 0).unwrap();
+    m.place_overlay(Gfn(6), &other).unwrap();
+    assert_eq!(read_gpa(&m, 6 * PS, 8), vec![0; 8]);
+}

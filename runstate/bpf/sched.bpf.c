@@ -44,14 +44,15 @@
  * area lies in a page of `pub_pages` (the VMM mapped that page over the guest's
  * RAM page, so it is the guest's page) has a `pub_ctl` slot (index: the vCPU, the
  * `tids` value >> 8). After the watch thread published `runnable` for a
- * preemption it writes the published entry time and time[] into the slot and sets
- * `armed`; at the thread's next switch-in this program takes `armed` back (an
- * exchange) and writes `running` into the area (XEN_RUNSTATE_UPDATE protocol
- * when `flag`), before the thread runs again: the vCPU never enters the guest
- * under `runnable`, and is not kicked out of KVM_RUN for it. `out` (1 while the
- * thread is switched out, cleared before the exchange) lets the watch thread find
- * a switch-in that came before its `armed` (it then takes `armed` back itself and
- * kicks, as without this). The switch-in's guest time and host time go into the
+ * preemption it writes the published entry time and time[] and the switch-out's
+ * time (`arm_out`) into the slot and sets `armed`; at the thread's next switch-in,
+ * if that switch-out is still the thread's last one, this program takes `armed`
+ * back (compare-and-swap) and writes `running` into the area (XEN_RUNSTATE_UPDATE
+ * protocol when `flag`), before the thread runs again: the vCPU never enters the
+ * guest under `runnable`, and is not kicked out of KVM_RUN for it. `out` and
+ * `last_out` (written at each switch-out, `out` cleared before the switch-in
+ * looks at `armed`) let the watch thread find a switch-in that came before its
+ * `armed` (it then takes `armed` back itself and kicks, as without this). The switch-in's guest time and host time go into the
  * slot, so the VMM applies the switch-in event at exactly the published time.
  */
 #include <linux/types.h>
@@ -249,18 +250,23 @@ static __always_inline int defer_wake(__u32 tid, __u64 now, __u16 flags)
 #define XEN_RUNSTATE_UPDATE (1ull << 63)
 
 struct pub_ctl {
-    __u32 armed;     /* 1: publish running at the next switch-in */
+    __u32 armed;     /* 1: publish running at the end of the switch-out `arm_out` */
     __u32 out;       /* 1 while the thread is switched out */
     __u32 page;      /* pub_pages index of the area's page */
     __u32 off;       /* the area's offset in it (8-aligned, <= XK_PAGE - XK_AREA) */
     __u32 enabled;   /* the area is in pub_pages */
     __u32 flag;      /* XEN_RUNSTATE_UPDATE protocol */
+    __u64 arm_out;   /* the switch-out (its time) the watch thread armed for */
+    __u64 last_out;  /* the thread's last switch-out (its time) */
     __u64 entry;     /* the published runnable's state_entry_time (guest ns) */
     __u64 time[4];   /* and its time[] */
     __s64 offset;    /* guest ns = bpf_ktime_get_ns() + offset */
     __u64 in_host;   /* the last published switch-in: its bpf_ktime_get_ns() */
     __u64 in_guest;  /* and the guest time published for it */
     __u64 published; /* switch-ins published */
+    __u64 ins;       /* switch-ins (a locked add: also the barrier below) */
+    __u64 outs;      /* switch-outs */
+    __u64 missed_in; /* switch-outs with no switch-in seen since the last one */
 };
 
 struct {
@@ -348,8 +354,13 @@ int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_stru
     if (pv && (*pv & 0xff) == WATCH_VCPU) {
         struct pub_ctl *c = pub_slot(*pv);
         now = bpf_ktime_get_ns();
-        if (c)
+        if (c) {
+            if (c->out)
+                c->missed_in++;
+            c->last_out = now;
             c->out = 1;
+            c->outs++;
+        }
         if (preempt || prev_state == 0) {
             int by_watcher = nv && (*nv & 0xff) == WATCH_SELF;
             int by_vcpu = nv && (*nv & 0xff) == WATCH_VCPU && defer_wake(ptid, now, 0);
@@ -382,9 +393,13 @@ int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_stru
         __u64 guest = 0;
         if (c) {
             c->out = 0;
-            /* The exchange orders the store above before it (Dekker with the
-             * watch thread's store of armed and load of out). */
-            if (c->enabled && __sync_lock_test_and_set(&c->armed, 0))
+            /* A locked add: orders the store above before the loads below
+             * (Dekker with the watch thread's store of armed and load of
+             * out). Published only for the switch-out armed for, and only
+             * if the watch thread has not taken armed back meanwhile. */
+            __sync_fetch_and_add(&c->ins, 1);
+            if (c->enabled && c->armed == 1 && c->arm_out == c->last_out &&
+                __sync_val_compare_and_swap(&c->armed, 1, 0) == 1)
                 guest = publish_running(c, now);
         }
         emit_g(ntid, EV_IN, now, guest ? EVF_PUBLISHED : 0, 0, guest);

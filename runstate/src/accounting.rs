@@ -149,11 +149,19 @@ impl Accounting {
             Some(prev) => {
                 let grown = run_delay_ns.saturating_sub(prev);
                 let residual = grown.saturating_sub(excluded_ns);
+                // Records that charged more than `run_delay` grew: an
+                // earlier sample charged part of their preemption already
+                // (its switch-in record came after that sample). The excess
+                // is carried as well, against the next growth.
+                let over = excluded_ns.saturating_sub(grown);
                 let steal = match self.data.state {
                     State::Running | State::Blocked => residual.min(delta),
                     _ => 0,
                 };
-                (steal, run_delay_ns - (residual - steal))
+                (
+                    steal,
+                    (run_delay_ns - (residual - steal)).saturating_add(over),
+                )
             }
             None => (0, run_delay_ns),
         };
@@ -273,6 +281,26 @@ mod tests {
         assert_eq!(a.data().time, [100, 50, 0, 0]);
         a.transition_with_steal_excluding(State::Running, 1_150, 1_500, 0);
         assert_eq!(a.data().time, [950, 200, 0, 0]);
+        assert_eq!(a.data().offset(), 0);
+    }
+
+    #[test]
+    fn steal_excluding_carries_records_that_charged_more_than_run_delay_grew() {
+        // A sample charges a 2,000 ns preemption as steal before its
+        // switch-in record is applied; the record then charges it again
+        // (2,000 excluded from a sample in which run_delay did not grow).
+        // The excess is taken off the next growth: of 3,000 more, only
+        // 1,000 is new. Steal charged: 2,000 + 1,000; with the record's
+        // 2,000, runnable is 5,000, run_delay's growth (3,000 more without
+        // the carry).
+        let mut a = Accounting::new(State::Running, 0);
+        a.transition_with_steal_excluding(State::Running, 1_000, 0, 0);
+        a.transition_with_steal_excluding(State::Running, 5_000, 2_000, 0);
+        assert_eq!(a.data().time[State::Runnable as usize], 2_000);
+        a.transition_with_steal_excluding(State::Running, 9_000, 2_000, 2_000);
+        assert_eq!(a.data().time[State::Runnable as usize], 2_000);
+        a.transition_with_steal_excluding(State::Running, 13_000, 5_000, 0);
+        assert_eq!(a.data().time[State::Runnable as usize], 3_000);
         assert_eq!(a.data().offset(), 0);
     }
 

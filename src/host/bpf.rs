@@ -52,8 +52,10 @@ const _: () = assert!(MAX_PUB == crate::MAX_VCPUS as usize);
 /// with the program). The VMM sets `page`, `off`, `flag` and `enabled` when
 /// the vCPU's runstate area lies in a page of `pub_pages` placed over the
 /// guest's RAM; the watch thread, after it published `runnable`, writes
-/// `entry`, `time` and `offset` and then sets `armed`; the program takes
-/// `armed` back at the switch-in and publishes. `out` is the program's.
+/// `entry`, `time`, `offset` and `arm_out` (the switch-out's time) and then
+/// sets `armed`; the program takes `armed` back at the switch-in that ends
+/// that switch-out and publishes. `out`, `last_out` and the `in_*` fields
+/// are the program's.
 #[repr(C)]
 #[derive(Debug)]
 pub struct PubCtl {
@@ -63,14 +65,19 @@ pub struct PubCtl {
     pub off: AtomicU32,
     pub enabled: AtomicU32,
     pub flag: AtomicU32,
+    pub arm_out: AtomicU64,
+    pub last_out: AtomicU64,
     pub entry: AtomicU64,
     pub time: [AtomicU64; 4],
     pub offset: AtomicI64,
     pub in_host: AtomicU64,
     pub in_guest: AtomicU64,
     pub published: AtomicU64,
+    pub ins: AtomicU64,
+    pub outs: AtomicU64,
+    pub missed_in: AtomicU64,
 }
-const _: () = assert!(std::mem::size_of::<PubCtl>() == 96);
+const _: () = assert!(std::mem::size_of::<PubCtl>() == 136);
 
 /// The two shared maps, mapped into the VMM.
 struct PubMaps {
@@ -617,7 +624,8 @@ mod tests {
     /// (as the watch thread does after publishing runnable); when the FIFO
     /// thread sleeps, the program writes running into the area at the
     /// switch-in, before the thread runs, and says so in the switch-in
-    /// event. Unarmed, the next preemption publishes nothing.
+    /// event. Armed for a switch-out that is not the thread's last, the
+    /// next switch-in publishes nothing.
     #[test]
     fn bpf_publishes_running_at_the_switch_in_of_an_armed_vcpu_thread() {
         let Some(bpf) = load_or_skip() else {
@@ -702,6 +710,7 @@ mod tests {
             return;
         }
         // Armed while out, as the watch thread does.
+        slot.arm_out.store(slot.last_out.load(SeqCst), SeqCst);
         slot.entry.store(1_000, SeqCst);
         for (i, t) in [10u64, 20, 30, 40].iter().enumerate() {
             slot.time[i].store(*t, SeqCst);
@@ -721,11 +730,15 @@ mod tests {
             (10, 20 + in_guest - 1_000, 30, 40),
             "runnable grew by the wait"
         );
-        // Unarmed: another preemption publishes nothing.
+        // Armed for another switch-out than the thread's last one (the
+        // watch thread was behind): nothing published, armed left for the
+        // watch thread to take back (it then kicks).
         let published = slot.published.load(SeqCst);
         let release = Arc::new(AtomicBool::new(false));
         let h = hog(release.clone());
         wait("the second preemption", &|| slot.out.load(SeqCst) == 1);
+        slot.arm_out.store(slot.last_out.load(SeqCst) - 1, SeqCst);
+        slot.armed.store(1, SeqCst);
         release.store(true, SeqCst);
         assert!(h.join().unwrap());
         wait("the switch-in", &|| slot.out.load(SeqCst) == 0);
@@ -734,6 +747,7 @@ mod tests {
         bpf.unwatch(tid);
         slot.enabled.store(0, SeqCst);
         assert_eq!(slot.published.load(SeqCst), published);
+        assert_eq!(slot.armed.swap(0, SeqCst), 1, "armed left alone");
         assert_eq!(words(1), in_guest, "the area was left alone");
         let mut seen = Vec::new();
         bpf.drain(|e| seen.push(e));

@@ -196,6 +196,11 @@ impl Vcpu {
                 bpf_ring_busy = self.m.xen.bpf_ring_busy(),
                 bpf_sibling_still_out = self.m.xen.bpf_still_out(),
                 bpf_handed_over = self.m.xen.bpf_handed_over(),
+                direct = r.direct,
+                direct_armed = r.direct_armed,
+                direct_late = r.direct_late,
+                direct_published = r.direct_published,
+                missed_in = r.missed_in,
                 "host schedule tracking at exit"
             );
         }
@@ -502,7 +507,11 @@ impl Vcpu {
                     // vCPU holds paused until the save decides.
                     SuspendAnswer::Hold => {
                         tracing::info!("guest suspended (SHUTDOWN_suspend): held for the save");
-                        self.handle.send(crate::vcpu::Request::Pause);
+                        {
+                            // Not undone by a pause of the Xen glue's in progress.
+                            let _g = self.m.pause_lock.lock();
+                            self.handle.send(crate::vcpu::Request::Pause);
+                        }
                         (
                             0,
                             State::Paused {

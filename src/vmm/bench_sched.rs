@@ -86,6 +86,14 @@ pub struct SchedResult {
     pub watcher_preemptions: u64,
     /// Window length (ms).
     pub window_ms: f64,
+    /// `bpf-direct`: switch-ins at which the program published running
+    /// (no kick), and shown preemptions that were kicked instead (the
+    /// switch-in came before the program was armed).
+    pub direct_published: u64,
+    pub direct_kicked: u64,
+    /// BPF: switch-outs of vCPU 0's thread with no switch-in reported
+    /// since the one before (the kernel's `sched_switch` did not name it).
+    pub missed_in: u64,
     /// Visibility latencies (µs) for the plot: guest-seen runnable.
     #[serde(skip)]
     pub samples_us: Vec<f64>,
@@ -305,6 +313,12 @@ fn add_report(r: &mut SchedResult, rep: &crate::xen::sched::SchedReport) {
     r.deferred = rep.deferred;
     r.lost = rep.stats.lost;
     r.late = rep.late;
+    r.direct_published = rep.direct_published;
+    r.direct_kicked = rep.direct_late;
+    r.missed_in = rep.missed_in;
+    if rep.direct && r.mechanism == "bpf" {
+        r.mechanism = "bpf-direct".into();
+    }
 }
 
 /// The host facts that matter for these numbers.
@@ -360,6 +374,7 @@ pub fn available() -> Vec<String> {
     let mut v = Vec::new();
     if crate::host::bpf::SchedBpf::load().is_ok() {
         v.push("bpf".to_string());
+        v.push("bpf-direct".to_string());
     }
     for (m, name) in [
         (PerfMode::WakeOnSwitchOut, "perf"),
@@ -492,12 +507,13 @@ pub fn table(s: &Suite) -> String {
     }
     let _ = writeln!(
         o,
-        "\nhost-side (records): visible after switch-out p50/p99 us, running after switch-in p50/p99 us, self-inflicted (of those shown when they went on), deferred, lost, late"
+        "\nhost-side (records): visible after switch-out p50/p99 us, running after switch-in p50/p99 us, self-inflicted (of those shown when they went on), deferred, lost, late; \
+         bpf-direct: running published by the program at the switch-in, kicked instead; switch-ins the kernel did not report"
     );
     for r in &s.preempted {
         let _ = writeln!(
             o,
-            "{:<13} {:>8.1} {:>8.1}   {:>8.1} {:>8.1}   {:>5} ({:>4}) {:>5} {:>5} {:>5}",
+            "{:<13} {:>8.1} {:>8.1}   {:>8.1} {:>8.1}   {:>5} ({:>4}) {:>5} {:>5} {:>5}   {:>5} {:>5} {:>5}",
             r.mechanism,
             r.host_visible_p50_us,
             r.host_visible_p99_us,
@@ -507,7 +523,10 @@ pub fn table(s: &Suite) -> String {
             r.self_shown_late,
             r.deferred,
             r.lost,
-            r.late
+            r.late,
+            r.direct_published,
+            r.direct_kicked,
+            r.missed_in
         );
     }
     let mut names: Vec<&str> = s.switch_ns.iter().map(|(n, _)| n.as_str()).collect();

@@ -88,18 +88,50 @@ pub struct Buses {
 }
 
 /// The vCPU handles as the Xen glue's wake-up capability.
-struct VcpuSet(Vec<Arc<VcpuHandle>>);
+struct VcpuSet {
+    vcpus: Vec<Arc<VcpuHandle>>,
+    /// Held while requests are changed for a pause and back, here across
+    /// the whole pause and in [`Machine::pause`]/[`Machine::resume`] while
+    /// they send theirs (a leaf lock): a pause here never lets a vCPU run
+    /// that the user paused meanwhile.
+    pause_lock: Arc<Mutex<()>>,
+}
 
 impl VcpuWake for VcpuSet {
     fn wake(&self, vcpu: u32) {
-        if let Some(h) = self.0.get(vcpu as usize) {
+        if let Some(h) = self.vcpus.get(vcpu as usize) {
             h.wake();
         }
     }
     fn kick(&self, vcpu: u32) {
-        if let Some(h) = self.0.get(vcpu as usize) {
+        if let Some(h) = self.vcpus.get(vcpu as usize) {
             h.kicker().kick();
         }
+    }
+    fn with_all_paused(&self, timeout: Duration, f: &mut dyn FnMut()) -> bool {
+        let _g = self.pause_lock.lock();
+        // Only those asked to run are paused and let go again (a VM paused
+        // by the user stays paused).
+        let asked: Vec<bool> = self
+            .vcpus
+            .iter()
+            .map(|h| h.request() == Request::Run)
+            .collect();
+        for (h, _) in self.vcpus.iter().zip(&asked).filter(|(_, a)| **a) {
+            h.send(Request::Pause);
+        }
+        let until = Instant::now() + timeout;
+        let ok = self
+            .vcpus
+            .iter()
+            .all(|h| h.wait_reported(&[Reported::Paused, Reported::Stopped], until));
+        if ok {
+            f();
+        }
+        for (h, _) in self.vcpus.iter().zip(&asked).filter(|(_, a)| **a) {
+            h.send(Request::Run);
+        }
+        ok
     }
 }
 
@@ -138,6 +170,9 @@ pub struct Machine {
     stopping: Arc<AtomicBool>,
     exit: Mutex<Option<GuestExit>>,
     exit_cv: Condvar,
+    /// Shared with the Xen glue's pauses (see `VcpuSet::pause_lock`); also
+    /// taken by a vCPU that holds itself paused for a save.
+    pub(crate) pause_lock: Arc<Mutex<()>>,
 }
 
 impl Machine {
@@ -155,10 +190,14 @@ impl Machine {
         cpuid_policy: Vec<CpuidLeaf>,
     ) -> Result<Arc<Machine>, VmError> {
         let irqchip = irq.clone();
+        let pause_lock = Arc::new(Mutex::new(()));
         let caps = XenCaps {
             irq,
             slots: slots.clone(),
-            vcpus: Arc::new(VcpuSet(vcpus.clone())),
+            vcpus: Arc::new(VcpuSet {
+                vcpus: vcpus.clone(),
+                pause_lock: pause_lock.clone(),
+            }),
         };
         let xen = Xen::new(cfg, &map, clock, console.clone(), caps).map_err(VmError::XenDomain)?;
         Ok(Arc::new(Machine {
@@ -183,6 +222,7 @@ impl Machine {
             stopping,
             exit: Mutex::new(None),
             exit_cv: Condvar::new(),
+            pause_lock,
         }))
     }
 
@@ -234,8 +274,11 @@ impl Machine {
     /// Each completes a pending I/O or MMIO exit first. Fails if a vCPU does
     /// not confirm within `timeout`.
     pub fn pause(&self, timeout: Duration) -> Result<(), VmError> {
-        for h in &self.vcpus {
-            h.send(Request::Pause);
+        {
+            let _g = self.pause_lock.lock();
+            for h in &self.vcpus {
+                h.send(Request::Pause);
+            }
         }
         let until = Instant::now() + timeout;
         for h in &self.vcpus {
@@ -252,6 +295,7 @@ impl Machine {
 
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
+        let _g = self.pause_lock.lock();
         for h in &self.vcpus {
             h.send(Request::Run);
         }

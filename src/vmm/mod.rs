@@ -544,6 +544,10 @@ impl Vm {
         tracing::info!(mechanism = mechanism.name(), %mechanism, "host schedule tracking");
         if let Some(b) = bpf {
             machine.xen.set_sched_bpf(b);
+            let env = std::env::var("XENKVM_SCHED").ok();
+            machine
+                .xen
+                .set_sched_direct(cfg.sched.as_deref().or(env.as_deref()) == Some("bpf-direct"));
         }
         machine.xen.set_sched_mechanism(mechanism);
         Ok(Vm {

@@ -59,6 +59,11 @@ pub trait VcpuWake: Send + Sync {
     fn wake(&self, vcpu: u32);
     /// Gets `vcpu` out of `KVM_RUN` (or makes its next entry return at once).
     fn kick(&self, vcpu: u32);
+    /// Runs `f` while no vCPU runs guest code (each paused, as a save
+    /// pauses them), then lets each go on as it was asked to before. Not
+    /// from a vCPU thread (it would wait for itself). False, and `f` not
+    /// run, if they did not all pause within `timeout`.
+    fn with_all_paused(&self, timeout: Duration, f: &mut dyn FnMut()) -> bool;
 }
 
 /// What the Xen glue may do to the VM, handed to it when it is built.
@@ -287,7 +292,9 @@ impl Xen {
             starts: crate::vcpu::updown::StartSlots::new(cfg.vcpus),
             sched: sched::SchedShared::new(cfg.vcpus).map_err(|e| format!("eventfd: {e}"))?,
             upcall_net: UpcallNet::new(cfg.vcpus),
+            this: OnceLock::new(),
         });
+        let _ = platform.this.set(Arc::downgrade(&platform));
         let dcfg = DomainConfig {
             domid: cfg.domid,
             vcpus: cfg.vcpus,
@@ -1030,6 +1037,8 @@ pub struct XenPlatform {
     sched: sched::SchedShared,
     /// Which vCPUs the upcall re-check still watches.
     upcall_net: UpcallNet,
+    /// This platform (for work it hands to a thread of its own).
+    this: OnceLock<Weak<XenPlatform>>,
 }
 
 /// A vCPU's runstate: the accounting (pure arithmetic), where it is
@@ -1042,6 +1051,45 @@ struct VcpuRunstate {
 }
 
 impl XenPlatform {
+    /// Has a thread of its own pause the VM and place the BPF program's
+    /// page under `vcpu`'s area at `gpa` (see [`sched`]): until then, and if
+    /// that fails, running is republished after a kick.
+    fn start_direct(&self, vcpu: u32, gpa: u64) {
+        let Some(me) = self.this.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let body = move || {
+            let mut result = Err("the vCPUs did not pause within 2 s".to_string());
+            me.caps
+                .vcpus
+                .with_all_paused(Duration::from_secs(2), &mut || {
+                    // The area may have moved before every vCPU paused.
+                    let same = me
+                        .runstate_specs
+                        .lock()
+                        .get(vcpu as usize)
+                        .and_then(|s| s.as_ref())
+                        .is_some_and(|s| s.pieces.first().map(|p| p.0) == Some(gpa));
+                    result = if same {
+                        me.sched_direct_on(vcpu, gpa)
+                    } else {
+                        Err("the area moved meanwhile".into())
+                    };
+                });
+            if let Err(e) = result {
+                tracing::info!(vcpu, %e, "runstate: no publishing at switch-ins, running is republished after a kick");
+            }
+        };
+        if let Err(e) = crate::vmm::threads::spawn(
+            crate::vmm::threads::ThreadKind::SchedMonitor,
+            format!("vcpu{vcpu}-pub"),
+            Arc::new(|msg| tracing::warn!(%msg, "runstate publishing setup")),
+            body,
+        ) {
+            tracing::warn!(%e, "runstate: no thread to set up publishing at switch-ins");
+        }
+    }
+
     fn update_flag(&self) -> bool {
         self.update_flag
             .get()
@@ -1331,6 +1379,21 @@ impl Platform for XenPlatform {
         let Some(m) = self.runstates.get(vcpu.get() as usize) else {
             return Err(Errno::EINVAL);
         };
+        // Whatever comes, the program stops writing the old area.
+        if self.sched_direct_off(vcpu.get()) {
+            self.caps.vcpus.kick(vcpu.get());
+        }
+        let direct = spec.as_ref().and_then(|s| match s.pieces.as_slice() {
+            [(gpa, 48)]
+                if s.width != GuestWidth::Bits32
+                    && gpa % 8 == 0
+                    && gpa % 4096 <= 4096 - 48
+                    && self.sched_direct_possible(vcpu.get()) =>
+            {
+                Some(*gpa)
+            }
+            _ => None,
+        });
         let saved_spec = spec.clone();
         let area = match spec {
             None => None,
@@ -1363,6 +1426,9 @@ impl Platform for XenPlatform {
         drop(r);
         if let Some(s) = self.runstate_specs.lock().get_mut(vcpu.get() as usize) {
             *s = saved_spec;
+        }
+        if let Some(gpa) = direct {
+            self.start_direct(vcpu.get(), gpa);
         }
         Ok(())
     }
@@ -1405,7 +1471,15 @@ impl Platform for XenPlatform {
         let Some(m) = self.runstates.get(vcpu.get() as usize) else {
             return RunstateInfo::default();
         };
-        let d = *m.lock().acct.data();
+        let d = {
+            let mut r = m.lock();
+            if r.host.bpf && self.sched_direct(vcpu.get()) {
+                // Switch-ins wake nobody (the program publishes running in
+                // the guest's area itself): bring the VMM's view up to date.
+                self.sched_apply(vcpu.get(), &mut r, None);
+            }
+            *r.acct.data()
+        };
         // As Xen's vcpu_runstate_get: the current state's time runs up to now.
         let mut time = d.time;
         let now = self.clock.system_time();

@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use runstate::{Applied, HostSched, SchedStats, State, Switch};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::host::bpf::{self, Role, SchedBpf};
+use crate::host::bpf::{self, SchedBpf};
 use crate::host::perf::{self, PerfMode, Record, SwitchKind, SwitchRing};
 
 use super::{VcpuRunstate, Xen, XenPlatform};
@@ -105,7 +105,7 @@ impl Mechanism {
     /// try to load the BPF program.
     pub fn wants_bpf(want: Option<&str>) -> bool {
         let env = std::env::var("XENKVM_SCHED").ok();
-        matches!(want.or(env.as_deref()), Some("bpf" | "best"))
+        matches!(want.or(env.as_deref()), Some("bpf" | "best" | "bpf-direct"))
     }
 
     /// The choice, with the loaders passed in (tests refuse them).
@@ -129,10 +129,10 @@ impl Mechanism {
         let sampling = |why: &str| Mechanism::Sampling { why: why.into() };
         match want {
             Some("sampling" | "sample") => (sampling("asked for"), None),
-            Some("bpf" | "best") => match load_bpf() {
+            Some("bpf" | "best" | "bpf-direct") => match load_bpf() {
                 Ok(b) => (Mechanism::Bpf, Some(b)),
                 Err(e) => {
-                    if want == Some("bpf") {
+                    if matches!(want, Some("bpf" | "bpf-direct")) {
                         tracing::warn!(why = %e, "BPF schedule tracking refused: falling back");
                     } else {
                         tracing::info!(why = %e, "BPF schedule tracking refused: falling back");
@@ -158,7 +158,7 @@ impl Mechanism {
             ),
             other => {
                 if let Some(o) = other {
-                    tracing::warn!(XENKVM_SCHED = o, "unknown schedule-tracking mechanism (bpf, perf, perf-batched, sampling, best): sampling");
+                    tracing::warn!(XENKVM_SCHED = o, "unknown schedule-tracking mechanism (bpf, bpf-direct, perf, perf-batched, sampling, best): sampling");
                 }
                 (sampling(DEFAULT_WHY), None)
             }
@@ -193,6 +193,9 @@ enum Rec {
         cpu: u32,
         /// BPF: preempted by the watch thread itself.
         by_watcher: bool,
+        /// BPF, a switch-in: the program published running itself, at this
+        /// guest time.
+        published: Option<u64>,
     },
     /// Events lost (ring full).
     Lost(u64),
@@ -214,6 +217,13 @@ struct Slot {
     pending: AtomicBool,
     deferred: AtomicU64,
     attached: AtomicBool,
+    /// BPF: the program publishes running at this vCPU's switch-ins (its
+    /// area is in one of `pub_pages`, placed over the guest's page).
+    direct: AtomicBool,
+    /// Preemptions shown with the program armed to publish running (no kick).
+    direct_armed: AtomicU64,
+    /// Preemptions whose switch-in came before the program was armed (kicked).
+    direct_late: AtomicU64,
 }
 
 /// Shared by the platform, the vCPU threads and the monitor.
@@ -238,6 +248,13 @@ pub struct SchedShared {
     /// Times a vCPU thread took another vCPU's switch-out from the ring and
     /// woke the watch threads for it.
     bpf_handed_over: AtomicU64,
+    /// The program's pages placed over guest RAM: `(gfn, page)`, page `i`
+    /// of `pub_pages` at index `i`. They stay for the VM's life (an area
+    /// registered elsewhere leaves its page where it was: it is still the
+    /// guest's page, with the guest's bytes).
+    pub_pages: Mutex<Vec<(u64, gpc::OverlayPage)>>,
+    /// `bpf-direct`: publish running from the program where possible.
+    direct_wanted: AtomicBool,
 }
 
 impl SchedShared {
@@ -255,6 +272,8 @@ impl SchedShared {
             bpf_busy: AtomicU64::new(0),
             bpf_still_out: AtomicU64::new(0),
             bpf_handed_over: AtomicU64::new(0),
+            pub_pages: Mutex::new(Vec::new()),
+            direct_wanted: AtomicBool::new(false),
         })
     }
 }
@@ -321,6 +340,17 @@ pub struct SchedReport {
     pub deferred: u64,
     pub late: u64,
     pub preemptions: Vec<Preemption>,
+    /// The program published running at switch-ins of this vCPU (no kick).
+    pub direct: bool,
+    /// Preemptions shown with the program armed to publish running.
+    pub direct_armed: u64,
+    /// Of the shown ones, those whose switch-in came first (kicked).
+    pub direct_late: u64,
+    /// Switch-ins at which the program published running.
+    pub direct_published: u64,
+    /// Switch-outs of this vCPU's thread the program saw with no switch-in
+    /// seen since the one before.
+    pub missed_in: u64,
 }
 
 impl XenPlatform {
@@ -332,6 +362,139 @@ impl XenPlatform {
             .is_some_and(|s| s.pending.swap(false, Ordering::AcqRel))
     }
 
+    /// After runnable was published for the open preemption: arms the
+    /// program to publish running at the switch-in that ends it (see
+    /// sched.bpf.c). True if it will (no kick needed); false if the vCPU
+    /// has no direct publishing or had switched in already (then kick).
+    fn sched_arm(&self, vcpu: u32, r: &VcpuRunstate) -> bool {
+        let (Some(s), Some(b)) = (self.sched.slots.get(vcpu as usize), self.sched.bpf.get()) else {
+            return false;
+        };
+        let (true, Some(c), Some((t_out, _))) = (
+            s.direct.load(Ordering::Acquire),
+            b.pub_slot(vcpu),
+            r.host.out,
+        ) else {
+            return false;
+        };
+        let d = r.acct.data();
+        c.entry.store(d.state_entry_time, Ordering::Relaxed);
+        for (slot, t) in c.time.iter().zip(d.time) {
+            slot.store(t, Ordering::Relaxed);
+        }
+        let (mono, sys) = (perf::monotonic_ns(), self.clock.system_time());
+        c.offset
+            .store(sys.wrapping_sub(mono) as i64, Ordering::Relaxed);
+        c.flag
+            .store(u32::from(self.update_flag()), Ordering::Relaxed);
+        c.arm_out.store(t_out, Ordering::Relaxed);
+        c.armed.store(1, Ordering::SeqCst);
+        // Dekker with the program's switch-in (it clears `out`, then looks
+        // at `armed`): still out in this very preemption, it will publish.
+        if c.out.load(Ordering::SeqCst) == 1 && c.last_out.load(Ordering::SeqCst) == t_out {
+            s.direct_armed.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        // Switched in meanwhile: if the program did not take `armed`, it did
+        // not publish, and the vCPU must be kicked.
+        if c.armed.swap(0, Ordering::SeqCst) == 1 {
+            s.direct_late.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        s.direct_armed.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Stops publishing at `vcpu`'s switch-ins (its area is going away or
+    /// moving); true if an arm was taken back (the caller kicks the vCPU:
+    /// runnable may be showing).
+    pub(super) fn sched_direct_off(&self, vcpu: u32) -> bool {
+        let (Some(s), Some(b)) = (self.sched.slots.get(vcpu as usize), self.sched.bpf.get()) else {
+            return false;
+        };
+        if !s.direct.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        let Some(c) = b.pub_slot(vcpu) else {
+            return false;
+        };
+        c.enabled.store(0, Ordering::SeqCst);
+        let taken = c.armed.swap(0, Ordering::SeqCst) == 1;
+        if taken {
+            s.needs_running.store(true, Ordering::Release);
+        }
+        taken
+    }
+
+    /// Whether the program may publish running at `vcpu`'s switch-ins:
+    /// the maps are mapped and `bpf-direct` was asked for. Off by
+    /// default: on this project's host the kernel does not report every
+    /// switch-in of a vCPU thread (`sched_switch`, BPF and perf alike: a
+    /// thread switched out twice with no switch-in between, a few times per
+    /// thousand preemptions), and a switch-in the program does not see is
+    /// one it cannot publish running for (the guest then sees itself
+    /// runnable until its next exit); a kick is not missed that way.
+    pub(super) fn sched_direct_possible(&self, vcpu: u32) -> bool {
+        self.sched
+            .bpf
+            .get()
+            .is_some_and(|b| b.pub_slot(vcpu).is_some())
+            && self.sched.direct_wanted.load(Ordering::Acquire)
+    }
+
+    /// Whether the program publishes running at `vcpu`'s switch-ins.
+    pub(super) fn sched_direct(&self, vcpu: u32) -> bool {
+        self.sched
+            .slots
+            .get(vcpu as usize)
+            .is_some_and(|s| s.direct.load(Ordering::Acquire))
+    }
+
+    /// Places the program's page over the guest's page that holds `vcpu`'s
+    /// area at `gpa` (copying the guest's bytes; every vCPU paused, the
+    /// caller's `pause` runs it) and turns publishing at switch-ins on.
+    pub(super) fn sched_direct_on(&self, vcpu: u32, gpa: u64) -> Result<(), String> {
+        let (Some(s), Some(b)) = (self.sched.slots.get(vcpu as usize), self.sched.bpf.get()) else {
+            return Err("no BPF program".into());
+        };
+        let c = b.pub_slot(vcpu).ok_or("no publishing slots")?;
+        let gfn = gpa >> 12;
+        let mut pages = self.sched.pub_pages.lock();
+        let idx = match pages.iter().position(|(g, _)| *g == gfn) {
+            Some(i) => i,
+            None => {
+                if self
+                    .map
+                    .overlay_at(gpc::Gfn(gfn))
+                    .map_err(|e| e.to_string())?
+                    .is_some()
+                {
+                    return Err(format!("gfn {gfn:#x} is an overlay already"));
+                }
+                let page = b.pub_page(pages.len() as u32)?;
+                self.map
+                    .place_overlay_copying(gpc::Gfn(gfn), &page)
+                    .map_err(|e| e.to_string())?;
+                pages.push((gfn, page));
+                pages.len() - 1
+            }
+        };
+        c.armed.store(0, Ordering::SeqCst);
+        c.page.store(idx as u32, Ordering::Relaxed);
+        c.off.store((gpa & 0xfff) as u32, Ordering::Relaxed);
+        c.flag
+            .store(u32::from(self.update_flag()), Ordering::Relaxed);
+        c.enabled.store(1, Ordering::SeqCst);
+        s.direct.store(true, Ordering::Release);
+        tracing::info!(
+            vcpu,
+            gfn,
+            page = idx,
+            "runstate: running published by the BPF program at switch-ins (no kick)"
+        );
+        Ok(())
+    }
+
     /// Applies `vcpu`'s pending records (caller holds its lock). `monitor`:
     /// called by the monitor thread, which may publish runnable.
     pub(super) fn sched_apply(
@@ -341,18 +504,21 @@ impl XenPlatform {
         monitor: Option<MonitorView<'_>>,
     ) -> PollOutcome {
         let mut out = PollOutcome::default();
-        for round in 0..2 {
-            let shown = self.sched_drain_once(vcpu, r, monitor);
-            if round == 0 && shown {
+        for _ in 0..2 {
+            // Every runnable shown (in either round: the second may show a
+            // newer preemption) is followed by running: published by the
+            // program at the switch-in, or by the vCPU after a kick.
+            if !self.sched_drain_once(vcpu, r, monitor) {
+                break;
+            }
+            if !self.sched_arm(vcpu, r) {
                 if let Some(s) = self.sched.slots.get(vcpu as usize) {
                     s.needs_running.store(true, Ordering::Release);
                 }
                 out.kick = true;
-                // The vCPU may have switched in while we published: look
-                // again at once, so running follows within microseconds.
-                continue;
             }
-            break;
+            // The vCPU may have switched in while we published: look again
+            // at once, so running follows within microseconds.
         }
         out.halted = r.host.merge.open() == Some(State::Blocked);
         out
@@ -419,6 +585,7 @@ impl XenPlatform {
                 t: e.time_ns,
                 cpu: e.cpu,
                 by_watcher: e.by_watcher,
+                published: e.published,
             });
         };
         // Never wait for the ring: its reader may be a vCPU thread that was
@@ -484,6 +651,7 @@ impl XenPlatform {
                         t: time_ns,
                         cpu,
                         by_watcher: false,
+                        published: None,
                     },
                 })
             });
@@ -518,9 +686,9 @@ impl XenPlatform {
         };
         let mut changed = false;
         let mut show_runnable = false;
-        let mut resumed_shown: Option<u64> = None;
+        let mut resumed_shown: Option<(u64, bool)> = None;
         for i in 0..host.buf.len() {
-            let (sw, t, cpu, by_watcher) = match host.buf[i] {
+            let (sw, t, cpu, by_watcher, published) = match host.buf[i] {
                 Rec::Lost(n) => {
                     host.merge.stats.lost += n;
                     continue;
@@ -544,9 +712,14 @@ impl XenPlatform {
                     t,
                     cpu,
                     by_watcher,
-                } => (sw, t, cpu, by_watcher),
+                    published,
+                } => (sw, t, cpu, by_watcher, published),
             };
-            let applied = host.merge.apply(acct, sw, to_sys(t));
+            // A switch-in the program published: at exactly its time, so
+            // that what is published next equals what it wrote.
+            let applied = host
+                .merge
+                .apply(acct, sw, published.unwrap_or_else(|| to_sys(t)));
             match applied {
                 Applied::Woken => {
                     // Waiting for a CPU after a halt: accounted, not shown
@@ -599,7 +772,9 @@ impl XenPlatform {
                             });
                         }
                         if shown.is_some() {
-                            resumed_shown = Some(t);
+                            // Published by the program at the switch-in
+                            // itself: shown running after no time.
+                            resumed_shown = Some((t, published.is_some()));
                         }
                     }
                     show_runnable = false;
@@ -624,8 +799,12 @@ impl XenPlatform {
             }
         }
         let now = perf::monotonic_ns();
-        if let (Some(t_in), Some(last)) = (resumed_shown, r.host.log.last_mut()) {
-            last.running_after_ns = Some(now.saturating_sub(t_in));
+        if let (Some((t_in, by_program)), Some(last)) = (resumed_shown, r.host.log.last_mut()) {
+            last.running_after_ns = Some(if by_program {
+                0
+            } else {
+                now.saturating_sub(t_in)
+            });
         }
         if show_runnable && r.acct.state() == State::Runnable {
             if let Some((t_out, _)) = r.host.out {
@@ -660,6 +839,15 @@ impl Xen {
         let _ = self.platform.sched.event.write(1);
     }
 
+    /// `bpf-direct` was chosen: the program publishes running at the
+    /// switch-ins of vCPUs whose area allows it (set at start).
+    pub fn set_sched_direct(&self, on: bool) {
+        self.platform
+            .sched
+            .direct_wanted
+            .store(on, Ordering::Release);
+    }
+
     /// Keeps the loaded BPF program for this VM (set once at start).
     pub fn set_sched_bpf(&self, b: Arc<SchedBpf>) {
         let _ = self.platform.sched.bpf.set(b);
@@ -680,7 +868,7 @@ impl Xen {
             return Err("no BPF program loaded".into());
         };
         s.tid.store(tid, Ordering::Release);
-        b.watch(tid, Role::Vcpu)?;
+        b.watch_vcpu(tid, vcpu)?;
         m.lock().host.bpf = true;
         s.attached.store(true, Ordering::Release);
         let _ = self.platform.sched.event.write(1);
@@ -830,6 +1018,17 @@ impl Xen {
             deferred: slot.deferred.load(Ordering::Relaxed),
             late: r.host.late,
             preemptions: r.host.log.clone(),
+            direct: slot.direct.load(Ordering::Relaxed),
+            direct_armed: slot.direct_armed.load(Ordering::Relaxed),
+            direct_late: slot.direct_late.load(Ordering::Relaxed),
+            direct_published: self
+                .sched_bpf()
+                .and_then(|b| b.pub_slot(vcpu))
+                .map_or(0, |c| c.published.load(Ordering::Relaxed)),
+            missed_in: self
+                .sched_bpf()
+                .and_then(|b| b.pub_slot(vcpu))
+                .map_or(0, |c| c.missed_in.load(Ordering::Relaxed)),
         }
     }
 }
