@@ -286,7 +286,7 @@ enum BenchCmd {
         /// ...then sleeps this long.
         #[arg(long, value_name = "MS", default_value_t = 30)]
         hog_off: u32,
-        /// Mechanisms to compare (bpf, perf, perf-batched, sampling); default:
+        /// Mechanisms to compare (bpf, bpf-direct, perf, perf-batched, sampling); default:
         /// every one this host permits, sampling included.
         #[arg(long, value_delimiter = ',')]
         mechanism: Vec<String>,
