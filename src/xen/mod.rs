@@ -1472,13 +1472,14 @@ impl Platform for XenPlatform {
             return RunstateInfo::default();
         };
         let d = {
-            let mut r = m.lock();
-            if r.host.bpf && self.sched_direct(vcpu.get()) {
-                // Switch-ins wake nobody (the program publishes running in
-                // the guest's area itself): bring the VMM's view up to date.
-                self.sched_apply(vcpu.get(), &mut r, None);
-            }
-            *r.acct.data()
+            let r = m.lock();
+            // bpf-direct: switch-ins wake nobody (the program publishes
+            // running in the guest's area itself), so the accounting may
+            // still hold a preemption that is over. The view, not the
+            // accounting, follows what the program published (applying the
+            // records here would take them from the watch thread, which then
+            // could not show the next preemption).
+            self.sched_direct_view(vcpu.get(), &r)
         };
         // As Xen's vcpu_runstate_get: the current state's time runs up to now.
         let mut time = d.time;

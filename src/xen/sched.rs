@@ -23,7 +23,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
-use runstate::{Applied, HostSched, SchedStats, State, Switch};
+use runstate::{Applied, HostSched, RunstateData, SchedStats, State, Switch};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::host::bpf::{self, SchedBpf};
@@ -440,6 +440,31 @@ impl XenPlatform {
             .get()
             .is_some_and(|b| b.pub_slot(vcpu).is_some())
             && self.sched.direct_wanted.load(Ordering::Acquire)
+    }
+
+    /// `vcpu`'s runstate as last published: the accounting, or, when the
+    /// program published running at the switch-in that ended the open
+    /// preemption and the records are not applied yet, that.
+    pub(super) fn sched_direct_view(&self, vcpu: u32, r: &VcpuRunstate) -> RunstateData {
+        let mut d = *r.acct.data();
+        let (true, Some(c), Some((t_out, _))) = (
+            self.sched_direct(vcpu),
+            self.sched.bpf.get().and_then(|b| b.pub_slot(vcpu)),
+            r.host.out,
+        ) else {
+            return d;
+        };
+        let (in_host, in_guest) = (
+            c.in_host.load(Ordering::Acquire),
+            c.in_guest.load(Ordering::Acquire),
+        );
+        if d.state == State::Runnable && in_host > t_out && in_guest >= d.state_entry_time {
+            d.time[State::Runnable as usize] =
+                d.time[State::Runnable as usize].wrapping_add(in_guest - d.state_entry_time);
+            d.state_entry_time = in_guest;
+            d.state = State::Running;
+        }
+        d
     }
 
     /// Whether the program publishes running at `vcpu`'s switch-ins.
