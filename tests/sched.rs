@@ -158,33 +158,46 @@ fn sched_hog_beside_vcpu0_preemption_shown_never_to_itself() {
     }
 }
 
-/// The BPF mechanism (root and kernel BTF): a hog pinned beside vCPU 0's
-/// thread preempts it, the program reports it, and the area shows runnable
-/// to vCPU 1.
-#[test]
-fn sched_bpf_hog_beside_vcpu0_preemption_seen_and_shown() {
-    if !common::kvm_available("sched_bpf_hog_beside_vcpu0_preemption_seen_and_shown") {
-        return;
+/// `bench sched` for 2 s with `mechanism`, a hog 20 ms on / 30 ms off
+/// beside vCPU 0; `None` (said as a skip) without KVM or BPF here.
+fn bpf_hog_run(test: &str, mechanism: &str) -> Option<bench_sched::SchedResult> {
+    if !common::kvm_available(test) {
+        return None;
     }
     if let Err(e) = xenkvm::host::bpf::SchedBpf::load() {
         common::skip(
-            "sched_bpf_hog_beside_vcpu0_preemption_seen_and_shown",
+            test,
             &format!(
                 "BPF not permitted here (needs root/CAP_BPF+CAP_PERFMON and {}): {e}",
                 xenkvm::host::bpf::VMLINUX_BTF
             ),
         );
-        return;
+        return None;
     }
     let _one = SERIAL.lock();
-    let r = bench_sched::run(&SchedBench {
-        secs: 2,
-        hog_on_ms: 20,
-        hog_off_ms: 30,
-        mechanism: Some("bpf".into()),
-        watcher_fifo: false,
-    })
-    .unwrap();
+    Some(
+        bench_sched::run(&SchedBench {
+            secs: 2,
+            hog_on_ms: 20,
+            hog_off_ms: 30,
+            mechanism: Some(mechanism.into()),
+            watcher_fifo: false,
+        })
+        .unwrap(),
+    )
+}
+
+/// The BPF mechanism (root and kernel BTF): a hog pinned beside vCPU 0's
+/// thread preempts it, the program reports it, and the area shows runnable
+/// to vCPU 1.
+#[test]
+fn sched_bpf_hog_beside_vcpu0_preemption_seen_and_shown() {
+    let Some(r) = bpf_hog_run(
+        "sched_bpf_hog_beside_vcpu0_preemption_seen_and_shown",
+        "bpf",
+    ) else {
+        return;
+    };
     println!(
         "bpf: preemptions >1 ms {} shown {} (host p50 {:.1} us p99 {:.1} us), self-inflicted {}, lost {}; \
          guest saw {}; runnable {:.1} ms vs run_delay {:.1} ms",
@@ -233,23 +246,12 @@ fn sched_bpf_hog_beside_vcpu0_preemption_seen_and_shown() {
 /// is not the default.
 #[test]
 fn sched_bpf_direct_publishes_running_at_the_switch_in_without_kicks() {
-    let name = "sched_bpf_direct_publishes_running_at_the_switch_in_without_kicks";
-    if !common::kvm_available(name) {
+    let Some(r) = bpf_hog_run(
+        "sched_bpf_direct_publishes_running_at_the_switch_in_without_kicks",
+        "bpf-direct",
+    ) else {
         return;
-    }
-    if let Err(e) = xenkvm::host::bpf::SchedBpf::load() {
-        common::skip(name, &format!("BPF not permitted here: {e}"));
-        return;
-    }
-    let _one = SERIAL.lock();
-    let r = bench_sched::run(&SchedBench {
-        secs: 2,
-        hog_on_ms: 20,
-        hog_off_ms: 30,
-        mechanism: Some("bpf-direct".into()),
-        watcher_fifo: false,
-    })
-    .unwrap();
+    };
     println!(
         "bpf-direct: preemptions >1 ms {} shown {}; running published by the program {}, kicked {}; \
          switch-ins not reported {}; guest saw runnable {} running {}, itself runnable {}; runnable {:.1} ms vs run_delay {:.1} ms",

@@ -114,21 +114,8 @@ impl PubMaps {
         };
         let ctl_file = dup(ctl, "pub_ctl")?;
         let ctl_len = (MAX_PUB * std::mem::size_of::<PubCtl>()).next_multiple_of(4096);
-        // SAFETY: a fresh shared mapping of the map's data (no MAP_FIXED);
-        // the kernel checks the length against the map.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                ctl_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                ctl_file.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(err("mmap of pub_ctl", std::io::Error::last_os_error()));
-        }
+        let p = super::map_shared_rw(ctl_file.as_fd(), ctl_len)
+            .map_err(|e| err("mmap of pub_ctl", e))?;
         Ok(PubMaps {
             ctl: p.cast(),
             ctl_len,
@@ -337,14 +324,15 @@ impl SchedBpf {
         Some(unsafe { &*p.ctl.add(vcpu as usize) })
     }
 
-    /// Page `i` of `pub_pages`, to be placed over guest RAM.
-    pub fn pub_page(&self, i: u32) -> Result<gpc::OverlayPage, String> {
+    /// Page `i` of `pub_pages`, to be placed over guest RAM: the map's file
+    /// and the page's offset in it.
+    pub fn pub_page(&self, i: u32) -> Result<(std::fs::File, u64), String> {
         let p = self.pubs.as_ref().ok_or("no pub_pages")?;
         if i as usize >= MAX_PUB {
             return Err(format!("pub_pages has {MAX_PUB} pages, not {}", i + 1));
         }
         let f = p.pages.try_clone().map_err(|e| err("pub_pages", e))?;
-        gpc::OverlayPage::from_file(f, u64::from(i) * 4096).map_err(|e| err("pub_pages", e))
+        Ok((f, u64::from(i) * 4096))
     }
 
     /// Stops reporting thread `tid`.
@@ -641,7 +629,8 @@ mod tests {
             eprintln!("skipping: the program's maps are not mapped here");
             return;
         };
-        let page = bpf.pub_page(PAGE).unwrap();
+        let (file, offset) = bpf.pub_page(PAGE).unwrap();
+        let page = gpc::OverlayPage::from_file(file, offset).unwrap();
         let words = |i: usize| {
             let mut b = [0u8; 8];
             page.read(OFF + 8 * i, &mut b).unwrap();

@@ -152,22 +152,9 @@ impl SwitchRing {
         // SAFETY: a new descriptor the syscall just returned, owned from here.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
         let len = (1 + DATA_PAGES) * 4096;
-        // SAFETY: mapping a perf fd's metadata page and ring, read-write so
-        // that data_tail can be written back; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = p.cast::<u8>();
+        // The metadata page and the ring, read-write so that data_tail can
+        // be written back.
+        let base = super::map_shared_rw(std::os::fd::AsFd::as_fd(&fd), len)?;
         let mut r = SwitchRing {
             fd,
             base,

@@ -17,6 +17,7 @@ use crate::devices::{Bus, ConsoleOut, PlatformDevices};
 use crate::kvm::{Interrupts, MemSlots};
 use crate::testing::BenchPorts;
 use crate::vcpu::{Reported, Request, VcpuHandle};
+use crate::vmm::threads::{self, ThreadKind};
 use crate::vmm::{VmConfig, VmError};
 use crate::xen::clock::Clock;
 use crate::xen::{VcpuWake, Xen, XenCaps};
@@ -88,6 +89,7 @@ pub struct Buses {
 }
 
 /// The vCPU handles as the Xen glue's wake-up capability.
+#[derive(Clone)]
 struct VcpuSet {
     vcpus: Vec<Arc<VcpuHandle>>,
     /// Held while requests are changed for a pause and back, here across
@@ -108,7 +110,35 @@ impl VcpuWake for VcpuSet {
             h.kicker().kick();
         }
     }
-    fn with_all_paused(&self, timeout: Duration, f: &mut dyn FnMut()) -> bool {
+    fn with_all_paused(&self, name: String, timeout: Duration, f: Box<dyn FnOnce(bool) + Send>) {
+        let set = self.clone();
+        let started = threads::spawn(
+            ThreadKind::SchedMonitor,
+            name,
+            Arc::new(|msg| tracing::warn!(%msg, "a pause of every vCPU")),
+            move || {
+                let mut f = Some(f);
+                let paused = set.paused_for(timeout, &mut || {
+                    if let Some(f) = f.take() {
+                        f(true)
+                    }
+                });
+                if let (false, Some(f)) = (paused, f) {
+                    f(false)
+                }
+            },
+        );
+        if let Err(e) = started {
+            // `f` went with the closure: nothing was paused or changed.
+            tracing::warn!(%e, "no thread to pause the vCPUs on: nothing done");
+        }
+    }
+}
+
+impl VcpuSet {
+    /// Runs `f` with every vCPU paused (see [`VcpuWake::with_all_paused`]);
+    /// false, and `f` not run, if they did not all pause within `timeout`.
+    fn paused_for(&self, timeout: Duration, f: &mut dyn FnMut()) -> bool {
         let _g = self.pause_lock.lock();
         // Only those asked to run are paused and let go again (a VM paused
         // by the user stays paused).

@@ -59,11 +59,13 @@ pub trait VcpuWake: Send + Sync {
     fn wake(&self, vcpu: u32);
     /// Gets `vcpu` out of `KVM_RUN` (or makes its next entry return at once).
     fn kick(&self, vcpu: u32);
-    /// Runs `f` while no vCPU runs guest code (each paused, as a save
-    /// pauses them), then lets each go on as it was asked to before. Not
-    /// from a vCPU thread (it would wait for itself). False, and `f` not
-    /// run, if they did not all pause within `timeout`.
-    fn with_all_paused(&self, timeout: Duration, f: &mut dyn FnMut()) -> bool;
+    /// On a thread of the VMM's own called `name` (the caller may be a vCPU
+    /// thread, which cannot wait for itself to pause), runs `f(true)` while
+    /// no vCPU runs guest code (each paused, as a save pauses them), then
+    /// lets each go on as it was asked to before; `f(false)`, with the
+    /// vCPUs running, if they did not all pause within `timeout` (neither,
+    /// logged, if no thread could be started).
+    fn with_all_paused(&self, name: String, timeout: Duration, f: Box<dyn FnOnce(bool) + Send>);
 }
 
 /// What the Xen glue may do to the VM, handed to it when it is built.
@@ -1051,43 +1053,36 @@ struct VcpuRunstate {
 }
 
 impl XenPlatform {
-    /// Has a thread of its own pause the VM and place the BPF program's
+    /// Has a VMM thread pause the VM and place the BPF program's
     /// page under `vcpu`'s area at `gpa` (see [`sched`]): until then, and if
     /// that fails, running is republished after a kick.
     fn start_direct(&self, vcpu: u32, gpa: u64) {
         let Some(me) = self.this.get().and_then(Weak::upgrade) else {
             return;
         };
-        let body = move || {
-            let mut result = Err("the vCPUs did not pause within 2 s".to_string());
-            me.caps
-                .vcpus
-                .with_all_paused(Duration::from_secs(2), &mut || {
-                    // The area may have moved before every vCPU paused.
-                    let same = me
-                        .runstate_specs
+        let caps = me.caps.vcpus.clone();
+        caps.with_all_paused(
+            format!("vcpu{vcpu}-pub"),
+            Duration::from_secs(2),
+            Box::new(move |paused| {
+                // The area may have moved before every vCPU paused.
+                let same = || {
+                    me.runstate_specs
                         .lock()
                         .get(vcpu as usize)
                         .and_then(|s| s.as_ref())
-                        .is_some_and(|s| s.pieces.first().map(|p| p.0) == Some(gpa));
-                    result = if same {
-                        me.sched_direct_on(vcpu, gpa)
-                    } else {
-                        Err("the area moved meanwhile".into())
-                    };
-                });
-            if let Err(e) = result {
-                tracing::info!(vcpu, %e, "runstate: no publishing at switch-ins, running is republished after a kick");
-            }
-        };
-        if let Err(e) = crate::vmm::threads::spawn(
-            crate::vmm::threads::ThreadKind::SchedMonitor,
-            format!("vcpu{vcpu}-pub"),
-            Arc::new(|msg| tracing::warn!(%msg, "runstate publishing setup")),
-            body,
-        ) {
-            tracing::warn!(%e, "runstate: no thread to set up publishing at switch-ins");
-        }
+                        .is_some_and(|s| s.pieces.first().map(|p| p.0) == Some(gpa))
+                };
+                let result = match (paused, same()) {
+                    (false, _) => Err("the vCPUs did not pause within 2 s".to_string()),
+                    (true, false) => Err("the area moved meanwhile".into()),
+                    (true, true) => me.sched_direct_on(vcpu, gpa),
+                };
+                if let Err(e) = result {
+                    tracing::info!(vcpu, %e, "runstate: no publishing at switch-ins, running is republished after a kick");
+                }
+            }),
+        );
     }
 
     fn update_flag(&self) -> bool {

@@ -496,7 +496,8 @@ impl XenPlatform {
                 {
                     return Err(format!("gfn {gfn:#x} is an overlay already"));
                 }
-                let page = b.pub_page(pages.len() as u32)?;
+                let (file, offset) = b.pub_page(pages.len() as u32)?;
+                let page = gpc::OverlayPage::from_file(file, offset).map_err(|e| e.to_string())?;
                 self.map
                     .place_overlay_copying(gpc::Gfn(gfn), &page)
                     .map_err(|e| e.to_string())?;
