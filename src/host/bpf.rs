@@ -645,26 +645,34 @@ mod tests {
         slot.enabled.store(1, SeqCst);
         let before = slot.published.load(SeqCst);
         let stop = Arc::new(AtomicBool::new(false));
+        // The spinner counts its turns: a count that moved while `ins` did
+        // not is a switch-in the host never reported to the program.
+        let spins = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (tx, rx) = std::sync::mpsc::channel();
         let v = {
-            let stop = stop.clone();
+            let (stop, spins) = (stop.clone(), spins.clone());
             std::thread::spawn(move || {
                 let tid = crate::host::perf::gettid();
                 let ok = crate::host::cpu::pin(tid, 0).is_ok();
                 let _ = tx.send((tid as u32, ok));
                 while !stop.load(SeqCst) {
-                    std::hint::spin_loop();
+                    spins.fetch_add(1, SeqCst);
                 }
             })
         };
         let (tid, pinned) = rx.recv().unwrap();
         let _ = crate::host::cpu::pin(crate::host::perf::gettid(), 1);
         // A FIFO thread on CPU 0 that preempts the spinner until released.
-        let hog = |release: Arc<AtomicBool>| {
+        // It says when it runs there as FIFO: from then on until released
+        // the spinner is out, and its last switch-out is the one to arm for
+        // (`out` alone may be another test's thread taking CPU 0 a moment
+        // before the hog, and the spinner back in before the arm).
+        let hog = |release: Arc<AtomicBool>, hogging: Arc<AtomicBool>| {
             std::thread::spawn(move || {
                 let me = crate::host::perf::gettid();
                 let ok =
                     crate::host::cpu::pin(me, 0).is_ok() && crate::host::cpu::set_fifo(1).is_ok();
+                hogging.store(ok, SeqCst);
                 let end = Instant::now() + Duration::from_secs(5);
                 while ok && !release.load(SeqCst) && Instant::now() < end {
                     std::hint::spin_loop();
@@ -682,32 +690,67 @@ mod tests {
         };
         bpf.watch_vcpu(tid, VCPU).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        let release = Arc::new(AtomicBool::new(false));
-        let h = hog(release.clone());
-        if !pinned {
-            release.store(true, SeqCst);
-        }
-        wait("the preemption", &|| {
-            slot.out.load(SeqCst) == 1 || h.is_finished()
-        });
-        if !pinned || h.is_finished() {
-            release.store(true, SeqCst);
-            stop.store(true, SeqCst);
-            let _ = (h.join(), v.join());
-            bpf.unwatch(tid);
-            eprintln!("skipping: cannot pin a SCHED_FIFO thread beside another on CPU 0");
-            return;
-        }
-        // Armed while out, as the watch thread does.
-        slot.arm_out.store(slot.last_out.load(SeqCst), SeqCst);
+        // Armed while out, as the watch thread does: armed, then `out` and
+        // `last_out` checked again (Dekker with the program's locked add).
+        // If the thread came back in before the arm (another test's thread
+        // held CPU 0 for a moment, or the host throttled the FIFO hog), the
+        // arm is taken back and the preemption tried again; if the program
+        // took it first, it published.
         slot.entry.store(1_000, SeqCst);
         for (i, t) in [10u64, 20, 30, 40].iter().enumerate() {
             slot.time[i].store(*t, SeqCst);
         }
         slot.offset.store(500, SeqCst);
-        slot.armed.store(1, SeqCst);
-        release.store(true, SeqCst);
-        assert!(h.join().unwrap());
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let (release, hogging) = (Arc::new(AtomicBool::new(false)), Arc::default());
+            let h = hog(release.clone(), Arc::clone(&hogging));
+            if !pinned {
+                release.store(true, SeqCst);
+            }
+            wait("the preemption", &|| {
+                (hogging.load(SeqCst) && slot.out.load(SeqCst) == 1) || h.is_finished()
+            });
+            if !pinned || h.is_finished() {
+                release.store(true, SeqCst);
+                stop.store(true, SeqCst);
+                let _ = (h.join(), v.join());
+                bpf.unwatch(tid);
+                eprintln!("skipping: cannot pin a SCHED_FIFO thread beside another on CPU 0");
+                return;
+            }
+            let out_at = slot.last_out.load(SeqCst);
+            slot.arm_out.store(out_at, SeqCst);
+            slot.armed.store(1, SeqCst);
+            let still_out = slot.out.load(SeqCst) == 1 && slot.last_out.load(SeqCst) == out_at;
+            let taken_back = !still_out && slot.armed.swap(0, SeqCst) == 1;
+            let (ins, spun) = (slot.ins.load(SeqCst), spins.load(SeqCst));
+            release.store(true, SeqCst);
+            assert!(h.join().unwrap());
+            if !taken_back {
+                // Published at the next switch-in (the program runs before
+                // the spinner turns again), unless the host does not report
+                // that one: then the spinner turns with `ins` still.
+                wait("the switch-in", &|| {
+                    slot.published.load(SeqCst) > before || spins.load(SeqCst) > spun + 1_000_000
+                });
+                if slot.published.load(SeqCst) > before {
+                    break;
+                }
+                assert_eq!(
+                    slot.ins.load(SeqCst),
+                    ins,
+                    "a reported switch-in after the arm published nothing"
+                );
+                eprintln!("the host did not report a switch-in; trying again");
+                slot.armed.store(0, SeqCst);
+            }
+            assert!(
+                tries < 20,
+                "no armed preemption ended in a reported switch-in"
+            );
+        }
         wait("the publication", &|| slot.published.load(SeqCst) > before);
         let (in_host, in_guest) = (slot.in_host.load(SeqCst), slot.in_guest.load(SeqCst));
         assert_eq!(in_guest, in_host + 500);
@@ -723,9 +766,11 @@ mod tests {
         // watch thread was behind): nothing published, armed left for the
         // watch thread to take back (it then kicks).
         let published = slot.published.load(SeqCst);
-        let release = Arc::new(AtomicBool::new(false));
-        let h = hog(release.clone());
-        wait("the second preemption", &|| slot.out.load(SeqCst) == 1);
+        let (release, hogging) = (Arc::new(AtomicBool::new(false)), Arc::default());
+        let h = hog(release.clone(), Arc::clone(&hogging));
+        wait("the second preemption", &|| {
+            hogging.load(SeqCst) && slot.out.load(SeqCst) == 1
+        });
         slot.arm_out.store(slot.last_out.load(SeqCst) - 1, SeqCst);
         slot.armed.store(1, SeqCst);
         release.store(true, SeqCst);
