@@ -1119,6 +1119,122 @@ fn restore_xen_state_saved_with_event_channels_bound_test_guest_finishes_every_c
     assert!(after.contains("check fifo ... ok"), "{after}");
 }
 
+/// `bpf-direct` (root, kernel BTF): the runstate area's page is the BPF
+/// program's page placed over guest RAM, and the program publishes running
+/// at switch-ins the VMM learns of later. The save puts the page back into
+/// guest RAM (logged), and the image's Xen record holds the runstate the
+/// area shows, the program's running included: a restored guest republished
+/// from the record must not see its area go back (before this, about 2 saves
+/// in 5 recorded the runnable the program had already ended).
+#[test]
+fn save_with_bpf_direct_writes_each_runstate_page_as_the_guest_last_saw_it() {
+    let name = "save_with_bpf_direct_writes_each_runstate_page_as_the_guest_last_saw_it";
+    if !common::kvm_available(name) {
+        return;
+    }
+    if let Err(e) = xenkvm::host::bpf::SchedBpf::load() {
+        common::skip(name, &format!("BPF not permitted here: {e}"));
+        return;
+    }
+    let rt = RuntimeDir::new("xs-direct");
+    let guest = common::GuestFile::new("xs-direct");
+    let log = rt.0.join("xenkvm.log");
+    let mut child = Command::new(common::xenkvm_bin())
+        .args([
+            "run",
+            "--xen-console",
+            "console",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "schedwatch=60",
+            "--vcpus",
+            "2",
+            "--memory",
+            "64",
+            "--name",
+            "direct1",
+            "--timeout",
+            "120",
+        ])
+        .env("XDG_RUNTIME_DIR", &rt.0)
+        .env("XENKVM_LOG", "info")
+        .env("XENKVM_SCHED", "bpf-direct")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // The test guest's schedwatch: vCPU 0 registers its area and spins,
+    // vCPU 1 reads that area; the program's page covers it at once.
+    let console = Console::attach(&mut child);
+    console.wait_for("vCPU 0 spins");
+    let placed = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("running published by the BPF program at switch-ins")
+    };
+    let until = Instant::now() + Duration::from_secs(30);
+    while !placed() {
+        assert!(
+            Instant::now() < until,
+            "the program's page was never placed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Runs on, the area published many times over, before the save.
+    std::thread::sleep(Duration::from_millis(1500));
+    let img = rt.0.join("direct.img");
+    let out = rt.xenkvm(&["save", "--xen-state", "direct1", img.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(wait_code(&mut child, 60), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("the BPF program's pages are guest RAM again"),
+        "{text}"
+    );
+    let rec = xen_record(&img);
+    let bytes = std::fs::read(&img).unwrap();
+    let items = ImageReader::new(&bytes[..]).collect_all().unwrap();
+    let page_of = |pfn: u64| -> Vec<u8> {
+        items
+            .iter()
+            .rev()
+            .find_map(|(_, i)| match i {
+                Item::Libxc(LibxcRecord::PageData(d)) => {
+                    d.pages().find(|(p, _)| *p == pfn).map(|(_, b)| b.to_vec())
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no page {pfn:#x} in the image"))
+    };
+    let with_area: Vec<_> = rec
+        .vcpus
+        .iter()
+        .filter(|v| v.runstate_area_gpa.is_some())
+        .collect();
+    assert_eq!(with_area.len(), 1, "{rec:?}");
+    for v in with_area {
+        let gpa = v.runstate_area_gpa.unwrap();
+        let page = page_of(gpa >> 12);
+        let o = (gpa & 0xfff) as usize;
+        let w = |i: usize| u64::from_le_bytes(page[o + 8 * i..o + 8 * i + 8].try_into().unwrap());
+        let in_image = (w(0) as u32, w(1) & !(1 << 63), [w(2), w(3), w(4), w(5)]);
+        let r = v.runstate;
+        assert_eq!(
+            in_image,
+            (r.state, r.state_entry_time, r.time),
+            "vCPU {}: the area in the saved page is not the last one published",
+            v.id
+        );
+        assert!(r.time.iter().sum::<u64>() > 0);
+    }
+}
+
 #[test]
 fn restore_xen_state_runstate_times_never_decrease() {
     let name = "restore_xen_state_runstate_times_never_decrease";

@@ -72,6 +72,8 @@ enum { WATCH_VCPU = 1, WATCH_SELF = 2 };
 #define EVF_BY_WATCHER 1u /* preempted by the watch thread itself */
 #define EVF_BY_VCPU 2u    /* preempted by another vCPU thread: wake-up deferred */
 #define EVF_PUBLISHED 4u  /* EV_IN: this program published running (ev.guest) */
+#define EVF_LATE 8u       /* EV_IN: found at the end of __schedule() in the thread's
+                             context, the switch-in not reported (on_sched_exit) */
 
 /* How long a preemption by a sibling vCPU thread must last before the consumer
  * is woken for it (short ones end when the sibling halts again). */
@@ -267,6 +269,7 @@ struct pub_ctl {
     __u64 ins;       /* switch-ins (a locked add: also the barrier below) */
     __u64 outs;      /* switch-outs */
     __u64 missed_in; /* switch-outs with no switch-in seen since the last one */
+    __u64 late_in;   /* switch-ins sched_switch missed, found by on_sched_exit */
 };
 
 struct {
@@ -328,6 +331,36 @@ static __always_inline struct pub_ctl *pub_slot(__u32 v)
     return bpf_map_lookup_elem(&pub_ctl, &i);
 }
 
+/* Thread `tid` (its `tids` value `v`, its slot `c` if any) switched in at
+ * `now`: the end of a deferred preemption, running published if armed for
+ * this switch-out, an EV_IN event. */
+static __always_inline void switched_in(__u32 tid, __u32 v, __u64 now, struct pub_ctl *c,
+                                        __u32 flags)
+{
+    struct deferred *d = bpf_map_lookup_elem(&deferred, &tid);
+    if (d && d->out_ts) {
+        /* The deferred preemption ended in time: no wake-up, and no
+         * timer interrupt either (the callback would find nothing). */
+        d->out_ts = 0;
+        bpf_timer_cancel(&d->timer);
+        /* Cancelling also drops the callback: set it again next time. */
+        d->ready = 0;
+    }
+    __u64 guest = 0;
+    if (c) {
+        c->out = 0;
+        /* A locked add: orders the store above before the loads below
+         * (Dekker with the watch thread's store of armed and load of
+         * out). Published only for the switch-out armed for, and only
+         * if the watch thread has not taken armed back meanwhile. */
+        __sync_fetch_and_add(&c->ins, 1);
+        if (c->enabled && c->armed == 1 && c->arm_out == c->last_out &&
+            __sync_val_compare_and_swap(&c->armed, 1, 0) == 1)
+            guest = publish_running(c, now);
+    }
+    emit_g(tid, EV_IN, now, flags | (guest ? EVF_PUBLISHED : 0), 0, guest);
+}
+
 SEC("tp_btf/sched_switch")
 int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
              unsigned int prev_state)
@@ -377,33 +410,36 @@ int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_stru
             emit(ptid, EV_BLOCKED, now, 0, 0);
         }
     }
-    if (nv && (*nv & 0xff) == WATCH_VCPU) {
-        struct deferred *d = bpf_map_lookup_elem(&deferred, &ntid);
-        if (!now)
-            now = bpf_ktime_get_ns();
-        if (d && d->out_ts) {
-            /* The deferred preemption ended in time: no wake-up, and no
-             * timer interrupt either (the callback would find nothing). */
-            d->out_ts = 0;
-            bpf_timer_cancel(&d->timer);
-            /* Cancelling also drops the callback: set it again next time. */
-            d->ready = 0;
-        }
-        struct pub_ctl *c = pub_slot(*nv);
-        __u64 guest = 0;
-        if (c) {
-            c->out = 0;
-            /* A locked add: orders the store above before the loads below
-             * (Dekker with the watch thread's store of armed and load of
-             * out). Published only for the switch-out armed for, and only
-             * if the watch thread has not taken armed back meanwhile. */
-            __sync_fetch_and_add(&c->ins, 1);
-            if (c->enabled && c->armed == 1 && c->arm_out == c->last_out &&
-                __sync_val_compare_and_swap(&c->armed, 1, 0) == 1)
-                guest = publish_running(c, now);
-        }
-        emit_g(ntid, EV_IN, now, guest ? EVF_PUBLISHED : 0, 0, guest);
-    }
+    if (nv && (*nv & 0xff) == WATCH_VCPU)
+        switched_in(ntid, *nv, now ? now : bpf_ktime_get_ns(), pub_slot(*nv), 0);
+    return 0;
+}
+
+/*
+ * Switch-ins sched_switch does not report. On some hosts it is not reported
+ * for every switch: on this project's (a sandbox's kernel) the switches away
+ * from the sandbox's own supervisor threads never are, so a vCPU thread
+ * preempted by one of them is seen switched out and never back in. Without a
+ * fallback its area would say runnable while it runs (and with `bpf-direct`
+ * the guest could see that itself). `sched_exit_tp` (kernel 6.16+, for the
+ * runtime verification monitors) fires at the end of __schedule(), after the
+ * switch, in the context of the thread that runs on: a vCPU thread still
+ * marked `out` there was switched in unreported, and is switched in here,
+ * before it runs its guest again. Where the kernel has no such tracepoint the
+ * VMM loads the program without it (`SchedBpf::finds_late_switch_ins`).
+ */
+SEC("tp_btf/sched_exit_tp")
+int BPF_PROG(on_sched_exit, bool is_switch)
+{
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    __u32 *v = bpf_map_lookup_elem(&tids, &tid);
+    if (!v || (*v & 0xff) != WATCH_VCPU)
+        return 0;
+    struct pub_ctl *c = pub_slot(*v);
+    if (!c || !c->out)
+        return 0;
+    c->late_in++;
+    switched_in(tid, *v, bpf_ktime_get_ns(), c, EVF_LATE);
     return 0;
 }
 

@@ -201,6 +201,7 @@ impl Vcpu {
                 direct_late = r.direct_late,
                 direct_published = r.direct_published,
                 missed_in = r.missed_in,
+                late_in = r.late_in,
                 "host schedule tracking at exit"
             );
         }

@@ -94,6 +94,9 @@ pub struct SchedResult {
     /// BPF: switch-outs of vCPU 0's thread with no switch-in reported
     /// since the one before (the kernel's `sched_switch` did not name it).
     pub missed_in: u64,
+    /// BPF: switch-ins of vCPU 0's thread `sched_switch` did not report,
+    /// found at the end of `__schedule()` (before the thread ran on).
+    pub late_in: u64,
     /// Visibility latencies (µs) for the plot: guest-seen runnable.
     #[serde(skip)]
     pub samples_us: Vec<f64>,
@@ -316,6 +319,7 @@ fn add_report(r: &mut SchedResult, rep: &crate::xen::sched::SchedReport) {
     r.direct_published = rep.direct_published;
     r.direct_kicked = rep.direct_late;
     r.missed_in = rep.missed_in;
+    r.late_in = rep.late_in;
     if rep.direct && r.mechanism == "bpf" {
         r.mechanism = "bpf-direct".into();
     }
@@ -508,12 +512,12 @@ pub fn table(s: &Suite) -> String {
     let _ = writeln!(
         o,
         "\nhost-side (records): visible after switch-out p50/p99 us, running after switch-in p50/p99 us, self-inflicted (of those shown when they went on), deferred, lost, late; \
-         bpf-direct: running published by the program at the switch-in, kicked instead; switch-ins the kernel did not report"
+         bpf-direct: running published by the program at the switch-in, kicked instead; switch-ins sched_switch did not report: found at the end of __schedule(), missed by both"
     );
     for r in &s.preempted {
         let _ = writeln!(
             o,
-            "{:<13} {:>8.1} {:>8.1}   {:>8.1} {:>8.1}   {:>5} ({:>4}) {:>5} {:>5} {:>5}   {:>5} {:>5} {:>5}",
+            "{:<13} {:>8.1} {:>8.1}   {:>8.1} {:>8.1}   {:>5} ({:>4}) {:>5} {:>5} {:>5}   {:>5} {:>5}   {:>5} {:>5}",
             r.mechanism,
             r.host_visible_p50_us,
             r.host_visible_p99_us,
@@ -526,6 +530,7 @@ pub fn table(s: &Suite) -> String {
             r.late,
             r.direct_published,
             r.direct_kicked,
+            r.late_in,
             r.missed_in
         );
     }

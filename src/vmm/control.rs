@@ -567,6 +567,9 @@ fn save(
         }
     }
     let result = (|| {
+        // `bpf-direct`'s pages over guest RAM go back into it: the image is
+        // written from guest RAM itself.
+        m.xen.sched_direct_release()?;
         let mut states = Vec::with_capacity(m.vcpus.len());
         for h in m.vcpus.iter().filter(|h| h.started()) {
             match h.saved_state() {

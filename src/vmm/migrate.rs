@@ -493,6 +493,26 @@ impl From<String> for SendErr {
     }
 }
 
+/// `bpf-direct`'s pages placed over guest RAM go back into it (the guest
+/// paused for that if it runs): a migration sends guest RAM itself, and the
+/// page under one of those is the guest's page as it was when covered.
+fn release_direct_pages(m: &Machine, was_paused: bool) -> Result<(), String> {
+    if m.xen.sched_direct_pages() == 0 {
+        return Ok(());
+    }
+    if !was_paused {
+        if let Err(e) = m.pause(Duration::from_secs(10)) {
+            m.resume();
+            return Err(e.to_string());
+        }
+    }
+    let r = m.xen.sched_direct_release();
+    if !was_paused {
+        m.resume();
+    }
+    r.map(drop)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn send_inner(
     m: &Machine,
@@ -515,6 +535,7 @@ fn send_inner(
 
     let stream_start = Instant::now();
     tracing::debug!("migration: the receiver is ready, the stream starts");
+    release_direct_pages(m, was_paused)?;
     let ram = ram_ranges(m);
     let end_pfn = ram
         .iter()

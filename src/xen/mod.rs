@@ -583,7 +583,10 @@ impl Xen {
     /// current state's time since). For save (issue 14).
     pub fn runstate_at_entry(&self, vcpu: u32) -> Option<RunstateInfo> {
         let m = self.platform.runstates.get(vcpu as usize)?;
-        let d = *m.lock().acct.data();
+        // With `bpf-direct`, running the program published at a switch-in
+        // the records do not hold yet (the area shows it: a restored guest
+        // must not see its entry time go back).
+        let d = self.platform.sched_direct_view(vcpu, &m.lock());
         Some(RunstateInfo {
             state: d.state.value(),
             state_entry_time: d.state_entry_time,

@@ -351,6 +351,9 @@ pub struct SchedReport {
     /// Switch-outs of this vCPU's thread the program saw with no switch-in
     /// seen since the one before.
     pub missed_in: u64,
+    /// Switch-ins of this vCPU's thread `sched_switch` did not report,
+    /// found at the end of `__schedule()` in the thread's context.
+    pub late_in: u64,
 }
 
 impl XenPlatform {
@@ -485,6 +488,9 @@ impl XenPlatform {
         let c = b.pub_slot(vcpu).ok_or("no publishing slots")?;
         let gfn = gpa >> 12;
         let mut pages = self.sched.pub_pages.lock();
+        if !self.sched.direct_wanted.load(Ordering::Acquire) {
+            return Err("publishing at switch-ins was stopped (a save or migration)".into());
+        }
         let idx = match pages.iter().position(|(g, _)| *g == gfn) {
             Some(i) => i,
             None => {
@@ -874,6 +880,63 @@ impl Xen {
             .store(on, Ordering::Release);
     }
 
+    /// How many of the BPF program's pages are placed over guest RAM.
+    pub fn sched_direct_pages(&self) -> usize {
+        self.platform.sched.pub_pages.lock().len()
+    }
+
+    /// Takes the BPF program's pages back out of guest RAM, their bytes
+    /// copied into the RAM pages they covered, and stops publishing at
+    /// switch-ins for the rest of the VM's life (running is republished
+    /// after a kick, as with `bpf`). For whatever reads guest RAM itself, not
+    /// through the memory map's overlays: a save or a migration would
+    /// otherwise send the page as it was when the program's page covered it.
+    /// Every vCPU must be paused (the caller's); returns how many pages went
+    /// back.
+    pub fn sched_direct_release(&self) -> Result<usize, String> {
+        let p = &self.platform;
+        // Under the pages' lock: a placement still on its way (a helper
+        // thread waiting to pause the vCPUs) finds `direct_wanted` clear.
+        let mut pages = p.sched.pub_pages.lock();
+        p.sched.direct_wanted.store(false, Ordering::Release);
+        for v in 0..p.sched.slots.len() as u32 {
+            if p.sched_direct_off(v) {
+                // An arm taken back: running is republished before the
+                // vCPU next enters the guest.
+                p.caps.vcpus.kick(v);
+            }
+        }
+        if pages.is_empty() {
+            return Ok(0);
+        }
+        // A program run that read `enabled` and `armed` before they were
+        // cleared may still be writing: tracepoint programs run inside RCU
+        // read-side sections, and a global membarrier is a synchronize_rcu().
+        // SAFETY: membarrier(MEMBARRIER_CMD_GLOBAL, 0, 0) takes no pointers.
+        if unsafe { libc::syscall(libc::SYS_membarrier, 1, 0, 0) } != 0 {
+            return Err(format!("membarrier: {}", std::io::Error::last_os_error()));
+        }
+        let n = pages.len();
+        for (gfn, page) in pages.drain(..) {
+            let mut bytes = [0u8; 4096];
+            page.read(0, &mut bytes).map_err(|e| e.to_string())?;
+            p.map
+                .remove_overlay(gpc::Gfn(gfn))
+                .map_err(|e| format!("gfn {gfn:#x}: {e}"))?;
+            vm_memory::Bytes::write_slice(
+                p.map.guest_memory(),
+                &bytes,
+                vm_memory::GuestAddress(gfn << 12),
+            )
+            .map_err(|e| format!("gfn {gfn:#x}: {e}"))?;
+        }
+        tracing::info!(
+            pages = n,
+            "runstate: the BPF program's pages are guest RAM again; running is republished after a kick from now on"
+        );
+        Ok(n)
+    }
+
     /// Keeps the loaded BPF program for this VM (set once at start).
     pub fn set_sched_bpf(&self, b: Arc<SchedBpf>) {
         let _ = self.platform.sched.bpf.set(b);
@@ -1055,6 +1118,10 @@ impl Xen {
                 .sched_bpf()
                 .and_then(|b| b.pub_slot(vcpu))
                 .map_or(0, |c| c.missed_in.load(Ordering::Relaxed)),
+            late_in: self
+                .sched_bpf()
+                .and_then(|b| b.pub_slot(vcpu))
+                .map_or(0, |c| c.late_in.load(Ordering::Relaxed)),
         }
     }
 }
