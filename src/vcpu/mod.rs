@@ -253,6 +253,17 @@ impl Vcpu {
                         "returning to the guest with the hypercall's result"
                     );
                 }
+                if matches!(then, State::Running) && self.started {
+                    // Host-schedule records saw the pause as a sleep (a halt,
+                    // blocked) and its end as a switch-in that nobody may
+                    // have applied yet: apply them now, so the guest never
+                    // runs under a published blocked.
+                    self.m.xen.runstate_transition(
+                        self.id,
+                        runstate::State::Running,
+                        self.sample_run_delay(),
+                    );
+                }
                 self.handle.report(match then {
                     State::Blocked { .. } => Reported::Blocked,
                     _ => Reported::Running,

@@ -112,33 +112,54 @@ impl VcpuWake for VcpuSet {
     }
     fn with_all_paused(&self, name: String, timeout: Duration, f: Box<dyn FnOnce(bool) + Send>) {
         let set = self.clone();
+        let (asked_tx, asked_rx) = std::sync::mpsc::channel::<()>();
         let started = threads::spawn(
             ThreadKind::SchedMonitor,
             name,
             Arc::new(|msg| tracing::warn!(%msg, "a pause of every vCPU")),
             move || {
                 let mut f = Some(f);
-                let paused = set.paused_for(timeout, &mut || {
-                    if let Some(f) = f.take() {
-                        f(true)
-                    }
-                });
+                let paused = set.paused_for(
+                    timeout,
+                    &mut || {
+                        let _ = asked_tx.send(());
+                    },
+                    &mut || {
+                        if let Some(f) = f.take() {
+                            f(true)
+                        }
+                    },
+                );
                 if let (false, Some(f)) = (paused, f) {
                     f(false)
                 }
             },
         );
-        if let Err(e) = started {
+        match started {
+            // A user's pause holding the lock waits for the caller too: do
+            // not wait long for the ask then.
+            Ok(_) => {
+                let _ = asked_rx.recv_timeout(ASK_WAIT);
+            }
             // `f` went with the closure: nothing was paused or changed.
-            tracing::warn!(%e, "no thread to pause the vCPUs on: nothing done");
+            Err(e) => tracing::warn!(%e, "no thread to pause the vCPUs on: nothing done"),
         }
     }
 }
 
+/// How long [`VcpuWake::with_all_paused`] waits for its thread to ask every
+/// vCPU to pause.
+const ASK_WAIT: Duration = Duration::from_millis(100);
+
 impl VcpuSet {
     /// Runs `f` with every vCPU paused (see [`VcpuWake::with_all_paused`]);
     /// false, and `f` not run, if they did not all pause within `timeout`.
-    fn paused_for(&self, timeout: Duration, f: &mut dyn FnMut()) -> bool {
+    fn paused_for(
+        &self,
+        timeout: Duration,
+        asked_cb: &mut dyn FnMut(),
+        f: &mut dyn FnMut(),
+    ) -> bool {
         let _g = self.pause_lock.lock();
         // Only those asked to run are paused and let go again (a VM paused
         // by the user stays paused).
@@ -150,6 +171,7 @@ impl VcpuSet {
         for (h, _) in self.vcpus.iter().zip(&asked).filter(|(_, a)| **a) {
             h.send(Request::Pause);
         }
+        asked_cb();
         let until = Instant::now() + timeout;
         let ok = self
             .vcpus

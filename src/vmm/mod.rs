@@ -545,9 +545,12 @@ impl Vm {
         if let Some(b) = bpf {
             machine.xen.set_sched_bpf(b);
             let env = std::env::var("XENKVM_SCHED").ok();
-            machine
-                .xen
-                .set_sched_direct(cfg.sched.as_deref().or(env.as_deref()) == Some("bpf-direct"));
+            // `best` is the best the host allows: BPF publishing running
+            // itself where the maps can be mapped (no kick).
+            machine.xen.set_sched_direct(matches!(
+                cfg.sched.as_deref().or(env.as_deref()),
+                Some("bpf-direct" | "best")
+            ));
         }
         machine.xen.set_sched_mechanism(mechanism);
         Ok(Vm {

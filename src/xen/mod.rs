@@ -64,7 +64,10 @@ pub trait VcpuWake: Send + Sync {
     /// no vCPU runs guest code (each paused, as a save pauses them), then
     /// lets each go on as it was asked to before; `f(false)`, with the
     /// vCPUs running, if they did not all pause within `timeout` (neither,
-    /// logged, if no thread could be started).
+    /// logged, if no thread could be started). Returns once the pause is
+    /// asked for (or after a short wait if that thread cannot ask yet): a
+    /// vCPU thread calling from a hypercall then pauses before it next
+    /// enters the guest, its guest seeing nothing run in between.
     fn with_all_paused(&self, name: String, timeout: Duration, f: Box<dyn FnOnce(bool) + Send>);
 }
 
