@@ -241,9 +241,9 @@ fn sched_bpf_hog_beside_vcpu0_preemption_seen_and_shown() {
 /// thread's switch-in (the area's page is the program's, placed over the
 /// guest's page), so shown preemptions need no kick. vCPU 1 sees runnable
 /// and running again; accounting stays with `run_delay`. The guest may see
-/// itself runnable only after a switch-in the kernel did not report (this
-/// host's `sched_switch` misses a few: `missed_in`), which is why this mode
-/// is not the default.
+/// itself runnable only after a switch-in neither `sched_switch` nor
+/// `sched_exit_tp` reported (`missed_in`: none seen since the second was
+/// added; this host's `sched_switch` alone misses a few, `late_in`).
 #[test]
 fn sched_bpf_direct_publishes_running_at_the_switch_in_without_kicks() {
     let Some(r) = bpf_hog_run(

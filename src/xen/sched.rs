@@ -430,13 +430,13 @@ impl XenPlatform {
     }
 
     /// Whether the program may publish running at `vcpu`'s switch-ins:
-    /// the maps are mapped and `bpf-direct` was asked for. Off by
-    /// default: on this project's host the kernel does not report every
-    /// switch-in of a vCPU thread (`sched_switch`, BPF and perf alike: a
-    /// thread switched out twice with no switch-in between, a few times per
-    /// thousand preemptions), and a switch-in the program does not see is
-    /// one it cannot publish running for (the guest then sees itself
-    /// runnable until its next exit); a kick is not missed that way.
+    /// the maps are mapped and `bpf-direct` (or `best`) was asked for. A
+    /// switch-in `sched_switch` does not report (this project's host never
+    /// reports switches away from its sandbox's supervisor threads) is found
+    /// at the end of `__schedule()` (`sched_exit_tp`), before the thread runs
+    /// its guest; a kernel without that tracepoint leaves the guest reading
+    /// its own area as runnable until its next exit after one. Not the
+    /// default: its cost on a Linux boot is not measured yet (README).
     pub(super) fn sched_direct_possible(&self, vcpu: u32) -> bool {
         self.sched
             .bpf
