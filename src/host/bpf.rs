@@ -873,32 +873,52 @@ mod tests {
         }
         slot.offset.store(500, SeqCst);
         slot.enabled.store(1, SeqCst);
-        let tid = crate::host::perf::gettid() as u32;
-        bpf.watch_vcpu(tid, VCPU).unwrap();
-        let mut found = None;
-        for _ in 0..1_000 {
-            // Runnable since 1,000, as the VMM published it.
-            page.write(OFF, &[1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
-            page.write(OFF + 8, &1_000u64.to_le_bytes()).unwrap();
-            let (late, published) = (slot.late_in.load(SeqCst), slot.published.load(SeqCst));
-            slot.out.store(1, SeqCst);
-            slot.arm_out.store(slot.last_out.load(SeqCst), SeqCst);
-            slot.armed.store(1, SeqCst);
-            // SAFETY: no arguments; yields the calling thread.
-            unsafe { libc::sched_yield() };
-            if slot.late_in.load(SeqCst) > late {
-                assert_eq!(slot.published.load(SeqCst), published + 1);
-                found = Some(slot.in_guest.load(SeqCst));
-                break;
-            }
-            slot.armed.store(0, SeqCst);
-        }
-        bpf.unwatch(tid);
+        // On a thread of its own, SCHED_FIFO on CPU 1 where it can be (the
+        // other tests' FIFO threads are on CPU 0): its yields then find no
+        // other thread to run even on a busy host, and return from
+        // `__schedule()` without a switch.
+        let (tid, found) = std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let tid = crate::host::perf::gettid();
+                let fifo = crate::host::cpu::online_cpus() >= 2
+                    && crate::host::cpu::pin(tid, 1).is_ok()
+                    && crate::host::cpu::set_fifo(1).is_ok();
+                let tid = tid as u32;
+                bpf.watch_vcpu(tid, VCPU).unwrap();
+                let mut found = None;
+                for _ in 0..1_000 {
+                    // Runnable since 1,000, as the VMM published it.
+                    page.write(OFF, &[1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+                    page.write(OFF + 8, &1_000u64.to_le_bytes()).unwrap();
+                    let (late, published) =
+                        (slot.late_in.load(SeqCst), slot.published.load(SeqCst));
+                    slot.out.store(1, SeqCst);
+                    slot.arm_out.store(slot.last_out.load(SeqCst), SeqCst);
+                    slot.armed.store(1, SeqCst);
+                    // SAFETY: no arguments; yields the calling thread.
+                    unsafe { libc::sched_yield() };
+                    if slot.late_in.load(SeqCst) > late {
+                        assert_eq!(slot.published.load(SeqCst), published + 1);
+                        assert_eq!(slot.out.load(SeqCst), 0, "switched in");
+                        found = Some(slot.in_guest.load(SeqCst));
+                        break;
+                    }
+                    slot.armed.store(0, SeqCst);
+                }
+                // Before the thread's last switch-out marks it out again.
+                bpf.unwatch(tid);
+                if fifo {
+                    let _ = crate::host::cpu::set_fifo_tid(tid as i32, 0);
+                }
+                (tid, found)
+            })
+            .join()
+            .unwrap()
+        });
         slot.enabled.store(0, SeqCst);
         let Some(in_guest) = found else {
             panic!("every one of 1,000 yields switched (or __schedule() is not hooked)");
         };
-        assert_eq!(slot.out.load(SeqCst), 0);
         assert_eq!(slot.armed.load(SeqCst), 0, "the program took armed back");
         assert_eq!(words(0), 0, "state running");
         assert_eq!(words(1), in_guest, "entry time, update flag clear");

@@ -449,9 +449,19 @@ impl XenPlatform {
     /// program published running at the switch-in that ended the open
     /// preemption and the records are not applied yet, that.
     pub(super) fn sched_direct_view(&self, vcpu: u32, r: &VcpuRunstate) -> RunstateData {
+        if self.sched_direct(vcpu) {
+            self.program_view(vcpu, r)
+        } else {
+            *r.acct.data()
+        }
+    }
+
+    /// The accounting with running applied where the program published it
+    /// at the switch-in that ended the open preemption (whether or not it
+    /// still publishes).
+    fn program_view(&self, vcpu: u32, r: &VcpuRunstate) -> RunstateData {
         let mut d = *r.acct.data();
-        let (true, Some(c), Some((t_out, _))) = (
-            self.sched_direct(vcpu),
+        let (Some(c), Some((t_out, _))) = (
             self.sched.bpf.get().and_then(|b| b.pub_slot(vcpu)),
             r.host.out,
         ) else {
@@ -899,7 +909,11 @@ impl Xen {
         // thread waiting to pause the vCPUs) finds `direct_wanted` clear.
         let mut pages = p.sched.pub_pages.lock();
         p.sched.direct_wanted.store(false, Ordering::Release);
+        let mut was_direct = Vec::new();
         for v in 0..p.sched.slots.len() as u32 {
+            if p.sched_direct(v) {
+                was_direct.push(v);
+            }
             if p.sched_direct_off(v) {
                 // An arm taken back: running is republished before the
                 // vCPU next enters the guest.
@@ -915,6 +929,23 @@ impl Xen {
         // SAFETY: membarrier(MEMBARRIER_CMD_GLOBAL, 0, 0) takes no pointers.
         if unsafe { libc::syscall(libc::SYS_membarrier, 1, 0, 0) } != 0 {
             return Err(format!("membarrier: {}", std::io::Error::last_os_error()));
+        }
+        // Running the program published at a switch-in whose record is not
+        // applied yet: applied now, at the time it published, so the
+        // accounting (what a save records, what is published from now on)
+        // is what the area shows. Its record, when read, is stale.
+        for v in was_direct {
+            if let Some(m) = p.runstates.get(v as usize) {
+                let mut r = m.lock();
+                let seen = p.program_view(v, &r);
+                if seen.state == State::Running && r.acct.state() == State::Runnable {
+                    let VcpuRunstate { acct, host, .. } = &mut *r;
+                    let t = seen.state_entry_time;
+                    if host.merge.apply(acct, Switch::In, t) == Applied::Stale {
+                        acct.transition(State::Running, t);
+                    }
+                }
+            }
         }
         let n = pages.len();
         for (gfn, page) in pages.drain(..) {
