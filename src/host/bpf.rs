@@ -406,6 +406,17 @@ impl SchedBpf {
         self.late_in
     }
 
+    /// Returns once every program run that started before the call has
+    /// ended: tracepoint programs run inside RCU read-side sections, and a
+    /// global membarrier is a `synchronize_rcu()`.
+    pub fn wait_for_runs_in_flight() -> std::io::Result<()> {
+        // SAFETY: membarrier(MEMBARRIER_CMD_GLOBAL, 0, 0) takes no pointers.
+        if unsafe { libc::syscall(libc::SYS_membarrier, 1, 0, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Events the program could not write (ring full) since it was loaded.
     pub fn lost(&self) -> u64 {
         self.lost.get(&0, 0).unwrap_or(0)
@@ -421,6 +432,24 @@ mod tests {
         SchedBpf::load()
             .map_err(|e| eprintln!("skipping: BPF not available here ({e})"))
             .ok()
+    }
+
+    /// `vcpu`'s publishing slot and page `page` of `pub_pages`, mapped; `None`
+    /// (said on stderr) where the maps are not mapped.
+    fn slot_and_page(bpf: &SchedBpf, vcpu: u32, page: u32) -> Option<(&PubCtl, gpc::OverlayPage)> {
+        let Some(slot) = bpf.pub_slot(vcpu) else {
+            eprintln!("skipping: the program's maps are not mapped here");
+            return None;
+        };
+        let (file, offset) = bpf.pub_page(page).unwrap();
+        Some((slot, gpc::OverlayPage::from_file(file, offset).unwrap()))
+    }
+
+    /// The `i`th 8-byte word of the area at `off` in `page`.
+    fn word(page: &gpc::OverlayPage, off: usize, i: usize) -> u64 {
+        let mut b = [0u8; 8];
+        page.read(off + 8 * i, &mut b).unwrap();
+        u64::from_le_bytes(b)
     }
 
     #[test]
@@ -661,17 +690,10 @@ mod tests {
         const VCPU: u32 = 5;
         const PAGE: u32 = 3;
         const OFF: usize = 64;
-        let Some(slot) = bpf.pub_slot(VCPU) else {
-            eprintln!("skipping: the program's maps are not mapped here");
+        let Some((slot, page)) = slot_and_page(&bpf, VCPU, PAGE) else {
             return;
         };
-        let (file, offset) = bpf.pub_page(PAGE).unwrap();
-        let page = gpc::OverlayPage::from_file(file, offset).unwrap();
-        let words = |i: usize| {
-            let mut b = [0u8; 8];
-            page.read(OFF + 8 * i, &mut b).unwrap();
-            u64::from_le_bytes(b)
-        };
+        let words = |i: usize| word(&page, OFF, i);
         // What the VMM published for the preemption: runnable since 1,000.
         page.write(OFF, &[1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
         page.write(OFF + 8, &1_000u64.to_le_bytes()).unwrap();
@@ -853,17 +875,10 @@ mod tests {
         const VCPU: u32 = 6;
         const PAGE: u32 = 4;
         const OFF: usize = 128;
-        let Some(slot) = bpf.pub_slot(VCPU) else {
-            eprintln!("skipping: the program's maps are not mapped here");
+        let Some((slot, page)) = slot_and_page(&bpf, VCPU, PAGE) else {
             return;
         };
-        let (file, offset) = bpf.pub_page(PAGE).unwrap();
-        let page = gpc::OverlayPage::from_file(file, offset).unwrap();
-        let words = |i: usize| {
-            let mut b = [0u8; 8];
-            page.read(OFF + 8 * i, &mut b).unwrap();
-            u64::from_le_bytes(b)
-        };
+        let words = |i: usize| word(&page, OFF, i);
         slot.page.store(PAGE, SeqCst);
         slot.off.store(OFF as u32, SeqCst);
         slot.flag.store(1, SeqCst);

@@ -924,12 +924,8 @@ impl Xen {
             return Ok(0);
         }
         // A program run that read `enabled` and `armed` before they were
-        // cleared may still be writing: tracepoint programs run inside RCU
-        // read-side sections, and a global membarrier is a synchronize_rcu().
-        // SAFETY: membarrier(MEMBARRIER_CMD_GLOBAL, 0, 0) takes no pointers.
-        if unsafe { libc::syscall(libc::SYS_membarrier, 1, 0, 0) } != 0 {
-            return Err(format!("membarrier: {}", std::io::Error::last_os_error()));
-        }
+        // cleared may still be writing.
+        bpf::SchedBpf::wait_for_runs_in_flight().map_err(|e| format!("membarrier: {e}"))?;
         // Running the program published at a switch-in whose record is not
         // applied yet: applied now, at the time it published, so the
         // accounting (what a save records, what is published from now on)
