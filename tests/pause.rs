@@ -62,8 +62,26 @@ fn pause_running_demo_guest_runs_no_guest_code_until_resumed() {
         }
         let before: Vec<u64> = m.vcpus.iter().map(|h| h.entries()).collect();
         let text_before = o2.text();
+        let times = |v: u32| m.xen.runstate_times(v);
+        let rs_before: Vec<[u64; 4]> = (0..2).map(times).collect();
         std::thread::sleep(Duration::from_secs(1));
+        let rs_after: Vec<[u64; 4]> = (0..2).map(times).collect();
         let after: Vec<u64> = m.vcpus.iter().map(|h| h.entries()).collect();
+        // Xen: a paused domain's vCPUs are offline unless they were
+        // blocked; never running or runnable (Linux counts offline as
+        // stolen). The busy guest had at least one vCPU running.
+        let grown = |v: usize, s: usize| rs_after[v][s] - rs_before[v][s];
+        for v in 0..2 {
+            assert_eq!(
+                (grown(v, 0), grown(v, 1)),
+                (0, 0),
+                "vCPU {v} ran or waited while paused: {rs_before:?} -> {rs_after:?}"
+            );
+        }
+        assert!(
+            (0..2).any(|v| grown(v, 3) >= 900_000_000),
+            "no vCPU offline while paused: {rs_before:?} -> {rs_after:?}"
+        );
         paused_entries = Some((before.clone(), after.clone()));
         assert_eq!(before, after, "KVM_RUN was entered while paused");
         assert_eq!(text_before, o2.text(), "the guest printed while paused");
@@ -84,6 +102,12 @@ fn pause_running_demo_guest_runs_no_guest_code_until_resumed() {
 
 /// Voluntary context switches of every thread of process `pid`, by name.
 fn ctxt_switches(pid: u32) -> Vec<(String, u64)> {
+    switches(pid, "voluntary_ctxt_switches:")
+}
+
+/// `key`'s count (a `/proc/PID/task/TID/status` line) of every thread of
+/// process `pid`, by name.
+fn switches(pid: u32, key: &str) -> Vec<(String, u64)> {
     let mut v = Vec::new();
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return v;
@@ -96,7 +120,7 @@ fn ctxt_switches(pid: u32) -> Vec<(String, u64)> {
                 .find_map(|l| l.strip_prefix(k))
                 .map(|s| s.trim().to_string())
         };
-        if let (Some(name), Some(n)) = (field("Name:"), field("voluntary_ctxt_switches:")) {
+        if let (Some(name), Some(n)) = (field("Name:"), field(key)) {
             v.push((name, n.parse().unwrap_or(0)));
         }
     }
@@ -123,6 +147,9 @@ fn cpu_ticks(pid: u32) -> u64 {
 struct IdleCost {
     /// Voluntary context switches per thread name in the window.
     wakeups: Vec<(String, u64)>,
+    /// Host preemptions (involuntary context switches) of the vCPU threads
+    /// in the window: each may wake a schedule-tracking watch thread.
+    vcpu_preemptions: u64,
     /// Host CPU time of the process in the window, in percent of one CPU.
     cpu_percent: f64,
     window: Duration,
@@ -140,15 +167,35 @@ impl IdleCost {
             .map(|(_, d)| d)
             .sum()
     }
+    /// Wake-ups of the schedule-tracking watch threads (`vcpu-schedN`).
+    fn watch(&self) -> u64 {
+        self.wakeups
+            .iter()
+            .filter(|(n, _)| n.starts_with("vcpu-sched"))
+            .map(|(_, d)| d)
+            .sum()
+    }
+    /// The watch threads wake only for host preemptions of vCPU threads
+    /// (at most twice each: the program's wake-up and a vCPU thread's
+    /// hand-over), never for an idle guest's own ticks.
+    fn check_watch(&self) {
+        assert!(
+            self.watch() <= 2 * self.vcpu_preemptions + self.window.as_secs(),
+            "the watch threads woke {} times for {} preemptions of vCPU threads",
+            self.watch(),
+            self.vcpu_preemptions
+        );
+    }
     fn print(&self) {
         let s = self.window.as_secs_f64();
         for (name, d) in &self.wakeups {
             println!("{name}: {d} wake-ups in {s} s ({:.1}/s)", *d as f64 / s);
         }
         println!(
-            "total {:.1} wake-ups/s, host CPU {:.2}% of one CPU",
+            "total {:.1} wake-ups/s, host CPU {:.2}% of one CPU; {} host preemptions of the vCPU threads",
             self.total() as f64 / s,
-            self.cpu_percent
+            self.cpu_percent,
+            self.vcpu_preemptions
         );
         println!("{}", self.console);
     }
@@ -188,9 +235,21 @@ fn idle_cost(mode: &str, window: Duration) -> IdleCost {
         seen.extend_from_slice(&buf[..n]);
     }
     std::thread::sleep(Duration::from_millis(500));
-    let (a, cpu_a, t) = (ctxt_switches(pid), cpu_ticks(pid), Instant::now());
+    let preempted = || -> u64 {
+        switches(pid, "nonvoluntary_ctxt_switches:")
+            .iter()
+            .filter(|(n, _)| n.starts_with("vcpu") && !n.starts_with("vcpu-sched"))
+            .map(|(_, d)| d)
+            .sum()
+    };
+    let (a, p_a, cpu_a, t) = (
+        ctxt_switches(pid),
+        preempted(),
+        cpu_ticks(pid),
+        Instant::now(),
+    );
     std::thread::sleep(window);
-    let (b, cpu_b, window) = (ctxt_switches(pid), cpu_ticks(pid), t.elapsed());
+    let (b, p_b, cpu_b, window) = (ctxt_switches(pid), preempted(), cpu_ticks(pid), t.elapsed());
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_file(&path);
@@ -205,6 +264,7 @@ fn idle_cost(mode: &str, window: Duration) -> IdleCost {
         .collect();
     IdleCost {
         wakeups,
+        vcpu_preemptions: p_b.saturating_sub(p_a),
         cpu_percent: (cpu_b - cpu_a) as f64 / hz / window.as_secs_f64() * 100.0,
         window,
         console: String::from_utf8_lossy(&seen).into_owned(),
@@ -228,9 +288,11 @@ fn idle_two_vcpu_guest_wakes_the_vmm_less_than_once_a_second() {
     let c = idle_cost("idle", idle_window());
     c.print();
     assert!(c.console.contains("vCPU 1 up"), "vCPU 1 did not come up");
-    // An idle guest with no timers armed: nothing should wake the VMM.
+    // An idle guest with no timers armed: nothing should wake the VMM but
+    // the host's preemptions of its vCPU threads (the watch threads).
+    c.check_watch();
     assert!(
-        (c.total() as f64) < c.window.as_secs_f64(),
+        ((c.total() - c.watch()) as f64) < c.window.as_secs_f64(),
         "an idle guest woke the VMM {} times in {:?}",
         c.total(),
         c.window
@@ -259,7 +321,8 @@ fn idle_guest_with_100hz_timers_wakes_the_event_loop_once_per_tick() {
         events <= 200.0 * secs * 1.1 && events >= 100.0 * secs * 0.5,
         "the event loop woke {events} times in {secs} s of two 100 Hz timers"
     );
-    let others = c.total() - c.of("xen-events") - c.of("vcpu0") - c.of("vcpu1");
+    c.check_watch();
+    let others = c.total() - c.of("xen-events") - c.of("vcpu0") - c.of("vcpu1") - c.watch();
     assert!(
         (others as f64) < secs,
         "threads other than the event loop and the vCPUs woke {others} times"

@@ -132,11 +132,11 @@ impl Accounting {
     /// since the last sample (part of the `run_delay` growth, so not charged
     /// twice). The rest of the growth is waiting for a CPU after a wake-up,
     /// which the records do not see: it is charged to runnable out of the
-    /// interval that ends now when that is running or blocked (a vCPU
-    /// leaving `SCHEDOP_block` waited for its CPU at the end of the blocked
-    /// interval: Xen's split); what does not fit is carried to the next
-    /// sample instead of being dropped, so runnable keeps tracking
-    /// `run_delay`.
+    /// interval that ends now when that is running, blocked or offline (a
+    /// vCPU leaving `SCHEDOP_block`, a pause or `VCPUOP_down` waited for its
+    /// CPU at the end of that interval: Xen's split, where the wake-up makes
+    /// it runnable); what does not fit is carried to the next sample instead
+    /// of being dropped, so runnable keeps tracking `run_delay`.
     pub fn transition_with_steal_excluding(
         &mut self,
         new: State,
@@ -155,7 +155,7 @@ impl Accounting {
                 // is carried as well, against the next growth.
                 let over = excluded_ns.saturating_sub(grown);
                 let steal = match self.data.state {
-                    State::Running | State::Blocked => residual.min(delta),
+                    State::Running | State::Blocked | State::Offline => residual.min(delta),
                     _ => 0,
                 };
                 (
@@ -281,6 +281,24 @@ mod tests {
         assert_eq!(a.data().time, [100, 50, 0, 0]);
         a.transition_with_steal_excluding(State::Running, 1_150, 1_500, 0);
         assert_eq!(a.data().time, [950, 200, 0, 0]);
+        assert_eq!(a.data().offset(), 0);
+    }
+
+    #[test]
+    fn steal_excluding_charges_the_wait_after_offline_to_it_not_to_the_next_block() {
+        // Paused (offline) 0..5,000; woken, the thread waited 3,000 for a
+        // CPU: run_delay grew 3,000, which is the end of the offline
+        // interval (Xen: the wake-up makes it runnable). The 1,000 ns
+        // SCHEDOP_poll after it stays blocked. (Charged only out of running
+        // and blocked, the 3,000 was carried into the poll: blocked +0,
+        // runnable +1,000, what the test guest's runstate check caught.)
+        let mut a = Accounting::new(State::Running, 0);
+        a.transition_with_steal_excluding(State::Offline, 0, 10_000, 0);
+        a.transition_with_steal_excluding(State::Running, 5_000, 13_000, 0);
+        assert_eq!(a.data().time, [0, 3_000, 0, 2_000]);
+        a.transition_with_steal_excluding(State::Blocked, 5_100, 13_000, 0);
+        a.transition_with_steal_excluding(State::Running, 6_100, 13_000, 0);
+        assert_eq!(a.data().time, [100, 3_000, 1_000, 2_000]);
         assert_eq!(a.data().offset(), 0);
     }
 

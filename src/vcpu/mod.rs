@@ -145,10 +145,14 @@ impl Vcpu {
             }
             _ => {}
         }
-        if self.id == 0 {
-            self.m
-                .xen
-                .runstate_transition(0, runstate::State::Running, self.sample_run_delay());
+        // vCPU 0 runs from the start; so does a restored AP that is up (its
+        // record may say offline: saved while paused).
+        if self.id == 0 || (self.handle.started() && self.m.xen.vcpu_is_up(self.id)) {
+            self.m.xen.runstate_transition(
+                self.id,
+                runstate::State::Running,
+                self.sample_run_delay(),
+            );
         }
         self.handle.report(Reported::Running);
         let mut state = self.rearm_syscall_fixup();
@@ -231,6 +235,18 @@ impl Vcpu {
             self.handle.kicker().kick();
             let _ = self.kvm.run();
         }
+        // Xen's schedule() makes a vCPU that is neither runnable nor blocked
+        // (a paused domain's running vCPU) offline, and Linux counts offline
+        // time as stolen: so is a pause here, not a halt (the records see
+        // the thread's sleep, stale against offline).
+        let was_running = matches!(then, State::Running) && self.started;
+        if was_running {
+            self.m.xen.runstate_transition(
+                self.id,
+                runstate::State::Offline,
+                self.sample_run_delay(),
+            );
+        }
         // The state a save writes, read here on the thread that owns the
         // vCPU fd, before the VMM hears that the vCPU is paused.
         self.handle
@@ -253,11 +269,9 @@ impl Vcpu {
                         "returning to the guest with the hypercall's result"
                     );
                 }
-                if matches!(then, State::Running) && self.started {
-                    // Host-schedule records saw the pause as a sleep (a halt,
-                    // blocked) and its end as a switch-in that nobody may
-                    // have applied yet: apply them now, so the guest never
-                    // runs under a published blocked.
+                if was_running {
+                    // Offline since the pause (records of the sleep and its
+                    // end applied first): running before the guest runs.
                     self.m.xen.runstate_transition(
                         self.id,
                         runstate::State::Running,
