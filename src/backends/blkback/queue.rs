@@ -99,11 +99,12 @@ impl UringUse {
     }
 }
 
-/// A merged I/O queued on the io_uring, waiting for its completion.
+/// A merged I/O queued on the io_uring, waiting for its completion. Its
+/// requests and pinned grants are kept in the queue's flat
+/// `inflight_members` and `inflight_pins` (no vectors per group).
 struct Inflight {
-    members: Vec<(u64, u8)>,
-    /// The group's pinned grants `(gref, readonly)`.
-    pins: Vec<(u32, bool)>,
+    /// How many of `inflight_members` are its requests (in queue order).
+    members: usize,
     write: bool,
     start: u64,
     end: u64,
@@ -186,12 +187,13 @@ pub struct Queue {
     uring: Option<gpc::FileRing>,
     /// Groups queued on `uring`, answered by `drain`.
     inflight: Vec<Inflight>,
+    /// The requests `(id, operation)` of the groups in `inflight`, in order.
+    inflight_members: Vec<(u64, u8)>,
+    /// The pinned grants `(gref, readonly)` of the groups in `inflight`.
+    inflight_pins: Vec<(u32, bool)>,
     /// A qcow2 disk's mapping held from the first planned group of a batch
     /// until `drain` completes it (no discard frees a cluster under it).
     qcow2_hold: Option<Qcow2Hold>,
-    /// Emptied vectors of answered groups (no allocation per group).
-    spare_members: Vec<Vec<(u64, u8)>>,
-    spare_pins: Vec<Vec<(u32, bool)>>,
     /// Responses pushed that the frontend asked to be notified of.
     notify_pending: bool,
     /// Persistently mapped grants, when negotiated.
@@ -331,9 +333,9 @@ impl Queue {
             group_next: 0,
             uring,
             inflight: Vec::new(),
+            inflight_members: Vec::new(),
+            inflight_pins: Vec::new(),
             qcow2_hold: None,
-            spare_members: Vec::new(),
-            spare_pins: Vec::new(),
             notify_pending: false,
             persistent: (params.persistent > 0).then(|| PersistentGrants::new(params.persistent)),
             seg_gpas: Vec::new(),
@@ -773,13 +775,11 @@ impl Queue {
                 self.drain()?;
             }
             if let Some((entries, zeroed)) = self.queue_group(write) {
-                let mut members = self.spare_members.pop().unwrap_or_default();
-                members.append(&mut self.group);
-                let pins =
-                    std::mem::replace(&mut self.pins, self.spare_pins.pop().unwrap_or_default());
+                let members = self.group.len();
+                self.inflight_members.append(&mut self.group);
+                self.inflight_pins.append(&mut self.pins);
                 self.inflight.push(Inflight {
                     members,
-                    pins,
                     write,
                     start,
                     end,
@@ -872,10 +872,10 @@ impl Queue {
         let mut results = results.into_iter();
         let mut inflight = std::mem::take(&mut self.inflight);
         // Grants go back before the responses are pushed (one lock for the batch).
-        self.domain
-            .grant_unpin_batch(inflight.iter().flat_map(|g| g.pins.iter().copied()));
+        self.domain.grant_unpin_batch(self.inflight_pins.drain(..));
         let mut done = std::mem::take(&mut self.done);
         done.clear();
+        let mut members = self.inflight_members.drain(..);
         for g in inflight.drain(..) {
             // All of the group's entries must have moved their bytes.
             let mut moved = Ok(g.zeroed);
@@ -907,14 +907,14 @@ impl Queue {
                     RSP_ERROR
                 }
             };
-            done.extend(g.members.iter().map(|&(id, op)| (id, op, st)));
-            // The vectors are reused by the next groups.
-            let (mut members, mut pins) = (g.members, g.pins);
-            members.clear();
-            pins.clear();
-            self.spare_members.push(members);
-            self.spare_pins.push(pins);
+            done.extend(
+                members
+                    .by_ref()
+                    .take(g.members)
+                    .map(|(id, op)| (id, op, st)),
+            );
         }
+        drop(members);
         self.inflight = inflight;
         let r = self.respond(&done);
         self.done = done;
@@ -984,9 +984,8 @@ impl Queue {
 
 impl Drop for Queue {
     fn drop(&mut self) {
-        for g in self.inflight.drain(..) {
-            self.domain.grant_unpin_batch(g.pins);
-        }
+        self.inflight.clear();
+        self.domain.grant_unpin_batch(self.inflight_pins.drain(..));
         self.domain.grant_unpin_batch(self.pins.drain(..));
         if let Some(p) = self.persistent.as_mut() {
             p.release(&self.domain);
