@@ -6,7 +6,9 @@
 //! For each request: copy it out of the ring once, parse and check it
 //! (`blkif::parse_request`), pin each granted segment
 //! (`Domain::grant_pin_batch`: the status bits a mapping sets, without a
-//! handle; writable only for reads into the guest), hand the host I/O an
+//! handle; writable only for reads into the guest; the reads and writes
+//! of a batch are checked first and their grants pinned under one lock,
+//! each request's again on its own if one cannot be), hand the host I/O an
 //! iovec of the guest frames (`preadv`/`pwritev`, or `readv`/`writev` through
 //! io_uring, one submission per batch), unpin every grant, and only then write
 //! the response. Reads and writes of consecutive sectors are merged into
@@ -116,6 +118,22 @@ struct Inflight {
     zeroed: u64,
 }
 
+/// A read or write (or a flush or barrier with data) checked and waiting
+/// for its grants: [`Queue::pin_staged`] pins the grants of every staged
+/// request under one lock, then joins them to groups in order. Its segments
+/// and grants are the next `segs` of `staged_segs` and `staged_gpas` and the
+/// next `refs` of `staged_refs`.
+#[derive(Debug, Clone, Copy)]
+struct Staged {
+    id: u64,
+    op: u8,
+    rw: RwOp,
+    sector: u64,
+    sectors: u64,
+    segs: usize,
+    refs: usize,
+}
+
 /// A ring over a cache guard (held only while the ring is touched).
 struct GuardRing<'a, 'b> {
     g: &'a gpc::Guard<'b>,
@@ -198,10 +216,15 @@ pub struct Queue {
     notify_pending: bool,
     /// Persistently mapped grants, when negotiated.
     persistent: Option<PersistentGrants>,
-    /// Scratch: each segment's guest address (`NOT_KEPT`: mapped per request).
-    seg_gpas: Vec<u64>,
-    /// Scratch: the grants to map per request.
-    refs: Vec<(u32, bool)>,
+    /// Requests checked and waiting for their grants (`pin_staged`).
+    staged: Vec<Staged>,
+    /// The staged requests' segments, in order.
+    staged_segs: Vec<Segment>,
+    /// Each staged segment's guest address if its grant is kept mapped
+    /// (persistent), else `NOT_KEPT` (pinned per request).
+    staged_gpas: Vec<u64>,
+    /// The staged grants to pin `(gref, readonly)`, in order.
+    staged_refs: Vec<(u32, bool)>,
     /// Scratch: responses of a group.
     done: Vec<(u64, u8, i16)>,
     warn: RateLimiter,
@@ -338,8 +361,10 @@ impl Queue {
             qcow2_hold: None,
             notify_pending: false,
             persistent: (params.persistent > 0).then(|| PersistentGrants::new(params.persistent)),
-            seg_gpas: Vec::new(),
-            refs: Vec::new(),
+            staged: Vec::new(),
+            staged_segs: Vec::new(),
+            staged_gpas: Vec::new(),
+            staged_refs: Vec::new(),
             done: Vec::new(),
             warn: RateLimiter::default(),
             stats: QueueStats::default(),
@@ -399,6 +424,11 @@ impl Queue {
                 p.tick();
             }
             self.raw.clear();
+            // Left only by a batch that failed (the queue then stops).
+            self.staged.clear();
+            self.staged_segs.clear();
+            self.staged_gpas.clear();
+            self.staged_refs.clear();
             let taken = {
                 let g = self.cache.access().map_err(|e| self.ring_gone(e))?;
                 let r = GuardRing {
@@ -415,7 +445,10 @@ impl Queue {
                 r = self
                     .handle(&b[..self.abi.slot()])
                     .and_then(|done| match done {
-                        Some(d) => self.respond(&[d]),
+                        // The staged requests before it first (their own
+                        // refusals keep their order; rare: no lock per
+                        // request in the common case).
+                        Some(d) => self.pin_staged().and_then(|()| self.respond(&[d])),
                         None => Ok(()),
                     });
                 if r.is_err() {
@@ -424,6 +457,7 @@ impl Queue {
             }
             self.raw = raw;
             r?;
+            self.pin_staged()?;
             self.run_group()?;
             self.drain()?;
             self.send_notify()?;
@@ -533,6 +567,7 @@ impl Queue {
                     ..
                 }
         ) {
+            self.pin_staged()?;
             self.run_group()?;
             self.drain()?;
             // Flushes and discards can take long: notify what is done first.
@@ -687,47 +722,128 @@ impl Queue {
                 "sectors past the end of the disk",
             )));
         }
-        let merge = matches!(rw, RwOp::Read | RwOp::Write);
-        if !self.group.is_empty()
-            && (!merge
-                || self.group_rw != rw
-                || self.group_next != sector
-                || self.ranges.len() + self.segs.len() > gpc::MAX_IO_PIECES)
-        {
-            self.run_group()?;
-        }
-        // Persistent grants first; pin the others (reads write into the
-        // guest: writable), one lock for all.
-        self.seg_gpas.clear();
-        self.refs.clear();
+        // Persistent grants are looked up now; the others are pinned for
+        // the whole batch at once (`pin_staged`; reads write into the
+        // guest: writable).
+        let mut refs = 0;
         for s in &self.segs {
             let kept = match self.persistent.as_mut() {
                 Some(p) => p.get(&self.domain, self.domid, s.gref),
                 None => None,
             };
-            self.seg_gpas.push(kept.unwrap_or(NOT_KEPT));
+            self.staged_gpas.push(kept.unwrap_or(NOT_KEPT));
             if kept.is_none() {
-                self.refs.push((s.gref, writes));
+                self.staged_refs.push((s.gref, writes));
+                refs += 1;
             }
         }
-        self.gfns.clear();
-        if !self.refs.is_empty() {
-            if let Err((i, e)) = self
+        self.staged_segs.extend_from_slice(&self.segs);
+        self.staged.push(Staged {
+            id,
+            op,
+            rw,
+            sector,
+            sectors,
+            segs: self.segs.len(),
+            refs,
+        });
+        if !matches!(rw, RwOp::Read | RwOp::Write) {
+            // Flush or barrier: in order, now.
+            self.pin_staged()?;
+        }
+        Ok(None)
+    }
+
+    /// Pins the grants of the staged requests (one lock for all of them)
+    /// and joins each request to the pending group, in order. A grant that
+    /// cannot be pinned fails only its own request: the pins are then taken
+    /// again one request at a time.
+    fn pin_staged(&mut self) -> Result<(), BlkError> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let mut staged = std::mem::take(&mut self.staged);
+        let mut segs = std::mem::take(&mut self.staged_segs);
+        let mut gpas = std::mem::take(&mut self.staged_gpas);
+        let mut refs = std::mem::take(&mut self.staged_refs);
+        let mut gfns = std::mem::take(&mut self.gfns);
+        gfns.clear();
+        let all = refs.is_empty()
+            || self
                 .domain
-                .grant_pin_batch(&self.refs, self.domid, &mut self.gfns)
-            {
-                let gref = self.refs.get(i).map_or(0, |r| r.0);
-                return Ok(Some(self.refuse(
-                    id,
-                    op,
-                    RSP_ERROR,
-                    &format!("segment grant {gref}: {e}"),
-                )));
+                .grant_pin_batch(&refs, self.domid, &mut gfns)
+                .is_ok();
+        let (mut s0, mut r0) = (0, 0);
+        let mut r = Ok(());
+        for st in &staged {
+            let (s1, r1) = (s0 + st.segs, r0 + st.refs);
+            let (my_segs, my_gpas, my_refs) = (&segs[s0..s1], &gpas[s0..s1], &refs[r0..r1]);
+            let first = if all { r0 } else { 0 };
+            (s0, r0) = (s1, r1);
+            if r.is_err() {
+                // The queue stops: give back what was pinned for the rest.
+                if all {
+                    self.domain.grant_unpin_batch(my_refs.iter().copied());
+                }
+                continue;
+            }
+            if !all && !my_refs.is_empty() {
+                gfns.clear();
+                if let Err((i, e)) = self.domain.grant_pin_batch(my_refs, self.domid, &mut gfns) {
+                    let gref = my_refs.get(i).map_or(0, |r| r.0);
+                    let d = self.refuse(
+                        st.id,
+                        st.op,
+                        RSP_ERROR,
+                        &format!("segment grant {gref}: {e}"),
+                    );
+                    r = self.respond(&[d]);
+                    continue;
+                }
+            }
+            let my_gfns = gfns.get(first..first + my_refs.len()).unwrap_or(&[]);
+            r = self.join_group(st, my_segs, my_gpas, my_refs, my_gfns);
+        }
+        staged.clear();
+        segs.clear();
+        gpas.clear();
+        refs.clear();
+        (
+            self.staged,
+            self.staged_segs,
+            self.staged_gpas,
+            self.staged_refs,
+            self.gfns,
+        ) = (staged, segs, gpas, refs, gfns);
+        r
+    }
+
+    /// Joins staged request `st` (its grants `refs` pinned at `gfns`) to
+    /// the pending group, after running the group if it cannot merge; a
+    /// flush or barrier runs alone at once.
+    fn join_group(
+        &mut self,
+        st: &Staged,
+        segs: &[Segment],
+        gpas: &[u64],
+        refs: &[(u32, bool)],
+        gfns: &[Gfn],
+    ) -> Result<(), BlkError> {
+        let merge = matches!(st.rw, RwOp::Read | RwOp::Write);
+        if !self.group.is_empty()
+            && (!merge
+                || self.group_rw != st.rw
+                || self.group_next != st.sector
+                || self.ranges.len() + segs.len() > gpc::MAX_IO_PIECES)
+        {
+            if let Err(e) = self.run_group() {
+                self.domain.grant_unpin_batch(refs.iter().copied());
+                return Err(e);
             }
         }
-        self.pins.extend_from_slice(&self.refs);
-        let mut mapped = self.gfns.iter();
-        for (&gpa, s) in self.seg_gpas.iter().zip(&self.segs) {
+        self.pins.extend_from_slice(refs);
+        let mut mapped = gfns.iter();
+        for (&gpa, s) in gpas.iter().zip(segs) {
             let gpa = if gpa == NOT_KEPT {
                 match mapped.next() {
                     Some(g) => g.gpa(),
@@ -742,19 +858,18 @@ impl Queue {
             ));
         }
         if self.group.is_empty() {
-            self.group_rw = rw;
-            self.group_start = sector;
+            self.group_rw = st.rw;
+            self.group_start = st.sector;
         }
-        self.group_next = sector + sectors;
-        self.group.push((id, op));
+        self.group_next = st.sector + st.sectors;
+        self.group.push((st.id, st.op));
         if merge {
-            return Ok(None);
+            return Ok(());
         }
         // Flush or barrier: alone, in order.
         self.drain()?;
-        let st = self.io(rw);
-        self.answer_group(st)?;
-        Ok(None)
+        let status = self.io(st.rw);
+        self.answer_group(status)
     }
 
     /// Runs the pending group's I/O and answers its requests.
