@@ -417,6 +417,15 @@ struct UiArgs {
     /// print one line each.
     #[arg(long, short)]
     quiet: bool,
+    /// Host schedule tracking (the vCPUs' Xen runstate from the host's
+    /// context switches): best (default: the first of bpf-direct, perf,
+    /// perf-batched, sampling this process may use), bpf-direct (a BPF
+    /// program also writes running into the area at the switch-in), bpf,
+    /// perf, perf-batched, or sampling (run_delay read every 10 ms, no
+    /// prompt runnable). Overrides XENKVM_SCHED; `xenkvm probe` shows
+    /// what this host allows.
+    #[arg(long, value_name = "MECH", value_parser = clap::builder::PossibleValuesParser::new(xenkvm::xen::sched::MECHANISMS))]
+    sched: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -786,11 +795,11 @@ fn main() -> ExitCode {
     }
     match cli.cmd {
         Cmd::Run(a) => match run_config(&a) {
-            Ok((cfg, opts)) => run(cfg, &opts, &a.ui.console),
+            Ok((cfg, opts)) => run(cfg, &opts, &a.ui),
             Err(e) => fail(exit_status::ERROR, &e),
         },
         Cmd::Create(c) => match create_run_args(&c).and_then(|a| run_config(&a).map(|r| (r, a))) {
-            Ok(((cfg, opts), a)) => run(cfg, &opts, &a.ui.console),
+            Ok(((cfg, opts), a)) => run(cfg, &opts, &a.ui),
             Err(e) => fail(exit_status::ERROR, &e),
         },
         Cmd::Demo { timeout, ui } => {
@@ -823,7 +832,7 @@ fn main() -> ExitCode {
                 timeout: Some(timeout),
                 ..ui.options()
             };
-            run(cfg, &opts, &ui.console)
+            run(cfg, &opts, &ui)
         }
         Cmd::List => {
             println!(
@@ -900,7 +909,7 @@ fn main() -> ExitCode {
                 control_socket,
                 ..ui.options()
             };
-            run(cfg, &opts, &ui.console)
+            run(cfg, &opts, &ui)
         }
         Cmd::Migrate {
             name,
@@ -1071,16 +1080,19 @@ fn probe() -> ExitCode {
     print!("{p}");
     print!("{}", xenkvm::kvm::probe::HostMeasures::run());
     println!(
-        "{:<30} {} (available: {})",
+        "{:<30} {} (--sched or XENKVM_SCHED: {})",
         "host schedule tracking",
         xenkvm::xen::sched::Mechanism::choose(None),
-        xenkvm::xen::sched::Mechanism::choose(Some("best"))
+        xenkvm::xen::sched::Mechanism::wanted(None)
     );
     ExitCode::SUCCESS
 }
 
-fn run(mut cfg: VmConfig, opts: &RunOptions, console: &ConsoleDest) -> ExitCode {
-    let console = match xenkvm::vmm::console_dest::open(console) {
+fn run(mut cfg: VmConfig, opts: &RunOptions, ui: &UiArgs) -> ExitCode {
+    if ui.sched.is_some() {
+        cfg.sched = ui.sched.clone();
+    }
+    let console = match xenkvm::vmm::console_dest::open(&ui.console) {
         Ok(c) => c,
         Err(e) => return fail(exit_status::ERROR, &e),
     };
@@ -1354,7 +1366,7 @@ fn migrate_receive(
         incoming: Some(xenkvm::vmm::migrate::Incoming::new(rd, wr)),
         ..ui.options()
     };
-    run(cfg, &opts, &ui.console)
+    run(cfg, &opts, &ui)
 }
 
 #[cfg(test)]

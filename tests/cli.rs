@@ -1157,3 +1157,47 @@ fn run_sigterm_stops_the_guest_when_stdout_and_stderr_are_closed() {
     };
     assert_eq!(status.code(), Some(143), "{status:?}");
 }
+
+/// `--sched` picks the host schedule tracking and the log names it; without
+/// it (and without `XENKVM_SCHED`) the VM gets the best this host allows; an
+/// unknown name is refused in one line that names the option.
+#[test]
+fn run_sched_option_picks_the_tracking_and_the_default_is_the_best() {
+    let (out, _) = common::xenkvm(&["run", "--kernel", "/nonexistent", "--sched", "fastest"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--sched") && err.contains("fastest"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    if !common::kvm_available("run_sched_option_picks_the_tracking_and_the_default_is_the_best") {
+        return;
+    }
+    let best = xenkvm::xen::sched::Mechanism::choose(Some("best"));
+    let guest = GuestFile::new("sched");
+    for (extra, want) in [(None, best.name()), (Some("sampling"), "sampling")] {
+        let mut args = vec![
+            "run",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "reboot",
+            "--on-reboot",
+            "destroy",
+        ];
+        if let Some(m) = extra {
+            args.extend(["--sched", m]);
+        }
+        let out = Command::new(common::xenkvm_bin())
+            .args(&args)
+            .env("XENKVM_LOG", "info")
+            .env_remove("XENKVM_SCHED")
+            .stdin(Stdio::null())
+            .output()
+            .expect("xenkvm");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("host schedule tracking mechanism=\"{want}\"")),
+            "{args:?}: expected {want} ({best}):\n{err}"
+        );
+    }
+}

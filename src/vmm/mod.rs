@@ -544,13 +544,14 @@ impl Vm {
         tracing::info!(mechanism = mechanism.name(), %mechanism, "host schedule tracking");
         if let Some(b) = bpf {
             machine.xen.set_sched_bpf(b);
-            let env = std::env::var("XENKVM_SCHED").ok();
-            // `best` is the best the host allows: BPF publishing running
-            // itself where the maps can be mapped (no kick).
-            machine.xen.set_sched_direct(matches!(
-                cfg.sched.as_deref().or(env.as_deref()),
-                Some("bpf-direct" | "best")
-            ));
+            // `best` (the default) is the best the host allows: BPF
+            // publishing running itself where the maps can be mapped (no
+            // kick).
+            machine
+                .xen
+                .set_sched_direct(crate::xen::sched::Mechanism::wants_direct(
+                    cfg.sched.as_deref(),
+                ));
         }
         machine.xen.set_sched_mechanism(mechanism);
         Ok(Vm {

@@ -70,12 +70,12 @@ impl Mechanism {
         }
     }
 
-    /// The mechanism `want` names (`bpf`, `perf`, `perf-batched`,
-    /// `sampling` (or `sample`), or `best`: the best this process may use,
-    /// tried on the calling thread). `XENKVM_SCHED` in the environment is
-    /// used when `want` is `None`; with neither, `sampling`
-    /// ([`DEFAULT_WHY`]). A mechanism the host refuses falls back to the
-    /// next one (BPF > perf > perf-batched > sampling), saying why.
+    /// The mechanism `want` names (`bpf`, `bpf-direct`, `perf`,
+    /// `perf-batched`, `sampling` (or `sample`), or `best`: the best this
+    /// process may use, tried on the calling thread). `XENKVM_SCHED` in the
+    /// environment is used when `want` is `None`; with neither, `best`
+    /// ([`Mechanism::wanted`]). A mechanism the host refuses falls back to
+    /// the next one (BPF > perf > perf-batched > sampling), saying why.
     pub fn choose(want: Option<&str>) -> Mechanism {
         Mechanism::start(want).0
     }
@@ -94,18 +94,38 @@ impl Mechanism {
         want: Option<&str>,
         load_bpf: impl FnOnce() -> Result<Arc<SchedBpf>, String>,
     ) -> (Mechanism, Option<Arc<SchedBpf>>) {
-        let env = std::env::var("XENKVM_SCHED").ok();
-        let want = want.or(env.as_deref());
-        Mechanism::choose_with(want, load_bpf, |m| {
+        Mechanism::choose_with(Some(Mechanism::wanted(want)), load_bpf, |m| {
             SwitchRing::open_current_thread(m).map(|r| r.mode)
         })
+    }
+
+    /// The mechanism asked for: `want` (`--sched`), else `XENKVM_SCHED`,
+    /// else `best`; a name not in [`MECHANISMS`] is named in a warning and
+    /// `best` used.
+    pub fn wanted(want: Option<&str>) -> &'static str {
+        let env = std::env::var("XENKVM_SCHED").ok();
+        match want.or(env.as_deref()) {
+            None => "best",
+            Some(w) => MECHANISMS.iter().find(|m| **m == w).copied().unwrap_or_else(|| {
+                tracing::warn!(
+                    XENKVM_SCHED = w,
+                    "unknown schedule-tracking mechanism (best, bpf-direct, bpf, perf, perf-batched, sampling): best"
+                );
+                "best"
+            }),
+        }
     }
 
     /// Whether [`Mechanism::start`] with `want` (or `XENKVM_SCHED`) will
     /// try to load the BPF program.
     pub fn wants_bpf(want: Option<&str>) -> bool {
-        let env = std::env::var("XENKVM_SCHED").ok();
-        matches!(want.or(env.as_deref()), Some("bpf" | "best" | "bpf-direct"))
+        matches!(Mechanism::wanted(want), "bpf" | "best" | "bpf-direct")
+    }
+
+    /// Whether the BPF program, once loaded for `want`, also publishes
+    /// running itself at switch-ins (`bpf-direct`, and `best`: no kick).
+    pub fn wants_direct(want: Option<&str>) -> bool {
+        matches!(Mechanism::wanted(want), "best" | "bpf-direct")
     }
 
     /// The choice, with the loaders passed in (tests refuse them).
@@ -129,17 +149,6 @@ impl Mechanism {
         let sampling = |why: &str| Mechanism::Sampling { why: why.into() };
         match want {
             Some("sampling" | "sample") => (sampling("asked for"), None),
-            Some("bpf" | "best" | "bpf-direct") => match load_bpf() {
-                Ok(b) => (Mechanism::Bpf, Some(b)),
-                Err(e) => {
-                    if matches!(want, Some("bpf" | "bpf-direct")) {
-                        tracing::warn!(why = %e, "BPF schedule tracking refused: falling back");
-                    } else {
-                        tracing::info!(why = %e, "BPF schedule tracking refused: falling back");
-                    }
-                    (perf_best(Some(e)), None)
-                }
-            },
             Some("perf") => (
                 open_perf(PerfMode::WakeOnSwitchOut)
                     .map(Mechanism::Perf)
@@ -156,25 +165,33 @@ impl Mechanism {
                     }),
                 None,
             ),
-            other => {
-                if let Some(o) = other {
-                    tracing::warn!(XENKVM_SCHED = o, "unknown schedule-tracking mechanism (bpf, bpf-direct, perf, perf-batched, sampling, best): sampling");
+            // `best`, `bpf`, `bpf-direct` ([`Mechanism::wanted`] has made
+            // anything else `best`).
+            _ => match load_bpf() {
+                Ok(b) => (Mechanism::Bpf, Some(b)),
+                Err(e) => {
+                    if matches!(want, Some("bpf" | "bpf-direct")) {
+                        tracing::warn!(why = %e, "BPF schedule tracking refused: falling back");
+                    } else {
+                        tracing::info!(why = %e, "BPF schedule tracking refused: falling back");
+                    }
+                    (perf_best(Some(e)), None)
                 }
-                (sampling(DEFAULT_WHY), None)
-            }
+            },
         }
     }
 }
 
-/// Why `sampling` is the default: each preemption that perf tracking shows
-/// costs the vCPU an extra exit, and on a host that emulates guest kernel
-/// code every exit makes the guest refill its page mappings. Measured here:
-/// a Linux boot's ftrace check ran about 2.5 times longer with `perf`
-/// (still running at 310 s of guest time) than with `sampling` (done by
-/// 180 s); `xenkvm demo` ran 10-20 % longer with `bpf` (README, Runstate).
-/// Opt in with `XENKVM_SCHED=best` (or `bpf`, `perf`, `perf-batched`).
-pub const DEFAULT_WHY: &str =
-    "the default: tracking costs an exit per shown preemption (XENKVM_SCHED=best, bpf or perf turns it on)";
+/// The names `--sched` and `XENKVM_SCHED` take (`sample` is `sampling`).
+pub const MECHANISMS: [&str; 7] = [
+    "best",
+    "bpf-direct",
+    "bpf",
+    "perf",
+    "perf-batched",
+    "sampling",
+    "sample",
+];
 
 /// A vCPU's preempted switch-out this close (ns) to a switch-in of the
 /// monitor on the same CPU is the same context switch: the monitor's own
@@ -1194,7 +1211,7 @@ mod tests {
         assert_eq!((m.name(), b), ("bpf", Some(7)));
         let (m, b) = Mechanism::choose_with(Some("sample"), || Ok(7u8), Ok);
         assert_eq!((m.name(), b), ("sampling", None));
-        let (m, _) = Mechanism::choose_with(None, || Ok(7u8), Ok);
-        assert_eq!(m.name(), "sampling");
+        let (m, b) = Mechanism::choose_with(None, || Ok(7u8), Ok);
+        assert_eq!((m.name(), b), ("bpf", Some(7)));
     }
 }
