@@ -176,11 +176,15 @@ impl BackRing {
         let prod = ring.load_u32(REQ_PROD);
         let n = self.unconsumed(prod)?;
         let mut taken = 0usize;
+        let slot = self.slot.min(112);
         while taken < max && (taken as u32) < n && self.can_consume() {
-            let mut b = [0u8; 112];
-            let slot = self.slot.min(112);
-            self.copy_request(ring, &mut b[..slot]);
-            out.push(b);
+            // Copied straight into its place in `out`: a copy through a
+            // local array made the wide loads of the move stall on the
+            // word stores of the copy just before.
+            out.push([0u8; 112]);
+            if let Some(b) = out.last_mut() {
+                self.copy_request(ring, &mut b[..slot]);
+            }
             taken += 1;
         }
         Ok(taken)
