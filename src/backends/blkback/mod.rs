@@ -162,6 +162,17 @@ pub fn serve(mut q: Queue, kick: &EventFd, stop: &AtomicBool) {
                 }
                 window.miss();
             }
+            // Let a frontend that shares this CPU run before sleeping: it
+            // may be what the poll waited for (the spin only kept it off
+            // the CPU), and then it refills the ring without a
+            // notification and this thread goes on without a wake-up.
+            // `sched_yield` returns at once when nothing else is runnable
+            // here. Not a hit for the window (a spin would not have found
+            // it).
+            std::thread::yield_now();
+            if q.has_requests() {
+                return Ok(true);
+            }
             // RING_FINAL_CHECK_FOR_REQUESTS before sleeping.
             q.arm()
         });
