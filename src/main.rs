@@ -418,12 +418,12 @@ struct UiArgs {
     #[arg(long, short)]
     quiet: bool,
     /// Host schedule tracking (the vCPUs' Xen runstate from the host's
-    /// context switches): best (default: the first of bpf-direct, perf,
-    /// perf-batched, sampling this process may use), bpf-direct (a BPF
-    /// program also writes running into the area at the switch-in), bpf,
-    /// perf, perf-batched, or sampling (run_delay read every 10 ms, no
-    /// prompt runnable). Overrides XENKVM_SCHED; `xenkvm probe` shows
-    /// what this host allows.
+    /// context switches): sampling (the default: run_delay read every 10
+    /// ms, no prompt runnable, halts count as running), best (the first of
+    /// bpf-direct, perf, perf-batched, sampling this process may use),
+    /// bpf-direct (a BPF program also writes running into the area at the
+    /// switch-in), bpf, perf, perf-batched. Overrides XENKVM_SCHED;
+    /// `xenkvm probe` shows what best gives on this host.
     #[arg(long, value_name = "MECH", value_parser = clap::builder::PossibleValuesParser::new(xenkvm::xen::sched::MECHANISMS))]
     sched: Option<String>,
 }
@@ -1080,10 +1080,10 @@ fn probe() -> ExitCode {
     print!("{p}");
     print!("{}", xenkvm::kvm::probe::HostMeasures::run());
     println!(
-        "{:<30} {} (--sched or XENKVM_SCHED: {})",
+        "{:<30} {} (--sched best: {})",
         "host schedule tracking",
         xenkvm::xen::sched::Mechanism::choose(None),
-        xenkvm::xen::sched::Mechanism::wanted(None)
+        xenkvm::xen::sched::Mechanism::choose(Some("best"))
     );
     ExitCode::SUCCESS
 }
