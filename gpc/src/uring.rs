@@ -33,9 +33,10 @@ struct Pending {
 pub struct FileRing {
     ring: io_uring::IoUring,
     map: MemoryMap,
+    /// The batch: the first `len` entries; the rest are emptied entries
+    /// of earlier batches, reused in place (their iovec buffers too).
     pending: Vec<Pending>,
-    /// Emptied iovec buffers of earlier batches.
-    spare: Vec<Vec<libc::iovec>>,
+    len: usize,
     /// The file registered as fixed file 0.
     registered: Option<std::os::fd::RawFd>,
     /// The registered file, when the ring keeps it open itself.
@@ -51,7 +52,7 @@ unsafe impl Send for FileRing {}
 impl std::fmt::Debug for FileRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FileRing")
-            .field("pending", &self.pending.len())
+            .field("pending", &self.len)
             .finish()
     }
 }
@@ -64,7 +65,7 @@ impl FileRing {
             ring: io_uring::IoUring::new(entries)?,
             map: map.clone(),
             pending: Vec::new(),
-            spare: Vec::new(),
+            len: 0,
             registered: None,
             registered_file: None,
         })
@@ -125,43 +126,49 @@ impl FileRing {
         segs: &[Segment],
         write: bool,
     ) -> Result<usize, Error> {
-        let mut iov = self.spare.pop().unwrap_or_default();
-        iov.clear();
-        if let Err(e) = self.map.iovecs_into(segs, &mut iov) {
-            iov.clear();
-            self.spare.push(iov);
+        if self.len == self.pending.len() {
+            self.pending.push(Pending {
+                file: None,
+                iov: Vec::new(),
+                total: 0,
+                offset: 0,
+                write: false,
+                result: None,
+            });
+        }
+        let p = &mut self.pending[self.len];
+        p.iov.clear();
+        if let Err(e) = self.map.iovecs_into(segs, &mut p.iov) {
+            p.iov.clear();
             return Err(e);
         }
-        let total = iov.iter().map(|v| v.iov_len).sum();
-        self.pending.push(Pending {
-            file,
-            iov,
-            total,
-            offset,
-            write,
-            result: None,
-        });
-        Ok(self.pending.len() - 1)
+        p.total = p.iov.iter().map(|v| v.iov_len).sum();
+        p.file = file;
+        p.offset = offset;
+        p.write = write;
+        p.result = None;
+        self.len += 1;
+        Ok(self.len - 1)
     }
 
     /// Drops what was queued from index `from` on (not run).
     pub fn cancel_from(&mut self, from: usize) {
-        while self.pending.len() > from {
-            if let Some(mut p) = self.pending.pop() {
-                p.iov.clear();
-                self.spare.push(p.iov);
-            }
+        while self.len > from {
+            self.len -= 1;
+            let p = &mut self.pending[self.len];
+            p.file = None;
+            p.iov.clear();
         }
     }
 
     /// Queued and not yet run.
     pub fn len(&self) -> usize {
-        self.pending.len()
+        self.len
     }
 
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
+        self.len == 0
     }
 
     /// Submits everything queued (on `file`, or on the file given to
@@ -169,7 +176,15 @@ impl FileRing {
     /// results in queue order (bytes moved, always the whole length on
     /// success).
     pub fn run(&mut self, file: &File) -> Vec<io::Result<usize>> {
-        let n = self.pending.len();
+        let mut out = Vec::with_capacity(self.len);
+        self.run_into(file, &mut out);
+        out
+    }
+
+    /// [`run`](Self::run) with the results appended to `out` (a vector the
+    /// caller reuses: no allocation per batch).
+    pub fn run_into(&mut self, file: &File, out: &mut Vec<io::Result<usize>>) {
+        let n = self.len;
         let mut next = 0usize;
         let mut done = 0usize;
         while done < n {
@@ -200,7 +215,7 @@ impl FileRing {
                     continue;
                 }
                 // The kernel refused the batch: what is not reaped yet fails.
-                for p in &mut self.pending[done..] {
+                for p in &mut self.pending[done..n] {
                     if p.result.is_none() {
                         p.result = Some(Err(io::Error::new(e.kind(), e.to_string())));
                     }
@@ -209,7 +224,7 @@ impl FileRing {
             }
             for c in self.ring.completion() {
                 let (ud, res) = (c.user_data(), c.result());
-                let Some(p) = self.pending.get_mut(ud as usize) else {
+                let Some(p) = self.pending[..n].get_mut(ud as usize) else {
                     continue;
                 };
                 p.result = Some(if res < 0 {
@@ -220,27 +235,26 @@ impl FileRing {
                 done += 1;
             }
         }
-        let mut pending = std::mem::take(&mut self.pending);
-        // What the ring read into guest RAM has landed: mark it dirty now
-        // (not when queued: see `fileio`).
-        for p in pending.iter().filter(|p| !p.write) {
-            self.map.mark_written(&p.iov);
-        }
-        let results = pending
-            .iter_mut()
-            .map(|p| match p.result.take() {
-                Some(Ok(n)) if n < p.total => {
+        out.reserve(n);
+        for p in &mut self.pending[..n] {
+            // What the ring read into guest RAM has landed: mark it dirty
+            // now (not when queued: see `fileio`).
+            if !p.write {
+                self.map.mark_written(&p.iov);
+            }
+            out.push(match p.result.take() {
+                Some(Ok(k)) if k < p.total => {
                     // Short: finish the rest synchronously.
-                    let first = crate::fileio::advance(&mut p.iov, n);
+                    let first = crate::fileio::advance(&mut p.iov, k);
                     let r = self
                         .map
                         .vectored(
                             p.file.as_deref().unwrap_or(file),
-                            p.offset + n as u64,
+                            p.offset + k as u64,
                             &mut p.iov[first..],
                             !p.write,
                         )
-                        .map(|m| n + m);
+                        .map(|m| k + m);
                     if !p.write {
                         self.map.mark_written(&p.iov[first..]);
                     }
@@ -248,17 +262,13 @@ impl FileRing {
                 }
                 Some(r) => r,
                 None => Err(io::Error::other("io_uring request lost")),
-            })
-            .collect();
-        // Every entry is complete: the buffers (and the pointers into guest
-        // RAM they held) go back to the pool, emptied.
-        for mut p in pending.drain(..) {
+            });
+            // Complete: the entry (and the pointers into guest RAM its
+            // buffer held) is emptied for the next batch.
             p.file = None;
             p.iov.clear();
-            self.spare.push(p.iov);
         }
-        self.pending = pending;
-        results
+        self.len = 0;
     }
 }
 
