@@ -186,6 +186,8 @@ pub struct Queue {
     abi: Abi,
     guest_port: u32,
     dom0_port: u32,
+    /// The batch's requests, copied out of the ring (`BATCH` entries kept
+    /// from batch to batch; the first `taken` are the batch's).
     raw: Vec<[u8; 112]>,
     segs: Vec<Segment>,
     /// The pending group's pinned grants `(gref, readonly)`, given back
@@ -227,6 +229,8 @@ pub struct Queue {
     staged_refs: Vec<(u32, bool)>,
     /// Scratch: responses of a group.
     done: Vec<(u64, u8, i16)>,
+    /// Scratch: the io_uring results of a batch.
+    results: Vec<std::io::Result<usize>>,
     warn: RateLimiter,
     stats: QueueStats,
     name: String,
@@ -344,7 +348,7 @@ impl Queue {
             abi: setup.abi,
             guest_port: setup.port,
             dom0_port,
-            raw: Vec::with_capacity(BATCH),
+            raw: vec![[0; 112]; BATCH],
             segs: Vec::new(),
             pins: Vec::new(),
             gfns: Vec::new(),
@@ -366,6 +370,7 @@ impl Queue {
             staged_gpas: Vec::new(),
             staged_refs: Vec::new(),
             done: Vec::new(),
+            results: Vec::new(),
             warn: RateLimiter::default(),
             stats: QueueStats::default(),
             name,
@@ -423,7 +428,6 @@ impl Queue {
             if let Some(p) = self.persistent.as_mut() {
                 p.tick();
             }
-            self.raw.clear();
             // Left only by a batch that failed (the queue then stops).
             self.staged.clear();
             self.staged_segs.clear();
@@ -436,12 +440,12 @@ impl Queue {
                     len: self.ring_len,
                 };
                 self.back
-                    .take_requests(&r, BATCH, &mut self.raw)
+                    .take_requests_into(&r, &mut self.raw)
                     .map_err(|e| BlkError::Frontend(format!("{}: {e}", self.name)))?
             };
             let raw = std::mem::take(&mut self.raw);
             let mut r = Ok(());
-            for b in &raw {
+            for b in &raw[..taken] {
                 r = self
                     .handle(&b[..self.abi.slot()])
                     .and_then(|done| match done {
@@ -978,13 +982,14 @@ impl Queue {
             return Ok(());
         }
         let disk = self.disk.clone();
-        let results = match self.uring.as_mut() {
-            Some(r) => r.run(disk.held_file()),
-            None => Vec::new(),
-        };
+        let mut all = std::mem::take(&mut self.results);
+        all.clear();
+        if let Some(r) = self.uring.as_mut() {
+            r.run_into(disk.held_file(), &mut all);
+        }
         // Every queued I/O is complete: the image's clusters may change.
         self.qcow2_hold = None;
-        let mut results = results.into_iter();
+        let mut results = all.drain(..);
         let mut inflight = std::mem::take(&mut self.inflight);
         // Grants go back before the responses are pushed (one lock for the batch).
         self.domain.grant_unpin_batch(self.inflight_pins.drain(..));
@@ -1030,6 +1035,8 @@ impl Queue {
             );
         }
         drop(members);
+        drop(results);
+        self.results = all;
         self.inflight = inflight;
         let r = self.respond(&done);
         self.done = done;

@@ -173,18 +173,33 @@ impl BackRing {
         max: usize,
         out: &mut Vec<[u8; 112]>,
     ) -> Result<usize, RingError> {
+        let first = out.len();
+        out.resize(first + max, [0; 112]);
+        let r = self.take_requests_into(ring, &mut out[first..]);
+        out.truncate(first + *r.as_ref().unwrap_or(&0));
+        r
+    }
+
+    /// [`take_requests`](Self::take_requests) into the first entries of
+    /// `out` (at most `out.len()`; the first slot-size bytes of each are
+    /// written): a caller that keeps its entries from batch to batch
+    /// neither clears nor zeroes them per request. The requests are copied
+    /// straight into place (a copy through a local array made the wide
+    /// loads of the move after it stall on the word stores of the copy).
+    pub fn take_requests_into(
+        &mut self,
+        ring: &dyn RingMem,
+        out: &mut [[u8; 112]],
+    ) -> Result<usize, RingError> {
         let prod = ring.load_u32(REQ_PROD);
         let n = self.unconsumed(prod)?;
-        let mut taken = 0usize;
         let slot = self.slot.min(112);
-        while taken < max && (taken as u32) < n && self.can_consume() {
-            // Copied straight into its place in `out`: a copy through a
-            // local array made the wide loads of the move stall on the
-            // word stores of the copy just before.
-            out.push([0u8; 112]);
-            if let Some(b) = out.last_mut() {
-                self.copy_request(ring, &mut b[..slot]);
+        let mut taken = 0usize;
+        for b in out.iter_mut() {
+            if (taken as u32) >= n || !self.can_consume() {
+                break;
             }
+            self.copy_request(ring, &mut b[..slot]);
             taken += 1;
         }
         Ok(taken)
