@@ -211,6 +211,8 @@ pub struct Queue {
     inflight_members: Vec<(u64, u8)>,
     /// The pinned grants `(gref, readonly)` of the groups in `inflight`.
     inflight_pins: Vec<(u32, bool)>,
+    /// How many of the groups in `inflight` write.
+    inflight_writes: usize,
     /// A qcow2 disk's mapping held from the first planned group of a batch
     /// until `drain` completes it (no discard frees a cluster under it).
     qcow2_hold: Option<Qcow2Hold>,
@@ -362,6 +364,7 @@ impl Queue {
             inflight: Vec::new(),
             inflight_members: Vec::new(),
             inflight_pins: Vec::new(),
+            inflight_writes: 0,
             qcow2_hold: None,
             notify_pending: false,
             persistent: (params.persistent > 0).then(|| PersistentGrants::new(params.persistent)),
@@ -885,11 +888,13 @@ impl Queue {
         if self.params.uring.covers(rw) && self.uring.is_some() {
             let (start, end, write) = (self.group_start, self.group_next, rw == RwOp::Write);
             // Overlapping I/O waits for what is queued (a read after a write
-            // of the same sectors sees it).
-            if self
-                .inflight
-                .iter()
-                .any(|g| (g.write || write) && g.start < end && start < g.end)
+            // of the same sectors sees it); reads among reads only need no
+            // look at each group.
+            if (write || self.inflight_writes > 0)
+                && self
+                    .inflight
+                    .iter()
+                    .any(|g| (g.write || write) && g.start < end && start < g.end)
             {
                 self.drain()?;
             }
@@ -897,6 +902,7 @@ impl Queue {
                 let members = self.group.len();
                 self.inflight_members.append(&mut self.group);
                 self.inflight_pins.append(&mut self.pins);
+                self.inflight_writes += usize::from(write);
                 self.inflight.push(Inflight {
                     members,
                     write,
@@ -991,6 +997,7 @@ impl Queue {
         self.qcow2_hold = None;
         let mut results = all.drain(..);
         let mut inflight = std::mem::take(&mut self.inflight);
+        self.inflight_writes = 0;
         // Grants go back before the responses are pushed (one lock for the batch).
         self.domain.grant_unpin_batch(self.inflight_pins.drain(..));
         let mut done = std::mem::take(&mut self.done);
