@@ -85,6 +85,10 @@ pub(crate) fn read_entry(gt: &GrantTable, gref: u32) -> Entry {
     let Some((p, off)) = entry_loc(gt, gref) else {
         return Entry::default();
     };
+    if gt.version != 2 {
+        // The whole 8-byte entry in one load.
+        return entry_v1(p.load_u64(off, Ordering::Acquire));
+    }
     let hdr = p.load_u32(off, Ordering::Acquire);
     let flags = hdr as u16;
     let domid = (hdr >> 16) as u16;
@@ -111,6 +115,17 @@ pub(crate) fn read_entry(gt: &GrantTable, gref: u32) -> Entry {
             start: 0,
             len: PAGE as u16,
         }
+    }
+}
+
+/// A v1 entry from its 8-byte word.
+fn entry_v1(w: u64) -> Entry {
+    Entry {
+        flags: w as u16,
+        domid: (w >> 16) as u16,
+        frame: w >> 32,
+        start: 0,
+        len: PAGE as u16,
     }
 }
 
@@ -170,6 +185,22 @@ fn set_bits(gt: &GrantTable, gref: u32, bits: u16) -> u16 {
     })
 }
 
+/// [`set_bits`], and the entry as it is once they are set. Under v1 the
+/// bits are in the entry's own word, so the atomic OR returns the whole
+/// entry as it was at that instant (what Xen's `cmpxchg` on the entry
+/// checks): no second read. Under v2 the entry is read again after the
+/// status is set.
+fn set_bits_entry(gt: &GrantTable, gref: u32, bits: u16) -> (u16, Entry) {
+    if gt.version != 2 {
+        if let Some((p, off)) = entry_loc(gt, gref) {
+            let w = p.fetch_or_u64(off, u64::from(bits), Ordering::SeqCst);
+            return (w as u16, entry_v1(w | u64::from(bits)));
+        }
+    }
+    let old = set_bits(gt, gref, bits);
+    (old, read_entry(gt, gref))
+}
+
 fn clear_bits(gt: &GrantTable, gref: u32, bits: u16) {
     if let Some((p, o, sh)) = status_word(gt, gref) {
         p.fetch_and_u64(o, !(u64::from(bits) << sh), Ordering::SeqCst);
@@ -224,9 +255,8 @@ pub(crate) fn pin(
             return Err(gnttabop::GNTST_GENERAL_ERROR);
         }
         let want = gnttabop::GTF_READING | if readonly { 0 } else { gnttabop::GTF_WRITING };
-        let old = set_bits(gt, gref, want);
+        let (old, e2) = set_bits_entry(gt, gref, want);
         let added = want & !old;
-        let e2 = read_entry(gt, gref);
         let still = if first {
             usable(&e2, ldomid, readonly, map) && e2.frame == e.frame
         } else {
