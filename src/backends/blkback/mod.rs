@@ -168,9 +168,11 @@ pub fn serve(mut q: Queue, kick: &EventFd, stop: &AtomicBool) {
             // notification and this thread goes on without a wake-up.
             // `sched_yield` returns at once when nothing else is runnable
             // here. Not a hit for the window (a spin would not have found
-            // it).
+            // it) unless the thread was away long (see `PollWindow::yielded`).
+            let away = std::time::Instant::now();
             std::thread::yield_now();
             if q.has_requests() {
+                window.yielded(away.elapsed());
                 return Ok(true);
             }
             // RING_FINAL_CHECK_FOR_REQUESTS before sleeping.

@@ -66,6 +66,18 @@ impl PollWindow {
         }
     }
 
+    /// The thread yielded its CPU before sleeping and found requests after
+    /// `away`. A frontend on the same CPU refills in a few microseconds (a
+    /// spin would not have found it: no change); away for the whole
+    /// window or longer, another thread had this CPU and the frontend
+    /// refilled from elsewhere, which a poll (keeping the CPU) would have
+    /// caught: grow.
+    pub fn yielded(&mut self, away: Duration) {
+        if away >= self.max {
+            self.grow();
+        }
+    }
+
     /// The thread slept for `slept` before its wake-up.
     pub fn slept(&mut self, slept: Duration) {
         if slept < self.max {
@@ -104,6 +116,15 @@ mod tests {
         assert_eq!(w.get(), Duration::ZERO);
         w.slept(Duration::from_millis(5));
         assert_eq!(w.get(), Duration::ZERO);
+    }
+
+    #[test]
+    fn poll_window_grows_after_a_long_yield_only() {
+        let mut w = PollWindow::new(MAX);
+        w.yielded(Duration::from_micros(5));
+        assert_eq!(w.get(), Duration::ZERO, "a frontend on this CPU");
+        w.yielded(Duration::from_millis(2));
+        assert_eq!(w.get(), GROW_START, "another thread had the CPU");
     }
 
     #[test]
