@@ -270,6 +270,20 @@ enum Cmd {
         #[arg(value_name = "NAME")]
         name: String,
     },
+    /// Dump a running VM's Xen and vCPU state for debugging, as `xl
+    /// debug-keys` does on Xen (which prints to `xl dmesg`; this prints
+    /// here). KEYS: e event channels (vcpu_info event fields, ports, stuck
+    /// ports), q vCPU state (registers, pending events, local APIC vectors;
+    /// pauses the VM for a moment), r runstate (accounting, the guest's area,
+    /// host schedule tracking), h the list. For a guest that hangs
+    #[command(name = "debug-keys")]
+    DebugKeys {
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// One or more keys, run in order (e.g. `eqr`)
+        #[arg(value_name = "KEYS")]
+        keys: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -862,6 +876,15 @@ fn main() -> ExitCode {
         Cmd::Unpause { name } => control_verb(&name, "unpause"),
         Cmd::Console { name } => console(&name),
         Cmd::Shutdown { name } => control_verb(&name, "shutdown"),
+        Cmd::DebugKeys { name, keys } => match xenkvm::vmm::control::debug_keys(&name, &keys) {
+            Ok(lines) => {
+                for l in lines {
+                    println!("{l}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(exit_status::ERROR, &e.to_string()),
+        },
         Cmd::Restore {
             file,
             name,
@@ -1627,6 +1650,7 @@ mod tests {
                         | Cmd::Unpause { .. }
                         | Cmd::Console { .. }
                         | Cmd::Shutdown { .. }
+                        | Cmd::DebugKeys { .. }
                         | Cmd::Save { .. }
                         | Cmd::Migrate { .. }
                         | Cmd::MigrateReceive { .. }

@@ -185,6 +185,32 @@ fn control_verbs_list_pause_unpause_shutdown_drive_a_running_guest() {
         "{row}"
     );
 
+    // `debug-keys` on the running guest: both vCPUs' registers and APIC,
+    // the guest's ports, its runstate areas; the guest runs on.
+    let out = rt.xenkvm(&["debug-keys", "ctl-test", "eqr"]);
+    let dump = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "debug-keys: {out:?}");
+    for want in [
+        "'e' pressed",
+        "event channels (2-level):",
+        "vcpu 0: rip 0x",
+        "vcpu 1: rip 0x",
+        "vcpu 1: lapic: id 1 ",
+        "'r' pressed",
+        "vcpu 1: accounting running ",
+    ] {
+        assert!(dump.contains(want), "no {want:?} in:\n{dump}");
+    }
+    assert!(dump.contains("  port 1: "), "no port listed:\n{dump}");
+    let after = console.last_chatter();
+    console.wait_for(&format!("chatter {}", after + 20));
+    let bad = rt.xenkvm(&["debug-keys", "ctl-test", "ez"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&bad.stderr).trim(),
+        "xenkvm: ctl-test: unknown debug key 'z' (h lists them)"
+    );
+
     let out = rt.xenkvm(&["pause", "ctl-test"]);
     assert!(
         out.status.success(),
@@ -195,6 +221,11 @@ fn control_verbs_list_pause_unpause_shutdown_drive_a_running_guest() {
     // Output that was on its way lands; then nothing more while paused.
     std::thread::sleep(Duration::from_millis(500));
     let (len, last) = (console.len(), console.last_chatter());
+    // A paused guest's vCPU states are dumped without letting it run.
+    let out = rt.xenkvm(&["debug-keys", "ctl-test", "q"]);
+    assert!(out.status.success(), "debug-keys q when paused: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("vcpu 0: thread Paused"));
+    assert!(list_row(&rt, "ctl-test").unwrap().contains("paused"));
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(console.len(), len, "the paused guest wrote to its console");
 

@@ -18,6 +18,7 @@
 
 mod abi;
 mod console;
+mod debug;
 mod domain;
 mod errno;
 mod evtchn;

@@ -1227,3 +1227,45 @@ fn concurrent_senders_raise_one_upcall_per_edge() {
         assert!(bit(&e, PENDING, p));
     }
 }
+
+/// `xenkvm debug-keys e`: a port sent to is listed pending; when the guest
+/// has lost its selector bit and `evtchn_upcall_pending` (nothing will make
+/// it look at the port again, and Xen does not signal a pending port
+/// twice), the port is called stuck; a masked one is not.
+#[test]
+fn debug_evtchn_lists_ports_and_finds_a_stuck_one() {
+    for w in both() {
+        let e = env(w);
+        assert_eq!(bind_ipi(&e, 0), 1);
+        assert_eq!(bind_virq(&e, 0, 0), 2);
+        assert_eq!(port_op(&e, 4, 1), 0, "EVTCHNOP_send");
+        let dump = e.d.debug_evtchn();
+        let line = |p: u32| {
+            dump.iter()
+                .find(|l| l.trim_start().starts_with(&format!("port {p}:")))
+                .cloned()
+                .unwrap_or_else(|| panic!("no port {p} in {dump:?}"))
+        };
+        assert!(
+            line(1).contains("ipi, vcpu 0, pending 1, masked 0"),
+            "{dump:?}"
+        );
+        assert!(!line(1).contains("stuck"), "{dump:?}");
+        assert!(line(2).contains("virq 0, vcpu 0, pending 0"), "{dump:?}");
+        assert!(dump[0].starts_with("vcpu 0:") && dump[0].contains("upcall_pending 1"));
+        // The guest's side of vCPU 0's vcpu_info (slot 0 of shared_info)
+        // lost: selector and upcall_pending clear, the port still pending.
+        si(&e).store_u64(0, 0, Ordering::SeqCst);
+        let sel = if e.is_64() { 8 } else { 0 };
+        si(&e).store_u64(sel, 0, Ordering::SeqCst);
+        let dump = e.d.debug_evtchn();
+        let l1 = dump.iter().find(|l| l.contains("port 1:")).unwrap();
+        assert!(l1.contains("stuck"), "{dump:?}");
+        // Masked: the guest chose not to see it.
+        let mask = if e.is_64() { 0xa00 } else { PENDING + 0x80 };
+        set_bit(&e, mask, 1, true);
+        let dump = e.d.debug_evtchn();
+        let l1 = dump.iter().find(|l| l.contains("port 1:")).unwrap();
+        assert!(l1.contains("masked 1") && !l1.contains("stuck"), "{dump:?}");
+    }
+}

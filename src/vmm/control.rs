@@ -265,6 +265,9 @@ fn handle(mut conn: UnixStream, s: &Arc<Shared>) -> std::io::Result<()> {
             Arc::new(move || w.upgrade()?.machine.lock().as_ref().and_then(Weak::upgrade));
         return crate::vmm::console_attach::attach(conn, &s.console, current);
     }
+    if let Some(keys) = line.trim().strip_prefix("debug-keys ") {
+        return conn.write_all(debug_keys_reply(keys.trim(), s).as_bytes());
+    }
     let Some(verb) = progress_request(line.trim(), &conn, s) else {
         return conn.write_all(b"error progress lines come only with save and checkpoint\n");
     };
@@ -518,6 +521,38 @@ fn execute(verb: &str, s: &Shared) -> Result<String, String> {
     }
 }
 
+/// The reply to `debug-keys KEYS`: `dump ...` lines (one per line of the
+/// dump), then `ok`; or one `error ...` line.
+fn debug_keys_reply(keys: &str, s: &Shared) -> String {
+    if s.migrating.load(Ordering::Acquire) {
+        return "error a live migration is in progress\n".into();
+    }
+    let Some(m) = s.machine.lock().as_ref().and_then(Weak::upgrade) else {
+        return "error no guest is running (it is being restarted)\n".into();
+    };
+    let paused = s.paused.load(Ordering::Acquire);
+    match crate::vmm::debug_keys::run(&m, keys, paused) {
+        Ok(lines) => {
+            let mut r = String::new();
+            for l in lines {
+                r.push_str("dump ");
+                r.push_str(&l.replace('\n', " "));
+                r.push('\n');
+            }
+            r.push_str("ok\n");
+            r
+        }
+        Err(e) => format!("error {e}\n"),
+    }
+}
+
+/// `debug-keys KEYS` to VM `name`: the lines of the dump.
+pub fn debug_keys(name: &str, keys: &str) -> Result<Vec<String>, ControlError> {
+    let mut lines = Vec::new();
+    exchange_lines(name, &format!("debug-keys {keys}"), &mut lines)?;
+    Ok(lines)
+}
+
 /// A `save`/`checkpoint` request, with or without `+` options (`+xen`,
 /// `+wait=SECS`).
 fn is_save_request(v: &str) -> bool {
@@ -739,7 +774,22 @@ pub fn request_with_progress(
 fn exchange(
     name: &str,
     verb: &str,
+    on_progress: Option<&mut dyn FnMut(&Progress)>,
+) -> Result<String, ControlError> {
+    exchange_inner(name, verb, on_progress, None)
+}
+
+/// [`exchange`] for a request answered by `dump ...` lines before its
+/// reply (`debug-keys`): they go to `dump`.
+fn exchange_lines(name: &str, verb: &str, dump: &mut Vec<String>) -> Result<String, ControlError> {
+    exchange_inner(name, verb, None, Some(dump))
+}
+
+fn exchange_inner(
+    name: &str,
+    verb: &str,
     mut on_progress: Option<&mut dyn FnMut(&Progress)>,
+    mut dump: Option<&mut Vec<String>>,
 ) -> Result<String, ControlError> {
     let path = socket_path(name);
     let not_running = |why: String| ControlError::NotRunning {
@@ -764,6 +814,10 @@ fn exchange(
     loop {
         line.clear();
         (&mut rd).take(4096).read_line(&mut line).map_err(io)?;
+        if let (Some(d), Some(l)) = (dump.as_mut(), line.strip_prefix("dump ")) {
+            d.push(l.trim_end().to_string());
+            continue;
+        }
         match (on_progress.as_mut(), Progress::parse(line.trim_end())) {
             (Some(f), Some(p)) => f(&p),
             _ => break,

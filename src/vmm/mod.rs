@@ -10,6 +10,7 @@ pub mod console_client;
 pub mod console_dest;
 pub mod console_input;
 pub mod control;
+pub mod debug_keys;
 pub mod event_loop;
 pub mod machine;
 pub mod migrate;

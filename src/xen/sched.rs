@@ -1180,6 +1180,102 @@ impl Xen {
     }
 }
 
+impl Xen {
+    /// The `r` debug key (`xenkvm debug-keys`): per vCPU, the accounting,
+    /// the runstate area as the guest reads it (from guest memory, through
+    /// any overlay), and the host schedule tracking's counters.
+    pub fn debug_runstate(&self) -> Vec<String> {
+        let p = &self.platform;
+        let mut out = vec![format!(
+            "host schedule tracking: {}; guest time now {} ns",
+            self.sched_mechanism().map_or("none", |m| m.name()),
+            self.clock.system_time()
+        )];
+        let specs = p.runstate_specs.lock().clone();
+        for v in 0..p.runstates.len() as u32 {
+            let [run, runnable, blocked, offline] = self.runstate_times(v);
+            let ms = |ns: u64| ns as f64 / 1e6;
+            out.push(format!(
+                "vcpu {v}: accounting running {:.3} ms, runnable {:.3} ms, blocked {:.3} ms, offline {:.3} ms",
+                ms(run),
+                ms(runnable),
+                ms(blocked),
+                ms(offline)
+            ));
+            match specs.get(v as usize).and_then(|s| s.as_ref()) {
+                Some(spec) => {
+                    let mut b = Vec::new();
+                    for &(gpa, len) in &spec.pieces {
+                        let mut piece = vec![0u8; len as usize];
+                        if vm_memory::Bytes::read_slice(
+                            &self.mem,
+                            &mut piece,
+                            vm_memory::GuestAddress(gpa),
+                        )
+                        .is_err()
+                        {
+                            piece.clear();
+                        }
+                        b.extend_from_slice(&piece);
+                    }
+                    let (entry_at, time_at) = match spec.width {
+                        hypercalls::GuestWidth::Bits64 => (8, 16),
+                        hypercalls::GuestWidth::Bits32 => (4, 12),
+                    };
+                    let u64_at = |o: usize| {
+                        b.get(o..o + 8)
+                            .map(|s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])))
+                    };
+                    let state = b
+                        .get(0..4)
+                        .map(|s| u32::from_le_bytes(s.try_into().unwrap_or([0; 4])));
+                    match (state, u64_at(entry_at)) {
+                        (Some(state), Some(entry)) => {
+                            let t: Vec<String> = (0..4)
+                                .map(|i| {
+                                    u64_at(time_at + 8 * i).map_or("?".into(), |x| format!("{x}"))
+                                })
+                                .collect();
+                            out.push(format!(
+                                "vcpu {v}: area at {:#x} ({:?}) shows state {state}, state_entry_time {} (update flag {}), time [{}]",
+                                spec.pieces[0].0,
+                                spec.width,
+                                entry & !(1 << 63),
+                                entry >> 63,
+                                t.join(", ")
+                            ));
+                        }
+                        _ => out.push(format!("vcpu {v}: area unreadable")),
+                    }
+                }
+                None => out.push(format!("vcpu {v}: no runstate area registered")),
+            }
+            if self
+                .sched_mechanism()
+                .is_some_and(|m| m.name() != "sampling")
+            {
+                let r = self.sched_report(v);
+                out.push(format!(
+                    "vcpu {v}: tracking preempt_outs {} shown_runnable {} halts {} lost {} stale {} deferred {} late {} direct {} direct_armed {} direct_published {} missed_in {} late_in {}",
+                    r.stats.preempt_outs,
+                    r.stats.published_runnable,
+                    r.stats.halts,
+                    r.stats.lost,
+                    r.stats.stale,
+                    r.deferred,
+                    r.late,
+                    r.direct,
+                    r.direct_armed,
+                    r.direct_published,
+                    r.missed_in,
+                    r.late_in
+                ));
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
