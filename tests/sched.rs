@@ -89,6 +89,61 @@ fn sched_poll_unrouted_upcall_pending_blocks_until_timeout() {
     assert_eq!(field(&t, "invariant_ok"), 1);
 }
 
+/// An AP that INIT/SIPI has not started is down: Xen counts its time
+/// offline, whatever its thread does in KVM_RUN meanwhile (sampled, it read
+/// as running; from context-switch records, its wait read as blocked).
+#[test]
+fn sched_ap_not_started_yet_is_offline() {
+    if !common::kvm_available("sched_ap_not_started_yet_is_offline") {
+        return;
+    }
+    let best = Mechanism::choose(Some("best")).name();
+    for mech in [best, "sampling"] {
+        let _one = SERIAL.lock();
+        let out = Captured::default();
+        let cfg = VmConfig {
+            kernel: xenkvm::testing::TEST_GUEST_ELF.to_vec(),
+            // Prints and never starts vCPU 1.
+            cmdline: "chatter".into(),
+            mem_mib: 64,
+            vcpus: 2,
+            name: "apdown".into(),
+            stdin_console: false,
+            sched: Some(mech.into()),
+            ..Default::default()
+        };
+        let vm = Vm::create(&cfg, ConsoleOut::new(Box::new(out.clone()))).unwrap();
+        let mut times = None;
+        vm.run_with(Some(Duration::from_secs(60)), |m| {
+            let o = out.clone();
+            let until = std::time::Instant::now() + Duration::from_secs(30);
+            while !String::from_utf8_lossy(&o.0.lock()).contains("chatter 20")
+                && std::time::Instant::now() < until
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            times = Some((m.xen.runstate_times(0), m.xen.runstate_times(1)));
+            m.request_exit(GuestExit::Poweroff);
+        });
+        let (t0, t1) = times.unwrap();
+        let text = String::from_utf8_lossy(&out.0.lock()).into_owned();
+        assert!(
+            text.contains("chatter 20"),
+            "{mech}: the guest did not run:\n{text}"
+        );
+        assert!(t0[0] > 0, "{mech}: vCPU 0 ran: {t0:?}");
+        assert_eq!(
+            &t1[..3],
+            &[0, 0, 0],
+            "{mech}: vCPU 1, never started, shows running/runnable/blocked time: {t1:?}"
+        );
+        assert!(
+            t1[3] >= t0[0],
+            "{mech}: vCPU 1 offline less than vCPU 0 ran: {t1:?} {t0:?}"
+        );
+    }
+}
+
 /// Acceptance 2a: a vCPU halted in the in-kernel irqchip accumulates blocked
 /// (with context-switch records; sampling cannot see in-kernel halts).
 #[test]

@@ -301,7 +301,12 @@ impl Vcpu {
         let first_exit = !self.started;
         // Cheap on the exit path: one TSC read and a compare.
         let t = crate::xen::clock::host_tsc();
-        if self.m.xen.take_needs_running(self.id) {
+        if !self.handle.started() {
+            // An AP waiting for INIT/SIPI is down: offline, as under Xen
+            // (its first real exit makes it running), whatever its thread
+            // does in KVM_RUN meanwhile (sampled, it read as running; from
+            // the records, as blocked).
+        } else if self.m.xen.take_needs_running(self.id) {
             // Shown runnable while this thread was off its CPU: running again
             // before the guest runs (KVM's kvm_xen_runstate_set_running).
             self.m.xen.runstate_transition(
