@@ -1,6 +1,6 @@
 //! The xenkvm command line.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -878,8 +878,12 @@ fn main() -> ExitCode {
         Cmd::Shutdown { name } => control_verb(&name, "shutdown"),
         Cmd::DebugKeys { name, keys } => match xenkvm::vmm::control::debug_keys(&name, &keys) {
             Ok(lines) => {
+                // `| head` closes the pipe early: the rest is not wanted.
+                let mut out = std::io::stdout().lock();
                 for l in lines {
-                    println!("{l}");
+                    if writeln!(out, "{l}").is_err() {
+                        return ExitCode::from(xenkvm::vmm::runner::exit_status::STDOUT_CLOSED);
+                    }
                 }
                 ExitCode::SUCCESS
             }
