@@ -181,14 +181,24 @@ impl Mechanism {
     }
 }
 
-/// Why `sampling` is the default, not `best`: with `bpf-direct` the Debian
-/// Linux guest hung in its boot on this project's host (December 7: both
-/// vCPUs idle from 139 s of guest time on, soft lockups until the 2,700 s
-/// timeout, while the same boot beside it with `sampling` went on), which is
-/// not understood yet; and each preemption `bpf` or `perf` shows costs the
-/// vCPU an extra exit, which on a host that emulates guest kernel code made a
-/// Linux boot's ftrace check run about 2.5 times longer with `perf`.
-/// `--sched best` (or `XENKVM_SCHED=best`) turns tracking on.
+/// Why `sampling` is the default, not `best`: on this project's host, where
+/// guest kernel code is emulated, Linux boots under host contention can
+/// livelock, and the three seen so far all ran `bpf-direct` (what `best`
+/// gives root). The livelock is the guest's own: right after `clocksource:
+/// Switched to clocksource xen`, before each CPU's tick leaves periodic
+/// mode, `tick_handle_periodic` catches up missed ticks in a loop with
+/// interrupts off, and a tick that takes longer than a tick period (4 ms at
+/// HZ=250) of guest time keeps it from ever catching up (found with `xenkvm
+/// debug-keys q` and the guest's memory: both vCPUs in that loop, the tick
+/// device periodic and 52-57 s behind the clock). Three boots at once on 2
+/// CPUs, to that point: `bpf-direct` livelocked 2 of 12 and passed 10 (in
+/// 292-558 s, the slow ones while other work ran); `sampling` 3 of 3,
+/// `bpf` 6 of 6, `bpf-direct`'s page without the program publishing 3 of 3,
+/// the program publishing plus a kick 3 of 3 (286-327 s). Those counts do
+/// not show that `bpf-direct` makes the livelock likelier, nor rule it out.
+/// `bpf` and `perf` show each preemption with a kick, an extra exit: its
+/// cost is in the README ("What does not work yet"). `--sched best` (or
+/// `XENKVM_SCHED=best`) turns tracking on.
 pub const DEFAULT_WHY: &str =
     "the default: --sched best turns host schedule tracking on (README: why it is not the default)";
 
