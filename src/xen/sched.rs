@@ -183,8 +183,8 @@ impl Mechanism {
 
 /// Why `sampling` is the default, not `best`: on this project's host, where
 /// guest kernel code is emulated, Linux boots under host contention can
-/// livelock, and the three seen so far all ran `bpf-direct` (what `best`
-/// gives root). The livelock is the guest's own: right after `clocksource:
+/// livelock: three of the four seen ran `bpf-direct` (what `best` gives
+/// root), one `bpf`. The livelock is the guest's own: right after `clocksource:
 /// Switched to clocksource xen`, before each CPU's tick leaves periodic
 /// mode, `tick_handle_periodic` catches up missed ticks in a loop with
 /// interrupts off, and a tick that takes longer than a tick period (4 ms at
