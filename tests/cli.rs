@@ -1205,4 +1205,33 @@ fn run_sched_option_picks_the_tracking() {
             "{args:?}: expected {want} ({best}):\n{err}"
         );
     }
+    // An unknown name in the environment: the default, and one warning
+    // that names it (it is looked up several times per VM).
+    let out = Command::new(common::xenkvm_bin())
+        .args([
+            "run",
+            "--kernel",
+            guest.path(),
+            "--cmdline",
+            "reboot",
+            "--on-reboot",
+            "destroy",
+        ])
+        .env("XENKVM_LOG", "info")
+        .env("XENKVM_SCHED", "fastest")
+        .stdin(Stdio::null())
+        .output()
+        .expect("xenkvm");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("host schedule tracking mechanism=\"sampling\""),
+        "{err}"
+    );
+    let warned: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("unknown schedule-tracking mechanism"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{err}");
+    assert!(warned[0].contains("fastest"), "{err}");
 }

@@ -106,7 +106,10 @@ impl Mechanism {
         let env = std::env::var("XENKVM_SCHED").ok();
         let w = want.or(env.as_deref())?;
         let known = MECHANISMS.iter().find(|m| **m == w).copied();
-        if known.is_none() {
+        // Asked several times per VM (the BPF preload, the start, the
+        // direct publishing): said once per process.
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if known.is_none() && !WARNED.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 XENKVM_SCHED = w,
                 "unknown schedule-tracking mechanism (best, bpf-direct, bpf, perf, perf-batched, sampling): the default"
