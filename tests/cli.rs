@@ -7,7 +7,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::GuestFile;
@@ -333,26 +333,36 @@ fn run_silent_guest_shows_status_line() {
     assert!(!err.contains("guest silent"), "{err}");
 }
 
+/// `xenkvm run` of the test guest in `reboot` mode, ended at its first
+/// reboot (`--on-reboot destroy`, exit status 3), with `extra` arguments
+/// and `env` set (`XENKVM_SCHED` unset unless given).
+fn run_until_reboot(guest: &GuestFile, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(common::xenkvm_bin());
+    c.args([
+        "run",
+        "--kernel",
+        guest.path(),
+        "--cmdline",
+        "reboot",
+        "--on-reboot",
+        "destroy",
+    ])
+    .args(extra)
+    .env_remove("XENKVM_SCHED")
+    .stdin(Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("xenkvm")
+}
+
 #[test]
 fn run_trace_log_shows_hypercalls_with_vcpu() {
     if !common::kvm_available("run_trace_log_shows_hypercalls_with_vcpu") {
         return;
     }
     let guest = GuestFile::new("trace");
-    let out = Command::new(common::xenkvm_bin())
-        .args([
-            "run",
-            "--kernel",
-            guest.path(),
-            "--cmdline",
-            "reboot",
-            "--on-reboot",
-            "destroy",
-        ])
-        .env("XENKVM_LOG", "trace")
-        .stdin(Stdio::null())
-        .output()
-        .expect("xenkvm");
+    let out = run_until_reboot(&guest, &[], &[("XENKVM_LOG", "trace")]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         // sched_op (29) is the guest's last hypercall: SHUTDOWN_reboot.
@@ -1051,21 +1061,8 @@ fn run_with_a_disk_boots_as_without() {
     let guest = GuestFile::new("disk");
     let img = std::env::temp_dir().join(format!("xenkvm-cli-disk-{}.img", std::process::id()));
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
-    let out = Command::new(common::xenkvm_bin())
-        .args([
-            "run",
-            "--kernel",
-            guest.path(),
-            "--cmdline",
-            "reboot",
-            "--on-reboot",
-            "destroy",
-            "--disk",
-            &format!("vdev=xvda,access=ro,target={}", img.display()),
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .expect("xenkvm");
+    let spec = format!("vdev=xvda,access=ro,target={}", img.display());
+    let out = run_until_reboot(&guest, &["--disk", &spec], &[]);
     let _ = std::fs::remove_file(&img);
     assert_eq!(
         out.status.code(),
@@ -1179,25 +1176,11 @@ fn run_sched_option_picks_the_tracking() {
         (Some("best"), best.name()),
         (Some("sampling"), "sampling"),
     ] {
-        let mut args = vec![
-            "run",
-            "--kernel",
-            guest.path(),
-            "--cmdline",
-            "reboot",
-            "--on-reboot",
-            "destroy",
-        ];
-        if let Some(m) = extra {
-            args.extend(["--sched", m]);
-        }
-        let out = Command::new(common::xenkvm_bin())
-            .args(&args)
-            .env("XENKVM_LOG", "info")
-            .env_remove("XENKVM_SCHED")
-            .stdin(Stdio::null())
-            .output()
-            .expect("xenkvm");
+        let args = match extra {
+            Some(m) => vec!["--sched", m],
+            None => vec![],
+        };
+        let out = run_until_reboot(&guest, &args, &[("XENKVM_LOG", "info")]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(3), "{args:?}: {err}");
         assert!(
@@ -1207,21 +1190,11 @@ fn run_sched_option_picks_the_tracking() {
     }
     // An unknown name in the environment: the default, and one warning
     // that names it (it is looked up several times per VM).
-    let out = Command::new(common::xenkvm_bin())
-        .args([
-            "run",
-            "--kernel",
-            guest.path(),
-            "--cmdline",
-            "reboot",
-            "--on-reboot",
-            "destroy",
-        ])
-        .env("XENKVM_LOG", "info")
-        .env("XENKVM_SCHED", "fastest")
-        .stdin(Stdio::null())
-        .output()
-        .expect("xenkvm");
+    let out = run_until_reboot(
+        &guest,
+        &[],
+        &[("XENKVM_LOG", "info"), ("XENKVM_SCHED", "fastest")],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(

@@ -41,19 +41,24 @@ fn field(text: &str, key: &str) -> i64 {
         .unwrap_or_else(|| panic!("no {key} in the guest's result:\n{text}"))
 }
 
-fn rscheck(mechanism: &str) -> String {
-    let _one = SERIAL.lock();
-    let out = Captured::default();
-    let cfg = VmConfig {
+/// The test guest in `mode` (also the VM's name), 2 vCPUs, with `mechanism`.
+fn guest_cfg(mode: &str, mechanism: &str) -> VmConfig {
+    VmConfig {
         kernel: xenkvm::testing::TEST_GUEST_ELF.to_vec(),
-        cmdline: "rscheck".into(),
+        cmdline: mode.into(),
         mem_mib: 64,
         vcpus: 2,
-        name: "rscheck".into(),
+        name: mode.into(),
         stdin_console: false,
         sched: Some(mechanism.into()),
         ..Default::default()
-    };
+    }
+}
+
+fn rscheck(mechanism: &str) -> String {
+    let _one = SERIAL.lock();
+    let out = Captured::default();
+    let cfg = guest_cfg("rscheck", mechanism);
     let vm = Vm::create(&cfg, ConsoleOut::new(Box::new(out.clone()))).unwrap();
     let exit = vm.run(Some(Duration::from_secs(120)));
     let text = String::from_utf8_lossy(&out.0.lock()).into_owned();
@@ -101,17 +106,8 @@ fn sched_ap_not_started_yet_is_offline() {
     for mech in [best, "sampling"] {
         let _one = SERIAL.lock();
         let out = Captured::default();
-        let cfg = VmConfig {
-            kernel: xenkvm::testing::TEST_GUEST_ELF.to_vec(),
-            // Prints and never starts vCPU 1.
-            cmdline: "chatter".into(),
-            mem_mib: 64,
-            vcpus: 2,
-            name: "apdown".into(),
-            stdin_console: false,
-            sched: Some(mech.into()),
-            ..Default::default()
-        };
+        // Prints and never starts vCPU 1.
+        let cfg = guest_cfg("chatter", mech);
         let vm = Vm::create(&cfg, ConsoleOut::new(Box::new(out.clone()))).unwrap();
         let mut times = None;
         vm.run_with(Some(Duration::from_secs(60)), |m| {

@@ -301,7 +301,7 @@ impl Vcpu {
         let first_exit = !self.started;
         // Cheap on the exit path: one TSC read and a compare.
         let t = crate::xen::clock::host_tsc();
-        if !self.handle.started() {
+        if !self.started && !self.handle.started() {
             // An AP waiting for INIT/SIPI is down: offline, as under Xen
             // (its first real exit makes it running), whatever its thread
             // does in KVM_RUN meanwhile (sampled, it read as running; from

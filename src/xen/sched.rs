@@ -1251,7 +1251,7 @@ impl Xen {
                                 .collect();
                             out.push(format!(
                                 "vcpu {v}: area at {:#x} ({:?}) shows state {state}, state_entry_time {} (update flag {}), time [{}]",
-                                spec.pieces[0].0,
+                                spec.pieces.first().map_or(0, |p| p.0),
                                 spec.width,
                                 entry & !(1 << 63),
                                 entry >> 63,
