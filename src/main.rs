@@ -432,9 +432,11 @@ struct UiArgs {
     #[arg(long, short)]
     quiet: bool,
     /// Host schedule tracking (the vCPUs' Xen runstate from the host's
-    /// context switches): sampling (the default: run_delay read every 10
-    /// ms, no prompt runnable, halts count as running), best (the first of
-    /// bpf-direct, perf, perf-batched, sampling this process may use),
+    /// context switches): best (the first of bpf-direct, perf,
+    /// perf-batched, sampling this process may use; the default where guest
+    /// kernel code runs natively), sampling (run_delay read every 10 ms, no
+    /// prompt runnable, halts count as running; the default on a host that
+    /// emulates guest kernel code, as `xenkvm probe` shows),
     /// bpf-direct (a BPF program also writes running into the area at the
     /// switch-in), bpf, perf, perf-batched. Overrides XENKVM_SCHED;
     /// `xenkvm probe` shows what best gives on this host.

@@ -73,8 +73,8 @@ impl Mechanism {
     /// The mechanism `want` names (`bpf`, `bpf-direct`, `perf`,
     /// `perf-batched`, `sampling` (or `sample`), or `best`: the best this
     /// process may use, tried on the calling thread). `XENKVM_SCHED` in the
-    /// environment is used when `want` is `None`; with neither, `sampling`
-    /// ([`DEFAULT_WHY`]). A mechanism the host refuses falls back to
+    /// environment is used when `want` is `None`; with neither,
+    /// [`Mechanism::default_choice`]. A mechanism the host refuses falls back to
     /// the next one (BPF > perf > perf-batched > sampling), saying why.
     pub fn choose(want: Option<&str>) -> Mechanism {
         Mechanism::start(want).0
@@ -100,11 +100,13 @@ impl Mechanism {
     }
 
     /// The mechanism asked for: `want` (`--sched`), else `XENKVM_SCHED`;
-    /// `None` (the default, [`DEFAULT_WHY`]) if neither, or if the name is
+    /// [`Mechanism::default_choice`] if neither, or if the name is
     /// not in [`MECHANISMS`] (named in a warning).
     pub fn wanted(want: Option<&str>) -> Option<&'static str> {
         let env = std::env::var("XENKVM_SCHED").ok();
-        let w = want.or(env.as_deref())?;
+        let Some(w) = want.or(env.as_deref()) else {
+            return Mechanism::default_choice();
+        };
         let known = MECHANISMS.iter().find(|m| **m == w).copied();
         // Asked several times per VM (the BPF preload, the start, the
         // direct publishing): said once per process.
@@ -115,7 +117,14 @@ impl Mechanism {
                 "unknown schedule-tracking mechanism (best, bpf-direct, bpf, perf, perf-batched, sampling): the default"
             );
         }
-        known
+        known.or_else(Mechanism::default_choice)
+    }
+
+    /// What neither `--sched` nor `XENKVM_SCHED` asks for: `sampling`
+    /// (`None`) where guest kernel code is emulated, `best` elsewhere
+    /// ([`default_why`]; the host is probed once per process).
+    pub fn default_choice() -> Option<&'static str> {
+        default_for(crate::kvm::probe::kernel_code_emulated())
     }
 
     /// Whether [`Mechanism::start`] with `want` (or `XENKVM_SCHED`) will
@@ -167,7 +176,7 @@ impl Mechanism {
                     }),
                 None,
             ),
-            None => (sampling(DEFAULT_WHY), None),
+            None => (sampling(&default_why()), None),
             // `best`, `bpf`, `bpf-direct`.
             _ => match load_bpf() {
                 Ok(b) => (Mechanism::Bpf, Some(b)),
@@ -184,26 +193,48 @@ impl Mechanism {
     }
 }
 
-/// Why `sampling` is the default, not `best`: on this project's host, where
-/// guest kernel code is emulated, Linux boots under host contention can
-/// livelock: three of the four seen ran `bpf-direct` (what `best` gives
-/// root), one `bpf`. The livelock is the guest's own: right after `clocksource:
-/// Switched to clocksource xen`, before each CPU's tick leaves periodic
-/// mode, `tick_handle_periodic` catches up missed ticks in a loop with
-/// interrupts off, and a tick that takes longer than a tick period (4 ms at
-/// HZ=250) of guest time keeps it from ever catching up (found with `xenkvm
-/// debug-keys q` and the guest's memory: both vCPUs in that loop, the tick
-/// device periodic and 52-57 s behind the clock). Three boots at once on 2
-/// CPUs, to that point: `bpf-direct` livelocked 2 of 12 and passed 10 (in
-/// 292-558 s, the slow ones while other work ran); `sampling` 3 of 3,
-/// `bpf` 6 of 6, `bpf-direct`'s page without the program publishing 3 of 3,
-/// the program publishing plus a kick 3 of 3 (286-327 s). Those counts do
-/// not show that `bpf-direct` makes the livelock likelier, nor rule it out.
-/// `bpf` and `perf` show each preemption with a kick, an extra exit: its
-/// cost is in the README ("What does not work yet"). `--sched best` (or
-/// `XENKVM_SCHED=best`) turns tracking on.
-pub const DEFAULT_WHY: &str =
-    "the default: --sched best turns host schedule tracking on (README: why it is not the default)";
+/// The default for a host whose kernel-mode loop rate is `emulated`
+/// ([`crate::kvm::probe::kernel_code_emulated`]).
+fn default_for(emulated: Option<f64>) -> Option<&'static str> {
+    match emulated {
+        Some(_) => None,
+        None => Some("best"),
+    }
+}
+
+/// Why `sampling` is the default on a host that emulates guest kernel code
+/// ([`crate::kvm::probe::kernel_code_emulated`], this project's `kvm_pvm`),
+/// and `best` elsewhere ([`Mechanism::default_choice`]). There, Linux
+/// boots under host contention can livelock: three of the four seen ran
+/// `bpf-direct` (what `best` gives root), one `bpf`. The livelock is the
+/// guest's own: right after `clocksource: Switched to clocksource xen`,
+/// before each CPU's tick leaves periodic mode, `tick_handle_periodic`
+/// catches up missed ticks in a loop with interrupts off, and a tick that
+/// takes longer than a tick period (4 ms at HZ=250) of guest time keeps it
+/// from ever catching up (found with `xenkvm debug-keys q` and the guest's
+/// memory: both vCPUs in that loop, the tick device periodic and 52-57 s
+/// behind the clock). Three boots at once on 2 CPUs, to that point:
+/// `bpf-direct` livelocked 2 of 12 and passed 10 (in 292-558 s, the slow
+/// ones while other work ran); `sampling` 3 of 3, `bpf` 6 of 6,
+/// `bpf-direct`'s page without the program publishing 3 of 3, the program
+/// publishing plus a kick 3 of 3 (286-327 s). Those counts do not show that
+/// `bpf-direct` makes the livelock likelier, nor rule it out. `bpf` and
+/// `perf` show each preemption with a kick, an extra exit, which costs an
+/// emulating host refills of the guest pages touched after it (README,
+/// "What does not work yet"). Where guest kernel code runs natively a tick
+/// takes microseconds, not milliseconds, and an exit costs no refills:
+/// neither reason holds, and the default is `best`. `--sched best` (or
+/// `XENKVM_SCHED=best`) turns tracking on anywhere, `--sched sampling`
+/// off.
+pub fn default_why() -> String {
+    match crate::kvm::probe::kernel_code_emulated() {
+        Some(rate) => format!(
+            "the default where guest kernel code is emulated (here {rate:.1e} kernel-mode loop \
+             iterations/s): --sched best turns host schedule tracking on (README: why not by default here)"
+        ),
+        None => "the default".into(),
+    }
+}
 
 /// The names `--sched` and `XENKVM_SCHED` take (`sample` is `sampling`).
 pub const MECHANISMS: [&str; 7] = [
@@ -476,7 +507,7 @@ impl XenPlatform {
     /// at the end of `__schedule()` (`sched_exit_tp`), before the thread runs
     /// its guest; a kernel without that tracepoint leaves the guest reading
     /// its own area as runnable until its next exit after one. What `best`
-    /// gives where the maps can be mapped (not the default: [`DEFAULT_WHY`]).
+    /// gives where the maps can be mapped (the default only where guest kernel code runs natively: [`default_why`]).
     pub(super) fn sched_direct_possible(&self, vcpu: u32) -> bool {
         self.sched
             .bpf
@@ -1308,6 +1339,18 @@ mod tests {
             PerfMode::Batched => Ok(m),
         });
         assert_eq!(m, Mechanism::Perf(PerfMode::Batched));
+    }
+
+    /// No `--sched`: `sampling` where guest kernel code is emulated (this
+    /// project's host), `best` where it runs natively or the probe failed.
+    #[test]
+    fn default_is_best_unless_guest_kernel_code_is_emulated() {
+        assert_eq!(default_for(Some(1.0e6)), None);
+        assert_eq!(default_for(None), Some("best"));
+        let (m, _) = Mechanism::choose_with(default_for(Some(1.0e6)), refused::<()>, Ok);
+        assert_eq!(m.name(), "sampling");
+        let (m, _) = Mechanism::choose_with(default_for(None), refused::<()>, Ok);
+        assert_eq!(m, Mechanism::Perf(PerfMode::WakeOnSwitchOut));
     }
 
     #[test]
