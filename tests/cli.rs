@@ -488,6 +488,39 @@ fn probe_names_linux_cmdline_options_when_needed() {
     }
 }
 
+/// `xenkvm probe` names the default host schedule tracking, and the quick
+/// loop behind it (10 ms at each start) classifies the host as the long
+/// kernel-mode loop measurement (about a second here) does: `sampling`
+/// where guest kernel code is emulated, `best` where it runs natively.
+#[test]
+fn probe_default_tracking_follows_the_kernel_loop_rate() {
+    if !common::kvm_available("probe_default_tracking_follows_the_kernel_loop_rate") {
+        return;
+    }
+    let (out, _) = common::xenkvm(&["probe"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("host schedule tracking"))
+        .unwrap_or_else(|| panic!("no tracking line:\n{stdout}"));
+    let rate = *xenkvm::kvm::probe::HostMeasures::run()
+        .kernel_loop_rate
+        .as_ref()
+        .expect("kernel-mode loop rate");
+    let emulated = rate < xenkvm::kvm::probe::EMULATED_BELOW;
+    assert_eq!(
+        line.contains("the default where guest kernel code is emulated"),
+        emulated,
+        "long loop {rate:.3e}/s: {line}"
+    );
+    assert_eq!(
+        line.contains("run_delay sampled every 10 ms (the default"),
+        emulated,
+        "long loop {rate:.3e}/s: {line}"
+    );
+}
+
 #[test]
 fn demo_in_terminal_prompts_and_waits_for_typed_line() {
     if !common::kvm_available("demo_in_terminal_prompts_and_waits_for_typed_line") {
