@@ -545,9 +545,9 @@ impl Vm {
         tracing::info!(mechanism = mechanism.name(), %mechanism, "host schedule tracking");
         if let Some(b) = bpf {
             machine.xen.set_sched_bpf(b);
-            // `best` (asked for; `sampling` is the default) is the best the
-            // host allows: BPF publishing running itself where the maps can
-            // be mapped (no kick).
+            // `best` (asked for, or the default where guest kernel code
+            // runs natively) is the best the host allows: BPF publishing
+            // running itself where the maps can be mapped (no kick).
             machine
                 .xen
                 .set_sched_direct(crate::xen::sched::Mechanism::wants_direct(
