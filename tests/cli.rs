@@ -266,20 +266,12 @@ fn run_rebooting_guest_on_reboot_destroy_ends_with_3() {
         return;
     }
     let guest = GuestFile::new("destroy");
-    let (out, _) = common::xenkvm(&[
-        "run",
-        // The test guest reports on Xen's console.
-        "--xen-console",
-        "console",
-        "--kernel",
-        guest.path(),
-        "--cmdline",
-        "reboot",
-        "--on-reboot",
-        "destroy",
-        "--timeout",
-        "60",
-    ]);
+    // The test guest reports on Xen's console.
+    let out = run_until_reboot(
+        &guest,
+        &["--xen-console", "console", "--timeout", "60"],
+        &[("XENKVM_LOG", "warn")],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stdout.matches("reboot mode").count(), 1, "{stdout}");
@@ -598,19 +590,11 @@ fn run_log_file_gets_the_logs_not_stderr() {
     let guest = GuestFile::new("logfile");
     let log = std::env::temp_dir().join(format!("xenkvm-test-log-{}", std::process::id()));
     let _ = std::fs::remove_file(&log);
-    let (out, _) = common::xenkvm(&[
-        "run",
-        "--kernel",
-        guest.path(),
-        "--cmdline",
-        "reboot",
-        "--on-reboot",
-        "destroy",
-        "--log-level",
-        "info",
-        "--log-file",
-        log.to_str().unwrap(),
-    ]);
+    let out = run_until_reboot(
+        &guest,
+        &["--log-level", "info", "--log-file", log.to_str().unwrap()],
+        &[],
+    );
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = std::fs::remove_file(&log);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -902,21 +886,7 @@ fn run_xen_console_goes_to_the_log_not_stdout() {
         return;
     }
     let guest = GuestFile::new("xencons");
-    let out = Command::new(common::xenkvm_bin())
-        .args([
-            "run",
-            "--kernel",
-            guest.path(),
-            "--cmdline",
-            "reboot",
-            "--on-reboot",
-            "destroy",
-            "--log-level",
-            "warn,xen_console=info",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .expect("xenkvm");
+    let out = run_until_reboot(&guest, &["--log-level", "warn,xen_console=info"], &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
@@ -1001,19 +971,12 @@ fn run_console_file_gets_the_guest_console() {
     let guest = GuestFile::new("consfile");
     let file = std::env::temp_dir().join(format!("xenkvm-console-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&file);
-    let (out, _) = common::xenkvm(&[
-        "run",
-        "--kernel",
-        guest.path(),
-        "--cmdline",
-        "reboot",
-        "--on-reboot",
-        "destroy",
-        "--xen-console",
-        "console",
-        "--console",
-        &format!("file:{}", file.display()),
-    ]);
+    let console = format!("file:{}", file.display());
+    let out = run_until_reboot(
+        &guest,
+        &["--xen-console", "console", "--console", &console],
+        &[("XENKVM_LOG", "warn")],
+    );
     let text = std::fs::read_to_string(&file).unwrap_or_default();
     let _ = std::fs::remove_file(&file);
     assert_eq!(out.status.code(), Some(3));

@@ -917,16 +917,26 @@ const LOOP_ITERATIONS: u32 = 1 << 20;
 /// protected mode (the VM is built first, only the run is timed).
 fn kernel_loop_rate() -> Result<f64, String> {
     let mut p = new_vm()?;
-    let code = asm(32, 0x1000, |a| {
+    let code = loop_code(LOOP_ITERATIONS, false)?;
+    rate(&mut p, &code, prot32, LOOP_ITERATIONS, "the loop")
+}
+
+/// `iterations` of `dec ecx; jnz` at 0x1000, then `out PORT_OK`; with
+/// `warm_exit`, an `out PORT_WARM` first (the code page is mapped by the
+/// time the loop is timed).
+fn loop_code(iterations: u32, warm_exit: bool) -> Result<Vec<u8>, String> {
+    asm(32, 0x1000, |a| {
         let mut top = a.create_label();
-        a.mov(ecx, LOOP_ITERATIONS)?;
+        if warm_exit {
+            a.out(PORT_WARM as u32, al)?;
+        }
+        a.mov(ecx, iterations)?;
         a.set_label(&mut top)?;
         a.dec(ecx)?;
         a.jnz(top)?;
         a.out(PORT_OK as u32, al)?;
         a.hlt()
-    })?;
-    rate(&mut p, &code, prot32, LOOP_ITERATIONS, "the loop")
+    })
 }
 
 /// Iterations of the quick loop [`kernel_code_emulated`] times.
@@ -979,16 +989,7 @@ fn thread_cpu() -> std::time::Duration {
 /// (the code page is mapped by then) to its last.
 fn quick_kernel_loop_rate() -> Result<f64, String> {
     let mut p = new_vm()?;
-    let code = asm(32, 0x1000, |a| {
-        let mut top = a.create_label();
-        a.out(PORT_WARM as u32, al)?;
-        a.mov(ecx, QUICK_ITERATIONS)?;
-        a.set_label(&mut top)?;
-        a.dec(ecx)?;
-        a.jnz(top)?;
-        a.out(PORT_OK as u32, al)?;
-        a.hlt()
-    })?;
+    let code = loop_code(QUICK_ITERATIONS, true)?;
     p.mem
         .write_slice(&code, GuestAddress(0x1000))
         .map_err(|e| e.to_string())?;
